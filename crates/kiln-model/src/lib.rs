@@ -1,0 +1,17 @@
+//! kiln-model: everything that turns files on disk into a runnable decoder.
+//!
+//! It reads checkpoint formats (GGUF, safetensors), derives one
+//! [`config::DecoderConfig`] from whichever config the checkpoint carries,
+//! builds the generic [`decoder::Decoder`] on a [`kiln_backend::Backend`], and
+//! loads the tokenizer and chat template that go with it. It knows nothing of
+//! requests, batching policy or HTTP; those live in `kiln-engine` and the server.
+
+pub mod gguf;
+pub mod quant;
+pub mod tokenizer;
+
+mod error;
+mod host;
+
+pub use error::{ModelError, Result};
+pub use host::HostTensor;

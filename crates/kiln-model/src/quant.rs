@@ -1,0 +1,253 @@
+//! ggml tensor types and their dequantization to f32.
+//!
+//! kiln dequantizes quantized GGUF weights once, at load, and computes in the
+//! backend's float type. The block layouts below are the ones ggml defines
+//! (`ggml-common.h`); each function turns whole blocks into floats.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// The ggml element types kiln knows. Values are ggml's enum numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum GgmlType {
+    F32 = 0,
+    F16 = 1,
+    Q4_0 = 2,
+    Q4_1 = 3,
+    Q5_0 = 6,
+    Q5_1 = 7,
+    Q8_0 = 8,
+    Q2K = 10,
+    Q3K = 11,
+    Q4K = 12,
+    Q5K = 13,
+    Q6K = 14,
+    Q8K = 15,
+    BF16 = 30,
+}
+
+impl GgmlType {
+    /// Maps ggml's type number to the enum; `None` for types kiln cannot read.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            10 => Self::Q2K,
+            11 => Self::Q3K,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            15 => Self::Q8K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block).
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q8_0 => (32, 34),
+            Self::Q2K => (256, 84),
+            Self::Q3K => (256, 110),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+            Self::Q8K => (256, 292),
+        }
+    }
+}
+
+/// Elements per K-quant super-block.
+const QK_K: usize = 256;
+
+/// Dequantizes `numel` elements of type `ty` from `bytes`.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Result<Vec<f32>, String> {
+    let (block, block_bytes) = ty.block();
+    if numel % block != 0 {
+        return Err(format!("{numel} elements is not a whole number of {ty:?} blocks"));
+    }
+    let n_blocks = numel / block;
+    if bytes.len() != n_blocks * block_bytes {
+        return Err(format!(
+            "expected {} bytes of {ty:?} data, found {}",
+            n_blocks * block_bytes,
+            bytes.len()
+        ));
+    }
+    let block_fn: fn(&[u8], &mut [f32]) = match ty {
+        GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        GgmlType::F16 => |b, y| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        GgmlType::BF16 => |b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        GgmlType::Q4_0 => q4_0,
+        GgmlType::Q4_1 => q4_1,
+        GgmlType::Q5_0 => q5_0,
+        GgmlType::Q5_1 => q5_1,
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4K => q4_k,
+        GgmlType::Q5K => q5_k,
+        GgmlType::Q6K => q6_k,
+        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q8K => {
+            return Err(format!("{ty:?} tensors are not supported yet"))
+        }
+    };
+    let mut out = vec![0f32; numel];
+    // Chunks of many blocks keep rayon's per-task overhead negligible.
+    let per_task = (4096 / block).max(1);
+    out.par_chunks_mut(block * per_task)
+        .zip(bytes.par_chunks(block_bytes * per_task))
+        .for_each(|(y, b)| {
+            for (yb, bb) in y.chunks_exact_mut(block).zip(b.chunks_exact(block_bytes)) {
+                block_fn(bb, yb);
+            }
+        });
+    Ok(out)
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// 32 4-bit values, scale d: x = (q - 8) * d. Low nibbles are elements 0..16.
+fn q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    for (j, &q) in qs.iter().enumerate() {
+        y[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
+        y[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+    }
+}
+
+/// 32 4-bit values, scale d and minimum m: x = q * d + m.
+fn q4_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qs = &b[4..20];
+    for (j, &q) in qs.iter().enumerate() {
+        y[j] = (q & 0x0f) as f32 * d + m;
+        y[j + 16] = (q >> 4) as f32 * d + m;
+    }
+}
+
+/// 5-bit values: low 4 bits in nibbles, the fifth bit of element j in bit j of `qh`.
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for (j, &q) in qs.iter().enumerate() {
+        let h0 = ((qh >> j) & 1) << 4;
+        let h1 = ((qh >> (j + 16)) & 1) << 4;
+        y[j] = (((q & 0x0f) as u32 | h0) as i32 - 16) as f32 * d;
+        y[j + 16] = (((q >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+    }
+}
+
+fn q5_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs = &b[8..24];
+    for (j, &q) in qs.iter().enumerate() {
+        let h0 = ((qh >> j) & 1) << 4;
+        let h1 = ((qh >> (j + 16)) & 1) << 4;
+        y[j] = ((q & 0x0f) as u32 | h0) as f32 * d + m;
+        y[j + 16] = ((q >> 4) as u32 | h1) as f32 * d + m;
+    }
+}
+
+/// 32 signed bytes with one scale.
+fn q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (j, &q) in b[2..34].iter().enumerate() {
+        y[j] = (q as i8) as f32 * d;
+    }
+}
+
+/// The 6-bit (scale, min) pair `j` of the 12 packed bytes used by Q4_K and Q5_K.
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    if j < 4 {
+        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
+    } else {
+        let d = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+        let m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        (d as f32, m as f32)
+    }
+}
+
+/// Super-block of 8 sub-blocks of 32, each with its own 6-bit scale and min.
+fn q4_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qs = &b[16..144];
+    for (chunk, (q, out)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, m1) = (d * sc1, dmin * m1);
+        let (d2, m2) = (d * sc2, dmin * m2);
+        for l in 0..32 {
+            out[l] = d1 * (q[l] & 0x0f) as f32 - m1;
+            out[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Like Q4_K with a fifth bit per element in `qh`.
+fn q5_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for (chunk, (ql, out)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, m1) = (d * sc1, dmin * m1);
+        let (d2, m2) = (d * sc2, dmin * m2);
+        let u1 = 1u8 << (2 * chunk);
+        let u2 = 2u8 << (2 * chunk);
+        for l in 0..32 {
+            let hi1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+            let hi2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            out[l] = d1 * ((ql[l] & 0x0f) + hi1) as f32 - m1;
+            out[l + 32] = d2 * ((ql[l] >> 4) + hi2) as f32 - m2;
+        }
+    }
+}
+
+/// 6-bit values (4 low bits in `ql`, 2 high in `qh`) with 16 signed 8-bit scales.
+fn q6_k(b: &[u8], y: &mut [f32]) {
+    let ql_all = &b[0..128];
+    let qh_all = &b[128..192];
+    let sc_all = &b[192..208];
+    let d = f16_at(b, 208);
+    debug_assert_eq!(y.len(), QK_K);
+    for half in 0..2 {
+        let ql = &ql_all[64 * half..];
+        let qh = &qh_all[32 * half..];
+        let sc = &sc_all[8 * half..];
+        let out = &mut y[128 * half..128 * (half + 1)];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        }
+    }
+}
