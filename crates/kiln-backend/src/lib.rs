@@ -1,3 +1,200 @@
-//! kiln-backend placeholder
+//! kiln-backend: the small set of tensor operations kiln's decoder is written
+//! against, and their implementations.
+//!
+//! The decoder (in `kiln-model`) never touches device memory directly: it
+//! calls the [`Backend`] trait, so one model definition runs on every device.
+//! The CPU implementation ([`cpu::CpuBackend`]) is always built and is the
+//! reference every other implementation is tested against.
+//!
+//! What this crate is not: it knows no model architecture and no request.
+//! Batches arrive as a flat list of tokens described by a [`StepInput`]
+//! (which tokens belong to which sequence, where their keys and values go in
+//! the paged KV cache), produced by the engine's scheduler.
+
+pub mod cpu;
+pub mod quant;
+mod step;
+
+pub use quant::{GgmlType, WeightData};
+pub use step::{KvSpec, SeqSlice, StepInput};
+
+/// Errors raised by backends. Shapes are checked at every op boundary, so a
+/// model bug surfaces as an error naming the op rather than as memory corruption.
 #[derive(Debug, thiserror::Error)]
-pub enum BackendError { #[error("{0}")] Msg(String) }
+pub enum BackendError {
+    #[error("{op}: shape mismatch: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+}
+
+/// Result alias for backend operations.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Dimension `2i` rotates with `2i + 1` (GPT-J, and llama weights as GGUF stores them).
+    Interleaved,
+    /// Dimension `i` rotates with `i + rot_dim / 2` (Hugging Face llama, NeoX).
+    HalfSplit,
+}
+
+/// Element-wise non-linearities used by feed-forward blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, exact (erf) form.
+    Gelu,
+    /// GELU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Relu,
+}
+
+/// Shape parameters of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplier applied to q·k, normally `1/sqrt(head_dim)`.
+    pub scale: f32,
+    /// Sliding window: a query at position p sees keys at positions > p - window.
+    pub window: Option<usize>,
+}
+
+/// The operation set. Tensors are row-major; "rows" are tokens, so a
+/// `[tokens, features]` activation is the common shape.
+///
+/// Ops allocate their outputs; in-place variants exist where the decoder
+/// naturally overwrites (residual adds, rotary embeddings).
+pub trait Backend: Send + Sync {
+    /// A tensor in this backend's memory.
+    type Tensor: Send + Sync;
+    /// A weight matrix `[rows, cols]` in the form this backend computes with
+    /// (possibly still quantized).
+    type Weight: Send + Sync;
+    /// Keys and values of every layer, in the paged layout described by [`KvSpec`].
+    type KvCache: Send;
+    /// A [`StepInput`] made ready for this backend (on a GPU: copied to device once per step).
+    type Step;
+
+    /// A short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    /// Runs `f`, a whole step's worth of op calls, in the backend's execution
+    /// context. The CPU backend runs it on a worker of its thread pool, so the
+    /// many small parallel ops of a decode step fork and join inside the pool
+    /// instead of each waking the pool from outside.
+    fn execute<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
+    /// Creates a tensor from host data (weights, tables), taking ownership so a
+    /// host-memory backend can keep the buffer without copying it.
+    fn upload(&self, shape: &[usize], data: Vec<f32>) -> Result<Self::Tensor>;
+
+    /// Takes a weight matrix of `rows x cols`; the backend keeps ggml blocks it
+    /// can compute with and converts the rest.
+    fn upload_weight(&self, rows: usize, cols: usize, data: WeightData) -> Result<Self::Weight>;
+
+    /// Copies a tensor back to the host.
+    fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// The shape of a tensor.
+    fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
+
+    /// Prepares per-step metadata (token ids, positions, block tables).
+    fn prepare_step(&self, input: &StepInput) -> Result<Self::Step>;
+
+    /// Allocates the paged KV cache.
+    fn alloc_kv_cache(&self, spec: &KvSpec) -> Result<Self::KvCache>;
+
+    /// Looks up `table[token]` for every token of the step: `[tokens, dim]`.
+    fn embedding(&self, table: &Self::Weight, step: &Self::Step) -> Result<Self::Tensor>;
+
+    /// Adds rows of `table` at each token's position (learned position embeddings), in place.
+    fn add_position_embedding(
+        &self,
+        x: &mut Self::Tensor,
+        table: &Self::Tensor,
+        offset: usize,
+        step: &Self::Step,
+    ) -> Result<()>;
+
+    /// `x @ w^T + b` for `x: [m, k]`, `w: [n, k]` (the PyTorch `Linear` layout), `b: [n]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+
+    /// Root-mean-square normalisation of each row, scaled by `w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+
+    /// Layer normalisation of each row, `w` scale and `b` shift.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// `x += y`.
+    fn add_inplace(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
+    /// Rotates the first `rot_dim` dimensions of each head of `x: [tokens, n_heads * head_dim]`
+    /// by each token's position, using `cos_sin: [max_pos, rot_dim]` (cosines in the first
+    /// half of each row, sines in the second).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_inplace(
+        &self,
+        x: &mut Self::Tensor,
+        cos_sin: &Self::Tensor,
+        step: &Self::Step,
+        n_heads: usize,
+        head_dim: usize,
+        rot_dim: usize,
+        layout: RopeLayout,
+    ) -> Result<()>;
+
+    /// `act(gate) * up`, element-wise.
+    fn gated_activation(
+        &self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
+
+    /// `act(x)` in place.
+    fn activation_inplace(&self, x: &mut Self::Tensor, act: Activation) -> Result<()>;
+
+    /// Stores this step's keys and values (`[tokens, n_kv_heads * head_dim]`) of one layer
+    /// at each token's cache slot.
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        step: &Self::Step,
+    ) -> Result<()>;
+
+    /// Causal attention of this step's queries (`[tokens, n_heads * head_dim]`) over each
+    /// sequence's cached keys and values (which must already include this step's).
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &Self::KvCache,
+        layer: usize,
+        step: &Self::Step,
+        params: &AttentionParams,
+    ) -> Result<Self::Tensor>;
+
+    /// The rows of `x` whose logits the step asked for (`StepInput::logit_rows`).
+    fn select_logit_rows(&self, x: &Self::Tensor, step: &Self::Step) -> Result<Self::Tensor>;
+}

@@ -279,9 +279,8 @@ impl GgufFile {
                 dims.push(c.u64()?);
             }
             let raw_ty = c.u32()?;
-            let ggml_type = GgmlType::from_u32(raw_ty).ok_or_else(|| {
-                c.err(format!("tensor '{name}' has unknown ggml type {raw_ty}"))
-            })?;
+            let ggml_type = GgmlType::from_u32(raw_ty)
+                .ok_or_else(|| c.err(format!("tensor '{name}' has unknown ggml type {raw_ty}")))?;
             let offset = c.u64()?;
             infos.push(TensorInfo {
                 name,
@@ -368,23 +367,28 @@ impl GgufFile {
         &self.mmap[start..start + len]
     }
 
-    /// Reads a tensor, dequantizing it to f32, with its row-major shape.
-    pub fn tensor_f32(&self, name: &str) -> Result<HostTensor> {
-        let info = self
-            .tensors
+    /// The directory entry of a tensor, or an error naming the file and tensor.
+    pub fn tensor_info(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor {
                 path: self.path.clone(),
                 tensor: name.to_string(),
-            })?;
+            })
+    }
+
+    /// Reads a tensor, dequantizing it to f32, with its row-major shape.
+    pub fn tensor_f32(&self, name: &str) -> Result<HostTensor> {
+        let info = self.tensor_info(name)?;
         let bytes = self.tensor_bytes(info);
-        let data = quant::dequantize(info.ggml_type, bytes, info.numel() as usize).map_err(
-            |msg| ModelError::Tensor {
-                path: self.path.clone(),
-                tensor: name.to_string(),
-                msg,
-            },
-        )?;
+        let data =
+            quant::dequantize(info.ggml_type, bytes, info.numel() as usize).map_err(|msg| {
+                ModelError::Tensor {
+                    path: self.path.clone(),
+                    tensor: name.to_string(),
+                    msg,
+                }
+            })?;
         Ok(HostTensor::new(info.shape(), data))
     }
 }
@@ -392,11 +396,15 @@ impl GgufFile {
 fn tensor_nbytes(info: &TensorInfo) -> Option<u64> {
     let (block, bytes) = info.ggml_type.block();
     let n = info.numel();
-    if n % block as u64 != 0 {
+    if !n.is_multiple_of(block as u64) {
         return None;
     }
     // Quantized blocks run along the fastest dimension, so each row must be whole blocks.
-    if info.dims.first().is_some_and(|&d| d % block as u64 != 0) {
+    if info
+        .dims
+        .first()
+        .is_some_and(|&d| !d.is_multiple_of(block as u64))
+    {
         return None;
     }
     n.checked_div(block as u64)?.checked_mul(bytes as u64)

@@ -6,12 +6,20 @@
 //! loads the tokenizer and chat template that go with it. It knows nothing of
 //! requests, batching policy or HTTP; those live in `kiln-engine` and the server.
 
+pub mod chat;
+pub mod config;
+pub mod decoder;
+pub mod default_model;
+pub mod fixtures;
 pub mod gguf;
-pub mod quant;
+pub mod loader;
+pub use kiln_backend::quant;
 pub mod tokenizer;
+pub mod weights;
 
 mod error;
 mod host;
 
 pub use error::{ModelError, Result};
 pub use host::HostTensor;
+pub use loader::{load, LoadOptions, LoadedModel, ModelFormat};

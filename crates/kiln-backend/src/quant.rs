@@ -1,7 +1,9 @@
 //! ggml tensor types and their dequantization to f32.
 //!
-//! kiln dequantizes quantized GGUF weights once, at load, and computes in the
-//! backend's float type. The block layouts below are the ones ggml defines
+//! GGUF checkpoints store weights in ggml's block formats. A backend either
+//! computes with a format directly (the CPU backend does for Q4_0, Q4_1 and
+//! Q8_0, see `cpu::qmatmul`) or dequantizes it once at load with
+//! [`dequantize`]. The block layouts below are the ones ggml defines
 //! (`ggml-common.h`); each function turns whole blocks into floats.
 
 use half::{bf16, f16};
@@ -69,24 +71,42 @@ impl GgmlType {
     }
 }
 
+/// A weight matrix as a checkpoint holds it, handed to [`crate::Backend::upload_weight`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightData {
+    /// Plain f32 values, row-major.
+    F32(Vec<f32>),
+    /// Rows of ggml blocks (each row a whole number of blocks), as stored in GGUF.
+    Ggml { ty: GgmlType, bytes: Vec<u8> },
+}
+
+impl WeightData {
+    /// Every value as f32, dequantizing if needed.
+    pub fn into_f32(self, numel: usize) -> Result<Vec<f32>, String> {
+        match self {
+            WeightData::F32(v) if v.len() == numel => Ok(v),
+            WeightData::F32(v) => Err(format!("{} values for {numel} elements", v.len())),
+            WeightData::Ggml { ty, bytes } => dequantize(ty, &bytes, numel),
+        }
+    }
+}
+
+/// Bytes one row of `cols` elements of type `ty` occupies, or `None` when
+/// `cols` is not a whole number of blocks.
+pub fn row_bytes(ty: GgmlType, cols: usize) -> Option<usize> {
+    let (block, bytes) = ty.block();
+    cols.is_multiple_of(block).then_some(cols / block * bytes)
+}
+
 /// Elements per K-quant super-block.
 const QK_K: usize = 256;
 
-/// Dequantizes `numel` elements of type `ty` from `bytes`.
-pub fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Result<Vec<f32>, String> {
-    let (block, block_bytes) = ty.block();
-    if numel % block != 0 {
-        return Err(format!("{numel} elements is not a whole number of {ty:?} blocks"));
-    }
-    let n_blocks = numel / block;
-    if bytes.len() != n_blocks * block_bytes {
-        return Err(format!(
-            "expected {} bytes of {ty:?} data, found {}",
-            n_blocks * block_bytes,
-            bytes.len()
-        ));
-    }
-    let block_fn: fn(&[u8], &mut [f32]) = match ty {
+/// Turns one block of bytes into its elements.
+pub type BlockDequantizer = fn(&[u8], &mut [f32]);
+
+/// The block dequantizer of `ty`, or `None` for types kiln cannot read yet.
+pub fn block_dequantizer(ty: GgmlType) -> Option<BlockDequantizer> {
+    Some(match ty {
         GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         GgmlType::F16 => |b, y| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32(),
         GgmlType::BF16 => |b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
@@ -98,20 +118,45 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Result<Vec<f32>, 
         GgmlType::Q4K => q4_k,
         GgmlType::Q5K => q5_k,
         GgmlType::Q6K => q6_k,
-        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q8K => {
-            return Err(format!("{ty:?} tensors are not supported yet"))
-        }
-    };
+        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q8K => return None,
+    })
+}
+
+/// Dequantizes whole blocks of `ty` from `bytes` into `out` (sequentially;
+/// callers parallelise). `out.len()` must be the number of elements the bytes hold.
+pub fn dequantize_with(f: BlockDequantizer, ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    let (block, block_bytes) = ty.block();
+    for (y, b) in out
+        .chunks_exact_mut(block)
+        .zip(bytes.chunks_exact(block_bytes))
+    {
+        f(b, y);
+    }
+}
+
+/// Dequantizes `numel` elements of type `ty` from `bytes`.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Result<Vec<f32>, String> {
+    let (block, block_bytes) = ty.block();
+    if !numel.is_multiple_of(block) {
+        return Err(format!(
+            "{numel} elements is not a whole number of {ty:?} blocks"
+        ));
+    }
+    let n_blocks = numel / block;
+    if bytes.len() != n_blocks * block_bytes {
+        return Err(format!(
+            "expected {} bytes of {ty:?} data, found {}",
+            n_blocks * block_bytes,
+            bytes.len()
+        ));
+    }
+    let f = block_dequantizer(ty).ok_or_else(|| format!("{ty:?} tensors are not supported yet"))?;
     let mut out = vec![0f32; numel];
     // Chunks of many blocks keep rayon's per-task overhead negligible.
     let per_task = (4096 / block).max(1);
     out.par_chunks_mut(block * per_task)
         .zip(bytes.par_chunks(block_bytes * per_task))
-        .for_each(|(y, b)| {
-            for (yb, bb) in y.chunks_exact_mut(block).zip(b.chunks_exact(block_bytes)) {
-                block_fn(bb, yb);
-            }
-        });
+        .for_each(|(y, b)| dequantize_with(f, ty, b, y));
     Ok(out)
 }
 
@@ -120,7 +165,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// 32 4-bit values, scale d: x = (q - 8) * d. Low nibbles are elements 0..16.
-fn q4_0(b: &[u8], y: &mut [f32]) {
+pub(crate) fn q4_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let qs = &b[2..18];
     for (j, &q) in qs.iter().enumerate() {
@@ -130,7 +175,7 @@ fn q4_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// 32 4-bit values, scale d and minimum m: x = q * d + m.
-fn q4_1(b: &[u8], y: &mut [f32]) {
+pub(crate) fn q4_1(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let m = f16_at(b, 2);
     let qs = &b[4..20];
@@ -167,7 +212,7 @@ fn q5_1(b: &[u8], y: &mut [f32]) {
 }
 
 /// 32 signed bytes with one scale.
-fn q8_0(b: &[u8], y: &mut [f32]) {
+pub(crate) fn q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for (j, &q) in b[2..34].iter().enumerate() {
         y[j] = (q as i8) as f32 * d;

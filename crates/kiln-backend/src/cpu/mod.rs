@@ -1,0 +1,258 @@
+//! The CPU backend: f32 tensors in host memory, parallel over cores with rayon.
+//!
+//! It is the reference implementation: straightforward loops whose results
+//! other backends are compared against, with the hot spots (matrix products
+//! and attention) made fast enough to serve small models.
+
+mod attention;
+mod matmul;
+mod ops;
+mod qdot;
+mod weight;
+
+pub use weight::{CpuWeight, Storage};
+
+use crate::{
+    Activation, AttentionParams, Backend, BackendError, KvSpec, Result, RopeLayout, StepInput,
+    WeightData,
+};
+
+/// A dense row-major f32 tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    /// Wraps data with a shape, checking that they agree.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(BackendError::Shape {
+                op: "tensor",
+                msg: format!("shape {shape:?} needs {n} elements, got {}", data.len()),
+            });
+        }
+        Ok(Self { shape, data })
+    }
+
+    /// Size of the last dimension (features per row).
+    pub fn cols(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// Number of rows (all dimensions but the last).
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.cols().max(1)
+    }
+}
+
+/// The paged KV cache in host memory: per layer, keys and values as
+/// `[slots, n_kv_heads * head_dim]`.
+pub struct CpuKvCache {
+    spec: KvSpec,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl CpuKvCache {
+    /// The geometry the cache was made with.
+    pub fn spec(&self) -> &KvSpec {
+        &self.spec
+    }
+}
+
+/// The CPU backend. Threads come from rayon's global pool.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    /// Makes a CPU backend.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+fn shape_err(op: &'static str, msg: String) -> BackendError {
+    BackendError::Shape { op, msg }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+    type Step = StepInput;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn execute<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // `scope` moves the closure onto a pool worker when called from outside the pool.
+        rayon::scope(|_| f())
+    }
+
+    fn upload(&self, shape: &[usize], data: Vec<f32>) -> Result<CpuTensor> {
+        CpuTensor::new(shape.to_vec(), data)
+    }
+
+    fn upload_weight(&self, rows: usize, cols: usize, data: WeightData) -> Result<CpuWeight> {
+        CpuWeight::new(rows, cols, data)
+    }
+
+    fn to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn shape(&self, t: &CpuTensor) -> Vec<usize> {
+        t.shape.clone()
+    }
+
+    fn prepare_step(&self, input: &StepInput) -> Result<StepInput> {
+        Ok(input.clone())
+    }
+
+    fn alloc_kv_cache(&self, spec: &KvSpec) -> Result<CpuKvCache> {
+        let per_layer = spec
+            .slots()
+            .checked_mul(spec.n_kv_heads * spec.head_dim)
+            .ok_or_else(|| BackendError::OutOfMemory(format!("KV cache {spec:?} overflows")))?;
+        let alloc = || -> Result<Vec<Vec<f32>>> {
+            (0..spec.n_layers)
+                .map(|_| {
+                    let mut v = Vec::new();
+                    v.try_reserve_exact(per_layer).map_err(|_| {
+                        BackendError::OutOfMemory(format!(
+                            "cannot allocate {} MiB for the KV cache",
+                            (spec.slots() * spec.bytes_per_token(4)) >> 20
+                        ))
+                    })?;
+                    v.resize(per_layer, 0.0);
+                    Ok(v)
+                })
+                .collect()
+        };
+        Ok(CpuKvCache {
+            spec: *spec,
+            k: alloc()?,
+            v: alloc()?,
+        })
+    }
+
+    fn embedding(&self, table: &CpuWeight, step: &StepInput) -> Result<CpuTensor> {
+        ops::embedding(table, &step.tokens)
+    }
+
+    fn add_position_embedding(
+        &self,
+        x: &mut CpuTensor,
+        table: &CpuTensor,
+        offset: usize,
+        step: &StepInput,
+    ) -> Result<()> {
+        ops::add_position_embedding(x, table, offset, &step.positions)
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
+        matmul::linear(x, w, bias)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        ops::rms_norm(x, w, eps)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        b: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        ops::layer_norm(x, w, b, eps)
+    }
+
+    fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        if x.shape != y.shape {
+            return Err(shape_err("add", format!("{:?} + {:?}", x.shape, y.shape)));
+        }
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn rope_inplace(
+        &self,
+        x: &mut CpuTensor,
+        cos_sin: &CpuTensor,
+        step: &StepInput,
+        n_heads: usize,
+        head_dim: usize,
+        rot_dim: usize,
+        layout: RopeLayout,
+    ) -> Result<()> {
+        ops::rope(
+            x,
+            cos_sin,
+            &step.positions,
+            n_heads,
+            head_dim,
+            rot_dim,
+            layout,
+        )
+    }
+
+    fn gated_activation(
+        &self,
+        gate: &CpuTensor,
+        up: &CpuTensor,
+        act: Activation,
+    ) -> Result<CpuTensor> {
+        ops::gated_activation(gate, up, act)
+    }
+
+    fn activation_inplace(&self, x: &mut CpuTensor, act: Activation) -> Result<()> {
+        ops::activation_inplace(x, act);
+        Ok(())
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        step: &StepInput,
+    ) -> Result<()> {
+        attention::write_kv(cache, layer, k, v, &step.slots)
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        cache: &CpuKvCache,
+        layer: usize,
+        step: &StepInput,
+        params: &AttentionParams,
+    ) -> Result<CpuTensor> {
+        attention::paged_attention(q, cache, layer, step, params)
+    }
+
+    fn select_logit_rows(&self, x: &CpuTensor, step: &StepInput) -> Result<CpuTensor> {
+        let cols = x.cols();
+        let mut data = Vec::with_capacity(step.logit_rows.len() * cols);
+        for &r in &step.logit_rows {
+            let r = r as usize;
+            if r >= x.rows() {
+                return Err(shape_err(
+                    "select_logit_rows",
+                    format!("row {r} of {}", x.rows()),
+                ));
+            }
+            data.extend_from_slice(&x.data[r * cols..(r + 1) * cols]);
+        }
+        CpuTensor::new(vec![step.logit_rows.len(), cols], data)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,279 @@
+//! Row-wise and element-wise ops of the CPU backend.
+
+use rayon::prelude::*;
+
+use super::{CpuTensor, CpuWeight};
+use crate::{Activation, BackendError, Result, RopeLayout};
+
+/// Rows per rayon task for cheap row-wise ops: enough work to amortise scheduling.
+const ROWS_PER_TASK: usize = 4;
+
+fn shape_err(op: &'static str, msg: String) -> BackendError {
+    BackendError::Shape { op, msg }
+}
+
+pub(super) fn embedding(table: &CpuWeight, tokens: &[u32]) -> Result<CpuTensor> {
+    let (vocab, dim) = (table.rows, table.cols);
+    let mut out = vec![0f32; tokens.len() * dim];
+    for (row, &t) in out.chunks_exact_mut(dim).zip(tokens) {
+        let t = t as usize;
+        if t >= vocab {
+            return Err(BackendError::Invalid {
+                op: "embedding",
+                msg: format!("token id {t} outside the vocabulary of {vocab}"),
+            });
+        }
+        table.rows_f32(t, row);
+    }
+    CpuTensor::new(vec![tokens.len(), dim], out)
+}
+
+pub(super) fn add_position_embedding(
+    x: &mut CpuTensor,
+    table: &CpuTensor,
+    offset: usize,
+    positions: &[u32],
+) -> Result<()> {
+    let dim = x.cols();
+    let rows = table.rows();
+    if table.cols() != dim || positions.len() != x.rows() {
+        return Err(shape_err(
+            "position_embedding",
+            format!(
+                "x {:?}, table {:?}, {} positions",
+                x.shape,
+                table.shape,
+                positions.len()
+            ),
+        ));
+    }
+    for (row, &p) in x.data.chunks_exact_mut(dim).zip(positions) {
+        let p = p as usize + offset;
+        if p >= rows {
+            return Err(BackendError::Invalid {
+                op: "position_embedding",
+                msg: format!("position {p} beyond the table's {rows}"),
+            });
+        }
+        row.iter_mut()
+            .zip(&table.data[p * dim..(p + 1) * dim])
+            .for_each(|(a, b)| *a += b);
+    }
+    Ok(())
+}
+
+fn check_vec(op: &'static str, x: &CpuTensor, w: &CpuTensor) -> Result<()> {
+    if w.data.len() != x.cols() {
+        return Err(shape_err(
+            op,
+            format!("x {:?}, weight {:?}", x.shape, w.shape),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn rms_norm(x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+    check_vec("rms_norm", x, w)?;
+    let dim = x.cols();
+    let mut out = vec![0f32; x.data.len()];
+    out.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(x.data.par_chunks(dim * ROWS_PER_TASK))
+        .for_each(|(o, xi)| {
+            for (o, xi) in o.chunks_exact_mut(dim).zip(xi.chunks_exact(dim)) {
+                let ms = xi.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                let inv = 1.0 / (ms + eps).sqrt();
+                for ((o, &v), &g) in o.iter_mut().zip(xi).zip(&w.data) {
+                    *o = v * inv * g;
+                }
+            }
+        });
+    CpuTensor::new(x.shape.clone(), out)
+}
+
+pub(super) fn layer_norm(
+    x: &CpuTensor,
+    w: &CpuTensor,
+    b: &CpuTensor,
+    eps: f32,
+) -> Result<CpuTensor> {
+    check_vec("layer_norm", x, w)?;
+    check_vec("layer_norm", x, b)?;
+    let dim = x.cols();
+    let mut out = vec![0f32; x.data.len()];
+    out.par_chunks_mut(dim * ROWS_PER_TASK)
+        .zip(x.data.par_chunks(dim * ROWS_PER_TASK))
+        .for_each(|(o, xi)| {
+            for (o, xi) in o.chunks_exact_mut(dim).zip(xi.chunks_exact(dim)) {
+                let mean = xi.iter().sum::<f32>() / dim as f32;
+                let var = xi.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for (((o, &v), &g), &bb) in o.iter_mut().zip(xi).zip(&w.data).zip(&b.data) {
+                    *o = (v - mean) * inv * g + bb;
+                }
+            }
+        });
+    CpuTensor::new(x.shape.clone(), out)
+}
+
+pub(super) fn rope(
+    x: &mut CpuTensor,
+    cos_sin: &CpuTensor,
+    positions: &[u32],
+    n_heads: usize,
+    head_dim: usize,
+    rot_dim: usize,
+    layout: RopeLayout,
+) -> Result<()> {
+    let row = n_heads * head_dim;
+    if x.cols() != row || positions.len() != x.rows() {
+        return Err(shape_err(
+            "rope",
+            format!(
+                "x {:?} for {n_heads}x{head_dim}, {} positions",
+                x.shape,
+                positions.len()
+            ),
+        ));
+    }
+    if rot_dim > head_dim || !rot_dim.is_multiple_of(2) || cos_sin.cols() != rot_dim {
+        return Err(shape_err(
+            "rope",
+            format!(
+                "rotary dim {rot_dim}, head dim {head_dim}, table {:?}",
+                cos_sin.shape
+            ),
+        ));
+    }
+    let half = rot_dim / 2;
+    let max_pos = cos_sin.rows();
+    if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_pos) {
+        return Err(BackendError::Invalid {
+            op: "rope",
+            msg: format!("position {p} beyond the rotary table's {max_pos}"),
+        });
+    }
+    x.data
+        .par_chunks_mut(row)
+        .zip(positions.par_iter())
+        .for_each(|(xr, &p)| {
+            let cs = &cos_sin.data[p as usize * rot_dim..(p as usize + 1) * rot_dim];
+            let (cos, sin) = cs.split_at(half);
+            for h in xr.chunks_exact_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = match layout {
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        RopeLayout::HalfSplit => (i, i + half),
+                    };
+                    let (x0, x1) = (h[a], h[b]);
+                    h[a] = x0 * cos[i] - x1 * sin[i];
+                    h[b] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        });
+    Ok(())
+}
+
+pub(super) fn gated_activation(
+    gate: &CpuTensor,
+    up: &CpuTensor,
+    act: Activation,
+) -> Result<CpuTensor> {
+    if gate.shape != up.shape {
+        return Err(shape_err(
+            "gated_activation",
+            format!("{:?} vs {:?}", gate.shape, up.shape),
+        ));
+    }
+    let mut out = vec![0f32; gate.data.len()];
+    out.par_chunks_mut(4096)
+        .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = activate(g, act) * u;
+            }
+        });
+    CpuTensor::new(gate.shape.clone(), out)
+}
+
+pub(super) fn activation_inplace(x: &mut CpuTensor, act: Activation) {
+    x.data.par_chunks_mut(4096).for_each(|c| {
+        for v in c {
+            *v = activate(*v, act);
+        }
+    });
+}
+
+/// One activation value.
+pub fn activate(x: f32, act: Activation) -> f32 {
+    match act {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Relu => x.max(0.0),
+        Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // sqrt(2/pi)
+            0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+        }
+    }
+}
+
+/// Error function, to f32 precision (W. J. Cody's rational approximations, evaluated in f64).
+// The coefficients are Cody's published values, kept digit for digit.
+#[allow(clippy::excessive_precision)]
+pub fn erf(x: f32) -> f32 {
+    let x = x as f64;
+    let ax = x.abs();
+    let r = if ax < 0.5 {
+        // erf(x) = x * P(x^2)/Q(x^2)
+        let t = x * x;
+        let p = [
+            3.209377589138469e3,
+            3.774852376853020e2,
+            1.138641541510502e2,
+            3.161123743870566,
+            1.857777061846032e-1,
+        ];
+        let q = [
+            2.844236833439171e3,
+            1.282616526077372e3,
+            2.440246379344442e2,
+            2.360129095234412e1,
+            1.0,
+        ];
+        let num = (((p[4] * t + p[3]) * t + p[2]) * t + p[1]) * t + p[0];
+        let den = (((q[4] * t + q[3]) * t + q[2]) * t + q[1]) * t + q[0];
+        return (x * num / den) as f32;
+    } else if ax < 4.0 {
+        let p = [
+            1.23033935479799725e3,
+            2.05107837782607147e3,
+            1.71204761263407058e3,
+            8.81952221241769090e2,
+            2.98635138197400131e2,
+            6.61191906371416295e1,
+            8.88314979438837594,
+            5.64188496988670089e-1,
+            2.15311535474403846e-8,
+        ];
+        let q = [
+            1.23033935480374942e3,
+            3.43936767414372164e3,
+            4.36261909014324716e3,
+            3.29079923573345963e3,
+            1.62138957456669019e3,
+            5.37181101862009858e2,
+            1.17693950891312499e2,
+            1.57449261107098347e1,
+            1.0,
+        ];
+        let mut num = p[8];
+        let mut den = q[8];
+        for i in (0..8).rev() {
+            num = num * ax + p[i];
+            den = den * ax + q[i];
+        }
+        1.0 - (-ax * ax).exp() * num / den
+    } else {
+        1.0
+    };
+    (if x < 0.0 { -r } else { r }) as f32
+}

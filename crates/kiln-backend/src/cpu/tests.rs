@@ -1,0 +1,485 @@
+//! Unit tests of the CPU ops against naive, obviously-correct formulations.
+
+use super::*;
+use crate::{GgmlType, SeqSlice};
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn t(shape: &[usize], seed: u64) -> CpuTensor {
+    CpuTensor::new(shape.to_vec(), rand_vec(shape.iter().product(), seed)).unwrap()
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "index {i}: {x} vs {y}"
+        );
+    }
+}
+
+/// Random ggml blocks with sane f16 scales (random bytes elsewhere).
+pub(super) fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
+    let (_, bb) = ty.block();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut scale = || half::f16::from_f32((next() % 1000) as f32 / 1000.0 - 0.3).to_le_bytes();
+    let mut out = Vec::with_capacity(blocks * bb);
+    for _ in 0..blocks {
+        let start = out.len();
+        out.extend((0..bb).map(|i| (seed as usize * 31 + start + i * 17) as u8 ^ 0x5a));
+        // Where each format keeps its f16 scales (and minimums).
+        let f16_at: &[usize] = match ty {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            _ => &[0],
+        };
+        for &o in f16_at {
+            out[start + o..start + o + 2].copy_from_slice(&scale());
+        }
+    }
+    out
+}
+
+/// Checks `y = x @ w^T + b` against an f64 computation. f32 rounding error
+/// scales with the sum of the products' magnitudes, not with the result
+/// (which cancellation can make small), so that is what `rel` multiplies.
+#[allow(clippy::too_many_arguments)]
+fn check_linear(
+    y: &[f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    rel: f64,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut mag) = (b[j] as f64, b[j].abs() as f64);
+            for l in 0..k {
+                let p = x[i * k + l] as f64 * w[j * k + l] as f64;
+                s += p;
+                mag += p.abs();
+            }
+            let got = y[i * n + j] as f64;
+            assert!(
+                (got - s).abs() <= rel * (1.0 + mag),
+                "row {i} col {j}: {got} vs {s} (magnitude {mag})"
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_matches_naive_for_small_and_large_batches() {
+    let be = CpuBackend;
+    for &m in &[1usize, 3, 8, 9, 40] {
+        let (k, n) = (70, 45);
+        let x = t(&[m, k], 1);
+        let wd = rand_vec(n * k, 2);
+        let w = be.upload_weight(n, k, WeightData::F32(wd.clone())).unwrap();
+        let b = t(&[n], 3);
+        let y = be.linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.shape, vec![m, n]);
+        check_linear(&y.data, &x.data, &wd, &b.data, m, n, k, 1e-6);
+    }
+}
+
+#[test]
+fn quantized_linear_matches_dequantized_weights() {
+    let be = CpuBackend;
+    // n = 700 with k = 96 splits the prefill path into more than one panel.
+    let (k, n) = (96, 700);
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q6K,
+        GgmlType::F16,
+    ] {
+        let (block, _) = ty.block();
+        let k = if block > k { 256 } else { k };
+        let bytes = if ty == GgmlType::F16 {
+            rand_vec(n * k, 9)
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect()
+        } else {
+            random_blocks(ty, n * k / block, 4)
+        };
+        let wd = crate::quant::dequantize(ty, &bytes, n * k).unwrap();
+        assert!(wd.iter().all(|v| v.is_finite()));
+        let w = be
+            .upload_weight(n, k, WeightData::Ggml { ty, bytes })
+            .unwrap();
+        let b = t(&[n], 5);
+        for &m in &[1usize, 4, 8, 9, 33] {
+            let x = t(&[m, k], 6 + m as u64);
+            let y = be.linear(&x, &w, Some(&b)).unwrap();
+            check_linear(&y.data, &x.data, &wd, &b.data, m, n, k, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn linear_rejects_mismatched_shapes() {
+    let be = CpuBackend;
+    let w = be
+        .upload_weight(3, 4, WeightData::F32(rand_vec(12, 2)))
+        .unwrap();
+    let err = be.linear(&t(&[2, 5], 1), &w, None).unwrap_err();
+    assert!(err.to_string().contains("linear"), "{err}");
+    // Quantized rows must be whole blocks, and the byte count must match.
+    let e = be
+        .upload_weight(
+            2,
+            40,
+            WeightData::Ggml {
+                ty: GgmlType::Q8_0,
+                bytes: vec![0; 68],
+            },
+        )
+        .expect_err("40 columns are not whole Q8_0 blocks");
+    assert!(e.to_string().contains("blocks"), "{e}");
+    assert!(be
+        .upload_weight(
+            2,
+            32,
+            WeightData::Ggml {
+                ty: GgmlType::Q8_0,
+                bytes: vec![0; 67]
+            }
+        )
+        .is_err());
+}
+
+#[test]
+fn norms_match_definitions() {
+    let be = CpuBackend;
+    let x = t(&[3, 16], 4);
+    let w = t(&[16], 5);
+    let b = t(&[16], 6);
+    let rms = be.rms_norm(&x, &w, 1e-5).unwrap();
+    let ln = be.layer_norm(&x, &w, &b, 1e-5).unwrap();
+    for r in 0..3 {
+        let row = &x.data[r * 16..(r + 1) * 16];
+        let ms: f32 = row.iter().map(|v| v * v).sum::<f32>() / 16.0;
+        let mean: f32 = row.iter().sum::<f32>() / 16.0;
+        let var: f32 = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 16.0;
+        for (c, &v) in row.iter().enumerate() {
+            let want = v / (ms + 1e-5).sqrt() * w.data[c];
+            assert!((rms.data[r * 16 + c] - want).abs() < 1e-5);
+            let want = (v - mean) / (var + 1e-5).sqrt() * w.data[c] + b.data[c];
+            assert!((ln.data[r * 16 + c] - want).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn rope_layouts_are_permutations_of_each_other() {
+    // Rotating interleaved pairs equals rotating half-split pairs after permuting
+    // dimensions [0,2,4,..,1,3,5,..]: the identity GGUF's q/k permutation relies on.
+    let be = CpuBackend;
+    let (heads, hd, max_pos) = (2, 8, 10);
+    let half = hd / 2;
+    let mut table = vec![0f32; max_pos * hd];
+    for p in 0..max_pos {
+        for i in 0..half {
+            let ang = p as f32 / 10000f32.powf(2.0 * i as f32 / hd as f32);
+            table[p * hd + i] = ang.cos();
+            table[p * hd + half + i] = ang.sin();
+        }
+    }
+    let cs = CpuTensor::new(vec![max_pos, hd], table).unwrap();
+    let step = StepInput {
+        tokens: vec![0, 0],
+        positions: vec![3, 7],
+        slots: vec![0, 1],
+        ..Default::default()
+    };
+    let x = t(&[2, heads * hd], 7);
+    let mut inter = x.clone();
+    be.rope_inplace(
+        &mut inter,
+        &cs,
+        &step,
+        heads,
+        hd,
+        hd,
+        RopeLayout::Interleaved,
+    )
+    .unwrap();
+    let perm = |v: &[f32]| -> Vec<f32> {
+        v.chunks(hd)
+            .flat_map(|h| {
+                (0..half)
+                    .map(|i| h[2 * i])
+                    .chain((0..half).map(|i| h[2 * i + 1]))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let mut split = CpuTensor::new(x.shape.clone(), perm(&x.data)).unwrap();
+    be.rope_inplace(&mut split, &cs, &step, heads, hd, hd, RopeLayout::HalfSplit)
+        .unwrap();
+    close(&split.data, &perm(&inter.data), 1e-6);
+    // Position 0 is the identity.
+    let mut z = x.clone();
+    let step0 = StepInput {
+        positions: vec![0, 0],
+        ..step.clone()
+    };
+    be.rope_inplace(&mut z, &cs, &step0, heads, hd, hd, RopeLayout::HalfSplit)
+        .unwrap();
+    close(&z.data, &x.data, 1e-7);
+}
+
+#[test]
+fn activations_match_reference_values() {
+    use super::ops::{activate, erf};
+    // erf reference values from tables.
+    for (x, want) in [
+        (0.0f32, 0.0f32),
+        (0.1, 0.112_462_92),
+        (0.5, 0.520_499_9),
+        (1.0, 0.842_700_8),
+        (2.0, 0.995_322_3),
+        (-1.5, -0.966_105_1),
+        (3.5, 0.999_999_3),
+    ] {
+        assert!((erf(x) - want).abs() < 1e-6, "erf({x}) = {}", erf(x));
+    }
+    assert!((activate(1.0, Activation::Silu) - 0.731_058_6).abs() < 1e-6);
+    assert!((activate(1.0, Activation::Gelu) - 0.841_344_7).abs() < 1e-6);
+    assert!((activate(1.0, Activation::GeluTanh) - 0.841_192).abs() < 1e-5);
+    assert_eq!(activate(-2.0, Activation::Relu), 0.0);
+}
+
+/// Dense causal attention over one sequence, the textbook way.
+fn naive_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    nq: usize,
+    nk: usize,
+    p: &AttentionParams,
+) -> Vec<f32> {
+    let hd = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let mut out = vec![0f32; nq * p.n_heads * hd];
+    for i in 0..nq {
+        let pos = nk - nq + i;
+        for h in 0..p.n_heads {
+            let g = h / group;
+            let qv = &q[(i * p.n_heads + h) * hd..][..hd];
+            let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let s: Vec<f32> = (lo..=pos)
+                .map(|j| {
+                    qv.iter()
+                        .zip(&k[(j * p.n_kv_heads + g) * hd..][..hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        * p.scale
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f32 = e.iter().sum();
+            for (jj, j) in (lo..=pos).enumerate() {
+                for d in 0..hd {
+                    out[(i * p.n_heads + h) * hd + d] +=
+                        e[jj] / z * v[(j * p.n_kv_heads + g) * hd + d];
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
+    let be = CpuBackend;
+    let spec = KvSpec {
+        n_layers: 1,
+        num_blocks: 16,
+        block_size: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+    };
+    for window in [None, Some(3)] {
+        let p = AttentionParams {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            scale: 0.35,
+            window,
+        };
+        let mut cache = be.alloc_kv_cache(&spec).unwrap();
+        // Sequence A: 7 tokens of which the last 3 are computed now (4 cached earlier).
+        // Sequence B: 5 tokens, all new (prefill). Scattered, non-contiguous blocks.
+        let tables = [vec![9u32, 2], vec![5u32, 11]];
+        let lens = [7usize, 5];
+        let new = [3usize, 5];
+        let kv_w = 16;
+        let keys: Vec<Vec<f32>> = (0..2)
+            .map(|s| rand_vec(lens[s] * kv_w, 10 + s as u64))
+            .collect();
+        let vals: Vec<Vec<f32>> = (0..2)
+            .map(|s| rand_vec(lens[s] * kv_w, 20 + s as u64))
+            .collect();
+        let slot = |s: usize, j: usize| tables[s][j / 4] * 4 + (j % 4) as u32;
+        // Earlier step: A's first 4 tokens.
+        let early = StepInput {
+            tokens: vec![0; 4],
+            positions: (0..4).collect(),
+            slots: (0..4).map(|j| slot(0, j)).collect(),
+            seqs: vec![SeqSlice {
+                query_start: 0,
+                query_len: 4,
+                context_len: 4,
+                block_table: tables[0].clone(),
+            }],
+            logit_rows: vec![3],
+        };
+        let kt = CpuTensor::new(vec![4, kv_w], keys[0][..4 * kv_w].to_vec()).unwrap();
+        let vt = CpuTensor::new(vec![4, kv_w], vals[0][..4 * kv_w].to_vec()).unwrap();
+        be.write_kv(&mut cache, 0, &kt, &vt, &early).unwrap();
+        // This step.
+        let mut step = StepInput::default();
+        let (mut kn, mut vn) = (vec![], vec![]);
+        for s in 0..2 {
+            let start = lens[s] - new[s];
+            step.seqs.push(SeqSlice {
+                query_start: step.tokens.len(),
+                query_len: new[s],
+                context_len: lens[s],
+                block_table: tables[s].clone(),
+            });
+            for j in start..lens[s] {
+                step.tokens.push(0);
+                step.positions.push(j as u32);
+                step.slots.push(slot(s, j));
+                kn.extend_from_slice(&keys[s][j * kv_w..(j + 1) * kv_w]);
+                vn.extend_from_slice(&vals[s][j * kv_w..(j + 1) * kv_w]);
+            }
+        }
+        let n = step.tokens.len();
+        be.write_kv(
+            &mut cache,
+            0,
+            &CpuTensor::new(vec![n, kv_w], kn).unwrap(),
+            &CpuTensor::new(vec![n, kv_w], vn).unwrap(),
+            &step,
+        )
+        .unwrap();
+        let q = t(&[n, 32], 30);
+        let out = be.attention(&q, &cache, 0, &step, &p).unwrap();
+        let mut row = 0;
+        for s in 0..2 {
+            let qs = &q.data[row * 32..(row + new[s]) * 32];
+            let want = naive_attention(qs, &keys[s], &vals[s], new[s], lens[s], &p);
+            close(&out.data[row * 32..(row + new[s]) * 32], &want, 1e-5);
+            row += new[s];
+        }
+    }
+}
+
+#[test]
+fn step_validation_rejects_inconsistent_plans() {
+    let spec = KvSpec {
+        n_layers: 1,
+        num_blocks: 2,
+        block_size: 4,
+        n_kv_heads: 1,
+        head_dim: 4,
+    };
+    let ok = StepInput {
+        tokens: vec![1, 2],
+        positions: vec![0, 1],
+        slots: vec![0, 1],
+        seqs: vec![SeqSlice {
+            query_start: 0,
+            query_len: 2,
+            context_len: 2,
+            block_table: vec![0],
+        }],
+        logit_rows: vec![1],
+    };
+    ok.validate(&spec).unwrap();
+    let mut bad = ok.clone();
+    bad.seqs[0].block_table = vec![7];
+    assert!(bad.validate(&spec).is_err());
+    let mut bad = ok.clone();
+    bad.seqs[0].context_len = 9;
+    assert!(bad.validate(&spec).is_err());
+    let mut bad = ok.clone();
+    bad.slots[1] = 8;
+    assert!(bad.validate(&spec).is_err());
+    let mut bad = ok;
+    bad.logit_rows = vec![2];
+    assert!(bad.validate(&spec).is_err());
+}
+
+#[test]
+fn embedding_looks_up_rows_and_rejects_out_of_vocab_ids() {
+    let be = CpuBackend;
+    let data = rand_vec(15, 1);
+    let table = be
+        .upload_weight(5, 3, WeightData::F32(data.clone()))
+        .unwrap();
+    let step = StepInput {
+        tokens: vec![1, 4],
+        ..Default::default()
+    };
+    let e = be.embedding(&table, &step).unwrap();
+    assert_eq!(&e.data[3..6], &data[12..15]);
+    let bad = StepInput {
+        tokens: vec![5],
+        ..Default::default()
+    };
+    assert!(be.embedding(&table, &bad).is_err());
+
+    // A quantized table gives its dequantized rows.
+    let bytes = random_blocks(GgmlType::Q8_0, 4, 3);
+    let want = crate::quant::dequantize(GgmlType::Q8_0, &bytes, 128).unwrap();
+    let table = be
+        .upload_weight(
+            2,
+            64,
+            WeightData::Ggml {
+                ty: GgmlType::Q8_0,
+                bytes,
+            },
+        )
+        .unwrap();
+    let e = be
+        .embedding(
+            &table,
+            &StepInput {
+                tokens: vec![1, 0],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(&e.data[..64], &want[64..]);
+    assert_eq!(&e.data[64..], &want[..64]);
+}

