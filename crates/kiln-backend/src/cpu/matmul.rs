@@ -52,13 +52,13 @@ pub(super) fn linear(x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>) -> 
             bytes,
             row_bytes,
             ..
-        } if m <= SMALL_M => small_m(&mut out, m, n, |j, i| {
-            qdot::dot_row(
-                *ty,
-                &bytes[j * row_bytes..(j + 1) * row_bytes],
-                &x.data[i * k..(i + 1) * k],
-            )
-        }),
+        } if m <= SMALL_M => {
+            let inputs: Vec<qdot::BlockInput> =
+                x.data.chunks_exact(k).map(qdot::BlockInput::new).collect();
+            small_m(&mut out, m, n, |j, i| {
+                qdot::dot_row(*ty, &bytes[j * row_bytes..(j + 1) * row_bytes], &inputs[i])
+            })
+        }
         Storage::F32(wd) => gemm_into(
             &mut out,
             &x.data,
@@ -159,27 +159,31 @@ fn panel_gemm(out: &mut [f32], x: &CpuTensor, w: &CpuWeight) {
 /// `out[i][j] = f(j, i)` for few rows `i`, parallel over output columns `j`
 /// so that each weight row is streamed from memory once for all inputs.
 fn small_m(out: &mut [f32], m: usize, n: usize, f: impl Fn(usize, usize) -> f32 + Sync) {
-    // Each task owns a band of columns of every output row; gather into a
-    // column-major scratch band and scatter afterwards so tasks never share memory.
-    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(COLS_PER_TASK))
-        .into_par_iter()
-        .map(|band| {
-            let j0 = band * COLS_PER_TASK;
-            let j1 = (j0 + COLS_PER_TASK).min(n);
-            let mut vals = Vec::with_capacity((j1 - j0) * m);
-            for j in j0..j1 {
-                for i in 0..m {
-                    vals.push(f(j, i));
+    if m == 1 {
+        out.par_chunks_mut(COLS_PER_TASK)
+            .enumerate()
+            .for_each(|(band, o)| {
+                for (c, v) in o.iter_mut().enumerate() {
+                    *v = f(band * COLS_PER_TASK + c, 0);
+                }
+            });
+        return;
+    }
+    // Tasks fill disjoint bands of the transposed result `[n, m]`, which is then
+    // transposed into place.
+    let mut t = vec![0f32; n * m];
+    t.par_chunks_mut(COLS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(band, o)| {
+            for (c, col) in o.chunks_exact_mut(m).enumerate() {
+                for (i, v) in col.iter_mut().enumerate() {
+                    *v = f(band * COLS_PER_TASK + c, i);
                 }
             }
-            (j0, vals)
-        })
-        .collect();
-    for (j0, vals) in bands {
-        for (c, chunk) in vals.chunks_exact(m).enumerate() {
-            for (i, v) in chunk.iter().enumerate() {
-                out[i * n + j0 + c] = *v;
-            }
+        });
+    for (j, col) in t.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
         }
     }
 }

@@ -12,24 +12,39 @@ use crate::quant::GgmlType;
 /// Elements per block of the formats handled here.
 const QK: usize = 32;
 
-/// `dot(dequantize(row), x)` for a row of `ty` blocks; `x.len()` is the row's
-/// element count (a multiple of 32).
-pub(super) fn dot_row(ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
+/// One input row prepared for dot products with block rows: the values and
+/// the sum of each 32-element block, which the Q4 formats' offsets multiply
+/// (so it is computed once per input row, not once per weight row).
+pub(super) struct BlockInput<'a> {
+    pub x: &'a [f32],
+    pub block_sums: Vec<f32>,
+}
+
+impl<'a> BlockInput<'a> {
+    /// Prepares `x` (a multiple of 32 elements long).
+    pub fn new(x: &'a [f32]) -> Self {
+        let block_sums = x.chunks_exact(QK).map(|b| b.iter().sum()).collect();
+        Self { x, block_sums }
+    }
+}
+
+/// `dot(dequantize(row), x)` for a row of `ty` blocks with as many elements as `x`.
+pub(super) fn dot_row(ty: GgmlType, row: &[u8], x: &BlockInput) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
             // SAFETY: the CPU features the functions are compiled for were detected.
             unsafe {
                 return match ty {
-                    GgmlType::Q8_0 => avx2::q8_0(row, x),
-                    GgmlType::Q4_0 => avx2::q4_0(row, x),
-                    GgmlType::Q4_1 => avx2::q4_1(row, x),
-                    _ => generic(ty, row, x),
+                    GgmlType::Q8_0 => avx2::q8_0(row, x.x),
+                    GgmlType::Q4_0 => avx2::q4_0(row, x.x, &x.block_sums),
+                    GgmlType::Q4_1 => avx2::q4_1(row, x.x, &x.block_sums),
+                    _ => generic(ty, row, x.x),
                 };
             }
         }
     }
-    generic(ty, row, x)
+    generic(ty, row, x.x)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -96,19 +111,6 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
     }
 
-    /// `sum(q[i] * x[i])` for 16 signed bytes in `q` against 16 floats at `x`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot16(q: __m128i, x: *const f32, acc: __m256) -> __m256 {
-        let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-        let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(q)));
-        // SAFETY: the caller guarantees 16 readable floats at x.
-        unsafe {
-            let acc = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc);
-            _mm256_fmadd_ps(b, _mm256_loadu_ps(x.add(8)), acc)
-        }
-    }
-
     /// Q8_0: 34-byte blocks of an f16 scale and 32 signed bytes.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q8_0(row: &[u8], x: &[f32]) -> f32 {
@@ -131,63 +133,83 @@ mod avx2 {
         hsum(_mm256_add_ps(acc[0], acc[1]))
     }
 
-    /// The 32 4-bit values of a Q4 block (16 bytes at `p`) as two vectors of
-    /// 16 signed bytes (elements 0..16 and 16..32), each minus `offset`.
+    /// `sum(q[i] * x[i])` over a block of 32 nibbles (16 bytes at `p`: element
+    /// `j < 16` in the low nibble of byte `j`, element `j + 16` in its high
+    /// nibble) against 32 floats at `x`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles(p: *const u8, offset: i8) -> (__m128i, __m128i) {
-        // SAFETY: the caller guarantees 16 readable bytes at p.
-        let q = unsafe { _mm_loadu_si128(p as *const __m128i) };
-        let mask = _mm_set1_epi8(0x0f);
-        let off = _mm_set1_epi8(offset);
-        let lo = _mm_sub_epi8(_mm_and_si128(q, mask), off);
-        let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), mask), off);
-        (lo, hi)
+    unsafe fn nibble_dot(p: *const u8, x: *const f32) -> __m256 {
+        let mask = _mm256_set1_epi32(0x0f);
+        // SAFETY: the caller guarantees 16 readable bytes at p and 32 floats at x.
+        unsafe {
+            // Widen bytes to 32-bit lanes first, then split nibbles with lane-wise
+            // mask and shift: two shuffles per block instead of six.
+            let b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            let b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const __m128i));
+            let mut s = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_and_si256(b0, mask)),
+                _mm256_loadu_ps(x),
+            );
+            s = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_and_si256(b1, mask)),
+                _mm256_loadu_ps(x.add(8)),
+                s,
+            );
+            s = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(b0)),
+                _mm256_loadu_ps(x.add(16)),
+                s,
+            );
+            _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(b1)),
+                _mm256_loadu_ps(x.add(24)),
+                s,
+            )
+        }
     }
 
-    /// Q4_0: 18-byte blocks of an f16 scale and 32 nibbles, value `(q - 8) * d`.
+    /// Q4_0: 18-byte blocks of an f16 scale `d` and 32 nibbles, value `(q - 8) * d`;
+    /// computed as `d * sum(q x) - 8 d * sum(x)` with the block sums of `x` given.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_0(row: &[u8], x: &[f32]) -> f32 {
+    pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let nb = x.len() / QK;
-        debug_assert!(row.len() >= nb * 18);
+        debug_assert!(row.len() >= nb * 18 && sums.len() >= nb);
         let mut acc = [_mm256_setzero_ps(); 2];
+        let mut offset = 0f32;
         for b in 0..nb {
             // SAFETY: block b spans row[18b..18b+18] and x[32b..32b+32], both in bounds.
             unsafe {
                 let p = row.as_ptr().add(b * 18);
-                let xp = x.as_ptr().add(b * QK);
-                let (lo, hi) = nibbles(p.add(2), 8);
-                let s = dot16(lo, xp, _mm256_setzero_ps());
-                let s = dot16(hi, xp.add(16), s);
-                acc[b & 1] = _mm256_fmadd_ps(f16x8(p), s, acc[b & 1]);
+                let d = f16x8(p);
+                let s = nibble_dot(p.add(2), x.as_ptr().add(b * QK));
+                acc[b & 1] = _mm256_fmadd_ps(d, s, acc[b & 1]);
+                offset += _mm256_cvtss_f32(d) * sums.get_unchecked(b);
             }
         }
-        hsum(_mm256_add_ps(acc[0], acc[1]))
+        hsum(_mm256_add_ps(acc[0], acc[1])) - 8.0 * offset
     }
 
     /// Q4_1: 20-byte blocks of f16 scale `d`, f16 minimum `m` and 32 nibbles,
-    /// value `q * d + m`; computed as `d * sum(q x) + m * sum(x)`.
+    /// value `q * d + m`; computed as `d * sum(q x) + m * sum(x)` with the block
+    /// sums of `x` given.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_1(row: &[u8], x: &[f32]) -> f32 {
+    pub(super) unsafe fn q4_1(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let nb = x.len() / QK;
-        debug_assert!(row.len() >= nb * 20);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = _mm256_setzero_ps();
+        debug_assert!(row.len() >= nb * 20 && sums.len() >= nb);
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut offset = 0f32;
         for b in 0..nb {
             // SAFETY: block b spans row[20b..20b+20] and x[32b..32b+32], both in bounds.
             unsafe {
                 let p = row.as_ptr().add(b * 20);
-                let xp = x.as_ptr().add(b * QK);
-                let (lo, hi) = nibbles(p.add(4), 0);
-                let s = dot16(lo, xp, _mm256_setzero_ps());
-                let s = dot16(hi, xp.add(16), s);
-                let x0 = _mm256_add_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(xp.add(8)));
-                let x1 = _mm256_add_ps(_mm256_loadu_ps(xp.add(16)), _mm256_loadu_ps(xp.add(24)));
-                acc = _mm256_fmadd_ps(f16x8(p), s, acc);
-                acc_m = _mm256_fmadd_ps(f16x8(p.add(2)), _mm256_add_ps(x0, x1), acc_m);
+                // d and m are adjacent: convert both with one instruction.
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+                let s = nibble_dot(p.add(4), x.as_ptr().add(b * QK));
+                acc[b & 1] = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), s, acc[b & 1]);
+                offset += _mm_cvtss_f32(_mm_movehdup_ps(dm)) * sums.get_unchecked(b);
             }
         }
-        hsum(_mm256_add_ps(acc, acc_m))
+        hsum(_mm256_add_ps(acc[0], acc[1])) + offset
     }
 }
 
@@ -211,7 +233,7 @@ mod tests {
                     .map(|(a, b)| (*a as f64 * *b as f64).abs())
                     .sum();
                 for (name, got) in [
-                    ("dispatch", dot_row(ty, &row, &x)),
+                    ("dispatch", dot_row(ty, &row, &BlockInput::new(&x))),
                     ("generic", generic(ty, &row, &x)),
                 ] {
                     assert!(
