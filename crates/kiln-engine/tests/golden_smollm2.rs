@@ -6,12 +6,11 @@
 //! README there. The model itself comes from the cache
 //! (`scripts/fetch-assets.sh`).
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_backend::{Backend, KvSpec, StepInput};
-use kiln_engine::{GenerateRequest, SamplingParams};
+use kiln_engine::{Engine, EngineConfig, Event, FinishReason, Request};
 use kiln_model::chat::ChatMessage;
 use kiln_model::{LoadOptions, LoadedModel};
 use serde_json::Value;
@@ -92,6 +91,7 @@ fn smollm2_matches_transformers() {
     let vocab = g["vocab_size"].as_u64().expect("vocab_size") as usize;
     assert_eq!(model.decoder.config().vocab_size, vocab);
     let mut worst = 0f32;
+    let mut greedy: Vec<(String, Vec<u32>, Vec<u32>)> = Vec::new();
     for p in g["prompts"].as_array().expect("prompts") {
         let name = p["name"].as_str().expect("name");
         let want_ids = ids(&p["ids"]);
@@ -157,24 +157,33 @@ fn smollm2_matches_transformers() {
             "{name}: last-position logits differ by up to {max_diff}"
         );
 
-        // 32 greedy tokens through the generation loop (prefill + decode with the KV cache).
-        let req = GenerateRequest {
-            prompt: want_ids,
-            params: SamplingParams::greedy(),
-            max_new_tokens: 32,
-            ignore_eos: true,
-        };
-        let stats = kiln_engine::generate(&CpuBackend::new(), &model, &req, |_| {
-            ControlFlow::Continue(())
-        })
-        .expect("generate");
-        assert_eq!(
-            stats.generated,
-            ids(&p["greedy_ids"]),
-            "{name}: greedy tokens"
-        );
+        greedy.push((name.to_string(), want_ids, ids(&p["greedy_ids"])));
     }
     eprintln!(
         "largest logit difference against transformers: {worst:.2e} (tolerance {LOGIT_TOL:.0e})"
     );
+
+    // 32 greedy tokens of every prompt through the engine, all at once (prefill
+    // and decode batched together, over the paged KV cache).
+    let engine = Engine::start(CpuBackend::new(), model, EngineConfig::default()).expect("engine");
+    let streams: Vec<_> = greedy
+        .iter()
+        .map(|(_, prompt, _)| {
+            let mut req = Request::greedy(prompt.clone(), 32);
+            req.stop.ignore_eos = true;
+            engine.submit(req).expect("submit")
+        })
+        .collect();
+    for ((name, _, want), mut stream) in greedy.into_iter().zip(streams) {
+        let mut got = Vec::new();
+        while let Some(ev) = stream.blocking_next() {
+            match ev {
+                Event::Token(t) => got.push(t.id),
+                Event::Finished { reason, .. } => {
+                    assert_eq!(reason, FinishReason::Length, "{name}")
+                }
+            }
+        }
+        assert_eq!(got, want, "{name}: greedy tokens");
+    }
 }

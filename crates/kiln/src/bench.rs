@@ -1,14 +1,22 @@
-//! `kiln bench`: prompt-processing and decode speed of one model, measured
-//! the way llama.cpp's `llama-bench` reports them (pp = prompt tokens per
-//! second for an N-token prompt, tg = generated tokens per second), so the
-//! two can be set side by side.
+//! `kiln bench`: speed of one model through the engine.
+//!
+//! Three measurements:
+//! - prompt processing (`pp`): a `--prompt-tokens` prompt alone, timed from
+//!   submission to its first token (llama.cpp's `pp` test);
+//! - decode (`tg`): `--gen-tokens` tokens after a 1-token prompt, timed from
+//!   the first token to the last (llama.cpp's `tg` test);
+//! - concurrency: for each of `--concurrency`, that many requests of
+//!   `--batch-prompt-tokens` prompt and `--batch-gen-tokens` output
+//!   submitted at once; reported as total output tokens per second of wall time.
+//!
+//! Prompts are synthetic (deterministic ids), distinct per request so the
+//! prefix cache does not help, and EOS is ignored so lengths are fixed.
 
-use std::ops::ControlFlow;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use kiln_backend::cpu::CpuBackend;
-use kiln_engine::{GenerateRequest, SamplingParams};
+use kiln_engine::{Engine, EngineConfig, Event, FinishReason, Request, StopConditions};
 
 use crate::model_args::ModelArgs;
 
@@ -23,17 +31,29 @@ pub struct Args {
     /// Tokens to generate for the decode measurement (after a 1-token prompt).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
-    /// Measured repetitions of each (after one warm-up); the median is reported.
+    /// Measured repetitions of pp and tg (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Numbers of concurrent requests to measure (empty to skip).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+    pub concurrency: Vec<usize>,
+    /// Prompt length of each concurrent request.
+    #[arg(long, default_value_t = 128)]
+    pub batch_prompt_tokens: usize,
+    /// Output length of each concurrent request.
+    #[arg(long, default_value_t = 128)]
+    pub batch_gen_tokens: usize,
+    /// Most sequences in the running batch.
+    #[arg(long, default_value_t = 64)]
+    pub max_batch_size: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 /// Deterministic, non-special token ids spread over the vocabulary.
-fn synthetic_prompt(n: usize, vocab: usize) -> Vec<u32> {
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
+fn synthetic_prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (0..n)
         .map(|_| {
             s ^= s << 13;
@@ -50,75 +70,192 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Timestamps of one request's tokens.
+struct Timing {
+    submitted: Instant,
+    tokens: Vec<Instant>,
+}
+
+/// Submits all requests at once and waits for every one to finish.
+fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, gen: usize) -> anyhow::Result<Vec<Timing>> {
+    let mut streams = Vec::new();
+    for p in prompts {
+        let req = Request {
+            stop: StopConditions {
+                max_new_tokens: gen,
+                ignore_eos: true,
+                ..StopConditions::default()
+            },
+            ..Request::greedy(p, gen)
+        };
+        streams.push((Instant::now(), engine.submit(req)?));
+    }
+    // Each stream is read to its end on its own thread, so timestamps are taken as tokens arrive.
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|(submitted, mut s)| {
+            std::thread::spawn(move || -> anyhow::Result<Timing> {
+                let mut t = Timing {
+                    submitted,
+                    tokens: Vec::new(),
+                };
+                while let Some(ev) = s.blocking_next() {
+                    match ev {
+                        Event::Token(_) => t.tokens.push(Instant::now()),
+                        Event::Finished {
+                            reason: FinishReason::Error,
+                            error,
+                            ..
+                        } => bail!("request failed: {}", error.unwrap_or_default()),
+                        Event::Finished { .. } => {}
+                    }
+                }
+                Ok(t)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a bench thread panicked"))?
+        })
+        .collect()
+}
+
 /// Runs `kiln bench`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.repeats == 0 || args.prompt_tokens == 0 || args.gen_tokens == 0 {
-        bail!("--repeats, --prompt-tokens and --gen-tokens must be at least 1");
+    if args.repeats == 0 || args.prompt_tokens == 0 || args.gen_tokens < 2 {
+        bail!("--repeats and --prompt-tokens must be at least 1, --gen-tokens at least 2");
     }
     let t0 = Instant::now();
     let model = args.model.load()?;
     let load_s = t0.elapsed().as_secs_f64();
-    let be = CpuBackend::new();
-    let cfg = model.decoder.config();
-    if args.prompt_tokens + 1 >= model.decoder.max_positions() {
-        bail!(
-            "--prompt-tokens {} does not fit the model's {} positions",
-            args.prompt_tokens,
-            model.decoder.max_positions()
-        );
-    }
-    let prompt = synthetic_prompt(args.prompt_tokens, cfg.vocab_size);
-    let run_once = |prompt: Vec<u32>, max_new_tokens: usize| {
-        let req = GenerateRequest {
-            prompt,
-            params: SamplingParams::greedy(),
-            max_new_tokens,
-            ignore_eos: true,
-        };
-        kiln_engine::generate(&be, &model, &req, |_| ControlFlow::Continue(()))
+    let cfg = model.decoder.config().clone();
+    let cfg_engine = EngineConfig {
+        max_running: args.max_batch_size,
+        ..EngineConfig::default()
     };
+    let engine =
+        Engine::start(CpuBackend::new(), model, cfg_engine).context("cannot start the engine")?;
+    let vocab = cfg.vocab_size;
 
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     for i in 0..=args.repeats {
-        let s = run_once(prompt.clone(), 1)?;
-        let p = args.prompt_tokens as f64 / s.prefill_time.as_secs_f64();
-        // The first decode forward pass happens after the first sampled token.
-        let s = run_once(prompt[..1].to_vec(), args.gen_tokens + 1)?;
-        let t = (s.generated.len() - 1) as f64 / s.decode_time.as_secs_f64();
+        let prompt = synthetic_prompt(args.prompt_tokens, vocab, 1000 + i as u64);
+        let t = run_batch(&engine, vec![prompt], 1)?;
+        let ttft = t[0].tokens[0] - t[0].submitted;
+        let t2 = run_batch(
+            &engine,
+            vec![synthetic_prompt(1, vocab, 2000 + i as u64)],
+            args.gen_tokens,
+        )?;
+        let toks = &t2[0].tokens;
+        let decode = *toks.last().unwrap_or(&toks[0]) - toks[0];
         if i > 0 {
-            pp.push(p);
-            tg.push(t);
+            pp.push(args.prompt_tokens as f64 / ttft.as_secs_f64());
+            tg.push((toks.len() - 1) as f64 / decode.as_secs_f64());
         }
     }
     let (pp, tg) = (median(pp), median(tg));
-    let threads = rayon::current_num_threads();
+
+    // Concurrency sweep.
+    let mut rows = Vec::new();
+    for (k, &n) in args.concurrency.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        let prompts = (0..n)
+            .map(|r| {
+                synthetic_prompt(
+                    args.batch_prompt_tokens,
+                    vocab,
+                    10_000 * (k as u64 + 1) + r as u64,
+                )
+            })
+            .collect();
+        let start = Instant::now();
+        let t = run_batch(&engine, prompts, args.batch_gen_tokens)?;
+        let wall = start.elapsed();
+        let out_tokens: usize = t.iter().map(|t| t.tokens.len()).sum();
+        let ttft: Vec<f64> = t
+            .iter()
+            .map(|t| (t.tokens[0] - t.submitted).as_secs_f64())
+            .collect();
+        let itl: Vec<f64> = t
+            .iter()
+            .flat_map(|t| t.tokens.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()))
+            .collect();
+        rows.push((
+            n,
+            out_tokens as f64 / wall.as_secs_f64(),
+            median(ttft),
+            median_or_zero(itl),
+            wall,
+        ));
+    }
+    let m = engine.metrics();
     if args.json {
+        let conc: Vec<_> = rows
+            .iter()
+            .map(|(n, tps, ttft, itl, wall)| {
+                serde_json::json!({"concurrency": n, "output_tok_s": tps, "median_ttft_s": ttft,
+                    "median_itl_s": itl, "wall_s": wall.as_secs_f64()})
+            })
+            .collect();
         println!(
             "{}",
             serde_json::json!({
-                "model": cfg.arch, "params": cfg.param_count(), "backend": be_name(&be),
-                "threads": threads, "load_s": load_s,
-                "prompt_tokens": args.prompt_tokens, "prompt_tok_s": pp,
+                "model": cfg.arch, "params": cfg.param_count(), "backend": engine.info().backend,
+                "load_s": load_s, "prompt_tokens": args.prompt_tokens, "prompt_tok_s": pp,
                 "gen_tokens": args.gen_tokens, "decode_tok_s": tg, "repeats": args.repeats,
+                "batch_prompt_tokens": args.batch_prompt_tokens, "batch_gen_tokens": args.batch_gen_tokens,
+                "concurrency": conc, "preemptions": m.preemptions,
             })
         );
-    } else {
+        return Ok(());
+    }
+    println!(
+        "model {} ({:.0}M params), {}, loaded in {load_s:.2}s",
+        cfg.arch,
+        cfg.param_count() as f64 / 1e6,
+        engine.info().backend
+    );
+    println!("| test | tokens/s (median of {}) |", args.repeats);
+    println!("| --- | --- |");
+    println!("| pp{} | {pp:.1} |", args.prompt_tokens);
+    println!("| tg{} | {tg:.1} |", args.gen_tokens);
+    if !rows.is_empty() {
+        println!();
         println!(
-            "model {} ({:.0}M params), {}, loaded in {load_s:.2}s",
-            cfg.arch,
-            cfg.param_count() as f64 / 1e6,
-            be_name(&be)
+            "| concurrent requests ({} prompt + {} output tokens each) | output tokens/s | median TTFT | median inter-token |",
+            args.batch_prompt_tokens, args.batch_gen_tokens
         );
-        println!("| test | tokens/s (median of {}) |", args.repeats);
-        println!("| --- | --- |");
-        println!("| pp{} | {pp:.1} |", args.prompt_tokens);
-        println!("| tg{} | {tg:.1} |", args.gen_tokens);
+        println!("| --- | --- | --- | --- |");
+        for (n, tps, ttft, itl, _) in &rows {
+            println!(
+                "| {n} | {tps:.1} | {:.0} ms | {:.1} ms |",
+                ttft * 1e3,
+                itl * 1e3
+            );
+        }
+        if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            println!(
+                "\n{} concurrent requests: {:.2}x the output tokens/s of {}",
+                last.0,
+                last.1 / first.1,
+                first.0
+            );
+        }
     }
     Ok(())
 }
 
-fn be_name(be: &CpuBackend) -> String {
-    use kiln_backend::Backend;
-    be.name()
+fn median_or_zero(v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        median(v)
+    }
 }

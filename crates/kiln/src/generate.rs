@@ -1,11 +1,12 @@
 //! `kiln generate`: one prompt in, streamed text out.
 
 use std::io::{Read, Write};
-use std::ops::ControlFlow;
 
 use anyhow::{bail, Context};
 use kiln_backend::cpu::CpuBackend;
-use kiln_engine::{GenerateRequest, SamplingParams};
+use kiln_engine::{
+    Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, SamplingParams, StopConditions,
+};
 use kiln_model::chat::ChatMessage;
 
 use crate::model_args::ModelArgs;
@@ -26,8 +27,9 @@ pub struct Args {
     /// Maximum number of tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.7)]
+    /// Sampling temperature; 0 (the default, as in DJL Serving's `do_sample=false`)
+    /// always picks the most likely token.
+    #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this probability mass.
     #[arg(long, default_value_t = 0.95)]
@@ -38,12 +40,18 @@ pub struct Args {
     /// Drop tokens less likely than this fraction of the most likely one.
     #[arg(long, default_value_t = 0.0)]
     pub min_p: f32,
+    /// Penalise tokens already in the prompt or output (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
     /// Random seed, for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Always pick the most likely token (same as `--temperature 0`).
     #[arg(long)]
     pub greedy: bool,
+    /// Stop when this text is produced (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
     /// Print token counts and speeds to stderr at the end.
     #[arg(long)]
     pub stats: bool,
@@ -81,46 +89,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (prompt, true)
     };
     let ids = model.tokenizer.encode(&text, add_special)?;
-    let params = SamplingParams {
-        temperature: if args.greedy { 0.0 } else { args.temperature },
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        seed: args.seed,
+    let max_len = model.decoder.max_positions();
+    // One request: a KV cache just big enough for it.
+    let cfg = EngineConfig {
+        kv_capacity: KvCapacity::Tokens((ids.len() + args.max_new_tokens).min(max_len) + 16),
+        ..EngineConfig::default()
     };
-    let req = GenerateRequest {
+    let engine = Engine::start(CpuBackend::new(), model, cfg)?;
+    let req = Request {
         prompt: ids,
-        params,
-        max_new_tokens: args.max_new_tokens,
-        ignore_eos: false,
+        sampling: SamplingParams {
+            temperature: if args.greedy { 0.0 } else { args.temperature },
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        stop: StopConditions {
+            max_new_tokens: args.max_new_tokens,
+            stop_strings: args.stop.clone(),
+            ..StopConditions::default()
+        },
+        skip_special_tokens: true,
     };
+    let t0 = std::time::Instant::now();
+    let mut stream = engine.submit(req)?;
     let mut out = std::io::stdout().lock();
-    let mut write_err = None;
-    let stats = kiln_engine::generate(&CpuBackend::new(), &model, &req, |ev| {
-        match out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
-            Ok(()) => ControlFlow::Continue(()),
-            // A closed pipe (`kiln generate … | head`) ends generation quietly.
-            Err(e) => {
-                write_err = Some(e);
-                ControlFlow::Break(())
+    let mut first_token = None;
+    while let Some(ev) = stream.blocking_next() {
+        match ev {
+            Event::Token(t) => {
+                first_token.get_or_insert_with(|| t0.elapsed());
+                if out
+                    .write_all(t.text.as_bytes())
+                    .and_then(|()| out.flush())
+                    .is_err()
+                {
+                    // A closed pipe (`kiln generate … | head`): dropping the stream cancels.
+                    return Ok(());
+                }
+            }
+            Event::Finished {
+                reason,
+                usage,
+                error,
+            } => {
+                let _ = writeln!(out);
+                if reason == FinishReason::Error {
+                    bail!("generation failed: {}", error.unwrap_or_default());
+                }
+                if args.stats {
+                    let total = t0.elapsed();
+                    let ttft = first_token.unwrap_or(total);
+                    eprintln!(
+                        "[{} prompt tokens, first token after {:.2?} ({:.1} prompt tok/s); {} generated in {:.2?} ({:.1} tok/s); finish: {}]",
+                        usage.prompt_tokens,
+                        ttft,
+                        usage.prompt_tokens as f64 / ttft.as_secs_f64(),
+                        usage.completion_tokens,
+                        total,
+                        usage.completion_tokens.saturating_sub(1) as f64 / (total - ttft).as_secs_f64(),
+                        reason.as_str(),
+                    );
+                }
             }
         }
-    })?;
-    if write_err.is_none() {
-        // Best effort: a closed stdout has nothing left to say.
-        let _ = writeln!(out);
-    }
-    if args.stats {
-        let n = stats.generated.len();
-        eprintln!(
-            "[{} prompt tokens in {:.2?} ({:.1} tok/s); {n} generated in {:.2?} ({:.1} tok/s); finish: {:?}]",
-            stats.prompt_tokens,
-            stats.prefill_time,
-            stats.prompt_tokens as f64 / stats.prefill_time.as_secs_f64(),
-            stats.decode_time,
-            n.saturating_sub(1) as f64 / stats.decode_time.as_secs_f64(),
-            stats.finish,
-        );
     }
     Ok(())
 }

@@ -7,7 +7,6 @@
 mod attention;
 mod matmul;
 mod ops;
-mod qdot;
 mod weight;
 
 pub use weight::{CpuWeight, Storage};
@@ -74,6 +73,22 @@ impl CpuBackend {
     }
 }
 
+/// `n` zeros, from zeroed pages the OS maps lazily (so a large KV cache costs
+/// nothing at start), or `None` when the allocation fails.
+fn zeroed_vec(n: usize) -> Option<Vec<f32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
+    // SAFETY: the layout has a non-zero size; a non-null result is a zeroed
+    // allocation of exactly `n` f32s with the global allocator's layout for
+    // Vec<f32> of capacity n, and all-zero bits are a valid f32 (0.0).
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
+    }
+}
+
 fn shape_err(op: &'static str, msg: String) -> BackendError {
     BackendError::Shape { op, msg }
 }
@@ -121,15 +136,12 @@ impl Backend for CpuBackend {
         let alloc = || -> Result<Vec<Vec<f32>>> {
             (0..spec.n_layers)
                 .map(|_| {
-                    let mut v = Vec::new();
-                    v.try_reserve_exact(per_layer).map_err(|_| {
+                    zeroed_vec(per_layer).ok_or_else(|| {
                         BackendError::OutOfMemory(format!(
                             "cannot allocate {} MiB for the KV cache",
                             (spec.slots() * spec.bytes_per_token(4)) >> 20
                         ))
-                    })?;
-                    v.resize(per_layer, 0.0);
-                    Ok(v)
+                    })
                 })
                 .collect()
         };

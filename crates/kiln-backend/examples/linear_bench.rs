@@ -1,0 +1,92 @@
+//! Throughput of the CPU `linear` op on the default model's shapes.
+//!
+//! `cargo run --release -p kiln-backend --example linear_bench`
+//! prints, for each weight format and batch size, the best of several runs
+//! in GMAC/s (multiply-accumulates per second) and, for one row, in GB/s of
+//! weights streamed.
+
+use std::time::Instant;
+
+use kiln_backend::cpu::{CpuBackend, CpuTensor};
+use kiln_backend::{Backend, GgmlType, WeightData};
+
+fn bytes_for(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+    let (block, bb) = ty.block();
+    let mut s = seed | 1;
+    let mut out = Vec::with_capacity(n * k / block * bb);
+    for _ in 0..n * k / block {
+        let start = out.len();
+        for _ in 0..bb {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            out.push(s as u8);
+        }
+        // A small positive f16 scale (and minimum) at the front of each block.
+        out[start..start + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+        if ty == GgmlType::Q4_1 {
+            out[start + 2..start + 4].copy_from_slice(&0x2000u16.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn main() {
+    let be = CpuBackend::new();
+    let shapes = [(1536usize, 576usize), (576, 1536), (49152, 576)];
+    println!("| format | n x k | m | best ms | GMAC/s | GB/s (weights) |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F32] {
+        for &(n, k) in &shapes {
+            if ty == GgmlType::F32 && n > 10_000 {
+                continue;
+            }
+            let data = if ty == GgmlType::F32 {
+                WeightData::F32(
+                    (0..n * k)
+                        .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+                        .collect(),
+                )
+            } else {
+                WeightData::Ggml {
+                    ty,
+                    bytes: bytes_for(ty, n, k, 7),
+                }
+            };
+            let wbytes = match &data {
+                WeightData::F32(v) => v.len() * 4,
+                WeightData::Ggml { bytes, .. } => bytes.len(),
+            };
+            let w = be.upload_weight(n, k, data).expect("weight");
+            for &m in &[1usize, 16, 512] {
+                if n > 10_000 && m > 16 {
+                    continue;
+                }
+                let x = CpuTensor::new(
+                    vec![m, k],
+                    (0..m * k).map(|i| ((i % 89) as f32) / 89.0).collect(),
+                )
+                .expect("x");
+                let reps = (2_000_000_000 / (m * n * k)).clamp(3, 200);
+                let mut best = f64::INFINITY;
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        std::hint::black_box(be.linear(&x, &w, None).expect("linear"));
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                let gmac = (m * n * k) as f64 / best / 1e9;
+                let gbs = if m == 1 {
+                    format!("{:.1}", wbytes as f64 / best / 1e9)
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "| {ty:?} | {n} x {k} | {m} | {:.3} | {gmac:.1} | {gbs} |",
+                    best * 1e3
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! The engine: one loaded model served on its own thread to many concurrent
+//! requests.
+//!
+//! [`Engine::start`] moves the model onto a dedicated OS thread that loops:
+//! take new requests, drop cancelled or expired ones, ask the scheduler for a
+//! step, run it, sample a token for every sequence that reached its last
+//! position, check stops and stream the results. [`Engine::submit`] is cheap
+//! and callable from any thread or async task; each request gets its own
+//! channel of [`Event`]s back. Dropping the [`RequestStream`] cancels the
+//! request: the engine notices at its next step and frees the request's KV
+//! blocks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kiln_backend::{Backend, KvSpec};
+use kiln_model::chat::ChatTemplate;
+use kiln_model::decoder::Decoder;
+use kiln_model::tokenizer::Tokenizer;
+use kiln_model::LoadedModel;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::block_manager::BlockManager;
+use crate::detok::IncrementalDetokenizer;
+use crate::metrics::{EngineMetrics, MetricsSnapshot};
+use crate::request::{Event, FinishReason, Request, TokenOutput, Usage};
+use crate::sampling::Sampler;
+use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqKv};
+use crate::stops::StopStrings;
+
+/// How much KV cache to allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCapacity {
+    /// Room for this many tokens (over all sequences).
+    Tokens(usize),
+    /// As many blocks as fit in this many bytes.
+    Bytes(usize),
+}
+
+/// The engine's limits; each has a `serving.properties` counterpart.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences in the running batch (`option.max_rolling_batch_size`).
+    pub max_running: usize,
+    /// Most tokens computed per step, bounding prefill chunks (`option.max_rolling_batch_prefill_tokens`).
+    pub max_step_tokens: usize,
+    /// Most requests waiting to start (`job_queue_size`); more are refused.
+    pub max_waiting: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    pub kv_capacity: KvCapacity,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 32,
+            max_step_tokens: 512,
+            max_waiting: 1000,
+            block_size: 16,
+            kv_capacity: KvCapacity::Bytes(1 << 30),
+        }
+    }
+}
+
+/// Facts about a started engine, for logs and the management API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineInfo {
+    pub backend: String,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    /// Tokens the KV cache holds in all.
+    pub kv_tokens: usize,
+    pub kv_bytes: usize,
+    /// Longest prompt + output one request may have.
+    pub max_model_len: usize,
+    pub max_running: usize,
+    pub max_step_tokens: usize,
+    pub max_waiting: usize,
+    pub vocab_size: usize,
+    pub eos_ids: Vec<u32>,
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The request itself is unacceptable (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request can never fit in the KV cache (HTTP 507).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The queue is full; try again later (HTTP 503).
+    #[error("the request queue is full ({0} waiting)")]
+    QueueFull(usize),
+    /// The engine has stopped (HTTP 503 / 424).
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// The events of one request. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct RequestStream {
+    rx: UnboundedReceiver<Event>,
+}
+
+impl RequestStream {
+    /// The next event, waiting asynchronously; `None` after `Finished`.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event, blocking the thread (not for async contexts).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+enum Command {
+    Submit {
+        id: u64,
+        req: Request,
+        tx: UnboundedSender<Event>,
+        arrival: Instant,
+    },
+}
+
+/// A handle to a running engine. Clones share the engine; when every handle
+/// is gone the engine finishes the requests it has and its thread exits.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    tx: std::sync::Mutex<Option<mpsc::Sender<Command>>>,
+    next_id: AtomicU64,
+    /// Requests submitted and not yet running.
+    queued: Arc<AtomicUsize>,
+    metrics: Arc<EngineMetrics>,
+    info: EngineInfo,
+    tokenizer: Arc<Tokenizer>,
+    chat_template: Option<Arc<ChatTemplate>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Allocates the KV cache and starts the engine thread.
+    pub fn start<B: Backend + 'static>(
+        backend: B,
+        model: LoadedModel<B>,
+        cfg: EngineConfig,
+    ) -> crate::Result<Engine> {
+        let dcfg = model.decoder.config().clone();
+        let max_model_len = model.decoder.max_positions();
+        if cfg.block_size == 0 || cfg.max_running == 0 || cfg.max_step_tokens == 0 {
+            return Err(crate::EngineError::Invalid(
+                "block size, batch size and step tokens must be at least 1".into(),
+            ));
+        }
+        let mut spec = KvSpec {
+            n_layers: dcfg.n_layers,
+            num_blocks: 0,
+            block_size: cfg.block_size,
+            n_kv_heads: dcfg.n_kv_heads,
+            head_dim: dcfg.head_dim,
+        };
+        let token_bytes = spec.bytes_per_token(backend.kv_element_bytes());
+        let tokens = match cfg.kv_capacity {
+            KvCapacity::Tokens(t) => t,
+            KvCapacity::Bytes(b) => b / token_bytes.max(1),
+        };
+        spec.num_blocks = tokens / cfg.block_size;
+        if spec.num_blocks == 0 {
+            return Err(crate::EngineError::Invalid(format!(
+                "the KV cache capacity {:?} holds no block of {} tokens",
+                cfg.kv_capacity, cfg.block_size
+            )));
+        }
+        let kv = backend.alloc_kv_cache(&spec)?;
+        let info = EngineInfo {
+            backend: backend.name(),
+            kv_blocks: spec.num_blocks,
+            block_size: cfg.block_size,
+            kv_tokens: spec.slots(),
+            kv_bytes: spec.slots() * token_bytes,
+            max_model_len,
+            max_running: cfg.max_running,
+            max_step_tokens: cfg.max_step_tokens,
+            max_waiting: cfg.max_waiting,
+            vocab_size: dcfg.vocab_size,
+            eos_ids: model.eos_ids.clone(),
+        };
+        tracing::info!(
+            "KV cache: {} blocks of {} tokens ({} tokens, {} MiB) on {}",
+            info.kv_blocks,
+            info.block_size,
+            info.kv_tokens,
+            info.kv_bytes >> 20,
+            info.backend
+        );
+        let metrics = Arc::new(EngineMetrics::default());
+        metrics
+            .kv_blocks_total
+            .store(spec.num_blocks as u64, Ordering::Relaxed);
+        let tokenizer = Arc::new(model.tokenizer);
+        let chat_template = model.chat_template.map(Arc::new);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            backend,
+            decoder: model.decoder,
+            kv,
+            sched: Scheduler::new(
+                SchedulerConfig {
+                    max_running: cfg.max_running,
+                    max_step_tokens: cfg.max_step_tokens,
+                },
+                BlockManager::new(spec.num_blocks, cfg.block_size),
+            ),
+            active: HashMap::new(),
+            rx,
+            tokenizer: tokenizer.clone(),
+            eos_ids: model.eos_ids,
+            metrics: metrics.clone(),
+            queued: queued.clone(),
+            max_model_len,
+        };
+        let thread = std::thread::Builder::new()
+            .name("kiln-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| {
+                crate::EngineError::Invalid(format!("cannot start the engine thread: {e}"))
+            })?;
+        Ok(Engine {
+            shared: Arc::new(Shared {
+                tx: std::sync::Mutex::new(Some(tx)),
+                next_id: AtomicU64::new(1),
+                queued,
+                metrics,
+                info,
+                tokenizer,
+                chat_template,
+                thread: std::sync::Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Facts about the engine (KV cache size, limits).
+    pub fn info(&self) -> &EngineInfo {
+        &self.shared.info
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.shared.tokenizer
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&Arc<ChatTemplate>> {
+        self.shared.chat_template.as_ref()
+    }
+
+    /// A copy of the engine's counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Requests accepted and not yet running.
+    pub fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request and queues it.
+    pub fn submit(&self, req: Request) -> Result<RequestStream, SubmitError> {
+        let info = &self.shared.info;
+        req.sampling.validate().map_err(SubmitError::Invalid)?;
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                info.vocab_size
+            )));
+        }
+        if req.stop.max_new_tokens == 0 {
+            return Err(SubmitError::Invalid(
+                "max_new_tokens must be at least 1".into(),
+            ));
+        }
+        let limit = req
+            .stop
+            .max_total_tokens
+            .map_or(info.max_model_len, |t| t.min(info.max_model_len));
+        if req.prompt.len() >= limit {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt has {} tokens; the limit for prompt and output is {limit}",
+                req.prompt.len()
+            )));
+        }
+        let longest = (req.prompt.len() + req.stop.max_new_tokens).min(limit);
+        if longest.div_ceil(info.block_size) > info.kv_blocks {
+            return Err(SubmitError::TooLarge(format!(
+                "a request of up to {longest} tokens cannot fit in the KV cache of {} tokens",
+                info.kv_tokens
+            )));
+        }
+        // Reserve a queue place before sending, so the bound holds under races.
+        let q = &self.shared.queued;
+        if q.fetch_add(1, Ordering::SeqCst) >= info.max_waiting {
+            let n = q.fetch_sub(1, Ordering::SeqCst) - 1;
+            return Err(SubmitError::QueueFull(n));
+        }
+        let (tx, rx) = unbounded_channel();
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let cmd = Command::Submit {
+            id,
+            req,
+            tx,
+            arrival: Instant::now(),
+        };
+        let sent = match self.shared.tx.lock() {
+            Ok(guard) => guard.as_ref().is_some_and(|tx| tx.send(cmd).is_ok()),
+            Err(_) => false,
+        };
+        if !sent {
+            q.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(RequestStream { rx })
+    }
+
+    /// Stops accepting requests, lets the running and queued ones finish, and
+    /// waits for the engine thread to exit.
+    pub fn shutdown(&self) {
+        if let Ok(mut tx) = self.shared.tx.lock() {
+            tx.take();
+        }
+        let handle = self.shared.thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The last handle: close the channel; the thread drains and exits on its own.
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+    }
+}
+
+/// Per-request state the engine keeps besides the scheduler's.
+struct Active {
+    req: Request,
+    tx: UnboundedSender<Event>,
+    sampler: Sampler,
+    detok: IncrementalDetokenizer,
+    stops: StopStrings,
+    prompt_len: usize,
+    generated: usize,
+    /// Last token of prompt + output allowed.
+    max_len: usize,
+    arrival: Instant,
+    last_token_at: Option<Instant>,
+    started: bool,
+}
+
+struct Worker<B: Backend> {
+    backend: B,
+    decoder: Decoder<B>,
+    kv: B::KvCache,
+    sched: Scheduler,
+    active: HashMap<u64, Active>,
+    rx: mpsc::Receiver<Command>,
+    tokenizer: Arc<Tokenizer>,
+    eos_ids: Vec<u32>,
+    metrics: Arc<EngineMetrics>,
+    queued: Arc<AtomicUsize>,
+    max_model_len: usize,
+}
+
+impl<B: Backend> Worker<B> {
+    fn run(mut self) {
+        let mut open = true;
+        loop {
+            if self.sched.is_idle() {
+                if !open {
+                    break;
+                }
+                // Nothing to do: sleep until a request arrives or every handle is gone.
+                match self.rx.recv() {
+                    Ok(cmd) => self.accept(cmd),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => self.accept(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.reap();
+            self.step();
+            self.publish_gauges();
+        }
+        tracing::debug!("engine thread exiting");
+    }
+
+    fn accept(&mut self, cmd: Command) {
+        let Command::Submit {
+            id,
+            req,
+            tx,
+            arrival,
+        } = cmd;
+        let prompt_len = req.prompt.len();
+        let limit = req
+            .stop
+            .max_total_tokens
+            .map_or(self.max_model_len, |t| t.min(self.max_model_len));
+        let active = Active {
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
+            detok: IncrementalDetokenizer::new(&req.prompt, req.skip_special_tokens),
+            stops: StopStrings::new(req.stop.stop_strings.clone()),
+            max_len: (prompt_len + req.stop.max_new_tokens).min(limit),
+            prompt_len,
+            generated: 0,
+            arrival,
+            last_token_at: None,
+            started: false,
+            tx,
+            req,
+        };
+        self.sched.add(SeqKv::new(id, active.req.prompt.clone()));
+        self.active.insert(id, active);
+    }
+
+    /// Drops requests whose client has gone and those past their deadline.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let mut done = Vec::new();
+        for (&id, a) in &self.active {
+            if a.tx.is_closed() {
+                done.push((id, FinishReason::Cancelled));
+            } else if a.req.stop.deadline.is_some_and(|d| now >= d) {
+                done.push((id, FinishReason::Deadline));
+            }
+        }
+        for (id, reason) in done {
+            self.finish(id, reason, None);
+        }
+    }
+
+    /// Ends a request: flushes held-back text, sends `Finished`, frees its blocks.
+    fn finish(&mut self, id: u64, reason: FinishReason, error: Option<String>) {
+        let Some(a) = self.active.remove(&id) else {
+            return;
+        };
+        let seq = self.sched.remove(id);
+        if !a.started {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        let m = &self.metrics;
+        m.requests_finished.fetch_add(1, Ordering::Relaxed);
+        if reason == FinishReason::Error {
+            m.requests_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let usage = Usage {
+            prompt_tokens: a.prompt_len,
+            completion_tokens: a.generated,
+            cached_tokens: seq.map_or(0, |s| s.cached_tokens),
+        };
+        // Sends fail only if the client is gone, which is then moot. Dropping
+        // `a` closes the channel, so the stream ends after this event.
+        let _ = a.tx.send(Event::Finished {
+            reason,
+            usage,
+            error,
+        });
+    }
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule();
+        if plan.seqs.is_empty() {
+            if !self.sched.is_idle() && self.sched.num_running() == 0 {
+                // Cannot happen while submit() refuses requests larger than the cache;
+                // fail the head of the queue rather than spin.
+                if let Some(id) = self.sched.ids().first().copied() {
+                    self.finish(
+                        id,
+                        FinishReason::Error,
+                        Some("the KV cache cannot hold this request".into()),
+                    );
+                }
+            }
+            return;
+        }
+        self.note_plan(&plan);
+        let input = self.sched.step_input(&plan);
+        let logits = match self.decoder.forward(&self.backend, &mut self.kv, &input) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("forward step failed: {e}");
+                for p in &plan.seqs {
+                    self.finish(
+                        p.id,
+                        FinishReason::Error,
+                        Some(format!("model failure: {e}")),
+                    );
+                }
+                return;
+            }
+        };
+        self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        self.sched.commit(&plan);
+        let vocab = logits.len() / input.logit_rows.len().max(1);
+        let sampled = plan.seqs.iter().filter(|p| p.sample);
+        for (p, row) in sampled.zip(logits.chunks_exact(vocab.max(1))) {
+            self.emit(p.id, row);
+        }
+    }
+
+    /// Bookkeeping of admissions and preemptions.
+    fn note_plan(&mut self, plan: &Plan) {
+        let m = &self.metrics;
+        for &id in &plan.admitted {
+            if let Some(a) = self.active.get_mut(&id) {
+                if !a.started {
+                    a.started = true;
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    m.prompt_tokens
+                        .fetch_add(a.prompt_len as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        m.preemptions
+            .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Samples a token for sequence `id` from its logits and streams it out.
+    fn emit(&mut self, id: u64, logits: &[f32]) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        let choice = a.sampler.sample(logits);
+        let tok = choice.token;
+        self.sched.append(id, tok);
+        a.generated += 1;
+        let now = Instant::now();
+        match a.last_token_at {
+            None => self.metrics.time_to_first_token.observe(now - a.arrival),
+            Some(t) => self.metrics.inter_token_latency.observe(now - t),
+        }
+        a.last_token_at = Some(now);
+        self.metrics
+            .generated_tokens
+            .fetch_add(1, Ordering::Relaxed);
+
+        let ends = (!a.req.stop.ignore_eos && self.eos_ids.contains(&tok))
+            || a.req.stop.stop_token_ids.contains(&tok);
+        let mut finish = None;
+        let mut text = String::new();
+        let mut error = None;
+        if ends {
+            finish = Some(FinishReason::EosToken);
+        } else {
+            match a.detok.push(&self.tokenizer, tok) {
+                Ok(delta) => {
+                    let out = a.stops.push(&delta);
+                    text = out.text;
+                    if out.matched.is_some() {
+                        finish = Some(FinishReason::StopSequence);
+                    }
+                }
+                Err(e) => {
+                    finish = Some(FinishReason::Error);
+                    error = Some(format!("detokenization failed: {e}"));
+                }
+            }
+            if finish.is_none() && a.prompt_len + a.generated >= a.max_len {
+                finish = Some(FinishReason::Length);
+            }
+        }
+        if matches!(finish, Some(FinishReason::EosToken | FinishReason::Length)) {
+            // Nothing more is coming: release what was held back.
+            if let Ok(rest) = a.detok.flush(&self.tokenizer) {
+                let out = a.stops.push(&rest);
+                text.push_str(&out.text);
+                if out.matched.is_some() {
+                    finish = Some(FinishReason::StopSequence);
+                }
+            }
+            if finish != Some(FinishReason::StopSequence) {
+                text.push_str(&a.stops.flush());
+            }
+        }
+        let _ = a.tx.send(Event::Token(TokenOutput {
+            id: tok,
+            text,
+            logprob: choice.logprob,
+            top_logprobs: choice.top_logprobs,
+        }));
+        if let Some(reason) = finish {
+            self.finish(id, reason, error);
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.metrics;
+        m.waiting
+            .store(self.sched.num_waiting() as u64, Ordering::Relaxed);
+        m.running
+            .store(self.sched.num_running() as u64, Ordering::Relaxed);
+        m.kv_blocks_used
+            .store(self.sched.blocks.num_used() as u64, Ordering::Relaxed);
+        let ps = self.sched.blocks.prefix_stats();
+        m.prefix_queried_tokens
+            .store(ps.queried_tokens, Ordering::Relaxed);
+        m.prefix_hit_tokens.store(ps.hit_tokens, Ordering::Relaxed);
+    }
+}
