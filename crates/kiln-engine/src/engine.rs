@@ -118,6 +118,13 @@ impl RequestStream {
     pub fn blocking_next(&mut self) -> Option<Event> {
         self.rx.blocking_recv()
     }
+
+    /// The next event if one is already waiting (the engine sends a request's
+    /// last token and its `Finished` back to back, so a server can tell that a
+    /// token is the last one without waiting).
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
 }
 
 enum Command {
@@ -467,10 +474,38 @@ impl<B: Backend> Worker<B> {
 
     /// Ends a request: flushes held-back text, sends `Finished`, frees its blocks.
     fn finish(&mut self, id: u64, reason: FinishReason, error: Option<String>) {
+        self.finish_after(id, None, reason, error)
+    }
+
+    /// Ends a request, sending `last` (its final token) and `Finished` back to
+    /// back before any bookkeeping, so a reader that sees the token can
+    /// usually see the end right behind it.
+    fn finish_after(
+        &mut self,
+        id: u64,
+        last: Option<TokenOutput>,
+        reason: FinishReason,
+        error: Option<String>,
+    ) {
         let Some(a) = self.active.remove(&id) else {
             return;
         };
-        let seq = self.sched.remove(id);
+        let usage = Usage {
+            prompt_tokens: a.prompt_len,
+            completion_tokens: a.generated,
+            cached_tokens: self.sched.get(id).map_or(0, |s| s.cached_tokens),
+        };
+        // Sends fail only if the client is gone, which is then moot. Dropping
+        // `a` closes the channel, so the stream ends after the last event.
+        if let Some(t) = last {
+            let _ = a.tx.send(Event::Token(t));
+        }
+        let _ = a.tx.send(Event::Finished {
+            reason,
+            usage,
+            error,
+        });
+        self.sched.remove(id);
         if !a.started {
             self.queued.fetch_sub(1, Ordering::SeqCst);
         }
@@ -479,18 +514,6 @@ impl<B: Backend> Worker<B> {
         if reason == FinishReason::Error {
             m.requests_failed.fetch_add(1, Ordering::Relaxed);
         }
-        let usage = Usage {
-            prompt_tokens: a.prompt_len,
-            completion_tokens: a.generated,
-            cached_tokens: seq.map_or(0, |s| s.cached_tokens),
-        };
-        // Sends fail only if the client is gone, which is then moot. Dropping
-        // `a` closes the channel, so the stream ends after this event.
-        let _ = a.tx.send(Event::Finished {
-            reason,
-            usage,
-            error,
-        });
     }
 
     fn step(&mut self) {
@@ -608,14 +631,17 @@ impl<B: Backend> Worker<B> {
                 text.push_str(&a.stops.flush());
             }
         }
-        let _ = a.tx.send(Event::Token(TokenOutput {
+        let out = TokenOutput {
             id: tok,
             text,
             logprob: choice.logprob,
             top_logprobs: choice.top_logprobs,
-        }));
-        if let Some(reason) = finish {
-            self.finish(id, reason, error);
+        };
+        match finish {
+            Some(reason) => self.finish_after(id, Some(out), reason, error),
+            None => {
+                let _ = a.tx.send(Event::Token(out));
+            }
         }
     }
 

@@ -156,7 +156,9 @@ fn strftime_now(fmt: &str) -> String {
     format_utc(secs, fmt)
 }
 
-fn format_utc(secs: u64, fmt: &str) -> String {
+/// Formats `secs` since the Unix epoch (UTC) with the strftime directives
+/// `%Y %m %d %B %b %H %M %S %%` (what chat templates and log lines use).
+pub fn format_utc(secs: u64, fmt: &str) -> String {
     const MONTHS: [&str; 12] = [
         "January",
         "February",

@@ -7,6 +7,7 @@
 mod bench;
 mod generate;
 mod model_args;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve models over HTTP (DJL Serving routes and the OpenAI API).
+    Serve(serve::Args),
     /// Generate text for one prompt, streaming tokens to stdout.
     Generate(generate::Args),
     /// Measure prompt-processing and decode speed.
@@ -27,11 +30,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::config(&args).and_then(|cfg| {
+            init_logging("info", cfg.log_dir.as_deref())?;
+            serve::run(cfg)
+        }),
+        Command::Generate(args) => init_logging("warn", None).and_then(|()| generate::run(args)),
+        Command::Bench(args) => init_logging("warn", None).and_then(|()| bench::run(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -42,12 +48,38 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Logs go to stderr, filtered by `KILN_LOG` (default: warnings and errors).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Logs go to stderr (and to `serving.log` in `log_dir`), filtered by
+/// `KILN_LOG` (default: `default_level`).
+fn init_logging(default_level: &str, log_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level))
+    };
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(filter());
+    let file = match log_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("serving.log"))?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(f))
+                    .with_filter(filter()),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(file)
+        .try_init()?;
+    Ok(())
 }

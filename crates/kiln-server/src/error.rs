@@ -1,0 +1,105 @@
+//! Errors as clients see them: a status code and a JSON body
+//! `{"error": "...", "code": N}` (the DJL shape), or OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` on `/v1` routes.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kiln_engine::SubmitError;
+
+/// Seconds a client is told to wait before retrying a 503.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// An error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Render in OpenAI's error shape.
+    pub openai: bool,
+}
+
+impl ApiError {
+    /// An error with a status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            openai: false,
+        }
+    }
+
+    /// 400: the request is malformed or asks for something invalid.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404: no such model.
+    pub fn unknown_model(name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("model '{name}' is not registered"),
+        )
+    }
+
+    /// 503: try again later (queue full, model loading, server stopping).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+
+    /// 424: the model failed while serving the request.
+    pub fn model_failure(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FAILED_DEPENDENCY, message)
+    }
+
+    /// The same error in OpenAI's shape.
+    pub fn openai(mut self) -> Self {
+        self.openai = true;
+        self
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> serde_json::Value {
+        if self.openai {
+            let kind = match self.status.as_u16() {
+                400 | 404 | 413 | 422 => "invalid_request_error",
+                401 => "authentication_error",
+                503 | 429 => "server_busy",
+                _ => "server_error",
+            };
+            serde_json::json!({"error": {"message": self.message, "type": kind, "param": null,
+                "code": self.status.as_u16()}})
+        } else {
+            serde_json::json!({"error": self.message, "code": self.status.as_u16()})
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        let status = match e {
+            SubmitError::Invalid(_) => StatusCode::BAD_REQUEST,
+            SubmitError::TooLarge(_) => StatusCode::INSUFFICIENT_STORAGE,
+            SubmitError::QueueFull(_) | SubmitError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        resp
+    }
+}

@@ -1,0 +1,138 @@
+//! What the DJL and OpenAI routes share: turning validated parameters into an
+//! engine request, and reading a request's events to the end.
+
+use std::time::{Duration, Instant};
+
+use kiln_engine::{
+    Engine, Event, FinishReason, Request, RequestStream, SamplingParams, StopConditions,
+    TokenOutput, Usage,
+};
+
+use crate::error::ApiError;
+
+/// Generation parameters common to every API, already validated.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_strings: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    /// Prompt + output limit (the reference's `seq_length`).
+    pub max_total_tokens: Option<usize>,
+    pub ignore_eos: bool,
+}
+
+/// Tokenizes a text prompt (adding the tokenizer's BOS where it does).
+pub fn encode(engine: &Engine, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
+    engine
+        .tokenizer()
+        .encode(text, add_special)
+        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the input: {e}")))
+}
+
+/// Submits one prompt.
+pub fn submit(
+    engine: &Engine,
+    prompt: Vec<u32>,
+    p: &GenParams,
+    timeout: Duration,
+) -> Result<RequestStream, ApiError> {
+    let req = Request {
+        prompt,
+        sampling: p.sampling.clone(),
+        stop: StopConditions {
+            max_new_tokens: p.max_new_tokens,
+            max_total_tokens: p.max_total_tokens,
+            stop_strings: p.stop_strings.clone(),
+            stop_token_ids: p.stop_token_ids.clone(),
+            ignore_eos: p.ignore_eos,
+            deadline: Some(Instant::now() + timeout),
+        },
+        skip_special_tokens: true,
+    };
+    Ok(engine.submit(req)?)
+}
+
+/// Everything one prompt produced.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub text: String,
+    pub tokens: Vec<TokenOutput>,
+    pub reason: FinishReason,
+    pub usage: Usage,
+    pub error: Option<String>,
+}
+
+/// Reads a request's events to the end.
+pub async fn complete(mut stream: RequestStream) -> Completion {
+    let mut c = Completion {
+        text: String::new(),
+        tokens: Vec::new(),
+        reason: FinishReason::Error,
+        usage: Usage::default(),
+        error: Some("the engine stopped before the request finished".into()),
+    };
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Event::Token(t) => {
+                c.text.push_str(&t.text);
+                c.tokens.push(t);
+            }
+            Event::Finished {
+                reason,
+                usage,
+                error,
+            } => {
+                c.reason = reason;
+                c.usage = usage;
+                c.error = error;
+            }
+        }
+    }
+    c
+}
+
+/// The error a failed completion answers with, if it failed.
+pub fn failure(c: &Completion) -> Option<ApiError> {
+    (c.reason == FinishReason::Error).then(|| {
+        ApiError::model_failure(
+            c.error
+                .clone()
+                .unwrap_or_else(|| "generation failed".into()),
+        )
+    })
+}
+
+/// A request's events, with a look at the next one when it is already there:
+/// the engine sends a request's last token and its `Finished` back to back,
+/// so a streamed response can put the final summary on the last token's line.
+pub struct Events {
+    stream: RequestStream,
+    peeked: Option<Event>,
+}
+
+impl Events {
+    /// Wraps a request's stream.
+    pub fn new(stream: RequestStream) -> Self {
+        Self {
+            stream,
+            peeked: None,
+        }
+    }
+
+    /// The next event, and the `Finished` right behind it if it is a token
+    /// whose request ended with it.
+    pub async fn next(&mut self) -> Option<(Event, Option<Event>)> {
+        let ev = match self.peeked.take() {
+            Some(e) => e,
+            None => self.stream.next().await?,
+        };
+        if matches!(ev, Event::Token(_)) {
+            match self.stream.try_next() {
+                Some(end @ Event::Finished { .. }) => return Some((ev, Some(end))),
+                other => self.peeked = other,
+            }
+        }
+        Some((ev, None))
+    }
+}

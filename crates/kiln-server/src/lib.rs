@@ -1,0 +1,226 @@
+//! kiln-server: the HTTP face of kiln.
+//!
+//! It speaks DJL Serving's inference and management routes (so existing
+//! model stores, `serving.properties` files and clients move over unchanged)
+//! and the OpenAI API, on top of one [`kiln_engine::Engine`] per model.
+//!
+//! - [`properties`] and [`store`]: the model store and its `serving.properties`;
+//! - [`registry`]: registered models, loading and unloading;
+//! - [`lmi`], [`openai`], [`management`]: the routes;
+//! - [`access`]: API keys, the access log, per-route counters; [`prom`]: metrics text.
+//!
+//! It does not compute: requests become engine submissions and engine
+//! events become response bytes.
+
+pub mod access;
+pub mod error;
+pub mod generation;
+pub mod lmi;
+pub mod management;
+pub mod openai;
+pub mod params;
+pub mod prom;
+pub mod properties;
+pub mod registry;
+pub mod state;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{middleware, Router};
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+use crate::error::ApiError;
+use crate::registry::{EngineDefaults, Overrides, Registry};
+pub use crate::state::{AppState, ServerConfig};
+
+/// Every route, with the middleware around them.
+pub fn router(st: Arc<AppState>) -> Router {
+    let mut app = Router::new()
+        .route("/ping", get(management::ping))
+        .route("/server/metrics", get(management::metrics))
+        .route("/predictions/{model}", post(lmi::predictions))
+        .route(
+            "/predictions/{model}/{version}",
+            post(lmi::predictions_version),
+        )
+        .route("/invocations", post(lmi::invocations))
+        .route("/models", get(management::list).post(management::register))
+        .route(
+            "/models/{name}",
+            get(management::describe)
+                .put(management::scale)
+                .delete(management::unregister),
+        )
+        .route("/models/{name}/invoke", post(lmi::invoke))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(st.config.max_request_bytes))
+        .layer(middleware::from_fn_with_state(
+            st.clone(),
+            refuse_when_stopping,
+        ))
+        .layer(middleware::from_fn_with_state(
+            st.clone(),
+            access::authorize,
+        ))
+        .layer(middleware::from_fn_with_state(st.clone(), access::track));
+    if let Some(cors) = cors_layer(&st.config.cors_origins) {
+        app = app.layer(cors);
+    }
+    app.with_state(st)
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers(Any),
+    )
+}
+
+async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> impl IntoResponse {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+/// After SIGTERM: inference requests get 503 while in-flight ones finish.
+async fn refuse_when_stopping(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    if st.shutting_down.load(Ordering::SeqCst) && req.method() == Method::POST {
+        return ApiError::unavailable("the server is shutting down").into_response();
+    }
+    next.run(req).await
+}
+
+/// Builds the shared state and registers the configured models (they load in
+/// the background; `/ping` says when they are ready).
+pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
+    let access_log = match &config.log_dir {
+        Some(dir) => Some(access::AccessLog::open(dir)?),
+        None => None,
+    };
+    let st = Arc::new(AppState {
+        registry: Registry::new(EngineDefaults {
+            kv_cache_bytes: config.kv_cache_bytes,
+        }),
+        http: prom::HttpMetrics::default(),
+        access_log,
+        shutting_down: AtomicBool::new(false),
+        started: Instant::now(),
+        config,
+    });
+    let mut models = st.config.models.clone();
+    if let Some(store) = &st.config.model_store {
+        let scan = store::scan(store)?;
+        for w in &scan.warnings {
+            tracing::warn!("{w}");
+        }
+        for m in scan.models {
+            models.push((m.name, m.dir.display().to_string()));
+        }
+    }
+    if models.is_empty() && st.config.model_store.is_none() {
+        let path = kiln_model::default_model::default_model_path()?;
+        models.push(("default".into(), path.display().to_string()));
+    }
+    for (name, url) in models {
+        if let Err(e) = st.registry.register(&name, &url, Overrides::default()) {
+            anyhow::bail!("model '{name}' ({url}): {}", e.message);
+        }
+    }
+    Ok(st)
+}
+
+/// Serves until SIGTERM or Ctrl-C, then stops accepting connections, lets
+/// in-flight requests finish within the grace period, and returns.
+pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(st.config.bind).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!("listening on http://{addr}");
+    eprintln!("kiln: listening on http://{addr}");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let flag = st.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        flag.shutting_down.store(true, Ordering::SeqCst);
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let app = router(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let grace = st.config.grace_period;
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            stopped(stop_rx.clone()).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("the grace period of {grace:?} is over; exiting with requests still running"),
+    }
+    let registry_owner = st.clone();
+    let _ = tokio::time::timeout(
+        grace,
+        tokio::task::spawn_blocking(move || registry_owner.registry.shutdown_all()),
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,581 @@
+//! The DJL Serving inference routes: `POST /predictions/{model}[/{version}]`,
+//! `POST /invocations?model_name=`, `POST /models/{name}/invoke`.
+//!
+//! Bodies accepted: the LMI schema (`{"inputs": str | [str], "parameters":
+//! {...}, "stream": bool}`), the reference deployment's `{"text": [...],
+//! "seq_length": N}` (a batch; `seq_length` limits prompt + output), a bare
+//! JSON string or list of strings, and plain text. Responses:
+//! `{"generated_text", "details"?}` (a list for list input); streams as JSON
+//! lines `{"token": {id, text, log_prob}}` whose last line also carries
+//! `generated_text` (and `details`), or as server-sent events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use futures_util::future::join_all;
+use kiln_engine::{Event, FinishReason, SamplingParams, TokenOutput};
+use serde_json::{json, Value};
+
+use crate::access::AccessRecord;
+use crate::error::ApiError;
+use crate::generation::{self, Completion, Events, GenParams};
+use crate::params::Fields;
+use crate::properties::OutputFormatter;
+use crate::state::AppState;
+
+/// Most new tokens one request may ask for.
+const MAX_NEW_TOKENS: u64 = 1 << 20;
+/// Most prompts in one batch request.
+const MAX_BATCH: usize = 256;
+
+/// A parsed inference request.
+#[derive(Debug, Clone)]
+pub struct LmiRequest {
+    pub inputs: Vec<String>,
+    /// The input was a list (the response is a list too).
+    pub batch: bool,
+    pub params: GenParams,
+    pub details: bool,
+    pub return_full_text: bool,
+    pub stream: bool,
+}
+
+/// Parses a request body (`content_type` as sent).
+pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    let is_json = content_type.is_some_and(|c| c.starts_with("application/json"))
+        || matches!(text.trim_start().chars().next(), Some('{' | '[' | '"'));
+    if !is_json {
+        // A plain-text body is one prompt with default parameters.
+        return Ok(LmiRequest {
+            inputs: vec![text.to_string()],
+            batch: false,
+            params: gen_params(None, None)?,
+            details: false,
+            return_full_text: false,
+            stream: false,
+        });
+    }
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
+    let (inputs, batch, params, seq_length, stream) = match &v {
+        Value::String(s) => (vec![s.clone()], false, None, None, false),
+        Value::Array(_) => (strings(&v, "the request")?, true, None, None, false),
+        Value::Object(_) => {
+            let f = Fields::new(&v, "")?;
+            let (inputs, batch, seq) = if let Some(i) = f.get("inputs") {
+                match i {
+                    Value::String(s) => (vec![s.clone()], false, None),
+                    Value::Array(_) => (strings(i, "inputs")?, true, None),
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "'inputs' must be a string or a list of strings, got {other}"
+                        )))
+                    }
+                }
+            } else if let Some(t) = f.get("text") {
+                // The reference deployment's body: a batch of texts and a total length.
+                let seq = f.uint("seq_length", MAX_NEW_TOKENS)?;
+                if seq == Some(0) {
+                    return Err(ApiError::bad_request("'seq_length' must be at least 1"));
+                }
+                match t {
+                    Value::String(s) => (vec![s.clone()], true, seq),
+                    Value::Array(_) => (strings(t, "text")?, true, seq),
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "'text' must be a string or a list of strings, got {other}"
+                        )))
+                    }
+                }
+            } else {
+                return Err(ApiError::bad_request(
+                    "expected 'inputs' (a string or a list of strings), or the reference body's 'text' and 'seq_length'",
+                ));
+            };
+            let stream = f.bool("stream")?.unwrap_or(false);
+            (inputs, batch, f.get("parameters"), seq, stream)
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "expected a JSON object, got {other}"
+            )))
+        }
+    };
+    if inputs.is_empty() {
+        return Err(ApiError::bad_request("the list of inputs is empty"));
+    }
+    if inputs.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_BATCH} inputs per request"
+        )));
+    }
+    if inputs.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::bad_request("an input is an empty string"));
+    }
+    let pf = params.map(|p| Fields::new(p, "parameters")).transpose()?;
+    let mut gp = gen_params(pf.as_ref(), seq_length)?;
+    if let Some(seq) = seq_length {
+        gp.max_total_tokens = Some(seq as usize);
+        if pf.as_ref().is_none_or(|f| !f.has("max_new_tokens")) {
+            gp.max_new_tokens = seq as usize;
+        }
+    }
+    let details = pf
+        .as_ref()
+        .map(|f| f.bool("details"))
+        .transpose()?
+        .flatten()
+        .unwrap_or(false);
+    let return_full_text = pf
+        .as_ref()
+        .map(|f| f.bool("return_full_text"))
+        .transpose()?
+        .flatten()
+        .unwrap_or(false);
+    if stream && batch {
+        return Err(ApiError::bad_request(
+            "streaming takes one input, not a list",
+        ));
+    }
+    Ok(LmiRequest {
+        inputs,
+        batch,
+        params: gp,
+        details,
+        return_full_text,
+        stream,
+    })
+}
+
+fn strings(v: &Value, what: &str) -> Result<Vec<String>, ApiError> {
+    let items = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    items
+        .iter()
+        .map(|i| match i {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(ApiError::bad_request(format!(
+                "{what} must be a list of strings, found {other}"
+            ))),
+        })
+        .collect()
+}
+
+/// LMI `parameters` (all optional).
+fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, ApiError> {
+    let default_new = seq_length.unwrap_or(30) as usize;
+    let Some(f) = f else {
+        return Ok(GenParams {
+            max_new_tokens: default_new,
+            sampling: SamplingParams::greedy(),
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+            max_total_tokens: None,
+            ignore_eos: false,
+        });
+    };
+    let max_new_tokens = f
+        .uint("max_new_tokens", MAX_NEW_TOKENS)?
+        .map_or(default_new, |n| n as usize);
+    if max_new_tokens == 0 {
+        return Err(ApiError::bad_request(
+            "'parameters.max_new_tokens' must be at least 1",
+        ));
+    }
+    // LMI samples only with do_sample=true; otherwise it decodes greedily.
+    let do_sample = f.bool("do_sample")?.unwrap_or(false);
+    let temperature = f.float("temperature", 0.0, 100.0)?;
+    let top_p = f.float("top_p", 0.0, 1.0)?;
+    if top_p == Some(0.0) {
+        return Err(ApiError::bad_request(
+            "'parameters.top_p' must be greater than 0",
+        ));
+    }
+    let top_k = match f.get("top_k") {
+        Some(v) if v.as_i64() == Some(-1) => 0,
+        _ => f.uint("top_k", u32::MAX as u64)?.unwrap_or(0) as usize,
+    };
+    let sampling = SamplingParams {
+        temperature: if do_sample {
+            temperature.unwrap_or(1.0) as f32
+        } else {
+            0.0
+        },
+        top_p: top_p.unwrap_or(1.0) as f32,
+        top_k,
+        min_p: f.float("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32,
+        repetition_penalty: f.float("repetition_penalty", 1e-3, 100.0)?.unwrap_or(1.0) as f32,
+        presence_penalty: f.float("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+        frequency_penalty: f.float("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+        seed: f.uint("seed", u64::MAX)?,
+        top_logprobs: f.uint("top_n_tokens", 20)?.unwrap_or(0) as usize,
+    };
+    let mut stop_strings = f.strings("stop_sequences")?;
+    stop_strings.extend(f.strings("stop")?);
+    Ok(GenParams {
+        max_new_tokens,
+        sampling,
+        stop_strings,
+        stop_token_ids: f.ids("stop_token_ids")?,
+        max_total_tokens: None,
+        ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+    })
+}
+
+fn token_json(t: &TokenOutput) -> Value {
+    json!({"id": t.id, "text": t.text, "log_prob": t.logprob})
+}
+
+fn details_json(
+    reason: FinishReason,
+    tokens: &[TokenOutput],
+    prompt: &str,
+    with_tokens: bool,
+) -> Value {
+    let mut d = json!({
+        "finish_reason": reason.as_str(),
+        "generated_tokens": tokens.len(),
+        "inputs": prompt,
+    });
+    if with_tokens {
+        d["tokens"] = tokens.iter().map(token_json).collect();
+    }
+    d
+}
+
+fn output_json(c: &Completion, prompt: &str, req: &LmiRequest) -> Value {
+    let text = if req.return_full_text {
+        format!("{prompt}{}", c.text)
+    } else {
+        c.text.clone()
+    };
+    let mut o = json!({"generated_text": text});
+    if req.details {
+        o["details"] = details_json(c.reason, &c.tokens, prompt, true);
+    }
+    o
+}
+
+/// `POST /predictions/{model}`.
+pub async fn predictions(
+    State(st): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    Extension(rec): Extension<Arc<AccessRecord>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer(st, &model, rec, headers, body).await
+}
+
+/// `POST /predictions/{model}/{version}` (kiln keeps one version per name).
+pub async fn predictions_version(
+    State(st): State<Arc<AppState>>,
+    Path((model, _version)): Path<(String, String)>,
+    Extension(rec): Extension<Arc<AccessRecord>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer(st, &model, rec, headers, body).await
+}
+
+/// `POST /models/{name}/invoke`.
+pub async fn invoke(
+    State(st): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    Extension(rec): Extension<Arc<AccessRecord>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    infer(st, &model, rec, headers, body).await
+}
+
+/// `POST /invocations?model_name=` (the name may be left out when one model is served).
+pub async fn invocations(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+    Extension(rec): Extension<Arc<AccessRecord>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let name = match q.get("model_name") {
+        Some(n) => n.clone(),
+        None => match st.registry.all().as_slice() {
+            [only] => only.name.clone(),
+            [] => return ApiError::unavailable("no model is registered").into_response(),
+            _ => {
+                return ApiError::bad_request(
+                    "several models are served: name one with ?model_name=",
+                )
+                .into_response()
+            }
+        },
+    };
+    infer(st, &name, rec, headers, body).await
+}
+
+/// Maps a body-extraction failure to a JSON error (413 for an oversized body).
+pub fn body_error(e: BytesRejection) -> ApiError {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            status,
+            "the request body is larger than the server's limit (--max-request-bytes)",
+        )
+    } else {
+        ApiError::new(status, format!("cannot read the request body: {e}"))
+    }
+}
+
+async fn infer(
+    st: Arc<AppState>,
+    model: &str,
+    rec: Arc<AccessRecord>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    rec.set_model(model);
+    match infer_inner(st, model, rec, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn infer_inner(
+    st: Arc<AppState>,
+    model: &str,
+    rec: Arc<AccessRecord>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let entry = st.registry.get(model)?;
+    let body = body.map_err(body_error)?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let req = parse(content_type, &body)?;
+    let engine = entry.engine()?;
+    let prompts: Vec<Vec<u32>> = req
+        .inputs
+        .iter()
+        .map(|t| generation::encode(&engine, t, true))
+        .collect::<Result<_, _>>()?;
+    rec.add_tokens_in(prompts.iter().map(Vec::len).sum());
+    let timeout = st.config.request_timeout;
+    if req.stream {
+        let sse = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/event-stream"))
+            || entry.stream_formatter() == OutputFormatter::Sse;
+        let stream = generation::submit(
+            &engine,
+            prompts.into_iter().next().unwrap_or_default(),
+            &req.params,
+            timeout,
+        )?;
+        return Ok(stream_response(Events::new(stream), req, sse, rec));
+    }
+    // Submit every prompt before waiting on any, so they are batched together.
+    let streams = prompts
+        .into_iter()
+        .map(|p| generation::submit(&engine, p, &req.params, timeout))
+        .collect::<Result<Vec<_>, _>>()?;
+    let done = join_all(streams.into_iter().map(generation::complete)).await;
+    rec.add_tokens_out(done.iter().map(|c| c.usage.completion_tokens).sum());
+    if let Some(e) = done.iter().find_map(generation::failure) {
+        return Err(e);
+    }
+    let outputs: Vec<Value> = done
+        .iter()
+        .zip(&req.inputs)
+        .map(|(c, prompt)| output_json(c, prompt, &req))
+        .collect();
+    let body = if req.batch {
+        Value::Array(outputs)
+    } else {
+        outputs.into_iter().next().unwrap_or(Value::Null)
+    };
+    Ok(axum::Json(body).into_response())
+}
+
+/// State of a streamed response between chunks.
+struct StreamState {
+    events: Events,
+    req: LmiRequest,
+    sse: bool,
+    text: String,
+    tokens: Vec<TokenOutput>,
+    rec: Arc<AccessRecord>,
+    done: bool,
+}
+
+impl StreamState {
+    fn frame(&self, v: &Value) -> Bytes {
+        if self.sse {
+            Bytes::from(format!("data: {v}\n\n"))
+        } else {
+            Bytes::from(format!("{v}\n"))
+        }
+    }
+
+    /// Adds `generated_text`, `details` and any error to the final line.
+    fn finish(&mut self, line: &mut Value, end: Event) {
+        if let Event::Finished {
+            reason,
+            usage,
+            error,
+        } = end
+        {
+            let prompt = &self.req.inputs[0];
+            line["generated_text"] = if self.req.return_full_text {
+                Value::String(format!("{prompt}{}", self.text))
+            } else {
+                Value::String(self.text.clone())
+            };
+            if self.req.details {
+                line["details"] = details_json(reason, &self.tokens, prompt, false);
+            }
+            if reason == FinishReason::Error {
+                line["error"] = Value::String(error.unwrap_or_else(|| "generation failed".into()));
+                line["code"] = json!(StatusCode::FAILED_DEPENDENCY.as_u16());
+            }
+            self.rec.add_tokens_out(usage.completion_tokens);
+            self.done = true;
+        }
+    }
+}
+
+fn stream_response(events: Events, req: LmiRequest, sse: bool, rec: Arc<AccessRecord>) -> Response {
+    let state = StreamState {
+        events,
+        req,
+        sse,
+        text: String::new(),
+        tokens: Vec::new(),
+        rec,
+        done: false,
+    };
+    let body = futures_util::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let (ev, end) = s.events.next().await?;
+        let mut line = match ev {
+            Event::Token(t) => {
+                s.text.push_str(&t.text);
+                let line = json!({"token": token_json(&t)});
+                s.tokens.push(t);
+                if let Some(end) = end {
+                    let mut line = line;
+                    s.finish(&mut line, end);
+                    line
+                } else {
+                    line
+                }
+            }
+            finished => {
+                let mut line = json!({});
+                s.finish(&mut line, finished);
+                line
+            }
+        };
+        if line.as_object().is_some_and(|o| o.is_empty()) {
+            line = json!({"generated_text": s.text});
+        }
+        let bytes = s.frame(&line);
+        Some((Ok::<_, std::convert::Infallible>(bytes), s))
+    });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/jsonlines"
+    };
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(body: &str) -> String {
+        parse(Some("application/json"), body.as_bytes())
+            .unwrap_err()
+            .message
+    }
+
+    #[test]
+    fn accepts_the_lmi_reference_and_plain_bodies() {
+        let r = parse(Some("application/json"), br#"{"inputs": "Hi", "parameters": {"max_new_tokens": 5, "do_sample": true, "temperature": 0.5, "stop_sequences": ["\n"]}}"#).unwrap();
+        assert_eq!(
+            (r.inputs.len(), r.batch, r.params.max_new_tokens),
+            (1, false, 5)
+        );
+        assert_eq!(r.params.sampling.temperature, 0.5);
+        assert_eq!(r.params.stop_strings, vec!["\n".to_string()]);
+
+        let r = parse(None, br#"{"seq_length": 64, "text": ["a", "b"]}"#).unwrap();
+        assert_eq!((r.inputs.len(), r.batch), (2, true));
+        assert_eq!(
+            (r.params.max_total_tokens, r.params.max_new_tokens),
+            (Some(64), 64)
+        );
+
+        let r = parse(Some("text/plain"), b"Once upon a time").unwrap();
+        assert_eq!(r.inputs, vec!["Once upon a time".to_string()]);
+        assert_eq!(r.params.max_new_tokens, 30);
+        assert_eq!(
+            r.params.sampling.temperature, 0.0,
+            "greedy unless do_sample"
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_name_the_problem() {
+        assert!(bad("{not json").contains("invalid JSON"));
+        assert!(bad(r#"{"inputs": 5}"#).contains("'inputs'"));
+        assert!(bad(r#"{"inputs": []}"#).contains("empty"));
+        assert!(bad(r#"{"inputs": ["a", 3]}"#).contains("list of strings"));
+        assert!(bad(r#"{"prompt": "x"}"#).contains("expected 'inputs'"));
+        assert!(bad(r#"{"inputs": "x", "parameters": 3}"#).contains("'parameters'"));
+        assert!(
+            bad(r#"{"inputs": "x", "parameters": {"max_new_tokens": 0}}"#)
+                .contains("max_new_tokens")
+        );
+        assert!(
+            bad(r#"{"inputs": "x", "parameters": {"max_new_tokens": -3}}"#)
+                .contains("max_new_tokens")
+        );
+        assert!(
+            bad(r#"{"inputs": "x", "parameters": {"temperature": -1}}"#).contains("temperature")
+        );
+        assert!(bad(r#"{"inputs": "x", "parameters": {"top_p": 0}}"#).contains("top_p"));
+        assert!(
+            bad(r#"{"inputs": "x", "parameters": {"stop_sequences": [1]}}"#)
+                .contains("stop_sequences")
+        );
+        assert!(bad(r#"{"inputs": "x", "stream": "yes"}"#).contains("stream"));
+        assert!(bad(r#"{"inputs": ["a", "b"], "stream": true}"#).contains("one input"));
+        assert!(bad(r#"{"text": ["a"], "seq_length": 0}"#).contains("seq_length"));
+        assert!(bad(r#"{"inputs": ""}"#).contains("empty"));
+        assert!(bad("   ").contains("empty"));
+        assert!(parse(None, &[0xff, 0xfe])
+            .unwrap_err()
+            .message
+            .contains("UTF-8"));
+    }
+}

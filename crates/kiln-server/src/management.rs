@@ -1,0 +1,256 @@
+//! Health, metrics and the DJL management API: `GET /ping`,
+//! `GET /server/metrics`, `GET /models`, `GET /models/{name}`,
+//! `POST /models?url=…`, `PUT /models/{name}`, `DELETE /models/{name}`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::registry::{ModelEntry, ModelState, Overrides};
+use crate::state::AppState;
+
+/// `GET /ping`: 200 when every model is ready, 503 naming the ones still
+/// loading, 500 naming the ones that failed.
+pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
+    let mut loading = Vec::new();
+    let mut failed = serde_json::Map::new();
+    for m in st.registry.all() {
+        match m.state() {
+            ModelState::Loading => loading.push(m.name.clone()),
+            ModelState::Failed(msg) => {
+                failed.insert(m.name.clone(), Value::String(msg));
+            }
+            ModelState::Ready(_) => {}
+        }
+    }
+    if !failed.is_empty() {
+        let body = json!({"status": "Unhealthy", "failed": failed, "loading": loading});
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+    }
+    if !loading.is_empty() {
+        let body = json!({"status": "Loading", "loading": loading});
+        return ApiResponse::unavailable(body);
+    }
+    Json(json!({"status": "Healthy"})).into_response()
+}
+
+/// A 503 with `Retry-After`, for a body that is not an error message.
+struct ApiResponse;
+
+impl ApiResponse {
+    fn unavailable(body: Value) -> Response {
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        r
+    }
+}
+
+/// `GET /server/metrics`.
+pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::prom::render(&st),
+    )
+        .into_response()
+}
+
+fn query_usize(q: &HashMap<String, String>, key: &str) -> Result<Option<usize>, ApiError> {
+    q.get(key)
+        .map(|v| {
+            v.parse::<usize>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "query parameter '{key}' must be a non-negative integer, got '{v}'"
+                ))
+            })
+        })
+        .transpose()
+}
+
+fn query_bool(q: &HashMap<String, String>, key: &str) -> Result<Option<bool>, ApiError> {
+    q.get(key)
+        .map(|v| match v.to_ascii_lowercase().as_str() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(ApiError::bad_request(format!(
+                "query parameter '{key}' must be true or false, got '{v}'"
+            ))),
+        })
+        .transpose()
+}
+
+/// `GET /models?limit=&next_page_token=`.
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let limit = query_usize(&q, "limit")?.unwrap_or(100).clamp(1, 1000);
+    let start = query_usize(&q, "next_page_token")?.unwrap_or(0);
+    let all = st.registry.all();
+    let page: Vec<Value> = all
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|m| json!({"modelName": m.name, "modelUrl": m.url, "status": m.state().label()}))
+        .collect();
+    let mut body = json!({"models": page});
+    if start + limit < all.len() {
+        body["nextPageToken"] = Value::String((start + limit).to_string());
+    }
+    Ok(Json(body).into_response())
+}
+
+fn describe_json(m: &ModelEntry) -> Value {
+    let s = m.settings.lock().map(|s| s.clone()).ok();
+    let state = m.state();
+    let mut d = json!({
+        "modelName": m.name,
+        "modelUrl": m.url,
+        "modelPath": m.model_path.display().to_string(),
+        "status": state.label(),
+        "minWorkers": s.as_ref().map(|s| s.min_workers),
+        "maxWorkers": s.as_ref().map(|s| s.max_workers),
+        "batchSize": s.as_ref().map(|s| s.batch_size),
+        "maxBatchDelay": s.as_ref().map(|s| s.max_batch_delay_ms),
+        "jobQueueSize": s.as_ref().map(|s| s.job_queue_size),
+        "engine": "kiln",
+        "loadedAtStartup": true,
+    });
+    if let Some(p) = &m.properties {
+        d["properties"] = json!(p.raw);
+        if !p.warnings.is_empty() {
+            d["warnings"] = json!(p.warnings);
+        }
+    }
+    match state {
+        ModelState::Ready(e) => {
+            let info = e.info();
+            let mt = e.metrics();
+            d["queueLength"] = json!(mt.waiting);
+            d["requestInFlight"] = json!(mt.running);
+            d["kiln"] = json!({
+                "backend": info.backend,
+                "maxRollingBatchSize": info.max_running,
+                "maxRollingBatchPrefillTokens": info.max_step_tokens,
+                "maxModelLen": info.max_model_len,
+                "kvCache": {"blocks": info.kv_blocks, "blockSize": info.block_size, "tokens": info.kv_tokens,
+                    "bytes": info.kv_bytes, "blocksUsed": mt.kv_blocks_used,
+                    "prefixCacheHitTokens": mt.prefix_hit_tokens, "prefixCacheQueriedTokens": mt.prefix_queried_tokens},
+                "promptTokens": mt.prompt_tokens,
+                "generatedTokens": mt.generated_tokens,
+                "requestsFinished": mt.requests_finished,
+            });
+        }
+        ModelState::Failed(msg) => d["error"] = json!(msg),
+        ModelState::Loading => {}
+    }
+    d
+}
+
+/// `GET /models/{name}`: a one-element list, as DJL answers.
+pub async fn describe(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let m = st.registry.get(&name)?;
+    Ok(Json(json!([describe_json(&m)])).into_response())
+}
+
+/// `POST /models?url=&model_name=&batch_size=&max_batch_delay=&job_queue_size=&min_worker=&max_worker=&synchronous=`.
+pub async fn register(
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let url = q.get("url").filter(|u| !u.is_empty()).ok_or_else(|| {
+        ApiError::bad_request("query parameter 'url' (a model directory or file) is required")
+    })?;
+    let name = match q.get("model_name") {
+        Some(n) => n.clone(),
+        None => crate::registry::local_path(url)?
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(String::from)
+            .ok_or_else(|| {
+                ApiError::bad_request("cannot derive a model name from 'url': give 'model_name'")
+            })?,
+    };
+    let overrides = Overrides {
+        batch_size: query_usize(&q, "batch_size")?,
+        max_batch_delay_ms: query_usize(&q, "max_batch_delay")?.map(|v| v as u64),
+        job_queue_size: query_usize(&q, "job_queue_size")?,
+        min_workers: query_usize(&q, "min_worker")?,
+        max_workers: query_usize(&q, "max_worker")?,
+    };
+    let synchronous = query_bool(&q, "synchronous")?.unwrap_or(true);
+    let entry = st.registry.register(&name, url, overrides)?;
+    if !synchronous {
+        let body = json!({"status": format!("Model \"{name}\" registration scheduled.")});
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    }
+    match entry.wait_loaded().await {
+        ModelState::Ready(_) => {
+            Ok(Json(json!({"status": format!("Model \"{name}\" registered.")})).into_response())
+        }
+        ModelState::Failed(msg) => {
+            // A synchronous registration that failed leaves nothing behind, so it can be retried.
+            let _ = st.registry.unregister(&name).await;
+            Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("model '{name}' failed to load: {msg}"),
+            ))
+        }
+        ModelState::Loading => Err(ApiError::unavailable(format!(
+            "model '{name}' is still loading"
+        ))),
+    }
+}
+
+/// `PUT /models/{name}?min_worker=&max_worker=`: kiln runs one engine per
+/// model, which batches continuously; worker counts are validated and
+/// recorded but do not start more engines.
+pub async fn scale(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let m = st.registry.get(&name)?;
+    let min = query_usize(&q, "min_worker")?;
+    let max = query_usize(&q, "max_worker")?;
+    let mut s = m
+        .settings
+        .lock()
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "settings lock poisoned"))?;
+    let (new_min, new_max) = (min.unwrap_or(s.min_workers), max.unwrap_or(s.max_workers));
+    if new_min > new_max {
+        return Err(ApiError::bad_request(format!(
+            "min_worker {new_min} is more than max_worker {new_max}"
+        )));
+    }
+    s.min_workers = new_min;
+    s.max_workers = new_max;
+    Ok(Json(json!({
+        "status": format!("Model \"{name}\" worker settings updated (min {new_min}, max {new_max})."),
+        "note": "kiln serves each model with one engine that batches requests continuously; worker counts are recorded but do not change the number of engines.",
+    }))
+    .into_response())
+}
+
+/// `DELETE /models/{name}`: stops taking requests, lets in-flight ones finish, then unloads.
+pub async fn unregister(
+    State(st): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    st.registry.unregister(&name).await?;
+    Ok(Json(json!({"status": format!("Model \"{name}\" unregistered")})).into_response())
+}

@@ -1,0 +1,583 @@
+//! The OpenAI API: `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions` (server-sent events with `[DONE]` when
+//! `stream` is set). Errors use OpenAI's shape.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::future::join_all;
+use kiln_engine::{Engine, Event, FinishReason, SamplingParams, TokenOutput, Usage};
+use kiln_model::chat::ChatMessage;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::access::AccessRecord;
+use crate::error::ApiError;
+use crate::generation::{self, GenParams};
+use crate::params::Fields;
+use crate::state::AppState;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+/// Most choices (`n`) per request.
+const MAX_N: u64 = 16;
+/// Most tokens per completion.
+const MAX_TOKENS: u64 = 1 << 20;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::EosToken | FinishReason::StopSequence | FinishReason::Cancelled => "stop",
+        FinishReason::Length | FinishReason::Deadline => "length",
+        FinishReason::Error => "error",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens}})
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(st): State<Arc<AppState>>) -> Response {
+    let data: Vec<Value> = st
+        .registry
+        .all()
+        .iter()
+        .map(|m| {
+            let created = m
+                .registered_at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            json!({"id": m.name, "object": "model", "created": created, "owned_by": "kiln"})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// What both endpoints parse from the body before the prompt.
+struct Common {
+    model: String,
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+    params: GenParams,
+}
+
+fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
+    let model = f
+        .str("model")?
+        .ok_or_else(|| ApiError::bad_request("'model' is required"))?
+        .to_string();
+    let n = f.uint("n", MAX_N)?.unwrap_or(1) as usize;
+    if n == 0 {
+        return Err(ApiError::bad_request("'n' must be at least 1"));
+    }
+    let max_tokens = match f.uint("max_completion_tokens", MAX_TOKENS)? {
+        Some(m) => Some(m),
+        None => f.uint("max_tokens", MAX_TOKENS)?,
+    };
+    let max_new_tokens = max_tokens.map_or(default_max_tokens, |m| m as usize);
+    if max_new_tokens == 0 {
+        return Err(ApiError::bad_request("'max_tokens' must be at least 1"));
+    }
+    let top_p = f.float("top_p", 0.0, 1.0)?.unwrap_or(1.0);
+    if top_p == 0.0 {
+        return Err(ApiError::bad_request("'top_p' must be greater than 0"));
+    }
+    let stream_options = f
+        .get("stream_options")
+        .map(|v| Fields::new(v, "stream_options"))
+        .transpose()?;
+    let include_usage = stream_options
+        .map(|o| o.bool("include_usage"))
+        .transpose()?
+        .flatten()
+        .unwrap_or(false);
+    let stop = f.strings("stop")?;
+    if stop.len() > 16 {
+        return Err(ApiError::bad_request("'stop' takes at most 16 sequences"));
+    }
+    Ok(Common {
+        model,
+        n,
+        stream: f.bool("stream")?.unwrap_or(false),
+        include_usage,
+        params: GenParams {
+            max_new_tokens,
+            sampling: SamplingParams {
+                // OpenAI samples at temperature 1 unless told otherwise.
+                temperature: f.float("temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32,
+                top_p: top_p as f32,
+                top_k: f.uint("top_k", u32::MAX as u64)?.unwrap_or(0) as usize,
+                min_p: f.float("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32,
+                presence_penalty: f.float("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+                frequency_penalty: f.float("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
+                repetition_penalty: f.float("repetition_penalty", 1e-3, 100.0)?.unwrap_or(1.0)
+                    as f32,
+                seed: f.uint("seed", u64::MAX)?,
+                top_logprobs: 0,
+            },
+            stop_strings: stop,
+            stop_token_ids: f.ids("stop_token_ids")?,
+            max_total_tokens: None,
+            ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        },
+    })
+}
+
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body.map_err(crate::lmi::body_error)?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
+}
+
+/// Submits `n` copies of a prompt (seeds `seed`, `seed + 1`, … when given).
+fn submit_n(
+    st: &AppState,
+    engine: &Engine,
+    prompt: &[u32],
+    c: &Common,
+) -> Result<Vec<kiln_engine::RequestStream>, ApiError> {
+    (0..c.n)
+        .map(|i| {
+            let mut p = c.params.clone();
+            p.sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            generation::submit(engine, prompt.to_vec(), &p, st.config.request_timeout)
+        })
+        .collect()
+}
+
+/// The model's text for one token id (for log-probability listings).
+fn token_text(engine: &Engine, id: u32) -> String {
+    engine.tokenizer().decode(&[id], false).unwrap_or_default()
+}
+
+/// Which API a request came in on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Completions,
+    Chat,
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    State(st): State<Arc<AppState>>,
+    Extension(rec): Extension<Arc<AccessRecord>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(st, rec, body, Api::Completions)
+        .await
+        .unwrap_or_else(|e| e.openai().into_response())
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    Extension(rec): Extension<Arc<AccessRecord>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(st, rec, body, Api::Chat)
+        .await
+        .unwrap_or_else(|e| e.openai().into_response())
+}
+
+/// The prompt of a completions request (text, or token ids).
+fn completion_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), ApiError> {
+    match f.get("prompt") {
+        Some(Value::String(s)) if !s.is_empty() => {
+            Ok((generation::encode(engine, s, true)?, s.clone()))
+        }
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            let s = items[0].as_str().unwrap_or_default();
+            Ok((generation::encode(engine, s, true)?, s.to_string()))
+        }
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => {
+            let ids = f.ids("prompt")?;
+            let text = engine.tokenizer().decode(&ids, false).unwrap_or_default();
+            Ok((ids, text))
+        }
+        Some(Value::Array(items)) if items.len() > 1 => Err(ApiError::bad_request(
+            "'prompt' as a list of several prompts is not supported: send one request per prompt",
+        )),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "'prompt' must be a non-empty string or a list of token ids, got {other}"
+        ))),
+        None => Err(ApiError::bad_request("'prompt' is required")),
+    }
+}
+
+/// The messages of a chat request, rendered with the model's template.
+fn chat_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), ApiError> {
+    let msgs = match f.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => m,
+        Some(_) => return Err(ApiError::bad_request("'messages' must be a non-empty list")),
+        None => return Err(ApiError::bad_request("'messages' is required")),
+    };
+    if f.has("tools") || f.has("functions") {
+        return Err(ApiError::bad_request(
+            "tools and function calling are not supported",
+        ));
+    }
+    if let Some(rf) = f.get("response_format") {
+        if rf.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::bad_request(
+                "only response_format {\"type\": \"text\"} is supported",
+            ));
+        }
+    }
+    let mut messages = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let mf = Fields::new(m, "messages[]")?;
+        let role = mf
+            .str("role")?
+            .ok_or_else(|| ApiError::bad_request(format!("messages[{i}] has no 'role'")))?;
+        let content = match mf.get("content") {
+            None => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(ApiError::bad_request(format!(
+                                "messages[{i}]: only text content parts are supported"
+                            )))
+                        }
+                    }
+                }
+                text
+            }
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "messages[{i}].content must be a string or a list of text parts, got {other}"
+                )))
+            }
+        };
+        messages.push(ChatMessage::new(role, content));
+    }
+    let template = engine.chat_template().ok_or_else(|| {
+        ApiError::bad_request("this model has no chat template; use /v1/completions")
+    })?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
+    // The template writes every special token itself.
+    Ok((generation::encode(engine, &text, false)?, text))
+}
+
+async fn run(
+    st: Arc<AppState>,
+    rec: Arc<AccessRecord>,
+    body: Result<Bytes, BytesRejection>,
+    api: Api,
+) -> Result<Response, ApiError> {
+    let v = parse_body(body)?;
+    let f = Fields::new(&v, "")?;
+    let mut c = common(&f, if api == Api::Chat { 4096 } else { 16 })?;
+    rec.set_model(&c.model);
+    let engine = st.registry.engine(&c.model)?;
+    let top_logprobs = match api {
+        Api::Completions => f.uint("logprobs", 20)?.map(|n| n as usize),
+        Api::Chat => match f.bool("logprobs")? {
+            Some(true) => Some(f.uint("top_logprobs", 20)?.unwrap_or(0) as usize),
+            _ => None,
+        },
+    };
+    c.params.sampling.top_logprobs = top_logprobs.unwrap_or(0);
+    let (prompt, prompt_text) = match api {
+        Api::Completions => completion_prompt(&engine, &f)?,
+        Api::Chat => chat_prompt(&engine, &f)?,
+    };
+    let echo = api == Api::Completions && f.bool("echo")?.unwrap_or(false);
+    rec.add_tokens_in(prompt.len() * c.n);
+    let streams = submit_n(&st, &engine, &prompt, &c)?;
+    let id = format!(
+        "{}-{}",
+        if api == Api::Chat { "chatcmpl" } else { "cmpl" },
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let ctx = Ctx {
+        id,
+        created: now(),
+        model: c.model.clone(),
+        api,
+        engine,
+        logprobs: top_logprobs.is_some(),
+    };
+    if c.stream {
+        return Ok(stream(
+            ctx,
+            streams,
+            c.include_usage,
+            echo.then_some(prompt_text),
+            rec,
+        ));
+    }
+    let done = join_all(streams.into_iter().map(generation::complete)).await;
+    if let Some(e) = done.iter().find_map(generation::failure) {
+        return Err(e);
+    }
+    let mut usage = Usage {
+        prompt_tokens: prompt.len(),
+        ..Usage::default()
+    };
+    let choices: Vec<Value> = done
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            usage.completion_tokens += d.usage.completion_tokens;
+            usage.cached_tokens = usage.cached_tokens.max(d.usage.cached_tokens);
+            let text = if echo {
+                format!("{prompt_text}{}", d.text)
+            } else {
+                d.text.clone()
+            };
+            let lp = ctx.logprobs.then(|| ctx.logprobs_json(&d.tokens));
+            match api {
+                Api::Completions => json!({"index": i, "text": text, "logprobs": lp,
+                    "finish_reason": finish_reason(d.reason)}),
+                Api::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": lp, "finish_reason": finish_reason(d.reason)}),
+            }
+        })
+        .collect();
+    rec.add_tokens_out(usage.completion_tokens);
+    let object = if api == Api::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    Ok(Json(
+        json!({"id": ctx.id, "object": object, "created": ctx.created, "model": ctx.model,
+        "choices": choices, "usage": usage_json(&usage)}),
+    )
+    .into_response())
+}
+
+/// Response-wide facts.
+struct Ctx {
+    id: String,
+    created: u64,
+    model: String,
+    api: Api,
+    engine: Engine,
+    logprobs: bool,
+}
+
+impl Ctx {
+    fn logprobs_json(&self, tokens: &[TokenOutput]) -> Value {
+        match self.api {
+            Api::Chat => {
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let text = token_text(&self.engine, t.id);
+                        let top: Vec<Value> = t
+                            .top_logprobs
+                            .iter()
+                            .map(|&(id, lp)| {
+                                let s = token_text(&self.engine, id);
+                                json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
+                            })
+                            .collect();
+                        json!({"token": text, "logprob": t.logprob, "bytes": text.as_bytes(), "top_logprobs": top})
+                    })
+                    .collect();
+                json!({"content": content})
+            }
+            Api::Completions => {
+                let mut offset = 0;
+                let mut offsets = Vec::new();
+                let mut texts = Vec::new();
+                for t in tokens {
+                    let s = token_text(&self.engine, t.id);
+                    offsets.push(offset);
+                    offset += s.len();
+                    texts.push(s);
+                }
+                let top: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let m: serde_json::Map<String, Value> = t
+                            .top_logprobs
+                            .iter()
+                            .map(|&(id, lp)| (token_text(&self.engine, id), json!(lp)))
+                            .collect();
+                        Value::Object(m)
+                    })
+                    .collect();
+                json!({"tokens": texts, "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top, "text_offset": offsets})
+            }
+        }
+    }
+
+    fn chunk(&self, choices: Value) -> Value {
+        let object = if self.api == Api::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices})
+    }
+
+    /// A chunk for one streamed token (or the final chunk with `finish`).
+    fn token_chunk(
+        &self,
+        index: usize,
+        text: &str,
+        token: Option<&TokenOutput>,
+        finish: Option<FinishReason>,
+    ) -> Value {
+        let lp = match (self.logprobs, token) {
+            (true, Some(t)) => self.logprobs_json(std::slice::from_ref(t)),
+            _ => Value::Null,
+        };
+        let fr = finish
+            .map(|r| Value::String(finish_reason(r).into()))
+            .unwrap_or(Value::Null);
+        let choice = match self.api {
+            Api::Completions => {
+                json!({"index": index, "text": text, "logprobs": lp, "finish_reason": fr})
+            }
+            Api::Chat => {
+                json!({"index": index, "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
+                "logprobs": lp, "finish_reason": fr})
+            }
+        };
+        self.chunk(json!([choice]))
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+/// Streams `n` choices as server-sent events, interleaved as tokens arrive.
+fn stream(
+    ctx: Ctx,
+    streams: Vec<kiln_engine::RequestStream>,
+    include_usage: bool,
+    echo: Option<String>,
+    rec: Arc<AccessRecord>,
+) -> Response {
+    let n = streams.len();
+    let (tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = s.next().await {
+                if tx.send((i, ev)).is_err() {
+                    // The client is gone: dropping `s` cancels the request.
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let ctx = Arc::new(ctx);
+    let mut head = Vec::new();
+    for i in 0..n {
+        if ctx.api == Api::Chat {
+            head.push(sse(&ctx.chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": null}]),
+            )));
+        } else if let Some(p) = &echo {
+            head.push(sse(&ctx.token_chunk(i, p, None, None)));
+        }
+    }
+    struct S {
+        rx: mpsc::UnboundedReceiver<(usize, Event)>,
+        ctx: Arc<Ctx>,
+        usage: Usage,
+        open: usize,
+        include_usage: bool,
+        rec: Arc<AccessRecord>,
+        finished: bool,
+    }
+    let state = S {
+        rx,
+        ctx,
+        usage: Usage::default(),
+        open: n,
+        include_usage,
+        rec,
+        finished: false,
+    };
+    let events = futures_util::stream::unfold(state, |mut s| async move {
+        if s.finished {
+            return None;
+        }
+        let bytes = match s.rx.recv().await {
+            Some((i, Event::Token(t))) => sse(&s.ctx.token_chunk(i, &t.text, Some(&t), None)),
+            Some((
+                i,
+                Event::Finished {
+                    reason,
+                    usage,
+                    error,
+                },
+            )) => {
+                s.open -= 1;
+                s.usage.prompt_tokens = usage.prompt_tokens;
+                s.usage.completion_tokens += usage.completion_tokens;
+                s.rec.add_tokens_out(usage.completion_tokens);
+                let mut out = if reason == FinishReason::Error {
+                    let e = ApiError::model_failure(
+                        error.unwrap_or_else(|| "generation failed".into()),
+                    )
+                    .openai();
+                    sse(&e.body())
+                } else {
+                    sse(&s.ctx.token_chunk(i, "", None, Some(reason)))
+                };
+                if s.open == 0 {
+                    let mut tail = Vec::from(out.as_ref());
+                    if s.include_usage {
+                        let mut u = s.ctx.chunk(json!([]));
+                        u["usage"] = usage_json(&s.usage);
+                        tail.extend_from_slice(&sse(&u));
+                    }
+                    tail.extend_from_slice(b"data: [DONE]\n\n");
+                    out = Bytes::from(tail);
+                    s.finished = true;
+                }
+                out
+            }
+            None => {
+                s.finished = true;
+                Bytes::from_static(b"data: [DONE]\n\n")
+            }
+        };
+        Some((Ok::<_, std::convert::Infallible>(bytes), s))
+    });
+    let head = futures_util::stream::iter(head.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let body = futures_util::StreamExt::chain(head, events);
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}

@@ -1,0 +1,401 @@
+//! The registered models: each a name, where it came from, its settings and
+//! its engine once loaded.
+//!
+//! Registering returns at once with the model in the `Loading` state; a
+//! loader thread reads the weights and starts the engine. Requests to a model
+//! that is still loading get a 503 (with `Retry-After`); to one that failed,
+//! a 424 with the reason. Unregistering removes the name first (new requests
+//! get 404) and then drains the engine: requests already running finish.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::StatusCode;
+use kiln_backend::cpu::CpuBackend;
+use kiln_engine::{Engine, EngineConfig, KvCapacity};
+use kiln_model::LoadOptions;
+use tokio::sync::watch;
+
+use crate::error::ApiError;
+use crate::properties::{ModelProperties, OutputFormatter};
+
+/// Where a model is in its life.
+#[derive(Clone)]
+pub enum ModelState {
+    Loading,
+    Ready(Engine),
+    Failed(String),
+}
+
+impl ModelState {
+    /// `Loading`, `Ready` or `Failed`, as the management API reports it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ModelState::Loading => "Loading",
+            ModelState::Ready(_) => "Healthy",
+            ModelState::Failed(_) => "Failed",
+        }
+    }
+}
+
+/// The DJL worker settings of a model (kiln runs one engine per model; these
+/// are kept, validated and reported for compatibility).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSettings {
+    pub batch_size: usize,
+    pub max_batch_delay_ms: u64,
+    pub job_queue_size: usize,
+    pub min_workers: usize,
+    pub max_workers: usize,
+}
+
+/// One registered model.
+pub struct ModelEntry {
+    pub name: String,
+    /// What it was registered from (a directory or a model file).
+    pub url: String,
+    /// The weights that were (or are being) loaded.
+    pub model_path: PathBuf,
+    /// The model directory's `serving.properties`, if it is a directory.
+    pub properties: Option<ModelProperties>,
+    pub settings: Mutex<WorkerSettings>,
+    pub registered_at: SystemTime,
+    state: watch::Sender<ModelState>,
+}
+
+impl ModelEntry {
+    /// The current state.
+    pub fn state(&self) -> ModelState {
+        self.state.borrow().clone()
+    }
+
+    /// The engine, or the error a request to this model gets.
+    pub fn engine(&self) -> Result<Engine, ApiError> {
+        match self.state() {
+            ModelState::Ready(e) => Ok(e),
+            ModelState::Loading => Err(ApiError::unavailable(format!(
+                "model '{}' is still loading",
+                self.name
+            ))),
+            ModelState::Failed(msg) => Err(ApiError::model_failure(format!(
+                "model '{}' failed to load: {msg}",
+                self.name
+            ))),
+        }
+    }
+
+    /// Waits until the model is ready or has failed.
+    pub async fn wait_loaded(&self) -> ModelState {
+        let mut rx = self.state.subscribe();
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if !matches!(s, ModelState::Loading) {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                return self.state();
+            }
+        }
+    }
+
+    /// How streamed responses are framed when the client does not say.
+    pub fn stream_formatter(&self) -> OutputFormatter {
+        self.properties
+            .as_ref()
+            .map_or(OutputFormatter::JsonLines, |p| p.output_formatter_for(true))
+    }
+}
+
+/// Server-wide defaults for engines.
+#[derive(Debug, Clone)]
+pub struct EngineDefaults {
+    /// KV cache per model, in bytes.
+    pub kv_cache_bytes: usize,
+}
+
+/// Every registered model, by name.
+pub struct Registry {
+    models: RwLock<BTreeMap<String, Arc<ModelEntry>>>,
+    defaults: EngineDefaults,
+}
+
+/// Optional overrides given at registration (`POST /models?batch_size=…`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub batch_size: Option<usize>,
+    pub max_batch_delay_ms: Option<u64>,
+    pub job_queue_size: Option<usize>,
+    pub min_workers: Option<usize>,
+    pub max_workers: Option<usize>,
+}
+
+/// Whether a model name can be used in URLs as is.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && name != "."
+        && name != ".."
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(defaults: EngineDefaults) -> Self {
+        Self {
+            models: RwLock::new(BTreeMap::new()),
+            defaults,
+        }
+    }
+
+    /// Every model, sorted by name.
+    pub fn all(&self) -> Vec<Arc<ModelEntry>> {
+        self.models
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A model by name.
+    pub fn get(&self, name: &str) -> Result<Arc<ModelEntry>, ApiError> {
+        self.models
+            .read()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .ok_or_else(|| ApiError::unknown_model(name))
+    }
+
+    /// The ready engine of a model, or the right error.
+    pub fn engine(&self, name: &str) -> Result<Engine, ApiError> {
+        self.get(name)?.engine()
+    }
+
+    /// Registers `url` (a model directory or file) as `name` and starts loading it.
+    pub fn register(
+        &self,
+        name: &str,
+        url: &str,
+        overrides: Overrides,
+    ) -> Result<Arc<ModelEntry>, ApiError> {
+        if !valid_model_name(name) {
+            return Err(ApiError::bad_request(format!(
+                "model name '{name}' must be 1-128 characters of letters, digits, '_', '-' and '.'"
+            )));
+        }
+        let path = local_path(url)?;
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| ApiError::bad_request(format!("model url '{url}': {e}")))?;
+        let properties = if meta.is_dir() {
+            Some(
+                ModelProperties::load(&path, &crate::properties::process_env)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        if let Some(p) = &properties {
+            for w in &p.warnings {
+                tracing::warn!(model = name, "{w}");
+            }
+        }
+        let model_path = match &properties {
+            Some(p) => p
+                .resolve_local()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            None => path.clone(),
+        };
+        let settings = worker_settings(properties.as_ref(), &overrides)?;
+        let (tx, _) = watch::channel(ModelState::Loading);
+        let entry = Arc::new(ModelEntry {
+            name: name.to_string(),
+            url: url.to_string(),
+            model_path,
+            properties,
+            settings: Mutex::new(settings),
+            registered_at: SystemTime::now(),
+            state: tx,
+        });
+        {
+            let mut models = self.models.write().map_err(|_| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned")
+            })?;
+            if models.contains_key(name) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("model '{name}' is already registered"),
+                ));
+            }
+            models.insert(name.to_string(), entry.clone());
+        }
+        self.spawn_loader(entry.clone());
+        Ok(entry)
+    }
+
+    fn spawn_loader(&self, entry: Arc<ModelEntry>) {
+        let defaults = self.defaults.clone();
+        let timeout = entry
+            .properties
+            .as_ref()
+            .map(|p| p.model_loading_timeout)
+            .unwrap_or(Duration::from_secs(3600));
+        let loader = entry.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("load-{}", entry.name))
+            .spawn(move || {
+                let t0 = Instant::now();
+                let result = load_engine(&loader, &defaults);
+                let state = match result {
+                    Ok(engine) => {
+                        tracing::info!(
+                            model = %loader.name,
+                            "ready in {:.2?}: {} KV blocks of {} tokens",
+                            t0.elapsed(),
+                            engine.info().kv_blocks,
+                            engine.info().block_size
+                        );
+                        ModelState::Ready(engine)
+                    }
+                    Err(msg) => {
+                        tracing::error!(model = %loader.name, "failed to load: {msg}");
+                        ModelState::Failed(msg)
+                    }
+                };
+                // A model that timed out stays failed even if loading finishes later.
+                loader.state.send_if_modified(|s| {
+                    if matches!(s, ModelState::Loading) {
+                        *s = state;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            });
+        if let Err(e) = spawned {
+            entry.state.send_replace(ModelState::Failed(format!(
+                "cannot start a loader thread: {e}"
+            )));
+            return;
+        }
+        // The loading timeout (`option.model_loading_timeout`).
+        let watched = entry;
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if !matches!(watched.state(), ModelState::Loading) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50).min(deadline - Instant::now()));
+            }
+            watched.state.send_if_modified(|s| {
+                if matches!(s, ModelState::Loading) {
+                    *s = ModelState::Failed(format!(
+                        "loading took longer than option.model_loading_timeout ({} s)",
+                        timeout.as_secs()
+                    ));
+                    true
+                } else {
+                    false
+                }
+            });
+        });
+    }
+
+    /// Removes a model: new requests get 404 at once; requests in flight finish,
+    /// then the engine stops. Returns when it has.
+    pub async fn unregister(&self, name: &str) -> Result<(), ApiError> {
+        let entry = {
+            let mut models = self.models.write().map_err(|_| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned")
+            })?;
+            models
+                .remove(name)
+                .ok_or_else(|| ApiError::unknown_model(name))?
+        };
+        if let ModelState::Ready(engine) = entry.state() {
+            // Drops the state's clone so that only `engine` holds the handle while draining.
+            entry
+                .state
+                .send_replace(ModelState::Failed("unregistered".into()));
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        }
+        Ok(())
+    }
+
+    /// Stops every engine after its requests finish (server shutdown).
+    pub fn shutdown_all(&self) {
+        for entry in self.all() {
+            if let ModelState::Ready(engine) = entry.state() {
+                engine.shutdown();
+            }
+        }
+    }
+}
+
+/// The DJL worker settings from properties and registration overrides.
+fn worker_settings(p: Option<&ModelProperties>, o: &Overrides) -> Result<WorkerSettings, ApiError> {
+    let d = ModelProperties::default();
+    let p = p.unwrap_or(&d);
+    let s = WorkerSettings {
+        batch_size: o.batch_size.unwrap_or(p.batch_size),
+        max_batch_delay_ms: o
+            .max_batch_delay_ms
+            .unwrap_or(p.max_batch_delay.as_millis() as u64),
+        job_queue_size: o.job_queue_size.unwrap_or(p.job_queue_size),
+        min_workers: o.min_workers.unwrap_or(p.min_workers),
+        max_workers: o.max_workers.unwrap_or(p.max_workers),
+    };
+    if s.batch_size == 0 || s.job_queue_size == 0 {
+        return Err(ApiError::bad_request(
+            "batch_size and job_queue_size must be at least 1",
+        ));
+    }
+    if s.min_workers > s.max_workers {
+        return Err(ApiError::bad_request(format!(
+            "min_worker {} is more than max_worker {}",
+            s.min_workers, s.max_workers
+        )));
+    }
+    Ok(s)
+}
+
+/// A local path from a registration url (`/path`, `file:///path`); remote
+/// schemes are refused with a clear message.
+pub fn local_path(url: &str) -> Result<PathBuf, ApiError> {
+    if let Some(p) = url.strip_prefix("file://") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        return Err(ApiError::bad_request(format!(
+            "model url '{url}': {scheme}:// urls are not supported yet; give a local directory or file"
+        )));
+    }
+    Ok(Path::new(url).to_path_buf())
+}
+
+/// Loads the weights and starts the engine (runs on the loader thread).
+fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, String> {
+    let p = entry.properties.clone().unwrap_or_default();
+    let opts = LoadOptions {
+        max_positions: p.max_model_len,
+    };
+    let backend = CpuBackend::new();
+    let model = kiln_model::load(&backend, &entry.model_path, &opts).map_err(|e| e.to_string())?;
+    let settings = entry
+        .settings
+        .lock()
+        .map(|s| s.clone())
+        .map_err(|e| e.to_string())?;
+    let mut cfg = EngineConfig {
+        max_running: p.max_rolling_batch_size,
+        max_waiting: settings.job_queue_size,
+        kv_capacity: KvCapacity::Bytes(defaults.kv_cache_bytes),
+        ..EngineConfig::default()
+    };
+    if let Some(t) = p.max_rolling_batch_prefill_tokens {
+        cfg.max_step_tokens = t;
+    }
+    Engine::start(backend, model, cfg).map_err(|e| e.to_string())
+}

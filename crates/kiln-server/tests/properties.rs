@@ -1,0 +1,873 @@
+//! `serving.properties` as DJL LMI deployments write it: parsing, defaults,
+//! validation messages, environment forms and precedence, warnings.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_server::properties::{
+    defaults, Dtype, Engine, ModelProperties, ModelSource, Origin, OutputFormatter,
+    PropertiesError, RollingBatch, Streaming, TensorParallelDegree,
+};
+
+/// An environment made of the given variables only.
+fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name: &str| map.get(name).cloned()
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+const FILE: &str = "models/opt13b/serving.properties";
+
+fn parse(text: &str) -> ModelProperties {
+    parse_env(text, &[])
+}
+
+fn parse_env(text: &str, vars: &[(&str, &str)]) -> ModelProperties {
+    match ModelProperties::parse(text, Path::new(FILE), &env_of(vars)) {
+        Ok(p) => p,
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+fn parse_err(text: &str) -> String {
+    parse_err_env(text, &[])
+}
+
+fn parse_err_env(text: &str, vars: &[(&str, &str)]) -> String {
+    match ModelProperties::parse(text, Path::new(FILE), &env_of(vars)) {
+        Ok(p) => panic!("expected an error, got {p:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn has_warning(p: &ModelProperties, needle: &str) -> bool {
+    p.warnings.iter().any(|w| w.contains(needle))
+}
+
+/// The reference deployment: OPT-13B on Inferentia with transformers-neuronx.
+const REFERENCE: &str = "\
+# OPT-13B on inf2 (transformers-neuronx)
+engine=Python
+option.entryPoint=djl_python.transformers_neuronx
+option.model_id=facebook/opt-13b
+option.tensor_parallel_degree=2
+option.n_positions=512
+option.rolling_batch=auto
+option.dtype=fp16
+option.model_loading_timeout=1500
+batch_size=4
+max_batch_delay=100
+";
+
+#[test]
+fn reference_deployment_file() {
+    let p = parse(REFERENCE);
+    assert_eq!(p.engine, Engine::Python);
+    assert_eq!(
+        p.entry_point.as_deref(),
+        Some("djl_python.transformers_neuronx")
+    );
+    assert_eq!(
+        p.model_source,
+        ModelSource::HuggingFace {
+            id: "facebook/opt-13b".into(),
+            revision: None
+        }
+    );
+    assert_eq!(
+        p.tensor_parallel_degree,
+        Some(TensorParallelDegree::Degree(2))
+    );
+    assert_eq!(p.max_model_len, Some(512));
+    assert_eq!(p.rolling_batch, RollingBatch::Auto);
+    assert_eq!(p.dtype, Dtype::Fp16);
+    assert_eq!(p.model_loading_timeout, Duration::from_secs(1500));
+    assert_eq!(p.batch_size, 4);
+    assert_eq!(p.max_batch_delay, Duration::from_millis(100));
+    assert_eq!(p.max_rolling_batch_size, 32);
+    assert_eq!(p.model_dir, Path::new("models/opt13b"));
+    assert_eq!(p.properties_file.as_deref(), Some(Path::new(FILE)));
+
+    // What kiln does differently is said, each with its line.
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:3: option.entryPoint=djl_python.transformers_neuronx")
+    ));
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:5: option.tensor_parallel_degree=2: kiln runs each model on one device")
+    ));
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:10: batch_size=4: kiln batches continuously")
+    ));
+    assert!(has_warning(&p, &format!("{FILE}:11: max_batch_delay=100")));
+    assert_eq!(p.warnings.len(), 4, "{:#?}", p.warnings);
+
+    let err = p
+        .resolve_local()
+        .expect_err("a Hugging Face id is not local");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{FILE}:4: option.model_id = 'facebook/opt-13b' is a Hugging Face model id; \
+             downloading is not supported yet: put the model in a local directory and set \
+             option.model_id to its path"
+        )
+    );
+}
+
+#[test]
+fn no_file_means_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = ModelProperties::load(dir.path(), &no_env).expect("loads");
+    assert_eq!(p.properties_file, None);
+    assert_eq!(p.engine, Engine::Python);
+    assert_eq!(p.model_source, ModelSource::InDirectory);
+    assert_eq!(p.dtype, Dtype::Auto);
+    assert_eq!(p.rolling_batch, RollingBatch::Auto);
+    assert_eq!(p.max_rolling_batch_size, 32);
+    assert_eq!(p.max_rolling_batch_prefill_tokens, None);
+    assert_eq!(p.max_model_len, None);
+    assert_eq!(p.enable_streaming, Streaming::False);
+    assert_eq!(p.output_formatter, None);
+    assert_eq!(p.batch_size, 1);
+    assert_eq!(p.max_batch_delay, Duration::from_millis(100));
+    assert_eq!(p.job_queue_size, 1000);
+    assert_eq!(p.min_workers, 1);
+    assert_eq!(p.max_workers, 1);
+    assert_eq!(p.model_loading_timeout, Duration::from_secs(1200));
+    assert_eq!(p.predict_timeout, Duration::from_secs(240));
+    assert!(!p.trust_remote_code);
+    assert!(p.raw.is_empty());
+    assert!(p.warnings.is_empty());
+    assert_eq!(p.resolve_local().expect("in directory"), dir.path());
+
+    let d = ModelProperties::default();
+    assert_eq!(
+        (
+            d.max_rolling_batch_size,
+            d.job_queue_size,
+            d.batch_size,
+            d.max_workers
+        ),
+        (
+            p.max_rolling_batch_size,
+            p.job_queue_size,
+            p.batch_size,
+            p.max_workers
+        )
+    );
+}
+
+#[test]
+fn load_reads_the_file_in_the_model_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("serving.properties"), "option.dtype=bf16\n").expect("write");
+    let p = ModelProperties::load(dir.path(), &no_env).expect("loads");
+    assert_eq!(p.dtype, Dtype::Bf16);
+    assert_eq!(
+        p.properties_file,
+        Some(dir.path().join("serving.properties"))
+    );
+}
+
+#[test]
+fn load_accepts_latin1_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("serving.properties"),
+        b"option.dtype=fp16\nnote=caf\xe9\n",
+    )
+    .expect("write");
+    let p = ModelProperties::load(dir.path(), &no_env).expect("loads");
+    assert_eq!(p.get("note"), Some("café"));
+}
+
+#[test]
+fn dtype_values() {
+    for (value, dtype) in [
+        ("auto", Dtype::Auto),
+        ("fp32", Dtype::Fp32),
+        ("float32", Dtype::Fp32),
+        ("fp16", Dtype::Fp16),
+        ("FP16", Dtype::Fp16),
+        ("float16", Dtype::Fp16),
+        ("half", Dtype::Fp16),
+        ("bf16", Dtype::Bf16),
+        ("bfloat16", Dtype::Bf16),
+    ] {
+        assert_eq!(
+            parse(&format!("option.dtype={value}")).dtype,
+            dtype,
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn bad_dtype_names_file_line_key_and_allowed_values() {
+    let text = "engine=Python\noption.model_id=/tmp\n\noption.dtype=fp8\n";
+    assert_eq!(
+        parse_err(text),
+        "models/opt13b/serving.properties:4: option.dtype = 'fp8' is not one of auto, fp32, fp16, bf16"
+    );
+    assert!(parse_err("option.dtype=int8").contains("is not one of auto, fp32, fp16, bf16"));
+}
+
+#[test]
+fn rolling_batch_values() {
+    for (value, rb) in [
+        ("auto", RollingBatch::Auto),
+        ("disable", RollingBatch::Disable),
+        ("scheduler", RollingBatch::Scheduler),
+        ("lmi-dist", RollingBatch::LmiDist),
+        ("vllm", RollingBatch::Vllm),
+        ("deepspeed", RollingBatch::DeepSpeed),
+        ("trtllm", RollingBatch::TrtLlm),
+        ("tnx", RollingBatch::Tnx),
+    ] {
+        let p = parse(&format!("option.rolling_batch={value}"));
+        assert_eq!(p.rolling_batch, rb, "{value}");
+        assert_eq!(
+            p.warnings.is_empty(),
+            rb == RollingBatch::Auto,
+            "{value}: {:?}",
+            p.warnings
+        );
+    }
+    assert!(parse_err("option.rolling_batch=tgi").ends_with(
+        "option.rolling_batch = 'tgi' is not one of auto, disable, scheduler, lmi-dist, vllm, deepspeed, trtllm, tnx"
+    ));
+}
+
+#[test]
+fn max_rolling_batch_size_default_follows_djl() {
+    assert_eq!(
+        parse("option.rolling_batch=lmi-dist").max_rolling_batch_size,
+        32
+    );
+    assert_eq!(
+        parse("option.rolling_batch=vllm").max_rolling_batch_size,
+        256
+    );
+    assert_eq!(
+        parse("option.rolling_batch=trtllm").max_rolling_batch_size,
+        256
+    );
+    assert_eq!(
+        parse("option.rolling_batch=vllm\noption.max_rolling_batch_size=8").max_rolling_batch_size,
+        8
+    );
+    assert_eq!(defaults::MAX_ROLLING_BATCH_SIZE, 32);
+}
+
+#[test]
+fn whole_number_keys() {
+    let p = parse(
+        "option.max_rolling_batch_size=64\n\
+         option.max_rolling_batch_prefill_tokens=4096\n\
+         option.max_model_len=2048\n\
+         option.max_input_len=1024\n\
+         option.max_output_len=512\n\
+         job_queue_size=10\n\
+         option.predict_timeout=30\n",
+    );
+    assert_eq!(p.max_rolling_batch_size, 64);
+    assert_eq!(p.max_rolling_batch_prefill_tokens, Some(4096));
+    assert_eq!(p.max_model_len, Some(2048));
+    assert_eq!(p.max_input_len, Some(1024));
+    assert_eq!(p.max_output_len, Some(512));
+    assert_eq!(p.job_queue_size, 10);
+    assert_eq!(p.predict_timeout, Duration::from_secs(30));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+
+    for key in [
+        "option.max_rolling_batch_size",
+        "option.max_rolling_batch_prefill_tokens",
+        "option.max_model_len",
+        "option.n_positions",
+        "option.max_input_len",
+        "option.max_output_len",
+        "job_queue_size",
+        "batch_size",
+    ] {
+        for bad in ["0", "-3", "abc", "1.5", "99999999999"] {
+            assert_eq!(
+                parse_err(&format!("{key}={bad}")),
+                format!("{FILE}:1: {key} = '{bad}' is not a whole number of at least 1"),
+            );
+        }
+    }
+    for key in ["option.model_loading_timeout", "option.predict_timeout"] {
+        assert_eq!(
+            parse_err(&format!("{key}=0")),
+            format!("{FILE}:1: {key} = '0' is not a whole number of seconds of at least 1"),
+        );
+    }
+    assert_eq!(
+        parse_err("max_batch_delay=-1"),
+        format!("{FILE}:1: max_batch_delay = '-1' is not a whole number of milliseconds")
+    );
+}
+
+#[test]
+fn n_positions_and_max_model_len() {
+    assert_eq!(parse("option.n_positions=512").max_model_len, Some(512));
+    let p = parse("option.n_positions=512\noption.max_model_len=1024");
+    assert_eq!(p.max_model_len, Some(1024));
+    assert!(has_warning(&p, "used instead of option.n_positions=512"));
+    assert!(parse("option.n_positions=512\noption.max_model_len=512")
+        .warnings
+        .is_empty());
+}
+
+#[test]
+fn streaming_values() {
+    for (value, s) in [
+        ("true", Streaming::True),
+        ("false", Streaming::False),
+        ("huggingface", Streaming::HuggingFace),
+        ("True", Streaming::True),
+    ] {
+        let p = parse(&format!("option.enable_streaming={value}"));
+        assert_eq!(p.enable_streaming, s);
+        assert!(has_warning(&p, "deprecated in DJL"));
+    }
+    assert!(parse_err("option.enable_streaming=yes")
+        .ends_with("is not one of true, false, huggingface"));
+}
+
+#[test]
+fn output_formatter_values() {
+    for (value, f) in [
+        ("json", OutputFormatter::Json),
+        ("jsonlines", OutputFormatter::JsonLines),
+        ("sse", OutputFormatter::Sse),
+    ] {
+        let p = parse(&format!("option.output_formatter={value}"));
+        assert_eq!(p.output_formatter, Some(f));
+        assert_eq!(p.output_formatter_for(true), f);
+        assert_eq!(p.output_formatter_for(false), f);
+    }
+    let p = parse("");
+    assert_eq!(p.output_formatter_for(false), OutputFormatter::Json);
+    assert_eq!(p.output_formatter_for(true), OutputFormatter::JsonLines);
+    assert_eq!(OutputFormatter::Sse.content_type(), "text/event-stream");
+
+    // DJL formatters kiln does not have: the default, with a warning.
+    let p = parse("option.output_formatter=3p");
+    assert_eq!(p.output_formatter, None);
+    assert!(has_warning(
+        &p,
+        "kiln does not implement this DJL formatter"
+    ));
+
+    assert!(parse_err("option.output_formatter=my_formatter")
+        .contains("option.output_formatter = 'my_formatter' is not one of json, jsonlines, sse"));
+}
+
+#[test]
+fn engine_values() {
+    assert_eq!(parse("engine=Python").engine, Engine::Python);
+    assert!(parse("engine=Python").warnings.is_empty());
+    let p = parse("engine=MPI");
+    assert_eq!(p.engine, Engine::Mpi);
+    assert!(has_warning(
+        &p,
+        "engine=MPI: kiln runs one engine per model on one device"
+    ));
+    assert_eq!(parse("engine=DeepSpeed").engine, Engine::DeepSpeed);
+    let p = parse("engine=PyTorch");
+    assert_eq!(p.engine, Engine::Other("PyTorch".into()));
+    assert!(has_warning(&p, "not an LMI engine"));
+}
+
+#[test]
+fn tensor_parallel_degree_values() {
+    let p = parse("option.tensor_parallel_degree=max");
+    assert_eq!(p.tensor_parallel_degree, Some(TensorParallelDegree::Max));
+    assert!(p.warnings.is_empty());
+    assert_eq!(
+        parse("option.tensor_parallel_degree=-1").tensor_parallel_degree,
+        Some(TensorParallelDegree::Max)
+    );
+    let p = parse("option.tensor_parallel_degree=1");
+    assert_eq!(
+        p.tensor_parallel_degree,
+        Some(TensorParallelDegree::Degree(1))
+    );
+    assert!(p.warnings.is_empty());
+    assert!(parse_err("option.tensor_parallel_degree=0").ends_with(
+        "option.tensor_parallel_degree = '0' is not max or a whole number of at least 1"
+    ));
+    assert!(has_warning(
+        &parse("option.pipeline_parallel_degree=2"),
+        "not split into stages"
+    ));
+}
+
+#[test]
+fn booleans() {
+    for (value, expected) in [
+        ("true", true),
+        ("TRUE", true),
+        ("false", false),
+        ("0", false),
+    ] {
+        assert_eq!(
+            parse(&format!("option.trust_remote_code={value}")).trust_remote_code,
+            expected
+        );
+    }
+    assert!(has_warning(
+        &parse("option.trust_remote_code=true"),
+        "kiln never runs code from the model"
+    ));
+    assert!(parse_err("option.trust_remote_code=maybe")
+        .ends_with("option.trust_remote_code = 'maybe' is not true or false"));
+}
+
+#[test]
+fn workers() {
+    let p = parse("minWorkers=1\nmaxWorkers=1");
+    assert_eq!((p.min_workers, p.max_workers), (1, 1));
+    assert!(p.warnings.is_empty());
+    let p = parse("minWorkers=2\nmaxWorkers=4");
+    assert_eq!((p.min_workers, p.max_workers), (2, 4));
+    assert!(has_warning(
+        &p,
+        "minWorkers=2: kiln runs one engine per model"
+    ));
+    assert!(has_warning(
+        &p,
+        "maxWorkers=4: kiln runs one engine per model"
+    ));
+    assert_eq!(parse("minWorkers=3").max_workers, 3);
+    assert_eq!(parse("maxWorkers=-1").max_workers, 1);
+    assert_eq!(parse("minWorkers=0").min_workers, 0);
+    assert!(parse_err("minWorkers=4\nmaxWorkers=2")
+        .ends_with("minWorkers = '4' is more than maxWorkers = 2"));
+    assert!(parse_err("maxWorkers=0")
+        .ends_with("maxWorkers = '0' is not -1 or a whole number of at least 1"));
+    assert!(parse_err("minWorkers=x")
+        .ends_with("minWorkers = 'x' is not -1 or a whole number of at least 0"));
+}
+
+#[test]
+fn static_batching_is_accepted_and_explained() {
+    let p = parse("batch_size=1");
+    assert!(p.warnings.is_empty());
+    let p = parse("max_dynamic_batch_size=8");
+    assert_eq!(p.batch_size, 8);
+    assert!(has_warning(&p, "static batching is not needed"));
+    assert_eq!(
+        parse("max_dynamic_batch_size=8\nbatch_size=2").batch_size,
+        2
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let err = parse_err("option.dtype=fp8\nok=1\njob_queue_size=none\n");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(lines[0].starts_with(&format!("{FILE}:1: option.dtype")));
+    assert!(lines[1].starts_with(&format!("{FILE}:3: job_queue_size")));
+    let Err(PropertiesError::Invalid { problems }) =
+        ModelProperties::parse("option.dtype=fp8", Path::new(FILE), &no_env)
+    else {
+        panic!("expected Invalid");
+    };
+    assert_eq!(problems[0].key, "option.dtype");
+    assert_eq!(
+        problems[0].origin,
+        Origin::File {
+            path: PathBuf::from(FILE),
+            line: 1
+        }
+    );
+}
+
+#[test]
+fn unknown_keys_are_warned_by_name_and_line() {
+    let p =
+        parse("option.dtype=fp16\noption.frobnicate=1\noption.dtpye=fp16\nrolling_batch=auto\n");
+    assert!(p.warnings.contains(&format!(
+        "{FILE}:2: unknown key 'option.frobnicate' is ignored"
+    )));
+    assert!(p.warnings.contains(&format!(
+        "{FILE}:3: unknown key 'option.dtpye' is ignored (did you mean option.dtype?)"
+    )));
+    assert!(p.warnings.contains(&format!(
+        "{FILE}:4: unknown key 'rolling_batch' is ignored (did you mean option.rolling_batch?)"
+    )));
+    // Unknown keys are still shown as set.
+    assert_eq!(p.get("option.frobnicate"), Some("1"));
+}
+
+#[test]
+fn known_but_ignored_keys_say_what_kiln_does() {
+    let p = parse("option.quantize=awq\noption.neuron_optimize_level=2\nmax_idle_time=60\noption.enable_venv=true");
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:1: option.quantize is ignored: kiln does not quantize")
+    ));
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:2: option.neuron_optimize_level is ignored: this is an AWS Neuron")
+    ));
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:3: max_idle_time is ignored: kiln runs one engine per model")
+    ));
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:4: option.enable_venv is ignored: kiln runs no Python")
+    ));
+}
+
+#[test]
+fn a_key_set_twice_takes_the_later_value() {
+    let p = parse("option.dtype=fp16\noption.dtype=bf16");
+    assert_eq!(p.dtype, Dtype::Bf16);
+    assert!(has_warning(
+        &p,
+        &format!("{FILE}:2: option.dtype is set again; this value replaces the one from {FILE}:1")
+    ));
+    assert_eq!(p.raw.len(), 1);
+}
+
+#[test]
+fn continuation_lines_and_escapes() {
+    let text = "option.model_id=/opt/ml/\\\n    models/\\\n    opt\\u002D13b\n\
+                option.dtype = \\\n  fp16\n\
+                option.revision\\\n=main\n";
+    let p = parse(text);
+    assert_eq!(
+        p.model_source,
+        ModelSource::LocalPath(PathBuf::from("/opt/ml/models/opt-13b"))
+    );
+    assert_eq!(p.dtype, Dtype::Fp16);
+    assert_eq!(p.revision.as_deref(), Some("main"));
+    let origin = &p.raw.entry("option.dtype").expect("set").origin;
+    assert_eq!(
+        origin,
+        &Origin::File {
+            path: PathBuf::from(FILE),
+            line: 4
+        }
+    );
+    assert!(has_warning(
+        &p,
+        "option.revision=main: only applies to a Hugging Face model id"
+    ));
+}
+
+#[test]
+fn syntax_errors_name_file_and_line() {
+    let err = parse_err("option.dtype=fp16\noption.model_id=\\u00zz");
+    assert_eq!(err, format!("{FILE}:2: malformed \\uXXXX escape"));
+}
+
+#[test]
+fn comments_separators_and_whitespace() {
+    let p = parse(
+        "# comment\n! also a comment\n\n   option.dtype   :   bf16   \n\
+         option.rolling_batch vllm\njob_queue_size=\t 12 \t\n",
+    );
+    assert_eq!(p.dtype, Dtype::Bf16);
+    assert_eq!(p.rolling_batch, RollingBatch::Vllm);
+    assert_eq!(p.job_queue_size, 12);
+}
+
+// --- Environment ----------------------------------------------------------
+
+#[test]
+fn file_wins_over_option_env_as_in_djl() {
+    let p = parse_env(
+        "option.max_rolling_batch_size=32\n",
+        &[("OPTION_MAX_ROLLING_BATCH_SIZE", "8")],
+    );
+    assert_eq!(p.max_rolling_batch_size, 32);
+    assert!(p.warnings.contains(&format!(
+        "environment variable OPTION_MAX_ROLLING_BATCH_SIZE=8 is not used: {FILE}:1 sets \
+         option.max_rolling_batch_size=32 (serving.properties wins over the environment, as in DJL Serving)"
+    )));
+}
+
+#[test]
+fn option_env_fills_keys_the_file_does_not_set() {
+    let p = parse_env(
+        "option.dtype=fp16\n",
+        &[
+            ("OPTION_MAX_ROLLING_BATCH_SIZE", "8"),
+            ("OPTION_ROLLING_BATCH", "lmi-dist"),
+            ("OPTION_ENTRYPOINT", "djl_python.huggingface"),
+            ("OPTION_ENGINE", "MPI"),
+            ("OPTION_DTYPE", "fp16"),
+            ("SERVING_JOB_QUEUE_SIZE", "7"),
+            ("OPTION_N_POSITIONS", ""),
+        ],
+    );
+    assert_eq!(p.max_rolling_batch_size, 8);
+    assert_eq!(p.rolling_batch, RollingBatch::LmiDist);
+    assert_eq!(p.entry_point.as_deref(), Some("djl_python.huggingface"));
+    assert_eq!(p.engine, Engine::Mpi);
+    assert_eq!(p.job_queue_size, 7);
+    assert_eq!(p.max_model_len, None, "empty values are ignored");
+    // The same value in both places is not worth a warning.
+    assert!(!has_warning(&p, "OPTION_DTYPE"));
+    let origin = &p
+        .raw
+        .entry("option.max_rolling_batch_size")
+        .expect("set")
+        .origin;
+    assert_eq!(
+        origin,
+        &Origin::Env {
+            var: "OPTION_MAX_ROLLING_BATCH_SIZE".into()
+        }
+    );
+    assert!(has_warning(
+        &p,
+        "environment variable OPTION_ENTRYPOINT: option.entryPoint=djl_python.huggingface"
+    ));
+}
+
+#[test]
+fn env_values_are_validated_and_name_the_variable() {
+    assert_eq!(
+        parse_err_env("", &[("OPTION_DTYPE", "fp8")]),
+        "environment variable OPTION_DTYPE: option.dtype = 'fp8' is not one of auto, fp32, fp16, bf16"
+    );
+    assert_eq!(
+        parse_err_env("", &[("MAX_BATCH_SIZE", "lots")]),
+        "environment variable MAX_BATCH_SIZE: option.max_rolling_batch_size = 'lots' is not a whole number of at least 1"
+    );
+}
+
+#[test]
+fn lmi_aliases_come_after_option_variables() {
+    let p = parse_env(
+        "",
+        &[
+            ("MAX_BATCH_SIZE", "16"),
+            ("MAX_CONCURRENT_REQUESTS", "50"),
+            ("MAX_BATCH_PREFILL_TOKENS", "2048"),
+            ("HF_MODEL_TRUST_REMOTE_CODE", "true"),
+            ("TENSOR_PARALLEL_DEGREE", "max"),
+        ],
+    );
+    assert_eq!(p.max_rolling_batch_size, 16);
+    assert_eq!(p.job_queue_size, 50);
+    assert_eq!(p.max_rolling_batch_prefill_tokens, Some(2048));
+    assert!(p.trust_remote_code);
+    assert_eq!(p.tensor_parallel_degree, Some(TensorParallelDegree::Max));
+
+    let p = parse_env(
+        "",
+        &[
+            ("MAX_BATCH_SIZE", "16"),
+            ("OPTION_MAX_ROLLING_BATCH_SIZE", "4"),
+        ],
+    );
+    assert_eq!(p.max_rolling_batch_size, 4);
+    let p = parse_env("", &[("SM_NUM_GPUS", "4"), ("TENSOR_PARALLEL_DEGREE", "1")]);
+    assert_eq!(
+        p.tensor_parallel_degree,
+        Some(TensorParallelDegree::Degree(1))
+    );
+}
+
+#[test]
+fn sagemaker_variables_override_the_file_as_in_djl() {
+    let p = parse_env(
+        "option.model_loading_timeout=1500\n",
+        &[
+            ("SAGEMAKER_STARTUP_TIMEOUT", "600"),
+            ("SAGEMAKER_NUM_MODEL_WORKERS", "1"),
+        ],
+    );
+    assert_eq!(p.model_loading_timeout, Duration::from_secs(600));
+    assert_eq!((p.min_workers, p.max_workers), (1, 1));
+    assert!(has_warning(
+        &p,
+        "SAGEMAKER_STARTUP_TIMEOUT=600 replaces option.model_loading_timeout=1500"
+    ));
+}
+
+#[test]
+fn timeout_defaults_come_from_the_environment() {
+    let p = parse_env(
+        "",
+        &[("MODEL_LOADING_TIMEOUT", "99"), ("PREDICT_TIMEOUT", "5")],
+    );
+    assert_eq!(p.model_loading_timeout, Duration::from_secs(99));
+    assert_eq!(p.predict_timeout, Duration::from_secs(5));
+    let p = parse_env(
+        "option.model_loading_timeout=7",
+        &[("MODEL_LOADING_TIMEOUT", "99")],
+    );
+    assert_eq!(p.model_loading_timeout, Duration::from_secs(7));
+}
+
+#[test]
+fn hf_model_id_builds_the_extra_model() {
+    let env = env_of(&[
+        ("HF_MODEL_ID", "facebook/opt-13b"),
+        ("HF_REVISION", "abc123"),
+        ("OPTION_MODEL_ID", "ignored/other"),
+        ("OPTION_DTYPE", "bf16"),
+    ]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = ModelProperties::from_hf_model_id(dir.path(), &env)
+        .expect("valid")
+        .expect("HF_MODEL_ID is set");
+    assert_eq!(
+        p.model_source,
+        ModelSource::HuggingFace {
+            id: "facebook/opt-13b".into(),
+            revision: Some("abc123".into())
+        }
+    );
+    assert_eq!(p.dtype, Dtype::Bf16);
+    assert!(has_warning(&p, "OPTION_MODEL_ID=ignored/other is not used"));
+    assert_eq!(
+        p.resolve_local().expect_err("not local").to_string(),
+        "environment variable HF_MODEL_ID: option.model_id = 'facebook/opt-13b' is a Hugging Face \
+         model id; downloading is not supported yet: put the model in a local directory and set \
+         HF_MODEL_ID to its path"
+    );
+
+    assert!(ModelProperties::from_hf_model_id(dir.path(), &no_env)
+        .expect("ok")
+        .is_none());
+    assert!(
+        ModelProperties::from_hf_model_id(dir.path(), &env_of(&[("HF_MODEL_ID", "")]))
+            .expect("ok")
+            .is_none()
+    );
+}
+
+#[test]
+fn hf_model_id_does_not_touch_store_models() {
+    let p = parse_env("option.dtype=fp16", &[("HF_MODEL_ID", "facebook/opt-13b")]);
+    assert_eq!(p.model_source, ModelSource::InDirectory);
+}
+
+// --- option.model_id ------------------------------------------------------
+
+#[test]
+fn model_id_classification_and_resolution() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let model_dir = store.path().join("m");
+    std::fs::create_dir_all(model_dir.join("weights/opt")).expect("mkdir");
+    let file = model_dir.join("serving.properties");
+    let load = |model_id: &str| {
+        ModelProperties::parse(&format!("option.model_id={model_id}"), &file, &no_env)
+    };
+
+    // Relative paths start at the model directory, even when shaped like an id.
+    let p = load("weights/opt").expect("valid");
+    assert_eq!(
+        p.model_source,
+        ModelSource::LocalPath(model_dir.join("weights/opt"))
+    );
+    assert_eq!(
+        p.resolve_local().expect("exists"),
+        model_dir.join("weights/opt")
+    );
+    let p = load("./weights").expect("valid");
+    assert_eq!(
+        p.resolve_local().expect("exists"),
+        model_dir.join("./weights")
+    );
+
+    let abs = model_dir.join("weights").display().to_string();
+    let p = load(&abs).expect("valid");
+    assert_eq!(p.model_source, ModelSource::LocalPath(PathBuf::from(&abs)));
+    let p = load(&format!("file://{abs}")).expect("valid");
+    assert_eq!(p.resolve_local().expect("exists"), PathBuf::from(&abs));
+
+    let p = load("/no/such/dir").expect("valid");
+    let err = p.resolve_local().expect_err("missing");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:1: option.model_id = '/no/such/dir': /no/such/dir does not exist",
+            file.display()
+        )
+    );
+
+    let p = load("gpt2").expect("valid");
+    assert_eq!(
+        p.model_source,
+        ModelSource::HuggingFace {
+            id: "gpt2".into(),
+            revision: None
+        }
+    );
+
+    let p = load("s3://bucket/models/opt-13b/").expect("valid");
+    assert_eq!(
+        p.model_source,
+        ModelSource::S3("s3://bucket/models/opt-13b/".into())
+    );
+    assert!(p
+        .resolve_local()
+        .expect_err("remote")
+        .to_string()
+        .ends_with("option.model_id = 's3://bucket/models/opt-13b/' is an S3 URL; downloading is not supported yet: copy the model to a local directory and set option.model_id to its path"));
+
+    let p = load("").expect("valid");
+    assert_eq!(p.model_source, ModelSource::InDirectory);
+    assert_eq!(p.resolve_local().expect("dir"), model_dir);
+
+    for (bad, why) in [
+        ("djl://ai.djl.zoo/mlp", "is a DJL model zoo URL"),
+        ("https://example.com/model", "is a https:// URL"),
+        ("s3://", "is an S3 URL without a bucket"),
+    ] {
+        let err = load(bad).expect_err(bad).to_string();
+        assert!(
+            err.contains(&format!("option.model_id = '{bad}' {why}")),
+            "{err}"
+        );
+    }
+}
+
+// --- Display --------------------------------------------------------------
+
+#[test]
+fn raw_properties_serialize_as_an_ordered_object() {
+    let p = parse_env(
+        "option.dtype=fp16\nbatch_size=1\n",
+        &[("OPTION_ROLLING_BATCH", "auto")],
+    );
+    let json = serde_json::to_string(&p.raw).expect("serializes");
+    assert_eq!(
+        json,
+        r#"{"option.dtype":"fp16","batch_size":"1","option.rolling_batch":"auto"}"#
+    );
+    let keys: Vec<&str> = p.raw.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["option.dtype", "batch_size", "option.rolling_batch"]);
+}
+
+#[test]
+fn model_id_from_option_env_names_the_variable_in_the_hint() {
+    let p = parse_env("", &[("OPTION_MODEL_ID", "s3://bucket/opt")]);
+    assert_eq!(
+        p.resolve_local().expect_err("remote").to_string(),
+        "environment variable OPTION_MODEL_ID: option.model_id = 's3://bucket/opt' is an S3 URL; \
+         downloading is not supported yet: copy the model to a local directory and set \
+         OPTION_MODEL_ID to its path"
+    );
+}

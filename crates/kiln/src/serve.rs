@@ -1,0 +1,104 @@
+//! `kiln serve`: the model server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_server::ServerConfig;
+
+/// Arguments of `kiln serve`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A DJL model store: each subdirectory is a model (with its serving.properties).
+    #[arg(long, env = "KILN_MODEL_STORE")]
+    pub model_store: Option<PathBuf>,
+    /// Models to serve, as `name=path` (a model directory or file), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Address to bind (127.0.0.1 unless told otherwise; 0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1", env = "KILN_HOST")]
+    pub host: IpAddr,
+    /// Port (0 picks a free one, printed at start).
+    #[arg(long, default_value_t = 8080, env = "KILN_PORT")]
+    pub port: u16,
+    /// API keys accepted as `Authorization: Bearer <key>` (comma-separated); none = open.
+    #[arg(
+        long,
+        env = "KILN_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_key: Vec<String>,
+    /// Origins allowed to call from browsers (CORS), comma-separated, or `*`; none = CORS off.
+    #[arg(long, value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_request_bytes: usize,
+    /// Seconds a request may run before it is finished with reason `deadline`.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub grace_period: u64,
+    /// Where to write serving.log and access.log (default: logs/ when serving a model store).
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// KV cache per model, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_cache_mib: usize,
+}
+
+/// The server configuration these arguments describe.
+pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
+    let models = args
+        .models
+        .iter()
+        .map(|m| match m.split_once('=') {
+            Some((name, url)) => Ok((name.to_string(), url.to_string())),
+            None => {
+                let name = std::path::Path::new(m)
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .with_context(|| format!("--models '{m}': give it as name=path"))?;
+                Ok((name.to_string(), m.clone()))
+            }
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let log_dir = args
+        .log_dir
+        .clone()
+        .or_else(|| args.model_store.as_ref().map(|_| PathBuf::from("logs")));
+    Ok(ServerConfig {
+        bind: SocketAddr::new(args.host, args.port),
+        model_store: args.model_store.clone(),
+        models,
+        api_keys: args
+            .api_key
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect(),
+        cors_origins: args.cors_origin.clone(),
+        max_request_bytes: args.max_request_bytes,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        grace_period: Duration::from_secs(args.grace_period),
+        log_dir,
+        kv_cache_bytes: args.kv_cache_mib << 20,
+    })
+}
+
+/// Runs `kiln serve` (logging is set up by the caller, see `main`).
+pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("kiln-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let st = kiln_server::start_state(cfg)?;
+        kiln_server::serve(st).await
+    })
+}
