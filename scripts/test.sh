@@ -7,3 +7,6 @@ scripts/fetch-assets.sh --tests >/dev/null
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The OpenAI Python client against the binary cargo test just built
+# (skipped, loudly, where python3 is missing).
+scripts/e2e/run.sh target/debug/kiln

@@ -106,6 +106,9 @@ pub trait Backend: Send + Sync {
     /// The shape of a tensor.
     fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
 
+    /// The same elements under another shape (`[tokens, heads * d]` as `[tokens * heads, d]`).
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
     /// Prepares per-step metadata (token ids, positions, block tables).
     fn prepare_step(&self, input: &StepInput) -> Result<Self::Step>;
 

@@ -91,6 +91,43 @@ impl WeightData {
     }
 }
 
+impl WeightData {
+    /// Splits a matrix of `cols` columns into consecutive bands of `rows[i]`
+    /// rows each (fused projections such as q/k/v stored as one matrix).
+    pub fn split_rows(self, cols: usize, rows: &[usize]) -> Result<Vec<WeightData>, String> {
+        let row_len = match &self {
+            WeightData::F32(_) => cols,
+            WeightData::Ggml { ty, .. } => row_bytes(*ty, cols)
+                .ok_or_else(|| format!("{cols} columns are not whole {ty:?} blocks"))?,
+        };
+        let total: usize = rows.iter().sum();
+        let have = match &self {
+            WeightData::F32(v) => v.len(),
+            WeightData::Ggml { bytes, .. } => bytes.len(),
+        };
+        if total * row_len != have {
+            return Err(format!(
+                "{have} elements or bytes cannot split into {rows:?} rows of {cols}"
+            ));
+        }
+        let mut start = 0;
+        Ok(rows
+            .iter()
+            .map(|&r| {
+                let range = start * row_len..(start + r) * row_len;
+                start += r;
+                match &self {
+                    WeightData::F32(v) => WeightData::F32(v[range].to_vec()),
+                    WeightData::Ggml { ty, bytes } => WeightData::Ggml {
+                        ty: *ty,
+                        bytes: bytes[range].to_vec(),
+                    },
+                }
+            })
+            .collect())
+    }
+}
+
 /// Bytes one row of `cols` elements of type `ty` occupies, or `None` when
 /// `cols` is not a whole number of blocks.
 pub fn row_bytes(ty: GgmlType, cols: usize) -> Option<usize> {

@@ -118,13 +118,6 @@ impl RequestStream {
     pub fn blocking_next(&mut self) -> Option<Event> {
         self.rx.blocking_recv()
     }
-
-    /// The next event if one is already waiting (the engine sends a request's
-    /// last token and its `Finished` back to back, so a server can tell that a
-    /// token is the last one without waiting).
-    pub fn try_next(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
-    }
 }
 
 enum Command {
@@ -636,6 +629,7 @@ impl<B: Backend> Worker<B> {
             text,
             logprob: choice.logprob,
             top_logprobs: choice.top_logprobs,
+            last: finish.is_some(),
         };
         match finish {
             Some(reason) => self.finish_after(id, Some(out), reason, error),

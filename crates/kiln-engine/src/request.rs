@@ -102,6 +102,8 @@ pub struct TokenOutput {
     pub logprob: f32,
     /// The most likely alternatives with their log-probabilities, if asked for.
     pub top_logprobs: Vec<(u32, f32)>,
+    /// The request ends with this token: its `Finished` event follows at once.
+    pub last: bool,
 }
 
 /// Token counts of a finished request.

@@ -73,17 +73,29 @@ impl ChatTemplate {
 
     /// Renders the conversation; `add_generation_prompt` appends the cue for the assistant's turn.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// Renders with extra template variables, as `apply_chat_template(**kwargs)`
+    /// passes them (`enable_thinking`, `date_string`, …).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| ModelError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
+        let base = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-        })
-        .map_err(|e| ModelError::Template(format!("cannot render: {e}")))
+        };
+        tmpl.render(minijinja::context! { ..base, ..Value::from(minijinja::value::Serde(extra)) })
+            .map_err(|e| ModelError::Template(format!("cannot render: {e}")))
     }
 }
 

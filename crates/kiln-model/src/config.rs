@@ -49,6 +49,14 @@ pub struct RopeConfig {
 }
 
 /// Everything the generic decoder needs to know about a model's shape.
+///
+/// Every supported architecture is one setting of these fields: llama
+/// (pre-norm RMSNorm, SiLU-gated FFN, rotary positions), mistral (plus a
+/// sliding window), qwen2 (plus q/k/v biases), qwen3 (plus per-head q/k
+/// norms), phi3 (fused projections, split at load), gpt2 (LayerNorm, GELU,
+/// learned positions, Conv1D weights transposed at load) and opt (LayerNorm
+/// before or after each block, ReLU, learned positions offset by 2, optional
+/// embedding projections).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderConfig {
     /// Architecture name as the checkpoint states it (`llama`, `qwen2`, …).
@@ -62,33 +70,120 @@ pub struct DecoderConfig {
     pub intermediate_size: usize,
     pub norm: NormKind,
     pub norm_eps: f32,
+    /// Each block normalises its input (true), or its output after the
+    /// residual add (OPT with `do_layer_norm_before = false`).
+    pub pre_norm: bool,
+    /// A norm after the last block.
+    pub final_norm: bool,
     pub activation: Activation,
     /// `act(gate(x)) * up(x)` (true) or `act(up(x))` (false).
     pub gated_ffn: bool,
     pub rope: Option<RopeConfig>,
+    /// Learned absolute position embeddings, row `position + offset` (OPT's offset is 2).
+    pub learned_positions: Option<usize>,
+    /// RMSNorm over each query and key head before rotary embedding (Qwen3).
+    pub qk_norm: bool,
+    /// Width of the token embeddings; differs from `hidden_size` when the
+    /// model projects them in and out (OPT's `word_embed_proj_dim`).
+    pub embed_dim: usize,
     /// Longest context the model was built for.
     pub max_position_embeddings: usize,
     /// The output projection reuses the token embedding matrix.
     pub tie_word_embeddings: bool,
     /// Sliding-window attention span, if any.
     pub sliding_window: Option<usize>,
+    /// Which projections carry biases (for sizing: the loader takes whatever
+    /// biases the checkpoint has).
+    pub qkv_bias: bool,
+    pub out_bias: bool,
+    pub mlp_bias: bool,
 }
 
 impl DecoderConfig {
-    /// Number of parameters implied by the shape (biases and norms included approximately).
+    /// Number of parameters, counted from the shapes (biases and norms included).
     pub fn param_count(&self) -> u64 {
-        let h = self.hidden_size as u64;
-        let q = (self.n_heads * self.head_dim) as u64;
-        let kv = (self.n_kv_heads * self.head_dim) as u64;
-        let ff = self.intermediate_size as u64;
-        let ffn_mats = if self.gated_ffn { 3 } else { 2 };
-        let per_layer = h * q * 2 + h * kv * 2 + ffn_mats * h * ff + 2 * h;
-        let embed = self.vocab_size as u64 * h;
+        let u = |v: usize| v as u64;
+        let (h, e, ff) = (
+            u(self.hidden_size),
+            u(self.embed_dim),
+            u(self.intermediate_size),
+        );
+        let q = u(self.n_heads * self.head_dim);
+        let kv = u(self.n_kv_heads * self.head_dim);
+        let norm = if self.norm == NormKind::Layer {
+            2 * h
+        } else {
+            h
+        };
+        let bias = |on: bool, n: u64| if on { n } else { 0 };
+        let attn =
+            h * (q + 2 * kv) + q * h + bias(self.qkv_bias, q + 2 * kv) + bias(self.out_bias, h);
+        let mlp_mats = if self.gated_ffn { 3 } else { 2 };
+        let mlp = mlp_mats * h * ff + bias(self.mlp_bias, (mlp_mats - 1) * ff + h);
+        let qk_norm = if self.qk_norm {
+            2 * u(self.head_dim)
+        } else {
+            0
+        };
+        let per_layer = attn + mlp + 2 * norm + qk_norm;
+        let embed = u(self.vocab_size) * e;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + per_layer * self.n_layers as u64 + h
+        let positions = self
+            .learned_positions
+            .map_or(0, |off| u(self.max_position_embeddings + off) * h);
+        let proj = if e != h { 2 * e * h } else { 0 };
+        let final_norm = if self.final_norm { norm } else { 0 };
+        embed + head + positions + proj + per_layer * u(self.n_layers) + final_norm
     }
 
-    /// Reads a llama-family configuration from GGUF metadata.
+    /// Bytes of keys and values one token takes in the KV cache at `elem_bytes` per value.
+    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_bytes
+    }
+
+    /// A llama-shaped config with the given sizes; the architectures below adjust it.
+    fn llama_like(
+        arch: &str,
+        vocab_size: usize,
+        hidden_size: usize,
+        n_layers: usize,
+        n_heads: usize,
+    ) -> Self {
+        let head_dim = hidden_size / n_heads.max(1);
+        Self {
+            arch: arch.to_string(),
+            vocab_size,
+            hidden_size,
+            n_layers,
+            n_heads,
+            n_kv_heads: n_heads,
+            head_dim,
+            intermediate_size: 4 * hidden_size,
+            norm: NormKind::Rms,
+            norm_eps: 1e-6,
+            pre_norm: true,
+            final_norm: true,
+            activation: Activation::Silu,
+            gated_ffn: true,
+            rope: Some(RopeConfig {
+                theta: 10000.0,
+                rot_dim: head_dim,
+                layout: RopeLayout::HalfSplit,
+                scaling: RopeScaling::None,
+            }),
+            learned_positions: None,
+            qk_norm: false,
+            embed_dim: hidden_size,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+            sliding_window: None,
+            qkv_bias: false,
+            out_bias: false,
+            mlp_bias: false,
+        }
+    }
+
+    /// Reads the configuration from GGUF metadata (llama, mistral-as-llama, qwen2, qwen3, phi3).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let bad = |msg: String| ModelError::Config {
             path: file.path().to_path_buf(),
@@ -98,13 +193,13 @@ impl DecoderConfig {
             .get_str("general.architecture")
             .ok_or_else(|| bad("missing general.architecture".into()))?
             .to_string();
-        if arch != "llama" {
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "phi3") {
             return Err(bad(format!(
-                "architecture '{arch}' is not supported from GGUF yet (llama is)"
+                "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3 and phi3 are; \
+                 other architectures load from Hugging Face directories)"
             )));
         }
-        let prefix = arch.clone();
-        let key = |k: &str| format!("{prefix}.{k}");
+        let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize> {
             file.get_u64(&key(k))
                 .map(|v| v as usize)
@@ -112,19 +207,11 @@ impl DecoderConfig {
         };
         let hidden_size = req("embedding_length")?;
         let n_heads = req("attention.head_count")?;
-        let n_kv_heads = file
-            .get_u64(&key("attention.head_count_kv"))
-            .map(|v| v as usize)
-            .unwrap_or(n_heads);
-        if n_heads == 0 || hidden_size % n_heads != 0 {
+        if n_heads == 0 || !hidden_size.is_multiple_of(n_heads) {
             return Err(bad(format!(
                 "{hidden_size} features do not split into {n_heads} heads"
             )));
         }
-        let head_dim = file
-            .get_u64(&key("attention.key_length"))
-            .map(|v| v as usize)
-            .unwrap_or(hidden_size / n_heads);
         let vocab_size = match file.get_u64(&key("vocab_size")) {
             Some(v) => v as usize,
             None => file
@@ -133,6 +220,25 @@ impl DecoderConfig {
                 .map(|a| a.len())
                 .ok_or_else(|| bad("cannot tell the vocabulary size".into()))?,
         };
+        let mut cfg =
+            Self::llama_like(&arch, vocab_size, hidden_size, req("block_count")?, n_heads);
+        cfg.n_kv_heads = file
+            .get_u64(&key("attention.head_count_kv"))
+            .map_or(n_heads, |v| v as usize);
+        cfg.head_dim = file
+            .get_u64(&key("attention.key_length"))
+            .map_or(hidden_size / n_heads, |v| v as usize);
+        cfg.intermediate_size = req("feed_forward_length")?;
+        cfg.norm_eps = file
+            .get_f64(&key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5) as f32;
+        cfg.max_position_embeddings = req("context_length")?;
+        cfg.tie_word_embeddings = !file.tensors.contains_key("output.weight");
+        cfg.qk_norm = file.tensors.contains_key("blk.0.attn_q_norm.weight");
+        cfg.qkv_bias = file.tensors.contains_key("blk.0.attn_q.bias");
+        cfg.sliding_window = file
+            .get_u64(&key("attention.sliding_window"))
+            .map(|v| v as usize);
         let scaling = match file.get_str(&key("rope.scaling.type")) {
             // Llama 3.1 GGUFs carry their frequency scaling precomputed as a tensor.
             _ if file.tensors.contains_key("rope_freqs.weight") => {
@@ -144,36 +250,20 @@ impl DecoderConfig {
             },
             Some(other) => return Err(bad(format!("rope scaling '{other}' is not supported"))),
         };
-        let rot_dim = file
-            .get_u64(&key("rope.dimension_count"))
-            .map(|v| v as usize)
-            .unwrap_or(head_dim);
-        let cfg = Self {
-            arch,
-            vocab_size,
-            hidden_size,
-            n_layers: req("block_count")?,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            intermediate_size: req("feed_forward_length")?,
-            norm: NormKind::Rms,
-            norm_eps: file
-                .get_f64(&key("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5) as f32,
-            activation: Activation::Silu,
-            gated_ffn: true,
-            rope: Some(RopeConfig {
-                theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
-                rot_dim,
-                // llama.cpp's converter permutes q/k rows so that pairs are adjacent.
-                layout: RopeLayout::Interleaved,
-                scaling,
-            }),
-            max_position_embeddings: req("context_length")?,
-            tie_word_embeddings: !file.tensors.contains_key("output.weight"),
-            sliding_window: None,
-        };
+        cfg.rope = Some(RopeConfig {
+            theta: file.get_f64(&key("rope.freq_base")).unwrap_or(10000.0),
+            rot_dim: file
+                .get_u64(&key("rope.dimension_count"))
+                .map_or(cfg.head_dim, |v| v as usize),
+            // llama.cpp's converter permutes llama's q/k rows so that rotary pairs
+            // are adjacent; the other architectures keep Hugging Face's layout.
+            layout: if arch == "llama" {
+                RopeLayout::Interleaved
+            } else {
+                RopeLayout::HalfSplit
+            },
+            scaling,
+        });
         cfg.validate(file.path())?;
         Ok(cfg)
     }
@@ -197,66 +287,107 @@ impl DecoderConfig {
         let get_usize = |k: &str| json.get(k).and_then(Json::as_u64).map(|v| v as usize);
         let req =
             |k: &str| get_usize(k).ok_or_else(|| bad(format!("missing or non-integer '{k}'")));
+        let get_f64 = |k: &str| json.get(k).and_then(Json::as_f64);
+        let get_bool = |k: &str| json.get(k).and_then(Json::as_bool);
         let model_type = json
             .get("model_type")
             .and_then(Json::as_str)
             .ok_or_else(|| bad("missing 'model_type'".into()))?;
-        if !matches!(model_type, "llama") {
-            return Err(bad(format!(
-                "model_type '{model_type}' is not supported yet (llama is)"
-            )));
-        }
-        let hidden_size = req("hidden_size")?;
-        let n_heads = req("num_attention_heads")?;
-        if n_heads == 0 || hidden_size % n_heads != 0 {
-            return Err(bad(format!(
-                "{hidden_size} features do not split into {n_heads} heads"
-            )));
-        }
-        let head_dim = get_usize("head_dim").unwrap_or(hidden_size / n_heads);
-        let activation = match json
-            .get("hidden_act")
-            .and_then(Json::as_str)
-            .unwrap_or("silu")
-        {
-            "silu" | "swish" => Activation::Silu,
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            other => return Err(bad(format!("hidden_act '{other}' is not supported"))),
+        let activation = |key: &str, default: &str| -> Result<Activation> {
+            match json.get(key).and_then(Json::as_str).unwrap_or(default) {
+                "silu" | "swish" => Ok(Activation::Silu),
+                "gelu" => Ok(Activation::Gelu),
+                "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+                "relu" => Ok(Activation::Relu),
+                other => Err(bad(format!("{key} '{other}' is not supported"))),
+            }
         };
-        let cfg = Self {
-            arch: model_type.to_string(),
-            vocab_size: req("vocab_size")?,
-            hidden_size,
-            n_layers: req("num_hidden_layers")?,
-            n_heads,
-            n_kv_heads: get_usize("num_key_value_heads").unwrap_or(n_heads),
-            head_dim,
-            intermediate_size: req("intermediate_size")?,
-            norm: NormKind::Rms,
-            norm_eps: json
-                .get("rms_norm_eps")
-                .and_then(Json::as_f64)
-                .unwrap_or(1e-6) as f32,
-            activation,
-            gated_ffn: true,
-            rope: Some(RopeConfig {
-                theta: json
-                    .get("rope_theta")
-                    .and_then(Json::as_f64)
-                    .unwrap_or(10000.0),
-                rot_dim: head_dim,
-                layout: RopeLayout::HalfSplit,
-                scaling: hf_rope_scaling(json.get("rope_scaling")).map_err(bad)?,
-            }),
-            max_position_embeddings: get_usize("max_position_embeddings").unwrap_or(2048),
-            tie_word_embeddings: json
-                .get("tie_word_embeddings")
-                .and_then(Json::as_bool)
-                .unwrap_or(false),
-            sliding_window: None,
+        let mut cfg = match model_type {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => {
+                let hidden = req("hidden_size")?;
+                let heads = req("num_attention_heads")?;
+                if heads == 0 || !hidden.is_multiple_of(heads) && get_usize("head_dim").is_none() {
+                    return Err(bad(format!("{hidden} features do not split into {heads} heads")));
+                }
+                let mut c = Self::llama_like(model_type, req("vocab_size")?, hidden, req("num_hidden_layers")?, heads);
+                c.n_kv_heads = get_usize("num_key_value_heads").unwrap_or(heads);
+                c.head_dim = get_usize("head_dim").unwrap_or(hidden / heads);
+                c.intermediate_size = req("intermediate_size")?;
+                c.norm_eps = get_f64("rms_norm_eps").unwrap_or(1e-6) as f32;
+                c.activation = activation("hidden_act", "silu")?;
+                c.max_position_embeddings = get_usize("max_position_embeddings").unwrap_or(2048);
+                c.tie_word_embeddings = get_bool("tie_word_embeddings").unwrap_or(false);
+                c.qkv_bias = get_bool("attention_bias").unwrap_or(model_type == "qwen2");
+                c.out_bias = get_bool("attention_bias").unwrap_or(false);
+                c.mlp_bias = get_bool("mlp_bias").unwrap_or(false);
+                c.qk_norm = model_type == "qwen3";
+                c.sliding_window = match model_type {
+                    // Qwen2 configs carry a window that only applies with use_sliding_window.
+                    "qwen2" | "qwen3" if get_bool("use_sliding_window") != Some(true) => None,
+                    _ => get_usize("sliding_window"),
+                };
+                let partial = get_f64("partial_rotary_factor").unwrap_or(1.0);
+                let rot_dim = ((c.head_dim as f64 * partial) as usize) & !1;
+                c.rope = Some(RopeConfig {
+                    theta: get_f64("rope_theta")
+                        .or_else(|| json.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(Json::as_f64))
+                        .unwrap_or(10000.0),
+                    rot_dim,
+                    layout: RopeLayout::HalfSplit,
+                    scaling: hf_rope_scaling(json.get("rope_scaling").or_else(|| json.get("rope_parameters"))).map_err(bad)?,
+                });
+                c
+            }
+            "gpt2" => {
+                let hidden = req("n_embd")?;
+                let heads = req("n_head")?;
+                if heads == 0 || !hidden.is_multiple_of(heads) {
+                    return Err(bad(format!("{hidden} features do not split into {heads} heads")));
+                }
+                let mut c = Self::llama_like("gpt2", req("vocab_size")?, hidden, req("n_layer")?, heads);
+                c.intermediate_size = get_usize("n_inner").unwrap_or(4 * hidden);
+                c.norm = NormKind::Layer;
+                c.norm_eps = get_f64("layer_norm_epsilon").unwrap_or(1e-5) as f32;
+                c.activation = activation("activation_function", "gelu_new")?;
+                c.gated_ffn = false;
+                c.rope = None;
+                c.learned_positions = Some(0);
+                c.max_position_embeddings = get_usize("n_positions").unwrap_or(1024);
+                c.tie_word_embeddings = true;
+                (c.qkv_bias, c.out_bias, c.mlp_bias) = (true, true, true);
+                c
+            }
+            "opt" => {
+                let hidden = req("hidden_size")?;
+                let heads = req("num_attention_heads")?;
+                if heads == 0 || !hidden.is_multiple_of(heads) {
+                    return Err(bad(format!("{hidden} features do not split into {heads} heads")));
+                }
+                let mut c = Self::llama_like("opt", req("vocab_size")?, hidden, req("num_hidden_layers")?, heads);
+                c.intermediate_size = req("ffn_dim")?;
+                c.norm = NormKind::Layer;
+                c.norm_eps = 1e-5;
+                c.activation = activation("activation_function", "relu")?;
+                c.gated_ffn = false;
+                c.rope = None;
+                // OPT's position table starts at row 2 (rows 0 and 1 are never used).
+                c.learned_positions = Some(2);
+                c.max_position_embeddings = get_usize("max_position_embeddings").unwrap_or(2048);
+                c.pre_norm = get_bool("do_layer_norm_before").unwrap_or(true);
+                c.final_norm = c.pre_norm && !get_bool("_remove_final_layer_norm").unwrap_or(false);
+                c.embed_dim = get_usize("word_embed_proj_dim").unwrap_or(hidden);
+                c.tie_word_embeddings = get_bool("tie_word_embeddings").unwrap_or(true);
+                let bias = get_bool("enable_bias").unwrap_or(true);
+                (c.qkv_bias, c.out_bias, c.mlp_bias) = (bias, bias, bias);
+                c
+            }
+            other => {
+                return Err(bad(format!(
+                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2 and opt are)"
+                )))
+            }
         };
+        cfg.arch = model_type.to_string();
         cfg.validate(path)?;
         Ok(cfg)
     }

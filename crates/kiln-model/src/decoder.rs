@@ -9,6 +9,8 @@
 use kiln_backend::{AttentionParams, Backend, StepInput};
 
 use crate::config::{DecoderConfig, NormKind};
+use kiln_backend::WeightData;
+
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
@@ -28,6 +30,8 @@ struct Layer<B: Backend> {
     q: Linear<B>,
     k: Linear<B>,
     v: Linear<B>,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3).
+    qk_norm: Option<(B::Tensor, B::Tensor)>,
     o: Linear<B>,
     ffn_norm: Norm<B>,
     gate: Option<Linear<B>>,
@@ -39,29 +43,42 @@ struct Layer<B: Backend> {
 pub struct Decoder<B: Backend> {
     cfg: DecoderConfig,
     embed: B::Weight,
+    /// Learned absolute positions (GPT-2, OPT).
+    positions: Option<B::Tensor>,
+    /// Projections between the embedding width and the hidden size (OPT).
+    proj_in: Option<B::Weight>,
+    proj_out: Option<B::Weight>,
     layers: Vec<Layer<B>>,
-    final_norm: Norm<B>,
+    final_norm: Option<Norm<B>>,
     /// `None` when the output projection is the (tied) embedding matrix.
     lm_head: Option<B::Weight>,
     rope_table: Option<B::Tensor>,
-    /// Positions the rotary table covers.
+    /// Positions the model instance can hold.
     max_positions: usize,
 }
 
-/// Loads tensors, checking each against the shape the config implies.
+/// Loads tensors, checking each against the shape the config implies, and
+/// absorbs checkpoint layouts (fused projections are split here).
 struct Loader<'a, B: Backend> {
     backend: &'a B,
     src: &'a dyn WeightSource,
 }
 
 impl<B: Backend> Loader<'_, B> {
+    fn tensor_err(&self, name: &str, msg: String) -> ModelError {
+        ModelError::Tensor {
+            path: self.src.describe().into(),
+            tensor: name.to_string(),
+            msg,
+        }
+    }
+
     fn check_shape(&self, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
         if got != want {
-            return Err(ModelError::Tensor {
-                path: self.src.describe().into(),
-                tensor: name.to_string(),
-                msg: format!("shape {got:?}, but the config implies {want:?}"),
-            });
+            return Err(self.tensor_err(
+                name,
+                format!("shape {got:?}, but the config implies {want:?}"),
+            ));
         }
         Ok(())
     }
@@ -72,29 +89,73 @@ impl<B: Backend> Loader<'_, B> {
         Ok(self.backend.upload(shape, t.data)?)
     }
 
+    fn upload_weight(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        data: WeightData,
+    ) -> Result<B::Weight> {
+        self.backend
+            .upload_weight(rows, cols, data)
+            .map_err(|e| self.tensor_err(name, e.to_string()))
+    }
+
     /// A `[rows, cols]` matrix, kept in the checkpoint's encoding where the backend can use it.
     fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<B::Weight> {
         let (shape, data) = self.src.get_weight(name)?;
         self.check_shape(name, &shape, &[rows, cols])?;
-        self.backend
-            .upload_weight(rows, cols, data)
-            .map_err(|e| ModelError::Tensor {
-                path: self.src.describe().into(),
-                tensor: name.to_string(),
-                msg: e.to_string(),
-            })
+        self.upload_weight(name, rows, cols, data)
+    }
+
+    fn bias(&self, name: &str, n: usize) -> Result<Option<B::Tensor>> {
+        let b = format!("{name}.bias");
+        if self.src.contains(&b) {
+            Ok(Some(self.tensor(&b, &[n])?))
+        } else {
+            Ok(None)
+        }
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear<B>> {
-        let bias_name = format!("{name}.bias");
         Ok(Linear {
             w: self.weight(&format!("{name}.weight"), out, inp)?,
-            b: if self.src.contains(&bias_name) {
-                Some(self.tensor(&bias_name, &[out])?)
-            } else {
-                None
-            },
+            b: self.bias(name, out)?,
         })
+    }
+
+    /// Linear layers stored as one matrix (`fused`) of `rows[0] + rows[1] + …`
+    /// rows (and bias), split into one layer per band.
+    fn split_linear(&self, fused: &str, rows: &[usize], inp: usize) -> Result<Vec<Linear<B>>> {
+        let total: usize = rows.iter().sum();
+        let wname = format!("{fused}.weight");
+        let (shape, data) = self.src.get_weight(&wname)?;
+        self.check_shape(&wname, &shape, &[total, inp])?;
+        let parts = data
+            .split_rows(inp, rows)
+            .map_err(|e| self.tensor_err(&wname, e))?;
+        let bname = format!("{fused}.bias");
+        let mut biases: Vec<Option<Vec<f32>>> = vec![None; rows.len()];
+        if self.src.contains(&bname) {
+            let b = self.src.get(&bname)?;
+            self.check_shape(&bname, &b.shape, &[total])?;
+            let mut start = 0;
+            for (slot, &r) in biases.iter_mut().zip(rows) {
+                *slot = Some(b.data[start..start + r].to_vec());
+                start += r;
+            }
+        }
+        parts
+            .into_iter()
+            .zip(biases)
+            .zip(rows)
+            .map(|((w, b), &r)| {
+                Ok(Linear {
+                    w: self.upload_weight(&wname, r, inp, w)?,
+                    b: b.map(|b| self.backend.upload(&[r], b)).transpose()?,
+                })
+            })
+            .collect()
     }
 
     fn norm(&self, kind: NormKind, name: &str, dim: usize) -> Result<Norm<B>> {
@@ -104,11 +165,70 @@ impl<B: Backend> Loader<'_, B> {
             NormKind::Layer => Norm::Layer(w, self.tensor(&format!("{name}.bias"), &[dim])?),
         })
     }
+
+    fn layer(&self, cfg: &DecoderConfig, i: usize) -> Result<Layer<B>> {
+        let h = cfg.hidden_size;
+        let q_dim = cfg.n_heads * cfg.head_dim;
+        let kv_dim = cfg.n_kv_heads * cfg.head_dim;
+        let ff = cfg.intermediate_size;
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let [q, k, v] = if self.src.contains(&p("attn_q.weight")) {
+            [
+                self.linear(&p("attn_q"), q_dim, h)?,
+                self.linear(&p("attn_k"), kv_dim, h)?,
+                self.linear(&p("attn_v"), kv_dim, h)?,
+            ]
+        } else {
+            let parts = self.split_linear(&p("attn_qkv"), &[q_dim, kv_dim, kv_dim], h)?;
+            <[Linear<B>; 3]>::try_from(parts)
+                .map_err(|_| self.tensor_err(&p("attn_qkv"), "not three parts".into()))?
+        };
+        let qk_norm = if cfg.qk_norm {
+            Some((
+                self.tensor(&p("attn_q_norm.weight"), &[cfg.head_dim])?,
+                self.tensor(&p("attn_k_norm.weight"), &[cfg.head_dim])?,
+            ))
+        } else {
+            None
+        };
+        let (gate, up) = if !cfg.gated_ffn {
+            (None, self.linear(&p("ffn_up"), ff, h)?)
+        } else if self.src.contains(&p("ffn_gate.weight")) {
+            (
+                Some(self.linear(&p("ffn_gate"), ff, h)?),
+                self.linear(&p("ffn_up"), ff, h)?,
+            )
+        } else {
+            // Gate and up projections stored as one matrix, gate first (Phi-3).
+            let fused = if self.src.contains(&p("ffn_gate_up.weight")) {
+                p("ffn_gate_up")
+            } else {
+                p("ffn_up")
+            };
+            let mut parts = self.split_linear(&fused, &[ff, ff], h)?.into_iter();
+            match (parts.next(), parts.next()) {
+                (Some(g), Some(u)) => (Some(g), u),
+                _ => return Err(self.tensor_err(&fused, "not two parts".into())),
+            }
+        };
+        Ok(Layer {
+            attn_norm: self.norm(cfg.norm, &p("attn_norm"), h)?,
+            q,
+            k,
+            v,
+            qk_norm,
+            o: self.linear(&p("attn_output"), h, q_dim)?,
+            ffn_norm: self.norm(cfg.norm, &p("ffn_norm"), h)?,
+            gate,
+            up,
+            down: self.linear(&p("ffn_down"), h, ff)?,
+        })
+    }
 }
 
 impl<B: Backend> Decoder<B> {
     /// Loads every weight the config calls for from `src` onto `backend`.
-    /// `max_positions` bounds the context (and the rotary table).
+    /// `max_positions` bounds the context (and the position tables).
     pub fn load(
         backend: &B,
         cfg: DecoderConfig,
@@ -116,35 +236,46 @@ impl<B: Backend> Decoder<B> {
         max_positions: usize,
     ) -> Result<Self> {
         let l = Loader { backend, src };
-        let h = cfg.hidden_size;
-        let q_dim = cfg.n_heads * cfg.head_dim;
-        let kv_dim = cfg.n_kv_heads * cfg.head_dim;
-        let ff = cfg.intermediate_size;
-        let embed = l.weight("token_embd.weight", cfg.vocab_size, h)?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let p = |s: &str| format!("blk.{i}.{s}");
-            layers.push(Layer {
-                attn_norm: l.norm(cfg.norm, &p("attn_norm"), h)?,
-                q: l.linear(&p("attn_q"), q_dim, h)?,
-                k: l.linear(&p("attn_k"), kv_dim, h)?,
-                v: l.linear(&p("attn_v"), kv_dim, h)?,
-                o: l.linear(&p("attn_output"), h, q_dim)?,
-                ffn_norm: l.norm(cfg.norm, &p("ffn_norm"), h)?,
-                gate: if cfg.gated_ffn {
-                    Some(l.linear(&p("ffn_gate"), ff, h)?)
-                } else {
-                    None
-                },
-                up: l.linear(&p("ffn_up"), ff, h)?,
-                down: l.linear(&p("ffn_down"), h, ff)?,
-            });
-        }
-        let final_norm = l.norm(cfg.norm, "output_norm", h)?;
+        let (h, e) = (cfg.hidden_size, cfg.embed_dim);
+        let embed = l.weight("token_embd.weight", cfg.vocab_size, e)?;
+        let positions = match cfg.learned_positions {
+            Some(offset) => {
+                let name = "pos_embd.weight";
+                let t = src.get(name)?;
+                let rows = t.shape.first().copied().unwrap_or(0);
+                l.check_shape(name, &t.shape, &[rows, h])?;
+                if rows < max_positions + offset {
+                    return Err(l.tensor_err(
+                        name,
+                        format!(
+                            "{rows} rows cannot hold {max_positions} positions at offset {offset}"
+                        ),
+                    ));
+                }
+                Some(backend.upload(&[rows, h], t.data)?)
+            }
+            None => None,
+        };
+        let (proj_in, proj_out) = if e != h {
+            (
+                Some(l.weight("proj_in.weight", h, e)?),
+                Some(l.weight("proj_out.weight", e, h)?),
+            )
+        } else {
+            (None, None)
+        };
+        let layers = (0..cfg.n_layers)
+            .map(|i| l.layer(&cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = if cfg.final_norm {
+            Some(l.norm(cfg.norm, "output_norm", h)?)
+        } else {
+            None
+        };
         let lm_head = if cfg.tie_word_embeddings && !src.contains("output.weight") {
             None
         } else {
-            Some(l.weight("output.weight", cfg.vocab_size, h)?)
+            Some(l.weight("output.weight", cfg.vocab_size, e)?)
         };
         let rope_table = match (&cfg.rope, cfg.rope_table(max_positions)) {
             (Some(r), Some(t)) => Some(backend.upload(&[max_positions, r.rot_dim], t)?),
@@ -153,6 +284,9 @@ impl<B: Backend> Decoder<B> {
         Ok(Self {
             cfg,
             embed,
+            positions,
+            proj_in,
+            proj_out,
             layers,
             final_norm,
             lm_head,
@@ -182,10 +316,78 @@ impl<B: Backend> Decoder<B> {
         Ok(be.linear(x, &l.w, l.b.as_ref())?)
     }
 
+    /// RMSNorm of every `heads`-wide head of `x: [tokens, heads * head_dim]`.
+    fn head_norm(&self, be: &B, x: B::Tensor, w: &B::Tensor, heads: usize) -> Result<B::Tensor> {
+        let hd = self.cfg.head_dim;
+        let tokens = be.shape(&x).first().copied().unwrap_or(0);
+        let x = be.reshape(x, &[tokens * heads, hd])?;
+        let x = be.rms_norm(&x, w, self.cfg.norm_eps)?;
+        Ok(be.reshape(x, &[tokens, heads * hd])?)
+    }
+
     /// Runs one step and returns the logits of `input.logit_rows`, row after
     /// row (`logit_rows.len() * vocab_size` values).
     pub fn forward(&self, be: &B, kv: &mut B::KvCache, input: &StepInput) -> Result<Vec<f32>> {
         be.execute(|| self.forward_inner(be, kv, input))
+    }
+
+    // The step's context (cache, step, params) travels as separate borrows
+    // because the cache is borrowed mutably while the rest is shared.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        be: &B,
+        layer: &Layer<B>,
+        i: usize,
+        h: &B::Tensor,
+        kv: &mut B::KvCache,
+        step: &B::Step,
+        attn: &AttentionParams,
+    ) -> Result<B::Tensor> {
+        let cfg = &self.cfg;
+        let mut q = Self::linear(be, &layer.q, h)?;
+        let mut k = Self::linear(be, &layer.k, h)?;
+        let v = Self::linear(be, &layer.v, h)?;
+        if let Some((qn, kn)) = &layer.qk_norm {
+            q = self.head_norm(be, q, qn, cfg.n_heads)?;
+            k = self.head_norm(be, k, kn, cfg.n_kv_heads)?;
+        }
+        if let (Some(r), Some(table)) = (&cfg.rope, &self.rope_table) {
+            be.rope_inplace(
+                &mut q,
+                table,
+                step,
+                cfg.n_heads,
+                cfg.head_dim,
+                r.rot_dim,
+                r.layout,
+            )?;
+            be.rope_inplace(
+                &mut k,
+                table,
+                step,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                r.rot_dim,
+                r.layout,
+            )?;
+        }
+        be.write_kv(kv, i, &k, &v, step)?;
+        let a = be.attention(&q, kv, i, step, attn)?;
+        Self::linear(be, &layer.o, &a)
+    }
+
+    fn ffn(&self, be: &B, layer: &Layer<B>, h: &B::Tensor) -> Result<B::Tensor> {
+        let up = Self::linear(be, &layer.up, h)?;
+        let act = match &layer.gate {
+            Some(g) => be.gated_activation(&Self::linear(be, g, h)?, &up, self.cfg.activation)?,
+            None => {
+                let mut up = up;
+                be.activation_inplace(&mut up, self.cfg.activation)?;
+                up
+            }
+        };
+        Self::linear(be, &layer.down, &act)
     }
 
     fn forward_inner(&self, be: &B, kv: &mut B::KvCache, input: &StepInput) -> Result<Vec<f32>> {
@@ -212,52 +414,38 @@ impl<B: Backend> Decoder<B> {
             window: cfg.sliding_window,
         };
         let mut x = be.embedding(&self.embed, &step)?;
+        if let Some(p) = &self.proj_in {
+            x = be.linear(&x, p, None)?;
+        }
+        if let (Some(table), Some(offset)) = (&self.positions, cfg.learned_positions) {
+            be.add_position_embedding(&mut x, table, offset, &step)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = self.norm(be, &layer.attn_norm, &x)?;
-            let mut q = Self::linear(be, &layer.q, &h)?;
-            let mut k = Self::linear(be, &layer.k, &h)?;
-            let v = Self::linear(be, &layer.v, &h)?;
-            if let (Some(r), Some(table)) = (&cfg.rope, &self.rope_table) {
-                be.rope_inplace(
-                    &mut q,
-                    table,
-                    &step,
-                    cfg.n_heads,
-                    cfg.head_dim,
-                    r.rot_dim,
-                    r.layout,
-                )?;
-                be.rope_inplace(
-                    &mut k,
-                    table,
-                    &step,
-                    cfg.n_kv_heads,
-                    cfg.head_dim,
-                    r.rot_dim,
-                    r.layout,
-                )?;
+            if cfg.pre_norm {
+                let h = self.norm(be, &layer.attn_norm, &x)?;
+                let a = self.attention(be, layer, i, &h, kv, &step, &attn)?;
+                be.add_inplace(&mut x, &a)?;
+                let h = self.norm(be, &layer.ffn_norm, &x)?;
+                let f = self.ffn(be, layer, &h)?;
+                be.add_inplace(&mut x, &f)?;
+            } else {
+                // Post-norm blocks (OPT-350m): normalise after each residual add.
+                let a = self.attention(be, layer, i, &x, kv, &step, &attn)?;
+                be.add_inplace(&mut x, &a)?;
+                x = self.norm(be, &layer.attn_norm, &x)?;
+                let f = self.ffn(be, layer, &x)?;
+                be.add_inplace(&mut x, &f)?;
+                x = self.norm(be, &layer.ffn_norm, &x)?;
             }
-            be.write_kv(kv, i, &k, &v, &step)?;
-            let a = be.attention(&q, kv, i, &step, &attn)?;
-            let a = Self::linear(be, &layer.o, &a)?;
-            be.add_inplace(&mut x, &a)?;
-
-            let h = self.norm(be, &layer.ffn_norm, &x)?;
-            let up = Self::linear(be, &layer.up, &h)?;
-            let act = match &layer.gate {
-                Some(g) => be.gated_activation(&Self::linear(be, g, &h)?, &up, cfg.activation)?,
-                None => {
-                    let mut up = up;
-                    be.activation_inplace(&mut up, cfg.activation)?;
-                    up
-                }
-            };
-            let f = Self::linear(be, &layer.down, &act)?;
-            be.add_inplace(&mut x, &f)?;
         }
         // Only the requested rows go through the final norm and the (large) output projection.
-        let x = be.select_logit_rows(&x, &step)?;
-        let x = self.norm(be, &self.final_norm, &x)?;
+        let mut x = be.select_logit_rows(&x, &step)?;
+        if let Some(n) = &self.final_norm {
+            x = self.norm(be, n, &x)?;
+        }
+        if let Some(p) = &self.proj_out {
+            x = be.linear(&x, p, None)?;
+        }
         let logits = be.linear(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
         Ok(be.to_host(&logits)?)
     }

@@ -12,9 +12,11 @@ pub mod decoder;
 pub mod default_model;
 pub mod fixtures;
 pub mod gguf;
+pub mod inspect;
 pub mod loader;
 pub use kiln_backend::quant;
 pub mod tokenizer;
+pub mod torch;
 pub mod weights;
 
 mod error;
@@ -22,4 +24,4 @@ mod host;
 
 pub use error::{ModelError, Result};
 pub use host::HostTensor;
-pub use loader::{load, LoadOptions, LoadedModel, ModelFormat};
+pub use loader::{load, LoadOptions, LoadedModel, ModelFormat, WeightDtype};

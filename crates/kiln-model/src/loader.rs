@@ -11,7 +11,7 @@ use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{hf_llama_names, SafetensorsSource, WeightSource};
+use crate::weights::{gpt2_conv1d, hf_names, SafetensorsSource, Transposed, WeightSource};
 use crate::{ModelError, Result};
 
 /// The checkpoint layout a path holds.
@@ -59,6 +59,23 @@ impl ModelFormat {
 pub struct LoadOptions {
     /// Cap on prompt + output length; defaults to the model's own maximum.
     pub max_positions: Option<usize>,
+    /// Precision of the weights (`option.dtype`).
+    pub dtype: WeightDtype,
+}
+
+/// The precision weights are loaded in (`option.dtype`). Backends compute in
+/// their own type (f32 on the CPU); asking for fp16 or bf16 rounds every
+/// unquantized weight to that precision at load, so a CPU run reproduces what
+/// a 16-bit deployment of the same checkpoint computes. Quantized GGUF
+/// weights are kept as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// As stored in the checkpoint.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
 }
 
 /// A model ready to run: the decoder plus the text side around it.
@@ -106,12 +123,85 @@ pub fn load<B: Backend>(backend: &B, path: &Path, opts: &LoadOptions) -> Result<
             };
             let mut extra_eos = eos_token_ids(&dir.join("config.json"))?;
             extra_eos.extend(eos_token_ids(&dir.join("generation_config.json"))?);
-            let src = SafetensorsSource::open_dir(dir, hf_llama_names)?;
+            let src = open_hf_weights(dir, &cfg.arch)?;
             finish(
-                backend, cfg, &src, tokenizer, template, extra_eos, opts, format,
+                backend, cfg, &*src, tokenizer, template, extra_eos, opts, format,
             )
         }
     }
+}
+
+/// A source whose f32 values are rounded to 16-bit precision as they are read.
+struct Rounded<'a> {
+    inner: &'a dyn WeightSource,
+    dtype: WeightDtype,
+}
+
+impl Rounded<'_> {
+    fn round(&self, v: &mut [f32]) {
+        match self.dtype {
+            WeightDtype::F16 => v
+                .iter_mut()
+                .for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+            WeightDtype::Bf16 => v
+                .iter_mut()
+                .for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+            WeightDtype::Auto | WeightDtype::F32 => {}
+        }
+    }
+}
+
+impl WeightSource for Rounded<'_> {
+    fn get(&self, name: &str) -> Result<crate::HostTensor> {
+        let mut t = self.inner.get(name)?;
+        self.round(&mut t.data);
+        Ok(t)
+    }
+
+    fn get_weight(&self, name: &str) -> Result<(Vec<usize>, kiln_backend::WeightData)> {
+        let (shape, mut data) = self.inner.get_weight(name)?;
+        if let kiln_backend::WeightData::F32(v) = &mut data {
+            self.round(v);
+        }
+        Ok((shape, data))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The weights of a Hugging Face directory, under kiln's canonical names:
+/// safetensors when present, else a PyTorch checkpoint (read without running
+/// pickle code); GPT-2's Conv1D matrices are transposed as they are read.
+pub fn open_hf_weights(dir: &Path, model_type: &str) -> Result<Box<dyn WeightSource>> {
+    let names = hf_names(model_type);
+    let has = |f: &str| dir.join(f).is_file();
+    let src: Box<dyn WeightSource> =
+        if has("model.safetensors") || has("model.safetensors.index.json") {
+            Box::new(SafetensorsSource::open_dir(dir, names)?)
+        } else if has("pytorch_model.bin") || has("pytorch_model.bin.index.json") {
+            Box::new(crate::torch::TorchSource::open_dir(dir, names)?)
+        } else {
+            return Err(ModelError::Format {
+                path: dir.to_path_buf(),
+                msg: "no weights: expected model.safetensors, model.safetensors.index.json, \
+                  pytorch_model.bin or pytorch_model.bin.index.json"
+                    .into(),
+            });
+        };
+    Ok(if model_type == "gpt2" {
+        Box::new(Transposed {
+            inner: src,
+            which: gpt2_conv1d,
+        })
+    } else {
+        src
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -136,6 +226,17 @@ fn finish<B: Backend>(
         "loading weights from {}",
         src.describe()
     );
+    let rounded;
+    let src: &dyn WeightSource = match opts.dtype {
+        WeightDtype::F16 | WeightDtype::Bf16 => {
+            rounded = Rounded {
+                inner: src,
+                dtype: opts.dtype,
+            };
+            &rounded
+        }
+        WeightDtype::Auto | WeightDtype::F32 => src,
+    };
     let decoder = Decoder::load(backend, cfg, src, max_positions)?;
     let mut eos_ids = tokenizer.eos_ids().to_vec();
     for id in extra_eos {

@@ -31,6 +31,24 @@ pub trait WeightSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
+impl<T: WeightSource + ?Sized> WeightSource for Box<T> {
+    fn get(&self, name: &str) -> Result<HostTensor> {
+        (**self).get(name)
+    }
+
+    fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
+        (**self).get_weight(name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        (**self).contains(name)
+    }
+
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 impl WeightSource for GgufFile {
     fn get(&self, name: &str) -> Result<HostTensor> {
         self.tensor_f32(name)
@@ -60,7 +78,17 @@ impl WeightSource for GgufFile {
 /// Maps canonical tensor names to a Hugging Face checkpoint's names.
 pub type NameMap = fn(&str) -> Option<String>;
 
-/// Hugging Face llama-family names (`model.layers.N.self_attn.q_proj.weight`, …).
+/// Splits `blk.N.part.kind` into (N, part, kind).
+fn split_block(canonical: &str) -> Option<(&str, &str, &str)> {
+    let rest = canonical.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (part, kind) = tail.rsplit_once('.')?;
+    Some((layer, part, kind))
+}
+
+/// Hugging Face llama-family names (`model.layers.N.self_attn.q_proj.weight`, …),
+/// shared by llama, mistral, qwen2, qwen3 and phi3 (whose fused `qkv_proj` and
+/// `gate_up_proj` stand for the canonical `attn_qkv` and a double-height `ffn_up`).
 pub fn hf_llama_names(canonical: &str) -> Option<String> {
     let fixed = match canonical {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -71,22 +99,129 @@ pub fn hf_llama_names(canonical: &str) -> Option<String> {
     if let Some(f) = fixed {
         return Some(f.to_string());
     }
-    let rest = canonical.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let (part, kind) = tail.rsplit_once('.')?;
+    let (layer, part, kind) = split_block(canonical)?;
     let hf = match part {
         "attn_norm" => "input_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
+        "attn_qkv" => "self_attn.qkv_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_output" => "self_attn.o_proj",
         "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
+        "ffn_gate_up" => "mlp.gate_up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// GPT-2 names (`transformer.h.N.attn.c_attn.weight`, …); its fused `c_attn` is the canonical `attn_qkv`.
+pub fn hf_gpt2_names(canonical: &str) -> Option<String> {
+    let fixed = match canonical {
+        "token_embd.weight" => Some("transformer.wte.weight"),
+        "pos_embd.weight" => Some("transformer.wpe.weight"),
+        "output_norm.weight" => Some("transformer.ln_f.weight"),
+        "output_norm.bias" => Some("transformer.ln_f.bias"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let (layer, part, kind) = split_block(canonical)?;
+    let hf = match part {
+        "attn_norm" => "ln_1",
+        "attn_qkv" => "attn.c_attn",
+        "attn_output" => "attn.c_proj",
+        "ffn_norm" => "ln_2",
+        "ffn_up" => "mlp.c_fc",
+        "ffn_down" => "mlp.c_proj",
+        _ => return None,
+    };
+    Some(format!("transformer.h.{layer}.{hf}.{kind}"))
+}
+
+/// Whether a GPT-2 tensor is a `Conv1D` weight (stored `[in, out]`, transposed at load).
+pub fn gpt2_conv1d(canonical: &str) -> bool {
+    split_block(canonical).is_some_and(|(_, part, kind)| {
+        kind == "weight" && matches!(part, "attn_qkv" | "attn_output" | "ffn_up" | "ffn_down")
+    })
+}
+
+/// OPT names (`model.decoder.layers.N.self_attn.q_proj.weight`, …).
+pub fn hf_opt_names(canonical: &str) -> Option<String> {
+    let fixed = match canonical {
+        "token_embd.weight" => Some("model.decoder.embed_tokens.weight"),
+        "pos_embd.weight" => Some("model.decoder.embed_positions.weight"),
+        "proj_in.weight" => Some("model.decoder.project_in.weight"),
+        "proj_out.weight" => Some("model.decoder.project_out.weight"),
+        "output_norm.weight" => Some("model.decoder.final_layer_norm.weight"),
+        "output_norm.bias" => Some("model.decoder.final_layer_norm.bias"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let (layer, part, kind) = split_block(canonical)?;
+    let hf = match part {
+        "attn_norm" => "self_attn_layer_norm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.out_proj",
+        "ffn_norm" => "final_layer_norm",
+        "ffn_up" => "fc1",
+        "ffn_down" => "fc2",
+        _ => return None,
+    };
+    Some(format!("model.decoder.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The name map of a Hugging Face `model_type`.
+pub fn hf_names(model_type: &str) -> NameMap {
+    match model_type {
+        "gpt2" => hf_gpt2_names,
+        "opt" => hf_opt_names,
+        _ => hf_llama_names,
+    }
+}
+
+/// A source whose selected 2-D tensors are transposed as they are read
+/// (GPT-2's `Conv1D` layers store `[in, out]`; the decoder wants `[out, in]`).
+pub struct Transposed<S> {
+    pub inner: S,
+    pub which: fn(&str) -> bool,
+}
+
+impl<S: WeightSource> WeightSource for Transposed<S> {
+    fn get(&self, name: &str) -> Result<HostTensor> {
+        let t = self.inner.get(name)?;
+        match t.shape[..] {
+            [rows, cols] if (self.which)(name) => {
+                let mut out = vec![0f32; t.data.len()];
+                for (r, row) in t.data.chunks_exact(cols).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        out[c * rows + r] = v;
+                    }
+                }
+                Ok(HostTensor::new(vec![cols, rows], out))
+            }
+            _ => Ok(t),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
 }
 
 /// One or more memory-mapped `.safetensors` files (a sharded checkpoint is
@@ -170,8 +305,16 @@ impl SafetensorsSource {
 
     fn locate(&self, canonical: &str) -> Option<(String, usize)> {
         let name = (self.names)(canonical)?;
-        let i = *self.index.get(&name)?;
-        Some((name, i))
+        if let Some(&i) = self.index.get(&name) {
+            return Some((name, i));
+        }
+        // Some checkpoints leave out the outer module (`h.0.attn…` for GPT-2,
+        // `decoder.layers…` for OPT): try the name without it.
+        let short = name
+            .strip_prefix("transformer.")
+            .or_else(|| name.strip_prefix("model."))?;
+        let i = *self.index.get(short)?;
+        Some((short.to_string(), i))
     }
 }
 

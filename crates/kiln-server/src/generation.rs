@@ -103,36 +103,27 @@ pub fn failure(c: &Completion) -> Option<ApiError> {
     })
 }
 
-/// A request's events, with a look at the next one when it is already there:
-/// the engine sends a request's last token and its `Finished` back to back,
-/// so a streamed response can put the final summary on the last token's line.
+/// A request's events, pairing a request's last token with the `Finished`
+/// that the engine sends right behind it (`TokenOutput::last`), so a streamed
+/// response can put the final summary on the last token's line.
 pub struct Events {
     stream: RequestStream,
-    peeked: Option<Event>,
 }
 
 impl Events {
     /// Wraps a request's stream.
     pub fn new(stream: RequestStream) -> Self {
-        Self {
-            stream,
-            peeked: None,
-        }
+        Self { stream }
     }
 
-    /// The next event, and the `Finished` right behind it if it is a token
-    /// whose request ended with it.
+    /// The next event, and the `Finished` that ends the request with it when
+    /// it is the request's last token.
     pub async fn next(&mut self) -> Option<(Event, Option<Event>)> {
-        let ev = match self.peeked.take() {
-            Some(e) => e,
-            None => self.stream.next().await?,
+        let ev = self.stream.next().await?;
+        let end = match &ev {
+            Event::Token(t) if t.last => self.stream.next().await,
+            _ => None,
         };
-        if matches!(ev, Event::Token(_)) {
-            match self.stream.try_next() {
-                Some(end @ Event::Finished { .. }) => return Some((ev, Some(end))),
-                other => self.peeked = other,
-            }
-        }
-        Some((ev, None))
+        Some((ev, end))
     }
 }

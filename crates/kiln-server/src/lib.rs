@@ -145,7 +145,14 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
     if let Some(store) = &st.config.model_store {
         let scan = store::scan(store)?;
         for w in &scan.warnings {
-            tracing::warn!("{w}");
+            // The registry says this one when it registers the model.
+            let model_py = scan
+                .models
+                .iter()
+                .any(|m| m.has_model_py && *w == store::model_py_warning(&m.dir));
+            if !model_py {
+                tracing::warn!("{w}");
+            }
         }
         for m in scan.models {
             models.push((m.name, m.dir.display().to_string()));
@@ -170,16 +177,17 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on http://{addr}");
     eprintln!("kiln: listening on http://{addr}");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Carries the moment the stop signal came.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Instant>);
     let flag = st.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
         flag.shutting_down.store(true, Ordering::SeqCst);
-        let _ = stop_tx.send(true);
+        let _ = stop_tx.send(Some(Instant::now()));
     });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
+    let stopped = |mut rx: tokio::sync::watch::Receiver<Option<Instant>>| async move {
+        let _ = rx.wait_for(Option::is_some).await;
     };
     let app = router(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
@@ -191,9 +199,14 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
             tokio::time::sleep(grace).await;
         } => tracing::warn!("the grace period of {grace:?} is over; exiting with requests still running"),
     }
+    // The engines get what is left of the grace period (counted from the
+    // signal) to finish, so the process exits within it.
+    let left = stop_rx.borrow().map_or(grace, |at| {
+        (at + grace).saturating_duration_since(Instant::now())
+    });
     let registry_owner = st.clone();
     let _ = tokio::time::timeout(
-        grace,
+        left,
         tokio::task::spawn_blocking(move || registry_owner.registry.shutdown_all()),
     )
     .await;

@@ -75,6 +75,8 @@ struct Common {
     n: usize,
     stream: bool,
     include_usage: bool,
+    /// The client gave `max_tokens` (or `max_completion_tokens`).
+    explicit_max_tokens: bool,
     params: GenParams,
 }
 
@@ -117,6 +119,7 @@ fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
         n,
         stream: f.bool("stream")?.unwrap_or(false),
         include_usage,
+        explicit_max_tokens: max_tokens.is_some(),
         params: GenParams {
             max_new_tokens,
             sampling: SamplingParams {
@@ -306,6 +309,13 @@ async fn run(
         Api::Completions => completion_prompt(&engine, &f)?,
         Api::Chat => chat_prompt(&engine, &f)?,
     };
+    if !c.explicit_max_tokens {
+        // Without max_tokens the answer may run to the end of the context, but
+        // the default must not ask for more than the KV cache can ever hold,
+        // or every such request would be refused (507) on a small cache.
+        let room = engine.info().kv_tokens.saturating_sub(prompt.len()).max(1);
+        c.params.max_new_tokens = c.params.max_new_tokens.min(room);
+    }
     let echo = api == Api::Completions && f.bool("echo")?.unwrap_or(false);
     rec.add_tokens_in(prompt.len() * c.n);
     let streams = submit_n(&st, &engine, &prompt, &c)?;

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::http::StatusCode;
 use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{Engine, EngineConfig, KvCapacity};
-use kiln_model::LoadOptions;
+use kiln_model::{LoadOptions, WeightDtype};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::properties::{ModelProperties, OutputFormatter};
+use crate::properties::{Dtype, ModelProperties, OutputFormatter};
 
 /// Where a model is in its life.
 #[derive(Clone)]
@@ -189,10 +189,14 @@ impl Registry {
         let meta = std::fs::metadata(&path)
             .map_err(|e| ApiError::bad_request(format!("model url '{url}': {e}")))?;
         let properties = if meta.is_dir() {
-            Some(
-                ModelProperties::load(&path, &crate::properties::process_env)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
-            )
+            let mut p = ModelProperties::load(&path, &crate::properties::process_env)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            // However the directory was registered (model store, --models,
+            // POST /models), its model.py is named once, here.
+            if path.join(crate::store::MODEL_PY).is_file() {
+                p.warnings.push(crate::store::model_py_warning(&path));
+            }
+            Some(p)
         } else {
             None
         };
@@ -380,6 +384,12 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     let p = entry.properties.clone().unwrap_or_default();
     let opts = LoadOptions {
         max_positions: p.max_model_len,
+        dtype: match p.dtype {
+            Dtype::Auto => WeightDtype::Auto,
+            Dtype::Fp32 => WeightDtype::F32,
+            Dtype::Fp16 => WeightDtype::F16,
+            Dtype::Bf16 => WeightDtype::Bf16,
+        },
     };
     let backend = CpuBackend::new();
     let model = kiln_model::load(&backend, &entry.model_path, &opts).map_err(|e| e.to_string())?;

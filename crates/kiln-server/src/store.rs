@@ -233,10 +233,7 @@ fn entry(name: String, dir: PathBuf, warnings: &mut Vec<String>) -> StoreEntry {
     let has_properties = dir.join(PROPERTIES_FILE).is_file();
     let has_model_py = dir.join(MODEL_PY).is_file();
     if has_model_py {
-        warnings.push(format!(
-            "{}: custom Python handlers cannot run in kiln; serving the model with the built-in handler",
-            dir.join(MODEL_PY).display()
-        ));
+        warnings.push(model_py_warning(&dir));
     }
     StoreEntry {
         name,
@@ -244,6 +241,15 @@ fn entry(name: String, dir: PathBuf, warnings: &mut Vec<String>) -> StoreEntry {
         has_properties,
         has_model_py,
     }
+}
+
+/// The warning for the `model.py` of the model directory `dir`, which kiln
+/// does not run.
+pub fn model_py_warning(dir: &Path) -> String {
+    format!(
+        "{}: custom Python handlers cannot run in kiln; serving the model with the built-in handler",
+        dir.join(MODEL_PY).display()
+    )
 }
 
 enum Nested {

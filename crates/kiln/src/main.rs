@@ -6,6 +6,7 @@
 
 mod bench;
 mod generate;
+mod inspect;
 mod model_args;
 mod serve;
 
@@ -27,6 +28,8 @@ enum Command {
     Generate(generate::Args),
     /// Measure prompt-processing and decode speed.
     Bench(bench::Args),
+    /// Show a model's architecture, size and memory needs from its config.
+    Inspect(inspect::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Generate(args) => init_logging("warn", None).and_then(|()| generate::run(args)),
         Command::Bench(args) => init_logging("warn", None).and_then(|()| bench::run(args)),
+        Command::Inspect(args) => init_logging("warn", None).and_then(|()| inspect::run(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

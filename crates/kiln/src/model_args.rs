@@ -29,6 +29,7 @@ impl ModelArgs {
         let t0 = Instant::now();
         let opts = LoadOptions {
             max_positions: self.max_model_len,
+            ..LoadOptions::default()
         };
         let model = kiln_model::load(&CpuBackend::new(), &path, &opts)
             .with_context(|| format!("cannot load the model at {}", path.display()))?;

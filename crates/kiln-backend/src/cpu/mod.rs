@@ -124,6 +124,10 @@ impl Backend for CpuBackend {
         t.shape.clone()
     }
 
+    fn reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        CpuTensor::new(shape.to_vec(), t.data)
+    }
+
     fn prepare_step(&self, input: &StepInput) -> Result<StepInput> {
         Ok(input.clone())
     }

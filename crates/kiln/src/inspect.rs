@@ -1,0 +1,120 @@
+//! `kiln inspect`: what a model is and what memory it needs, from its config
+//! alone — the question to answer before picking an instance.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use kiln_model::inspect::{dtype_bytes, parse_memory, summarize};
+
+/// Arguments of `kiln inspect`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A GGUF file, a Hugging Face model directory, or a config.json.
+    pub model: PathBuf,
+    /// Weight dtype to size for (fp32, fp16, bf16; default: as stored).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Device memory to check against, e.g. 16GiB, 32GiB, 80GB.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Tokens of context to size the KV cache for (default: the model's maximum).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn gb(bytes: f64) -> String {
+    format!("{:.1} GB", bytes / 1e9)
+}
+
+/// Runs `kiln inspect`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let s = summarize(&args.model)?;
+    let c = &s.config;
+    let params = c.param_count();
+    let quantized = s.format == "gguf" && args.dtype.is_none();
+    let (dtype, weight_bytes) = match &args.dtype {
+        Some(d) => {
+            let b = dtype_bytes(d)
+                .with_context(|| format!("--dtype '{d}': expected fp32, fp16 or bf16"))?;
+            (d.clone(), params as f64 * b as f64)
+        }
+        None if quantized => (s.stored_dtype.clone(), s.stored_bytes.unwrap_or(0) as f64),
+        None => {
+            let b = dtype_bytes(&s.stored_dtype).unwrap_or(2);
+            (s.stored_dtype.clone(), params as f64 * b as f64)
+        }
+    };
+    // KV cache in the activation dtype (16-bit on GPUs; quantized models use f16 too).
+    let kv_elem = match dtype_bytes(&dtype) {
+        Some(4) => 4,
+        _ => 2,
+    };
+    let kv_per_1k = c.kv_bytes_per_token(kv_elem) as f64 * 1024.0;
+    let context = args.context.unwrap_or(c.max_position_embeddings);
+    let kv_context = c.kv_bytes_per_token(kv_elem) as f64 * context as f64;
+    let memory = match &args.memory {
+        Some(m) => Some(
+            parse_memory(m)
+                .with_context(|| format!("--memory '{m}': expected a size such as 32GiB"))?
+                as f64,
+        ),
+        None => None,
+    };
+    let verdict = memory.map(|mem| {
+        if weight_bytes > mem {
+            (false, format!("does not fit in {}: the weights alone need {} of {}", args.memory.clone().unwrap_or_default(), gb(weight_bytes), gb(mem)))
+        } else if weight_bytes + kv_context > mem {
+            let tokens = ((mem - weight_bytes) / c.kv_bytes_per_token(kv_elem) as f64) as u64;
+            (false, format!(
+                "the weights fit in {} ({} of {}), but a full {context}-token sequence does not: {} of KV cache fits ({tokens} tokens)",
+                args.memory.clone().unwrap_or_default(), gb(weight_bytes), gb(mem), gb(mem - weight_bytes)
+            ))
+        } else {
+            let tokens = ((mem - weight_bytes) / c.kv_bytes_per_token(kv_elem) as f64) as u64;
+            (true, format!(
+                "fits in {}: {} of weights + {} for one {context}-token sequence = {} of {}; the rest holds {tokens} tokens of KV cache",
+                args.memory.clone().unwrap_or_default(), gb(weight_bytes), gb(kv_context), gb(weight_bytes + kv_context), gb(mem)
+            ))
+        }
+    });
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "path": s.path, "format": s.format, "architecture": c.arch, "parameters": params,
+                "layers": c.n_layers, "hidden_size": c.hidden_size, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
+                "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
+                "stored_dtype": s.stored_dtype, "dtype": dtype, "weight_bytes": weight_bytes as u64,
+                "kv_bytes_per_1k_tokens": kv_per_1k as u64, "fits": verdict.as_ref().map(|v| v.0),
+                "verdict": verdict.as_ref().map(|v| v.1.clone()),
+            })
+        );
+        return Ok(());
+    }
+    println!("model:         {} ({})", s.path.display(), s.format);
+    println!("architecture:  {}", c.arch);
+    println!("parameters:    {:.2}B ({params})", params as f64 / 1e9);
+    println!(
+        "shape:         {} layers, hidden {}, {} heads / {} KV heads of {}, FFN {}, vocab {}, context {}",
+        c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size,
+        c.max_position_embeddings
+    );
+    println!("stored dtype:  {}", s.stored_dtype);
+    println!("weights:       {} in {dtype}", gb(weight_bytes));
+    println!(
+        "KV cache:      {:.1} MB per 1K tokens ({}-bit), {} for one {context}-token sequence",
+        kv_per_1k / 1e6,
+        kv_elem * 8,
+        gb(kv_context)
+    );
+    if let Some((_, v)) = verdict {
+        println!("memory:        {v}");
+    }
+    if weight_bytes == 0.0 {
+        bail!("could not size the weights");
+    }
+    Ok(())
+}

@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""End-to-end test of kiln's OpenAI API with the official `openai` client.
+
+    python openai_e2e.py path/to/kiln [--keep-log FILE]
+
+Starts `kiln serve --port 0 --api-key ...` (the default model), then talks to
+it only through `openai.OpenAI`: models.list, completions and chat
+completions, non-streaming and streaming, with logprobs, usage, stop, seed
+and n, and the client's error classes for 401/404/400. Prints one line per
+check and exits non-zero if any failed. Run it with scripts/e2e/run.sh,
+which creates the virtual environment from requirements.txt.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+# The server is on loopback: never go through a proxy.
+for var in ("NO_PROXY", "no_proxy"):
+    os.environ[var] = ",".join(filter(None, [os.environ.get(var), "127.0.0.1", "localhost"]))
+
+import openai  # noqa: E402
+from openai import OpenAI  # noqa: E402
+
+API_KEY = "e2e-secret-key"
+MODEL = "default"
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+failures = []
+passes = 0
+
+
+def check(name, fn):
+    global passes
+    t0 = time.time()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - every failure is reported
+        failures.append(name)
+        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+    else:
+        passes += 1
+        print(f"ok   {name} ({time.time() - t0:.2f} s)", flush=True)
+
+
+def expect(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+def start_server(binary):
+    proc = subprocess.Popen(
+        [binary, "serve", "--port", "0", "--api-key", API_KEY, "--kv-cache-mib", "256"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", "KILN_LOG": os.environ.get("KILN_LOG", "info")},
+    )
+    log = []
+    port = []
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            log.append(line)
+            if line.startswith("kiln: listening on http://"):
+                port.append(int(line.rsplit(":", 1)[1]))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(60) or not port:
+        proc.kill()
+        raise SystemExit("kiln serve did not start:\n" + "".join(log))
+    base = f"http://127.0.0.1:{port[0]}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.time() + 60
+    while True:
+        try:
+            with opener.open(base + "/ping", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except Exception:  # noqa: BLE001 - 503 while loading
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit("kiln serve did not become ready:\n" + "".join(log))
+        time.sleep(0.1)
+    return proc, base, log
+
+
+def main():
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    binary = sys.argv[1]
+    proc, base, log = start_server(binary)
+    print(f"kiln serve at {base} (openai {openai.__version__})", flush=True)
+    client = OpenAI(base_url=base + "/v1", api_key=API_KEY, timeout=120, max_retries=0)
+    state = {}
+
+    def models_list():
+        ids = [m.id for m in client.models.list()]
+        expect(MODEL in ids, f"{MODEL!r} not in {ids}")
+
+    def completion():
+        r = client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=2
+        )
+        c = r.choices[0]
+        expect(r.object == "text_completion", r.object)
+        expect(c.text.strip() != "", f"empty text: {r}")
+        expect("Paris" in c.text, f"no Paris in {c.text!r}")
+        expect(c.finish_reason in ("length", "stop"), c.finish_reason)
+        u = r.usage
+        expect(u.prompt_tokens > 0 and u.completion_tokens > 0, u)
+        expect(u.total_tokens == u.prompt_tokens + u.completion_tokens, u)
+        if c.finish_reason == "length":
+            expect(u.completion_tokens == 8, u)
+        lp = c.logprobs
+        expect(len(lp.tokens) == u.completion_tokens, f"{len(lp.tokens)} logprob tokens for {u}")
+        expect(all(x <= 0 for x in lp.token_logprobs), lp.token_logprobs)
+        expect(all(1 <= len(t) <= 2 for t in lp.top_logprobs), lp.top_logprobs)
+        expect("".join(lp.tokens) == c.text, f"{lp.tokens} vs {c.text!r}")
+        state["completion"] = c.text
+
+    def completion_stream():
+        text, reasons = "", []
+        for chunk in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+        ):
+            for c in chunk.choices:
+                text += c.text
+                if c.finish_reason:
+                    reasons.append(c.finish_reason)
+        expect(text == state["completion"], f"{text!r} != {state['completion']!r}")
+        expect(len(reasons) == 1, reasons)
+
+    def completion_stop():
+        r = client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0, stop=["."]
+        )
+        c = r.choices[0]
+        expect(c.finish_reason == "stop", c.finish_reason)
+        expect("." not in c.text, repr(c.text))
+
+    def chat():
+        r = client.chat.completions.create(
+            model=MODEL, messages=CAPITAL, temperature=0, max_tokens=32, logprobs=True, top_logprobs=2
+        )
+        c = r.choices[0]
+        expect(r.object == "chat.completion", r.object)
+        expect(c.message.role == "assistant", c.message.role)
+        expect("Paris" in c.message.content, f"no Paris in {c.message.content!r}")
+        expect(c.finish_reason in ("stop", "length"), c.finish_reason)
+        u = r.usage
+        expect(u.prompt_tokens > 10, f"the chat template adds tokens: {u}")
+        expect(0 < u.completion_tokens <= 32, u)
+        expect(u.total_tokens == u.prompt_tokens + u.completion_tokens, u)
+        content = c.logprobs.content
+        expect(len(content) == u.completion_tokens, f"{len(content)} logprobs for {u}")
+        expect(all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content), content[:2])
+        state["chat"] = (c.message.content, c.finish_reason, u)
+
+    def chat_stream():
+        text, reasons, usage, roles = "", [], None, []
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=CAPITAL,
+            temperature=0,
+            max_tokens=32,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            expect(chunk.object == "chat.completion.chunk", chunk.object)
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for c in chunk.choices:
+                if c.delta.role:
+                    roles.append(c.delta.role)
+                if c.delta.content:
+                    text += c.delta.content
+                if c.finish_reason:
+                    reasons.append(c.finish_reason)
+        want_text, want_reason, want_usage = state["chat"]
+        expect("Paris" in text, repr(text))
+        expect(text == want_text, f"{text!r} != {want_text!r}")
+        expect(roles == ["assistant"], roles)
+        expect(reasons == [want_reason], reasons)
+        expect(usage is not None, "no usage chunk")
+        expect(usage.completion_tokens == want_usage.completion_tokens, usage)
+        expect(usage.prompt_tokens == want_usage.prompt_tokens, usage)
+
+    def chat_seed_n():
+        def ask():
+            r = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Write a word."}],
+                temperature=1.0,
+                max_tokens=8,
+                n=2,
+                seed=1234,
+            )
+            expect([c.index for c in r.choices] == [0, 1], r.choices)
+            return [c.message.content for c in r.choices]
+
+        a, b = ask(), ask()
+        expect(a == b, f"same seed, different answers: {a} {b}")
+
+    def errors():
+        try:
+            client.chat.completions.create(model="no-such-model", messages=CAPITAL, max_tokens=2)
+            raise AssertionError("no error for an unknown model")
+        except openai.NotFoundError:
+            pass
+        try:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=5)
+            raise AssertionError("no error for temperature 5")
+        except openai.BadRequestError as e:
+            expect("temperature" in str(e), str(e))
+        bad = OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+        try:
+            bad.models.list()
+            raise AssertionError("no error for a wrong API key")
+        except openai.AuthenticationError:
+            pass
+
+    try:
+        check("models.list", models_list)
+        check("completions.create (greedy, logprobs, usage)", completion)
+        if "completion" in state:
+            check("completions.create stream", completion_stream)
+        check("completions.create stop", completion_stop)
+        check("chat.completions.create (Paris, logprobs, usage)", chat)
+        if "chat" in state:
+            check("chat.completions.create stream (include_usage)", chat_stream)
+        check("chat.completions.create n=2 seed", chat_seed_n)
+        check("errors (404, 400, 401)", errors)
+    finally:
+        proc.terminate()
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+    if code != 0:
+        failures.append(f"server exit status {code}")
+    print(f"e2e: {passes} passed, {len(failures)} failed", flush=True)
+    if failures:
+        print("server log:\n" + "".join(log[-40:]), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
