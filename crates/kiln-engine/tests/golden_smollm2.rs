@@ -9,7 +9,6 @@
 use std::path::PathBuf;
 
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::{Backend, KvSpec, StepInput};
 use kiln_engine::{Engine, EngineConfig, Event, FinishReason, Request};
 use kiln_model::chat::ChatMessage;
 use kiln_model::{LoadOptions, LoadedModel};
@@ -56,19 +55,9 @@ fn floats(v: &Value) -> Vec<f32> {
 
 /// Logits of every position of the prompt, from one prefill step.
 fn prompt_logits(m: &LoadedModel<CpuBackend>, prompt: &[u32]) -> Vec<f32> {
-    let be = CpuBackend::new();
-    let cfg = m.decoder.config();
-    let spec = KvSpec {
-        n_layers: cfg.n_layers,
-        num_blocks: prompt.len().div_ceil(16),
-        block_size: 16,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let mut kv = be.alloc_kv_cache(&spec).expect("kv cache");
-    let mut step = StepInput::single_sequence(0, prompt, 16);
-    step.logit_rows = (0..prompt.len() as u32).collect();
-    m.decoder.forward(&be, &mut kv, &step).expect("forward")
+    kiln_model::fixtures::prefill(&CpuBackend::new(), &m.decoder, prompt, 0)
+        .expect("forward")
+        .0
 }
 
 fn argmax(row: &[f32]) -> (usize, f32) {

@@ -285,6 +285,33 @@ pub fn write_tiny_llama_hf(dir: &Path, spec: &TinySpec, seed: u64) -> Result<()>
     )
 }
 
+/// Block size of the caches [`prefill`] makes.
+pub const TEST_BLOCK_SIZE: usize = 16;
+
+/// Runs `tokens` through `decoder` in one step over a fresh KV cache with room
+/// for `extra` more tokens (positions `0..`, blocks in order), returning the
+/// logits of every position and the cache for decoding on.
+pub fn prefill<B: kiln_backend::Backend>(
+    be: &B,
+    decoder: &crate::decoder::Decoder<B>,
+    tokens: &[u32],
+    extra: usize,
+) -> Result<(Vec<f32>, B::KvCache)> {
+    let cfg = decoder.config();
+    let spec = kiln_backend::KvSpec {
+        n_layers: cfg.n_layers,
+        num_blocks: (tokens.len() + extra).div_ceil(TEST_BLOCK_SIZE),
+        block_size: TEST_BLOCK_SIZE,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    let mut kv = be.alloc_kv_cache(&spec)?;
+    let mut step = kiln_backend::StepInput::single_sequence(0, tokens, TEST_BLOCK_SIZE);
+    step.logit_rows = (0..tokens.len() as u32).collect();
+    let logits = decoder.forward(be, &mut kv, &step)?;
+    Ok((logits, kv))
+}
+
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, v.to_string()).map_err(io_err(path))
 }

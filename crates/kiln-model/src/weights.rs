@@ -86,63 +86,109 @@ fn split_block(canonical: &str) -> Option<(&str, &str, &str)> {
     Some((layer, part, kind))
 }
 
-/// Hugging Face llama-family names (`model.layers.N.self_attn.q_proj.weight`, …),
-/// shared by llama, mistral, qwen2, qwen3 and phi3 (whose fused `qkv_proj` and
-/// `gate_up_proj` stand for the canonical `attn_qkv` and a double-height `ffn_up`).
-pub fn hf_llama_names(canonical: &str) -> Option<String> {
-    let fixed = match canonical {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let (layer, part, kind) = split_block(canonical)?;
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_qkv" => "self_attn.qkv_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_gate_up" => "mlp.gate_up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+/// How one checkpoint family names its tensors: whole-model tensors by
+/// canonical name, and per-layer parts under `{layers}.N.{part}.{weight|bias}`.
+struct HfLayout {
+    fixed: &'static [(&'static str, &'static str)],
+    layers: &'static str,
+    parts: &'static [(&'static str, &'static str)],
 }
 
-/// GPT-2 names (`transformer.h.N.attn.c_attn.weight`, …); its fused `c_attn` is the canonical `attn_qkv`.
-pub fn hf_gpt2_names(canonical: &str) -> Option<String> {
-    let fixed = match canonical {
-        "token_embd.weight" => Some("transformer.wte.weight"),
-        "pos_embd.weight" => Some("transformer.wpe.weight"),
-        "output_norm.weight" => Some("transformer.ln_f.weight"),
-        "output_norm.bias" => Some("transformer.ln_f.bias"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+impl HfLayout {
+    fn map(&self, canonical: &str) -> Option<String> {
+        let lookup = |table: &[(&str, &'static str)], key: &str| {
+            table.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+        };
+        if let Some(f) = lookup(self.fixed, canonical) {
+            return Some(f.to_string());
+        }
+        let (layer, part, kind) = split_block(canonical)?;
+        let hf = lookup(self.parts, part)?;
+        Some(format!("{}.{layer}.{hf}.{kind}", self.layers))
     }
-    let (layer, part, kind) = split_block(canonical)?;
-    let hf = match part {
-        "attn_norm" => "ln_1",
-        "attn_qkv" => "attn.c_attn",
-        "attn_output" => "attn.c_proj",
-        "ffn_norm" => "ln_2",
-        "ffn_up" => "mlp.c_fc",
-        "ffn_down" => "mlp.c_proj",
-        _ => return None,
-    };
-    Some(format!("transformer.h.{layer}.{hf}.{kind}"))
+}
+
+/// llama, mistral, qwen2, qwen3 and phi3 (whose fused `qkv_proj` and
+/// `gate_up_proj` stand for the canonical `attn_qkv` and `ffn_gate_up`).
+const LLAMA: HfLayout = HfLayout {
+    fixed: &[
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layers: "model.layers",
+    parts: &[
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_qkv", "self_attn.qkv_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_gate_up", "mlp.gate_up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ],
+};
+
+/// GPT-2, whose fused `c_attn` is the canonical `attn_qkv`.
+const GPT2: HfLayout = HfLayout {
+    fixed: &[
+        ("token_embd.weight", "transformer.wte.weight"),
+        ("pos_embd.weight", "transformer.wpe.weight"),
+        ("output_norm.weight", "transformer.ln_f.weight"),
+        ("output_norm.bias", "transformer.ln_f.bias"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layers: "transformer.h",
+    parts: &[
+        ("attn_norm", "ln_1"),
+        ("attn_qkv", "attn.c_attn"),
+        ("attn_output", "attn.c_proj"),
+        ("ffn_norm", "ln_2"),
+        ("ffn_up", "mlp.c_fc"),
+        ("ffn_down", "mlp.c_proj"),
+    ],
+};
+
+/// OPT.
+const OPT: HfLayout = HfLayout {
+    fixed: &[
+        ("token_embd.weight", "model.decoder.embed_tokens.weight"),
+        ("pos_embd.weight", "model.decoder.embed_positions.weight"),
+        ("proj_in.weight", "model.decoder.project_in.weight"),
+        ("proj_out.weight", "model.decoder.project_out.weight"),
+        (
+            "output_norm.weight",
+            "model.decoder.final_layer_norm.weight",
+        ),
+        ("output_norm.bias", "model.decoder.final_layer_norm.bias"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layers: "model.decoder.layers",
+    parts: &[
+        ("attn_norm", "self_attn_layer_norm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.out_proj"),
+        ("ffn_norm", "final_layer_norm"),
+        ("ffn_up", "fc1"),
+        ("ffn_down", "fc2"),
+    ],
+};
+
+/// Hugging Face llama-family names (`model.layers.N.self_attn.q_proj.weight`, …).
+pub fn hf_llama_names(canonical: &str) -> Option<String> {
+    LLAMA.map(canonical)
+}
+
+/// GPT-2 names (`transformer.h.N.attn.c_attn.weight`, …).
+pub fn hf_gpt2_names(canonical: &str) -> Option<String> {
+    GPT2.map(canonical)
 }
 
 /// Whether a GPT-2 tensor is a `Conv1D` weight (stored `[in, out]`, transposed at load).
@@ -154,32 +200,7 @@ pub fn gpt2_conv1d(canonical: &str) -> bool {
 
 /// OPT names (`model.decoder.layers.N.self_attn.q_proj.weight`, …).
 pub fn hf_opt_names(canonical: &str) -> Option<String> {
-    let fixed = match canonical {
-        "token_embd.weight" => Some("model.decoder.embed_tokens.weight"),
-        "pos_embd.weight" => Some("model.decoder.embed_positions.weight"),
-        "proj_in.weight" => Some("model.decoder.project_in.weight"),
-        "proj_out.weight" => Some("model.decoder.project_out.weight"),
-        "output_norm.weight" => Some("model.decoder.final_layer_norm.weight"),
-        "output_norm.bias" => Some("model.decoder.final_layer_norm.bias"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let (layer, part, kind) = split_block(canonical)?;
-    let hf = match part {
-        "attn_norm" => "self_attn_layer_norm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.out_proj",
-        "ffn_norm" => "final_layer_norm",
-        "ffn_up" => "fc1",
-        "ffn_down" => "fc2",
-        _ => return None,
-    };
-    Some(format!("model.decoder.layers.{layer}.{hf}.{kind}"))
+    OPT.map(canonical)
 }
 
 /// The name map of a Hugging Face `model_type`.

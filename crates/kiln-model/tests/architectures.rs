@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::{Backend, KvSpec, StepInput};
+use kiln_backend::StepInput;
+use kiln_model::fixtures;
 use kiln_model::{load, LoadOptions, LoadedModel};
 use serde_json::Value;
 
@@ -41,27 +42,13 @@ fn argmax(row: &[f32]) -> u32 {
 /// Prefill (all positions' logits), then greedy decoding one token at a time.
 fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
     let be = CpuBackend::new();
-    let cfg = m.decoder.config();
-    let spec = KvSpec {
-        n_layers: cfg.n_layers,
-        num_blocks: (prompt.len() + new_tokens).div_ceil(16),
-        block_size: 16,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let mut kv = be.alloc_kv_cache(&spec).expect("kv cache");
-    let mut step = StepInput::single_sequence(0, prompt, 16);
-    step.logit_rows = (0..prompt.len() as u32).collect();
-    let all = m.decoder.forward(&be, &mut kv, &step).expect("prefill");
-    let vocab = cfg.vocab_size;
+    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
+    let vocab = m.decoder.config().vocab_size;
     let mut next = argmax(&all[all.len() - vocab..]);
     let mut out = vec![next];
     for pos in prompt.len()..prompt.len() + new_tokens - 1 {
-        let logits = m
-            .decoder
-            .forward(&be, &mut kv, &StepInput::single_sequence(pos, &[next], 16))
-            .expect("decode");
-        next = argmax(&logits);
+        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
+        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
         out.push(next);
     }
     (all, out)

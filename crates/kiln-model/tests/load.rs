@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::{Backend, KvSpec, StepInput};
 use kiln_model::fixtures::{self, TinySpec};
 use kiln_model::gguf::{GgufWriter, Value};
 use kiln_model::{load, LoadOptions, LoadedModel};
@@ -36,19 +35,9 @@ fn load_err(path: &Path) -> String {
 
 /// Logits of every position of `tokens`, one forward step.
 fn all_logits(m: &LoadedModel<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
-    let be = CpuBackend::new();
-    let cfg = m.decoder.config();
-    let spec = KvSpec {
-        n_layers: cfg.n_layers,
-        num_blocks: tokens.len().div_ceil(16),
-        block_size: 16,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let mut kv = be.alloc_kv_cache(&spec).unwrap();
-    let mut step = StepInput::single_sequence(0, tokens, 16);
-    step.logit_rows = (0..tokens.len() as u32).collect();
-    m.decoder.forward(&be, &mut kv, &step).unwrap()
+    fixtures::prefill(&CpuBackend::new(), &m.decoder, tokens, 0)
+        .unwrap()
+        .0
 }
 
 #[test]

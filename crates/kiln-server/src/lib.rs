@@ -59,7 +59,7 @@ pub fn router(st: Arc<AppState>) -> Router {
                 .put(management::scale)
                 .delete(management::unregister),
         )
-        .route("/models/{name}/invoke", post(lmi::invoke))
+        .route("/models/{name}/invoke", post(lmi::predictions))
         .route("/v1/models", get(openai::models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))

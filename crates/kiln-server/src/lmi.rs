@@ -266,7 +266,7 @@ fn output_json(c: &Completion, prompt: &str, req: &LmiRequest) -> Value {
     o
 }
 
-/// `POST /predictions/{model}`.
+/// `POST /predictions/{model}` and `POST /models/{model}/invoke`.
 pub async fn predictions(
     State(st): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -281,17 +281,6 @@ pub async fn predictions(
 pub async fn predictions_version(
     State(st): State<Arc<AppState>>,
     Path((model, _version)): Path<(String, String)>,
-    Extension(rec): Extension<Arc<AccessRecord>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    infer(st, &model, rec, headers, body).await
-}
-
-/// `POST /models/{name}/invoke`.
-pub async fn invoke(
-    State(st): State<Arc<AppState>>,
-    Path(model): Path<String>,
     Extension(rec): Extension<Arc<AccessRecord>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
