@@ -236,9 +236,11 @@ impl DecoderConfig {
         cfg.tie_word_embeddings = !file.tensors.contains_key("output.weight");
         cfg.qk_norm = file.tensors.contains_key("blk.0.attn_q_norm.weight");
         cfg.qkv_bias = file.tensors.contains_key("blk.0.attn_q.bias");
+        // Phi-3 GGUFs write 0 for "no window".
         cfg.sliding_window = file
             .get_u64(&key("attention.sliding_window"))
-            .map(|v| v as usize);
+            .map(|v| v as usize)
+            .filter(|&w| w > 0);
         let scaling = match file.get_str(&key("rope.scaling.type")) {
             // Llama 3.1 GGUFs carry their frequency scaling precomputed as a tensor.
             _ if file.tensors.contains_key("rope_freqs.weight") => {
@@ -324,7 +326,7 @@ impl DecoderConfig {
                 c.sliding_window = match model_type {
                     // Qwen2 configs carry a window that only applies with use_sliding_window.
                     "qwen2" | "qwen3" if get_bool("use_sliding_window") != Some(true) => None,
-                    _ => get_usize("sliding_window"),
+                    _ => get_usize("sliding_window").filter(|&w| w > 0),
                 };
                 let partial = get_f64("partial_rotary_factor").unwrap_or(1.0);
                 let rot_dim = ((c.head_dim as f64 * partial) as usize) & !1;
