@@ -9,4 +9,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # The OpenAI Python client against the binary cargo test just built
 # (skipped, loudly, where python3 is missing).
-scripts/e2e/run.sh target/debug/kiln
+scripts/e2e/run.sh "${CARGO_TARGET_DIR:-target}/debug/kiln"
