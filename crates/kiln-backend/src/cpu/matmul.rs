@@ -552,3 +552,93 @@ mod avx2 {
     /// block, few enough that accumulators and the block stay in registers.
     const MR_MAX: usize = 6;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::tests::random_blocks;
+    use crate::WeightData;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn weights(k: usize, n: usize) -> Vec<(GgmlType, CpuWeight)> {
+        let mut out = vec![(
+            GgmlType::F32,
+            CpuWeight::new(n, k, WeightData::F32(rand(n * k, 3))).unwrap(),
+        )];
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+            let bytes = random_blocks(ty, n * k / 32, 9);
+            out.push((
+                ty,
+                CpuWeight::new(n, k, WeightData::Ggml { ty, bytes }).unwrap(),
+            ));
+        }
+        out
+    }
+
+    /// The property the engine's batch invariance rests on: a row's result does
+    /// not depend on which other rows share the call, bit for bit.
+    #[test]
+    fn each_row_is_bitwise_independent_of_the_batch() {
+        let (k, n) = (96, 150);
+        let xs = rand(37 * k, 5);
+        for (ty, w) in weights(k, n) {
+            let all = linear(&CpuTensor::new(vec![37, k], xs.clone()).unwrap(), &w, None).unwrap();
+            for (start, len) in [(0usize, 1usize), (5, 1), (3, 2), (10, 5), (30, 7), (1, 36)] {
+                let part = CpuTensor::new(vec![len, k], xs[start * k..(start + len) * k].to_vec())
+                    .unwrap();
+                let y = linear(&part, &w, None).unwrap();
+                let want = &all.data[start * n..(start + len) * n];
+                assert!(
+                    y.data
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?}: rows {start}..{} differ when computed as a batch of {len}",
+                    start + len
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_kernel_agrees_with_the_simd_one() {
+        let (k, n, m) = (64, 9, 3);
+        let x = rand(m * k, 8);
+        for (ty, w) in weights(k, n) {
+            let (fmt, wq, wf, row_bytes) = Format::of(&w).unwrap();
+            let sums: Vec<f32> = x.chunks_exact(QK).map(|b| b.iter().sum()).collect();
+            let ops = Operands {
+                fmt,
+                wq,
+                wf,
+                row_bytes,
+                x: &x,
+                sums: &sums,
+                n,
+                k,
+            };
+            let y = linear(&CpuTensor::new(vec![m, k], x.clone()).unwrap(), &w, None).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let p = portable_element(&ops, i, j);
+                    let a = y.data[i * n + j];
+                    assert!(
+                        (p - a).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{ty:?} ({i},{j}): {p} vs {a}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -72,22 +72,30 @@ fn check_vec(op: &'static str, x: &CpuTensor, w: &CpuTensor) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn rms_norm(x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
-    check_vec("rms_norm", x, w)?;
+/// `f(out_row, in_row)` for every row of `x`, rows in parallel, into a new tensor.
+fn map_rows(x: &CpuTensor, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Result<CpuTensor> {
     let dim = x.cols();
     let mut out = vec![0f32; x.data.len()];
     out.par_chunks_mut(dim * ROWS_PER_TASK)
         .zip(x.data.par_chunks(dim * ROWS_PER_TASK))
         .for_each(|(o, xi)| {
             for (o, xi) in o.chunks_exact_mut(dim).zip(xi.chunks_exact(dim)) {
-                let ms = xi.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-                let inv = 1.0 / (ms + eps).sqrt();
-                for ((o, &v), &g) in o.iter_mut().zip(xi).zip(&w.data) {
-                    *o = v * inv * g;
-                }
+                f(o, xi);
             }
         });
     CpuTensor::new(x.shape.clone(), out)
+}
+
+pub(super) fn rms_norm(x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+    check_vec("rms_norm", x, w)?;
+    let dim = x.cols() as f32;
+    map_rows(x, |o, xi| {
+        let ms = xi.iter().map(|v| v * v).sum::<f32>() / dim;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &g) in o.iter_mut().zip(xi).zip(&w.data) {
+            *o = v * inv * g;
+        }
+    })
 }
 
 pub(super) fn layer_norm(
@@ -98,21 +106,15 @@ pub(super) fn layer_norm(
 ) -> Result<CpuTensor> {
     check_vec("layer_norm", x, w)?;
     check_vec("layer_norm", x, b)?;
-    let dim = x.cols();
-    let mut out = vec![0f32; x.data.len()];
-    out.par_chunks_mut(dim * ROWS_PER_TASK)
-        .zip(x.data.par_chunks(dim * ROWS_PER_TASK))
-        .for_each(|(o, xi)| {
-            for (o, xi) in o.chunks_exact_mut(dim).zip(xi.chunks_exact(dim)) {
-                let mean = xi.iter().sum::<f32>() / dim as f32;
-                let var = xi.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
-                let inv = 1.0 / (var + eps).sqrt();
-                for (((o, &v), &g), &bb) in o.iter_mut().zip(xi).zip(&w.data).zip(&b.data) {
-                    *o = (v - mean) * inv * g + bb;
-                }
-            }
-        });
-    CpuTensor::new(x.shape.clone(), out)
+    let dim = x.cols() as f32;
+    map_rows(x, |o, xi| {
+        let mean = xi.iter().sum::<f32>() / dim;
+        let var = xi.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &g), &bb) in o.iter_mut().zip(xi).zip(&w.data).zip(&b.data) {
+            *o = (v - mean) * inv * g + bb;
+        }
+    })
 }
 
 pub(super) fn rope(
