@@ -556,20 +556,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::random_blocks;
+    use crate::cpu::tests::{rand_vec as rand, random_blocks};
     use crate::WeightData;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     fn weights(k: usize, n: usize) -> Vec<(GgmlType, CpuWeight)> {
         let mut out = vec![(
