@@ -1,9 +1,10 @@
 //! Throughput of the CPU `linear` op on the default model's shapes.
 //!
-//! `cargo run --release -p kiln-backend --example linear_bench`
-//! prints, for each weight format and batch size, the best of several runs
-//! in GMAC/s (multiply-accumulates per second) and, for one row, in GB/s of
-//! weights streamed.
+//! `cargo run --release -p kiln-backend --example linear_bench [FORMAT ...]`
+//! prints, for each weight format (default: all; names as `GgmlType`'s,
+//! e.g. `Q4K BF16`) and batch size, the best of several runs in GMAC/s
+//! (multiply-accumulates per second) and, for one row, in GB/s of weights
+//! streamed.
 
 use std::time::Instant;
 
@@ -22,22 +23,64 @@ fn bytes_for(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
             s ^= s << 17;
             out.push(s as u8);
         }
-        // A small positive f16 scale (and minimum) at the front of each block.
-        out[start..start + 2].copy_from_slice(&0x2000u16.to_le_bytes());
-        if ty == GgmlType::Q4_1 {
-            out[start + 2..start + 4].copy_from_slice(&0x2000u16.to_le_bytes());
+        // Small positive f16 scales (and minimums) where each format keeps them.
+        let at: &[usize] = match ty {
+            GgmlType::F16 | GgmlType::BF16 => &[],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q3K => &[108],
+            _ => &[0],
+        };
+        for &o in at {
+            out[start + o..start + o + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+        }
+    }
+    if matches!(ty, GgmlType::F16 | GgmlType::BF16) {
+        // Ordinary values (no NaN or subnormal bit patterns): 0x3c00 is 1.0 in
+        // f16, 0x3f80 in bf16; vary the low mantissa bits.
+        let one: u16 = if ty == GgmlType::F16 { 0x3c00 } else { 0x3f80 };
+        for (i, pair) in out.chunks_exact_mut(2).enumerate() {
+            pair.copy_from_slice(&(one | (i as u16 & 0x3f)).to_le_bytes());
         }
     }
     out
 }
 
+const ALL: [GgmlType; 13] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
 fn main() {
     let be = CpuBackend::new();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let formats: Vec<GgmlType> = ALL
+        .into_iter()
+        .filter(|ty| args.is_empty() || args.iter().any(|a| *a == format!("{ty:?}")))
+        .collect();
+    // The default model's shapes; K-quants need rows of whole 256-blocks.
     let shapes = [(1536usize, 576usize), (576, 1536), (49152, 576)];
     println!("| format | n x k | m | best ms | GMAC/s | GB/s (weights) |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F32] {
+    for ty in formats {
         for &(n, k) in &shapes {
+            let k = if ty.block().0 == 256 {
+                k.next_multiple_of(256)
+            } else {
+                k
+            };
             if ty == GgmlType::F32 && n > 10_000 {
                 continue;
             }
@@ -50,7 +93,7 @@ fn main() {
             } else {
                 WeightData::Ggml {
                     ty,
-                    bytes: bytes_for(ty, n, k, 7),
+                    bytes: bytes_for(ty, n, k, 7).into(),
                 }
             };
             let wbytes = match &data {

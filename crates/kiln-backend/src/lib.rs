@@ -11,10 +11,12 @@
 //! (which tokens belong to which sequence, where their keys and values go in
 //! the paged KV cache), produced by the engine's scheduler.
 
+mod bytes;
 pub mod cpu;
 pub mod quant;
 mod step;
 
+pub use bytes::{ByteOwner, HostBytes};
 pub use quant::{GgmlType, WeightData};
 pub use step::{KvSpec, SeqSlice, StepInput};
 

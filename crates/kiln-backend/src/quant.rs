@@ -1,13 +1,15 @@
 //! ggml tensor types and their dequantization to f32.
 //!
-//! GGUF checkpoints store weights in ggml's block formats. A backend either
-//! computes with a format directly (the CPU backend does for Q4_0, Q4_1 and
-//! Q8_0, see `cpu::qmatmul`) or dequantizes it once at load with
-//! [`dequantize`]. The block layouts below are the ones ggml defines
+//! GGUF checkpoints store weights in ggml's block formats. The CPU backend
+//! computes with every format here as it is stored (see `cpu::matmul`);
+//! [`dequantize`] is the reference its kernels are tested against and what
+//! small tensors (norms, biases) are read through. The block layouts below are the ones ggml defines
 //! (`ggml-common.h`); each function turns whole blocks into floats.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
+
+use crate::HostBytes;
 
 /// The ggml element types kiln knows. Values are ggml's enum numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +78,10 @@ impl GgmlType {
 pub enum WeightData {
     /// Plain f32 values, row-major.
     F32(Vec<f32>),
-    /// Rows of ggml blocks (each row a whole number of blocks), as stored in GGUF.
-    Ggml { ty: GgmlType, bytes: Vec<u8> },
+    /// Rows of ggml blocks (each row a whole number of blocks), as stored in
+    /// GGUF; also plain little-endian F32, F16 or BF16 rows (safetensors), which
+    /// ggml stores the same way. Usually a range of the memory-mapped file.
+    Ggml { ty: GgmlType, bytes: HostBytes },
 }
 
 impl WeightData {
@@ -120,11 +124,53 @@ impl WeightData {
                     WeightData::F32(v) => WeightData::F32(v[range].to_vec()),
                     WeightData::Ggml { ty, bytes } => WeightData::Ggml {
                         ty: *ty,
-                        bytes: bytes[range].to_vec(),
+                        bytes: bytes
+                            .slice(range)
+                            .expect("range checked against the length above"),
                     },
                 }
             })
             .collect())
+    }
+}
+
+impl WeightData {
+    /// The same matrix stored as `to` (F32, F16 or BF16), rounding to its
+    /// precision; block formats and data already in `to` are returned as they are.
+    pub fn into_float(self, to: GgmlType) -> Result<WeightData, String> {
+        let encode = |v: &mut dyn Iterator<Item = f32>| -> Vec<u8> {
+            match to {
+                GgmlType::F16 => v.flat_map(|x| f16::from_f32(x).to_le_bytes()).collect(),
+                GgmlType::BF16 => v.flat_map(|x| bf16::from_f32(x).to_le_bytes()).collect(),
+                _ => v.flat_map(|x| x.to_le_bytes()).collect(),
+            }
+        };
+        if !matches!(to, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Err(format!("{to:?} is not a float format"));
+        }
+        Ok(match self {
+            WeightData::F32(v) if to == GgmlType::F32 => WeightData::F32(v),
+            WeightData::F32(v) => WeightData::Ggml {
+                ty: to,
+                bytes: encode(&mut v.into_iter()).into(),
+            },
+            WeightData::Ggml { ty, bytes }
+                if ty != to && matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) =>
+            {
+                let (_, size) = ty.block();
+                let f = block_dequantizer(ty).ok_or("float formats always dequantize")?;
+                let mut it = bytes.chunks_exact(size).map(|b| {
+                    let mut y = [0f32];
+                    f(b, &mut y);
+                    y[0]
+                });
+                WeightData::Ggml {
+                    ty: to,
+                    bytes: encode(&mut it).into(),
+                }
+            }
+            same => same,
+        })
     }
 }
 
@@ -155,7 +201,9 @@ pub fn block_dequantizer(ty: GgmlType) -> Option<BlockDequantizer> {
         GgmlType::Q4K => q4_k,
         GgmlType::Q5K => q5_k,
         GgmlType::Q6K => q6_k,
-        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q8K => return None,
+        GgmlType::Q2K => q2_k,
+        GgmlType::Q3K => q3_k,
+        GgmlType::Q8K => return None,
     })
 }
 
@@ -331,5 +379,55 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
             out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
             out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
         }
+    }
+}
+
+/// 2-bit values in 16 sub-blocks of 16, each with a 4-bit scale (low nibble
+/// of `scales[i]`) and a 4-bit minimum (high nibble): x = d * sc * q - dmin * m.
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let scales = &b[0..16];
+    let qs = &b[16..80];
+    let d = f16_at(b, 80);
+    let dmin = f16_at(b, 82);
+    for (e, out) in y.iter_mut().enumerate().take(QK_K) {
+        let sub = e / 16;
+        let (sc, m) = (scales[sub] & 0x0f, scales[sub] >> 4);
+        let (half, within) = (e / 128, e % 128);
+        let (shift, l) = (2 * (within / 32), within % 32);
+        let q = (qs[32 * half + l] >> shift) & 3;
+        *out = d * sc as f32 * q as f32 - dmin * m as f32;
+    }
+}
+
+/// The 16 signed 6-bit scales of a Q3_K block, unpacked from its 12 bytes
+/// (low 4 bits in the first 8 bytes' nibbles, high 2 bits in the last 4).
+pub(crate) fn q3_k_scales(packed: &[u8]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for (i, s) in out.iter_mut().enumerate() {
+        let low = if i < 8 {
+            packed[i] & 0x0f
+        } else {
+            packed[i - 8] >> 4
+        };
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        *s = ((low | (high << 4)) as i8) - 32;
+    }
+    out
+}
+
+/// 3-bit values: the low 2 bits in `qs`, the third in `hmask` (a clear bit
+/// subtracts 4), 16 sub-blocks of 16 with signed 6-bit scales: x = d * sc * q.
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let hmask = &b[0..32];
+    let qs = &b[32..96];
+    let scales = q3_k_scales(&b[96..108]);
+    let d = f16_at(b, 108);
+    for (e, out) in y.iter_mut().enumerate().take(QK_K) {
+        let (half, within) = (e / 128, e % 128);
+        let (j, l) = (within / 32, within % 32);
+        let low = (qs[32 * half + l] >> (2 * j)) & 3;
+        let high = (hmask[l] >> (4 * half + j)) & 1;
+        let q = (low | (high << 2)) as i32 - 4;
+        *out = d * scales[e / 16] as f32 * q as f32;
     }
 }

@@ -15,10 +15,13 @@ use kiln_model::{LoadOptions, LoadedModel};
 use serde_json::Value;
 
 /// Largest absolute difference allowed between kiln's and transformers' logits.
-/// Both compute in float32 from the same dequantized weights; what differs is
-/// the order of summation (blocked dot products against PyTorch's kernels),
-/// which moved logits of magnitude ~20 by at most 6e-5 when this was written.
-const LOGIT_TOL: f32 = 2e-3;
+/// transformers computes in float32 from the dequantized weights; kiln
+/// multiplies the stored blocks with activations quantized to 16 bits per
+/// 32-block (the CPU default), each within 1/65534 of the block's largest
+/// value. On logits of magnitude ~20 that moved the largest difference from
+/// 6e-5 (f32 activations) to 5.4e-3 when this was written; every greedy
+/// token still matches.
+const LOGIT_TOL: f32 = 1e-2;
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden")

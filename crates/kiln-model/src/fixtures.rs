@@ -154,6 +154,17 @@ fn vocab_tokens() -> Vec<String> {
 
 /// The fixture as GGUF bytes (F32 tensors, GPT-2-style tokenizer metadata).
 pub fn tiny_llama_gguf_bytes(spec: &TinySpec, seed: u64) -> Vec<u8> {
+    gguf_bytes(spec, seed, None, false)
+}
+
+/// The fixture's GGUF; `matrices` replaces every matrix by random blocks of
+/// a format (see [`tiny_llama_gguf_in_format`]).
+fn gguf_bytes(
+    spec: &TinySpec,
+    seed: u64,
+    matrices: Option<(GgmlType, u64)>,
+    dequantized: bool,
+) -> Vec<u8> {
     let hd = spec.hidden / spec.heads;
     let mut w = GgufWriter::default();
     let u32v = |v: usize| Value::U32(v as u32);
@@ -192,11 +203,101 @@ pub fn tiny_llama_gguf_bytes(spec: &TinySpec, seed: u64) -> Vec<u8> {
         } else {
             t.data
         };
-        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let dims = t.shape.iter().rev().map(|&d| d as u64).collect();
-        w.tensor(&t.name, dims, GgmlType::F32, bytes);
+        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+        match matrices {
+            Some((ty, seed)) if t.shape.len() == 2 => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let blocks = random_blocks(ty, rows * cols / ty.block().0, seed ^ rows as u64);
+                let bytes = if dequantized {
+                    kiln_backend::quant::dequantize(ty, &blocks, rows * cols)
+                        .expect("whole blocks of a known format")
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect()
+                } else {
+                    blocks
+                };
+                let stored = if dequantized { GgmlType::F32 } else { ty };
+                w.tensor(&t.name, dims, stored, bytes);
+            }
+            _ => {
+                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                w.tensor(&t.name, dims, GgmlType::F32, bytes);
+            }
+        }
     }
     w.to_bytes()
+}
+
+/// The fixture with every matrix in format `ty`: random blocks (seeded,
+/// with small f16 scales) rather than a quantization of the f32 weights, so
+/// any format can be made without a quantizer. With `dequantized`, the same
+/// matrices are stored as their F32 values instead: the twin a native
+/// kernel's results are compared with.
+pub fn tiny_llama_gguf_in_format(
+    spec: &TinySpec,
+    seed: u64,
+    ty: GgmlType,
+    dequantized: bool,
+) -> Vec<u8> {
+    gguf_bytes(spec, seed, Some((ty, seed)), dequantized)
+}
+
+/// `n` blocks of `ty` (or `n` values of a float format) of seeded random
+/// bytes, with every f16 scale and minimum set to a small positive value.
+pub fn random_blocks(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
+    let (_, size) = ty.block();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let small = |r: u64, big: bool| {
+        let v = (r % 1000) as f32 / 1000.0;
+        if big {
+            0.002 + 0.01 * v
+        } else {
+            0.0005 + 0.002 * v
+        }
+    };
+    let mut out = Vec::with_capacity(n * size);
+    for _ in 0..n {
+        let start = out.len();
+        out.extend((0..size).map(|_| next() as u8));
+        match ty {
+            GgmlType::F32 => {
+                let v = small(next(), true) - 0.007;
+                out[start..].copy_from_slice(&v.to_le_bytes());
+            }
+            GgmlType::F16 => {
+                let v = half::f16::from_f32(small(next(), true) - 0.007);
+                out[start..].copy_from_slice(&v.to_le_bytes());
+            }
+            GgmlType::BF16 => {
+                let v = half::bf16::from_f32(small(next(), true) - 0.007);
+                out[start..].copy_from_slice(&v.to_le_bytes());
+            }
+            _ => {
+                // Where each format keeps its f16 scales (and minimums); the
+                // super-block formats multiply theirs by 6-bit sub-scales.
+                let (at, big): (&[usize], bool) = match ty {
+                    GgmlType::Q4_1 | GgmlType::Q5_1 => (&[0, 2], true),
+                    GgmlType::Q4K | GgmlType::Q5K => (&[0, 2], false),
+                    GgmlType::Q6K => (&[208], false),
+                    GgmlType::Q2K => (&[80, 82], false),
+                    GgmlType::Q3K => (&[108], false),
+                    _ => (&[0], true),
+                };
+                for &o in at {
+                    let v = half::f16::from_f32(small(next(), big));
+                    out[start + o..start + o + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Writes the fixture as a GGUF file.

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use memmap2::Mmap;
 
 use crate::quant::{self, GgmlType};
@@ -128,7 +130,7 @@ impl TensorInfo {
 /// An open GGUF file: parsed header plus the memory map of the data.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: BTreeMap<String, TensorInfo>,
@@ -326,7 +328,7 @@ impl GgufFile {
         }
         Ok(Self {
             path,
-            mmap,
+            mmap: Arc::new(mmap),
             version,
             metadata,
             tensors,
@@ -365,6 +367,16 @@ impl GgufFile {
         let start = (self.data_start + info.offset) as usize;
         let len = tensor_nbytes(info).unwrap_or(0) as usize;
         &self.mmap[start..start + len]
+    }
+
+    /// A tensor's bytes as a shared range of the memory map: no copy, and the
+    /// map stays alive as long as the weight does.
+    pub fn tensor_shared(&self, info: &TensorInfo) -> kiln_backend::HostBytes {
+        let start = (self.data_start + info.offset) as usize;
+        let len = tensor_nbytes(info).unwrap_or(0) as usize;
+        let owner: kiln_backend::ByteOwner = self.mmap.clone();
+        kiln_backend::HostBytes::shared(owner, start..start + len)
+            .expect("tensor bounds were validated when the file was opened")
     }
 
     /// The directory entry of a tensor, or an error naming the file and tensor.

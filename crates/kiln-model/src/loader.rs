@@ -131,7 +131,9 @@ pub fn load<B: Backend>(backend: &B, path: &Path, opts: &LoadOptions) -> Result<
     }
 }
 
-/// A source whose f32 values are rounded to 16-bit precision as they are read.
+/// A source whose float weights are rounded to 16-bit precision as they are
+/// read: matrices are stored in that format (half the memory of f32), other
+/// tensors keep f32 storage with rounded values.
 struct Rounded<'a> {
     inner: &'a dyn WeightSource,
     dtype: WeightDtype,
@@ -159,10 +161,17 @@ impl WeightSource for Rounded<'_> {
     }
 
     fn get_weight(&self, name: &str) -> Result<(Vec<usize>, kiln_backend::WeightData)> {
-        let (shape, mut data) = self.inner.get_weight(name)?;
-        if let kiln_backend::WeightData::F32(v) = &mut data {
-            self.round(v);
-        }
+        let (shape, data) = self.inner.get_weight(name)?;
+        let to = match self.dtype {
+            WeightDtype::F16 => kiln_backend::GgmlType::F16,
+            WeightDtype::Bf16 => kiln_backend::GgmlType::BF16,
+            WeightDtype::Auto | WeightDtype::F32 => return Ok((shape, data)),
+        };
+        let data = data.into_float(to).map_err(|msg| ModelError::Tensor {
+            path: self.inner.describe().into(),
+            tensor: name.to_string(),
+            msg,
+        })?;
         Ok((shape, data))
     }
 

@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use kiln_backend::WeightData;
+use kiln_backend::{ByteOwner, GgmlType, HostBytes, WeightData};
 
 use crate::gguf::GgufFile;
 use crate::{HostTensor, ModelError, Result};
@@ -56,7 +57,7 @@ impl WeightSource for GgufFile {
 
     fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
         let info = self.tensor_info(name)?;
-        let bytes = self.tensor_bytes(info).to_vec();
+        let bytes = self.tensor_shared(info);
         Ok((
             info.shape(),
             WeightData::Ggml {
@@ -220,6 +221,15 @@ pub struct Transposed<S> {
 }
 
 impl<S: WeightSource> WeightSource for Transposed<S> {
+    fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
+        if (self.which)(name) {
+            let t = self.get(name)?;
+            Ok((t.shape, WeightData::F32(t.data)))
+        } else {
+            self.inner.get_weight(name)
+        }
+    }
+
     fn get(&self, name: &str) -> Result<HostTensor> {
         let t = self.inner.get(name)?;
         match t.shape[..] {
@@ -248,7 +258,7 @@ impl<S: WeightSource> WeightSource for Transposed<S> {
 /// One or more memory-mapped `.safetensors` files (a sharded checkpoint is
 /// several, listed by `model.safetensors.index.json`).
 pub struct SafetensorsSource {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     /// Checkpoint tensor name → index into `files`.
     index: BTreeMap<String, usize>,
     names: NameMap,
@@ -315,7 +325,7 @@ impl SafetensorsSource {
             for n in names {
                 index.insert(n, files.len());
             }
-            files.push((path, mmap));
+            files.push((path, Arc::new(mmap)));
         }
         Ok(Self {
             files,
@@ -339,7 +349,74 @@ impl SafetensorsSource {
     }
 }
 
+impl SafetensorsSource {
+    /// The file, checkpoint name and parsed view of a canonical tensor.
+    fn view<T>(
+        &self,
+        canonical: &str,
+        f: impl FnOnce(&PathBuf, &Arc<Mmap>, &str, safetensors::tensor::TensorView) -> Result<T>,
+    ) -> Result<T> {
+        let Some((name, i)) = self.locate(canonical) else {
+            return Err(ModelError::MissingTensor {
+                path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+                tensor: (self.names)(canonical).unwrap_or_else(|| canonical.to_string()),
+            });
+        };
+        let (path, mmap) = &self.files[i];
+        let st = SafeTensors::deserialize(mmap).map_err(|e| ModelError::Tensor {
+            path: path.clone(),
+            tensor: name.clone(),
+            msg: format!("cannot read file: {e}"),
+        })?;
+        let view = st.tensor(&name).map_err(|e| ModelError::Tensor {
+            path: path.clone(),
+            tensor: name.clone(),
+            msg: e.to_string(),
+        })?;
+        f(path, mmap, &name, view)
+    }
+}
+
 impl WeightSource for SafetensorsSource {
+    /// 16- and 32-bit float matrices as ranges of the memory map, not copied.
+    fn get_weight(&self, canonical: &str) -> Result<(Vec<usize>, WeightData)> {
+        let shared = self.view(canonical, |path, mmap, name, view| {
+            let ty = match view.dtype() {
+                Dtype::F32 => GgmlType::F32,
+                Dtype::F16 => GgmlType::F16,
+                Dtype::BF16 => GgmlType::BF16,
+                _ => return Ok(None),
+            };
+            let data = view.data();
+            let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+            let owner: ByteOwner = mmap.clone();
+            let bytes = HostBytes::shared(owner, start..start + data.len()).ok_or_else(|| {
+                ModelError::Tensor {
+                    path: path.clone(),
+                    tensor: name.to_string(),
+                    msg: "data outside the file".into(),
+                }
+            })?;
+            let shape = view.shape().to_vec();
+            if shape.iter().product::<usize>() * ty.block().1 != data.len() {
+                return Err(ModelError::Tensor {
+                    path: path.clone(),
+                    tensor: name.to_string(),
+                    msg: format!("shape {shape:?} does not match {} bytes", data.len()),
+                });
+            }
+            Ok(Some((shape, WeightData::Ggml { ty, bytes })))
+        })?;
+        match shared {
+            Some(w) => Ok(w),
+            // Other dtypes get `get`'s error.
+            None => {
+                let t = self.get(canonical)?;
+                Ok((t.shape, WeightData::F32(t.data)))
+            }
+        }
+    }
+
     fn get(&self, canonical: &str) -> Result<HostTensor> {
         let Some((name, i)) = self.locate(canonical) else {
             return Err(ModelError::MissingTensor {

@@ -112,7 +112,7 @@ pub(super) fn paged_attention(
             };
             #[cfg(target_arch = "x86_64")]
             {
-                if super::matmul::has_avx2() {
+                if super::x86::Isa::detected().is_some() {
                     // SAFETY: the CPU features were detected.
                     unsafe { attend_avx2(&ctx, job, scores) };
                     return;

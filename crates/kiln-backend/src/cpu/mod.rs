@@ -4,12 +4,16 @@
 //! other backends are compared against, with the hot spots (matrix products
 //! and attention) made fast enough to serve small models.
 
+mod actq;
 mod attention;
+mod blocks;
 mod matmul;
 mod ops;
 mod weight;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
-pub use weight::{CpuWeight, Storage};
+pub use weight::CpuWeight;
 
 use crate::{
     Activation, AttentionParams, Backend, BackendError, KvSpec, Result, RopeLayout, StepInput,

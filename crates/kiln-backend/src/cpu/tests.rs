@@ -30,6 +30,38 @@ fn close(a: &[f32], b: &[f32], tol: f32) {
     }
 }
 
+/// Every weight format the CPU backend computes with.
+pub(super) const ALL_FORMATS: [GgmlType; 13] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+/// `values` encoded as rows of a float format (F32, F16 or BF16).
+pub(super) fn float_weight_bytes(ty: GgmlType, values: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
 /// Random ggml blocks with sane f16 scales (random bytes elsewhere).
 pub(super) fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
     let (_, bb) = ty.block();
@@ -49,6 +81,8 @@ pub(super) fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
         let f16_at: &[usize] = match ty {
             GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
             GgmlType::Q6K => &[208],
+            GgmlType::Q2K => &[80, 82],
+            GgmlType::Q3K => &[108],
             _ => &[0],
         };
         for &o in f16_at {
@@ -104,38 +138,68 @@ fn linear_matches_naive_for_small_and_large_batches() {
     }
 }
 
+/// Every format's native kernel against dequantize-then-f32 on random rows.
+///
+/// Float formats keep f32 activations: the result matches an f64 product
+/// with the dequantized weights to f32 rounding. Block formats multiply
+/// 8-bit activations: the result matches the f64 product of the dequantized
+/// weights with the *quantized* activations to f32 rounding (the integer
+/// arithmetic is exact), and differs from the f32-activation product by no
+/// more than what quantizing can move it: `sum |w_t| * dx_t / 2`.
 #[test]
-fn quantized_linear_matches_dequantized_weights() {
+fn every_format_matches_dequantize_then_f32() {
     let be = CpuBackend;
-    // n = 700 with k = 96 splits the prefill path into more than one panel.
-    let (k, n) = (96, 700);
-    for ty in [
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q6K,
-        GgmlType::F16,
-    ] {
+    // n = 700 splits the work into more than one band.
+    let n = 700;
+    for ty in ALL_FORMATS {
         let (block, _) = ty.block();
-        let k = if block > k { 256 } else { k };
-        let bytes = if ty == GgmlType::F16 {
-            rand_vec(n * k, 9)
-                .iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                .collect()
+        let k = if block == 256 { 512 } else { 96 };
+        let bytes = if block == 1 {
+            float_weight_bytes(ty, &rand_vec(n * k, 9))
         } else {
             random_blocks(ty, n * k / block, 4)
         };
         let wd = crate::quant::dequantize(ty, &bytes, n * k).unwrap();
         assert!(wd.iter().all(|v| v.is_finite()));
         let w = be
-            .upload_weight(n, k, WeightData::Ggml { ty, bytes })
+            .upload_weight(
+                n,
+                k,
+                WeightData::Ggml {
+                    ty,
+                    bytes: bytes.into(),
+                },
+            )
             .unwrap();
         let b = t(&[n], 5);
         for &m in &[1usize, 4, 8, 9, 33] {
             let x = t(&[m, k], 6 + m as u64);
             let y = be.linear(&x, &w, Some(&b)).unwrap();
-            check_linear(&y.data, &x.data, &wd, &b.data, m, n, k, 1e-6);
+            if block == 1 {
+                check_linear(&y.data, &x.data, &wd, &b.data, m, n, k, 1e-6);
+                continue;
+            }
+            let bits = super::actq::ActBits::configured();
+            let q = super::actq::QuantizedRows::new(&x.data, k, bits);
+            let xq: Vec<f32> = (0..m * k)
+                .map(|t| q.value(t) as f32 * q.dx[t / 32])
+                .collect();
+            check_linear(&y.data, &xq, &wd, &b.data, m, n, k, 1e-5);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut bound) = (b.data[j] as f64, 0f64);
+                    for l in 0..k {
+                        let wv = wd[j * k + l] as f64;
+                        exact += x.data[i * k + l] as f64 * wv;
+                        bound += wv.abs() * q.dx[(i * k + l) / 32] as f64 / 2.0;
+                    }
+                    let got = y.data[i * n + j] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound * 1.001 + 1e-4,
+                        "{ty:?} ({i},{j}): {got} vs {exact}, quantization bound {bound}"
+                    );
+                }
+            }
         }
     }
 }
@@ -155,7 +219,7 @@ fn linear_rejects_mismatched_shapes() {
             40,
             WeightData::Ggml {
                 ty: GgmlType::Q8_0,
-                bytes: vec![0; 68],
+                bytes: vec![0; 68].into(),
             },
         )
         .expect_err("40 columns are not whole Q8_0 blocks");
@@ -166,7 +230,7 @@ fn linear_rejects_mismatched_shapes() {
             32,
             WeightData::Ggml {
                 ty: GgmlType::Q8_0,
-                bytes: vec![0; 67]
+                bytes: vec![0; 67].into()
             }
         )
         .is_err());
@@ -467,7 +531,7 @@ fn embedding_looks_up_rows_and_rejects_out_of_vocab_ids() {
             64,
             WeightData::Ggml {
                 ty: GgmlType::Q8_0,
-                bytes,
+                bytes: bytes.into(),
             },
         )
         .unwrap();

@@ -1,91 +1,68 @@
-//! Weight matrices on the CPU: f32, or rows of ggml blocks kept as they were
-//! in the checkpoint (Q4_0, Q4_1, Q8_0), which is 4 to 6 times less memory to
-//! stream per decode step than f32.
+//! Weight matrices on the CPU, kept in the encoding the checkpoint stores
+//! them in (F32, F16, BF16 or any ggml block format), usually as a range of
+//! the memory-mapped file: nothing is expanded at load, so a model takes the
+//! memory of its file and a decode step streams as few bytes as it can.
 
 use crate::quant::{self, GgmlType, WeightData};
-use crate::{BackendError, Result};
+use crate::{BackendError, HostBytes, Result};
 
-/// How a weight's values are stored.
-#[derive(Debug, Clone)]
-pub enum Storage {
-    F32(Vec<f32>),
-    /// `rows` rows of `row_bytes` bytes of ggml blocks each.
-    Blocks {
-        ty: GgmlType,
-        bytes: Vec<u8>,
-        row_bytes: usize,
-        dequant: quant::BlockDequantizer,
-    },
-}
-
-/// A `[rows, cols]` weight matrix in host memory.
+/// A `[rows, cols]` weight matrix in host memory: `rows` rows of `row_bytes`
+/// bytes of `ty`'s blocks each.
 #[derive(Debug, Clone)]
 pub struct CpuWeight {
     pub rows: usize,
     pub cols: usize,
-    pub storage: Storage,
-}
-
-/// Block formats the CPU kernels compute with directly.
-pub(super) fn computes_natively(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    pub ty: GgmlType,
+    pub bytes: HostBytes,
+    pub row_bytes: usize,
+    dequant: quant::BlockDequantizer,
 }
 
 impl CpuWeight {
-    /// Takes a checkpoint's matrix, keeping natively supported blocks and
-    /// converting everything else to f32.
+    /// Takes a checkpoint's matrix as it is (f32 values become F32 rows).
     pub fn new(rows: usize, cols: usize, data: WeightData) -> Result<Self> {
-        let numel = rows.checked_mul(cols).ok_or_else(|| BackendError::Shape {
-            op: "upload_weight",
-            msg: format!("{rows} x {cols} overflows"),
-        })?;
         let invalid = |msg: String| BackendError::Invalid {
             op: "upload_weight",
             msg,
         };
-        let storage = match data {
-            WeightData::Ggml { ty, bytes } if computes_natively(ty) => {
-                let dequant = quant::block_dequantizer(ty)
-                    .ok_or_else(|| invalid(format!("{ty:?} cannot be dequantized")))?;
-                let row_bytes = quant::row_bytes(ty, cols).ok_or_else(|| {
-                    invalid(format!("{cols} columns are not whole {ty:?} blocks"))
-                })?;
-                if bytes.len() != rows * row_bytes {
-                    return Err(invalid(format!(
-                        "{} bytes for {rows} rows of {row_bytes} bytes",
-                        bytes.len()
-                    )));
+        let numel = rows
+            .checked_mul(cols)
+            .ok_or_else(|| invalid(format!("{rows} x {cols} overflows")))?;
+        let (ty, bytes) = match data {
+            WeightData::F32(v) => {
+                if v.len() != numel {
+                    return Err(invalid(format!("{} values for {rows} x {cols}", v.len())));
                 }
-                Storage::Blocks {
-                    ty,
-                    bytes,
-                    row_bytes,
-                    dequant,
-                }
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (GgmlType::F32, HostBytes::from(bytes))
             }
-            other => Storage::F32(other.into_f32(numel).map_err(invalid)?),
+            WeightData::Ggml { ty, bytes } => (ty, bytes),
         };
+        let dequant = quant::block_dequantizer(ty)
+            .filter(|_| ty != GgmlType::Q8K)
+            .ok_or_else(|| invalid(format!("{ty:?} weights are not supported")))?;
+        let row_bytes = quant::row_bytes(ty, cols)
+            .ok_or_else(|| invalid(format!("{cols} columns are not whole {ty:?} blocks")))?;
+        if bytes.len() != rows * row_bytes {
+            return Err(invalid(format!(
+                "{} bytes for {rows} rows of {row_bytes} bytes of {ty:?}",
+                bytes.len()
+            )));
+        }
         Ok(Self {
             rows,
             cols,
-            storage,
+            ty,
+            bytes,
+            row_bytes,
+            dequant,
         })
     }
 
     /// Writes rows `r0..r0 + out.len() / cols` as f32 into `out`.
     pub fn rows_f32(&self, r0: usize, out: &mut [f32]) {
         let n = out.len() / self.cols;
-        match &self.storage {
-            Storage::F32(v) => out.copy_from_slice(&v[r0 * self.cols..(r0 + n) * self.cols]),
-            Storage::Blocks {
-                ty,
-                bytes,
-                row_bytes,
-                dequant,
-            } => {
-                let src = &bytes[r0 * row_bytes..(r0 + n) * row_bytes];
-                quant::dequantize_with(*dequant, *ty, src, out);
-            }
-        }
+        let src = &self.bytes[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
+        quant::dequantize_with(self.dequant, self.ty, src, out);
     }
 }

@@ -1,0 +1,267 @@
+//! The integer formats' blocks in the one shape every kernel computes with.
+//!
+//! Each ggml block format, from Q8_0 to Q2_K, decodes to the same three
+//! things: an integer *code* per element (unsigned, 0..=63; or a signed byte
+//! for Q8_0), a float *scale* per 16 elements and a float *offset
+//! coefficient* per granule of 16 or 32 elements, with
+//!
+//! ```text
+//! value[t] = scale[t / 16] * code[t] + coef[t / granule]
+//! ```
+//!
+//! So a dot product with 8-bit activations `x[t] = dx * qx[t]` splits into an
+//! exact integer part, `sum(code * qx)`, scaled per block, and a small float
+//! part, `sum(coef_g * xs_g)` where `xs_g` is the activation's sum over the
+//! granule. [`unpack`] is the portable definition of that decoding; the SIMD
+//! kernels decode the hot formats in registers and must agree with it.
+
+use half::f16;
+
+use crate::quant::{q3_k_scales, GgmlType};
+
+/// How one integer format is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct IntFormat {
+    pub ty: GgmlType,
+    /// Elements per block (32 or 256).
+    pub elems: usize,
+    /// Bytes per block.
+    pub bytes: usize,
+    /// Codes are signed bytes (Q8_0) rather than small unsigned integers.
+    pub signed: bool,
+    /// Elements per offset coefficient: 16 or 32, or 0 for none.
+    pub granule: usize,
+}
+
+impl IntFormat {
+    /// The integer format of `ty`, or `None` for float formats (and Q8_K,
+    /// which only exists as an activation format).
+    pub fn of(ty: GgmlType) -> Option<Self> {
+        let (granule, signed) = match ty {
+            GgmlType::Q8_0 => (0, true),
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q4K
+            | GgmlType::Q5K => (32, false),
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q6K => (16, false),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K => return None,
+        };
+        let (elems, bytes) = ty.block();
+        Some(Self {
+            ty,
+            elems,
+            bytes,
+            signed,
+            granule,
+        })
+    }
+
+    /// Offset coefficients per block.
+    pub fn coefs_per_block(&self) -> usize {
+        self.elems.checked_div(self.granule).unwrap_or(0)
+    }
+}
+
+/// One block decoded: `codes[..elems]`, `scale[..elems / 16]` and
+/// `coef[..elems / granule]`.
+#[derive(Clone)]
+pub(super) struct Unpacked {
+    pub codes: [u8; 256],
+    pub scale: [f32; 16],
+    pub coef: [f32; 16],
+}
+
+impl Default for Unpacked {
+    fn default() -> Self {
+        Self {
+            codes: [0; 256],
+            scale: [0.0; 16],
+            coef: [0.0; 16],
+        }
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// The (scale, min) pair `j` of Q4_K's and Q5_K's 12 packed bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Decodes one block `b` of format `f` into `u`.
+pub(super) fn unpack(f: &IntFormat, b: &[u8], u: &mut Unpacked) {
+    let nibbles = |qs: &[u8], codes: &mut [u8]| {
+        for (l, &q) in qs.iter().enumerate() {
+            codes[l] = q & 0x0f;
+            codes[l + 16] = q >> 4;
+        }
+    };
+    // The fifth bit of element l of a Q5_0/Q5_1 block is bit l of `qh`.
+    let fifth_bits = |qh: u32, codes: &mut [u8]| {
+        for (l, c) in codes.iter_mut().enumerate().take(32) {
+            *c |= (((qh >> l) & 1) << 4) as u8;
+        }
+    };
+    match f.ty {
+        GgmlType::Q8_0 => {
+            u.codes[..32].copy_from_slice(&b[2..34]);
+            u.scale[..2].fill(f16_at(b, 0));
+        }
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
+            let d = f16_at(b, 0);
+            u.scale[..2].fill(d);
+            if f.ty == GgmlType::Q4_0 {
+                nibbles(&b[2..18], &mut u.codes);
+                u.coef[0] = -8.0 * d;
+            } else {
+                nibbles(&b[6..22], &mut u.codes);
+                fifth_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &mut u.codes);
+                u.coef[0] = -16.0 * d;
+            }
+        }
+        GgmlType::Q4_1 | GgmlType::Q5_1 => {
+            u.scale[..2].fill(f16_at(b, 0));
+            u.coef[0] = f16_at(b, 2);
+            if f.ty == GgmlType::Q4_1 {
+                nibbles(&b[4..20], &mut u.codes);
+            } else {
+                nibbles(&b[8..24], &mut u.codes);
+                fifth_bits(u32::from_le_bytes([b[4], b[5], b[6], b[7]]), &mut u.codes);
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let (qh, qs) = if f.ty == GgmlType::Q5K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
+            for sub in 0..8 {
+                let (sc, m) = scale_min_k4(sub, scales);
+                u.scale[2 * sub..2 * sub + 2].fill(d * sc as f32);
+                u.coef[sub] = -(dmin * m as f32);
+                let chunk = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
+                for l in 0..32 {
+                    let low = if sub % 2 == 0 {
+                        chunk[l] & 0x0f
+                    } else {
+                        chunk[l] >> 4
+                    };
+                    let high = qh.map_or(0, |qh| ((qh[l] >> sub) & 1) << 4);
+                    u.codes[32 * sub + l] = low | high;
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = f16_at(b, 208);
+            for e in 0..256 {
+                let (half, within) = (e / 128, e % 128);
+                let (quarter, l) = (within / 32, within % 32);
+                let low_byte = ql[64 * half + 32 * (quarter % 2) + l];
+                let low = if quarter < 2 {
+                    low_byte & 0x0f
+                } else {
+                    low_byte >> 4
+                };
+                let high = (qh[32 * half + l] >> (2 * quarter)) & 3;
+                u.codes[e] = low | (high << 4);
+            }
+            for (g, &s) in sc.iter().enumerate() {
+                u.scale[g] = d * (s as i8) as f32;
+                u.coef[g] = -32.0 * u.scale[g];
+            }
+        }
+        GgmlType::Q3K => {
+            let (hmask, qs) = (&b[0..32], &b[32..96]);
+            let scales = q3_k_scales(&b[96..108]);
+            let d = f16_at(b, 108);
+            for e in 0..256 {
+                let (half, within) = (e / 128, e % 128);
+                let (j, l) = (within / 32, within % 32);
+                let low = (qs[32 * half + l] >> (2 * j)) & 3;
+                let high = (hmask[l] >> (4 * half + j)) & 1;
+                u.codes[e] = low | (high << 2);
+            }
+            for (g, &s) in scales.iter().enumerate() {
+                u.scale[g] = d * s as f32;
+                u.coef[g] = -4.0 * u.scale[g];
+            }
+        }
+        GgmlType::Q2K => {
+            let (scales, qs) = (&b[0..16], &b[16..80]);
+            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            for e in 0..256 {
+                let (half, within) = (e / 128, e % 128);
+                let (j, l) = (within / 32, within % 32);
+                u.codes[e] = (qs[32 * half + l] >> (2 * j)) & 3;
+            }
+            for (g, &s) in scales.iter().enumerate() {
+                u.scale[g] = d * (s & 0x0f) as f32;
+                u.coef[g] = -(dmin * (s >> 4) as f32);
+            }
+        }
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K => {
+            unreachable!("IntFormat::of excludes float formats")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::tests::random_blocks;
+    use crate::quant::{block_dequantizer, dequantize_with};
+
+    /// The decoded form gives back what the reference dequantizer computes.
+    #[test]
+    fn unpacked_blocks_reproduce_the_dequantized_values() {
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q2K,
+            GgmlType::Q3K,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ] {
+            let f = IntFormat::of(ty).unwrap();
+            let bytes = random_blocks(ty, 6, 11);
+            let mut want = vec![0f32; 6 * f.elems];
+            dequantize_with(block_dequantizer(ty).unwrap(), ty, &bytes, &mut want);
+            let mut u = Unpacked::default();
+            for (blk, want) in bytes.chunks_exact(f.bytes).zip(want.chunks_exact(f.elems)) {
+                unpack(&f, blk, &mut u);
+                for (t, &w) in want.iter().enumerate() {
+                    let code = if f.signed {
+                        u.codes[t] as i8 as f32
+                    } else {
+                        assert!(u.codes[t] < 64, "{ty:?}: code {}", u.codes[t]);
+                        u.codes[t] as f32
+                    };
+                    let coef = t.checked_div(f.granule).map_or(0.0, |g| u.coef[g]);
+                    let got = u.scale[t / 16] * code + coef;
+                    assert!(
+                        (got - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{ty:?} element {t}: {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}

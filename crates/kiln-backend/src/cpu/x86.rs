@@ -1,0 +1,762 @@
+//! x86-64 kernels of the matrix product: the canonical computation of
+//! [`super::matmul`] with 256-bit vectors, chosen at run time by CPU feature.
+//!
+//! One body serves every instruction set: it is generic over [`Dot`], the
+//! exact 8-lane integer dot product (AVX2 `maddubs`+`madd`, AVX-VNNI or
+//! AVX512-VNNI `dpbusd`, all giving the same integers), and inlined into an
+//! entry point compiled for that set's features. Block formats are decoded
+//! in registers by an [`Unpack`] per format; rarer formats go through the
+//! portable decoder ([`super::blocks::unpack`]) into the same registers.
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use super::actq::ActBits;
+use super::blocks::{self, IntFormat, Unpacked};
+use super::matmul::{FloatFormat, FloatOperands, IntOperands, Operands, QK};
+use crate::quant::GgmlType;
+
+/// The instruction sets the kernels are built for, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Isa {
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX2 plus the VEX-encoded `vpdpbusd` (AVX-VNNI).
+    AvxVnni,
+    /// AVX2 plus AVX512-VNNI's `vpdpbusd` on 256-bit registers (AVX512VL).
+    Avx512Vnni,
+}
+
+impl Isa {
+    fn supported(self) -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        let base = has!("avx2") && has!("fma") && has!("f16c");
+        base && match self {
+            Isa::Avx2 => true,
+            Isa::AvxVnni => has!("avxvnni"),
+            Isa::Avx512Vnni => {
+                has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+            }
+        }
+    }
+
+    /// Every instruction set this CPU runs.
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
+    }
+
+    /// The best instruction set of this CPU (checked once), or `None` without
+    /// AVX2: then the portable kernel runs. `KILN_CPU_ISA` (`portable`,
+    /// `avx2`, `avxvnni`, `avx512vnni`) caps the choice, for comparisons.
+    pub fn detected() -> Option<Isa> {
+        static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let cap = match std::env::var("KILN_CPU_ISA").ok().as_deref() {
+                Some("portable") => return None,
+                Some("avx2") => Isa::Avx2,
+                Some("avxvnni") => Isa::AvxVnni,
+                _ => Isa::Avx512Vnni,
+            };
+            Self::all_supported()
+                .into_iter()
+                .filter(|&i| i <= cap)
+                .max()
+        })
+    }
+}
+
+/// Runs the kernels of `isa` over rows `i0..i1` and columns `j0..j1`.
+///
+/// # Safety
+/// `isa` is supported by this CPU; `out` points to an `m x n` buffer of
+/// which no other thread touches these elements.
+pub(crate) unsafe fn block(
+    isa: Isa,
+    ops: &Operands,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the features of each entry point are those `isa` was detected with.
+    unsafe {
+        match isa {
+            Isa::Avx2 => block_avx2(ops, i0, i1, j0, j1, out),
+            Isa::AvxVnni => block_avxvnni(ops, i0, i1, j0, j1, out),
+            Isa::Avx512Vnni => block_avx512vnni(ops, i0, i1, j0, j1, out),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_avx2(ops: &Operands, i0: usize, i1: usize, j0: usize, j1: usize, out: *mut f32) {
+    // SAFETY: the caller's contract.
+    unsafe { dispatch::<Avx2Dot>(ops, i0, i1, j0, j1, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn block_avxvnni(ops: &Operands, i0: usize, i1: usize, j0: usize, j1: usize, out: *mut f32) {
+    // SAFETY: the caller's contract.
+    unsafe { dispatch::<AvxVnniDot>(ops, i0, i1, j0, j1, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn block_avx512vnni(
+    ops: &Operands,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { dispatch::<Avx512VnniDot>(ops, i0, i1, j0, j1, out) }
+}
+
+/// The exact dot product of 32 unsigned bytes with 32 signed bytes, as 8
+/// lanes each summing four neighbouring products.
+trait Dot {
+    /// # Safety
+    /// The CPU has the instruction set of the implementation.
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
+
+    /// 16-bit products: lane l sums `a0[2l]b0[2l] + a0[2l+1]b0[2l+1]` and the
+    /// same of `a1`, `b1` (exact: 16-bit codes times 16-bit activations).
+    ///
+    /// # Safety
+    /// As [`Dot::dot`].
+    unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i;
+}
+
+struct Avx2Dot;
+impl Dot for Avx2Dot {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+        // Products of unsigned codes <= 128 with |s| <= 127 never saturate the 16-bit pair sums.
+        // SAFETY: AVX2, per the trait's contract.
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+    }
+    #[inline(always)]
+    unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i {
+        // SAFETY: AVX2, per the trait's contract.
+        unsafe { _mm256_add_epi32(_mm256_madd_epi16(a0, b0), _mm256_madd_epi16(a1, b1)) }
+    }
+}
+
+struct AvxVnniDot;
+impl Dot for AvxVnniDot {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX-VNNI, per the trait's contract.
+        unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s) }
+    }
+    #[inline(always)]
+    unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i {
+        // SAFETY: AVX-VNNI, per the trait's contract.
+        unsafe {
+            let p = _mm256_dpwssd_avx_epi32(_mm256_setzero_si256(), a0, b0);
+            _mm256_dpwssd_avx_epi32(p, a1, b1)
+        }
+    }
+}
+
+struct Avx512VnniDot;
+impl Dot for Avx512VnniDot {
+    #[inline(always)]
+    unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX512-VNNI and AVX512VL, per the trait's contract.
+        unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
+    }
+    #[inline(always)]
+    unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i {
+        // SAFETY: AVX512-VNNI and AVX512VL, per the trait's contract.
+        unsafe {
+            let p = _mm256_dpwssd_epi32(_mm256_setzero_si256(), a0, b0);
+            _mm256_dpwssd_epi32(p, a1, b1)
+        }
+    }
+}
+
+/// 32 byte codes widened to 16 bits in the two registers of the 16-bit
+/// activation layout (`actq::slot16`): elements 0..8 and 16..24, then 8..16
+/// and 24..32.
+#[inline(always)]
+unsafe fn widen16<const SIGNED: bool>(codes: __m256i) -> (__m256i, __m256i) {
+    // SAFETY: AVX2.
+    unsafe {
+        let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(codes);
+        let (lo, hi) = (_mm256_castsi256_si128(p), _mm256_extracti128_si256::<1>(p));
+        if SIGNED {
+            (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
+        } else {
+            (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+        }
+    }
+}
+
+/// Signed weights (Q8_0) against signed activations: |w| times x with w's sign.
+#[inline(always)]
+unsafe fn dot_signed<D: Dot>(w: __m256i, x: __m256i) -> __m256i {
+    // SAFETY: AVX2 is part of every ISA here.
+    unsafe { D::dot(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)) }
+}
+
+/// Horizontal sum of eight lanes: (0+4, 1+5, 2+6, 3+7), then pairs, then the two.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: AVX.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// `sum(c[g] * s[g])` as the portable `offset_dot` computes it.
+#[inline(always)]
+unsafe fn offset_dot(c: &[f32], s: &[f32]) -> f32 {
+    let n = c.len().min(s.len());
+    // SAFETY: FMA; every index is below n.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut g = 0;
+        while g + 8 <= n {
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(c.as_ptr().add(g)),
+                _mm256_loadu_ps(s.as_ptr().add(g)),
+                acc,
+            );
+            g += 8;
+        }
+        let mut y = hsum(acc);
+        while g < n {
+            y = c[g].mul_add(s[g], y);
+            g += 1;
+        }
+        y
+    }
+}
+
+/// The f16 at `p` as f32 (F16C).
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: two readable bytes at p (the caller's block); F16C.
+    unsafe {
+        let bits = std::ptr::read_unaligned(p as *const u16);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+}
+
+/// Decodes a block format: once per block, what the whole block shares
+/// (and its offset coefficients); then each 32-element sub-block's codes
+/// and scale lanes, in registers.
+trait Unpack {
+    /// Elements per block.
+    const ELEMS: usize;
+    /// Codes are signed bytes.
+    const SIGNED: bool = false;
+    /// What decoding the block's header leaves for its sub-blocks.
+    type Block;
+
+    /// # Safety
+    /// `p` points to one whole block of `f`; `coef` has room for its coefficients.
+    unsafe fn block(f: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block;
+
+    /// Codes and scale lanes of sub-block `s`.
+    ///
+    /// # Safety
+    /// `b` came from [`Unpack::block`]; `s < ELEMS / 32`.
+    unsafe fn sub(b: &Self::Block, s: usize) -> (__m256i, __m256);
+}
+
+/// Low nibbles of 16 bytes as elements 0..16, high nibbles as 16..32.
+#[inline(always)]
+unsafe fn nibbles16(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes at p.
+    unsafe {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0f);
+        _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16::<4>(v), m),
+            _mm_and_si128(v, m),
+        )
+    }
+}
+
+/// 16 in byte `l` where bit `l` of `bits` is set, else 0.
+#[inline(always)]
+unsafe fn fifth_bits(bits: u32) -> __m256i {
+    // SAFETY: AVX2.
+    unsafe {
+        // Byte l takes byte l / 8 of `bits`, then keeps its bit l % 8.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
+    }
+}
+
+struct Q8_0;
+impl Unpack for Q8_0 {
+    const ELEMS: usize = 32;
+    const SIGNED: bool = true;
+    type Block = (__m256i, __m256);
+    #[inline(always)]
+    unsafe fn block(_: &IntFormat, p: *const u8, _: *mut f32) -> Self::Block {
+        // SAFETY: one 34-byte block at p.
+        unsafe {
+            (
+                _mm256_loadu_si256(p.add(2) as *const __m256i),
+                _mm256_set1_ps(f16_at(p)),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn sub(b: &Self::Block, _: usize) -> (__m256i, __m256) {
+        *b
+    }
+}
+
+/// Q4_0 (`MIN` false) and Q4_1 (`MIN` true).
+struct Q4<const MIN: bool>;
+impl<const MIN: bool> Unpack for Q4<MIN> {
+    const ELEMS: usize = 32;
+    type Block = (__m256i, __m256);
+    #[inline(always)]
+    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
+        // SAFETY: one whole block at p; room for one coefficient.
+        unsafe {
+            let d = f16_at(p);
+            let codes = if MIN {
+                *coef = f16_at(p.add(2));
+                nibbles16(p.add(4))
+            } else {
+                *coef = -8.0 * d;
+                nibbles16(p.add(2))
+            };
+            (codes, _mm256_set1_ps(d))
+        }
+    }
+    #[inline(always)]
+    unsafe fn sub(b: &Self::Block, _: usize) -> (__m256i, __m256) {
+        *b
+    }
+}
+
+/// Q5_0 (`MIN` false) and Q5_1 (`MIN` true).
+struct Q5<const MIN: bool>;
+impl<const MIN: bool> Unpack for Q5<MIN> {
+    const ELEMS: usize = 32;
+    type Block = (__m256i, __m256);
+    #[inline(always)]
+    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
+        // SAFETY: one whole block at p; room for one coefficient.
+        unsafe {
+            let d = f16_at(p);
+            let (qh, qs) = if MIN {
+                *coef = f16_at(p.add(2));
+                (p.add(4), p.add(8))
+            } else {
+                *coef = -16.0 * d;
+                (p.add(2), p.add(6))
+            };
+            let bits = u32::from_le(std::ptr::read_unaligned(qh as *const u32));
+            (
+                _mm256_or_si256(nibbles16(qs), fifth_bits(bits)),
+                _mm256_set1_ps(d),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn sub(b: &Self::Block, _: usize) -> (__m256i, __m256) {
+        *b
+    }
+}
+
+/// Q4_K (`FIVE` false) and Q5_K (`FIVE` true): 8 sub-blocks of 32 with 6-bit
+/// scales and minimums.
+struct QK45<const FIVE: bool>;
+impl<const FIVE: bool> Unpack for QK45<FIVE> {
+    const ELEMS: usize = 256;
+    /// The block, and each sub-block's scale.
+    type Block = (*const u8, [f32; 8]);
+    #[inline(always)]
+    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
+        let mut scales = [0f32; 8];
+        // SAFETY: one whole block at p; room for 8 coefficients.
+        unsafe {
+            let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+            let sc = std::slice::from_raw_parts(p.add(4), 12);
+            for (s, scale) in scales.iter_mut().enumerate() {
+                let (a, m) = if s < 4 {
+                    (sc[s] & 63, sc[s + 4] & 63)
+                } else {
+                    (
+                        (sc[s + 4] & 0x0f) | ((sc[s - 4] >> 6) << 4),
+                        (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4),
+                    )
+                };
+                *scale = d * a as f32;
+                *coef.add(s) = -(dmin * m as f32);
+            }
+        }
+        (p, scales)
+    }
+    #[inline(always)]
+    unsafe fn sub(b: &Self::Block, s: usize) -> (__m256i, __m256) {
+        let (p, scales) = b;
+        // SAFETY: s < 8, inside the block.
+        unsafe {
+            let qs = if FIVE { p.add(48) } else { p.add(16) };
+            let v = _mm256_loadu_si256(qs.add(32 * (s / 2)) as *const __m256i);
+            let v = _mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (s % 2) as i32));
+            let mut codes = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+            if FIVE {
+                let qh = _mm256_loadu_si256(p.add(16) as *const __m256i);
+                let bit = _mm256_set1_epi8(1 << s);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                codes = _mm256_or_si256(codes, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+            }
+            (codes, _mm256_set1_ps(scales[s]))
+        }
+    }
+}
+
+/// Q6_K: 6-bit codes, a signed 8-bit scale per 16 elements.
+struct Q6K;
+impl Unpack for Q6K {
+    const ELEMS: usize = 256;
+    /// The block and its scale `d`.
+    type Block = (*const u8, f32);
+    #[inline(always)]
+    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
+        // SAFETY: one whole 210-byte block at p; room for 16 coefficients.
+        unsafe {
+            let d = f16_at(p.add(208));
+            for g in 0..16 {
+                *coef.add(g) = -32.0 * (d * (*p.add(192 + g) as i8) as f32);
+            }
+            (p, d)
+        }
+    }
+    #[inline(always)]
+    unsafe fn sub(b: &Self::Block, s: usize) -> (__m256i, __m256) {
+        let &(p, d) = b;
+        // SAFETY: s < 8, inside the block.
+        unsafe {
+            let (h, q) = (s / 4, s % 4);
+            let ql = _mm256_loadu_si256(p.add(64 * h + 32 * (q % 2)) as *const __m256i);
+            let low = _mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (q / 2) as i32));
+            let low = _mm256_and_si256(low, _mm256_set1_epi8(0x0f));
+            let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+            let high = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * q as i32));
+            let high = _mm256_and_si256(high, _mm256_set1_epi8(3));
+            let codes = _mm256_or_si256(low, _mm256_slli_epi16::<4>(high));
+            let lo = d * (*p.add(192 + 2 * s) as i8) as f32;
+            let hi = d * (*p.add(192 + 2 * s + 1) as i8) as f32;
+            (codes, _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)))
+        }
+    }
+}
+
+/// Any other block format (Q2_K, Q3_K), through the portable decoder.
+struct Generic;
+impl Unpack for Generic {
+    const ELEMS: usize = 256;
+    type Block = Unpacked;
+    #[inline(always)]
+    unsafe fn block(f: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
+        let mut u = Unpacked::default();
+        // SAFETY: one whole block at p; room for its coefficients.
+        unsafe {
+            blocks::unpack(f, std::slice::from_raw_parts(p, f.bytes), &mut u);
+            std::ptr::copy_nonoverlapping(u.coef.as_ptr(), coef, f.coefs_per_block());
+        }
+        u
+    }
+    #[inline(always)]
+    unsafe fn sub(u: &Self::Block, s: usize) -> (__m256i, __m256) {
+        // SAFETY: s < 8: 32 codes at 32 * s.
+        unsafe {
+            (
+                _mm256_loadu_si256(u.codes.as_ptr().add(QK * s) as *const __m256i),
+                _mm256_set_m128(_mm_set1_ps(u.scale[2 * s + 1]), _mm_set1_ps(u.scale[2 * s])),
+            )
+        }
+    }
+}
+
+/// Chooses the kernel for the operands' format.
+#[inline(always)]
+unsafe fn dispatch<D: Dot>(
+    ops: &Operands,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    // SAFETY (every arm): the caller's contract.
+    unsafe {
+        match ops {
+            Operands::Float(o) => match o.fmt {
+                FloatFormat::F32 => cover_float::<F32Load>(o, i0, i1, j0, j1, out),
+                FloatFormat::F16 => cover_float::<F16Load>(o, i0, i1, j0, j1, out),
+                FloatFormat::BF16 => cover_float::<Bf16Load>(o, i0, i1, j0, j1, out),
+            },
+            Operands::Int(o) => match o.f.ty {
+                GgmlType::Q8_0 => cover_int::<D, Q8_0>(o, i0, i1, j0, j1, out),
+                GgmlType::Q4_0 => cover_int::<D, Q4<false>>(o, i0, i1, j0, j1, out),
+                GgmlType::Q4_1 => cover_int::<D, Q4<true>>(o, i0, i1, j0, j1, out),
+                GgmlType::Q5_0 => cover_int::<D, Q5<false>>(o, i0, i1, j0, j1, out),
+                GgmlType::Q5_1 => cover_int::<D, Q5<true>>(o, i0, i1, j0, j1, out),
+                GgmlType::Q4K => cover_int::<D, QK45<false>>(o, i0, i1, j0, j1, out),
+                GgmlType::Q5K => cover_int::<D, QK45<true>>(o, i0, i1, j0, j1, out),
+                GgmlType::Q6K => cover_int::<D, Q6K>(o, i0, i1, j0, j1, out),
+                _ => cover_int::<D, Generic>(o, i0, i1, j0, j1, out),
+            },
+        }
+    }
+}
+
+/// Input rows per integer tile: their accumulators stay in registers while
+/// each weight block is decoded once for all of them.
+const INT_MR: usize = 4;
+
+#[inline(always)]
+unsafe fn cover_int<D: Dot, U: Unpack>(
+    ops: &IntOperands,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    let mut coefs = vec![0f32; ops.coefs_per_row()];
+    // SAFETY (all tiles): each stays inside i0..i1 x j0..j1, which the caller owns.
+    unsafe {
+        let mut i = i0;
+        while i < i1 {
+            let rows = (i1 - i).min(INT_MR);
+            let wide = ops.q.bits == ActBits::Int16;
+            for j in j0..j1 {
+                match (rows, wide) {
+                    (1, false) => int_tile::<D, U, 1, false>(ops, i, j, &mut coefs, out),
+                    (2, false) => int_tile::<D, U, 2, false>(ops, i, j, &mut coefs, out),
+                    (3, false) => int_tile::<D, U, 3, false>(ops, i, j, &mut coefs, out),
+                    (_, false) => int_tile::<D, U, INT_MR, false>(ops, i, j, &mut coefs, out),
+                    (1, true) => int_tile::<D, U, 1, true>(ops, i, j, &mut coefs, out),
+                    (2, true) => int_tile::<D, U, 2, true>(ops, i, j, &mut coefs, out),
+                    (3, true) => int_tile::<D, U, 3, true>(ops, i, j, &mut coefs, out),
+                    (_, true) => int_tile::<D, U, INT_MR, true>(ops, i, j, &mut coefs, out),
+                }
+            }
+            i += rows;
+        }
+    }
+}
+
+/// `MR` input rows from `i` against weight row `j`.
+///
+/// # Safety
+/// `i + MR <= m`, `j < n`; the caller owns those output elements; `coefs`
+/// holds a row's coefficients.
+#[inline(always)]
+unsafe fn int_tile<D: Dot, U: Unpack, const MR: usize, const WIDE: bool>(
+    ops: &IntOperands,
+    i: usize,
+    j: usize,
+    coefs: &mut [f32],
+    out: *mut f32,
+) {
+    let (k, nb) = (ops.k, ops.k / QK);
+    let sub = U::ELEMS / QK;
+    let cpb = ops.f.coefs_per_block();
+    debug_assert!(coefs.len() >= k / U::ELEMS * cpb);
+    // SAFETY: block u of row j lies inside the weight buffer (checked at
+    // upload); the activation rows i..i + MR hold k bytes and nb scales each;
+    // `coefs` holds k / ELEMS * cpb floats.
+    unsafe {
+        let row = ops.w.as_ptr().add(j * ops.row_bytes);
+        let xs: [*const i8; MR] = std::array::from_fn(|ii| ops.q.qx.as_ptr().add((i + ii) * k));
+        let xs16: [*const i16; MR] =
+            std::array::from_fn(|ii| ops.q.qx16.as_ptr().add((i + ii) * k));
+        let ds: [*const f32; MR] = std::array::from_fn(|ii| ops.q.dx.as_ptr().add((i + ii) * nb));
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for u in 0..k / U::ELEMS {
+            let blk = U::block(
+                &ops.f,
+                row.add(u * ops.f.bytes),
+                coefs.as_mut_ptr().add(u * cpb),
+            );
+            for s in 0..sub {
+                let b = u * sub + s;
+                let (codes, scale) = U::sub(&blk, s);
+                let (c0, c1) = if WIDE {
+                    if U::SIGNED {
+                        widen16::<true>(codes)
+                    } else {
+                        widen16::<false>(codes)
+                    }
+                } else {
+                    (codes, codes)
+                };
+                for ii in 0..MR {
+                    let lanes = if WIDE {
+                        let xp = xs16[ii].add(QK * b);
+                        let x0 = _mm256_loadu_si256(xp as *const __m256i);
+                        let x1 = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+                        D::dot16(c0, x0, c1, x1)
+                    } else {
+                        let xq = _mm256_loadu_si256(xs[ii].add(QK * b) as *const __m256i);
+                        if U::SIGNED {
+                            dot_signed::<D>(codes, xq)
+                        } else {
+                            D::dot(codes, xq)
+                        }
+                    };
+                    let f = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(lanes),
+                        _mm256_broadcast_ss(&*ds[ii].add(b)),
+                    );
+                    acc[ii] = _mm256_fmadd_ps(f, scale, acc[ii]);
+                }
+            }
+        }
+        for (ii, a) in acc.iter().enumerate() {
+            let y = hsum(*a) + offset_dot(coefs, ops.sums(i + ii));
+            *out.add((i + ii) * ops.n + j) = y;
+        }
+    }
+}
+
+/// Loads 8 weights of a float format as f32.
+trait FloatLoad {
+    /// Bytes per element.
+    const SIZE: usize;
+    /// # Safety
+    /// `8 * SIZE` readable bytes at `p`.
+    unsafe fn load8(p: *const u8) -> __m256;
+}
+
+struct F32Load;
+impl FloatLoad for F32Load {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        // SAFETY: the trait's contract.
+        unsafe { _mm256_loadu_ps(p as *const f32) }
+    }
+}
+
+struct F16Load;
+impl FloatLoad for F16Load {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        // SAFETY: the trait's contract; F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+struct Bf16Load;
+impl FloatLoad for Bf16Load {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        // SAFETY: the trait's contract. A bf16 is the top half of an f32.
+        unsafe {
+            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+        }
+    }
+}
+
+/// Input rows per float tile.
+const FLOAT_MR: usize = 6;
+
+#[inline(always)]
+unsafe fn cover_float<L: FloatLoad>(
+    ops: &FloatOperands,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
+    // SAFETY (all tiles): each stays inside i0..i1 x j0..j1, which the caller owns.
+    unsafe {
+        let mut i = i0;
+        while i < i1 {
+            let rows = (i1 - i).min(FLOAT_MR);
+            for j in j0..j1 {
+                match rows {
+                    1 => float_tile::<L, 1>(ops, i, j, out),
+                    2 => float_tile::<L, 2>(ops, i, j, out),
+                    3 => float_tile::<L, 3>(ops, i, j, out),
+                    4 => float_tile::<L, 4>(ops, i, j, out),
+                    5 => float_tile::<L, 5>(ops, i, j, out),
+                    _ => float_tile::<L, FLOAT_MR>(ops, i, j, out),
+                }
+            }
+            i += rows;
+        }
+    }
+}
+
+/// `MR` input rows from `i` against float weight row `j`.
+///
+/// # Safety
+/// `i + MR <= m`, `j < n`; the caller owns those output elements.
+#[inline(always)]
+unsafe fn float_tile<L: FloatLoad, const MR: usize>(
+    ops: &FloatOperands,
+    i: usize,
+    j: usize,
+    out: *mut f32,
+) {
+    let k = ops.k;
+    let nb = k / QK;
+    // SAFETY: row j holds k elements; rows i..i + MR of x hold k floats each.
+    unsafe {
+        let row = ops.w.as_ptr().add(j * ops.row_bytes);
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for b in 0..nb {
+            let p = row.add(b * QK * L::SIZE);
+            let w = [
+                L::load8(p),
+                L::load8(p.add(8 * L::SIZE)),
+                L::load8(p.add(16 * L::SIZE)),
+                L::load8(p.add(24 * L::SIZE)),
+            ];
+            for (ii, a) in acc.iter_mut().enumerate() {
+                let xp = ops.x.as_ptr().add((i + ii) * k + b * QK);
+                let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
+                s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), s);
+                s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), s);
+                s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), s);
+                *a = _mm256_add_ps(*a, s);
+            }
+        }
+        for (ii, a) in acc.iter().enumerate() {
+            let mut y = hsum(*a);
+            for t in nb * QK..k {
+                y += super::matmul::float_at(ops, j, t) * ops.x[(i + ii) * k + t];
+            }
+            *out.add((i + ii) * ops.n + j) = y;
+        }
+    }
+}
