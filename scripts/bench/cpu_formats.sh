@@ -11,6 +11,8 @@
 # target/release/kiln), KILN_CACHE (as in scripts/fetch-assets.sh), OUT (a folder
 # for the raw outputs; default a fresh temporary one).
 #
+# Run it on an otherwise idle machine (it warns when it is not).
+#
 # Each round runs, per format, llama-bench and `kiln bench` one after the other
 # (which goes first alternates by round), each under /usr/bin/time for its peak
 # RSS. The table shows medians over rounds; each tool itself reports the
@@ -86,6 +88,11 @@ echo "- cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores a
 echo "- kiln: $KILN ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
 echo "- llama.cpp: $BIN (vendored in llama_cpp_python 0.3.36)"
 echo "- rounds: $ROUNDS (medians over rounds); raw outputs in $OUT"
+# llama.cpp's spinning thread pool collapses (tg down to ~1 token/s) when another
+# process takes a core, so a busy machine makes the comparison meaningless.
+others="$(ps -eo pid=,pcpu=,comm= | awk -v me=$$ '$1 != me && $2 > 20 {print $3 "(" $2 "%)"}' | tr '\n' ' ')"
+[ -z "$others" ] || echo "cpu_formats: warning: other processes are using the CPU: $others" >&2
+echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)${others:+; busy: $others}"
 echo "- commands (FORMAT = each format; under \`/usr/bin/time -f %M\`, RAYON_NUM_THREADS=$THREADS):"
 echo "  - \`$(llama_cmd FORMAT)\`"
 echo "  - \`$(kiln_cmd FORMAT)\`"
