@@ -24,15 +24,7 @@ fn bytes_for(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
             out.push(s as u8);
         }
         // Small positive f16 scales (and minimums) where each format keeps them.
-        let at: &[usize] = match ty {
-            GgmlType::F16 | GgmlType::BF16 => &[],
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
-            GgmlType::Q6K => &[208],
-            GgmlType::Q2K => &[80, 82],
-            GgmlType::Q3K => &[108],
-            _ => &[0],
-        };
-        for &o in at {
+        for &o in ty.f16_fields() {
             out[start + o..start + o + 2].copy_from_slice(&0x2000u16.to_le_bytes());
         }
     }
@@ -47,26 +39,10 @@ fn bytes_for(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-const ALL: [GgmlType; 13] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q8_0,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q2K,
-    GgmlType::Q3K,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-];
-
 fn main() {
     let be = CpuBackend::new();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let formats: Vec<GgmlType> = ALL
+    let formats: Vec<GgmlType> = kiln_backend::quant::WEIGHT_FORMATS
         .into_iter()
         .filter(|ty| args.is_empty() || args.iter().any(|a| *a == format!("{ty:?}")))
         .collect();

@@ -53,6 +53,21 @@ impl GgmlType {
         })
     }
 
+    /// Byte offsets of the f16 scales (and minimums) inside one block; empty
+    /// for the float formats. Test and benchmark data generators set these to
+    /// moderate values so that random blocks decode to finite numbers.
+    pub fn f16_fields(self) -> &'static [usize] {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => &[],
+            Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K => &[0, 2],
+            Self::Q6K => &[208],
+            Self::Q2K => &[80, 82],
+            Self::Q3K => &[108],
+            Self::Q8K => &[],
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => &[0],
+        }
+    }
+
     /// (elements per block, bytes per block).
     pub fn block(self) -> (usize, usize) {
         match self {
@@ -73,6 +88,23 @@ impl GgmlType {
     }
 }
 
+/// Every weight format the CPU backend computes with as stored.
+pub const WEIGHT_FORMATS: [GgmlType; 13] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
 /// A weight matrix as a checkpoint holds it, handed to [`crate::Backend::upload_weight`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum WeightData {
@@ -82,17 +114,6 @@ pub enum WeightData {
     /// GGUF; also plain little-endian F32, F16 or BF16 rows (safetensors), which
     /// ggml stores the same way. Usually a range of the memory-mapped file.
     Ggml { ty: GgmlType, bytes: HostBytes },
-}
-
-impl WeightData {
-    /// Every value as f32, dequantizing if needed.
-    pub fn into_f32(self, numel: usize) -> Result<Vec<f32>, String> {
-        match self {
-            WeightData::F32(v) if v.len() == numel => Ok(v),
-            WeightData::F32(v) => Err(format!("{} values for {numel} elements", v.len())),
-            WeightData::Ggml { ty, bytes } => dequantize(ty, &bytes, numel),
-        }
-    }
 }
 
 impl WeightData {
@@ -305,13 +326,13 @@ pub(crate) fn q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 6-bit (scale, min) pair `j` of the 12 packed bytes used by Q4_K and Q5_K.
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
-        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
+        (q[j] & 63, q[j + 4] & 63)
     } else {
         let d = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
         let m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-        (d as f32, m as f32)
+        (d, m)
     }
 }
 
@@ -324,8 +345,8 @@ fn q4_k(b: &[u8], y: &mut [f32]) {
     for (chunk, (q, out)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * chunk, scales);
         let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1) = (d * sc1, dmin * m1);
-        let (d2, m2) = (d * sc2, dmin * m2);
+        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
         for l in 0..32 {
             out[l] = d1 * (q[l] & 0x0f) as f32 - m1;
             out[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
@@ -343,8 +364,8 @@ fn q5_k(b: &[u8], y: &mut [f32]) {
     for (chunk, (ql, out)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * chunk, scales);
         let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1) = (d * sc1, dmin * m1);
-        let (d2, m2) = (d * sc2, dmin * m2);
+        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
         let u1 = 1u8 << (2 * chunk);
         let u2 = 2u8 << (2 * chunk);
         for l in 0..32 {

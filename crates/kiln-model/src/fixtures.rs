@@ -280,17 +280,10 @@ pub fn random_blocks(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
                 out[start..].copy_from_slice(&v.to_le_bytes());
             }
             _ => {
-                // Where each format keeps its f16 scales (and minimums); the
-                // super-block formats multiply theirs by 6-bit sub-scales.
-                let (at, big): (&[usize], bool) = match ty {
-                    GgmlType::Q4_1 | GgmlType::Q5_1 => (&[0, 2], true),
-                    GgmlType::Q4K | GgmlType::Q5K => (&[0, 2], false),
-                    GgmlType::Q6K => (&[208], false),
-                    GgmlType::Q2K => (&[80, 82], false),
-                    GgmlType::Q3K => (&[108], false),
-                    _ => (&[0], true),
-                };
-                for &o in at {
+                // The super-block formats multiply their f16 scales by
+                // sub-scales of up to 6 bits: keep theirs smaller.
+                let big = ty.block().0 == 32;
+                for &o in ty.f16_fields() {
                     let v = half::f16::from_f32(small(next(), big));
                     out[start + o..start + o + 2].copy_from_slice(&v.to_le_bytes());
                 }

@@ -3,6 +3,7 @@
 //! logits of its twin whose matrices are the same values stored as F32.
 
 use kiln_backend::cpu::CpuBackend;
+use kiln_backend::quant::WEIGHT_FORMATS;
 use kiln_backend::GgmlType;
 use kiln_model::fixtures::{self, TinySpec};
 use kiln_model::{load, LoadOptions};
@@ -31,21 +32,7 @@ fn logits(bytes: Vec<u8>, tag: &str, tokens: &[u32]) -> Vec<f32> {
 #[test]
 fn every_format_gives_the_logits_of_its_dequantized_twin() {
     let tokens: Vec<u32> = (0..24).map(|i| (i * 37 % 256) as u32).collect();
-    for ty in [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q2K,
-        GgmlType::Q3K,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-    ] {
+    for ty in WEIGHT_FORMATS {
         let tag = format!("{ty:?}");
         let native = logits(
             fixtures::tiny_llama_gguf_in_format(&SPEC, 5, ty, false),

@@ -17,7 +17,7 @@
 
 use half::f16;
 
-use crate::quant::{q3_k_scales, GgmlType};
+use crate::quant::{q3_k_scales, scale_min_k4, GgmlType};
 
 /// How one integer format is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,18 +85,6 @@ impl Default for Unpacked {
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-/// The (scale, min) pair `j` of Q4_K's and Q5_K's 12 packed bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
 }
 
 /// Decodes one block `b` of format `f` into `u`.
@@ -228,18 +216,10 @@ mod tests {
     /// The decoded form gives back what the reference dequantizer computes.
     #[test]
     fn unpacked_blocks_reproduce_the_dequantized_values() {
-        for ty in [
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q2K,
-            GgmlType::Q3K,
-            GgmlType::Q4K,
-            GgmlType::Q5K,
-            GgmlType::Q6K,
-        ] {
+        for ty in crate::quant::WEIGHT_FORMATS
+            .into_iter()
+            .filter(|&ty| IntFormat::of(ty).is_some())
+        {
             let f = IntFormat::of(ty).unwrap();
             let bytes = random_blocks(ty, 6, 11);
             let mut want = vec![0f32; 6 * f.elems];

@@ -78,6 +78,18 @@ pub(super) struct IntOperands<'a> {
     pub k: usize,
 }
 
+impl FloatFormat {
+    /// The float format of `ty`; F32 for anything that is not F16 or BF16
+    /// (callers have already routed block formats to the integer kernels).
+    fn of(ty: GgmlType) -> Self {
+        match ty {
+            GgmlType::F16 => FloatFormat::F16,
+            GgmlType::BF16 => FloatFormat::BF16,
+            _ => FloatFormat::F32,
+        }
+    }
+}
+
 impl IntOperands<'_> {
     /// Offset coefficients per weight row.
     pub fn coefs_per_row(&self) -> usize {
@@ -157,11 +169,7 @@ fn linear_with(
             })
         }
         None => Operands::Float(FloatOperands {
-            fmt: match w.ty {
-                GgmlType::F16 => FloatFormat::F16,
-                GgmlType::BF16 => FloatFormat::BF16,
-                _ => FloatFormat::F32,
-            },
+            fmt: FloatFormat::of(w.ty),
             w: &w.bytes,
             row_bytes: w.row_bytes,
             x: &x.data,
@@ -465,11 +473,7 @@ mod tests {
                         k,
                     }),
                     None => Operands::Float(FloatOperands {
-                        fmt: match ty {
-                            GgmlType::F16 => FloatFormat::F16,
-                            GgmlType::BF16 => FloatFormat::BF16,
-                            _ => FloatFormat::F32,
-                        },
+                        fmt: FloatFormat::of(ty),
                         w: &w.bytes,
                         row_bytes: w.row_bytes,
                         x: &x,

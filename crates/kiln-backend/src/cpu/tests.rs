@@ -31,21 +31,7 @@ fn close(a: &[f32], b: &[f32], tol: f32) {
 }
 
 /// Every weight format the CPU backend computes with.
-pub(super) const ALL_FORMATS: [GgmlType; 13] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q8_0,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q2K,
-    GgmlType::Q3K,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-];
+pub(super) use crate::quant::WEIGHT_FORMATS as ALL_FORMATS;
 
 /// `values` encoded as rows of a float format (F32, F16 or BF16).
 pub(super) fn float_weight_bytes(ty: GgmlType, values: &[f32]) -> Vec<u8> {
@@ -77,15 +63,7 @@ pub(super) fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
     for _ in 0..blocks {
         let start = out.len();
         out.extend((0..bb).map(|i| (seed as usize * 31 + start + i * 17) as u8 ^ 0x5a));
-        // Where each format keeps its f16 scales (and minimums).
-        let f16_at: &[usize] = match ty {
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
-            GgmlType::Q6K => &[208],
-            GgmlType::Q2K => &[80, 82],
-            GgmlType::Q3K => &[108],
-            _ => &[0],
-        };
-        for &o in f16_at {
+        for &o in ty.f16_fields() {
             out[start + o..start + o + 2].copy_from_slice(&scale());
         }
     }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use super::actq::ActBits;
 use super::blocks::{self, IntFormat, Unpacked};
 use super::matmul::{FloatFormat, FloatOperands, IntOperands, Operands, QK};
-use crate::quant::GgmlType;
+use crate::quant::{scale_min_k4, GgmlType};
 
 /// The instruction sets the kernels are built for, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -401,14 +401,7 @@ impl<const FIVE: bool> Unpack for QK45<FIVE> {
             let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
             let sc = std::slice::from_raw_parts(p.add(4), 12);
             for (s, scale) in scales.iter_mut().enumerate() {
-                let (a, m) = if s < 4 {
-                    (sc[s] & 63, sc[s + 4] & 63)
-                } else {
-                    (
-                        (sc[s + 4] & 0x0f) | ((sc[s - 4] >> 6) << 4),
-                        (sc[s + 4] >> 4) | ((sc[s] >> 6) << 4),
-                    )
-                };
+                let (a, m) = scale_min_k4(s, sc);
                 *scale = d * a as f32;
                 *coef.add(s) = -(dmin * m as f32);
             }
