@@ -20,6 +20,9 @@ pub struct HostBytes {
     owner: ByteOwner,
     start: usize,
     len: usize,
+    /// The owner is a read-only map of a file, whose pages can be dropped
+    /// and read back from the file at any time.
+    file_mapped: bool,
 }
 
 impl HostBytes {
@@ -30,7 +33,47 @@ impl HostBytes {
             owner,
             start: range.start,
             len: range.end - range.start,
+            file_mapped: false,
         })
+    }
+
+    /// `range` of a read-only memory map of a file (see
+    /// [`HostBytes::release_resident`]), or `None` when it does not fit.
+    ///
+    /// # Safety
+    /// `owner`'s bytes are a read-only shared mapping of a file, so that
+    /// dropping their pages loses nothing.
+    pub unsafe fn file_mapped(owner: ByteOwner, range: Range<usize>) -> Option<Self> {
+        Self::shared(owner, range).map(|b| Self {
+            file_mapped: true,
+            ..b
+        })
+    }
+
+    /// Tells the kernel these bytes will not be read soon: the whole pages
+    /// inside them leave the process's resident memory (a later read maps
+    /// them back from the file). Used once a weight has been copied into
+    /// another layout, so the copy does not double the model's memory. A
+    /// no-op for bytes that are not a file map.
+    pub fn release_resident(&self) {
+        #[cfg(unix)]
+        if self.file_mapped {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let page = usize::try_from(page).unwrap_or(4096).max(1);
+            let start = self.as_ptr() as usize;
+            let first = start.next_multiple_of(page);
+            let end = (start + self.len) / page * page;
+            if end > first {
+                // SAFETY: whole pages inside a read-only file mapping
+                // (`file_mapped`'s contract) that outlives this call;
+                // MADV_DONTNEED only drops them from this process, and
+                // later reads fault the file's contents back in.
+                unsafe {
+                    libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+                }
+            }
+        }
     }
 
     /// `range` of these bytes (relative to their start), sharing the owner.
@@ -39,6 +82,7 @@ impl HostBytes {
             owner: self.owner.clone(),
             start: self.start + range.start,
             len: range.end - range.start,
+            file_mapped: self.file_mapped,
         })
     }
 }
@@ -50,6 +94,7 @@ impl From<Vec<u8>> for HostBytes {
             owner: Arc::new(v),
             start: 0,
             len,
+            file_mapped: false,
         }
     }
 }

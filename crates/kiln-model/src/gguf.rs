@@ -375,7 +375,9 @@ impl GgufFile {
         let start = (self.data_start + info.offset) as usize;
         let len = tensor_nbytes(info).unwrap_or(0) as usize;
         let owner: kiln_backend::ByteOwner = self.mmap.clone();
-        kiln_backend::HostBytes::shared(owner, start..start + len)
+        // SAFETY: `Mmap::map` maps the file shared and read-only, so its
+        // pages can be dropped and read back from the file.
+        unsafe { kiln_backend::HostBytes::file_mapped(owner, start..start + len) }
             .expect("tensor bounds were validated when the file was opened")
     }
 

@@ -3,13 +3,20 @@
 //! Each row is split into blocks of 32; a block keeps one f32 scale `dx` and
 //! 32 integers `qx` with `x ≈ dx * qx`, rounding to nearest, ties to even.
 //! Two widths ([`ActBits`]): 8 bits (-127..=127, ggml's Q8_0 scheme, what
-//! llama.cpp multiplies with) and 16 bits (-32767..=32767: 256 times finer,
+//! llama.cpp multiplies with) and 16 bits (-32512..=32512: 256 times finer,
 //! so logits stay within about 1e-3 of an f32 computation). A block depends
 //! on its own row only, so quantizing never couples the rows of a batch:
 //! the engine's batch invariance holds.
 //!
-//! Alongside, the sums of each 16 and each 32 quantized values (times `dx`),
-//! which the weight formats' offset coefficients multiply.
+//! Two layouts ([`ActLayout`]), one per kernel family: the per-row kernels
+//! read 16-bit values as such (in the [`slot16`] order); the kernels of
+//! interleaved weights ([`super::packed`]) read bytes only, so a 16-bit value
+//! is split into two signed bytes, `x = 255 * hi + lo` with both in
+//! -127..=127 (hence the 16-bit range of ±(255 * 127 + 127)), and multiplied
+//! as two 8-bit products: still exact integers.
+//!
+//! Alongside, the sums of each 16 and each 32 quantized values (as integers,
+//! and times `dx`), which the weight formats' offsets multiply.
 
 use std::sync::OnceLock;
 
@@ -44,9 +51,24 @@ impl ActBits {
     fn max(self) -> f32 {
         match self {
             ActBits::Int8 => 127.0,
-            ActBits::Int16 => 32767.0,
+            ActBits::Int16 => SPLIT_TOP as f32,
         }
     }
+}
+
+/// The largest 16-bit activation magnitude: what two signed bytes of at most
+/// 127 each hold as `255 * hi + lo`.
+const SPLIT_TOP: i32 = 255 * 127 + 127;
+
+/// Which kernels the quantized rows are laid out for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ActLayout {
+    /// The per-row kernels: bytes in row order (8-bit), or 16-bit values in
+    /// the [`slot16`] order.
+    Lanes,
+    /// The interleaved-weight kernels: bytes in row order (8-bit), or per
+    /// 32-block the 32 `hi` bytes then the 32 `lo` bytes (16-bit).
+    Split,
 }
 
 /// Where element `t` of a 32-block sits in the 16-bit layout: each half of
@@ -62,8 +84,16 @@ pub(super) struct QuantizedRows {
     pub bits: ActBits,
     /// `m * k` signed bytes (8-bit mode).
     pub qx: Vec<i8>,
-    /// `m * k` 16-bit values (16-bit mode), each block in the [`slot16`] order.
+    /// `m * k` 16-bit values (16-bit mode, [`ActLayout::Lanes`]), each
+    /// block in the [`slot16`] order.
     pub qx16: Vec<i16>,
+    /// `2 * m * k` bytes (16-bit mode, [`ActLayout::Split`]): per 32-block,
+    /// the `hi` then the `lo` byte of each value, `x = 255 * hi + lo`.
+    pub hilo: Vec<i8>,
+    /// `sum(qx)` over each 32 elements, as an integer: `m * k / 32`.
+    pub isum: Vec<i32>,
+    /// `sum(qx)` over each 16 elements, as an integer: `m * k / 16`.
+    pub isum16: Vec<i32>,
     /// Scale of each block: `m * k / 32`.
     pub dx: Vec<f32>,
     /// `dx * sum(qx)` over each 32 elements: `m * k / 32`.
@@ -77,23 +107,38 @@ impl QuantizedRows {
     pub fn value(&self, t: usize) -> i32 {
         match self.bits {
             ActBits::Int8 => self.qx[t] as i32,
-            ActBits::Int16 => self.qx16[t / 32 * 32 + slot16(t % 32)] as i32,
+            ActBits::Int16 if self.hilo.is_empty() => {
+                self.qx16[t / 32 * 32 + slot16(t % 32)] as i32
+            }
+            ActBits::Int16 => {
+                let (b, e) = (t / 32, t % 32);
+                255 * self.hilo[64 * b + e] as i32 + self.hilo[64 * b + 32 + e] as i32
+            }
         }
     }
 
-    /// Quantizes the `m` rows of `k` values in `x` to `bits`.
+    /// Quantizes the `m` rows of `k` values in `x` to `bits`, for the per-row kernels.
     pub fn new(x: &[f32], k: usize, bits: ActBits) -> Self {
+        Self::with_layout(x, k, bits, ActLayout::Lanes)
+    }
+
+    /// Quantizes the `m` rows of `k` values in `x` to `bits`, laid out for `layout`.
+    pub fn with_layout(x: &[f32], k: usize, bits: ActBits, layout: ActLayout) -> Self {
         debug_assert!(k.is_multiple_of(32) && x.len().is_multiple_of(k));
         let nb = x.len() / 32;
-        let (n8, n16) = match bits {
-            ActBits::Int8 => (x.len(), 0),
-            ActBits::Int16 => (0, x.len()),
+        let (n8, n16, nsplit) = match (bits, layout) {
+            (ActBits::Int8, _) => (x.len(), 0, 0),
+            (ActBits::Int16, ActLayout::Lanes) => (0, x.len(), 0),
+            (ActBits::Int16, ActLayout::Split) => (0, 0, 2 * x.len()),
         };
         let mut q = Self {
             bits,
             qx: vec![0; n8],
             qx16: vec![0; n16],
+            hilo: vec![0; nsplit],
             dx: vec![0.0; nb],
+            isum: vec![0; nb],
+            isum16: vec![0; 2 * nb],
             sum32: vec![0.0; nb],
             sum16: vec![0.0; 2 * nb],
         };
@@ -105,18 +150,29 @@ impl QuantizedRows {
             let id = if amax > 0.0 { top / amax } else { 0.0 };
             for (qv, &v) in block.iter_mut().zip(xb) {
                 // |v * id| <= top up to one rounding, which rounds back to top.
-                *qv = (v * id).round_ties_even() as i32;
+                *qv = round_small(v * id);
             }
-            match bits {
-                ActBits::Int8 => {
+            match (bits, layout) {
+                (ActBits::Int8, _) => {
                     for (o, &v) in q.qx[32 * b..32 * b + 32].iter_mut().zip(&block) {
                         *o = v as i8;
                     }
                 }
-                ActBits::Int16 => {
+                (ActBits::Int16, ActLayout::Lanes) => {
                     let o = &mut q.qx16[32 * b..32 * b + 32];
                     for (t, &v) in block.iter().enumerate() {
                         o[slot16(t)] = v as i16;
+                    }
+                }
+                (ActBits::Int16, ActLayout::Split) => {
+                    let (hi, lo) = q.hilo[64 * b..64 * b + 64].split_at_mut(32);
+                    for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(&block) {
+                        // The nearest multiple of 255, so the rest is within ±127.
+                        // (v / 255 is never within 1e-3 of a tie, so the
+                        // reciprocal's rounding error cannot change the result.)
+                        let top_part = round_small(v as f32 * (1.0 / 255.0));
+                        *h = top_part as i8;
+                        *l = (v - 255 * top_part) as i8;
                     }
                 }
             }
@@ -125,12 +181,25 @@ impl QuantizedRows {
                 block[16..].iter().sum::<i32>(),
             );
             q.dx[b] = d;
+            q.isum[b] = s0 + s1;
+            q.isum16[2 * b] = s0;
+            q.isum16[2 * b + 1] = s1;
             q.sum16[2 * b] = d * s0 as f32;
             q.sum16[2 * b + 1] = d * s1 as f32;
             q.sum32[b] = d * (s0 + s1) as f32;
         }
         q
     }
+}
+
+/// `v` rounded to the nearest integer, ties to even, for |v| < 2^22: adding
+/// and subtracting 1.5 * 2^23 leaves the rounded value (plain f32
+/// arithmetic, which vectorises; `round_ties_even` is a library call on
+/// baseline x86-64).
+#[inline(always)]
+fn round_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((v + MAGIC) - MAGIC) as i32
 }
 
 #[cfg(test)]
@@ -143,8 +212,12 @@ mod tests {
         let mut x = rand_vec(4 * 64, 3);
         x[64..96].fill(0.0); // an all-zero block
         x[5] = 100.0; // a block with one large value
-        for (bits, top) in [(ActBits::Int8, 127), (ActBits::Int16, 32767)] {
-            let q = QuantizedRows::new(&x, 64, bits);
+        for (bits, top, layout) in [
+            (ActBits::Int8, 127, ActLayout::Lanes),
+            (ActBits::Int16, SPLIT_TOP, ActLayout::Lanes),
+            (ActBits::Int16, SPLIT_TOP, ActLayout::Split),
+        ] {
+            let q = QuantizedRows::with_layout(&x, 64, bits, layout);
             for (b, xb) in x.chunks_exact(32).enumerate() {
                 let d = q.dx[b];
                 for (t, &v) in xb.iter().enumerate() {
@@ -156,11 +229,22 @@ mod tests {
                     );
                 }
                 let s: i32 = (32 * b..32 * b + 32).map(|t| q.value(t)).sum();
+                assert_eq!(q.isum[b], s);
                 assert_eq!(q.sum32[b], d * s as f32);
             }
             assert_eq!(q.dx[2], 0.0);
             assert!((64..96).all(|t| q.value(t) == 0));
             assert_eq!(q.value(5), top);
+            assert!(q.hilo.iter().all(|&v| v != i8::MIN), "bytes within ±127");
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        for v in [
+            0.5f32, 1.5, 2.5, -0.5, -1.5, 3.49, -3.51, 32511.5, 126.5, -126.5,
+        ] {
+            assert_eq!(round_small(v), v.round_ties_even() as i32, "{v}");
         }
     }
 

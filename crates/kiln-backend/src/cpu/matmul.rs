@@ -34,8 +34,9 @@
 
 use rayon::prelude::*;
 
-use super::actq::{ActBits, QuantizedRows};
+use super::actq::{ActBits, ActLayout, QuantizedRows};
 use super::blocks::{self, IntFormat, Unpacked};
+use super::packed::{PackedOperands, NR};
 use super::weight::CpuWeight;
 use super::CpuTensor;
 use crate::quant::GgmlType;
@@ -154,7 +155,31 @@ fn linear_with(
             });
         }
     }
+    let mut out = vec![0f32; m * n];
+    let out_ptr = SendPtr(out.as_mut_ptr());
     let quantized;
+    if let Some(p) = &w.packed {
+        quantized = QuantizedRows::with_layout(&x.data, k, bits, ActLayout::Split);
+        let ops = PackedOperands {
+            w: p,
+            q: &quantized,
+            n,
+            k,
+        };
+        let groups = p.groups;
+        let band = (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR);
+        (0..groups.div_ceil(band)).into_par_iter().for_each(|t| {
+            let g0 = t * band;
+            let g1 = (g0 + band).min(groups);
+            for i0 in (0..m).step_by(ROW_CHUNK) {
+                let i1 = (i0 + ROW_CHUNK).min(m);
+                // SAFETY: this task writes only columns of groups g0..g1 of
+                // rows i0..i1 of `out` (m x n); no other task writes those.
+                unsafe { compute_packed(&ops, i0, i1, g0, g1, out_ptr.get()) };
+            }
+        });
+        return finish(x, out, n, bias);
+    }
     let ops = match IntFormat::of(w.ty) {
         Some(f) => {
             // Block formats have whole blocks per row, so k is a multiple of 32.
@@ -177,8 +202,6 @@ fn linear_with(
             k,
         }),
     };
-    let mut out = vec![0f32; m * n];
-    let out_ptr = SendPtr(out.as_mut_ptr());
     // Enough tasks per thread that uneven finishing times even out.
     let band = (n / (rayon::current_num_threads() * 8)).clamp(4, MAX_BAND);
     (0..n.div_ceil(band)).into_par_iter().for_each(|b| {
@@ -191,6 +214,17 @@ fn linear_with(
             unsafe { compute_block(&ops, i0, i1, j0, j1, out_ptr.get()) };
         }
     });
+    finish(x, out, n, bias)
+}
+
+/// Adds the bias to the `m x n` product `out` of `x` and shapes it like `x`
+/// with `n` columns.
+fn finish(
+    x: &CpuTensor,
+    mut out: Vec<f32>,
+    n: usize,
+    bias: Option<&CpuTensor>,
+) -> Result<CpuTensor> {
     if let Some(b) = bias {
         out.par_chunks_mut(n).for_each(|row| {
             row.iter_mut().zip(&b.data).for_each(|(y, b)| *y += b);
@@ -233,6 +267,30 @@ unsafe fn compute_block(ops: &Operands, i0: usize, i1: usize, j0: usize, j1: usi
     }
     // SAFETY: the caller's contract.
     unsafe { portable_block(ops, i0, i1, j0, j1, out) }
+}
+
+/// Computes rows `i0..i1` of the columns of groups `g0..g1` over packed weights.
+///
+/// # Safety
+/// As [`compute_block`].
+unsafe fn compute_packed(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(isa) = super::x86::Isa::detected() {
+            // SAFETY: the CPU features were detected; the caller's contract carries over.
+            unsafe { super::x86_packed::block(isa, ops, i0, i1, g0, g1, out) };
+            return;
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { super::packed::portable_block(ops, i0, i1, g0, g1, out) }
 }
 
 /// The portable kernel: the canonical computation, element by element.
@@ -445,6 +503,69 @@ mod tests {
                     "{ty:?} ({bits:?}): rows {start}..{} differ when computed as a batch of {len}",
                     start + len
                 );
+            }
+        }
+    }
+
+    /// The kernels over interleaved weights, on every instruction set this
+    /// CPU runs, compute the canonical result of [`super::super::packed`]
+    /// bit for bit, for partial last groups and tiles too; and that result
+    /// is the per-row kernels' within activation quantization error.
+    #[test]
+    fn packed_kernels_agree_with_the_portable_one_bit_for_bit() {
+        use super::super::packed::{PackedFormat, PackedWeight};
+        for (ty, fmt) in ALL_FORMATS
+            .into_iter()
+            .filter_map(|ty| Some((ty, PackedFormat::of(ty)?)))
+        {
+            let (k, n, m) = (k_for(ty), 21, 7);
+            let w = weight(ty, n, k, 4);
+            // (Packed here whatever KILN_CPU_REPACK says.)
+            let p = &PackedWeight::pack(fmt, n, k / ty.block().0, &w.bytes);
+            let x = rand(m * k, 8);
+            for bits in [ActBits::Int8, ActBits::Int16] {
+                let q = QuantizedRows::with_layout(&x, k, bits, ActLayout::Split);
+                let ops = PackedOperands { w: p, q: &q, n, k };
+                let mut want = vec![0f32; m * n];
+                // SAFETY: the whole m x n buffer, one thread.
+                unsafe {
+                    super::super::packed::portable_block(&ops, 0, m, 0, p.groups, want.as_mut_ptr())
+                };
+                #[cfg(target_arch = "x86_64")]
+                for isa in crate::cpu::x86::Isa::all_supported() {
+                    let mut got = vec![0f32; m * n];
+                    // SAFETY: as above; the ISA is supported by this CPU.
+                    unsafe {
+                        crate::cpu::x86_packed::block(
+                            isa,
+                            &ops,
+                            0,
+                            m,
+                            0,
+                            p.groups,
+                            got.as_mut_ptr(),
+                        )
+                    };
+                    for (e, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{ty:?} on {isa:?} with {bits:?}, element {e}: {a} vs portable {b}"
+                        );
+                    }
+                }
+                let xt = CpuTensor::new(vec![m, k], x.clone()).unwrap();
+                let rowwise = linear_with(&xt, &w.unpacked(), None, bits).unwrap();
+                // The same quantized values, summed in another order: f32
+                // rounding of terms as large as the largest output.
+                let scale = rowwise.data.iter().fold(1f32, |a, v| a.max(v.abs()));
+                let tol = 1e-4 * scale;
+                for (e, (a, b)) in want.iter().zip(&rowwise.data).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{ty:?} with {bits:?}, element {e}: packed {a} vs per-row {b}"
+                    );
+                }
             }
         }
     }

@@ -9,9 +9,12 @@ mod attention;
 mod blocks;
 mod matmul;
 mod ops;
+mod packed;
 mod weight;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_packed;
 
 pub use weight::CpuWeight;
 

@@ -3,6 +3,9 @@
 //! the memory-mapped file: nothing is expanded at load, so a model takes the
 //! memory of its file and a decode step streams as few bytes as it can.
 
+use std::sync::{Arc, OnceLock};
+
+use super::packed::{PackedFormat, PackedWeight};
 use crate::quant::{self, GgmlType, WeightData};
 use crate::{BackendError, HostBytes, Result};
 
@@ -15,7 +18,18 @@ pub struct CpuWeight {
     pub ty: GgmlType,
     pub bytes: HostBytes,
     pub row_bytes: usize,
+    /// The rows interleaved for the packed kernels ([`super::packed`]), for
+    /// the formats that have that layout; `bytes` then serves only row
+    /// lookups (embeddings), and its mapped pages are released.
+    pub(super) packed: Option<Arc<PackedWeight>>,
     dequant: quant::BlockDequantizer,
+}
+
+/// Whether block weights are repacked at load (`KILN_CPU_REPACK=0` keeps
+/// the file's layout and the per-row kernels, for comparisons).
+fn repack_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KILN_CPU_REPACK").map_or(true, |v| v != "0"))
 }
 
 impl CpuWeight {
@@ -49,14 +63,33 @@ impl CpuWeight {
                 bytes.len()
             )));
         }
+        let packed = PackedFormat::of(ty)
+            .filter(|_| repack_enabled())
+            .map(|fmt| {
+                let p = PackedWeight::pack(fmt, rows, cols / ty.block().0, &bytes);
+                // The copy replaces the file's pages for the matrix products.
+                bytes.release_resident();
+                Arc::new(p)
+            });
         Ok(Self {
             rows,
             cols,
             ty,
             bytes,
             row_bytes,
+            packed,
             dequant,
         })
+    }
+
+    /// The same matrix in the file's row layout only (no packed copy): what
+    /// the per-row kernels compute from.
+    #[cfg(test)]
+    pub(super) fn unpacked(&self) -> Self {
+        Self {
+            packed: None,
+            ..self.clone()
+        }
     }
 
     /// Writes rows `r0..r0 + out.len() / cols` as f32 into `out`.

@@ -14,7 +14,6 @@ use std::sync::OnceLock;
 use super::actq::ActBits;
 use super::blocks::{self, IntFormat, Unpacked};
 use super::matmul::{FloatFormat, FloatOperands, IntOperands, Operands, QK};
-use crate::quant::{scale_min_k4, GgmlType};
 
 /// The instruction sets the kernels are built for, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -119,10 +118,24 @@ unsafe fn block_avx512vnni(
 
 /// The exact dot product of 32 unsigned bytes with 32 signed bytes, as 8
 /// lanes each summing four neighbouring products.
-trait Dot {
+pub(super) trait Dot {
+    /// Whether [`Dot::dot`] is exact for unsigned bytes up to 255 (the VNNI
+    /// instructions); AVX2's `maddubs` saturates past 128 * 127 * 2.
+    const FULL_BYTES: bool;
+
     /// # Safety
     /// The CPU has the instruction set of the implementation.
     unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
+
+    /// `acc + dot(u, s)`.
+    ///
+    /// # Safety
+    /// As [`Dot::dot`].
+    #[inline(always)]
+    unsafe fn dot_add(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: as the trait's contract.
+        unsafe { _mm256_add_epi32(acc, Self::dot(u, s)) }
+    }
 
     /// 16-bit products: lane l sums `a0[2l]b0[2l] + a0[2l+1]b0[2l+1]` and the
     /// same of `a1`, `b1` (exact: 16-bit codes times 16-bit activations).
@@ -132,8 +145,9 @@ trait Dot {
     unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i;
 }
 
-struct Avx2Dot;
+pub(super) struct Avx2Dot;
 impl Dot for Avx2Dot {
+    const FULL_BYTES: bool = false;
     #[inline(always)]
     unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
         // Products of unsigned codes <= 128 with |s| <= 127 never saturate the 16-bit pair sums.
@@ -147,12 +161,18 @@ impl Dot for Avx2Dot {
     }
 }
 
-struct AvxVnniDot;
+pub(super) struct AvxVnniDot;
 impl Dot for AvxVnniDot {
+    const FULL_BYTES: bool = true;
     #[inline(always)]
     unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
         // SAFETY: AVX-VNNI, per the trait's contract.
         unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s) }
+    }
+    #[inline(always)]
+    unsafe fn dot_add(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX-VNNI, per the trait's contract.
+        unsafe { _mm256_dpbusd_avx_epi32(acc, u, s) }
     }
     #[inline(always)]
     unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i {
@@ -164,12 +184,18 @@ impl Dot for AvxVnniDot {
     }
 }
 
-struct Avx512VnniDot;
+pub(super) struct Avx512VnniDot;
 impl Dot for Avx512VnniDot {
+    const FULL_BYTES: bool = true;
     #[inline(always)]
     unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
         // SAFETY: AVX512-VNNI and AVX512VL, per the trait's contract.
         unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
+    }
+    #[inline(always)]
+    unsafe fn dot_add(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: AVX512-VNNI and AVX512VL, per the trait's contract.
+        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
     }
     #[inline(always)]
     unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i {
@@ -242,22 +268,10 @@ unsafe fn offset_dot(c: &[f32], s: &[f32]) -> f32 {
     }
 }
 
-/// The f16 at `p` as f32 (F16C).
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: two readable bytes at p (the caller's block); F16C.
-    unsafe {
-        let bits = std::ptr::read_unaligned(p as *const u16);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-}
-
 /// Decodes a block format: once per block, what the whole block shares
 /// (and its offset coefficients); then each 32-element sub-block's codes
 /// and scale lanes, in registers.
 trait Unpack {
-    /// Elements per block.
-    const ELEMS: usize;
     /// Codes are signed bytes.
     const SIGNED: bool = false;
     /// What decoding the block's header leaves for its sub-blocks.
@@ -274,201 +288,12 @@ trait Unpack {
     unsafe fn sub(b: &Self::Block, s: usize) -> (__m256i, __m256);
 }
 
-/// Low nibbles of 16 bytes as elements 0..16, high nibbles as 16..32.
-#[inline(always)]
-unsafe fn nibbles16(p: *const u8) -> __m256i {
-    // SAFETY: 16 readable bytes at p.
-    unsafe {
-        let v = _mm_loadu_si128(p as *const __m128i);
-        let m = _mm_set1_epi8(0x0f);
-        _mm256_set_m128i(
-            _mm_and_si128(_mm_srli_epi16::<4>(v), m),
-            _mm_and_si128(v, m),
-        )
-    }
-}
-
-/// 16 in byte `l` where bit `l` of `bits` is set, else 0.
-#[inline(always)]
-unsafe fn fifth_bits(bits: u32) -> __m256i {
-    // SAFETY: AVX2.
-    unsafe {
-        // Byte l takes byte l / 8 of `bits`, then keeps its bit l % 8.
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(bits as i32),
-            _mm256_set_epi64x(
-                0x0303_0303_0303_0303,
-                0x0202_0202_0202_0202,
-                0x0101_0101_0101_0101,
-                0,
-            ),
-        );
-        let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);
-        _mm256_and_si256(set, _mm256_set1_epi8(16))
-    }
-}
-
-struct Q8_0;
-impl Unpack for Q8_0 {
-    const ELEMS: usize = 32;
-    const SIGNED: bool = true;
-    type Block = (__m256i, __m256);
-    #[inline(always)]
-    unsafe fn block(_: &IntFormat, p: *const u8, _: *mut f32) -> Self::Block {
-        // SAFETY: one 34-byte block at p.
-        unsafe {
-            (
-                _mm256_loadu_si256(p.add(2) as *const __m256i),
-                _mm256_set1_ps(f16_at(p)),
-            )
-        }
-    }
-    #[inline(always)]
-    unsafe fn sub(b: &Self::Block, _: usize) -> (__m256i, __m256) {
-        *b
-    }
-}
-
-/// Q4_0 (`MIN` false) and Q4_1 (`MIN` true).
-struct Q4<const MIN: bool>;
-impl<const MIN: bool> Unpack for Q4<MIN> {
-    const ELEMS: usize = 32;
-    type Block = (__m256i, __m256);
-    #[inline(always)]
-    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
-        // SAFETY: one whole block at p; room for one coefficient.
-        unsafe {
-            let d = f16_at(p);
-            let codes = if MIN {
-                *coef = f16_at(p.add(2));
-                nibbles16(p.add(4))
-            } else {
-                *coef = -8.0 * d;
-                nibbles16(p.add(2))
-            };
-            (codes, _mm256_set1_ps(d))
-        }
-    }
-    #[inline(always)]
-    unsafe fn sub(b: &Self::Block, _: usize) -> (__m256i, __m256) {
-        *b
-    }
-}
-
-/// Q5_0 (`MIN` false) and Q5_1 (`MIN` true).
-struct Q5<const MIN: bool>;
-impl<const MIN: bool> Unpack for Q5<MIN> {
-    const ELEMS: usize = 32;
-    type Block = (__m256i, __m256);
-    #[inline(always)]
-    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
-        // SAFETY: one whole block at p; room for one coefficient.
-        unsafe {
-            let d = f16_at(p);
-            let (qh, qs) = if MIN {
-                *coef = f16_at(p.add(2));
-                (p.add(4), p.add(8))
-            } else {
-                *coef = -16.0 * d;
-                (p.add(2), p.add(6))
-            };
-            let bits = u32::from_le(std::ptr::read_unaligned(qh as *const u32));
-            (
-                _mm256_or_si256(nibbles16(qs), fifth_bits(bits)),
-                _mm256_set1_ps(d),
-            )
-        }
-    }
-    #[inline(always)]
-    unsafe fn sub(b: &Self::Block, _: usize) -> (__m256i, __m256) {
-        *b
-    }
-}
-
-/// Q4_K (`FIVE` false) and Q5_K (`FIVE` true): 8 sub-blocks of 32 with 6-bit
-/// scales and minimums.
-struct QK45<const FIVE: bool>;
-impl<const FIVE: bool> Unpack for QK45<FIVE> {
-    const ELEMS: usize = 256;
-    /// The block, and each sub-block's scale.
-    type Block = (*const u8, [f32; 8]);
-    #[inline(always)]
-    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
-        let mut scales = [0f32; 8];
-        // SAFETY: one whole block at p; room for 8 coefficients.
-        unsafe {
-            let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
-            let sc = std::slice::from_raw_parts(p.add(4), 12);
-            for (s, scale) in scales.iter_mut().enumerate() {
-                let (a, m) = scale_min_k4(s, sc);
-                *scale = d * a as f32;
-                *coef.add(s) = -(dmin * m as f32);
-            }
-        }
-        (p, scales)
-    }
-    #[inline(always)]
-    unsafe fn sub(b: &Self::Block, s: usize) -> (__m256i, __m256) {
-        let (p, scales) = b;
-        // SAFETY: s < 8, inside the block.
-        unsafe {
-            let qs = if FIVE { p.add(48) } else { p.add(16) };
-            let v = _mm256_loadu_si256(qs.add(32 * (s / 2)) as *const __m256i);
-            let v = _mm256_srl_epi16(v, _mm_cvtsi32_si128(4 * (s % 2) as i32));
-            let mut codes = _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
-            if FIVE {
-                let qh = _mm256_loadu_si256(p.add(16) as *const __m256i);
-                let bit = _mm256_set1_epi8(1 << s);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                codes = _mm256_or_si256(codes, _mm256_and_si256(set, _mm256_set1_epi8(16)));
-            }
-            (codes, _mm256_set1_ps(scales[s]))
-        }
-    }
-}
-
-/// Q6_K: 6-bit codes, a signed 8-bit scale per 16 elements.
-struct Q6K;
-impl Unpack for Q6K {
-    const ELEMS: usize = 256;
-    /// The block and its scale `d`.
-    type Block = (*const u8, f32);
-    #[inline(always)]
-    unsafe fn block(_: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
-        // SAFETY: one whole 210-byte block at p; room for 16 coefficients.
-        unsafe {
-            let d = f16_at(p.add(208));
-            for g in 0..16 {
-                *coef.add(g) = -32.0 * (d * (*p.add(192 + g) as i8) as f32);
-            }
-            (p, d)
-        }
-    }
-    #[inline(always)]
-    unsafe fn sub(b: &Self::Block, s: usize) -> (__m256i, __m256) {
-        let &(p, d) = b;
-        // SAFETY: s < 8, inside the block.
-        unsafe {
-            let (h, q) = (s / 4, s % 4);
-            let ql = _mm256_loadu_si256(p.add(64 * h + 32 * (q % 2)) as *const __m256i);
-            let low = _mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (q / 2) as i32));
-            let low = _mm256_and_si256(low, _mm256_set1_epi8(0x0f));
-            let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
-            let high = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * q as i32));
-            let high = _mm256_and_si256(high, _mm256_set1_epi8(3));
-            let codes = _mm256_or_si256(low, _mm256_slli_epi16::<4>(high));
-            let lo = d * (*p.add(192 + 2 * s) as i8) as f32;
-            let hi = d * (*p.add(192 + 2 * s + 1) as i8) as f32;
-            (codes, _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)))
-        }
-    }
-}
-
-/// Any other block format (Q2_K, Q3_K), through the portable decoder.
-struct Generic;
-impl Unpack for Generic {
-    const ELEMS: usize = 256;
+/// Every block format, through the portable decoder: the formats without
+/// an interleaved layout (Q2_K, Q3_K), and all of them when repacking is
+/// off (`KILN_CPU_REPACK=0`).
+struct Generic<const SIGNED: bool>;
+impl<const SIGNED: bool> Unpack for Generic<SIGNED> {
+    const SIGNED: bool = SIGNED;
     type Block = Unpacked;
     #[inline(always)]
     unsafe fn block(f: &IntFormat, p: *const u8, coef: *mut f32) -> Self::Block {
@@ -510,17 +335,8 @@ unsafe fn dispatch<D: Dot>(
                 FloatFormat::F16 => cover_float::<F16Load>(o, i0, i1, j0, j1, out),
                 FloatFormat::BF16 => cover_float::<Bf16Load>(o, i0, i1, j0, j1, out),
             },
-            Operands::Int(o) => match o.f.ty {
-                GgmlType::Q8_0 => cover_int::<D, Q8_0>(o, i0, i1, j0, j1, out),
-                GgmlType::Q4_0 => cover_int::<D, Q4<false>>(o, i0, i1, j0, j1, out),
-                GgmlType::Q4_1 => cover_int::<D, Q4<true>>(o, i0, i1, j0, j1, out),
-                GgmlType::Q5_0 => cover_int::<D, Q5<false>>(o, i0, i1, j0, j1, out),
-                GgmlType::Q5_1 => cover_int::<D, Q5<true>>(o, i0, i1, j0, j1, out),
-                GgmlType::Q4K => cover_int::<D, QK45<false>>(o, i0, i1, j0, j1, out),
-                GgmlType::Q5K => cover_int::<D, QK45<true>>(o, i0, i1, j0, j1, out),
-                GgmlType::Q6K => cover_int::<D, Q6K>(o, i0, i1, j0, j1, out),
-                _ => cover_int::<D, Generic>(o, i0, i1, j0, j1, out),
-            },
+            Operands::Int(o) if o.f.signed => cover_int::<D, Generic<true>>(o, i0, i1, j0, j1, out),
+            Operands::Int(o) => cover_int::<D, Generic<false>>(o, i0, i1, j0, j1, out),
         }
     }
 }
@@ -576,9 +392,9 @@ unsafe fn int_tile<D: Dot, U: Unpack, const MR: usize, const WIDE: bool>(
     out: *mut f32,
 ) {
     let (k, nb) = (ops.k, ops.k / QK);
-    let sub = U::ELEMS / QK;
+    let sub = ops.f.elems / QK;
     let cpb = ops.f.coefs_per_block();
-    debug_assert!(coefs.len() >= k / U::ELEMS * cpb);
+    debug_assert!(coefs.len() >= k / ops.f.elems * cpb);
     // SAFETY: block u of row j lies inside the weight buffer (checked at
     // upload); the activation rows i..i + MR hold k bytes and nb scales each;
     // `coefs` holds k / ELEMS * cpb floats.
@@ -589,7 +405,7 @@ unsafe fn int_tile<D: Dot, U: Unpack, const MR: usize, const WIDE: bool>(
             std::array::from_fn(|ii| ops.q.qx16.as_ptr().add((i + ii) * k));
         let ds: [*const f32; MR] = std::array::from_fn(|ii| ops.q.dx.as_ptr().add((i + ii) * nb));
         let mut acc = [_mm256_setzero_ps(); MR];
-        for u in 0..k / U::ELEMS {
+        for u in 0..k / ops.f.elems {
             let blk = U::block(
                 &ops.f,
                 row.add(u * ops.f.bytes),

@@ -1,0 +1,421 @@
+//! Weights of the block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+//! Q6_K) repacked at load into groups of eight interleaved rows, and the
+//! canonical computation over them.
+//!
+//! In the file, each row's blocks follow one another, so one output element
+//! is one row's dot product, and a SIMD register summing eight lanes of it
+//! still needs a horizontal sum and one float multiply per block per output.
+//! Interleaved, a register holds the same four elements of eight rows
+//! (lane `r` is row `r`'s), and one activation broadcast against it adds
+//! into eight outputs at once: after eight such products per 32 elements,
+//! lane `r` holds row `r`'s whole sum, exactly, and the float work (convert,
+//! scale, accumulate) is one instruction per eight outputs.
+//!
+//! A group keeps, per block of the file, the codes of its eight rows
+//! (nibbles, plus bit planes for 5- and 6-bit codes, or bytes for Q8_0) and
+//! their scales in their integer or f16 form, so the packed weight is the
+//! file's size (K-quants: 3% more); the mapped pages of the original are
+//! released once copied ([`crate::HostBytes::release_resident`]).
+//!
+//! **The canonical computation** for input row `i` and weight row `j`, over
+//! the row's 32-element sub-blocks `b` in order (every kernel, SIMD or
+//! portable, computes exactly this):
+//! ```text
+//! for each part h of b (the whole 32, or two halves of 16 for Q6_K):
+//!     S   = sum over t in h of u[t] * qx[t] - K * sum over t in h of qx[t]   (exact)
+//!     acc = fma(float(S) * dx_b, scale_bh, acc)
+//! off = fma(min_b, xsum_b, off)                      (Q4_1, Q5_1, Q4_K, Q5_K)
+//! y   = acc + off
+//! ```
+//! `u` is the stored code as an unsigned integer and `K` its zero point
+//! (128 for Q8_0's signed bytes, 8 for Q4_0, 16 for Q5_0, 32 for Q6_K, 0
+//! with a minimum). `scale_bh` is the f16 scale (`d * sc` for the K-quants,
+//! an exact f32 product of an f16 and a small integer) and `min_b` the
+//! block's offset (the f16 minimum, or `-(dmin * m)`). `qx`, `dx_b`,
+//! `xsum_b` come from [`super::actq`].
+
+use super::actq::QuantizedRows;
+use super::blocks::{self, IntFormat, Unpacked};
+use super::matmul::QK;
+use crate::quant::{scale_min_k4, GgmlType};
+
+/// Rows per interleaved group.
+pub(super) const NR: usize = 8;
+
+/// The formats that are repacked, and what their layout holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PackedFormat {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl PackedFormat {
+    /// The packed form of `ty`, if it has one.
+    pub fn of(ty: GgmlType) -> Option<Self> {
+        Some(match ty {
+            GgmlType::Q8_0 => PackedFormat::Q8_0,
+            GgmlType::Q4_0 => PackedFormat::Q4_0,
+            GgmlType::Q4_1 => PackedFormat::Q4_1,
+            GgmlType::Q5_0 => PackedFormat::Q5_0,
+            GgmlType::Q5_1 => PackedFormat::Q5_1,
+            GgmlType::Q4K => PackedFormat::Q4K,
+            GgmlType::Q5K => PackedFormat::Q5K,
+            GgmlType::Q6K => PackedFormat::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// The ggml type.
+    pub const fn ty(self) -> GgmlType {
+        match self {
+            PackedFormat::Q8_0 => GgmlType::Q8_0,
+            PackedFormat::Q4_0 => GgmlType::Q4_0,
+            PackedFormat::Q4_1 => GgmlType::Q4_1,
+            PackedFormat::Q5_0 => GgmlType::Q5_0,
+            PackedFormat::Q5_1 => GgmlType::Q5_1,
+            PackedFormat::Q4K => GgmlType::Q4K,
+            PackedFormat::Q5K => GgmlType::Q5K,
+            PackedFormat::Q6K => GgmlType::Q6K,
+        }
+    }
+
+    /// Bits per code: 8 (Q8_0), 4, 5 or 6.
+    pub const fn code_bits(self) -> usize {
+        match self {
+            PackedFormat::Q8_0 => 8,
+            PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => 4,
+            PackedFormat::Q5_0 | PackedFormat::Q5_1 | PackedFormat::Q5K => 5,
+            PackedFormat::Q6K => 6,
+        }
+    }
+
+    /// 32-element sub-blocks per file block.
+    pub const fn subs(self) -> usize {
+        match self {
+            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K => 8,
+            _ => 1,
+        }
+    }
+
+    /// Sub-blocks are scaled in two halves of 16 (Q6_K).
+    pub const fn halves(self) -> bool {
+        matches!(self, PackedFormat::Q6K)
+    }
+
+    /// The format adds a minimum per sub-block.
+    pub const fn has_min(self) -> bool {
+        matches!(
+            self,
+            PackedFormat::Q4_1 | PackedFormat::Q5_1 | PackedFormat::Q4K | PackedFormat::Q5K
+        )
+    }
+
+    /// The zero point `K` of the unsigned codes.
+    pub const fn zero_point(self) -> i32 {
+        match self {
+            PackedFormat::Q8_0 => 128,
+            PackedFormat::Q4_0 => 8,
+            PackedFormat::Q5_0 => 16,
+            PackedFormat::Q6K => 32,
+            _ => 0,
+        }
+    }
+
+    /// Code bytes per group and sub-block: 256 bytes, or 128 of nibbles
+    /// plus a 32-byte plane per extra bit.
+    pub const fn sub_bytes(self) -> usize {
+        match self.code_bits() {
+            8 => 256,
+            bits => 128 + 32 * (bits - 4),
+        }
+    }
+
+    /// Offset of the scales (eight f16 `d`) within a chunk, after the codes.
+    pub const fn head(self) -> usize {
+        self.subs() * self.sub_bytes()
+    }
+
+    /// Bytes per group and file block.
+    pub const fn chunk(self) -> usize {
+        self.head()
+            + match self {
+                PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => 16,
+                PackedFormat::Q4_1 | PackedFormat::Q5_1 => 32,
+                // d, dmin, then per sub-block 8 scales and 8 minimums
+                PackedFormat::Q4K | PackedFormat::Q5K => 32 + 128,
+                // d, then per half sub-block 8 signed scales
+                PackedFormat::Q6K => 16 + 128,
+            }
+    }
+}
+
+/// A weight matrix in the interleaved layout: `groups` groups of eight rows
+/// (the last padded with zero rows), each `blocks` chunks of
+/// [`PackedFormat::chunk`] bytes, one per block of the file.
+#[derive(Debug)]
+pub(crate) struct PackedWeight {
+    pub fmt: PackedFormat,
+    pub groups: usize,
+    pub blocks: usize,
+    pub data: Vec<u8>,
+}
+
+impl PackedWeight {
+    /// Repacks `rows` rows of `blocks` blocks of `fmt` from the file's layout.
+    /// `bytes` holds exactly those rows (checked by the caller).
+    pub fn pack(fmt: PackedFormat, rows: usize, blocks: usize, bytes: &[u8]) -> Self {
+        let groups = rows.div_ceil(NR);
+        let f = IntFormat::of(fmt.ty()).expect("every packed format is a block format");
+        let chunk = fmt.chunk();
+        let mut data = vec![0u8; groups * blocks * chunk];
+        let row_bytes = blocks * f.bytes;
+        let mut u = Unpacked::default();
+        for (gb, out) in data.chunks_exact_mut(chunk).enumerate() {
+            let (g, b) = (gb / blocks, gb % blocks);
+            for r in 0..NR {
+                let j = g * NR + r;
+                if j >= rows {
+                    break; // padding rows stay zero: scale 0, contributes 0
+                }
+                let blk = &bytes[j * row_bytes + b * f.bytes..j * row_bytes + (b + 1) * f.bytes];
+                blocks::unpack(&f, blk, &mut u);
+                pack_row(fmt, blk, &u, r, out);
+            }
+        }
+        Self {
+            fmt,
+            groups,
+            blocks,
+            data,
+        }
+    }
+
+    /// Unsigned code `t` (0..32) of sub-block `s` of row `r` in a chunk.
+    pub fn code(fmt: PackedFormat, chunk: &[u8], s: usize, r: usize, t: usize) -> i32 {
+        let (q, e) = (t / 4, t % 4);
+        let base = &chunk[s * fmt.sub_bytes()..];
+        let at = 4 * r + e;
+        if fmt.code_bits() == 8 {
+            return (base[32 * q + at] as i8 as i32) + 128;
+        }
+        let byte = base[32 * (q % 4) + at];
+        let nib = if q < 4 { byte & 0x0f } else { byte >> 4 } as i32;
+        let high = match fmt.code_bits() {
+            5 => ((base[128 + at] >> q) & 1) as i32,
+            6 => ((base[128 + 32 * (q / 4) + at] >> (2 * (q % 4))) & 3) as i32,
+            _ => 0,
+        };
+        nib | high << 4
+    }
+
+    /// The scale of part `h` (0, or 1 for a second half) of sub-block `s`
+    /// of row `r` in a chunk.
+    pub fn scale(fmt: PackedFormat, chunk: &[u8], s: usize, h: usize, r: usize) -> f32 {
+        let head = &chunk[fmt.head()..];
+        let d = f16_at(head, 2 * r);
+        match fmt {
+            PackedFormat::Q4K | PackedFormat::Q5K => d * head[32 + 8 * s + r] as f32,
+            PackedFormat::Q6K => d * (head[16 + 8 * (2 * s + h) + r] as i8) as f32,
+            _ => d,
+        }
+    }
+
+    /// The offset coefficient of sub-block `s` of row `r` (formats with a minimum).
+    pub fn min(fmt: PackedFormat, chunk: &[u8], s: usize, r: usize) -> f32 {
+        let head = &chunk[fmt.head()..];
+        match fmt {
+            PackedFormat::Q4K | PackedFormat::Q5K => {
+                -(f16_at(head, 16 + 2 * r) * head[96 + 8 * s + r] as f32)
+            }
+            _ => f16_at(head, 16 + 2 * r),
+        }
+    }
+}
+
+fn f16_at(b: &[u8], o: usize) -> f32 {
+    half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32()
+}
+
+/// Writes row `r`'s file block `blk` (decoded as `u`) into a group's chunk `out`.
+fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8]) {
+    for s in 0..fmt.subs() {
+        let base = &mut out[s * fmt.sub_bytes()..(s + 1) * fmt.sub_bytes()];
+        for t in 0..QK {
+            let (q, e) = (t / 4, t % 4);
+            let at = 4 * r + e;
+            let c = u.codes[QK * s + t];
+            if fmt.code_bits() == 8 {
+                base[32 * q + at] = c;
+                continue;
+            }
+            base[32 * (q % 4) + at] |= if q < 4 { c & 0x0f } else { (c & 0x0f) << 4 };
+            match fmt.code_bits() {
+                5 => base[128 + at] |= (c >> 4) << q,
+                6 => base[128 + 32 * (q / 4) + at] |= (c >> 4) << (2 * (q % 4)),
+                _ => {}
+            }
+        }
+    }
+    let head = &mut out[fmt.head()..];
+    // Where the file keeps the f16 `d` (and second f16: minimum or dmin).
+    let (d, second) = match fmt {
+        PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => (0, None),
+        PackedFormat::Q4_1 | PackedFormat::Q5_1 | PackedFormat::Q4K | PackedFormat::Q5K => {
+            (0, Some(2))
+        }
+        PackedFormat::Q6K => (208, None),
+    };
+    head[2 * r..2 * r + 2].copy_from_slice(&blk[d..d + 2]);
+    if let Some(o) = second {
+        head[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&blk[o..o + 2]);
+    }
+    match fmt {
+        PackedFormat::Q4K | PackedFormat::Q5K => {
+            for s in 0..8 {
+                let (sc, m) = scale_min_k4(s, &blk[4..16]);
+                head[32 + 8 * s + r] = sc;
+                head[96 + 8 * s + r] = m;
+            }
+        }
+        PackedFormat::Q6K => {
+            for g in 0..16 {
+                head[16 + 8 * g + r] = blk[192 + g];
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What a kernel over packed weights reads.
+#[derive(Clone, Copy)]
+pub(super) struct PackedOperands<'a> {
+    pub w: &'a PackedWeight,
+    /// Activations in [`super::actq::ActLayout::Split`].
+    pub q: &'a QuantizedRows,
+    /// Output columns (the weight's rows).
+    pub n: usize,
+    /// Input columns.
+    pub k: usize,
+}
+
+impl PackedOperands<'_> {
+    /// Group `g`'s block `b`.
+    pub fn chunk(&self, g: usize, b: usize) -> &[u8] {
+        let c = self.w.fmt.chunk();
+        let at = (g * self.w.blocks + b) * c;
+        &self.w.data[at..at + c]
+    }
+}
+
+/// The portable kernel: the canonical computation for input rows `i0..i1`
+/// and groups `g0..g1`.
+///
+/// # Safety
+/// `out` points to an `m x n` buffer of which no other thread touches
+/// these elements.
+pub(super) unsafe fn portable_block(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    let fmt = ops.w.fmt;
+    let q = ops.q;
+    let nb = ops.k / QK;
+    let (subs, parts) = (fmt.subs(), if fmt.halves() { 2 } else { 1 });
+    let len = QK / parts;
+    for i in i0..i1 {
+        for g in g0..g1 {
+            for r in 0..NR {
+                let j = g * NR + r;
+                if j >= ops.n {
+                    break;
+                }
+                let (mut acc, mut off) = (0f32, 0f32);
+                for b in 0..nb {
+                    let (chunk, s) = (ops.chunk(g, b / subs), b % subs);
+                    let ib = i * nb + b;
+                    for h in 0..parts {
+                        let dot: i32 = (h * len..(h + 1) * len)
+                            .map(|t| PackedWeight::code(fmt, chunk, s, r, t) * q.value(ib * QK + t))
+                            .sum();
+                        let xsum = if parts == 2 {
+                            q.isum16[2 * ib + h]
+                        } else {
+                            q.isum[ib]
+                        };
+                        let sum = dot - fmt.zero_point() * xsum;
+                        let scale = PackedWeight::scale(fmt, chunk, s, h, r);
+                        acc = (sum as f32 * q.dx[ib]).mul_add(scale, acc);
+                    }
+                    if fmt.has_min() {
+                        off = PackedWeight::min(fmt, chunk, s, r).mul_add(q.sum32[ib], off);
+                    }
+                }
+                // SAFETY: i < m and j < n, inside the buffer; the caller owns the element.
+                unsafe { *out.add(i * ops.n + j) = acc + off };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::tests::random_blocks;
+    use crate::quant;
+
+    /// Every code, scale and minimum survives the repack, including the
+    /// padding of a last group of fewer than eight rows.
+    #[test]
+    fn repacking_keeps_every_value() {
+        for ty in crate::quant::WEIGHT_FORMATS {
+            let Some(fmt) = PackedFormat::of(ty) else {
+                continue;
+            };
+            let f = IntFormat::of(ty).unwrap();
+            let (rows, blocks) = (11, 3);
+            let bytes = random_blocks(ty, rows * blocks, 5);
+            let p = PackedWeight::pack(fmt, rows, blocks, &bytes);
+            assert_eq!(p.data.len(), 2 * blocks * fmt.chunk());
+            let deq = quant::block_dequantizer(ty).unwrap();
+            let mut want = vec![0f32; f.elems];
+            for j in 0..rows {
+                for b in 0..blocks {
+                    let at = (j * blocks + b) * f.bytes;
+                    quant::dequantize_with(deq, ty, &bytes[at..at + f.bytes], &mut want);
+                    let chunk = &p.data[((j / NR) * blocks + b) * fmt.chunk()..][..fmt.chunk()];
+                    let r = j % NR;
+                    for (t, &w) in want.iter().enumerate() {
+                        let (s, e) = (t / QK, t % QK);
+                        let h = if fmt.halves() { e / 16 } else { 0 };
+                        let u = PackedWeight::code(fmt, chunk, s, r, e) - fmt.zero_point();
+                        let scale = PackedWeight::scale(fmt, chunk, s, h, r);
+                        let got = if fmt.has_min() {
+                            scale * u as f32 + PackedWeight::min(fmt, chunk, s, r)
+                        } else {
+                            scale * u as f32
+                        };
+                        assert!(
+                            (got - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                            "{ty:?} row {j} block {b} element {t}: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+            // The padding rows are zero.
+            let last = &p.data[blocks * fmt.chunk()..];
+            for r in rows % NR..NR {
+                assert_eq!(PackedWeight::scale(fmt, last, 0, 0, r), 0.0);
+            }
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! x86-64 kernels over interleaved weights: the canonical computation of
+//! [`super::packed`] with 256-bit vectors, lane `r` of every register being
+//! row `r` of an eight-row group.
+//!
+//! Per group and 32-block the codes are decoded once into eight registers
+//! (four elements of each of the eight rows); each input row then
+//! broadcasts its four activation bytes against each, adding into eight
+//! exact block sums at once, and one convert, multiply and FMA scale all
+//! eight. 16-bit activations take two such passes, their `hi` and `lo`
+//! bytes, joined as `255 * hi + lo` in integers.
+
+use std::arch::x86_64::*;
+
+use super::actq::ActBits;
+use super::packed::{PackedFormat, PackedOperands, NR};
+use super::x86::{Avx2Dot, Avx512VnniDot, AvxVnniDot, Dot, Isa};
+
+/// Runs the kernels of `isa` over input rows `i0..i1` and groups `g0..g1`.
+///
+/// # Safety
+/// `isa` is supported by this CPU; `out` points to an `m x n` buffer of
+/// which no other thread touches these elements.
+pub(crate) unsafe fn block(
+    isa: Isa,
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the features of each entry point are those `isa` was detected with.
+    unsafe {
+        match isa {
+            Isa::Avx2 => packed_avx2(ops, i0, i1, g0, g1, out),
+            Isa::AvxVnni => packed_avxvnni(ops, i0, i1, g0, g1, out),
+            Isa::Avx512Vnni => packed_avx512vnni(ops, i0, i1, g0, g1, out),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn packed_avx2(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { dispatch::<Avx2Dot>(ops, i0, i1, g0, g1, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn packed_avxvnni(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { dispatch::<AvxVnniDot>(ops, i0, i1, g0, g1, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn packed_avx512vnni(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { dispatch::<Avx512VnniDot>(ops, i0, i1, g0, g1, out) }
+}
+
+/// Input rows per tile: their accumulators stay in registers while each
+/// group's block is decoded once for all of them.
+const MR: usize = 4;
+
+#[inline(always)]
+unsafe fn dispatch<D: Dot>(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    // SAFETY (every arm): the caller's contract.
+    unsafe {
+        match ops.w.fmt {
+            PackedFormat::Q8_0 => cover::<D, 0>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q4_0 => cover::<D, 1>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q4_1 => cover::<D, 2>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q5_0 => cover::<D, 3>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q5_1 => cover::<D, 4>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q4K => cover::<D, 5>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q5K => cover::<D, 6>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q6K => cover::<D, 7>(ops, i0, i1, g0, g1, out),
+        }
+    }
+}
+
+/// The format with index `F` (a const generic, so each is its own kernel).
+const fn format(f: u8) -> PackedFormat {
+    match f {
+        0 => PackedFormat::Q8_0,
+        1 => PackedFormat::Q4_0,
+        2 => PackedFormat::Q4_1,
+        3 => PackedFormat::Q5_0,
+        4 => PackedFormat::Q5_1,
+        5 => PackedFormat::Q4K,
+        6 => PackedFormat::Q5K,
+        _ => PackedFormat::Q6K,
+    }
+}
+
+#[inline(always)]
+unsafe fn cover<D: Dot, const F: u8>(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    let wide = ops.q.bits == ActBits::Int16;
+    // SAFETY (all tiles): each stays inside i0..i1 x groups g0..g1, which the caller owns.
+    unsafe {
+        for g in g0..g1 {
+            let mut i = i0;
+            while i < i1 {
+                let rows = (i1 - i).min(MR);
+                match (rows, wide) {
+                    (1, false) => tile::<D, F, 1, false>(ops, i, g, out),
+                    (2, false) => tile::<D, F, 2, false>(ops, i, g, out),
+                    (3, false) => tile::<D, F, 3, false>(ops, i, g, out),
+                    (_, false) => tile::<D, F, MR, false>(ops, i, g, out),
+                    (1, true) => tile::<D, F, 1, true>(ops, i, g, out),
+                    (2, true) => tile::<D, F, 2, true>(ops, i, g, out),
+                    (3, true) => tile::<D, F, 3, true>(ops, i, g, out),
+                    (_, true) => tile::<D, F, MR, true>(ops, i, g, out),
+                }
+                i += rows;
+            }
+        }
+    }
+}
+
+/// The eight code registers of a group's sub-block at `p`: register `q`
+/// holds elements `4q..4q + 4` of each row. Q8_0's are its signed bytes as
+/// stored.
+#[inline(always)]
+unsafe fn codes<const F: u8>(p: *const u8) -> [__m256i; 8] {
+    let fmt = format(F);
+    // SAFETY: one whole sub-block of the format at p.
+    unsafe {
+        let mut c = [_mm256_setzero_si256(); 8];
+        if fmt.code_bits() == 8 {
+            for (q, cq) in c.iter_mut().enumerate() {
+                *cq = _mm256_loadu_si256(p.add(32 * q) as *const __m256i);
+            }
+            return c;
+        }
+        let low = _mm256_set1_epi8(0x0f);
+        for q in 0..4 {
+            let v = _mm256_loadu_si256(p.add(32 * q) as *const __m256i);
+            c[q] = _mm256_and_si256(v, low);
+            c[q + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+        }
+        // The planes hold the high bits of each byte's code; they move to
+        // bit 4 (and 5) by shifts of 16-bit lanes, and the bits that cross
+        // from the neighbouring byte land outside the mask.
+        if fmt.code_bits() == 5 {
+            // Bit q of a byte is the fifth bit of register q's element.
+            let qh = _mm256_loadu_si256(p.add(128) as *const __m256i);
+            let m = _mm256_set1_epi8(0x10);
+            c[0] = _mm256_or_si256(c[0], _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m));
+            c[1] = _mm256_or_si256(c[1], _mm256_and_si256(_mm256_slli_epi16::<3>(qh), m));
+            c[2] = _mm256_or_si256(c[2], _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m));
+            c[3] = _mm256_or_si256(c[3], _mm256_and_si256(_mm256_slli_epi16::<1>(qh), m));
+            c[4] = _mm256_or_si256(c[4], _mm256_and_si256(qh, m));
+            c[5] = _mm256_or_si256(c[5], _mm256_and_si256(_mm256_srli_epi16::<1>(qh), m));
+            c[6] = _mm256_or_si256(c[6], _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m));
+            c[7] = _mm256_or_si256(c[7], _mm256_and_si256(_mm256_srli_epi16::<3>(qh), m));
+        } else if fmt.code_bits() == 6 {
+            // Bits 2(q % 4) and 2(q % 4) + 1 of the plane of quads 0..4
+            // (then of 4..8) are the top two bits of register q's element.
+            let m = _mm256_set1_epi8(0x30);
+            for h in 0..2 {
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+                let r = 4 * h;
+                c[r] = _mm256_or_si256(c[r], _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m));
+                c[r + 1] =
+                    _mm256_or_si256(c[r + 1], _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m));
+                c[r + 2] = _mm256_or_si256(c[r + 2], _mm256_and_si256(qh, m));
+                c[r + 3] =
+                    _mm256_or_si256(c[r + 3], _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m));
+            }
+        }
+        c
+    }
+}
+
+/// Four activation bytes at `p`, in every lane.
+#[inline(always)]
+unsafe fn broadcast4(p: *const i8) -> __m256i {
+    // SAFETY: four readable bytes at p.
+    unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
+}
+
+/// The exact sums of `N` code registers from `q0` (as [`codes`] leaves
+/// them, or their magnitudes `mag` for signed Q8_0 on AVX2) against the
+/// activation bytes of the same elements in the 32 at `x`.
+#[inline(always)]
+unsafe fn part_sum<D: Dot, const SIGN_TRICK: bool, const N: usize>(
+    c: &[__m256i; 8],
+    mag: &[__m256i; 8],
+    x: *const i8,
+    q0: usize,
+) -> __m256i {
+    // SAFETY: 32 readable bytes at x.
+    unsafe {
+        // Independent sums (integer additions are exact in any order), so
+        // consecutive products do not wait on each other's latency.
+        let mut s = [_mm256_setzero_si256(); 4];
+        for k in 0..N {
+            let q = q0 + k;
+            let xb = broadcast4(x.add(4 * q));
+            s[k % 4] = if SIGN_TRICK {
+                // |w| against x with w's sign: exact for |x| <= 127.
+                D::dot_add(s[k % 4], mag[q], _mm256_sign_epi8(xb, c[q]))
+            } else {
+                D::dot_add(s[k % 4], c[q], xb)
+            };
+        }
+        _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]))
+    }
+}
+
+/// [`part_sum`] of the activation block at `x`: one row of 8-bit values,
+/// or, `WIDE`, the 32 `hi` bytes then the 32 `lo` bytes joined as
+/// `255 * hi + lo`, exactly.
+#[inline(always)]
+unsafe fn act_sum<D: Dot, const SIGN_TRICK: bool, const N: usize, const WIDE: bool>(
+    c: &[__m256i; 8],
+    mag: &[__m256i; 8],
+    x: *const i8,
+    q0: usize,
+) -> __m256i {
+    // SAFETY: 32 (64 when wide) readable bytes at x.
+    unsafe {
+        let s = part_sum::<D, SIGN_TRICK, N>(c, mag, x, q0);
+        if WIDE {
+            let lo = part_sum::<D, SIGN_TRICK, N>(c, mag, x.add(32), q0);
+            _mm256_add_epi32(_mm256_sub_epi32(_mm256_slli_epi32::<8>(s), s), lo)
+        } else {
+            s
+        }
+    }
+}
+
+/// Eight bytes at `p` (unsigned, or `SIGNED`) as f32 lanes.
+#[inline(always)]
+unsafe fn bytes8<const SIGNED: bool>(p: *const u8) -> __m256 {
+    // SAFETY: eight readable bytes at p.
+    unsafe {
+        let v = _mm_loadl_epi64(p as *const __m128i);
+        _mm256_cvtepi32_ps(if SIGNED {
+            _mm256_cvtepi8_epi32(v)
+        } else {
+            _mm256_cvtepu8_epi32(v)
+        })
+    }
+}
+
+/// `R` input rows from `i` against group `g`.
+///
+/// # Safety
+/// `i + R <= m`, `g` is a group of the weight; the caller owns those output elements.
+#[inline(always)]
+unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
+    ops: &PackedOperands,
+    i: usize,
+    g: usize,
+    out: *mut f32,
+) {
+    let fmt = format(F);
+    let nb = ops.k / 32;
+    let q = ops.q;
+    // Q8_0: VNNI takes the codes as unsigned bytes w + 128 (zero point 128);
+    // AVX2's maddubs would saturate on those, so it multiplies |w| by x with w's sign.
+    let sign_trick = fmt == PackedFormat::Q8_0 && !D::FULL_BYTES;
+    let zero_point = if sign_trick { 0 } else { fmt.zero_point() };
+    let x_bytes = if WIDE { 64 } else { 32 };
+    let xs = if WIDE { q.hilo.as_ptr() } else { q.qx.as_ptr() };
+    // SAFETY: chunk (g, fb) lies inside the packed data; activation block
+    // (i + ii, b) lies inside the quantized rows (64 bytes each when wide,
+    // 32 otherwise), as do its scale and sums.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut off = [_mm256_setzero_ps(); R];
+        for fb in 0..nb / fmt.subs() {
+            let p = ops.chunk(g, fb).as_ptr();
+            let head = p.add(fmt.head());
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(head as *const __m128i));
+            let second = if fmt.has_min() {
+                _mm256_cvtph_ps(_mm_loadu_si128(head.add(16) as *const __m128i))
+            } else {
+                _mm256_setzero_ps()
+            };
+            for s in 0..fmt.subs() {
+                let mut c = codes::<F>(p.add(s * fmt.sub_bytes()));
+                let mut mag = [_mm256_setzero_si256(); 8];
+                if sign_trick {
+                    for (m, cq) in mag.iter_mut().zip(&c) {
+                        *m = _mm256_abs_epi8(*cq);
+                    }
+                } else if fmt == PackedFormat::Q8_0 {
+                    let flip = _mm256_set1_epi8(i8::MIN);
+                    for cq in c.iter_mut() {
+                        *cq = _mm256_xor_si256(*cq, flip);
+                    }
+                }
+                // Scales of the sub-block (or its two halves) and its offset.
+                let (sc0, sc1, min) = match fmt {
+                    PackedFormat::Q4K | PackedFormat::Q5K => {
+                        let sc = _mm256_mul_ps(d, bytes8::<false>(head.add(32 + 8 * s)));
+                        let m = _mm256_mul_ps(second, bytes8::<false>(head.add(96 + 8 * s)));
+                        (sc, sc, _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
+                    }
+                    PackedFormat::Q6K => (
+                        _mm256_mul_ps(d, bytes8::<true>(head.add(16 + 16 * s))),
+                        _mm256_mul_ps(d, bytes8::<true>(head.add(24 + 16 * s))),
+                        second,
+                    ),
+                    _ => (d, d, second),
+                };
+                for ii in 0..R {
+                    let blk = (i + ii) * nb + fb * fmt.subs() + s;
+                    let x = xs.add(x_bytes * blk);
+                    let dx = _mm256_set1_ps(*q.dx.get_unchecked(blk));
+                    if fmt.halves() {
+                        let (s0, s1) = if sign_trick {
+                            unreachable!("only Q8_0 takes the sign trick")
+                        } else {
+                            (
+                                act_sum::<D, false, 4, WIDE>(&c, &mag, x, 0),
+                                act_sum::<D, false, 4, WIDE>(&c, &mag, x, 4),
+                            )
+                        };
+                        let k0 = zero_point * *q.isum16.get_unchecked(2 * blk);
+                        let k1 = zero_point * *q.isum16.get_unchecked(2 * blk + 1);
+                        let s0 = _mm256_sub_epi32(s0, _mm256_set1_epi32(k0));
+                        let s1 = _mm256_sub_epi32(s1, _mm256_set1_epi32(k1));
+                        acc[ii] = _mm256_fmadd_ps(
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(s0), dx),
+                            sc0,
+                            acc[ii],
+                        );
+                        acc[ii] = _mm256_fmadd_ps(
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(s1), dx),
+                            sc1,
+                            acc[ii],
+                        );
+                    } else {
+                        let sum = if sign_trick {
+                            act_sum::<D, true, 8, WIDE>(&c, &mag, x, 0)
+                        } else {
+                            act_sum::<D, false, 8, WIDE>(&c, &mag, x, 0)
+                        };
+                        let sum = if zero_point != 0 {
+                            let k = zero_point * *q.isum.get_unchecked(blk);
+                            _mm256_sub_epi32(sum, _mm256_set1_epi32(k))
+                        } else {
+                            sum
+                        };
+                        acc[ii] = _mm256_fmadd_ps(
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(sum), dx),
+                            sc0,
+                            acc[ii],
+                        );
+                    }
+                    if fmt.has_min() {
+                        let xsum = _mm256_set1_ps(*q.sum32.get_unchecked(blk));
+                        off[ii] = _mm256_fmadd_ps(min, xsum, off[ii]);
+                    }
+                }
+            }
+        }
+        let j0 = g * NR;
+        let lanes = (ops.n - j0).min(NR);
+        for ii in 0..R {
+            let y = _mm256_add_ps(acc[ii], off[ii]);
+            let dst = out.add((i + ii) * ops.n + j0);
+            if lanes == NR {
+                _mm256_storeu_ps(dst, y);
+            } else {
+                let mut tmp = [0f32; NR];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), y);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, lanes);
+            }
+        }
+    }
+}
