@@ -169,30 +169,76 @@ pub(crate) struct PackedWeight {
 impl PackedWeight {
     /// Repacks `rows` rows of `blocks` blocks of `fmt` from the file's layout.
     /// `bytes` holds exactly those rows (checked by the caller).
+    #[cfg(test)]
     pub fn pack(fmt: PackedFormat, rows: usize, blocks: usize, bytes: &[u8]) -> Self {
+        Self::pack_releasing(fmt, rows, blocks, bytes, |_| {})
+    }
+
+    /// [`PackedWeight::pack`], calling `done` with each range of `bytes`
+    /// (a few hundred rows at a time) once it has been copied, so the
+    /// original can be released while the copy grows: peak memory stays
+    /// near one matrix, not two. Slabs of rows are packed in parallel.
+    pub fn pack_releasing(
+        fmt: PackedFormat,
+        rows: usize,
+        blocks: usize,
+        bytes: &[u8],
+        done: impl Fn(std::ops::Range<usize>) + Sync,
+    ) -> Self {
+        use rayon::prelude::*;
+        // Groups per slab: a few hundred rows.
+        const SLAB: usize = 32;
         let groups = rows.div_ceil(NR);
         let f = IntFormat::of(fmt.ty()).expect("every packed format is a block format");
         let chunk = fmt.chunk();
         let mut data = vec![0u8; groups * blocks * chunk];
         let row_bytes = blocks * f.bytes;
-        let mut u = Unpacked::default();
-        for (gb, out) in data.chunks_exact_mut(chunk).enumerate() {
-            let (g, b) = (gb / blocks, gb % blocks);
-            for r in 0..NR {
-                let j = g * NR + r;
-                if j >= rows {
-                    break; // padding rows stay zero: scale 0, contributes 0
+        data.par_chunks_mut(SLAB * blocks * chunk)
+            .enumerate()
+            .for_each(|(slab, part)| {
+                let mut u = Unpacked::default();
+                for (gb, out) in part.chunks_exact_mut(chunk).enumerate() {
+                    let (g, b) = (slab * SLAB + gb / blocks, gb % blocks);
+                    for r in 0..NR {
+                        let j = g * NR + r;
+                        if j >= rows {
+                            break; // padding rows stay zero: scale 0, contributes 0
+                        }
+                        let at = j * row_bytes + b * f.bytes;
+                        let blk = &bytes[at..at + f.bytes];
+                        blocks::unpack(&f, blk, &mut u);
+                        pack_row(fmt, blk, &u, r, out);
+                    }
                 }
-                let blk = &bytes[j * row_bytes + b * f.bytes..j * row_bytes + (b + 1) * f.bytes];
-                blocks::unpack(&f, blk, &mut u);
-                pack_row(fmt, blk, &u, r, out);
-            }
-        }
+                let first = slab * SLAB * NR * row_bytes;
+                done(first..((slab + 1) * SLAB * NR * row_bytes).min(bytes.len()));
+            });
         Self {
             fmt,
             groups,
             blocks,
             data,
+        }
+    }
+
+    /// Row `j` as f32 values, exactly as the file's dequantizer gives them:
+    /// what embedding lookups read, so the file's pages are never needed
+    /// again.
+    pub fn row_f32(&self, j: usize, out: &mut [f32]) {
+        let fmt = self.fmt;
+        let (g, r) = (j / NR, j % NR);
+        for (t, y) in out.iter_mut().enumerate() {
+            let (sub, e) = (t / QK, t % QK);
+            let (fb, s) = (sub / fmt.subs(), sub % fmt.subs());
+            let chunk = &self.data[(g * self.blocks + fb) * fmt.chunk()..][..fmt.chunk()];
+            let h = if fmt.halves() { e / 16 } else { 0 };
+            let u = Self::code(fmt, chunk, s, r, e) - fmt.zero_point();
+            let v = Self::scale(fmt, chunk, s, h, r) * u as f32;
+            *y = if fmt.has_min() {
+                v + Self::min(fmt, chunk, s, r)
+            } else {
+                v
+            };
         }
     }
 
@@ -387,28 +433,18 @@ mod tests {
             let p = PackedWeight::pack(fmt, rows, blocks, &bytes);
             assert_eq!(p.data.len(), 2 * blocks * fmt.chunk());
             let deq = quant::block_dequantizer(ty).unwrap();
-            let mut want = vec![0f32; f.elems];
+            let mut want = vec![0f32; blocks * f.elems];
+            let mut got = vec![0f32; blocks * f.elems];
             for j in 0..rows {
-                for b in 0..blocks {
-                    let at = (j * blocks + b) * f.bytes;
-                    quant::dequantize_with(deq, ty, &bytes[at..at + f.bytes], &mut want);
-                    let chunk = &p.data[((j / NR) * blocks + b) * fmt.chunk()..][..fmt.chunk()];
-                    let r = j % NR;
-                    for (t, &w) in want.iter().enumerate() {
-                        let (s, e) = (t / QK, t % QK);
-                        let h = if fmt.halves() { e / 16 } else { 0 };
-                        let u = PackedWeight::code(fmt, chunk, s, r, e) - fmt.zero_point();
-                        let scale = PackedWeight::scale(fmt, chunk, s, h, r);
-                        let got = if fmt.has_min() {
-                            scale * u as f32 + PackedWeight::min(fmt, chunk, s, r)
-                        } else {
-                            scale * u as f32
-                        };
-                        assert!(
-                            (got - w).abs() <= 1e-6 * (1.0 + w.abs()),
-                            "{ty:?} row {j} block {b} element {t}: {got} vs {w}"
-                        );
-                    }
+                let row = &bytes[j * blocks * f.bytes..(j + 1) * blocks * f.bytes];
+                quant::dequantize_with(deq, ty, row, &mut want);
+                p.row_f32(j, &mut got);
+                for (t, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{ty:?} row {j} element {t}: {a} vs {b}"
+                    );
                 }
             }
             // The padding rows are zero.

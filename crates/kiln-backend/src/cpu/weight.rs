@@ -66,10 +66,19 @@ impl CpuWeight {
         let packed = PackedFormat::of(ty)
             .filter(|_| repack_enabled())
             .map(|fmt| {
-                let p = PackedWeight::pack(fmt, rows, cols / ty.block().0, &bytes);
                 // The copy replaces the file's pages for the matrix products.
-                bytes.release_resident();
-                Arc::new(p)
+                let release = |r: std::ops::Range<usize>| {
+                    if let Some(part) = bytes.slice(r) {
+                        part.release_resident();
+                    }
+                };
+                Arc::new(PackedWeight::pack_releasing(
+                    fmt,
+                    rows,
+                    cols / ty.block().0,
+                    &bytes,
+                    release,
+                ))
             });
         Ok(Self {
             rows,
@@ -94,6 +103,12 @@ impl CpuWeight {
 
     /// Writes rows `r0..r0 + out.len() / cols` as f32 into `out`.
     pub fn rows_f32(&self, r0: usize, out: &mut [f32]) {
+        if let Some(p) = &self.packed {
+            for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+                p.row_f32(r0 + r, row);
+            }
+            return;
+        }
         let n = out.len() / self.cols;
         let src = &self.bytes[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
         quant::dequantize_with(self.dequant, self.ty, src, out);
