@@ -1758,6 +1758,45 @@ fn api_key_is_required_on_every_route_but_ping() {
 }
 
 #[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let (s, _) = guarded();
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let auth = format!("{scheme} {KEY}");
+        let r = s.req("GET", "/v1/models", &[("Authorization", &auth)], b"");
+        assert_eq!(r.status, 200, "{auth}: {}", r.text());
+    }
+}
+
+#[test]
+fn cors_preflight_names_authorization_and_content_type() {
+    let (s, _) = guarded();
+    let r = s.req(
+        "OPTIONS",
+        "/v1/chat/completions",
+        &[
+            ("Origin", ALLOWED_ORIGIN),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            ),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{:?}", r.headers);
+    // `*` does not cover Authorization in browsers: the names must be listed.
+    let allowed = r
+        .header("access-control-allow-headers")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let names: Vec<&str> = allowed.split(',').map(str::trim).collect();
+    for h in ["authorization", "content-type", "accept"] {
+        assert!(names.contains(&h), "{h} missing from {allowed:?}");
+    }
+    assert!(!names.contains(&"*"), "{allowed:?}");
+}
+
+#[test]
 fn oversized_bodies_get_413_json() {
     let (s, _) = guarded();
     let big = json!({"inputs": "a ".repeat(3000)}).to_string();
