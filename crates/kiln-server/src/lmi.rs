@@ -312,9 +312,17 @@ pub async fn invocations(
     infer(st, &name, rec, headers, body).await
 }
 
-/// Maps a body-extraction failure to a JSON error (413 for an oversized body).
+/// Maps a body-extraction failure to a JSON error (413 for an oversized
+/// body, 408 for one that took longer than `--body-read-timeout`).
 pub fn body_error(e: BytesRejection) -> ApiError {
     let status = e.status();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<crate::conn::BodyTimeout>() {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string());
+        }
+        cause = c.source();
+    }
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             status,

@@ -32,6 +32,14 @@ pub struct ServerConfig {
     pub log_dir: Option<PathBuf>,
     /// KV cache per model, in bytes.
     pub kv_cache_bytes: usize,
+    /// From a request's first byte to the end of its head.
+    pub header_read_timeout: Duration,
+    /// From the end of a request's head to the end of its body.
+    pub body_read_timeout: Duration,
+    /// How long a connection may stay open with no request and no bytes.
+    pub idle_timeout: Duration,
+    /// Most connections open at once (`None`: below the file-descriptor limit).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -47,17 +55,26 @@ impl Default for ServerConfig {
             grace_period: Duration::from_secs(30),
             log_dir: None,
             kv_cache_bytes: 1 << 30,
+            header_read_timeout: crate::conn::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: crate::conn::DEFAULT_BODY_READ_TIMEOUT,
+            idle_timeout: crate::conn::DEFAULT_IDLE_TIMEOUT,
+            max_connections: None,
         }
     }
 }
 
 /// What handlers share.
 pub struct AppState {
+    /// The configuration the server started with.
     pub config: ServerConfig,
+    /// The registered models.
     pub registry: Registry,
+    /// Per-route request counters and latencies.
     pub http: HttpMetrics,
+    /// `access.log`, when a log directory is set.
     pub access_log: Option<AccessLog>,
     /// Set on SIGTERM: new inference requests get 503.
     pub shutting_down: AtomicBool,
+    /// When the server started.
     pub started: Instant,
 }

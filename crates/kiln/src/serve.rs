@@ -48,6 +48,29 @@ pub struct Args {
     /// KV cache per model, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mib: usize,
+    /// Seconds from a request's first byte to the end of its headers before
+    /// the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+    /// Seconds from the end of a request's headers to the end of its body
+    /// before the request fails with 408.
+    #[arg(long, default_value_t = 60.0)]
+    pub body_read_timeout: f64,
+    /// Seconds a connection may stay open with no request in progress and
+    /// nothing sent (keep-alive idle timeout).
+    #[arg(long, default_value_t = 60.0)]
+    pub idle_timeout: f64,
+    /// Most client connections open at once; over it the longest-idle one is
+    /// closed (default: the open-file limit less 128).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+}
+
+fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{flag} {s}: expected a positive number of seconds"))
 }
 
 /// The server configuration these arguments describe.
@@ -86,6 +109,13 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         grace_period: Duration::from_secs(args.grace_period),
         log_dir,
         kv_cache_bytes: args.kv_cache_mib << 20,
+        header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
+        body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
+        idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        max_connections: match args.max_connections {
+            Some(0) => anyhow::bail!("--max-connections must be at least 1"),
+            n => n,
+        },
     })
 }
 
