@@ -153,6 +153,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
     let st = Arc::new(AppState {
         registry: Registry::new(EngineDefaults {
             kv_cache_bytes: config.kv_cache_bytes,
+            job_queue_size: config.job_queue_size,
         }),
         http: prom::HttpMetrics::default(),
         access_log,
@@ -185,9 +186,14 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         })?;
         models.push(("default".into(), path.display().to_string()));
     }
+    // One model that cannot be registered (an invalid serving.properties, a
+    // missing path) is reported as failed; the others serve, as in DJL.
     for (name, url) in models {
         if let Err(e) = st.registry.register(&name, &url, Overrides::default()) {
-            anyhow::bail!("model '{name}' ({url}): {}", e.message);
+            tracing::error!(model = %name, "cannot serve '{name}' ({url}): {}", e.message);
+            st.registry
+                .register_failed(&name, &url, &e.message)
+                .map_err(|e| anyhow::anyhow!("model '{name}' ({url}): {}", e.message))?;
         }
     }
     Ok(st)

@@ -33,6 +33,8 @@ use crate::state::AppState;
 const MAX_NEW_TOKENS: u64 = 1 << 20;
 /// Most prompts in one batch request.
 const MAX_BATCH: usize = 256;
+/// Most stop sequences one request may give (as the OpenAI routes allow).
+const MAX_STOP_SEQUENCES: usize = 16;
 
 /// A parsed inference request.
 #[derive(Debug, Clone)]
@@ -53,8 +55,17 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiE
     if text.trim().is_empty() {
         return Err(ApiError::bad_request("the request body is empty"));
     }
-    let is_json = content_type.is_some_and(|c| c.starts_with("application/json"))
-        || matches!(text.trim_start().chars().next(), Some('{' | '[' | '"'));
+    // A declared type decides; without one (or with another), a body that
+    // looks like JSON is read as JSON. `text/plain` is always a prompt, even
+    // one that starts with `[` or `"` (`[INST] …`, a quotation).
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase());
+    let is_json = match media.as_deref() {
+        Some("application/json") => true,
+        Some("text/plain") => false,
+        _ => matches!(text.trim_start().chars().next(), Some('{' | '[' | '"')),
+    };
     if !is_json {
         // A plain-text body is one prompt with default parameters.
         return Ok(LmiRequest {
@@ -222,6 +233,12 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
     };
     let mut stop_strings = f.strings("stop_sequences")?;
     stop_strings.extend(f.strings("stop")?);
+    if stop_strings.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::bad_request(format!(
+            "'parameters.stop_sequences' takes at most {MAX_STOP_SEQUENCES} sequences, got {}",
+            stop_strings.len()
+        )));
+    }
     Ok(GenParams {
         max_new_tokens,
         sampling,
@@ -538,6 +555,39 @@ mod tests {
         assert_eq!(
             r.params.sampling.temperature, 0.0,
             "greedy unless do_sample"
+        );
+    }
+
+    #[test]
+    fn text_plain_is_a_prompt_whatever_its_first_character() {
+        for body in ["[INST] Hello [/INST]", "\"Quoted,\" she said", "{not json"] {
+            for ct in ["text/plain", "text/plain; charset=utf-8", "Text/Plain"] {
+                let r = parse(Some(ct), body.as_bytes()).unwrap();
+                assert_eq!(r.inputs, vec![body.to_string()], "{ct}");
+            }
+        }
+        // Undeclared JSON is still JSON.
+        let r = parse(None, br#"["a", "b"]"#).unwrap();
+        assert_eq!(r.inputs.len(), 2);
+        let r = parse(Some("application/json; charset=utf-8"), br#""x""#).unwrap();
+        assert_eq!(r.inputs, vec!["x".to_string()]);
+    }
+
+    /// Like the OpenAI routes, at most 16 stop sequences.
+    #[test]
+    fn stop_sequences_are_capped() {
+        let stops: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+        let body = serde_json::json!({"inputs": "x", "parameters": {"stop_sequences": stops}});
+        assert!(bad(&body.to_string()).contains("at most 16"));
+        let body =
+            serde_json::json!({"inputs": "x", "parameters": {"stop_sequences": &stops[..16]}});
+        assert_eq!(
+            parse(None, body.to_string().as_bytes())
+                .unwrap()
+                .params
+                .stop_strings
+                .len(),
+            16
         );
     }
 

@@ -15,10 +15,14 @@ use crate::error::ApiError;
 use crate::registry::{ModelEntry, ModelState, Overrides};
 use crate::state::AppState;
 
-/// `GET /ping`: 200 when every model is ready, 503 naming the ones still
-/// loading, 500 naming the ones that failed.
+/// `GET /ping`, the health check:
+/// - 503 (`Loading`, naming them) while any model is still loading;
+/// - 500 (`Unhealthy`) when models are registered and every one has failed;
+/// - otherwise 200 (`Healthy`): a model that failed to load is reported under
+///   `failed` but does not take the working ones out of service.
 pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
     let mut loading = Vec::new();
+    let mut ready = 0;
     let mut failed = serde_json::Map::new();
     for m in st.registry.all() {
         match m.state() {
@@ -26,18 +30,25 @@ pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
             ModelState::Failed(msg) => {
                 failed.insert(m.name.clone(), Value::String(msg));
             }
-            ModelState::Ready(_) => {}
+            ModelState::Ready(_) => ready += 1,
         }
     }
-    if !failed.is_empty() {
-        let body = json!({"status": "Unhealthy", "failed": failed, "loading": loading});
-        return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
-    }
     if !loading.is_empty() {
-        let body = json!({"status": "Loading", "loading": loading});
+        let mut body = json!({"status": "Loading", "loading": loading});
+        if !failed.is_empty() {
+            body["failed"] = Value::Object(failed);
+        }
         return ApiResponse::unavailable(body);
     }
-    Json(json!({"status": "Healthy"})).into_response()
+    if ready == 0 && !failed.is_empty() {
+        let body = json!({"status": "Unhealthy", "failed": failed});
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+    }
+    let mut body = json!({"status": "Healthy"});
+    if !failed.is_empty() {
+        body["failed"] = Value::Object(failed);
+    }
+    Json(body).into_response()
 }
 
 /// A 503 with `Retry-After`, for a body that is not an error message.

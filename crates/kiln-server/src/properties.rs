@@ -1222,6 +1222,20 @@ impl ModelProperties {
         Self::build(base_dir, None, raw, env).map(Some)
     }
 
+    /// The settings of a model given as a single file (no directory, so no
+    /// `serving.properties`): the environment forms (`SERVING_JOB_QUEUE_SIZE`,
+    /// `MAX_CONCURRENT_REQUESTS`, `OPTION_*`, …) and the defaults.
+    pub fn for_model_file(
+        model_file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ModelProperties, PropertiesError> {
+        let dir = match model_file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        Self::build(dir, None, Vec::new(), env)
+    }
+
     /// The value of `key` in the effective configuration.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.raw.get(key)

@@ -109,10 +109,13 @@ impl ModelEntry {
 }
 
 /// Server-wide defaults for engines.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineDefaults {
     /// KV cache per model, in bytes.
     pub kv_cache_bytes: usize,
+    /// `job_queue_size` of models that set none (in their `serving.properties`
+    /// or the environment): `kiln serve --job-queue-size`.
+    pub job_queue_size: Option<usize>,
 }
 
 /// Every registered model, by name.
@@ -188,7 +191,8 @@ impl Registry {
         let path = local_path(url)?;
         let meta = std::fs::metadata(&path)
             .map_err(|e| ApiError::bad_request(format!("model url '{url}': {e}")))?;
-        let properties = if meta.is_dir() {
+        let model_file = !meta.is_dir();
+        let properties = if !model_file {
             let mut p = ModelProperties::load(&path, &crate::properties::process_env)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             // However the directory was registered (model store, --models,
@@ -198,7 +202,13 @@ impl Registry {
             }
             Some(p)
         } else {
-            None
+            // A model file has no serving.properties, but the environment
+            // forms (SERVING_JOB_QUEUE_SIZE, MAX_CONCURRENT_REQUESTS, OPTION_*)
+            // still apply, as in DJL.
+            Some(
+                ModelProperties::for_model_file(&path, &crate::properties::process_env)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            )
         };
         if let Some(p) = &properties {
             for w in &p.warnings {
@@ -206,12 +216,12 @@ impl Registry {
             }
         }
         let model_path = match &properties {
-            Some(p) => p
+            Some(p) if !model_file => p
                 .resolve_local()
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
-            None => path.clone(),
+            _ => path.clone(),
         };
-        let settings = worker_settings(properties.as_ref(), &overrides)?;
+        let settings = worker_settings(properties.as_ref(), &overrides, &self.defaults)?;
         let (tx, _) = watch::channel(ModelState::Loading);
         let entry = Arc::new(ModelEntry {
             name: name.to_string(),
@@ -222,20 +232,45 @@ impl Registry {
             registered_at: SystemTime::now(),
             state: tx,
         });
-        {
-            let mut models = self.models.write().map_err(|_| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned")
-            })?;
-            if models.contains_key(name) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("model '{name}' is already registered"),
-                ));
-            }
-            models.insert(name.to_string(), entry.clone());
-        }
+        self.insert(entry.clone())?;
         self.spawn_loader(entry.clone());
         Ok(entry)
+    }
+
+    fn insert(&self, entry: Arc<ModelEntry>) -> Result<(), ApiError> {
+        let mut models = self.models.write().map_err(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned")
+        })?;
+        if models.contains_key(&entry.name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("model '{}' is already registered", entry.name),
+            ));
+        }
+        models.insert(entry.name.clone(), entry);
+        Ok(())
+    }
+
+    /// Records a model that could not even be registered (its
+    /// `serving.properties` is invalid, say) as failed, so that it is
+    /// reported (`GET /models`, `/ping`, 424 to its requests) while the other
+    /// models serve, as DJL does.
+    pub fn register_failed(&self, name: &str, url: &str, message: &str) -> Result<(), ApiError> {
+        let (tx, _) = watch::channel(ModelState::Failed(message.to_string()));
+        let entry = Arc::new(ModelEntry {
+            name: name.to_string(),
+            url: url.to_string(),
+            model_path: local_path(url).unwrap_or_default(),
+            properties: None,
+            settings: Mutex::new(worker_settings(
+                None,
+                &Overrides::default(),
+                &self.defaults,
+            )?),
+            registered_at: SystemTime::now(),
+            state: tx,
+        });
+        self.insert(entry)
     }
 
     fn spawn_loader(&self, entry: Arc<ModelEntry>) {
@@ -339,15 +374,25 @@ impl Registry {
 }
 
 /// The DJL worker settings from properties and registration overrides.
-fn worker_settings(p: Option<&ModelProperties>, o: &Overrides) -> Result<WorkerSettings, ApiError> {
+fn worker_settings(
+    p: Option<&ModelProperties>,
+    o: &Overrides,
+    defaults: &EngineDefaults,
+) -> Result<WorkerSettings, ApiError> {
     let d = ModelProperties::default();
     let p = p.unwrap_or(&d);
+    // Registration overrides, then the model's file or environment, then the
+    // server's flag, then DJL's default.
+    let queue = match (p.raw.get("job_queue_size"), defaults.job_queue_size) {
+        (None, Some(n)) => n,
+        _ => p.job_queue_size,
+    };
     let s = WorkerSettings {
         batch_size: o.batch_size.unwrap_or(p.batch_size),
         max_batch_delay_ms: o
             .max_batch_delay_ms
             .unwrap_or(p.max_batch_delay.as_millis() as u64),
-        job_queue_size: o.job_queue_size.unwrap_or(p.job_queue_size),
+        job_queue_size: o.job_queue_size.unwrap_or(queue),
         min_workers: o.min_workers.unwrap_or(p.min_workers),
         max_workers: o.max_workers.unwrap_or(p.max_workers),
     };

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Most connections open at once (`None`: below the file-descriptor limit).
     pub max_connections: Option<usize>,
+    /// `job_queue_size` of the models that set none themselves.
+    pub job_queue_size: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +61,7 @@ impl Default for ServerConfig {
             body_read_timeout: crate::conn::DEFAULT_BODY_READ_TIMEOUT,
             idle_timeout: crate::conn::DEFAULT_IDLE_TIMEOUT,
             max_connections: None,
+            job_queue_size: None,
         }
     }
 }

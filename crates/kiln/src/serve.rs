@@ -64,6 +64,11 @@ pub struct Args {
     /// closed (default: the open-file limit less 128).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Requests each model queues beyond its free batch slots, for models
+    /// whose serving.properties (or SERVING_JOB_QUEUE_SIZE /
+    /// MAX_CONCURRENT_REQUESTS) sets no `job_queue_size` (default 1000).
+    #[arg(long)]
+    pub job_queue_size: Option<usize>,
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -112,6 +117,10 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        job_queue_size: match args.job_queue_size {
+            Some(0) => anyhow::bail!("--job-queue-size must be at least 1"),
+            n => n,
+        },
         max_connections: match args.max_connections {
             Some(0) => anyhow::bail!("--max-connections must be at least 1"),
             n => n,
