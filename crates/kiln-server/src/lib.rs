@@ -8,13 +8,15 @@
 //! - [`registry`]: registered models, loading and unloading;
 //! - [`lmi`], [`openai`], [`management`]: the routes;
 //! - [`access`]: API keys, the access log, per-route counters; [`prom`]: metrics text;
-//! - [`conn`]: the accept loop, connection timeouts and the connection cap.
+//! - [`conn`]: the accept loop, connection timeouts and the connection cap;
+//! - [`cpu`]: tokenization and chat templates off the async threads.
 //!
 //! It does not compute: requests become engine submissions and engine
 //! events become response bytes.
 
 pub mod access;
 pub mod conn;
+pub mod cpu;
 pub mod error;
 pub mod generation;
 pub mod lmi;

@@ -378,11 +378,16 @@ async fn infer_inner(
         .and_then(|v| v.to_str().ok());
     let req = parse(content_type, &body)?;
     let engine = entry.engine()?;
-    let prompts: Vec<Vec<u32>> = req
-        .inputs
-        .iter()
-        .map(|t| generation::encode(&engine, t, true))
-        .collect::<Result<_, _>>()?;
+    let prompts: Vec<Vec<u32>> = {
+        let (engine, inputs) = (engine.clone(), req.inputs.clone());
+        crate::cpu::run(move || {
+            inputs
+                .iter()
+                .map(|t| generation::encode(&engine, t, true))
+                .collect::<Result<_, _>>()
+        })
+        .await?
+    };
     rec.add_tokens_in(prompts.iter().map(Vec::len).sum());
     let timeout = st.config.request_timeout;
     if req.stream {

@@ -292,7 +292,7 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     api: Api,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
+    let v = Arc::new(parse_body(body)?);
     let f = Fields::new(&v, "")?;
     let mut c = common(&f, if api == Api::Chat { 4096 } else { 16 })?;
     rec.set_model(&c.model);
@@ -305,9 +305,16 @@ async fn run(
         },
     };
     c.params.sampling.top_logprobs = top_logprobs.unwrap_or(0);
-    let (prompt, prompt_text) = match api {
-        Api::Completions => completion_prompt(&engine, &f)?,
-        Api::Chat => chat_prompt(&engine, &f)?,
+    let (prompt, prompt_text) = {
+        let (engine, v) = (engine.clone(), v.clone());
+        crate::cpu::run(move || {
+            let f = Fields::new(&v, "")?;
+            match api {
+                Api::Completions => completion_prompt(&engine, &f),
+                Api::Chat => chat_prompt(&engine, &f),
+            }
+        })
+        .await?
     };
     if !c.explicit_max_tokens {
         // Without max_tokens the answer may run to the end of the context, but

@@ -2329,3 +2329,58 @@ fn the_queue_size_of_file_models_comes_from_the_flag_or_the_environment() {
         assert_eq!(queue(&s, "m"), n, "{var}");
     }
 }
+
+#[test]
+fn ping_stays_fast_while_huge_prompts_are_tokenized() {
+    let s = Server::ready(Opts::args(&["--kv-cache-mib", "16"]));
+    let port = s.port;
+    // Four clients, each sending 3.9 MB prompts (refused as too long, after
+    // tokenizing them) one after the other.
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(3_900_000 / 45);
+    let body = json!({"inputs": prompt, "parameters": {"max_new_tokens": 1}}).to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (body, stop) = (body.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = support::request(
+                        port,
+                        "POST",
+                        "/predictions/default",
+                        &[("Content-Type", "application/json")],
+                        body.as_bytes(),
+                    );
+                    assert_eq!(r.status, 400, "{}", r.text());
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut times = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        let t = Instant::now();
+        assert_eq!(s.get("/ping").status, 200);
+        times.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let done: usize = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    times.sort();
+    let median = times[times.len() / 2];
+    let worst = times[times.len() - 1];
+    eprintln!(
+        "/ping under {done} huge prompts: median {median:?}, worst {worst:?} of {}",
+        times.len()
+    );
+    assert!(
+        done >= 4,
+        "the prompts were not being tokenized ({done} done)"
+    );
+    assert!(median < Duration::from_millis(50), "median {median:?}");
+    assert!(worst < Duration::from_millis(500), "worst {worst:?}");
+}
