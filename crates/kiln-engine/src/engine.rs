@@ -11,7 +11,7 @@
 //! blocks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -145,6 +145,8 @@ struct Shared {
     queued: Arc<AtomicUsize>,
     /// Requests submitted and not yet finished (running, queued or preempted).
     unfinished: Arc<AtomicUsize>,
+    /// Set by [`Engine::abort_all`].
+    abort: Arc<AtomicBool>,
     metrics: Arc<EngineMetrics>,
     info: EngineInfo,
     tokenizer: Arc<Tokenizer>,
@@ -215,6 +217,7 @@ impl Engine {
         let chat_template = model.chat_template.map(Arc::new);
         let queued = Arc::new(AtomicUsize::new(0));
         let unfinished = Arc::new(AtomicUsize::new(0));
+        let abort = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             backend,
@@ -234,6 +237,7 @@ impl Engine {
             metrics: metrics.clone(),
             queued: queued.clone(),
             unfinished: unfinished.clone(),
+            abort: abort.clone(),
             max_model_len,
         };
         let thread = std::thread::Builder::new()
@@ -248,6 +252,7 @@ impl Engine {
                 next_id: AtomicU64::new(1),
                 queued,
                 unfinished,
+                abort,
                 metrics,
                 info,
                 tokenizer,
@@ -347,6 +352,14 @@ impl Engine {
         Ok(RequestStream { rx })
     }
 
+    /// Ends every request now, running or queued, with reason `Error` and a
+    /// message saying the server stopped (so that streams get a last line
+    /// rather than a cut), and every request submitted after it too. For the
+    /// end of a shutdown's grace period.
+    pub fn abort_all(&self) {
+        self.shared.abort.store(true, Ordering::SeqCst);
+    }
+
     /// Stops accepting requests, lets the running and queued ones finish, and
     /// waits for the engine thread to exit.
     pub fn shutdown(&self) {
@@ -399,6 +412,7 @@ struct Worker<B: Backend> {
     metrics: Arc<EngineMetrics>,
     queued: Arc<AtomicUsize>,
     unfinished: Arc<AtomicUsize>,
+    abort: Arc<AtomicBool>,
     max_model_len: usize,
 }
 
@@ -462,8 +476,20 @@ impl<B: Backend> Worker<B> {
         self.active.insert(id, active);
     }
 
-    /// Drops requests whose client has gone and those past their deadline.
+    /// Drops requests whose client has gone and those past their deadline;
+    /// ends every request after [`Engine::abort_all`].
     fn reap(&mut self) {
+        if self.abort.load(Ordering::SeqCst) {
+            let ids: Vec<u64> = self.active.keys().copied().collect();
+            for id in ids {
+                self.finish(
+                    id,
+                    FinishReason::Error,
+                    Some("the server stopped before the request finished (its shutdown grace period is over)".into()),
+                );
+            }
+            return;
+        }
         let now = Instant::now();
         let mut done = Vec::new();
         for (&id, a) in &self.active {

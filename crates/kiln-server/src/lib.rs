@@ -44,6 +44,9 @@ use crate::error::ApiError;
 use crate::registry::{EngineDefaults, Overrides, Registry};
 pub use crate::state::{AppState, ServerConfig};
 
+/// How long, after the grace period, streams get to send their last line.
+const FINAL_LINES_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Log events with this target go to `serving.log` but not to stderr (where
 /// the same news is already printed in another form).
 pub const FILE_ONLY_LOG_TARGET: &str = "kiln_log_file_only";
@@ -258,12 +261,24 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
         }
     };
     let grace = st.config.grace_period;
+    let mut server = std::pin::pin!(server);
     tokio::select! {
-        () = server => {},
+        () = server.as_mut() => {},
         _ = async {
             stopped(stop_rx.clone()).await;
             tokio::time::sleep(grace).await;
-        } => tracing::warn!("the grace period of {grace:?} is over; exiting with requests still running"),
+        } => {
+            tracing::warn!("the grace period of {grace:?} is over; exiting with requests still running");
+            // Every request still running ends now with an error, so that its
+            // stream gets a last line (and `[DONE]`) instead of being cut; the
+            // connections get a moment to send it.
+            for m in st.registry.all() {
+                if let registry::ModelState::Ready(engine) = m.state() {
+                    engine.abort_all();
+                }
+            }
+            let _ = tokio::time::timeout(FINAL_LINES_TIME, server.as_mut()).await;
+        }
     }
     // The engines get what is left of the grace period (counted from the
     // signal) to finish, so the process exits within it.

@@ -2251,7 +2251,7 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
     let grace = 5;
     let s = Server::ready(Opts::args(&[
         "--kv-cache-mib",
-        "64",
+        "192",
         "--grace-period",
         &grace.to_string(),
     ]));
@@ -2264,19 +2264,34 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
         )
     };
     let (mut short, mut long) = (stream(20), stream(1400));
+    let mut chat = s.stream(
+        "/v1/chat/completions",
+        &[("Content-Type", "application/json")],
+        &json!({"model": "default", "stream": true, "max_tokens": 1400, "ignore_eos": true,
+            "messages": [{"role": "user", "content": "Count to one thousand."}]}),
+    );
     let first = short.next_json_line().expect("a first token");
     assert!(long.next_json_line().is_some());
+    assert!(chat.next_event().is_some());
     let t0 = Instant::now();
     s.signal("TERM");
     let (tokens, last) = read_lmi(&mut short, vec![first]);
     assert_eq!(tokens.len(), 20, "the short stream was cut short");
     assert_eq!(last["details"]["finish_reason"], "length");
-    // The long one is cut when the grace period ends, and the process exits 0 then.
-    let (long_lines, clean) = long.drain_lenient();
+    // The long ones end when the grace period ends, each with a last line
+    // saying so, and the process exits 0 then.
+    let (tokens, last) = read_lmi(&mut long, Vec::new());
+    assert!(tokens.len() < 1399, "{} tokens", tokens.len());
+    assert_eq!(last["details"]["finish_reason"], "error", "{last}");
     assert!(
-        !clean && long_lines < 1399,
-        "{long_lines} lines, clean end {clean}"
+        last["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("grace period")),
+        "{last}"
     );
+    let rest = chat.rest();
+    assert!(rest.contains("grace period"), "{rest}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
     let status = s
         .wait_exit(Duration::from_secs(grace + 10))
         .unwrap_or_else(|| panic!("did not exit:\n{}", s.stderr()));
