@@ -10,6 +10,7 @@ pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod default_model;
+pub mod files;
 pub mod fixtures;
 pub mod gguf;
 pub mod inspect;

@@ -80,11 +80,15 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
 impl Tokenizer {
     /// Loads `tokenizer.json`, with BOS/EOS from `tokenizer_config.json` when given.
     pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| ModelError::Format {
-                path: tokenizer_json.to_path_buf(),
-                msg: format!("cannot load tokenizer: {e}"),
-            })?;
+        let bytes = crate::files::read_bounded(
+            tokenizer_json,
+            crate::files::MAX_TOKENIZER_BYTES,
+            "a tokenizer.json",
+        )?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Format {
+            path: tokenizer_json.to_path_buf(),
+            msg: format!("cannot load tokenizer: {e}"),
+        })?;
         let mut tok = Self {
             inner,
             bos_id: None,

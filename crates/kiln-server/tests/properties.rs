@@ -871,3 +871,16 @@ fn model_id_from_option_env_names_the_variable_in_the_hint() {
          OPTION_MODEL_ID to its path"
     );
 }
+
+#[test]
+fn an_oversized_properties_file_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(dir.path().join("serving.properties")).unwrap();
+    f.set_len(2 << 30).unwrap();
+    let e = ModelProperties::load(dir.path(), &no_env).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("serving.properties") && msg.contains("1048576-byte limit"),
+        "{msg}"
+    );
+}
