@@ -18,7 +18,9 @@
 //!
 //! Bodies declared larger than the request limit are refused with a 413
 //! before any of them is read, so `Expect: 100-continue` gets the 413 and
-//! never `100 Continue`.
+//! never `100 Continue`. The answers hyper writes itself to requests it
+//! cannot parse (400, 414, 431, with empty bodies) get a JSON body like every
+//! other error.
 //!
 //! It does not route or parse requests beyond their head: that is axum's.
 
@@ -44,6 +46,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use crate::error::ApiError;
+use crate::management::Listener;
 
 /// Limits on connections (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,6 +277,7 @@ impl Connections {
 /// connection to finish its request and close. Returns when it stops accepting.
 pub async fn accept_loop(
     listener: TcpListener,
+    kind: Listener,
     app: Router,
     conns: Arc<Connections>,
     mut stop: watch::Receiver<Option<Instant>>,
@@ -294,6 +298,7 @@ pub async fn accept_loop(
                 tokio::spawn(serve_connection(
                     tcp,
                     peer,
+                    kind,
                     app.clone(),
                     conns.clone(),
                     stop.clone(),
@@ -333,6 +338,7 @@ async fn refuse(mut tcp: TcpStream) {
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    kind: Listener,
     app: Router,
     conns: Arc<Connections>,
     mut stop: watch::Receiver<Option<Instant>>,
@@ -342,12 +348,13 @@ async fn serve_connection(
         inner: tcp,
         state: state.clone(),
         conns: conns.clone(),
+        pending: Vec::new(),
     });
     let svc = {
         let state = state.clone();
         let conns = conns.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
-            handle(req, peer, app.clone(), state.clone(), conns.clone())
+            handle(req, peer, kind, app.clone(), state.clone(), conns.clone())
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -393,6 +400,7 @@ async fn serve_connection(
 async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
+    kind: Listener,
     app: Router,
     state: Arc<ConnState>,
     conns: Arc<Connections>,
@@ -436,6 +444,7 @@ async fn handle(
         })
     });
     req.extensions_mut().insert(ConnectInfo(peer));
+    req.extensions_mut().insert(kind);
     let mut app = app;
     let resp = match tower_service::Service::call(&mut app, req).await {
         Ok(r) => r,
@@ -537,11 +546,62 @@ impl http_body::Body for TimedBody {
     }
 }
 
-/// The socket, noting when the first byte of a request head arrives.
+/// The socket, noting when the first byte of a request head arrives, and
+/// giving hyper's own error answers a JSON body.
 struct TrackedIo {
     inner: TcpStream,
     state: Arc<ConnState>,
     conns: Arc<Connections>,
+    /// Bytes accepted from hyper and not yet written (a rewritten answer).
+    pending: Vec<u8>,
+}
+
+impl TrackedIo {
+    /// Writes what is pending; ready when nothing is.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.pending.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.pending) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.pending.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// hyper's automatic answer to an unparsable request (a bodiless 400, 414 or
+/// 431), rewritten with a JSON error body; `None` for anything else.
+fn json_parse_error(buf: &[u8]) -> Option<Vec<u8>> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    if head_end != buf.len() {
+        return None;
+    }
+    let head = std::str::from_utf8(buf).ok()?.to_ascii_lowercase();
+    let status: u16 = head.strip_prefix("http/1.1 ")?.get(..3)?.parse().ok()?;
+    let message = match status {
+        400 => "the request is not valid HTTP/1.1",
+        414 => "the request's URI is too long",
+        431 => "the request's headers are too large",
+        _ => return None,
+    };
+    if !head.contains("\r\ncontent-length: 0\r\n") || head.contains("\r\ncontent-type:") {
+        return None;
+    }
+    let status = StatusCode::from_u16(status).ok()?;
+    let body = ApiError::new(status, message).body().to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )
 }
 
 impl AsyncRead for TrackedIo {
@@ -570,33 +630,52 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.drain(cx))?;
+        if self.state.active.load(Ordering::SeqCst) == 0 {
+            if let Some(answer) = json_parse_error(buf) {
+                self.pending = answer;
+                // Taken whole; what the socket does not take now is written
+                // by the next write, flush or shutdown.
+                let _ = self.drain(cx)?;
+                return Poll::Ready(Ok(buf.len()));
+            }
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hyper_parse_errors_get_json_bodies_and_nothing_else_is_touched() {
+        let a = json_parse_error(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+        )
+        .unwrap();
+        let text = String::from_utf8(a).unwrap();
+        assert!(text.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+        assert!(text.ends_with(r#"{"error":"the request's headers are too large","code":431}"#));
+        for other in [
+            &b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 400 Bad Request\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            assert!(json_parse_error(other).is_none(), "{other:?}");
+        }
+    }
 
     #[test]
     fn the_default_cap_stays_below_the_fd_limit() {

@@ -78,6 +78,10 @@ pub fn router(st: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(st.config.max_request_bytes))
         .layer(middleware::from_fn_with_state(
             st.clone(),
+            management::guard,
+        ))
+        .layer(middleware::from_fn_with_state(
+            st.clone(),
             refuse_when_stopping,
         ))
         .layer(middleware::from_fn_with_state(
@@ -164,6 +168,10 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         access_log,
         shutting_down: AtomicBool::new(false),
         started: Instant::now(),
+        model_urls: management::UrlPolicy::new(
+            config.model_url_pattern.as_deref(),
+            config.model_store.as_deref(),
+        )?,
         config,
     });
     let mut models = st.config.models.clone();
@@ -194,7 +202,12 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
     // One model that cannot be registered (an invalid serving.properties, a
     // missing path) is reported as failed; the others serve, as in DJL.
     for (name, url) in models {
-        if let Err(e) = st.registry.register(&name, &url, Overrides::default()) {
+        // The operator's own list may name the same weights twice.
+        let o = Overrides {
+            allow_duplicate: true,
+            ..Overrides::default()
+        };
+        if let Err(e) = st.registry.register(&name, &url, o) {
             tracing::error!(model = %name, "cannot serve '{name}' ({url}): {}", e.message);
             st.registry
                 .register_failed(&name, &url, &e.message)
@@ -251,12 +264,53 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
         limits.idle_timeout
     );
     let conns = Arc::new(conn::Connections::new(limits));
+    let app = router(st.clone());
+    let management = match st.config.management_bind {
+        Some(bind) => {
+            let l = tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {bind} (--management-address): {e}")
+            })?;
+            let addr = l.local_addr()?;
+            eprintln!("kiln: management API on http://{addr}");
+            if !addr.ip().is_loopback() && st.config.api_keys.is_empty() {
+                tracing::warn!(
+                    "the management API on {addr} is open to anyone who can reach it: it can load and unload models; consider --api-key"
+                );
+            }
+            Some(conn::accept_loop(
+                l,
+                management::Listener::Management,
+                app.clone(),
+                conns.clone(),
+                stop_rx.clone(),
+            ))
+        }
+        None => None,
+    };
+    if st.config.management_on_inference_port
+        && st.config.api_keys.is_empty()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(
+            "--management-on-inference-port on {addr} without --api-key: anyone who can reach it can load and unload models"
+        );
+    }
     let server = {
         let conns = conns.clone();
-        let accept =
-            conn::accept_loop(listener, router(st.clone()), conns.clone(), stop_rx.clone());
+        let accept = conn::accept_loop(
+            listener,
+            management::Listener::Inference,
+            app,
+            conns.clone(),
+            stop_rx.clone(),
+        );
         async move {
-            accept.await;
+            match management {
+                Some(m) => {
+                    tokio::join!(accept, m);
+                }
+                None => accept.await,
+            }
             conns.all_closed().await;
         }
     };

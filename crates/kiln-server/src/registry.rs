@@ -132,6 +132,9 @@ pub struct Overrides {
     pub job_queue_size: Option<usize>,
     pub min_workers: Option<usize>,
     pub max_workers: Option<usize>,
+    /// Register even when another model serves the same weights (each copy
+    /// costs its memory again).
+    pub allow_duplicate: bool,
 }
 
 /// Whether a model name can be used in URLs as is.
@@ -221,6 +224,17 @@ impl Registry {
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
             _ => path.clone(),
         };
+        if !overrides.allow_duplicate {
+            if let Some(other) = self.serving(&model_path) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "model url '{url}' is already served as model '{other}'; add \
+                         allow_duplicate=true to load it again under another name"
+                    ),
+                ));
+            }
+        }
         let settings = worker_settings(properties.as_ref(), &overrides, &self.defaults)?;
         let (tx, _) = watch::channel(ModelState::Loading);
         let entry = Arc::new(ModelEntry {
@@ -235,6 +249,16 @@ impl Registry {
         self.insert(entry.clone())?;
         self.spawn_loader(entry.clone());
         Ok(entry)
+    }
+
+    /// The model that already serves the weights at `model_path`, if any.
+    fn serving(&self, model_path: &Path) -> Option<String> {
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let wanted = real(model_path);
+        self.all()
+            .into_iter()
+            .find(|m| !matches!(m.state(), ModelState::Failed(_)) && real(&m.model_path) == wanted)
+            .map(|m| m.name.clone())
     }
 
     fn insert(&self, entry: Arc<ModelEntry>) -> Result<(), ApiError> {

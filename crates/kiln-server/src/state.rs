@@ -42,6 +42,16 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// `job_queue_size` of the models that set none themselves.
     pub job_queue_size: Option<usize>,
+    /// A second listener for the management API (DJL's `management_address`),
+    /// where the routes that change what is served are always enabled.
+    pub management_bind: Option<SocketAddr>,
+    /// Serve the routes that change what is served on the inference address
+    /// too, without an API key (DJL's default; off in kiln).
+    pub management_on_inference_port: bool,
+    /// DJL's `model_url_pattern`: a regular expression that every
+    /// `POST /models?url=` must match whole. Unset: the url must be a path
+    /// inside the model store or kiln's cache.
+    pub model_url_pattern: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +72,9 @@ impl Default for ServerConfig {
             idle_timeout: crate::conn::DEFAULT_IDLE_TIMEOUT,
             max_connections: None,
             job_queue_size: None,
+            management_bind: None,
+            management_on_inference_port: false,
+            model_url_pattern: None,
         }
     }
 }
@@ -80,4 +93,6 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// When the server started.
     pub started: Instant,
+    /// Which model urls `POST /models` may register.
+    pub model_urls: crate::management::UrlPolicy,
 }

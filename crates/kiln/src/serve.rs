@@ -69,6 +69,20 @@ pub struct Args {
     /// MAX_CONCURRENT_REQUESTS) sets no `job_queue_size` (default 1000).
     #[arg(long)]
     pub job_queue_size: Option<usize>,
+    /// A second address (HOST:PORT) for the management API (DJL's
+    /// management_address), where loading and unloading models is enabled.
+    #[arg(long, env = "KILN_MANAGEMENT_ADDRESS")]
+    pub management_address: Option<SocketAddr>,
+    /// Enable loading and unloading models (POST /models, PUT and DELETE
+    /// /models/NAME) on the inference address without an API key, as DJL
+    /// does (warned about when that address is not loopback).
+    #[arg(long)]
+    pub management_on_inference_port: bool,
+    /// A regular expression that every `POST /models?url=` must match whole
+    /// (DJL's model_url_pattern); default: paths inside the model store or
+    /// kiln's cache. `.*` allows any.
+    #[arg(long)]
+    pub model_url_pattern: Option<String>,
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -117,6 +131,9 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        management_bind: args.management_address,
+        management_on_inference_port: args.management_on_inference_port,
+        model_url_pattern: args.model_url_pattern.clone(),
         job_queue_size: match args.job_queue_size {
             Some(0) => anyhow::bail!("--job-queue-size must be at least 1"),
             n => n,

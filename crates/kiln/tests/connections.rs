@@ -239,3 +239,41 @@ fn a_second_ctrl_c_exits_at_once() {
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     assert_eq!(st.code(), Some(130), "{}", s.stderr());
 }
+
+#[test]
+fn requests_hyper_cannot_parse_get_json_errors() {
+    let s = quick();
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    let huge_header = format!(
+        "GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(500_000)
+    );
+    let cases: [(&[u8], &str); 4] = [
+        (b"GARBAGE\r\n\r\n", "400"),
+        (b"GET /ping HTTP/1.1\r\nBad Header\r\n\r\n", "400"),
+        (long_uri.as_bytes(), "4"),
+        (huge_header.as_bytes(), "431"),
+    ];
+    for (raw, status) in cases {
+        let mut c = connect(s);
+        let _ = c.write_all(raw);
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        let shown: String = String::from_utf8_lossy(&raw[..raw.len().min(40)]).into();
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "{shown}: {text}"
+        );
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{shown}: {text}"
+        );
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{shown}: {e}: {text}"));
+        assert!(v["error"].is_string() && v["code"].is_u64(), "{v}");
+    }
+    assert_eq!(s.get("/ping").status, 200);
+}

@@ -24,13 +24,17 @@ use support::*;
 // Servers
 // ---------------------------------------------------------------------------
 
-/// The shared server: default flags (no key, no CORS), a log directory.
+/// The shared server: default flags (no key, no CORS), a log directory, and
+/// DJL's open management API (`--management-on-inference-port`, any url).
 fn shared() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| {
         let logs = tempdir("logs-");
         Server::ready(Opts {
             args: vec![
+                "--management-on-inference-port".into(),
+                "--model-url-pattern".into(),
+                ".*".into(),
                 "--kv-cache-mib".into(),
                 "128".into(),
                 "--log-dir".into(),
@@ -286,8 +290,15 @@ fn read_lmi(st: &mut Streaming, mut lines: Vec<Value>) -> (Vec<Value>, Value) {
     (tokens, last)
 }
 
+/// `POST /models?{query}`, allowing a second copy of weights already served
+/// (these tests register the default model under several names).
 fn register(s: &Server, query: &str) -> Response {
-    s.req("POST", &format!("/models?{query}"), &[], b"")
+    s.req(
+        "POST",
+        &format!("/models?{query}&allow_duplicate=true"),
+        &[],
+        b"",
+    )
 }
 
 fn url_escape(p: &Path) -> String {
@@ -1721,7 +1732,8 @@ fn api_key_is_required_on_every_route_but_ping() {
         ("PUT", "/models/default?max_worker=2".into(), vec![], 200),
         // (a url that does not exist: nothing is registered, which would
         // change what /ping and /invocations answer for the other tests)
-        ("POST", "/models?url=/nonexistent/model.gguf&model_name=auth_probe".into(), vec![], 400),
+        // (outside the model store and the cache: refused, whether it exists or not)
+        ("POST", "/models?url=/nonexistent/model.gguf&model_name=auth_probe".into(), vec![], 403),
         ("DELETE", "/models/no_such".into(), vec![], 404),
         ("GET", "/v1/models".into(), vec![], 200),
         ("POST", "/v1/completions".into(), br#"{"model": "default", "prompt": "Hi", "max_tokens": 2}"#.to_vec(), 200),
@@ -2176,7 +2188,11 @@ fn a_bad_serving_properties_fails_its_model_and_the_rest_serve() {
 
 #[test]
 fn ping_is_503_naming_models_that_are_still_loading() {
-    let s = Server::ready(Opts::args(&["--kv-cache-mib", "16"]));
+    let s = Server::ready(Opts::args(&[
+        "--kv-cache-mib",
+        "16",
+        "--management-on-inference-port",
+    ]));
     let file = url_escape(&model_file());
     let mut seen = false;
     for attempt in 0..5 {
@@ -2248,7 +2264,7 @@ fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
 
 #[test]
 fn sigterm_exits_0_when_the_grace_period_is_over() {
-    let grace = 5;
+    let grace = 8;
     let s = Server::ready(Opts::args(&[
         "--kv-cache-mib",
         "192",
@@ -2263,7 +2279,7 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
                 "parameters": {"max_new_tokens": n, "ignore_eos": true, "details": true}}),
         )
     };
-    let (mut short, mut long) = (stream(20), stream(1400));
+    let (mut short, mut long) = (stream(10), stream(1400));
     let mut chat = s.stream(
         "/v1/chat/completions",
         &[("Content-Type", "application/json")],
@@ -2276,7 +2292,7 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
     let t0 = Instant::now();
     s.signal("TERM");
     let (tokens, last) = read_lmi(&mut short, vec![first]);
-    assert_eq!(tokens.len(), 20, "the short stream was cut short");
+    assert_eq!(tokens.len(), 10, "the short stream was cut short");
     assert_eq!(last["details"]["finish_reason"], "length");
     // The long ones end when the grace period ends, each with a last line
     // saying so, and the process exits 0 then.
@@ -2302,7 +2318,7 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
         "exited {took:?} after SIGTERM with a grace period of {grace} s"
     );
     assert!(
-        s.stderr().contains("grace period of 5s is over"),
+        s.stderr().contains("grace period of 8s is over"),
         "{}",
         s.stderr()
     );
