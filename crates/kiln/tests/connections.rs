@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
+/// Options for a server run in a temporary directory (its default `logs/`
+/// lands there).
+fn in_tmp(args: &[&str]) -> Opts {
+    Opts {
+        cwd: Some(tempdir("cwd-")),
+        ..Opts::args(args)
+    }
+}
+
 fn empty_store() -> String {
     tempdir("empty-store-").display().to_string()
 }
@@ -36,6 +45,7 @@ fn quick() -> &'static Server {
                 "1000".into(),
             ],
             watchdog: true,
+            cwd: Some(tempdir("cwd-")),
             ..Opts::default()
         })
     })
@@ -143,7 +153,7 @@ fn expect_100_continue_over_the_limit_gets_413_and_no_100() {
 
 #[test]
 fn over_the_connection_cap_the_longest_idle_connection_is_shed() {
-    let s = Server::ready(Opts::args(&[
+    let s = Server::ready(in_tmp(&[
         "--model-store",
         &empty_store(),
         "--max-connections",
@@ -192,7 +202,7 @@ fn over_the_connection_cap_the_longest_idle_connection_is_shed() {
 
 #[test]
 fn sigterm_does_not_wait_for_a_half_sent_request() {
-    let s = Server::ready(Opts::args(&[
+    let s = Server::ready(in_tmp(&[
         "--model-store",
         &empty_store(),
         "--grace-period",
@@ -213,7 +223,7 @@ fn sigterm_does_not_wait_for_a_half_sent_request() {
 
 #[test]
 fn a_second_ctrl_c_exits_at_once() {
-    let s = Server::ready(Opts::args(&[
+    let s = Server::ready(in_tmp(&[
         "--model-store",
         &empty_store(),
         "--grace-period",

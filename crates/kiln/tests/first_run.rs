@@ -16,6 +16,7 @@ fn kiln(args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("KILN_PORT")
         .env_remove("KILN_HOST")
         .env_remove("KILN_MODEL")
+        .current_dir(tempdir("cwd-"))
         .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);

@@ -10,6 +10,15 @@ use std::time::Duration;
 
 use support::*;
 
+/// Options for a server run in a temporary directory (its default `logs/`
+/// lands there).
+fn in_tmp(args: &[&str]) -> Opts {
+    Opts {
+        cwd: Some(tempdir("cwd-")),
+        ..Opts::args(args)
+    }
+}
+
 fn empty_store() -> String {
     tempdir("mgmt-store-").display().to_string()
 }
@@ -44,7 +53,7 @@ fn message(r: &Response) -> String {
 
 #[test]
 fn changing_models_is_refused_by_default_and_reading_is_not() {
-    let s = Server::ready(Opts::args(&["--model-store", &empty_store()]));
+    let s = Server::ready(in_tmp(&["--model-store", &empty_store()]));
     let file = url_escape(&model_file().display().to_string());
     for (method, path) in [
         ("POST", format!("/models?url={file}&model_name=m")),
@@ -70,7 +79,7 @@ fn changing_models_is_refused_by_default_and_reading_is_not() {
 
 #[test]
 fn the_management_address_serves_them_and_checks_urls() {
-    let s = Server::ready(Opts::args(&[
+    let s = Server::ready(in_tmp(&[
         "--model-store",
         &empty_store(),
         "--management-address",
@@ -140,7 +149,7 @@ fn the_management_address_serves_them_and_checks_urls() {
 
 #[test]
 fn a_model_url_pattern_replaces_the_default_places() {
-    let s = Server::ready(Opts::args(&[
+    let s = Server::ready(in_tmp(&[
         "--model-store",
         &empty_store(),
         "--management-on-inference-port",
@@ -163,7 +172,7 @@ fn a_model_url_pattern_replaces_the_default_places() {
 
 #[test]
 fn open_management_on_a_public_address_is_warned_about() {
-    let s = Server::start(Opts::args(&[
+    let s = Server::start(in_tmp(&[
         "--model-store",
         &empty_store(),
         "--host",
