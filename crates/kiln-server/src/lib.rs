@@ -163,6 +163,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         registry: Registry::new(EngineDefaults {
             kv_cache_bytes: config.kv_cache_bytes,
             job_queue_size: config.job_queue_size,
+            memory_budget: config.memory_budget,
         }),
         http: prom::HttpMetrics::default(),
         access_log,

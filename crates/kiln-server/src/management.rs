@@ -359,6 +359,7 @@ pub async fn register(
         min_workers: query_usize(&q, "min_worker")?,
         max_workers: query_usize(&q, "max_worker")?,
         allow_duplicate: query_bool(&q, "allow_duplicate")?.unwrap_or(false),
+        check_memory: true,
     };
     let synchronous = query_bool(&q, "synchronous")?.unwrap_or(true);
     let entry = st.registry.register(&name, url, overrides)?;

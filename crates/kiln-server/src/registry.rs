@@ -116,6 +116,9 @@ pub struct EngineDefaults {
     /// `job_queue_size` of models that set none (in their `serving.properties`
     /// or the environment): `kiln serve --job-queue-size`.
     pub job_queue_size: Option<usize>,
+    /// Bytes that all models together (weights and KV caches) may take
+    /// (`--memory-budget-mib`); `None`: what the system has available.
+    pub memory_budget: Option<u64>,
 }
 
 /// Every registered model, by name.
@@ -135,6 +138,9 @@ pub struct Overrides {
     /// Register even when another model serves the same weights (each copy
     /// costs its memory again).
     pub allow_duplicate: bool,
+    /// Refuse (507) a model that does not fit the memory budget
+    /// (registrations through the management API).
+    pub check_memory: bool,
 }
 
 /// Whether a model name can be used in URLs as is.
@@ -235,6 +241,9 @@ impl Registry {
                 ));
             }
         }
+        if overrides.check_memory {
+            self.check_memory(name, &model_path)?;
+        }
         let settings = worker_settings(properties.as_ref(), &overrides, &self.defaults)?;
         let (tx, _) = watch::channel(ModelState::Loading);
         let entry = Arc::new(ModelEntry {
@@ -249,6 +258,46 @@ impl Registry {
         self.insert(entry.clone())?;
         self.spawn_loader(entry.clone());
         Ok(entry)
+    }
+
+    /// Refuses a model whose weights and KV cache do not fit: in what is left
+    /// of `--memory-budget-mib`, or else in the memory the system has available.
+    fn check_memory(&self, name: &str, model_path: &Path) -> Result<(), ApiError> {
+        let kv = self.defaults.kv_cache_bytes as u64;
+        let weights = weights_bytes(model_path);
+        let need = weights + kv;
+        let (left, what) = match self.defaults.memory_budget {
+            Some(budget) => {
+                let used: u64 = self
+                    .all()
+                    .iter()
+                    .filter(|m| !matches!(m.state(), ModelState::Failed(_)))
+                    .map(|m| weights_bytes(&m.model_path) + kv)
+                    .sum();
+                (
+                    budget.saturating_sub(used),
+                    "is left of the memory budget (--memory-budget-mib)",
+                )
+            }
+            None => match mem_available() {
+                Some(avail) => (avail, "of memory is available"),
+                None => return Ok(()),
+            },
+        };
+        if need <= left {
+            return Ok(());
+        }
+        let mib = |b: u64| b >> 20;
+        Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "model '{name}' needs about {} MiB ({} MiB of weights and a {} MiB KV cache), but only {} MiB {what}",
+                mib(need),
+                mib(weights),
+                mib(kv),
+                mib(left)
+            ),
+        ))
     }
 
     /// The model that already serves the weights at `model_path`, if any.
@@ -432,6 +481,41 @@ fn worker_settings(
         )));
     }
     Ok(s)
+}
+
+/// Bytes of the weight files at `path` (the file itself, or the weight files
+/// of a directory), which is what a model's memory map makes resident.
+pub fn weights_bytes(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return 0;
+    };
+    if meta.is_file() {
+        return meta.len();
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            [".gguf", ".safetensors", ".bin", ".pt", ".pth"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        })
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes, where there is one.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 /// A local path from a registration url (`/path`, `file:///path`); remote

@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// `job_queue_size` of the models that set none themselves.
     pub job_queue_size: Option<usize>,
+    /// Bytes all models together may take (weights and KV caches); checked
+    /// when `POST /models` registers one. `None`: the memory available.
+    pub memory_budget: Option<u64>,
     /// A second listener for the management API (DJL's `management_address`),
     /// where the routes that change what is served are always enabled.
     pub management_bind: Option<SocketAddr>,
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             idle_timeout: crate::conn::DEFAULT_IDLE_TIMEOUT,
             max_connections: None,
             job_queue_size: None,
+            memory_budget: None,
             management_bind: None,
             management_on_inference_port: false,
             model_url_pattern: None,

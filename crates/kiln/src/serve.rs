@@ -83,6 +83,11 @@ pub struct Args {
     /// kiln's cache. `.*` allows any.
     #[arg(long)]
     pub model_url_pattern: Option<String>,
+    /// MiB that all models together (weight files and KV caches) may take;
+    /// `POST /models` refuses (507) a model over it. Default: the memory
+    /// the system has available when the model is registered.
+    #[arg(long)]
+    pub memory_budget_mib: Option<u64>,
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -131,6 +136,7 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        memory_budget: args.memory_budget_mib.map(|m| m << 20),
         management_bind: args.management_address,
         management_on_inference_port: args.management_on_inference_port,
         model_url_pattern: args.model_url_pattern.clone(),

@@ -186,3 +186,55 @@ fn open_management_on_a_public_address_is_warned_about() {
     });
     assert!(warned.is_some(), "{}", s.stderr());
 }
+
+#[test]
+fn registering_checks_the_memory_budget_first() {
+    // The default model is 93.8 MiB; with a 16 MiB KV cache it needs 109 MiB.
+    let s = Server::ready(in_tmp(&[
+        "--model-store",
+        &empty_store(),
+        "--management-on-inference-port",
+        "--kv-cache-mib",
+        "16",
+        "--memory-budget-mib",
+        "100",
+    ]));
+    let file = url_escape(&model_file().display().to_string());
+    let r = s.req(
+        "POST",
+        &format!("/models?url={file}&model_name=m"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 507, "{}", r.text());
+    let msg = message(&r);
+    assert!(
+        msg.contains("109 MiB") && msg.contains("--memory-budget-mib"),
+        "{msg}"
+    );
+    assert_eq!(s.get("/models").json()["models"], serde_json::json!([]));
+    let s = Server::ready(in_tmp(&[
+        "--model-store",
+        &empty_store(),
+        "--management-on-inference-port",
+        "--kv-cache-mib",
+        "16",
+        "--memory-budget-mib",
+        "200",
+    ]));
+    let r = s.req(
+        "POST",
+        &format!("/models?url={file}&model_name=m"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A second copy would take the total to 219 MiB.
+    let r = s.req(
+        "POST",
+        &format!("/models?url={file}&model_name=m2&allow_duplicate=true"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 507, "{}", r.text());
+}
