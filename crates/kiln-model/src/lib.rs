@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod default_model;
 pub mod files;
 pub mod fixtures;
+pub mod fuzz;
 pub mod gguf;
 pub mod inspect;
 pub mod loader;

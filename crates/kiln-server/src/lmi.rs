@@ -630,4 +630,57 @@ mod tests {
             .message
             .contains("UTF-8"));
     }
+
+    const KEYS: &[&str] = &[
+        "inputs",
+        "parameters",
+        "stream",
+        "text",
+        "seq_length",
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+        "stop_sequences",
+        "details",
+        "return_full_text",
+        "top_n_tokens",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+    ];
+
+    /// Every LMI body, well-formed JSON of any shape or mutated bytes, is
+    /// parsed to a request or a 400, never a panic.
+    #[test]
+    fn lmi_bodies_never_panic() {
+        use kiln_model::fuzz::{cases, mutate, random_json, run_with};
+        let seeds = [
+            br#"{"inputs": "Hi", "parameters": {"max_new_tokens": 5, "do_sample": true, "temperature": 0.5, "stop_sequences": ["
+"]}}"#.to_vec(),
+            br#"{"text": ["a", "b"], "seq_length": 64}"#.to_vec(),
+            br#"["a", "b"]"#.to_vec(),
+        ];
+        for ct in [None, Some("application/json"), Some("text/plain")] {
+            run_with(
+                "lmi bodies",
+                cases(3000),
+                |rng, case| {
+                    if case % 2 == 0 {
+                        random_json(rng, KEYS, 4).to_string().into_bytes()
+                    } else {
+                        mutate(rng, &seeds[case % seeds.len()], 4096)
+                    }
+                },
+                |body| parse(ct, body).is_ok(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }

@@ -358,7 +358,19 @@ impl Registry {
             .name(format!("load-{}", entry.name))
             .spawn(move || {
                 let t0 = Instant::now();
-                let result = load_engine(&loader, &defaults);
+                // A panic while loading (a library's, on a malformed file)
+                // fails this model instead of leaving it loading forever.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    load_engine(&loader, &defaults)
+                }))
+                .unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    Err(format!("loading panicked: {what}"))
+                });
                 let state = match result {
                     Ok(engine) => {
                         tracing::info!(
