@@ -69,6 +69,10 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default keep-alive idle timeout.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request head (request line and headers); a larger one gets 431.
+/// Set, rather than left to hyper's read buffer, whose limit depends on how
+/// the bytes arrive.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
 /// File descriptors kept for everything but client connections (model
 /// files, logs, the listener, engine and loader threads' files).
 const FD_RESERVE: usize = 128;
@@ -295,9 +299,14 @@ pub async fn accept_loop(
                     continue;
                 }
                 let _ = tcp.set_nodelay(true);
+                // Counted before the next accept, so that a burst of
+                // connections cannot overshoot the cap while their tasks wait
+                // to start.
+                let slot = conns.insert();
                 tokio::spawn(serve_connection(
                     tcp,
                     peer,
+                    slot,
                     kind,
                     app.clone(),
                     conns.clone(),
@@ -335,15 +344,17 @@ async fn refuse(mut tcp: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(resp.as_bytes())).await;
 }
 
+/// Serves one connection; `slot` is its entry in the table (id, state).
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    slot: (u64, Arc<ConnState>),
     kind: Listener,
     app: Router,
     conns: Arc<Connections>,
     mut stop: watch::Receiver<Option<Instant>>,
 ) {
-    let (id, state) = conns.insert();
+    let (id, state) = slot;
     let io = TokioIo::new(TrackedIo {
         inner: tcp,
         state: state.clone(),
@@ -359,7 +370,10 @@ async fn serve_connection(
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Timeouts are ours (see `expired`), not hyper's.
-    builder.keep_alive(true).header_read_timeout(None);
+    builder
+        .keep_alive(true)
+        .header_read_timeout(None)
+        .max_header_size(MAX_HEADER_BYTES);
     let conn = builder.serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
     let mut graceful = false;

@@ -287,3 +287,33 @@ fn requests_hyper_cannot_parse_get_json_errors() {
     }
     assert_eq!(s.get("/ping").status, 200);
 }
+
+#[test]
+fn a_burst_of_connections_does_not_overshoot_the_cap() {
+    let s = Server::ready(in_tmp(&[
+        "--model-store",
+        &empty_store(),
+        "--max-connections",
+        "8",
+        "--idle-timeout",
+        "120",
+    ]));
+    // Connected as fast as the kernel allows: the server must not hold more
+    // than its cap (plus the few it is closing) once it has caught up.
+    let mut socks: Vec<TcpStream> = (0..200).map(|_| connect(&s)).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut open = 0;
+    for c in &mut socks {
+        c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 1];
+        if matches!(c.read(&mut b), Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+        {
+            open += 1;
+        }
+    }
+    assert!(
+        open <= 10,
+        "{open} of 200 connections still open with a cap of 8"
+    );
+    assert_eq!(s.get("/ping").status, 200);
+}
