@@ -11,7 +11,7 @@
 //! blocks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -48,7 +48,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Most tokens computed per step, bounding prefill chunks (`option.max_rolling_batch_prefill_tokens`).
     pub max_step_tokens: usize,
-    /// Most requests waiting to start (`job_queue_size`); more are refused.
+    /// Most requests waiting to start (`job_queue_size`) while the batch is
+    /// full; free batch slots take requests on top of it, so a burst on an
+    /// idle engine is refused only past `max_waiting + max_running`.
     pub max_waiting: usize,
     /// Tokens per KV block.
     pub block_size: usize,
@@ -141,6 +143,10 @@ struct Shared {
     next_id: AtomicU64,
     /// Requests submitted and not yet running.
     queued: Arc<AtomicUsize>,
+    /// Requests submitted and not yet finished (running, queued or preempted).
+    unfinished: Arc<AtomicUsize>,
+    /// Set by [`Engine::abort_all`].
+    abort: Arc<AtomicBool>,
     metrics: Arc<EngineMetrics>,
     info: EngineInfo,
     tokenizer: Arc<Tokenizer>,
@@ -210,6 +216,8 @@ impl Engine {
         let tokenizer = Arc::new(model.tokenizer);
         let chat_template = model.chat_template.map(Arc::new);
         let queued = Arc::new(AtomicUsize::new(0));
+        let unfinished = Arc::new(AtomicUsize::new(0));
+        let abort = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             backend,
@@ -228,6 +236,8 @@ impl Engine {
             eos_ids: model.eos_ids,
             metrics: metrics.clone(),
             queued: queued.clone(),
+            unfinished: unfinished.clone(),
+            abort: abort.clone(),
             max_model_len,
         };
         let thread = std::thread::Builder::new()
@@ -241,6 +251,8 @@ impl Engine {
                 tx: std::sync::Mutex::new(Some(tx)),
                 next_id: AtomicU64::new(1),
                 queued,
+                unfinished,
+                abort,
                 metrics,
                 info,
                 tokenizer,
@@ -310,12 +322,16 @@ impl Engine {
                 info.kv_tokens
             )));
         }
-        // Reserve a queue place before sending, so the bound holds under races.
-        let q = &self.shared.queued;
-        if q.fetch_add(1, Ordering::SeqCst) >= info.max_waiting {
-            let n = q.fetch_sub(1, Ordering::SeqCst) - 1;
-            return Err(SubmitError::QueueFull(n));
+        // Reserve a place before sending, so the bound holds under races:
+        // the queue's length plus the batch slots that are free, i.e. at most
+        // `max_waiting + max_running` requests unfinished.
+        let u = &self.shared.unfinished;
+        if u.fetch_add(1, Ordering::SeqCst) >= info.max_waiting + info.max_running {
+            u.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(self.queued()));
         }
+        let q = &self.shared.queued;
+        q.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = unbounded_channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let cmd = Command::Submit {
@@ -330,9 +346,18 @@ impl Engine {
         };
         if !sent {
             q.fetch_sub(1, Ordering::SeqCst);
+            u.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::Stopped);
         }
         Ok(RequestStream { rx })
+    }
+
+    /// Ends every request now, running or queued, with reason `Error` and a
+    /// message saying the server stopped (so that streams get a last line
+    /// rather than a cut), and every request submitted after it too. For the
+    /// end of a shutdown's grace period.
+    pub fn abort_all(&self) {
+        self.shared.abort.store(true, Ordering::SeqCst);
     }
 
     /// Stops accepting requests, lets the running and queued ones finish, and
@@ -386,6 +411,8 @@ struct Worker<B: Backend> {
     eos_ids: Vec<u32>,
     metrics: Arc<EngineMetrics>,
     queued: Arc<AtomicUsize>,
+    unfinished: Arc<AtomicUsize>,
+    abort: Arc<AtomicBool>,
     max_model_len: usize,
 }
 
@@ -449,8 +476,20 @@ impl<B: Backend> Worker<B> {
         self.active.insert(id, active);
     }
 
-    /// Drops requests whose client has gone and those past their deadline.
+    /// Drops requests whose client has gone and those past their deadline;
+    /// ends every request after [`Engine::abort_all`].
     fn reap(&mut self) {
+        if self.abort.load(Ordering::SeqCst) {
+            let ids: Vec<u64> = self.active.keys().copied().collect();
+            for id in ids {
+                self.finish(
+                    id,
+                    FinishReason::Error,
+                    Some("the server stopped before the request finished (its shutdown grace period is over)".into()),
+                );
+            }
+            return;
+        }
         let now = Instant::now();
         let mut done = Vec::new();
         for (&id, a) in &self.active {
@@ -502,6 +541,7 @@ impl<B: Backend> Worker<B> {
         if !a.started {
             self.queued.fetch_sub(1, Ordering::SeqCst);
         }
+        self.unfinished.fetch_sub(1, Ordering::SeqCst);
         let m = &self.metrics;
         m.requests_finished.fetch_add(1, Ordering::Relaxed);
         if reason == FinishReason::Error {

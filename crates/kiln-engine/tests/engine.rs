@@ -314,6 +314,36 @@ fn the_queue_bound_refuses_with_queue_full() {
 }
 
 #[test]
+fn a_burst_on_an_idle_engine_fills_free_batch_slots_before_the_queue() {
+    let e = engine(
+        tiny_model(),
+        EngineConfig {
+            max_running: 4,
+            max_waiting: 1,
+            ..EngineConfig::default()
+        },
+    );
+    // Four free batch slots and a queue of one: five at once are taken.
+    let streams: Vec<_> = (0..5)
+        .map(|i| e.submit(greedy(vec![1 + i], 50)).unwrap())
+        .collect();
+    assert!(matches!(
+        e.submit(greedy(vec![9], 5)),
+        Err(SubmitError::QueueFull(_))
+    ));
+    for s in streams {
+        assert_eq!(collect(s).ids.len(), 50);
+    }
+    // Everything finished: the whole allowance is back.
+    let again: Vec<_> = (0..5)
+        .map(|i| e.submit(greedy(vec![1 + i], 2)).unwrap())
+        .collect();
+    for s in again {
+        assert_eq!(collect(s).ids.len(), 2);
+    }
+}
+
+#[test]
 fn deadlines_and_length_limits_finish_requests_with_their_reason() {
     let e = engine(tiny_model(), EngineConfig::default());
     let mut r = greedy(vec![1, 2], 100_000);

@@ -272,8 +272,9 @@ impl DecoderConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_config(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let json: Json = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        let text =
+            crate::files::read_bounded(path, crate::files::MAX_CONFIG_BYTES, "a config.json")?;
+        let json: Json = serde_json::from_slice(&text).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
             msg: format!("not valid JSON: {e}"),
         })?;

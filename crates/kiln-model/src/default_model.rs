@@ -32,7 +32,8 @@ pub fn cache_dir() -> PathBuf {
 /// Path of the default model in the cache, checked to exist and be whole.
 pub fn default_model_path() -> Result<PathBuf> {
     let path = cache_dir().join("models").join(DEFAULT_MODEL_FILE);
-    let hint = "run scripts/fetch-assets.sh to download it, or name a model with --model";
+    // Which flag names another model depends on the command, so the caller adds that.
+    let hint = "run scripts/install.sh or scripts/fetch-assets.sh to download it";
     match std::fs::metadata(&path) {
         Ok(m) if m.len() == DEFAULT_MODEL_BYTES => Ok(path),
         Ok(m) => Err(ModelError::Format {

@@ -4,12 +4,10 @@ use std::path::{Path, PathBuf};
 /// the file (and tensor, where there is one) so the user knows what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The reason is part of the message and not also a `source()`, so that
+    /// a chain printed with `{:#}` names it once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     #[error("{path}: tensor '{tensor}': {msg}")]
@@ -31,10 +29,10 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, err: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         }
     }
 }

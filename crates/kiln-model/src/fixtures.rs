@@ -138,10 +138,7 @@ fn interleave_heads(t: &FixtureTensor, head_dim: usize) -> Vec<f32> {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |e| ModelError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    }
+    move |e| ModelError::io(path, e)
 }
 
 /// The fixture's vocabulary in byte-level spelling.

@@ -277,9 +277,12 @@ fn compile_template(src: &str, tok: &Tokenizer) -> Result<ChatTemplate> {
 fn hf_chat_template(dir: &Path, tok_cfg: Option<&Path>) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        return std::fs::read_to_string(&jinja)
-            .map(Some)
-            .map_err(|e| ModelError::io(&jinja, e));
+        return crate::files::read_text_bounded(
+            &jinja,
+            crate::files::MAX_TEMPLATE_BYTES,
+            "a chat template",
+        )
+        .map(Some);
     }
     let Some(path) = tok_cfg else { return Ok(None) };
     let json = read_json(path)?;
@@ -313,9 +316,12 @@ fn eos_token_ids(path: &Path) -> Result<Vec<u32>> {
     })
 }
 
+/// Reads a small JSON file of a model (a config), within
+/// [`crate::files::MAX_CONFIG_BYTES`].
 pub(crate) fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Format {
+    let text =
+        crate::files::read_bounded(path, crate::files::MAX_CONFIG_BYTES, "a JSON config file")?;
+    serde_json::from_slice(&text).map_err(|e| ModelError::Format {
         path: path.to_path_buf(),
         msg: format!("not valid JSON: {e}"),
     })

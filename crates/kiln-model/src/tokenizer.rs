@@ -77,14 +77,31 @@ fn tok_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer(e.to_string())
 }
 
+/// The message of a caught panic.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json`, with BOS/EOS from `tokenizer_config.json` when given.
     pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| ModelError::Format {
-                path: tokenizer_json.to_path_buf(),
-                msg: format!("cannot load tokenizer: {e}"),
-            })?;
+        let bytes = crate::files::read_bounded(
+            tokenizer_json,
+            crate::files::MAX_TOKENIZER_BYTES,
+            "a tokenizer.json",
+        )?;
+        let bad = |msg: String| ModelError::Format {
+            path: tokenizer_json.to_path_buf(),
+            msg: format!("cannot load tokenizer: {msg}"),
+        };
+        // The `tokenizers` crate panics on some malformed files (an `expect`
+        // in its decoder section, found by tests/fuzz.rs): an error here.
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+            .map_err(|p| bad(format!("the file is malformed ({})", panic_text(&*p))))?
+            .map_err(|e| bad(e.to_string()))?;
         let mut tok = Self {
             inner,
             bos_id: None,

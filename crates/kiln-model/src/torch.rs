@@ -1815,9 +1815,10 @@ fn shard_paths(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
         path: index_path.clone(),
         msg,
     };
-    let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+    let text =
+        crate::files::read_bounded(&index_path, crate::files::MAX_INDEX_BYTES, "a shard index")?;
     let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format_err(format!("not valid JSON: {e}")))?;
+        serde_json::from_slice(&text).map_err(|e| format_err(format!("not valid JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())

@@ -272,10 +272,13 @@ impl SafetensorsSource {
         let paths: Vec<PathBuf> = if single.exists() {
             vec![single]
         } else if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let text = crate::files::read_bounded(
+                &index_path,
+                crate::files::MAX_INDEX_BYTES,
+                "a shard index",
+            )?;
             let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Format {
+                serde_json::from_slice(&text).map_err(|e| ModelError::Format {
                     path: index_path.clone(),
                     msg: format!("not valid JSON: {e}"),
                 })?;

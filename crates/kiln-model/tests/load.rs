@@ -216,3 +216,19 @@ fn broken_hugging_face_directories_are_named() {
     let e = load_err(&dir.0);
     assert!(e.contains("no model here"), "{e}");
 }
+
+#[test]
+fn a_huge_config_json_is_refused_naming_the_limit() {
+    let dir = std::env::temp_dir().join(format!("kiln-huge-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.json");
+    // Sparse: 2 GB of nothing, which used to be read whole before failing.
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(2 << 30).unwrap();
+    let e = kiln_model::config::DecoderConfig::from_hf_config(&path).unwrap_err();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        e.to_string().contains("byte limit for a config.json"),
+        "{e}"
+    );
+}

@@ -168,8 +168,7 @@ pub async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     if token.is_some_and(|t| st.config.api_keys.iter().any(|k| k == t)) {
         return next.run(req).await;
     }
@@ -186,4 +185,27 @@ pub async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next
         axum::http::HeaderValue::from_static("Bearer"),
     );
     resp
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme name is
+/// case-insensitive (RFC 9110, section 11.1), so `bearer` and `BEARER` count.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer k", "bearer k", "BEARER k", "bEaReR   k  "] {
+            assert_eq!(bearer_token(v), Some("k"), "{v:?}");
+        }
+        for v in ["Basic k", "Bearerk", "k", "Bearer ", ""] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
+    }
 }

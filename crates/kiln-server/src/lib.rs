@@ -7,12 +7,16 @@
 //! - [`properties`] and [`store`]: the model store and its `serving.properties`;
 //! - [`registry`]: registered models, loading and unloading;
 //! - [`lmi`], [`openai`], [`management`]: the routes;
-//! - [`access`]: API keys, the access log, per-route counters; [`prom`]: metrics text.
+//! - [`access`]: API keys, the access log, per-route counters; [`prom`]: metrics text;
+//! - [`conn`]: the accept loop, connection timeouts and the connection cap;
+//! - [`cpu`]: tokenization and chat templates off the async threads.
 //!
 //! It does not compute: requests become engine submissions and engine
 //! events become response bytes.
 
 pub mod access;
+pub mod conn;
+pub mod cpu;
 pub mod error;
 pub mod generation;
 pub mod lmi;
@@ -25,21 +29,27 @@ pub mod registry;
 pub mod state;
 pub mod store;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{middleware, Router};
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::error::ApiError;
 use crate::registry::{EngineDefaults, Overrides, Registry};
 pub use crate::state::{AppState, ServerConfig};
+
+/// How long, after the grace period, streams get to send their last line.
+const FINAL_LINES_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Log events with this target go to `serving.log` but not to stderr (where
+/// the same news is already printed in another form).
+pub const FILE_ONLY_LOG_TARGET: &str = "kiln_log_file_only";
 
 /// Every route, with the middleware around them.
 pub fn router(st: Arc<AppState>) -> Router {
@@ -68,6 +78,10 @@ pub fn router(st: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(st.config.max_request_bytes))
         .layer(middleware::from_fn_with_state(
             st.clone(),
+            management::guard,
+        ))
+        .layer(middleware::from_fn_with_state(
+            st.clone(),
             refuse_when_stopping,
         ))
         .layer(middleware::from_fn_with_state(
@@ -94,9 +108,23 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-            .allow_headers(Any),
+            .allow_headers(CORS_ALLOW_HEADERS.map(HeaderName::from_static)),
     )
 }
+
+/// Request headers a browser may send cross-origin. Listed by name, because
+/// `access-control-allow-headers: *` does not cover `Authorization` (Fetch
+/// standard), which every client with an API key sends.
+pub const CORS_ALLOW_HEADERS: [&str; 8] = [
+    "authorization",
+    "content-type",
+    "accept",
+    "accept-language",
+    "content-language",
+    "openai-organization",
+    "openai-project",
+    "x-requested-with",
+];
 
 async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
     ApiError::new(
@@ -134,11 +162,17 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
     let st = Arc::new(AppState {
         registry: Registry::new(EngineDefaults {
             kv_cache_bytes: config.kv_cache_bytes,
+            job_queue_size: config.job_queue_size,
+            memory_budget: config.memory_budget,
         }),
         http: prom::HttpMetrics::default(),
         access_log,
         shutting_down: AtomicBool::new(false),
         started: Instant::now(),
+        model_urls: management::UrlPolicy::new(
+            config.model_url_pattern.as_deref(),
+            config.model_store.as_deref(),
+        )?,
         config,
     });
     let mut models = st.config.models.clone();
@@ -159,12 +193,26 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         }
     }
     if models.is_empty() && st.config.model_store.is_none() {
-        let path = kiln_model::default_model::default_model_path()?;
+        let path = kiln_model::default_model::default_model_path().map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; or serve other models with --models NAME=PATH or --model-store DIR"
+            )
+        })?;
         models.push(("default".into(), path.display().to_string()));
     }
+    // One model that cannot be registered (an invalid serving.properties, a
+    // missing path) is reported as failed; the others serve, as in DJL.
     for (name, url) in models {
-        if let Err(e) = st.registry.register(&name, &url, Overrides::default()) {
-            anyhow::bail!("model '{name}' ({url}): {}", e.message);
+        // The operator's own list may name the same weights twice.
+        let o = Overrides {
+            allow_duplicate: true,
+            ..Overrides::default()
+        };
+        if let Err(e) = st.registry.register(&name, &url, o) {
+            tracing::error!(model = %name, "cannot serve '{name}' ({url}): {}", e.message);
+            st.registry
+                .register_failed(&name, &url, &e.message)
+                .map_err(|e| anyhow::anyhow!("model '{name}' ({url}): {}", e.message))?;
         }
     }
     Ok(st)
@@ -173,10 +221,15 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
 /// Serves until SIGTERM or Ctrl-C, then stops accepting connections, lets
 /// in-flight requests finish within the grace period, and returns.
 pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(st.config.bind).await?;
+    let bind = st.config.bind;
+    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {bind}: {e} (choose another with --host / --port)")
+    })?;
     let addr = listener.local_addr()?;
-    tracing::info!("listening on http://{addr}");
+    // One line on stderr, in a fixed form that scripts wait for; the log file
+    // gets it too, through a target that the stderr log leaves out.
     eprintln!("kiln: listening on http://{addr}");
+    tracing::info!(target: FILE_ONLY_LOG_TARGET, "listening on http://{addr}");
     // Carries the moment the stop signal came.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Instant>);
     let flag = st.clone();
@@ -185,19 +238,102 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
         tracing::info!("shutting down: finishing in-flight requests");
         flag.shutting_down.store(true, Ordering::SeqCst);
         let _ = stop_tx.send(Some(Instant::now()));
+        // A second Ctrl-C does not wait for the grace period.
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("kiln: interrupted again: exiting now");
+            std::process::exit(130);
+        }
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<Option<Instant>>| async move {
         let _ = rx.wait_for(Option::is_some).await;
     };
-    let app = router(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let limits = conn::ConnLimits {
+        header_read_timeout: st.config.header_read_timeout,
+        body_read_timeout: st.config.body_read_timeout,
+        idle_timeout: st.config.idle_timeout,
+        max_connections: st
+            .config
+            .max_connections
+            .unwrap_or_else(conn::default_max_connections),
+        max_request_bytes: st.config.max_request_bytes,
+    };
+    tracing::info!(
+        "connections: at most {}, header timeout {:?}, body timeout {:?}, idle timeout {:?}",
+        limits.max_connections,
+        limits.header_read_timeout,
+        limits.body_read_timeout,
+        limits.idle_timeout
+    );
+    let conns = Arc::new(conn::Connections::new(limits));
+    let app = router(st.clone());
+    let management = match st.config.management_bind {
+        Some(bind) => {
+            let l = tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {bind} (--management-address): {e}")
+            })?;
+            let addr = l.local_addr()?;
+            eprintln!("kiln: management API on http://{addr}");
+            if !addr.ip().is_loopback() && st.config.api_keys.is_empty() {
+                tracing::warn!(
+                    "the management API on {addr} is open to anyone who can reach it: it can load and unload models; consider --api-key"
+                );
+            }
+            Some(conn::accept_loop(
+                l,
+                management::Listener::Management,
+                app.clone(),
+                conns.clone(),
+                stop_rx.clone(),
+            ))
+        }
+        None => None,
+    };
+    if st.config.management_on_inference_port
+        && st.config.api_keys.is_empty()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(
+            "--management-on-inference-port on {addr} without --api-key: anyone who can reach it can load and unload models"
+        );
+    }
+    let server = {
+        let conns = conns.clone();
+        let accept = conn::accept_loop(
+            listener,
+            management::Listener::Inference,
+            app,
+            conns.clone(),
+            stop_rx.clone(),
+        );
+        async move {
+            match management {
+                Some(m) => {
+                    tokio::join!(accept, m);
+                }
+                None => accept.await,
+            }
+            conns.all_closed().await;
+        }
+    };
     let grace = st.config.grace_period;
+    let mut server = std::pin::pin!(server);
     tokio::select! {
-        r = server => r?,
+        () = server.as_mut() => {},
         _ = async {
             stopped(stop_rx.clone()).await;
             tokio::time::sleep(grace).await;
-        } => tracing::warn!("the grace period of {grace:?} is over; exiting with requests still running"),
+        } => {
+            tracing::warn!("the grace period of {grace:?} is over; exiting with requests still running");
+            // Every request still running ends now with an error, so that its
+            // stream gets a last line (and `[DONE]`) instead of being cut; the
+            // connections get a moment to send it.
+            for m in st.registry.all() {
+                if let registry::ModelState::Ready(engine) = m.state() {
+                    engine.abort_all();
+                }
+            }
+            let _ = tokio::time::timeout(FINAL_LINES_TIME, server.as_mut()).await;
+        }
     }
     // The engines get what is left of the grace period (counted from the
     // signal) to finish, so the process exits within it.

@@ -33,6 +33,8 @@ use crate::state::AppState;
 const MAX_NEW_TOKENS: u64 = 1 << 20;
 /// Most prompts in one batch request.
 const MAX_BATCH: usize = 256;
+/// Most stop sequences one request may give (as the OpenAI routes allow).
+const MAX_STOP_SEQUENCES: usize = 16;
 
 /// A parsed inference request.
 #[derive(Debug, Clone)]
@@ -53,8 +55,17 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiE
     if text.trim().is_empty() {
         return Err(ApiError::bad_request("the request body is empty"));
     }
-    let is_json = content_type.is_some_and(|c| c.starts_with("application/json"))
-        || matches!(text.trim_start().chars().next(), Some('{' | '[' | '"'));
+    // A declared type decides; without one (or with another), a body that
+    // looks like JSON is read as JSON. `text/plain` is always a prompt, even
+    // one that starts with `[` or `"` (`[INST] …`, a quotation).
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase());
+    let is_json = match media.as_deref() {
+        Some("application/json") => true,
+        Some("text/plain") => false,
+        _ => matches!(text.trim_start().chars().next(), Some('{' | '[' | '"')),
+    };
     if !is_json {
         // A plain-text body is one prompt with default parameters.
         return Ok(LmiRequest {
@@ -222,6 +233,12 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
     };
     let mut stop_strings = f.strings("stop_sequences")?;
     stop_strings.extend(f.strings("stop")?);
+    if stop_strings.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::bad_request(format!(
+            "'parameters.stop_sequences' takes at most {MAX_STOP_SEQUENCES} sequences, got {}",
+            stop_strings.len()
+        )));
+    }
     Ok(GenParams {
         max_new_tokens,
         sampling,
@@ -312,9 +329,17 @@ pub async fn invocations(
     infer(st, &name, rec, headers, body).await
 }
 
-/// Maps a body-extraction failure to a JSON error (413 for an oversized body).
+/// Maps a body-extraction failure to a JSON error (413 for an oversized
+/// body, 408 for one that took longer than `--body-read-timeout`).
 pub fn body_error(e: BytesRejection) -> ApiError {
     let status = e.status();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<crate::conn::BodyTimeout>() {
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string());
+        }
+        cause = c.source();
+    }
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             status,
@@ -353,11 +378,16 @@ async fn infer_inner(
         .and_then(|v| v.to_str().ok());
     let req = parse(content_type, &body)?;
     let engine = entry.engine()?;
-    let prompts: Vec<Vec<u32>> = req
-        .inputs
-        .iter()
-        .map(|t| generation::encode(&engine, t, true))
-        .collect::<Result<_, _>>()?;
+    let prompts: Vec<Vec<u32>> = {
+        let (engine, inputs) = (engine.clone(), req.inputs.clone());
+        crate::cpu::run(move || {
+            inputs
+                .iter()
+                .map(|t| generation::encode(&engine, t, true))
+                .collect::<Result<_, _>>()
+        })
+        .await?
+    };
     rec.add_tokens_in(prompts.iter().map(Vec::len).sum());
     let timeout = st.config.request_timeout;
     if req.stream {
@@ -534,6 +564,39 @@ mod tests {
     }
 
     #[test]
+    fn text_plain_is_a_prompt_whatever_its_first_character() {
+        for body in ["[INST] Hello [/INST]", "\"Quoted,\" she said", "{not json"] {
+            for ct in ["text/plain", "text/plain; charset=utf-8", "Text/Plain"] {
+                let r = parse(Some(ct), body.as_bytes()).unwrap();
+                assert_eq!(r.inputs, vec![body.to_string()], "{ct}");
+            }
+        }
+        // Undeclared JSON is still JSON.
+        let r = parse(None, br#"["a", "b"]"#).unwrap();
+        assert_eq!(r.inputs.len(), 2);
+        let r = parse(Some("application/json; charset=utf-8"), br#""x""#).unwrap();
+        assert_eq!(r.inputs, vec!["x".to_string()]);
+    }
+
+    /// Like the OpenAI routes, at most 16 stop sequences.
+    #[test]
+    fn stop_sequences_are_capped() {
+        let stops: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+        let body = serde_json::json!({"inputs": "x", "parameters": {"stop_sequences": stops}});
+        assert!(bad(&body.to_string()).contains("at most 16"));
+        let body =
+            serde_json::json!({"inputs": "x", "parameters": {"stop_sequences": &stops[..16]}});
+        assert_eq!(
+            parse(None, body.to_string().as_bytes())
+                .unwrap()
+                .params
+                .stop_strings
+                .len(),
+            16
+        );
+    }
+
+    #[test]
     fn malformed_bodies_name_the_problem() {
         assert!(bad("{not json").contains("invalid JSON"));
         assert!(bad(r#"{"inputs": 5}"#).contains("'inputs'"));
@@ -566,5 +629,58 @@ mod tests {
             .unwrap_err()
             .message
             .contains("UTF-8"));
+    }
+
+    const KEYS: &[&str] = &[
+        "inputs",
+        "parameters",
+        "stream",
+        "text",
+        "seq_length",
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "seed",
+        "stop_sequences",
+        "details",
+        "return_full_text",
+        "top_n_tokens",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+    ];
+
+    /// Every LMI body, well-formed JSON of any shape or mutated bytes, is
+    /// parsed to a request or a 400, never a panic.
+    #[test]
+    fn lmi_bodies_never_panic() {
+        use kiln_model::fuzz::{cases, mutate, random_json, run_with};
+        let seeds = [
+            br#"{"inputs": "Hi", "parameters": {"max_new_tokens": 5, "do_sample": true, "temperature": 0.5, "stop_sequences": ["
+"]}}"#.to_vec(),
+            br#"{"text": ["a", "b"], "seq_length": 64}"#.to_vec(),
+            br#"["a", "b"]"#.to_vec(),
+        ];
+        for ct in [None, Some("application/json"), Some("text/plain")] {
+            run_with(
+                "lmi bodies",
+                cases(3000),
+                |rng, case| {
+                    if case % 2 == 0 {
+                        random_json(rng, KEYS, 4).to_string().into_bytes()
+                    } else {
+                        mutate(rng, &seeds[case % seeds.len()], 4096)
+                    }
+                },
+                |body| parse(ct, body).is_ok(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 }

@@ -1,8 +1,21 @@
 //! Health, metrics and the DJL management API: `GET /ping`,
 //! `GET /server/metrics`, `GET /models`, `GET /models/{name}`,
 //! `POST /models?url=…`, `PUT /models/{name}`, `DELETE /models/{name}`.
+//!
+//! # Safe by default
+//!
+//! The read-only routes are served wherever DJL serves them. The routes that
+//! change what is served (`POST /models`, `PUT` and `DELETE /models/{name}`)
+//! are served only where enabled: on the `--management-address` listener, on
+//! the inference address when an API key is required there, or with
+//! `--management-on-inference-port`; elsewhere they answer 403 naming these
+//! options, and always 403 to a browser page from an origin that CORS does
+//! not allow. `POST /models?url=` takes only urls that `--model-url-pattern`
+//! matches, or by default paths inside the model store or kiln's cache;
+//! a refusal says nothing about what exists outside them.
 
 use std::collections::HashMap;
+use std::path::{Component, Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -15,10 +28,156 @@ use crate::error::ApiError;
 use crate::registry::{ModelEntry, ModelState, Overrides};
 use crate::state::AppState;
 
-/// `GET /ping`: 200 when every model is ready, 503 naming the ones still
-/// loading, 500 naming the ones that failed.
+/// Which listener a request came in on (set per connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The inference address (`--host` / `--port`).
+    Inference,
+    /// The `--management-address` listener.
+    Management,
+}
+
+/// Whether a request changes what is served.
+pub fn is_mutating(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    let path = path.trim_end_matches('/');
+    let one_model = path
+        .strip_prefix("/models/")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
+    (*method == Method::POST && path == "/models")
+        || ((*method == Method::PUT || *method == Method::DELETE) && one_model)
+}
+
+/// Refuses the routes that change what is served where they are not
+/// enabled (see the module docs).
+pub async fn guard(
+    State(st): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !is_mutating(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let allowed = st
+            .config
+            .cors_origins
+            .iter()
+            .any(|o| o == "*" || origin.as_bytes() == o.as_bytes());
+        if !allowed {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "model management is not allowed from this origin (see --cors-origin)",
+            )
+            .into_response();
+        }
+    }
+    let on_management = req.extensions().get::<Listener>() == Some(&Listener::Management);
+    if on_management || !st.config.api_keys.is_empty() || st.config.management_on_inference_port {
+        return next.run(req).await;
+    }
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "changing the served models is disabled on this address; enable it with \
+         --management-address HOST:PORT (a separate listener), with --api-key (then \
+         callers need the key), or with --management-on-inference-port",
+    )
+    .into_response()
+}
+
+/// Which urls `POST /models?url=` may register.
+#[derive(Debug)]
+pub struct UrlPolicy {
+    /// `--model-url-pattern`, matched against the whole url.
+    pattern: Option<regex::Regex>,
+    /// Otherwise: directories the url's path must be inside.
+    roots: Vec<PathBuf>,
+}
+
+impl UrlPolicy {
+    /// The policy of `--model-url-pattern` (anchored at both ends), or, when
+    /// it is unset, of the model store and kiln's cache.
+    pub fn new(pattern: Option<&str>, model_store: Option<&FsPath>) -> anyhow::Result<Self> {
+        let pattern = pattern
+            .map(|p| {
+                regex::Regex::new(&format!("^(?:{p})$"))
+                    .map_err(|e| anyhow::anyhow!("--model-url-pattern '{p}': {e}"))
+            })
+            .transpose()?;
+        let mut roots = Vec::new();
+        for dir in model_store
+            .map(FsPath::to_path_buf)
+            .into_iter()
+            .chain([kiln_model::default_model::cache_dir()])
+        {
+            let abs = std::fs::canonicalize(&dir)
+                .or_else(|_| std::path::absolute(&dir))
+                .unwrap_or(dir);
+            roots.push(lexical(&abs));
+        }
+        Ok(Self { pattern, roots })
+    }
+
+    /// Refuses a url the policy does not allow (403), without saying
+    /// anything about what exists at it.
+    pub fn check(&self, url: &str) -> Result<(), ApiError> {
+        if let Some(re) = &self.pattern {
+            if re.is_match(url) {
+                return Ok(());
+            }
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("model url '{url}' does not match --model-url-pattern"),
+            ));
+        }
+        let refuse = || {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "model url '{url}' is not inside the model store or kiln's cache; \
+                     allow other urls with --model-url-pattern REGEX"
+                ),
+            )
+        };
+        let path = crate::registry::local_path(url)?;
+        let abs = std::path::absolute(&path).map_err(|_| refuse())?;
+        let inside = |p: &FsPath| self.roots.iter().any(|r| p.starts_with(r));
+        if !inside(&lexical(&abs)) {
+            return Err(refuse());
+        }
+        // A link inside that leads outside is outside.
+        if let Ok(real) = std::fs::canonicalize(&abs) {
+            if !inside(&real) {
+                return Err(refuse());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `path` with `.` and `..` resolved without touching the file system.
+fn lexical(path: &FsPath) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `GET /ping`, the health check:
+/// - 503 (`Loading`, naming them) while any model is still loading;
+/// - 500 (`Unhealthy`) when models are registered and every one has failed;
+/// - otherwise 200 (`Healthy`): a model that failed to load is reported under
+///   `failed` but does not take the working ones out of service.
 pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
     let mut loading = Vec::new();
+    let mut ready = 0;
     let mut failed = serde_json::Map::new();
     for m in st.registry.all() {
         match m.state() {
@@ -26,18 +185,25 @@ pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
             ModelState::Failed(msg) => {
                 failed.insert(m.name.clone(), Value::String(msg));
             }
-            ModelState::Ready(_) => {}
+            ModelState::Ready(_) => ready += 1,
         }
     }
-    if !failed.is_empty() {
-        let body = json!({"status": "Unhealthy", "failed": failed, "loading": loading});
-        return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
-    }
     if !loading.is_empty() {
-        let body = json!({"status": "Loading", "loading": loading});
+        let mut body = json!({"status": "Loading", "loading": loading});
+        if !failed.is_empty() {
+            body["failed"] = Value::Object(failed);
+        }
         return ApiResponse::unavailable(body);
     }
-    Json(json!({"status": "Healthy"})).into_response()
+    if ready == 0 && !failed.is_empty() {
+        let body = json!({"status": "Unhealthy", "failed": failed});
+        return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+    }
+    let mut body = json!({"status": "Healthy"});
+    if !failed.is_empty() {
+        body["failed"] = Value::Object(failed);
+    }
+    Json(body).into_response()
 }
 
 /// A 503 with `Retry-After`, for a body that is not an error message.
@@ -175,6 +341,7 @@ pub async fn register(
     let url = q.get("url").filter(|u| !u.is_empty()).ok_or_else(|| {
         ApiError::bad_request("query parameter 'url' (a model directory or file) is required")
     })?;
+    st.model_urls.check(url)?;
     let name = match q.get("model_name") {
         Some(n) => n.clone(),
         None => crate::registry::local_path(url)?
@@ -191,6 +358,8 @@ pub async fn register(
         job_queue_size: query_usize(&q, "job_queue_size")?,
         min_workers: query_usize(&q, "min_worker")?,
         max_workers: query_usize(&q, "max_worker")?,
+        allow_duplicate: query_bool(&q, "allow_duplicate")?.unwrap_or(false),
+        check_memory: true,
     };
     let synchronous = query_bool(&q, "synchronous")?.unwrap_or(true);
     let entry = st.registry.register(&name, url, overrides)?;

@@ -225,6 +225,19 @@ fn completion_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), 
 
 /// The messages of a chat request, rendered with the model's template.
 fn chat_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), ApiError> {
+    let messages = chat_messages(f)?;
+    let template = engine.chat_template().ok_or_else(|| {
+        ApiError::bad_request("this model has no chat template; use /v1/completions")
+    })?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
+    // The template writes every special token itself.
+    Ok((generation::encode(engine, &text, false)?, text))
+}
+
+/// The messages of a chat request, checked.
+fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     let msgs = match f.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(_) => return Err(ApiError::bad_request("'messages' must be a non-empty list")),
@@ -276,14 +289,7 @@ fn chat_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), ApiErr
         };
         messages.push(ChatMessage::new(role, content));
     }
-    let template = engine.chat_template().ok_or_else(|| {
-        ApiError::bad_request("this model has no chat template; use /v1/completions")
-    })?;
-    let text = template
-        .render(&messages, true)
-        .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
-    // The template writes every special token itself.
-    Ok((generation::encode(engine, &text, false)?, text))
+    Ok(messages)
 }
 
 async fn run(
@@ -292,7 +298,7 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     api: Api,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
+    let v = Arc::new(parse_body(body)?);
     let f = Fields::new(&v, "")?;
     let mut c = common(&f, if api == Api::Chat { 4096 } else { 16 })?;
     rec.set_model(&c.model);
@@ -305,9 +311,16 @@ async fn run(
         },
     };
     c.params.sampling.top_logprobs = top_logprobs.unwrap_or(0);
-    let (prompt, prompt_text) = match api {
-        Api::Completions => completion_prompt(&engine, &f)?,
-        Api::Chat => chat_prompt(&engine, &f)?,
+    let (prompt, prompt_text) = {
+        let (engine, v) = (engine.clone(), v.clone());
+        crate::cpu::run(move || {
+            let f = Fields::new(&v, "")?;
+            match api {
+                Api::Completions => completion_prompt(&engine, &f),
+                Api::Chat => chat_prompt(&engine, &f),
+            }
+        })
+        .await?
     };
     if !c.explicit_max_tokens {
         // Without max_tokens the answer may run to the end of the context, but
@@ -590,4 +603,68 @@ fn stream(
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+#[cfg(test)]
+mod fuzz {
+    use kiln_model::fuzz::{cases, random_json, run_with};
+
+    use super::*;
+
+    const KEYS: &[&str] = &[
+        "model",
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "top_p",
+        "temperature",
+        "stream",
+        "stream_options",
+        "include_usage",
+        "stop",
+        "seed",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "prompt",
+        "messages",
+        "role",
+        "content",
+        "type",
+        "text",
+        "tools",
+        "functions",
+        "response_format",
+        "presence_penalty",
+        "frequency_penalty",
+        "ignore_eos",
+        "stop_token_ids",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "user",
+    ];
+
+    /// Every OpenAI body is parsed to an answer, never a panic.
+    #[test]
+    fn openai_bodies_never_panic() {
+        let report = run_with(
+            "openai bodies",
+            cases(3000),
+            |rng, _| random_json(rng, KEYS, 4).to_string().into_bytes(),
+            |body| {
+                let Ok(v) = parse_body(Ok(Bytes::copy_from_slice(body))) else {
+                    return false;
+                };
+                let Ok(f) = Fields::new(&v, "") else {
+                    return false;
+                };
+                let chat = common(&f, 4096).is_ok() & chat_messages(&f).is_ok();
+                let completion = common(&f, 16).is_ok();
+                chat || completion
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.cases, cases(3000));
+    }
 }

@@ -1146,7 +1146,7 @@ impl ModelProperties {
         if !path.is_file() {
             return Self::build(model_dir, None, Vec::new(), env);
         }
-        let bytes = std::fs::read(&path).map_err(|source| PropertiesError::Read {
+        let bytes = read_bounded(&path).map_err(|source| PropertiesError::Read {
             path: path.clone(),
             source,
         })?;
@@ -1220,6 +1220,20 @@ impl ModelProperties {
             }
         }
         Self::build(base_dir, None, raw, env).map(Some)
+    }
+
+    /// The settings of a model given as a single file (no directory, so no
+    /// `serving.properties`): the environment forms (`SERVING_JOB_QUEUE_SIZE`,
+    /// `MAX_CONCURRENT_REQUESTS`, `OPTION_*`, …) and the defaults.
+    pub fn for_model_file(
+        model_file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ModelProperties, PropertiesError> {
+        let dir = match model_file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        Self::build(dir, None, Vec::new(), env)
     }
 
     /// The value of `key` in the effective configuration.
@@ -1892,6 +1906,35 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+/// Largest `serving.properties` read (real ones are a few hundred bytes).
+pub const MAX_PROPERTIES_BYTES: u64 = 1 << 20;
+
+/// Reads a properties file, refusing one over [`MAX_PROPERTIES_BYTES`]
+/// before reading it (or, when its size is unknown, once past the limit).
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let too_big = |size: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{size}, more than the {MAX_PROPERTIES_BYTES}-byte limit for a serving.properties"
+            ),
+        )
+    };
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_file() && meta.len() > MAX_PROPERTIES_BYTES {
+        return Err(too_big(format!("the file is {} bytes", meta.len())));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PROPERTIES_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_PROPERTIES_BYTES {
+        return Err(too_big("the file is larger".into()));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -109,10 +109,16 @@ impl ModelEntry {
 }
 
 /// Server-wide defaults for engines.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct EngineDefaults {
     /// KV cache per model, in bytes.
     pub kv_cache_bytes: usize,
+    /// `job_queue_size` of models that set none (in their `serving.properties`
+    /// or the environment): `kiln serve --job-queue-size`.
+    pub job_queue_size: Option<usize>,
+    /// Bytes that all models together (weights and KV caches) may take
+    /// (`--memory-budget-mib`); `None`: what the system has available.
+    pub memory_budget: Option<u64>,
 }
 
 /// Every registered model, by name.
@@ -129,6 +135,12 @@ pub struct Overrides {
     pub job_queue_size: Option<usize>,
     pub min_workers: Option<usize>,
     pub max_workers: Option<usize>,
+    /// Register even when another model serves the same weights (each copy
+    /// costs its memory again).
+    pub allow_duplicate: bool,
+    /// Refuse (507) a model that does not fit the memory budget
+    /// (registrations through the management API).
+    pub check_memory: bool,
 }
 
 /// Whether a model name can be used in URLs as is.
@@ -188,7 +200,8 @@ impl Registry {
         let path = local_path(url)?;
         let meta = std::fs::metadata(&path)
             .map_err(|e| ApiError::bad_request(format!("model url '{url}': {e}")))?;
-        let properties = if meta.is_dir() {
+        let model_file = !meta.is_dir();
+        let properties = if !model_file {
             let mut p = ModelProperties::load(&path, &crate::properties::process_env)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             // However the directory was registered (model store, --models,
@@ -198,7 +211,13 @@ impl Registry {
             }
             Some(p)
         } else {
-            None
+            // A model file has no serving.properties, but the environment
+            // forms (SERVING_JOB_QUEUE_SIZE, MAX_CONCURRENT_REQUESTS, OPTION_*)
+            // still apply, as in DJL.
+            Some(
+                ModelProperties::for_model_file(&path, &crate::properties::process_env)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            )
         };
         if let Some(p) = &properties {
             for w in &p.warnings {
@@ -206,12 +225,26 @@ impl Registry {
             }
         }
         let model_path = match &properties {
-            Some(p) => p
+            Some(p) if !model_file => p
                 .resolve_local()
                 .map_err(|e| ApiError::bad_request(e.to_string()))?,
-            None => path.clone(),
+            _ => path.clone(),
         };
-        let settings = worker_settings(properties.as_ref(), &overrides)?;
+        if !overrides.allow_duplicate {
+            if let Some(other) = self.serving(&model_path) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "model url '{url}' is already served as model '{other}'; add \
+                         allow_duplicate=true to load it again under another name"
+                    ),
+                ));
+            }
+        }
+        if overrides.check_memory {
+            self.check_memory(name, &model_path)?;
+        }
+        let settings = worker_settings(properties.as_ref(), &overrides, &self.defaults)?;
         let (tx, _) = watch::channel(ModelState::Loading);
         let entry = Arc::new(ModelEntry {
             name: name.to_string(),
@@ -222,20 +255,95 @@ impl Registry {
             registered_at: SystemTime::now(),
             state: tx,
         });
-        {
-            let mut models = self.models.write().map_err(|_| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned")
-            })?;
-            if models.contains_key(name) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("model '{name}' is already registered"),
-                ));
-            }
-            models.insert(name.to_string(), entry.clone());
-        }
+        self.insert(entry.clone())?;
         self.spawn_loader(entry.clone());
         Ok(entry)
+    }
+
+    /// Refuses a model whose weights and KV cache do not fit: in what is left
+    /// of `--memory-budget-mib`, or else in the memory the system has available.
+    fn check_memory(&self, name: &str, model_path: &Path) -> Result<(), ApiError> {
+        let kv = self.defaults.kv_cache_bytes as u64;
+        let weights = weights_bytes(model_path);
+        let need = weights + kv;
+        let (left, what) = match self.defaults.memory_budget {
+            Some(budget) => {
+                let used: u64 = self
+                    .all()
+                    .iter()
+                    .filter(|m| !matches!(m.state(), ModelState::Failed(_)))
+                    .map(|m| weights_bytes(&m.model_path) + kv)
+                    .sum();
+                (
+                    budget.saturating_sub(used),
+                    "is left of the memory budget (--memory-budget-mib)",
+                )
+            }
+            None => match mem_available() {
+                Some(avail) => (avail, "of memory is available"),
+                None => return Ok(()),
+            },
+        };
+        if need <= left {
+            return Ok(());
+        }
+        let mib = |b: u64| b >> 20;
+        Err(ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!(
+                "model '{name}' needs about {} MiB ({} MiB of weights and a {} MiB KV cache), but only {} MiB {what}",
+                mib(need),
+                mib(weights),
+                mib(kv),
+                mib(left)
+            ),
+        ))
+    }
+
+    /// The model that already serves the weights at `model_path`, if any.
+    fn serving(&self, model_path: &Path) -> Option<String> {
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let wanted = real(model_path);
+        self.all()
+            .into_iter()
+            .find(|m| !matches!(m.state(), ModelState::Failed(_)) && real(&m.model_path) == wanted)
+            .map(|m| m.name.clone())
+    }
+
+    fn insert(&self, entry: Arc<ModelEntry>) -> Result<(), ApiError> {
+        let mut models = self.models.write().map_err(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "registry lock poisoned")
+        })?;
+        if models.contains_key(&entry.name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("model '{}' is already registered", entry.name),
+            ));
+        }
+        models.insert(entry.name.clone(), entry);
+        Ok(())
+    }
+
+    /// Records a model that could not even be registered (its
+    /// `serving.properties` is invalid, say) as failed, so that it is
+    /// reported (`GET /models`, `/ping`, 424 to its requests) while the other
+    /// models serve, as DJL does.
+    pub fn register_failed(&self, name: &str, url: &str, message: &str) -> Result<(), ApiError> {
+        let (tx, _) = watch::channel(ModelState::Failed(message.to_string()));
+        let entry = Arc::new(ModelEntry {
+            name: name.to_string(),
+            url: url.to_string(),
+            model_path: local_path(url).unwrap_or_default(),
+            properties: None,
+            settings: Mutex::new(worker_settings(
+                None,
+                &Overrides::default(),
+                &self.defaults,
+            )?),
+            registered_at: SystemTime::now(),
+            state: tx,
+        });
+        self.insert(entry)
     }
 
     fn spawn_loader(&self, entry: Arc<ModelEntry>) {
@@ -250,7 +358,19 @@ impl Registry {
             .name(format!("load-{}", entry.name))
             .spawn(move || {
                 let t0 = Instant::now();
-                let result = load_engine(&loader, &defaults);
+                // A panic while loading (a library's, on a malformed file)
+                // fails this model instead of leaving it loading forever.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    load_engine(&loader, &defaults)
+                }))
+                .unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    Err(format!("loading panicked: {what}"))
+                });
                 let state = match result {
                     Ok(engine) => {
                         tracing::info!(
@@ -339,15 +459,25 @@ impl Registry {
 }
 
 /// The DJL worker settings from properties and registration overrides.
-fn worker_settings(p: Option<&ModelProperties>, o: &Overrides) -> Result<WorkerSettings, ApiError> {
+fn worker_settings(
+    p: Option<&ModelProperties>,
+    o: &Overrides,
+    defaults: &EngineDefaults,
+) -> Result<WorkerSettings, ApiError> {
     let d = ModelProperties::default();
     let p = p.unwrap_or(&d);
+    // Registration overrides, then the model's file or environment, then the
+    // server's flag, then DJL's default.
+    let queue = match (p.raw.get("job_queue_size"), defaults.job_queue_size) {
+        (None, Some(n)) => n,
+        _ => p.job_queue_size,
+    };
     let s = WorkerSettings {
         batch_size: o.batch_size.unwrap_or(p.batch_size),
         max_batch_delay_ms: o
             .max_batch_delay_ms
             .unwrap_or(p.max_batch_delay.as_millis() as u64),
-        job_queue_size: o.job_queue_size.unwrap_or(p.job_queue_size),
+        job_queue_size: o.job_queue_size.unwrap_or(queue),
         min_workers: o.min_workers.unwrap_or(p.min_workers),
         max_workers: o.max_workers.unwrap_or(p.max_workers),
     };
@@ -363,6 +493,41 @@ fn worker_settings(p: Option<&ModelProperties>, o: &Overrides) -> Result<WorkerS
         )));
     }
     Ok(s)
+}
+
+/// Bytes of the weight files at `path` (the file itself, or the weight files
+/// of a directory), which is what a model's memory map makes resident.
+pub fn weights_bytes(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return 0;
+    };
+    if meta.is_file() {
+        return meta.len();
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            [".gguf", ".safetensors", ".bin", ".pt", ".pth"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+        })
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes, where there is one.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 /// A local path from a registration url (`/path`, `file:///path`); remote

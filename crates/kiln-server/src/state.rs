@@ -32,6 +32,29 @@ pub struct ServerConfig {
     pub log_dir: Option<PathBuf>,
     /// KV cache per model, in bytes.
     pub kv_cache_bytes: usize,
+    /// From a request's first byte to the end of its head.
+    pub header_read_timeout: Duration,
+    /// From the end of a request's head to the end of its body.
+    pub body_read_timeout: Duration,
+    /// How long a connection may stay open with no request and no bytes.
+    pub idle_timeout: Duration,
+    /// Most connections open at once (`None`: below the file-descriptor limit).
+    pub max_connections: Option<usize>,
+    /// `job_queue_size` of the models that set none themselves.
+    pub job_queue_size: Option<usize>,
+    /// Bytes all models together may take (weights and KV caches); checked
+    /// when `POST /models` registers one. `None`: the memory available.
+    pub memory_budget: Option<u64>,
+    /// A second listener for the management API (DJL's `management_address`),
+    /// where the routes that change what is served are always enabled.
+    pub management_bind: Option<SocketAddr>,
+    /// Serve the routes that change what is served on the inference address
+    /// too, without an API key (DJL's default; off in kiln).
+    pub management_on_inference_port: bool,
+    /// DJL's `model_url_pattern`: a regular expression that every
+    /// `POST /models?url=` must match whole. Unset: the url must be a path
+    /// inside the model store or kiln's cache.
+    pub model_url_pattern: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -47,17 +70,33 @@ impl Default for ServerConfig {
             grace_period: Duration::from_secs(30),
             log_dir: None,
             kv_cache_bytes: 1 << 30,
+            header_read_timeout: crate::conn::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: crate::conn::DEFAULT_BODY_READ_TIMEOUT,
+            idle_timeout: crate::conn::DEFAULT_IDLE_TIMEOUT,
+            max_connections: None,
+            job_queue_size: None,
+            memory_budget: None,
+            management_bind: None,
+            management_on_inference_port: false,
+            model_url_pattern: None,
         }
     }
 }
 
 /// What handlers share.
 pub struct AppState {
+    /// The configuration the server started with.
     pub config: ServerConfig,
+    /// The registered models.
     pub registry: Registry,
+    /// Per-route request counters and latencies.
     pub http: HttpMetrics,
+    /// `access.log`, when a log directory is set.
     pub access_log: Option<AccessLog>,
     /// Set on SIGTERM: new inference requests get 503.
     pub shutting_down: AtomicBool,
+    /// When the server started.
     pub started: Instant,
+    /// Which model urls `POST /models` may register.
+    pub model_urls: crate::management::UrlPolicy,
 }

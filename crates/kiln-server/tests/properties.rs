@@ -871,3 +871,49 @@ fn model_id_from_option_env_names_the_variable_in_the_hint() {
          OPTION_MODEL_ID to its path"
     );
 }
+
+#[test]
+fn an_oversized_properties_file_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(dir.path().join("serving.properties")).unwrap();
+    f.set_len(2 << 30).unwrap();
+    let e = ModelProperties::load(dir.path(), &no_env).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("serving.properties") && msg.contains("1048576-byte limit"),
+        "{msg}"
+    );
+}
+
+/// Any file, mutated from real ones, parses to properties or an error naming
+/// the problem, never a panic.
+#[test]
+fn mutated_properties_files_never_panic() {
+    use kiln_model::fuzz::{cases, run};
+    let seeds: Vec<Vec<u8>> = [
+        "# OPT-13B on inf2\nengine=Python\noption.entryPoint=djl_python.transformers_neuronx\n\
+         option.model_id=/models/opt\noption.tensor_parallel_degree=2\noption.n_positions=512\n\
+         option.rolling_batch=auto\noption.dtype=fp16\noption.model_loading_timeout=1500\n\
+         batch_size=4\nmax_batch_delay=100\n",
+        "engine=Python\noption.max_rolling_batch_size=8\njob_queue_size=1\n\
+         option.output_formatter=jsonlines\noption.max_model_len=2048\nminWorkers=1\nmaxWorkers=2\n\
+         key\\:with\\=escapes = value \\\n  continued\n! comment\n\\u00e9t\\u00e9=summer\n",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    let env = env_of(&[("SERVING_JOB_QUEUE_SIZE", "7"), ("OPTION_DTYPE", "bf16")]);
+    let report = run(
+        "serving.properties",
+        &seeds,
+        cases(5000),
+        1 << 14,
+        |bytes| {
+            let text = String::from_utf8_lossy(bytes);
+            let _ = kiln_server::properties::parse_properties(&text);
+            ModelProperties::parse(&text, Path::new(FILE), &env).is_ok()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("serving.properties: {report:?}");
+}

@@ -4,13 +4,16 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use kiln_backend::cpu::CpuBackend;
+use kiln_backend::Backend;
 use kiln_model::inspect::{dtype_bytes, parse_memory, summarize};
 
 /// Arguments of `kiln inspect`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A GGUF file, a Hugging Face model directory, or a config.json.
-    pub model: PathBuf,
+    /// A GGUF file, a Hugging Face model directory, or a config.json
+    /// (default: the embedded default model, SmolLM2-135M-Instruct).
+    pub model: Option<PathBuf>,
     /// Weight dtype to size for (fp32, fp16, bf16; default: as stored).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -31,7 +34,12 @@ fn gb(bytes: f64) -> String {
 
 /// Runs `kiln inspect`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let s = summarize(&args.model)?;
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => kiln_model::default_model::default_model_path()
+            .context("no model given, and the default model is missing")?,
+    };
+    let s = summarize(&path)?;
     let c = &s.config;
     let params = c.param_count();
     let quantized = s.format == "gguf" && args.dtype.is_none();
@@ -47,11 +55,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (s.stored_dtype.clone(), params as f64 * b as f64)
         }
     };
-    // KV cache in the activation dtype (16-bit on GPUs; quantized models use f16 too).
-    let kv_elem = match dtype_bytes(&dtype) {
-        Some(4) => 4,
-        _ => 2,
-    };
+    // The KV cache is held in the element size of the backend that serves
+    // the model (f32 on the CPU), whatever the weights' dtype.
+    let kv_elem = CpuBackend::new().kv_element_bytes();
     let kv_per_1k = c.kv_bytes_per_token(kv_elem) as f64 * 1024.0;
     let context = args.context.unwrap_or(c.max_position_embeddings);
     let kv_context = c.kv_bytes_per_token(kv_elem) as f64 * context as f64;

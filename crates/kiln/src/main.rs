@@ -1,8 +1,9 @@
 //! The `kiln` command: a thin shell over the kiln crates.
 //!
-//! `kiln generate` answers one prompt, streaming tokens to stdout;
-//! `kiln bench` measures prompt and decode speed. Everything it does is in
-//! the library crates; this file parses arguments and reports errors.
+//! `kiln serve` runs the HTTP server; `kiln generate` answers one prompt,
+//! streaming tokens to stdout; `kiln bench` measures prompt and decode speed;
+//! `kiln inspect` sizes a model. Everything it does is in the library crates;
+//! this file parses arguments and reports errors.
 
 mod bench;
 mod generate;
@@ -55,6 +56,7 @@ fn main() -> std::process::ExitCode {
 /// Logs go to stderr (and to `serving.log` in `log_dir`), filtered by
 /// `KILN_LOG` (default: `default_level`).
 fn init_logging(default_level: &str, log_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
@@ -62,9 +64,14 @@ fn init_logging(default_level: &str, log_dir: Option<&std::path::Path>) -> anyho
         tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level))
     };
+    // Colours only for a person at a terminal (and never under NO_COLOR).
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let file_only = format!("{}=off", kiln_server::FILE_ONLY_LOG_TARGET).parse()?;
     let stderr = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
-        .with_filter(filter());
+        .with_filter(filter().add_directive(file_only));
     let file = match log_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)?;

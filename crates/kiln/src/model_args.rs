@@ -24,7 +24,8 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel<CpuBackend>> {
         let path = match &self.model {
             Some(p) => p.clone(),
-            None => kiln_model::default_model::default_model_path()?,
+            None => kiln_model::default_model::default_model_path()
+                .context("no --model given, and the default model is missing")?,
         };
         let t0 = Instant::now();
         let opts = LoadOptions {

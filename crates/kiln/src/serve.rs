@@ -48,6 +48,53 @@ pub struct Args {
     /// KV cache per model, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mib: usize,
+    /// Seconds from a request's first byte to the end of its headers before
+    /// the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+    /// Seconds from the end of a request's headers to the end of its body
+    /// before the request fails with 408.
+    #[arg(long, default_value_t = 60.0)]
+    pub body_read_timeout: f64,
+    /// Seconds a connection may stay open with no request in progress and
+    /// nothing sent (keep-alive idle timeout).
+    #[arg(long, default_value_t = 60.0)]
+    pub idle_timeout: f64,
+    /// Most client connections open at once; over it the longest-idle one is
+    /// closed (default: the open-file limit less 128).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Requests each model queues beyond its free batch slots, for models
+    /// whose serving.properties (or SERVING_JOB_QUEUE_SIZE /
+    /// MAX_CONCURRENT_REQUESTS) sets no `job_queue_size` (default 1000).
+    #[arg(long)]
+    pub job_queue_size: Option<usize>,
+    /// A second address (HOST:PORT) for the management API (DJL's
+    /// management_address), where loading and unloading models is enabled.
+    #[arg(long, env = "KILN_MANAGEMENT_ADDRESS")]
+    pub management_address: Option<SocketAddr>,
+    /// Enable loading and unloading models (POST /models, PUT and DELETE
+    /// /models/NAME) on the inference address without an API key, as DJL
+    /// does (warned about when that address is not loopback).
+    #[arg(long)]
+    pub management_on_inference_port: bool,
+    /// A regular expression that every `POST /models?url=` must match whole
+    /// (DJL's model_url_pattern); default: paths inside the model store or
+    /// kiln's cache. `.*` allows any.
+    #[arg(long)]
+    pub model_url_pattern: Option<String>,
+    /// MiB that all models together (weight files and KV caches) may take;
+    /// `POST /models` refuses (507) a model over it. Default: the memory
+    /// the system has available when the model is registered.
+    #[arg(long)]
+    pub memory_budget_mib: Option<u64>,
+}
+
+fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{flag} {s}: expected a positive number of seconds"))
 }
 
 /// The server configuration these arguments describe.
@@ -86,6 +133,21 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         grace_period: Duration::from_secs(args.grace_period),
         log_dir,
         kv_cache_bytes: args.kv_cache_mib << 20,
+        header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
+        body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
+        idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        memory_budget: args.memory_budget_mib.map(|m| m << 20),
+        management_bind: args.management_address,
+        management_on_inference_port: args.management_on_inference_port,
+        model_url_pattern: args.model_url_pattern.clone(),
+        job_queue_size: match args.job_queue_size {
+            Some(0) => anyhow::bail!("--job-queue-size must be at least 1"),
+            n => n,
+        },
+        max_connections: match args.max_connections {
+            Some(0) => anyhow::bail!("--max-connections must be at least 1"),
+            n => n,
+        },
     })
 }
 

@@ -60,3 +60,14 @@ fn bad_arguments_are_clear_errors() {
     let (ok, out) = inspect(&["testdata/configs/does-not-exist"]);
     assert!(!ok && out.contains("does-not-exist"), "{out}");
 }
+
+#[test]
+fn no_argument_inspects_the_default_model_with_the_cpu_kv_size() {
+    let (ok, out) = inspect(&[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("SmolLM2-135M-Instruct"), "{out}");
+    // The CPU backend keeps the KV cache in f32: 30 layers x 3 KV heads x 64
+    // x 2 (K and V) x 4 bytes = 46,080 bytes a token, 47.2 MB per 1K tokens
+    // (it said 23.6 MB, 16-bit, before).
+    assert!(out.contains("47.2 MB per 1K tokens (32-bit)"), "{out}");
+}

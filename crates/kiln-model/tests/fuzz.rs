@@ -1,0 +1,185 @@
+//! Fuzzing the readers of model files: GGUF, safetensors directories (header,
+//! config.json, tokenizer.json), PyTorch checkpoints (zip + pickle), and chat
+//! templates given hostile messages. Each gets mutated copies of valid seeds
+//! and must answer with a value or an error, never a panic. `KILN_FUZZ_CASES`
+//! raises the number of cases (see FUZZING.md).
+
+use std::path::{Path, PathBuf};
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_model::chat::{ChatMessage, ChatTemplate};
+use kiln_model::fixtures::{tiny_llama_gguf_bytes, TinySpec};
+use kiln_model::fuzz::{cases, run, run_with};
+use kiln_model::gguf::GgufFile;
+use kiln_model::torch::TorchCheckpoint;
+use kiln_model::LoadOptions;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-fuzz-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn opts() -> LoadOptions {
+    LoadOptions {
+        // Keeps per-position tables small whatever the file claims.
+        max_positions: Some(64),
+        ..LoadOptions::default()
+    }
+}
+
+#[test]
+fn gguf_files_never_panic() {
+    let dir = scratch("gguf");
+    let path = dir.join("model.gguf");
+    let seeds = vec![
+        tiny_llama_gguf_bytes(&TinySpec::default(), 1),
+        tiny_llama_gguf_bytes(
+            &TinySpec {
+                tied: false,
+                ..TinySpec::default()
+            },
+            2,
+        ),
+    ];
+    let backend = CpuBackend::new();
+    let report = run("gguf", &seeds, cases(400), 1 << 20, |bytes| {
+        std::fs::write(&path, bytes).unwrap();
+        let Ok(g) = GgufFile::open(&path) else {
+            return false;
+        };
+        for info in g.tensors.values() {
+            let _ = g.tensor_bytes(info);
+        }
+        kiln_model::load(&backend, &path, &opts()).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("gguf: {report:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A copy of a tiny Hugging Face model directory with one file replaced.
+fn hf_target(file: &str, cases_n: usize, max_len: usize) {
+    let src = repo().join("testdata/tiny/llama");
+    let dir = scratch(&format!("hf-{file}"));
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let seed = std::fs::read(src.join(file)).unwrap();
+    let backend = CpuBackend::new();
+    let report = run(file, &[seed], cases_n, max_len, |bytes| {
+        std::fs::write(dir.join(file), bytes).unwrap();
+        kiln_model::load(&backend, &dir, &opts()).is_ok()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{file}: {report:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn safetensors_headers_never_panic() {
+    hf_target("model.safetensors", cases(300), 1 << 20);
+}
+
+#[test]
+fn config_json_never_panics() {
+    hf_target("config.json", cases(300), 1 << 16);
+}
+
+#[test]
+fn tokenizer_json_never_panics() {
+    hf_target("tokenizer.json", cases(200), 1 << 16);
+}
+
+#[test]
+fn torch_checkpoints_never_panic() {
+    let dir = repo().join("testdata/torch");
+    let seeds: Vec<Vec<u8>> = [
+        "dtypes.bin",
+        "views.bin",
+        "module.bin",
+        "nested.bin",
+        "zip64.bin",
+        "evil_stack_global.bin",
+    ]
+    .iter()
+    .map(|f| std::fs::read(dir.join(f)).unwrap())
+    .collect();
+    let report =
+        run(
+            "torch",
+            &seeds,
+            cases(2000),
+            1 << 16,
+            |bytes| match TorchCheckpoint::from_bytes("fuzz.bin", bytes.to_vec()) {
+                Ok(c) => {
+                    let names: Vec<String> = c.names().map(String::from).collect();
+                    for n in names {
+                        let _ = c.get(&n);
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("torch: {report:?}");
+}
+
+#[test]
+fn chat_templates_never_panic_on_hostile_messages() {
+    let mut templates = vec![ChatTemplate::new(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "<s>",
+        "</s>",
+    )
+    .unwrap()];
+    // The default model's own template, when it is in the cache.
+    if let Ok(path) = kiln_model::default_model::default_model_path() {
+        let g = GgufFile::open(&path).unwrap();
+        if let Some(src) = g.get_str("tokenizer.chat_template") {
+            templates.push(ChatTemplate::new(src, "<|im_start|>", "<|im_end|>").unwrap());
+        }
+    }
+    let roles = [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "",
+        "<|im_end|>",
+        "{{",
+    ];
+    let report = run_with(
+        "chat templates",
+        cases(2000),
+        |rng, _| {
+            let v = kiln_model::fuzz::random_json(rng, &["role", "content"], 1);
+            let mut out = v.to_string().into_bytes();
+            out.push(rng.below(roles.len()) as u8);
+            out.push(rng.below(8) as u8);
+            out
+        },
+        |bytes| {
+            let (&n, rest) = bytes.split_last().unwrap();
+            let (&role, text) = rest.split_last().unwrap();
+            let text = String::from_utf8_lossy(text);
+            let messages: Vec<ChatMessage> = (0..n as usize)
+                .map(|i| {
+                    ChatMessage::new(roles[(role as usize + i) % roles.len()], text.repeat(i % 3))
+                })
+                .collect();
+            let mut ok = true;
+            for t in &templates {
+                ok &= t.render(&messages, n % 2 == 0).is_ok();
+            }
+            ok
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("chat templates: {report:?}");
+}
