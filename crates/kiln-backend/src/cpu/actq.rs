@@ -20,6 +20,8 @@
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 /// The integer width activations are quantized to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActBits {
@@ -143,54 +145,89 @@ impl QuantizedRows {
             sum16: vec![0.0; 2 * nb],
         };
         let top = bits.max();
-        let mut block = [0i32; 32];
-        for (b, xb) in x.chunks_exact(32).enumerate() {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / top;
-            let id = if amax > 0.0 { top / amax } else { 0.0 };
-            for (qv, &v) in block.iter_mut().zip(xb) {
-                // |v * id| <= top up to one rounding, which rounds back to top.
-                *qv = round_small(v * id);
-            }
-            match (bits, layout) {
-                (ActBits::Int8, _) => {
-                    for (o, &v) in q.qx[32 * b..32 * b + 32].iter_mut().zip(&block) {
-                        *o = v as i8;
-                    }
+        let dst = Dest {
+            qx: q.qx.as_mut_ptr(),
+            qx16: q.qx16.as_mut_ptr(),
+            hilo: q.hilo.as_mut_ptr(),
+            dx: q.dx.as_mut_ptr(),
+            isum: q.isum.as_mut_ptr(),
+            isum16: q.isum16.as_mut_ptr(),
+            sum32: q.sum32.as_mut_ptr(),
+            sum16: q.sum16.as_mut_ptr(),
+        };
+        // Blocks are independent; a prompt's rows are quantized in parallel.
+        x.par_chunks_exact(32)
+            .with_min_len(256)
+            .enumerate()
+            .for_each(|(b, xb)| {
+                let dst = &dst;
+                let mut block = [0i32; 32];
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / top;
+                let id = if amax > 0.0 { top / amax } else { 0.0 };
+                for (qv, &v) in block.iter_mut().zip(xb) {
+                    // |v * id| <= top up to one rounding, which rounds back to top.
+                    *qv = round_small(v * id);
                 }
-                (ActBits::Int16, ActLayout::Lanes) => {
-                    let o = &mut q.qx16[32 * b..32 * b + 32];
-                    for (t, &v) in block.iter().enumerate() {
-                        o[slot16(t)] = v as i16;
+                let (s0, s1) = (
+                    block[..16].iter().sum::<i32>(),
+                    block[16..].iter().sum::<i32>(),
+                );
+                // SAFETY: block b owns elements 32b..32b + 32 of the value
+                // vectors (64b.. of `hilo`), b of the per-block ones and 2b,
+                // 2b + 1 of the per-half ones; the vector of the chosen
+                // layout has them (the others are not written).
+                unsafe {
+                    match (bits, layout) {
+                        (ActBits::Int8, _) => {
+                            for (t, &v) in block.iter().enumerate() {
+                                *dst.qx.add(32 * b + t) = v as i8;
+                            }
+                        }
+                        (ActBits::Int16, ActLayout::Lanes) => {
+                            for (t, &v) in block.iter().enumerate() {
+                                *dst.qx16.add(32 * b + slot16(t)) = v as i16;
+                            }
+                        }
+                        (ActBits::Int16, ActLayout::Split) => {
+                            for (t, &v) in block.iter().enumerate() {
+                                // The nearest multiple of 255, so the rest is within ±127.
+                                // (v / 255 is never within 1e-3 of a tie, so the
+                                // reciprocal's rounding error cannot change the result.)
+                                let top_part = round_small(v as f32 * (1.0 / 255.0));
+                                *dst.hilo.add(64 * b + t) = top_part as i8;
+                                *dst.hilo.add(64 * b + 32 + t) = (v - 255 * top_part) as i8;
+                            }
+                        }
                     }
+                    *dst.dx.add(b) = d;
+                    *dst.isum.add(b) = s0 + s1;
+                    *dst.isum16.add(2 * b) = s0;
+                    *dst.isum16.add(2 * b + 1) = s1;
+                    *dst.sum16.add(2 * b) = d * s0 as f32;
+                    *dst.sum16.add(2 * b + 1) = d * s1 as f32;
+                    *dst.sum32.add(b) = d * (s0 + s1) as f32;
                 }
-                (ActBits::Int16, ActLayout::Split) => {
-                    let (hi, lo) = q.hilo[64 * b..64 * b + 64].split_at_mut(32);
-                    for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(&block) {
-                        // The nearest multiple of 255, so the rest is within ±127.
-                        // (v / 255 is never within 1e-3 of a tie, so the
-                        // reciprocal's rounding error cannot change the result.)
-                        let top_part = round_small(v as f32 * (1.0 / 255.0));
-                        *h = top_part as i8;
-                        *l = (v - 255 * top_part) as i8;
-                    }
-                }
-            }
-            let (s0, s1) = (
-                block[..16].iter().sum::<i32>(),
-                block[16..].iter().sum::<i32>(),
-            );
-            q.dx[b] = d;
-            q.isum[b] = s0 + s1;
-            q.isum16[2 * b] = s0;
-            q.isum16[2 * b + 1] = s1;
-            q.sum16[2 * b] = d * s0 as f32;
-            q.sum16[2 * b + 1] = d * s1 as f32;
-            q.sum32[b] = d * (s0 + s1) as f32;
-        }
+            });
         q
     }
 }
+
+/// Where [`QuantizedRows::with_layout`]'s parallel tasks write: each block
+/// its own elements.
+struct Dest {
+    qx: *mut i8,
+    qx16: *mut i16,
+    hilo: *mut i8,
+    dx: *mut f32,
+    isum: *mut i32,
+    isum16: *mut i32,
+    sum32: *mut f32,
+    sum16: *mut f32,
+}
+// SAFETY: tasks write disjoint elements (see `with_layout`), and the
+// vectors outlive the parallel loop.
+unsafe impl Sync for Dest {}
 
 /// `v` rounded to the nearest integer, ties to even, for |v| < 2^22: adding
 /// and subtracting 1.5 * 2^23 leaves the rounded value (plain f32

@@ -156,38 +156,193 @@ fn attend_avx2(ctx: &Ctx, job: Job, scores: &mut Vec<f32>) {
 /// batch (batch invariance).
 #[inline(always)]
 fn attend<const FMA: bool>(ctx: &Ctx, job: Job, scores: &mut Vec<f32>) {
-    let (hd, group, bs) = (ctx.hd, ctx.group, ctx.block_size);
+    let (hd, group) = (ctx.hd, ctx.group);
     let n = job.pos + 1 - job.first;
-    let base =
-        |j: usize| (job.block_table[j / bs] as usize * bs + j % bs) * ctx.kv_width + job.kv_off;
     scores.clear();
     scores.resize(group * n, 0.0);
-    for (jj, j) in (job.first..=job.pos).enumerate() {
-        let k = &ctx.kc[base(j)..base(j) + hd];
+    let keys = (job.first, job.pos, job.block_table, job.kv_off);
+    for_each_key(ctx, keys, |jj, at| {
+        let k = &ctx.kc[at..at + hd];
         for h in 0..group {
-            scores[h * n + jj] = dot8::<FMA>(&job.q[h * hd..(h + 1) * hd], k) * ctx.scale;
+            scores[h * n + jj] = dot::<FMA>(&job.q[h * hd..(h + 1) * hd], k) * ctx.scale;
         }
-    }
+    });
     for h in 0..group {
         let row = &mut scores[h * n..(h + 1) * n];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
         for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s = exp::<FMA>(*s - max);
         }
+        let sum = sum8(row);
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|s| *s *= inv);
     }
     job.out.fill(0.0);
-    for (jj, j) in (job.first..=job.pos).enumerate() {
-        let v = &ctx.vc[base(j)..base(j) + hd];
+    #[cfg(target_arch = "x86_64")]
+    if FMA && hd.is_multiple_of(64) {
+        for h in 0..group {
+            for c in (0..hd).step_by(64) {
+                let w = &scores[h * n..(h + 1) * n];
+                let out = &mut job.out[h * hd + c..h * hd + c + 64];
+                // SAFETY: FMA is true only inside `attend_avx2` (AVX2 and FMA detected).
+                unsafe { weigh_values_avx(ctx, keys, c, w, out) };
+            }
+        }
+        return;
+    }
+    for_each_key(ctx, keys, |jj, at| {
+        let v = &ctx.vc[at..at + hd];
         for h in 0..group {
             let w = scores[h * n + jj];
             for (o, &x) in job.out[h * hd..(h + 1) * hd].iter_mut().zip(v) {
                 *o = if FMA { w.mul_add(x, *o) } else { *o + w * x };
             }
         }
+    });
+}
+
+/// `out[d] = sum over keys j, in order, of w[j] * v_j[c + d]` for 64
+/// columns `d`, fused multiply-adds from zero: the loop above, bit for bit,
+/// with the 64 sums in registers rather than stored and reloaded per key.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `out` holds 64 floats; `w` a weight per key.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weigh_values_avx(
+    ctx: &Ctx,
+    keys: (usize, usize, &[u32], usize),
+    c: usize,
+    w: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: each key's row has head_dim >= c + 64 floats at its offset
+    // (the cache's bounds were checked when the step was validated); `out`
+    // holds 64; the features per the caller.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for_each_key(ctx, keys, |jj, at| {
+            let v = ctx.vc.as_ptr().add(at + c);
+            let wj = _mm256_set1_ps(*w.get_unchecked(jj));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v.add(8 * r)), *a);
+            }
+        });
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * r), *a);
+        }
+    }
+}
+
+/// Calls `f(index, offset)` for keys `job.first..=job.pos` in order: the
+/// key's index from `first` and the offset of its head's row in the cache,
+/// walking the block table a block at a time (no division per key).
+#[inline(always)]
+fn for_each_key(
+    ctx: &Ctx,
+    (first, pos, table, kv_off): (usize, usize, &[u32], usize),
+    mut f: impl FnMut(usize, usize),
+) {
+    let bs = ctx.block_size;
+    let mut j = first;
+    while j <= pos {
+        let (blk, within) = (j / bs, j % bs);
+        let last = (pos - j).min(bs - 1 - within);
+        let row0 = table[blk] as usize * bs + within;
+        for t in 0..=last {
+            f(j + t - first, (row0 + t) * ctx.kv_width + kv_off);
+        }
+        j += last + 1;
+    }
+}
+
+/// Sum in eight lanes, then theirs as [`dot8`] adds them, then the rest.
+#[inline(always)]
+fn sum8(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let c = a.chunks_exact(8);
+    let tail: f32 = c.remainder().iter().sum();
+    for x in c {
+        for l in 0..8 {
+            acc[l] += x[l];
+        }
+    }
+    let s = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (s[0] + s[2]) + (s[1] + s[3]) + tail
+}
+
+/// `e^x` for the softmax (x <= 0 there; any x works), within 2 ulp (3
+/// without FMA): a
+/// power of two times a polynomial on [-ln2/2, ln2/2]. Plain f32
+/// arithmetic, so loops over it vectorise (the library `expf` is a call per
+/// element), and every build computes the same values.
+#[inline(always)]
+fn exp<const FMA: bool>(x: f32) -> f32 {
+    let fma = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
+    if x < -87.0 {
+        return 0.0;
+    }
+    let x = x.min(88.0);
+    // k = round(x / ln2), by the 1.5 * 2^23 trick (|k| < 2^22).
+    const MAGIC: f32 = 12_582_912.0;
+    let k = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    // r = x - k ln2 in two steps (Cody and Waite), |r| <= ln2 / 2.
+    let r = fma(k, -0.693_359_4, x);
+    let r = fma(k, 2.121_944_4e-4, r);
+    // e^r by its Taylor polynomial to r^6 (Horner).
+    let mut p = 1.0 / 720.0;
+    p = fma(p, r, 1.0 / 120.0);
+    p = fma(p, r, 1.0 / 24.0);
+    p = fma(p, r, 1.0 / 6.0);
+    p = fma(p, r, 0.5);
+    p = fma(p, r, 1.0);
+    p = fma(p, r, 1.0);
+    // 2^k from the exponent bits (k in -126..=127 here).
+    let two_k = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    p * two_k
+}
+
+/// [`dot8`], with AVX intrinsics where `FMA` (only [`attend_avx2`], which
+/// runs where AVX2 and FMA were detected, instantiates that): the same
+/// lanes and order, so the same result, but one 256-bit operation per
+/// eight products (the compiler splits `dot8`'s lanes into 64-bit pieces).
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA is true only inside `attend_avx2`, whose features
+        // (AVX2, FMA) were detected before it was called.
+        return unsafe { dot_avx(a, b) };
+    }
+    dot8::<FMA>(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let n8 = n / 8 * 8;
+    let tail: f32 = a[n8..n].iter().zip(&b[n8..n]).map(|(x, y)| x * y).sum();
+    // SAFETY: every load reads 8 floats below n8; AVX and FMA per the caller.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < n8 {
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            );
+            i += 8;
+        }
+        super::x86::hsum(acc) + tail
     }
 }
 
@@ -218,4 +373,31 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         acc[3] + acc[7],
     ];
     (s[0] + s[2]) + (s[1] + s[3]) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp;
+
+    #[test]
+    fn exp_is_within_a_few_ulp_of_the_library() {
+        let mut worst = 0f64;
+        // (Below e^-80 results near the smallest normal f32 lose relative
+        // precision; a softmax weight of 1e-35 is zero for every purpose.)
+        for i in 0..200_000 {
+            let x = -80.0 + 168.0 * i as f32 / 200_000.0;
+            for (got, fma) in [(exp::<true>(x), true), (exp::<false>(x), false)] {
+                let want = (x as f64).exp();
+                let ulp = (want as f32).abs() * f32::EPSILON;
+                let err = (got as f64 - want).abs() / ulp as f64;
+                let bound = if fma { 2.0 } else { 3.0 };
+                assert!(err <= bound, "exp({x}) = {got}, want {want} (fma {fma})");
+                worst = worst.max(err);
+            }
+        }
+        assert_eq!(exp::<true>(-100.0), 0.0);
+        assert_eq!(exp::<true>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp::<true>(0.0), 1.0);
+        assert!(worst > 0.0);
+    }
 }

@@ -233,7 +233,7 @@ unsafe fn dot_signed<D: Dot>(w: __m256i, x: __m256i) -> __m256i {
 
 /// Horizontal sum of eight lanes: (0+4, 1+5, 2+6, 3+7), then pairs, then the two.
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY: AVX.
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
