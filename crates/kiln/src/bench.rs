@@ -208,6 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "model": cfg.arch, "params": cfg.param_count(), "backend": engine.info().backend,
+                "threads": kiln_backend::cpu::threads(),
                 "load_s": load_s, "prompt_tokens": args.prompt_tokens, "prompt_tok_s": pp,
                 "gen_tokens": args.gen_tokens, "decode_tok_s": tg, "repeats": args.repeats,
                 "batch_prompt_tokens": args.batch_prompt_tokens, "batch_gen_tokens": args.batch_gen_tokens,

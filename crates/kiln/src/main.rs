@@ -19,6 +19,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU threads for the model's computation (default: RAYON_NUM_THREADS,
+    /// else the number of physical cores).
+    #[arg(long, global = true, env = "KILN_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -35,6 +39,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = kiln_backend::cpu::init_threads(cli.threads.map(usize::from)) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::config(&args).and_then(|cfg| {
             init_logging("info", cfg.log_dir.as_deref())?;

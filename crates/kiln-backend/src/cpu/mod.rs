@@ -18,6 +18,69 @@ mod x86_packed;
 
 pub use weight::CpuWeight;
 
+/// The number of physical cores this process may run on: the CPUs in its
+/// affinity mask divided by the hardware threads per core (two-way SMT
+/// siblings share one core's execution units, so a second thread on a core
+/// mostly waits). What `--threads` defaults to.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // "0-1", "0,2" or "3": the hardware threads of cpu0's core.
+    let siblings =
+        std::fs::read_to_string("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
+            .ok()
+            .map(|s| count_cpus(s.trim()))
+            .filter(|&n| n >= 1)
+            .unwrap_or(1);
+    (logical / siblings).max(1)
+}
+
+/// How many CPUs a Linux CPU list (`0-3,8,10-11`) names; 0 if malformed.
+fn count_cpus(list: &str) -> usize {
+    let mut n = 0;
+    for part in list.split(',') {
+        let r: Vec<&str> = part.split('-').collect();
+        let parse = |s: &str| s.trim().parse::<usize>().ok();
+        match r.as_slice() {
+            [a] if parse(a).is_some() => n += 1,
+            [a, b] => match (parse(a), parse(b)) {
+                (Some(a), Some(b)) if b >= a => n += b - a + 1,
+                _ => return 0,
+            },
+            _ => return 0,
+        }
+    }
+    n
+}
+
+/// The number of threads the CPU backend computes with.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Sizes the CPU backend's thread pool (rayon's global pool): `threads`,
+/// else `RAYON_NUM_THREADS`, else [`physical_cores`]. Call it once, before
+/// any model work; the error says why the pool could not be set (for
+/// instance, it was already running).
+pub fn init_threads(threads: Option<usize>) -> std::result::Result<usize, String> {
+    let n = match threads {
+        Some(0) => return Err("--threads must be at least 1".into()),
+        Some(n) => n,
+        None => match std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(n) if n >= 1 => n,
+            _ => physical_cores(),
+        },
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("kiln-cpu-{i}"))
+        .build_global()
+        .map_err(|e| format!("cannot start {n} CPU threads: {e}"))?;
+    Ok(n)
+}
+
 use crate::{
     Activation, AttentionParams, Backend, BackendError, KvSpec, Result, RopeLayout, StepInput,
     WeightData,
@@ -279,3 +342,19 @@ impl Backend for CpuBackend {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod thread_tests {
+    use super::count_cpus;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpus("0"), 1);
+        assert_eq!(count_cpus("0-1"), 2);
+        assert_eq!(count_cpus("0,4"), 2);
+        assert_eq!(count_cpus("0-3,8,10-11"), 7);
+        assert_eq!(count_cpus("3-1"), 0);
+        assert_eq!(count_cpus("x"), 0);
+        assert!(super::physical_cores() >= 1);
+    }
+}
