@@ -222,13 +222,26 @@ unsafe fn weigh_values_avx(
     // holds 64; the features per the caller.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); 8];
-        for_each_key(ctx, keys, |jj, at| {
-            let v = ctx.vc.as_ptr().add(at + c);
-            let wj = _mm256_set1_ps(*w.get_unchecked(jj));
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v.add(8 * r)), *a);
+        // The walk of `for_each_key`, written out: a closure would not
+        // inherit the caller's target features, and its intrinsics would
+        // become calls.
+        let (first, pos, table, kv_off) = keys;
+        let bs = ctx.block_size;
+        let mut j = first;
+        while j <= pos {
+            let (blk, within) = (j / bs, j % bs);
+            let last = (pos - j).min(bs - 1 - within);
+            let row0 = table[blk] as usize * bs + within;
+            for t in 0..=last {
+                let at = (row0 + t) * ctx.kv_width + kv_off;
+                let v = ctx.vc.as_ptr().add(at + c);
+                let wj = _mm256_set1_ps(*w.get_unchecked(j + t - first));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v.add(8 * r)), *a);
+                }
             }
-        });
+            j += last + 1;
+        }
         for (r, a) in acc.iter().enumerate() {
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * r), *a);
         }

@@ -1,21 +1,22 @@
 //! Weights of the block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
-//! Q6_K) repacked at load into groups of eight interleaved rows, and the
+//! Q6_K) repacked at load into groups of 16 interleaved rows, and the
 //! canonical computation over them.
 //!
 //! In the file, each row's blocks follow one another, so one output element
 //! is one row's dot product, and a SIMD register summing eight lanes of it
 //! still needs a horizontal sum and one float multiply per block per output.
-//! Interleaved, a register holds the same four elements of eight rows
-//! (lane `r` is row `r`'s), and one activation broadcast against it adds
-//! into eight outputs at once: after eight such products per 32 elements,
-//! lane `r` holds row `r`'s whole sum, exactly, and the float work (convert,
-//! scale, accumulate) is one instruction per eight outputs.
+//! Interleaved, a register holds the same four elements of 16 rows (lane
+//! `r` is row `r`'s; AVX2 takes a group as two halves of eight), and one
+//! activation broadcast against it adds into 16 outputs at once: after
+//! eight such products per 32 elements, lane `r` holds row `r`'s whole
+//! sum, exactly, and the float work (convert, scale, accumulate) is one
+//! instruction per 16 outputs.
 //!
-//! A group keeps, per block of the file, the codes of its eight rows
-//! (nibbles, plus bit planes for 5- and 6-bit codes, or bytes for Q8_0) and
-//! their scales in their integer or f16 form, so the packed weight is the
-//! file's size (K-quants: 3% more); the mapped pages of the original are
-//! released once copied ([`crate::HostBytes::release_resident`]).
+//! A group keeps, per block of the file, the codes of its rows (nibbles,
+//! plus bit planes for 5- and 6-bit codes, or bytes for Q8_0) and their
+//! scales in their integer or f16 form, so the packed weight is the file's
+//! size (K-quants: 3% more); the mapped pages of the original are released
+//! as they are copied ([`crate::HostBytes::release_resident`]).
 //!
 //! **The canonical computation** for input row `i` and weight row `j`, over
 //! the row's 32-element sub-blocks `b` in order (every kernel, SIMD or
@@ -39,8 +40,18 @@ use super::blocks::{self, IntFormat, Unpacked};
 use super::matmul::QK;
 use crate::quant::{scale_min_k4, GgmlType};
 
-/// Rows per interleaved group.
-pub(super) const NR: usize = 8;
+/// Rows per interleaved group: a 512-bit register's 16 lanes (AVX2 takes
+/// a group as two halves of eight).
+pub(super) const NR: usize = 16;
+/// Bytes of one code vector: four elements of each row of a group.
+pub(super) const VB: usize = 4 * NR;
+/// Offset, within a chunk's head, of the second f16 per row (minimum or dmin).
+const SECOND: usize = 2 * NR;
+/// Offset of the K-quants' 6-bit scales (a row of `NR` per sub-block), then
+/// of their minimums `8 * NR` bytes later; Q6_K's signed scales start at
+/// [`SECOND`] (a row of `NR` per half sub-block).
+const K_SCALES: usize = 4 * NR;
+const K_MINS: usize = K_SCALES + 8 * NR;
 
 /// The formats that are repacked, and what their layout holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,16 +138,17 @@ impl PackedFormat {
         }
     }
 
-    /// Code bytes per group and sub-block: 256 bytes, or 128 of nibbles
-    /// plus a 32-byte plane per extra bit.
+    /// Code bytes per group and sub-block: eight code vectors of bytes, or
+    /// four of nibbles plus a vector-sized plane per extra bit.
     pub const fn sub_bytes(self) -> usize {
         match self.code_bits() {
-            8 => 256,
-            bits => 128 + 32 * (bits - 4),
+            8 => 8 * VB,
+            bits => 4 * VB + VB * (bits - 4),
         }
     }
 
-    /// Offset of the scales (eight f16 `d`) within a chunk, after the codes.
+    /// Offset of the head (an f16 `d` per row, then the rest) within a
+    /// chunk, after the codes.
     pub const fn head(self) -> usize {
         self.subs() * self.sub_bytes()
     }
@@ -145,12 +157,12 @@ impl PackedFormat {
     pub const fn chunk(self) -> usize {
         self.head()
             + match self {
-                PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => 16,
-                PackedFormat::Q4_1 | PackedFormat::Q5_1 => 32,
-                // d, dmin, then per sub-block 8 scales and 8 minimums
-                PackedFormat::Q4K | PackedFormat::Q5K => 32 + 128,
-                // d, then per half sub-block 8 signed scales
-                PackedFormat::Q6K => 16 + 128,
+                PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => SECOND,
+                PackedFormat::Q4_1 | PackedFormat::Q5_1 => 2 * SECOND,
+                // d, dmin, then per sub-block a scale and a minimum per row
+                PackedFormat::Q4K | PackedFormat::Q5K => K_MINS + 8 * NR,
+                // d, then per half sub-block a signed scale per row
+                PackedFormat::Q6K => SECOND + 16 * NR,
             }
     }
 }
@@ -248,13 +260,13 @@ impl PackedWeight {
         let base = &chunk[s * fmt.sub_bytes()..];
         let at = 4 * r + e;
         if fmt.code_bits() == 8 {
-            return (base[32 * q + at] as i8 as i32) + 128;
+            return (base[VB * q + at] as i8 as i32) + 128;
         }
-        let byte = base[32 * (q % 4) + at];
+        let byte = base[VB * (q % 4) + at];
         let nib = if q < 4 { byte & 0x0f } else { byte >> 4 } as i32;
         let high = match fmt.code_bits() {
-            5 => ((base[128 + at] >> q) & 1) as i32,
-            6 => ((base[128 + 32 * (q / 4) + at] >> (2 * (q % 4))) & 3) as i32,
+            5 => ((base[4 * VB + at] >> q) & 1) as i32,
+            6 => ((base[4 * VB + VB * (q / 4) + at] >> (2 * (q % 4))) & 3) as i32,
             _ => 0,
         };
         nib | high << 4
@@ -266,8 +278,8 @@ impl PackedWeight {
         let head = &chunk[fmt.head()..];
         let d = f16_at(head, 2 * r);
         match fmt {
-            PackedFormat::Q4K | PackedFormat::Q5K => d * head[32 + 8 * s + r] as f32,
-            PackedFormat::Q6K => d * (head[16 + 8 * (2 * s + h) + r] as i8) as f32,
+            PackedFormat::Q4K | PackedFormat::Q5K => d * head[K_SCALES + NR * s + r] as f32,
+            PackedFormat::Q6K => d * (head[SECOND + NR * (2 * s + h) + r] as i8) as f32,
             _ => d,
         }
     }
@@ -277,9 +289,9 @@ impl PackedWeight {
         let head = &chunk[fmt.head()..];
         match fmt {
             PackedFormat::Q4K | PackedFormat::Q5K => {
-                -(f16_at(head, 16 + 2 * r) * head[96 + 8 * s + r] as f32)
+                -(f16_at(head, SECOND + 2 * r) * head[K_MINS + NR * s + r] as f32)
             }
-            _ => f16_at(head, 16 + 2 * r),
+            _ => f16_at(head, SECOND + 2 * r),
         }
     }
 }
@@ -297,13 +309,13 @@ fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8
             let at = 4 * r + e;
             let c = u.codes[QK * s + t];
             if fmt.code_bits() == 8 {
-                base[32 * q + at] = c;
+                base[VB * q + at] = c;
                 continue;
             }
-            base[32 * (q % 4) + at] |= if q < 4 { c & 0x0f } else { (c & 0x0f) << 4 };
+            base[VB * (q % 4) + at] |= if q < 4 { c & 0x0f } else { (c & 0x0f) << 4 };
             match fmt.code_bits() {
-                5 => base[128 + at] |= (c >> 4) << q,
-                6 => base[128 + 32 * (q / 4) + at] |= (c >> 4) << (2 * (q % 4)),
+                5 => base[4 * VB + at] |= (c >> 4) << q,
+                6 => base[4 * VB + VB * (q / 4) + at] |= (c >> 4) << (2 * (q % 4)),
                 _ => {}
             }
         }
@@ -319,19 +331,19 @@ fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8
     };
     head[2 * r..2 * r + 2].copy_from_slice(&blk[d..d + 2]);
     if let Some(o) = second {
-        head[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&blk[o..o + 2]);
+        head[SECOND + 2 * r..SECOND + 2 * r + 2].copy_from_slice(&blk[o..o + 2]);
     }
     match fmt {
         PackedFormat::Q4K | PackedFormat::Q5K => {
             for s in 0..8 {
                 let (sc, m) = scale_min_k4(s, &blk[4..16]);
-                head[32 + 8 * s + r] = sc;
-                head[96 + 8 * s + r] = m;
+                head[K_SCALES + NR * s + r] = sc;
+                head[K_MINS + NR * s + r] = m;
             }
         }
         PackedFormat::Q6K => {
             for g in 0..16 {
-                head[16 + 8 * g + r] = blk[192 + g];
+                head[SECOND + NR * g + r] = blk[192 + g];
             }
         }
         _ => {}
@@ -428,7 +440,7 @@ mod tests {
                 continue;
             };
             let f = IntFormat::of(ty).unwrap();
-            let (rows, blocks) = (11, 3);
+            let (rows, blocks) = (NR + 3, 3);
             let bytes = random_blocks(ty, rows * blocks, 5);
             let p = PackedWeight::pack(fmt, rows, blocks, &bytes);
             assert_eq!(p.data.len(), 2 * blocks * fmt.chunk());

@@ -1,19 +1,20 @@
 //! x86-64 kernels over interleaved weights: the canonical computation of
-//! [`super::packed`] with 256-bit vectors, lane `r` of every register being
-//! row `r` of an eight-row group.
+//! [`super::packed`], lane `r` of every register being row `r` of a group.
 //!
 //! Per group and 32-block the codes are decoded once into eight registers
-//! (four elements of each of the eight rows); each input row then
-//! broadcasts its four activation bytes against each, adding into eight
-//! exact block sums at once, and one convert, multiply and FMA scale all
-//! eight. 16-bit activations take two such passes, their `hi` and `lo`
-//! bytes, joined as `255 * hi + lo` in integers.
+//! (four elements of each row); each input row then broadcasts its four
+//! activation bytes against each, adding into the rows' exact block sums at
+//! once, and one convert, multiply and FMA scale them all. 16-bit
+//! activations take two such passes, their `hi` and `lo` bytes, joined as
+//! `255 * hi + lo` in integers. AVX2 and AVX-VNNI work on 256-bit
+//! registers, half a group at a time; AVX512-VNNI on 512-bit registers, a
+//! whole group of 16 rows (`tile512`), with the same lanes' arithmetic.
 
 use std::arch::x86_64::*;
 
 use super::actq::ActBits;
-use super::packed::{PackedFormat, PackedOperands, NR};
-use super::x86::{Avx2Dot, Avx512VnniDot, AvxVnniDot, Dot, Isa};
+use super::packed::{PackedFormat, PackedOperands, NR, VB};
+use super::x86::{Avx2Dot, AvxVnniDot, Dot, Isa};
 
 /// Runs the kernels of `isa` over input rows `i0..i1` and groups `g0..g1`.
 ///
@@ -74,8 +75,19 @@ unsafe fn packed_avx512vnni(
     g1: usize,
     out: *mut f32,
 ) {
-    // SAFETY: the caller's contract.
-    unsafe { dispatch::<Avx512VnniDot>(ops, i0, i1, g0, g1, out) }
+    // SAFETY (every arm): the caller's contract.
+    unsafe {
+        match ops.w.fmt {
+            PackedFormat::Q8_0 => cover512::<0>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q4_0 => cover512::<1>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q4_1 => cover512::<2>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q5_0 => cover512::<3>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q5_1 => cover512::<4>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q4K => cover512::<5>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q5K => cover512::<6>(ops, i0, i1, g0, g1, out),
+            PackedFormat::Q6K => cover512::<7>(ops, i0, i1, g0, g1, out),
+        }
+    }
 }
 
 /// Input rows per tile: their accumulators stay in registers while each
@@ -133,28 +145,34 @@ unsafe fn cover<D: Dot, const F: u8>(
     // SAFETY (all tiles): each stays inside i0..i1 x groups g0..g1, which the caller owns.
     unsafe {
         for g in g0..g1 {
-            let mut i = i0;
-            while i < i1 {
-                let rows = (i1 - i).min(MR);
-                match (rows, wide) {
-                    (1, false) => tile::<D, F, 1, false>(ops, i, g, out),
-                    (2, false) => tile::<D, F, 2, false>(ops, i, g, out),
-                    (3, false) => tile::<D, F, 3, false>(ops, i, g, out),
-                    (_, false) => tile::<D, F, MR, false>(ops, i, g, out),
-                    (1, true) => tile::<D, F, 1, true>(ops, i, g, out),
-                    (2, true) => tile::<D, F, 2, true>(ops, i, g, out),
-                    (3, true) => tile::<D, F, 3, true>(ops, i, g, out),
-                    (_, true) => tile::<D, F, MR, true>(ops, i, g, out),
+            for h in 0..2 {
+                if g * NR + HALF * h >= ops.n {
+                    break; // only padding rows
                 }
-                i += rows;
+                let mut i = i0;
+                while i < i1 {
+                    let rows = (i1 - i).min(MR);
+                    match (rows, wide) {
+                        (1, false) => tile::<D, F, 1, false>(ops, i, g, h, out),
+                        (2, false) => tile::<D, F, 2, false>(ops, i, g, h, out),
+                        (3, false) => tile::<D, F, 3, false>(ops, i, g, h, out),
+                        (_, false) => tile::<D, F, MR, false>(ops, i, g, h, out),
+                        (1, true) => tile::<D, F, 1, true>(ops, i, g, h, out),
+                        (2, true) => tile::<D, F, 2, true>(ops, i, g, h, out),
+                        (3, true) => tile::<D, F, 3, true>(ops, i, g, h, out),
+                        (_, true) => tile::<D, F, MR, true>(ops, i, g, h, out),
+                    }
+                    i += rows;
+                }
             }
         }
     }
 }
 
-/// The eight code registers of a group's sub-block at `p`: register `q`
-/// holds elements `4q..4q + 4` of each row. Q8_0's are its signed bytes as
-/// stored.
+/// The eight code registers of half a group's sub-block at `p` (the
+/// sub-block plus 32 bytes for the second half): register `q` holds
+/// elements `4q..4q + 4` of each of the half's eight rows. Q8_0's are its
+/// signed bytes as stored.
 #[inline(always)]
 unsafe fn codes<const F: u8>(p: *const u8) -> [__m256i; 8] {
     let fmt = format(F);
@@ -163,13 +181,13 @@ unsafe fn codes<const F: u8>(p: *const u8) -> [__m256i; 8] {
         let mut c = [_mm256_setzero_si256(); 8];
         if fmt.code_bits() == 8 {
             for (q, cq) in c.iter_mut().enumerate() {
-                *cq = _mm256_loadu_si256(p.add(32 * q) as *const __m256i);
+                *cq = _mm256_loadu_si256(p.add(VB * q) as *const __m256i);
             }
             return c;
         }
         let low = _mm256_set1_epi8(0x0f);
         for q in 0..4 {
-            let v = _mm256_loadu_si256(p.add(32 * q) as *const __m256i);
+            let v = _mm256_loadu_si256(p.add(VB * q) as *const __m256i);
             c[q] = _mm256_and_si256(v, low);
             c[q + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
         }
@@ -178,7 +196,7 @@ unsafe fn codes<const F: u8>(p: *const u8) -> [__m256i; 8] {
         // from the neighbouring byte land outside the mask.
         if fmt.code_bits() == 5 {
             // Bit q of a byte is the fifth bit of register q's element.
-            let qh = _mm256_loadu_si256(p.add(128) as *const __m256i);
+            let qh = _mm256_loadu_si256(p.add(4 * VB) as *const __m256i);
             let m = _mm256_set1_epi8(0x10);
             c[0] = _mm256_or_si256(c[0], _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m));
             c[1] = _mm256_or_si256(c[1], _mm256_and_si256(_mm256_slli_epi16::<3>(qh), m));
@@ -193,7 +211,7 @@ unsafe fn codes<const F: u8>(p: *const u8) -> [__m256i; 8] {
             // (then of 4..8) are the top two bits of register q's element.
             let m = _mm256_set1_epi8(0x30);
             for h in 0..2 {
-                let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+                let qh = _mm256_loadu_si256(p.add(4 * VB + VB * h) as *const __m256i);
                 let r = 4 * h;
                 c[r] = _mm256_or_si256(c[r], _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m));
                 c[r + 1] =
@@ -279,15 +297,21 @@ unsafe fn bytes8<const SIGNED: bool>(p: *const u8) -> __m256 {
     }
 }
 
-/// `R` input rows from `i` against group `g`.
+/// Rows of a group one 256-bit register holds.
+const HALF: usize = NR / 2;
+
+/// `R` input rows from `i` against half `half` (rows `8 half..8 half + 8`)
+/// of group `g`.
 ///
 /// # Safety
-/// `i + R <= m`, `g` is a group of the weight; the caller owns those output elements.
+/// `i + R <= m`, `g` is a group of the weight with a row `g * NR + 8 half`;
+/// the caller owns those output elements.
 #[inline(always)]
 unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
     ops: &PackedOperands,
     i: usize,
     g: usize,
+    half: usize,
     out: *mut f32,
 ) {
     let fmt = format(F);
@@ -307,15 +331,18 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
         let mut off = [_mm256_setzero_ps(); R];
         for fb in 0..nb / fmt.subs() {
             let p = ops.chunk(g, fb).as_ptr();
+            // This half's bytes: 4 of each 8 per code vector, 2 of each 16 per f16 row.
             let head = p.add(fmt.head());
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(head as *const __m128i));
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(head.add(2 * HALF * half) as *const __m128i));
             let second = if fmt.has_min() {
-                _mm256_cvtph_ps(_mm_loadu_si128(head.add(16) as *const __m128i))
+                let at = head.add(2 * NR + 2 * HALF * half);
+                _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
             } else {
                 _mm256_setzero_ps()
             };
+            let bytes_at = |o: usize| head.add(o + HALF * half);
             for s in 0..fmt.subs() {
-                let mut c = codes::<F>(p.add(s * fmt.sub_bytes()));
+                let mut c = codes::<F>(p.add(s * fmt.sub_bytes() + 4 * HALF * half));
                 let mut mag = [_mm256_setzero_si256(); 8];
                 if sign_trick {
                     for (m, cq) in mag.iter_mut().zip(&c) {
@@ -330,13 +357,13 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
                 // Scales of the sub-block (or its two halves) and its offset.
                 let (sc0, sc1, min) = match fmt {
                     PackedFormat::Q4K | PackedFormat::Q5K => {
-                        let sc = _mm256_mul_ps(d, bytes8::<false>(head.add(32 + 8 * s)));
-                        let m = _mm256_mul_ps(second, bytes8::<false>(head.add(96 + 8 * s)));
+                        let sc = _mm256_mul_ps(d, bytes8::<false>(bytes_at(4 * NR + NR * s)));
+                        let m = _mm256_mul_ps(second, bytes8::<false>(bytes_at(12 * NR + NR * s)));
                         (sc, sc, _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
                     }
                     PackedFormat::Q6K => (
-                        _mm256_mul_ps(d, bytes8::<true>(head.add(16 + 16 * s))),
-                        _mm256_mul_ps(d, bytes8::<true>(head.add(24 + 16 * s))),
+                        _mm256_mul_ps(d, bytes8::<true>(bytes_at(2 * NR + 2 * NR * s))),
+                        _mm256_mul_ps(d, bytes8::<true>(bytes_at(3 * NR + 2 * NR * s))),
                         second,
                     ),
                     _ => (d, d, second),
@@ -393,18 +420,269 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
                 }
             }
         }
-        let j0 = g * NR;
-        let lanes = (ops.n - j0).min(NR);
+        let j0 = g * NR + HALF * half;
+        let lanes = (ops.n - j0).min(HALF);
         for ii in 0..R {
             let y = _mm256_add_ps(acc[ii], off[ii]);
             let dst = out.add((i + ii) * ops.n + j0);
-            if lanes == NR {
+            if lanes == HALF {
                 _mm256_storeu_ps(dst, y);
             } else {
-                let mut tmp = [0f32; NR];
+                let mut tmp = [0f32; HALF];
                 _mm256_storeu_ps(tmp.as_mut_ptr(), y);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, lanes);
             }
+        }
+    }
+}
+
+// The same kernel on 512-bit registers (AVX512-VNNI): a whole group of 16
+// rows per register, half the instructions per product. Lane for lane the
+// same integer sums and float operations as `tile`, so the same results.
+
+#[inline(always)]
+unsafe fn cover512<const F: u8>(
+    ops: &PackedOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    let wide = ops.q.bits == ActBits::Int16;
+    // SAFETY (all tiles): each stays inside i0..i1 x groups g0..g1, which the caller owns.
+    unsafe {
+        for g in g0..g1 {
+            let mut i = i0;
+            while i < i1 {
+                let rows = (i1 - i).min(MR);
+                match (rows, wide) {
+                    (1, false) => tile512::<F, 1, false>(ops, i, g, out),
+                    (2, false) => tile512::<F, 2, false>(ops, i, g, out),
+                    (3, false) => tile512::<F, 3, false>(ops, i, g, out),
+                    (_, false) => tile512::<F, MR, false>(ops, i, g, out),
+                    (1, true) => tile512::<F, 1, true>(ops, i, g, out),
+                    (2, true) => tile512::<F, 2, true>(ops, i, g, out),
+                    (3, true) => tile512::<F, 3, true>(ops, i, g, out),
+                    (_, true) => tile512::<F, MR, true>(ops, i, g, out),
+                }
+                i += rows;
+            }
+        }
+    }
+}
+
+/// [`codes`] for a whole group: register `q` holds elements `4q..4q + 4`
+/// of each of the 16 rows. Q8_0's are its signed bytes as stored.
+#[inline(always)]
+unsafe fn codes512<const F: u8>(p: *const u8) -> [__m512i; 8] {
+    let fmt = format(F);
+    // SAFETY: one whole sub-block of the format at p; AVX512BW.
+    unsafe {
+        let mut c = [_mm512_setzero_si512(); 8];
+        if fmt.code_bits() == 8 {
+            for (q, cq) in c.iter_mut().enumerate() {
+                *cq = _mm512_loadu_si512(p.add(VB * q) as *const __m512i);
+            }
+            return c;
+        }
+        let low = _mm512_set1_epi8(0x0f);
+        for q in 0..4 {
+            let v = _mm512_loadu_si512(p.add(VB * q) as *const __m512i);
+            c[q] = _mm512_and_si512(v, low);
+            c[q + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+        }
+        // As in `codes`: planes of high bits moved to bit 4 (and 5).
+        if fmt.code_bits() == 5 {
+            let qh = _mm512_loadu_si512(p.add(4 * VB) as *const __m512i);
+            let m = _mm512_set1_epi8(0x10);
+            c[0] = or_masked(c[0], _mm512_slli_epi16::<4>(qh), m);
+            c[1] = or_masked(c[1], _mm512_slli_epi16::<3>(qh), m);
+            c[2] = or_masked(c[2], _mm512_slli_epi16::<2>(qh), m);
+            c[3] = or_masked(c[3], _mm512_slli_epi16::<1>(qh), m);
+            c[4] = or_masked(c[4], qh, m);
+            c[5] = or_masked(c[5], _mm512_srli_epi16::<1>(qh), m);
+            c[6] = or_masked(c[6], _mm512_srli_epi16::<2>(qh), m);
+            c[7] = or_masked(c[7], _mm512_srli_epi16::<3>(qh), m);
+        } else if fmt.code_bits() == 6 {
+            let m = _mm512_set1_epi8(0x30);
+            for h in 0..2 {
+                let qh = _mm512_loadu_si512(p.add(4 * VB + VB * h) as *const __m512i);
+                let r = 4 * h;
+                c[r] = or_masked(c[r], _mm512_slli_epi16::<4>(qh), m);
+                c[r + 1] = or_masked(c[r + 1], _mm512_slli_epi16::<2>(qh), m);
+                c[r + 2] = or_masked(c[r + 2], qh, m);
+                c[r + 3] = or_masked(c[r + 3], _mm512_srli_epi16::<2>(qh), m);
+            }
+        }
+        c
+    }
+}
+
+/// [`part_sum`] on a whole group (codes from [`codes512`], unsigned).
+/// (Functions, not closures: closures do not inherit the caller's target
+/// features, and their intrinsics would become calls.)
+#[inline(always)]
+unsafe fn part_sum512<const N: usize>(c: &[__m512i; 8], x: *const i8, q0: usize) -> __m512i {
+    // SAFETY: 32 readable bytes at x; AVX512-VNNI per the caller.
+    unsafe {
+        let mut s = [_mm512_setzero_si512(); 4];
+        for k in 0..N {
+            let q = q0 + k;
+            let xb = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * q) as *const i32));
+            s[k % 4] = _mm512_dpbusd_epi32(s[k % 4], c[q], xb);
+        }
+        _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]))
+    }
+}
+
+/// [`act_sum`] on a whole group.
+#[inline(always)]
+unsafe fn act_sum512<const N: usize, const WIDE: bool>(
+    c: &[__m512i; 8],
+    x: *const i8,
+    q0: usize,
+) -> __m512i {
+    // SAFETY: 32 (64 when wide) readable bytes at x.
+    unsafe {
+        let s = part_sum512::<N>(c, x, q0);
+        if WIDE {
+            let lo = part_sum512::<N>(c, x.add(32), q0);
+            _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32::<8>(s), s), lo)
+        } else {
+            s
+        }
+    }
+}
+
+/// `c | (v & m)`.
+#[inline(always)]
+unsafe fn or_masked(c: __m512i, v: __m512i, m: __m512i) -> __m512i {
+    // SAFETY: AVX512F per the caller.
+    unsafe { _mm512_or_si512(c, _mm512_and_si512(v, m)) }
+}
+
+/// Sixteen bytes at `p` (unsigned, or `SIGNED`) as f32 lanes.
+#[inline(always)]
+unsafe fn bytes16<const SIGNED: bool>(p: *const u8) -> __m512 {
+    // SAFETY: sixteen readable bytes at p.
+    unsafe {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        _mm512_cvtepi32_ps(if SIGNED {
+            _mm512_cvtepi8_epi32(v)
+        } else {
+            _mm512_cvtepu8_epi32(v)
+        })
+    }
+}
+
+/// [`tile`] for a whole group on 512-bit registers.
+///
+/// # Safety
+/// As [`tile`]; the CPU has AVX512F, BW, VL and VNNI.
+#[inline(always)]
+unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
+    ops: &PackedOperands,
+    i: usize,
+    g: usize,
+    out: *mut f32,
+) {
+    let fmt = format(F);
+    let nb = ops.k / 32;
+    let q = ops.q;
+    let zero_point = fmt.zero_point();
+    let x_bytes = if WIDE { 64 } else { 32 };
+    let xs = if WIDE { q.hilo.as_ptr() } else { q.qx.as_ptr() };
+    // SAFETY: as in `tile`.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut off = [_mm512_setzero_ps(); R];
+        for fb in 0..nb / fmt.subs() {
+            let p = ops.chunk(g, fb).as_ptr();
+            let head = p.add(fmt.head());
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(head as *const __m256i));
+            let second = if fmt.has_min() {
+                _mm512_cvtph_ps(_mm256_loadu_si256(head.add(2 * NR) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for s in 0..fmt.subs() {
+                let mut c = codes512::<F>(p.add(s * fmt.sub_bytes()));
+                if fmt == PackedFormat::Q8_0 {
+                    let flip = _mm512_set1_epi8(i8::MIN);
+                    for cq in c.iter_mut() {
+                        *cq = _mm512_xor_si512(*cq, flip);
+                    }
+                }
+                let (sc0, sc1, min) = match fmt {
+                    PackedFormat::Q4K | PackedFormat::Q5K => {
+                        let sc = _mm512_mul_ps(d, bytes16::<false>(head.add(4 * NR + NR * s)));
+                        let m = _mm512_mul_ps(second, bytes16::<false>(head.add(12 * NR + NR * s)));
+                        let neg = _mm512_castsi512_ps(_mm512_xor_si512(
+                            _mm512_castps_si512(m),
+                            _mm512_set1_epi32(i32::MIN),
+                        ));
+                        (sc, sc, neg)
+                    }
+                    PackedFormat::Q6K => (
+                        _mm512_mul_ps(d, bytes16::<true>(head.add(2 * NR + 2 * NR * s))),
+                        _mm512_mul_ps(d, bytes16::<true>(head.add(3 * NR + 2 * NR * s))),
+                        second,
+                    ),
+                    _ => (d, d, second),
+                };
+                for ii in 0..R {
+                    let blk = (i + ii) * nb + fb * fmt.subs() + s;
+                    let x = xs.add(x_bytes * blk);
+                    let dx = _mm512_set1_ps(*q.dx.get_unchecked(blk));
+                    if fmt.halves() {
+                        let k0 = zero_point * *q.isum16.get_unchecked(2 * blk);
+                        let k1 = zero_point * *q.isum16.get_unchecked(2 * blk + 1);
+                        let s0 = _mm512_sub_epi32(
+                            act_sum512::<4, WIDE>(&c, x, 0),
+                            _mm512_set1_epi32(k0),
+                        );
+                        let s1 = _mm512_sub_epi32(
+                            act_sum512::<4, WIDE>(&c, x, 4),
+                            _mm512_set1_epi32(k1),
+                        );
+                        acc[ii] = _mm512_fmadd_ps(
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(s0), dx),
+                            sc0,
+                            acc[ii],
+                        );
+                        acc[ii] = _mm512_fmadd_ps(
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(s1), dx),
+                            sc1,
+                            acc[ii],
+                        );
+                    } else {
+                        let sum = act_sum512::<8, WIDE>(&c, x, 0);
+                        let sum = if zero_point != 0 {
+                            let k = zero_point * *q.isum.get_unchecked(blk);
+                            _mm512_sub_epi32(sum, _mm512_set1_epi32(k))
+                        } else {
+                            sum
+                        };
+                        acc[ii] = _mm512_fmadd_ps(
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(sum), dx),
+                            sc0,
+                            acc[ii],
+                        );
+                    }
+                    if fmt.has_min() {
+                        let xsum = _mm512_set1_ps(*q.sum32.get_unchecked(blk));
+                        off[ii] = _mm512_fmadd_ps(min, xsum, off[ii]);
+                    }
+                }
+            }
+        }
+        let j0 = g * NR;
+        let lanes = (ops.n - j0).min(NR);
+        let mask: __mmask16 = if lanes == NR { !0 } else { (1u16 << lanes) - 1 };
+        for ii in 0..R {
+            let y = _mm512_add_ps(acc[ii], off[ii]);
+            _mm512_mask_storeu_ps(out.add((i + ii) * ops.n + j0), mask, y);
         }
     }
 }
