@@ -171,7 +171,7 @@ fn attend<const FMA: bool>(ctx: &Ctx, job: Job, scores: &mut Vec<f32>) {
         let row = &mut scores[h * n..(h + 1) * n];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         for s in row.iter_mut() {
-            *s = exp::<FMA>(*s - max);
+            *s = super::math::exp::<FMA>(*s - max);
         }
         let sum = sum8(row);
         let inv = 1.0 / sum;
@@ -290,37 +290,6 @@ fn sum8(a: &[f32]) -> f32 {
     (s[0] + s[2]) + (s[1] + s[3]) + tail
 }
 
-/// `e^x` for the softmax (x <= 0 there; any x works), within 2 ulp (3
-/// without FMA): a
-/// power of two times a polynomial on [-ln2/2, ln2/2]. Plain f32
-/// arithmetic, so loops over it vectorise (the library `expf` is a call per
-/// element), and every build computes the same values.
-#[inline(always)]
-fn exp<const FMA: bool>(x: f32) -> f32 {
-    let fma = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
-    if x < -87.0 {
-        return 0.0;
-    }
-    let x = x.min(88.0);
-    // k = round(x / ln2), by the 1.5 * 2^23 trick (|k| < 2^22).
-    const MAGIC: f32 = 12_582_912.0;
-    let k = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
-    // r = x - k ln2 in two steps (Cody and Waite), |r| <= ln2 / 2.
-    let r = fma(k, -0.693_359_4, x);
-    let r = fma(k, 2.121_944_4e-4, r);
-    // e^r by its Taylor polynomial to r^6 (Horner).
-    let mut p = 1.0 / 720.0;
-    p = fma(p, r, 1.0 / 120.0);
-    p = fma(p, r, 1.0 / 24.0);
-    p = fma(p, r, 1.0 / 6.0);
-    p = fma(p, r, 0.5);
-    p = fma(p, r, 1.0);
-    p = fma(p, r, 1.0);
-    // 2^k from the exponent bits (k in -126..=127 here).
-    let two_k = f32::from_bits(((k as i32 + 127) as u32) << 23);
-    p * two_k
-}
-
 /// [`dot8`], with AVX intrinsics where `FMA` (only [`attend_avx2`], which
 /// runs where AVX2 and FMA were detected, instantiates that): the same
 /// lanes and order, so the same result, but one 256-bit operation per
@@ -386,31 +355,4 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         acc[3] + acc[7],
     ];
     (s[0] + s[2]) + (s[1] + s[3]) + tail
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp;
-
-    #[test]
-    fn exp_is_within_a_few_ulp_of_the_library() {
-        let mut worst = 0f64;
-        // (Below e^-80 results near the smallest normal f32 lose relative
-        // precision; a softmax weight of 1e-35 is zero for every purpose.)
-        for i in 0..200_000 {
-            let x = -80.0 + 168.0 * i as f32 / 200_000.0;
-            for (got, fma) in [(exp::<true>(x), true), (exp::<false>(x), false)] {
-                let want = (x as f64).exp();
-                let ulp = (want as f32).abs() * f32::EPSILON;
-                let err = (got as f64 - want).abs() / ulp as f64;
-                let bound = if fma { 2.0 } else { 3.0 };
-                assert!(err <= bound, "exp({x}) = {got}, want {want} (fma {fma})");
-                worst = worst.max(err);
-            }
-        }
-        assert_eq!(exp::<true>(-100.0), 0.0);
-        assert_eq!(exp::<true>(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp::<true>(0.0), 1.0);
-        assert!(worst > 0.0);
-    }
 }

@@ -7,6 +7,7 @@
 mod actq;
 mod attention;
 mod blocks;
+mod math;
 mod matmul;
 mod ops;
 mod packed;
