@@ -81,10 +81,8 @@ struct Common {
 }
 
 fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
-    let model = f
-        .str("model")?
-        .ok_or_else(|| ApiError::bad_request("'model' is required"))?
-        .to_string();
+    // Empty when absent: `run` then picks the only model served.
+    let model = f.str("model")?.unwrap_or_default().to_string();
     let n = f.uint("n", MAX_N)?.unwrap_or(1) as usize;
     if n == 0 {
         return Err(ApiError::bad_request("'n' must be at least 1"));
@@ -301,6 +299,9 @@ async fn run(
     let v = Arc::new(parse_body(body)?);
     let f = Fields::new(&v, "")?;
     let mut c = common(&f, if api == Api::Chat { 4096 } else { 16 })?;
+    if c.model.is_empty() {
+        c.model = st.registry.only_model()?;
+    }
     rec.set_model(&c.model);
     let engine = st.registry.engine(&c.model)?;
     let top_logprobs = match api {

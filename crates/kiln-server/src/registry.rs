@@ -180,6 +180,24 @@ impl Registry {
             .ok_or_else(|| ApiError::unknown_model(name))
     }
 
+    /// The name of the only registered model, for OpenAI requests that name
+    /// none (DJL's chat schema makes `model` optional); with none or several,
+    /// a 400 that lists the names to choose from.
+    pub fn only_model(&self) -> Result<String, ApiError> {
+        let mut names: Vec<String> = self.all().iter().map(|m| m.name.clone()).collect();
+        names.sort();
+        match names.len() {
+            1 => Ok(names.remove(0)),
+            0 => Err(ApiError::bad_request(
+                "'model' is required (no model is served)",
+            )),
+            _ => Err(ApiError::bad_request(format!(
+                "'model' is required when several models are served: {}",
+                names.join(", ")
+            ))),
+        }
+    }
+
     /// The ready engine of a model, or the right error.
     pub fn engine(&self, name: &str) -> Result<Engine, ApiError> {
         self.get(name)?.engine()
