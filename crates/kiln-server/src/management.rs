@@ -277,21 +277,47 @@ pub async fn list(
     Ok(Json(body).into_response())
 }
 
+/// A model as DJL's `GET /models/{name}` describes it: one workflow of the
+/// model's name holding the model, whose worker group is kiln's one engine.
+/// kiln's own fields (path, properties, warnings, engine figures) sit
+/// inside the model object, beside DJL's.
 fn describe_json(m: &ModelEntry) -> Value {
     let s = m.settings.lock().map(|s| s.clone()).ok();
     let state = m.state();
+    let started = m
+        .registered_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let worker_status = match state {
+        ModelState::Ready(_) => "READY",
+        ModelState::Loading => "STARTING",
+        ModelState::Failed(_) => "FAILED",
+    };
     let mut d = json!({
         "modelName": m.name,
         "modelUrl": m.url,
         "modelPath": m.model_path.display().to_string(),
+        "engineType": "kiln",
         "status": state.label(),
-        "minWorkers": s.as_ref().map(|s| s.min_workers),
-        "maxWorkers": s.as_ref().map(|s| s.max_workers),
         "batchSize": s.as_ref().map(|s| s.batch_size),
         "maxBatchDelay": s.as_ref().map(|s| s.max_batch_delay_ms),
+        // kiln never retries a request on another worker.
+        "maxRetryTimeout": 0,
+        "queueSize": s.as_ref().map(|s| s.job_queue_size),
         "jobQueueSize": s.as_ref().map(|s| s.job_queue_size),
-        "engine": "kiln",
+        "requestInQueue": 0,
         "loadedAtStartup": true,
+        "workerGroups": [{
+            "device": {"deviceType": "cpu", "deviceId": -1},
+            "minWorkers": s.as_ref().map(|s| s.min_workers),
+            "maxWorkers": s.as_ref().map(|s| s.max_workers),
+            "workers": [{
+                "id": 1,
+                "startTime": kiln_model::chat::format_utc(started, "%Y-%m-%dT%H:%M:%SZ"),
+                "status": worker_status,
+            }],
+        }],
     });
     if let Some(p) = &m.properties {
         d["properties"] = json!(p.raw);
@@ -303,7 +329,7 @@ fn describe_json(m: &ModelEntry) -> Value {
         ModelState::Ready(e) => {
             let info = e.info();
             let mt = e.metrics();
-            d["queueLength"] = json!(mt.waiting);
+            d["requestInQueue"] = json!(mt.waiting);
             d["requestInFlight"] = json!(mt.running);
             d["kiln"] = json!({
                 "backend": info.backend,
@@ -321,7 +347,7 @@ fn describe_json(m: &ModelEntry) -> Value {
         ModelState::Failed(msg) => d["error"] = json!(msg),
         ModelState::Loading => {}
     }
-    d
+    json!({"workflowName": m.name, "version": Value::Null, "models": [d]})
 }
 
 /// `GET /models/{name}`: a one-element list, as DJL answers.

@@ -1143,7 +1143,6 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
         ),
     ];
     let openai: Vec<(&str, Value, u16, &str)> = vec![
-        ("/v1/completions", json!({"prompt": "x"}), 400, "model"),
         (
             "/v1/completions",
             json!({"model": "nope", "prompt": "x"}),
@@ -1266,7 +1265,8 @@ fn management_describe_scale_register_page_and_unregister() {
     let _g = models_lock();
     let r = s.get("/models/default");
     assert_eq!(r.status, 200);
-    let d = &r.json()[0];
+    let v = r.json();
+    let d = &v[0]["models"][0];
     assert_eq!(d["modelName"], "default");
     assert_eq!(d["status"], "Healthy");
     assert!(d["kiln"]["kvCache"]["blocks"].as_u64().unwrap() > 0, "{d}");
@@ -1275,7 +1275,10 @@ fn management_describe_scale_register_page_and_unregister() {
     assert_eq!(r.status, 200, "{}", r.text());
     let d = s.get("/models/default").json();
     assert_eq!(
-        (d[0]["minWorkers"].clone(), d[0]["maxWorkers"].clone()),
+        (
+            d[0]["models"][0]["workerGroups"][0]["minWorkers"].clone(),
+            d[0]["models"][0]["workerGroups"][0]["maxWorkers"].clone()
+        ),
         (json!(1), json!(3))
     );
 
@@ -1284,8 +1287,14 @@ fn management_describe_scale_register_page_and_unregister() {
     let r = register(s, &format!("url={file}&model_name=page_a&job_queue_size=7"));
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json()["status"].as_str().unwrap().contains("page_a"));
-    assert_eq!(s.get("/models/page_a").json()[0]["status"], "Healthy");
-    assert_eq!(s.get("/models/page_a").json()[0]["jobQueueSize"], 7);
+    assert_eq!(
+        s.get("/models/page_a").json()[0]["models"][0]["status"],
+        "Healthy"
+    );
+    assert_eq!(
+        s.get("/models/page_a").json()[0]["models"][0]["jobQueueSize"],
+        7
+    );
     // Asynchronous registration answers 202 at once.
     let r = register(
         s,
@@ -1293,7 +1302,7 @@ fn management_describe_scale_register_page_and_unregister() {
     );
     assert_eq!(r.status, 202, "{}", r.text());
     assert!(eventually(Duration::from_secs(30), || {
-        (s.get("/models/page_b").json()[0]["status"] == "Healthy").then_some(())
+        (s.get("/models/page_b").json()[0]["models"][0]["status"] == "Healthy").then_some(())
     })
     .is_some());
     // A name taken is a conflict.
@@ -1386,7 +1395,12 @@ fn registering_a_directory_with_model_py_warns_once() {
     let r = register(s, &format!("url={}", url_escape(&dir)));
     assert_eq!(r.status, 200, "{}", r.text());
     let d = s.get("/models/with_handler").json();
-    assert!(d[0]["warnings"].to_string().contains("model.py"), "{d}");
+    assert!(
+        d[0]["models"][0]["warnings"]
+            .to_string()
+            .contains("model.py"),
+        "{d}"
+    );
     let needle = dir.join("model.py").display().to_string();
     let lines: Vec<String> = s
         .stderr()
@@ -1640,7 +1654,7 @@ fn client_disconnect_cancels_generation_and_frees_kv_blocks() {
         assert_eq!(generated(s), g1, "{path}: still generating");
         assert!(g1 - g0 < 500.0, "{path}: generated {} tokens", g1 - g0);
         let d = s.get("/models/cancel_me").json();
-        assert_eq!(d[0]["kiln"]["kvCache"]["blocksUsed"], 0);
+        assert_eq!(d[0]["models"][0]["kiln"]["kvCache"]["blocksUsed"], 0);
     }
     let r = s.req("DELETE", "/models/cancel_me", &[], b"");
     assert_eq!(r.status, 200);
@@ -1999,11 +2013,14 @@ fn model_store_in_the_reference_layout_serves_with_one_model_py_warning() {
     // Its properties are reported, with warnings for what kiln does not do.
     let d = s.get("/models/opt13b").json();
     assert_eq!(
-        d[0]["properties"]["option.tensor_parallel_degree"], "2",
+        d[0]["models"][0]["properties"]["option.tensor_parallel_degree"], "2",
         "{d}"
     );
-    assert_eq!(d[0]["kiln"]["maxModelLen"], 512, "option.n_positions: {d}");
-    let warnings = d[0]["warnings"].to_string();
+    assert_eq!(
+        d[0]["models"][0]["kiln"]["maxModelLen"], 512,
+        "option.n_positions: {d}"
+    );
+    let warnings = d[0]["models"][0]["warnings"].to_string();
     assert!(warnings.contains("tensor_parallel_degree"), "{warnings}");
     assert!(warnings.contains("model.py"), "{warnings}");
     // With a 16 MiB KV cache (364 tokens), a chat request without max_tokens
@@ -2159,8 +2176,8 @@ fn a_bad_serving_properties_fails_its_model_and_the_rest_serve() {
     ]));
     for (i, (_, needles)) in cases.iter().enumerate() {
         let d = s.get(&format!("/models/bad{i}")).json();
-        assert_eq!(d[0]["status"], "Failed", "{d}");
-        let msg = d[0]["error"].as_str().unwrap_or_default();
+        assert_eq!(d[0]["models"][0]["status"], "Failed", "{d}");
+        let msg = d[0]["models"][0]["error"].as_str().unwrap_or_default();
         assert!(
             msg.contains(&props[i].display().to_string()),
             "case {i}: the file is not named: {msg}"
@@ -2214,7 +2231,7 @@ fn ping_is_503_naming_models_that_are_still_loading() {
         let v = p.json();
         assert_eq!(v["status"], "Loading", "{v}");
         assert_eq!(v["loading"], json!([name]), "{v}");
-        if d[0]["status"] == "Loading" {
+        if d[0]["models"][0]["status"] == "Loading" {
             assert_djl_error(&q, 503, "loading");
         }
         seen = true;
@@ -2328,7 +2345,7 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
 fn the_queue_size_of_file_models_comes_from_the_flag_or_the_environment() {
     let file = model_file().display().to_string();
     let queue = |s: &Server, name: &str| {
-        s.get(&format!("/models/{name}")).json()[0]["jobQueueSize"].clone()
+        s.get(&format!("/models/{name}")).json()[0]["models"][0]["jobQueueSize"].clone()
     };
     let s = Server::start(Opts::args(&[
         "--job-queue-size",
