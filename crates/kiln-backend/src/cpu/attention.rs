@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::matmul::hsum8;
 use super::{CpuKvCache, CpuTensor};
 use crate::{AttentionParams, BackendError, Result, StepInput};
 
@@ -160,13 +161,13 @@ fn attend<const FMA: bool>(ctx: &Ctx, job: Job, scores: &mut Vec<f32>) {
     let n = job.pos + 1 - job.first;
     scores.clear();
     scores.resize(group * n, 0.0);
-    let keys = (job.first, job.pos, job.block_table, job.kv_off);
-    for_each_key(ctx, keys, |jj, at| {
+    let keys = KeyRows::new(ctx, &job);
+    for (jj, at) in keys.clone() {
         let k = &ctx.kc[at..at + hd];
         for h in 0..group {
             scores[h * n + jj] = dot::<FMA>(&job.q[h * hd..(h + 1) * hd], k) * ctx.scale;
         }
-    });
+    }
     for h in 0..group {
         let row = &mut scores[h * n..(h + 1) * n];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -185,12 +186,12 @@ fn attend<const FMA: bool>(ctx: &Ctx, job: Job, scores: &mut Vec<f32>) {
                 let w = &scores[h * n..(h + 1) * n];
                 let out = &mut job.out[h * hd + c..h * hd + c + 64];
                 // SAFETY: FMA is true only inside `attend_avx2` (AVX2 and FMA detected).
-                unsafe { weigh_values_avx(ctx, keys, c, w, out) };
+                unsafe { weigh_values_avx(ctx, keys.clone(), c, w, out) };
             }
         }
         return;
     }
-    for_each_key(ctx, keys, |jj, at| {
+    for (jj, at) in keys {
         let v = &ctx.vc[at..at + hd];
         for h in 0..group {
             let w = scores[h * n + jj];
@@ -198,7 +199,7 @@ fn attend<const FMA: bool>(ctx: &Ctx, job: Job, scores: &mut Vec<f32>) {
                 *o = if FMA { w.mul_add(x, *o) } else { *o + w * x };
             }
         }
-    });
+    }
 }
 
 /// `out[d] = sum over keys j, in order, of w[j] * v_j[c + d]` for 64
@@ -209,38 +210,21 @@ fn attend<const FMA: bool>(ctx: &Ctx, job: Job, scores: &mut Vec<f32>) {
 /// The CPU has AVX2 and FMA; `out` holds 64 floats; `w` a weight per key.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn weigh_values_avx(
-    ctx: &Ctx,
-    keys: (usize, usize, &[u32], usize),
-    c: usize,
-    w: &[f32],
-    out: &mut [f32],
-) {
+unsafe fn weigh_values_avx(ctx: &Ctx, keys: KeyRows, c: usize, w: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     // SAFETY: each key's row has head_dim >= c + 64 floats at its offset
     // (the cache's bounds were checked when the step was validated); `out`
     // holds 64; the features per the caller.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); 8];
-        // The walk of `for_each_key`, written out: a closure would not
-        // inherit the caller's target features, and its intrinsics would
-        // become calls.
-        let (first, pos, table, kv_off) = keys;
-        let bs = ctx.block_size;
-        let mut j = first;
-        while j <= pos {
-            let (blk, within) = (j / bs, j % bs);
-            let last = (pos - j).min(bs - 1 - within);
-            let row0 = table[blk] as usize * bs + within;
-            for t in 0..=last {
-                let at = (row0 + t) * ctx.kv_width + kv_off;
-                let v = ctx.vc.as_ptr().add(at + c);
-                let wj = _mm256_set1_ps(*w.get_unchecked(j + t - first));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v.add(8 * r)), *a);
-                }
+        // (A loop, not a closure: closures do not inherit the caller's
+        // target features, and their intrinsics would become calls.)
+        for (jj, at) in keys {
+            let v = ctx.vc.as_ptr().add(at + c);
+            let wj = _mm256_set1_ps(*w.get_unchecked(jj));
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v.add(8 * r)), *a);
             }
-            j += last + 1;
         }
         for (r, a) in acc.iter().enumerate() {
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * r), *a);
@@ -248,25 +232,59 @@ unsafe fn weigh_values_avx(
     }
 }
 
-/// Calls `f(index, offset)` for keys `job.first..=job.pos` in order: the
-/// key's index from `first` and the offset of its head's row in the cache,
-/// walking the block table a block at a time (no division per key).
-#[inline(always)]
-fn for_each_key(
-    ctx: &Ctx,
-    (first, pos, table, kv_off): (usize, usize, &[u32], usize),
-    mut f: impl FnMut(usize, usize),
-) {
-    let bs = ctx.block_size;
-    let mut j = first;
-    while j <= pos {
-        let (blk, within) = (j / bs, j % bs);
-        let last = (pos - j).min(bs - 1 - within);
-        let row0 = table[blk] as usize * bs + within;
-        for t in 0..=last {
-            f(j + t - first, (row0 + t) * ctx.kv_width + kv_off);
+/// Keys `first..=pos` of a job in order, as (index from `first`, offset of
+/// the key head's row in the cache), walking the block table a block at a
+/// time (no division per key).
+#[derive(Clone)]
+struct KeyRows<'a> {
+    table: &'a [u32],
+    block_size: usize,
+    kv_width: usize,
+    kv_off: usize,
+    first: usize,
+    pos: usize,
+    /// The next key, and the cache row of its block's next slot.
+    j: usize,
+    row: usize,
+    /// Keys left in the current block.
+    left: usize,
+}
+
+impl<'a> KeyRows<'a> {
+    fn new(ctx: &Ctx, job: &Job<'a>) -> Self {
+        KeyRows {
+            table: job.block_table,
+            block_size: ctx.block_size,
+            kv_width: ctx.kv_width,
+            kv_off: job.kv_off,
+            first: job.first,
+            pos: job.pos,
+            j: job.first,
+            row: 0,
+            left: 0,
         }
-        j += last + 1;
+    }
+}
+
+impl Iterator for KeyRows<'_> {
+    type Item = (usize, usize);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<(usize, usize)> {
+        if self.j > self.pos {
+            return None;
+        }
+        if self.left == 0 {
+            let bs = self.block_size;
+            let (blk, within) = (self.j / bs, self.j % bs);
+            self.row = self.table[blk] as usize * bs + within;
+            self.left = (self.pos - self.j).min(bs - 1 - within) + 1;
+        }
+        let item = (self.j - self.first, self.row * self.kv_width + self.kv_off);
+        self.j += 1;
+        self.row += 1;
+        self.left -= 1;
+        Some(item)
     }
 }
 
@@ -281,13 +299,7 @@ fn sum8(a: &[f32]) -> f32 {
             acc[l] += x[l];
         }
     }
-    let s = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    (s[0] + s[2]) + (s[1] + s[3]) + tail
+    hsum8(&acc) + tail
 }
 
 /// [`dot8`], with AVX intrinsics where `FMA` (only [`attend_avx2`], which
@@ -348,11 +360,5 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
             };
         }
     }
-    let s = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    (s[0] + s[2]) + (s[1] + s[3]) + tail
+    hsum8(&acc) + tail
 }

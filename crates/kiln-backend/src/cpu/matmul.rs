@@ -440,7 +440,7 @@ fn offset_dot(c: &[f32], s: &[f32]) -> f32 {
 }
 
 /// Sum of eight lanes in the order the AVX2 `hsum` adds them.
-fn hsum8(a: &[f32; 8]) -> f32 {
+pub(super) fn hsum8(a: &[f32; 8]) -> f32 {
     let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     let t = [s[0] + s[2], s[1] + s[3]];
     t[0] + t[1]
