@@ -2,7 +2,7 @@
 //! vectorise (the library's are a call per element) and every build
 //! computes the same values.
 
-/// `e^x` (for the softmax and SiLU), within 2 ulp (3 without FMA): a power
+/// `e^x` (for the attention softmax), within 2 ulp (3 without FMA): a power
 /// of two times a polynomial on [-ln2/2, ln2/2].
 #[inline(always)]
 pub(super) fn exp<const FMA: bool>(x: f32) -> f32 {

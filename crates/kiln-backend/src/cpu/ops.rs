@@ -222,7 +222,7 @@ pub(super) fn activation_inplace(x: &mut CpuTensor, act: Activation) {
 /// One activation value.
 pub fn activate(x: f32, act: Activation) -> f32 {
     match act {
-        Activation::Silu => x / (1.0 + super::math::exp::<false>(-x)),
+        Activation::Silu => x / (1.0 + (-x).exp()),
         Activation::Relu => x.max(0.0),
         Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
         Activation::GeluTanh => {
