@@ -4,7 +4,10 @@
 //! prints, for each weight format (default: all; names as `GgmlType`'s,
 //! e.g. `Q4K BF16`) and batch size, the best of several runs in GMAC/s
 //! (multiply-accumulates per second) and, for one row, in GB/s of weights
-//! streamed.
+//! streamed. The last column divides by the process's CPU time instead of
+//! the wall clock: on a shared machine, where other processes take turns
+//! on the cores, it still measures the kernels (with `RAYON_NUM_THREADS=1`
+//! it is one core's rate).
 
 use std::time::Instant;
 
@@ -39,6 +42,16 @@ fn bytes_for(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// CPU time of the whole process so far (user + system), in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 fn main() {
     let be = CpuBackend::new();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -48,8 +61,8 @@ fn main() {
         .collect();
     // The default model's shapes; K-quants need rows of whole 256-blocks.
     let shapes = [(1536usize, 576usize), (576, 1536), (49152, 576)];
-    println!("| format | n x k | m | best ms | GMAC/s | GB/s (weights) |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| format | n x k | m | best ms | GMAC/s | GB/s (weights) | GMAC per CPU-s |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for ty in formats {
         for &(n, k) in &shapes {
             let k = if ty.block().0 == 256 {
@@ -87,13 +100,14 @@ fn main() {
                 )
                 .expect("x");
                 let reps = (2_000_000_000 / (m * n * k)).clamp(3, 200);
-                let mut best = f64::INFINITY;
+                let (mut best, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
                 for _ in 0..5 {
-                    let t = Instant::now();
+                    let (t, c) = (Instant::now(), cpu_seconds());
                     for _ in 0..reps {
                         std::hint::black_box(be.linear(&x, &w, None).expect("linear"));
                     }
                     best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                    best_cpu = best_cpu.min((cpu_seconds() - c) / reps as f64);
                 }
                 let gmac = (m * n * k) as f64 / best / 1e9;
                 let gbs = if m == 1 {
@@ -101,8 +115,9 @@ fn main() {
                 } else {
                     "-".into()
                 };
+                let cpu_gmac = (m * n * k) as f64 / best_cpu / 1e9;
                 println!(
-                    "| {ty:?} | {n} x {k} | {m} | {:.3} | {gmac:.1} | {gbs} |",
+                    "| {ty:?} | {n} x {k} | {m} | {:.3} | {gmac:.1} | {gbs} | {cpu_gmac:.1} |",
                     best * 1e3
                 );
             }

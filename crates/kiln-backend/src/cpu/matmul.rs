@@ -5,20 +5,18 @@
 //! whatever the shape of the batch and whichever SIMD kernel runs.** That is
 //! what makes a sequence's output identical alone or batched with others, and
 //! with its prompt prefilled in one step or in chunks (the engine's
-//! batch-invariance guarantee). For input row `i` and weight row `j`, with
-//! the row split into 32-element blocks `b`:
+//! batch-invariance guarantee). Each family of formats has its canonical
+//! computation:
 //!
-//! Float weights (F32, F16, BF16; activations stay f32, weights are widened
-//! to f32 exactly):
-//! ```text
-//! s_b  = w[0..8]·x[0..8]  then += w[8..16]·x[8..16], [16..24], [24..32]   (8 lanes, FMA)
-//! acc  = acc + s_b                                                        (8 lanes)
-//! y_ij = hsum(acc) + tail          (tail: the last k % 32 products, one by one)
-//! ```
-//!
-//! Integer weights (every block format; see [`super::blocks`] for the
-//! code/scale/coefficient form each decodes to) against the activation
-//! quantized to 8 bits per 32-block ([`super::actq`]):
+//! - Float weights (F32, F16, BF16): [`super::float_packed`], one FMA per
+//!   element, in order, over a transposed copy of the weights.
+//! - Block formats repacked at load: [`super::packed`].
+//! - The others (Q2_K, Q3_K, and every block format with
+//!   `KILN_CPU_REPACK=0`), computed from the file's rows below: for input row
+//!   `i` and weight row `j`, with the row split into 32-element blocks `b`,
+//!   the weights decoded to codes, scales and coefficients
+//!   ([`super::blocks`]) against the activation quantized per 32-block
+//!   ([`super::actq`]):
 //! ```text
 //! L_b[l] = sum of code[t] * qx[t] for t in 4l..4l+4      (8 lanes, exact integers)
 //! acc[l] = fma(float(L_b[l]) * dx_b, scale[l < 4 ? 2b : 2b + 1], acc[l])
@@ -36,10 +34,10 @@ use rayon::prelude::*;
 
 use super::actq::{ActBits, ActLayout, QuantizedRows};
 use super::blocks::{self, IntFormat, Unpacked};
+use super::float_packed::FloatOperands;
 use super::packed::{PackedOperands, NR};
 use super::weight::CpuWeight;
 use super::CpuTensor;
-use crate::quant::GgmlType;
 use crate::{BackendError, Result};
 
 /// Elements per block of the canonical computation.
@@ -48,25 +46,6 @@ pub(super) const QK: usize = 32;
 const MAX_BAND: usize = 64;
 /// Input rows processed against one band before moving on, so they stay in cache.
 const ROW_CHUNK: usize = 64;
-
-/// The float storage formats.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum FloatFormat {
-    F32,
-    F16,
-    BF16,
-}
-
-/// What a float kernel reads.
-#[derive(Clone, Copy)]
-pub(super) struct FloatOperands<'a> {
-    pub fmt: FloatFormat,
-    pub w: &'a [u8],
-    pub row_bytes: usize,
-    pub x: &'a [f32],
-    pub n: usize,
-    pub k: usize,
-}
 
 /// What an integer kernel reads.
 #[derive(Clone, Copy)]
@@ -77,18 +56,6 @@ pub(super) struct IntOperands<'a> {
     pub q: &'a QuantizedRows,
     pub n: usize,
     pub k: usize,
-}
-
-impl FloatFormat {
-    /// The float format of `ty`; F32 for anything that is not F16 or BF16
-    /// (callers have already routed block formats to the integer kernels).
-    fn of(ty: GgmlType) -> Self {
-        match ty {
-            GgmlType::F16 => FloatFormat::F16,
-            GgmlType::BF16 => FloatFormat::BF16,
-            _ => FloatFormat::F32,
-        }
-    }
 }
 
 impl IntOperands<'_> {
@@ -104,22 +71,6 @@ impl IntOperands<'_> {
             16 => &self.q.sum16[i * g..(i + 1) * g],
             32 => &self.q.sum32[i * g..(i + 1) * g],
             _ => &[],
-        }
-    }
-}
-
-/// Everything one `linear` call's kernels read.
-#[derive(Clone, Copy)]
-pub(super) enum Operands<'a> {
-    Float(FloatOperands<'a>),
-    Int(IntOperands<'a>),
-}
-
-impl Operands<'_> {
-    fn n(&self) -> usize {
-        match self {
-            Operands::Float(o) => o.n,
-            Operands::Int(o) => o.n,
         }
     }
 }
@@ -180,27 +131,42 @@ fn linear_with(
         });
         return finish(x, out, n, bias);
     }
-    let ops = match IntFormat::of(w.ty) {
-        Some(f) => {
-            // Block formats have whole blocks per row, so k is a multiple of 32.
-            quantized = QuantizedRows::new(&x.data, k, bits);
-            Operands::Int(IntOperands {
-                f,
-                w: &w.bytes,
-                row_bytes: w.row_bytes,
-                q: &quantized,
-                n,
-                k,
-            })
-        }
-        None => Operands::Float(FloatOperands {
-            fmt: FloatFormat::of(w.ty),
-            w: &w.bytes,
-            row_bytes: w.row_bytes,
+    if let Some(fw) = &w.float {
+        let ops = FloatOperands {
+            w: fw,
             x: &x.data,
             n,
             k,
-        }),
+        };
+        let groups = fw.groups;
+        let band = (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR);
+        (0..groups.div_ceil(band)).into_par_iter().for_each(|t| {
+            let g0 = t * band;
+            let g1 = (g0 + band).min(groups);
+            for i0 in (0..m).step_by(ROW_CHUNK) {
+                let i1 = (i0 + ROW_CHUNK).min(m);
+                // SAFETY: this task writes only columns of groups g0..g1 of
+                // rows i0..i1 of `out` (m x n); no other task writes those.
+                unsafe { compute_float(&ops, i0, i1, g0, g1, out_ptr.get()) };
+            }
+        });
+        return finish(x, out, n, bias);
+    }
+    let Some(f) = IntFormat::of(w.ty) else {
+        return Err(BackendError::Invalid {
+            op: "linear",
+            msg: format!("{:?} weights have no kernel", w.ty),
+        });
+    };
+    // Block formats have whole blocks per row, so k is a multiple of 32.
+    quantized = QuantizedRows::new(&x.data, k, bits);
+    let ops = IntOperands {
+        f,
+        w: &w.bytes,
+        row_bytes: w.row_bytes,
+        q: &quantized,
+        n,
+        k,
     };
     // Enough tasks per thread that uneven finishing times even out.
     let band = (n / (rayon::current_num_threads() * 8)).clamp(4, MAX_BAND);
@@ -256,7 +222,14 @@ unsafe impl Sync for SendPtr {}
 ///
 /// # Safety
 /// `out` points to an `m x n` buffer; no other thread touches these elements.
-unsafe fn compute_block(ops: &Operands, i0: usize, i1: usize, j0: usize, j1: usize, out: *mut f32) {
+unsafe fn compute_block(
+    ops: &IntOperands,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if let Some(isa) = super::x86::Isa::detected() {
@@ -293,76 +266,50 @@ unsafe fn compute_packed(
     unsafe { super::packed::portable_block(ops, i0, i1, g0, g1, out) }
 }
 
+/// Computes rows `i0..i1` of the columns of groups `g0..g1` over float weights.
+///
+/// # Safety
+/// As [`compute_block`].
+unsafe fn compute_float(
+    ops: &FloatOperands,
+    i0: usize,
+    i1: usize,
+    g0: usize,
+    g1: usize,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(isa) = super::x86::Isa::detected() {
+            // SAFETY: the CPU features were detected; the caller's contract carries over.
+            unsafe { super::x86_float::block(isa, ops, i0, i1, g0, g1, out) };
+            return;
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { super::float_packed::portable_block(ops, i0, i1, g0, g1, out) }
+}
+
 /// The portable kernel: the canonical computation, element by element.
 ///
 /// # Safety
 /// As [`compute_block`].
 pub(super) unsafe fn portable_block(
-    ops: &Operands,
+    ops: &IntOperands,
     i0: usize,
     i1: usize,
     j0: usize,
     j1: usize,
     out: *mut f32,
 ) {
-    let n = ops.n();
     let mut scratch = PortableScratch::default();
     for i in i0..i1 {
         for j in j0..j1 {
-            let y = match ops {
-                Operands::Float(o) => portable_float(o, i, j),
-                Operands::Int(o) => portable_int(o, i, j, &mut scratch),
-            };
+            let y = portable_int(ops, i, j, &mut scratch);
             // SAFETY: i < m and j < n, inside the buffer; the caller owns the element.
-            unsafe { *out.add(i * n + j) = y };
+            unsafe { *out.add(i * ops.n + j) = y };
         }
     }
-}
-
-/// Element `t` of float weight row `j`, widened to f32 (exactly).
-pub(super) fn float_at(ops: &FloatOperands, j: usize, t: usize) -> f32 {
-    let p = j * ops.row_bytes;
-    match ops.fmt {
-        FloatFormat::F32 => {
-            let b = &ops.w[p + 4 * t..p + 4 * t + 4];
-            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-        }
-        FloatFormat::F16 => {
-            half::f16::from_le_bytes([ops.w[p + 2 * t], ops.w[p + 2 * t + 1]]).to_f32()
-        }
-        FloatFormat::BF16 => {
-            half::bf16::from_le_bytes([ops.w[p + 2 * t], ops.w[p + 2 * t + 1]]).to_f32()
-        }
-    }
-}
-
-fn portable_float(ops: &FloatOperands, i: usize, j: usize) -> f32 {
-    let k = ops.k;
-    let nb = k / QK;
-    let x = &ops.x[i * k..(i + 1) * k];
-    let mut acc = [0f32; 8];
-    for b in 0..nb {
-        let mut s = [0f32; 8];
-        for q in 0..4 {
-            for (l, sl) in s.iter_mut().enumerate() {
-                let t = b * QK + q * 8 + l;
-                let w = float_at(ops, j, t);
-                *sl = if q == 0 {
-                    w * x[t]
-                } else {
-                    w.mul_add(x[t], *sl)
-                };
-            }
-        }
-        for l in 0..8 {
-            acc[l] += s[l];
-        }
-    }
-    let mut y = hsum8(&acc);
-    for (t, &xt) in x.iter().enumerate().skip(nb * QK) {
-        y += float_at(ops, j, t) * xt;
-    }
-    y
 }
 
 /// Reused buffers of the portable integer kernel.
@@ -450,6 +397,7 @@ pub(super) fn hsum8(a: &[f32; 8]) -> f32 {
 mod tests {
     use super::*;
     use crate::cpu::tests::{float_weight_bytes, rand_vec as rand, random_blocks, ALL_FORMATS};
+    use crate::quant::GgmlType;
     use crate::WeightData;
 
     fn weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> CpuWeight {
@@ -571,36 +519,25 @@ mod tests {
     }
 
     /// Every SIMD kernel this CPU can run computes the canonical result bit
-    /// for bit (the portable kernel is its definition).
+    /// for bit over the file's rows (the portable kernel is its definition).
     #[test]
     fn every_kernel_agrees_with_the_portable_one_bit_for_bit() {
         for ty in ALL_FORMATS {
-            let (k, n, m) = (k_for(ty) + if ty.block().0 == 1 { 5 } else { 0 }, 19, 9);
+            let Some(f) = IntFormat::of(ty) else {
+                continue;
+            };
+            let (k, n, m) = (k_for(ty), 19, 9);
             let w = weight(ty, n, k, 4);
             let x = rand(m * k, 8);
             for bits in [ActBits::Int8, ActBits::Int16] {
-                let q = if IntFormat::of(ty).is_some() {
-                    QuantizedRows::new(&x, k, bits)
-                } else {
-                    QuantizedRows::new(&[], QK, bits)
-                };
-                let ops = match IntFormat::of(ty) {
-                    Some(f) => Operands::Int(IntOperands {
-                        f,
-                        w: &w.bytes,
-                        row_bytes: w.row_bytes,
-                        q: &q,
-                        n,
-                        k,
-                    }),
-                    None => Operands::Float(FloatOperands {
-                        fmt: FloatFormat::of(ty),
-                        w: &w.bytes,
-                        row_bytes: w.row_bytes,
-                        x: &x,
-                        n,
-                        k,
-                    }),
+                let q = QuantizedRows::new(&x, k, bits);
+                let ops = IntOperands {
+                    f,
+                    w: &w.bytes,
+                    row_bytes: w.row_bytes,
+                    q: &q,
+                    n,
+                    k,
                 };
                 let mut want = vec![0f32; m * n];
                 // SAFETY: the whole m x n buffer, one thread.
@@ -616,6 +553,73 @@ mod tests {
                             b.to_bits(),
                             "{ty:?} on {isa:?} with {bits:?}, element {e}: {a} vs portable {b}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The float kernels, on every instruction set this CPU runs and for
+    /// every tile shape (1 to 13 rows, partial last groups, odd k), compute
+    /// the canonical chain of [`super::super::float_packed`] bit for bit; and
+    /// that is the exact product within f32 rounding.
+    #[test]
+    fn float_kernels_agree_with_the_portable_one_bit_for_bit() {
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            let (k, n) = (37, 16 * 5 + 3);
+            let w = weight(ty, n, k, 4);
+            let fw = w.float.as_ref().expect("float weights are packed");
+            for m in [1usize, 2, 3, 5, 7, 9, 12, 13, 25] {
+                let x = rand(m * k, 8 + m as u64);
+                let ops = FloatOperands { w: fw, x: &x, n, k };
+                let mut want = vec![0f32; m * n];
+                // SAFETY: the whole m x n buffer, one thread.
+                unsafe {
+                    super::super::float_packed::portable_block(
+                        &ops,
+                        0,
+                        m,
+                        0,
+                        fw.groups,
+                        want.as_mut_ptr(),
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|t| fw.at(j, t) as f64 * x[i * k + t] as f64)
+                            .sum();
+                        let mag: f64 = (0..k)
+                            .map(|t| (fw.at(j, t) as f64 * x[i * k + t] as f64).abs())
+                            .sum();
+                        let got = want[i * n + j] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-6 * mag.max(1e-30) * k as f64,
+                            "{ty:?} m={m} ({i}, {j}): {got} vs exact {exact}"
+                        );
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                for isa in crate::cpu::x86::Isa::all_supported() {
+                    // Uneven group ranges too: tiles of G groups and the rest.
+                    for (g0, g1) in [(0, fw.groups), (1, fw.groups), (0, 2)] {
+                        let mut got = want.clone();
+                        for i in 0..m {
+                            for j in g0 * 16..(g1 * 16).min(n) {
+                                got[i * n + j] = f32::NAN;
+                            }
+                        }
+                        // SAFETY: inside the m x n buffer, one thread; the ISA is supported.
+                        unsafe {
+                            crate::cpu::x86_float::block(isa, &ops, 0, m, g0, g1, got.as_mut_ptr())
+                        };
+                        for (e, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{ty:?} on {isa:?}, m={m}, groups {g0}..{g1}, element {e}: {a} vs portable {b}"
+                            );
+                        }
                     }
                 }
             }

@@ -7,6 +7,7 @@
 mod actq;
 mod attention;
 mod blocks;
+mod float_packed;
 mod math;
 mod matmul;
 mod ops;
@@ -14,6 +15,8 @@ mod packed;
 mod weight;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_float;
 #[cfg(target_arch = "x86_64")]
 mod x86_packed;
 

@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use super::float_packed::{FloatFormat, FloatPacked};
 use super::packed::{PackedFormat, PackedWeight};
 use crate::quant::{self, GgmlType, WeightData};
 use crate::{BackendError, HostBytes, Result};
@@ -22,6 +23,10 @@ pub struct CpuWeight {
     /// the formats that have that layout; `bytes` then serves only row
     /// lookups (embeddings), and its mapped pages are released.
     pub(super) packed: Option<Arc<PackedWeight>>,
+    /// Float weights (F32, F16, BF16) transposed in groups for the float
+    /// kernels ([`super::float_packed`]); they then hold the only copy,
+    /// and `bytes` is empty.
+    pub(super) float: Option<Arc<FloatPacked>>,
     dequant: quant::BlockDequantizer,
 }
 
@@ -63,15 +68,15 @@ impl CpuWeight {
                 bytes.len()
             )));
         }
+        // The copy replaces the file's pages for the matrix products.
+        let release = |r: std::ops::Range<usize>| {
+            if let Some(part) = bytes.slice(r) {
+                part.release_resident();
+            }
+        };
         let packed = PackedFormat::of(ty)
             .filter(|_| repack_enabled())
             .map(|fmt| {
-                // The copy replaces the file's pages for the matrix products.
-                let release = |r: std::ops::Range<usize>| {
-                    if let Some(part) = bytes.slice(r) {
-                        part.release_resident();
-                    }
-                };
                 Arc::new(PackedWeight::pack_releasing(
                     fmt,
                     rows,
@@ -80,13 +85,25 @@ impl CpuWeight {
                     release,
                 ))
             });
+        let float = FloatFormat::of(ty).map(|fmt| {
+            Arc::new(FloatPacked::pack_releasing(
+                fmt, rows, cols, &bytes, release,
+            ))
+        });
         Ok(Self {
             rows,
             cols,
             ty,
-            bytes,
+            // Float rows are read back from the packed copy; keeping the
+            // original would double a heap-held (F32) matrix.
+            bytes: if float.is_some() {
+                HostBytes::from(Vec::new())
+            } else {
+                bytes
+            },
             row_bytes,
             packed,
+            float,
             dequant,
         })
     }
@@ -104,6 +121,12 @@ impl CpuWeight {
     /// Writes rows `r0..r0 + out.len() / cols` as f32 into `out`.
     pub fn rows_f32(&self, r0: usize, out: &mut [f32]) {
         if let Some(p) = &self.packed {
+            for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+                p.row_f32(r0 + r, row);
+            }
+            return;
+        }
+        if let Some(p) = &self.float {
             for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
                 p.row_f32(r0 + r, row);
             }

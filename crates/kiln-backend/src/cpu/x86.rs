@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use super::actq::ActBits;
 use super::blocks::{self, IntFormat, Unpacked};
-use super::matmul::{FloatFormat, FloatOperands, IntOperands, Operands, QK};
+use super::matmul::{IntOperands, QK};
 
 /// The instruction sets the kernels are built for, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -74,7 +74,7 @@ impl Isa {
 /// which no other thread touches these elements.
 pub(crate) unsafe fn block(
     isa: Isa,
-    ops: &Operands,
+    ops: &IntOperands,
     i0: usize,
     i1: usize,
     j0: usize,
@@ -92,20 +92,27 @@ pub(crate) unsafe fn block(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_avx2(ops: &Operands, i0: usize, i1: usize, j0: usize, j1: usize, out: *mut f32) {
+unsafe fn block_avx2(ops: &IntOperands, i0: usize, i1: usize, j0: usize, j1: usize, out: *mut f32) {
     // SAFETY: the caller's contract.
     unsafe { dispatch::<Avx2Dot>(ops, i0, i1, j0, j1, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-unsafe fn block_avxvnni(ops: &Operands, i0: usize, i1: usize, j0: usize, j1: usize, out: *mut f32) {
+unsafe fn block_avxvnni(
+    ops: &IntOperands,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+    out: *mut f32,
+) {
     // SAFETY: the caller's contract.
     unsafe { dispatch::<AvxVnniDot>(ops, i0, i1, j0, j1, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn block_avx512vnni(
-    ops: &Operands,
+    ops: &IntOperands,
     i0: usize,
     i1: usize,
     j0: usize,
@@ -320,7 +327,7 @@ impl<const SIGNED: bool> Unpack for Generic<SIGNED> {
 /// Chooses the kernel for the operands' format.
 #[inline(always)]
 unsafe fn dispatch<D: Dot>(
-    ops: &Operands,
+    ops: &IntOperands,
     i0: usize,
     i1: usize,
     j0: usize,
@@ -329,14 +336,10 @@ unsafe fn dispatch<D: Dot>(
 ) {
     // SAFETY (every arm): the caller's contract.
     unsafe {
-        match ops {
-            Operands::Float(o) => match o.fmt {
-                FloatFormat::F32 => cover_float::<F32Load>(o, i0, i1, j0, j1, out),
-                FloatFormat::F16 => cover_float::<F16Load>(o, i0, i1, j0, j1, out),
-                FloatFormat::BF16 => cover_float::<Bf16Load>(o, i0, i1, j0, j1, out),
-            },
-            Operands::Int(o) if o.f.signed => cover_int::<D, Generic<true>>(o, i0, i1, j0, j1, out),
-            Operands::Int(o) => cover_int::<D, Generic<false>>(o, i0, i1, j0, j1, out),
+        if ops.f.signed {
+            cover_int::<D, Generic<true>>(ops, i0, i1, j0, j1, out)
+        } else {
+            cover_int::<D, Generic<false>>(ops, i0, i1, j0, j1, out)
         }
     }
 }
@@ -447,124 +450,6 @@ unsafe fn int_tile<D: Dot, U: Unpack, const MR: usize, const WIDE: bool>(
         }
         for (ii, a) in acc.iter().enumerate() {
             let y = hsum(*a) + offset_dot(coefs, ops.sums(i + ii));
-            *out.add((i + ii) * ops.n + j) = y;
-        }
-    }
-}
-
-/// Loads 8 weights of a float format as f32.
-trait FloatLoad {
-    /// Bytes per element.
-    const SIZE: usize;
-    /// # Safety
-    /// `8 * SIZE` readable bytes at `p`.
-    unsafe fn load8(p: *const u8) -> __m256;
-}
-
-struct F32Load;
-impl FloatLoad for F32Load {
-    const SIZE: usize = 4;
-    #[inline(always)]
-    unsafe fn load8(p: *const u8) -> __m256 {
-        // SAFETY: the trait's contract.
-        unsafe { _mm256_loadu_ps(p as *const f32) }
-    }
-}
-
-struct F16Load;
-impl FloatLoad for F16Load {
-    const SIZE: usize = 2;
-    #[inline(always)]
-    unsafe fn load8(p: *const u8) -> __m256 {
-        // SAFETY: the trait's contract; F16C.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
-}
-
-struct Bf16Load;
-impl FloatLoad for Bf16Load {
-    const SIZE: usize = 2;
-    #[inline(always)]
-    unsafe fn load8(p: *const u8) -> __m256 {
-        // SAFETY: the trait's contract. A bf16 is the top half of an f32.
-        unsafe {
-            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
-        }
-    }
-}
-
-/// Input rows per float tile.
-const FLOAT_MR: usize = 6;
-
-#[inline(always)]
-unsafe fn cover_float<L: FloatLoad>(
-    ops: &FloatOperands,
-    i0: usize,
-    i1: usize,
-    j0: usize,
-    j1: usize,
-    out: *mut f32,
-) {
-    // SAFETY (all tiles): each stays inside i0..i1 x j0..j1, which the caller owns.
-    unsafe {
-        let mut i = i0;
-        while i < i1 {
-            let rows = (i1 - i).min(FLOAT_MR);
-            for j in j0..j1 {
-                match rows {
-                    1 => float_tile::<L, 1>(ops, i, j, out),
-                    2 => float_tile::<L, 2>(ops, i, j, out),
-                    3 => float_tile::<L, 3>(ops, i, j, out),
-                    4 => float_tile::<L, 4>(ops, i, j, out),
-                    5 => float_tile::<L, 5>(ops, i, j, out),
-                    _ => float_tile::<L, FLOAT_MR>(ops, i, j, out),
-                }
-            }
-            i += rows;
-        }
-    }
-}
-
-/// `MR` input rows from `i` against float weight row `j`.
-///
-/// # Safety
-/// `i + MR <= m`, `j < n`; the caller owns those output elements.
-#[inline(always)]
-unsafe fn float_tile<L: FloatLoad, const MR: usize>(
-    ops: &FloatOperands,
-    i: usize,
-    j: usize,
-    out: *mut f32,
-) {
-    let k = ops.k;
-    let nb = k / QK;
-    // SAFETY: row j holds k elements; rows i..i + MR of x hold k floats each.
-    unsafe {
-        let row = ops.w.as_ptr().add(j * ops.row_bytes);
-        let mut acc = [_mm256_setzero_ps(); MR];
-        for b in 0..nb {
-            let p = row.add(b * QK * L::SIZE);
-            let w = [
-                L::load8(p),
-                L::load8(p.add(8 * L::SIZE)),
-                L::load8(p.add(16 * L::SIZE)),
-                L::load8(p.add(24 * L::SIZE)),
-            ];
-            for (ii, a) in acc.iter_mut().enumerate() {
-                let xp = ops.x.as_ptr().add((i + ii) * k + b * QK);
-                let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
-                s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), s);
-                s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), s);
-                s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), s);
-                *a = _mm256_add_ps(*a, s);
-            }
-        }
-        for (ii, a) in acc.iter().enumerate() {
-            let mut y = hsum(*a);
-            for t in nb * QK..k {
-                y += super::matmul::float_at(ops, j, t) * ops.x[(i + ii) * k + t];
-            }
             *out.add((i + ii) * ops.n + j) = y;
         }
     }

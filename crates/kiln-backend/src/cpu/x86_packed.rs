@@ -519,35 +519,57 @@ unsafe fn codes512<const F: u8>(p: *const u8) -> [__m512i; 8] {
     }
 }
 
-/// [`part_sum`] on a whole group (codes from [`codes512`], unsigned).
+/// [`part_sum`] on a whole group (codes from [`codes512`], unsigned), its
+/// products spread over `CH` independent sums (integer additions are exact
+/// in any order): four where few rows share a tile, so consecutive products
+/// do not wait on each other's latency; one where the tile's rows already
+/// give enough independent chains, which saves the additions.
 /// (Functions, not closures: closures do not inherit the caller's target
 /// features, and their intrinsics would become calls.)
 #[inline(always)]
-unsafe fn part_sum512<const N: usize>(c: &[__m512i; 8], x: *const i8, q0: usize) -> __m512i {
+unsafe fn part_sum512<const N: usize, const CH: usize>(
+    c: &[__m512i; 8],
+    x: *const i8,
+    q0: usize,
+) -> __m512i {
     // SAFETY: 32 readable bytes at x; AVX512-VNNI per the caller.
     unsafe {
-        let mut s = [_mm512_setzero_si512(); 4];
+        let mut s = [_mm512_setzero_si512(); CH];
         for k in 0..N {
             let q = q0 + k;
             let xb = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * q) as *const i32));
-            s[k % 4] = _mm512_dpbusd_epi32(s[k % 4], c[q], xb);
+            s[k % CH] = _mm512_dpbusd_epi32(s[k % CH], c[q], xb);
         }
-        _mm512_add_epi32(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(s[2], s[3]))
+        let mut sum = s[0];
+        for &v in &s[1..] {
+            sum = _mm512_add_epi32(sum, v);
+        }
+        sum
     }
 }
 
-/// [`act_sum`] on a whole group.
+/// [`act_sum`] on a whole group, for a tile of `R` rows.
 #[inline(always)]
-unsafe fn act_sum512<const N: usize, const WIDE: bool>(
+unsafe fn act_sum512<const N: usize, const WIDE: bool, const R: usize>(
     c: &[__m512i; 8],
     x: *const i8,
     q0: usize,
 ) -> __m512i {
     // SAFETY: 32 (64 when wide) readable bytes at x.
     unsafe {
-        let s = part_sum512::<N>(c, x, q0);
+        // (No closure for the two calls: it would not inherit the target features.)
+        let s = if R >= 4 {
+            part_sum512::<N, 1>(c, x, q0)
+        } else {
+            part_sum512::<N, 4>(c, x, q0)
+        };
         if WIDE {
-            let lo = part_sum512::<N>(c, x.add(32), q0);
+            let x = x.add(32);
+            let lo = if R >= 4 {
+                part_sum512::<N, 1>(c, x, q0)
+            } else {
+                part_sum512::<N, 4>(c, x, q0)
+            };
             _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32::<8>(s), s), lo)
         } else {
             s
@@ -639,11 +661,11 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                         let k0 = zero_point * *q.isum16.get_unchecked(2 * blk);
                         let k1 = zero_point * *q.isum16.get_unchecked(2 * blk + 1);
                         let s0 = _mm512_sub_epi32(
-                            act_sum512::<4, WIDE>(&c, x, 0),
+                            act_sum512::<4, WIDE, R>(&c, x, 0),
                             _mm512_set1_epi32(k0),
                         );
                         let s1 = _mm512_sub_epi32(
-                            act_sum512::<4, WIDE>(&c, x, 4),
+                            act_sum512::<4, WIDE, R>(&c, x, 4),
                             _mm512_set1_epi32(k1),
                         );
                         acc[ii] = _mm512_fmadd_ps(
@@ -657,7 +679,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                             acc[ii],
                         );
                     } else {
-                        let sum = act_sum512::<8, WIDE>(&c, x, 0);
+                        let sum = act_sum512::<8, WIDE, R>(&c, x, 0);
                         let sum = if zero_point != 0 {
                             let k = zero_point * *q.isum.get_unchecked(blk);
                             _mm512_sub_epi32(sum, _mm512_set1_epi32(k))
