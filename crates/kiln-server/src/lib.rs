@@ -17,9 +17,12 @@
 pub mod access;
 pub mod conn;
 pub mod cpu;
+pub mod djl_status;
 pub mod error;
 pub mod generation;
 pub mod lmi;
+pub(crate) mod lmi_chat;
+pub(crate) mod lmi_stream;
 pub mod management;
 pub mod openai;
 pub mod params;

@@ -169,7 +169,7 @@ fn token_text(engine: &Engine, id: u32) -> String {
 
 /// Which API a request came in on.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Api {
+pub(crate) enum Api {
     Completions,
     Chat,
 }
@@ -296,9 +296,23 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     api: Api,
 ) -> Result<Response, ApiError> {
-    let v = Arc::new(parse_body(body)?);
+    run_value(st, rec, Arc::new(parse_body(body)?), api, None).await
+}
+
+/// Answers a parsed OpenAI body; `route_model`, when given, is the model the
+/// route named (DJL's LMI routes), which the body's `model` cannot change.
+pub(crate) async fn run_value(
+    st: Arc<AppState>,
+    rec: Arc<AccessRecord>,
+    v: Arc<Value>,
+    api: Api,
+    route_model: Option<&str>,
+) -> Result<Response, ApiError> {
     let f = Fields::new(&v, "")?;
     let mut c = common(&f, if api == Api::Chat { 4096 } else { 16 })?;
+    if let Some(m) = route_model {
+        c.model = m.to_string();
+    }
     if c.model.is_empty() {
         c.model = st.registry.only_model()?;
     }
