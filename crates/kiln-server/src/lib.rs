@@ -28,6 +28,7 @@ pub mod openai;
 pub mod params;
 pub mod prom;
 pub mod properties;
+pub mod reasoning;
 pub mod registry;
 pub mod state;
 pub mod store;

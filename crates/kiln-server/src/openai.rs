@@ -359,6 +359,10 @@ pub(crate) async fn run_value(
         api,
         engine,
         logprobs: top_logprobs.is_some(),
+        reasoning: match api {
+            Api::Chat => crate::reasoning::for_model(&st, &c.model),
+            Api::Completions => None,
+        },
     };
     if c.stream {
         return Ok(stream(
@@ -392,8 +396,16 @@ pub(crate) async fn run_value(
             match api {
                 Api::Completions => json!({"index": i, "text": text, "logprobs": lp,
                     "finish_reason": finish_reason(d.reason)}),
-                Api::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
-                    "logprobs": lp, "finish_reason": finish_reason(d.reason)}),
+                Api::Chat => {
+                    let mut message = json!({"role": "assistant", "content": text});
+                    if let Some(parser) = ctx.reasoning {
+                        let (reasoning, content) = parser.split(&text);
+                        message["content"] = json!(content);
+                        message["reasoning_content"] = json!(reasoning);
+                    }
+                    json!({"index": i, "message": message,
+                    "logprobs": lp, "finish_reason": finish_reason(d.reason)})
+                }
             }
         })
         .collect();
@@ -418,6 +430,8 @@ struct Ctx {
     api: Api,
     engine: Engine,
     logprobs: bool,
+    /// `option.reasoning_parser` of the model, on chat requests.
+    reasoning: Option<crate::reasoning::ReasoningParser>,
 }
 
 impl Ctx {
@@ -551,9 +565,14 @@ fn stream(
         include_usage: bool,
         rec: Arc<AccessRecord>,
         finished: bool,
+        splitters: Vec<Option<crate::reasoning::Splitter>>,
     }
+    let splitters = (0..n)
+        .map(|_| ctx.reasoning.map(crate::reasoning::Splitter::new))
+        .collect();
     let state = S {
         rx,
+        splitters,
         ctx,
         usage: Usage::default(),
         open: n,
@@ -566,7 +585,13 @@ fn stream(
             return None;
         }
         let bytes = match s.rx.recv().await {
-            Some((i, Event::Token(t))) => sse(&s.ctx.token_chunk(i, &t.text, Some(&t), None)),
+            Some((i, Event::Token(t))) => {
+                let mut chunk = s.ctx.token_chunk(i, &t.text, Some(&t), None);
+                if let Some(Some(sp)) = s.splitters.get_mut(i) {
+                    crate::reasoning::rewrite_delta(&mut chunk, sp, false);
+                }
+                sse(&chunk)
+            }
             Some((
                 i,
                 Event::Finished {
@@ -586,7 +611,11 @@ fn stream(
                     .openai();
                     sse(&e.body())
                 } else {
-                    sse(&s.ctx.token_chunk(i, "", None, Some(reason)))
+                    let mut chunk = s.ctx.token_chunk(i, "", None, Some(reason));
+                    if let Some(Some(sp)) = s.splitters.get_mut(i) {
+                        crate::reasoning::rewrite_delta(&mut chunk, sp, true);
+                    }
+                    sse(&chunk)
                 };
                 if s.open == 0 {
                     let mut tail = Vec::from(out.as_ref());

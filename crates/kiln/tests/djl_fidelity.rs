@@ -408,3 +408,76 @@ fn decoder_input_details_returns_the_prompts_log_probabilities() {
     );
     assert!(r.json().get("details").is_none(), "{}", r.text());
 }
+
+/// Point 6. The chat-side keys of DJL's vLLM handler
+/// (properties_manager/vllm_rb_properties.py: tool_call_parser,
+/// enable_auto_tool_choice, reasoning_parser; vllm_async_service.py:
+/// enable_stateful_sessions): the ones kiln does not implement are refused
+/// at load, naming the key; tool_call_parser names are vLLM's; the
+/// reasoning parsers split `<think>` output into `reasoning_content`.
+#[test]
+fn chat_keys_are_validated_at_load_and_reasoning_is_split() {
+    let s = store();
+    let failed = [
+        ("tools", "option.enable_auto_tool_choice"),
+        ("badparser", "hermes2"),
+        ("granite", "does not implement"),
+        ("sessions", "option.enable_stateful_sessions"),
+        ("static", "option.enable_streaming"),
+    ];
+    for (name, needle) in failed {
+        let d = s.get(&format!("/models/{name}")).json();
+        let m = &d[0]["models"][0];
+        assert_eq!(m["status"], "Failed", "{name}: {d}");
+        let msg = m["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{name}: {needle:?} not in {msg}");
+    }
+    let chat = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 6, "temperature": 0});
+    let ask = |model: &str, stream: bool| {
+        let mut c = chat.clone();
+        c["model"] = json!(model);
+        c["stream"] = json!(stream);
+        let r = s.post_json("/v1/chat/completions", &c);
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        r
+    };
+    let plain = ask("plain", false).json();
+    let answer = plain["choices"][0]["message"]["content"].clone();
+    assert!(plain["choices"][0]["message"]
+        .get("reasoning_content")
+        .is_none());
+    // qwen3: no <think> block in this model's answer, so all of it is content.
+    let q = ask("qwen", false).json();
+    assert_eq!(q["choices"][0]["message"]["content"], answer, "{q}");
+    assert!(
+        q["choices"][0]["message"]["reasoning_content"].is_null(),
+        "{q}"
+    );
+    // deepseek_r1: thinking opens in the prompt, so output that never closes
+    // it is all reasoning.
+    let r1 = ask("r1", false).json();
+    assert_eq!(
+        r1["choices"][0]["message"]["reasoning_content"], answer,
+        "{r1}"
+    );
+    assert_eq!(r1["choices"][0]["message"]["content"], "", "{r1}");
+    // Streamed, as delta.reasoning_content, also on the LMI route.
+    for r in [ask("r1", true), {
+        let mut c = chat.clone();
+        c["stream"] = json!(true);
+        s.post_json("/invocations?model_name=r1", &c)
+    }] {
+        let events = sse_data(&r.text());
+        let reasoning: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["reasoning_content"].as_str())
+            .collect();
+        let content: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(Some(reasoning.as_str()), answer.as_str(), "{}", r.text());
+        assert_eq!(content, "", "{}", r.text());
+    }
+}
