@@ -531,12 +531,21 @@ async fn infer_inner(
     if let Some(e) = done.iter().find_map(generation::failure) {
         return Err(e);
     }
-    let outputs: Vec<Value> = done
-        .iter()
-        .zip(req.inputs.iter().zip(&prompts))
-        .map(|(c, (prompt, ids))| output_json(c, prompt, ids, &req, &engine))
-        .collect();
-    let body = if req.batch {
+    let batch = req.batch;
+    let build = move || {
+        Ok(done
+            .iter()
+            .zip(req.inputs.iter().zip(&prompts))
+            .map(|(c, (prompt, ids))| output_json(c, prompt, ids, &req, &engine))
+            .collect::<Vec<Value>>())
+    };
+    // `prefill` decodes every prompt token: off the async threads.
+    let outputs = if prefill {
+        crate::cpu::run(build).await?
+    } else {
+        build()?
+    };
+    let body = if batch {
         Value::Array(outputs)
     } else {
         outputs.into_iter().next().unwrap_or(Value::Null)
