@@ -28,8 +28,8 @@ use crate::block_manager::BlockManager;
 use crate::detok::IncrementalDetokenizer;
 use crate::metrics::{EngineMetrics, MetricsSnapshot};
 use crate::request::{Event, FinishReason, Request, TokenOutput, Usage};
-use crate::sampling::Sampler;
-use crate::scheduler::{Plan, Scheduler, SchedulerConfig, SeqKv};
+use crate::sampling::{token_logprob, Sampler};
+use crate::scheduler::{Plan, RowUse, Scheduler, SchedulerConfig, SeqKv};
 use crate::stops::StopStrings;
 
 /// How much KV cache to allocate.
@@ -398,6 +398,9 @@ struct Active {
     arrival: Instant,
     last_token_at: Option<Instant>,
     started: bool,
+    /// Log-probabilities of prompt tokens 1.. while they are computed (empty
+    /// unless the request asked for them).
+    prompt_logprobs: Vec<f32>,
 }
 
 struct Worker<B: Backend> {
@@ -469,10 +472,20 @@ impl<B: Backend> Worker<B> {
             arrival,
             last_token_at: None,
             started: false,
+            prompt_logprobs: if req.prompt_logprobs {
+                vec![f32::NAN; prompt_len.saturating_sub(1)]
+            } else {
+                Vec::new()
+            },
             tx,
             req,
         };
-        self.sched.add(SeqKv::new(id, active.req.prompt.clone()));
+        let seq = SeqKv::new(id, active.req.prompt.clone());
+        self.sched.add(if active.req.prompt_logprobs {
+            seq.with_prompt_logprobs()
+        } else {
+            seq
+        });
         self.active.insert(id, active);
     }
 
@@ -566,7 +579,7 @@ impl<B: Backend> Worker<B> {
             return;
         }
         self.note_plan(&plan);
-        let input = self.sched.step_input(&plan);
+        let (input, uses) = self.sched.step_input(&plan);
         let logits = match self.decoder.forward(&self.backend, &mut self.kv, &input) {
             Ok(l) => l,
             Err(e) => {
@@ -584,10 +597,26 @@ impl<B: Backend> Worker<B> {
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         self.sched.commit(&plan);
         let vocab = logits.len() / input.logit_rows.len().max(1);
-        let sampled = plan.seqs.iter().filter(|p| p.sample);
-        for (p, row) in sampled.zip(logits.chunks_exact(vocab.max(1))) {
-            self.emit(p.id, row);
+        // A sequence's prompt rows come before its sampling row.
+        for (u, row) in uses.iter().zip(logits.chunks_exact(vocab.max(1))) {
+            match *u {
+                RowUse::Sample(id) => self.emit(id, row),
+                RowUse::Prompt(id, pos) => self.note_prompt_logprob(id, pos, row),
+            }
         }
+    }
+
+    /// Records the log-probability of prompt token `pos` of sequence `id`.
+    fn note_prompt_logprob(&mut self, id: u64, pos: usize, logits: &[f32]) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        let (Some(&token), Some(slot)) =
+            (a.req.prompt.get(pos), a.prompt_logprobs.get_mut(pos - 1))
+        else {
+            return;
+        };
+        *slot = token_logprob(logits, token);
     }
 
     /// Bookkeeping of admissions and preemptions.
@@ -664,12 +693,19 @@ impl<B: Backend> Worker<B> {
                 text.push_str(&a.stops.flush());
             }
         }
+        let prompt_logprobs = if a.generated == 1 && a.req.prompt_logprobs {
+            self.sched.clear_prompt_logprobs(id);
+            Some(std::mem::take(&mut a.prompt_logprobs))
+        } else {
+            None
+        };
         let out = TokenOutput {
             id: tok,
             text,
             logprob: choice.logprob,
             top_logprobs: choice.top_logprobs,
             last: finish.is_some(),
+            prompt_logprobs,
         };
         match finish {
             Some(reason) => self.finish_after(id, Some(out), reason, error),

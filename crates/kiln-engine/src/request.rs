@@ -12,6 +12,12 @@ pub struct Request {
     pub stop: StopConditions,
     /// Leave control tokens (`<|im_end|>`) out of the streamed text.
     pub skip_special_tokens: bool,
+    /// Report each prompt token's log-probability (DJL's
+    /// `decoder_input_details`) with the first generated token. It costs a
+    /// logits row per prompt token and skips the prefix cache for this
+    /// request, so it is off unless asked for; other requests in the same
+    /// steps are unaffected (a row's logits do not depend on the others).
+    pub prompt_logprobs: bool,
 }
 
 impl Request {
@@ -25,6 +31,7 @@ impl Request {
                 ..StopConditions::default()
             },
             skip_special_tokens: true,
+            prompt_logprobs: false,
         }
     }
 }
@@ -104,6 +111,11 @@ pub struct TokenOutput {
     pub top_logprobs: Vec<(u32, f32)>,
     /// The request ends with this token: its `Finished` event follows at once.
     pub last: bool,
+    /// On the first token of a request that asked for
+    /// [`Request::prompt_logprobs`]: the log-probability of each prompt token
+    /// after the first given the tokens before it (one fewer than the prompt's
+    /// tokens); `None` otherwise.
+    pub prompt_logprobs: Option<Vec<f32>>,
 }
 
 /// Token counts of a finished request.

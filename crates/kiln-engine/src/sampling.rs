@@ -250,6 +250,16 @@ impl Sampler {
     }
 }
 
+/// The log-probability of `token` under one row of raw logits, computed as
+/// [`Sampler::sample`] reports a chosen token's (so a prompt token's value
+/// equals the one the same token gets when generated at that position).
+pub(crate) fn token_logprob(logits: &[f32], token: u32) -> f32 {
+    match logits.get(token as usize) {
+        Some(&l) => l - log_sum_exp(logits),
+        None => f32::NAN,
+    }
+}
+
 /// `ln(sum(exp(logits)))`, computed stably; NaN logits are ignored.
 fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits

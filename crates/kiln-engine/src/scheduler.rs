@@ -45,6 +45,10 @@ pub(crate) struct SeqKv {
     pub hashes: Vec<BlockHash>,
     /// Prompt tokens found in the prefix cache at the last admission.
     pub cached_tokens: usize,
+    /// The prompt's length while its tokens' log-probabilities are wanted
+    /// (0 otherwise): every prompt position then gets a logits row, and the
+    /// prefix cache is not used, so that every position is computed.
+    pub prompt_logprobs_len: usize,
 }
 
 impl SeqKv {
@@ -56,8 +60,24 @@ impl SeqKv {
             blocks: Vec::new(),
             hashes: Vec::new(),
             cached_tokens: 0,
+            prompt_logprobs_len: 0,
         }
     }
+
+    /// Asks for a logits row at every prompt position.
+    pub fn with_prompt_logprobs(mut self) -> Self {
+        self.prompt_logprobs_len = self.tokens.len();
+        self
+    }
+}
+
+/// What one logits row of a step is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowUse {
+    /// The next token of sequence `id` is sampled from it.
+    Sample(u64),
+    /// It gives the log-probability of the prompt token at this position.
+    Prompt(u64, usize),
 }
 
 /// One sequence's share of a step.
@@ -207,7 +227,7 @@ impl Scheduler {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            if seq.blocks.is_empty() {
+            if seq.blocks.is_empty() && seq.prompt_logprobs_len == 0 {
                 // Reuse cached full blocks of the prefix; at least one token stays to compute.
                 let (blocks, hashes) = self.blocks.match_prefix(&seq.tokens, seq.tokens.len() - 1);
                 seq.computed = blocks.len() * self.blocks.block_size();
@@ -246,14 +266,21 @@ impl Scheduler {
     }
 
     /// The backend's description of a plan: tokens, positions, cache slots,
-    /// block tables, and the rows whose logits are needed (in plan order).
-    pub fn step_input(&self, plan: &Plan) -> StepInput {
+    /// block tables, and the rows whose logits are needed (in plan order),
+    /// with what each row is for.
+    pub fn step_input(&self, plan: &Plan) -> (StepInput, Vec<RowUse>) {
         let bs = self.blocks.block_size();
         let mut step = StepInput::default();
+        let mut uses = Vec::new();
         for p in &plan.seqs {
             let Some(s) = self.get(p.id) else { continue };
             let query_start = step.tokens.len();
             for pos in p.start..p.start + p.len {
+                if pos + 1 < s.prompt_logprobs_len {
+                    // This row predicts prompt token pos + 1.
+                    step.logit_rows.push(step.tokens.len() as u32);
+                    uses.push(RowUse::Prompt(p.id, pos + 1));
+                }
                 step.tokens.push(s.tokens[pos]);
                 step.positions.push(pos as u32);
                 step.slots
@@ -267,9 +294,17 @@ impl Scheduler {
             });
             if p.sample {
                 step.logit_rows.push((step.tokens.len() - 1) as u32);
+                uses.push(RowUse::Sample(p.id));
             }
         }
-        step
+        (step, uses)
+    }
+
+    /// Stops asking for prompt rows for `id` (its values have been delivered).
+    pub fn clear_prompt_logprobs(&mut self, id: u64) {
+        if let Some(s) = self.running_mut(id) {
+            s.prompt_logprobs_len = 0;
+        }
     }
 
     /// Records that the plan's tokens are now in the cache, and registers the
@@ -318,7 +353,7 @@ mod tests {
     /// Runs a plan as if the model produced `next` for every sampled sequence.
     fn step(s: &mut Scheduler, next: u32) -> Plan {
         let plan = s.schedule();
-        let input = s.step_input(&plan);
+        let (input, _) = s.step_input(&plan);
         assert!(input
             .validate(&kiln_backend::KvSpec {
                 n_layers: 1,
@@ -455,5 +490,66 @@ mod tests {
         );
         assert_eq!(s.get(2).unwrap().cached_tokens, 8);
         assert_eq!(s.get(1).unwrap().blocks[..2], s.get(2).unwrap().blocks[..2]);
+    }
+
+    /// A request asking for prompt log-probabilities gets a row at every
+    /// prompt position but the last (which is the sampling row), across
+    /// chunks, and bypasses the prefix cache; a request beside it, or the
+    /// same prompt without asking, gets one row and the cache as before.
+    #[test]
+    fn prompt_rows_only_for_the_request_that_asks() {
+        let mut s = sched(32, 8, 6);
+        let prompt: Vec<u32> = (0..9).collect();
+        s.add(SeqKv::new(1, prompt.clone()));
+        step(&mut s, 1); // 6 of 9
+        step(&mut s, 1); // the last 3: the prefix cache now holds 2 blocks
+        s.add(SeqKv::new(2, prompt.clone()).with_prompt_logprobs());
+        let plan = s.schedule();
+        let (input, uses) = s.step_input(&plan);
+        // Seq 1 decodes one token; seq 2 computes 5 tokens from position 0.
+        assert_eq!(plan.seqs[1].start, 0);
+        assert_eq!(s.get(2).unwrap().cached_tokens, 0);
+        assert_eq!(
+            uses,
+            vec![
+                RowUse::Sample(1),
+                RowUse::Prompt(2, 1),
+                RowUse::Prompt(2, 2),
+                RowUse::Prompt(2, 3),
+                RowUse::Prompt(2, 4),
+                RowUse::Prompt(2, 5),
+            ]
+        );
+        assert_eq!(input.logit_rows, vec![0, 1, 2, 3, 4, 5]);
+        s.commit(&plan);
+        s.append(1, 1);
+        let plan = s.schedule();
+        let (input, uses) = s.step_input(&plan);
+        // The rest of seq 2's prompt: positions 5..9, rows for tokens 6..9,
+        // its sampling row last.
+        assert_eq!(
+            uses,
+            vec![
+                RowUse::Sample(1),
+                RowUse::Prompt(2, 6),
+                RowUse::Prompt(2, 7),
+                RowUse::Prompt(2, 8),
+                RowUse::Sample(2),
+            ]
+        );
+        assert_eq!(input.logit_rows, vec![0, 1, 2, 3, 4]);
+        s.commit(&plan);
+        s.append(1, 1);
+        s.append(2, 1);
+        // Without asking, the same prompt reuses the cache: one row.
+        s.add(SeqKv::new(3, prompt));
+        let plan = s.schedule();
+        let (input, uses) = s.step_input(&plan);
+        assert_eq!(s.get(3).unwrap().cached_tokens, 8);
+        assert_eq!(
+            uses,
+            vec![RowUse::Sample(1), RowUse::Sample(2), RowUse::Sample(3)]
+        );
+        assert_eq!(input.logit_rows.len(), 3);
     }
 }

@@ -524,3 +524,104 @@ fn default_model_stops_on_strings_eos_and_length() {
     assert_eq!(o.text, "The capital of France is Paris.");
     assert!(e.info().eos_ids.contains(o.ids.last().unwrap()));
 }
+
+// ---- Prompt log-probabilities (DJL's decoder_input_details) ----
+
+/// Reads a request to its end: the prompt log-probabilities that came with
+/// its first token, and its output.
+fn collect_with_prompt(mut s: RequestStream) -> (Option<Vec<f32>>, Output) {
+    let mut first = None;
+    let mut o = Output {
+        ids: vec![],
+        text: String::new(),
+        reason: FinishReason::Error,
+        usage: Usage::default(),
+        logprobs: vec![],
+        top: vec![],
+    };
+    let mut n = 0;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            Event::Token(t) => {
+                if n == 0 {
+                    first = t.prompt_logprobs.clone();
+                } else {
+                    assert!(
+                        t.prompt_logprobs.is_none(),
+                        "only the first token carries them"
+                    );
+                }
+                n += 1;
+                o.ids.push(t.id);
+                o.logprobs.push(t.logprob);
+            }
+            Event::Finished { reason, usage, .. } => {
+                o.reason = reason;
+                o.usage = usage;
+            }
+        }
+    }
+    (first, o)
+}
+
+/// The log-probability the engine reports for prompt token `i` is the one
+/// the same token got when the model generated it at that position: greedy
+/// generation from a prompt, then the prompt plus the generated tokens sent
+/// as a prompt that asks for its log-probabilities, in small chunks and
+/// beside another request. The other request's output, and a request that
+/// does not ask, are exactly what they are alone (asking costs them nothing).
+#[test]
+fn prompt_logprobs_equal_the_logprobs_of_the_same_tokens_generated() {
+    let e = engine(
+        default_model(),
+        EngineConfig {
+            max_step_tokens: 8,
+            ..EngineConfig::default()
+        },
+    );
+    let prompt = smol_prompt(
+        &e,
+        "The Eiffel Tower is in Paris and the Colosseum is in Rome. \
+         Big Ben is in London. The capital of France is",
+    );
+    let generated = collect(e.submit(greedy(prompt.clone(), 10)).unwrap());
+    assert_eq!(generated.ids.len(), 10);
+    let mut full = prompt.clone();
+    full.extend(&generated.ids);
+
+    let other = greedy(smol_prompt(&e, "List three colours:"), 12);
+    let other_alone = collect(e.submit(other.clone()).unwrap());
+    let mut asking = greedy(full.clone(), 3);
+    asking.prompt_logprobs = true;
+    let s1 = e.submit(asking.clone()).unwrap();
+    let s2 = e.submit(other.clone()).unwrap();
+    let (lps, out) = collect_with_prompt(s1);
+    let other_beside = collect(s2);
+
+    let lps = lps.expect("prompt log-probabilities with the first token");
+    assert_eq!(lps.len(), full.len() - 1);
+    assert!(lps.iter().all(|l| l.is_finite() && *l <= 0.0), "{lps:?}");
+    for (k, want) in generated.logprobs.iter().enumerate() {
+        assert_eq!(
+            lps[prompt.len() - 1 + k],
+            *want,
+            "generated token {k} ({}): prompt log-prob differs from its generated log-prob",
+            generated.ids[k]
+        );
+    }
+    // The whole prompt was computed, not taken from the prefix cache.
+    assert_eq!(out.usage.cached_tokens, 0);
+    assert_eq!(other_beside, other_alone, "the other request changed");
+
+    // Not asking: no prompt values, and the prefix cache serves the prompt.
+    let (none, plain) = collect_with_prompt(e.submit(greedy(full.clone(), 3)).unwrap());
+    assert!(none.is_none());
+    assert!(
+        full.len() > 32,
+        "a prompt of {} tokens fills no cache block",
+        full.len()
+    );
+    assert!(plain.usage.cached_tokens > 0, "{:?}", plain.usage);
+    assert_eq!(plain.ids, out.ids);
+    assert_eq!(plain.logprobs, out.logprobs);
+}

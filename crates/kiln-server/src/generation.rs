@@ -37,7 +37,21 @@ pub fn submit(
     p: &GenParams,
     timeout: Duration,
 ) -> Result<RequestStream, ApiError> {
+    submit_with(engine, prompt, p, timeout, false)
+}
+
+/// Submits one prompt, asking with `prompt_logprobs` for the log-probability
+/// of each prompt token (DJL's `decoder_input_details`), which costs the
+/// engine a logits row per prompt token and so is computed only when asked.
+pub fn submit_with(
+    engine: &Engine,
+    prompt: Vec<u32>,
+    p: &GenParams,
+    timeout: Duration,
+    prompt_logprobs: bool,
+) -> Result<RequestStream, ApiError> {
     let req = Request {
+        prompt_logprobs,
         prompt,
         sampling: p.sampling.clone(),
         stop: StopConditions {

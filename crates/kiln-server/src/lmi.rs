@@ -12,17 +12,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::future::join_all;
-use kiln_engine::{Event, FinishReason, SamplingParams, TokenOutput};
+use kiln_engine::{Engine, FinishReason, SamplingParams, TokenOutput};
 use serde_json::{json, Value};
 
 use crate::access::AccessRecord;
+use crate::djl_status;
 use crate::error::ApiError;
 use crate::generation::{self, Completion, Events, GenParams};
 use crate::params::Fields;
@@ -44,12 +45,22 @@ pub struct LmiRequest {
     pub batch: bool,
     pub params: GenParams,
     pub details: bool,
+    /// `parameters.decoder_input_details`: with `details`, the prompt's
+    /// tokens and their log-probabilities as `details.prefill`.
+    pub decoder_input_details: bool,
     pub return_full_text: bool,
     pub stream: bool,
 }
 
-/// Parses a request body (`content_type` as sent).
-pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiError> {
+/// A request body, decoded but not yet read as a request.
+enum Decoded {
+    /// Plain text: one prompt with default parameters.
+    Text(String),
+    Json(Value),
+}
+
+/// Decodes a body (`content_type` as sent) as text or JSON.
+fn decode(content_type: Option<&str>, body: &[u8]) -> Result<Decoded, ApiError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| ApiError::bad_request("the request body is not UTF-8 text"))?;
     if text.trim().is_empty() {
@@ -67,23 +78,65 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiE
         _ => matches!(text.trim_start().chars().next(), Some('{' | '[' | '"')),
     };
     if !is_json {
-        // A plain-text body is one prompt with default parameters.
-        return Ok(LmiRequest {
-            inputs: vec![text.to_string()],
-            batch: false,
-            params: gen_params(None, None)?,
-            details: false,
-            return_full_text: false,
-            stream: false,
-        });
+        return Ok(Decoded::Text(text.to_string()));
     }
-    let v: Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
-    let (inputs, batch, params, seq_length, stream) = match &v {
+    serde_json::from_str(text)
+        .map(Decoded::Json)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
+}
+
+/// Parses a request body (`content_type` as sent) in the LMI schema.
+pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiError> {
+    match decode(content_type, body)? {
+        Decoded::Text(t) => plain(t),
+        Decoded::Json(v) => parse_json(&v),
+    }
+}
+
+/// What a body on an LMI route asks for.
+pub(crate) enum Parsed {
+    /// The LMI schema (or plain text, or the reference deployment's body).
+    Lmi(LmiRequest),
+    /// An OpenAI completions or chat-completions body (`prompt` / `messages`).
+    OpenAi(Arc<Value>, crate::openai::Api),
+}
+
+/// Parses a body on an LMI route: DJL's LMI handler reads a JSON object
+/// with `prompt` as an OpenAI completions request, else one with `inputs`
+/// in the LMI schema, else one with `messages` as a chat-completions
+/// request (`djl_python/lmi_vllm/vllm_async_service.py`,
+/// `preprocess_request`, in that order).
+pub(crate) fn parse_any(content_type: Option<&str>, body: &[u8]) -> Result<Parsed, ApiError> {
+    let v = match decode(content_type, body)? {
+        Decoded::Text(t) => return plain(t).map(Parsed::Lmi),
+        Decoded::Json(v) => v,
+    };
+    if let Some(api) = crate::lmi_chat::openai_api(&v) {
+        return Ok(Parsed::OpenAi(Arc::new(v), api));
+    }
+    parse_json(&v).map(Parsed::Lmi)
+}
+
+/// A plain-text body: one prompt with default parameters.
+fn plain(text: String) -> Result<LmiRequest, ApiError> {
+    Ok(LmiRequest {
+        inputs: vec![text],
+        batch: false,
+        params: gen_params(None, None)?,
+        details: false,
+        decoder_input_details: false,
+        return_full_text: false,
+        stream: false,
+    })
+}
+
+/// Reads a JSON body in the LMI schema.
+fn parse_json(v: &Value) -> Result<LmiRequest, ApiError> {
+    let (inputs, batch, params, seq_length, stream) = match v {
         Value::String(s) => (vec![s.clone()], false, None, None, false),
-        Value::Array(_) => (strings(&v, "the request")?, true, None, None, false),
+        Value::Array(_) => (strings(v, "the request")?, true, None, None, false),
         Value::Object(_) => {
-            let f = Fields::new(&v, "")?;
+            let f = Fields::new(v, "")?;
             let (inputs, batch, seq) = if let Some(i) = f.get("inputs") {
                 match i {
                     Value::String(s) => (vec![s.clone()], false, None),
@@ -109,9 +162,15 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiE
                         )))
                     }
                 }
+            } else if f.has("requestType") {
+                return Err(ApiError::bad_request(
+                    "SageMaker stateful sessions ('requestType') are not supported: \
+                     kiln refuses option.enable_stateful_sessions=true",
+                ));
             } else {
                 return Err(ApiError::bad_request(
-                    "expected 'inputs' (a string or a list of strings), or the reference body's 'text' and 'seq_length'",
+                    "expected 'inputs' (a string or a list of strings), 'prompt' (a completions request), \
+                     'messages' (a chat-completions request), or the reference body's 'text' and 'seq_length'",
                 ));
             };
             let stream = f.bool("stream")?.unwrap_or(false);
@@ -159,11 +218,25 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiE
             "streaming takes one input, not a list",
         ));
     }
+    let decoder_input_details = pf
+        .as_ref()
+        .map(|f| f.bool("decoder_input_details"))
+        .transpose()?
+        .flatten()
+        .unwrap_or(false);
+    // DJL's schema: "decoder_input_details ... cannot be used with streaming"
+    // (serving/docs/lmi/user_guides/lmi_input_output_schema.md).
+    if decoder_input_details && stream {
+        return Err(ApiError::bad_request(
+            "'parameters.decoder_input_details' cannot be used with streaming",
+        ));
+    }
     Ok(LmiRequest {
         inputs,
         batch,
         params: gp,
         details,
+        decoder_input_details,
         return_full_text,
         stream,
     })
@@ -249,11 +322,11 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
     })
 }
 
-fn token_json(t: &TokenOutput) -> Value {
+pub(crate) fn token_json(t: &TokenOutput) -> Value {
     json!({"id": t.id, "text": t.text, "log_prob": t.logprob})
 }
 
-fn details_json(
+pub(crate) fn details_json(
     reason: FinishReason,
     tokens: &[TokenOutput],
     prompt: &str,
@@ -270,7 +343,35 @@ fn details_json(
     d
 }
 
-fn output_json(c: &Completion, prompt: &str, req: &LmiRequest) -> Value {
+/// `details.prefill`: every prompt token as `{"id", "text", "log_prob"}`,
+/// the first with a null log-probability (nothing precedes it), as DJL's
+/// rolling-batch handler writes it (`djl_python/rolling_batch/
+/// rolling_batch_vllm_utils.py`: `prompt_tokens_details`, `log_prob = None`
+/// at index 0; `request_io.py` `Token.as_dict`).
+fn prefill_json(engine: &Engine, prompt: &[u32], c: &Completion) -> Value {
+    let logprobs = c
+        .tokens
+        .first()
+        .and_then(|t| t.prompt_logprobs.as_deref())
+        .unwrap_or_default();
+    prompt
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let text = engine.tokenizer().decode(&[id], false).unwrap_or_default();
+            let lp = i.checked_sub(1).and_then(|j| logprobs.get(j));
+            json!({"id": id, "text": text, "log_prob": lp})
+        })
+        .collect()
+}
+
+fn output_json(
+    c: &Completion,
+    prompt: &str,
+    prompt_ids: &[u32],
+    req: &LmiRequest,
+    engine: &Engine,
+) -> Value {
     let text = if req.return_full_text {
         format!("{prompt}{}", c.text)
     } else {
@@ -279,6 +380,9 @@ fn output_json(c: &Completion, prompt: &str, req: &LmiRequest) -> Value {
     let mut o = json!({"generated_text": text});
     if req.details {
         o["details"] = details_json(c.reason, &c.tokens, prompt, true);
+        if req.decoder_input_details {
+            o["details"]["prefill"] = prefill_json(engine, prompt_ids, c);
+        }
     }
     o
 }
@@ -376,7 +480,11 @@ async fn infer_inner(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let req = parse(content_type, &body)?;
+    // Request validation fails with DJL's 424 on these routes (djl_status).
+    let req = match parse_any(content_type, &body).map_err(djl_status::validation)? {
+        Parsed::Lmi(req) => req,
+        Parsed::OpenAi(v, api) => return crate::lmi_chat::answer(st, model, rec, v, api).await,
+    };
     let engine = entry.engine()?;
     let prompts: Vec<Vec<u32>> = {
         let (engine, inputs) = (engine.clone(), req.inputs.clone());
@@ -386,7 +494,8 @@ async fn infer_inner(
                 .map(|t| generation::encode(&engine, t, true))
                 .collect::<Result<_, _>>()
         })
-        .await?
+        .await
+        .map_err(djl_status::validation)?
     };
     rec.add_tokens_in(prompts.iter().map(Vec::len).sum());
     let timeout = st.config.request_timeout;
@@ -401,130 +510,47 @@ async fn infer_inner(
             prompts.into_iter().next().unwrap_or_default(),
             &req.params,
             timeout,
-        )?;
-        return Ok(stream_response(Events::new(stream), req, sse, rec));
+        )
+        .map_err(djl_status::validation)?;
+        return Ok(crate::lmi_stream::response(
+            Events::new(stream),
+            req,
+            sse,
+            rec,
+        ));
     }
     // Submit every prompt before waiting on any, so they are batched together.
+    let prefill = req.details && req.decoder_input_details;
     let streams = prompts
-        .into_iter()
-        .map(|p| generation::submit(&engine, p, &req.params, timeout))
-        .collect::<Result<Vec<_>, _>>()?;
+        .iter()
+        .map(|p| generation::submit_with(&engine, p.clone(), &req.params, timeout, prefill))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(djl_status::validation)?;
     let done = join_all(streams.into_iter().map(generation::complete)).await;
     rec.add_tokens_out(done.iter().map(|c| c.usage.completion_tokens).sum());
     if let Some(e) = done.iter().find_map(generation::failure) {
         return Err(e);
     }
-    let outputs: Vec<Value> = done
-        .iter()
-        .zip(&req.inputs)
-        .map(|(c, prompt)| output_json(c, prompt, &req))
-        .collect();
-    let body = if req.batch {
+    let batch = req.batch;
+    let build = move || {
+        Ok(done
+            .iter()
+            .zip(req.inputs.iter().zip(&prompts))
+            .map(|(c, (prompt, ids))| output_json(c, prompt, ids, &req, &engine))
+            .collect::<Vec<Value>>())
+    };
+    // `prefill` decodes every prompt token: off the async threads.
+    let outputs = if prefill {
+        crate::cpu::run(build).await?
+    } else {
+        build()?
+    };
+    let body = if batch {
         Value::Array(outputs)
     } else {
         outputs.into_iter().next().unwrap_or(Value::Null)
     };
     Ok(axum::Json(body).into_response())
-}
-
-/// State of a streamed response between chunks.
-struct StreamState {
-    events: Events,
-    req: LmiRequest,
-    sse: bool,
-    text: String,
-    tokens: Vec<TokenOutput>,
-    rec: Arc<AccessRecord>,
-    done: bool,
-}
-
-impl StreamState {
-    fn frame(&self, v: &Value) -> Bytes {
-        if self.sse {
-            Bytes::from(format!("data: {v}\n\n"))
-        } else {
-            Bytes::from(format!("{v}\n"))
-        }
-    }
-
-    /// Adds `generated_text`, `details` and any error to the final line.
-    fn finish(&mut self, line: &mut Value, end: Event) {
-        if let Event::Finished {
-            reason,
-            usage,
-            error,
-        } = end
-        {
-            let prompt = &self.req.inputs[0];
-            line["generated_text"] = if self.req.return_full_text {
-                Value::String(format!("{prompt}{}", self.text))
-            } else {
-                Value::String(self.text.clone())
-            };
-            if self.req.details {
-                line["details"] = details_json(reason, &self.tokens, prompt, false);
-            }
-            if reason == FinishReason::Error {
-                line["error"] = Value::String(error.unwrap_or_else(|| "generation failed".into()));
-                line["code"] = json!(StatusCode::FAILED_DEPENDENCY.as_u16());
-            }
-            self.rec.add_tokens_out(usage.completion_tokens);
-            self.done = true;
-        }
-    }
-}
-
-fn stream_response(events: Events, req: LmiRequest, sse: bool, rec: Arc<AccessRecord>) -> Response {
-    let state = StreamState {
-        events,
-        req,
-        sse,
-        text: String::new(),
-        tokens: Vec::new(),
-        rec,
-        done: false,
-    };
-    let body = futures_util::stream::unfold(state, |mut s| async move {
-        if s.done {
-            return None;
-        }
-        let (ev, end) = s.events.next().await?;
-        let mut line = match ev {
-            Event::Token(t) => {
-                s.text.push_str(&t.text);
-                let line = json!({"token": token_json(&t)});
-                s.tokens.push(t);
-                if let Some(end) = end {
-                    let mut line = line;
-                    s.finish(&mut line, end);
-                    line
-                } else {
-                    line
-                }
-            }
-            finished => {
-                let mut line = json!({});
-                s.finish(&mut line, finished);
-                line
-            }
-        };
-        if line.as_object().is_some_and(|o| o.is_empty()) {
-            line = json!({"generated_text": s.text});
-        }
-        let bytes = s.frame(&line);
-        Some((Ok::<_, std::convert::Infallible>(bytes), s))
-    });
-    let content_type = if sse {
-        "text/event-stream"
-    } else {
-        "application/jsonlines"
-    };
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ fn token_text(engine: &Engine, id: u32) -> String {
 
 /// Which API a request came in on.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Api {
+pub(crate) enum Api {
     Completions,
     Chat,
 }
@@ -296,9 +296,23 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     api: Api,
 ) -> Result<Response, ApiError> {
-    let v = Arc::new(parse_body(body)?);
+    run_value(st, rec, Arc::new(parse_body(body)?), api, None).await
+}
+
+/// Answers a parsed OpenAI body; `route_model`, when given, is the model the
+/// route named (DJL's LMI routes), which the body's `model` cannot change.
+pub(crate) async fn run_value(
+    st: Arc<AppState>,
+    rec: Arc<AccessRecord>,
+    v: Arc<Value>,
+    api: Api,
+    route_model: Option<&str>,
+) -> Result<Response, ApiError> {
     let f = Fields::new(&v, "")?;
     let mut c = common(&f, if api == Api::Chat { 4096 } else { 16 })?;
+    if let Some(m) = route_model {
+        c.model = m.to_string();
+    }
     if c.model.is_empty() {
         c.model = st.registry.only_model()?;
     }
@@ -345,6 +359,10 @@ async fn run(
         api,
         engine,
         logprobs: top_logprobs.is_some(),
+        reasoning: match api {
+            Api::Chat => crate::reasoning::for_model(&st, &c.model),
+            Api::Completions => None,
+        },
     };
     if c.stream {
         return Ok(stream(
@@ -378,8 +396,16 @@ async fn run(
             match api {
                 Api::Completions => json!({"index": i, "text": text, "logprobs": lp,
                     "finish_reason": finish_reason(d.reason)}),
-                Api::Chat => json!({"index": i, "message": {"role": "assistant", "content": text},
-                    "logprobs": lp, "finish_reason": finish_reason(d.reason)}),
+                Api::Chat => {
+                    let mut message = json!({"role": "assistant", "content": text});
+                    if let Some(parser) = ctx.reasoning {
+                        let (reasoning, content) = parser.split(&text);
+                        message["content"] = json!(content);
+                        message["reasoning_content"] = json!(reasoning);
+                    }
+                    json!({"index": i, "message": message,
+                    "logprobs": lp, "finish_reason": finish_reason(d.reason)})
+                }
             }
         })
         .collect();
@@ -404,6 +430,8 @@ struct Ctx {
     api: Api,
     engine: Engine,
     logprobs: bool,
+    /// `option.reasoning_parser` of the model, on chat requests.
+    reasoning: Option<crate::reasoning::ReasoningParser>,
 }
 
 impl Ctx {
@@ -537,9 +565,14 @@ fn stream(
         include_usage: bool,
         rec: Arc<AccessRecord>,
         finished: bool,
+        splitters: Vec<Option<crate::reasoning::Splitter>>,
     }
+    let splitters = (0..n)
+        .map(|_| ctx.reasoning.map(crate::reasoning::Splitter::new))
+        .collect();
     let state = S {
         rx,
+        splitters,
         ctx,
         usage: Usage::default(),
         open: n,
@@ -552,7 +585,13 @@ fn stream(
             return None;
         }
         let bytes = match s.rx.recv().await {
-            Some((i, Event::Token(t))) => sse(&s.ctx.token_chunk(i, &t.text, Some(&t), None)),
+            Some((i, Event::Token(t))) => {
+                let mut chunk = s.ctx.token_chunk(i, &t.text, Some(&t), None);
+                if let Some(Some(sp)) = s.splitters.get_mut(i) {
+                    crate::reasoning::rewrite_delta(&mut chunk, sp, false);
+                }
+                sse(&chunk)
+            }
             Some((
                 i,
                 Event::Finished {
@@ -572,7 +611,11 @@ fn stream(
                     .openai();
                     sse(&e.body())
                 } else {
-                    sse(&s.ctx.token_chunk(i, "", None, Some(reason)))
+                    let mut chunk = s.ctx.token_chunk(i, "", None, Some(reason));
+                    if let Some(Some(sp)) = s.splitters.get_mut(i) {
+                        crate::reasoning::rewrite_delta(&mut chunk, sp, true);
+                    }
+                    sse(&chunk)
                 };
                 if s.open == 0 {
                     let mut tail = Vec::from(out.as_ref());

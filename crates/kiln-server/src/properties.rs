@@ -45,6 +45,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod chat;
+pub use chat::{ChatOptions, ToolCallParser};
+
 /// The file DJL Serving reads in each model directory.
 pub const PROPERTIES_FILE: &str = "serving.properties";
 
@@ -834,6 +837,10 @@ const TYPED_KEYS: &[&str] = &[
     "option.max_output_len",
     "option.enable_streaming",
     "option.output_formatter",
+    "option.enable_auto_tool_choice",
+    "option.tool_call_parser",
+    "option.reasoning_parser",
+    "option.enable_stateful_sessions",
     "option.entryPoint",
     "option.model_loading_timeout",
     "option.predict_timeout",
@@ -1104,6 +1111,8 @@ pub struct ModelProperties {
     /// `option.output_formatter`; `None` means DJL's default: `json`, or
     /// `jsonlines` for a streamed response (see [`Self::output_formatter_for`]).
     pub output_formatter: Option<OutputFormatter>,
+    /// `option.tool_call_parser` and `option.reasoning_parser` (see [`chat`]).
+    pub chat: ChatOptions,
     /// `batch_size` (or `max_dynamic_batch_size`): DJL's static batch size,
     /// default 1. kiln batches continuously and does not use it.
     pub batch_size: usize,
@@ -1331,6 +1340,7 @@ impl Default for ModelProperties {
             max_input_len: None,
             max_output_len: None,
             enable_streaming: Streaming::False,
+            chat: ChatOptions::default(),
             output_formatter: None,
             batch_size: defaults::BATCH_SIZE,
             max_batch_delay: Duration::from_millis(defaults::MAX_BATCH_DELAY_MS),
@@ -1675,21 +1685,25 @@ impl Builder {
             .count_at_least("option.max_output_len", 1)
             .map(|(n, _)| n);
 
-        let enable_streaming = match self.choice(
+        let streaming = self.choice(
             "option.enable_streaming",
             Streaming::parse,
             Streaming::ALLOWED,
-        ) {
+        );
+        let enable_streaming = match &streaming {
             None => Streaming::False,
             Some((s, p)) => {
-                self.warn(
-                    &p,
-                    "deprecated in DJL and not needed: kiln streams a response when the \
+                if rolling_batch != RollingBatch::Disable {
+                    self.warn(
+                        p,
+                        "deprecated in DJL and not needed: kiln streams a response when the \
                          request asks for it (\"stream\": true)",
-                );
-                s
+                    );
+                }
+                *s
             }
         };
+        let chat = self.chat_options(rolling_batch, streaming);
 
         let output_formatter = self.output_formatter();
 
@@ -1764,6 +1778,7 @@ impl Builder {
             max_output_len,
             enable_streaming,
             output_formatter,
+            chat,
             batch_size,
             max_batch_delay,
             job_queue_size,

@@ -917,3 +917,53 @@ fn mutated_properties_files_never_panic() {
     .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("serving.properties: {report:?}");
 }
+
+/// Issue 13, point 6: the chat-side keys of DJL's vLLM handler
+/// (`djl_python/properties_manager/vllm_rb_properties.py`).
+#[test]
+fn chat_keys_are_read_or_refused_by_name() {
+    use kiln_server::reasoning::ReasoningParser;
+    let p = parse("option.reasoning_parser=qwen3\noption.tool_call_parser=llama3_json\n");
+    assert_eq!(p.chat.reasoning_parser, Some(ReasoningParser::Qwen3));
+    assert_eq!(
+        p.chat.tool_call_parser.as_ref().map(|t| t.as_str()),
+        Some("llama3_json")
+    );
+    assert!(has_warning(&p, "option.enable_auto_tool_choice=true"));
+    let p = parse("option.reasoning_parser=deepseek_r1\noption.enable_auto_tool_choice=false\noption.enable_stateful_sessions=false\n");
+    assert_eq!(p.chat.reasoning_parser, Some(ReasoningParser::DeepSeekR1));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    // Without the keys: nothing.
+    assert_eq!(parse("").chat.reasoning_parser, None);
+
+    let e = parse_err("option.enable_auto_tool_choice=true\noption.tool_call_parser=hermes\n");
+    assert!(
+        e.contains("option.enable_auto_tool_choice = 'true'") && e.contains("tool calling"),
+        "{e}"
+    );
+    let e = parse_err("option.tool_call_parser=hermes3\n");
+    assert!(e.contains("hermes3") && e.contains("llama3_json"), "{e}");
+    let e = parse_err("option.reasoning_parser=granite\n");
+    assert!(
+        e.contains("does not implement") && e.contains("qwen3, deepseek_r1"),
+        "{e}"
+    );
+    let e = parse_err("option.reasoning_parser=thinky\n");
+    assert!(e.contains("is not one of qwen3, deepseek_r1"), "{e}");
+    let e = parse_err("option.enable_stateful_sessions=true\n");
+    assert!(e.contains("stateful sessions"), "{e}");
+    let e = parse_err("option.enable_stateful_sessions=maybe\n");
+    assert!(e.contains("true or false"), "{e}");
+    for v in ["true", "huggingface"] {
+        let e = parse_err(&format!(
+            "option.rolling_batch=disable\noption.enable_streaming={v}\n"
+        ));
+        assert!(
+            e.contains("outputs") && e.contains("rolling_batch=disable"),
+            "{e}"
+        );
+    }
+    // Streaming off with rolling batch off is fine.
+    let p = parse("option.rolling_batch=disable\noption.enable_streaming=false\n");
+    assert_eq!(p.enable_streaming, Streaming::False);
+}

@@ -113,6 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..StopConditions::default()
         },
         skip_special_tokens: true,
+        prompt_logprobs: false,
     };
     let t0 = std::time::Instant::now();
     let mut stream = engine.submit(req)?;

@@ -12,11 +12,18 @@
 //! `status` and `workerGroups` (`device`, `minWorkers`, `maxWorkers`,
 //! `workers` with `id`, `startTime`, `status`); kiln's own fields sit
 //! inside the model object.
+//!
+//! Points 1, 2, 4 and 6: OpenAI bodies on the LMI routes, DJL's status
+//! codes there, `decoder_input_details`, and the chat-side
+//! `serving.properties` keys; the DJL source each reproduces is quoted at
+//! each test.
 
 mod support;
 
-use serde_json::json;
-use support::{model_file, Opts, Server};
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+use support::{eventually, model_file, tempdir, write, Opts, Server};
 
 #[test]
 fn requests_without_a_model_go_to_the_only_one_or_name_the_choices() {
@@ -120,4 +127,357 @@ fn requests_without_a_model_go_to_the_only_one_or_name_the_choices() {
             .is_some_and(|a| a.iter().any(|m| m["modelName"] == "second")),
         "{l}"
     );
+}
+
+/// A model store: `plain`, `r1` (`option.reasoning_parser=deepseek_r1`),
+/// `qwen` (`qwen3`, and a tool-call parser without auto tool choice), and
+/// one model per key value kiln refuses at load.
+fn store() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        let root = tempdir("djl-store-");
+        let models = root.join("models");
+        let id = format!("option.model_id={}\n", model_file().display());
+        let props = [
+            ("plain", String::new()),
+            ("r1", "option.reasoning_parser=deepseek_r1\n".into()),
+            (
+                "qwen",
+                "option.reasoning_parser=qwen3\noption.tool_call_parser=hermes\n\
+                 option.enable_auto_tool_choice=false\noption.enable_stateful_sessions=false\n"
+                    .into(),
+            ),
+            (
+                "tools",
+                "option.enable_auto_tool_choice=true\noption.tool_call_parser=hermes\n".into(),
+            ),
+            ("badparser", "option.tool_call_parser=hermes2\n".into()),
+            ("granite", "option.reasoning_parser=granite\n".into()),
+            ("sessions", "option.enable_stateful_sessions=true\n".into()),
+            (
+                "static",
+                "option.rolling_batch=disable\noption.enable_streaming=true\n".into(),
+            ),
+        ];
+        for (name, extra) in &props {
+            write(
+                &models.join(format!("{name}/serving.properties")),
+                &format!("{id}{extra}"),
+            );
+        }
+        let s = Server::start(Opts {
+            args: vec![
+                "--model-store".into(),
+                models.display().to_string(),
+                "--log-dir".into(),
+                root.join("logs").display().to_string(),
+                "--kv-cache-mib".into(),
+                "32".into(),
+            ],
+            watchdog: true,
+            ..Opts::default()
+        });
+        let settled = eventually(std::time::Duration::from_secs(120), || {
+            let v = s.get("/models").json();
+            let states: Vec<String> = v["models"]
+                .as_array()?
+                .iter()
+                .map(|m| m["status"].as_str().unwrap_or("").to_string())
+                .collect();
+            (states.len() == props.len() && !states.iter().any(|s| s == "Loading")).then_some(())
+        });
+        assert!(settled.is_some(), "{}", s.stderr());
+        s
+    })
+}
+
+/// The data lines of a server-sent-events body, parsed (`[DONE]` as null).
+fn sse_data(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or(Value::Null))
+        .collect()
+}
+
+/// Point 1. DJL's LMI handler (djl_python/lmi_vllm/vllm_async_service.py,
+/// preprocess_request) reads a body with `prompt` as an OpenAI completions
+/// request and one with `messages` as a chat-completions request, answered
+/// in the OpenAI shapes (streamed as their SSE chunks); bodies with `tools`
+/// go the chat way (where kiln, without tool calling yet, refuses them).
+#[test]
+fn openai_bodies_on_the_lmi_routes_get_openai_answers() {
+    let s = store();
+    let chat = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 6, "temperature": 0});
+    let want = s.post_json("/v1/chat/completions", &{
+        let mut c = chat.clone();
+        c["model"] = json!("plain");
+        c
+    });
+    assert_eq!(want.status, 200, "{}", want.text());
+    let want_text = want.json()["choices"][0]["message"]["content"].clone();
+    assert!(
+        want_text.as_str().is_some_and(|t| !t.is_empty()),
+        "{}",
+        want.text()
+    );
+    for path in [
+        "/invocations?model_name=plain",
+        "/predictions/plain",
+        "/models/plain/invoke",
+    ] {
+        let r = s.post_json(path, &chat);
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let v = r.json();
+        assert_eq!(v["object"], "chat.completion", "{path}: {v}");
+        assert_eq!(v["model"], "plain", "{path}: {v}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"], want_text,
+            "{path}: {v}"
+        );
+        assert!(
+            v["usage"]["prompt_tokens"].as_u64().is_some_and(|n| n > 0),
+            "{v}"
+        );
+    }
+    // The route's model answers, whatever the body's `model` says.
+    let mut named = chat.clone();
+    named["model"] = json!("qwen");
+    let v = s.post_json("/predictions/plain", &named).json();
+    assert_eq!(v["model"], "plain", "{v}");
+
+    // Streaming: OpenAI's chunks, ending with [DONE].
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let r = s.post_json("/invocations?model_name=plain", &streamed);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/event-stream")));
+    let events = sse_data(&r.text());
+    assert_eq!(events.last(), Some(&Value::Null), "no [DONE]: {}", r.text());
+    let text: String = events
+        .iter()
+        .filter(|e| e["object"] == "chat.completion.chunk")
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(Some(text.as_str()), want_text.as_str());
+
+    // `prompt`: a completions request.
+    let r = s.post_json(
+        "/predictions/plain",
+        &json!({"prompt": "The capital of France is", "max_tokens": 3}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion", "{v}");
+    assert!(v["choices"][0]["text"].is_string(), "{v}");
+
+    // `tools` reach the chat path, which refuses them for now; on the LMI
+    // route in DJL's error shape and code.
+    let mut tools = chat.clone();
+    tools["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    tools["tool_choice"] = json!("auto");
+    let r = s.post_json("/invocations?model_name=plain", &tools);
+    assert_eq!(r.status, 424, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["code"], 424, "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("tools")),
+        "{v}"
+    );
+}
+
+/// Point 2. DJL's status codes on the LMI routes (see kiln-server's
+/// djl_status module for the sources): request validation, malformed JSON
+/// included, is 424 `{"error", "code": 424}` (vllm_async_service.py
+/// "Input parsing failed", input_parser.py + utils.py code 424); an unknown
+/// model is 404 and `/invocations` without a name among several models is
+/// 400 (the Java front end: ModelNotFoundException, BadRequestException
+/// "Parameter model_name is required."). `/v1` keeps OpenAI's 400.
+#[test]
+fn lmi_routes_answer_validation_failures_with_424_and_v1_keeps_400() {
+    let s = store();
+    let long = "word ".repeat(9000);
+    let cases = [
+        json!({"inputs": "Hi", "parameters": {"top_p": 0}}),
+        json!({"inputs": "Hi", "parameters": {"max_new_tokens": -1}}),
+        json!({"inputs": long, "parameters": {"max_new_tokens": 1}}),
+        json!({"messages": "hi"}),
+        json!({"prompt": "x", "temperature": 5}),
+        json!({"nothing": "useful"}),
+        json!({"requestType": "NEW_SESSION"}),
+        json!({"inputs": "Hi", "stream": true, "parameters": {"details": true, "decoder_input_details": true}}),
+    ];
+    for body in &cases {
+        for path in ["/predictions/plain", "/invocations?model_name=plain"] {
+            let r = s.post_json(path, body);
+            assert_eq!(r.status, 424, "{path} {body}: {}", r.text());
+            let v = r.json();
+            assert_eq!(v["code"], 424, "{v}");
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        }
+    }
+    let r = s.req(
+        "POST",
+        "/predictions/plain",
+        &[("Content-Type", "application/json")],
+        b"{\"inputs\": ",
+    );
+    assert_eq!(r.status, 424, "{}", r.text());
+    assert!(r.text().contains("invalid JSON"), "{}", r.text());
+    let r = s.post_json("/predictions/nope", &json!({"inputs": "Hi"}));
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = s.post_json("/invocations", &json!({"inputs": "Hi"}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    // The same bad values on /v1: OpenAI's 400 and error shape.
+    let r = s.post_json(
+        "/v1/chat/completions",
+        &json!({"model": "plain", "messages": "hi"}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"]["message"].is_string(), "{}", r.text());
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"model": "plain", "prompt": "x", "temperature": 5}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+}
+
+/// Point 4. `parameters.decoder_input_details` with `details` returns
+/// `details.prefill`, every prompt token as `{"id", "text", "log_prob"}`
+/// with the first log_prob null (DJL: rolling_batch_vllm_utils.py fills
+/// prompt_tokens_details with log_prob None at index 0; output_formatter.py
+/// get_details_dict adds "prefill" when decoder_input_details is set, inside
+/// details). The values are checked against the model itself: the tokens a
+/// greedy run generated, sent back as the end of a prompt, get the same
+/// log-probabilities as when they were generated.
+#[test]
+fn decoder_input_details_returns_the_prompts_log_probabilities() {
+    let s = store();
+    let prompt = "The capital of France is";
+    let r = s.post_json(
+        "/predictions/plain",
+        // Two tokens (" Paris", "."): text that tokenizes back to the same ids
+        // (the newlines that follow would merge into one token).
+        &json!({"inputs": prompt, "parameters": {"max_new_tokens": 2, "details": true}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let gen = r.json();
+    assert!(gen["details"].get("prefill").is_none(), "not asked: {gen}");
+    let tokens = gen["details"]["tokens"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(tokens.len(), 2, "{gen}");
+    let text = gen["generated_text"].as_str().unwrap_or_default();
+
+    let full = format!("{prompt}{text}");
+    let r = s.post_json(
+        "/predictions/plain",
+        &json!({"inputs": full, "parameters": {"max_new_tokens": 1, "details": true,
+            "decoder_input_details": true}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let prefill = v["details"]["prefill"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(prefill.len() > tokens.len(), "{v}");
+    assert!(prefill[0]["log_prob"].is_null(), "{v}");
+    let joined: String = prefill.iter().filter_map(|t| t["text"].as_str()).collect();
+    // The prompt's tokens (after any BOS the tokenizer adds).
+    assert!(joined.ends_with(&full), "{joined:?} vs {full:?}");
+    for t in &prefill[1..] {
+        assert!(t["log_prob"].as_f64().is_some_and(|l| l <= 0.0), "{t}");
+        assert!(t["id"].is_u64(), "{t}");
+    }
+    let tail = &prefill[prefill.len() - tokens.len()..];
+    for (p, g) in tail.iter().zip(&tokens) {
+        assert_eq!(
+            p["id"], g["id"],
+            "the generated text tokenizes back to the same ids"
+        );
+        assert_eq!(p["log_prob"], g["log_prob"], "prefill {p} vs generated {g}");
+    }
+    // Without `details`, no details at all (DJL only adds prefill inside them).
+    let r = s.post_json(
+        "/predictions/plain",
+        &json!({"inputs": prompt, "parameters": {"max_new_tokens": 1, "decoder_input_details": true}}),
+    );
+    assert!(r.json().get("details").is_none(), "{}", r.text());
+}
+
+/// Point 6. The chat-side keys of DJL's vLLM handler
+/// (properties_manager/vllm_rb_properties.py: tool_call_parser,
+/// enable_auto_tool_choice, reasoning_parser; vllm_async_service.py:
+/// enable_stateful_sessions): the ones kiln does not implement are refused
+/// at load, naming the key; tool_call_parser names are vLLM's; the
+/// reasoning parsers split `<think>` output into `reasoning_content`.
+#[test]
+fn chat_keys_are_validated_at_load_and_reasoning_is_split() {
+    let s = store();
+    let failed = [
+        ("tools", "option.enable_auto_tool_choice"),
+        ("badparser", "hermes2"),
+        ("granite", "does not implement"),
+        ("sessions", "option.enable_stateful_sessions"),
+        ("static", "option.enable_streaming"),
+    ];
+    for (name, needle) in failed {
+        let d = s.get(&format!("/models/{name}")).json();
+        let m = &d[0]["models"][0];
+        assert_eq!(m["status"], "Failed", "{name}: {d}");
+        let msg = m["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{name}: {needle:?} not in {msg}");
+    }
+    let chat = json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 6, "temperature": 0});
+    let ask = |model: &str, stream: bool| {
+        let mut c = chat.clone();
+        c["model"] = json!(model);
+        c["stream"] = json!(stream);
+        let r = s.post_json("/v1/chat/completions", &c);
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        r
+    };
+    let plain = ask("plain", false).json();
+    let answer = plain["choices"][0]["message"]["content"].clone();
+    assert!(plain["choices"][0]["message"]
+        .get("reasoning_content")
+        .is_none());
+    // qwen3: no <think> block in this model's answer, so all of it is content.
+    let q = ask("qwen", false).json();
+    assert_eq!(q["choices"][0]["message"]["content"], answer, "{q}");
+    assert!(
+        q["choices"][0]["message"]["reasoning_content"].is_null(),
+        "{q}"
+    );
+    // deepseek_r1: thinking opens in the prompt, so output that never closes
+    // it is all reasoning.
+    let r1 = ask("r1", false).json();
+    assert_eq!(
+        r1["choices"][0]["message"]["reasoning_content"], answer,
+        "{r1}"
+    );
+    assert_eq!(r1["choices"][0]["message"]["content"], "", "{r1}");
+    // Streamed, as delta.reasoning_content, also on the LMI route.
+    for r in [ask("r1", true), {
+        let mut c = chat.clone();
+        c["stream"] = json!(true);
+        s.post_json("/invocations?model_name=r1", &c)
+    }] {
+        let events = sse_data(&r.text());
+        let reasoning: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["reasoning_content"].as_str())
+            .collect();
+        let content: String = events
+            .iter()
+            .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(Some(reasoning.as_str()), answer.as_str(), "{}", r.text());
+        assert_eq!(content, "", "{}", r.text());
+    }
 }

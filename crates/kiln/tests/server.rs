@@ -891,13 +891,17 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
     let missing = Path::new("/nonexistent/kiln/model.gguf");
     // (method, path, content type, body, status, what the message must mention)
     type Case<'a> = (&'a str, String, &'a str, Vec<u8>, u16, &'a str);
+    // On the LMI routes, DJL answers request-validation failures (malformed
+    // JSON included: its Python handler decodes the body) with 424, and only
+    // its Java front end's refusals with 400/404/405 (see kiln-server's
+    // djl_status module for the DJL source locations).
     let djl: Vec<Case> = vec![
         (
             "POST",
             "/predictions/default".into(),
             "application/json",
             b"{not json".to_vec(),
-            400,
+            424,
             "invalid JSON",
         ),
         (
@@ -905,7 +909,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": 5}"#.to_vec(),
-            400,
+            424,
             "inputs",
         ),
         (
@@ -913,7 +917,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": []}"#.to_vec(),
-            400,
+            424,
             "empty",
         ),
         (
@@ -921,15 +925,15 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": ["a", 3]}"#.to_vec(),
-            400,
+            424,
             "list of strings",
         ),
         (
             "POST",
             "/predictions/default".into(),
             "application/json",
-            br#"{"prompt": "x"}"#.to_vec(),
-            400,
+            br#"{"promt": "x"}"#.to_vec(),
+            424,
             "inputs",
         ),
         (
@@ -937,7 +941,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "parameters": 3}"#.to_vec(),
-            400,
+            424,
             "parameters",
         ),
         (
@@ -945,7 +949,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "parameters": {"max_new_tokens": 0}}"#.to_vec(),
-            400,
+            424,
             "max_new_tokens",
         ),
         (
@@ -953,7 +957,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "parameters": {"max_new_tokens": -3}}"#.to_vec(),
-            400,
+            424,
             "max_new_tokens",
         ),
         (
@@ -961,7 +965,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "parameters": {"max_new_tokens": 1e12}}"#.to_vec(),
-            400,
+            424,
             "max_new_tokens",
         ),
         (
@@ -969,7 +973,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "parameters": {"temperature": -1, "do_sample": true}}"#.to_vec(),
-            400,
+            424,
             "temperature",
         ),
         (
@@ -977,7 +981,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "parameters": {"top_p": 0}}"#.to_vec(),
-            400,
+            424,
             "top_p",
         ),
         (
@@ -985,7 +989,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "parameters": {"stop_sequences": [1]}}"#.to_vec(),
-            400,
+            424,
             "stop_sequences",
         ),
         (
@@ -993,7 +997,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": "x", "stream": "yes"}"#.to_vec(),
-            400,
+            424,
             "stream",
         ),
         (
@@ -1001,7 +1005,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"inputs": ["a", "b"], "stream": true}"#.to_vec(),
-            400,
+            424,
             "one input",
         ),
         (
@@ -1009,7 +1013,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"text": ["a"], "seq_length": 0}"#.to_vec(),
-            400,
+            424,
             "seq_length",
         ),
         (
@@ -1017,7 +1021,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             br#"{"text": ["a long prompt of many words here"], "seq_length": 3}"#.to_vec(),
-            400,
+            424,
             "limit",
         ),
         (
@@ -1025,7 +1029,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             Vec::new(),
-            400,
+            424,
             "empty",
         ),
         (
@@ -1033,7 +1037,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "text/plain",
             vec![0xff, 0xfe, 0x00],
-            400,
+            424,
             "UTF-8",
         ),
         (
@@ -1041,7 +1045,7 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
             "/predictions/default".into(),
             "application/json",
             deep.into_bytes(),
-            400,
+            424,
             "invalid JSON",
         ),
         (
@@ -2284,7 +2288,7 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
     let grace = 8;
     let s = Server::ready(Opts::args(&[
         "--kv-cache-mib",
-        "192",
+        "256",
         "--grace-period",
         &grace.to_string(),
     ]));
@@ -2303,9 +2307,17 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
         &json!({"model": "default", "stream": true, "max_tokens": 1400, "ignore_eos": true,
             "messages": [{"role": "user", "content": "Count to one thousand."}]}),
     );
+    // Without `details`: DJL's last line still says finish_reason "error".
+    let mut bare = s.stream(
+        "/predictions/default",
+        &[("Content-Type", "application/json")],
+        &json!({"inputs": "Count to one thousand:", "stream": true,
+            "parameters": {"max_new_tokens": 1400, "ignore_eos": true}}),
+    );
     let first = short.next_json_line().expect("a first token");
     assert!(long.next_json_line().is_some());
     assert!(chat.next_event().is_some());
+    assert!(bare.next_json_line().is_some());
     let t0 = Instant::now();
     s.signal("TERM");
     let (tokens, last) = read_lmi(&mut short, vec![first]);
@@ -2322,6 +2334,14 @@ fn sigterm_exits_0_when_the_grace_period_is_over() {
             .is_some_and(|e| e.contains("grace period")),
         "{last}"
     );
+    // DJL (lmi_input_output_schema.md, "Error Responses"; output_formatter.py
+    // get_details_dict; rolling_batch.py stop_on_any_exception): the stream
+    // that failed after its 200 ends with details.finish_reason "error" and,
+    // where no token came with the failure, the error token (id -1).
+    let (_, last) = read_lmi(&mut bare, Vec::new());
+    assert_eq!(last["details"]["finish_reason"], "error", "{last}");
+    assert_eq!(last["token"]["id"], -1, "{last}");
+    assert_eq!(last["code"], 424, "{last}");
     let rest = chat.rest();
     assert!(rest.contains("grace period"), "{rest}");
     assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
@@ -2400,7 +2420,8 @@ fn ping_stays_fast_while_huge_prompts_are_tokenized() {
                         &[("Content-Type", "application/json")],
                         body.as_bytes(),
                     );
-                    assert_eq!(r.status, 400, "{}", r.text());
+                    // Too long: DJL's 424 for request validation.
+                    assert_eq!(r.status, 424, "{}", r.text());
                     n += 1;
                 }
                 n

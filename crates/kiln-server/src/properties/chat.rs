@@ -1,0 +1,160 @@
+//! The chat-side keys of DJL's current LMI (vLLM) handler:
+//! `option.enable_auto_tool_choice`, `option.tool_call_parser`,
+//! `option.reasoning_parser`, `option.enable_stateful_sessions`, and the
+//! combination `option.enable_streaming` with `option.rolling_batch=disable`.
+//!
+//! DJL hands the first three to vLLM (`djl_python/properties_manager/
+//! vllm_rb_properties.py`, which checks the parser names against vLLM's
+//! registries, and `lmi_vllm/vllm_async_service.py`, which passes them to
+//! `OpenAIServingChat`). What kiln does with each:
+//! - tool calling is not built yet, so `enable_auto_tool_choice=true` is
+//!   refused at load (a model served without it would answer every tool
+//!   request with an error, which an operator who set the key would not
+//!   expect); `tool_call_parser` is checked against vLLM's parser names and
+//!   kept for when it is;
+//! - `reasoning_parser` `qwen3` and `deepseek_r1` are implemented
+//!   ([`crate::reasoning`]); vLLM's other names are refused by name;
+//! - SageMaker stateful sessions are not implemented: `true` is refused
+//!   (DJL's default is on; kiln's is off, see the README);
+//! - DJL's non-rolling-batch streaming (`{"outputs": [...]}` lines for a
+//!   list input) is not implemented: `enable_streaming` with
+//!   `rolling_batch=disable` is refused, naming what to set instead.
+
+use super::{Builder, RawProperty, RollingBatch, Streaming};
+use crate::reasoning::ReasoningParser;
+
+/// vLLM's built-in tool-call parser names (its `ToolParserManager`
+/// registry, as listed in vLLM's tool-calling documentation that DJL's
+/// `tool_calling.md` points to).
+pub const TOOL_CALL_PARSERS: &[&str] = &[
+    "hermes",
+    "mistral",
+    "llama3_json",
+    "llama4_json",
+    "llama4_pythonic",
+    "pythonic",
+    "granite",
+    "granite-20b-fc",
+    "internlm",
+    "jamba",
+    "xlam",
+    "minimax",
+    "deepseek_v3",
+    "deepseek_v31",
+    "kimi_k2",
+    "hunyuan_a13b",
+    "glm45",
+    "qwen3_coder",
+    "qwen3_xml",
+    "phi4_mini_json",
+    "openai",
+    "step3",
+    "seed_oss",
+    "longcat",
+];
+
+/// vLLM's reasoning-parser names that kiln does not implement.
+const OTHER_REASONING_PARSERS: &[&str] = &[
+    "deepseek_v3",
+    "granite",
+    "hunyuan_a13b",
+    "mistral",
+    "glm45",
+    "gpt_oss",
+    "step3",
+    "ernie45",
+    "seed_oss",
+    "olmo3",
+    "minimax_m2",
+];
+
+/// A validated `option.tool_call_parser` name (kept for tool calling).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCallParser(String);
+
+impl ToolCallParser {
+    /// The parser's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The chat settings of a model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChatOptions {
+    /// `option.tool_call_parser`, checked against vLLM's names.
+    pub tool_call_parser: Option<ToolCallParser>,
+    /// `option.reasoning_parser`: how to split a reasoning model's output.
+    pub reasoning_parser: Option<ReasoningParser>,
+}
+
+impl Builder {
+    /// Reads and checks the chat-side keys (see the module documentation).
+    pub(super) fn chat_options(
+        &mut self,
+        rolling_batch: RollingBatch,
+        streaming: Option<(Streaming, RawProperty)>,
+    ) -> ChatOptions {
+        let auto_tools = self.boolean("option.enable_auto_tool_choice");
+        if let Some((true, p)) = &auto_tools {
+            self.problem(
+                p,
+                "asks for tool calling, which kiln does not implement yet; remove it (requests \
+                 with 'tools' are refused with a clear error either way)",
+            );
+        }
+        let tool_call_parser = self.entry("option.tool_call_parser").and_then(|p| {
+            if !TOOL_CALL_PARSERS.contains(&p.value.as_str()) {
+                self.problem(
+                    &p,
+                    &format!("is not one of {}", TOOL_CALL_PARSERS.join(", ")),
+                );
+                return None;
+            }
+            if !matches!(auto_tools, Some((true, _))) {
+                self.warn(
+                    &p,
+                    "has no effect without option.enable_auto_tool_choice=true",
+                );
+            }
+            Some(ToolCallParser(p.value))
+        });
+        let reasoning_parser = self.entry("option.reasoning_parser").and_then(|p| {
+            let parsed = ReasoningParser::parse(&p.value);
+            if parsed.is_none() {
+                let why = if OTHER_REASONING_PARSERS.contains(&p.value.as_str()) {
+                    format!(
+                        "is a vLLM reasoning parser that kiln does not implement; kiln implements {}",
+                        ReasoningParser::ALLOWED
+                    )
+                } else {
+                    format!("is not one of {}", ReasoningParser::ALLOWED)
+                };
+                self.problem(&p, &why);
+            }
+            parsed
+        });
+        if let Some((true, p)) = self.boolean("option.enable_stateful_sessions") {
+            self.problem(
+                &p,
+                "asks for SageMaker stateful sessions, which kiln does not implement; set it to \
+                 false or remove it",
+            );
+        }
+        if let Some((s, p)) = streaming {
+            if s != Streaming::False && rolling_batch == RollingBatch::Disable {
+                self.problem(
+                    &p,
+                    "with option.rolling_batch=disable asks for DJL's static-batch streaming \
+                     ({\"outputs\": [...]} lines), which kiln does not implement; remove \
+                     option.rolling_batch=disable (kiln batches continuously) and send \
+                     \"stream\": true with a single input",
+                );
+            }
+        }
+        ChatOptions {
+            tool_call_parser,
+            reasoning_parser,
+        }
+    }
+}
