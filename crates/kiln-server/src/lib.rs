@@ -7,7 +7,8 @@
 //! - [`properties`] and [`store`]: the model store and its `serving.properties`;
 //! - [`registry`]: registered models, loading and unloading;
 //! - [`lmi`], [`openai`], [`management`]: the routes;
-//! - [`access`]: API keys, the access log, per-route counters; [`prom`]: metrics text;
+//! - [`access`]: API keys, the access log, per-route counters; [`prom`] and
+//!   [`prom_vllm`]: metrics text; [`health`]: liveness and readiness probes;
 //! - [`conn`]: the accept loop, connection timeouts and the connection cap;
 //! - [`cpu`]: tokenization and chat templates off the async threads.
 //!
@@ -19,11 +20,13 @@ pub mod conn;
 pub mod cpu;
 pub mod error;
 pub mod generation;
+pub mod health;
 pub mod lmi;
 pub mod management;
 pub mod openai;
 pub mod params;
 pub mod prom;
+pub mod prom_vllm;
 pub mod properties;
 pub mod registry;
 pub mod state;
@@ -56,6 +59,9 @@ pub fn router(st: Arc<AppState>) -> Router {
     let mut app = Router::new()
         .route("/ping", get(management::ping))
         .route("/server/metrics", get(management::metrics))
+        .route("/metrics", get(management::metrics))
+        .route("/health", get(health::live))
+        .route("/health/ready", get(health::ready))
         .route("/predictions/{model}", post(lmi::predictions))
         .route(
             "/predictions/{model}/{version}",
