@@ -6,7 +6,7 @@
 //!
 //! - [`properties`] and [`store`]: the model store and its `serving.properties`;
 //! - [`registry`]: registered models, loading and unloading;
-//! - [`lmi`], [`openai`], [`management`]: the routes;
+//! - [`lmi`], [`openai`] (with [`prompts`]), [`tokenize`], [`management`]: the routes;
 //! - [`access`]: API keys, the access log, per-route counters; [`prom`] and
 //!   [`prom_vllm`]: metrics text; [`health`]: liveness and readiness probes;
 //! - [`conn`]: the accept loop, connection timeouts and the connection cap;
@@ -27,10 +27,12 @@ pub mod openai;
 pub mod params;
 pub mod prom;
 pub mod prom_vllm;
+pub mod prompts;
 pub mod properties;
 pub mod registry;
 pub mod state;
 pub mod store;
+pub mod tokenize;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -79,6 +81,8 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(st.config.max_request_bytes))
