@@ -7,6 +7,9 @@ scripts/fetch-assets.sh --tests >/dev/null
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The Kubernetes manifests in deploy/: schemas, agreement with kiln's
+# probes and drain, and a self-test that broken copies are refused.
+scripts/deploy/run.sh
 # The OpenAI Python client against the binary cargo test just built
 # (skipped, loudly, where python3 is missing).
 scripts/e2e/run.sh "${CARGO_TARGET_DIR:-target}/debug/kiln"

@@ -147,6 +147,22 @@ def main():
         expect(c.finish_reason == "stop", c.finish_reason)
         expect("." not in c.text, repr(c.text))
 
+    def completion_prompt_list():
+        prompts = ["The capital of France is", "Once upon a time"]
+        r = client.completions.create(
+            model=MODEL, prompt=prompts, n=2, max_tokens=4, temperature=0, echo=True
+        )
+        expect([c.index for c in r.choices] == [0, 1, 2, 3], [c.index for c in r.choices])
+        for c in r.choices:
+            expect(c.text.startswith(prompts[c.index // 2]), f"choice {c.index}: {c.text!r}")
+        expect(r.choices[0].text == prompts[0] + state["completion"][: len(r.choices[0].text) - len(prompts[0])],
+               f"{r.choices[0].text!r} vs {state['completion']!r}")
+        try:
+            client.completions.create(model=MODEL, prompt="x", suffix="y", max_tokens=2)
+            raise AssertionError("no error for suffix")
+        except openai.BadRequestError as e:
+            expect("suffix" in str(e), str(e))
+
     def chat():
         r = client.chat.completions.create(
             model=MODEL, messages=CAPITAL, temperature=0, max_tokens=32, logprobs=True, top_logprobs=2
@@ -235,6 +251,8 @@ def main():
         if "completion" in state:
             check("completions.create stream", completion_stream)
         check("completions.create stop", completion_stop)
+        if "completion" in state:
+            check("completions.create prompt list, n=2, echo; suffix refused", completion_prompt_list)
         check("chat.completions.create (Paris, logprobs, usage)", chat)
         if "chat" in state:
             check("chat.completions.create stream (include_usage)", chat_stream)

@@ -279,7 +279,16 @@ impl Engine {
 
     /// A copy of the engine's counters.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.shared.metrics.snapshot()
+        let mut s = self.shared.metrics.snapshot();
+        // The queue's length as of now: requests still in the channel count,
+        // and so do preempted ones (published at the last step).
+        s.waiting = self.queued() as u64
+            + self
+                .shared
+                .metrics
+                .preempted_waiting
+                .load(Ordering::Relaxed);
+        s
     }
 
     /// Requests accepted and not yet running.
@@ -719,6 +728,13 @@ impl<B: Backend> Worker<B> {
         let m = &self.metrics;
         m.waiting
             .store(self.sched.num_waiting() as u64, Ordering::Relaxed);
+        let preempted = self
+            .sched
+            .waiting_ids()
+            .filter(|id| self.active.get(id).is_some_and(|a| a.started))
+            .count();
+        m.preempted_waiting
+            .store(preempted as u64, Ordering::Relaxed);
         m.running
             .store(self.sched.num_running() as u64, Ordering::Relaxed);
         m.kv_blocks_used

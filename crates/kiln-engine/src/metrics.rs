@@ -64,6 +64,9 @@ impl Histogram {
 #[derive(Debug, Default)]
 pub struct EngineMetrics {
     pub(crate) waiting: AtomicU64,
+    /// Preempted sequences back in the queue (they started once, so the
+    /// live count of queued requests no longer includes them).
+    pub(crate) preempted_waiting: AtomicU64,
     pub(crate) running: AtomicU64,
     pub(crate) kv_blocks_total: AtomicU64,
     pub(crate) kv_blocks_used: AtomicU64,
@@ -82,7 +85,11 @@ pub struct EngineMetrics {
 /// A point-in-time copy of [`EngineMetrics`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsSnapshot {
-    /// Requests accepted but not yet running.
+    /// Requests waiting to run: submitted and not yet started, plus preempted
+    /// ones waiting to resume. [`crate::Engine::metrics`] counts the
+    /// submitted ones live, so a request is waiting from the moment it is
+    /// accepted, not from the engine's next step (routers that read this
+    /// every 50 ms must see a burst at once).
     pub waiting: u64,
     /// Sequences in the running batch.
     pub running: u64,

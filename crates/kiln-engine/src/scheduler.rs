@@ -124,6 +124,11 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// Ids of the waiting sequences, in queue order.
+    pub fn waiting_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.waiting.iter().map(|s| s.id)
+    }
+
     pub fn num_running(&self) -> usize {
         self.running.len()
     }

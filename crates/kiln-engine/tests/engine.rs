@@ -424,6 +424,64 @@ fn metrics_count_tokens_and_latencies() {
     assert_eq!((m.waiting, m.running, m.kv_blocks_used), (0, 0, 0));
 }
 
+#[test]
+fn waiting_counts_requests_from_submission_and_preempted_ones() {
+    let e = engine(
+        tiny_model(),
+        EngineConfig {
+            max_running: 1,
+            ..EngineConfig::default()
+        },
+    );
+    let mut first = e.submit(greedy(vec![1, 2, 3], 900)).unwrap();
+    assert!(matches!(first.blocking_next(), Some(Event::Token(_))));
+    // The batch holds one sequence and it is busy: the next two wait, and
+    // they are counted at once, not at the engine's next step.
+    let queued: Vec<_> = prompts(&[4, 5])
+        .into_iter()
+        .map(|p| e.submit(greedy(p, 2)).unwrap())
+        .collect();
+    let m = e.metrics();
+    assert_eq!(m.waiting, 2, "{m:?}");
+    wait_for(&e, "the running gauge", |m| m.running == 1);
+    drop(first);
+    for s in queued {
+        collect(s);
+    }
+    wait_for(&e, "the queue to empty", |m| {
+        m.waiting == 0 && m.running == 0
+    });
+
+    // Preempted sequences wait again and are counted: a cache of 4 blocks
+    // (64 tokens) cannot hold two sequences growing to 60 tokens each.
+    let e = engine(
+        tiny_model(),
+        EngineConfig {
+            kv_capacity: KvCapacity::Tokens(64),
+            ..EngineConfig::default()
+        },
+    );
+    let streams: Vec<_> = prompts(&[20, 20])
+        .into_iter()
+        .map(|p| e.submit(greedy(p, 40)).unwrap())
+        .collect();
+    let mut saw_preempted_waiting = false;
+    let t0 = Instant::now();
+    while e.metrics().requests_finished < 2 && t0.elapsed() < Duration::from_secs(20) {
+        let m = e.metrics();
+        saw_preempted_waiting |= m.preemptions > 0 && m.waiting == 1;
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    for s in streams {
+        collect(s);
+    }
+    assert!(e.metrics().preemptions > 0, "{:?}", e.metrics());
+    assert!(
+        saw_preempted_waiting,
+        "a preempted sequence was never counted as waiting"
+    );
+}
+
 // ---- The default model: text-level behaviour and batch invariance ----
 
 fn smol_prompt(e: &Engine, text: &str) -> Vec<u32> {

@@ -159,9 +159,16 @@ pub async fn track(State(st): State<Arc<AppState>>, mut req: Request, next: Next
     Response::from_parts(parts, Body::from_stream(stream))
 }
 
-/// Requires `Authorization: Bearer <key>` on every route but `/ping` when keys are configured.
+/// Routes answered without an API key: health checks, which orchestrators
+/// probe without credentials, and `/metrics`, which LLM routers (the Gateway
+/// API Inference Extension, llm-d) scrape without credentials, as vLLM
+/// serves it. DJL's `/server/metrics` still needs the key.
+pub const OPEN_ROUTES: [&str; 4] = ["/ping", "/health", "/health/ready", "/metrics"];
+
+/// Requires `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`]
+/// when keys are configured.
 pub async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if st.config.api_keys.is_empty() || req.uri().path() == "/ping" {
+    if st.config.api_keys.is_empty() || OPEN_ROUTES.contains(&req.uri().path()) {
         return next.run(req).await;
     }
     let token = req
@@ -176,7 +183,8 @@ pub async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next
         StatusCode::UNAUTHORIZED,
         "this server requires an API key: send 'Authorization: Bearer <key>'",
     );
-    if req.uri().path().starts_with("/v1/") {
+    let path = req.uri().path();
+    if path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize" {
         err = err.openai();
     }
     let mut resp = err.into_response();

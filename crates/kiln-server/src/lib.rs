@@ -6,8 +6,9 @@
 //!
 //! - [`properties`] and [`store`]: the model store and its `serving.properties`;
 //! - [`registry`]: registered models, loading and unloading;
-//! - [`lmi`], [`openai`], [`management`]: the routes;
-//! - [`access`]: API keys, the access log, per-route counters; [`prom`]: metrics text;
+//! - [`lmi`], [`openai`] (with [`prompts`]), [`tokenize`], [`management`]: the routes;
+//! - [`access`]: API keys, the access log, per-route counters; [`prom`] and
+//!   [`prom_vllm`]: metrics text; [`health`]: liveness and readiness probes;
 //! - [`conn`]: the accept loop, connection timeouts and the connection cap;
 //! - [`cpu`]: tokenization and chat templates off the async threads.
 //!
@@ -20,6 +21,7 @@ pub mod cpu;
 pub mod djl_status;
 pub mod error;
 pub mod generation;
+pub mod health;
 pub mod lmi;
 pub(crate) mod lmi_chat;
 pub(crate) mod lmi_stream;
@@ -27,11 +29,14 @@ pub mod management;
 pub mod openai;
 pub mod params;
 pub mod prom;
+pub mod prom_vllm;
+pub mod prompts;
 pub mod properties;
 pub mod reasoning;
 pub mod registry;
 pub mod state;
 pub mod store;
+pub mod tokenize;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -60,6 +65,9 @@ pub fn router(st: Arc<AppState>) -> Router {
     let mut app = Router::new()
         .route("/ping", get(management::ping))
         .route("/server/metrics", get(management::metrics))
+        .route("/metrics", get(management::metrics))
+        .route("/health", get(health::live))
+        .route("/health/ready", get(health::ready))
         .route("/predictions/{model}", post(lmi::predictions))
         .route(
             "/predictions/{model}/{version}",
@@ -77,6 +85,8 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(st.config.max_request_bytes))

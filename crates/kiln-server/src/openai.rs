@@ -22,6 +22,7 @@ use crate::access::AccessRecord;
 use crate::error::ApiError;
 use crate::generation::{self, GenParams};
 use crate::params::Fields;
+use crate::prompts::{self, Prompt, PromptInput};
 use crate::state::AppState;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -196,33 +197,46 @@ pub async fn chat_completions(
         .unwrap_or_else(|e| e.openai().into_response())
 }
 
-/// The prompt of a completions request (text, or token ids).
-fn completion_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), ApiError> {
-    match f.get("prompt") {
-        Some(Value::String(s)) if !s.is_empty() => {
-            Ok((generation::encode(engine, s, true)?, s.clone()))
+/// Most choices one completions request may ask for (prompts times `n`).
+const MAX_CHOICES: usize = 256;
+
+/// What `/v1/completions` reads besides the common fields: the prompts'
+/// shape, `echo`, and the fields kiln refuses rather than ignores.
+fn completion_options(f: &Fields, n: usize) -> Result<(PromptInput, bool), ApiError> {
+    match f.get("suffix") {
+        None => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(Value::String(_)) => {
+            return Err(ApiError::bad_request(
+                "'suffix' (insertion between a prompt and a suffix) is not supported",
+            ))
         }
-        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-            let s = items[0].as_str().unwrap_or_default();
-            Ok((generation::encode(engine, s, true)?, s.to_string()))
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "'suffix' must be a string, got {other}"
+            )))
         }
-        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => {
-            let ids = f.ids("prompt")?;
-            let text = engine.tokenizer().decode(&ids, false).unwrap_or_default();
-            Ok((ids, text))
-        }
-        Some(Value::Array(items)) if items.len() > 1 => Err(ApiError::bad_request(
-            "'prompt' as a list of several prompts is not supported: send one request per prompt",
-        )),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "'prompt' must be a non-empty string or a list of token ids, got {other}"
-        ))),
-        None => Err(ApiError::bad_request("'prompt' is required")),
     }
+    let echo = f.bool("echo")?.unwrap_or(false);
+    if echo && f.has("logprobs") {
+        return Err(ApiError::bad_request(
+            "'echo' with 'logprobs' needs the prompt's log-probabilities, which kiln does \
+             not compute yet; leave out one of them",
+        ));
+    }
+    let input = prompts::parse(f.get("prompt"))?;
+    if input.len() * n > MAX_CHOICES {
+        return Err(ApiError::bad_request(format!(
+            "{} prompts with n={n} make {} choices; at most {MAX_CHOICES} are taken in one request",
+            input.len(),
+            input.len() * n
+        )));
+    }
+    Ok((input, echo))
 }
 
 /// The messages of a chat request, rendered with the model's template.
-fn chat_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), ApiError> {
+fn chat_prompt(engine: &Engine, f: &Fields) -> Result<Prompt, ApiError> {
     let messages = chat_messages(f)?;
     let template = engine.chat_template().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
@@ -231,11 +245,14 @@ fn chat_prompt(engine: &Engine, f: &Fields) -> Result<(Vec<u32>, String), ApiErr
         .render(&messages, true)
         .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
     // The template writes every special token itself.
-    Ok((generation::encode(engine, &text, false)?, text))
+    Ok(Prompt {
+        ids: generation::encode(engine, &text, false)?,
+        text,
+    })
 }
 
-/// The messages of a chat request, checked.
-fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
+/// The messages of a chat request, checked (also read by `/tokenize`).
+pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
     let msgs = match f.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(_) => return Err(ApiError::bad_request("'messages' must be a non-empty list")),
@@ -326,14 +343,18 @@ pub(crate) async fn run_value(
         },
     };
     c.params.sampling.top_logprobs = top_logprobs.unwrap_or(0);
-    let (prompt, prompt_text) = {
+    let (input, echo) = match api {
+        Api::Completions => {
+            let (input, echo) = completion_options(&f, c.n)?;
+            (Some(input), echo)
+        }
+        Api::Chat => (None, false),
+    };
+    let prompts: Vec<Prompt> = {
         let (engine, v) = (engine.clone(), v.clone());
-        crate::cpu::run(move || {
-            let f = Fields::new(&v, "")?;
-            match api {
-                Api::Completions => completion_prompt(&engine, &f),
-                Api::Chat => chat_prompt(&engine, &f),
-            }
+        crate::cpu::run(move || match input {
+            Some(input) => prompts::tokenize(&engine, input),
+            None => Ok(vec![chat_prompt(&engine, &Fields::new(&v, "")?)?]),
         })
         .await?
     };
@@ -341,12 +362,17 @@ pub(crate) async fn run_value(
         // Without max_tokens the answer may run to the end of the context, but
         // the default must not ask for more than the KV cache can ever hold,
         // or every such request would be refused (507) on a small cache.
-        let room = engine.info().kv_tokens.saturating_sub(prompt.len()).max(1);
+        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        let room = engine.info().kv_tokens.saturating_sub(longest).max(1);
         c.params.max_new_tokens = c.params.max_new_tokens.min(room);
     }
-    let echo = api == Api::Completions && f.bool("echo")?.unwrap_or(false);
-    rec.add_tokens_in(prompt.len() * c.n);
-    let streams = submit_n(&st, &engine, &prompt, &c)?;
+    let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
+    rec.add_tokens_in(prompt_tokens * c.n);
+    // Choice `k` answers prompt `k / n`, as OpenAI indexes them.
+    let mut streams = Vec::with_capacity(prompts.len() * c.n);
+    for p in &prompts {
+        streams.extend(submit_n(&st, &engine, &p.ids, &c)?);
+    }
     let id = format!(
         "{}-{}",
         if api == Api::Chat { "chatcmpl" } else { "cmpl" },
@@ -365,11 +391,18 @@ pub(crate) async fn run_value(
         },
     };
     if c.stream {
+        let echoes = echo.then(|| {
+            prompts
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(p.text.clone(), c.n))
+                .collect()
+        });
         return Ok(stream(
             ctx,
             streams,
             c.include_usage,
-            echo.then_some(prompt_text),
+            echoes,
+            prompt_tokens,
             rec,
         ));
     }
@@ -378,17 +411,21 @@ pub(crate) async fn run_value(
         return Err(e);
     }
     let mut usage = Usage {
-        prompt_tokens: prompt.len(),
+        prompt_tokens,
         ..Usage::default()
     };
+    // Cached tokens: each prompt's best choice, summed over the prompts.
+    usage.cached_tokens = done
+        .chunks(c.n)
+        .map(|ch| ch.iter().map(|d| d.usage.cached_tokens).max().unwrap_or(0))
+        .sum();
     let choices: Vec<Value> = done
         .iter()
         .enumerate()
         .map(|(i, d)| {
             usage.completion_tokens += d.usage.completion_tokens;
-            usage.cached_tokens = usage.cached_tokens.max(d.usage.cached_tokens);
             let text = if echo {
-                format!("{prompt_text}{}", d.text)
+                format!("{}{}", prompts[i / c.n].text, d.text)
             } else {
                 d.text.clone()
             };
@@ -528,7 +565,8 @@ fn stream(
     ctx: Ctx,
     streams: Vec<kiln_engine::RequestStream>,
     include_usage: bool,
-    echo: Option<String>,
+    echoes: Option<Vec<String>>,
+    prompt_tokens: usize,
     rec: Arc<AccessRecord>,
 ) -> Response {
     let n = streams.len();
@@ -553,7 +591,7 @@ fn stream(
                 json!([{"index": i, "delta": {"role": "assistant", "content": ""},
                 "logprobs": null, "finish_reason": null}]),
             )));
-        } else if let Some(p) = &echo {
+        } else if let Some(p) = echoes.as_ref().and_then(|e| e.get(i)) {
             head.push(sse(&ctx.token_chunk(i, p, None, None)));
         }
     }
@@ -574,7 +612,10 @@ fn stream(
         rx,
         splitters,
         ctx,
-        usage: Usage::default(),
+        usage: Usage {
+            prompt_tokens,
+            ..Usage::default()
+        },
         open: n,
         include_usage,
         rec,
@@ -601,7 +642,6 @@ fn stream(
                 },
             )) => {
                 s.open -= 1;
-                s.usage.prompt_tokens = usage.prompt_tokens;
                 s.usage.completion_tokens += usage.completion_tokens;
                 s.rec.add_tokens_out(usage.completion_tokens);
                 let mut out = if reason == FinishReason::Error {
@@ -670,6 +710,7 @@ mod fuzz {
         "logprobs",
         "top_logprobs",
         "echo",
+        "suffix",
         "prompt",
         "messages",
         "role",
@@ -704,7 +745,9 @@ mod fuzz {
                     return false;
                 };
                 let chat = common(&f, 4096).is_ok() & chat_messages(&f).is_ok();
-                let completion = common(&f, 16).is_ok();
+                let completion = common(&f, 16)
+                    .and_then(|c| completion_options(&f, c.n))
+                    .is_ok();
                 chat || completion
             },
         )

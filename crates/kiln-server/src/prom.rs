@@ -1,5 +1,6 @@
-//! `GET /server/metrics`: the engines' metrics and per-route HTTP counters in
-//! the Prometheus text exposition format.
+//! `GET /server/metrics` and `GET /metrics`: the engines' metrics and
+//! per-route HTTP counters in the Prometheus text exposition format, and
+//! the same engine figures under vLLM's names ([`crate::prom_vllm`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -72,7 +73,9 @@ pub fn render(st: &AppState) -> String {
         .map(|m| {
             let state = m.state();
             let snap = match &state {
-                ModelState::Ready(e) => Some(e.metrics()),
+                ModelState::Ready(e) => {
+                    Some((e.metrics(), e.info().block_size, e.info().kv_blocks))
+                }
                 _ => None,
             };
             (label(&m.name), state.label(), snap)
@@ -163,7 +166,7 @@ pub fn render(st: &AppState) -> String {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (model, _, snap) in &snaps {
-            if let Some(s) = snap {
+            if let Some((s, _, _)) = snap {
                 let _ = writeln!(out, "{name}{{model=\"{model}\"}} {}", get(s));
             }
         }
@@ -181,7 +184,7 @@ pub fn render(st: &AppState) -> String {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
         for (model, _, snap) in &snaps {
-            if let Some(s) = snap {
+            if let Some((s, _, _)) = snap {
                 let h = if name.starts_with("kiln_time") {
                     &s.time_to_first_token
                 } else {
@@ -191,6 +194,20 @@ pub fn render(st: &AppState) -> String {
             }
         }
     }
+    let figures: Vec<_> = snaps
+        .iter()
+        .filter_map(|(name, _, snap)| {
+            snap.as_ref().map(
+                |(metrics, block_size, num_blocks)| crate::prom_vllm::ModelFigures {
+                    name,
+                    metrics,
+                    block_size: *block_size,
+                    num_blocks: *num_blocks,
+                },
+            )
+        })
+        .collect();
+    crate::prom_vllm::render(&mut out, &figures);
     let _ = writeln!(
         out,
         "# HELP kiln_http_requests_total HTTP requests by route and status."

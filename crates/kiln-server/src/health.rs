@@ -1,0 +1,95 @@
+//! `GET /health` and `GET /health/ready`: the probes an orchestrator asks.
+//!
+//! Kubernetes restarts a container whose liveness probe fails and routes
+//! traffic (and LLM routers such as the Gateway API Inference Extension pick
+//! endpoints) only to pods whose readiness probe passes. So the two answer
+//! different questions:
+//! - `/health`: is the process serving HTTP? Always 200 while it answers,
+//!   also while it drains after SIGTERM (restarting it then would cut the
+//!   requests it is finishing).
+//! - `/health/ready`: should it get new requests? 200 only when every
+//!   registered model can serve; 503 naming each model that cannot (loading
+//!   or failed), when no model is registered, or while the server drains.
+//!
+//! DJL's `/ping` stays as it was (200 as long as one model serves).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use crate::registry::ModelState;
+use crate::state::AppState;
+
+/// `GET /health`: liveness.
+pub async fn live() -> Response {
+    Json(json!({"status": "Healthy"})).into_response()
+}
+
+/// `GET /health/ready`: readiness (see the module docs).
+pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    let (ready, not_ready) = readiness(&st);
+    if st.shutting_down.load(Ordering::SeqCst) {
+        return unavailable(json!({
+            "status": "Stopping",
+            "error": "the server is shutting down and takes no new requests",
+        }));
+    }
+    if ready.is_empty() && not_ready.is_empty() {
+        return unavailable(json!({
+            "status": "Unready",
+            "error": "no model is registered",
+        }));
+    }
+    if !not_ready.is_empty() {
+        let names: Vec<&String> = not_ready.keys().collect();
+        let error = format!(
+            "not every model can serve: {}",
+            names
+                .iter()
+                .map(|n| format!(
+                    "'{n}' ({})",
+                    not_ready[*n]["status"].as_str().unwrap_or("?")
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return unavailable(json!({
+            "status": "Unready",
+            "error": error,
+            "ready": ready,
+            "not_ready": not_ready,
+        }));
+    }
+    Json(json!({"status": "Ready", "ready": ready})).into_response()
+}
+
+/// The models that can serve, and those that cannot with their state and reason.
+fn readiness(st: &AppState) -> (Vec<String>, Map<String, Value>) {
+    let mut ready = Vec::new();
+    let mut not_ready = Map::new();
+    for m in st.registry.all() {
+        match m.state() {
+            ModelState::Ready(_) => ready.push(m.name.clone()),
+            ModelState::Loading => {
+                not_ready.insert(m.name.clone(), json!({"status": "Loading"}));
+            }
+            ModelState::Failed(why) => {
+                not_ready.insert(m.name.clone(), json!({"status": "Failed", "reason": why}));
+            }
+        }
+    }
+    (ready, not_ready)
+}
+
+/// A 503 with `Retry-After`.
+fn unavailable(body: Value) -> Response {
+    let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}

@@ -1,0 +1,192 @@
+//! The series that Kubernetes LLM routers read, under vLLM's names.
+//!
+//! The Gateway API Inference Extension's endpoint picker and llm-d choose a
+//! replica from its Prometheus metrics, and by default they look for the
+//! names vLLM exports: queue length, running requests, KV-cache use and the
+//! cache's shape. kiln writes those series beside its own (which keep their
+//! names), with vLLM's meaning and labels (`model_name`, `engine`), so that
+//! a kiln pod can join an `InferencePool` unchanged.
+
+use std::fmt::Write;
+
+use kiln_engine::MetricsSnapshot;
+
+/// What one ready model contributes to the vLLM-named series.
+pub struct ModelFigures<'a> {
+    /// The model's name, already escaped for a label value.
+    pub name: &'a str,
+    /// The engine's counters.
+    pub metrics: &'a MetricsSnapshot,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// KV-cache blocks the engine allocated.
+    pub num_blocks: usize,
+}
+
+/// Fraction of the KV cache's blocks that sequences hold (0 to 1), as
+/// vLLM's `kv_cache_usage_perc` (blocks that only cache a prefix are free).
+pub fn kv_usage(m: &MetricsSnapshot) -> f64 {
+    if m.kv_blocks_total == 0 {
+        return 0.0;
+    }
+    (m.kv_blocks_used as f64 / m.kv_blocks_total as f64).clamp(0.0, 1.0)
+}
+
+type Getter = fn(&MetricsSnapshot) -> f64;
+
+/// Gauges and counters: (name, type, help, value).
+const SERIES: [(&str, &str, &str, Getter); 9] = [
+    (
+        "vllm:num_requests_running",
+        "gauge",
+        "Requests in the running batch (kiln_running_sequences).",
+        |m| m.running as f64,
+    ),
+    (
+        "vllm:num_requests_waiting",
+        "gauge",
+        "Requests waiting to run, preempted ones included (kiln_queue_length).",
+        |m| m.waiting as f64,
+    ),
+    (
+        "vllm:kv_cache_usage_perc",
+        "gauge",
+        "Fraction of KV-cache blocks held by sequences; 1 means full.",
+        kv_usage,
+    ),
+    (
+        "vllm:gpu_cache_usage_perc",
+        "gauge",
+        "The same as vllm:kv_cache_usage_perc, under the name older routers read.",
+        kv_usage,
+    ),
+    (
+        "vllm:prefix_cache_queries_total",
+        "counter",
+        "Prompt tokens looked up in the prefix cache.",
+        |m| m.prefix_queried_tokens as f64,
+    ),
+    (
+        "vllm:prefix_cache_hits_total",
+        "counter",
+        "Prompt tokens found in the prefix cache.",
+        |m| m.prefix_hit_tokens as f64,
+    ),
+    (
+        "vllm:prompt_tokens_total",
+        "counter",
+        "Prompt tokens of requests started.",
+        |m| m.prompt_tokens as f64,
+    ),
+    (
+        "vllm:generation_tokens_total",
+        "counter",
+        "Tokens generated.",
+        |m| m.generated_tokens as f64,
+    ),
+    (
+        "vllm:num_preemptions_total",
+        "counter",
+        "Sequences preempted to free KV-cache blocks.",
+        |m| m.preemptions as f64,
+    ),
+];
+
+/// Appends the vLLM-named series of every ready model to `out`.
+pub fn render(out: &mut String, models: &[ModelFigures<'_>]) {
+    for (name, kind, help, get) in SERIES {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for m in models {
+            let _ = writeln!(
+                out,
+                "{name}{{model_name=\"{}\",engine=\"0\"}} {}",
+                m.name,
+                get(m.metrics)
+            );
+        }
+    }
+    // An "info" metric: a gauge fixed at 1 whose labels carry the facts.
+    let _ = writeln!(
+        out,
+        "# HELP vllm:cache_config_info The KV cache's configuration, in labels."
+    );
+    let _ = writeln!(out, "# TYPE vllm:cache_config_info gauge");
+    for m in models {
+        let _ = writeln!(
+            out,
+            "vllm:cache_config_info{{model_name=\"{}\",engine=\"0\",block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"True\"}} 1",
+            m.name, m.block_size, m.num_blocks
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_engine::metrics::EngineMetrics;
+
+    fn snapshot() -> MetricsSnapshot {
+        let mut m = EngineMetrics::default().snapshot();
+        m.waiting = 3;
+        m.running = 2;
+        m.kv_blocks_total = 200;
+        m.kv_blocks_used = 50;
+        m.prefix_queried_tokens = 96;
+        m.prefix_hit_tokens = 32;
+        m.prompt_tokens = 120;
+        m.generated_tokens = 7;
+        m
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse().ok())?
+        })
+    }
+
+    #[test]
+    fn series_carry_the_engine_figures_under_vllm_names() {
+        let m = snapshot();
+        let mut out = String::new();
+        render(
+            &mut out,
+            &[ModelFigures {
+                name: "opt",
+                metrics: &m,
+                block_size: 16,
+                num_blocks: 200,
+            }],
+        );
+        let l = r#"{model_name="opt",engine="0"}"#;
+        let get = |n: &str| value(&out, &format!("{n}{l}"));
+        assert_eq!(get("vllm:num_requests_waiting"), Some(3.0));
+        assert_eq!(get("vllm:num_requests_running"), Some(2.0));
+        assert_eq!(get("vllm:kv_cache_usage_perc"), Some(0.25));
+        assert_eq!(get("vllm:gpu_cache_usage_perc"), Some(0.25));
+        assert_eq!(get("vllm:prefix_cache_queries_total"), Some(96.0));
+        assert_eq!(get("vllm:prefix_cache_hits_total"), Some(32.0));
+        assert_eq!(get("vllm:prompt_tokens_total"), Some(120.0));
+        assert_eq!(get("vllm:generation_tokens_total"), Some(7.0));
+        assert_eq!(
+            value(
+                &out,
+                r#"vllm:cache_config_info{model_name="opt",engine="0",block_size="16",num_gpu_blocks="200",enable_prefix_caching="True"}"#
+            ),
+            Some(1.0)
+        );
+        assert!(out.contains("# TYPE vllm:prefix_cache_hits_total counter"));
+        assert!(out.contains("# TYPE vllm:kv_cache_usage_perc gauge"));
+    }
+
+    #[test]
+    fn usage_is_a_fraction_even_for_an_empty_cache() {
+        let mut m = snapshot();
+        assert_eq!(kv_usage(&m), 0.25);
+        m.kv_blocks_used = m.kv_blocks_total;
+        assert_eq!(kv_usage(&m), 1.0);
+        m.kv_blocks_total = 0;
+        assert_eq!(kv_usage(&m), 0.0);
+    }
+}
