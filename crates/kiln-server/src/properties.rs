@@ -787,7 +787,7 @@ pub enum PropertiesError {
         value: String,
         /// What is wrong with it.
         #[source]
-        source: kiln_sources::SourceError,
+        source: Box<kiln_sources::SourceError>,
     },
     /// `option.model_id` is a local path that does not exist.
     #[error("{origin}: option.model_id = '{value}': {} does not exist", path.display())]
@@ -1262,7 +1262,7 @@ impl ModelProperties {
                 .map_err(|source| PropertiesError::BadSource {
                     origin: origin(),
                     value: value(),
-                    source,
+                    source: Box::new(source),
                 })
         };
         match &self.model_source {

@@ -194,7 +194,7 @@ async fn download(source: &Source, url: &str, partial: &Path) -> Result<Manifest
         Source::Hub { repo, revision } => {
             let mut r = hub::HubRemote::connect(url, repo)?;
             let (commit, listed) = r.list(url, revision.as_deref().unwrap_or("main")).await?;
-            (Remote::Hub(r), listed, Some(commit))
+            (Remote::Hub(Box::new(r)), listed, Some(commit))
         }
     };
     let names: Vec<String> = listed.iter().map(|f| f.name.clone()).collect();

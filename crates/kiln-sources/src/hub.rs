@@ -168,7 +168,13 @@ impl HubRemote {
             s => return Err(format!("HTTP {s}")),
         };
         let stream = Box::pin(resp.bytes_stream().map_err(|e| e.to_string()));
-        Ok(Opened { start, stream })
+        // The Hub's listing already gave the LFS sha256; other files have a
+        // git blob id, which is not a hash of the bytes alone.
+        Ok(Opened {
+            start,
+            stream,
+            check: None,
+        })
     }
 }
 

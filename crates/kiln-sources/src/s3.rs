@@ -106,10 +106,12 @@ impl S3Remote {
             .get_opts(&StorePath::from(key.as_str()), opts)
             .await
             .map_err(|e| describe(&e))?;
+        let check = md5_of_etag(got.meta.e_tag.as_deref()).map(Check::Md5);
         let stream = got.into_stream().map_err(|e| describe(&e)).boxed();
         Ok(Opened {
             start: offset,
             stream,
+            check,
         })
     }
 }
@@ -121,20 +123,42 @@ fn md5_of_etag(etag: Option<&str>) -> Option<String> {
     (e.len() == 32 && e.bytes().all(|b| b.is_ascii_hexdigit())).then(|| e.to_ascii_lowercase())
 }
 
-/// An `object_store` error in words a user can act on.
+/// An `object_store` error in words a user can act on. List and other
+/// request failures arrive as `Generic` errors whose text carries the HTTP
+/// status and S3's error code, so those are read from the text.
 fn describe(e: &object_store::Error) -> String {
-    match e {
-        object_store::Error::NotFound { .. } => format!("not found ({e})"),
+    let text = e.to_string();
+    let has = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
+    let hint = match e {
         object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => {
-            format!("access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({e})")
-        }
+        | object_store::Error::Unauthenticated { .. } => Some(ACCESS_DENIED),
         object_store::Error::Precondition { .. } => {
-            format!("the object changed while it was being downloaded ({e})")
+            Some("the object changed while it was being downloaded")
         }
-        _ => e.to_string(),
+        _ if has(&["NoSuchBucket"]) => Some("the bucket does not exist (not found)"),
+        _ if has(&["NoSuchKey"]) => Some("the object does not exist (not found)"),
+        object_store::Error::NotFound { .. } => Some("not found"),
+        _ if has(&[
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "AccessDenied",
+            "403 Forbidden",
+            "401 Unauthorized",
+        ]) =>
+        {
+            Some(ACCESS_DENIED)
+        }
+        _ if has(&["404 Not Found"]) => Some("not found"),
+        _ => None,
+    };
+    match hint {
+        Some(h) => format!("{h} ({text})"),
+        None => text,
     }
 }
+
+const ACCESS_DENIED: &str =
+    "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the role kiln runs as)";
 
 #[cfg(test)]
 mod tests {

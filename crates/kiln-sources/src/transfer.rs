@@ -13,7 +13,6 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use md5::Digest as _;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use crate::progress::Progress;
 use crate::{hub, s3, SourceError};
@@ -57,12 +56,15 @@ pub(crate) type ByteStream =
 pub(crate) struct Opened {
     pub start: u64,
     pub stream: ByteStream,
+    /// A checksum the answer's headers give for the whole file, used when
+    /// the listing gave none (stores whose listings omit ETags).
+    pub check: Option<Check>,
 }
 
 /// A store that files can be read from.
 pub(crate) enum Remote {
     S3(s3::S3Remote),
-    Hub(hub::HubRemote),
+    Hub(Box<hub::HubRemote>),
 }
 
 impl Remote {
@@ -162,43 +164,45 @@ async fn fetch_into(
     progress: &Progress,
 ) -> Result<Fetch, SourceError> {
     let cache_err = |e: std::io::Error| SourceError::cache(url, part, e);
-    let mut hasher = Hasher::new(&file.check);
-    let mut got = offset;
-    if offset > 0 {
+    let what = || format!("downloading {}", file.name);
+    let opened = if offset < file.size {
+        let o = remote
+            .open(file, offset)
+            .await
+            .map_err(|e| SourceError::remote(url, what(), e))?;
+        Some(o)
+    } else {
+        None
+    };
+    // The store sent the whole file when it ignored the range: start over.
+    let mut got = opened.as_ref().map_or(offset, |o| o.start);
+    let check = match (&file.check, opened.as_ref().and_then(|o| o.check.clone())) {
+        (Check::SizeOnly, Some(c)) => c,
+        (c, _) => c.clone(),
+    };
+    let mut hasher = Hasher::new(&check);
+    if got > 0 {
         tracing::info!(
-            "{url}: resuming {} at byte {offset} of {}",
+            "{url}: resuming {} at byte {got} of {}",
             file.name,
             file.size
         );
-        hash_prefix(part, offset, &mut hasher).map_err(cache_err)?;
+        hash_prefix(part, got, &mut hasher).map_err(cache_err)?;
     }
-    progress.add(offset);
-    let out = tokio::fs::OpenOptions::new()
+    progress.add(got);
+    // Plain blocking writes of each chunk as it arrives: short (the page
+    // cache takes them), and whatever arrived is in the file when the
+    // process is killed, to resume from.
+    let mut out = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(false)
         .open(part)
-        .await
         .map_err(cache_err)?;
-    out.set_len(offset).await.map_err(cache_err)?;
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, out);
-    if offset < file.size {
-        use tokio::io::AsyncSeekExt;
-        let what = || format!("downloading {}", file.name);
-        let opened = remote
-            .open(file, offset)
-            .await
-            .map_err(|e| SourceError::remote(url, what(), e))?;
-        if opened.start != offset {
-            // The store sent the whole file: start over.
-            progress.sub(offset);
-            got = 0;
-            hasher = Hasher::new(&file.check);
-            out.get_mut().set_len(0).await.map_err(cache_err)?;
-        }
-        out.seek(std::io::SeekFrom::Start(got))
-            .await
-            .map_err(cache_err)?;
+    out.set_len(got).map_err(cache_err)?;
+    if let Some(opened) = opened {
+        use std::io::{Seek, Write};
+        out.seek(std::io::SeekFrom::Start(got)).map_err(cache_err)?;
         let mut stream = opened.stream;
         loop {
             let next = tokio::time::timeout(IDLE_TIMEOUT, stream.next())
@@ -218,12 +222,11 @@ async fn fetch_into(
                 break;
             }
             hasher.update(&chunk);
-            out.write_all(&chunk).await.map_err(cache_err)?;
+            out.write_all(&chunk).map_err(cache_err)?;
             progress.add(chunk.len() as u64);
         }
     }
-    out.flush().await.map_err(cache_err)?;
-    out.get_mut().sync_all().await.map_err(cache_err)?;
+    out.sync_all().map_err(cache_err)?;
     drop(out);
     if got != file.size {
         if got > file.size {
@@ -236,7 +239,7 @@ async fn fetch_into(
             got,
         });
     }
-    if let Some((kind, expected, actual)) = hasher.mismatch(&file.check) {
+    if let Some((kind, expected, actual)) = hasher.mismatch(&check) {
         remove_if_exists(part).map_err(cache_err)?;
         progress.sub(got);
         return Ok(Fetch::Mismatch(SourceError::ChecksumMismatch {
@@ -247,6 +250,12 @@ async fn fetch_into(
             got: actual,
         }));
     }
+    let how = match check {
+        Check::SizeOnly => "size",
+        Check::Md5(_) => "size and md5 (ETag)",
+        Check::Sha256(_) => "size and sha256",
+    };
+    tracing::debug!("{url}: {} verified: {how}", file.name);
     Ok(Fetch::Verified)
 }
 
