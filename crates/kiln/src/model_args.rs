@@ -28,31 +28,39 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model onto the CPU backend, logging how long it took.
     pub fn load(&self) -> anyhow::Result<LoadedModel<CpuBackend>> {
-        let path = match &self.model {
+        let (path, source) = match &self.model {
             Some(m) => resolve(m, self.revision.as_deref())?,
-            None => kiln_model::default_model::default_model_path()
-                .context("no --model given, and the default model is missing")?,
+            None => (
+                kiln_model::default_model::default_model_path()
+                    .context("no --model given, and the default model is missing")?,
+                None,
+            ),
         };
         let t0 = Instant::now();
         let opts = LoadOptions {
             max_positions: self.max_model_len,
             ..LoadOptions::default()
         };
-        let model = kiln_model::load(&CpuBackend::new(), &path, &opts)
-            .with_context(|| format!("cannot load the model at {}", path.display()))?;
+        let model = kiln_model::load(&CpuBackend::new(), &path, &opts).with_context(|| {
+            let from = source
+                .map(|s| format!(" (downloaded from {s})"))
+                .unwrap_or_default();
+            format!("cannot load the model at {}{from}", path.display())
+        })?;
         tracing::info!("loaded {} in {:.2?}", path.display(), t0.elapsed());
         Ok(model)
     }
 }
 
 /// The local path of `--model`: the path itself, or a remote model's entry
-/// in the download cache (downloaded first when missing). The same rule as
-/// `option.model_id`: an existing path wins over a Hub id of the same shape.
-pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
+/// in the download cache (downloaded first when missing), with the remote
+/// source. The same rule as `option.model_id`: an existing path wins over a
+/// Hub id of the same shape.
+pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, Option<Source>)> {
     let source = match Source::parse(model) {
         Some(source) => source?,
         None if Path::new(model).exists() || !kiln_sources::looks_like_hub_id(model) => {
-            return Ok(PathBuf::from(model))
+            return Ok((PathBuf::from(model), None))
         }
         None => Source::hub(model, revision)?,
     };
@@ -60,5 +68,5 @@ pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
         anyhow::bail!("--revision applies to Hugging Face models, not to {source}");
     }
     let fetched = kiln_sources::fetch(&source, &DownloadDir::from_env())?;
-    Ok(fetched.model_path)
+    Ok((fetched.model_path, Some(source)))
 }
