@@ -4,9 +4,9 @@
 //! for the Hub (a local HTTP server with the Hub's URL layout; not the Hub).
 //!
 //! Served from a model store, registered by `POST /models?url=` and fetched
-//! by `kiln generate --model`; killed
-//! half way and restarted (it resumes and ends verified); two servers on one
-//! cache (one downloads, the other waits on the lock, both serve); bad
+//! by `kiln generate --model`; killed half way and restarted (it resumes and
+//! ends verified); two servers on one cache (one downloads, the other waits
+//! on the lock, both serve); bad
 //! credentials, a missing bucket or prefix, a cut transfer, a truncated or
 //! corrupt object: each a clear error naming the URL, with no complete-looking
 //! entry left in the cache.
