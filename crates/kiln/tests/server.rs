@@ -1091,11 +1091,19 @@ fn malformed_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving() {
         ),
         (
             "POST",
-            "/models?url=s3://bucket/model&model_name=m2".into(),
+            "/models?url=s3://Bad_Bucket/model&model_name=m2".into(),
             "",
             Vec::new(),
             400,
-            "s3://",
+            "s3://Bad_Bucket/model: the bucket name",
+        ),
+        (
+            "POST",
+            "/models?url=http://example.com/model&model_name=m2".into(),
+            "",
+            Vec::new(),
+            400,
+            "http:// urls are not supported",
         ),
         (
             "POST",
