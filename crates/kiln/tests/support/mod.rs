@@ -316,6 +316,13 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.lock().ok().and_then(|mut c| c.take()) {
+            if child.id() != self.pid {
+                // Under the watchdog the child is the shell: killing only it
+                // would leave the server running, orphaned.
+                let _ = Command::new("kill")
+                    .args(["-9", &self.pid.to_string()])
+                    .status();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
