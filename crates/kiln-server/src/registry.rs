@@ -573,6 +573,7 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
             Dtype::Fp16 => WeightDtype::F16,
             Dtype::Bf16 => WeightDtype::Bf16,
         },
+        quantize: p.quantize,
     };
     let backend = CpuBackend::new();
     let model = kiln_model::load(&backend, &entry.model_path, &opts).map_err(|e| e.to_string())?;

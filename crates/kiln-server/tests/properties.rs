@@ -917,3 +917,44 @@ fn mutated_properties_files_never_panic() {
     .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("serving.properties: {report:?}");
 }
+
+#[test]
+fn quantize_takes_kiln_formats_and_the_environment_form() {
+    use kiln_backend::GgmlType;
+    assert_eq!(parse("").quantize, None);
+    for (value, ty) in [
+        ("q8_0", GgmlType::Q8_0),
+        ("Q4_K", GgmlType::Q4K),
+        ("q4_k_m", GgmlType::Q4K),
+        ("q4_0", GgmlType::Q4_0),
+        ("q4_1", GgmlType::Q4_1),
+        ("q6_k", GgmlType::Q6K),
+    ] {
+        let p = parse(&format!("option.quantize={value}"));
+        assert_eq!(p.quantize, Some(ty), "{value}");
+        assert!(p.warnings.is_empty(), "{value}: {:?}", p.warnings);
+    }
+    assert_eq!(
+        parse_env("", &[("HF_MODEL_QUANTIZE", "q8_0")]).quantize,
+        Some(GgmlType::Q8_0)
+    );
+}
+
+#[test]
+fn quantize_methods_kiln_cannot_run_are_errors_naming_what_it_can() {
+    let awq = parse_err("option.quantize=awq\n");
+    assert_eq!(
+        awq,
+        "models/opt13b/serving.properties:1: option.quantize = 'awq' is a quantization method of \
+         DJL's Python engines, which kiln cannot run; kiln quantizes 16/32-bit weights while \
+         loading, to one of q8_0, q4_0, q4_1, q4_k, q6_k"
+    );
+    for v in ["gptq", "fp8", "bitsandbytes8", "smoothquant"] {
+        assert!(
+            parse_err(&format!("option.quantize={v}")).contains("DJL's Python engines"),
+            "{v}"
+        );
+    }
+    assert!(parse_err("option.quantize=int3")
+        .contains("option.quantize = 'int3' is not one of q8_0, q4_0, q4_1, q4_k, q6_k"));
+}
