@@ -124,7 +124,16 @@ impl WeightSource for Quantized<'_> {
 
     fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
         let (shape, data) = self.inner.get_weight(name)?;
-        let to = self.format_for(name);
+        let mut to = self.format_for(name);
+        // A head too narrow for Q6_K's 256-wide super-blocks takes the
+        // target format rather than staying in float.
+        if to != self.to
+            && shape
+                .last()
+                .is_some_and(|c| !c.is_multiple_of(to.block().0))
+        {
+            to = self.to;
+        }
         let data = convert(name, &shape, data, to).map_err(|e| ModelError::Tensor {
             path: self.inner.describe().into(),
             tensor: name.to_string(),
@@ -168,6 +177,13 @@ pub fn convert(
             "rows of {cols} are not whole {to:?} blocks of {block}; kept in {from:?}"
         );
         return Ok(data);
+    }
+    let stored = match &data {
+        WeightData::F32(v) => v.len(),
+        WeightData::Ggml { bytes, .. } => bytes.len() / from.block().1,
+    };
+    if rows.checked_mul(cols) != Some(stored) {
+        return Err(QuantizeError::Shape { len: stored, cols });
     }
     let t0 = Instant::now();
     let bytes = match &data {
@@ -264,6 +280,21 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn storage_that_disagrees_with_the_shape_is_an_error() {
+        let short = WeightData::Ggml {
+            ty: GgmlType::F16,
+            bytes: vec![0u8; 2 * 255].into(),
+        };
+        assert_eq!(
+            convert("w", &[1, 256], short, GgmlType::Q8_0),
+            Err(QuantizeError::Shape {
+                len: 255,
+                cols: 256
+            })
+        );
     }
 
     #[test]

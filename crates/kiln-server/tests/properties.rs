@@ -515,10 +515,10 @@ fn unknown_keys_are_warned_by_name_and_line() {
 
 #[test]
 fn known_but_ignored_keys_say_what_kiln_does() {
-    let p = parse("option.quantize=awq\noption.neuron_optimize_level=2\nmax_idle_time=60\noption.enable_venv=true");
+    let p = parse("option.load_in_8bit=true\noption.neuron_optimize_level=2\nmax_idle_time=60\noption.enable_venv=true");
     assert!(has_warning(
         &p,
-        &format!("{FILE}:1: option.quantize is ignored: kiln does not quantize")
+        &format!("{FILE}:1: option.load_in_8bit is ignored: kiln reads no bitsandbytes settings; use option.quantize=q8_0")
     ));
     assert!(has_warning(
         &p,
