@@ -14,6 +14,8 @@
 mod bytes;
 pub mod cpu;
 pub mod quant;
+pub mod quantize;
+mod quantize_k;
 mod step;
 
 pub use bytes::{ByteOwner, HostBytes};

@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod decoder;
 pub mod default_model;
 pub mod files;

@@ -61,6 +61,9 @@ pub struct LoadOptions {
     pub max_positions: Option<usize>,
     /// Precision of the weights (`option.dtype`).
     pub dtype: WeightDtype,
+    /// Block format to quantize float weight matrices to while loading
+    /// (`option.quantize`); see [`crate::convert`]. `None` keeps them as stored.
+    pub quantize: Option<kiln_backend::GgmlType>,
 }
 
 /// The precision weights are loaded in (`option.dtype`). Backends compute in
@@ -246,7 +249,23 @@ fn finish<B: Backend>(
         }
         WeightDtype::Auto | WeightDtype::F32 => src,
     };
+    let quantized;
+    let src: &dyn WeightSource = match opts.quantize {
+        Some(to) => {
+            tracing::info!(
+                "quantizing float weight matrices to {} while loading",
+                crate::convert::quantize_name(to)
+            );
+            quantized = crate::convert::Quantized { inner: src, to };
+            &quantized
+        }
+        None => src,
+    };
+    let t0 = std::time::Instant::now();
     let decoder = Decoder::load(backend, cfg, src, max_positions)?;
+    if opts.quantize.is_some() {
+        tracing::info!("weights loaded and quantized in {:.2?}", t0.elapsed());
+    }
     let mut eos_ids = tokenizer.eos_ids().to_vec();
     for id in extra_eos {
         if !eos_ids.contains(&id) {

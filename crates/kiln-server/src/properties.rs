@@ -820,6 +820,7 @@ const TYPED_KEYS: &[&str] = &[
     "option.revision",
     "option.trust_remote_code",
     "option.dtype",
+    "option.quantize",
     "option.tensor_parallel_degree",
     "option.pipeline_parallel_degree",
     "option.rolling_batch",
@@ -850,7 +851,7 @@ const NO_PYTHON: &str = "kiln runs no Python worker processes, so this has no ef
 const ONE_ENGINE: &str =
     "kiln runs one engine per model on one device, so worker and device placement settings have no effect";
 const NO_QUANTIZE: &str =
-    "kiln does not quantize while loading; use an already quantized checkpoint (GGUF) instead";
+    "kiln reads no bitsandbytes settings; use option.quantize=q8_0 (or q4_k) to quantize while loading";
 const BACKEND_TUNING: &str = "this tunes one of DJL's backend libraries; kiln's own engine (paged KV cache, continuous batching) does not use it";
 const NEURON: &str =
     "this is an AWS Neuron compilation setting; kiln does not run on Neuron devices";
@@ -891,14 +892,7 @@ const IGNORED_KEYS: &[(&[&str], &str)] = &[
         ],
         ONE_ENGINE,
     ),
-    (
-        &[
-            "option.quantize",
-            "option.load_in_8bit",
-            "option.load_in_4bit",
-        ],
-        NO_QUANTIZE,
-    ),
+    (&["option.load_in_8bit", "option.load_in_4bit"], NO_QUANTIZE),
     (
         &[
             "option.gpu_memory_utilization",
@@ -1081,6 +1075,9 @@ pub struct ModelProperties {
     pub trust_remote_code: bool,
     /// `option.dtype` (default `auto`: the checkpoint's type).
     pub dtype: Dtype,
+    /// `option.quantize`: the block format float weight matrices are
+    /// quantized to while loading (`q8_0`, `q4_k`, …); `None` keeps them.
+    pub quantize: Option<kiln_backend::GgmlType>,
     /// `option.tensor_parallel_degree`, if given (kiln uses one device).
     pub tensor_parallel_degree: Option<TensorParallelDegree>,
     /// `option.rolling_batch` (default `auto`).
@@ -1317,6 +1314,7 @@ impl Default for ModelProperties {
             revision: None,
             trust_remote_code: false,
             dtype: Dtype::Auto,
+            quantize: None,
             tensor_parallel_degree: None,
             rolling_batch: RollingBatch::Auto,
             max_rolling_batch_size: defaults::MAX_ROLLING_BATCH_SIZE,
@@ -1512,6 +1510,31 @@ impl Builder {
         }
     }
 
+    /// `option.quantize`: a format kiln quantizes to, or a problem that says
+    /// which ones it has (DJL's GPU-engine methods are named as such).
+    fn quantize(&mut self) -> Option<kiln_backend::GgmlType> {
+        use kiln_model::convert::{parse_quantize, target_list, QuantizeNameError};
+        let p = self.entry("option.quantize")?;
+        match parse_quantize(&p.value) {
+            Ok(ty) => Some(ty),
+            Err(QuantizeNameError::DjlMethod(_)) => {
+                self.problem(
+                    &p,
+                    &format!(
+                        "is a quantization method of DJL's Python engines, which kiln cannot run; \
+                         kiln quantizes 16/32-bit weights while loading, to one of {}",
+                        target_list()
+                    ),
+                );
+                None
+            }
+            Err(QuantizeNameError::Unknown(_)) => {
+                self.problem(&p, &format!("is not one of {}", target_list()));
+                None
+            }
+        }
+    }
+
     fn degree(&mut self, key: &str) -> Option<(TensorParallelDegree, RawProperty)> {
         let p = self.entry(key)?;
         let value = p.value.to_ascii_lowercase();
@@ -1600,6 +1623,7 @@ impl Builder {
         let dtype = self
             .choice("option.dtype", Dtype::parse, Dtype::ALLOWED)
             .map_or(Dtype::Auto, |(d, _)| d);
+        let quantize = self.quantize();
 
         let tensor_parallel_degree = self.degree("option.tensor_parallel_degree").map(|(d, p)| {
             if matches!(d, TensorParallelDegree::Degree(n) if n > 1) {
@@ -1754,6 +1778,7 @@ impl Builder {
             revision,
             trust_remote_code,
             dtype,
+            quantize,
             tensor_parallel_degree,
             rolling_batch,
             max_rolling_batch_size,

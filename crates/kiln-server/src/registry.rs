@@ -628,6 +628,7 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
             Dtype::Fp16 => WeightDtype::F16,
             Dtype::Bf16 => WeightDtype::Bf16,
         },
+        quantize: p.quantize,
     };
     let backend = CpuBackend::new();
     let model = match &entry.source {

@@ -515,10 +515,10 @@ fn unknown_keys_are_warned_by_name_and_line() {
 
 #[test]
 fn known_but_ignored_keys_say_what_kiln_does() {
-    let p = parse("option.quantize=awq\noption.neuron_optimize_level=2\nmax_idle_time=60\noption.enable_venv=true");
+    let p = parse("option.load_in_8bit=true\noption.neuron_optimize_level=2\nmax_idle_time=60\noption.enable_venv=true");
     assert!(has_warning(
         &p,
-        &format!("{FILE}:1: option.quantize is ignored: kiln does not quantize")
+        &format!("{FILE}:1: option.load_in_8bit is ignored: kiln reads no bitsandbytes settings; use option.quantize=q8_0")
     ));
     assert!(has_warning(
         &p,
@@ -983,4 +983,45 @@ fn chat_keys_are_read_or_refused_by_name() {
     // Streaming off with rolling batch off is fine.
     let p = parse("option.rolling_batch=disable\noption.enable_streaming=false\n");
     assert_eq!(p.enable_streaming, Streaming::False);
+}
+
+#[test]
+fn quantize_takes_kiln_formats_and_the_environment_form() {
+    use kiln_backend::GgmlType;
+    assert_eq!(parse("").quantize, None);
+    for (value, ty) in [
+        ("q8_0", GgmlType::Q8_0),
+        ("Q4_K", GgmlType::Q4K),
+        ("q4_k_m", GgmlType::Q4K),
+        ("q4_0", GgmlType::Q4_0),
+        ("q4_1", GgmlType::Q4_1),
+        ("q6_k", GgmlType::Q6K),
+    ] {
+        let p = parse(&format!("option.quantize={value}"));
+        assert_eq!(p.quantize, Some(ty), "{value}");
+        assert!(p.warnings.is_empty(), "{value}: {:?}", p.warnings);
+    }
+    assert_eq!(
+        parse_env("", &[("HF_MODEL_QUANTIZE", "q8_0")]).quantize,
+        Some(GgmlType::Q8_0)
+    );
+}
+
+#[test]
+fn quantize_methods_kiln_cannot_run_are_errors_naming_what_it_can() {
+    let awq = parse_err("option.quantize=awq\n");
+    assert_eq!(
+        awq,
+        "models/opt13b/serving.properties:1: option.quantize = 'awq' is a quantization method of \
+         DJL's Python engines, which kiln cannot run; kiln quantizes 16/32-bit weights while \
+         loading, to one of q8_0, q4_0, q4_1, q4_k, q6_k"
+    );
+    for v in ["gptq", "fp8", "bitsandbytes8", "smoothquant"] {
+        assert!(
+            parse_err(&format!("option.quantize={v}")).contains("DJL's Python engines"),
+            "{v}"
+        );
+    }
+    assert!(parse_err("option.quantize=int3")
+        .contains("option.quantize = 'int3' is not one of q8_0, q4_0, q4_1, q4_k, q6_k"));
 }

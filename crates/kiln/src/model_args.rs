@@ -23,6 +23,15 @@ pub struct ModelArgs {
     /// Cap on prompt + output tokens (default: the model's own context length).
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// Quantize the float weight matrices of a 16/32-bit checkpoint while
+    /// loading, to one of q8_0, q4_0, q4_1, q4_k, q6_k (as `option.quantize`).
+    #[arg(long, value_parser = parse_quantize)]
+    pub quantize: Option<kiln_backend::GgmlType>,
+}
+
+/// Clap's parser for `--quantize`: the message names what kiln supports.
+fn parse_quantize(value: &str) -> Result<kiln_backend::GgmlType, String> {
+    kiln_model::convert::parse_quantize(value).map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
@@ -39,6 +48,7 @@ impl ModelArgs {
         let t0 = Instant::now();
         let opts = LoadOptions {
             max_positions: self.max_model_len,
+            quantize: self.quantize,
             ..LoadOptions::default()
         };
         let model = kiln_model::load(&CpuBackend::new(), &path, &opts).with_context(|| {

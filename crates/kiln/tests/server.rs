@@ -1392,6 +1392,46 @@ fn registering_a_corrupt_model_fails_cleanly() {
 }
 
 #[test]
+fn serving_properties_quantize_converts_at_load_and_refuses_what_kiln_cannot_do() {
+    let s = shared();
+    let _g = models_lock();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny/llama");
+    let dir = tempdir("quantize-");
+    let q8 = dir.join("tiny_q8");
+    write(
+        &q8.join("serving.properties"),
+        &format!(
+            "engine=Python\noption.model_id={}\noption.quantize=q8_0\n",
+            tiny.display()
+        ),
+    );
+    let r = register(s, &format!("url={}", url_escape(&q8)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, ids, finish) = greedy(s, "tiny_q8", "Hello", 4);
+    assert_eq!((ids.len(), finish.as_str()), (4, "length"));
+    assert!(
+        s.stderr()
+            .contains("quantizing float weight matrices to q8_0 while loading"),
+        "no conversion logged"
+    );
+    assert_eq!(s.req("DELETE", "/models/tiny_q8", &[], b"").status, 200);
+    // A DJL method kiln cannot run: 400 at load, naming what kiln supports.
+    let awq = dir.join("tiny_awq");
+    write(
+        &awq.join("serving.properties"),
+        &format!(
+            "engine=Python\noption.model_id={}\noption.quantize=awq\n",
+            tiny.display()
+        ),
+    );
+    let r = register(s, &format!("url={}", url_escape(&awq)));
+    assert_djl_error(&r, 400, "option.quantize = 'awq'");
+    let msg = r.json()["error"].as_str().unwrap().to_string();
+    assert!(msg.contains("q8_0, q4_0, q4_1, q4_k, q6_k"), "{msg}");
+    assert_eq!(s.get("/models/tiny_awq").status, 404);
+}
+
+#[test]
 fn registering_a_directory_with_model_py_warns_once() {
     let s = shared();
     let _g = models_lock();

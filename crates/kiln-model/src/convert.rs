@@ -1,0 +1,310 @@
+//! Load-time quantization (`option.quantize`, `--quantize`).
+//!
+//! Exists so that a 16- or 32-bit checkpoint (safetensors, PyTorch, or the
+//! float tensors of a GGUF file) can be served in one of the block formats
+//! the CPU backend computes natively, at a fraction of its memory, with no
+//! offline conversion step. Conversion happens inside [`WeightSource`], one
+//! matrix at a time as the decoder asks for it: each matrix is read from the
+//! (memory-mapped) checkpoint row by row straight into its quantized form, so
+//! the peak is one matrix's quantized bytes plus a row of f32 per thread,
+//! never the model in f32.
+
+use std::time::Instant;
+
+use kiln_backend::quant::GgmlType;
+use kiln_backend::quantize::{quantize, quantize_rows_with, QuantizeError, QUANTIZE_TARGETS};
+use kiln_backend::WeightData;
+
+use crate::weights::WeightSource;
+use crate::{HostTensor, ModelError, Result};
+
+/// Values of DJL LMI's `option.quantize` that name methods of its Python
+/// engines (vLLM, lmi-dist, TensorRT-LLM, DeepSpeed, Neuron, bitsandbytes):
+/// they need pre-quantized checkpoints or GPU kernels kiln does not have, so
+/// they are refused by name rather than as unknown words.
+const DJL_METHODS: &[&str] = &[
+    "awq",
+    "gptq",
+    "fp8",
+    "smoothquant",
+    "squeezellm",
+    "deepspeedfp",
+    "bitsandbytes",
+    "bitsandbytes4",
+    "bitsandbytes8",
+    "llm_int8",
+    "dynamic_int8",
+    "static_int8",
+    "marlin",
+    "awq_marlin",
+    "gptq_marlin",
+    "aqlm",
+    "compressed-tensors",
+];
+
+/// Why an `option.quantize` / `--quantize` value was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantizeNameError {
+    /// A DJL LMI method kiln cannot run.
+    #[error(
+        "'{0}' is a quantization method of DJL's Python engines, which kiln cannot run; \
+         kiln quantizes 16/32-bit weights while loading, to one of {list}",
+        list = target_list()
+    )]
+    DjlMethod(String),
+    /// Not a quantization name at all.
+    #[error("'{0}' is not a quantization kiln knows; use one of {list}", list = target_list())]
+    Unknown(String),
+}
+
+/// The accepted names, for messages and help texts.
+pub fn target_list() -> String {
+    QUANTIZE_TARGETS
+        .iter()
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parses a quantization name (case-insensitive; `q4_k_m` and `q4_k_s` are
+/// taken as `q4_k`, as llama.cpp users write them).
+pub fn parse_quantize(value: &str) -> Result<GgmlType, QuantizeNameError> {
+    let v = value.trim().to_ascii_lowercase();
+    let v = match v.as_str() {
+        "q4_k_m" | "q4_k_s" => "q4_k",
+        other => other,
+    };
+    if let Some((ty, _)) = QUANTIZE_TARGETS.iter().find(|(_, n)| *n == v) {
+        return Ok(*ty);
+    }
+    if DJL_METHODS.contains(&v) {
+        return Err(QuantizeNameError::DjlMethod(value.to_string()));
+    }
+    Err(QuantizeNameError::Unknown(value.to_string()))
+}
+
+/// The name `option.quantize` uses for `ty`.
+pub fn quantize_name(ty: GgmlType) -> &'static str {
+    QUANTIZE_TARGETS
+        .iter()
+        .find(|(t, _)| *t == ty)
+        .map_or("?", |(_, n)| *n)
+}
+
+/// A source whose float weight matrices are quantized as they are read.
+///
+/// Which matrices and to what, following llama.cpp's `llama-quantize`: every
+/// linear layer and the token embedding go to the target format; the output
+/// projection (or the token embedding when it doubles as the output, tied)
+/// goes to Q6_K unless the target is Q8_0, because the logits are the most
+/// sensitive to rounding. Norms, biases and position tables are vectors or
+/// read through [`WeightSource::get`], and stay in f32. Matrices already in
+/// a block format are kept as they are.
+pub(crate) struct Quantized<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub to: GgmlType,
+}
+
+impl Quantized<'_> {
+    fn format_for(&self, name: &str) -> GgmlType {
+        let head = name == "output.weight"
+            || (name == "token_embd.weight" && !self.inner.contains("output.weight"));
+        if head && self.to != GgmlType::Q8_0 {
+            GgmlType::Q6K
+        } else {
+            self.to
+        }
+    }
+}
+
+impl WeightSource for Quantized<'_> {
+    fn get(&self, name: &str) -> Result<HostTensor> {
+        self.inner.get(name)
+    }
+
+    fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
+        let (shape, data) = self.inner.get_weight(name)?;
+        let mut to = self.format_for(name);
+        // A head too narrow for Q6_K's 256-wide super-blocks takes the
+        // target format rather than staying in float.
+        if to != self.to
+            && shape
+                .last()
+                .is_some_and(|c| !c.is_multiple_of(to.block().0))
+        {
+            to = self.to;
+        }
+        let data = convert(name, &shape, data, to).map_err(|e| ModelError::Tensor {
+            path: self.inner.describe().into(),
+            tensor: name.to_string(),
+            msg: e.to_string(),
+        })?;
+        Ok((shape, data))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Quantizes one matrix to `to`, or hands it back unchanged where it is not
+/// a float matrix or its rows are not whole blocks (with a log line).
+pub fn convert(
+    name: &str,
+    shape: &[usize],
+    data: WeightData,
+    to: GgmlType,
+) -> Result<WeightData, QuantizeError> {
+    let [rows, cols] = *shape else {
+        return Ok(data);
+    };
+    let from = match &data {
+        WeightData::F32(_) => GgmlType::F32,
+        WeightData::Ggml { ty, .. } => *ty,
+    };
+    if !matches!(from, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        tracing::debug!(tensor = name, "already {from:?}; kept as it is");
+        return Ok(data);
+    }
+    let (block, _) = to.block();
+    if !cols.is_multiple_of(block) {
+        tracing::info!(
+            tensor = name,
+            "rows of {cols} are not whole {to:?} blocks of {block}; kept in {from:?}"
+        );
+        return Ok(data);
+    }
+    let stored = match &data {
+        WeightData::F32(v) => v.len(),
+        WeightData::Ggml { bytes, .. } => bytes.len() / from.block().1,
+    };
+    if rows.checked_mul(cols) != Some(stored) {
+        return Err(QuantizeError::Shape { len: stored, cols });
+    }
+    let t0 = Instant::now();
+    let bytes = match &data {
+        WeightData::F32(v) => quantize(to, v, cols)?,
+        WeightData::Ggml { ty, bytes } => {
+            let mut out = Vec::new();
+            let ty = *ty;
+            quantize_rows_with(to, cols, rows * cols, &mut out, |range, row| {
+                decode_floats(ty, bytes, range, row)
+            })?;
+            out
+        }
+    };
+    tracing::debug!(
+        tensor = name,
+        "{from:?} [{rows}, {cols}] -> {to:?} in {:.1?}",
+        t0.elapsed()
+    );
+    Ok(WeightData::Ggml {
+        ty: to,
+        bytes: bytes.into(),
+    })
+}
+
+/// Decodes elements `range` of little-endian float storage `ty` into `out`.
+fn decode_floats(ty: GgmlType, bytes: &[u8], range: std::ops::Range<usize>, out: &mut [f32]) {
+    match ty {
+        GgmlType::F16 => {
+            for (y, b) in out.iter_mut().zip(bytes[2 * range.start..].chunks_exact(2)) {
+                *y = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (y, b) in out.iter_mut().zip(bytes[2 * range.start..].chunks_exact(2)) {
+                *y = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (y, b) in out.iter_mut().zip(bytes[4 * range.start..].chunks_exact(4)) {
+                *y = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_djl_methods_are_refused_by_name() {
+        assert_eq!(parse_quantize("q8_0"), Ok(GgmlType::Q8_0));
+        assert_eq!(parse_quantize("Q4_K_M"), Ok(GgmlType::Q4K));
+        assert_eq!(parse_quantize("q6_k"), Ok(GgmlType::Q6K));
+        let awq = parse_quantize("awq").unwrap_err();
+        assert_eq!(awq, QuantizeNameError::DjlMethod("awq".into()));
+        assert!(
+            awq.to_string().contains("q8_0, q4_0, q4_1, q4_k, q6_k"),
+            "{awq}"
+        );
+        assert_eq!(
+            parse_quantize("int3"),
+            Err(QuantizeNameError::Unknown("int3".into()))
+        );
+    }
+
+    #[test]
+    fn f16_rows_convert_like_their_f32_values() {
+        let vals: Vec<f32> = (0..2 * 256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let from_f16 = convert(
+            "w",
+            &[2, 256],
+            WeightData::Ggml {
+                ty: GgmlType::F16,
+                bytes: f16.into(),
+            },
+            GgmlType::Q4K,
+        )
+        .expect("convert");
+        // The values are exact in f16, so both paths quantize the same floats.
+        let from_f32 =
+            convert("w", &[2, 256], WeightData::F32(vals), GgmlType::Q4K).expect("convert");
+        assert_eq!(from_f16, from_f32);
+        assert!(matches!(
+            from_f16,
+            WeightData::Ggml {
+                ty: GgmlType::Q4K,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn storage_that_disagrees_with_the_shape_is_an_error() {
+        let short = WeightData::Ggml {
+            ty: GgmlType::F16,
+            bytes: vec![0u8; 2 * 255].into(),
+        };
+        assert_eq!(
+            convert("w", &[1, 256], short, GgmlType::Q8_0),
+            Err(QuantizeError::Shape {
+                len: 255,
+                cols: 256
+            })
+        );
+    }
+
+    #[test]
+    fn ragged_rows_and_quantized_input_are_kept() {
+        let w = WeightData::F32(vec![0.5; 2 * 48]);
+        assert_eq!(convert("w", &[2, 48], w.clone(), GgmlType::Q8_0), Ok(w));
+        let q = WeightData::Ggml {
+            ty: GgmlType::Q4_0,
+            bytes: vec![0u8; 18].into(),
+        };
+        assert_eq!(convert("w", &[1, 32], q.clone(), GgmlType::Q8_0), Ok(q));
+    }
+}
