@@ -141,11 +141,34 @@ impl FloatPacked {
     }
 }
 
+/// The `m x k` input rows `x` laid out for tiles of `mr` rows: the tile of
+/// rows `i..i + r` (`i` a multiple of `mr`, `r = min(mr, m - i)`) starts
+/// at `i * k` and holds its rows interleaved element by element (`r`
+/// values of element 0, then of element 1, ...), so a kernel finds a
+/// tile's broadcasts at fixed offsets of one moving pointer. With `mr`
+/// 1 it is `x` itself.
+pub(super) fn interleave(x: &[f32], m: usize, k: usize, mr: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0f32; m * k];
+    out.par_chunks_mut(mr * k)
+        .zip(x.par_chunks(mr * k))
+        .for_each(|(o, rows)| {
+            let r = rows.len() / k;
+            for (ii, row) in rows.chunks_exact(k).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    o[t * r + ii] = v;
+                }
+            }
+        });
+    out
+}
+
 /// What a float kernel reads.
 #[derive(Clone, Copy)]
 pub(super) struct FloatOperands<'a> {
     pub w: &'a FloatPacked,
-    /// `m x k` input rows.
+    /// The `m x k` input rows, as [`interleave`] lays them out for the
+    /// kernel's tile height (the portable kernel's is 1: plain rows).
     pub x: &'a [f32],
     /// Output columns (the weight's rows).
     pub n: usize,

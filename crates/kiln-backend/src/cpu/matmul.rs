@@ -132,19 +132,27 @@ fn linear_with(
         return finish(x, out, n, bias);
     }
     if let Some(fw) = &w.float {
+        let mr = float_tile_rows();
+        let xt = if mr > 1 {
+            super::float_packed::interleave(&x.data, m, k, mr)
+        } else {
+            Vec::new()
+        };
         let ops = FloatOperands {
             w: fw,
-            x: &x.data,
+            x: if mr > 1 { &xt } else { &x.data },
             n,
             k,
         };
+        // Whole tiles per chunk, so the chunks' tiles are the layout's.
+        let chunk = (ROW_CHUNK / mr).max(1) * mr;
         let groups = fw.groups;
         let band = (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR);
         (0..groups.div_ceil(band)).into_par_iter().for_each(|t| {
             let g0 = t * band;
             let g1 = (g0 + band).min(groups);
-            for i0 in (0..m).step_by(ROW_CHUNK) {
-                let i1 = (i0 + ROW_CHUNK).min(m);
+            for i0 in (0..m).step_by(chunk) {
+                let i1 = (i0 + chunk).min(m);
                 // SAFETY: this task writes only columns of groups g0..g1 of
                 // rows i0..i1 of `out` (m x n); no other task writes those.
                 unsafe { compute_float(&ops, i0, i1, g0, g1, out_ptr.get()) };
@@ -266,7 +274,19 @@ unsafe fn compute_packed(
     unsafe { super::packed::portable_block(ops, i0, i1, g0, g1, out) }
 }
 
-/// Computes rows `i0..i1` of the columns of groups `g0..g1` over float weights.
+/// Input rows per full tile of the float kernel this CPU runs.
+fn float_tile_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(isa) = super::x86::Isa::detected() {
+            return super::x86_float::tile_rows(isa);
+        }
+    }
+    1
+}
+
+/// Computes rows `i0..i1` of the columns of groups `g0..g1` over float
+/// weights (`i0` a multiple of the tile height, `i1` too unless it is `m`).
 ///
 /// # Safety
 /// As [`compute_block`].
@@ -601,6 +621,14 @@ mod tests {
                 }
                 #[cfg(target_arch = "x86_64")]
                 for isa in crate::cpu::x86::Isa::all_supported() {
+                    let mr = crate::cpu::x86_float::tile_rows(isa);
+                    let xt = super::super::float_packed::interleave(&x, m, k, mr);
+                    let ops = FloatOperands {
+                        w: fw,
+                        x: &xt,
+                        n,
+                        k,
+                    };
                     // Uneven group ranges too: tiles of G groups and the rest.
                     for (g0, g1) in [(0, fw.groups), (1, fw.groups), (0, 2)] {
                         let mut got = want.clone();

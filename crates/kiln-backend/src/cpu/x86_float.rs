@@ -235,6 +235,15 @@ impl Lanes for Zmm {
     }
 }
 
+/// Input rows per full tile for `isa`: how [`super::float_packed::interleave`]
+/// must lay out the input for these kernels.
+pub(crate) fn tile_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx2 | Isa::AvxVnni => 6,
+        Isa::Avx512Vnni => 12,
+    }
+}
+
 /// Rows `i0..i1` by groups `g0..g1` with 256-bit halves: 16 registers hold
 /// at most 12 accumulator halves beside the weights and the broadcast.
 #[inline(always)]
@@ -312,27 +321,11 @@ unsafe fn groups<L: Lanes, E: Elem, const MR: usize, const G: usize>(
     g1: usize,
     out: *mut f32,
 ) {
-    let k = ops.k;
-    // The rows interleaved element by element (`xs[t * MR + ii]`), so a
-    // tile finds its MR broadcasts at fixed offsets of one moving pointer.
-    let packed: Vec<f32>;
-    let xs = if MR == 1 {
-        // SAFETY: row i holds k floats.
-        unsafe { ops.x.as_ptr().add(i * k) }
-    } else {
-        let rows = &ops.x[i * k..(i + MR) * k];
-        let mut v = vec![0f32; MR * k];
-        for (ii, row) in rows.chunks_exact(k).enumerate() {
-            for (t, &x) in row.iter().enumerate() {
-                v[t * MR + ii] = x;
-            }
-        }
-        packed = v;
-        packed.as_ptr()
-    };
+    // SAFETY: the tile of rows from i starts at i * k of the interleaved
+    // rows ([`super::float_packed::interleave`]), MR x k floats.
+    let xs = unsafe { ops.x.as_ptr().add(i * ops.k) };
     let mut g = g0;
-    // SAFETY (both loops): every tile stays inside the caller's range; `xs`
-    // holds MR x k floats.
+    // SAFETY (both loops): every tile stays inside the caller's range.
     unsafe {
         while g + G <= g1 {
             tile::<L, E, MR, G>(ops, xs, i, g, out);
