@@ -117,17 +117,10 @@ fn linear_with(
             n,
             k,
         };
-        let groups = p.groups;
-        let band = (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR);
-        (0..groups.div_ceil(band)).into_par_iter().for_each(|t| {
-            let g0 = t * band;
-            let g1 = (g0 + band).min(groups);
-            for i0 in (0..m).step_by(ROW_CHUNK) {
-                let i1 = (i0 + ROW_CHUNK).min(m);
-                // SAFETY: this task writes only columns of groups g0..g1 of
-                // rows i0..i1 of `out` (m x n); no other task writes those.
-                unsafe { compute_packed(&ops, i0, i1, g0, g1, out_ptr.get()) };
-            }
+        over_bands(p.groups, m, ROW_CHUNK, |i0, i1, g0, g1| {
+            // SAFETY: this task writes only columns of groups g0..g1 of
+            // rows i0..i1 of `out` (m x n); no other task writes those.
+            unsafe { compute_packed(&ops, i0, i1, g0, g1, out_ptr.get()) };
         });
         return finish(x, out, n, bias);
     }
@@ -146,17 +139,10 @@ fn linear_with(
         };
         // Whole tiles per chunk, so the chunks' tiles are the layout's.
         let chunk = (ROW_CHUNK / mr).max(1) * mr;
-        let groups = fw.groups;
-        let band = (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR);
-        (0..groups.div_ceil(band)).into_par_iter().for_each(|t| {
-            let g0 = t * band;
-            let g1 = (g0 + band).min(groups);
-            for i0 in (0..m).step_by(chunk) {
-                let i1 = (i0 + chunk).min(m);
-                // SAFETY: this task writes only columns of groups g0..g1 of
-                // rows i0..i1 of `out` (m x n); no other task writes those.
-                unsafe { compute_float(&ops, i0, i1, g0, g1, out_ptr.get()) };
-            }
+        over_bands(fw.groups, m, chunk, |i0, i1, g0, g1| {
+            // SAFETY: this task writes only columns of groups g0..g1 of
+            // rows i0..i1 of `out` (m x n); no other task writes those.
+            unsafe { compute_float(&ops, i0, i1, g0, g1, out_ptr.get()) };
         });
         return finish(x, out, n, bias);
     }
@@ -189,6 +175,25 @@ fn linear_with(
         }
     });
     finish(x, out, n, bias)
+}
+
+/// Runs `f(i0, i1, g0, g1)` for every band of a few weight groups, bands in
+/// parallel, and within a band for every `chunk` of the `m` input rows in
+/// turn, so the band's weights stay in cache while the rows pass by.
+fn over_bands(
+    groups: usize,
+    m: usize,
+    chunk: usize,
+    f: impl Fn(usize, usize, usize, usize) + Sync,
+) {
+    let band = (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR);
+    (0..groups.div_ceil(band)).into_par_iter().for_each(|t| {
+        let g0 = t * band;
+        let g1 = (g0 + band).min(groups);
+        for i0 in (0..m).step_by(chunk) {
+            f(i0, (i0 + chunk).min(m), g0, g1);
+        }
+    });
 }
 
 /// Adds the bias to the `m x n` product `out` of `x` and shapes it like `x`
@@ -420,21 +425,24 @@ mod tests {
     use crate::quant::GgmlType;
     use crate::WeightData;
 
-    fn weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> CpuWeight {
-        let bytes = if IntFormat::of(ty).is_some() {
+    fn weight_bytes(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+        if IntFormat::of(ty).is_some() {
             random_blocks(ty, n * k / ty.block().0, seed)
         } else {
             float_weight_bytes(ty, &rand(n * k, seed))
-        };
-        CpuWeight::new(
-            n,
-            k,
-            WeightData::Ggml {
-                ty,
-                bytes: bytes.into(),
-            },
-        )
-        .unwrap()
+        }
+    }
+
+    fn weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> CpuWeight {
+        let bytes = weight_bytes(ty, n, k, seed).into();
+        CpuWeight::new(n, k, WeightData::Ggml { ty, bytes }).unwrap()
+    }
+
+    /// The same weight as [`weight`] in the file's row layout (block formats
+    /// unpacked, their bytes kept).
+    fn rowwise_weight(ty: GgmlType, n: usize, k: usize, seed: u64) -> CpuWeight {
+        let bytes = weight_bytes(ty, n, k, seed).into();
+        CpuWeight::unpacked(n, k, WeightData::Ggml { ty, bytes }).unwrap()
     }
 
     fn k_for(ty: GgmlType) -> usize {
@@ -487,7 +495,7 @@ mod tests {
             .filter_map(|ty| Some((ty, PackedFormat::of(ty)?)))
         {
             let (k, n, m) = (k_for(ty), 21, 7);
-            let w = weight(ty, n, k, 4);
+            let w = rowwise_weight(ty, n, k, 4);
             // (Packed here whatever KILN_CPU_REPACK says.)
             let p = &PackedWeight::pack(fmt, n, k / ty.block().0, &w.bytes);
             let x = rand(m * k, 8);
@@ -523,7 +531,7 @@ mod tests {
                     }
                 }
                 let xt = CpuTensor::new(vec![m, k], x.clone()).unwrap();
-                let rowwise = linear_with(&xt, &w.unpacked(), None, bits).unwrap();
+                let rowwise = linear_with(&xt, &w, None, bits).unwrap();
                 // The same quantized values, summed in another order: f32
                 // rounding of terms as large as the largest output.
                 let scale = rowwise.data.iter().fold(1f32, |a, v| a.max(v.abs()));
@@ -547,7 +555,7 @@ mod tests {
                 continue;
             };
             let (k, n, m) = (k_for(ty), 19, 9);
-            let w = weight(ty, n, k, 4);
+            let w = rowwise_weight(ty, n, k, 4);
             let x = rand(m * k, 8);
             for bits in [ActBits::Int8, ActBits::Int16] {
                 let q = QuantizedRows::new(&x, k, bits);

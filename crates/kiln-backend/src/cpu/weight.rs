@@ -20,8 +20,8 @@ pub struct CpuWeight {
     pub bytes: HostBytes,
     pub row_bytes: usize,
     /// The rows interleaved for the packed kernels ([`super::packed`]), for
-    /// the formats that have that layout; `bytes` then serves only row
-    /// lookups (embeddings), and its mapped pages are released.
+    /// the formats that have that layout; they then hold the only copy
+    /// (the file's mapped pages are released), and `bytes` is empty.
     pub(super) packed: Option<Arc<PackedWeight>>,
     /// Float weights (F32, F16, BF16) transposed in groups for the float
     /// kernels ([`super::float_packed`]); they then hold the only copy,
@@ -40,6 +40,11 @@ fn repack_enabled() -> bool {
 impl CpuWeight {
     /// Takes a checkpoint's matrix as it is (f32 values become F32 rows).
     pub fn new(rows: usize, cols: usize, data: WeightData) -> Result<Self> {
+        Self::new_with(rows, cols, data, repack_enabled())
+    }
+
+    /// [`CpuWeight::new`], repacking block formats only if `repack`.
+    fn new_with(rows: usize, cols: usize, data: WeightData, repack: bool) -> Result<Self> {
         let invalid = |msg: String| BackendError::Invalid {
             op: "upload_weight",
             msg,
@@ -74,33 +79,33 @@ impl CpuWeight {
                 part.release_resident();
             }
         };
-        let packed = PackedFormat::of(ty)
-            .filter(|_| repack_enabled())
-            .map(|fmt| {
-                Arc::new(PackedWeight::pack_releasing(
-                    fmt,
-                    rows,
-                    cols / ty.block().0,
-                    &bytes,
-                    release,
-                ))
-            });
+        let packed = PackedFormat::of(ty).filter(|_| repack).map(|fmt| {
+            Arc::new(PackedWeight::pack_releasing(
+                fmt,
+                rows,
+                cols / ty.block().0,
+                &bytes,
+                release,
+            ))
+        });
         let float = FloatFormat::of(ty).map(|fmt| {
             Arc::new(FloatPacked::pack_releasing(
                 fmt, rows, cols, &bytes, release,
             ))
         });
+        // Rows are read back from a packed copy when there is one; keeping
+        // the original too would double a heap-held matrix (F32 from a
+        // checkpoint, or one quantized while loading).
+        let bytes = if packed.is_some() || float.is_some() {
+            HostBytes::from(Vec::new())
+        } else {
+            bytes
+        };
         Ok(Self {
             rows,
             cols,
             ty,
-            // Float rows are read back from the packed copy; keeping the
-            // original would double a heap-held (F32) matrix.
-            bytes: if float.is_some() {
-                HostBytes::from(Vec::new())
-            } else {
-                bytes
-            },
+            bytes,
             row_bytes,
             packed,
             float,
@@ -108,14 +113,11 @@ impl CpuWeight {
         })
     }
 
-    /// The same matrix in the file's row layout only (no packed copy): what
-    /// the per-row kernels compute from.
+    /// The matrix with block formats kept in the file's row layout (no
+    /// packed copy): what the per-row kernels compute from.
     #[cfg(test)]
-    pub(super) fn unpacked(&self) -> Self {
-        Self {
-            packed: None,
-            ..self.clone()
-        }
+    pub(super) fn unpacked(rows: usize, cols: usize, data: WeightData) -> Result<Self> {
+        Self::new_with(rows, cols, data, false)
     }
 
     /// Writes rows `r0..r0 + out.len() / cols` as f32 into `out`.
