@@ -565,6 +565,50 @@ mod tests {
     use crate::cpu::tests::rand_vec;
     use crate::{Backend, KvSpec, SeqSlice};
 
+    /// A one-layer cache of `n_kv` heads of `hd` holding `len` random keys
+    /// and values (seeds `seed` and `seed + 1`) in scattered blocks of `bs`,
+    /// written in one step: the cache, its block table, and the keys and
+    /// values as rows of `n_kv * hd`.
+    fn filled_cache(
+        bs: usize,
+        hd: usize,
+        n_kv: usize,
+        num_blocks: usize,
+        len: usize,
+        seed: u64,
+    ) -> (CpuKvCache, Vec<u32>, Vec<f32>, Vec<f32>) {
+        let be = super::super::CpuBackend;
+        let spec = KvSpec {
+            n_layers: 1,
+            num_blocks,
+            block_size: bs,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+        };
+        let mut cache = be.alloc_kv_cache(&spec).unwrap();
+        let width = n_kv * hd;
+        let table: Vec<u32> = (0..len.div_ceil(bs) as u32).rev().collect();
+        let step = StepInput {
+            tokens: vec![0; len],
+            positions: (0..len as u32).collect(),
+            slots: (0..len)
+                .map(|j| table[j / bs] * bs as u32 + (j % bs) as u32)
+                .collect(),
+            seqs: vec![SeqSlice {
+                query_start: 0,
+                query_len: len,
+                context_len: len,
+                block_table: table.clone(),
+            }],
+            logit_rows: vec![len as u32 - 1],
+        };
+        let (keys, vals) = (rand_vec(len * width, seed), rand_vec(len * width, seed + 1));
+        let k = CpuTensor::new(vec![len, width], keys.clone()).unwrap();
+        let v = CpuTensor::new(vec![len, width], vals.clone()).unwrap();
+        be.write_kv(&mut cache, 0, &k, &v, &step).unwrap();
+        (cache, table, keys, vals)
+    }
+
     /// Scores from the transposed key blocks, eight keys at a time with
     /// masked partial vectors, are the key-by-key dot products bit for bit,
     /// whatever the block size and wherever the keys start and stop.
@@ -573,39 +617,11 @@ mod tests {
         if super::super::x86::Isa::detected().is_none() {
             return; // no AVX2: only the key-by-key path exists
         }
-        let be = super::super::CpuBackend;
         for (bs, hd, group) in [(16usize, 64usize, 3usize), (5, 8, 1), (4, 24, 2)] {
             let n_kv = 2;
-            let spec = KvSpec {
-                n_layers: 1,
-                num_blocks: 12,
-                block_size: bs,
-                n_kv_heads: n_kv,
-                head_dim: hd,
-            };
-            let mut cache = be.alloc_kv_cache(&spec).unwrap();
             let width = n_kv * hd;
             let len = (12 * bs).min(45);
-            // Scattered blocks, written in one step.
-            let table: Vec<u32> = (0..len.div_ceil(bs) as u32).rev().collect();
-            let slots: Vec<u32> = (0..len)
-                .map(|j| table[j / bs] * bs as u32 + (j % bs) as u32)
-                .collect();
-            let step = StepInput {
-                tokens: vec![0; len],
-                positions: (0..len as u32).collect(),
-                slots: slots.clone(),
-                seqs: vec![SeqSlice {
-                    query_start: 0,
-                    query_len: len,
-                    context_len: len,
-                    block_table: table.clone(),
-                }],
-                logit_rows: vec![len as u32 - 1],
-            };
-            let k = CpuTensor::new(vec![len, width], rand_vec(len * width, 3)).unwrap();
-            let v = CpuTensor::new(vec![len, width], rand_vec(len * width, 4)).unwrap();
-            be.write_kv(&mut cache, 0, &k, &v, &step).unwrap();
+            let (cache, table, _, _) = filled_cache(bs, hd, n_kv, 12, len, 3);
             let ctx = Ctx {
                 kc: &cache.k[0],
                 vc: &cache.v[0],
@@ -651,36 +667,9 @@ mod tests {
         if Isa::detected() != Some(Isa::Avx512Vnni) {
             return; // only the 256-bit kernel runs on this CPU
         }
-        let be = super::super::CpuBackend;
         for (bs, hd, group) in [(16usize, 64usize, 3usize), (5, 128, 5)] {
-            let spec = KvSpec {
-                n_layers: 1,
-                num_blocks: 8,
-                block_size: bs,
-                n_kv_heads: 1,
-                head_dim: hd,
-            };
-            let mut cache = be.alloc_kv_cache(&spec).unwrap();
             let len = (8 * bs).min(37);
-            let table: Vec<u32> = (0..len.div_ceil(bs) as u32).rev().collect();
-            let step = StepInput {
-                tokens: vec![0; len],
-                positions: (0..len as u32).collect(),
-                slots: (0..len)
-                    .map(|j| table[j / bs] * bs as u32 + (j % bs) as u32)
-                    .collect(),
-                seqs: vec![SeqSlice {
-                    query_start: 0,
-                    query_len: len,
-                    context_len: len,
-                    block_table: table.clone(),
-                }],
-                logit_rows: vec![len as u32 - 1],
-            };
-            let (keys, vals) = (rand_vec(len * hd, 6), rand_vec(len * hd, 7));
-            let k = CpuTensor::new(vec![len, hd], keys.clone()).unwrap();
-            let v = CpuTensor::new(vec![len, hd], vals.clone()).unwrap();
-            be.write_kv(&mut cache, 0, &k, &v, &step).unwrap();
+            let (cache, table, keys, vals) = filled_cache(bs, hd, 1, 8, len, 6);
             let ctx = Ctx {
                 kc: &cache.k[0],
                 vc: &cache.v[0],

@@ -126,14 +126,16 @@ fn linear_with(
     }
     if let Some(fw) = &w.float {
         let mr = float_tile_rows();
-        let xt = if mr > 1 {
+        // One row (a decode step) is its own interleaved layout.
+        let interleaved = mr > 1 && m > 1;
+        let xt = if interleaved {
             super::float_packed::interleave(&x.data, m, k, mr)
         } else {
             Vec::new()
         };
         let ops = FloatOperands {
             w: fw,
-            x: if mr > 1 { &xt } else { &x.data },
+            x: if interleaved { &xt } else { &x.data },
             n,
             k,
         };
