@@ -24,6 +24,7 @@ pub mod generation;
 pub mod health;
 pub mod lmi;
 pub(crate) mod lmi_chat;
+pub(crate) mod lmi_outputs;
 pub(crate) mod lmi_stream;
 pub mod management;
 pub mod openai;

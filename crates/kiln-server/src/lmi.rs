@@ -89,7 +89,7 @@ fn decode(content_type: Option<&str>, body: &[u8]) -> Result<Decoded, ApiError> 
 pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiError> {
     match decode(content_type, body)? {
         Decoded::Text(t) => plain(t),
-        Decoded::Json(v) => parse_json(&v),
+        Decoded::Json(v) => parse_json(&v, false),
     }
 }
 
@@ -105,8 +105,14 @@ pub(crate) enum Parsed {
 /// with `prompt` as an OpenAI completions request, else one with `inputs`
 /// in the LMI schema, else one with `messages` as a chat-completions
 /// request (`djl_python/lmi_vllm/vllm_async_service.py`,
-/// `preprocess_request`, in that order).
-pub(crate) fn parse_any(content_type: Option<&str>, body: &[u8]) -> Result<Parsed, ApiError> {
+/// `preprocess_request`, in that order). `static_batch` (the model streams
+/// as DJL's static-batch handler does, [`crate::lmi_outputs`]) accepts a
+/// streamed list of inputs.
+pub(crate) fn parse_any(
+    content_type: Option<&str>,
+    body: &[u8],
+    static_batch: bool,
+) -> Result<Parsed, ApiError> {
     let v = match decode(content_type, body)? {
         Decoded::Text(t) => return plain(t).map(Parsed::Lmi),
         Decoded::Json(v) => v,
@@ -114,7 +120,7 @@ pub(crate) fn parse_any(content_type: Option<&str>, body: &[u8]) -> Result<Parse
     if let Some(api) = crate::lmi_chat::openai_api(&v) {
         return Ok(Parsed::OpenAi(Arc::new(v), api));
     }
-    parse_json(&v).map(Parsed::Lmi)
+    parse_json(&v, static_batch).map(Parsed::Lmi)
 }
 
 /// A plain-text body: one prompt with default parameters.
@@ -130,8 +136,9 @@ fn plain(text: String) -> Result<LmiRequest, ApiError> {
     })
 }
 
-/// Reads a JSON body in the LMI schema.
-fn parse_json(v: &Value) -> Result<LmiRequest, ApiError> {
+/// Reads a JSON body in the LMI schema; `list_stream` accepts `"stream":
+/// true` with a list of inputs.
+fn parse_json(v: &Value, list_stream: bool) -> Result<LmiRequest, ApiError> {
     let (inputs, batch, params, seq_length, stream) = match v {
         Value::String(s) => (vec![s.clone()], false, None, None, false),
         Value::Array(_) => (strings(v, "the request")?, true, None, None, false),
@@ -213,7 +220,7 @@ fn parse_json(v: &Value) -> Result<LmiRequest, ApiError> {
         .transpose()?
         .flatten()
         .unwrap_or(false);
-    if stream && batch {
+    if stream && batch && !list_stream {
         return Err(ApiError::bad_request(
             "streaming takes one input, not a list",
         ));
@@ -481,7 +488,8 @@ async fn infer_inner(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     // Request validation fails with DJL's 424 on these routes (djl_status).
-    let req = match parse_any(content_type, &body).map_err(djl_status::validation)? {
+    let static_batch = entry.static_batch_streaming();
+    let req = match parse_any(content_type, &body, static_batch).map_err(djl_status::validation)? {
         Parsed::Lmi(req) => req,
         Parsed::OpenAi(v, api) => return crate::lmi_chat::answer(st, model, rec, v, api).await,
     };
@@ -499,6 +507,15 @@ async fn infer_inner(
     };
     rec.add_tokens_in(prompts.iter().map(Vec::len).sum());
     let timeout = st.config.request_timeout;
+    if static_batch {
+        // Every input submitted before any is read, so they run together.
+        let streams = prompts
+            .into_iter()
+            .map(|p| generation::submit(&engine, p, &req.params, timeout).map(Events::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(djl_status::validation)?;
+        return Ok(crate::lmi_outputs::response(streams, rec));
+    }
     if req.stream {
         let sse = headers
             .get(header::ACCEPT)

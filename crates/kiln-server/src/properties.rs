@@ -1096,8 +1096,10 @@ pub struct ModelProperties {
     pub max_input_len: Option<usize>,
     /// `option.max_output_len`: the most generated tokens, if given.
     pub max_output_len: Option<usize>,
-    /// `option.enable_streaming` (deprecated in DJL; no effect in kiln, where a
-    /// request streams when it asks to).
+    /// `option.enable_streaming` (deprecated in DJL). With rolling batch on
+    /// it has no effect: a request streams when it asks to. With
+    /// `option.rolling_batch=disable` every LMI request streams as DJL's
+    /// static-batch handler streams ([`Self::static_batch_streaming`]).
     pub enable_streaming: Streaming,
     /// `option.output_formatter`; `None` means DJL's default: `json`, or
     /// `jsonlines` for a streamed response (see [`Self::output_formatter_for`]).
@@ -1239,6 +1241,14 @@ impl ModelProperties {
     /// The value of `key` in the effective configuration.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.raw.get(key)
+    }
+
+    /// DJL's static-batch streaming: with `option.rolling_batch=disable` and
+    /// `option.enable_streaming`, its Hugging Face handler streams every
+    /// request, a list of inputs as one `{"outputs": [...]}` line per step
+    /// (see [`crate::lmi_outputs`]).
+    pub fn static_batch_streaming(&self) -> bool {
+        self.rolling_batch == RollingBatch::Disable && self.enable_streaming != Streaming::False
     }
 
     /// The response format: `option.output_formatter` if set, else `json`, or
@@ -1712,7 +1722,7 @@ impl Builder {
                 *s
             }
         };
-        let chat = self.chat_options(rolling_batch, streaming);
+        let chat = self.chat_options();
 
         let output_formatter = self.output_formatter();
 

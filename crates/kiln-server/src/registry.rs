@@ -103,6 +103,14 @@ impl ModelEntry {
         }
     }
 
+    /// Every LMI request streams as DJL's static-batch handler streams
+    /// ([`ModelProperties::static_batch_streaming`]).
+    pub fn static_batch_streaming(&self) -> bool {
+        self.properties
+            .as_ref()
+            .is_some_and(|p| p.static_batch_streaming())
+    }
+
     /// How streamed responses are framed when the client does not say.
     pub fn stream_formatter(&self) -> OutputFormatter {
         self.properties

@@ -971,18 +971,18 @@ fn chat_keys_are_read_or_refused_by_name() {
     assert!(e.contains("stateful sessions"), "{e}");
     let e = parse_err("option.enable_stateful_sessions=maybe\n");
     assert!(e.contains("true or false"), "{e}");
+    // DJL's static-batch streaming: rolling batch off and streaming on.
     for v in ["true", "huggingface"] {
-        let e = parse_err(&format!(
+        let p = parse(&format!(
             "option.rolling_batch=disable\noption.enable_streaming={v}\n"
         ));
-        assert!(
-            e.contains("outputs") && e.contains("rolling_batch=disable"),
-            "{e}"
-        );
+        assert!(p.static_batch_streaming(), "{v}");
+        let p = parse(&format!("option.enable_streaming={v}\n"));
+        assert!(!p.static_batch_streaming(), "{v} with rolling batch");
     }
-    // Streaming off with rolling batch off is fine.
     let p = parse("option.rolling_batch=disable\noption.enable_streaming=false\n");
     assert_eq!(p.enable_streaming, Streaming::False);
+    assert!(!p.static_batch_streaming());
 }
 
 #[test]

@@ -16,7 +16,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use kiln_backend::cpu::CpuBackend;
-use kiln_engine::{Engine, EngineConfig, Event, FinishReason, Request, StopConditions};
+use kiln_engine::{
+    Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, StopConditions,
+};
 
 use crate::model_args::ModelArgs;
 
@@ -123,6 +125,18 @@ fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, gen: usize) -> anyhow::Res
         .collect()
 }
 
+/// KV-cache tokens the measurements need at once, each sequence rounded up
+/// to whole blocks: the cache is sized to the work, as llama-bench sizes
+/// its context, so peak RSS counts the KV cache the runs use rather than
+/// pages a default-sized cache spreads the repeats over.
+fn kv_tokens_needed(args: &Args, block_size: usize) -> usize {
+    let blocks = |tokens: usize| tokens.div_ceil(block_size) * block_size;
+    let single = blocks(args.prompt_tokens + 1).max(blocks(1 + args.gen_tokens));
+    let widest = args.concurrency.iter().copied().max().unwrap_or(0);
+    let batch = widest * blocks(args.batch_prompt_tokens + args.batch_gen_tokens);
+    single.max(batch)
+}
+
 /// Runs `kiln bench`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.repeats == 0 || args.prompt_tokens == 0 || args.gen_tokens < 2 {
@@ -132,9 +146,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.decoder.config().clone();
+    let defaults = EngineConfig::default();
     let cfg_engine = EngineConfig {
         max_running: args.max_batch_size,
-        ..EngineConfig::default()
+        kv_capacity: KvCapacity::Tokens(kv_tokens_needed(&args, defaults.block_size)),
+        ..defaults
     };
     let engine =
         Engine::start(CpuBackend::new(), model, cfg_engine).context("cannot start the engine")?;

@@ -288,6 +288,69 @@ fn openai_bodies_on_the_lmi_routes_get_openai_answers() {
     );
 }
 
+/// Point 6, `option.enable_streaming` with `option.rolling_batch=disable`:
+/// DJL's Hugging Face handler then streams every request through
+/// `StreamingUtils`, one `{"outputs": [...]}` line per step with each
+/// input's new text (`_default_stream_output_formatter`). Each input's
+/// column of lines joins into the text the same input generates alone.
+#[test]
+fn static_batch_models_stream_outputs_lines() {
+    let s = store();
+    let params = json!({"max_new_tokens": 6, "do_sample": false});
+    let prompts = ["The capital of France is", "Water boils at"];
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let r = s.post_json(
+                "/predictions/plain",
+                &json!({"inputs": p, "parameters": params}),
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["generated_text"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    // A list, with or without "stream": every request streams.
+    for body in [
+        json!({"inputs": prompts, "parameters": params}),
+        json!({"inputs": prompts, "parameters": params, "stream": true}),
+    ] {
+        let mut st = s.stream("/predictions/static", &[], &body);
+        assert_eq!(st.status, 200);
+        assert_eq!(st.header("content-type"), Some("application/jsonlines"));
+        let mut joined = vec![String::new(); prompts.len()];
+        let mut lines = 0;
+        while let Some(line) = st.next_json_line() {
+            let outs = line["outputs"].as_array().unwrap_or_else(|| panic!("{line}"));
+            assert_eq!(outs.len(), prompts.len(), "{line}");
+            for (j, o) in joined.iter_mut().zip(outs) {
+                j.push_str(o.as_str().unwrap_or_else(|| panic!("{line}")));
+            }
+            lines += 1;
+        }
+        assert_eq!(joined, alone);
+        assert!((1..=6).contains(&lines), "{lines} lines");
+    }
+    // One string is a batch of one.
+    let mut st = s.stream(
+        "/invocations?model_name=static",
+        &[],
+        &json!({"inputs": prompts[0], "parameters": params}),
+    );
+    let mut text = String::new();
+    while let Some(line) = st.next_json_line() {
+        let outs = line["outputs"].as_array().unwrap_or_else(|| panic!("{line}"));
+        assert_eq!(outs.len(), 1, "{line}");
+        text.push_str(outs[0].as_str().unwrap_or_default());
+    }
+    assert_eq!(text, alone[0]);
+    // A rolling-batch model still refuses a streamed list, with DJL's 424.
+    let r = s.post_json(
+        "/predictions/plain",
+        &json!({"inputs": prompts, "parameters": params, "stream": true}),
+    );
+    assert_eq!(r.status, 424, "{}", r.text());
+}
+
 /// Point 2. DJL's status codes on the LMI routes (see kiln-server's
 /// djl_status module for the sources): request validation, malformed JSON
 /// included, is 424 `{"error", "code": 424}` (vllm_async_service.py
@@ -423,7 +486,6 @@ fn chat_keys_are_validated_at_load_and_reasoning_is_split() {
         ("badparser", "hermes2"),
         ("granite", "does not implement"),
         ("sessions", "option.enable_stateful_sessions"),
-        ("static", "option.enable_streaming"),
     ];
     for (name, needle) in failed {
         let d = s.get(&format!("/models/{name}")).json();

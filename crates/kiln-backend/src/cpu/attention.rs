@@ -203,7 +203,7 @@ fn attend<const FMA: bool, const WIDE: bool>(ctx: &Ctx, job: Job, scores: &mut V
     scores.resize(group * n, 0.0);
     let keys = KeyRows::new(ctx, &job);
     let vector = FMA && hd.is_multiple_of(8);
-    scores_into::<FMA>(ctx, &job, keys.clone(), scores, n, vector);
+    scores_into::<FMA, WIDE>(ctx, &job, keys.clone(), scores, n, vector);
     for h in 0..group {
         let row = &mut scores[h * n..(h + 1) * n];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -391,7 +391,7 @@ impl Iterator for KeyRows<'_> {
 /// head sizes that are multiples of 8) from [`scores_avx`], otherwise key
 /// by key with [`dot`]; both give the same bits.
 #[inline(always)]
-fn scores_into<const FMA: bool>(
+fn scores_into<const FMA: bool, const WIDE: bool>(
     ctx: &Ctx,
     job: &Job,
     keys: KeyRows,
@@ -402,6 +402,24 @@ fn scores_into<const FMA: bool>(
     let hd = ctx.hd;
     #[cfg(target_arch = "x86_64")]
     if FMA && vector {
+        if WIDE {
+            let mut h0 = 0;
+            while h0 < ctx.group {
+                let heads = (ctx.group - h0).min(3);
+                // SAFETY: WIDE is true only inside `attend_avx512` (AVX-512F
+                // detected); `hd` is a multiple of 8; heads h0..h0 + heads
+                // are of the group, whose rows `scores` holds.
+                unsafe {
+                    match heads {
+                        1 => scores_512::<1>(ctx, job, h0, scores, n),
+                        2 => scores_512::<2>(ctx, job, h0, scores, n),
+                        _ => scores_512::<3>(ctx, job, h0, scores, n),
+                    }
+                }
+                h0 += heads;
+            }
+            return;
+        }
         // SAFETY: FMA is true only where AVX2 and FMA were detected (inside
         // `attend_avx2`, or a test that checked); `hd` is a multiple of 8
         // (the caller's `vector`); `scores` holds group x n.
@@ -476,6 +494,72 @@ unsafe fn scores_avx(ctx: &Ctx, job: &Job, scores: &mut [f32], n: usize) {
                     let y = _mm256_mul_ps(_mm256_add_ps(_mm256_add_ps(t[0], t[1]), tail), scale);
                     let out = scores.as_mut_ptr().add(h * n + (j - job.first) + c);
                     _mm256_maskstore_ps(out, mask, y);
+                }
+                c += lanes;
+            }
+            j += count;
+        }
+    }
+}
+
+/// [`scores_avx`] for heads `h0..h0 + H` of the group on 512-bit
+/// registers: sixteen keys per vector (a whole block at the default block
+/// size), and each key vector loaded once for the `H` heads. Lane by lane
+/// the same operations, so the same bits.
+///
+/// # Safety
+/// The CPU has AVX-512F (and FMA); as [`scores_avx`] otherwise, with
+/// `h0 + H <= group`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores_512<const H: usize>(
+    ctx: &Ctx,
+    job: &Job,
+    h0: usize,
+    scores: &mut [f32],
+    n: usize,
+) {
+    use std::arch::x86_64::*;
+    let (hd, bs) = (ctx.hd, ctx.block_size);
+    // SAFETY: as in `scores_avx`: loads inside the key rows of the block
+    // (masked past the keys wanted), stores inside `scores`.
+    // (Loops, not closures: closures do not inherit target features.)
+    unsafe {
+        let scale = _mm512_set1_ps(ctx.scale);
+        let tail = _mm512_setzero_ps();
+        let mut j = job.first;
+        while j <= job.pos {
+            let (blk, w) = (j / bs, j % bs);
+            let count = (bs - w).min(job.pos + 1 - j);
+            let base =
+                job.block_table[blk] as usize * bs * ctx.kv_width + job.kv_head * hd * bs + w;
+            let mut c = 0;
+            while c < count {
+                let lanes = (count - c).min(16);
+                let mask: __mmask16 = if lanes == 16 { !0 } else { (1 << lanes) - 1 };
+                let kp = ctx.kc.as_ptr().add(base + c);
+                let mut p = [[_mm512_setzero_ps(); 8]; H];
+                for d0 in (0..hd).step_by(8) {
+                    for l in 0..8 {
+                        let d = d0 + l;
+                        let k = _mm512_maskz_loadu_ps(mask, kp.add(d * bs));
+                        for (hh, ph) in p.iter_mut().enumerate() {
+                            let q = _mm512_set1_ps(*job.q.as_ptr().add((h0 + hh) * hd + d));
+                            ph[l] = _mm512_fmadd_ps(q, k, ph[l]);
+                        }
+                    }
+                }
+                for (hh, ph) in p.iter().enumerate() {
+                    let s = [
+                        _mm512_add_ps(ph[0], ph[4]),
+                        _mm512_add_ps(ph[1], ph[5]),
+                        _mm512_add_ps(ph[2], ph[6]),
+                        _mm512_add_ps(ph[3], ph[7]),
+                    ];
+                    let t = [_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3])];
+                    let y = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(t[0], t[1]), tail), scale);
+                    let out = scores.as_mut_ptr().add((h0 + hh) * n + (j - job.first) + c);
+                    _mm512_mask_storeu_ps(out, mask, y);
                 }
                 c += lanes;
             }
@@ -609,15 +693,28 @@ mod tests {
         (cache, table, keys, vals)
     }
 
-    /// Scores from the transposed key blocks, eight keys at a time with
-    /// masked partial vectors, are the key-by-key dot products bit for bit,
-    /// whatever the block size and wherever the keys start and stop.
+    /// [`scores_into`] with the 512-bit kernels' features.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn scores_wide(ctx: &Ctx, job: &Job, keys: KeyRows, out: &mut [f32], n: usize) {
+        scores_into::<true, true>(ctx, job, keys, out, n, true)
+    }
+
+    /// Scores from the transposed key blocks, eight (or sixteen, on 512-bit
+    /// registers, for groups of heads split three at a time) keys at a time
+    /// with masked partial vectors, are the key-by-key dot products bit for
+    /// bit, whatever the block size and wherever the keys start and stop.
     #[test]
     fn vector_scores_equal_key_by_key_scores() {
         if super::super::x86::Isa::detected().is_none() {
             return; // no AVX2: only the key-by-key path exists
         }
-        for (bs, hd, group) in [(16usize, 64usize, 3usize), (5, 8, 1), (4, 24, 2)] {
+        for (bs, hd, group) in [
+            (16usize, 64usize, 3usize),
+            (5, 8, 1),
+            (4, 24, 2),
+            (32, 16, 5),
+            (16, 64, 7),
+        ] {
             let n_kv = 2;
             let width = n_kv * hd;
             let len = (12 * bs).min(45);
@@ -645,14 +742,26 @@ mod tests {
                 let n = pos + 1 - first;
                 let (mut a, mut b) = (vec![0f32; group * n], vec![0f32; group * n]);
                 let keys = KeyRows::new(&ctx, &job);
-                scores_into::<true>(&ctx, &job, keys.clone(), &mut a, n, true);
-                scores_into::<true>(&ctx, &job, keys, &mut b, n, false);
+                scores_into::<true, false>(&ctx, &job, keys.clone(), &mut a, n, true);
+                scores_into::<true, false>(&ctx, &job, keys.clone(), &mut b, n, false);
                 for (e, (x, y)) in a.iter().zip(&b).enumerate() {
                     assert_eq!(
                         x.to_bits(),
                         y.to_bits(),
                         "bs {bs} hd {hd} keys {first}..={pos}, score {e}: {x} vs {y}"
                     );
+                }
+                if super::super::x86::Isa::detected() == Some(super::super::x86::Isa::Avx512Vnni) {
+                    let mut c = vec![0f32; group * n];
+                    // SAFETY: AVX-512F was detected.
+                    unsafe { scores_wide(&ctx, &job, keys, &mut c, n) };
+                    for (e, (x, y)) in c.iter().zip(&b).enumerate() {
+                        assert_eq!(
+                            x.to_bits(),
+                            y.to_bits(),
+                            "512-bit: bs {bs} hd {hd} keys {first}..={pos}, score {e}: {x} vs {y}"
+                        );
+                    }
                 }
             }
         }

@@ -273,7 +273,8 @@ unsafe fn compute_packed(
     {
         if let Some(isa) = super::x86::Isa::detected() {
             // SAFETY: the CPU features were detected; the caller's contract carries over.
-            unsafe { super::x86_packed::block(isa, ops, i0, i1, g0, g1, out) };
+            let amx = isa == super::x86::Isa::Avx512Vnni && super::x86_amx::available();
+            unsafe { super::x86_packed::block(isa, amx, ops, i0, i1, g0, g1, out) };
             return;
         }
     }
@@ -496,7 +497,8 @@ mod tests {
             .into_iter()
             .filter_map(|ty| Some((ty, PackedFormat::of(ty)?)))
         {
-            let (k, n, m) = (k_for(ty), 21, 7);
+            // Two whole AMX tiles of rows and a part one.
+            let (k, n, m) = (k_for(ty), 21, 37);
             let w = rowwise_weight(ty, n, k, 4);
             // (Packed here whatever KILN_CPU_REPACK says.)
             let p = &PackedWeight::pack(fmt, n, k / ty.block().0, &w.bytes);
@@ -510,12 +512,20 @@ mod tests {
                     super::super::packed::portable_block(&ops, 0, m, 0, p.groups, want.as_mut_ptr())
                 };
                 #[cfg(target_arch = "x86_64")]
-                for isa in crate::cpu::x86::Isa::all_supported() {
+                for (isa, amx) in crate::cpu::x86::Isa::all_supported()
+                    .into_iter()
+                    .map(|isa| (isa, false))
+                    .chain(
+                        crate::cpu::x86_amx::available()
+                            .then_some((crate::cpu::x86::Isa::Avx512Vnni, true)),
+                    )
+                {
                     let mut got = vec![0f32; m * n];
-                    // SAFETY: as above; the ISA is supported by this CPU.
+                    // SAFETY: as above; the ISA (and AMX) is supported by this CPU.
                     unsafe {
                         crate::cpu::x86_packed::block(
                             isa,
+                            amx,
                             &ops,
                             0,
                             m,
@@ -528,7 +538,7 @@ mod tests {
                         assert_eq!(
                             a.to_bits(),
                             b.to_bits(),
-                            "{ty:?} on {isa:?} with {bits:?}, element {e}: {a} vs portable {b}"
+                            "{ty:?} on {isa:?} (AMX {amx}) with {bits:?}, element {e}: {a} vs portable {b}"
                         );
                     }
                 }

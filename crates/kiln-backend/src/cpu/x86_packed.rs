@@ -15,14 +15,19 @@ use std::arch::x86_64::*;
 use super::actq::ActBits;
 use super::packed::{PackedFormat, PackedOperands, NR, VB};
 use super::x86::{Avx2Dot, AvxVnniDot, Dot, Isa};
+use super::x86_amx::MT;
 
-/// Runs the kernels of `isa` over input rows `i0..i1` and groups `g0..g1`.
+/// Runs the kernels of `isa` over input rows `i0..i1` and groups `g0..g1`;
+/// with `amx`, whole tiles of 16 rows go to the AMX kernel
+/// ([`super::x86_amx`]) and only the rest to `isa`'s.
 ///
 /// # Safety
-/// `isa` is supported by this CPU; `out` points to an `m x n` buffer of
+/// `isa` is supported by this CPU, and AMX if `amx` (see
+/// [`super::x86_amx::available`]); `out` points to an `m x n` buffer of
 /// which no other thread touches these elements.
 pub(crate) unsafe fn block(
     isa: Isa,
+    amx: bool,
     ops: &PackedOperands,
     i0: usize,
     i1: usize,
@@ -30,6 +35,18 @@ pub(crate) unsafe fn block(
     g1: usize,
     out: *mut f32,
 ) {
+    let mut i0 = i0;
+    if amx {
+        let whole = (i1 - i0) / MT * MT;
+        if whole > 0 {
+            // SAFETY: the caller's contract; AMX implies AVX-512.
+            unsafe { super::x86_amx::block(ops, i0, i0 + whole, g0, g1, out) };
+            i0 += whole;
+        }
+        if i0 == i1 {
+            return;
+        }
+    }
     // SAFETY: the features of each entry point are those `isa` was detected with.
     unsafe {
         match isa {
@@ -119,7 +136,7 @@ unsafe fn dispatch<D: Dot>(
 }
 
 /// The format with index `F` (a const generic, so each is its own kernel).
-const fn format(f: u8) -> PackedFormat {
+pub(super) const fn format(f: u8) -> PackedFormat {
     match f {
         0 => PackedFormat::Q8_0,
         1 => PackedFormat::Q4_0,
@@ -475,7 +492,7 @@ unsafe fn cover512<const F: u8>(
 /// [`codes`] for a whole group: register `q` holds elements `4q..4q + 4`
 /// of each of the 16 rows. Q8_0's are its signed bytes as stored.
 #[inline(always)]
-unsafe fn codes512<const F: u8>(p: *const u8) -> [__m512i; 8] {
+pub(super) unsafe fn codes512<const F: u8>(p: *const u8) -> [__m512i; 8] {
     let fmt = format(F);
     // SAFETY: one whole sub-block of the format at p; AVX512BW.
     unsafe {
@@ -598,6 +615,54 @@ unsafe fn bytes16<const SIGNED: bool>(p: *const u8) -> __m512 {
     }
 }
 
+/// A group chunk's per-row f16 factors at `head` as f32 lanes: `d`, and
+/// the minimum (or `dmin`) where the format has one, else zeros.
+#[inline(always)]
+pub(super) unsafe fn head512<const F: u8>(head: *const u8) -> (__m512, __m512) {
+    // SAFETY: the chunk's head at `head`; AVX512F per the caller.
+    unsafe {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(head as *const __m256i));
+        let second = if format(F).has_min() {
+            _mm512_cvtph_ps(_mm256_loadu_si256(head.add(2 * NR) as *const __m256i))
+        } else {
+            _mm512_setzero_ps()
+        };
+        (d, second)
+    }
+}
+
+/// Sub-block `s`'s scales (of its two halves, which differ only for
+/// Q6_K) and its offset factor, per row of the group, from the chunk's
+/// head and its [`head512`] factors.
+#[inline(always)]
+pub(super) unsafe fn scales512<const F: u8>(
+    head: *const u8,
+    d: __m512,
+    second: __m512,
+    s: usize,
+) -> (__m512, __m512, __m512) {
+    // SAFETY: the chunk's head at `head`; AVX512F per the caller.
+    unsafe {
+        match format(F) {
+            PackedFormat::Q4K | PackedFormat::Q5K => {
+                let sc = _mm512_mul_ps(d, bytes16::<false>(head.add(4 * NR + NR * s)));
+                let m = _mm512_mul_ps(second, bytes16::<false>(head.add(12 * NR + NR * s)));
+                let neg = _mm512_castsi512_ps(_mm512_xor_si512(
+                    _mm512_castps_si512(m),
+                    _mm512_set1_epi32(i32::MIN),
+                ));
+                (sc, sc, neg)
+            }
+            PackedFormat::Q6K => (
+                _mm512_mul_ps(d, bytes16::<true>(head.add(2 * NR + 2 * NR * s))),
+                _mm512_mul_ps(d, bytes16::<true>(head.add(3 * NR + 2 * NR * s))),
+                second,
+            ),
+            _ => (d, d, second),
+        }
+    }
+}
+
 /// [`tile`] for a whole group on 512-bit registers.
 ///
 /// # Safety
@@ -622,12 +687,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
         for fb in 0..nb / fmt.subs() {
             let p = ops.chunk(g, fb).as_ptr();
             let head = p.add(fmt.head());
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(head as *const __m256i));
-            let second = if fmt.has_min() {
-                _mm512_cvtph_ps(_mm256_loadu_si256(head.add(2 * NR) as *const __m256i))
-            } else {
-                _mm512_setzero_ps()
-            };
+            let (d, second) = head512::<F>(head);
             for s in 0..fmt.subs() {
                 let mut c = codes512::<F>(p.add(s * fmt.sub_bytes()));
                 if fmt == PackedFormat::Q8_0 {
@@ -636,23 +696,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                         *cq = _mm512_xor_si512(*cq, flip);
                     }
                 }
-                let (sc0, sc1, min) = match fmt {
-                    PackedFormat::Q4K | PackedFormat::Q5K => {
-                        let sc = _mm512_mul_ps(d, bytes16::<false>(head.add(4 * NR + NR * s)));
-                        let m = _mm512_mul_ps(second, bytes16::<false>(head.add(12 * NR + NR * s)));
-                        let neg = _mm512_castsi512_ps(_mm512_xor_si512(
-                            _mm512_castps_si512(m),
-                            _mm512_set1_epi32(i32::MIN),
-                        ));
-                        (sc, sc, neg)
-                    }
-                    PackedFormat::Q6K => (
-                        _mm512_mul_ps(d, bytes16::<true>(head.add(2 * NR + 2 * NR * s))),
-                        _mm512_mul_ps(d, bytes16::<true>(head.add(3 * NR + 2 * NR * s))),
-                        second,
-                    ),
-                    _ => (d, d, second),
-                };
+                let (sc0, sc1, min) = scales512::<F>(head, d, second, s);
                 for ii in 0..R {
                     let blk = (i + ii) * nb + fb * fmt.subs() + s;
                     let x = xs.add(x_bytes * blk);

@@ -1,7 +1,8 @@
 //! The chat-side keys of DJL's current LMI (vLLM) handler:
 //! `option.enable_auto_tool_choice`, `option.tool_call_parser`,
-//! `option.reasoning_parser`, `option.enable_stateful_sessions`, and the
-//! combination `option.enable_streaming` with `option.rolling_batch=disable`.
+//! `option.reasoning_parser` and `option.enable_stateful_sessions` (and
+//! what kiln does with `option.enable_streaming` under
+//! `option.rolling_batch=disable`).
 //!
 //! DJL hands the first three to vLLM (`djl_python/properties_manager/
 //! vllm_rb_properties.py`, which checks the parser names against vLLM's
@@ -16,11 +17,11 @@
 //!   ([`crate::reasoning`]); vLLM's other names are refused by name;
 //! - SageMaker stateful sessions are not implemented: `true` is refused
 //!   (DJL's default is on; kiln's is off, see the README);
-//! - DJL's non-rolling-batch streaming (`{"outputs": [...]}` lines for a
-//!   list input) is not implemented: `enable_streaming` with
-//!   `rolling_batch=disable` is refused, naming what to set instead.
+//! - DJL's non-rolling-batch streaming (`enable_streaming` with
+//!   `rolling_batch=disable`) is served as DJL frames it, `{"outputs":
+//!   [...]}` lines ([`crate::lmi_outputs`]).
 
-use super::{Builder, RawProperty, RollingBatch, Streaming};
+use super::Builder;
 use crate::reasoning::ReasoningParser;
 
 /// vLLM's built-in tool-call parser names (its `ToolParserManager`
@@ -90,11 +91,7 @@ pub struct ChatOptions {
 
 impl Builder {
     /// Reads and checks the chat-side keys (see the module documentation).
-    pub(super) fn chat_options(
-        &mut self,
-        rolling_batch: RollingBatch,
-        streaming: Option<(Streaming, RawProperty)>,
-    ) -> ChatOptions {
+    pub(super) fn chat_options(&mut self) -> ChatOptions {
         let auto_tools = self.boolean("option.enable_auto_tool_choice");
         if let Some((true, p)) = &auto_tools {
             self.problem(
@@ -140,17 +137,6 @@ impl Builder {
                 "asks for SageMaker stateful sessions, which kiln does not implement; set it to \
                  false or remove it",
             );
-        }
-        if let Some((s, p)) = streaming {
-            if s != Streaming::False && rolling_batch == RollingBatch::Disable {
-                self.problem(
-                    &p,
-                    "with option.rolling_batch=disable asks for DJL's static-batch streaming \
-                     ({\"outputs\": [...]} lines), which kiln does not implement; remove \
-                     option.rolling_batch=disable (kiln batches continuously) and send \
-                     \"stream\": true with a single input",
-                );
-            }
         }
         ChatOptions {
             tool_call_parser,
