@@ -57,14 +57,14 @@ impl Batch {
         let mut texts = vec![String::new(); self.inputs.len()];
         let mut error = None;
         let mut any = false;
-        for i in 0..self.inputs.len() {
+        for (i, text) in texts.iter_mut().enumerate() {
             let Some(events) = self.inputs[i].as_mut() else {
                 continue;
             };
             match events.next().await {
                 Some((Event::Token(t), end)) => {
                     any = true;
-                    texts[i] = t.text;
+                    *text = t.text;
                     if let Some(end) = end {
                         error = error.or(self.finish(i, end));
                     }

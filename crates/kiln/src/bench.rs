@@ -16,9 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use kiln_backend::cpu::CpuBackend;
-use kiln_engine::{
-    Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, StopConditions,
-};
+use kiln_engine::{Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, StopConditions};
 
 use crate::model_args::ModelArgs;
 

@@ -306,7 +306,10 @@ fn static_batch_models_stream_outputs_lines() {
                 &json!({"inputs": p, "parameters": params}),
             );
             assert_eq!(r.status, 200, "{}", r.text());
-            r.json()["generated_text"].as_str().unwrap_or_default().to_string()
+            r.json()["generated_text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
         })
         .collect();
     // A list, with or without "stream": every request streams.
@@ -320,7 +323,9 @@ fn static_batch_models_stream_outputs_lines() {
         let mut joined = vec![String::new(); prompts.len()];
         let mut lines = 0;
         while let Some(line) = st.next_json_line() {
-            let outs = line["outputs"].as_array().unwrap_or_else(|| panic!("{line}"));
+            let outs = line["outputs"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{line}"));
             assert_eq!(outs.len(), prompts.len(), "{line}");
             for (j, o) in joined.iter_mut().zip(outs) {
                 j.push_str(o.as_str().unwrap_or_else(|| panic!("{line}")));
@@ -338,7 +343,9 @@ fn static_batch_models_stream_outputs_lines() {
     );
     let mut text = String::new();
     while let Some(line) = st.next_json_line() {
-        let outs = line["outputs"].as_array().unwrap_or_else(|| panic!("{line}"));
+        let outs = line["outputs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{line}"));
         assert_eq!(outs.len(), 1, "{line}");
         text.push_str(outs[0].as_str().unwrap_or_default());
     }

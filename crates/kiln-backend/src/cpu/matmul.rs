@@ -272,9 +272,10 @@ unsafe fn compute_packed(
     #[cfg(target_arch = "x86_64")]
     {
         if let Some(isa) = super::x86::Isa::detected() {
-            // SAFETY: the CPU features were detected; the caller's contract carries over.
             let amx = isa == super::x86::Isa::Avx512Vnni && super::x86_amx::available();
-            unsafe { super::x86_packed::block(isa, amx, ops, i0, i1, g0, g1, out) };
+            let kernels = super::x86_packed::Kernels { isa, amx };
+            // SAFETY: the CPU features were detected; the caller's contract carries over.
+            unsafe { super::x86_packed::block(kernels, ops, i0, i1, g0, g1, out) };
             return;
         }
     }
@@ -524,8 +525,7 @@ mod tests {
                     // SAFETY: as above; the ISA (and AMX) is supported by this CPU.
                     unsafe {
                         crate::cpu::x86_packed::block(
-                            isa,
-                            amx,
+                            crate::cpu::x86_packed::Kernels { isa, amx },
                             &ops,
                             0,
                             m,

@@ -61,7 +61,11 @@ pub(super) fn available() -> bool {
         // SAFETY: a plain system call with integer arguments; it fails
         // (harmlessly) on kernels without AMX support.
         let granted = unsafe {
-            libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
         } == 0;
         if granted {
             tracing::debug!("CPU kernels: AMX tiles for the block formats' prompt path");

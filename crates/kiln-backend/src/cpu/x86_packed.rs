@@ -17,6 +17,15 @@ use super::packed::{PackedFormat, PackedOperands, NR, VB};
 use super::x86::{Avx2Dot, AvxVnniDot, Dot, Isa};
 use super::x86_amx::MT;
 
+/// Which kernels run a product over packed weights.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Kernels {
+    /// The vector instruction set.
+    pub isa: Isa,
+    /// Whole tiles of 16 input rows go to the AMX kernel (see [`block`]).
+    pub amx: bool,
+}
+
 /// Runs the kernels of `isa` over input rows `i0..i1` and groups `g0..g1`;
 /// with `amx`, whole tiles of 16 rows go to the AMX kernel
 /// ([`super::x86_amx`]) and only the rest to `isa`'s.
@@ -26,8 +35,7 @@ use super::x86_amx::MT;
 /// [`super::x86_amx::available`]); `out` points to an `m x n` buffer of
 /// which no other thread touches these elements.
 pub(crate) unsafe fn block(
-    isa: Isa,
-    amx: bool,
+    Kernels { isa, amx }: Kernels,
     ops: &PackedOperands,
     i0: usize,
     i1: usize,
