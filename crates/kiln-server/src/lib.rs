@@ -35,6 +35,7 @@ pub mod prompts;
 pub mod properties;
 pub mod reasoning;
 pub mod registry;
+pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod tokenize;

@@ -99,13 +99,16 @@ pub(crate) enum Parsed {
     Lmi(LmiRequest),
     /// An OpenAI completions or chat-completions body (`prompt` / `messages`).
     OpenAi(Arc<Value>, crate::openai::Api),
+    /// A SageMaker session request (`requestType`, [`crate::sessions`]).
+    Session(crate::sessions::SessionRequest),
 }
 
 /// Parses a body on an LMI route: DJL's LMI handler reads a JSON object
 /// with `prompt` as an OpenAI completions request, else one with `inputs`
 /// in the LMI schema, else one with `messages` as a chat-completions
-/// request (`djl_python/lmi_vllm/vllm_async_service.py`,
-/// `preprocess_request`, in that order). `static_batch` (the model streams
+/// request, else one with `requestType` as a session request
+/// (`djl_python/lmi_vllm/vllm_async_service.py`, `preprocess_request`, in
+/// that order). `static_batch` (the model streams
 /// as DJL's static-batch handler does, [`crate::lmi_outputs`]) accepts a
 /// streamed list of inputs.
 pub(crate) fn parse_any(
@@ -119,6 +122,9 @@ pub(crate) fn parse_any(
     };
     if let Some(api) = crate::lmi_chat::openai_api(&v) {
         return Ok(Parsed::OpenAi(Arc::new(v), api));
+    }
+    if let Some(t) = v.get("requestType").filter(|_| v.get("inputs").is_none()) {
+        return crate::sessions::SessionRequest::parse(t).map(Parsed::Session);
     }
     parse_json(&v, static_batch).map(Parsed::Lmi)
 }
@@ -488,10 +494,20 @@ async fn infer_inner(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     // Request validation fails with DJL's 424 on these routes (djl_status).
+    entry
+        .sessions
+        .check(&headers)
+        .map_err(djl_status::validation)?;
     let static_batch = entry.static_batch_streaming();
     let req = match parse_any(content_type, &body, static_batch).map_err(djl_status::validation)? {
         Parsed::Lmi(req) => req,
         Parsed::OpenAi(v, api) => return crate::lmi_chat::answer(st, model, rec, v, api).await,
+        Parsed::Session(r) => {
+            return entry
+                .sessions
+                .answer(r, &headers)
+                .map_err(djl_status::validation)
+        }
     };
     let engine = entry.engine()?;
     let prompts: Vec<Vec<u32>> = {

@@ -46,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod chat;
-pub use chat::{ChatOptions, ToolCallParser};
+pub use chat::{ChatOptions, SessionOptions, ToolCallParser};
 
 /// The file DJL Serving reads in each model directory.
 pub const PROPERTIES_FILE: &str = "serving.properties";
@@ -836,6 +836,7 @@ const TYPED_KEYS: &[&str] = &[
     "option.tool_call_parser",
     "option.reasoning_parser",
     "option.enable_stateful_sessions",
+    "option.sessions_expiration",
     "option.entryPoint",
     "option.model_loading_timeout",
     "option.predict_timeout",

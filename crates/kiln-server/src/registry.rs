@@ -65,6 +65,8 @@ pub struct ModelEntry {
     pub properties: Option<ModelProperties>,
     pub settings: Mutex<WorkerSettings>,
     pub registered_at: SystemTime,
+    /// SageMaker stateful sessions (`option.enable_stateful_sessions`).
+    pub sessions: crate::sessions::Sessions,
     state: watch::Sender<ModelState>,
 }
 
@@ -253,10 +255,17 @@ impl Registry {
         }
         let settings = worker_settings(properties.as_ref(), &overrides, &self.defaults)?;
         let (tx, _) = watch::channel(ModelState::Loading);
+        let sessions = crate::sessions::Sessions::new(
+            properties
+                .as_ref()
+                .map(|p| p.chat.sessions)
+                .unwrap_or_default(),
+        );
         let entry = Arc::new(ModelEntry {
             name: name.to_string(),
             url: url.to_string(),
             model_path,
+            sessions,
             properties,
             settings: Mutex::new(settings),
             source,
@@ -384,6 +393,7 @@ impl Registry {
                 &self.defaults,
             )?),
             registered_at: SystemTime::now(),
+            sessions: crate::sessions::Sessions::new(Default::default()),
             state: tx,
         });
         self.insert(entry)

@@ -967,10 +967,16 @@ fn chat_keys_are_read_or_refused_by_name() {
     );
     let e = parse_err("option.reasoning_parser=thinky\n");
     assert!(e.contains("is not one of qwen3, deepseek_r1"), "{e}");
-    let e = parse_err("option.enable_stateful_sessions=true\n");
-    assert!(e.contains("stateful sessions"), "{e}");
+    // Sessions are on by default, as in DJL, for 20 minutes.
+    assert!(parse("").chat.sessions.enabled);
+    assert_eq!(parse("").chat.sessions.expiration_s, 1200);
+    let p = parse("option.enable_stateful_sessions=false\noption.sessions_expiration=60\n");
+    assert!(!p.chat.sessions.enabled);
+    assert_eq!(p.chat.sessions.expiration_s, 60);
     let e = parse_err("option.enable_stateful_sessions=maybe\n");
     assert!(e.contains("true or false"), "{e}");
+    let e = parse_err("option.sessions_expiration=0\n");
+    assert!(e.contains("option.sessions_expiration"), "{e}");
     // DJL's static-batch streaming: rolling batch off and streaming on.
     for v in ["true", "huggingface"] {
         let p = parse(&format!(

@@ -153,7 +153,10 @@ fn store() -> &'static Server {
             ),
             ("badparser", "option.tool_call_parser=hermes2\n".into()),
             ("granite", "option.reasoning_parser=granite\n".into()),
-            ("sessions", "option.enable_stateful_sessions=true\n".into()),
+            (
+                "nosessions",
+                "option.enable_stateful_sessions=false\n".into(),
+            ),
             (
                 "static",
                 "option.rolling_batch=disable\noption.enable_streaming=true\n".into(),
@@ -288,6 +291,74 @@ fn openai_bodies_on_the_lmi_routes_get_openai_answers() {
     );
 }
 
+/// Point 6, SageMaker stateful sessions (DJL's LMI handler:
+/// `vllm_async_service.py` `preprocess_request` and `session_utils.py`):
+/// `{"requestType": "NEW_SESSION"}` answers `{"result": "Session <id>
+/// created"}` with `X-Amzn-SageMaker-Session-Id: <id>; Expires=<time>`,
+/// requests may name the session, `CLOSE` closes it; an id that is not a
+/// UUID, or any of it on a model with sessions off, is a 424.
+#[test]
+fn sagemaker_sessions_open_serve_and_close() {
+    let s = store();
+    let r = s.post_json(
+        "/invocations?model_name=plain",
+        &json!({"requestType": "NEW_SESSION"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = r
+        .header("x-amzn-sagemaker-session-id")
+        .unwrap_or_default()
+        .to_string();
+    let (id, expires) = h.split_once("; Expires=").unwrap_or_else(|| panic!("{h}"));
+    assert_eq!(id.len(), 36, "{h}");
+    assert!(expires.ends_with('Z'), "{h}");
+    assert_eq!(r.json()["result"], format!("Session {id} created"));
+    let ask = |model: &str, sid: &str| {
+        s.req(
+            "POST",
+            &format!("/invocations?model_name={model}"),
+            &[
+                ("X-Amzn-SageMaker-Session-Id", sid),
+                ("Content-Type", "application/json"),
+            ],
+            json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+                .to_string()
+                .as_bytes(),
+        )
+    };
+    let r = ask("plain", id);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["generated_text"].is_string());
+    let r = ask("plain", "abc");
+    assert_eq!(r.status, 424, "{}", r.text());
+    assert!(r.text().contains("invalid session_id"), "{}", r.text());
+    let r = s.req(
+        "POST",
+        "/invocations?model_name=plain",
+        &[
+            ("X-Amzn-SageMaker-Session-Id", id),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"requestType": "CLOSE"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["result"], format!("Session {id} closed"));
+    let r = s.post_json(
+        "/invocations?model_name=plain",
+        &json!({"requestType": "RESET"}),
+    );
+    assert_eq!(r.status, 424, "{}", r.text());
+    // Sessions off: the header and session requests are refused, naming why.
+    let r = ask("nosessions", id);
+    assert_eq!(r.status, 424, "{}", r.text());
+    assert!(r.text().contains("not enabled"), "{}", r.text());
+    let r = s.post_json(
+        "/invocations?model_name=nosessions",
+        &json!({"requestType": "NEW_SESSION"}),
+    );
+    assert_eq!(r.status, 424, "{}", r.text());
+}
+
 /// Point 6, `option.enable_streaming` with `option.rolling_batch=disable`:
 /// DJL's Hugging Face handler then streams every request through
 /// `StreamingUtils`, one `{"outputs": [...]}` line per step with each
@@ -376,7 +447,7 @@ fn lmi_routes_answer_validation_failures_with_424_and_v1_keeps_400() {
         json!({"messages": "hi"}),
         json!({"prompt": "x", "temperature": 5}),
         json!({"nothing": "useful"}),
-        json!({"requestType": "NEW_SESSION"}),
+        json!({"requestType": "OPEN_SESSION"}),
         json!({"inputs": "Hi", "stream": true, "parameters": {"details": true, "decoder_input_details": true}}),
     ];
     for body in &cases {
@@ -492,7 +563,6 @@ fn chat_keys_are_validated_at_load_and_reasoning_is_split() {
         ("tools", "option.enable_auto_tool_choice"),
         ("badparser", "hermes2"),
         ("granite", "does not implement"),
-        ("sessions", "option.enable_stateful_sessions"),
     ];
     for (name, needle) in failed {
         let d = s.get(&format!("/models/{name}")).json();

@@ -15,8 +15,8 @@
 //!   kept for when it is;
 //! - `reasoning_parser` `qwen3` and `deepseek_r1` are implemented
 //!   ([`crate::reasoning`]); vLLM's other names are refused by name;
-//! - SageMaker stateful sessions are not implemented: `true` is refused
-//!   (DJL's default is on; kiln's is off, see the README);
+//! - SageMaker stateful sessions ([`crate::sessions`]) are on unless
+//!   `enable_stateful_sessions=false`, as in DJL;
 //! - DJL's non-rolling-batch streaming (`enable_streaming` with
 //!   `rolling_batch=disable`) is served as DJL frames it, `{"outputs":
 //!   [...]}` lines ([`crate::lmi_outputs`]).
@@ -87,6 +87,34 @@ pub struct ChatOptions {
     pub tool_call_parser: Option<ToolCallParser>,
     /// `option.reasoning_parser`: how to split a reasoning model's output.
     pub reasoning_parser: Option<ReasoningParser>,
+    /// `option.enable_stateful_sessions` and `option.sessions_expiration`.
+    pub sessions: SessionOptions,
+}
+
+/// SageMaker stateful sessions ([`crate::sessions`]): on unless
+/// `option.enable_stateful_sessions=false`, as in DJL's LMI handler, and
+/// ending `option.sessions_expiration` seconds after they begin (DJL's
+/// default, 20 minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Sessions can be created, and requests may name one.
+    pub enabled: bool,
+    /// Seconds a session lives.
+    pub expiration_s: u64,
+}
+
+impl SessionOptions {
+    /// DJL's `sessions_expiration` default: 20 minutes.
+    pub const DEFAULT_EXPIRATION_S: u64 = 20 * 60;
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            expiration_s: Self::DEFAULT_EXPIRATION_S,
+        }
+    }
 }
 
 impl Builder {
@@ -131,16 +159,20 @@ impl Builder {
             }
             parsed
         });
-        if let Some((true, p)) = self.boolean("option.enable_stateful_sessions") {
-            self.problem(
-                &p,
-                "asks for SageMaker stateful sessions, which kiln does not implement; set it to \
-                 false or remove it",
-            );
-        }
+        let enabled = self
+            .boolean("option.enable_stateful_sessions")
+            .is_none_or(|(on, _)| on);
+        let expiration_s = self
+            .count_at_least("option.sessions_expiration", 1)
+            .map_or(SessionOptions::DEFAULT_EXPIRATION_S, |(n, _)| n as u64);
+        let sessions = SessionOptions {
+            enabled,
+            expiration_s,
+        };
         ChatOptions {
             tool_call_parser,
             reasoning_parser,
+            sessions,
         }
     }
 }

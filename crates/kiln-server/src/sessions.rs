@@ -1,0 +1,262 @@
+//! SageMaker stateful sessions, as DJL's LMI handler offers them
+//! (`djl_python/lmi_vllm/vllm_async_service.py` with
+//! `session_utils.py` and `session_manager.py`).
+//!
+//! - A body `{"requestType": "NEW_SESSION"}` on an LMI route creates a
+//!   session: `{"result": "Session <id> created"}`, and the header
+//!   `X-Amzn-SageMaker-Session-Id: <id>; Expires=<UTC time>`.
+//! - `{"requestType": "CLOSE"}` with `X-Amzn-SageMaker-Session-Id: <id>`
+//!   closes it: `{"result": "Session <id> closed"}`.
+//! - Any request may carry the header; an id that is not a UUID is a 424
+//!   (`invalid session_id`). With sessions off
+//!   (`option.enable_stateful_sessions=false`) the header, and session
+//!   requests, are 424s naming why.
+//!
+//! What a session holds: in DJL's vLLM handler nothing the inference
+//! reads (a session is a directory custom handlers may write into); kiln
+//! keeps the same contract, with the sessions in memory. Multi-turn reuse
+//! of a conversation's prompt is what the engine's prefix cache does for
+//! every request, session or not. Sessions end `option.sessions_expiration`
+//! seconds after they begin (expired ones are removed when a session is
+//! created, as DJL does), and at most [`MAX_SESSIONS`] live at once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::properties::SessionOptions;
+
+/// The header that names a request's session (and, on creation, carries
+/// the new id and its expiry).
+pub const SESSION_HEADER: &str = "X-Amzn-SageMaker-Session-Id";
+
+/// Live sessions a model keeps at most; creating one more is refused.
+pub const MAX_SESSIONS: usize = 100_000;
+
+/// A session request: the body's `requestType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRequest {
+    /// `NEW_SESSION`.
+    New,
+    /// `CLOSE`.
+    Close,
+}
+
+impl SessionRequest {
+    /// Reads a body's `requestType`.
+    pub fn parse(value: &serde_json::Value) -> Result<SessionRequest, ApiError> {
+        match value.as_str() {
+            Some("NEW_SESSION") => Ok(SessionRequest::New),
+            Some("CLOSE") => Ok(SessionRequest::Close),
+            _ => Err(ApiError::bad_request(format!(
+                "invalid payload. request type must be one of NEW_SESSION, CLOSE, not {value}"
+            ))),
+        }
+    }
+}
+
+/// A model's sessions.
+#[derive(Debug)]
+pub struct Sessions {
+    options: SessionOptions,
+    live: Mutex<HashMap<String, Instant>>,
+}
+
+impl Sessions {
+    /// No sessions yet, under `options`.
+    pub fn new(options: SessionOptions) -> Self {
+        Self {
+            options,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks a request's session header: refused when sessions are off,
+    /// or when the id is not a UUID. (An unknown or expired id passes, as
+    /// in DJL, where such a request simply has no session.)
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(v) = headers.get(SESSION_HEADER) else {
+            return Ok(());
+        };
+        if !self.options.enabled {
+            return Err(ApiError::bad_request(format!(
+                "invalid payload. stateful sessions not enabled, {SESSION_HEADER} header not \
+                 supported (option.enable_stateful_sessions=false)"
+            )));
+        }
+        session_id(v).map(|_| ())
+    }
+
+    /// Answers a session request.
+    pub fn answer(&self, req: SessionRequest, headers: &HeaderMap) -> Result<Response, ApiError> {
+        if !self.options.enabled {
+            let name = match req {
+                SessionRequest::New => "NEW_SESSION",
+                SessionRequest::Close => "CLOSE",
+            };
+            return Err(ApiError::bad_request(format!(
+                "invalid payload. stateful sessions not enabled, {name} not supported \
+                 (option.enable_stateful_sessions=false)"
+            )));
+        }
+        let mut live = self.live.lock().map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "the session table is unavailable",
+            )
+        })?;
+        match req {
+            SessionRequest::New => {
+                let now = Instant::now();
+                live.retain(|_, expires| *expires > now);
+                if live.len() >= MAX_SESSIONS {
+                    return Err(ApiError::bad_request(format!(
+                        "Failed to create session: {MAX_SESSIONS} sessions are open"
+                    )));
+                }
+                let id = new_id()?;
+                let life = Duration::from_secs(self.options.expiration_s);
+                live.insert(id.clone(), now + life);
+                let expires_at = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_add(self.options.expiration_s);
+                let expires = kiln_model::chat::format_utc(expires_at, "%Y-%m-%dT%H:%M:%SZ");
+                tracing::info!(session = %id, "session created");
+                let header = HeaderValue::from_str(&format!("{id}; Expires={expires}"))
+                    .map_err(|e| ApiError::bad_request(format!("Failed to create session: {e}")))?;
+                let mut resp =
+                    axum::Json(json!({"result": format!("Session {id} created")})).into_response();
+                resp.headers_mut().insert(
+                    HeaderName::from_static("x-amzn-sagemaker-session-id"),
+                    header,
+                );
+                Ok(resp)
+            }
+            SessionRequest::Close => {
+                let id = headers
+                    .get(SESSION_HEADER)
+                    .map(session_id)
+                    .transpose()?
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "Failed to close session: a CLOSE request names the session in the \
+                             {SESSION_HEADER} header"
+                        ))
+                    })?;
+                if live.remove(&id).is_none() {
+                    tracing::warn!(session = %id, "closing a session that is not open");
+                }
+                Ok(axum::Json(json!({"result": format!("Session {id} closed")})).into_response())
+            }
+        }
+    }
+}
+
+/// The session id a header carries: a UUID (36 characters of hex digits
+/// and dashes, as DJL's pattern), lower-cased.
+fn session_id(v: &HeaderValue) -> Result<String, ApiError> {
+    let s = v.to_str().unwrap_or("").trim();
+    let ok = s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if !ok {
+        let shown: String = s.chars().take(64).collect();
+        return Err(ApiError::bad_request(format!(
+            "invalid session_id: {shown:?} (a UUID is expected)"
+        )));
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
+/// A random (version 4) UUID from the operating system's generator.
+fn new_id() -> Result<String, ApiError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)
+        .map_err(|e| ApiError::bad_request(format!("Failed to create session: {e}")))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(id: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(SESSION_HEADER, HeaderValue::from_str(id).unwrap());
+        h
+    }
+
+    #[test]
+    fn ids_are_random_version_4_uuids() {
+        let (a, b) = (new_id().unwrap(), new_id().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!(session_id(&HeaderValue::from_str(&a).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn headers_are_checked_and_sessions_open_and_close() {
+        let s = Sessions::new(SessionOptions::default());
+        assert!(s.check(&HeaderMap::new()).is_ok());
+        let e = s.check(&header("not-a-uuid")).unwrap_err();
+        assert!(e.message.contains("invalid session_id"), "{}", e.message);
+        let r = s.answer(SessionRequest::New, &HeaderMap::new()).unwrap();
+        let v = r.headers()[SESSION_HEADER].to_str().unwrap().to_string();
+        let (id, expires) = v.split_once("; Expires=").unwrap();
+        assert!(expires.ends_with('Z') && expires.contains('T'), "{v}");
+        assert!(s.check(&header(id)).is_ok());
+        assert_eq!(s.live.lock().unwrap().len(), 1);
+        s.answer(SessionRequest::Close, &header(id)).unwrap();
+        assert!(s.live.lock().unwrap().is_empty());
+        let e = s
+            .answer(SessionRequest::Close, &HeaderMap::new())
+            .unwrap_err();
+        assert!(e.message.contains(SESSION_HEADER), "{}", e.message);
+    }
+
+    #[test]
+    fn expired_sessions_are_dropped_and_off_means_refused() {
+        let s = Sessions::new(SessionOptions {
+            enabled: true,
+            expiration_s: 0,
+        });
+        s.answer(SessionRequest::New, &HeaderMap::new()).unwrap();
+        s.answer(SessionRequest::New, &HeaderMap::new()).unwrap();
+        // Each creation drops those that expired (all, at 0 seconds).
+        assert_eq!(s.live.lock().unwrap().len(), 1);
+        let off = Sessions::new(SessionOptions {
+            enabled: false,
+            expiration_s: 60,
+        });
+        let id = "0b7e4f0a-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
+        assert!(off
+            .check(&header(id))
+            .unwrap_err()
+            .message
+            .contains("not enabled"));
+        let e = off
+            .answer(SessionRequest::New, &HeaderMap::new())
+            .unwrap_err();
+        assert!(
+            e.message.contains("NEW_SESSION not supported"),
+            "{}",
+            e.message
+        );
+        assert!(SessionRequest::parse(&json!("OPEN")).is_err());
+    }
+}
