@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use kiln_engine::{
-    Engine, Event, FinishReason, Request, RequestStream, SamplingParams, StopConditions,
-    TokenOutput, Usage,
+    Constraint, Engine, Event, FinishReason, Request, RequestStream, SamplingParams,
+    StopConditions, TokenOutput, Usage,
 };
 
 use crate::error::ApiError;
@@ -20,6 +20,8 @@ pub struct GenParams {
     /// Prompt + output limit (the reference's `seq_length`).
     pub max_total_tokens: Option<usize>,
     pub ignore_eos: bool,
+    /// What the output must match (`response_format`, `guided_*`, …).
+    pub constraint: Option<Constraint>,
 }
 
 /// Tokenizes a text prompt (adding the tokenizer's BOS where it does).
@@ -63,6 +65,7 @@ pub fn submit_with(
             deadline: Some(Instant::now() + timeout),
         },
         skip_special_tokens: true,
+        constraint: p.constraint.clone(),
     };
     Ok(engine.submit(req)?)
 }

@@ -96,7 +96,7 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiE
 /// What a body on an LMI route asks for.
 pub(crate) enum Parsed {
     /// The LMI schema (or plain text, or the reference deployment's body).
-    Lmi(LmiRequest),
+    Lmi(Box<LmiRequest>),
     /// An OpenAI completions or chat-completions body (`prompt` / `messages`).
     OpenAi(Arc<Value>, crate::openai::Api),
 }
@@ -108,13 +108,13 @@ pub(crate) enum Parsed {
 /// `preprocess_request`, in that order).
 pub(crate) fn parse_any(content_type: Option<&str>, body: &[u8]) -> Result<Parsed, ApiError> {
     let v = match decode(content_type, body)? {
-        Decoded::Text(t) => return plain(t).map(Parsed::Lmi),
+        Decoded::Text(t) => return plain(t).map(|r| Parsed::Lmi(Box::new(r))),
         Decoded::Json(v) => v,
     };
     if let Some(api) = crate::lmi_chat::openai_api(&v) {
         return Ok(Parsed::OpenAi(Arc::new(v), api));
     }
-    parse_json(&v).map(Parsed::Lmi)
+    parse_json(&v).map(|r| Parsed::Lmi(Box::new(r)))
 }
 
 /// A plain-text body: one prompt with default parameters.
@@ -266,6 +266,7 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
             stop_token_ids: Vec::new(),
             max_total_tokens: None,
             ignore_eos: false,
+            constraint: None,
         });
     };
     let max_new_tokens = f
@@ -319,6 +320,7 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
         stop_token_ids: f.ids("stop_token_ids")?,
         max_total_tokens: None,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        constraint: crate::constraints::parse(f)?,
     })
 }
 
@@ -482,7 +484,7 @@ async fn infer_inner(
         .and_then(|v| v.to_str().ok());
     // Request validation fails with DJL's 424 on these routes (djl_status).
     let req = match parse_any(content_type, &body).map_err(djl_status::validation)? {
-        Parsed::Lmi(req) => req,
+        Parsed::Lmi(req) => *req,
         Parsed::OpenAi(v, api) => return crate::lmi_chat::answer(st, model, rec, v, api).await,
     };
     let engine = entry.engine()?;

@@ -138,6 +138,7 @@ fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
             stop_token_ids: f.ids("stop_token_ids")?,
             max_total_tokens: None,
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+            constraint: crate::constraints::parse(f)?,
         },
     })
 }
@@ -262,13 +263,6 @@ pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
         return Err(ApiError::bad_request(
             "tools and function calling are not supported",
         ));
-    }
-    if let Some(rf) = f.get("response_format") {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::bad_request(
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
     }
     let mut messages = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
@@ -720,6 +714,12 @@ mod fuzz {
         "tools",
         "functions",
         "response_format",
+        "json_schema",
+        "schema",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "structured_outputs",
         "presence_penalty",
         "frequency_penalty",
         "ignore_eos",
