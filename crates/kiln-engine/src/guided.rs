@@ -195,10 +195,16 @@ impl GuideState {
         }
     }
 
-    /// Computes the mask if it is not there yet.
+    /// Computes the mask if it is not there yet. A panic inside the
+    /// grammar engine becomes this request's error, not the engine's end.
     pub fn prepare(&mut self) {
         if self.mask.is_none() {
-            self.mask = Some(self.matcher.compute_mask().map_err(|e| e.to_string()));
+            let m = &mut self.matcher;
+            let mask = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                m.compute_mask().map_err(|e| e.to_string())
+            }))
+            .unwrap_or_else(|_| Err("the grammar engine failed (a panic)".into()));
+            self.mask = Some(mask);
         }
     }
 }

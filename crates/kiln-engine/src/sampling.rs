@@ -9,7 +9,9 @@
 //! 2. the repetition penalty (Hugging Face semantics, over prompt and output
 //!    tokens), then the presence and frequency penalties (OpenAI semantics,
 //!    over output tokens) adjust the logits of tokens already seen;
-//! 3. greedy decoding takes the argmax of the penalised logits; sampling
+//! 3. a grammar's mask ([`Sampler::sample_allowed`], constrained decoding)
+//!    removes every token the grammar does not allow next;
+//! 4. greedy decoding takes the argmax of the penalised logits; sampling
 //!    divides them by the temperature, keeps the top-k, then the top-p nucleus
 //!    and the tokens at least min-p times as likely as the most likely one,
 //!    and draws from what is left.
