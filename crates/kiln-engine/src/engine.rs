@@ -534,6 +534,34 @@ impl<B: Backend> Worker<B> {
             seq
         });
         self.active.insert(id, active);
+        self.take_forced(id);
+    }
+
+    /// Appends the tokens sequence `id`'s grammar forces before anything is
+    /// sampled (a JSON schema's `{"key":`), so that they are computed with
+    /// the prompt. Not for requests that want their prompt's
+    /// log-probabilities, which arrive with the first sampled token.
+    fn take_forced(&mut self, id: u64) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        if a.req.prompt_logprobs {
+            return;
+        }
+        let Some(g) = a.guide.as_mut() else {
+            return;
+        };
+        let forced = g.matcher.consume_ff_tokens();
+        if let Some(e) = g.matcher.get_error() {
+            return self.fail_grammar(id, &e);
+        }
+        let done = g.matcher.is_stopped();
+        let n = forced.len();
+        for (i, tok) in forced.into_iter().enumerate() {
+            if self.deliver(id, tok, f32::NAN, Vec::new(), done && i + 1 == n) {
+                return;
+            }
+        }
     }
 
     /// Drops requests whose client has gone and those past their deadline;
@@ -741,25 +769,7 @@ impl<B: Backend> Worker<B> {
         }
         // Tokens the grammar forces: appended without sampling; the next
         // step computes them all at once.
-        let Some(g) = self.active.get_mut(&id).and_then(|a| a.guide.as_mut()) else {
-            return;
-        };
-        let forced = g.matcher.consume_ff_tokens();
-        if let Some(e) = g.matcher.get_error() {
-            return self.fail_grammar(id, &e);
-        }
-        let done = g.matcher.is_stopped();
-        let n = forced.len();
-        for (i, tok) in forced.into_iter().enumerate() {
-            if self.deliver(id, tok, f32::NAN, Vec::new(), done && i + 1 == n) {
-                return;
-            }
-        }
-        if n == 0 && done {
-            // Cannot happen after a token that did not end the output; end
-            // rather than sample past the grammar.
-            self.finish(id, FinishReason::EosToken, None);
-        }
+        self.take_forced(id);
     }
 
     /// Ends a request whose grammar failed.

@@ -201,7 +201,7 @@ impl GuideState {
         if self.mask.is_none() {
             let m = &mut self.matcher;
             let mask = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                m.compute_mask().map_err(|e| e.to_string())
+                m.compute_mask_or_eos().map_err(|e| e.to_string())
             }))
             .unwrap_or_else(|_| Err("the grammar engine failed (a panic)".into()));
             self.mask = Some(mask);

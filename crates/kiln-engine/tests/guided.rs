@@ -90,6 +90,7 @@ fn token_bytes_spell_what_the_tokenizer_decodes() {
 #[test]
 fn forced_tokens_are_appended_without_a_step_each_and_the_grammar_end_stops() {
     let e = engine();
+    // One choice: every token is forced, so no step runs at all.
     let only = "The quick brown fox jumps over the lazy dog";
     let r = request(
         &e,
@@ -100,12 +101,34 @@ fn forced_tokens_are_appended_without_a_step_each_and_the_grammar_end_stops() {
     let out = collect(e.submit(r).unwrap());
     assert_eq!(out.text, only);
     assert_eq!(out.reason, FinishReason::EosToken);
-    let steps = e.metrics().steps;
     assert!(out.ids.len() >= 8, "{out:?}");
-    // One prefill step samples the first token; the grammar forces the rest.
-    assert_eq!(steps, 1, "{out:?}");
-    assert!(out.logprobs[0].is_finite());
-    assert!(out.logprobs[1..].iter().all(|l| l.is_nan()), "{out:?}");
+    assert!(out.logprobs.iter().all(|l| l.is_nan()), "{out:?}");
+    assert_eq!(e.metrics().steps, 0);
+
+    // Two choices with a common start: the start is forced (computed with
+    // the prompt), then each step samples one token (the only ones with a
+    // log-probability) and whatever the grammar then forces comes with it.
+    let choices = vec![
+        "The quick brown fox jumps over the lazy dog".to_string(),
+        "The quick brown fox sleeps in the shade of a tree".to_string(),
+    ];
+    let r = request(
+        &e,
+        "Say something:",
+        64,
+        Some(Constraint::Choice(choices.clone())),
+    );
+    let out = collect(e.submit(r).unwrap());
+    assert!(choices.contains(&out.text), "{out:?}");
+    assert_eq!(out.reason, FinishReason::EosToken);
+    let steps = e.metrics().steps as usize;
+    let sampled = out.logprobs.iter().filter(|l| l.is_finite()).count();
+    assert!(
+        out.logprobs[0].is_nan(),
+        "the shared start is forced: {out:?}"
+    );
+    assert_eq!(sampled, steps, "{out:?}");
+    assert!(steps * 2 <= out.ids.len(), "{steps} steps for {out:?}");
 }
 
 #[test]
