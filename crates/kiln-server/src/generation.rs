@@ -32,16 +32,6 @@ pub fn encode(engine: &Engine, text: &str, add_special: bool) -> Result<Vec<u32>
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the input: {e}")))
 }
 
-/// Submits one prompt.
-pub fn submit(
-    engine: &Engine,
-    prompt: Vec<u32>,
-    p: &GenParams,
-    timeout: Duration,
-) -> Result<RequestStream, ApiError> {
-    submit_with(engine, prompt, p, timeout, false)
-}
-
 /// Submits one prompt, asking with `prompt_logprobs` for the log-probability
 /// of each prompt token (DJL's `decoder_input_details`), which costs the
 /// engine a logits row per prompt token and so is computed only when asked.
@@ -68,6 +58,29 @@ pub fn submit_with(
         constraint: p.constraint.clone(),
     };
     Ok(engine.submit(req)?)
+}
+
+/// Submits one request per `(prompt, parameters)`, in order. Requests with
+/// a constraint are submitted from the blocking pool: compiling a JSON
+/// schema or grammar (in [`Engine::submit`]) can take milliseconds, which
+/// the threads that answer HTTP should not spend.
+pub async fn submit_all(
+    engine: &Engine,
+    jobs: Vec<(Vec<u32>, GenParams)>,
+    timeout: Duration,
+    prompt_logprobs: bool,
+) -> Result<Vec<RequestStream>, ApiError> {
+    let go = move |engine: Engine, jobs: Vec<(Vec<u32>, GenParams)>| {
+        jobs.into_iter()
+            .map(|(prompt, p)| submit_with(&engine, prompt, &p, timeout, prompt_logprobs))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if jobs.iter().any(|(_, p)| p.constraint.is_some()) {
+        let engine = engine.clone();
+        crate::cpu::run(move || go(engine, jobs)).await
+    } else {
+        go(engine.clone(), jobs)
+    }
 }
 
 /// Everything one prompt produced.

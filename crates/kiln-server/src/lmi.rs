@@ -507,13 +507,13 @@ async fn infer_inner(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/event-stream"))
             || entry.stream_formatter() == OutputFormatter::Sse;
-        let stream = generation::submit(
-            &engine,
-            prompts.into_iter().next().unwrap_or_default(),
-            &req.params,
-            timeout,
-        )
-        .map_err(djl_status::validation)?;
+        let prompt = prompts.into_iter().next().unwrap_or_default();
+        let stream =
+            generation::submit_all(&engine, vec![(prompt, req.params.clone())], timeout, false)
+                .await
+                .map_err(djl_status::validation)?
+                .pop()
+                .ok_or_else(|| ApiError::model_failure("no request was submitted"))?;
         return Ok(crate::lmi_stream::response(
             Events::new(stream),
             req,
@@ -523,10 +523,12 @@ async fn infer_inner(
     }
     // Submit every prompt before waiting on any, so they are batched together.
     let prefill = req.details && req.decoder_input_details;
-    let streams = prompts
+    let jobs = prompts
         .iter()
-        .map(|p| generation::submit_with(&engine, p.clone(), &req.params, timeout, prefill))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|p| (p.clone(), req.params.clone()))
+        .collect();
+    let streams = generation::submit_all(&engine, jobs, timeout, prefill)
+        .await
         .map_err(djl_status::validation)?;
     let done = join_all(streams.into_iter().map(generation::complete)).await;
     rec.add_tokens_out(done.iter().map(|c| c.usage.completion_tokens).sum());

@@ -148,18 +148,13 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
 }
 
-/// Submits `n` copies of a prompt (seeds `seed`, `seed + 1`, … when given).
-fn submit_n(
-    st: &AppState,
-    engine: &Engine,
-    prompt: &[u32],
-    c: &Common,
-) -> Result<Vec<kiln_engine::RequestStream>, ApiError> {
+/// `n` copies of a prompt to submit (seeds `seed`, `seed + 1`, … when given).
+fn copies(prompt: &[u32], c: &Common) -> Vec<(Vec<u32>, GenParams)> {
     (0..c.n)
         .map(|i| {
             let mut p = c.params.clone();
             p.sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            generation::submit(engine, prompt.to_vec(), &p, st.config.request_timeout)
+            (prompt.to_vec(), p)
         })
         .collect()
 }
@@ -363,10 +358,8 @@ pub(crate) async fn run_value(
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     rec.add_tokens_in(prompt_tokens * c.n);
     // Choice `k` answers prompt `k / n`, as OpenAI indexes them.
-    let mut streams = Vec::with_capacity(prompts.len() * c.n);
-    for p in &prompts {
-        streams.extend(submit_n(&st, &engine, &p.ids, &c)?);
-    }
+    let jobs = prompts.iter().flat_map(|p| copies(&p.ids, &c)).collect();
+    let streams = generation::submit_all(&engine, jobs, st.config.request_timeout, false).await?;
     let id = format!(
         "{}-{}",
         if api == Api::Chat { "chatcmpl" } else { "cmpl" },
