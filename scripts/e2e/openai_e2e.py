@@ -11,6 +11,7 @@ check and exits non-zero if any failed. Run it with scripts/e2e/run.sh,
 which creates the virtual environment from requirements.txt.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -227,6 +228,52 @@ def main():
         a, b = ask(), ask()
         expect(a == b, f"same seed, different answers: {a} {b}")
 
+    person = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+
+    def structured():
+        # 20 seeded sampled answers (5 requests of n=4): each is schema-valid JSON.
+        texts = []
+        for seed in range(0, 20, 4):
+            r = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Invent a character."}],
+                temperature=1.0,
+                max_tokens=40,
+                n=4,
+                seed=seed,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "person", "schema": person, "strict": True},
+                },
+            )
+            for c in r.choices:
+                expect(c.finish_reason == "stop", c)
+                texts.append(c.message.content)
+        for t in texts:
+            v = json.loads(t)
+            expect(sorted(v) == ["age", "name"], t)
+            expect(isinstance(v["name"], str) and len(v["name"]) <= 12, t)
+            expect(isinstance(v["age"], int) and 0 <= v["age"] <= 150, t)
+        expect(len(texts) == 20, len(texts))
+        try:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=CAPITAL,
+                max_tokens=2,
+                extra_body={"guided_whitespace_pattern": " "},
+            )
+            raise AssertionError("no error for an unknown constraint field")
+        except openai.BadRequestError as e:
+            expect("guided_whitespace_pattern" in str(e), str(e))
+
     def errors():
         try:
             client.chat.completions.create(model="no-such-model", messages=CAPITAL, max_tokens=2)
@@ -257,6 +304,7 @@ def main():
         if "chat" in state:
             check("chat.completions.create stream (include_usage)", chat_stream)
         check("chat.completions.create n=2 seed", chat_seed_n)
+        check("chat.completions.create response_format json_schema (20 sampled); unknown constraint refused", structured)
         check("errors (404, 400, 401)", errors)
     finally:
         proc.terminate()

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -26,6 +26,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::block_manager::BlockManager;
 use crate::detok::IncrementalDetokenizer;
+use crate::guided::{Guide, GuideState};
 use crate::metrics::{EngineMetrics, MetricsSnapshot};
 use crate::request::{Event, FinishReason, Request, TokenOutput, Usage};
 use crate::sampling::{token_logprob, Sampler};
@@ -126,6 +127,8 @@ enum Command {
     Submit {
         id: u64,
         req: Request,
+        /// The request's compiled constraint, if it has one.
+        guide: Option<llguidance::Matcher>,
         tx: UnboundedSender<Event>,
         arrival: Instant,
     },
@@ -151,6 +154,9 @@ struct Shared {
     info: EngineInfo,
     tokenizer: Arc<Tokenizer>,
     chat_template: Option<Arc<ChatTemplate>>,
+    /// Built at the first constrained request (the token trie costs a pass
+    /// over the vocabulary), or why it cannot be.
+    guide: OnceLock<Result<Guide, String>>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -257,6 +263,7 @@ impl Engine {
                 info,
                 tokenizer,
                 chat_template,
+                guide: OnceLock::new(),
                 thread: std::sync::Mutex::new(Some(thread)),
             }),
         })
@@ -275,6 +282,22 @@ impl Engine {
     /// The model's chat template, if it has one.
     pub fn chat_template(&self) -> Option<&Arc<ChatTemplate>> {
         self.shared.chat_template.as_ref()
+    }
+
+    /// The constraint compiler for this model's vocabulary, built on first use.
+    pub fn guide(&self) -> Result<&Guide, SubmitError> {
+        let info = &self.shared.info;
+        self.shared
+            .guide
+            .get_or_init(|| {
+                Guide::new(
+                    self.shared.tokenizer.clone(),
+                    info.vocab_size,
+                    &info.eos_ids,
+                )
+            })
+            .as_ref()
+            .map_err(|e| SubmitError::Invalid(format!("constrained decoding is unavailable: {e}")))
     }
 
     /// A copy of the engine's counters.
@@ -331,6 +354,16 @@ impl Engine {
                 info.kv_tokens
             )));
         }
+        // Compile the constraint here, on the caller's thread: a bad schema is
+        // the caller's error, and compiling must not stall the engine loop.
+        let guide = match &req.constraint {
+            Some(c) => Some(
+                self.guide()?
+                    .compile(c)
+                    .map_err(|e| SubmitError::Invalid(format!("invalid constraint: {e}")))?,
+            ),
+            None => None,
+        };
         // Reserve a place before sending, so the bound holds under races:
         // the queue's length plus the batch slots that are free, i.e. at most
         // `max_waiting + max_running` requests unfinished.
@@ -346,6 +379,7 @@ impl Engine {
         let cmd = Command::Submit {
             id,
             req,
+            guide,
             tx,
             arrival: Instant::now(),
         };
@@ -410,6 +444,8 @@ struct Active {
     /// Log-probabilities of prompt tokens 1.. while they are computed (empty
     /// unless the request asked for them).
     prompt_logprobs: Vec<f32>,
+    /// The grammar the output must follow, if any.
+    guide: Option<GuideState>,
 }
 
 struct Worker<B: Backend> {
@@ -463,6 +499,7 @@ impl<B: Backend> Worker<B> {
         let Command::Submit {
             id,
             req,
+            guide,
             tx,
             arrival,
         } = cmd;
@@ -486,6 +523,7 @@ impl<B: Backend> Worker<B> {
             } else {
                 Vec::new()
             },
+            guide: guide.map(GuideState::new),
             tx,
             req,
         };
@@ -496,6 +534,34 @@ impl<B: Backend> Worker<B> {
             seq
         });
         self.active.insert(id, active);
+        self.take_forced(id);
+    }
+
+    /// Appends the tokens sequence `id`'s grammar forces before anything is
+    /// sampled (a JSON schema's `{"key":`), so that they are computed with
+    /// the prompt. Not for requests that want their prompt's
+    /// log-probabilities, which arrive with the first sampled token.
+    fn take_forced(&mut self, id: u64) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        if a.req.prompt_logprobs {
+            return;
+        }
+        let Some(g) = a.guide.as_mut() else {
+            return;
+        };
+        let forced = g.matcher.consume_ff_tokens();
+        if let Some(e) = g.matcher.get_error() {
+            return self.fail_grammar(id, &e);
+        }
+        let done = g.matcher.is_stopped();
+        let n = forced.len();
+        for (i, tok) in forced.into_iter().enumerate() {
+            if self.deliver(id, tok, f32::NAN, Vec::new(), done && i + 1 == n) {
+                return;
+            }
+        }
     }
 
     /// Drops requests whose client has gone and those past their deadline;
@@ -589,7 +655,31 @@ impl<B: Backend> Worker<B> {
         }
         self.note_plan(&plan);
         let (input, uses) = self.sched.step_input(&plan);
-        let logits = match self.decoder.forward(&self.backend, &mut self.kv, &input) {
+        // The grammar masks of the sequences sampled in this step are
+        // computed on a helper thread while the model runs the step.
+        let sampled: Vec<u64> = plan
+            .seqs
+            .iter()
+            .filter(|p| p.sample)
+            .map(|p| p.id)
+            .collect();
+        let masks: Vec<&mut GuideState> = self
+            .active
+            .iter_mut()
+            .filter(|(id, _)| sampled.contains(id))
+            .filter_map(|(_, a)| a.guide.as_mut())
+            .filter(|g| g.mask.is_none())
+            .collect();
+        let forward = if masks.is_empty() {
+            self.decoder.forward(&self.backend, &mut self.kv, &input)
+        } else {
+            let (decoder, backend, kv) = (&self.decoder, &self.backend, &mut self.kv);
+            std::thread::scope(|s| {
+                s.spawn(move || masks.into_iter().for_each(GuideState::prepare));
+                decoder.forward(backend, kv, &input)
+            })
+        };
+        let logits = match forward {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("forward step failed: {e}");
@@ -645,13 +735,66 @@ impl<B: Backend> Worker<B> {
             .fetch_add(plan.preempted.len() as u64, Ordering::Relaxed);
     }
 
-    /// Samples a token for sequence `id` from its logits and streams it out.
+    /// Samples a token for sequence `id` from its logits (among the tokens
+    /// its grammar allows, if it has one) and streams it out, followed by
+    /// the tokens the grammar then forces.
     fn emit(&mut self, id: u64, logits: &[f32]) {
         let Some(a) = self.active.get_mut(&id) else {
             return;
         };
-        let choice = a.sampler.sample(logits);
+        let Some(g) = a.guide.as_mut() else {
+            let choice = a.sampler.sample(logits);
+            self.deliver(id, choice.token, choice.logprob, choice.top_logprobs, false);
+            return;
+        };
+        // Normally computed during the step; a sequence that joined the
+        // step's sampling rows some other way computes it now.
+        g.prepare();
+        let mask = match g.mask.take() {
+            Some(Ok(m)) if m.num_set() > 0 => m,
+            Some(Err(e)) => return self.fail_grammar(id, &e),
+            _ => return self.fail_grammar(id, "no token can continue the output"),
+        };
+        let choice = a.sampler.sample_allowed(logits, Some(&mask));
         let tok = choice.token;
+        let ends = self.eos_ids.contains(&tok) || a.req.stop.stop_token_ids.contains(&tok);
+        if !ends {
+            if let Err(e) = g.matcher.consume_token(tok) {
+                return self.fail_grammar(id, &e.to_string());
+            }
+        }
+        let done = g.matcher.is_stopped();
+        if self.deliver(id, tok, choice.logprob, choice.top_logprobs, done) {
+            return;
+        }
+        // Tokens the grammar forces: appended without sampling; the next
+        // step computes them all at once.
+        self.take_forced(id);
+    }
+
+    /// Ends a request whose grammar failed.
+    fn fail_grammar(&mut self, id: u64, why: &str) {
+        self.finish(
+            id,
+            FinishReason::Error,
+            Some(format!("constrained decoding failed: {why}")),
+        );
+    }
+
+    /// Appends a chosen token to sequence `id`, streams its text and applies
+    /// the stop conditions; `grammar_done` ends the request after it (its
+    /// grammar is complete). Returns whether the request finished.
+    fn deliver(
+        &mut self,
+        id: u64,
+        tok: u32,
+        logprob: f32,
+        top_logprobs: Vec<(u32, f32)>,
+        grammar_done: bool,
+    ) -> bool {
+        let Some(a) = self.active.get_mut(&id) else {
+            return true;
+        };
         self.sched.append(id, tok);
         a.generated += 1;
         let now = Instant::now();
@@ -664,7 +807,9 @@ impl<B: Backend> Worker<B> {
             .generated_tokens
             .fetch_add(1, Ordering::Relaxed);
 
-        let ends = (!a.req.stop.ignore_eos && self.eos_ids.contains(&tok))
+        // A grammar may end with the model's EOS even when `ignore_eos` is set.
+        let eos = self.eos_ids.contains(&tok);
+        let ends = (eos && (!a.req.stop.ignore_eos || a.guide.is_some()))
             || a.req.stop.stop_token_ids.contains(&tok);
         let mut finish = None;
         let mut text = String::new();
@@ -684,6 +829,9 @@ impl<B: Backend> Worker<B> {
                     finish = Some(FinishReason::Error);
                     error = Some(format!("detokenization failed: {e}"));
                 }
+            }
+            if finish.is_none() && grammar_done {
+                finish = Some(FinishReason::EosToken);
             }
             if finish.is_none() && a.prompt_len + a.generated >= a.max_len {
                 finish = Some(FinishReason::Length);
@@ -711,15 +859,19 @@ impl<B: Backend> Worker<B> {
         let out = TokenOutput {
             id: tok,
             text,
-            logprob: choice.logprob,
-            top_logprobs: choice.top_logprobs,
+            logprob,
+            top_logprobs,
             last: finish.is_some(),
             prompt_logprobs,
         };
         match finish {
-            Some(reason) => self.finish_after(id, Some(out), reason, error),
+            Some(reason) => {
+                self.finish_after(id, Some(out), reason, error);
+                true
+            }
             None => {
                 let _ = a.tx.send(Event::Token(out));
+                false
             }
         }
     }

@@ -14,6 +14,7 @@
 pub mod block_manager;
 pub mod detok;
 pub mod engine;
+pub mod guided;
 pub mod metrics;
 pub mod request;
 pub mod sampling;
@@ -21,6 +22,7 @@ mod scheduler;
 pub mod stops;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
+pub use guided::{Constraint, Guide};
 pub use metrics::MetricsSnapshot;
 pub use request::{Event, FinishReason, Request, StopConditions, TokenOutput, Usage};
 pub use sampling::{Sampler, SamplingParams};

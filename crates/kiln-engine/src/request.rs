@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use crate::guided::Constraint;
 use crate::sampling::SamplingParams;
 
 /// One generation request, already tokenized.
@@ -18,6 +19,9 @@ pub struct Request {
     /// request, so it is off unless asked for; other requests in the same
     /// steps are unaffected (a row's logits do not depend on the others).
     pub prompt_logprobs: bool,
+    /// What the output must match (a JSON schema, a regex, …); `None` for
+    /// free text. Checked and compiled by [`crate::Engine::submit`].
+    pub constraint: Option<Constraint>,
 }
 
 impl Request {
@@ -32,6 +36,7 @@ impl Request {
             },
             skip_special_tokens: true,
             prompt_logprobs: false,
+            constraint: None,
         }
     }
 }
@@ -105,7 +110,8 @@ pub struct TokenOutput {
     /// still incomplete, text held back as a possible stop string, or an
     /// end-of-sequence token). The concatenation over a request is its output.
     pub text: String,
-    /// Log-probability of the token under the model's distribution.
+    /// Log-probability of the token under the model's distribution; NaN for
+    /// a token a grammar forced, which was appended without computing it.
     pub logprob: f32,
     /// The most likely alternatives with their log-probabilities, if asked for.
     pub top_logprobs: Vec<(u32, f32)>,

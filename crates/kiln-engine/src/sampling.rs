@@ -9,7 +9,9 @@
 //! 2. the repetition penalty (Hugging Face semantics, over prompt and output
 //!    tokens), then the presence and frequency penalties (OpenAI semantics,
 //!    over output tokens) adjust the logits of tokens already seen;
-//! 3. greedy decoding takes the argmax of the penalised logits; sampling
+//! 3. a grammar's mask ([`Sampler::sample_allowed`], constrained decoding)
+//!    removes every token the grammar does not allow next;
+//! 4. greedy decoding takes the argmax of the penalised logits; sampling
 //!    divides them by the temperature, keeps the top-k, then the top-p nucleus
 //!    and the tokens at least min-p times as likely as the most likely one,
 //!    and draws from what is left.
@@ -20,6 +22,8 @@
 //! top-p sorts only as far as the nucleus reaches.
 
 use std::collections::{HashMap, HashSet};
+
+use llguidance::toktrie::SimpleVob;
 
 /// Most alternatives [`SamplingParams::top_logprobs`] may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -207,6 +211,15 @@ impl Sampler {
     /// Picks the next token from one row of logits and records it (for the
     /// penalties). An empty row gives token 0 with a NaN log-probability.
     pub fn sample(&mut self, logits: &[f32]) -> Choice {
+        self.sample_allowed(logits, None)
+    }
+
+    /// [`Sampler::sample`] among the tokens `allowed` sets only (a grammar's
+    /// mask): the others are removed after the penalties, before greedy or
+    /// random choice. The reported log-probabilities stay those of the
+    /// model's raw logits, as for unconstrained requests, so they show how
+    /// likely the model found a token, not how likely the grammar left it.
+    pub fn sample_allowed(&mut self, logits: &[f32], allowed: Option<&SimpleVob>) -> Choice {
         if logits.is_empty() {
             return Choice {
                 token: 0,
@@ -216,15 +229,27 @@ impl Sampler {
         }
         let log_z = log_sum_exp(logits);
         let top_logprobs = top_n(logits, self.params.top_logprobs, log_z);
-        let scores: &[f32] =
-            if self.params.has_repetition_penalty() || self.params.has_count_penalty() {
-                self.penalised.clear();
-                self.penalised.extend_from_slice(logits);
-                apply_penalties(&self.params, &self.seen, &self.counts, &mut self.penalised);
-                &self.penalised
-            } else {
-                logits
-            };
+        let penalised = self.params.has_repetition_penalty() || self.params.has_count_penalty();
+        let scores: &[f32] = if penalised || allowed.is_some() {
+            self.penalised.clear();
+            self.penalised.extend_from_slice(logits);
+            apply_penalties(&self.params, &self.seen, &self.counts, &mut self.penalised);
+            if let Some(mask) = allowed {
+                let row = &mut self.penalised;
+                mask.iter_unset_entries(|i| {
+                    if let Some(l) = row.get_mut(i) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                });
+                // Ids past the mask's end are not in the grammar's vocabulary.
+                for l in row.iter_mut().skip(mask.len()) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            &self.penalised
+        } else {
+            logits
+        };
         let p = &self.params;
         let token = if p.temperature == 0.0 || p.top_k == 1 {
             argmax(scores)

@@ -333,9 +333,12 @@ impl Scheduler {
         }
     }
 
-    /// Appends a sampled token to a running sequence.
+    /// Appends an output token to a sequence: a sampled one (running), or
+    /// one a grammar forces before the first step (waiting, computed with
+    /// the prompt when it is admitted).
     pub fn append(&mut self, id: u64, token: u32) {
-        if let Some(s) = self.running_mut(id) {
+        let waiting = self.waiting.iter_mut();
+        if let Some(s) = self.running.iter_mut().chain(waiting).find(|s| s.id == id) {
             s.tokens.push(token);
         }
     }

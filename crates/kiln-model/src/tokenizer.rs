@@ -206,6 +206,127 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The exact bytes every id from 0 to `n - 1` stands for, so that a
+    /// grammar engine can build its token trie from this tokenizer rather
+    /// than load a second one: byte-level characters (`Ġ`) and byte-fallback
+    /// tokens (`<0x0A>`) become the bytes they decode to, SentencePiece's `▁`
+    /// a space, added tokens their text. Ids the tokenizer does not know
+    /// (a model's padded vocabulary) get no bytes.
+    pub fn token_bytes(&self, n: usize) -> Vec<TokenBytes> {
+        let added = self.inner.get_added_tokens_decoder();
+        let kind = PieceKind::of(self.inner.get_decoder());
+        (0..n)
+            .map(|i| {
+                let id = i as u32;
+                if let Some(p) = self.verbatim.get(&id) {
+                    return TokenBytes {
+                        bytes: p.text.as_bytes().to_vec(),
+                        special: p.special,
+                    };
+                }
+                if let Some(t) = added.get(&id) {
+                    return TokenBytes {
+                        bytes: t.content.as_bytes().to_vec(),
+                        special: t.special,
+                    };
+                }
+                let bytes = match self.inner.id_to_token(id) {
+                    Some(piece) => kind.bytes(&piece),
+                    None => Vec::new(),
+                };
+                TokenBytes {
+                    bytes,
+                    special: false,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One token's bytes, for [`Tokenizer::token_bytes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenBytes {
+    /// What the token adds to the text (a special token's own text).
+    pub bytes: Vec<u8>,
+    /// A control token (`<|im_end|>`), not text a grammar can produce.
+    pub special: bool,
+}
+
+/// How a vocabulary spells bytes in its token strings, read from its decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceKind {
+    /// GPT-2's byte alphabet (`Ġ` is a space).
+    ByteLevel,
+    /// SentencePiece: `▁` is a space, `<0xNN>` is one byte.
+    SentencePiece,
+    /// The token string is its text.
+    Plain,
+}
+
+impl PieceKind {
+    fn of(decoder: Option<&DecoderWrapper>) -> Self {
+        let steps: &[DecoderWrapper] = match decoder {
+            Some(DecoderWrapper::Sequence(seq)) => seq.get_decoders(),
+            Some(d) => std::slice::from_ref(d),
+            None => &[],
+        };
+        if steps
+            .iter()
+            .any(|d| matches!(d, DecoderWrapper::ByteLevel(_)))
+        {
+            Self::ByteLevel
+        } else if steps.iter().any(|d| {
+            matches!(
+                d,
+                DecoderWrapper::ByteFallback(_)
+                    | DecoderWrapper::Metaspace(_)
+                    | DecoderWrapper::Replace(_)
+            )
+        }) {
+            Self::SentencePiece
+        } else {
+            Self::Plain
+        }
+    }
+
+    fn bytes(self, piece: &str) -> Vec<u8> {
+        match self {
+            Self::ByteLevel => piece
+                .chars()
+                .map(byte_level_byte)
+                .collect::<Option<Vec<u8>>>()
+                .unwrap_or_else(|| piece.as_bytes().to_vec()),
+            Self::SentencePiece => match byte_fallback_byte(piece) {
+                Some(b) => vec![b],
+                None => piece.replace('▁', " ").into_bytes(),
+            },
+            Self::Plain => piece.as_bytes().to_vec(),
+        }
+    }
+}
+
+/// The byte a GPT-2 byte-level character stands for: printable Latin-1
+/// stands for itself, U+0100 onwards for the other 68 bytes in order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let code = c as u32;
+    if is_byte_level_char(c) && code < 0x100 {
+        return u8::try_from(code).ok();
+    }
+    let n = code.checked_sub(0x100)? as usize;
+    (0u8..=255)
+        .filter(|&b| !is_byte_level_char(char::from(b)))
+        .nth(n)
+        .filter(|_| is_byte_level_char(c))
+}
+
+/// The byte of a `<0xNN>` byte-fallback token.
+fn byte_fallback_byte(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
 }
 
 /// `"<s>"` or `{"content": "<s>", ...}` as `tokenizer_config.json` writes special tokens.
@@ -981,6 +1102,25 @@ fn spm_decoder(add_space_prefix: bool) -> std::result::Result<DecoderWrapper, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_level_characters_map_back_to_every_byte() {
+        let bytes: Vec<u8> = (0x21u32..=0x143)
+            .filter_map(char::from_u32)
+            .filter_map(byte_level_byte)
+            .collect();
+        let mut sorted = bytes.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 256, "every byte once");
+        assert_eq!(byte_level_byte('Ġ'), Some(b' '));
+        assert_eq!(byte_level_byte('Ċ'), Some(b'\n'));
+        assert_eq!(byte_level_byte('a'), Some(b'a'));
+        assert_eq!(byte_level_byte('€'), None);
+        assert_eq!(byte_fallback_byte("<0x0A>"), Some(b'\n'));
+        assert_eq!(byte_fallback_byte("<0x0A"), None);
+        assert_eq!(PieceKind::SentencePiece.bytes("▁Hello"), b" Hello".to_vec());
+    }
 
     #[test]
     fn byte_level_alphabet_has_256_chars() {

@@ -414,3 +414,32 @@ fn malformed_metadata_is_an_error_naming_the_key() {
     let tok = from_metadata("ok", vec![model("gpt2"), tokens, merges]).expect("valid metadata");
     assert_eq!(tok.encode("ab", false).unwrap(), [2]);
 }
+
+/// The bytes of each id ([`Tokenizer::token_bytes`], what a grammar engine's
+/// token trie is built from) join into the encoded text: byte-level
+/// characters, `▁` and `<0xNN>` byte-fallback pieces become the right bytes.
+#[test]
+fn token_bytes_join_to_the_encoded_text() {
+    for name in ["gpt-2", "llama-spm", "qwen2", "phi-3"] {
+        let tok = load_vocab(name);
+        let pieces = tok.token_bytes(tok.vocab_size());
+        let mut checked = 0;
+        for case in read_cases(name) {
+            let ids = tok.encode(&case.text, false).unwrap();
+            let joined: Vec<u8> = ids
+                .iter()
+                .flat_map(|&id| pieces[id as usize].bytes.clone())
+                .collect();
+            // SentencePiece vocabularies put a space before the text.
+            let spaced = [b" ".as_slice(), case.text.as_bytes()].concat();
+            assert!(
+                joined == case.text.as_bytes() || joined == spaced,
+                "{name}: {:?} joined to {:?}",
+                case.text,
+                String::from_utf8_lossy(&joined)
+            );
+            checked += 1;
+        }
+        assert!(checked > 10, "{name}: {checked} cases");
+    }
+}

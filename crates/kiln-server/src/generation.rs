@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use kiln_engine::{
-    Engine, Event, FinishReason, Request, RequestStream, SamplingParams, StopConditions,
-    TokenOutput, Usage,
+    Constraint, Engine, Event, FinishReason, Request, RequestStream, SamplingParams,
+    StopConditions, TokenOutput, Usage,
 };
 
 use crate::error::ApiError;
@@ -20,6 +20,8 @@ pub struct GenParams {
     /// Prompt + output limit (the reference's `seq_length`).
     pub max_total_tokens: Option<usize>,
     pub ignore_eos: bool,
+    /// What the output must match (`response_format`, `guided_*`, …).
+    pub constraint: Option<Constraint>,
 }
 
 /// Tokenizes a text prompt (adding the tokenizer's BOS where it does).
@@ -28,16 +30,6 @@ pub fn encode(engine: &Engine, text: &str, add_special: bool) -> Result<Vec<u32>
         .tokenizer()
         .encode(text, add_special)
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the input: {e}")))
-}
-
-/// Submits one prompt.
-pub fn submit(
-    engine: &Engine,
-    prompt: Vec<u32>,
-    p: &GenParams,
-    timeout: Duration,
-) -> Result<RequestStream, ApiError> {
-    submit_with(engine, prompt, p, timeout, false)
 }
 
 /// Submits one prompt, asking with `prompt_logprobs` for the log-probability
@@ -63,8 +55,32 @@ pub fn submit_with(
             deadline: Some(Instant::now() + timeout),
         },
         skip_special_tokens: true,
+        constraint: p.constraint.clone(),
     };
     Ok(engine.submit(req)?)
+}
+
+/// Submits one request per `(prompt, parameters)`, in order. Requests with
+/// a constraint are submitted from the blocking pool: compiling a JSON
+/// schema or grammar (in [`Engine::submit`]) can take milliseconds, which
+/// the threads that answer HTTP should not spend.
+pub async fn submit_all(
+    engine: &Engine,
+    jobs: Vec<(Vec<u32>, GenParams)>,
+    timeout: Duration,
+    prompt_logprobs: bool,
+) -> Result<Vec<RequestStream>, ApiError> {
+    let go = move |engine: Engine, jobs: Vec<(Vec<u32>, GenParams)>| {
+        jobs.into_iter()
+            .map(|(prompt, p)| submit_with(&engine, prompt, &p, timeout, prompt_logprobs))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if jobs.iter().any(|(_, p)| p.constraint.is_some()) {
+        let engine = engine.clone();
+        crate::cpu::run(move || go(engine, jobs)).await
+    } else {
+        go(engine.clone(), jobs)
+    }
 }
 
 /// Everything one prompt produced.

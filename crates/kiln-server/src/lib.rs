@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod conn;
+pub mod constraints;
 pub mod cpu;
 pub mod djl_status;
 pub mod error;

@@ -96,7 +96,7 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiE
 /// What a body on an LMI route asks for.
 pub(crate) enum Parsed {
     /// The LMI schema (or plain text, or the reference deployment's body).
-    Lmi(LmiRequest),
+    Lmi(Box<LmiRequest>),
     /// An OpenAI completions or chat-completions body (`prompt` / `messages`).
     OpenAi(Arc<Value>, crate::openai::Api),
     /// A SageMaker session request (`requestType`, [`crate::sessions`]).
@@ -117,7 +117,7 @@ pub(crate) fn parse_any(
     static_batch: bool,
 ) -> Result<Parsed, ApiError> {
     let v = match decode(content_type, body)? {
-        Decoded::Text(t) => return plain(t).map(Parsed::Lmi),
+        Decoded::Text(t) => return plain(t).map(|r| Parsed::Lmi(Box::new(r))),
         Decoded::Json(v) => v,
     };
     if let Some(api) = crate::lmi_chat::openai_api(&v) {
@@ -126,7 +126,7 @@ pub(crate) fn parse_any(
     if let Some(t) = v.get("requestType").filter(|_| v.get("inputs").is_none()) {
         return crate::sessions::SessionRequest::parse(t).map(Parsed::Session);
     }
-    parse_json(&v, static_batch).map(Parsed::Lmi)
+    parse_json(&v, static_batch).map(|r| Parsed::Lmi(Box::new(r)))
 }
 
 /// A plain-text body: one prompt with default parameters.
@@ -279,6 +279,7 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
             stop_token_ids: Vec::new(),
             max_total_tokens: None,
             ignore_eos: false,
+            constraint: None,
         });
     };
     let max_new_tokens = f
@@ -332,6 +333,7 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
         stop_token_ids: f.ids("stop_token_ids")?,
         max_total_tokens: None,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        constraint: crate::constraints::parse(f)?,
     })
 }
 
@@ -500,7 +502,7 @@ async fn infer_inner(
         .map_err(djl_status::validation)?;
     let static_batch = entry.static_batch_streaming();
     let req = match parse_any(content_type, &body, static_batch).map_err(djl_status::validation)? {
-        Parsed::Lmi(req) => req,
+        Parsed::Lmi(req) => *req,
         Parsed::OpenAi(v, api) => return crate::lmi_chat::answer(st, model, rec, v, api).await,
         Parsed::Session(r) => {
             return entry
@@ -525,12 +527,15 @@ async fn infer_inner(
     let timeout = st.config.request_timeout;
     if static_batch {
         // Every input submitted before any is read, so they run together.
-        let streams = prompts
+        let jobs = prompts
             .into_iter()
-            .map(|p| generation::submit(&engine, p, &req.params, timeout).map(Events::new))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|p| (p, req.params.clone()))
+            .collect();
+        let streams = generation::submit_all(&engine, jobs, timeout, false)
+            .await
             .map_err(djl_status::validation)?;
-        return Ok(crate::lmi_outputs::response(streams, rec));
+        let events = streams.into_iter().map(Events::new).collect();
+        return Ok(crate::lmi_outputs::response(events, rec));
     }
     if req.stream {
         let sse = headers
@@ -538,13 +543,13 @@ async fn infer_inner(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/event-stream"))
             || entry.stream_formatter() == OutputFormatter::Sse;
-        let stream = generation::submit(
-            &engine,
-            prompts.into_iter().next().unwrap_or_default(),
-            &req.params,
-            timeout,
-        )
-        .map_err(djl_status::validation)?;
+        let prompt = prompts.into_iter().next().unwrap_or_default();
+        let stream =
+            generation::submit_all(&engine, vec![(prompt, req.params.clone())], timeout, false)
+                .await
+                .map_err(djl_status::validation)?
+                .pop()
+                .ok_or_else(|| ApiError::model_failure("no request was submitted"))?;
         return Ok(crate::lmi_stream::response(
             Events::new(stream),
             req,
@@ -554,10 +559,12 @@ async fn infer_inner(
     }
     // Submit every prompt before waiting on any, so they are batched together.
     let prefill = req.details && req.decoder_input_details;
-    let streams = prompts
+    let jobs = prompts
         .iter()
-        .map(|p| generation::submit_with(&engine, p.clone(), &req.params, timeout, prefill))
-        .collect::<Result<Vec<_>, _>>()
+        .map(|p| (p.clone(), req.params.clone()))
+        .collect();
+    let streams = generation::submit_all(&engine, jobs, timeout, prefill)
+        .await
         .map_err(djl_status::validation)?;
     let done = join_all(streams.into_iter().map(generation::complete)).await;
     rec.add_tokens_out(done.iter().map(|c| c.usage.completion_tokens).sum());

@@ -138,6 +138,7 @@ fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
             stop_token_ids: f.ids("stop_token_ids")?,
             max_total_tokens: None,
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+            constraint: crate::constraints::parse(f)?,
         },
     })
 }
@@ -147,18 +148,13 @@ fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
 }
 
-/// Submits `n` copies of a prompt (seeds `seed`, `seed + 1`, … when given).
-fn submit_n(
-    st: &AppState,
-    engine: &Engine,
-    prompt: &[u32],
-    c: &Common,
-) -> Result<Vec<kiln_engine::RequestStream>, ApiError> {
+/// `n` copies of a prompt to submit (seeds `seed`, `seed + 1`, … when given).
+fn copies(prompt: &[u32], c: &Common) -> Vec<(Vec<u32>, GenParams)> {
     (0..c.n)
         .map(|i| {
             let mut p = c.params.clone();
             p.sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            generation::submit(engine, prompt.to_vec(), &p, st.config.request_timeout)
+            (prompt.to_vec(), p)
         })
         .collect()
 }
@@ -263,13 +259,6 @@ pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
             "tools and function calling are not supported",
         ));
     }
-    if let Some(rf) = f.get("response_format") {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::bad_request(
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
-    }
     let mut messages = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
         let mf = Fields::new(m, "messages[]")?;
@@ -369,10 +358,8 @@ pub(crate) async fn run_value(
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     rec.add_tokens_in(prompt_tokens * c.n);
     // Choice `k` answers prompt `k / n`, as OpenAI indexes them.
-    let mut streams = Vec::with_capacity(prompts.len() * c.n);
-    for p in &prompts {
-        streams.extend(submit_n(&st, &engine, &p.ids, &c)?);
-    }
+    let jobs = prompts.iter().flat_map(|p| copies(&p.ids, &c)).collect();
+    let streams = generation::submit_all(&engine, jobs, st.config.request_timeout, false).await?;
     let id = format!(
         "{}-{}",
         if api == Api::Chat { "chatcmpl" } else { "cmpl" },
@@ -720,6 +707,12 @@ mod fuzz {
         "tools",
         "functions",
         "response_format",
+        "json_schema",
+        "schema",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "structured_outputs",
         "presence_penalty",
         "frequency_penalty",
         "ignore_eos",

@@ -114,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         skip_special_tokens: true,
         prompt_logprobs: false,
+        constraint: None,
     };
     let t0 = std::time::Instant::now();
     let mut stream = engine.submit(req)?;
