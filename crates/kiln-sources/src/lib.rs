@@ -34,7 +34,7 @@ pub use cache::{DownloadDir, FileRecord, Manifest, MANIFEST_FILE};
 pub use error::SourceError;
 pub use prepared::{PreparedCache, PreparedError};
 pub use source::{looks_like_hub_id, Source};
-pub use upload::upload_dir;
+pub use upload::{upload_files, PART_BYTES};
 
 /// A remote model made local.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@
 //! at a time, so memory stays near `PARALLEL_PARTS` parts whatever the size.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutPayload, WriteMultipart};
@@ -21,36 +21,35 @@ pub const PART_BYTES: usize = 64 << 20;
 /// Parts in flight at once.
 const PARALLEL_PARTS: usize = 4;
 
-/// Uploads every regular, non-hidden file directly in `dir` to `url`
+/// Uploads `files` (name under the prefix, local path) to `url`
 /// (`s3://bucket/prefix`), replacing objects of the same names. Returns the
 /// bytes uploaded. Blocking: runs its own small async runtime.
-pub fn upload_dir(dir: &Path, url: &str) -> Result<u64, SourceError> {
+pub fn upload_files(url: &str, files: &[(String, PathBuf)]) -> Result<u64, SourceError> {
     let Source::S3 { bucket, prefix } = Source::s3(url)? else {
         return Err(SourceError::InvalidUrl {
             url: url.to_string(),
             reason: "is not an s3:// URL".into(),
         });
     };
-    let remote = S3Remote::connect(url, &bucket, &prefix)?;
-    let mut files = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| SourceError::cache(url, dir, e))? {
-        let e = e.map_err(|e| SourceError::cache(url, dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let is_file = e.file_type().is_ok_and(|t| t.is_file());
-        if is_file && !name.starts_with('.') {
-            files.push((name, e.path()));
-        }
+    if let Some((name, _)) = files
+        .iter()
+        .find(|(n, _)| n.is_empty() || n.contains('/') || n.starts_with('.'))
+    {
+        return Err(SourceError::InvalidUrl {
+            url: url.to_string(),
+            reason: format!("'{name}' is not a plain file name to upload"),
+        });
     }
-    files.sort();
+    let remote = S3Remote::connect(url, &bucket, &prefix)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kiln-upload")
         .enable_all()
         .build()
-        .map_err(|e| SourceError::cache(url, dir, e))?;
+        .map_err(|e| SourceError::remote(url, "starting the upload", e))?;
     runtime.block_on(async {
         let mut total = 0;
-        for (name, path) in &files {
+        for (name, path) in files {
             total += upload_file(&remote, url, name, path).await?;
         }
         Ok(total)
