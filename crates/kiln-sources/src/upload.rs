@@ -2,9 +2,9 @@
 //! that every later start downloads it through the download cache instead
 //! of converting.
 //!
-//! Files up to [`PART_BYTES`] go up in one request (their ETag is then
-//! their MD5, which downloads verify); larger ones as multipart uploads of
-//! [`PART_BYTES`] parts, [`PARALLEL_PARTS`] at a time, read from disk a part
+//! Files up to one part ([`PART_BYTES`]) go up in one request (their ETag
+//! is then their MD5, which downloads verify); larger ones as multipart
+//! uploads, [`PARALLEL_PARTS`] at a time, read from disk a part
 //! at a time, so memory stays near `PARALLEL_PARTS` parts whatever the size.
 
 use std::io::Read;
@@ -16,7 +16,8 @@ use object_store::{ObjectStore, PutPayload, WriteMultipart};
 use crate::s3::{describe, S3Remote};
 use crate::{Source, SourceError};
 
-/// Size of one part of a multipart upload (S3 allows 5 MiB to 5 GiB).
+/// Size of one part of a multipart upload (S3 allows 5 MiB to 5 GiB),
+/// unless `KILN_UPLOAD_PART_MIB` sets another (at least 5).
 pub const PART_BYTES: usize = 64 << 20;
 /// Parts in flight at once.
 const PARALLEL_PARTS: usize = 4;
@@ -41,6 +42,7 @@ pub fn upload_files(url: &str, files: &[(String, PathBuf)]) -> Result<u64, Sourc
         });
     }
     let remote = S3Remote::connect(url, &bucket, &prefix)?;
+    let part = part_bytes();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("kiln-upload")
@@ -50,7 +52,7 @@ pub fn upload_files(url: &str, files: &[(String, PathBuf)]) -> Result<u64, Sourc
     runtime.block_on(async {
         let mut total = 0;
         for (name, path) in files {
-            total += upload_file(&remote, url, name, path).await?;
+            total += upload_file(&remote, url, name, path, part).await?;
         }
         Ok(total)
     })
@@ -61,6 +63,7 @@ async fn upload_file(
     url: &str,
     name: &str,
     path: &Path,
+    part: usize,
 ) -> Result<u64, SourceError> {
     let key = if remote.prefix.is_empty() {
         name.to_string()
@@ -73,10 +76,10 @@ async fn upload_file(
     let mut file = std::fs::File::open(path).map_err(local)?;
     let size = file.metadata().map_err(local)?.len();
     tracing::info!("{url}: uploading {name} ({size} bytes)");
-    if size <= PART_BYTES as u64 {
+    if size <= part as u64 {
         let mut bytes = Vec::with_capacity(size as usize);
         (&mut file)
-            .take(PART_BYTES as u64 + 1)
+            .take(part as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(local)?;
         remote
@@ -91,8 +94,8 @@ async fn upload_file(
         .put_multipart(&location)
         .await
         .map_err(|e| SourceError::remote(url, &what, describe(&e)))?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-    let mut buf = vec![0u8; PART_BYTES];
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, part);
+    let mut buf = vec![0u8; part];
     let mut sent = 0u64;
     let result: Result<(), SourceError> = async {
         loop {
@@ -126,6 +129,14 @@ async fn upload_file(
         ));
     }
     Ok(size)
+}
+
+/// The multipart part size: [`PART_BYTES`], or `KILN_UPLOAD_PART_MIB`.
+fn part_bytes() -> usize {
+    std::env::var("KILN_UPLOAD_PART_MIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(PART_BYTES, |mib| mib.clamp(5, 4096) << 20)
 }
 
 /// Fills `buf` from `r` unless the end comes first; returns the bytes read.
