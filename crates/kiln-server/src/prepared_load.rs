@@ -114,6 +114,14 @@ pub fn load_model<B: Backend>(
             );
             return Ok((model, LoadReport::PreparedSource { file }));
         }
+        tracing::warn!(
+            "{} is a prepared model ({}, artifact version {}), and {} (version {ARTIFACT_VERSION}) \
+             was asked for: converting it again",
+            path.display(),
+            info.settings,
+            info.artifact_version,
+            Settings::of(opts)
+        );
     }
     let (source, identity) = match manifest {
         Some(m) => kiln_sources::prepared::remote_identity(m),

@@ -23,6 +23,7 @@
 //! first one's file); using one holds it shared for as long as the process
 //! runs, so eviction by another process (or this one) passes over it.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -41,8 +42,9 @@ pub const RECORD_FILE: &str = ".kiln-prepared.json";
 /// A record larger than this is not one of ours.
 const MAX_RECORD_BYTES: u64 = 4 << 20;
 
-/// Shared locks on the entries this process uses, held until it exits.
-static IN_USE: Mutex<Vec<File>> = Mutex::new(Vec::new());
+/// Shared locks on the entries this process uses, by lock file, held until
+/// it exits.
+static IN_USE: Mutex<BTreeMap<PathBuf, File>> = Mutex::new(BTreeMap::new());
 
 /// Everything a prepared model's bytes depend on; hashed into its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,7 +278,7 @@ impl Builder {
         if let Some(lock) = self.lock.take() {
             // From building it to using it: others may map it now.
             lock.lock_shared().map_err(io_err(&self.entry))?;
-            keep(lock);
+            keep(self.entry.with_extension("lock"), lock);
         }
         let entry = cache
             .read_entry(&self.key)?
@@ -297,9 +299,10 @@ impl Drop for Builder {
     }
 }
 
-fn keep(lock: File) {
+/// Keeps `lock` (on `path`) for the process's life; one per entry.
+fn keep(path: PathBuf, lock: File) {
     if let Ok(mut held) = IN_USE.lock() {
-        held.push(lock);
+        held.entry(path).or_insert(lock);
     }
 }
 
@@ -386,7 +389,7 @@ impl PreparedCache {
         .map_err(io_err(&lock_path))?;
         if let Some(e) = self.read_entry(&key)? {
             lock.lock_shared().map_err(io_err(&lock_path))?;
-            keep(lock);
+            keep(lock_path, lock);
             touch(&e);
             return Ok(Begin::Ready(e));
         }
@@ -418,7 +421,7 @@ impl PreparedCache {
         let Some(e) = self.read_entry(key)? else {
             return Ok(None);
         };
-        keep(lock);
+        keep(lock_path, lock);
         touch(&e);
         Ok(Some(e))
     }

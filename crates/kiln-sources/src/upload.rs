@@ -1,6 +1,6 @@
-//! Uploading a model directory (a prepared model) to an `s3://` prefix, so
-//! that every later start downloads it through the download cache instead
-//! of converting.
+//! Uploading files (a prepared model) to an `s3://` prefix, so that every
+//! later start downloads them through the download cache instead of
+//! converting.
 //!
 //! Files up to one part ([`PART_BYTES`]) go up in one request (their ETag
 //! is then their MD5, which downloads verify); larger ones as multipart
@@ -121,6 +121,11 @@ async fn upload_file(
         .finish()
         .await
         .map_err(|e| SourceError::remote(url, &what, describe(&e)))?;
+    tracing::info!(
+        "{url}: uploaded {name} in {} parts of {} MiB",
+        size.div_ceil(part as u64),
+        part >> 20
+    );
     if sent != size {
         return Err(SourceError::remote(
             url,

@@ -7,7 +7,8 @@
 //!   nothing converted) with the same greedy answer as converting at load;
 //!   a larger one goes up as a multipart upload;
 //! - the second start with the same model and settings maps the cache entry
-//!   and converts nothing; a changed source file is a new key;
+//!   and converts nothing; `kiln prepare --output DIR` makes a directory
+//!   that serves the same way; a changed source file is a new key;
 //! - `--cache-max-gib` evicts the least recently used entry, never one a
 //!   running server maps; `kiln cache ls` and `kiln cache rm KEY|--all`;
 //! - a truncated or corrupt prepared file is an error naming the file, and
@@ -204,7 +205,7 @@ fn a_large_prepared_file_goes_up_in_parts_and_serves_the_same() {
     let root = tempdir("s3-root-");
     std::fs::create_dir_all(root.join("models")).expect("bucket");
     let s3 = S3Server::start(&root);
-    // About 13 MB in f16: three 5 MiB parts.
+    // About 23 MB in f16: five 5 MiB parts.
     let src = tempdir("big-src-");
     let spec = kiln_model::fixtures::TinySpec {
         hidden: 512,
@@ -235,6 +236,14 @@ fn a_large_prepared_file_goes_up_in_parts_and_serves_the_same() {
         .expect("uploaded")
         .len();
     assert!(size > 10 << 20, "{size} bytes: more than two parts");
+    assert!(
+        err(&o).contains(&format!(
+            "s3://models/big: uploaded model.gguf in {} parts of 5 MiB",
+            size.div_ceil(5 << 20)
+        )),
+        "{}",
+        err(&o)
+    );
 
     let fresh = s3::env(s3.port, &tempdir("cache-2-"));
     let (from_s3, logs) = generate("s3://models/big", &["--dtype", "fp16"], &fresh);
@@ -260,6 +269,20 @@ fn the_second_start_maps_the_entry_and_a_changed_source_is_a_new_key() {
     assert!(logs.contains("prepared model "), "{logs}");
     assert_eq!(first, second, "the same greedy text");
     assert_eq!(ls_keys(&env).len(), 1);
+
+    // `kiln prepare --output DIR` copies the entry; DIR serves as it is.
+    let dir = tempdir("prepared-out-").join("tiny-q8");
+    let dir = dir.display().to_string();
+    let o = kiln(
+        &["prepare", &src, "--quantize", "q8_0", "--output", &dir],
+        &env,
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(mapped(&err(&o)), "the cache entry is reused: {}", err(&o));
+    let fresh = cache_env(&tempdir("cache-other-"));
+    let (from_dir, logs) = generate(&dir, &q8, &fresh);
+    assert!(logs.contains("is a prepared model"), "{logs}");
+    assert_eq!(from_dir, first);
 
     // Without --quantize nothing is converted and nothing cached.
     let (_, logs) = generate(&src, &[], &env);
