@@ -99,9 +99,38 @@ impl std::fmt::Display for Settings {
     }
 }
 
-/// Whether loading with `opts` converts weights (and so is worth preparing).
-pub fn converts(opts: &LoadOptions) -> bool {
-    opts.quantize.is_some() || matches!(opts.dtype, WeightDtype::F16 | WeightDtype::Bf16)
+/// Whether loading the model at `path` with `opts` converts weights (and
+/// so is worth preparing): a quantization, or a 16-bit dtype other than
+/// the one a Hugging Face directory's `config.json` says its weights are
+/// stored in (an fp16 checkpoint served as fp16 is mapped as it is).
+pub fn converts(path: &Path, opts: &LoadOptions) -> bool {
+    if opts.quantize.is_some() {
+        return true;
+    }
+    match opts.dtype {
+        WeightDtype::F16 | WeightDtype::Bf16 => declared_dtype(path) != Some(opts.dtype),
+        WeightDtype::Auto | WeightDtype::F32 => false,
+    }
+}
+
+/// The weights' dtype a Hugging Face directory's `config.json` declares
+/// (`torch_dtype`, or `dtype` in newer files); `None` when unknown.
+fn declared_dtype(path: &Path) -> Option<WeightDtype> {
+    let cfg = path.join("config.json");
+    if !cfg.is_file() {
+        return None;
+    }
+    let json = crate::loader::read_json(&cfg).ok()?;
+    let name = json
+        .get("torch_dtype")
+        .or_else(|| json.get("dtype"))
+        .and_then(serde_json::Value::as_str)?;
+    match name {
+        "float16" => Some(WeightDtype::F16),
+        "bfloat16" => Some(WeightDtype::Bf16),
+        "float32" => Some(WeightDtype::F32),
+        _ => None,
+    }
 }
 
 /// `opts` without the conversion: how a prepared file is loaded.

@@ -165,9 +165,29 @@ fn gpt2_and_opt_round_trip_through_their_prepared_files() {
 #[test]
 fn plain_files_are_not_prepared_ones() {
     assert_eq!(prepared::read_info(&tiny("llama")).expect("read"), None);
-    assert!(!prepared::converts(&LoadOptions::default()));
-    assert!(!prepared::converts(&LoadOptions {
-        dtype: WeightDtype::F32,
+}
+
+#[test]
+fn only_quantizing_or_changing_the_stored_dtype_converts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let with = |dtype: WeightDtype| LoadOptions {
+        dtype,
         ..LoadOptions::default()
-    }));
+    };
+    let dir = tmp.path();
+    std::fs::write(dir.join("config.json"), r#"{"torch_dtype": "float16"}"#).expect("write");
+    assert!(!prepared::converts(dir, &LoadOptions::default()));
+    assert!(!prepared::converts(dir, &with(WeightDtype::F32)));
+    assert!(
+        !prepared::converts(dir, &with(WeightDtype::F16)),
+        "stored as fp16"
+    );
+    assert!(prepared::converts(dir, &with(WeightDtype::Bf16)));
+    let q = LoadOptions {
+        quantize: Some(GgmlType::Q8_0),
+        ..LoadOptions::default()
+    };
+    assert!(prepared::converts(dir, &q));
+    // tiny/llama declares float32 (in `dtype`): fp16 is a conversion.
+    assert!(prepared::converts(&tiny("llama"), &with(WeightDtype::F16)));
 }

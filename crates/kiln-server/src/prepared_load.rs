@@ -96,7 +96,7 @@ pub fn load_model<B: Backend>(
     cache: &PreparedCache,
     always_prepare: bool,
 ) -> Result<(LoadedModel<B>, LoadReport), LoadError> {
-    if !always_prepare && !prepared::converts(opts) {
+    if !always_prepare && !prepared::converts(path, opts) {
         let model = kiln_model::load(backend, path, opts)?;
         return Ok((model, LoadReport::AsStored));
     }

@@ -12,7 +12,9 @@
 //! - `--cache-max-gib` evicts the least recently used entry, never one a
 //!   running server maps; `kiln cache ls` and `kiln cache rm KEY|--all`;
 //! - a truncated or corrupt prepared file is an error naming the file, and
-//!   the entry is gone afterwards.
+//!   the entry is gone afterwards;
+//! - two processes starting at once on one cache convert once: the other
+//!   waits on the entry's lock and maps the first one's file.
 
 mod sources_support;
 mod support;
@@ -416,4 +418,59 @@ fn a_truncated_or_corrupt_prepared_file_is_an_error_naming_it_and_is_removed() {
     // The next start prepares it again.
     let (_, logs) = generate(&tiny, &q8, &env);
     assert!(converted(&logs), "{logs}");
+}
+
+#[test]
+fn two_processes_starting_at_once_prepare_one_entry() {
+    let cache = tempdir("cache-");
+    let env = cache_env(&cache);
+    // A model big enough that its conversion overlaps the other start.
+    let src = tempdir("src-");
+    let spec = kiln_model::fixtures::TinySpec {
+        hidden: 512,
+        ffn: 1536,
+        layers: 4,
+        heads: 8,
+        kv_heads: 4,
+        ..Default::default()
+    };
+    kiln_model::fixtures::write_tiny_llama_hf(&src, &spec, 5).expect("fixture");
+    let src = src.display().to_string();
+    let spawn = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["generate", "--model", &src, "--quantize", "q4_k"])
+            .args(["--max-new-tokens", "4", "The cat"])
+            .env("KILN_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("KILN_CACHE_MAX_GIB")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn kiln")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (
+        a.wait_with_output().expect("a"),
+        b.wait_with_output().expect("b"),
+    );
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        err(&a),
+        err(&b)
+    );
+    let logs = [err(&a), err(&b)];
+    let converting = logs.iter().filter(|l| converted(l)).count();
+    assert_eq!(converting, 1, "exactly one converts:\n{logs:#?}");
+    let other = logs.iter().find(|l| !converted(l)).expect("the other");
+    assert!(mapped(other), "the other maps its file:\n{other}");
+    eprintln!(
+        "the other waited on the lock: {}",
+        other.contains("another kiln process is preparing it")
+    );
+    assert_eq!(out(&a), out(&b), "both answer alike");
+    assert_eq!(ls_keys(&env).len(), 1);
 }
