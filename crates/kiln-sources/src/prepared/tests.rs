@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::FileRecord;
 
 fn parts(source: &str, quantize: &str) -> KeyParts {
     KeyParts {
