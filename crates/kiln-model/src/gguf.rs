@@ -15,11 +15,12 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
+pub use crate::gguf_write::{GgufStreamWriter, GgufWriter};
 use crate::quant::{self, GgmlType};
 use crate::{HostTensor, ModelError, Result};
 
-const MAGIC: &[u8; 4] = b"GGUF";
-const DEFAULT_ALIGNMENT: u64 = 32;
+pub(crate) const MAGIC: &[u8; 4] = b"GGUF";
+pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
 /// Upper bound on any single header string or array, so a corrupt length
 /// cannot make us allocate gigabytes before noticing.
 const MAX_HEADER_ITEMS: u64 = 1 << 28;
@@ -422,103 +423,4 @@ fn tensor_nbytes(info: &TensorInfo) -> Option<u64> {
         return None;
     }
     n.checked_div(block as u64)?.checked_mul(bytes as u64)
-}
-
-/// Serialises a GGUF file in memory. Used by tests (and tools) to make small
-/// fixture files without external scripts.
-#[derive(Default)]
-pub struct GgufWriter {
-    metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
-}
-
-impl GgufWriter {
-    /// Adds one metadata key.
-    pub fn meta(&mut self, key: &str, value: Value) -> &mut Self {
-        self.metadata.push((key.to_string(), value));
-        self
-    }
-
-    /// Adds one tensor with GGUF-order dims and already-encoded bytes.
-    pub fn tensor(&mut self, name: &str, dims: Vec<u64>, ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_string(), dims, ty, data));
-        self
-    }
-
-    /// The file's bytes (version 3, alignment 32).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        fn put_str(out: &mut Vec<u8>, s: &str) {
-            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-        fn type_id(v: &Value) -> u32 {
-            match v {
-                Value::U8(_) => 0,
-                Value::I8(_) => 1,
-                Value::U16(_) => 2,
-                Value::I16(_) => 3,
-                Value::U32(_) => 4,
-                Value::I32(_) => 5,
-                Value::F32(_) => 6,
-                Value::Bool(_) => 7,
-                Value::String(_) => 8,
-                Value::Array(_) => 9,
-                Value::U64(_) => 10,
-                Value::I64(_) => 11,
-                Value::F64(_) => 12,
-            }
-        }
-        fn put_value(out: &mut Vec<u8>, v: &Value) {
-            match v {
-                Value::U8(x) => out.push(*x),
-                Value::I8(x) => out.push(*x as u8),
-                Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
-                Value::Bool(x) => out.push(*x as u8),
-                Value::String(s) => put_str(out, s),
-                Value::Array(items) => {
-                    let elem = items.first().map(type_id).unwrap_or(4);
-                    out.extend_from_slice(&elem.to_le_bytes());
-                    out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-                    for it in items {
-                        put_value(out, it);
-                    }
-                }
-            }
-        }
-        let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            put_str(&mut out, k);
-            out.extend_from_slice(&type_id(v).to_le_bytes());
-            put_value(&mut out, v);
-        }
-        let align = |n: usize| n.div_ceil(DEFAULT_ALIGNMENT as usize) * DEFAULT_ALIGNMENT as usize;
-        let mut offset = 0usize;
-        for (name, dims, ty, data) in &self.tensors {
-            put_str(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&(*ty as u32).to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset = align(offset + data.len());
-        }
-        out.resize(align(out.len()), 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize(align(out.len()), 0);
-        }
-        out
-    }
 }

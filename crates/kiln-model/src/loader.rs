@@ -9,7 +9,7 @@ use serde_json::Value as Json;
 use crate::chat::ChatTemplate;
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, Value};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{gpt2_conv1d, hf_names, SafetensorsSource, Transposed, WeightSource};
 use crate::{ModelError, Result};
@@ -93,43 +93,146 @@ pub struct LoadedModel<B: Backend> {
 
 /// Loads the model at `path` onto `backend`.
 pub fn load<B: Backend>(backend: &B, path: &Path, opts: &LoadOptions) -> Result<LoadedModel<B>> {
+    open(path, false)?.load(backend, opts, None)
+}
+
+/// A model's text side and weight source, found and opened but no weight
+/// read yet.
+pub(crate) struct Opened {
+    cfg: DecoderConfig,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    extra_eos: Vec<u32>,
+    src: Box<dyn WeightSource>,
+    format: ModelFormat,
+    /// The metadata a prepared copy of this model carries so that it loads
+    /// the same way: a GGUF file's own metadata, or a Hugging Face
+    /// directory's config, tokenizer and chat template as text (see
+    /// [`crate::prepared`]).
+    pub carry: Vec<(String, Value)>,
+}
+
+impl Opened {
+    /// Reads the weights onto `backend`; with `spool`, every tensor is also
+    /// written there as the decoder takes it.
+    pub(crate) fn load<B: Backend>(
+        self,
+        backend: &B,
+        opts: &LoadOptions,
+        spool: Option<&std::sync::Mutex<crate::gguf::GgufStreamWriter>>,
+    ) -> Result<LoadedModel<B>> {
+        finish(
+            backend,
+            self.cfg,
+            &*self.src,
+            self.tokenizer,
+            self.template,
+            self.extra_eos,
+            opts,
+            self.format,
+            spool,
+        )
+    }
+}
+
+/// Finds the model at `path` and opens everything but its weights;
+/// `carry` asks for [`Opened::carry`] too (else it may be left empty).
+pub(crate) fn open(path: &Path, carry: bool) -> Result<Opened> {
     let format = ModelFormat::detect(path)?;
     match &format {
         ModelFormat::Gguf(file) => {
             let gguf = GgufFile::open(file)?;
-            let cfg = DecoderConfig::from_gguf(&gguf)?;
-            let tokenizer = Tokenizer::from_gguf(&gguf)?;
-            let template = gguf
-                .get_str("tokenizer.chat_template")
-                .map(|src| compile_template(src, &tokenizer))
-                .transpose()?;
-            finish(
-                backend,
+            let carry = if carry {
+                crate::prepared::carried(&gguf)
+            } else {
+                Vec::new()
+            };
+            let (cfg, tokenizer, template, extra_eos) =
+                if let Some(embedded) = crate::prepared::EmbeddedHf::read(&gguf)? {
+                    embedded.into_parts(file)?
+                } else {
+                    let cfg = DecoderConfig::from_gguf(&gguf)?;
+                    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+                    let template = gguf
+                        .get_str("tokenizer.chat_template")
+                        .map(|src| compile_template(src, &tokenizer))
+                        .transpose()?;
+                    (cfg, tokenizer, template, Vec::new())
+                };
+            Ok(Opened {
                 cfg,
-                &gguf,
                 tokenizer,
                 template,
-                Vec::new(),
-                opts,
+                extra_eos,
+                src: Box::new(gguf),
                 format,
-            )
+                carry,
+            })
         }
         ModelFormat::HfDir(dir) => {
-            let cfg = DecoderConfig::from_hf_config(&dir.join("config.json"))?;
+            let cfg_path = dir.join("config.json");
+            let cfg_text = crate::files::read_text_bounded(
+                &cfg_path,
+                crate::files::MAX_CONFIG_BYTES,
+                "a config.json",
+            )?;
+            let cfg_json: Json =
+                serde_json::from_str(&cfg_text).map_err(|e| ModelError::Config {
+                    path: cfg_path.clone(),
+                    msg: format!("not valid JSON: {e}"),
+                })?;
+            let cfg = DecoderConfig::from_hf_json(&cfg_json, &cfg_path)?;
+            let tok_path = dir.join("tokenizer.json");
+            let tok_text = crate::files::read_text_bounded(
+                &tok_path,
+                crate::files::MAX_TOKENIZER_BYTES,
+                "a tokenizer.json",
+            )?;
             let tok_cfg_path = dir.join("tokenizer_config.json");
-            let tok_cfg_path = tok_cfg_path.is_file().then_some(tok_cfg_path);
+            let tok_cfg_text = tok_cfg_path
+                .is_file()
+                .then(|| {
+                    crate::files::read_text_bounded(
+                        &tok_cfg_path,
+                        crate::files::MAX_CONFIG_BYTES,
+                        "a tokenizer_config.json",
+                    )
+                })
+                .transpose()?;
+            let tok_cfg = tok_cfg_text
+                .as_deref()
+                .map(|t| parse_json(t, &tok_cfg_path))
+                .transpose()?;
             let tokenizer =
-                Tokenizer::from_hf_files(&dir.join("tokenizer.json"), tok_cfg_path.as_deref())?;
-            let template = match hf_chat_template(dir, tok_cfg_path.as_deref())? {
-                Some(src) => Some(compile_template(&src, &tokenizer)?),
-                None => None,
-            };
-            let mut extra_eos = eos_token_ids(&dir.join("config.json"))?;
-            extra_eos.extend(eos_token_ids(&dir.join("generation_config.json"))?);
+                Tokenizer::from_hf_bytes(tok_text.as_bytes(), tok_cfg.as_ref(), &tok_path)?;
+            let template_src = hf_chat_template(dir, tok_cfg.as_ref())?;
+            let template = template_src
+                .as_deref()
+                .map(|src| compile_template(src, &tokenizer))
+                .transpose()?;
+            let mut extra_eos = eos_ids_of(&cfg_json);
+            let gen_path = dir.join("generation_config.json");
+            if gen_path.is_file() {
+                extra_eos.extend(eos_ids_of(&read_json(&gen_path)?));
+            }
             let src = open_hf_weights(dir, &cfg.arch)?;
-            finish(
-                backend, cfg, &*src, tokenizer, template, extra_eos, opts, format,
-            )
+            let carry = crate::prepared::EmbeddedHf {
+                config: cfg_text,
+                tokenizer: tok_text,
+                tokenizer_config: tok_cfg_text,
+                chat_template: template_src,
+                extra_eos: extra_eos.clone(),
+            }
+            .metadata(&cfg.arch);
+            Ok(Opened {
+                cfg,
+                tokenizer,
+                template,
+                extra_eos,
+                src,
+                format,
+                carry,
+            })
         }
     }
 }
@@ -226,6 +329,7 @@ fn finish<B: Backend>(
     extra_eos: Vec<u32>,
     opts: &LoadOptions,
     format: ModelFormat,
+    spool: Option<&std::sync::Mutex<crate::gguf::GgufStreamWriter>>,
 ) -> Result<LoadedModel<B>> {
     let max_positions = opts.max_positions.map_or(cfg.max_position_embeddings, |m| {
         m.min(cfg.max_position_embeddings)
@@ -261,6 +365,14 @@ fn finish<B: Backend>(
         }
         None => src,
     };
+    let recorder;
+    let src: &dyn WeightSource = match spool {
+        Some(out) => {
+            recorder = crate::prepared::Recorder { inner: src, out };
+            &recorder
+        }
+        None => src,
+    };
     let t0 = std::time::Instant::now();
     let decoder = Decoder::load(backend, cfg, src, max_positions)?;
     if opts.quantize.is_some() {
@@ -281,7 +393,7 @@ fn finish<B: Backend>(
     })
 }
 
-fn compile_template(src: &str, tok: &Tokenizer) -> Result<ChatTemplate> {
+pub(crate) fn compile_template(src: &str, tok: &Tokenizer) -> Result<ChatTemplate> {
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     ChatTemplate::new(
         src,
@@ -293,7 +405,7 @@ fn compile_template(src: &str, tok: &Tokenizer) -> Result<ChatTemplate> {
 /// The chat template of a Hugging Face directory: `chat_template.jinja`, or the
 /// `chat_template` of `tokenizer_config.json` (a string, or a list of named
 /// templates of which `default` is used).
-fn hf_chat_template(dir: &Path, tok_cfg: Option<&Path>) -> Result<Option<String>> {
+fn hf_chat_template(dir: &Path, tok_cfg: Option<&Json>) -> Result<Option<String>> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
         return crate::files::read_text_bounded(
@@ -303,8 +415,7 @@ fn hf_chat_template(dir: &Path, tok_cfg: Option<&Path>) -> Result<Option<String>
         )
         .map(Some);
     }
-    let Some(path) = tok_cfg else { return Ok(None) };
-    let json = read_json(path)?;
+    let Some(json) = tok_cfg else { return Ok(None) };
     Ok(match json.get("chat_template") {
         Some(Json::String(s)) => Some(s.clone()),
         Some(Json::Array(list)) => list
@@ -317,14 +428,10 @@ fn hf_chat_template(dir: &Path, tok_cfg: Option<&Path>) -> Result<Option<String>
     })
 }
 
-/// `eos_token_id` (an id or a list of ids) of `config.json` or
-/// `generation_config.json`, if the file exists.
-fn eos_token_ids(path: &Path) -> Result<Vec<u32>> {
-    if !path.is_file() {
-        return Ok(Vec::new());
-    }
-    let json = read_json(path)?;
-    Ok(match json.get("eos_token_id") {
+/// `eos_token_id` (an id or a list of ids) of a parsed `config.json` or
+/// `generation_config.json`.
+fn eos_ids_of(json: &Json) -> Vec<u32> {
+    match json.get("eos_token_id") {
         Some(Json::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
         Some(Json::Array(a)) => a
             .iter()
@@ -332,6 +439,14 @@ fn eos_token_ids(path: &Path) -> Result<Vec<u32>> {
             .map(|v| v as u32)
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+/// Parses JSON text that came from `path` (for messages).
+pub(crate) fn parse_json(text: &str, path: &Path) -> Result<Json> {
+    serde_json::from_str(text).map_err(|e| ModelError::Format {
+        path: path.to_path_buf(),
+        msg: format!("not valid JSON: {e}"),
     })
 }
 

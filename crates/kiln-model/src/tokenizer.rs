@@ -93,13 +93,25 @@ impl Tokenizer {
             crate::files::MAX_TOKENIZER_BYTES,
             "a tokenizer.json",
         )?;
+        let cfg = tokenizer_config.map(crate::loader::read_json).transpose()?;
+        Self::from_hf_bytes(&bytes, cfg.as_ref(), tokenizer_json)
+    }
+
+    /// A `tokenizer.json`'s bytes, with BOS/EOS from a parsed
+    /// `tokenizer_config.json`; `origin` names where the bytes came from in
+    /// errors (a file, or a prepared model that embeds them).
+    pub fn from_hf_bytes(
+        bytes: &[u8],
+        tokenizer_config: Option<&serde_json::Value>,
+        origin: &Path,
+    ) -> Result<Self> {
         let bad = |msg: String| ModelError::Format {
-            path: tokenizer_json.to_path_buf(),
+            path: origin.to_path_buf(),
             msg: format!("cannot load tokenizer: {msg}"),
         };
         // The `tokenizers` crate panics on some malformed files (an `expect`
         // in its decoder section, found by tests/fuzz.rs): an error here.
-        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes))
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes))
             .map_err(|p| bad(format!("the file is malformed ({})", panic_text(&*p))))?
             .map_err(|e| bad(e.to_string()))?;
         let mut tok = Self {
@@ -108,8 +120,7 @@ impl Tokenizer {
             eos_ids: Vec::new(),
             verbatim: HashMap::new(),
         };
-        if let Some(cfg_path) = tokenizer_config {
-            let cfg = crate::loader::read_json(cfg_path)?;
+        if let Some(cfg) = tokenizer_config {
             tok.bos_id = special_token_name(cfg.get("bos_token")).and_then(|t| tok.token_to_id(&t));
             if let Some(id) =
                 special_token_name(cfg.get("eos_token")).and_then(|t| tok.token_to_id(&t))

@@ -30,6 +30,7 @@ pub(crate) mod lmi_stream;
 pub mod management;
 pub mod openai;
 pub mod params;
+pub mod prepared_load;
 pub mod prom;
 pub mod prom_vllm;
 pub mod prompts;
@@ -181,6 +182,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
             kv_cache_bytes: config.kv_cache_bytes,
             job_queue_size: config.job_queue_size,
             memory_budget: config.memory_budget,
+            prepared_cache_max: config.prepared_cache_max,
         }),
         http: prom::HttpMetrics::default(),
         access_log,

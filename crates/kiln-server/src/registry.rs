@@ -132,6 +132,8 @@ pub struct EngineDefaults {
     /// Bytes that all models together (weights and KV caches) may take
     /// (`--memory-budget-mib`); `None`: what the system has available.
     pub memory_budget: Option<u64>,
+    /// Bytes the prepared-model cache may hold (`--cache-max-gib`).
+    pub prepared_cache_max: Option<u64>,
 }
 
 /// Every registered model, by name.
@@ -649,14 +651,34 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         quantize: p.quantize,
     };
     let backend = CpuBackend::new();
+    let download = kiln_sources::DownloadDir::from_env();
+    let cache = kiln_sources::PreparedCache::new(&download, defaults.prepared_cache_max);
     let model = match &entry.source {
-        None => kiln_model::load(&backend, &entry.model_path, &opts).map_err(|e| e.to_string())?,
+        None => {
+            crate::prepared_load::load_model(
+                &backend,
+                &entry.model_path,
+                None,
+                &opts,
+                &cache,
+                false,
+            )
+            .map_err(|e| e.to_string())?
+            .0
+        }
         Some(source) => {
-            let fetched = kiln_sources::fetch(source, &kiln_sources::DownloadDir::from_env())
-                .map_err(|e| e.to_string())?;
+            let fetched = kiln_sources::fetch(source, &download).map_err(|e| e.to_string())?;
             // The loader names the cached file; say which model it came from.
-            kiln_model::load(&backend, &fetched.model_path, &opts)
-                .map_err(|e| format!("{source}: {e}"))?
+            crate::prepared_load::load_model(
+                &backend,
+                &fetched.model_path,
+                Some(&fetched.manifest),
+                &opts,
+                &cache,
+                false,
+            )
+            .map_err(|e| format!("{source}: {e}"))?
+            .0
         }
     };
     let settings = entry

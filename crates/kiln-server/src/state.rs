@@ -45,6 +45,9 @@ pub struct ServerConfig {
     /// Bytes all models together may take (weights and KV caches); checked
     /// when `POST /models` registers one. `None`: the memory available.
     pub memory_budget: Option<u64>,
+    /// Bytes the prepared-model cache may hold (`--cache-max-gib`); least
+    /// recently used entries beyond it are evicted. `None`: unbounded.
+    pub prepared_cache_max: Option<u64>,
     /// A second listener for the management API (DJL's `management_address`),
     /// where the routes that change what is served are always enabled.
     pub management_bind: Option<SocketAddr>,
@@ -76,6 +79,7 @@ impl Default for ServerConfig {
             max_connections: None,
             job_queue_size: None,
             memory_budget: None,
+            prepared_cache_max: None,
             management_bind: None,
             management_on_inference_port: false,
             model_url_pattern: None,

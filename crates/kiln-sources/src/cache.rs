@@ -159,7 +159,14 @@ pub(crate) fn fetch(source: &Source, dir: &DownloadDir) -> Result<Fetched, Sourc
     }
     let downloads = dir.root.join("download");
     std::fs::create_dir_all(&downloads).map_err(|e| SourceError::cache(&url, &downloads, e))?;
-    let _lock = lock(&url, &entry.with_extension("lock"))?;
+    let lock_path = entry.with_extension("lock");
+    let _lock = crate::lock::exclusive(&lock_path, || {
+        tracing::info!(
+            "{url}: another kiln process is downloading it; waiting for its lock {}",
+            lock_path.display()
+        )
+    })
+    .map_err(|e| SourceError::cache(&url, &lock_path, e))?;
     // Whoever held the lock may have finished it.
     if let Some(m) = read_complete(&entry) {
         tracing::info!(
@@ -278,29 +285,6 @@ fn publish(
         let _ = File::open(parent).and_then(|d| d.sync_all());
     }
     Ok(())
-}
-
-/// Takes the entry's exclusive lock, waiting (and saying so) while another
-/// process holds it. The lock goes with the file handle, so a killed holder
-/// releases it.
-fn lock(url: &str, path: &Path) -> Result<File, SourceError> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| SourceError::cache(url, path, e))?;
-    match file.try_lock() {
-        Ok(()) => return Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {}
-        Err(std::fs::TryLockError::Error(e)) => return Err(SourceError::cache(url, path, e)),
-    }
-    tracing::info!(
-        "{url}: another kiln process is downloading it; waiting for its lock {}",
-        path.display()
-    );
-    file.lock().map_err(|e| SourceError::cache(url, path, e))?;
-    Ok(file)
 }
 
 #[cfg(test)]

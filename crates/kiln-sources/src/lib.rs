@@ -19,17 +19,22 @@
 mod cache;
 mod error;
 mod hub;
+mod lock;
+pub mod prepared;
 mod progress;
 mod s3;
 mod select;
 mod source;
 mod transfer;
+mod upload;
 
 use std::path::PathBuf;
 
 pub use cache::{DownloadDir, FileRecord, Manifest, MANIFEST_FILE};
 pub use error::SourceError;
+pub use prepared::{PreparedCache, PreparedError};
 pub use source::{looks_like_hub_id, Source};
+pub use upload::{upload_files, PART_BYTES};
 
 /// A remote model made local.
 #[derive(Debug, Clone)]

@@ -22,8 +22,8 @@ const MAX_LISTED: usize = 100_000;
 
 /// One bucket and prefix.
 pub(crate) struct S3Remote {
-    store: AmazonS3,
-    prefix: String,
+    pub(crate) store: AmazonS3,
+    pub(crate) prefix: String,
 }
 
 /// The endpoint that keys the cache along with the URL (the same bucket name
@@ -126,7 +126,7 @@ fn md5_of_etag(etag: Option<&str>) -> Option<String> {
 /// An `object_store` error in words a user can act on. List and other
 /// request failures arrive as `Generic` errors whose text carries the HTTP
 /// status and S3's error code, so those are read from the text.
-fn describe(e: &object_store::Error) -> String {
+pub(crate) fn describe(e: &object_store::Error) -> String {
     let text = e.to_string();
     let has = |codes: &[&str]| codes.iter().any(|c| text.contains(c));
     let hint = match e {

@@ -2,13 +2,16 @@
 //!
 //! `kiln serve` runs the HTTP server; `kiln generate` answers one prompt,
 //! streaming tokens to stdout; `kiln bench` measures prompt and decode speed;
-//! `kiln inspect` sizes a model. Everything it does is in the library crates;
+//! `kiln inspect` sizes a model; `kiln prepare` converts one once into a
+//! prepared file; `kiln cache` lists and removes prepared models. Everything it does is in the library crates;
 //! this file parses arguments and reports errors.
 
 mod bench;
+mod cache;
 mod generate;
 mod inspect;
 mod model_args;
+mod prepare;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,11 @@ enum Command {
     Bench(bench::Args),
     /// Show a model's architecture, size and memory needs from its config.
     Inspect(inspect::Args),
+    /// Convert a model once (--quantize, --dtype) into a prepared GGUF file
+    /// in a directory or an s3:// prefix, which serves with no conversion.
+    Prepare(prepare::Args),
+    /// Show (ls) or remove (rm) entries of the prepared-model cache.
+    Cache(cache::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +59,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => init_logging("warn", None).and_then(|()| generate::run(args)),
         Command::Bench(args) => init_logging("warn", None).and_then(|()| bench::run(args)),
         Command::Inspect(args) => init_logging("warn", None).and_then(|()| inspect::run(args)),
+        Command::Prepare(args) => init_logging("info", None).and_then(|()| prepare::run(args)),
+        Command::Cache(args) => init_logging("warn", None).and_then(|()| cache::run(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

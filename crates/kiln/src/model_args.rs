@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use kiln_backend::cpu::CpuBackend;
-use kiln_model::{LoadOptions, LoadedModel};
-use kiln_sources::{DownloadDir, Source};
+use kiln_model::{LoadOptions, LoadedModel, WeightDtype};
+use kiln_server::prepared_load::{self, LoadReport};
+use kiln_sources::{DownloadDir, Fetched, PreparedCache, Source};
 
 /// Which model to load and how.
 #[derive(clap::Args, Debug, Clone)]
@@ -25,8 +26,18 @@ pub struct ModelArgs {
     pub max_model_len: Option<usize>,
     /// Quantize the float weight matrices of a 16/32-bit checkpoint while
     /// loading, to one of q8_0, q4_0, q4_1, q4_k, q6_k (as `option.quantize`).
+    /// The result is kept in the prepared-model cache: the next start with
+    /// the same model and settings maps it and converts nothing.
     #[arg(long, value_parser = parse_quantize)]
     pub quantize: Option<kiln_backend::GgmlType>,
+    /// Round the weights to this precision while loading: fp16, bf16 (kept
+    /// in the prepared-model cache like --quantize), or fp32 / auto.
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<WeightDtype>,
+    /// GiB the prepared-model cache may hold; least recently used entries
+    /// beyond it are evicted. Default: unbounded.
+    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = prepared_load::parse_cache_max_gib)]
+    pub cache_max_gib: Option<u64>,
 }
 
 /// Clap's parser for `--quantize`: the message names what kiln supports.
@@ -34,10 +45,46 @@ fn parse_quantize(value: &str) -> Result<kiln_backend::GgmlType, String> {
     kiln_model::convert::parse_quantize(value).map_err(|e| e.to_string())
 }
 
+/// Clap's parser for `--dtype`, with `option.dtype`'s names.
+pub fn parse_dtype(value: &str) -> Result<WeightDtype, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(WeightDtype::Auto),
+        "fp32" | "f32" | "float32" => Ok(WeightDtype::F32),
+        "fp16" | "f16" | "float16" => Ok(WeightDtype::F16),
+        "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+        other => Err(format!(
+            "'{other}' is not a dtype kiln knows; use auto, fp32, fp16 or bf16"
+        )),
+    }
+}
+
 impl ModelArgs {
+    /// The load options these arguments ask for.
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions {
+            max_positions: self.max_model_len,
+            quantize: self.quantize,
+            dtype: self.dtype.unwrap_or_default(),
+        }
+    }
+
+    /// The prepared-model cache these arguments bound.
+    pub fn cache(&self) -> PreparedCache {
+        PreparedCache::new(&DownloadDir::from_env(), self.cache_max_gib)
+    }
+
     /// Loads the model onto the CPU backend, logging how long it took.
     pub fn load(&self) -> anyhow::Result<LoadedModel<CpuBackend>> {
-        let (path, source) = match &self.model {
+        Ok(self.load_reporting(false)?.0)
+    }
+
+    /// Loads the model (through the prepared-model cache when it converts,
+    /// or always with `always_prepare`) and says how.
+    pub fn load_reporting(
+        &self,
+        always_prepare: bool,
+    ) -> anyhow::Result<(LoadedModel<CpuBackend>, LoadReport)> {
+        let (path, fetched) = match &self.model {
             Some(m) => resolve(m, self.revision.as_deref())?,
             None => (
                 kiln_model::default_model::default_model_path()
@@ -46,27 +93,31 @@ impl ModelArgs {
             ),
         };
         let t0 = Instant::now();
-        let opts = LoadOptions {
-            max_positions: self.max_model_len,
-            quantize: self.quantize,
-            ..LoadOptions::default()
-        };
-        let model = kiln_model::load(&CpuBackend::new(), &path, &opts).with_context(|| {
-            let from = source
-                .map(|s| format!(" (downloaded from {s})"))
+        let loaded = prepared_load::load_model(
+            &CpuBackend::new(),
+            &path,
+            fetched.as_ref().map(|f| &f.manifest),
+            &self.options(),
+            &self.cache(),
+            always_prepare,
+        )
+        .with_context(|| {
+            let from = fetched
+                .as_ref()
+                .map(|f| format!(" (downloaded from {})", f.manifest.url))
                 .unwrap_or_default();
             format!("cannot load the model at {}{from}", path.display())
         })?;
         tracing::info!("loaded {} in {:.2?}", path.display(), t0.elapsed());
-        Ok(model)
+        Ok(loaded)
     }
 }
 
 /// The local path of `--model`: the path itself, or a remote model's entry
-/// in the download cache (downloaded first when missing), with the remote
-/// source. The same rule as `option.model_id`: an existing path wins over a
+/// in the download cache (downloaded first when missing), with what was
+/// fetched. The same rule as `option.model_id`: an existing path wins over a
 /// Hub id of the same shape.
-pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, Option<Source>)> {
+pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, Option<Fetched>)> {
     let source = match Source::parse(model) {
         Some(source) => source?,
         None if Path::new(model).exists() || !kiln_sources::looks_like_hub_id(model) => {
@@ -78,5 +129,5 @@ pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, 
         anyhow::bail!("--revision applies to Hugging Face models, not to {source}");
     }
     let fetched = kiln_sources::fetch(&source, &DownloadDir::from_env())?;
-    Ok((fetched.model_path, Some(source)))
+    Ok((fetched.model_path.clone(), Some(fetched)))
 }

@@ -88,6 +88,10 @@ pub struct Args {
     /// the system has available when the model is registered.
     #[arg(long)]
     pub memory_budget_mib: Option<u64>,
+    /// GiB the prepared-model cache (`$KILN_CACHE/prepared`) may hold; the
+    /// least recently used entries beyond it are evicted. Default: unbounded.
+    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = kiln_server::prepared_load::parse_cache_max_gib)]
+    pub cache_max_gib: Option<u64>,
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -137,6 +141,7 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
         memory_budget: args.memory_budget_mib.map(|m| m << 20),
+        prepared_cache_max: args.cache_max_gib,
         management_bind: args.management_address,
         management_on_inference_port: args.management_on_inference_port,
         model_url_pattern: args.model_url_pattern.clone(),

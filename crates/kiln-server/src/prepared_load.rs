@@ -1,0 +1,213 @@
+//! Loading a model with the prepared-model cache in front of conversion,
+//! for the server's registry and the CLI alike.
+//!
+//! A load that converts weights (`option.quantize`, a 16-bit `option.dtype`)
+//! looks the conversion up in the prepared-model cache first
+//! ([`kiln_sources::prepared`]): on a hit it maps the prepared GGUF file and
+//! converts nothing; on a miss it converts as usual while writing the result
+//! into a new entry, so the next start is a hit. A model that is itself a
+//! prepared file made with the settings asked for (a prefix that
+//! `kiln prepare` uploaded) is mapped as it is. [`LoadReport`] says which of
+//! these happened, for logs and tests.
+
+use std::path::{Path, PathBuf};
+
+use kiln_backend::Backend;
+use kiln_model::prepared::{self, PreparedInfo, Settings, ARTIFACT_VERSION};
+use kiln_model::{LoadOptions, LoadedModel, ModelError};
+use kiln_sources::prepared::{Begin, KeyParts};
+use kiln_sources::{Manifest, PreparedCache, PreparedError};
+
+/// How a model was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadReport {
+    /// No conversion was asked for: loaded as stored (a prepared file
+    /// included).
+    AsStored,
+    /// The model is a prepared file with the settings asked for: mapped.
+    PreparedSource {
+        /// The prepared file.
+        file: PathBuf,
+    },
+    /// A prepared-cache hit: the entry's file was mapped, nothing converted.
+    Mapped {
+        /// The cache key.
+        key: String,
+        /// The prepared file.
+        file: PathBuf,
+    },
+    /// A miss: converted while loading and written into the cache.
+    Converted {
+        /// The cache key.
+        key: String,
+        /// The prepared file written.
+        file: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+}
+
+impl LoadReport {
+    /// The prepared file the model is (or was written to), if any.
+    pub fn prepared_file(&self) -> Option<&Path> {
+        match self {
+            LoadReport::AsStored => None,
+            LoadReport::PreparedSource { file }
+            | LoadReport::Mapped { file, .. }
+            | LoadReport::Converted { file, .. } => Some(file),
+        }
+    }
+}
+
+/// Why a model could not be loaded or prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Reading or converting the model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The prepared-model cache failed, or held a corrupt entry.
+    #[error(transparent)]
+    Cache(#[from] PreparedError),
+    /// A prepared entry's file did not load; the entry was removed.
+    #[error("{source}; the entry was removed from the prepared-model cache, the next start prepares it again")]
+    CorruptEntry {
+        /// The loader's error, which names the file.
+        source: ModelError,
+    },
+    /// A local model's files could not be listed for its cache key.
+    #[error("{}: {source}", path.display())]
+    Identity {
+        /// The model path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Loads the model at `path` (downloaded from the source `manifest`
+/// describes, if any) onto `backend` with `opts`, through `cache` when
+/// `opts` convert weights or `always_prepare` asks for a prepared file
+/// anyway (`kiln prepare` without conversion options).
+pub fn load_model<B: Backend>(
+    backend: &B,
+    path: &Path,
+    manifest: Option<&Manifest>,
+    opts: &LoadOptions,
+    cache: &PreparedCache,
+    always_prepare: bool,
+) -> Result<(LoadedModel<B>, LoadReport), LoadError> {
+    if !always_prepare && !prepared::converts(path, opts) {
+        let model = kiln_model::load(backend, path, opts)?;
+        return Ok((model, LoadReport::AsStored));
+    }
+    if let Some(info) = prepared::read_info(path)? {
+        if info.matches(opts) {
+            let model = kiln_model::load(backend, path, &prepared::as_prepared(opts))?;
+            let file = match &model.format {
+                kiln_model::ModelFormat::Gguf(f) | kiln_model::ModelFormat::HfDir(f) => f.clone(),
+            };
+            tracing::info!(
+                "{} is a prepared model ({}; key {}); mapped, nothing converted",
+                file.display(),
+                info.settings,
+                info.key
+            );
+            return Ok((model, LoadReport::PreparedSource { file }));
+        }
+        tracing::warn!(
+            "{} is a prepared model ({}, artifact version {}), and {} (version {ARTIFACT_VERSION}) \
+             was asked for: converting it again",
+            path.display(),
+            info.settings,
+            info.artifact_version,
+            Settings::of(opts)
+        );
+    }
+    let (source, identity) = match manifest {
+        Some(m) => kiln_sources::prepared::remote_identity(m),
+        None => {
+            kiln_sources::prepared::local_identity(path).map_err(|source| LoadError::Identity {
+                path: path.to_path_buf(),
+                source,
+            })?
+        }
+    };
+    let settings = Settings::of(opts);
+    let parts = KeyParts {
+        source,
+        identity,
+        quantize: settings.quantize.clone(),
+        dtype: settings.dtype.clone(),
+        artifact_version: ARTIFACT_VERSION,
+    };
+    match cache.begin(&parts)? {
+        Begin::Ready(entry) => {
+            let file = entry.file();
+            let key = entry.key().to_string();
+            match kiln_model::load(backend, &file, &prepared::as_prepared(opts)) {
+                Ok(model) => {
+                    tracing::info!(
+                        "prepared model {key}: mapped {}; nothing converted",
+                        file.display()
+                    );
+                    Ok((model, LoadReport::Mapped { key, file }))
+                }
+                Err(source) => {
+                    cache.discard(&key)?;
+                    Err(LoadError::CorruptEntry { source })
+                }
+            }
+        }
+        Begin::Build(builder) => {
+            let key = builder.key().to_string();
+            let info = PreparedInfo {
+                key: key.clone(),
+                source: parts.source.clone(),
+                identity: parts.identity_json(),
+                settings: settings.clone(),
+                artifact_version: ARTIFACT_VERSION,
+            };
+            tracing::info!(
+                "prepared model {key}: not in the cache; converting {} ({settings}) and writing {}",
+                parts.source,
+                builder.file().display()
+            );
+            let t0 = std::time::Instant::now();
+            let (model, bytes) =
+                prepared::load_and_prepare(backend, path, opts, &info, &builder.file())?;
+            let entry = builder.commit(cache)?;
+            let file = entry.file();
+            tracing::info!(
+                "prepared model {key}: converted and wrote {} ({bytes} bytes) in {:.2?}",
+                file.display(),
+                t0.elapsed()
+            );
+            Ok((model, LoadReport::Converted { key, file, bytes }))
+        }
+    }
+}
+
+/// `--cache-max-gib` / `KILN_CACHE_MAX_GIB` as bytes: a positive number of
+/// GiB (fractions allowed).
+pub fn parse_cache_max_gib(value: &str) -> Result<u64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(g) if g.is_finite() && g > 0.0 => Ok((g * (1u64 << 30) as f64) as u64),
+        _ => Err(format!(
+            "'{value}' is not a positive number of GiB (such as 20 or 0.5)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_bounds_parse_as_gib() {
+        assert_eq!(parse_cache_max_gib("2"), Ok(2 << 30));
+        assert_eq!(parse_cache_max_gib("0.5"), Ok(1 << 29));
+        assert!(parse_cache_max_gib("0").is_err());
+        assert!(parse_cache_max_gib("-1").is_err());
+        assert!(parse_cache_max_gib("lots").is_err());
+    }
+}
