@@ -14,6 +14,7 @@
 pub mod block_manager;
 pub mod detok;
 pub mod engine;
+pub mod launch;
 pub mod metrics;
 pub mod request;
 pub mod sampling;
@@ -21,6 +22,8 @@ mod scheduler;
 pub mod stops;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
+pub use kiln_backend::Device;
+pub use launch::{DeviceModel, LaunchError};
 pub use metrics::MetricsSnapshot;
 pub use request::{Event, FinishReason, Request, StopConditions, TokenOutput, Usage};
 pub use sampling::{Sampler, SamplingParams};

@@ -178,6 +178,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
             kv_cache_bytes: config.kv_cache_bytes,
             job_queue_size: config.job_queue_size,
             memory_budget: config.memory_budget,
+            device: config.device,
         }),
         http: prom::HttpMetrics::default(),
         access_log,

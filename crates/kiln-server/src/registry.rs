@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::StatusCode;
-use kiln_backend::cpu::CpuBackend;
-use kiln_engine::{Engine, EngineConfig, KvCapacity};
+use kiln_engine::{launch, Engine, EngineConfig, KvCapacity};
 use kiln_model::{LoadOptions, WeightDtype};
 use tokio::sync::watch;
 
@@ -122,6 +121,8 @@ pub struct EngineDefaults {
     /// Bytes that all models together (weights and KV caches) may take
     /// (`--memory-budget-mib`); `None`: what the system has available.
     pub memory_budget: Option<u64>,
+    /// Where models run unless their `option.device` names another (`--device`).
+    pub device: kiln_backend::Device,
 }
 
 /// Every registered model, by name.
@@ -630,14 +631,16 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         },
         quantize: p.quantize,
     };
-    let backend = CpuBackend::new();
+    let device = p.device.unwrap_or(defaults.device);
+    // An unusable device fails before a remote model is downloaded.
+    launch::check_device(device).map_err(|e| e.to_string())?;
     let model = match &entry.source {
-        None => kiln_model::load(&backend, &entry.model_path, &opts).map_err(|e| e.to_string())?,
+        None => launch::load(device, &entry.model_path, &opts).map_err(|e| e.to_string())?,
         Some(source) => {
             let fetched = kiln_sources::fetch(source, &kiln_sources::DownloadDir::from_env())
                 .map_err(|e| e.to_string())?;
             // The loader names the cached file; say which model it came from.
-            kiln_model::load(&backend, &fetched.model_path, &opts)
+            launch::load(device, &fetched.model_path, &opts)
                 .map_err(|e| format!("{source}: {e}"))?
         }
     };
@@ -655,5 +658,5 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     if let Some(t) = p.max_rolling_batch_prefill_tokens {
         cfg.max_step_tokens = t;
     }
-    Engine::start(backend, model, cfg).map_err(|e| e.to_string())
+    model.start(cfg).map_err(|e| e.to_string())
 }

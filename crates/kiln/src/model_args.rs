@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use kiln_backend::cpu::CpuBackend;
-use kiln_model::{LoadOptions, LoadedModel};
+use kiln_engine::launch::{self, DeviceModel};
+use kiln_engine::Device;
+use kiln_model::LoadOptions;
 use kiln_sources::{DownloadDir, Source};
 
 /// Which model to load and how.
@@ -27,6 +28,15 @@ pub struct ModelArgs {
     /// loading, to one of q8_0, q4_0, q4_1, q4_k, q6_k (as `option.quantize`).
     #[arg(long, value_parser = parse_quantize)]
     pub quantize: Option<kiln_backend::GgmlType>,
+    /// Where the model runs: cpu, cuda or cuda:N (a GPU; needs a kiln built
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu", env = "KILN_DEVICE", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// Clap's parser for `--device` (of `serve` too).
+pub fn parse_device(value: &str) -> Result<Device, String> {
+    Device::parse(value).map_err(|e| e.to_string())
 }
 
 /// Clap's parser for `--quantize`: the message names what kiln supports.
@@ -35,8 +45,10 @@ fn parse_quantize(value: &str) -> Result<kiln_backend::GgmlType, String> {
 }
 
 impl ModelArgs {
-    /// Loads the model onto the CPU backend, logging how long it took.
-    pub fn load(&self) -> anyhow::Result<LoadedModel<CpuBackend>> {
+    /// Loads the model onto `--device`, logging how long it took. The device
+    /// is checked first, so an unusable GPU fails before any download.
+    pub fn load(&self) -> anyhow::Result<DeviceModel> {
+        launch::check_device(self.device)?;
         let (path, source) = match &self.model {
             Some(m) => resolve(m, self.revision.as_deref())?,
             None => (
@@ -51,13 +63,18 @@ impl ModelArgs {
             quantize: self.quantize,
             ..LoadOptions::default()
         };
-        let model = kiln_model::load(&CpuBackend::new(), &path, &opts).with_context(|| {
+        let model = launch::load(self.device, &path, &opts).with_context(|| {
             let from = source
                 .map(|s| format!(" (downloaded from {s})"))
                 .unwrap_or_default();
             format!("cannot load the model at {}{from}", path.display())
         })?;
-        tracing::info!("loaded {} in {:.2?}", path.display(), t0.elapsed());
+        tracing::info!(
+            "loaded {} onto {} in {:.2?}",
+            path.display(),
+            self.device,
+            t0.elapsed()
+        );
         Ok(model)
     }
 }

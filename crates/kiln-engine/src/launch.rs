@@ -1,0 +1,172 @@
+//! The one place that puts a model on a [`Device`] and starts its
+//! [`Engine`]. The server and the CLI hand a device, a path and options to
+//! [`load`], read the tokenizer and config they need from the
+//! [`DeviceModel`] it returns, and [`DeviceModel::start`] it: no backend
+//! type and no `cfg(feature = "cuda")` appears above this module.
+//!
+//! A GPU is checked before any weights are read ([`check_device`]), so
+//! `--device cuda` on a machine without one fails at once with what is
+//! missing.
+
+use std::path::Path;
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_backend::cuda::CudaUnavailable;
+use kiln_backend::{Backend, Device};
+use kiln_model::chat::ChatTemplate;
+use kiln_model::config::DecoderConfig;
+use kiln_model::tokenizer::Tokenizer;
+use kiln_model::{LoadOptions, LoadedModel, ModelError};
+
+use crate::{Engine, EngineConfig, EngineError};
+
+/// Why a model could not be put on its device or started there.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The device cannot be used on this machine or by this build.
+    #[error(transparent)]
+    Unavailable(#[from] CudaUnavailable),
+    /// The device works but kiln cannot run models on it yet.
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// A model loaded onto a device, not yet serving.
+pub struct DeviceModel {
+    device: Device,
+    inner: Loaded,
+}
+
+/// The loaded model with its backend's type.
+enum Loaded {
+    Cpu(LoadedModel<CpuBackend>),
+}
+
+/// Checks that `device` can be used, without loading anything: always for
+/// the CPU; for a GPU, that this build has CUDA and the machine has the
+/// libraries and the device.
+pub fn check_device(device: Device) -> Result<(), LaunchError> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(n) => {
+            let info = kiln_backend::cuda::probe(n)?;
+            // The kernels compile and the device answers, but they have not
+            // been checked against the CPU backend on a GPU; serving wrong
+            // tokens quickly is worse than refusing.
+            Err(LaunchError::Unsupported(format!(
+                "--device cuda:{n}: found {} (sm_{}{}, {} MiB), but kiln's CUDA backend cannot \
+                 run models yet; use --device cpu",
+                info.name,
+                info.compute_capability.0,
+                info.compute_capability.1,
+                info.total_memory >> 20
+            )))
+        }
+    }
+}
+
+/// Loads the model at `path` onto `device` (after [`check_device`]).
+pub fn load(device: Device, path: &Path, opts: &LoadOptions) -> Result<DeviceModel, LaunchError> {
+    check_device(device)?;
+    let inner = match device {
+        Device::Cpu => Loaded::Cpu(kiln_model::load(&CpuBackend::new(), path, opts)?),
+        // check_device refused every GPU above.
+        Device::Cuda(_) => unreachable!("check_device refuses CUDA devices"),
+    };
+    Ok(DeviceModel { device, inner })
+}
+
+/// Bytes one KV-cache element takes on `device` (for sizing reports).
+pub fn kv_element_bytes(device: Device) -> usize {
+    match device {
+        Device::Cpu => CpuBackend::new().kv_element_bytes(),
+        // bf16/fp16 keys and values on a GPU.
+        Device::Cuda(_) => 2,
+    }
+}
+
+impl DeviceModel {
+    /// The device the model is on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        match &self.inner {
+            Loaded::Cpu(m) => &m.tokenizer,
+        }
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        match &self.inner {
+            Loaded::Cpu(m) => m.chat_template.as_ref(),
+        }
+    }
+
+    /// The decoder's configuration (architecture, sizes).
+    pub fn config(&self) -> &DecoderConfig {
+        match &self.inner {
+            Loaded::Cpu(m) => m.decoder.config(),
+        }
+    }
+
+    /// The longest sequence the model was loaded for.
+    pub fn max_positions(&self) -> usize {
+        match &self.inner {
+            Loaded::Cpu(m) => m.decoder.max_positions(),
+        }
+    }
+
+    /// Starts the engine on the model's device.
+    pub fn start(self, cfg: EngineConfig) -> Result<Engine, LaunchError> {
+        match self.inner {
+            Loaded::Cpu(m) => Ok(Engine::start(CpuBackend::new(), m, cfg)?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GPU that cannot be used is refused before the model is read: the
+    /// path here does not exist, and the error is about the device.
+    #[test]
+    fn an_unusable_gpu_is_refused_before_loading() {
+        let missing = Path::new("/nonexistent/model.gguf");
+        let err = match load(Device::Cuda(0), missing, &LoadOptions::default()) {
+            Err(e) => e,
+            Ok(_) => panic!("loaded a model from a path that does not exist"),
+        };
+        let msg = err.to_string();
+        #[cfg(not(feature = "cuda"))]
+        assert!(
+            matches!(err, LaunchError::Unavailable(CudaUnavailable::NotBuilt)),
+            "{msg}"
+        );
+        // With the feature: no driver here (named by the backend's probe
+        // test), or on a GPU machine a refusal naming the device.
+        #[cfg(feature = "cuda")]
+        assert!(
+            matches!(
+                err,
+                LaunchError::Unavailable(_) | LaunchError::Unsupported(_)
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("--device cuda"), "{msg}");
+        assert!(!msg.contains("nonexistent"), "{msg}");
+        // The CPU gets as far as the path.
+        let cpu = match load(Device::Cpu, missing, &LoadOptions::default()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("loaded a model from a path that does not exist"),
+        };
+        assert!(cpu.contains("nonexistent"), "{cpu}");
+    }
+}
