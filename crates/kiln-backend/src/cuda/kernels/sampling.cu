@@ -160,6 +160,9 @@ extern "C" __global__ void sample_f32(int* __restrict__ tokens, float* __restric
             if (lane < warps) prefix[lane] = w - total; // exclusive: the warps before
         }
         __syncthreads();
+        // Neighbouring threads' ranges come from differently rounded sums: a
+        // gap leaves `chosen` at the argmax (always kept), an overlap lets
+        // either neighbour's token win. Both are within float rounding of u.
         float before = prefix[warp] + incl - own;
         if (own > 0.0f && target >= before && target < before + own) {
             int pick = -1;
