@@ -30,12 +30,11 @@ impl Device {
         let lower = s.trim().to_ascii_lowercase();
         match lower.as_str() {
             "cpu" => return Ok(Device::Cpu),
-            "cuda" | "gpu" => return Ok(Device::Cuda(0)),
+            "cuda" => return Ok(Device::Cuda(0)),
             _ => {}
         }
         let ordinal = lower
             .strip_prefix("cuda:")
-            .or_else(|| lower.strip_prefix("gpu:"))
             .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|n| n.parse::<usize>().ok());
         match ordinal {
@@ -78,10 +77,8 @@ mod tests {
             ("cpu", Device::Cpu),
             (" CPU ", Device::Cpu),
             ("cuda", Device::Cuda(0)),
-            ("gpu", Device::Cuda(0)),
             ("cuda:0", Device::Cuda(0)),
             ("CUDA:3", Device::Cuda(3)),
-            ("gpu:1", Device::Cuda(1)),
         ];
         for (text, want) in cases {
             assert_eq!(Device::parse(text), Ok(want), "{text}");

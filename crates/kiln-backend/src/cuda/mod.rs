@@ -15,12 +15,20 @@
 //!
 //! With the `cuda` feature (cudarc, loading the driver, NVRTC and cuBLAS at
 //! run time, so the build needs no CUDA toolkit):
-//! - `nvrtc`: compiling the kernels, cached per (source, arch, NVRTC version).
+//! - `nvrtc`: compiling the kernels, cached per (source, arch, NVRTC version);
+//! - `modules`: every kernel compiled for a device's architecture and loaded
+//!   into its context (never run: it needs a GPU);
+//! - `backend`: `CudaBackend`, the op set through cuBLASLt and the kernels
+//!   (never run; the launcher does not use it yet).
 
+#[cfg(feature = "cuda")]
+pub mod backend;
 pub mod block_table;
 pub mod cache;
 pub mod graphs;
 pub mod kernels;
+#[cfg(feature = "cuda")]
+pub mod modules;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 pub mod plan;
