@@ -6,11 +6,15 @@
 //!
 //! A GPU is checked before any weights are read ([`check_device`]), so
 //! `--device cuda` on a machine without one fails at once with what is
-//! missing.
+//! missing. The CUDA backend has never run on a GPU, so even where one works
+//! it is used only when `KILN_CUDA_UNVERIFIED=1` asks for it (for the first
+//! runs that compare it with the CPU backend).
 
 use std::path::Path;
 
 use kiln_backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+use kiln_backend::cuda::backend::CudaBackend;
 use kiln_backend::cuda::CudaUnavailable;
 use kiln_backend::{Backend, Device};
 use kiln_model::chat::ChatTemplate;
@@ -33,7 +37,12 @@ pub enum LaunchError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Backend(#[from] kiln_backend::BackendError),
 }
+
+/// The environment variable that lets kiln use its unverified CUDA backend.
+pub const CUDA_UNVERIFIED_ENV: &str = "KILN_CUDA_UNVERIFIED";
 
 /// A model loaded onto a device, not yet serving.
 pub struct DeviceModel {
@@ -43,7 +52,9 @@ pub struct DeviceModel {
 
 /// The loaded model with its backend's type.
 enum Loaded {
-    Cpu(LoadedModel<CpuBackend>),
+    Cpu(Box<LoadedModel<CpuBackend>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<(CudaBackend, LoadedModel<CudaBackend>)>),
 }
 
 /// Checks that `device` can be used, without loading anything: always for
@@ -56,10 +67,18 @@ pub fn check_device(device: Device) -> Result<(), LaunchError> {
             let info = kiln_backend::cuda::probe(n)?;
             // The kernels compile and the device answers, but they have not
             // been checked against the CPU backend on a GPU; serving wrong
-            // tokens quickly is worse than refusing.
+            // tokens quickly is worse than refusing, unless asked to.
+            if std::env::var(CUDA_UNVERIFIED_ENV).is_ok_and(|v| v == "1") {
+                tracing::warn!(
+                    "using the unverified CUDA backend on {} ({CUDA_UNVERIFIED_ENV}=1)",
+                    info.name
+                );
+                return Ok(());
+            }
             Err(LaunchError::Unsupported(format!(
-                "--device cuda:{n}: found {} (sm_{}{}, {} MiB), but kiln's CUDA backend cannot \
-                 run models yet; use --device cpu",
+                "--device cuda:{n}: found {} (sm_{}{}, {} MiB), but kiln's CUDA backend has not \
+                 been verified on a GPU and is not used; use --device cpu (or \
+                 {CUDA_UNVERIFIED_ENV}=1 to try it, results unchecked)",
                 info.name,
                 info.compute_capability.0,
                 info.compute_capability.1,
@@ -73,9 +92,20 @@ pub fn check_device(device: Device) -> Result<(), LaunchError> {
 pub fn load(device: Device, path: &Path, opts: &LoadOptions) -> Result<DeviceModel, LaunchError> {
     check_device(device)?;
     let inner = match device {
-        Device::Cpu => Loaded::Cpu(kiln_model::load(&CpuBackend::new(), path, opts)?),
-        // check_device refused every GPU above.
-        Device::Cuda(_) => unreachable!("check_device refuses CUDA devices"),
+        Device::Cpu => Loaded::Cpu(Box::new(kiln_model::load(&CpuBackend::new(), path, opts)?)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            use kiln_backend::cuda::cache::KernelCache;
+            let include = kiln_backend::cuda::nvrtc::find_include_dir()
+                .map_err(|e| LaunchError::Unsupported(e.to_string()))?;
+            let cache = KernelCache::new(KernelCache::default_dir());
+            let backend = CudaBackend::new(n, &cache, &include)?;
+            let model = kiln_model::load(&backend, path, opts)?;
+            Loaded::Cuda(Box::new((backend, model)))
+        }
+        // check_device already said so; kept as an error, not a panic.
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => return Err(CudaUnavailable::NotBuilt.into()),
     };
     Ok(DeviceModel { device, inner })
 }
@@ -99,6 +129,8 @@ impl DeviceModel {
     pub fn tokenizer(&self) -> &Tokenizer {
         match &self.inner {
             Loaded::Cpu(m) => &m.tokenizer,
+            #[cfg(feature = "cuda")]
+            Loaded::Cuda(bm) => &bm.1.tokenizer,
         }
     }
 
@@ -106,6 +138,8 @@ impl DeviceModel {
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         match &self.inner {
             Loaded::Cpu(m) => m.chat_template.as_ref(),
+            #[cfg(feature = "cuda")]
+            Loaded::Cuda(bm) => bm.1.chat_template.as_ref(),
         }
     }
 
@@ -113,6 +147,8 @@ impl DeviceModel {
     pub fn config(&self) -> &DecoderConfig {
         match &self.inner {
             Loaded::Cpu(m) => m.decoder.config(),
+            #[cfg(feature = "cuda")]
+            Loaded::Cuda(bm) => bm.1.decoder.config(),
         }
     }
 
@@ -120,13 +156,20 @@ impl DeviceModel {
     pub fn max_positions(&self) -> usize {
         match &self.inner {
             Loaded::Cpu(m) => m.decoder.max_positions(),
+            #[cfg(feature = "cuda")]
+            Loaded::Cuda(bm) => bm.1.decoder.max_positions(),
         }
     }
 
     /// Starts the engine on the model's device.
     pub fn start(self, cfg: EngineConfig) -> Result<Engine, LaunchError> {
         match self.inner {
-            Loaded::Cpu(m) => Ok(Engine::start(CpuBackend::new(), m, cfg)?),
+            Loaded::Cpu(m) => Ok(Engine::start(CpuBackend::new(), *m, cfg)?),
+            #[cfg(feature = "cuda")]
+            Loaded::Cuda(bm) => {
+                let (backend, model) = *bm;
+                Ok(Engine::start(backend, model, cfg)?)
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ fn kiln(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .env_remove("KILN_DEVICE")
+        .env_remove("KILN_CUDA_UNVERIFIED")
         .output()
         .expect("run kiln");
     let text =
@@ -17,8 +18,8 @@ fn kiln(args: &[&str]) -> (Option<i32>, String) {
 
 /// What `--device cuda` says on this build and machine. Without the
 /// feature: how to build it. With it, on a machine without the NVIDIA
-/// driver (CI): that libcuda.so is missing. (With a driver and a GPU the
-/// backend refuses to run models yet, naming the device.)
+/// driver (CI): that libcuda.so is missing. (With a driver and a GPU: that
+/// the backend is unverified, naming the device.)
 fn assert_cuda_refused(code: Option<i32>, out: &str) {
     assert_eq!(code, Some(1), "{out}");
     assert!(!out.contains("panicked"), "{out}");
@@ -34,7 +35,8 @@ fn assert_cuda_refused(code: Option<i32>, out: &str) {
     );
     #[cfg(feature = "cuda")]
     assert!(
-        out.contains("libcuda.so (the NVIDIA driver)") || out.contains("cannot run models yet"),
+        out.contains("libcuda.so (the NVIDIA driver)")
+            || out.contains("has not been verified on a GPU"),
         "{out}"
     );
 }
