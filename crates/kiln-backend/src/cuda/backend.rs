@@ -116,9 +116,14 @@ fn grid_y(op: &'static str, n: usize) -> Result<u32> {
 }
 
 impl CudaBackend {
-    /// Opens `cuda:ordinal` (after [`super::probe`] said it can be used),
-    /// compiling or loading every kernel for its architecture.
+    /// Opens `cuda:ordinal`, compiling or loading every kernel for its
+    /// architecture. The device is probed first (cudarc panics on a
+    /// library it cannot load; the probe turns that into this error).
     pub fn new(ordinal: usize, cache: &KernelCache, include_dir: &Path) -> Result<Self> {
+        super::probe(ordinal).map_err(|e| BackendError::Invalid {
+            op: "open",
+            msg: e.to_string(),
+        })?;
         let ctx = CudaContext::new(ordinal).map_err(dev_err("open"))?;
         let stream = ctx.default_stream();
         let blas = CudaBlasLT::new(stream.clone()).map_err(|e| BackendError::Invalid {
