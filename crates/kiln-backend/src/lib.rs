@@ -13,12 +13,15 @@
 
 mod bytes;
 pub mod cpu;
+pub mod cuda;
+mod device;
 pub mod quant;
 pub mod quantize;
 mod quantize_k;
 mod step;
 
 pub use bytes::{ByteOwner, HostBytes};
+pub use device::{Device, DeviceParseError};
 pub use quant::{GgmlType, WeightData};
 pub use step::{KvSpec, SeqSlice, StepInput};
 

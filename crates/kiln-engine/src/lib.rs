@@ -15,6 +15,7 @@ pub mod block_manager;
 pub mod detok;
 pub mod engine;
 pub mod guided;
+pub mod launch;
 pub mod metrics;
 pub mod request;
 pub mod sampling;
@@ -23,6 +24,8 @@ pub mod stops;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
 pub use guided::{Constraint, Guide};
+pub use kiln_backend::Device;
+pub use launch::{DeviceModel, LaunchError};
 pub use metrics::MetricsSnapshot;
 pub use request::{Event, FinishReason, Request, StopConditions, TokenOutput, Usage};
 pub use sampling::{Sampler, SamplingParams};

@@ -183,6 +183,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
             job_queue_size: config.job_queue_size,
             memory_budget: config.memory_budget,
             prepared_cache_max: config.prepared_cache_max,
+            device: config.device,
         }),
         http: prom::HttpMetrics::default(),
         access_log,

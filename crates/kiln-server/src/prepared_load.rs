@@ -187,6 +187,56 @@ pub fn load_model<B: Backend>(
     }
 }
 
+/// A model loaded through the prepared-model cache ([`load_model`]) onto
+/// whichever device [`kiln_engine::launch::load_from`] picks, keeping the
+/// [`LoadReport`] for the caller.
+pub struct CachedSource<'a> {
+    /// The local model (a download cache entry for a remote one).
+    pub path: &'a Path,
+    /// What a remote model's download recorded (its content identity).
+    pub manifest: Option<&'a Manifest>,
+    /// The load options, conversion settings included.
+    pub opts: &'a LoadOptions,
+    /// The prepared-model cache.
+    pub cache: &'a PreparedCache,
+    /// Prepare (and map) even when nothing is converted (`kiln prepare`).
+    pub always_prepare: bool,
+    /// How the load went, once it has.
+    pub report: std::sync::Mutex<Option<LoadReport>>,
+}
+
+impl kiln_engine::launch::ModelSource for CachedSource<'_> {
+    fn load_onto<B: Backend>(
+        &self,
+        backend: &B,
+    ) -> Result<LoadedModel<B>, kiln_engine::LaunchError> {
+        let (model, report) = load_model(
+            backend,
+            self.path,
+            self.manifest,
+            self.opts,
+            self.cache,
+            self.always_prepare,
+        )
+        .map_err(|e| kiln_engine::LaunchError::Source(Box::new(e)))?;
+        if let Ok(mut r) = self.report.lock() {
+            *r = Some(report);
+        }
+        Ok(model)
+    }
+}
+
+impl CachedSource<'_> {
+    /// The report of the load that ran ([`LoadReport::AsStored`] if none did).
+    pub fn take_report(&self) -> LoadReport {
+        self.report
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .unwrap_or(LoadReport::AsStored)
+    }
+}
+
 /// `--cache-max-gib` / `KILN_CACHE_MAX_GIB` as bytes: a positive number of
 /// GiB (fractions allowed).
 pub fn parse_cache_max_gib(value: &str) -> Result<u64, String> {

@@ -821,6 +821,7 @@ const TYPED_KEYS: &[&str] = &[
     "option.trust_remote_code",
     "option.dtype",
     "option.quantize",
+    "option.device",
     "option.tensor_parallel_degree",
     "option.pipeline_parallel_degree",
     "option.rolling_batch",
@@ -1079,6 +1080,9 @@ pub struct ModelProperties {
     /// `option.quantize`: the block format float weight matrices are
     /// quantized to while loading (`q8_0`, `q4_k`, …); `None` keeps them.
     pub quantize: Option<kiln_backend::GgmlType>,
+    /// `option.device` (`cpu`, `cuda`, `cuda:N`): where this model runs;
+    /// `None` takes the server's `--device`.
+    pub device: Option<kiln_backend::Device>,
     /// `option.tensor_parallel_degree`, if given (kiln uses one device).
     pub tensor_parallel_degree: Option<TensorParallelDegree>,
     /// `option.rolling_batch` (default `auto`).
@@ -1326,6 +1330,7 @@ impl Default for ModelProperties {
             trust_remote_code: false,
             dtype: Dtype::Auto,
             quantize: None,
+            device: None,
             tensor_parallel_degree: None,
             rolling_batch: RollingBatch::Auto,
             max_rolling_batch_size: defaults::MAX_ROLLING_BATCH_SIZE,
@@ -1635,6 +1640,13 @@ impl Builder {
             .choice("option.dtype", Dtype::parse, Dtype::ALLOWED)
             .map_or(Dtype::Auto, |(d, _)| d);
         let quantize = self.quantize();
+        let device = self
+            .choice(
+                "option.device",
+                |v| kiln_backend::Device::parse(v).ok(),
+                kiln_backend::Device::ALLOWED,
+            )
+            .map(|(d, _)| d);
 
         let tensor_parallel_degree = self.degree("option.tensor_parallel_degree").map(|(d, p)| {
             if matches!(d, TensorParallelDegree::Degree(n) if n > 1) {
@@ -1790,6 +1802,7 @@ impl Builder {
             trust_remote_code,
             dtype,
             quantize,
+            device,
             tensor_parallel_degree,
             rolling_batch,
             max_rolling_batch_size,

@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::StatusCode;
-use kiln_backend::cpu::CpuBackend;
-use kiln_engine::{Engine, EngineConfig, KvCapacity};
+use kiln_engine::{launch, Engine, EngineConfig, KvCapacity};
 use kiln_model::{LoadOptions, WeightDtype};
 use tokio::sync::watch;
 
@@ -134,6 +133,8 @@ pub struct EngineDefaults {
     pub memory_budget: Option<u64>,
     /// Bytes the prepared-model cache may hold (`--cache-max-gib`).
     pub prepared_cache_max: Option<u64>,
+    /// Where models run unless their `option.device` names another (`--device`).
+    pub device: kiln_backend::Device,
 }
 
 /// Every registered model, by name.
@@ -650,35 +651,30 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         },
         quantize: p.quantize,
     };
-    let backend = CpuBackend::new();
+    let device = p.device.unwrap_or(defaults.device);
+    // An unusable device fails before a remote model is downloaded.
+    launch::check_device(device).map_err(|e| e.to_string())?;
     let download = kiln_sources::DownloadDir::from_env();
     let cache = kiln_sources::PreparedCache::new(&download, defaults.prepared_cache_max);
+    let cached = |path, manifest| crate::prepared_load::CachedSource {
+        path,
+        manifest,
+        opts: &opts,
+        cache: &cache,
+        always_prepare: false,
+        report: Default::default(),
+    };
     let model = match &entry.source {
-        None => {
-            crate::prepared_load::load_model(
-                &backend,
-                &entry.model_path,
-                None,
-                &opts,
-                &cache,
-                false,
-            )
-            .map_err(|e| e.to_string())?
-            .0
-        }
+        None => launch::load_from(device, &cached(&entry.model_path, None))
+            .map_err(|e| e.to_string())?,
         Some(source) => {
             let fetched = kiln_sources::fetch(source, &download).map_err(|e| e.to_string())?;
             // The loader names the cached file; say which model it came from.
-            crate::prepared_load::load_model(
-                &backend,
-                &fetched.model_path,
-                Some(&fetched.manifest),
-                &opts,
-                &cache,
-                false,
+            launch::load_from(
+                device,
+                &cached(&fetched.model_path, Some(&fetched.manifest)),
             )
             .map_err(|e| format!("{source}: {e}"))?
-            .0
         }
     };
     let settings = entry
@@ -695,5 +691,5 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     if let Some(t) = p.max_rolling_batch_prefill_tokens {
         cfg.max_step_tokens = t;
     }
-    Engine::start(backend, model, cfg).map_err(|e| e.to_string())
+    model.start(cfg).map_err(|e| e.to_string())
 }

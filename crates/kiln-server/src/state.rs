@@ -58,6 +58,8 @@ pub struct ServerConfig {
     /// `POST /models?url=` must match whole. Unset: the url must be a path
     /// inside the model store or kiln's cache.
     pub model_url_pattern: Option<String>,
+    /// Where models run unless their `option.device` says otherwise (`--device`).
+    pub device: kiln_backend::Device,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +85,7 @@ impl Default for ServerConfig {
             management_bind: None,
             management_on_inference_port: false,
             model_url_pattern: None,
+            device: kiln_backend::Device::Cpu,
         }
     }
 }

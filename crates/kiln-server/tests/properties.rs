@@ -223,6 +223,35 @@ fn bad_dtype_names_file_line_key_and_allowed_values() {
 }
 
 #[test]
+fn device_values_and_the_environment_form() {
+    use kiln_backend::Device;
+    assert_eq!(
+        parse("engine=Python\n").device,
+        None,
+        "unset: the server's --device"
+    );
+    for (value, device) in [
+        ("cpu", Device::Cpu),
+        ("cuda", Device::Cuda(0)),
+        ("cuda:1", Device::Cuda(1)),
+        ("CUDA:0", Device::Cuda(0)),
+    ] {
+        assert_eq!(
+            parse(&format!("option.device={value}")).device,
+            Some(device),
+            "{value}"
+        );
+    }
+    let p = parse_env("engine=Python\n", &[("OPTION_DEVICE", "cuda:2")]);
+    assert_eq!(p.device, Some(Device::Cuda(2)));
+    assert!(!has_warning(&p, "option.device"), "{:?}", p.warnings);
+    assert_eq!(
+        parse_err("option.device=tpu\n"),
+        "models/opt13b/serving.properties:1: option.device = 'tpu' is not one of cpu, cuda, cuda:N"
+    );
+}
+
+#[test]
 fn rolling_batch_values() {
     for (value, rb) in [
         ("auto", RollingBatch::Auto),

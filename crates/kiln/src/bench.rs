@@ -15,7 +15,6 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, StopConditions};
 
 use crate::model_args::ModelArgs;
@@ -143,15 +142,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let model = args.model.load()?;
     let load_s = t0.elapsed().as_secs_f64();
-    let cfg = model.decoder.config().clone();
+    let cfg = model.config().clone();
     let defaults = EngineConfig::default();
     let cfg_engine = EngineConfig {
         max_running: args.max_batch_size,
         kv_capacity: KvCapacity::Tokens(kv_tokens_needed(&args, defaults.block_size)),
         ..defaults
     };
-    let engine =
-        Engine::start(CpuBackend::new(), model, cfg_engine).context("cannot start the engine")?;
+    let engine = model.start(cfg_engine).context("cannot start the engine")?;
     let vocab = cfg.vocab_size;
 
     let mut pp = Vec::new();

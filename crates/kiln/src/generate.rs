@@ -3,9 +3,8 @@
 use std::io::{Read, Write};
 
 use anyhow::{bail, Context};
-use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{
-    Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, SamplingParams, StopConditions,
+    EngineConfig, Event, FinishReason, KvCapacity, Request, SamplingParams, StopConditions,
 };
 use kiln_model::chat::ChatMessage;
 
@@ -75,8 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let (text, add_special) = if args.chat {
         let template = model
-            .chat_template
-            .as_ref()
+            .chat_template()
             .context("--chat: this model has no chat template")?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -88,14 +86,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         (prompt, true)
     };
-    let ids = model.tokenizer.encode(&text, add_special)?;
-    let max_len = model.decoder.max_positions();
+    let ids = model.tokenizer().encode(&text, add_special)?;
+    let max_len = model.max_positions();
     // One request: a KV cache just big enough for it.
     let cfg = EngineConfig {
         kv_capacity: KvCapacity::Tokens((ids.len() + args.max_new_tokens).min(max_len) + 16),
         ..EngineConfig::default()
     };
-    let engine = Engine::start(CpuBackend::new(), model, cfg)?;
+    let engine = model.start(cfg)?;
     let req = Request {
         prompt: ids,
         sampling: SamplingParams {

@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use kiln_backend::cpu::CpuBackend;
-use kiln_backend::Backend;
 use kiln_model::inspect::{dtype_bytes, parse_memory, summarize};
 
 /// Arguments of `kiln inspect`.
@@ -57,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // The KV cache is held in the element size of the backend that serves
     // the model (f32 on the CPU), whatever the weights' dtype.
-    let kv_elem = CpuBackend::new().kv_element_bytes();
+    let kv_elem = kiln_engine::launch::kv_element_bytes(kiln_engine::Device::Cpu);
     let kv_per_1k = c.kv_bytes_per_token(kv_elem) as f64 * 1024.0;
     let context = args.context.unwrap_or(c.max_position_embeddings);
     let kv_context = c.kv_bytes_per_token(kv_elem) as f64 * context as f64;

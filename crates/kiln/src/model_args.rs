@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use kiln_backend::cpu::CpuBackend;
-use kiln_model::{LoadOptions, LoadedModel, WeightDtype};
-use kiln_server::prepared_load::{self, LoadReport};
+use kiln_engine::launch::{self, DeviceModel};
+use kiln_engine::Device;
+use kiln_model::{LoadOptions, WeightDtype};
+use kiln_server::prepared_load::{self, CachedSource, LoadReport};
 use kiln_sources::{DownloadDir, Fetched, PreparedCache, Source};
 
 /// Which model to load and how.
@@ -38,6 +39,15 @@ pub struct ModelArgs {
     /// beyond it are evicted. Default: unbounded.
     #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = prepared_load::parse_cache_max_gib)]
     pub cache_max_gib: Option<u64>,
+    /// Where the model runs: cpu, cuda or cuda:N (a GPU; needs a kiln built
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu", env = "KILN_DEVICE", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// Clap's parser for `--device` (of `serve` too).
+pub fn parse_device(value: &str) -> Result<Device, String> {
+    Device::parse(value).map_err(|e| e.to_string())
 }
 
 /// Clap's parser for `--quantize`: the message names what kiln supports.
@@ -73,17 +83,19 @@ impl ModelArgs {
         PreparedCache::new(&DownloadDir::from_env(), self.cache_max_gib)
     }
 
-    /// Loads the model onto the CPU backend, logging how long it took.
-    pub fn load(&self) -> anyhow::Result<LoadedModel<CpuBackend>> {
+    /// Loads the model onto `--device`, logging how long it took.
+    pub fn load(&self) -> anyhow::Result<DeviceModel> {
         Ok(self.load_reporting(false)?.0)
     }
 
-    /// Loads the model (through the prepared-model cache when it converts,
-    /// or always with `always_prepare`) and says how.
+    /// Loads the model onto `--device` (through the prepared-model cache
+    /// when it converts, or always with `always_prepare`) and says how. The
+    /// device is checked first, so an unusable GPU fails before any download.
     pub fn load_reporting(
         &self,
         always_prepare: bool,
-    ) -> anyhow::Result<(LoadedModel<CpuBackend>, LoadReport)> {
+    ) -> anyhow::Result<(DeviceModel, LoadReport)> {
+        launch::check_device(self.device)?;
         let (path, fetched) = match &self.model {
             Some(m) => resolve(m, self.revision.as_deref())?,
             None => (
@@ -93,23 +105,30 @@ impl ModelArgs {
             ),
         };
         let t0 = Instant::now();
-        let loaded = prepared_load::load_model(
-            &CpuBackend::new(),
-            &path,
-            fetched.as_ref().map(|f| &f.manifest),
-            &self.options(),
-            &self.cache(),
+        let opts = self.options();
+        let cache = self.cache();
+        let source = CachedSource {
+            path: &path,
+            manifest: fetched.as_ref().map(|f| &f.manifest),
+            opts: &opts,
+            cache: &cache,
             always_prepare,
-        )
-        .with_context(|| {
+            report: Default::default(),
+        };
+        let model = launch::load_from(self.device, &source).with_context(|| {
             let from = fetched
                 .as_ref()
                 .map(|f| format!(" (downloaded from {})", f.manifest.url))
                 .unwrap_or_default();
             format!("cannot load the model at {}{from}", path.display())
         })?;
-        tracing::info!("loaded {} in {:.2?}", path.display(), t0.elapsed());
-        Ok(loaded)
+        tracing::info!(
+            "loaded {} onto {} in {:.2?}",
+            path.display(),
+            self.device,
+            t0.elapsed()
+        );
+        Ok((model, source.take_report()))
     }
 }
 

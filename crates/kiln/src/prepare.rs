@@ -46,6 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         quantize: args.quantize,
         dtype: args.dtype,
         cache_max_gib: args.cache_max_gib,
+        device: kiln_engine::Device::Cpu,
     };
     let (model, report) = margs.load_reporting(true)?;
     drop(model);

@@ -48,6 +48,11 @@ pub struct Args {
     /// KV cache per model, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub kv_cache_mib: usize,
+    /// Where models run unless their serving.properties sets
+    /// `option.device`: cpu, cuda or cuda:N (a GPU; needs a kiln built with
+    /// `--features cuda`).
+    #[arg(long, default_value = "cpu", env = "KILN_DEVICE", value_parser = crate::model_args::parse_device)]
+    pub device: kiln_engine::Device,
     /// Seconds from a request's first byte to the end of its headers before
     /// the connection is closed.
     #[arg(long, default_value_t = 10.0)]
@@ -145,6 +150,7 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         management_bind: args.management_address,
         management_on_inference_port: args.management_on_inference_port,
         model_url_pattern: args.model_url_pattern.clone(),
+        device: args.device,
         job_queue_size: match args.job_queue_size {
             Some(0) => anyhow::bail!("--job-queue-size must be at least 1"),
             n => n,
@@ -158,6 +164,8 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
 
 /// Runs `kiln serve` (logging is set up by the caller, see `main`).
 pub fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+    // An unusable --device is an error at start, not a failed model later.
+    kiln_engine::launch::check_device(cfg.device)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
