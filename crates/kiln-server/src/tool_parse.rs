@@ -275,7 +275,9 @@ fn emit_content(text: String, out: &mut Vec<ToolEvent>) {
 fn partial_suffix(text: &str, marker: &str) -> usize {
     (1..marker.len().min(text.len() + 1))
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..])
+        })
         .unwrap_or(0)
 }
 
@@ -401,7 +403,11 @@ mod tests {
         assert_eq!(whole.0.as_deref(), content, "{text:?}");
         assert_eq!(whole.1, calls, "{text:?}");
         for step in 1..=text.len().min(24) {
-            assert_eq!(streamed(syntax, text, step), whole, "{text:?} in {step}-byte pieces");
+            assert_eq!(
+                streamed(syntax, text, step),
+                whole,
+                "{text:?} in {step}-byte pieces"
+            );
         }
     }
 
@@ -427,7 +433,12 @@ mod tests {
             None,
             &[call("a", r#"{"k":[1,2]}"#)],
         );
-        check(h, "plain answer, no < tool calls", Some("plain answer, no < tool calls"), &[]);
+        check(
+            h,
+            "plain answer, no < tool calls",
+            Some("plain answer, no < tool calls"),
+            &[],
+        );
     }
 
     #[test]
@@ -479,17 +490,28 @@ mod tests {
             Some("Checking."),
             &[call("get_weather", r#"{"city":"Rome"}"#)],
         );
-        check(m, "[TOOL_CALLS is not it", Some("[TOOL_CALLS is not it"), &[]);
+        check(
+            m,
+            "[TOOL_CALLS is not it",
+            Some("[TOOL_CALLS is not it"),
+            &[],
+        );
     }
 
     #[test]
     fn syntax_from_names_and_templates() {
-        assert_eq!(ToolSyntax::from_parser_name("hermes"), Some(ToolSyntax::Hermes));
+        assert_eq!(
+            ToolSyntax::from_parser_name("hermes"),
+            Some(ToolSyntax::Hermes)
+        );
         assert_eq!(
             ToolSyntax::from_parser_name("llama3_json"),
             Some(ToolSyntax::Llama3Json)
         );
-        assert_eq!(ToolSyntax::from_parser_name("mistral"), Some(ToolSyntax::Mistral));
+        assert_eq!(
+            ToolSyntax::from_parser_name("mistral"),
+            Some(ToolSyntax::Mistral)
+        );
         assert_eq!(ToolSyntax::from_parser_name("pythonic"), None);
         assert_eq!(
             ToolSyntax::from_template("{{ '<tool_call>' }}"),

@@ -19,9 +19,11 @@
 use kiln_engine::Constraint;
 use serde_json::{json, Value};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::error::ApiError;
 use crate::params::Fields;
-use crate::tool_parse::ToolSyntax;
+use crate::tool_parse::{ToolEvent, ToolStream, ToolSyntax};
 
 /// Most tools one request may list.
 const MAX_TOOLS: usize = 128;
@@ -61,9 +63,17 @@ impl ToolRequest {
         let allowed: Vec<&Value> = match &self.choice {
             ToolChoice::None | ToolChoice::Auto => return None,
             ToolChoice::Required => self.tools.iter().collect(),
-            ToolChoice::Named(n) => self.tools.iter().filter(|t| tool_name(t) == Some(n)).collect(),
+            ToolChoice::Named(n) => self
+                .tools
+                .iter()
+                .filter(|t| tool_name(t) == Some(n))
+                .collect(),
         };
-        Some(Constraint::Grammar(grammar(syntax, &allowed, self.parallel)))
+        Some(Constraint::Grammar(grammar(
+            syntax,
+            &allowed,
+            self.parallel,
+        )))
     }
 }
 
@@ -193,6 +203,145 @@ fn check_tool(i: usize, t: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// A fresh call id, `call_` and 24 hex digits (OpenAI's ids look alike).
+pub fn call_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("call_{:016x}{:08x}", t, n as u32)
+}
+
+/// An earlier assistant turn's `tool_calls`, as the template is given them:
+/// each `{"id", "type": "function", "function": {"name", "arguments"}}` with
+/// the client's JSON-text `arguments` parsed into an object, as vLLM does
+/// before rendering (Hugging Face templates print them with `tojson`).
+pub fn message_tool_calls(i: usize, m: &Fields) -> Result<Option<Vec<Value>>, ApiError> {
+    let calls = match m.get("tool_calls") {
+        None => return Ok(None),
+        Some(Value::Array(c)) => c,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}].tool_calls must be a list, got {other}"
+            )))
+        }
+    };
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, c) in calls.iter().enumerate() {
+        let bad =
+            |why: &str| ApiError::bad_request(format!("messages[{i}].tool_calls[{j}]: {why}"));
+        let fun = c
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("'function' must be an object"))?;
+        let name = fun
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("'function.name' is required"))?;
+        let arguments = match fun.get("arguments") {
+            None | Some(Value::Null) => json!({}),
+            Some(Value::String(s)) => serde_json::from_str(s)
+                .map_err(|e| bad(&format!("'function.arguments' is not JSON: {e}")))?,
+            Some(v) => v.clone(),
+        };
+        let mut call = json!({"type": "function",
+            "function": {"name": name, "arguments": arguments}});
+        if let Some(id) = c.get("id") {
+            call["id"] = id.clone();
+        }
+        out.push(call);
+    }
+    Ok(Some(out))
+}
+
+/// Rewrites a streamed choice's chunks into content and `delta.tool_calls`
+/// chunks: a call comes out as one chunk with its index, id, type and name
+/// (arguments empty), then one with its arguments, as OpenAI streams them.
+#[derive(Debug)]
+pub struct ToolDeltas {
+    stream: ToolStream,
+}
+
+impl ToolDeltas {
+    /// For output in `syntax`.
+    pub fn new(syntax: ToolSyntax) -> Self {
+        Self {
+            stream: ToolStream::new(syntax),
+        }
+    }
+
+    /// The chunks to send for `chunk` (a chat chunk whose delta may carry
+    /// `content`); `end` marks the choice's last chunk, which keeps the
+    /// finish reason (`tool_calls` once a call was made) and comes last.
+    pub fn rewrite(&mut self, mut chunk: Value, end: bool) -> Vec<Value> {
+        let text = chunk["choices"][0]["delta"]
+            .as_object_mut()
+            .and_then(|d| d.remove("content"))
+            .and_then(|c| c.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut events = self.stream.push(&text);
+        if end {
+            events.extend(self.stream.finish());
+        }
+        let mut template = chunk.clone();
+        template["choices"][0]["logprobs"] = Value::Null;
+        template["choices"][0]["finish_reason"] = Value::Null;
+        let mut before = Vec::new();
+        let mut first_content = None;
+        let mut index = self.stream.calls() - count_calls(&events);
+        for (k, e) in events.into_iter().enumerate() {
+            match e {
+                ToolEvent::Content(t) if k == 0 && !end => first_content = Some(t),
+                ToolEvent::Content(t) => {
+                    let mut c = template.clone();
+                    c["choices"][0]["delta"] = json!({"content": t});
+                    before.push(c);
+                }
+                ToolEvent::Call(call) => {
+                    let mut head = template.clone();
+                    head["choices"][0]["delta"] = json!({"tool_calls": [{"index": index,
+                        "id": call_id(), "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}]});
+                    let mut args = template.clone();
+                    args["choices"][0]["delta"] = json!({"tool_calls": [{"index": index,
+                        "function": {"arguments": call.arguments}}]});
+                    before.push(head);
+                    before.push(args);
+                    index += 1;
+                }
+            }
+        }
+        if let Some(t) = first_content {
+            chunk["choices"][0]["delta"]["content"] = json!(t);
+        }
+        if end {
+            if self.stream.calls() > 0 && chunk["choices"][0]["finish_reason"] != "error" {
+                chunk["choices"][0]["finish_reason"] = json!("tool_calls");
+            }
+            before.push(chunk);
+            return before;
+        }
+        let empty = chunk["choices"][0]["delta"]
+            .as_object()
+            .is_none_or(|d| d.is_empty());
+        let mut out = Vec::new();
+        if !empty || !chunk["choices"][0]["logprobs"].is_null() {
+            out.push(chunk);
+        }
+        out.extend(before);
+        out
+    }
+}
+
+fn count_calls(events: &[ToolEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, ToolEvent::Call(_)))
+        .count()
+}
+
 /// A Lark string literal of `s`.
 fn lit(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
@@ -203,14 +352,7 @@ fn lit(s: &str) -> String {
 /// `parameters` (compact JSON, like the other JSON constraints).
 fn grammar(syntax: ToolSyntax, tools: &[&Value], parallel: bool) -> String {
     let (args_key, open, sep, close, call_open, call_close) = match syntax {
-        ToolSyntax::Hermes => (
-            "arguments",
-            "",
-            "\n",
-            "",
-            "<tool_call>\n",
-            "\n</tool_call>",
-        ),
+        ToolSyntax::Hermes => ("arguments", "", "\n", "", "<tool_call>\n", "\n</tool_call>"),
         ToolSyntax::Llama3Json => ("parameters", "", "; ", "", "", ""),
         ToolSyntax::Mistral => ("arguments", "[TOOL_CALLS][", ", ", "]", "", ""),
     };
@@ -269,9 +411,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!t.parses());
-        let t = read(json!({"tools": [weather()], "tool_choice": "required", "parallel_tool_calls": false}))
-            .unwrap()
-            .unwrap();
+        let t = read(
+            json!({"tools": [weather()], "tool_choice": "required", "parallel_tool_calls": false}),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(t.choice, ToolChoice::Required);
         assert!(!t.parallel);
         let named = json!({"type": "function", "function": {"name": "get_weather"}});
@@ -287,7 +431,10 @@ mod tests {
     fn bad_tool_fields_are_refused() {
         for (body, needle) in [
             (json!({"tool_choice": "required"}), "needs 'tools'"),
-            (json!({"tools": [weather()], "tool_choice": "always"}), "always"),
+            (
+                json!({"tools": [weather()], "tool_choice": "always"}),
+                "always",
+            ),
             (
                 json!({"tools": [weather()], "tool_choice": {"type": "function", "function": {"name": "other"}}}),
                 "'other'",
@@ -328,11 +475,64 @@ mod tests {
         let Some(Constraint::Grammar(g)) = t.constraint(ToolSyntax::Llama3Json) else {
             panic!("no grammar")
         };
-        assert!(!g.contains("get_weather") && g.contains("\\\"parameters\\\""), "{g}");
+        assert!(
+            !g.contains("get_weather") && g.contains("\\\"parameters\\\""),
+            "{g}"
+        );
         assert!(!g.contains(")*"), "{g}");
         let t = read(json!({"tools": [weather()], "tool_choice": "auto"}))
             .unwrap()
             .unwrap();
         assert!(t.constraint(ToolSyntax::Hermes).is_none());
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::*;
+
+    fn chunk(text: &str, finish: Option<&str>) -> Value {
+        json!({"id": "x", "choices": [{"index": 0, "delta": {"content": text},
+            "logprobs": null, "finish_reason": finish}]})
+    }
+
+    #[test]
+    fn streamed_deltas_assemble_to_the_parsed_calls() {
+        let text = "Sure. <tool_call>\n{\"name\": \"a\", \"arguments\": {\"k\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>";
+        for step in [1, 3, 7, 200] {
+            let mut d = ToolDeltas::new(ToolSyntax::Hermes);
+            let mut out = Vec::new();
+            let bytes: Vec<char> = text.chars().collect();
+            for piece in bytes.chunks(step) {
+                out.extend(d.rewrite(chunk(&piece.iter().collect::<String>(), None), false));
+            }
+            out.extend(d.rewrite(chunk("", Some("stop")), true));
+            let mut content = String::new();
+            let mut calls: Vec<(String, String)> = Vec::new();
+            for c in &out {
+                let delta = &c["choices"][0]["delta"];
+                content.push_str(delta["content"].as_str().unwrap_or_default());
+                for t in delta["tool_calls"].as_array().into_iter().flatten() {
+                    let i = t["index"].as_u64().unwrap() as usize;
+                    if i == calls.len() {
+                        calls.push((
+                            t["function"]["name"].as_str().unwrap().into(),
+                            String::new(),
+                        ));
+                    }
+                    calls[i]
+                        .1
+                        .push_str(t["function"]["arguments"].as_str().unwrap());
+                }
+            }
+            assert_eq!(content, "Sure. ", "step {step}");
+            assert_eq!(
+                calls,
+                vec![("a".into(), r#"{"k":1}"#.into()), ("b".into(), "{}".into())],
+                "step {step}"
+            );
+            let last = out.last().unwrap();
+            assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+        }
     }
 }
