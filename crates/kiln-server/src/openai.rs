@@ -139,6 +139,7 @@ fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
             max_total_tokens: None,
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
             constraint: crate::constraints::parse(f)?,
+            skip_special_tokens: true,
         },
     })
 }
@@ -371,6 +372,11 @@ pub(crate) async fn run_value(
             c.params.constraint = Some(g);
         }
         tool_syntax = t.parses().then_some(syntax);
+        // Mistral's `[TOOL_CALLS]` is a special token: keep it in the text
+        // (as vLLM does for its mistral parser), or no call could be read.
+        if tool_syntax == Some(crate::tool_parse::ToolSyntax::Mistral) {
+            c.params.skip_special_tokens = false;
+        }
     }
     let tool_list = tools.map(|t| t.tools);
     let (input, echo) = match api {
