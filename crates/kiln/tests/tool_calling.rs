@@ -253,3 +253,111 @@ fn lmi_routes_reach_tool_calling() {
     assert_eq!(c["finish_reason"], "tool_calls", "{v}");
     check_call(&c["message"]["tool_calls"][0]);
 }
+
+/// A model store with the default model under each tool-call parser kiln
+/// implements (and auto tool choice on), to hold each syntax's grammar and
+/// parser to the same checks.
+fn store() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        let root = tempdir("tool-store-");
+        let models = root.join("models");
+        let names = ["hermes", "llama3_json", "mistral"];
+        for p in names {
+            write(
+                &models.join(format!("{p}/serving.properties")),
+                &format!(
+                    "option.model_id={}\noption.tool_call_parser={p}\n\
+                     option.enable_auto_tool_choice=true\n",
+                    model_file().display()
+                ),
+            );
+        }
+        let s = Server::start(Opts {
+            args: vec![
+                "--model-store".into(),
+                models.display().to_string(),
+                "--log-dir".into(),
+                root.join("logs").display().to_string(),
+                "--kv-cache-mib".into(),
+                "32".into(),
+            ],
+            watchdog: true,
+            ..Opts::default()
+        });
+        let ready = eventually(std::time::Duration::from_secs(120), || {
+            let v = s.get("/models").json();
+            let m = v["models"].as_array()?;
+            let states: Vec<&str> = m.iter().filter_map(|m| m["status"].as_str()).collect();
+            (states.len() == names.len() && !states.contains(&"Loading"))
+                .then_some(states.join(","))
+        });
+        let states = ready.unwrap_or_else(|| panic!("{}", s.stderr()));
+        assert!(!states.contains("Failed"), "{states}: {}", s.stderr());
+        s
+    })
+}
+
+/// `option.tool_call_parser` sets the syntax the grammar writes and the
+/// parser reads: each gives schema-valid calls, streamed or not; with
+/// `option.enable_auto_tool_choice=true`, `auto` is served.
+#[test]
+fn each_parser_setting_gives_valid_calls() {
+    let s = store();
+    for model in ["hermes", "llama3_json", "mistral"] {
+        for stream in [false, true] {
+            let mut body = ask(json!("required"), 5);
+            body["model"] = json!(model);
+            body["parallel_tool_calls"] = json!(false);
+            body["stream"] = json!(stream);
+            let r = s.post_json("/v1/chat/completions", &body);
+            assert_eq!(r.status, 200, "{model}: {}", r.text());
+            let call = if stream {
+                let mut call = json!({"type": "function", "function": {"arguments": ""}});
+                for line in r.text().lines().filter_map(|l| l.strip_prefix("data: ")) {
+                    let Ok(v) = serde_json::from_str::<Value>(line) else {
+                        continue;
+                    };
+                    for d in v["choices"][0]["delta"]["tool_calls"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(id) = d.get("id") {
+                            call["id"] = id.clone();
+                            call["function"]["name"] = d["function"]["name"].clone();
+                        }
+                        let a = call["function"]["arguments"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string()
+                            + d["function"]["arguments"].as_str().unwrap_or_default();
+                        call["function"]["arguments"] = json!(a);
+                    }
+                }
+                call
+            } else {
+                let v = r.json();
+                assert_eq!(
+                    v["choices"][0]["finish_reason"], "tool_calls",
+                    "{model}: {v}"
+                );
+                v["choices"][0]["message"]["tool_calls"][0].clone()
+            };
+            check_call(&call);
+        }
+        let mut auto = ask(json!("auto"), 1);
+        auto["model"] = json!(model);
+        let r = s.post_json("/v1/chat/completions", &auto);
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        // The model chose: a call it makes parses (else its text is content).
+        let v = r.json();
+        for call in v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            assert!(call["function"]["arguments"].is_string(), "{v}");
+        }
+    }
+}
