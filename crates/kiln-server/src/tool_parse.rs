@@ -206,16 +206,13 @@ impl ToolStream {
                         self.phase = Phase::Calls;
                         continue;
                     }
-                    // Keep back a tail that may be the marker's beginning.
-                    let keep = partial_suffix(&self.held, marker);
-                    let cut = self.held.len() - keep;
-                    let text: String = self.held.drain(..cut).collect();
-                    if !(self.calls > 0 && text.trim().is_empty()) {
+                    // Keep back a tail that may be the marker's beginning;
+                    // whitespace after a call stays held too (it is dropped
+                    // if only calls follow it).
+                    let cut = self.held.len() - partial_suffix(&self.held, marker);
+                    if !(self.calls > 0 && self.held[..cut].trim().is_empty()) {
+                        let text: String = self.held.drain(..cut).collect();
                         emit_content(text, out);
-                    } else if !text.is_empty() {
-                        // Whitespace after a call is dropped only at the end.
-                        self.held.insert_str(0, &text);
-                        return;
                     }
                     return;
                 }
