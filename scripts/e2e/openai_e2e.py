@@ -274,6 +274,91 @@ def main():
         except openai.BadRequestError as e:
             expect("guided_whitespace_pattern" in str(e), str(e))
 
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                },
+                "required": ["city", "days"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    clock = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string", "maxLength": 30}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    ASK_WEATHER = [{"role": "user", "content": "What's the weather in Paris for 3 days?"}]
+
+    def check_call(call):
+        expect(call.type == "function" and call.id, call)
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            expect(sorted(args) == ["city", "days"], args)
+            expect(isinstance(args["city"], str) and len(args["city"]) <= 20, args)
+            expect(isinstance(args["days"], int) and 1 <= args["days"] <= 7, args)
+        else:
+            expect(call.function.name == "get_time" and isinstance(args["zone"], str), call)
+
+    def tools():
+        # required and named choices: calls that parse and match the schema.
+        for seed in range(4):
+            r = client.chat.completions.create(
+                model=MODEL, messages=ASK_WEATHER, tools=[weather, clock], tool_choice="required",
+                parallel_tool_calls=False, max_tokens=60, seed=seed,
+            )
+            c = r.choices[0]
+            expect(c.finish_reason == "tool_calls", c)
+            expect(len(c.message.tool_calls) == 1, c)
+            check_call(c.message.tool_calls[0])
+        named = {"type": "function", "function": {"name": "get_time"}}
+        r = client.chat.completions.create(
+            model=MODEL, messages=ASK_WEATHER, tools=[weather, clock], tool_choice=named, max_tokens=80, seed=1,
+            parallel_tool_calls=False,
+        )
+        expect(r.choices[0].message.tool_calls, r)
+        call = r.choices[0].message.tool_calls[0]
+        expect(call.function.name == "get_time", call)
+        check_call(call)
+        # Streamed: the deltas assemble to the non-streamed call.
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        kw = dict(model=MODEL, messages=ASK_WEATHER, tools=[weather], tool_choice=named, max_tokens=60,
+                  temperature=0, parallel_tool_calls=False)
+        want = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+        name, args, reason = None, "", None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            if not chunk.choices:
+                continue
+            d = chunk.choices[0].delta
+            for t in d.tool_calls or []:
+                expect(t.index == 0, t)
+                if t.function.name:
+                    name = t.function.name
+                args += t.function.arguments or ""
+            reason = chunk.choices[0].finish_reason or reason
+        expect((name, args) == (want.function.name, want.function.arguments), (name, args, want))
+        expect(reason == "tool_calls", reason)
+        # auto needs option.enable_auto_tool_choice, which a CLI-served model lacks.
+        try:
+            client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[weather], max_tokens=4)
+            raise AssertionError("no error for auto tool choice")
+        except openai.BadRequestError as e:
+            expect("option.enable_auto_tool_choice" in str(e), str(e))
+
     def errors():
         try:
             client.chat.completions.create(model="no-such-model", messages=CAPITAL, max_tokens=2)
@@ -305,6 +390,7 @@ def main():
             check("chat.completions.create stream (include_usage)", chat_stream)
         check("chat.completions.create n=2 seed", chat_seed_n)
         check("chat.completions.create response_format json_schema (20 sampled); unknown constraint refused", structured)
+        check("chat.completions.create tools: required, named, streamed; auto refused", tools)
         check("errors (404, 400, 401)", errors)
     finally:
         proc.terminate()

@@ -61,6 +61,57 @@ U_WS = {"role": "user", "content": "  Grüße, 世界!\nTwo lines. \n\n"}
 A_THINK = {"role": "assistant", "content": "<think>\nSimple arithmetic.\n</think>\n\n2+2 is 4."}
 A_LAST = {"role": "assistant", "content": "It is 12."}
 
+# Function tools, as OpenAI clients send them (`tools=` of apply_chat_template).
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "City name"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Local time in a time zone.",
+            "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]},
+        },
+    },
+]
+U_W = {"role": "user", "content": "What's the weather in Paris?"}
+# An assistant turn that calls a tool, as vLLM hands it to the template: the
+# client's null content as "" (Qwen3's template needs a string there), the
+# client's JSON-string arguments parsed into an object (HF templates expect
+# one). Mistral's template wants 9-character alphanumeric ids.
+A_CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [
+        {"id": "call12345", "type": "function",
+         "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}
+    ],
+}
+T_RES = {"role": "tool", "tool_call_id": "call12345", "name": "get_weather", "content": "{\"temperature\": 18}"}
+A_FINAL = {"role": "assistant", "content": "It is 18 degrees in Paris."}
+TOOL_TEMPLATES = {"qwen2_5", "qwen3", "llama3_2", "mistral_nemo"}
+
+# Conversations rendered with tools=TOOLS: (case name, messages).
+TOOL_CONVERSATIONS = [
+    ("tools_user_only", [U_W]),
+    ("tools_system_user", [SYS, U_W]),
+    ("tools_call_and_result", [U_W, A_CALL, T_RES]),
+    ("tools_result_answered", [SYS, U_W, A_CALL, T_RES, A_FINAL, U2]),
+]
+
 # (case name, messages, templates it applies to or None for all)
 CONVERSATIONS = [
     ("user_only", [U1], None),
@@ -149,6 +200,31 @@ def main() -> int:
                         }
                     )
                     n += 1
+        if name in TOOL_TEMPLATES:
+            for case, messages in TOOL_CONVERSATIONS:
+                for kw in extra_kwargs(name):
+                    for agp in (False, True):
+                        try:
+                            text = tok.apply_chat_template(
+                                messages, tools=TOOLS, tokenize=False, add_generation_prompt=agp, **kw
+                            )
+                        except Exception as e:  # the template refuses this conversation
+                            print(f"chat: {name}: {case} (agp={agp}) raised: {e}", flush=True)
+                            continue
+                        records.append(
+                            {
+                                "template": name,
+                                "case": case,
+                                "messages": messages,
+                                "tools": TOOLS,
+                                "add_generation_prompt": agp,
+                                "kwargs": kw,
+                                "bos_token": tok.bos_token,
+                                "eos_token": tok.eos_token,
+                                "expected": text,
+                            }
+                        )
+                        n += 1
         print(f"chat: {name}: {n} renderings (bos={tok.bos_token!r}, eos={tok.eos_token!r})", flush=True)
 
     sources = {
@@ -158,7 +234,8 @@ def main() -> int:
             "jinja2": jinja2.__version__,
             "python": platform.python_version(),
         },
-        "call": "tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=..., **kwargs)",
+        "call": "tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=..., **kwargs)"
+        " (records with 'tools' also pass tools=...)",
         "jinja": "transformers' ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, "
         "extensions=[loopcontrols]); globals raise_exception, strftime_now; filter tojson; template "
         "variables: messages, add_generation_prompt, the tokenizer's special_tokens_map, kwargs",

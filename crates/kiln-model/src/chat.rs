@@ -10,11 +10,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ModelError, Result};
 
-/// One message of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One message of a conversation, with the fields tool calling adds (the
+/// shape OpenAI clients send and `apply_chat_template` hands to templates).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, `tool`, ...
     pub role: String,
-    pub content: String,
+    /// The text; `None` (a template sees `none`) for an assistant turn that
+    /// only calls tools.
+    pub content: Option<String>,
+    /// An assistant turn's calls, `[{"id", "type": "function", "function":
+    /// {"name", "arguments"}}]`; absent (undefined in the template) otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message's answer to this call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` message's function name, when the client gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -22,7 +36,10 @@ impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
-            content: content.into(),
+            content: Some(content.into()),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
 }
@@ -30,6 +47,7 @@ impl ChatMessage {
 /// A compiled chat template plus the special-token strings it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -66,6 +84,7 @@ impl ChatTemplate {
             .map_err(|e| ModelError::Template(format!("cannot compile: {e}")))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
@@ -76,11 +95,32 @@ impl ChatTemplate {
         self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
     }
 
+    /// The template's Jinja source (read to tell which tool-call syntax the
+    /// model was trained on).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Renders with extra template variables, as `apply_chat_template(**kwargs)`
     /// passes them (`enable_thinking`, `date_string`, …).
     pub fn render_with(
         &self,
         messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        self.render_tools(messages, None, add_generation_prompt, extra)
+    }
+
+    /// Renders with function `tools` (OpenAI's `{"type": "function",
+    /// "function": {...}}` objects), as `apply_chat_template(messages,
+    /// tools=...)` does: the template sees `tools` only when some are given
+    /// (transformers passes `None` otherwise, which templates test with `is
+    /// not none`).
+    pub fn render_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
@@ -91,6 +131,7 @@ impl ChatTemplate {
         let base = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
+            tools => tools.map(|t| Value::from(minijinja::value::Serde(t))),
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         };

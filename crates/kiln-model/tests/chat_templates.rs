@@ -2,7 +2,8 @@
 //! Qwen2.5, Qwen3, Llama 3 / 3.1 / 3.2 and Mistral NeMo (fetched into the
 //! cache by `scripts/fetch-assets.sh --tests`; Llama's may not be committed)
 //! against the strings `apply_chat_template` produced
-//! (`testdata/chat/expected.json`, written by `scripts/golden/chat_templates.py`).
+//! (`testdata/chat/expected.json`, written by `scripts/golden/chat_templates.py`),
+//! with and without `tools` (and tool calls and results in the messages).
 
 use std::path::PathBuf;
 
@@ -53,7 +54,9 @@ fn templates_render_exactly_as_transformers_does() {
             .as_bool()
             .expect("add_generation_prompt");
         let kwargs = c["kwargs"].as_object().cloned().unwrap_or_default();
-        let got = t.render_with(&messages, agp, &kwargs);
+        // Records with `tools` were rendered with `apply_chat_template(tools=...)`.
+        let tools = c["tools"].as_array().map(Vec::as_slice);
+        let got = t.render_tools(&messages, tools, agp, &kwargs);
         let want = c["expected"].as_str().expect("expected");
         match got {
             Ok(g) if g == want => {}
@@ -72,5 +75,13 @@ fn templates_render_exactly_as_transformers_does() {
     );
     for t in ["qwen2_5", "qwen3", "llama3_2", "mistral_nemo"] {
         assert!(seen.contains(t), "no cases for {t}");
+        // Each template that supports tools is checked with them, including a
+        // turn that calls a tool and the tool's result.
+        assert!(
+            cases.iter().any(|c| c["template"] == t
+                && c["case"] == "tools_call_and_result"
+                && c["tools"].is_array()),
+            "no tool cases for {t}"
+        );
     }
 }

@@ -22,6 +22,9 @@ pub struct GenParams {
     pub ignore_eos: bool,
     /// What the output must match (`response_format`, `guided_*`, …).
     pub constraint: Option<Constraint>,
+    /// Special tokens are left out of the text (kept only where a tool-call
+    /// syntax is one, Mistral's `[TOOL_CALLS]`).
+    pub skip_special_tokens: bool,
 }
 
 /// Tokenizes a text prompt (adding the tokenizer's BOS where it does).
@@ -54,7 +57,7 @@ pub fn submit_with(
             ignore_eos: p.ignore_eos,
             deadline: Some(Instant::now() + timeout),
         },
-        skip_special_tokens: true,
+        skip_special_tokens: p.skip_special_tokens,
         constraint: p.constraint.clone(),
     };
     Ok(engine.submit(req)?)

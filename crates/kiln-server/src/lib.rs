@@ -41,6 +41,8 @@ pub mod sessions;
 pub mod state;
 pub mod store;
 pub mod tokenize;
+pub mod tool_parse;
+pub mod tools;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

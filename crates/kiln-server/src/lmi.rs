@@ -280,6 +280,7 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
             max_total_tokens: None,
             ignore_eos: false,
             constraint: None,
+            skip_special_tokens: true,
         });
     };
     let max_new_tokens = f
@@ -334,6 +335,7 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
         max_total_tokens: None,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         constraint: crate::constraints::parse(f)?,
+        skip_special_tokens: true,
     })
 }
 

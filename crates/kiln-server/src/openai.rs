@@ -139,6 +139,7 @@ fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
             max_total_tokens: None,
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
             constraint: crate::constraints::parse(f)?,
+            skip_special_tokens: true,
         },
     })
 }
@@ -231,14 +232,15 @@ fn completion_options(f: &Fields, n: usize) -> Result<(PromptInput, bool), ApiEr
     Ok((input, echo))
 }
 
-/// The messages of a chat request, rendered with the model's template.
-fn chat_prompt(engine: &Engine, f: &Fields) -> Result<Prompt, ApiError> {
+/// The messages of a chat request (and its tools), rendered with the
+/// model's template.
+fn chat_prompt(engine: &Engine, f: &Fields, tools: Option<&[Value]>) -> Result<Prompt, ApiError> {
     let messages = chat_messages(f)?;
     let template = engine.chat_template().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
     })?;
     let text = template
-        .render(&messages, true)
+        .render_tools(&messages, tools, true, &serde_json::Map::new())
         .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
     // The template writes every special token itself.
     Ok(Prompt {
@@ -254,11 +256,6 @@ pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
         Some(_) => return Err(ApiError::bad_request("'messages' must be a non-empty list")),
         None => return Err(ApiError::bad_request("'messages' is required")),
     };
-    if f.has("tools") || f.has("functions") {
-        return Err(ApiError::bad_request(
-            "tools and function calling are not supported",
-        ));
-    }
     let mut messages = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
         let mf = Fields::new(m, "messages[]")?;
@@ -266,6 +263,8 @@ pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
             .str("role")?
             .ok_or_else(|| ApiError::bad_request(format!("messages[{i}] has no 'role'")))?;
         let content = match mf.get("content") {
+            // vLLM renders a null content (an assistant turn that only
+            // calls tools) as "" (Qwen3's template needs a string).
             None => String::new(),
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
@@ -291,7 +290,11 @@ pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
                 )))
             }
         };
-        messages.push(ChatMessage::new(role, content));
+        let mut msg = ChatMessage::new(role, content);
+        msg.tool_calls = crate::tools::message_tool_calls(i, &mf)?;
+        msg.tool_call_id = mf.str("tool_call_id")?.map(str::to_string);
+        msg.name = mf.str("name")?.map(str::to_string);
+        messages.push(msg);
     }
     Ok(messages)
 }
@@ -332,6 +335,50 @@ pub(crate) async fn run_value(
         },
     };
     c.params.sampling.top_logprobs = top_logprobs.unwrap_or(0);
+    let tools = match api {
+        Api::Chat => crate::tools::parse(&f)?,
+        Api::Completions => None,
+    };
+    let mut tool_syntax = None;
+    if let Some(t) = &tools {
+        let options = st
+            .registry
+            .get(&c.model)
+            .ok()
+            .and_then(|e| e.properties.as_ref().map(|p| p.chat.clone()))
+            .unwrap_or_default();
+        if t.choice == crate::tools::ToolChoice::Auto && !options.auto_tool_choice {
+            return Err(ApiError::bad_request(
+                "tool_choice 'auto' (the default when 'tools' is given) needs \
+                 option.enable_auto_tool_choice=true in the model's serving.properties, as \
+                 vLLM needs --enable-auto-tool-choice; 'required', a named function and \
+                 'none' work without it",
+            ));
+        }
+        let syntax = match &options.tool_call_parser {
+            Some(p) => p.syntax(),
+            None => engine
+                .chat_template()
+                .map(|tpl| crate::tool_parse::ToolSyntax::from_template(tpl.source()))
+                .unwrap_or(crate::tool_parse::ToolSyntax::Hermes),
+        };
+        if let Some(g) = t.constraint(syntax) {
+            if c.params.constraint.is_some() {
+                return Err(ApiError::bad_request(
+                    "tool_choice 'required' or a named function constrains the output to a \
+                     tool call; it cannot be combined with another output constraint",
+                ));
+            }
+            c.params.constraint = Some(g);
+        }
+        tool_syntax = t.parses().then_some(syntax);
+        // Mistral's `[TOOL_CALLS]` is a special token: keep it in the text
+        // (as vLLM does for its mistral parser), or no call could be read.
+        if tool_syntax == Some(crate::tool_parse::ToolSyntax::Mistral) {
+            c.params.skip_special_tokens = false;
+        }
+    }
+    let tool_list = tools.map(|t| t.tools);
     let (input, echo) = match api {
         Api::Completions => {
             let (input, echo) = completion_options(&f, c.n)?;
@@ -343,7 +390,11 @@ pub(crate) async fn run_value(
         let (engine, v) = (engine.clone(), v.clone());
         crate::cpu::run(move || match input {
             Some(input) => prompts::tokenize(&engine, input),
-            None => Ok(vec![chat_prompt(&engine, &Fields::new(&v, "")?)?]),
+            None => Ok(vec![chat_prompt(
+                &engine,
+                &Fields::new(&v, "")?,
+                tool_list.as_deref(),
+            )?]),
         })
         .await?
     };
@@ -376,6 +427,7 @@ pub(crate) async fn run_value(
             Api::Chat => crate::reasoning::for_model(&st, &c.model),
             Api::Completions => None,
         },
+        tools: tool_syntax,
     };
     if c.stream {
         let echoes = echo.then(|| {
@@ -427,8 +479,26 @@ pub(crate) async fn run_value(
                         message["content"] = json!(content);
                         message["reasoning_content"] = json!(reasoning);
                     }
+                    let mut reason = finish_reason(d.reason);
+                    if let (Some(syntax), Some(content)) = (ctx.tools, message["content"].as_str())
+                    {
+                        let (content, calls) = crate::tool_parse::parse(syntax, content);
+                        if !calls.is_empty() {
+                            message["content"] = json!(content);
+                            message["tool_calls"] = Value::Array(
+                                calls
+                                    .iter()
+                                    .map(|c| {
+                                        json!({"id": crate::tools::call_id(), "type": "function",
+                                        "function": {"name": c.name, "arguments": c.arguments}})
+                                    })
+                                    .collect(),
+                            );
+                            reason = "tool_calls";
+                        }
+                    }
                     json!({"index": i, "message": message,
-                    "logprobs": lp, "finish_reason": finish_reason(d.reason)})
+                    "logprobs": lp, "finish_reason": reason})
                 }
             }
         })
@@ -456,6 +526,9 @@ struct Ctx {
     logprobs: bool,
     /// `option.reasoning_parser` of the model, on chat requests.
     reasoning: Option<crate::reasoning::ReasoningParser>,
+    /// The tool-call syntax to read from the output, when the request has
+    /// tools and a choice other than `none`.
+    tools: Option<crate::tool_parse::ToolSyntax>,
 }
 
 impl Ctx {
@@ -547,6 +620,15 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// Several chunks as one piece of the event stream.
+fn sse_all(chunks: &[Value]) -> Bytes {
+    let mut out = Vec::new();
+    for c in chunks {
+        out.extend_from_slice(&sse(c));
+    }
+    Bytes::from(out)
+}
+
 /// Streams `n` choices as server-sent events, interleaved as tokens arrive.
 fn stream(
     ctx: Ctx,
@@ -591,13 +673,18 @@ fn stream(
         rec: Arc<AccessRecord>,
         finished: bool,
         splitters: Vec<Option<crate::reasoning::Splitter>>,
+        tool_streams: Vec<Option<crate::tools::ToolDeltas>>,
     }
     let splitters = (0..n)
         .map(|_| ctx.reasoning.map(crate::reasoning::Splitter::new))
         .collect();
+    let tool_streams = (0..n)
+        .map(|_| ctx.tools.map(crate::tools::ToolDeltas::new))
+        .collect();
     let state = S {
         rx,
         splitters,
+        tool_streams,
         ctx,
         usage: Usage {
             prompt_tokens,
@@ -618,7 +705,10 @@ fn stream(
                 if let Some(Some(sp)) = s.splitters.get_mut(i) {
                     crate::reasoning::rewrite_delta(&mut chunk, sp, false);
                 }
-                sse(&chunk)
+                match s.tool_streams.get_mut(i) {
+                    Some(Some(ts)) => sse_all(&ts.rewrite(chunk, false)),
+                    _ => sse(&chunk),
+                }
             }
             Some((
                 i,
@@ -642,7 +732,10 @@ fn stream(
                     if let Some(Some(sp)) = s.splitters.get_mut(i) {
                         crate::reasoning::rewrite_delta(&mut chunk, sp, true);
                     }
-                    sse(&chunk)
+                    match s.tool_streams.get_mut(i) {
+                        Some(Some(ts)) => sse_all(&ts.rewrite(chunk, true)),
+                        _ => sse(&chunk),
+                    }
                 };
                 if s.open == 0 {
                     let mut tail = Vec::from(out.as_ref());

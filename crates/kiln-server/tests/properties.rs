@@ -975,16 +975,25 @@ fn chat_keys_are_read_or_refused_by_name() {
         p.chat.tool_call_parser.as_ref().map(|t| t.as_str()),
         Some("llama3_json")
     );
-    assert!(has_warning(&p, "option.enable_auto_tool_choice=true"));
+    // The parser also shapes `required` and named tool choices, so it is
+    // used without auto tool choice too (no warning).
+    assert!(!p.chat.auto_tool_choice);
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     let p = parse("option.reasoning_parser=deepseek_r1\noption.enable_auto_tool_choice=false\noption.enable_stateful_sessions=false\n");
     assert_eq!(p.chat.reasoning_parser, Some(ReasoningParser::DeepSeekR1));
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     // Without the keys: nothing.
     assert_eq!(parse("").chat.reasoning_parser, None);
 
-    let e = parse_err("option.enable_auto_tool_choice=true\noption.tool_call_parser=hermes\n");
+    let p = parse("option.enable_auto_tool_choice=true\noption.tool_call_parser=hermes\n");
+    assert!(p.chat.auto_tool_choice);
+    assert_eq!(
+        p.chat.tool_call_parser.as_ref().map(|t| t.syntax()),
+        Some(kiln_server::tool_parse::ToolSyntax::Hermes)
+    );
+    let e = parse_err("option.tool_call_parser=pythonic\n");
     assert!(
-        e.contains("option.enable_auto_tool_choice = 'true'") && e.contains("tool calling"),
+        e.contains("pythonic") && e.contains("does not implement") && e.contains("mistral"),
         "{e}"
     );
     let e = parse_err("option.tool_call_parser=hermes3\n");

@@ -276,8 +276,9 @@ fn openai_bodies_on_the_lmi_routes_get_openai_answers() {
     assert_eq!(v["object"], "text_completion", "{v}");
     assert!(v["choices"][0]["text"].is_string(), "{v}");
 
-    // `tools` reach the chat path, which refuses them for now; on the LMI
-    // route in DJL's error shape and code.
+    // `tools` reach the chat path, which refuses `auto` on a model without
+    // option.enable_auto_tool_choice (vLLM's rule); on the LMI route in
+    // DJL's error shape and code.
     let mut tools = chat.clone();
     tools["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
     tools["tool_choice"] = json!("auto");
@@ -286,7 +287,9 @@ fn openai_bodies_on_the_lmi_routes_get_openai_answers() {
     let v = r.json();
     assert_eq!(v["code"], 424, "{v}");
     assert!(
-        v["error"].as_str().is_some_and(|e| e.contains("tools")),
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("option.enable_auto_tool_choice")),
         "{v}"
     );
 }
@@ -559,11 +562,34 @@ fn decoder_input_details_returns_the_prompts_log_probabilities() {
 #[test]
 fn chat_keys_are_validated_at_load_and_reasoning_is_split() {
     let s = store();
-    let failed = [
-        ("tools", "option.enable_auto_tool_choice"),
-        ("badparser", "hermes2"),
-        ("granite", "does not implement"),
-    ];
+    // enable_auto_tool_choice=true is taken, and lets `tool_choice: "auto"`
+    // through (vLLM's --enable-auto-tool-choice); without it, "auto" is
+    // refused naming the key, on /v1 (400) and on the LMI routes (424).
+    let tools = json!({"messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "tool_choice": "auto", "max_tokens": 8, "temperature": 0});
+    let mut auto = tools.clone();
+    auto["model"] = json!("tools");
+    let r = s.post_json("/v1/chat/completions", &auto);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "chat.completion");
+    auto["model"] = json!("plain");
+    let r = s.post_json("/v1/chat/completions", &auto);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("option.enable_auto_tool_choice"),
+        "{}",
+        r.text()
+    );
+    let r = s.post_json("/predictions/plain", &tools);
+    assert_eq!(r.status, 424, "{}", r.text());
+    assert!(
+        r.text().contains("option.enable_auto_tool_choice"),
+        "{}",
+        r.text()
+    );
+    let failed = [("badparser", "hermes2"), ("granite", "does not implement")];
     for (name, needle) in failed {
         let d = s.get(&format!("/models/{name}")).json();
         let m = &d[0]["models"][0];

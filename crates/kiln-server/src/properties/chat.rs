@@ -8,11 +8,12 @@
 //! vllm_rb_properties.py`, which checks the parser names against vLLM's
 //! registries, and `lmi_vllm/vllm_async_service.py`, which passes them to
 //! `OpenAIServingChat`). What kiln does with each:
-//! - tool calling is not built yet, so `enable_auto_tool_choice=true` is
-//!   refused at load (a model served without it would answer every tool
-//!   request with an error, which an operator who set the key would not
-//!   expect); `tool_call_parser` is checked against vLLM's parser names and
-//!   kept for when it is;
+//! - `enable_auto_tool_choice=true` lets requests use `tool_choice: "auto"`
+//!   (without it they get a 400, as in vLLM; [`crate::tools`]);
+//!   `tool_call_parser` picks the call syntax read from the output
+//!   ([`crate::tool_parse::ToolSyntax`]): `hermes`, `llama3_json`,
+//!   `llama4_json` and `mistral` are implemented, vLLM's other names are
+//!   refused by name (unset, the syntax is chosen from the chat template);
 //! - `reasoning_parser` `qwen3` and `deepseek_r1` are implemented
 //!   ([`crate::reasoning`]); vLLM's other names are refused by name;
 //! - SageMaker stateful sessions ([`crate::sessions`]) are on unless
@@ -23,6 +24,7 @@
 
 use super::Builder;
 use crate::reasoning::ReasoningParser;
+use crate::tool_parse::ToolSyntax;
 
 /// vLLM's built-in tool-call parser names (its `ToolParserManager`
 /// registry, as listed in vLLM's tool-calling documentation that DJL's
@@ -69,14 +71,20 @@ const OTHER_REASONING_PARSERS: &[&str] = &[
     "minimax_m2",
 ];
 
-/// A validated `option.tool_call_parser` name (kept for tool calling).
+/// A validated `option.tool_call_parser`: vLLM's name and the syntax kiln
+/// reads for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ToolCallParser(String);
+pub struct ToolCallParser(String, ToolSyntax);
 
 impl ToolCallParser {
     /// The parser's name.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The call syntax it reads.
+    pub fn syntax(&self) -> ToolSyntax {
+        self.1
     }
 }
 
@@ -85,6 +93,8 @@ impl ToolCallParser {
 pub struct ChatOptions {
     /// `option.tool_call_parser`, checked against vLLM's names.
     pub tool_call_parser: Option<ToolCallParser>,
+    /// `option.enable_auto_tool_choice`: `tool_choice: "auto"` is allowed.
+    pub auto_tool_choice: bool,
     /// `option.reasoning_parser`: how to split a reasoning model's output.
     pub reasoning_parser: Option<ReasoningParser>,
     /// `option.enable_stateful_sessions` and `option.sessions_expiration`.
@@ -121,13 +131,6 @@ impl Builder {
     /// Reads and checks the chat-side keys (see the module documentation).
     pub(super) fn chat_options(&mut self) -> ChatOptions {
         let auto_tools = self.boolean("option.enable_auto_tool_choice");
-        if let Some((true, p)) = &auto_tools {
-            self.problem(
-                p,
-                "asks for tool calling, which kiln does not implement yet; remove it (requests \
-                 with 'tools' are refused with a clear error either way)",
-            );
-        }
         let tool_call_parser = self.entry("option.tool_call_parser").and_then(|p| {
             if !TOOL_CALL_PARSERS.contains(&p.value.as_str()) {
                 self.problem(
@@ -136,13 +139,18 @@ impl Builder {
                 );
                 return None;
             }
-            if !matches!(auto_tools, Some((true, _))) {
-                self.warn(
+            let Some(syntax) = ToolSyntax::from_parser_name(&p.value) else {
+                self.problem(
                     &p,
-                    "has no effect without option.enable_auto_tool_choice=true",
+                    &format!(
+                        "is a vLLM tool-call parser that kiln does not implement; kiln \
+                         implements {}",
+                        ToolSyntax::ALLOWED
+                    ),
                 );
-            }
-            Some(ToolCallParser(p.value))
+                return None;
+            };
+            Some(ToolCallParser(p.value, syntax))
         });
         let reasoning_parser = self.entry("option.reasoning_parser").and_then(|p| {
             let parsed = ReasoningParser::parse(&p.value);
@@ -171,6 +179,7 @@ impl Builder {
         };
         ChatOptions {
             tool_call_parser,
+            auto_tool_choice: matches!(auto_tools, Some((true, _))),
             reasoning_parser,
             sessions,
         }
