@@ -23,7 +23,7 @@ mod support;
 use std::sync::OnceLock;
 
 use serde_json::{json, Value};
-use support::{eventually, model_file, tempdir, write, Opts, Server};
+use support::{model_file, store_server, tempdir, write, Opts, Server};
 
 #[test]
 fn requests_without_a_model_go_to_the_only_one_or_name_the_choices() {
@@ -168,28 +168,7 @@ fn store() -> &'static Server {
                 &format!("{id}{extra}"),
             );
         }
-        let s = Server::start(Opts {
-            args: vec![
-                "--model-store".into(),
-                models.display().to_string(),
-                "--log-dir".into(),
-                root.join("logs").display().to_string(),
-                "--kv-cache-mib".into(),
-                "32".into(),
-            ],
-            watchdog: true,
-            ..Opts::default()
-        });
-        let settled = eventually(std::time::Duration::from_secs(120), || {
-            let v = s.get("/models").json();
-            let states: Vec<String> = v["models"]
-                .as_array()?
-                .iter()
-                .map(|m| m["status"].as_str().unwrap_or("").to_string())
-                .collect();
-            (states.len() == props.len() && !states.iter().any(|s| s == "Loading")).then_some(())
-        });
-        assert!(settled.is_some(), "{}", s.stderr());
+        let (s, _) = store_server(&root, props.len());
         s
     })
 }

@@ -273,26 +273,7 @@ fn store() -> &'static Server {
                 ),
             );
         }
-        let s = Server::start(Opts {
-            args: vec![
-                "--model-store".into(),
-                models.display().to_string(),
-                "--log-dir".into(),
-                root.join("logs").display().to_string(),
-                "--kv-cache-mib".into(),
-                "32".into(),
-            ],
-            watchdog: true,
-            ..Opts::default()
-        });
-        let ready = eventually(std::time::Duration::from_secs(120), || {
-            let v = s.get("/models").json();
-            let m = v["models"].as_array()?;
-            let states: Vec<&str> = m.iter().filter_map(|m| m["status"].as_str()).collect();
-            (states.len() == names.len() && !states.contains(&"Loading"))
-                .then_some(states.join(","))
-        });
-        let states = ready.unwrap_or_else(|| panic!("{}", s.stderr()));
+        let (s, states) = store_server(&root, names.len());
         assert!(!states.contains("Failed"), "{states}: {}", s.stderr());
         s
     })

@@ -439,6 +439,27 @@ fn scores_into<const FMA: bool, const WIDE: bool>(
     }
 }
 
+/// The keys `first..=pos` of `job` as runs inside one KV block each:
+/// (where the first key's dimension 0 is in the key cache, that key's
+/// position, keys in the run). Keys are transposed within a block
+/// ([`key_at`]), so a run's keys are consecutive for every dimension.
+#[cfg(target_arch = "x86_64")]
+fn key_runs<'a>(ctx: &'a Ctx, job: &'a Job) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
+    let (hd, bs) = (ctx.hd, ctx.block_size);
+    let mut j = job.first;
+    std::iter::from_fn(move || {
+        if j > job.pos {
+            return None;
+        }
+        let (blk, w) = (j / bs, j % bs);
+        let count = (bs - w).min(job.pos + 1 - j);
+        let base = job.block_table[blk] as usize * bs * ctx.kv_width + job.kv_head * hd * bs + w;
+        let run = (base, j, count);
+        j += count;
+        Some(run)
+    })
+}
+
 /// Every score of `job` (`scores[h * n + jj]` for head `h` of the group and
 /// key `first + jj`), eight keys per vector from the transposed key blocks:
 /// lane by lane the arithmetic of [`dot_avx`] (eight partial sums over
@@ -463,12 +484,7 @@ unsafe fn scores_avx(ctx: &Ctx, job: &Job, scores: &mut [f32], n: usize) {
     unsafe {
         let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         let (tail, scale) = (_mm256_set1_ps(tail), _mm256_set1_ps(ctx.scale));
-        let mut j = job.first;
-        while j <= job.pos {
-            let (blk, w) = (j / bs, j % bs);
-            let count = (bs - w).min(job.pos + 1 - j);
-            let base =
-                job.block_table[blk] as usize * bs * ctx.kv_width + job.kv_head * hd * bs + w;
+        for (base, j, count) in key_runs(ctx, job) {
             let mut c = 0;
             while c < count {
                 let lanes = (count - c).min(8);
@@ -497,7 +513,6 @@ unsafe fn scores_avx(ctx: &Ctx, job: &Job, scores: &mut [f32], n: usize) {
                 }
                 c += lanes;
             }
-            j += count;
         }
     }
 }
@@ -527,12 +542,7 @@ unsafe fn scores_512<const H: usize>(
     unsafe {
         let scale = _mm512_set1_ps(ctx.scale);
         let tail = _mm512_setzero_ps();
-        let mut j = job.first;
-        while j <= job.pos {
-            let (blk, w) = (j / bs, j % bs);
-            let count = (bs - w).min(job.pos + 1 - j);
-            let base =
-                job.block_table[blk] as usize * bs * ctx.kv_width + job.kv_head * hd * bs + w;
+        for (base, j, count) in key_runs(ctx, job) {
             let mut c = 0;
             while c < count {
                 let lanes = (count - c).min(16);
@@ -563,7 +573,6 @@ unsafe fn scores_512<const H: usize>(
                 }
                 c += lanes;
             }
-            j += count;
         }
     }
 }

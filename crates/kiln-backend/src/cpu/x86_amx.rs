@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 
 use super::actq::ActBits;
 use super::packed::{PackedFormat, PackedOperands, NR, VB};
-use super::x86_packed::{codes512, format, head512, scales512};
+use super::x86_packed::{by_format, codes512, format, head512, scales512};
 
 /// Input rows per tile (a tile's row count).
 pub(super) const MT: usize = 16;
@@ -131,25 +131,12 @@ pub(super) unsafe fn block(
 ) {
     debug_assert_eq!((i1 - i0) % MT, 0);
     let wide = ops.q.bits == ActBits::Int16;
-    // SAFETY (every arm): the caller's contract.
+    // SAFETY: the caller's contract.
     unsafe {
-        match (ops.w.fmt, wide) {
-            (PackedFormat::Q8_0, false) => groups::<0, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q4_0, false) => groups::<1, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q4_1, false) => groups::<2, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q5_0, false) => groups::<3, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q5_1, false) => groups::<4, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q4K, false) => groups::<5, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q5K, false) => groups::<6, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q6K, false) => groups::<7, false>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q8_0, true) => groups::<0, true>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q4_0, true) => groups::<1, true>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q4_1, true) => groups::<2, true>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q5_0, true) => groups::<3, true>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q5_1, true) => groups::<4, true>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q4K, true) => groups::<5, true>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q5K, true) => groups::<6, true>(ops, i0, i1, g0, g1, out),
-            (PackedFormat::Q6K, true) => groups::<7, true>(ops, i0, i1, g0, g1, out),
+        if wide {
+            by_format!(ops.w.fmt, F => groups::<F, true>(ops, i0, i1, g0, g1, out))
+        } else {
+            by_format!(ops.w.fmt, F => groups::<F, false>(ops, i0, i1, g0, g1, out))
         }
     }
 }

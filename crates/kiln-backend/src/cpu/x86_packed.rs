@@ -100,19 +100,8 @@ unsafe fn packed_avx512vnni(
     g1: usize,
     out: *mut f32,
 ) {
-    // SAFETY (every arm): the caller's contract.
-    unsafe {
-        match ops.w.fmt {
-            PackedFormat::Q8_0 => cover512::<0>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q4_0 => cover512::<1>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q4_1 => cover512::<2>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q5_0 => cover512::<3>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q5_1 => cover512::<4>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q4K => cover512::<5>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q5K => cover512::<6>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q6K => cover512::<7>(ops, i0, i1, g0, g1, out),
-        }
-    }
+    // SAFETY: the caller's contract.
+    unsafe { by_format!(ops.w.fmt, F => cover512::<F>(ops, i0, i1, g0, g1, out)) }
 }
 
 /// Input rows per tile: their accumulators stay in registers while each
@@ -128,20 +117,52 @@ unsafe fn dispatch<D: Dot>(
     g1: usize,
     out: *mut f32,
 ) {
-    // SAFETY (every arm): the caller's contract.
-    unsafe {
-        match ops.w.fmt {
-            PackedFormat::Q8_0 => cover::<D, 0>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q4_0 => cover::<D, 1>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q4_1 => cover::<D, 2>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q5_0 => cover::<D, 3>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q5_1 => cover::<D, 4>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q4K => cover::<D, 5>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q5K => cover::<D, 6>(ops, i0, i1, g0, g1, out),
-            PackedFormat::Q6K => cover::<D, 7>(ops, i0, i1, g0, g1, out),
-        }
-    }
+    // SAFETY: the caller's contract.
+    unsafe { by_format!(ops.w.fmt, F => cover::<D, F>(ops, i0, i1, g0, g1, out)) }
 }
+
+/// Evaluates `$body` with `$F` a `u8` constant naming the packed format
+/// `$fmt` (the index [`format`] maps back), so that each format gets its
+/// own instance of a kernel generic over `const F: u8`.
+macro_rules! by_format {
+    ($fmt:expr, $F:ident => $body:expr) => {
+        match $fmt {
+            PackedFormat::Q8_0 => {
+                const $F: u8 = 0;
+                $body
+            }
+            PackedFormat::Q4_0 => {
+                const $F: u8 = 1;
+                $body
+            }
+            PackedFormat::Q4_1 => {
+                const $F: u8 = 2;
+                $body
+            }
+            PackedFormat::Q5_0 => {
+                const $F: u8 = 3;
+                $body
+            }
+            PackedFormat::Q5_1 => {
+                const $F: u8 = 4;
+                $body
+            }
+            PackedFormat::Q4K => {
+                const $F: u8 = 5;
+                $body
+            }
+            PackedFormat::Q5K => {
+                const $F: u8 = 6;
+                $body
+            }
+            PackedFormat::Q6K => {
+                const $F: u8 = 7;
+                $body
+            }
+        }
+    };
+}
+pub(super) use by_format;
 
 /// The format with index `F` (a const generic, so each is its own kernel).
 pub(super) const fn format(f: u8) -> PackedFormat {

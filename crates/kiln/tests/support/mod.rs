@@ -670,3 +670,33 @@ pub fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// Starts a server on the model store `root/models` (logs in `root/logs`,
+/// a 32 MiB KV cache per model) and waits until its `count` models have
+/// finished loading, ready or failed; returns it with their statuses, in
+/// `/models` order, joined by commas.
+pub fn store_server(root: &Path, count: usize) -> (Server, String) {
+    let s = Server::start(Opts {
+        args: vec![
+            "--model-store".into(),
+            root.join("models").display().to_string(),
+            "--log-dir".into(),
+            root.join("logs").display().to_string(),
+            "--kv-cache-mib".into(),
+            "32".into(),
+        ],
+        watchdog: true,
+        ..Opts::default()
+    });
+    let settled = eventually(Duration::from_secs(120), || {
+        let v = s.get("/models").json();
+        let states: Vec<&str> = v["models"]
+            .as_array()?
+            .iter()
+            .map(|m| m["status"].as_str().unwrap_or(""))
+            .collect();
+        (states.len() == count && !states.contains(&"Loading")).then(|| states.join(","))
+    });
+    let states = settled.unwrap_or_else(|| panic!("{}", s.stderr()));
+    (s, states)
+}
