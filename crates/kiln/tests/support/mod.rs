@@ -137,6 +137,11 @@ impl Server {
             .env_remove("KILN_PORT")
             .env_remove("KILN_HOST")
             .env_remove("HF_MODEL_ID")
+            // Downloads and prepared models of each server in its own
+            // directory (tests that share one set it in `opts.env`), so a
+            // run neither reads what an earlier run prepared nor leaves
+            // entries in the user's cache.
+            .env("SERVING_DOWNLOAD_DIR", tempdir("downloads-"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in &opts.env {
