@@ -444,6 +444,8 @@ struct Active {
     /// Log-probabilities of prompt tokens 1.. while they are computed (empty
     /// unless the request asked for them).
     prompt_logprobs: Vec<f32>,
+    /// Their alternatives, when the request asked for top log-probabilities.
+    prompt_top_logprobs: Vec<Vec<(u32, f32)>>,
     /// The grammar the output must follow, if any.
     guide: Option<GuideState>,
 }
@@ -520,6 +522,11 @@ impl<B: Backend> Worker<B> {
             started: false,
             prompt_logprobs: if req.prompt_logprobs {
                 vec![f32::NAN; prompt_len.saturating_sub(1)]
+            } else {
+                Vec::new()
+            },
+            prompt_top_logprobs: if req.prompt_logprobs && req.sampling.top_logprobs > 0 {
+                vec![Vec::new(); prompt_len.saturating_sub(1)]
             } else {
                 Vec::new()
             },
@@ -715,7 +722,13 @@ impl<B: Backend> Worker<B> {
         else {
             return;
         };
-        *slot = token_logprob(logits, token);
+        match a.prompt_top_logprobs.get_mut(pos - 1) {
+            Some(top) => {
+                let n = a.req.sampling.top_logprobs;
+                (*slot, *top) = crate::sampling::token_logprob_and_top(logits, token, n);
+            }
+            None => *slot = token_logprob(logits, token),
+        }
     }
 
     /// Bookkeeping of admissions and preemptions.
@@ -850,11 +863,15 @@ impl<B: Backend> Worker<B> {
                 text.push_str(&a.stops.flush());
             }
         }
-        let prompt_logprobs = if a.generated == 1 && a.req.prompt_logprobs {
+        let (prompt_logprobs, prompt_top_logprobs) = if a.generated == 1 && a.req.prompt_logprobs {
             self.sched.clear_prompt_logprobs(id);
-            Some(std::mem::take(&mut a.prompt_logprobs))
+            let top = std::mem::take(&mut a.prompt_top_logprobs);
+            (
+                Some(std::mem::take(&mut a.prompt_logprobs)),
+                (a.req.sampling.top_logprobs > 0).then_some(top),
+            )
         } else {
-            None
+            (None, None)
         };
         let out = TokenOutput {
             id: tok,
@@ -863,6 +880,7 @@ impl<B: Backend> Worker<B> {
             top_logprobs,
             last: finish.is_some(),
             prompt_logprobs,
+            prompt_top_logprobs,
         };
         match finish {
             Some(reason) => {

@@ -122,6 +122,10 @@ pub struct TokenOutput {
     /// after the first given the tokens before it (one fewer than the prompt's
     /// tokens); `None` otherwise.
     pub prompt_logprobs: Option<Vec<f32>>,
+    /// With [`Self::prompt_logprobs`], when the request asked for
+    /// alternatives ([`crate::SamplingParams::top_logprobs`]): the most
+    /// likely tokens at each of those prompt positions.
+    pub prompt_top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
 }
 
 /// Token counts of a finished request.

@@ -285,6 +285,18 @@ pub(crate) fn token_logprob(logits: &[f32], token: u32) -> f32 {
     }
 }
 
+/// [`token_logprob`] of `token` and the `n` most likely tokens of the same
+/// row, as [`Sampler::sample`] reports a chosen token's alternatives.
+pub(crate) fn token_logprob_and_top(
+    logits: &[f32],
+    token: u32,
+    n: usize,
+) -> (f32, Vec<(u32, f32)>) {
+    let log_z = log_sum_exp(logits);
+    let lp = logits.get(token as usize).map_or(f32::NAN, |&l| l - log_z);
+    (lp, top_n(logits, n, log_z))
+}
+
 /// `ln(sum(exp(logits)))`, computed stably; NaN logits are ignored.
 fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits

@@ -215,10 +215,9 @@ fn completion_options(f: &Fields, n: usize) -> Result<(PromptInput, bool), ApiEr
         }
     }
     let echo = f.bool("echo")?.unwrap_or(false);
-    if echo && f.has("logprobs") {
+    if echo && f.has("logprobs") && f.bool("stream")?.unwrap_or(false) {
         return Err(ApiError::bad_request(
-            "'echo' with 'logprobs' needs the prompt's log-probabilities, which kiln does \
-             not compute yet; leave out one of them",
+            "'echo' with 'logprobs' is answered whole, not streamed; leave out 'stream'",
         ));
     }
     let input = prompts::parse(f.get("prompt"))?;
@@ -410,7 +409,11 @@ pub(crate) async fn run_value(
     rec.add_tokens_in(prompt_tokens * c.n);
     // Choice `k` answers prompt `k / n`, as OpenAI indexes them.
     let jobs = prompts.iter().flat_map(|p| copies(&p.ids, &c)).collect();
-    let streams = generation::submit_all(&engine, jobs, st.config.request_timeout, false).await?;
+    // `echo` with `logprobs` reports the prompt's tokens too (their
+    // log-probabilities computed with the prompt, as vLLM does).
+    let echo_logprobs = echo && top_logprobs.is_some();
+    let streams =
+        generation::submit_all(&engine, jobs, st.config.request_timeout, echo_logprobs).await?;
     let id = format!(
         "{}-{}",
         if api == Api::Chat { "chatcmpl" } else { "cmpl" },
@@ -468,7 +471,11 @@ pub(crate) async fn run_value(
             } else {
                 d.text.clone()
             };
-            let lp = ctx.logprobs.then(|| ctx.logprobs_json(&d.tokens));
+            let lp = if echo_logprobs {
+                Some(ctx.echo_logprobs_json(&prompts[i / c.n].ids, &d.tokens))
+            } else {
+                ctx.logprobs.then(|| ctx.logprobs_json(&d.tokens))
+            };
             match api {
                 Api::Completions => json!({"index": i, "text": text, "logprobs": lp,
                     "finish_reason": finish_reason(d.reason)}),
@@ -577,6 +584,48 @@ impl Ctx {
                     "top_logprobs": top, "text_offset": offsets})
             }
         }
+    }
+
+    /// A completion's `logprobs` with `echo`: the prompt's tokens, then the
+    /// generated ones, in OpenAI's legacy shape. The first prompt token has
+    /// nothing before it: its log-probability and alternatives are null.
+    fn echo_logprobs_json(&self, prompt: &[u32], tokens: &[TokenOutput]) -> Value {
+        let first = tokens.first();
+        let prompt_lps = first.and_then(|t| t.prompt_logprobs.as_deref());
+        let prompt_tops = first.and_then(|t| t.prompt_top_logprobs.as_deref());
+        let top_map = |top: &[(u32, f32)]| -> Value {
+            Value::Object(
+                top.iter()
+                    .map(|&(id, lp)| (token_text(&self.engine, id), json!(lp)))
+                    .collect(),
+            )
+        };
+        let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+        let mut offset = 0;
+        for (k, &id) in prompt.iter().enumerate() {
+            let s = token_text(&self.engine, id);
+            offsets.push(offset);
+            offset += s.len();
+            texts.push(s);
+            if k == 0 {
+                lps.push(Value::Null);
+                tops.push(Value::Null);
+            } else {
+                let lp = prompt_lps.and_then(|v| v.get(k - 1)).copied();
+                lps.push(lp.map_or(Value::Null, |v| json!(v)));
+                let top = prompt_tops.and_then(|v| v.get(k - 1));
+                tops.push(top.map_or_else(|| json!({}), |t| top_map(t)));
+            }
+        }
+        for t in tokens {
+            let s = token_text(&self.engine, t.id);
+            offsets.push(offset);
+            offset += s.len();
+            texts.push(s);
+            lps.push(json!(t.logprob));
+            tops.push(top_map(&t.top_logprobs));
+        }
+        json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
     }
 
     fn chunk(&self, choices: Value) -> Value {

@@ -1,7 +1,7 @@
 //! The OpenAI and vLLM surface beyond single completions, against the real
 //! binary on the default model: `prompt` as a list of strings or of token
 //! lists (with `n` choices each, indexed as OpenAI does, streamed too),
-//! `echo`, the refused `suffix` and `echo` + `logprobs`, and vLLM's
+//! `echo` (with `logprobs`: the prompt's too), the refused `suffix`, and vLLM's
 //! `/tokenize` and `/detokenize`.
 
 mod support;
@@ -202,6 +202,73 @@ fn echo_prepends_each_prompt_also_when_streamed() {
     assert_eq!(rest, plain);
 }
 
+/// `echo` with `logprobs` (what lm-evaluation-harness asks for to score a
+/// continuation): the prompt's tokens come first in `logprobs`, the first
+/// with null, each other with its log-probability given the tokens before
+/// it and its alternatives. A prompt that ends with tokens the model chose
+/// greedily gets, at those positions, the log-probabilities they had when
+/// generated, and they are their positions' top choices.
+#[test]
+fn echo_with_logprobs_scores_the_prompt_tokens() {
+    let s = server();
+    let c = "/v1/completions";
+    let v = ok(
+        s,
+        c,
+        json!({"prompt": A, "max_tokens": 2, "temperature": 0, "ignore_eos": true, "logprobs": 1}),
+    );
+    let gen = &v["choices"][0]["logprobs"];
+    let gen_lps: Vec<f64> = gen["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    // The ids the text prompt was given (special tokens included), then
+    // the same text with the continuation.
+    let mut ids = tokens(s, A, true);
+    let prompt_len = ids.len();
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    let continued = tokens(s, &format!("{A}{text}"), true);
+    assert_eq!(continued.len(), prompt_len + gen_lps.len(), "{continued:?}");
+    assert!(continued.starts_with(&ids), "{ids:?} vs {continued:?}");
+    ids = continued;
+    let v = ok(
+        s,
+        c,
+        json!({"prompt": ids, "max_tokens": 1, "temperature": 0, "echo": true, "logprobs": 1}),
+    );
+    let lp = &v["choices"][0]["logprobs"];
+    let lps = lp["token_logprobs"].as_array().unwrap();
+    let tops = lp["top_logprobs"].as_array().unwrap();
+    let toks = lp["tokens"].as_array().unwrap();
+    assert_eq!(lps.len(), ids.len() + 1, "{lp}");
+    assert_eq!((tops.len(), toks.len()), (lps.len(), lps.len()), "{lp}");
+    assert!(lps[0].is_null() && tops[0].is_null(), "{lp}");
+    for (k, x) in lps.iter().enumerate().skip(1) {
+        let x = x.as_f64().unwrap_or_else(|| panic!("token {k}: {lp}"));
+        assert!(x <= 0.0 && x.is_finite(), "token {k}: {x}");
+        assert_eq!(tops[k].as_object().map(|m| m.len()), Some(1), "{lp}");
+    }
+    // The greedy continuation's tokens, now in the prompt.
+    for (j, want) in gen_lps.iter().enumerate() {
+        let k = prompt_len + j;
+        let got = lps[k].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-4,
+            "position {k}: {got} vs {want} when generated"
+        );
+        let top = tops[k].as_object().unwrap();
+        assert!(
+            top.contains_key(toks[k].as_str().unwrap()),
+            "position {k}: {top:?}"
+        );
+    }
+    let offsets = lp["text_offset"].as_array().unwrap();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
+}
+
 #[test]
 fn unsupported_and_malformed_completion_fields_are_refused_clearly() {
     let s = server();
@@ -209,8 +276,8 @@ fn unsupported_and_malformed_completion_fields_are_refused_clearly() {
     refused(
         s,
         c,
-        json!({"prompt": A, "echo": true, "logprobs": 1}),
-        &["echo", "logprobs", "not"],
+        json!({"prompt": A, "echo": true, "logprobs": 1, "stream": true}),
+        &["echo", "logprobs", "stream"],
     );
     refused(
         s,
