@@ -155,17 +155,20 @@ pub(super) fn unpack(f: &IntFormat, b: &[u8], u: &mut Unpacked) {
         GgmlType::Q6K => {
             let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
             let d = f16_at(b, 208);
-            for e in 0..256 {
-                let (half, within) = (e / 128, e % 128);
-                let (quarter, l) = (within / 32, within % 32);
-                let low_byte = ql[64 * half + 32 * (quarter % 2) + l];
-                let low = if quarter < 2 {
-                    low_byte & 0x0f
-                } else {
-                    low_byte >> 4
-                };
-                let high = (qh[32 * half + l] >> (2 * quarter)) & 3;
-                u.codes[e] = low | (high << 4);
+            // (Loops by half, quarter and lane rather than by element: no
+            // division per element, and the lane loops vectorise.)
+            for half in 0..2 {
+                for quarter in 0..4 {
+                    let low = &ql[64 * half + 32 * (quarter % 2)..][..32];
+                    let high = &qh[32 * half..][..32];
+                    let out = &mut u.codes[128 * half + 32 * quarter..][..32];
+                    let shift = if quarter < 2 { 0 } else { 4 };
+                    for l in 0..32 {
+                        let lo = (low[l] >> shift) & 0x0f;
+                        let hi = (high[l] >> (2 * quarter)) & 3;
+                        out[l] = lo | (hi << 4);
+                    }
+                }
             }
             for (g, &s) in sc.iter().enumerate() {
                 u.scale[g] = d * (s as i8) as f32;
@@ -176,12 +179,16 @@ pub(super) fn unpack(f: &IntFormat, b: &[u8], u: &mut Unpacked) {
             let (hmask, qs) = (&b[0..32], &b[32..96]);
             let scales = q3_k_scales(&b[96..108]);
             let d = f16_at(b, 108);
-            for e in 0..256 {
-                let (half, within) = (e / 128, e % 128);
-                let (j, l) = (within / 32, within % 32);
-                let low = (qs[32 * half + l] >> (2 * j)) & 3;
-                let high = (hmask[l] >> (4 * half + j)) & 1;
-                u.codes[e] = low | (high << 2);
+            for half in 0..2 {
+                for j in 0..4 {
+                    let low = &qs[32 * half..][..32];
+                    let out = &mut u.codes[128 * half + 32 * j..][..32];
+                    for l in 0..32 {
+                        let lo = (low[l] >> (2 * j)) & 3;
+                        let hi = (hmask[l] >> (4 * half + j)) & 1;
+                        out[l] = lo | (hi << 2);
+                    }
+                }
             }
             for (g, &s) in scales.iter().enumerate() {
                 u.scale[g] = d * s as f32;
@@ -191,10 +198,14 @@ pub(super) fn unpack(f: &IntFormat, b: &[u8], u: &mut Unpacked) {
         GgmlType::Q2K => {
             let (scales, qs) = (&b[0..16], &b[16..80]);
             let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
-            for e in 0..256 {
-                let (half, within) = (e / 128, e % 128);
-                let (j, l) = (within / 32, within % 32);
-                u.codes[e] = (qs[32 * half + l] >> (2 * j)) & 3;
+            for half in 0..2 {
+                for j in 0..4 {
+                    let low = &qs[32 * half..][..32];
+                    let out = &mut u.codes[128 * half + 32 * j..][..32];
+                    for l in 0..32 {
+                        out[l] = (low[l] >> (2 * j)) & 3;
+                    }
+                }
             }
             for (g, &s) in scales.iter().enumerate() {
                 u.scale[g] = d * (s & 0x0f) as f32;
