@@ -160,3 +160,19 @@ impl Events {
         Some((ev, end))
     }
 }
+
+/// A streamed response: `body`'s chunks as they are produced, as
+/// `content_type`, never cached (what every streaming route answers).
+pub fn streamed<S>(body: S, content_type: &'static str) -> axum::response::Response
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    use axum::http::{header, HeaderValue};
+    let mut resp = axum::response::Response::new(axum::body::Body::from_stream(body));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}

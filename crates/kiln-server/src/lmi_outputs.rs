@@ -13,8 +13,7 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue};
+use axum::body::Bytes;
 use axum::response::Response;
 use kiln_engine::{Event, FinishReason};
 use serde_json::{json, Value};
@@ -105,12 +104,5 @@ pub(crate) fn response(streams: Vec<Events>, rec: Arc<AccessRecord>) -> Response
         let bytes = Bytes::from(format!("{line}\n"));
         Some((Ok::<_, std::convert::Infallible>(bytes), b))
     });
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/jsonlines"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    crate::generation::streamed(body, "application/jsonlines")
 }

@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::body::Bytes;
+use axum::http::StatusCode;
 use axum::response::Response;
 use kiln_engine::{Event, FinishReason, TokenOutput};
 use serde_json::{json, Value};
@@ -127,10 +127,5 @@ pub(crate) fn response(
     } else {
         "application/jsonlines"
     };
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    crate::generation::streamed(body, content_type)
 }

@@ -6,10 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::future::join_all;
@@ -472,7 +471,7 @@ pub(crate) async fn run_value(
                 d.text.clone()
             };
             let lp = if echo_logprobs {
-                Some(ctx.echo_logprobs_json(&prompts[i / c.n].ids, &d.tokens))
+                Some(ctx.completion_logprobs(&prompts[i / c.n].ids, &d.tokens))
             } else {
                 ctx.logprobs.then(|| ctx.logprobs_json(&d.tokens))
             };
@@ -559,37 +558,15 @@ impl Ctx {
                     .collect();
                 json!({"content": content})
             }
-            Api::Completions => {
-                let mut offset = 0;
-                let mut offsets = Vec::new();
-                let mut texts = Vec::new();
-                for t in tokens {
-                    let s = token_text(&self.engine, t.id);
-                    offsets.push(offset);
-                    offset += s.len();
-                    texts.push(s);
-                }
-                let top: Vec<Value> = tokens
-                    .iter()
-                    .map(|t| {
-                        let m: serde_json::Map<String, Value> = t
-                            .top_logprobs
-                            .iter()
-                            .map(|&(id, lp)| (token_text(&self.engine, id), json!(lp)))
-                            .collect();
-                        Value::Object(m)
-                    })
-                    .collect();
-                json!({"tokens": texts, "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": top, "text_offset": offsets})
-            }
+            Api::Completions => self.completion_logprobs(&[], tokens),
         }
     }
 
-    /// A completion's `logprobs` with `echo`: the prompt's tokens, then the
-    /// generated ones, in OpenAI's legacy shape. The first prompt token has
-    /// nothing before it: its log-probability and alternatives are null.
-    fn echo_logprobs_json(&self, prompt: &[u32], tokens: &[TokenOutput]) -> Value {
+    /// A completion's `logprobs` in OpenAI's legacy shape: the `prompt`
+    /// tokens (with `echo`; none otherwise), then the generated ones. The
+    /// first prompt token has nothing before it: its log-probability and
+    /// alternatives are null.
+    fn completion_logprobs(&self, prompt: &[u32], tokens: &[TokenOutput]) -> Value {
         let first = tokens.first();
         let prompt_lps = first.and_then(|t| t.prompt_logprobs.as_deref());
         let prompt_tops = first.and_then(|t| t.prompt_top_logprobs.as_deref());
@@ -808,14 +785,7 @@ fn stream(
     });
     let head = futures_util::stream::iter(head.into_iter().map(Ok::<_, std::convert::Infallible>));
     let body = futures_util::StreamExt::chain(head, events);
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    crate::generation::streamed(body, "text/event-stream")
 }
 
 #[cfg(test)]
