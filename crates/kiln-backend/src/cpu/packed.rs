@@ -1,6 +1,6 @@
-//! Weights of the block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
-//! Q6_K) repacked at load into groups of 16 interleaved rows, and the
-//! canonical computation over them.
+//! Weights of the block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
+//! Q4_K, Q5_K, Q6_K) repacked at load into groups of 16 interleaved rows,
+//! and the canonical computation over them.
 //!
 //! In the file, each row's blocks follow one another, so one output element
 //! is one row's dot product, and a SIMD register summing eight lanes of it
@@ -13,32 +13,37 @@
 //! instruction per 16 outputs.
 //!
 //! A group keeps, per block of the file, the codes of its rows (nibbles,
-//! plus bit planes for 5- and 6-bit codes, or bytes for Q8_0) and their
-//! scales in their integer or f16 form, so the packed weight is the file's
-//! size (K-quants: 3% more); the mapped pages of the original are released
-//! as they are copied ([`crate::HostBytes::release_resident`]).
+//! plus bit planes for 5- and 6-bit codes; four 2-bit codes per byte, plus
+//! a plane of third bits for Q3_K; or bytes for Q8_0) and their scales in
+//! their integer or f16 form, so the packed weight is the file's size
+//! (Q3_K, Q4_K, Q5_K: 2-4% more); the mapped pages of the original are
+//! released as they are copied ([`crate::HostBytes::release_resident`]).
 //!
 //! **The canonical computation** for input row `i` and weight row `j`, over
 //! the row's 32-element sub-blocks `b` in order (every kernel, SIMD or
 //! portable, computes exactly this):
 //! ```text
-//! for each part h of b (the whole 32, or two halves of 16 for Q6_K):
+//! for each part h of b (the whole 32, or two halves of 16 for Q2_K, Q3_K
+//! and Q6_K, whose scales are per 16 elements):
 //!     S   = sum over t in h of u[t] * qx[t] - K * sum over t in h of qx[t]   (exact)
 //!     acc = fma(float(S) * dx_b, scale_bh, acc)
-//! off = fma(min_b, xsum_b, off)                      (Q4_1, Q5_1, Q4_K, Q5_K)
+//! for each part h of b:                    (Q4_1, Q5_1, Q4_K, Q5_K; Q2_K)
+//!     off = fma(min_bh, xsum_bh, off)
 //! y   = acc + off
 //! ```
 //! `u` is the stored code as an unsigned integer and `K` its zero point
-//! (128 for Q8_0's signed bytes, 8 for Q4_0, 16 for Q5_0, 32 for Q6_K, 0
-//! with a minimum). `scale_bh` is the f16 scale (`d * sc` for the K-quants,
-//! an exact f32 product of an f16 and a small integer) and `min_b` the
-//! block's offset (the f16 minimum, or `-(dmin * m)`). `qx`, `dx_b`,
-//! `xsum_b` come from [`super::actq`].
+//! (128 for Q8_0's signed bytes, 8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32
+//! for Q6_K, 0 with a minimum). `scale_bh` is the f16 scale (`d * sc` for
+//! the K-quants, an exact f32 product of an f16 and a small integer) and
+//! `min_bh` the part's offset (the f16 minimum, or `-(dmin * m)`), one per
+//! sub-block except for Q2_K, whose minimums are per 16 elements as its
+//! scales. `qx`, `dx_b` and `xsum_bh` (the sum `dx_b * sum(qx)` over the
+//! part) come from [`super::actq`].
 
 use super::actq::QuantizedRows;
 use super::blocks::{self, IntFormat, Unpacked};
 use super::matmul::QK;
-use crate::quant::{scale_min_k4, GgmlType};
+use crate::quant::{q3_k_scales, scale_min_k4, GgmlType};
 
 /// Rows per interleaved group: a 512-bit register's 16 lanes (AVX2 takes
 /// a group as two halves of eight).
@@ -48,8 +53,10 @@ pub(super) const VB: usize = 4 * NR;
 /// Offset, within a chunk's head, of the second f16 per row (minimum or dmin).
 const SECOND: usize = 2 * NR;
 /// Offset of the K-quants' 6-bit scales (a row of `NR` per sub-block), then
-/// of their minimums `8 * NR` bytes later; Q6_K's signed scales start at
-/// [`SECOND`] (a row of `NR` per half sub-block).
+/// of their minimums `8 * NR` bytes later; Q3_K's and Q6_K's signed scales
+/// start at [`SECOND`] (a row of `NR` per half sub-block); Q2_K's bytes of
+/// a 4-bit scale (low nibble) and a 4-bit minimum (high nibble), as the
+/// file keeps them, at [`K_SCALES`] (a row of `NR` per half sub-block).
 const K_SCALES: usize = 4 * NR;
 const K_MINS: usize = K_SCALES + 8 * NR;
 
@@ -61,6 +68,8 @@ pub(super) enum PackedFormat {
     Q4_1,
     Q5_0,
     Q5_1,
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -75,6 +84,8 @@ impl PackedFormat {
             GgmlType::Q4_1 => PackedFormat::Q4_1,
             GgmlType::Q5_0 => PackedFormat::Q5_0,
             GgmlType::Q5_1 => PackedFormat::Q5_1,
+            GgmlType::Q2K => PackedFormat::Q2K,
+            GgmlType::Q3K => PackedFormat::Q3K,
             GgmlType::Q4K => PackedFormat::Q4K,
             GgmlType::Q5K => PackedFormat::Q5K,
             GgmlType::Q6K => PackedFormat::Q6K,
@@ -90,16 +101,20 @@ impl PackedFormat {
             PackedFormat::Q4_1 => GgmlType::Q4_1,
             PackedFormat::Q5_0 => GgmlType::Q5_0,
             PackedFormat::Q5_1 => GgmlType::Q5_1,
+            PackedFormat::Q2K => GgmlType::Q2K,
+            PackedFormat::Q3K => GgmlType::Q3K,
             PackedFormat::Q4K => GgmlType::Q4K,
             PackedFormat::Q5K => GgmlType::Q5K,
             PackedFormat::Q6K => GgmlType::Q6K,
         }
     }
 
-    /// Bits per code: 8 (Q8_0), 4, 5 or 6.
+    /// Bits per code: 8 (Q8_0), 2, 3, 4, 5 or 6.
     pub const fn code_bits(self) -> usize {
         match self {
             PackedFormat::Q8_0 => 8,
+            PackedFormat::Q2K => 2,
+            PackedFormat::Q3K => 3,
             PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => 4,
             PackedFormat::Q5_0 | PackedFormat::Q5_1 | PackedFormat::Q5K => 5,
             PackedFormat::Q6K => 6,
@@ -109,21 +124,33 @@ impl PackedFormat {
     /// 32-element sub-blocks per file block.
     pub const fn subs(self) -> usize {
         match self {
-            PackedFormat::Q4K | PackedFormat::Q5K | PackedFormat::Q6K => 8,
+            PackedFormat::Q2K
+            | PackedFormat::Q3K
+            | PackedFormat::Q4K
+            | PackedFormat::Q5K
+            | PackedFormat::Q6K => 8,
             _ => 1,
         }
     }
 
-    /// Sub-blocks are scaled in two halves of 16 (Q6_K).
+    /// Sub-blocks are scaled in two halves of 16 (Q2_K, Q3_K, Q6_K).
     pub const fn halves(self) -> bool {
-        matches!(self, PackedFormat::Q6K)
+        matches!(
+            self,
+            PackedFormat::Q2K | PackedFormat::Q3K | PackedFormat::Q6K
+        )
     }
 
-    /// The format adds a minimum per sub-block.
+    /// The format adds a minimum per sub-block (per half sub-block where
+    /// its scales are: Q2_K).
     pub const fn has_min(self) -> bool {
         matches!(
             self,
-            PackedFormat::Q4_1 | PackedFormat::Q5_1 | PackedFormat::Q4K | PackedFormat::Q5K
+            PackedFormat::Q4_1
+                | PackedFormat::Q5_1
+                | PackedFormat::Q2K
+                | PackedFormat::Q4K
+                | PackedFormat::Q5K
         )
     }
 
@@ -133,18 +160,17 @@ impl PackedFormat {
             PackedFormat::Q8_0 => 128,
             PackedFormat::Q4_0 => 8,
             PackedFormat::Q5_0 => 16,
+            PackedFormat::Q3K => 4,
             PackedFormat::Q6K => 32,
             _ => 0,
         }
     }
 
-    /// Code bytes per group and sub-block: eight code vectors of bytes, or
-    /// four of nibbles plus a vector-sized plane per extra bit.
+    /// Code bytes per group and sub-block, a vector's worth per bit: eight
+    /// code vectors of bytes; four of nibbles plus a plane per bit above
+    /// four; or two of 2-bit codes plus a plane for a third bit.
     pub const fn sub_bytes(self) -> usize {
-        match self.code_bits() {
-            8 => 8 * VB,
-            bits => 4 * VB + VB * (bits - 4),
-        }
+        self.code_bits() * VB
     }
 
     /// Offset of the head (an f16 `d` per row, then the rest) within a
@@ -162,12 +188,14 @@ impl PackedFormat {
                 // d, dmin, then per sub-block a scale and a minimum per row
                 PackedFormat::Q4K | PackedFormat::Q5K => K_MINS + 8 * NR,
                 // d, then per half sub-block a signed scale per row
-                PackedFormat::Q6K => SECOND + 16 * NR,
+                PackedFormat::Q3K | PackedFormat::Q6K => SECOND + 16 * NR,
+                // d, dmin, then per half sub-block a scale-and-minimum byte per row
+                PackedFormat::Q2K => K_SCALES + 16 * NR,
             }
     }
 }
 
-/// A weight matrix in the interleaved layout: `groups` groups of eight rows
+/// A weight matrix in the interleaved layout: `groups` groups of `NR` rows
 /// (the last padded with zero rows), each `blocks` chunks of
 /// [`PackedFormat::chunk`] bytes, one per block of the file.
 #[derive(Debug)]
@@ -247,7 +275,7 @@ impl PackedWeight {
             let u = Self::code(fmt, chunk, s, r, e) - fmt.zero_point();
             let v = Self::scale(fmt, chunk, s, h, r) * u as f32;
             *y = if fmt.has_min() {
-                v + Self::min(fmt, chunk, s, r)
+                v + Self::min(fmt, chunk, s, h, r)
             } else {
                 v
             };
@@ -255,12 +283,28 @@ impl PackedWeight {
     }
 
     /// Unsigned code `t` (0..32) of sub-block `s` of row `r` in a chunk.
+    ///
+    /// Element `t` is byte `e = t % 4` of row `r`'s four in code vector
+    /// `q = t / 4` (at `4 * r + e`); the vectors are stored as bytes
+    /// (Q8_0), as the low then the high nibbles of four vectors, with bit
+    /// planes for bits 4 (bit `q`) and 5 (bits `2 (q % 4)` and up, of a
+    /// plane per four vectors), or as 2-bit fields (bits `2 (q % 4)` and up
+    /// of a byte per four vectors) with a plane for bit 2 (bit `q`).
     pub fn code(fmt: PackedFormat, chunk: &[u8], s: usize, r: usize, t: usize) -> i32 {
         let (q, e) = (t / 4, t % 4);
         let base = &chunk[s * fmt.sub_bytes()..];
         let at = 4 * r + e;
         if fmt.code_bits() == 8 {
             return (base[VB * q + at] as i8 as i32) + 128;
+        }
+        if fmt.code_bits() < 4 {
+            let low = ((base[VB * (q / 4) + at] >> (2 * (q % 4))) & 3) as i32;
+            let high = if fmt.code_bits() == 3 {
+                ((base[2 * VB + at] >> q) & 1) as i32
+            } else {
+                0
+            };
+            return low | high << 2;
         }
         let byte = base[VB * (q % 4) + at];
         let nib = if q < 4 { byte & 0x0f } else { byte >> 4 } as i32;
@@ -279,17 +323,26 @@ impl PackedWeight {
         let d = f16_at(head, 2 * r);
         match fmt {
             PackedFormat::Q4K | PackedFormat::Q5K => d * head[K_SCALES + NR * s + r] as f32,
-            PackedFormat::Q6K => d * (head[SECOND + NR * (2 * s + h) + r] as i8) as f32,
+            PackedFormat::Q3K | PackedFormat::Q6K => {
+                d * (head[SECOND + NR * (2 * s + h) + r] as i8) as f32
+            }
+            PackedFormat::Q2K => d * (head[K_SCALES + NR * (2 * s + h) + r] & 0x0f) as f32,
             _ => d,
         }
     }
 
-    /// The offset coefficient of sub-block `s` of row `r` (formats with a minimum).
-    pub fn min(fmt: PackedFormat, chunk: &[u8], s: usize, r: usize) -> f32 {
+    /// The offset coefficient of part `h` (0, or 1 for a second half: Q2_K's
+    /// minimums are per half) of sub-block `s` of row `r` (formats with a
+    /// minimum).
+    pub fn min(fmt: PackedFormat, chunk: &[u8], s: usize, h: usize, r: usize) -> f32 {
         let head = &chunk[fmt.head()..];
         match fmt {
             PackedFormat::Q4K | PackedFormat::Q5K => {
                 -(f16_at(head, SECOND + 2 * r) * head[K_MINS + NR * s + r] as f32)
+            }
+            PackedFormat::Q2K => {
+                -(f16_at(head, SECOND + 2 * r)
+                    * (head[K_SCALES + NR * (2 * s + h) + r] >> 4) as f32)
             }
             _ => f16_at(head, SECOND + 2 * r),
         }
@@ -312,6 +365,13 @@ fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8
                 base[VB * q + at] = c;
                 continue;
             }
+            if fmt.code_bits() < 4 {
+                base[VB * (q / 4) + at] |= (c & 3) << (2 * (q % 4));
+                if fmt.code_bits() == 3 {
+                    base[2 * VB + at] |= (c >> 2) << q;
+                }
+                continue;
+            }
             base[VB * (q % 4) + at] |= if q < 4 { c & 0x0f } else { (c & 0x0f) << 4 };
             match fmt.code_bits() {
                 5 => base[4 * VB + at] |= (c >> 4) << q,
@@ -327,6 +387,8 @@ fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8
         PackedFormat::Q4_1 | PackedFormat::Q5_1 | PackedFormat::Q4K | PackedFormat::Q5K => {
             (0, Some(2))
         }
+        PackedFormat::Q2K => (80, Some(82)),
+        PackedFormat::Q3K => (108, None),
         PackedFormat::Q6K => (208, None),
     };
     head[2 * r..2 * r + 2].copy_from_slice(&blk[d..d + 2]);
@@ -344,6 +406,16 @@ fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8
         PackedFormat::Q6K => {
             for g in 0..16 {
                 head[SECOND + NR * g + r] = blk[192 + g];
+            }
+        }
+        PackedFormat::Q3K => {
+            for (g, sc) in q3_k_scales(&blk[96..108]).into_iter().enumerate() {
+                head[SECOND + NR * g + r] = sc as u8;
+            }
+        }
+        PackedFormat::Q2K => {
+            for g in 0..16 {
+                head[K_SCALES + NR * g + r] = blk[g];
             }
         }
         _ => {}
@@ -415,7 +487,15 @@ pub(super) unsafe fn portable_block(
                         acc = (sum as f32 * q.dx[ib]).mul_add(scale, acc);
                     }
                     if fmt.has_min() {
-                        off = PackedWeight::min(fmt, chunk, s, r).mul_add(q.sum32[ib], off);
+                        for h in 0..parts {
+                            let xsum = if parts == 2 {
+                                q.sum16[2 * ib + h]
+                            } else {
+                                q.sum32[ib]
+                            };
+                            let min = PackedWeight::min(fmt, chunk, s, h, r);
+                            off = min.mul_add(xsum, off);
+                        }
                     }
                 }
                 // SAFETY: i < m and j < n, inside the buffer; the caller owns the element.
@@ -432,7 +512,7 @@ mod tests {
     use crate::quant;
 
     /// Every code, scale and minimum survives the repack, including the
-    /// padding of a last group of fewer than eight rows.
+    /// padding of a last group of fewer than `NR` rows.
     #[test]
     fn repacking_keeps_every_value() {
         for ty in crate::quant::WEIGHT_FORMATS {

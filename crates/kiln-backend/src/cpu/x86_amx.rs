@@ -248,7 +248,7 @@ unsafe fn tile<const F: u8, const WIDE: bool>(
             let (d, second) = head512::<F>(head);
             for s in 0..subs {
                 let b = fb * subs + s;
-                let (sc0, sc1, _) = scales512::<F>(head, d, second, s);
+                let (sc0, sc1, _, _) = scales512::<F>(head, d, second, s);
                 let w = if fmt == PackedFormat::Q8_0 {
                     chunk
                 } else {
@@ -288,10 +288,21 @@ unsafe fn tile<const F: u8, const WIDE: bool>(
                 let head = ops.chunk(g, fb).as_ptr().add(fmt.head());
                 let (d, second) = head512::<F>(head);
                 for s in 0..subs {
-                    let (_, _, min) = scales512::<F>(head, d, second, s);
-                    let xsum = q.sum32.as_ptr().add(i * nb + fb * subs + s);
-                    for (r, o) in off.iter_mut().enumerate() {
-                        *o = _mm512_fmadd_ps(min, _mm512_set1_ps(*xsum.add(r * nb)), *o);
+                    let (_, _, min0, min1) = scales512::<F>(head, d, second, s);
+                    let b = fb * subs + s;
+                    if fmt.halves() {
+                        // Q2_K: a minimum per half, against the halves' sums.
+                        let xsum = q.sum16.as_ptr().add(2 * (i * nb + b));
+                        for (r, o) in off.iter_mut().enumerate() {
+                            let x0 = _mm512_set1_ps(*xsum.add(2 * r * nb));
+                            let x1 = _mm512_set1_ps(*xsum.add(2 * r * nb + 1));
+                            *o = _mm512_fmadd_ps(min1, x1, _mm512_fmadd_ps(min0, x0, *o));
+                        }
+                    } else {
+                        let xsum = q.sum32.as_ptr().add(i * nb + b);
+                        for (r, o) in off.iter_mut().enumerate() {
+                            *o = _mm512_fmadd_ps(min0, _mm512_set1_ps(*xsum.add(r * nb)), *o);
+                        }
                     }
                 }
             }

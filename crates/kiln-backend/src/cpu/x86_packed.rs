@@ -159,6 +159,14 @@ macro_rules! by_format {
                 const $F: u8 = 7;
                 $body
             }
+            PackedFormat::Q2K => {
+                const $F: u8 = 8;
+                $body
+            }
+            PackedFormat::Q3K => {
+                const $F: u8 = 9;
+                $body
+            }
         }
     };
 }
@@ -174,7 +182,9 @@ pub(super) const fn format(f: u8) -> PackedFormat {
         4 => PackedFormat::Q5_1,
         5 => PackedFormat::Q4K,
         6 => PackedFormat::Q5K,
-        _ => PackedFormat::Q6K,
+        7 => PackedFormat::Q6K,
+        8 => PackedFormat::Q2K,
+        _ => PackedFormat::Q3K,
     }
 }
 
@@ -228,6 +238,33 @@ unsafe fn codes<const F: u8>(p: *const u8) -> [__m256i; 8] {
         if fmt.code_bits() == 8 {
             for (q, cq) in c.iter_mut().enumerate() {
                 *cq = _mm256_loadu_si256(p.add(VB * q) as *const __m256i);
+            }
+            return c;
+        }
+        if fmt.code_bits() < 4 {
+            // Bits 2(q % 4) and 2(q % 4) + 1 of vector q / 4 are register
+            // q's element (16-bit shifts: what crosses from the neighbouring
+            // byte lands outside the mask).
+            let m = _mm256_set1_epi8(3);
+            for v in 0..2 {
+                let x = _mm256_loadu_si256(p.add(VB * v) as *const __m256i);
+                c[4 * v] = _mm256_and_si256(x, m);
+                c[4 * v + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(x), m);
+                c[4 * v + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m);
+                c[4 * v + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(x), m);
+            }
+            if fmt.code_bits() == 3 {
+                // Bit q of the plane is the third bit of register q's element.
+                let qh = _mm256_loadu_si256(p.add(2 * VB) as *const __m256i);
+                let m = _mm256_set1_epi8(4);
+                c[0] = or_masked256(c[0], _mm256_slli_epi16::<2>(qh), m);
+                c[1] = or_masked256(c[1], _mm256_slli_epi16::<1>(qh), m);
+                c[2] = or_masked256(c[2], qh, m);
+                c[3] = or_masked256(c[3], _mm256_srli_epi16::<1>(qh), m);
+                c[4] = or_masked256(c[4], _mm256_srli_epi16::<2>(qh), m);
+                c[5] = or_masked256(c[5], _mm256_srli_epi16::<3>(qh), m);
+                c[6] = or_masked256(c[6], _mm256_srli_epi16::<4>(qh), m);
+                c[7] = or_masked256(c[7], _mm256_srli_epi16::<5>(qh), m);
             }
             return c;
         }
@@ -343,6 +380,34 @@ unsafe fn bytes8<const SIGNED: bool>(p: *const u8) -> __m256 {
     }
 }
 
+/// `c | (v & m)`.
+#[inline(always)]
+unsafe fn or_masked256(c: __m256i, v: __m256i, m: __m256i) -> __m256i {
+    // SAFETY: AVX2 per the caller.
+    unsafe { _mm256_or_si256(c, _mm256_and_si256(v, m)) }
+}
+
+/// `-v`, lane by lane.
+#[inline(always)]
+unsafe fn neg256(v: __m256) -> __m256 {
+    // SAFETY: AVX per the caller.
+    unsafe { _mm256_xor_ps(v, _mm256_set1_ps(-0.0)) }
+}
+
+/// Eight bytes at `p` as f32 lanes of their low and of their high nibbles.
+#[inline(always)]
+unsafe fn nibbles8(p: *const u8) -> (__m256, __m256) {
+    // SAFETY: eight readable bytes at p.
+    unsafe {
+        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        let low = _mm256_and_si256(v, _mm256_set1_epi32(0x0f));
+        (
+            _mm256_cvtepi32_ps(low),
+            _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v)),
+        )
+    }
+}
+
 /// Rows of a group one 256-bit register holds.
 const HALF: usize = NR / 2;
 
@@ -400,19 +465,31 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
                         *cq = _mm256_xor_si256(*cq, flip);
                     }
                 }
-                // Scales of the sub-block (or its two halves) and its offset.
-                let (sc0, sc1, min) = match fmt {
+                // Scales of the sub-block (or its two halves) and its
+                // offsets (of its halves, which differ only for Q2_K).
+                let (sc0, sc1, min0, min1) = match fmt {
                     PackedFormat::Q4K | PackedFormat::Q5K => {
                         let sc = _mm256_mul_ps(d, bytes8::<false>(bytes_at(4 * NR + NR * s)));
                         let m = _mm256_mul_ps(second, bytes8::<false>(bytes_at(12 * NR + NR * s)));
-                        (sc, sc, _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
+                        (sc, sc, neg256(m), neg256(m))
                     }
-                    PackedFormat::Q6K => (
+                    PackedFormat::Q3K | PackedFormat::Q6K => (
                         _mm256_mul_ps(d, bytes8::<true>(bytes_at(2 * NR + 2 * NR * s))),
                         _mm256_mul_ps(d, bytes8::<true>(bytes_at(3 * NR + 2 * NR * s))),
                         second,
+                        second,
                     ),
-                    _ => (d, d, second),
+                    PackedFormat::Q2K => {
+                        let (sc0, m0) = nibbles8(bytes_at(4 * NR + 2 * NR * s));
+                        let (sc1, m1) = nibbles8(bytes_at(5 * NR + 2 * NR * s));
+                        (
+                            _mm256_mul_ps(d, sc0),
+                            _mm256_mul_ps(d, sc1),
+                            neg256(_mm256_mul_ps(second, m0)),
+                            neg256(_mm256_mul_ps(second, m1)),
+                        )
+                    }
+                    _ => (d, d, second, second),
                 };
                 for ii in 0..R {
                     let blk = (i + ii) * nb + fb * fmt.subs() + s;
@@ -459,9 +536,14 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
                             acc[ii],
                         );
                     }
-                    if fmt.has_min() {
+                    if fmt.has_min() && fmt.halves() {
+                        let xsum0 = _mm256_set1_ps(*q.sum16.get_unchecked(2 * blk));
+                        let xsum1 = _mm256_set1_ps(*q.sum16.get_unchecked(2 * blk + 1));
+                        off[ii] = _mm256_fmadd_ps(min0, xsum0, off[ii]);
+                        off[ii] = _mm256_fmadd_ps(min1, xsum1, off[ii]);
+                    } else if fmt.has_min() {
                         let xsum = _mm256_set1_ps(*q.sum32.get_unchecked(blk));
-                        off[ii] = _mm256_fmadd_ps(min, xsum, off[ii]);
+                        off[ii] = _mm256_fmadd_ps(min0, xsum, off[ii]);
                     }
                 }
             }
@@ -529,6 +611,30 @@ pub(super) unsafe fn codes512<const F: u8>(p: *const u8) -> [__m512i; 8] {
         if fmt.code_bits() == 8 {
             for (q, cq) in c.iter_mut().enumerate() {
                 *cq = _mm512_loadu_si512(p.add(VB * q) as *const __m512i);
+            }
+            return c;
+        }
+        // As in `codes`: 2-bit fields, and a plane of third bits moved to bit 2.
+        if fmt.code_bits() < 4 {
+            let m = _mm512_set1_epi8(3);
+            for v in 0..2 {
+                let x = _mm512_loadu_si512(p.add(VB * v) as *const __m512i);
+                c[4 * v] = _mm512_and_si512(x, m);
+                c[4 * v + 1] = _mm512_and_si512(_mm512_srli_epi16::<2>(x), m);
+                c[4 * v + 2] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m);
+                c[4 * v + 3] = _mm512_and_si512(_mm512_srli_epi16::<6>(x), m);
+            }
+            if fmt.code_bits() == 3 {
+                let qh = _mm512_loadu_si512(p.add(2 * VB) as *const __m512i);
+                let m = _mm512_set1_epi8(4);
+                c[0] = or_masked(c[0], _mm512_slli_epi16::<2>(qh), m);
+                c[1] = or_masked(c[1], _mm512_slli_epi16::<1>(qh), m);
+                c[2] = or_masked(c[2], qh, m);
+                c[3] = or_masked(c[3], _mm512_srli_epi16::<1>(qh), m);
+                c[4] = or_masked(c[4], _mm512_srli_epi16::<2>(qh), m);
+                c[5] = or_masked(c[5], _mm512_srli_epi16::<3>(qh), m);
+                c[6] = or_masked(c[6], _mm512_srli_epi16::<4>(qh), m);
+                c[7] = or_masked(c[7], _mm512_srli_epi16::<5>(qh), m);
             }
             return c;
         }
@@ -644,6 +750,32 @@ unsafe fn bytes16<const SIGNED: bool>(p: *const u8) -> __m512 {
     }
 }
 
+/// Sixteen bytes at `p` as f32 lanes of their low and of their high nibbles.
+#[inline(always)]
+unsafe fn nibbles16(p: *const u8) -> (__m512, __m512) {
+    // SAFETY: sixteen readable bytes at p; AVX512F per the caller.
+    unsafe {
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let low = _mm512_and_si512(v, _mm512_set1_epi32(0x0f));
+        (
+            _mm512_cvtepi32_ps(low),
+            _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)),
+        )
+    }
+}
+
+/// `-v`, lane by lane.
+#[inline(always)]
+unsafe fn neg512(v: __m512) -> __m512 {
+    // SAFETY: AVX512F per the caller.
+    unsafe {
+        _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(v),
+            _mm512_set1_epi32(i32::MIN),
+        ))
+    }
+}
+
 /// A group chunk's per-row f16 factors at `head` as f32 lanes: `d`, and
 /// the minimum (or `dmin`) where the format has one, else zeros.
 #[inline(always)]
@@ -661,33 +793,41 @@ pub(super) unsafe fn head512<const F: u8>(head: *const u8) -> (__m512, __m512) {
 }
 
 /// Sub-block `s`'s scales (of its two halves, which differ only for
-/// Q6_K) and its offset factor, per row of the group, from the chunk's
-/// head and its [`head512`] factors.
+/// Q2_K, Q3_K and Q6_K) and its offset factors (of its two halves, which
+/// differ only for Q2_K), per row of the group, from the chunk's head and
+/// its [`head512`] factors.
 #[inline(always)]
 pub(super) unsafe fn scales512<const F: u8>(
     head: *const u8,
     d: __m512,
     second: __m512,
     s: usize,
-) -> (__m512, __m512, __m512) {
+) -> (__m512, __m512, __m512, __m512) {
     // SAFETY: the chunk's head at `head`; AVX512F per the caller.
     unsafe {
         match format(F) {
             PackedFormat::Q4K | PackedFormat::Q5K => {
                 let sc = _mm512_mul_ps(d, bytes16::<false>(head.add(4 * NR + NR * s)));
                 let m = _mm512_mul_ps(second, bytes16::<false>(head.add(12 * NR + NR * s)));
-                let neg = _mm512_castsi512_ps(_mm512_xor_si512(
-                    _mm512_castps_si512(m),
-                    _mm512_set1_epi32(i32::MIN),
-                ));
-                (sc, sc, neg)
+                (sc, sc, neg512(m), neg512(m))
             }
-            PackedFormat::Q6K => (
+            PackedFormat::Q3K | PackedFormat::Q6K => (
                 _mm512_mul_ps(d, bytes16::<true>(head.add(2 * NR + 2 * NR * s))),
                 _mm512_mul_ps(d, bytes16::<true>(head.add(3 * NR + 2 * NR * s))),
                 second,
+                second,
             ),
-            _ => (d, d, second),
+            PackedFormat::Q2K => {
+                let (sc0, m0) = nibbles16(head.add(4 * NR + 2 * NR * s));
+                let (sc1, m1) = nibbles16(head.add(5 * NR + 2 * NR * s));
+                (
+                    _mm512_mul_ps(d, sc0),
+                    _mm512_mul_ps(d, sc1),
+                    neg512(_mm512_mul_ps(second, m0)),
+                    neg512(_mm512_mul_ps(second, m1)),
+                )
+            }
+            _ => (d, d, second, second),
         }
     }
 }
@@ -725,7 +865,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                         *cq = _mm512_xor_si512(*cq, flip);
                     }
                 }
-                let (sc0, sc1, min) = scales512::<F>(head, d, second, s);
+                let (sc0, sc1, min0, min1) = scales512::<F>(head, d, second, s);
                 for ii in 0..R {
                     let blk = (i + ii) * nb + fb * fmt.subs() + s;
                     let x = xs.add(x_bytes * blk);
@@ -765,9 +905,14 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                             acc[ii],
                         );
                     }
-                    if fmt.has_min() {
+                    if fmt.has_min() && fmt.halves() {
+                        let xsum0 = _mm512_set1_ps(*q.sum16.get_unchecked(2 * blk));
+                        let xsum1 = _mm512_set1_ps(*q.sum16.get_unchecked(2 * blk + 1));
+                        off[ii] = _mm512_fmadd_ps(min0, xsum0, off[ii]);
+                        off[ii] = _mm512_fmadd_ps(min1, xsum1, off[ii]);
+                    } else if fmt.has_min() {
                         let xsum = _mm512_set1_ps(*q.sum32.get_unchecked(blk));
-                        off[ii] = _mm512_fmadd_ps(min, xsum, off[ii]);
+                        off[ii] = _mm512_fmadd_ps(min0, xsum, off[ii]);
                     }
                 }
             }
