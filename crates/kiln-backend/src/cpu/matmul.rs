@@ -11,12 +11,11 @@
 //! - Float weights (F32, F16, BF16): [`super::float_packed`], one FMA per
 //!   element, in order, over a transposed copy of the weights.
 //! - Block formats repacked at load: [`super::packed`].
-//! - The others (Q2_K, Q3_K, and every block format with
-//!   `KILN_CPU_REPACK=0`), computed from the file's rows below: for input row
-//!   `i` and weight row `j`, with the row split into 32-element blocks `b`,
-//!   the weights decoded to codes, scales and coefficients
-//!   ([`super::blocks`]) against the activation quantized per 32-block
-//!   ([`super::actq`]):
+//! - Block formats with `KILN_CPU_REPACK=0`, computed from the file's rows
+//!   below: for input row `i` and weight row `j`, with the row split into
+//!   32-element blocks `b`, the weights decoded to codes, scales and
+//!   coefficients ([`super::blocks`]) against the activation quantized per
+//!   32-block ([`super::actq`]):
 //! ```text
 //! L_b[l] = sum of code[t] * qx[t] for t in 4l..4l+4      (8 lanes, exact integers)
 //! acc[l] = fma(float(L_b[l]) * dx_b, scale[l < 4 ? 2b : 2b + 1], acc[l])

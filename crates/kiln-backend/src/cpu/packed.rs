@@ -524,6 +524,13 @@ mod tests {
             let bytes = random_blocks(ty, rows * blocks, 5);
             let p = PackedWeight::pack(fmt, rows, blocks, &bytes);
             assert_eq!(p.data.len(), 2 * blocks * fmt.chunk());
+            // About the file's size: at most 4% more.
+            assert!(
+                fmt.chunk() * 100 <= NR * f.bytes * 104,
+                "{ty:?}: {} bytes per row and block, the file's {}",
+                fmt.chunk() as f32 / NR as f32,
+                f.bytes
+            );
             let deq = quant::block_dequantizer(ty).unwrap();
             let mut want = vec![0f32; blocks * f.elems];
             let mut got = vec![0f32; blocks * f.elems];

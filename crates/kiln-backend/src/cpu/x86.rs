@@ -295,9 +295,8 @@ trait Unpack {
     unsafe fn sub(b: &Self::Block, s: usize) -> (__m256i, __m256);
 }
 
-/// Every block format, through the portable decoder: the formats without
-/// an interleaved layout (Q2_K, Q3_K), and all of them when repacking is
-/// off (`KILN_CPU_REPACK=0`).
+/// Every block format, through the portable decoder (the per-row kernels
+/// run only when repacking is off, `KILN_CPU_REPACK=0`).
 struct Generic<const SIGNED: bool>;
 impl<const SIGNED: bool> Unpack for Generic<SIGNED> {
     const SIGNED: bool = SIGNED;
