@@ -84,7 +84,7 @@ struct TileConfig([u8; 64]);
 
 impl TileConfig {
     /// The configuration for products over `kb` elements (32, or 16 for
-    /// the halves of Q6_K's sub-blocks).
+    /// the halves of the sub-blocks of Q2_K, Q3_K and Q6_K).
     fn new(kb: usize) -> Self {
         let mut c = [0u8; 64];
         c[0] = 1;
@@ -209,10 +209,11 @@ struct Pending {
 
 /// Input rows `i..i + 16` against group `g`.
 ///
-/// The steps (sub-blocks, or their halves for Q6_K) alternate between two
-/// tile sets, and each step's products are issued before the previous
-/// step's epilogue: the tile unit's latency (the products, then the store
-/// the vector loads wait for) overlaps the vector work.
+/// The steps (sub-blocks, or their halves for Q2_K, Q3_K and Q6_K)
+/// alternate between two tile sets, and each step's products are issued
+/// before the previous step's epilogue: the tile unit's latency (the
+/// products, then the store the vector loads wait for) overlaps the vector
+/// work.
 ///
 /// # Safety
 /// As [`block`], with the tiles configured for `F`; `codes` holds group
