@@ -124,6 +124,26 @@ fn linear_with(
         return finish(x, out, n, bias);
     }
     if let Some(fw) = &w.float {
+        #[cfg(target_arch = "x86_64")]
+        if super::x86_amx_float::serves(fw.fmt) {
+            // Every row of every product of these formats, so that a row's
+            // arithmetic never depends on its batch (see the module).
+            let split = super::x86_amx_float::SplitRows::new(&x.data, m, k);
+            let ops = FloatOperands {
+                w: fw,
+                x: &x.data,
+                n,
+                k,
+            };
+            let chunk = super::x86_amx_float::ROWS_PER_BAND;
+            over_bands(fw.groups, m, chunk, |i0, i1, g0, g1| {
+                // SAFETY: AMX-BF16 is available and `split` holds these
+                // rows; this task writes only columns of groups g0..g1 of
+                // rows i0..i1 of `out` (m x n); no other task writes those.
+                unsafe { super::x86_amx_float::block(&ops, &split, i0, i1, g0, g1, out_ptr.get()) };
+            });
+            return finish(x, out, n, bias);
+        }
         let mr = float_tile_rows();
         // One row (a decode step) is its own interleaved layout.
         let interleaved = mr > 1 && m > 1;

