@@ -119,21 +119,15 @@ impl QuantizedRows {
         }
     }
 
-    /// Quantizes the `m` rows of `k` values in `x` to `bits`, for the per-row kernels.
-    pub fn new(x: &[f32], k: usize, bits: ActBits) -> Self {
-        Self::with_layout(x, k, bits, ActLayout::Lanes)
-    }
-
-    /// Quantizes the `m` rows of `k` values in `x` to `bits`, laid out for `layout`.
-    pub fn with_layout(x: &[f32], k: usize, bits: ActBits, layout: ActLayout) -> Self {
-        debug_assert!(k.is_multiple_of(32) && x.len().is_multiple_of(k));
-        let nb = x.len() / 32;
+    /// Room for `len` values in `bits` and `layout`, zeroed.
+    fn zeroed(len: usize, bits: ActBits, layout: ActLayout) -> Self {
+        let nb = len / 32;
         let (n8, n16, nsplit) = match (bits, layout) {
-            (ActBits::Int8, _) => (x.len(), 0, 0),
-            (ActBits::Int16, ActLayout::Lanes) => (0, x.len(), 0),
-            (ActBits::Int16, ActLayout::Split) => (0, 0, 2 * x.len()),
+            (ActBits::Int8, _) => (len, 0, 0),
+            (ActBits::Int16, ActLayout::Lanes) => (0, len, 0),
+            (ActBits::Int16, ActLayout::Split) => (0, 0, 2 * len),
         };
-        let mut q = Self {
+        Self {
             bits,
             qx: vec![0; n8],
             qx16: vec![0; n16],
@@ -143,73 +137,182 @@ impl QuantizedRows {
             isum16: vec![0; 2 * nb],
             sum32: vec![0.0; nb],
             sum16: vec![0.0; 2 * nb],
-        };
+        }
+    }
+
+    /// Where quantizing tasks write into `self`.
+    fn dest(&mut self) -> Dest {
+        Dest {
+            qx: self.qx.as_mut_ptr(),
+            qx16: self.qx16.as_mut_ptr(),
+            hilo: self.hilo.as_mut_ptr(),
+            dx: self.dx.as_mut_ptr(),
+            isum: self.isum.as_mut_ptr(),
+            isum16: self.isum16.as_mut_ptr(),
+            sum32: self.sum32.as_mut_ptr(),
+            sum16: self.sum16.as_mut_ptr(),
+        }
+    }
+
+    /// Quantizes the `m` rows of `k` values in `x` to `bits`, for the per-row kernels.
+    pub fn new(x: &[f32], k: usize, bits: ActBits) -> Self {
+        Self::with_layout(x, k, bits, ActLayout::Lanes)
+    }
+
+    /// Quantizes the `m` rows of `k` values in `x` to `bits`, laid out for `layout`.
+    pub fn with_layout(x: &[f32], k: usize, bits: ActBits, layout: ActLayout) -> Self {
+        debug_assert!(k.is_multiple_of(32) && x.len().is_multiple_of(k));
+        let mut q = Self::zeroed(x.len(), bits, layout);
         let top = bits.max();
-        let dst = Dest {
-            qx: q.qx.as_mut_ptr(),
-            qx16: q.qx16.as_mut_ptr(),
-            hilo: q.hilo.as_mut_ptr(),
-            dx: q.dx.as_mut_ptr(),
-            isum: q.isum.as_mut_ptr(),
-            isum16: q.isum16.as_mut_ptr(),
-            sum32: q.sum32.as_mut_ptr(),
-            sum16: q.sum16.as_mut_ptr(),
-        };
-        // Blocks are independent; a prompt's rows are quantized in parallel.
-        x.par_chunks_exact(32)
-            .with_min_len(256)
-            .enumerate()
-            .for_each(|(b, xb)| {
-                let dst = &dst;
-                let mut block = [0i32; 32];
-                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / top;
-                let id = if amax > 0.0 { top / amax } else { 0.0 };
-                for (qv, &v) in block.iter_mut().zip(xb) {
-                    // |v * id| <= top up to one rounding, which rounds back to top.
-                    *qv = round_small(v * id);
-                }
-                let (s0, s1) = (
-                    block[..16].iter().sum::<i32>(),
-                    block[16..].iter().sum::<i32>(),
-                );
-                // SAFETY: block b owns elements 32b..32b + 32 of the value
-                // vectors (64b.. of `hilo`), b of the per-block ones and 2b,
-                // 2b + 1 of the per-half ones; the vector of the chosen
-                // layout has them (the others are not written).
-                unsafe {
-                    match (bits, layout) {
-                        (ActBits::Int8, _) => {
-                            for (t, &v) in block.iter().enumerate() {
-                                *dst.qx.add(32 * b + t) = v as i8;
-                            }
-                        }
-                        (ActBits::Int16, ActLayout::Lanes) => {
-                            for (t, &v) in block.iter().enumerate() {
-                                *dst.qx16.add(32 * b + slot16(t)) = v as i16;
-                            }
-                        }
-                        (ActBits::Int16, ActLayout::Split) => {
-                            for (t, &v) in block.iter().enumerate() {
-                                // The nearest multiple of 255, so the rest is within ±127.
-                                // (v / 255 is never within 1e-3 of a tie, so the
-                                // reciprocal's rounding error cannot change the result.)
-                                let top_part = round_small(v as f32 * (1.0 / 255.0));
-                                *dst.hilo.add(64 * b + t) = top_part as i8;
-                                *dst.hilo.add(64 * b + 32 + t) = (v - 255 * top_part) as i8;
-                            }
-                        }
-                    }
-                    *dst.dx.add(b) = d;
-                    *dst.isum.add(b) = s0 + s1;
-                    *dst.isum16.add(2 * b) = s0;
-                    *dst.isum16.add(2 * b + 1) = s1;
-                    *dst.sum16.add(2 * b) = d * s0 as f32;
-                    *dst.sum16.add(2 * b + 1) = d * s1 as f32;
-                    *dst.sum32.add(b) = d * (s0 + s1) as f32;
-                }
-            });
+        let dst = q.dest();
+        // Blocks are independent; a prompt's rows are quantized in parallel,
+        // 256 blocks per task.
+        const TASK: usize = 256;
+        x.par_chunks(32 * TASK).enumerate().for_each(|(c, xs)| {
+            #[cfg(target_arch = "x86_64")]
+            if layout == ActLayout::Split
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+            {
+                // SAFETY: AVX-512 is present; the blocks of this task are theirs (see `blocks`).
+                unsafe { blocks_avx512(xs, c * TASK, &dst, bits, top) };
+                return;
+            }
+            // SAFETY: as above.
+            unsafe { blocks(xs, c * TASK, &dst, bits, layout, top) };
+        });
         q
+    }
+}
+
+/// [`blocks`] for the interleaved-weight layout on AVX-512, 16 values per
+/// register: the same operations on each value (an exact maximum, one
+/// multiply, the same rounding), so the same bits.
+///
+/// # Safety
+/// AVX-512F and BW are present; as [`blocks`], for [`ActLayout::Split`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn blocks_avx512(xs: &[f32], b0: usize, dst: &Dest, bits: ActBits, top: f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512 per the attribute; each block reads its 32 values
+    // and writes only its own elements (see `blocks`).
+    unsafe {
+        let magic = _mm512_set1_ps(ROUND_MAGIC);
+        for (i, xb) in xs.chunks_exact(32).enumerate() {
+            let b = b0 + i;
+            let x = [
+                _mm512_loadu_ps(xb.as_ptr()),
+                _mm512_loadu_ps(xb.as_ptr().add(16)),
+            ];
+            let amax =
+                _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x[0]), _mm512_abs_ps(x[1])));
+            let d = amax / top;
+            let id = _mm512_set1_ps(if amax > 0.0 { top / amax } else { 0.0 });
+            let q = [
+                round16(_mm512_mul_ps(x[0], id), magic),
+                round16(_mm512_mul_ps(x[1], id), magic),
+            ];
+            let (s0, s1) = (_mm512_reduce_add_epi32(q[0]), _mm512_reduce_add_epi32(q[1]));
+            match bits {
+                ActBits::Int8 => {
+                    for (h, v) in q.iter().enumerate() {
+                        let at = dst.qx.add(32 * b + 16 * h) as *mut __m128i;
+                        _mm_storeu_si128(at, _mm512_cvtepi32_epi8(*v));
+                    }
+                }
+                ActBits::Int16 => {
+                    let inv = _mm512_set1_ps(1.0 / 255.0);
+                    for (h, v) in q.iter().enumerate() {
+                        let hi = round16(_mm512_mul_ps(_mm512_cvtepi32_ps(*v), inv), magic);
+                        let lo =
+                            _mm512_sub_epi32(*v, _mm512_mullo_epi32(hi, _mm512_set1_epi32(255)));
+                        let at = dst.hilo.add(64 * b + 16 * h);
+                        _mm_storeu_si128(at as *mut __m128i, _mm512_cvtepi32_epi8(hi));
+                        _mm_storeu_si128(at.add(32) as *mut __m128i, _mm512_cvtepi32_epi8(lo));
+                    }
+                }
+            }
+            *dst.dx.add(b) = d;
+            *dst.isum.add(b) = s0 + s1;
+            *dst.isum16.add(2 * b) = s0;
+            *dst.isum16.add(2 * b + 1) = s1;
+            *dst.sum16.add(2 * b) = d * s0 as f32;
+            *dst.sum16.add(2 * b + 1) = d * s1 as f32;
+            *dst.sum32.add(b) = d * (s0 + s1) as f32;
+        }
+    }
+}
+
+/// [`round_small`] in each lane. (A function, not a closure: closures do
+/// not inherit the target features.)
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn round16(
+    v: std::arch::x86_64::__m512,
+    magic: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX-512F per the callers.
+    unsafe { _mm512_cvttps_epi32(_mm512_sub_ps(_mm512_add_ps(v, magic), magic)) }
+}
+
+/// Quantizes the 32-blocks of `xs`, blocks `b0..` of the whole input, into `dst`.
+///
+/// # Safety
+/// `dst` has room for those blocks in `bits` and `layout`, and no other
+/// thread writes them.
+#[inline(always)]
+unsafe fn blocks(xs: &[f32], b0: usize, dst: &Dest, bits: ActBits, layout: ActLayout, top: f32) {
+    for (i, xb) in xs.chunks_exact(32).enumerate() {
+        let b = b0 + i;
+        let mut block = [0i32; 32];
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / top;
+        let id = if amax > 0.0 { top / amax } else { 0.0 };
+        for (qv, &v) in block.iter_mut().zip(xb) {
+            // |v * id| <= top up to one rounding, which rounds back to top.
+            *qv = round_small(v * id);
+        }
+        let (s0, s1) = (
+            block[..16].iter().sum::<i32>(),
+            block[16..].iter().sum::<i32>(),
+        );
+        // SAFETY: block b owns elements 32b..32b + 32 of the value
+        // vectors (64b.. of `hilo`), b of the per-block ones and 2b,
+        // 2b + 1 of the per-half ones; the vector of the chosen
+        // layout has them (the others are not written).
+        unsafe {
+            match (bits, layout) {
+                (ActBits::Int8, _) => {
+                    for (t, &v) in block.iter().enumerate() {
+                        *dst.qx.add(32 * b + t) = v as i8;
+                    }
+                }
+                (ActBits::Int16, ActLayout::Lanes) => {
+                    for (t, &v) in block.iter().enumerate() {
+                        *dst.qx16.add(32 * b + slot16(t)) = v as i16;
+                    }
+                }
+                (ActBits::Int16, ActLayout::Split) => {
+                    for (t, &v) in block.iter().enumerate() {
+                        // The nearest multiple of 255, so the rest is within ±127.
+                        // (v / 255 is never within 1e-3 of a tie, so the
+                        // reciprocal's rounding error cannot change the result.)
+                        let top_part = round_small(v as f32 * (1.0 / 255.0));
+                        *dst.hilo.add(64 * b + t) = top_part as i8;
+                        *dst.hilo.add(64 * b + 32 + t) = (v - 255 * top_part) as i8;
+                    }
+                }
+            }
+            *dst.dx.add(b) = d;
+            *dst.isum.add(b) = s0 + s1;
+            *dst.isum16.add(2 * b) = s0;
+            *dst.isum16.add(2 * b + 1) = s1;
+            *dst.sum16.add(2 * b) = d * s0 as f32;
+            *dst.sum16.add(2 * b + 1) = d * s1 as f32;
+            *dst.sum32.add(b) = d * (s0 + s1) as f32;
+        }
     }
 }
 
@@ -235,14 +338,53 @@ unsafe impl Sync for Dest {}
 /// baseline x86-64).
 #[inline(always)]
 fn round_small(v: f32) -> i32 {
-    const MAGIC: f32 = 12_582_912.0;
-    ((v + MAGIC) - MAGIC) as i32
+    ((v + ROUND_MAGIC) - ROUND_MAGIC) as i32
 }
+
+/// 1.5 * 2^23: added to and subtracted from an f32 below 2^22 in
+/// magnitude, it leaves the value rounded to an integer.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::tests::rand_vec;
+
+    /// The parallel, SIMD quantization (whatever this CPU runs) gives the
+    /// element-by-element definition's bits, in every width and layout.
+    #[test]
+    fn every_path_quantizes_like_the_scalar_definition() {
+        let mut x = rand_vec(300 * 64, 7);
+        x[64..96].fill(0.0);
+        x[200] = -1e6;
+        x[300] = 3e-30;
+        for bits in [ActBits::Int8, ActBits::Int16] {
+            for layout in [ActLayout::Lanes, ActLayout::Split] {
+                let got = QuantizedRows::with_layout(&x, 64, bits, layout);
+                let mut want = QuantizedRows::zeroed(x.len(), bits, layout);
+                let dst = want.dest();
+                // SAFETY: `want` has room for every block; one thread.
+                unsafe { blocks(&x, 0, &dst, bits, layout, bits.max()) };
+                let what = format!("{bits:?} {layout:?}");
+                assert_eq!(got.qx, want.qx, "{what}");
+                assert_eq!(got.qx16, want.qx16, "{what}");
+                assert_eq!(got.hilo, want.hilo, "{what}");
+                assert_eq!(
+                    (&got.isum, &got.isum16),
+                    (&want.isum, &want.isum16),
+                    "{what}"
+                );
+                let bits_of = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                for (a, b) in [
+                    (&got.dx, &want.dx),
+                    (&got.sum16, &want.sum16),
+                    (&got.sum32, &want.sum32),
+                ] {
+                    assert_eq!(bits_of(a), bits_of(b), "{what}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn blocks_round_trip_within_half_a_step() {

@@ -103,8 +103,9 @@ impl FloatPacked {
                     // Padding rows stay zero: they contribute nothing.
                     for r in 0..NR.min(rows.saturating_sub(g * NR)) {
                         let row = &bytes[(g * NR + r) * row_bytes..][..row_bytes];
-                        for (t, e) in row.chunks_exact(size).enumerate() {
-                            out[(t * NR + r) * size..][..size].copy_from_slice(e);
+                        match size {
+                            2 => scatter::<2>(row, out, r),
+                            _ => scatter::<4>(row, out, r),
                         }
                     }
                 }
@@ -141,6 +142,17 @@ impl FloatPacked {
     }
 }
 
+/// Copies the `S`-byte elements of one weight row to lane `r` of the
+/// group's vectors in `out`. (A fixed width, so each copy is a move, not a
+/// call to `memmove`.)
+fn scatter<const S: usize>(row: &[u8], out: &mut [u8], r: usize) {
+    for (t, e) in row.chunks_exact(S).enumerate() {
+        let e: &[u8; S] = e.try_into().expect("chunks of S bytes");
+        let at = (t * NR + r) * S;
+        out[at..at + S].copy_from_slice(e);
+    }
+}
+
 /// The `m x k` input rows `x` laid out for tiles of `mr` rows: the tile of
 /// rows `i..i + r` (`i` a multiple of `mr`, `r = min(mr, m - i)`) starts
 /// at `i * k` and holds its rows interleaved element by element (`r`
@@ -154,9 +166,11 @@ pub(super) fn interleave(x: &[f32], m: usize, k: usize, mr: usize) -> Vec<f32> {
         .zip(x.par_chunks(mr * k))
         .for_each(|(o, rows)| {
             let r = rows.len() / k;
-            for (ii, row) in rows.chunks_exact(k).enumerate() {
-                for (t, &v) in row.iter().enumerate() {
-                    o[t * r + ii] = v;
+            // Written in order, read from the r rows at once (the other way
+            // round, every write lands in another cache line).
+            for (t, dst) in o.chunks_exact_mut(r).enumerate() {
+                for (ii, d) in dst.iter_mut().enumerate() {
+                    *d = rows[ii * k + t];
                 }
             }
         });

@@ -105,7 +105,9 @@ fn linear_with(
             });
         }
     }
-    let mut out = vec![0f32; m * n];
+    // Every kernel writes each of the m x n outputs once, so the buffer
+    // starts unwritten: zeroing it took 4% of a prompt's time.
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let quantized;
     if let Some(p) = &w.packed {
@@ -121,7 +123,7 @@ fn linear_with(
             // rows i0..i1 of `out` (m x n); no other task writes those.
             unsafe { compute_packed(&ops, i0, i1, g0, g1, out_ptr.get()) };
         });
-        return finish(x, out, n, bias);
+        return finish(x, written(out, m * n), n, bias);
     }
     if let Some(fw) = &w.float {
         #[cfg(target_arch = "x86_64")]
@@ -142,7 +144,7 @@ fn linear_with(
                 // rows i0..i1 of `out` (m x n); no other task writes those.
                 unsafe { super::x86_amx_float::block(&ops, &split, i0, i1, g0, g1, out_ptr.get()) };
             });
-            return finish(x, out, n, bias);
+            return finish(x, written(out, m * n), n, bias);
         }
         let mr = float_tile_rows();
         // One row (a decode step) is its own interleaved layout.
@@ -165,7 +167,7 @@ fn linear_with(
             // rows i0..i1 of `out` (m x n); no other task writes those.
             unsafe { compute_float(&ops, i0, i1, g0, g1, out_ptr.get()) };
         });
-        return finish(x, out, n, bias);
+        return finish(x, written(out, m * n), n, bias);
     }
     let Some(f) = IntFormat::of(w.ty) else {
         return Err(BackendError::Invalid {
@@ -195,7 +197,17 @@ fn linear_with(
             unsafe { compute_block(&ops, i0, i1, j0, j1, out_ptr.get()) };
         }
     });
-    finish(x, out, n, bias)
+    finish(x, written(out, m * n), n, bias)
+}
+
+/// `out` (allocated for `len` values) once the kernels have written all
+/// of them.
+fn written(mut out: Vec<f32>, len: usize) -> Vec<f32> {
+    debug_assert!(out.capacity() >= len);
+    // SAFETY: the capacity holds `len` values, and every kernel of `linear`
+    // writes each output element (all rows of every band of columns).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// Runs `f(i0, i1, g0, g1)` for every band of a few weight groups, bands in

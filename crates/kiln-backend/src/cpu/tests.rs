@@ -316,6 +316,34 @@ fn activations_match_reference_values() {
     assert_eq!(activate(-2.0, Activation::Relu), 0.0);
 }
 
+/// The gated activation's vectorised loop gives the scalar definition's
+/// bits, and SiLU stays within a few ulp of the library exponential's
+/// (below -87 both are zero for every purpose: under 1e-30).
+#[test]
+fn gated_silu_matches_its_definition() {
+    use super::ops::{activate, gated_activation};
+    let mut g = rand_vec(10_000, 11)
+        .iter()
+        .map(|v| 20.0 * v)
+        .collect::<Vec<_>>();
+    g.extend([0.0, -0.0, 90.0, -90.0, 200.0, -200.0, 1e-30, -1e-30]);
+    let u = rand_vec(g.len(), 12);
+    let shape = vec![1, g.len()];
+    let gt = CpuTensor::new(shape.clone(), g.clone()).unwrap();
+    let ut = CpuTensor::new(shape, u.clone()).unwrap();
+    let got = gated_activation(&gt, &ut, Activation::Silu).unwrap();
+    for (i, ((&y, &g), &u)) in got.data.iter().zip(&g).zip(&u).enumerate() {
+        let want = activate(g, Activation::Silu) * u;
+        assert_eq!(y.to_bits(), want.to_bits(), "element {i}: silu({g}) * {u}");
+        let lib = (g as f64 / (1.0 + (-g as f64).exp())) as f32;
+        let (s, l) = (activate(g, Activation::Silu), lib);
+        assert!(
+            (s - l).abs() <= 4.0 * f32::EPSILON * l.abs() + 1e-30,
+            "silu({g}) = {s}, want {l}"
+        );
+    }
+}
+
 /// Dense causal attention over one sequence, the textbook way.
 fn naive_attention(
     q: &[f32],
