@@ -493,6 +493,18 @@ mod tests {
     use crate::cpu::tests::{float_weight_bytes, rand_vec};
     use crate::quant::GgmlType;
 
+    /// The formats these tiles serve.
+    const FORMATS: [(GgmlType, FloatFormat); 2] = [
+        (GgmlType::F16, FloatFormat::F16),
+        (GgmlType::BF16, FloatFormat::BF16),
+    ];
+
+    /// An `n x k` weight of random values in `fmt`, packed.
+    fn random_weight(ty: GgmlType, fmt: FloatFormat, n: usize, k: usize) -> FloatPacked {
+        let bytes = float_weight_bytes(ty, &rand_vec(n * k, 3));
+        FloatPacked::pack_releasing(fmt, n, k, &bytes, |_| {})
+    }
+
     /// Products over `w` of rows `x` (`m` of `k`), through the tiles.
     fn product(w: &FloatPacked, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         let a = SplitRows::new(x, m, k);
@@ -513,13 +525,9 @@ mod tests {
             eprintln!("skipped: no AMX-BF16 here");
             return;
         }
-        for (ty, fmt) in [
-            (GgmlType::F16, FloatFormat::F16),
-            (GgmlType::BF16, FloatFormat::BF16),
-        ] {
+        for (ty, fmt) in FORMATS {
             let (m, n, k) = (37, 21, 100);
-            let bytes = float_weight_bytes(ty, &rand_vec(n * k, 3));
-            let w = FloatPacked::pack_releasing(fmt, n, k, &bytes, |_| {});
+            let w = random_weight(ty, fmt, n, k);
             let x = rand_vec(m * k, 5);
             let all = product(&w, &x, m, n, k);
             for (start, len) in [
@@ -554,10 +562,7 @@ mod tests {
             eprintln!("skipped: no AMX-BF16 here");
             return;
         }
-        for (ty, fmt) in [
-            (GgmlType::F16, FloatFormat::F16),
-            (GgmlType::BF16, FloatFormat::BF16),
-        ] {
+        for (ty, fmt) in FORMATS {
             for (m, n, k) in [
                 (1, 16, 32),
                 (37, 21, 40),
@@ -565,8 +570,7 @@ mod tests {
                 (16, 16, 7),
                 (33, 40, 576),
             ] {
-                let bytes = float_weight_bytes(ty, &rand_vec(n * k, 3));
-                let w = FloatPacked::pack_releasing(fmt, n, k, &bytes, |_| {});
+                let w = random_weight(ty, fmt, n, k);
                 let x = rand_vec(m * k, 5);
                 let got = product(&w, &x, m, n, k);
                 for i in 0..m {
