@@ -22,32 +22,17 @@
 # prompts' time out, and so flatters it).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-CACHE="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
-BIN="$CACHE/peers/llama.cpp/build/bin"
-MODELS="$CACHE/peers/models"
+NAME=concurrency
+# shellcheck source=scripts/bench/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROUNDS="${ROUNDS:-2}"
-THREADS="${THREADS:-2}"
 FORMATS=("$@")
 [ "${#FORMATS[@]}" -gt 0 ] || FORMATS=(Q4_1 Q4_K_M Q8_0 F16)
 
-die() { echo "concurrency: $*" >&2; exit 1; }
-
 [ -x "$BIN/llama-batched-bench" ] || die "no llama-batched-bench at $BIN; run scripts/bench/peers.sh first"
-for f in "${FORMATS[@]}"; do
-  [ -f "$MODELS/smollm2-$f.gguf" ] || die "no $MODELS/smollm2-$f.gguf; run scripts/bench/peers.sh first"
-done
-if [ -z "${KILN:-}" ]; then
-  if command -v kiln >/dev/null; then KILN=kiln; else KILN="${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln"; fi
-fi
-command -v "$KILN" >/dev/null || die "no kiln binary at '$KILN'; build it (cargo build --release) or set KILN"
-command -v python3 >/dev/null || die "python3 is needed to parse the JSON"
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
-
-OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/kiln-concurrency.XXXXXX")}"
-mkdir -p "$OUT"
-RESULTS="$OUT/results.tsv"
-: >"$RESULTS"
+need_models "${FORMATS[@]}"
+find_kiln
+out_dir kiln-concurrency
 
 # 16 sequences of 256 tokens fit in 4096 cells; llama-batched-bench needs them all.
 llama_cmd() { echo "$BIN/llama-batched-bench -m $MODELS/smollm2-$1.gguf -t $THREADS -c 4608 -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,16 --output-format jsonl"; }
@@ -83,15 +68,7 @@ PY
     echo "concurrency: cannot parse $engine's output for $f (round $r); see $base.out" >&2
 }
 
-echo "# kiln vs llama.cpp, concurrent requests on the CPU, SmolLM2-135M-Instruct"
-echo
-echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "- cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores available, $THREADS threads"
-echo "- kiln: $KILN ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
-echo "- rounds: $ROUNDS (medians over rounds); raw outputs in $OUT"
-others="$(ps -eo pid=,pcpu=,comm= | awk -v me=$$ '$1 != me && $2 > 20 {print $3 "(" $2 "%)"}' | tr '\n' ' ')"
-[ -z "$others" ] || echo "concurrency: warning: other processes are using the CPU: $others" >&2
-echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)${others:+; busy: $others}"
+header "kiln vs llama.cpp, concurrent requests on the CPU, SmolLM2-135M-Instruct"
 echo "- commands (RAYON_NUM_THREADS=$THREADS):"
 echo "  - \`$(llama_cmd FORMAT)\`"
 echo "  - \`$(kiln_cmd FORMAT)\`"

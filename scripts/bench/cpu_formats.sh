@@ -19,39 +19,18 @@
 # mean (llama-bench) or median (kiln) of its 3 repetitions.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-CACHE="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
-PEERS="$CACHE/peers"
-BIN="$PEERS/llama.cpp/build/bin"
-MODELS="$PEERS/models"
+NAME=cpu_formats
+# shellcheck source=scripts/bench/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROUNDS="${ROUNDS:-3}"
-THREADS="${THREADS:-2}"
 FORMATS=("$@")
 [ "${#FORMATS[@]}" -gt 0 ] || FORMATS=(Q4_1 Q8_0 Q4_K_M F16 BF16 Q6_K)
 
-die() { echo "cpu_formats: $*" >&2; exit 1; }
-
 [ -x "$BIN/llama-bench" ] || die "no llama-bench at $BIN; run scripts/bench/peers.sh first"
-for f in "${FORMATS[@]}"; do
-  [ -f "$MODELS/smollm2-$f.gguf" ] ||
-    die "no $MODELS/smollm2-$f.gguf; run scripts/bench/peers.sh first (formats it makes: $(cd "$MODELS" 2>/dev/null && ls smollm2-*.gguf 2>/dev/null | sed 's/smollm2-//; s/\.gguf//' | tr '\n' ' '))"
-done
-if [ -z "${KILN:-}" ]; then
-  if command -v kiln >/dev/null; then
-    KILN=kiln
-  else
-    KILN="${CARGO_TARGET_DIR:-$ROOT/target}/release/kiln"
-  fi
-fi
-command -v "$KILN" >/dev/null || die "no kiln binary at '$KILN'; build it (cargo build --release) or set KILN"
+need_models "${FORMATS[@]}"
+find_kiln
 [ -x /usr/bin/time ] || die "/usr/bin/time is missing (apt-get install time)"
-command -v python3 >/dev/null || die "python3 is needed to parse the JSON"
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
-
-OUT="${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/kiln-cpu-formats.XXXXXX")}"
-mkdir -p "$OUT"
-RESULTS="$OUT/results.tsv"
-: >"$RESULTS"
+out_dir kiln-cpu-formats
 
 llama_cmd() { echo "$BIN/llama-bench -m $MODELS/smollm2-$1.gguf -t $THREADS -p 512 -n 128 -r 3 -o json"; }
 kiln_cmd() { echo "$KILN bench --model $MODELS/smollm2-$1.gguf --repeats 3 --concurrency 0 --json"; }
@@ -81,18 +60,7 @@ PY
     echo "cpu_formats: cannot parse $engine's output for $f (round $r); see $base.json" >&2
 }
 
-echo "# kiln vs llama.cpp on the CPU, SmolLM2-135M-Instruct"
-echo
-echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "- cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores available, $THREADS threads"
-echo "- kiln: $KILN ($(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$ROOT" && git diff --quiet HEAD 2>/dev/null || echo ', dirty'))"
-echo "- llama.cpp: $BIN (vendored in llama_cpp_python 0.3.36)"
-echo "- rounds: $ROUNDS (medians over rounds); raw outputs in $OUT"
-# llama.cpp's spinning thread pool collapses (tg down to ~1 token/s) when another
-# process takes a core, so a busy machine makes the comparison meaningless.
-others="$(ps -eo pid=,pcpu=,comm= | awk -v me=$$ '$1 != me && $2 > 20 {print $3 "(" $2 "%)"}' | tr '\n' ' ')"
-[ -z "$others" ] || echo "cpu_formats: warning: other processes are using the CPU: $others" >&2
-echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)${others:+; busy: $others}"
+header "kiln vs llama.cpp on the CPU, SmolLM2-135M-Instruct"
 echo "- commands (FORMAT = each format; under \`/usr/bin/time -f %M\`, RAYON_NUM_THREADS=$THREADS):"
 echo "  - \`$(llama_cmd FORMAT)\`"
 echo "  - \`$(kiln_cmd FORMAT)\`"
