@@ -8,6 +8,20 @@
 // with the statistics in fp32 over the rounded residual. Block: 256 or
 // 1024 threads; the row is read twice (once for the statistics, once to
 // scale), which for a hidden size of 4096-8192 stays in L1/L2.
+// Element `at` of the residual stream, with `delta` added to it first (and
+// stored back, rounded to T) when `delta` is not null.
+template <typename T>
+__device__ __forceinline__ float add_residual(T* __restrict__ residual, const T* __restrict__ delta,
+                                              long long at) {
+    float v = to_f32(residual[at]);
+    if (delta != nullptr) {
+        const T r = from_f32<T>(v + to_f32(delta[at]));
+        residual[at] = r;
+        v = to_f32(r);
+    }
+    return v;
+}
+
 template <typename T>
 __device__ void add_rms_norm(T* __restrict__ residual, const T* __restrict__ delta,
                              const T* __restrict__ w, T* __restrict__ out, int dim, float eps) {
@@ -15,12 +29,7 @@ __device__ void add_rms_norm(T* __restrict__ residual, const T* __restrict__ del
     const long long base = (long long)blockIdx.x * dim;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float v = to_f32(residual[base + i]);
-        if (delta != nullptr) {
-            T r = from_f32<T>(v + to_f32(delta[base + i]));
-            residual[base + i] = r;
-            v = to_f32(r);
-        }
+        const float v = add_residual(residual, delta, base + i);
         ss += v * v;
     }
     const float inv = rsqrtf(block_sum(ss, scratch) / (float)dim + eps);
@@ -36,12 +45,7 @@ __device__ void add_layer_norm(T* __restrict__ residual, const T* __restrict__ d
     const long long base = (long long)blockIdx.x * dim;
     float s = 0.0f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        float v = to_f32(residual[base + i]);
-        if (delta != nullptr) {
-            T r = from_f32<T>(v + to_f32(delta[base + i]));
-            residual[base + i] = r;
-            v = to_f32(r);
-        }
+        const float v = add_residual(residual, delta, base + i);
         s += v;
     }
     const float mean = block_sum(s, scratch) / (float)dim;
