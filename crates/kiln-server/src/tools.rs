@@ -170,14 +170,13 @@ pub fn parse(f: &Fields) -> Result<Option<ToolRequest>, ApiError> {
     }))
 }
 
-/// Checks one tool: `{"type": "function", "function": {"name", "description"?,
-/// "parameters"?, "strict"?}}`, the name OpenAI's `^[a-zA-Z0-9_-]{1,64}$`.
-fn check_tool(i: usize, t: &Value) -> Result<(), ApiError> {
-    let bad = |why: &str| ApiError::bad_request(format!("tools[{i}]: {why}"));
-    if t.get("type").and_then(Value::as_str) != Some("function") {
-        return Err(bad("only tools of type 'function' are supported"));
-    }
-    let fun = t
+/// The `function` object of a tool or a tool call and its `name`, or the
+/// error `bad` words for whichever is missing.
+fn function_and_name(
+    v: &Value,
+    bad: impl Fn(&str) -> ApiError,
+) -> Result<(&serde_json::Map<String, Value>, &str), ApiError> {
+    let fun = v
         .get("function")
         .and_then(Value::as_object)
         .ok_or_else(|| bad("'function' must be an object"))?;
@@ -185,6 +184,17 @@ fn check_tool(i: usize, t: &Value) -> Result<(), ApiError> {
         .get("name")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("'function.name' is required"))?;
+    Ok((fun, name))
+}
+
+/// Checks one tool: `{"type": "function", "function": {"name", "description"?,
+/// "parameters"?, "strict"?}}`, the name OpenAI's `^[a-zA-Z0-9_-]{1,64}$`.
+fn check_tool(i: usize, t: &Value) -> Result<(), ApiError> {
+    let bad = |why: &str| ApiError::bad_request(format!("tools[{i}]: {why}"));
+    if t.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(bad("only tools of type 'function' are supported"));
+    }
+    let (fun, name) = function_and_name(t, bad)?;
     let name_ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -232,14 +242,7 @@ pub fn message_tool_calls(i: usize, m: &Fields) -> Result<Option<Vec<Value>>, Ap
     for (j, c) in calls.iter().enumerate() {
         let bad =
             |why: &str| ApiError::bad_request(format!("messages[{i}].tool_calls[{j}]: {why}"));
-        let fun = c
-            .get("function")
-            .and_then(Value::as_object)
-            .ok_or_else(|| bad("'function' must be an object"))?;
-        let name = fun
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("'function.name' is required"))?;
+        let (fun, name) = function_and_name(c, bad)?;
         let arguments = match fun.get("arguments") {
             None | Some(Value::Null) => json!({}),
             Some(Value::String(s)) => serde_json::from_str(s)
