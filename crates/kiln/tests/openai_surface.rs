@@ -6,22 +6,9 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::OnceLock;
-
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use support::*;
-
-fn server() -> &'static Server {
-    static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| {
-        Server::ready(Opts {
-            args: vec!["--kv-cache-mib".into(), "128".into()],
-            watchdog: true,
-            ..Opts::default()
-        })
-    })
-}
 
 const A: &str = "The capital of France is";
 const B: &str = "Once upon a time, in a small village,";
@@ -86,7 +73,7 @@ fn tokens(s: &Server, text: &str, special: bool) -> Vec<u64> {
 
 #[test]
 fn a_list_of_prompts_gets_n_choices_each_indexed_prompt_major() {
-    let s = server();
+    let s = shared_server();
     let alone_a = greedy_one(s, json!(A));
     let alone_b = greedy_one(s, json!(B));
     assert_ne!(alone_a, alone_b);
@@ -123,7 +110,7 @@ fn a_list_of_prompts_gets_n_choices_each_indexed_prompt_major() {
 
 #[test]
 fn a_list_of_prompts_streams_every_choice_under_its_index() {
-    let s = server();
+    let s = shared_server();
     let (want, _) = texts(
         s,
         json!({"prompt": [A, B], "n": 2, "max_tokens": 5, "temperature": 0, "ignore_eos": true}),
@@ -168,7 +155,7 @@ fn a_list_of_prompts_streams_every_choice_under_its_index() {
 
 #[test]
 fn echo_prepends_each_prompt_also_when_streamed() {
-    let s = server();
+    let s = shared_server();
     let plain = greedy_one(s, json!(A));
     let (t, _) = texts(
         s,
@@ -210,7 +197,7 @@ fn echo_prepends_each_prompt_also_when_streamed() {
 /// generated, and they are their positions' top choices.
 #[test]
 fn echo_with_logprobs_scores_the_prompt_tokens() {
-    let s = server();
+    let s = shared_server();
     let c = "/v1/completions";
     let v = ok(
         s,
@@ -271,7 +258,7 @@ fn echo_with_logprobs_scores_the_prompt_tokens() {
 
 #[test]
 fn unsupported_and_malformed_completion_fields_are_refused_clearly() {
-    let s = server();
+    let s = shared_server();
     let c = "/v1/completions";
     refused(
         s,
@@ -316,7 +303,7 @@ fn unsupported_and_malformed_completion_fields_are_refused_clearly() {
 
 #[test]
 fn tokenize_and_detokenize_round_trip_in_vllms_shapes() {
-    let s = server();
+    let s = shared_server();
     for text in ["Hello world", "日本語のテキスト 🦀", "  spaced\n\tout  "] {
         let v = ok(
             s,
@@ -350,7 +337,7 @@ fn tokenize_and_detokenize_round_trip_in_vllms_shapes() {
 
 #[test]
 fn tokenize_renders_chat_messages_as_chat_completions_do() {
-    let s = server();
+    let s = shared_server();
     let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
     let chat = ok(
         s,
@@ -378,7 +365,7 @@ fn tokenize_renders_chat_messages_as_chat_completions_do() {
 
 #[test]
 fn tokenize_and_detokenize_refuse_bad_input() {
-    let s = server();
+    let s = shared_server();
     refused(s, "/tokenize", json!({}), &["'prompt' or 'messages'"]);
     refused(
         s,

@@ -6,21 +6,8 @@
 
 mod support;
 
-use std::sync::OnceLock;
-
 use serde_json::{json, Value};
 use support::*;
-
-fn server() -> &'static Server {
-    static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| {
-        Server::ready(Opts {
-            args: vec!["--kv-cache-mib".into(), "128".into()],
-            watchdog: true,
-            ..Opts::default()
-        })
-    })
-}
 
 fn ok(s: &Server, path: &str, body: &Value) -> Value {
     let r = s.post_json(path, body);
@@ -95,7 +82,7 @@ fn content(v: &Value) -> (String, String) {
 
 #[test]
 fn a_json_schema_response_format_gives_valid_json_greedy_and_sampled() {
-    let s = server();
+    let s = shared_server();
     let rf = json!({"response_format": {"type": "json_schema",
         "json_schema": {"name": "person", "schema": person_schema(), "strict": true}}});
     let v = ok(
@@ -119,7 +106,7 @@ fn a_json_schema_response_format_gives_valid_json_greedy_and_sampled() {
 
 #[test]
 fn streaming_assembles_to_the_same_constrained_text() {
-    let s = server();
+    let s = shared_server();
     let mut body = chat(
         "Who wrote Hamlet? Answer as JSON.",
         json!({"guided_json": person_schema()}),
@@ -153,7 +140,7 @@ fn streaming_assembles_to_the_same_constrained_text() {
 
 #[test]
 fn json_object_regex_choice_and_grammar_hold_on_completions() {
-    let s = server();
+    let s = shared_server();
     let completion = |extra: Value, max_tokens: u64| {
         let mut body = json!({"prompt": "Here is the answer:", "max_tokens": max_tokens,
             "temperature": 0});
@@ -224,7 +211,7 @@ fn json_object_regex_choice_and_grammar_hold_on_completions() {
 
 #[test]
 fn lmi_parameters_take_the_same_constraints() {
-    let s = server();
+    let s = shared_server();
     let choices = ["yes", "no"];
     let v = ok(
         s,
@@ -254,7 +241,7 @@ fn lmi_parameters_take_the_same_constraints() {
 
 #[test]
 fn bad_constraints_are_400s_naming_the_problem() {
-    let s = server();
+    let s = shared_server();
     let path = "/v1/chat/completions";
     let bad_type = json!({"type": "object", "properties": {"a": {"type": "strng"}}});
     refused(

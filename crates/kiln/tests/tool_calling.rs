@@ -13,17 +13,6 @@ use std::sync::OnceLock;
 use serde_json::{json, Value};
 use support::*;
 
-fn server() -> &'static Server {
-    static S: OnceLock<Server> = OnceLock::new();
-    S.get_or_init(|| {
-        Server::ready(Opts {
-            args: vec!["--kv-cache-mib".into(), "128".into()],
-            watchdog: true,
-            ..Opts::default()
-        })
-    })
-}
-
 fn tools() -> Value {
     json!([
         {"type": "function", "function": {"name": "get_weather",
@@ -90,7 +79,7 @@ fn check_call(call: &Value) -> (String, Value) {
 
 #[test]
 fn required_and_named_choices_return_schema_valid_calls() {
-    let s = server();
+    let s = shared_server();
     for seed in 0..4 {
         let v = ok(s, "/v1/chat/completions", &ask(json!("required"), seed));
         let c = &v["choices"][0];
@@ -116,7 +105,7 @@ fn required_and_named_choices_return_schema_valid_calls() {
 
 #[test]
 fn streamed_calls_assemble_to_the_same_call() {
-    let s = server();
+    let s = shared_server();
     let mut body = ask(
         json!({"type": "function", "function": {"name": "get_weather"}}),
         7,
@@ -186,7 +175,7 @@ fn streamed_calls_assemble_to_the_same_call() {
 
 #[test]
 fn a_tool_result_turn_renders_and_is_answered() {
-    let s = server();
+    let s = shared_server();
     let body = json!({"messages": [
             {"role": "user", "content": "What's the weather in Paris?"},
             {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
@@ -222,7 +211,7 @@ fn a_tool_result_turn_renders_and_is_answered() {
 /// line has no serving.properties, so it does not enable it.
 #[test]
 fn auto_needs_the_setting() {
-    let s = server();
+    let s = shared_server();
     for choice in [Some(json!("auto")), None] {
         let mut body = ask(json!("auto"), 0);
         if choice.is_none() {
@@ -247,7 +236,7 @@ fn auto_needs_the_setting() {
 /// OpenAI chat body, tools included, answered in the OpenAI shape.
 #[test]
 fn lmi_routes_reach_tool_calling() {
-    let s = server();
+    let s = shared_server();
     let v = ok(s, "/invocations", &ask(json!("required"), 3));
     let c = &v["choices"][0];
     assert_eq!(c["finish_reason"], "tool_calls", "{v}");

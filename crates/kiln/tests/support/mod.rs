@@ -14,6 +14,19 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// The one default-model server a test binary's tests share (128 MiB of
+/// KV cache, the watchdog on), started by the first test that asks.
+pub fn shared_server() -> &'static Server {
+    static S: std::sync::OnceLock<Server> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        Server::ready(Opts {
+            args: vec!["--kv-cache-mib".into(), "128".into()],
+            watchdog: true,
+            ..Opts::default()
+        })
+    })
+}
+
 /// How long a test waits for any one response before failing.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
