@@ -199,7 +199,8 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
     });
     let mut models = st.config.models.clone();
     if let Some(store) = &st.config.model_store {
-        let scan = store::scan(store)?;
+        // `kiln serve` started inside its store writes its logs there.
+        let scan = store::scan_except(store, st.config.log_dir.as_deref())?;
         for w in &scan.warnings {
             // The registry says this one when it registers the model.
             let model_py = scan

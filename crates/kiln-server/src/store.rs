@@ -14,6 +14,15 @@
 //! `/opt/ml/model`), the store is that one model, named after the store
 //! directory, as DJL does when the store is not a directory of models.
 //!
+//! A directory that holds no model (no `serving.properties`, `model.py`,
+//! `config.json` or weight file at its top level) is skipped with a
+//! warning. DJL registers every non-empty directory of the store
+//! (`ModelStore.mapModelUrl`) and its handler then fails to load it, which
+//! leaves a failed model that makes `/invocations` without a model name
+//! ambiguous; kiln's own log directory, when it lies inside the store (the
+//! default `logs/` of `kiln serve` started from inside the store), is
+//! skipped without a word ([`scan_except`]).
+//!
 //! What kiln does not do that DJL does: unpack archives (`.tar.gz`, `.zip`,
 //! `.mar`; they are skipped with a warning saying to extract them) and run a
 //! custom `model.py` handler (the model is served with the built-in handler,
@@ -117,6 +126,13 @@ pub fn is_valid_model_name(name: &str) -> bool {
 
 /// Lists the models of `store`. The store must be an existing directory.
 pub fn scan(store: &Path) -> Result<StoreScan, StoreError> {
+    scan_except(store, None)
+}
+
+/// Lists the models of `store`, leaving out the directory `skip` (kiln's
+/// log directory) if it is one of the store's entries.
+pub fn scan_except(store: &Path, skip: Option<&Path>) -> Result<StoreScan, StoreError> {
+    let skip = skip.and_then(|p| fs::canonicalize(p).ok());
     match fs::metadata(store) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(StoreError::Missing {
@@ -152,12 +168,15 @@ pub fn scan(store: &Path) -> Result<StoreScan, StoreError> {
     }
 
     for path in children {
+        if skip.is_some() && fs::canonicalize(&path).ok() == skip {
+            continue;
+        }
         let file = file_name(&path);
         match fs::metadata(&path) {
             Err(e) => scan
                 .warnings
                 .push(format!("{}: cannot read ({e}); skipped", path.display())),
-            Ok(meta) if meta.is_dir() => add_directory(&mut scan, path)?,
+            Ok(meta) if meta.is_dir() => add_directory(&mut scan, path, true)?,
             Ok(_) => {
                 let warning = match ARCHIVE_SUFFIXES
                     .iter()
@@ -186,8 +205,13 @@ pub fn scan(store: &Path) -> Result<StoreScan, StoreError> {
     Ok(scan)
 }
 
-/// A model directory of the store, after DJL's nested-directory rule.
-fn add_directory(scan: &mut StoreScan, path: PathBuf) -> Result<(), StoreError> {
+/// A model directory of the store, after DJL's nested-directory rule;
+/// with `need_model_files`, one that holds none is skipped.
+fn add_directory(
+    scan: &mut StoreScan,
+    path: PathBuf,
+    need_model_files: bool,
+) -> Result<(), StoreError> {
     let dir = match nested_model_dir(&path)? {
         Nested::Empty => {
             scan.warnings
@@ -206,6 +230,16 @@ fn add_directory(scan: &mut StoreScan, path: PathBuf) -> Result<(), StoreError> 
             inner
         }
     };
+    if need_model_files && !visible_children(&dir)?.iter().any(|c| is_model_file(c)) {
+        scan.warnings.push(format!(
+            "{}: holds no model (no {}, {}, config.json or weight file such as *.gguf or \
+             *.safetensors), skipped",
+            dir.display(),
+            PROPERTIES_FILE,
+            MODEL_PY
+        ));
+        return Ok(());
+    }
     let name = dir_model_name(&dir);
     if let Some(other) = scan.models.iter().find(|m| m.name == name) {
         scan.warnings.push(format!(
@@ -350,7 +384,7 @@ pub fn hf_model(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<HfModel>,
     let path = PathBuf::from(&model_id);
     if !model_id.contains("://") && path.is_dir() {
         let mut scan = StoreScan::default();
-        add_directory(&mut scan, path.clone())?;
+        add_directory(&mut scan, path.clone(), false)?;
         let entry = match scan.models.pop() {
             Some(entry) => entry,
             None => StoreEntry {

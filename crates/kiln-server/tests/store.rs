@@ -285,3 +285,38 @@ fn hf_model_id_adds_a_model() {
         other => panic!("expected a directory model, got {other:?}"),
     }
 }
+
+/// Issue 21, point 4: a directory with no model in it (a log directory, a
+/// folder of notes) is not a model; DJL registers it and fails to load it.
+#[test]
+fn directories_without_model_files_are_skipped_with_a_warning() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    touch(&root.join("notes/README.md"));
+    touch(&root.join("notes/tokenizer.json"));
+    model(&root.join("m"));
+    let scan = store::scan(root).expect("scans");
+    assert_eq!(names(&scan), ["m"]);
+    assert_eq!(scan.warnings.len(), 1, "{:#?}", scan.warnings);
+    assert!(
+        scan.warnings[0].starts_with(&format!("{}: holds no model", root.join("notes").display())),
+        "{:#?}",
+        scan.warnings
+    );
+}
+
+/// kiln's own log directory inside the store is left out without a warning.
+#[test]
+fn the_log_directory_is_left_out_silently() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    touch(&root.join("logs/serving.log"));
+    touch(&root.join("logs/access.log"));
+    model(&root.join("m"));
+    let scan = store::scan_except(root, Some(&root.join("logs"))).expect("scans");
+    assert_eq!(names(&scan), ["m"]);
+    assert!(scan.warnings.is_empty(), "{:#?}", scan.warnings);
+    // Named relative to the store's parent, it is still the same directory.
+    let scan = store::scan_except(root, Some(&root.join("m/../logs"))).expect("scans");
+    assert!(scan.warnings.is_empty(), "{:#?}", scan.warnings);
+}
