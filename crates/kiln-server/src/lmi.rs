@@ -6,15 +6,16 @@
 //! "seq_length": N}` (a batch; `seq_length` limits prompt + output), a bare
 //! JSON string or list of strings, and plain text. Responses:
 //! `{"generated_text", "details"?}` (a list for list input); streams as JSON
-//! lines `{"token": {id, text, log_prob}}` whose last line also carries
-//! `generated_text` (and `details`), or as server-sent events.
+//! lines `{"token": {id, text, log_prob, logprob}}` whose last line also
+//! carries `generated_text` (and `details`), or as server-sent events.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -85,12 +86,33 @@ fn decode(content_type: Option<&str>, body: &[u8]) -> Result<Decoded, ApiError> 
         .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
 }
 
-/// Parses a request body (`content_type` as sent) in the LMI schema.
+/// Parses a request body (`content_type` as sent) in the LMI schema, for a
+/// rolling-batch model.
 pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<LmiRequest, ApiError> {
     match decode(content_type, body)? {
         Decoded::Text(t) => plain(t),
-        Decoded::Json(v) => parse_json(&v, false),
+        Decoded::Json(v) => parse_json(&v, StreamMode::PerRequest),
     }
+}
+
+/// How a model's LMI-schema requests stream, which depends on the DJL
+/// handler that `option.rolling_batch` picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamMode {
+    /// Rolling batch (the default): a request streams when its body says
+    /// `"stream": true`, and then takes one input.
+    PerRequest,
+    /// `option.rolling_batch=disable` with `option.enable_streaming`: every
+    /// request streams, a list of inputs too ([`crate::lmi_outputs`]).
+    StaticBatch,
+    /// `option.rolling_batch=disable` without `option.enable_streaming`:
+    /// the body's `stream` is not read and every request is answered as
+    /// JSON. DJL's input parser reads only `inputs` and `parameters` when
+    /// rolling batch is off (`djl_python/input_parser.py`,
+    /// `parse_text_inputs_params`: "per request streaming is only supported
+    /// by rolling batch"; `stream` is read only by
+    /// `parse_lmi_default_request_rolling_batch`).
+    Never,
 }
 
 /// What a body on an LMI route asks for.
@@ -108,13 +130,11 @@ pub(crate) enum Parsed {
 /// in the LMI schema, else one with `messages` as a chat-completions
 /// request, else one with `requestType` as a session request
 /// (`djl_python/lmi_vllm/vllm_async_service.py`, `preprocess_request`, in
-/// that order). `static_batch` (the model streams
-/// as DJL's static-batch handler does, [`crate::lmi_outputs`]) accepts a
-/// streamed list of inputs.
+/// that order). `mode` says how the model streams LMI-schema requests.
 pub(crate) fn parse_any(
     content_type: Option<&str>,
     body: &[u8],
-    static_batch: bool,
+    mode: StreamMode,
 ) -> Result<Parsed, ApiError> {
     let v = match decode(content_type, body)? {
         Decoded::Text(t) => return plain(t).map(|r| Parsed::Lmi(Box::new(r))),
@@ -126,7 +146,7 @@ pub(crate) fn parse_any(
     if let Some(t) = v.get("requestType").filter(|_| v.get("inputs").is_none()) {
         return crate::sessions::SessionRequest::parse(t).map(Parsed::Session);
     }
-    parse_json(&v, static_batch).map(|r| Parsed::Lmi(Box::new(r)))
+    parse_json(&v, mode).map(|r| Parsed::Lmi(Box::new(r)))
 }
 
 /// A plain-text body: one prompt with default parameters.
@@ -142,9 +162,9 @@ fn plain(text: String) -> Result<LmiRequest, ApiError> {
     })
 }
 
-/// Reads a JSON body in the LMI schema; `list_stream` accepts `"stream":
-/// true` with a list of inputs.
-fn parse_json(v: &Value, list_stream: bool) -> Result<LmiRequest, ApiError> {
+/// Reads a JSON body in the LMI schema, for a model that streams as `mode`
+/// says.
+fn parse_json(v: &Value, mode: StreamMode) -> Result<LmiRequest, ApiError> {
     let (inputs, batch, params, seq_length, stream) = match v {
         Value::String(s) => (vec![s.clone()], false, None, None, false),
         Value::Array(_) => (strings(v, "the request")?, true, None, None, false),
@@ -186,7 +206,10 @@ fn parse_json(v: &Value, list_stream: bool) -> Result<LmiRequest, ApiError> {
                      'messages' (a chat-completions request), or the reference body's 'text' and 'seq_length'",
                 ));
             };
-            let stream = f.bool("stream")?.unwrap_or(false);
+            let stream = match mode {
+                StreamMode::Never => false,
+                _ => f.bool("stream")?.unwrap_or(false),
+            };
             (inputs, batch, f.get("parameters"), seq, stream)
         }
         other => {
@@ -226,7 +249,7 @@ fn parse_json(v: &Value, list_stream: bool) -> Result<LmiRequest, ApiError> {
         .transpose()?
         .flatten()
         .unwrap_or(false);
-    if stream && batch && !list_stream {
+    if stream && batch && mode != StreamMode::StaticBatch {
         return Err(ApiError::bad_request(
             "streaming takes one input, not a list",
         ));
@@ -339,8 +362,22 @@ fn gen_params(f: Option<&Fields>, seq_length: Option<u64>) -> Result<GenParams, 
     })
 }
 
+/// An LMI token object. Its log-probability is written under both names
+/// DJL uses: `log_prob`, as its LMI schema documents it
+/// (`serving/docs/lmi/user_guides/lmi_input_output_schema.md`, and its
+/// rolling-batch handlers' `request_io.py` `Token.as_dict`), and
+/// `logprob`, as its current vLLM handler writes it
+/// (`djl_python/lmi_vllm/request_response_utils.py`:
+/// `convert_completion_logprobs_to_tgi_tokens`,
+/// `convert_completion_chunk_response_to_lmi_schema`), so that a client
+/// written against either finds it.
 pub(crate) fn token_json(t: &TokenOutput) -> Value {
-    json!({"id": t.id, "text": t.text, "log_prob": t.logprob})
+    lp_token(t.id, &t.text, json!(t.logprob))
+}
+
+/// A token object with `log_prob` and `logprob` both set to `lp`.
+pub(crate) fn lp_token(id: impl Into<Value>, text: &str, lp: Value) -> Value {
+    json!({"id": id.into(), "text": text, "log_prob": lp.clone(), "logprob": lp})
 }
 
 pub(crate) fn details_json(
@@ -360,12 +397,17 @@ pub(crate) fn details_json(
     d
 }
 
-/// `details.prefill`: every prompt token as `{"id", "text", "log_prob"}`,
-/// the first with a null log-probability (nothing precedes it), as DJL's
-/// rolling-batch handler writes it (`djl_python/rolling_batch/
-/// rolling_batch_vllm_utils.py`: `prompt_tokens_details`, `log_prob = None`
-/// at index 0; `request_io.py` `Token.as_dict`).
-fn prefill_json(engine: &Engine, prompt: &[u32], c: &Completion) -> Value {
+/// `details.prefill`: the prompt tokens as token objects ([`token_json`]'s
+/// keys). The first prompt token has no log-probability (nothing precedes
+/// it). DJL's current vLLM handler leaves it out
+/// (`djl_python/lmi_vllm/request_response_utils.py`,
+/// `convert_completion_prefill_to_tgi_prefill` skips vLLM's `None` entry),
+/// and so does kiln by default; with `first_token`
+/// (`option.prefill_first_token=true`) it is written with a null
+/// log-probability, as DJL's schema documents and its rolling-batch handler
+/// writes it (`djl_python/rolling_batch/rolling_batch_vllm_utils.py`
+/// `prompt_tokens_details`, `log_prob = None` at index 0).
+fn prefill_json(engine: &Engine, prompt: &[u32], c: &Completion, first_token: bool) -> Value {
     let logprobs = c
         .tokens
         .first()
@@ -374,10 +416,11 @@ fn prefill_json(engine: &Engine, prompt: &[u32], c: &Completion) -> Value {
     prompt
         .iter()
         .enumerate()
+        .skip(usize::from(!first_token))
         .map(|(i, &id)| {
             let text = engine.tokenizer().decode(&[id], false).unwrap_or_default();
             let lp = i.checked_sub(1).and_then(|j| logprobs.get(j));
-            json!({"id": id, "text": text, "log_prob": lp})
+            lp_token(id, &text, json!(lp))
         })
         .collect()
 }
@@ -388,6 +431,7 @@ fn output_json(
     prompt_ids: &[u32],
     req: &LmiRequest,
     engine: &Engine,
+    prefill_first_token: bool,
 ) -> Value {
     let text = if req.return_full_text {
         format!("{prompt}{}", c.text)
@@ -398,10 +442,17 @@ fn output_json(
     if req.details {
         o["details"] = details_json(c.reason, &c.tokens, prompt, true);
         if req.decoder_input_details {
-            o["details"]["prefill"] = prefill_json(engine, prompt_ids, c);
+            o["details"]["prefill"] = prefill_json(engine, prompt_ids, c, prefill_first_token);
         }
     }
     o
+}
+
+/// The client's address, where the connection layer recorded it.
+type Peer = Option<Extension<ConnectInfo<SocketAddr>>>;
+
+fn peer_ip(peer: Peer) -> Option<IpAddr> {
+    peer.map(|Extension(ConnectInfo(a))| a.ip())
 }
 
 /// `POST /predictions/{model}` and `POST /models/{model}/invoke`.
@@ -409,10 +460,11 @@ pub async fn predictions(
     State(st): State<Arc<AppState>>,
     Path(model): Path<String>,
     Extension(rec): Extension<Arc<AccessRecord>>,
+    peer: Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer(st, &model, rec, headers, body).await
+    infer(st, &model, rec, peer_ip(peer), headers, body).await
 }
 
 /// `POST /predictions/{model}/{version}` (kiln keeps one version per name).
@@ -420,10 +472,11 @@ pub async fn predictions_version(
     State(st): State<Arc<AppState>>,
     Path((model, _version)): Path<(String, String)>,
     Extension(rec): Extension<Arc<AccessRecord>>,
+    peer: Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    infer(st, &model, rec, headers, body).await
+    infer(st, &model, rec, peer_ip(peer), headers, body).await
 }
 
 /// `POST /invocations?model_name=` (the name may be left out when one model is served).
@@ -431,6 +484,7 @@ pub async fn invocations(
     State(st): State<Arc<AppState>>,
     Query(q): Query<HashMap<String, String>>,
     Extension(rec): Extension<Arc<AccessRecord>>,
+    peer: Peer,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -447,7 +501,7 @@ pub async fn invocations(
             }
         },
     };
-    infer(st, &name, rec, headers, body).await
+    infer(st, &name, rec, peer_ip(peer), headers, body).await
 }
 
 /// Maps a body-extraction failure to a JSON error (413 for an oversized
@@ -475,11 +529,12 @@ async fn infer(
     st: Arc<AppState>,
     model: &str,
     rec: Arc<AccessRecord>,
+    client: Option<IpAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     rec.set_model(model);
-    match infer_inner(st, model, rec, headers, body).await {
+    match infer_inner(st, model, rec, client, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -489,6 +544,7 @@ async fn infer_inner(
     st: Arc<AppState>,
     model: &str,
     rec: Arc<AccessRecord>,
+    client: Option<IpAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -502,14 +558,24 @@ async fn infer_inner(
         .sessions
         .check(&headers)
         .map_err(djl_status::validation)?;
-    let static_batch = entry.static_batch_streaming();
-    let req = match parse_any(content_type, &body, static_batch).map_err(djl_status::validation)? {
+    let mode = entry.stream_mode();
+    let static_batch = mode == StreamMode::StaticBatch;
+    // A stream is framed as server-sent events when the client or the
+    // model's `option.output_formatter` asks; else as JSON lines.
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"))
+        || entry.stream_formatter() == OutputFormatter::Sse;
+    let req = match parse_any(content_type, &body, mode).map_err(djl_status::validation)? {
         Parsed::Lmi(req) => *req,
-        Parsed::OpenAi(v, api) => return crate::lmi_chat::answer(st, model, rec, v, api).await,
+        Parsed::OpenAi(v, api) => {
+            return crate::lmi_chat::answer(st, model, rec, v, api, sse).await
+        }
         Parsed::Session(r) => {
             return entry
                 .sessions
-                .answer(r, &headers)
+                .answer(r, &headers, client)
                 .map_err(djl_status::validation)
         }
     };
@@ -540,11 +606,6 @@ async fn infer_inner(
         return Ok(crate::lmi_outputs::response(events, rec));
     }
     if req.stream {
-        let sse = headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/event-stream"))
-            || entry.stream_formatter() == OutputFormatter::Sse;
         let prompt = prompts.into_iter().next().unwrap_or_default();
         let stream =
             generation::submit_all(&engine, vec![(prompt, req.params.clone())], timeout, false)
@@ -561,6 +622,10 @@ async fn infer_inner(
     }
     // Submit every prompt before waiting on any, so they are batched together.
     let prefill = req.details && req.decoder_input_details;
+    let prefill_first_token = entry
+        .properties
+        .as_ref()
+        .is_some_and(|p| p.prefill_first_token);
     let jobs = prompts
         .iter()
         .map(|p| (p.clone(), req.params.clone()))
@@ -578,7 +643,9 @@ async fn infer_inner(
         Ok(done
             .iter()
             .zip(req.inputs.iter().zip(&prompts))
-            .map(|(c, (prompt, ids))| output_json(c, prompt, ids, &req, &engine))
+            .map(|(c, (prompt, ids))| {
+                output_json(c, prompt, ids, &req, &engine, prefill_first_token)
+            })
             .collect::<Vec<Value>>())
     };
     // `prefill` decodes every prompt token: off the async threads.

@@ -3,10 +3,13 @@
 //!
 //! DJL's LMI handler reads a JSON object with `prompt` as an OpenAI
 //! completions request and one with `messages` (and no `inputs`) as a
-//! chat-completions request, and answers in the OpenAI shapes, streaming
-//! their server-sent events when `stream` is set
+//! chat-completions request, and answers in the OpenAI shapes
 //! (`djl_python/lmi_vllm/vllm_async_service.py`, `preprocess_request`;
-//! `serving/docs/lmi/user_guides/chat_input_output_schema.md`). kiln answers
+//! `serving/docs/lmi/user_guides/chat_input_output_schema.md`). With
+//! `stream` set it writes the chunks as JSON lines, not server-sent events
+//! ([`crate::openai::Framing::JsonLines`]); kiln does the same, unless the
+//! client asks for `text/event-stream` in `Accept` or the model sets
+//! `option.output_formatter=sse`, as for LMI-schema streams. kiln answers
 //! them with its OpenAI handlers, for the model the route names; errors keep
 //! the LMI routes' shape and codes ([`crate::djl_status`]).
 
@@ -18,7 +21,7 @@ use serde_json::Value;
 use crate::access::AccessRecord;
 use crate::djl_status;
 use crate::error::ApiError;
-use crate::openai::{self, Api};
+use crate::openai::{self, Api, Framing};
 use crate::state::AppState;
 
 /// Which OpenAI API a JSON body on an LMI route asks for, if any, checked in
@@ -37,15 +40,22 @@ pub(crate) fn openai_api(v: &Value) -> Option<Api> {
     }
 }
 
-/// Answers an OpenAI body that came in on an LMI route for `model`.
+/// Answers an OpenAI body that came in on an LMI route for `model`; `sse`:
+/// a streamed answer is written as server-sent events, not JSON lines.
 pub(crate) async fn answer(
     st: Arc<AppState>,
     model: &str,
     rec: Arc<AccessRecord>,
     v: Arc<Value>,
     api: Api,
+    sse: bool,
 ) -> Result<Response, ApiError> {
-    openai::run_value(st, rec, v, api, Some(model))
+    let framing = if sse {
+        Framing::Sse
+    } else {
+        Framing::JsonLines
+    };
+    openai::run_value(st, rec, v, api, Some(model), framing)
         .await
         .map_err(djl_status::validation)
 }

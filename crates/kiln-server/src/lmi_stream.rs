@@ -1,5 +1,5 @@
 //! Streamed responses of the LMI routes: one JSON line (or server-sent
-//! event) per token, `{"token": {id, text, log_prob}}`, the last also
+//! event) per token, `{"token": {id, text, log_prob, logprob}}`, the last also
 //! carrying `generated_text` and, when asked, `details`; a failure after
 //! the 200 ends the stream with DJL's error line.
 
@@ -64,8 +64,10 @@ impl StreamState {
                     line["details"] = json!({"finish_reason": reason.as_str()});
                 }
                 if line.get("token").is_none() {
-                    line["token"] = json!({"id": -1, "text": "", "log_prob": -1.0,
-                        "special_token": true, "error_msg": message});
+                    let mut token = crate::lmi::lp_token(-1, "", json!(-1.0));
+                    token["special_token"] = json!(true);
+                    token["error_msg"] = json!(message);
+                    line["token"] = token;
                 }
                 line["error"] = Value::String(message);
                 line["code"] = json!(StatusCode::FAILED_DEPENDENCY.as_u16());

@@ -1,6 +1,7 @@
 //! The OpenAI API: `GET /v1/models`, `POST /v1/completions`,
 //! `POST /v1/chat/completions` (server-sent events with `[DONE]` when
-//! `stream` is set). Errors use OpenAI's shape.
+//! `stream` is set). Errors use OpenAI's shape. The same bodies on DJL's
+//! LMI routes stream the same chunks as JSON lines ([`Framing`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -303,17 +304,78 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     api: Api,
 ) -> Result<Response, ApiError> {
-    run_value(st, rec, Arc::new(parse_body(body)?), api, None).await
+    run_value(
+        st,
+        rec,
+        Arc::new(parse_body(body)?),
+        api,
+        None,
+        Framing::Sse,
+    )
+    .await
+}
+
+/// How a streamed OpenAI answer is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// Server-sent events, `data: {chunk}` each, ending with `data: [DONE]`
+    /// (`text/event-stream`): the OpenAI API's framing, on `/v1/...`.
+    Sse,
+    /// One bare chunk object per line, no `[DONE]`
+    /// (`application/jsonlines`): DJL's LMI routes. Its vLLM handler strips
+    /// vLLM's `data: ` prefix from every chunk and ends the stream at
+    /// `[DONE]` without writing it (`djl_python/lmi_vllm/
+    /// request_response_utils.py` `vllm_stream_output_formatter`; each
+    /// chunk is sent by `async_utils.py` `create_stream_chunk_output` as
+    /// `application/jsonlines`), as its chat schema documents
+    /// (`serving/docs/lmi/user_guides/chat_input_output_schema.md`: "The
+    /// response is returned token by token as application/jsonlines").
+    JsonLines,
+}
+
+impl Framing {
+    fn frame(self, v: &Value) -> Bytes {
+        match self {
+            Framing::Sse => Bytes::from(format!("data: {v}\n\n")),
+            Framing::JsonLines => Bytes::from(format!("{v}\n")),
+        }
+    }
+
+    /// Several chunks as one piece of the stream.
+    fn frame_all(self, chunks: &[Value]) -> Bytes {
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&self.frame(c));
+        }
+        Bytes::from(out)
+    }
+
+    /// What ends the stream.
+    fn done(self) -> &'static [u8] {
+        match self {
+            Framing::Sse => b"data: [DONE]\n\n",
+            Framing::JsonLines => b"",
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Framing::Sse => "text/event-stream",
+            Framing::JsonLines => "application/jsonlines",
+        }
+    }
 }
 
 /// Answers a parsed OpenAI body; `route_model`, when given, is the model the
 /// route named (DJL's LMI routes), which the body's `model` cannot change.
+/// A streamed answer is written as `framing` says.
 pub(crate) async fn run_value(
     st: Arc<AppState>,
     rec: Arc<AccessRecord>,
     v: Arc<Value>,
     api: Api,
     route_model: Option<&str>,
+    framing: Framing,
 ) -> Result<Response, ApiError> {
     let f = Fields::new(&v, "")?;
     let mut c = common(&f, if api == Api::Chat { 4096 } else { 16 })?;
@@ -430,6 +492,7 @@ pub(crate) async fn run_value(
             Api::Completions => None,
         },
         tools: tool_syntax,
+        framing,
     };
     if c.stream {
         let echoes = echo.then(|| {
@@ -535,6 +598,8 @@ struct Ctx {
     /// The tool-call syntax to read from the output, when the request has
     /// tools and a choice other than `none`.
     tools: Option<crate::tool_parse::ToolSyntax>,
+    /// How a streamed answer is written.
+    framing: Framing,
 }
 
 impl Ctx {
@@ -642,20 +707,7 @@ impl Ctx {
     }
 }
 
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-/// Several chunks as one piece of the event stream.
-fn sse_all(chunks: &[Value]) -> Bytes {
-    let mut out = Vec::new();
-    for c in chunks {
-        out.extend_from_slice(&sse(c));
-    }
-    Bytes::from(out)
-}
-
-/// Streams `n` choices as server-sent events, interleaved as tokens arrive.
+/// Streams `n` choices (as `ctx.framing` says), interleaved as tokens arrive.
 fn stream(
     ctx: Ctx,
     streams: Vec<kiln_engine::RequestStream>,
@@ -679,15 +731,16 @@ fn stream(
     }
     drop(tx);
     let ctx = Arc::new(ctx);
+    let framing = ctx.framing;
     let mut head = Vec::new();
     for i in 0..n {
         if ctx.api == Api::Chat {
-            head.push(sse(&ctx.chunk(
+            head.push(ctx.framing.frame(&ctx.chunk(
                 json!([{"index": i, "delta": {"role": "assistant", "content": ""},
                 "logprobs": null, "finish_reason": null}]),
             )));
         } else if let Some(p) = echoes.as_ref().and_then(|e| e.get(i)) {
-            head.push(sse(&ctx.token_chunk(i, p, None, None)));
+            head.push(ctx.framing.frame(&ctx.token_chunk(i, p, None, None)));
         }
     }
     struct S {
@@ -732,8 +785,8 @@ fn stream(
                     crate::reasoning::rewrite_delta(&mut chunk, sp, false);
                 }
                 match s.tool_streams.get_mut(i) {
-                    Some(Some(ts)) => sse_all(&ts.rewrite(chunk, false)),
-                    _ => sse(&chunk),
+                    Some(Some(ts)) => s.ctx.framing.frame_all(&ts.rewrite(chunk, false)),
+                    _ => s.ctx.framing.frame(&chunk),
                 }
             }
             Some((
@@ -752,15 +805,15 @@ fn stream(
                         error.unwrap_or_else(|| "generation failed".into()),
                     )
                     .openai();
-                    sse(&e.body())
+                    s.ctx.framing.frame(&e.body())
                 } else {
                     let mut chunk = s.ctx.token_chunk(i, "", None, Some(reason));
                     if let Some(Some(sp)) = s.splitters.get_mut(i) {
                         crate::reasoning::rewrite_delta(&mut chunk, sp, true);
                     }
                     match s.tool_streams.get_mut(i) {
-                        Some(Some(ts)) => sse_all(&ts.rewrite(chunk, true)),
-                        _ => sse(&chunk),
+                        Some(Some(ts)) => s.ctx.framing.frame_all(&ts.rewrite(chunk, true)),
+                        _ => s.ctx.framing.frame(&chunk),
                     }
                 };
                 if s.open == 0 {
@@ -768,9 +821,9 @@ fn stream(
                     if s.include_usage {
                         let mut u = s.ctx.chunk(json!([]));
                         u["usage"] = usage_json(&s.usage);
-                        tail.extend_from_slice(&sse(&u));
+                        tail.extend_from_slice(&s.ctx.framing.frame(&u));
                     }
-                    tail.extend_from_slice(b"data: [DONE]\n\n");
+                    tail.extend_from_slice(s.ctx.framing.done());
                     out = Bytes::from(tail);
                     s.finished = true;
                 }
@@ -778,14 +831,14 @@ fn stream(
             }
             None => {
                 s.finished = true;
-                Bytes::from_static(b"data: [DONE]\n\n")
+                Bytes::from_static(s.ctx.framing.done())
             }
         };
         Some((Ok::<_, std::convert::Infallible>(bytes), s))
     });
     let head = futures_util::stream::iter(head.into_iter().map(Ok::<_, std::convert::Infallible>));
     let body = futures_util::StreamExt::chain(head, events);
-    crate::generation::streamed(body, "text/event-stream")
+    crate::generation::streamed(body, framing.content_type())
 }
 
 #[cfg(test)]

@@ -74,6 +74,14 @@ pub mod defaults {
     pub const PREDICT_TIMEOUT_S: u64 = 240;
 }
 
+/// The largest `job_queue_size` accepted wherever it is given
+/// (`serving.properties`, `SERVING_JOB_QUEUE_SIZE`, `MAX_CONCURRENT_REQUESTS`,
+/// `kiln serve --job-queue-size`, `POST /models?job_queue_size=`). The
+/// engine admits up to `job_queue_size + max_rolling_batch_size` requests;
+/// a value near `usize::MAX` would overflow that sum and refuse every
+/// request, so larger values are refused where they are read.
+pub const MAX_JOB_QUEUE_SIZE: usize = u32::MAX as usize;
+
 // ---------------------------------------------------------------------------
 // The `.properties` format
 // ---------------------------------------------------------------------------
@@ -836,8 +844,13 @@ const TYPED_KEYS: &[&str] = &[
     "option.enable_auto_tool_choice",
     "option.tool_call_parser",
     "option.reasoning_parser",
+    "option.enable_reasoning",
     "option.enable_stateful_sessions",
     "option.sessions_expiration",
+    "option.sessions_path",
+    "option.max_sessions_per_client",
+    "option.prefill_first_token",
+    "option.speculative_config",
     "option.entryPoint",
     "option.model_loading_timeout",
     "option.predict_timeout",
@@ -1133,6 +1146,11 @@ pub struct ModelProperties {
     pub predict_timeout: Duration,
     /// `option.entryPoint`, if given (kiln always uses its built-in handler).
     pub entry_point: Option<String>,
+    /// `option.prefill_first_token` (kiln's own, default false): whether
+    /// `details.prefill` starts with the prompt's first token (with a null
+    /// log-probability, as DJL's LMI schema documents it) or leaves it out
+    /// (as DJL's vLLM handler writes it); see [`crate::lmi`].
+    pub prefill_first_token: bool,
     /// Every key set, with value and origin: the file's keys in file order,
     /// then the keys that came from the environment.
     pub raw: RawProperties,
@@ -1349,6 +1367,7 @@ impl Default for ModelProperties {
             model_loading_timeout: Duration::from_secs(defaults::MODEL_LOADING_TIMEOUT_S),
             predict_timeout: Duration::from_secs(defaults::PREDICT_TIMEOUT_S),
             entry_point: None,
+            prefill_first_token: false,
             raw: RawProperties::default(),
             warnings: Vec::new(),
             model_id_origin: None,
@@ -1736,6 +1755,16 @@ impl Builder {
             }
         };
         let chat = self.chat_options();
+        if let Some(p) = self.entry("option.speculative_config") {
+            self.problem(
+                &p,
+                "asks for speculative decoding, which kiln does not implement yet; remove \
+                 option.speculative_config to serve the model without it",
+            );
+        }
+        let prefill_first_token = self
+            .boolean("option.prefill_first_token")
+            .is_some_and(|(on, _)| on);
 
         let output_formatter = self.output_formatter();
 
@@ -1769,8 +1798,15 @@ impl Builder {
             }
         };
         let job_queue_size = self
-            .count_at_least("job_queue_size", 1)
-            .map_or(defaults::JOB_QUEUE_SIZE, |(n, _)| n);
+            .int(
+                "job_queue_size",
+                1,
+                MAX_JOB_QUEUE_SIZE as i64,
+                &format!("a whole number from 1 to {MAX_JOB_QUEUE_SIZE}"),
+            )
+            .map_or(defaults::JOB_QUEUE_SIZE, |(n, _)| {
+                usize::try_from(n).unwrap_or(MAX_JOB_QUEUE_SIZE)
+            });
 
         let (min_workers, max_workers) = self.workers();
 
@@ -1821,6 +1857,7 @@ impl Builder {
             model_loading_timeout,
             predict_timeout,
             entry_point,
+            prefill_first_token,
             raw: RawProperties(self.raw),
             warnings: self.warnings,
             model_id_origin: model_id.map(|p| p.origin),

@@ -104,12 +104,16 @@ impl ModelEntry {
         }
     }
 
-    /// Every LMI request streams as DJL's static-batch handler streams
-    /// ([`ModelProperties::static_batch_streaming`]).
-    pub fn static_batch_streaming(&self) -> bool {
-        self.properties
-            .as_ref()
-            .is_some_and(|p| p.static_batch_streaming())
+    /// How the model's LMI-schema requests stream ([`crate::lmi::StreamMode`]).
+    pub(crate) fn stream_mode(&self) -> crate::lmi::StreamMode {
+        use crate::lmi::StreamMode;
+        match &self.properties {
+            Some(p) if p.static_batch_streaming() => StreamMode::StaticBatch,
+            Some(p) if p.rolling_batch == crate::properties::RollingBatch::Disable => {
+                StreamMode::Never
+            }
+            _ => StreamMode::PerRequest,
+        }
     }
 
     /// How streamed responses are framed when the client does not say.
@@ -542,6 +546,13 @@ fn worker_settings(
             "batch_size and job_queue_size must be at least 1",
         ));
     }
+    if s.job_queue_size > crate::properties::MAX_JOB_QUEUE_SIZE {
+        return Err(ApiError::bad_request(format!(
+            "job_queue_size {} is more than the largest queue, {}",
+            s.job_queue_size,
+            crate::properties::MAX_JOB_QUEUE_SIZE
+        )));
+    }
     if s.min_workers > s.max_workers {
         return Err(ApiError::bad_request(format!(
             "min_worker {} is more than max_worker {}",
@@ -684,7 +695,11 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         .map_err(|e| e.to_string())?;
     let mut cfg = EngineConfig {
         max_running: p.max_rolling_batch_size,
-        max_waiting: settings.job_queue_size,
+        // Bounded where it is read; kept bounded here too, since the engine
+        // adds the two to size its admission limit.
+        max_waiting: settings
+            .job_queue_size
+            .min(crate::properties::MAX_JOB_QUEUE_SIZE),
         kv_capacity: KvCapacity::Bytes(defaults.kv_cache_bytes),
         ..EngineConfig::default()
     };

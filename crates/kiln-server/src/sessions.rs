@@ -6,25 +6,44 @@
 //!   session: `{"result": "Session <id> created"}`, and the header
 //!   `X-Amzn-SageMaker-Session-Id: <id>; Expires=<UTC time>`.
 //! - `{"requestType": "CLOSE"}` with `X-Amzn-SageMaker-Session-Id: <id>`
-//!   closes it: `{"result": "Session <id> closed"}`.
+//!   closes it: `{"result": "Session <id> closed"}`, and the header
+//!   `X-Amzn-SageMaker-Closed-Session-Id: <id>` (`session_utils.py`
+//!   `close_session`), which SageMaker reads to end the session. Closing an
+//!   id that is not open (never created, already closed, or expired) is a
+//!   424 `Failed to close session: session not found: <id>`, as DJL's
+//!   `SessionManager.close_session` raises for an id it does not hold.
 //! - Any request may carry the header; an id that is not a UUID is a 424
 //!   (`invalid session_id`). With sessions off
 //!   (`option.enable_stateful_sessions=false`) the header, and session
 //!   requests, are 424s naming why.
 //!
 //! What a session holds: in DJL's vLLM handler nothing the inference
-//! reads (a session is a directory custom handlers may write into); kiln
-//! keeps the same contract, with the sessions in memory. Multi-turn reuse
-//! of a conversation's prompt is what the engine's prefix cache does for
-//! every request, session or not. Sessions end `option.sessions_expiration`
-//! seconds after they begin (expired ones are removed when a session is
-//! created, as DJL does), and at most [`MAX_SESSIONS`] live at once.
+//! reads (a session is a directory custom handlers may write into, under
+//! `option.sessions_path`); kiln keeps the same contract, with the sessions
+//! in memory (so `option.sessions_path` is not used, and sessions do not
+//! outlive the server). Multi-turn reuse of a conversation's prompt is what
+//! the engine's prefix cache does for every request, session or not.
+//! Sessions end `option.sessions_expiration` seconds after they begin
+//! (expired ones are removed when a session is created, as DJL does).
+//!
+//! Bounds. DJL's `SessionManager.create_session` has none: every
+//! `NEW_SESSION` makes a directory under `sessions_path`, whoever asks, and
+//! only expiry removes them, so one client can create sessions until the
+//! disk (`/dev/shm` by default) is full. kiln keeps at most [`MAX_SESSIONS`]
+//! per model, and at most `option.max_sessions_per_client` (default
+//! [`DEFAULT_MAX_SESSIONS_PER_CLIENT`]) created from one client address, so
+//! that one client cannot fill the table and lock everyone else out of new
+//! sessions until its sessions expire: past its share a client gets 429
+//! until it closes some or they expire. (Behind a proxy that is the only
+//! client, as SageMaker's front end may be, raise the share to
+//! [`MAX_SESSIONS`].)
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -35,8 +54,16 @@ use crate::properties::SessionOptions;
 /// the new id and its expiry).
 pub const SESSION_HEADER: &str = "X-Amzn-SageMaker-Session-Id";
 
+/// The header a CLOSE answer names the closed session in (DJL's
+/// `HEADER_SAGEMAKER_CLOSED_SESSION_ID`).
+pub const CLOSED_SESSION_HEADER: &str = "X-Amzn-SageMaker-Closed-Session-Id";
+
 /// Live sessions a model keeps at most; creating one more is refused.
 pub const MAX_SESSIONS: usize = 100_000;
+
+/// Live sessions one client address may have created, unless
+/// `option.max_sessions_per_client` says otherwise: a tenth of the table.
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = MAX_SESSIONS / 10;
 
 /// A session request: the body's `requestType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,11 +87,20 @@ impl SessionRequest {
     }
 }
 
+/// One open session.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    expires: Instant,
+    /// The address that created it (`None` when the server does not know,
+    /// which only in-process callers are).
+    client: Option<IpAddr>,
+}
+
 /// A model's sessions.
 #[derive(Debug)]
 pub struct Sessions {
     options: SessionOptions,
-    live: Mutex<HashMap<String, Instant>>,
+    live: Mutex<HashMap<String, Session>>,
 }
 
 impl Sessions {
@@ -92,8 +128,13 @@ impl Sessions {
         session_id(v).map(|_| ())
     }
 
-    /// Answers a session request.
-    pub fn answer(&self, req: SessionRequest, headers: &HeaderMap) -> Result<Response, ApiError> {
+    /// Answers a session request that came from `client`.
+    pub fn answer(
+        &self,
+        req: SessionRequest,
+        headers: &HeaderMap,
+        client: Option<IpAddr>,
+    ) -> Result<Response, ApiError> {
         if !self.options.enabled {
             let name = match req {
                 SessionRequest::New => "NEW_SESSION",
@@ -106,14 +147,33 @@ impl Sessions {
         }
         let mut live = self.live.lock().map_err(|_| {
             ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::INTERNAL_SERVER_ERROR,
                 "the session table is unavailable",
             )
         })?;
         match req {
             SessionRequest::New => {
                 let now = Instant::now();
-                live.retain(|_, expires| *expires > now);
+                // One pass drops the expired and counts the client's own.
+                let mut own = 0usize;
+                live.retain(|_, s| {
+                    let keep = s.expires > now;
+                    own += usize::from(keep && client.is_some() && s.client == client);
+                    keep
+                });
+                if let Some(ip) = client.filter(|_| own >= self.options.max_per_client) {
+                    tracing::warn!(client = %ip, open = own, "session creation refused: the client's share is used");
+                    return Err(ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        format!(
+                            "Failed to create session: {own} sessions created from {ip} are \
+                             open, the most one client may have \
+                             (option.max_sessions_per_client={}); close one with \
+                             {{\"requestType\": \"CLOSE\"}} or wait for one to expire",
+                            self.options.max_per_client
+                        ),
+                    ));
+                }
                 if live.len() >= MAX_SESSIONS {
                     return Err(ApiError::bad_request(format!(
                         "Failed to create session: {MAX_SESSIONS} sessions are open"
@@ -121,7 +181,13 @@ impl Sessions {
                 }
                 let id = new_id()?;
                 let life = Duration::from_secs(self.options.expiration_s);
-                live.insert(id.clone(), now + life);
+                live.insert(
+                    id.clone(),
+                    Session {
+                        expires: now + life,
+                        client,
+                    },
+                );
                 let expires_at = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs())
@@ -149,10 +215,25 @@ impl Sessions {
                              {SESSION_HEADER} header"
                         ))
                     })?;
-                if live.remove(&id).is_none() {
-                    tracing::warn!(session = %id, "closing a session that is not open");
+                // An expired session is gone, even if no creation has
+                // swept it out of the table yet.
+                let open = live.remove(&id).is_some_and(|s| s.expires > Instant::now());
+                if !open {
+                    return Err(ApiError::bad_request(format!(
+                        "Failed to close session: session not found: {id} (it was never \
+                         opened, is already closed, or has expired)"
+                    )));
                 }
-                Ok(axum::Json(json!({"result": format!("Session {id} closed")})).into_response())
+                tracing::info!(session = %id, "session closed");
+                let header = HeaderValue::from_str(&id)
+                    .map_err(|e| ApiError::bad_request(format!("Failed to close session: {e}")))?;
+                let mut resp =
+                    axum::Json(json!({"result": format!("Session {id} closed")})).into_response();
+                resp.headers_mut().insert(
+                    HeaderName::from_static("x-amzn-sagemaker-closed-session-id"),
+                    header,
+                );
+                Ok(resp)
             }
         }
     }
@@ -215,16 +296,19 @@ mod tests {
         assert!(s.check(&HeaderMap::new()).is_ok());
         let e = s.check(&header("not-a-uuid")).unwrap_err();
         assert!(e.message.contains("invalid session_id"), "{}", e.message);
-        let r = s.answer(SessionRequest::New, &HeaderMap::new()).unwrap();
+        let r = s
+            .answer(SessionRequest::New, &HeaderMap::new(), None)
+            .unwrap();
         let v = r.headers()[SESSION_HEADER].to_str().unwrap().to_string();
         let (id, expires) = v.split_once("; Expires=").unwrap();
         assert!(expires.ends_with('Z') && expires.contains('T'), "{v}");
         assert!(s.check(&header(id)).is_ok());
         assert_eq!(s.live.lock().unwrap().len(), 1);
-        s.answer(SessionRequest::Close, &header(id)).unwrap();
+        let r = s.answer(SessionRequest::Close, &header(id), None).unwrap();
+        assert_eq!(r.headers()[CLOSED_SESSION_HEADER], id);
         assert!(s.live.lock().unwrap().is_empty());
         let e = s
-            .answer(SessionRequest::Close, &HeaderMap::new())
+            .answer(SessionRequest::Close, &HeaderMap::new(), None)
             .unwrap_err();
         assert!(e.message.contains(SESSION_HEADER), "{}", e.message);
     }
@@ -232,16 +316,18 @@ mod tests {
     #[test]
     fn expired_sessions_are_dropped_and_off_means_refused() {
         let s = Sessions::new(SessionOptions {
-            enabled: true,
             expiration_s: 0,
+            ..SessionOptions::default()
         });
-        s.answer(SessionRequest::New, &HeaderMap::new()).unwrap();
-        s.answer(SessionRequest::New, &HeaderMap::new()).unwrap();
+        s.answer(SessionRequest::New, &HeaderMap::new(), None)
+            .unwrap();
+        s.answer(SessionRequest::New, &HeaderMap::new(), None)
+            .unwrap();
         // Each creation drops those that expired (all, at 0 seconds).
         assert_eq!(s.live.lock().unwrap().len(), 1);
         let off = Sessions::new(SessionOptions {
             enabled: false,
-            expiration_s: 60,
+            ..SessionOptions::default()
         });
         let id = "0b7e4f0a-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
         assert!(off
@@ -250,7 +336,7 @@ mod tests {
             .message
             .contains("not enabled"));
         let e = off
-            .answer(SessionRequest::New, &HeaderMap::new())
+            .answer(SessionRequest::New, &HeaderMap::new(), None)
             .unwrap_err();
         assert!(
             e.message.contains("NEW_SESSION not supported"),
@@ -258,5 +344,60 @@ mod tests {
             e.message
         );
         assert!(SessionRequest::parse(&json!("OPEN")).is_err());
+    }
+
+    fn new_id_of(s: &Sessions, client: Option<IpAddr>) -> Result<String, ApiError> {
+        let r = s.answer(SessionRequest::New, &HeaderMap::new(), client)?;
+        let v = r.headers()[SESSION_HEADER].to_str().unwrap();
+        Ok(v.split(';').next().unwrap().to_string())
+    }
+
+    /// DJL's `close_session` raises "session not found" for an id it does
+    /// not hold; closing twice, or an expired session, is the same.
+    #[test]
+    fn closing_what_is_not_open_is_refused() {
+        let s = Sessions::new(SessionOptions::default());
+        let never = "0b7e4f0a-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
+        let e = s
+            .answer(SessionRequest::Close, &header(never), None)
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("session not found"), "{}", e.message);
+        let id = new_id_of(&s, None).unwrap();
+        s.answer(SessionRequest::Close, &header(&id), None).unwrap();
+        assert!(s.answer(SessionRequest::Close, &header(&id), None).is_err());
+        let short = Sessions::new(SessionOptions {
+            expiration_s: 0,
+            ..SessionOptions::default()
+        });
+        let id = new_id_of(&short, None).unwrap();
+        assert!(short
+            .answer(SessionRequest::Close, &header(&id), None)
+            .is_err());
+    }
+
+    /// One address cannot take more than its share; others still can, and
+    /// closing one gives the share back.
+    #[test]
+    fn one_client_cannot_fill_the_table() {
+        let s = Sessions::new(SessionOptions {
+            max_per_client: 3,
+            ..SessionOptions::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let ids: Vec<String> = (0..3).map(|_| new_id_of(&s, Some(a)).unwrap()).collect();
+        let e = new_id_of(&s, Some(a)).unwrap_err();
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            e.message.contains("10.0.0.1") && e.message.contains("max_sessions_per_client=3"),
+            "{}",
+            e.message
+        );
+        assert!(new_id_of(&s, Some(b)).is_ok());
+        s.answer(SessionRequest::Close, &header(&ids[0]), None)
+            .unwrap();
+        assert!(new_id_of(&s, Some(a)).is_ok());
+        assert!(new_id_of(&s, Some(a)).is_err());
     }
 }

@@ -325,7 +325,6 @@ fn whole_number_keys() {
         "option.n_positions",
         "option.max_input_len",
         "option.max_output_len",
-        "job_queue_size",
         "batch_size",
     ] {
         for bad in ["0", "-3", "abc", "1.5", "99999999999"] {
@@ -345,6 +344,60 @@ fn whole_number_keys() {
         parse_err("max_batch_delay=-1"),
         format!("{FILE}:1: max_batch_delay = '-1' is not a whole number of milliseconds")
     );
+}
+
+/// Issue 21, point 12: a `job_queue_size` near 2^64 overflowed the
+/// engine's admission limit (`job_queue_size + max_rolling_batch_size`) and
+/// refused every request; it is refused where it is read, in the file and
+/// in both environment forms.
+#[test]
+fn job_queue_size_is_bounded_wherever_it_is_given() {
+    let max = kiln_server::properties::MAX_JOB_QUEUE_SIZE;
+    assert_eq!(parse(&format!("job_queue_size={max}")).job_queue_size, max);
+    for bad in ["0", "-3", "abc", "4294967296", "18446744073709551615"] {
+        assert_eq!(
+            parse_err(&format!("job_queue_size={bad}")),
+            format!("{FILE}:1: job_queue_size = '{bad}' is not a whole number from 1 to {max}"),
+        );
+        for var in ["SERVING_JOB_QUEUE_SIZE", "MAX_CONCURRENT_REQUESTS"] {
+            let e = parse_err_env("", &[(var, bad)]);
+            assert!(
+                e.contains(var) && e.contains(&format!("from 1 to {max}")),
+                "{var}: {e}"
+            );
+        }
+    }
+}
+
+/// Issue 21, point 5: the keys DJL's configuration builder writes are
+/// known, and speculative decoding is refused rather than ignored.
+#[test]
+fn djl_builder_keys_and_speculative_decoding() {
+    let p = parse(
+        "option.enable_reasoning=true\noption.reasoning_parser=deepseek_r1\n\
+         option.sessions_path=/tmp/djl_sessions\noption.max_sessions_per_client=5\n\
+         option.prefill_first_token=true\n",
+    );
+    assert!(p.chat.reasoning_parser.is_some());
+    assert_eq!(p.chat.sessions.max_per_client, 5);
+    assert!(p.prefill_first_token);
+    assert!(!has_warning(&p, "unknown key"), "{:?}", p.warnings);
+    assert!(has_warning(&p, "option.sessions_path"), "{:?}", p.warnings);
+    let p = parse("option.enable_reasoning=false\noption.reasoning_parser=qwen3\n");
+    assert!(
+        p.chat.reasoning_parser.is_some(),
+        "the parser decides, as in DJL's vLLM handler"
+    );
+    assert!(!parse("").prefill_first_token);
+    let e = parse_err("option.enable_reasoning=true\n");
+    assert!(e.contains("needs option.reasoning_parser"), "{e}");
+    let e = parse_err("option.speculative_config={\"num_speculative_tokens\": 5}\n");
+    assert!(
+        e.contains("option.speculative_config") && e.contains("kiln does not implement yet"),
+        "{e}"
+    );
+    let e = parse_err("option.max_sessions_per_client=0\n");
+    assert!(e.contains("from 1 to 100000"), "{e}");
 }
 
 #[test]

@@ -153,6 +153,10 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         device: args.device,
         job_queue_size: match args.job_queue_size {
             Some(0) => anyhow::bail!("--job-queue-size must be at least 1"),
+            Some(n) if n > kiln_server::properties::MAX_JOB_QUEUE_SIZE => anyhow::bail!(
+                "--job-queue-size {n} is more than the largest queue, {}",
+                kiln_server::properties::MAX_JOB_QUEUE_SIZE
+            ),
             n => n,
         },
         max_connections: match args.max_connections {

@@ -104,13 +104,18 @@ pub struct ChatOptions {
 /// SageMaker stateful sessions ([`crate::sessions`]): on unless
 /// `option.enable_stateful_sessions=false`, as in DJL's LMI handler, and
 /// ending `option.sessions_expiration` seconds after they begin (DJL's
-/// default, 20 minutes).
+/// default, 20 minutes). `option.max_sessions_per_client` (kiln's own)
+/// bounds the sessions one client address may hold; `option.sessions_path`
+/// (where DJL keeps session files) is accepted and unused, kiln keeping
+/// sessions in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionOptions {
     /// Sessions can be created, and requests may name one.
     pub enabled: bool,
     /// Seconds a session lives.
     pub expiration_s: u64,
+    /// Live sessions one client address may have created.
+    pub max_per_client: usize,
 }
 
 impl SessionOptions {
@@ -123,6 +128,7 @@ impl Default for SessionOptions {
         Self {
             enabled: true,
             expiration_s: Self::DEFAULT_EXPIRATION_S,
+            max_per_client: crate::sessions::DEFAULT_MAX_SESSIONS_PER_CLIENT,
         }
     }
 }
@@ -152,7 +158,8 @@ impl Builder {
             };
             Some(ToolCallParser(p.value, syntax))
         });
-        let reasoning_parser = self.entry("option.reasoning_parser").and_then(|p| {
+        let reasoning_parser_entry = self.entry("option.reasoning_parser");
+        let reasoning_parser = reasoning_parser_entry.clone().and_then(|p| {
             let parsed = ReasoningParser::parse(&p.value);
             if parsed.is_none() {
                 let why = if OTHER_REASONING_PARSERS.contains(&p.value.as_str()) {
@@ -167,15 +174,59 @@ impl Builder {
             }
             parsed
         });
+        // DJL's rolling-batch vLLM handler splits reasoning only with
+        // `enable_reasoning=true`, whose validator then requires a parser
+        // (`vllm_rb_properties.py` `validate_reasoning_parser`); its current
+        // handler (`lmi_vllm/vllm_async_service.py`) passes
+        // `reasoning_parser` to vLLM whatever `enable_reasoning` says. kiln
+        // refuses `true` without a parser, and splits whenever a parser is set.
+        match (
+            self.boolean("option.enable_reasoning"),
+            &reasoning_parser_entry,
+        ) {
+            (Some((true, p)), None) => self.problem(
+                &p,
+                &format!(
+                    "needs option.reasoning_parser (one of {}), as in DJL",
+                    ReasoningParser::ALLOWED
+                ),
+            ),
+            (Some((false, p)), Some(_)) => self.warn(
+                &p,
+                "option.reasoning_parser is set, so reasoning is still split from the \
+                 content, as DJL's current vLLM handler does",
+            ),
+            _ => {}
+        }
         let enabled = self
             .boolean("option.enable_stateful_sessions")
             .is_none_or(|(on, _)| on);
         let expiration_s = self
             .count_at_least("option.sessions_expiration", 1)
             .map_or(SessionOptions::DEFAULT_EXPIRATION_S, |(n, _)| n as u64);
+        let max_sessions = crate::sessions::MAX_SESSIONS;
+        let max_per_client = self
+            .int(
+                "option.max_sessions_per_client",
+                1,
+                max_sessions as i64,
+                &format!("a whole number from 1 to {max_sessions}"),
+            )
+            .map_or(
+                crate::sessions::DEFAULT_MAX_SESSIONS_PER_CLIENT,
+                |(n, _)| usize::try_from(n).unwrap_or(max_sessions),
+            );
+        if let Some(p) = self.entry("option.sessions_path") {
+            self.warn(
+                &p,
+                "kiln keeps sessions in memory (they end with the server); no session files \
+                 are written",
+            );
+        }
         let sessions = SessionOptions {
             enabled,
             expiration_s,
+            max_per_client,
         };
         ChatOptions {
             tool_call_parser,
