@@ -368,7 +368,7 @@ impl Engine {
         // the queue's length plus the batch slots that are free, i.e. at most
         // `max_waiting + max_running` requests unfinished.
         let u = &self.shared.unfinished;
-        if u.fetch_add(1, Ordering::SeqCst) >= info.max_waiting + info.max_running {
+        if u.fetch_add(1, Ordering::SeqCst) >= info.max_waiting.saturating_add(info.max_running) {
             u.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull(self.queued()));
         }
