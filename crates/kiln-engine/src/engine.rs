@@ -26,7 +26,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::block_manager::BlockManager;
 use crate::detok::IncrementalDetokenizer;
-use crate::guided::{Guide, GuideState};
+use crate::guided::{Compiled, Guide, GuideState};
 use crate::metrics::{EngineMetrics, MetricsSnapshot};
 use crate::request::{Event, FinishReason, Request, TokenOutput, Usage};
 use crate::sampling::{token_logprob, Sampler};
@@ -300,6 +300,16 @@ impl Engine {
             .map_err(|e| SubmitError::Invalid(format!("constrained decoding is unavailable: {e}")))
     }
 
+    /// The constraint compiler if it is built already: lets an async caller
+    /// avoid building it (a pass over the vocabulary) on its own thread.
+    pub fn guide_if_built(&self) -> Option<Result<&Guide, SubmitError>> {
+        self.shared.guide.get().map(|g| {
+            g.as_ref().map_err(|e| {
+                SubmitError::Invalid(format!("constrained decoding is unavailable: {e}"))
+            })
+        })
+    }
+
     /// A copy of the engine's counters.
     pub fn metrics(&self) -> MetricsSnapshot {
         let mut s = self.shared.metrics.snapshot();
@@ -319,8 +329,20 @@ impl Engine {
         self.shared.queued.load(Ordering::Relaxed)
     }
 
-    /// Checks a request and queues it.
+    /// Checks a request and queues it, compiling its constraint (if any) on
+    /// the way, without a time limit.
     pub fn submit(&self, req: Request) -> Result<RequestStream, SubmitError> {
+        self.submit_compiled(req, None)
+    }
+
+    /// Like [`Self::submit`], with the request's constraint already compiled
+    /// (by [`Guide::compile_in_background`], within the caller's limits);
+    /// `None` compiles `req.constraint` here, if it has one.
+    pub fn submit_compiled(
+        &self,
+        req: Request,
+        compiled: Option<Compiled>,
+    ) -> Result<RequestStream, SubmitError> {
         let info = &self.shared.info;
         req.sampling.validate().map_err(SubmitError::Invalid)?;
         if req.prompt.is_empty() {
@@ -354,15 +376,17 @@ impl Engine {
                 info.kv_tokens
             )));
         }
-        // Compile the constraint here, on the caller's thread: a bad schema is
-        // the caller's error, and compiling must not stall the engine loop.
-        let guide = match &req.constraint {
-            Some(c) => Some(
+        // Compile the constraint here, not on the engine thread: a bad schema
+        // is the caller's error, and compiling must not stall the engine loop.
+        let guide = match (compiled, &req.constraint) {
+            (Some(g), _) => Some(g.into_matcher()),
+            (None, Some(c)) => Some(
                 self.guide()?
                     .compile(c)
-                    .map_err(|e| SubmitError::Invalid(format!("invalid constraint: {e}")))?,
+                    .map_err(|e| SubmitError::Invalid(e.to_string()))?
+                    .into_matcher(),
             ),
-            None => None,
+            (None, None) => None,
         };
         // Reserve a place before sending, so the bound holds under races:
         // the queue's length plus the batch slots that are free, i.e. at most
@@ -787,10 +811,11 @@ impl<B: Backend> Worker<B> {
 
     /// Ends a request whose grammar failed.
     fn fail_grammar(&mut self, id: u64, why: &str) {
+        let why = crate::guided::client_message(why);
         self.finish(
             id,
             FinishReason::Error,
-            Some(format!("constrained decoding failed: {why}")),
+            Some(format!("{}: {why}", crate::guided::CONSTRAINT_FAILED)),
         );
     }
 

@@ -23,7 +23,7 @@ mod scheduler;
 pub mod stops;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
-pub use guided::{Constraint, Guide};
+pub use guided::{CompileCancel, CompileError, Compiled, Constraint, Guide};
 pub use kiln_backend::Device;
 pub use launch::{DeviceModel, LaunchError};
 pub use metrics::MetricsSnapshot;

@@ -20,7 +20,8 @@ pub struct Request {
     /// steps are unaffected (a row's logits do not depend on the others).
     pub prompt_logprobs: bool,
     /// What the output must match (a JSON schema, a regex, …); `None` for
-    /// free text. Checked and compiled by [`crate::Engine::submit`].
+    /// free text. Checked and compiled by [`crate::Engine::submit`], or
+    /// compiled beforehand and given to [`crate::Engine::submit_compiled`].
     pub constraint: Option<Constraint>,
 }
 

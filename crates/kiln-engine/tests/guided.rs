@@ -195,3 +195,51 @@ fn a_constraint_that_cannot_compile_is_refused_at_submit() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn compiles_run_on_their_own_deep_stack_and_can_be_stopped() {
+    let e = engine();
+    let guide = e.guide().unwrap().clone();
+    // 3,000 nested rules: past what a 2 MiB stack holds in llguidance's
+    // Lark compiler (which would abort the process, not fail).
+    let mut g = String::from("start: r0\n");
+    for i in 0..3000 {
+        g.push_str(&format!("r{i}: \"a\" r{}\n", i + 1));
+    }
+    g.push_str("r3000: \"b\"\n");
+    let c = Constraint::Grammar(g);
+    let compiled = guide.compile(&c).unwrap();
+    let r = request(&e, "x", 4, Some(c.clone()));
+    let out = collect(e.submit_compiled(r, Some(compiled)).unwrap());
+    assert!(out.text.bytes().all(|b| b == b'a'), "{:?}", out.text);
+
+    // A compile stopped before it starts reports so, and never compiles.
+    let cancel = kiln_engine::CompileCancel::default();
+    cancel.cancel();
+    let (tx, rx) = std::sync::mpsc::channel();
+    guide
+        .compile_in_background(c, cancel, move |r| tx.send(r).unwrap())
+        .unwrap();
+    assert_eq!(
+        rx.recv().unwrap().map(|_| ()),
+        Err(kiln_engine::CompileError::Cancelled)
+    );
+}
+
+#[test]
+fn a_constraint_with_no_first_token_is_refused_at_compile_time() {
+    let e = engine();
+    let guide = e.guide().unwrap();
+    for (c, needle) in [
+        (Constraint::JsonSchema(json!({"$ref": "#"})), "first token"),
+        (Constraint::Regex("x{1000000}".into()), "lexer"),
+    ] {
+        match guide.compile(&c) {
+            Err(kiln_engine::CompileError::Invalid(m)) => {
+                assert!(m.contains(needle), "{m}");
+                assert!(!m.contains('\n'), "{m:?}");
+            }
+            other => panic!("{c:?}: {other:?}"),
+        }
+    }
+}

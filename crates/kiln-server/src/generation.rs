@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use kiln_engine::{
-    Constraint, Engine, Event, FinishReason, Request, RequestStream, SamplingParams,
+    Compiled, Constraint, Engine, Event, FinishReason, Request, RequestStream, SamplingParams,
     StopConditions, TokenOutput, Usage,
 };
 
@@ -38,12 +38,14 @@ pub fn encode(engine: &Engine, text: &str, add_special: bool) -> Result<Vec<u32>
 /// Submits one prompt, asking with `prompt_logprobs` for the log-probability
 /// of each prompt token (DJL's `decoder_input_details`), which costs the
 /// engine a logits row per prompt token and so is computed only when asked.
-pub fn submit_with(
+/// `guide` is `p.constraint` compiled (see [`crate::cpu::compile`]).
+fn submit_with(
     engine: &Engine,
     prompt: Vec<u32>,
     p: &GenParams,
     timeout: Duration,
     prompt_logprobs: bool,
+    guide: Option<Compiled>,
 ) -> Result<RequestStream, ApiError> {
     let req = Request {
         prompt_logprobs,
@@ -60,30 +62,39 @@ pub fn submit_with(
         skip_special_tokens: p.skip_special_tokens,
         constraint: p.constraint.clone(),
     };
-    Ok(engine.submit(req)?)
+    Ok(engine.submit_compiled(req, guide)?)
 }
 
-/// Submits one request per `(prompt, parameters)`, in order. Requests with
-/// a constraint are submitted from the blocking pool: compiling a JSON
-/// schema or grammar (in [`Engine::submit`]) can take milliseconds, which
-/// the threads that answer HTTP should not spend.
+/// Submits one request per `(prompt, parameters)`, in order. Constraints
+/// are compiled first, each distinct one once, on the compile pool and
+/// within its limits ([`crate::cpu::compile`]), so that a costly grammar
+/// never holds the threads that answer HTTP or the tokenization pool.
 pub async fn submit_all(
     engine: &Engine,
     jobs: Vec<(Vec<u32>, GenParams)>,
     timeout: Duration,
     prompt_logprobs: bool,
 ) -> Result<Vec<RequestStream>, ApiError> {
-    let go = move |engine: Engine, jobs: Vec<(Vec<u32>, GenParams)>| {
-        jobs.into_iter()
-            .map(|(prompt, p)| submit_with(&engine, prompt, &p, timeout, prompt_logprobs))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    if jobs.iter().any(|(_, p)| p.constraint.is_some()) {
-        let engine = engine.clone();
-        crate::cpu::run(move || go(engine, jobs)).await
-    } else {
-        go(engine.clone(), jobs)
+    let mut compiled: Vec<(&Constraint, Compiled)> = Vec::new();
+    for c in jobs.iter().filter_map(|(_, p)| p.constraint.as_ref()) {
+        if !compiled.iter().any(|(k, _)| *k == c) {
+            compiled.push((c, crate::cpu::compile(engine, c).await?));
+        }
     }
+    let guides: Vec<Option<Compiled>> = jobs
+        .iter()
+        .map(|(_, p)| {
+            let c = p.constraint.as_ref()?;
+            compiled
+                .iter()
+                .find(|(k, _)| *k == c)
+                .map(|(_, g)| g.clone())
+        })
+        .collect();
+    jobs.into_iter()
+        .zip(guides)
+        .map(|((prompt, p), g)| submit_with(engine, prompt, &p, timeout, prompt_logprobs, g))
+        .collect()
 }
 
 /// Everything one prompt produced.
@@ -125,14 +136,20 @@ pub async fn complete(mut stream: RequestStream) -> Completion {
     c
 }
 
-/// The error a failed completion answers with, if it failed.
+/// The error a failed completion answers with, if it failed: 400 when its
+/// constraint failed part way (the client asked for more than the grammar
+/// engine can follow), 424 when the model did.
 pub fn failure(c: &Completion) -> Option<ApiError> {
     (c.reason == FinishReason::Error).then(|| {
-        ApiError::model_failure(
-            c.error
-                .clone()
-                .unwrap_or_else(|| "generation failed".into()),
-        )
+        let msg = c
+            .error
+            .clone()
+            .unwrap_or_else(|| "generation failed".into());
+        if msg.starts_with(kiln_engine::guided::CONSTRAINT_FAILED) {
+            ApiError::bad_request(msg)
+        } else {
+            ApiError::model_failure(msg)
+        }
     })
 }
 

@@ -175,6 +175,7 @@ async fn refuse_when_stopping(
 /// Builds the shared state and registers the configured models (they load in
 /// the background; `/ping` says when they are ready).
 pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
+    cpu::set_compile_limits(config.compile_limits.clone());
     let access_log = match &config.log_dir {
         Some(dir) => Some(access::AccessLog::open(dir)?),
         None => None,

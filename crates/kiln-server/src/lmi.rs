@@ -636,7 +636,7 @@ async fn infer_inner(
     let done = join_all(streams.into_iter().map(generation::complete)).await;
     rec.add_tokens_out(done.iter().map(|c| c.usage.completion_tokens).sum());
     if let Some(e) = done.iter().find_map(generation::failure) {
-        return Err(e);
+        return Err(djl_status::validation(e));
     }
     let batch = req.batch;
     let build = move || {

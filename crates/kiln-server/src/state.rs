@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub model_url_pattern: Option<String>,
     /// Where models run unless their `option.device` says otherwise (`--device`).
     pub device: kiln_backend::Device,
+    /// Size, time and concurrency limits on compiling output constraints.
+    pub compile_limits: crate::cpu::CompileLimits,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +88,7 @@ impl Default for ServerConfig {
             management_on_inference_port: false,
             model_url_pattern: None,
             device: kiln_backend::Device::Cpu,
+            compile_limits: crate::cpu::CompileLimits::default(),
         }
     }
 }

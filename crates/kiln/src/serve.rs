@@ -97,6 +97,17 @@ pub struct Args {
     /// least recently used entries beyond it are evicted. Default: unbounded.
     #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = kiln_server::prepared_load::parse_cache_max_gib)]
     pub cache_max_gib: Option<u64>,
+    /// Largest output constraint (grammar, regex, JSON schema, choices), in
+    /// bytes; a larger one is refused (400).
+    #[arg(long, default_value_t = kiln_server::cpu::DEFAULT_MAX_CONSTRAINT_BYTES)]
+    pub max_constraint_bytes: usize,
+    /// Seconds an output constraint may take to compile (400 past it); it
+    /// may wait twice as long for a place to compile (503 past it).
+    #[arg(long, default_value_t = kiln_server::cpu::DEFAULT_COMPILE_TIMEOUT.as_secs_f64())]
+    pub constraint_compile_timeout: f64,
+    /// Output constraints compiled at once (default: half the CPUs).
+    #[arg(long)]
+    pub constraint_compiles: Option<usize>,
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -162,6 +173,21 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         max_connections: match args.max_connections {
             Some(0) => anyhow::bail!("--max-connections must be at least 1"),
             n => n,
+        },
+        compile_limits: {
+            let default = kiln_server::cpu::CompileLimits::default();
+            kiln_server::cpu::CompileLimits {
+                max_bytes: args.max_constraint_bytes,
+                timeout: seconds(
+                    "constraint-compile-timeout",
+                    args.constraint_compile_timeout,
+                )?,
+                concurrent: match args.constraint_compiles {
+                    Some(0) => anyhow::bail!("--constraint-compiles must be at least 1"),
+                    Some(n) => n,
+                    None => default.concurrent,
+                },
+            }
         },
     })
 }

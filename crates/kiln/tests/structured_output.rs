@@ -2,9 +2,15 @@
 //! (SmolLM2-135M): OpenAI `response_format` (`json_schema`, `json_object`),
 //! vLLM's `guided_*` fields and `structured_outputs` object, the same inside
 //! LMI `parameters`, streaming, and the 400s for a schema that cannot be
-//! compiled and for constraint fields kiln does not implement.
+//! compiled and for constraint fields kiln does not implement. Then the
+//! attacks on the grammar compiler (issue 21, points 7 and 13): grammars too
+//! large or too slow to compile, clients that hang up, a grammar that
+//! panics llguidance or would overflow its stack, and constraints that
+//! compile but cannot produce a token.
 
 mod support;
+
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::*;
@@ -285,4 +291,278 @@ fn bad_constraints_are_400s_naming_the_problem() {
             "json_schema": {"name": "p", "schema": {}, "unknown": 1}}}),
         &["unknown"],
     );
+}
+
+/// A Lark grammar of `n` distinct string alternatives, the shape that makes
+/// llguidance's compile time grow faster than linearly (one lexeme each):
+/// 150,000 took 45 s before kiln limited it.
+fn alternatives(n: usize) -> String {
+    let alts: Vec<String> = (0..n).map(|i| format!("\"w{i}\"")).collect();
+    format!("start: {}", alts.join(" | "))
+}
+
+/// The message of an error body in either shape (OpenAI's or DJL's).
+fn message(v: &Value) -> String {
+    v["error"]["message"]
+        .as_str()
+        .or(v["error"].as_str())
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+/// Sends `body` to `/v1/completions` on `port` from a thread, timing it.
+fn fire(port: u16, body: Value) -> std::thread::JoinHandle<(Response, Duration)> {
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = request(
+            port,
+            "POST",
+            "/v1/completions",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        (r, t.elapsed())
+    })
+}
+
+fn grammar_request(grammar: &str) -> Value {
+    json!({"prompt": "Answer:", "max_tokens": 4, "temperature": 0, "guided_grammar": grammar})
+}
+
+/// The test server's compile budget: small, so that grammars of a few
+/// hundred kilobytes (seconds to compile) run past it.
+const BUDGET: f64 = 0.3;
+
+#[test]
+fn grammar_compiles_are_bounded_in_size_time_and_number_and_starve_nothing() {
+    let s = Server::ready(Opts::args(&[
+        "--kv-cache-mib",
+        "64",
+        "--max-constraint-bytes",
+        "300000",
+        "--constraint-compile-timeout",
+        &BUDGET.to_string(),
+        "--constraint-compiles",
+        "2",
+    ]));
+    let too_slow = |r: &Response| {
+        r.status == 400 && message(&r.json()).contains("--constraint-compile-timeout")
+    };
+    // Warm up: the first constrained request builds the token trie.
+    let r = s.post_json("/v1/completions", &grammar_request("start: \"a\""));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The issue's attack as sent (150,000 alternatives, 1.3 MB): refused
+    // for its size before any compiling.
+    let t = Instant::now();
+    let r = s.post_json("/v1/completions", &grammar_request(&alternatives(150_000)));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = message(&r.json());
+    assert!(msg.contains("--max-constraint-bytes"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    // Two grammars under the size limit that take seconds to compile
+    // (25,000 alternatives, 220 KB): each gets a 400 once its budget is
+    // spent, while a plain request and a small grammar, sent meanwhile,
+    // are answered at once.
+    let slow = grammar_request(&alternatives(25_000));
+    let attacks: Vec<_> = (0..2).map(|_| fire(s.port, slow.clone())).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let plain = fire(
+        s.port,
+        json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}),
+    );
+    let small = fire(
+        s.port,
+        grammar_request("start: \"The answer is \" num\nnum: /[1-9]/"),
+    );
+    for (name, h) in [("plain", plain), ("small grammar", small)] {
+        let (r, took) = h.join().unwrap();
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        assert!(took < Duration::from_secs(3), "{name} took {took:?}");
+        if name == "small grammar" {
+            let text = r.json()["choices"][0]["text"].as_str().unwrap().to_string();
+            assert!(text.starts_with("The answer is "), "{text:?}");
+        }
+    }
+    for h in attacks {
+        let (r, took) = h.join().unwrap();
+        assert!(too_slow(&r), "{} {}", r.status, r.text());
+        // Its budget, plus a wait for a place, plus slack for a busy CI.
+        assert!(
+            took < Duration::from_secs_f64(3.0 * BUDGET + 2.0),
+            "{took:?}"
+        );
+    }
+    assert!(
+        s.stderr().contains("stopped compiling a constraint after"),
+        "{}",
+        s.stderr()
+    );
+
+    // A client that hangs up: its compile is stopped (logged) and its place
+    // given back, so a small grammar still compiles.
+    let gone = s.stream_open("/v1/completions", &slow);
+    std::thread::sleep(Duration::from_millis(50));
+    drop(gone);
+    let logged = eventually(Duration::from_secs(5), || {
+        s.stderr().contains("its client went away").then_some(())
+    });
+    assert!(logged.is_some(), "{}", s.stderr());
+    let r = s.post_json("/v1/completions", &grammar_request("start: \"ok\""));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // More slow compiles at once than places free up for within twice the
+    // budget: the ones left over get a clear 503 with Retry-After.
+    let many: Vec<_> = (0..8).map(|_| fire(s.port, slow.clone())).collect();
+    let mut busy = 0;
+    for h in many {
+        let (r, _) = h.join().unwrap();
+        if r.status == 503 {
+            busy += 1;
+            assert_eq!(r.header("retry-after"), Some("1"), "{}", r.text());
+            assert!(
+                message(&r.json()).contains("compile at once"),
+                "{}",
+                r.text()
+            );
+        } else {
+            assert!(too_slow(&r), "{} {}", r.status, r.text());
+        }
+    }
+    assert!(busy >= 1, "no request was refused for lack of a place");
+    // And the server still answers.
+    assert_eq!(s.get("/ping").status, 200);
+}
+
+#[test]
+fn a_grammar_that_panics_the_grammar_engine_is_a_clean_400() {
+    // 66,000 rules: past llguidance's 16-bit symbol table, which it
+    // asserts (a panic it catches, with a backtrace in the message).
+    let mut g: String = "start: ".to_string();
+    g.push_str(
+        &(0..66_000)
+            .map(|i| format!("r{i}"))
+            .collect::<Vec<_>>()
+            .join("|"),
+    );
+    g.push('\n');
+    for i in 0..66_000 {
+        g.push_str(&format!("r{i}: \"x\" \"y\"\n"));
+    }
+    let s = Server::ready(Opts::args(&[
+        "--kv-cache-mib",
+        "64",
+        "--max-constraint-bytes",
+        "2000000",
+        "--constraint-compile-timeout",
+        "60",
+    ]));
+    let r = s.post_json("/v1/completions", &grammar_request(&g));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = message(&r.json());
+    assert!(msg.contains("cannot handle this constraint"), "{msg}");
+    for leak in [
+        "backtrace",
+        ".rs:",
+        "/rustc/",
+        "glibc",
+        "llguidance::",
+        "panic",
+    ] {
+        assert!(!msg.contains(leak), "{leak:?} in {msg:?}");
+    }
+    // The details are in the log instead.
+    assert!(
+        s.stderr().contains("the grammar engine panicked"),
+        "{}",
+        s.stderr()
+    );
+}
+
+#[test]
+fn a_deeply_nested_grammar_compiles_instead_of_crashing_the_server() {
+    // 1,000 rules each nesting the next: llguidance's Lark compiler
+    // recurses once per level, which overflowed a 2 MiB thread stack and
+    // aborted the whole server.
+    let s = shared_server();
+    let mut g = String::from("start: r0\n");
+    for i in 0..1000 {
+        g.push_str(&format!("r{i}: \"a\" r{}\n", i + 1));
+    }
+    g.push_str("r1000: \"b\"\n");
+    let v = ok(s, "/v1/completions", &grammar_request(&g));
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(!text.is_empty() && text.bytes().all(|b| b == b'a'), "{v}");
+    assert_eq!(s.get("/ping").status, 200);
+}
+
+#[test]
+fn constraints_that_cannot_produce_a_token_are_400s_at_compile_time() {
+    let s = shared_server();
+    let cycle = json!({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]});
+    for (extra, needle) in [
+        // Every object must hold another one: no finite output.
+        (json!({"guided_json": cycle}), "Too many items"),
+        (json!({"guided_json": {"$ref": "#"}}), "first token"),
+        // Too large for the lexer.
+        (json!({"guided_regex": "x{1000000}"}), "lexer"),
+    ] {
+        for path in ["/v1/completions", "/invocations"] {
+            let body = if path == "/invocations" {
+                let mut p = json!({"max_new_tokens": 8});
+                for (k, v) in extra.as_object().unwrap() {
+                    p[k] = v.clone();
+                }
+                json!({"inputs": "x", "parameters": p})
+            } else {
+                let mut b = json!({"prompt": "x", "max_tokens": 8});
+                for (k, v) in extra.as_object().unwrap() {
+                    b[k] = v.clone();
+                }
+                b
+            };
+            let r = s.post_json(path, &body);
+            let v = r.json();
+            if path == "/invocations" {
+                // DJL's validation shape (djl_status).
+                assert_eq!(r.status, 424, "{extra}: {v}");
+                assert_eq!(v["code"], 424, "{v}");
+            } else {
+                assert_eq!(r.status, 400, "{extra}: {v}");
+                assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+            }
+            let msg = message(&v);
+            assert!(msg.starts_with("invalid constraint"), "{msg}");
+            assert!(msg.contains(needle), "{extra}: {msg}");
+            // No parser dump.
+            for dump in ["<state>", "<non-verbose", "Tokens:", "Parser:", "\n"] {
+                assert!(!msg.contains(dump), "{dump:?} in {msg:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_constraint_failing_part_way_is_a_client_error_not_a_server_error() {
+    // Any letter, then one of 3,000 alternatives: the first token is free,
+    // and the second overflows llguidance's 2,000 items per row.
+    let s = shared_server();
+    let alts: Vec<String> = (0..3000).map(|i| format!("\"a{i:04}\"")).collect();
+    let g = format!("start: /[a-z]/ ({})", alts.join(" | "));
+    let r = s.post_json("/v1/completions", &grammar_request(&g));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let msg = message(&v);
+    assert!(msg.starts_with("constrained decoding failed"), "{msg}");
+    assert!(msg.contains("max is 2000"), "{msg}");
+    assert!(!msg.contains("<non-verbose"), "{msg}");
+    // DJL's validation status and shape on the LMI routes.
+    let r = s.post_json(
+        "/invocations",
+        &json!({"inputs": "Answer:", "parameters": {"max_new_tokens": 4, "guided_grammar": g}}),
+    );
+    assert_eq!(r.status, 424, "{}", r.text());
+    assert_eq!(r.json()["code"], 424, "{}", r.text());
 }
