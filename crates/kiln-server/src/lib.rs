@@ -273,6 +273,7 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
         header_read_timeout: st.config.header_read_timeout,
         body_read_timeout: st.config.body_read_timeout,
         idle_timeout: st.config.idle_timeout,
+        write_timeout: st.config.write_timeout,
         max_connections: st
             .config
             .max_connections
@@ -280,11 +281,12 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
         max_request_bytes: st.config.max_request_bytes,
     };
     tracing::info!(
-        "connections: at most {}, header timeout {:?}, body timeout {:?}, idle timeout {:?}",
+        "connections: at most {}, header timeout {:?}, body timeout {:?}, idle timeout {:?}, write timeout {:?}",
         limits.max_connections,
         limits.header_read_timeout,
         limits.body_read_timeout,
-        limits.idle_timeout
+        limits.idle_timeout,
+        limits.write_timeout
     );
     let conns = Arc::new(conn::Connections::new(limits));
     let app = router(st.clone());
