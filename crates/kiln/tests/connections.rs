@@ -610,3 +610,52 @@ fn clients_that_stop_reading_are_shed_at_the_cap() {
         s.stderr()
     );
 }
+
+#[test]
+fn ping_stays_fast_while_huge_answers_are_built() {
+    // Two answers of 10 MB each (every token's id and text), built and
+    // serialized at once: on the threads that answer HTTP they held /ping
+    // for over a second.
+    let s = model_server(&[]);
+    let port = s.port;
+    let body =
+        serde_json::json!({"prompt": " a".repeat(STALLING_TOKENS), "return_token_strs": true})
+            .to_string();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                request(
+                    port,
+                    "POST",
+                    "/tokenize",
+                    &[("Content-Type", "application/json")],
+                    body.as_bytes(),
+                )
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    while clients.iter().any(|c| !c.is_finished()) {
+        let t = Instant::now();
+        assert_eq!(s.get("/ping").status, 200);
+        times.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in clients {
+        let r = c.join().expect("a client");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.body.len() > STALLING_TOKENS * 10,
+            "{} bytes",
+            r.body.len()
+        );
+    }
+    let worst = times.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "/ping while the answers were made: worst {worst:?} of {}",
+        times.len()
+    );
+    assert!(times.len() >= 10, "{} pings", times.len());
+    assert!(worst < Duration::from_millis(500), "worst {worst:?}");
+}
