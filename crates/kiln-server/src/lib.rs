@@ -10,7 +10,8 @@
 //! - [`access`]: API keys, the access log, per-route counters; [`prom`] and
 //!   [`prom_vllm`]: metrics text; [`health`]: liveness and readiness probes;
 //! - [`conn`]: the accept loop, connection timeouts and the connection cap;
-//! - [`cpu`]: tokenization and chat templates off the async threads.
+//! - [`cpu`]: tokenization, chat templates and large answers off the async
+//!   threads.
 //!
 //! It does not compute: requests become engine submissions and engine
 //! events become response bytes.
