@@ -68,12 +68,16 @@ pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        return unavailable(json!({
+        let mut body = json!({
             "status": "Unready",
             "error": error,
             "ready": ready,
             "not_ready": not_ready,
-        }));
+        });
+        if !loading.is_empty() {
+            body["loading"] = json!(loading);
+        }
+        return unavailable(body);
     }
     let mut body = json!({"status": "Ready", "ready": ready});
     if !loading.is_empty() {
