@@ -9,18 +9,29 @@
 //! - **idle timeout**: a connection that serves no request and sends nothing
 //!   for `idle_timeout` (a fresh one, or a keep-alive one between requests)
 //!   is closed;
+//! - **write timeout**: a connection whose writes make no progress for
+//!   `write_timeout` (its client stopped reading the answer, so the socket
+//!   takes nothing more) is closed and logged. Only a blocked write counts:
+//!   a stream that is slow because generation is slow never waits on the
+//!   socket, so it is not cut;
 //! - **connection cap**: at most `max_connections` are open (by default
 //!   below the process's file-descriptor limit, leaving room for model files
 //!   and logs). A new connection over the cap closes the open connection that
-//!   has been idle longest (one sending a request head counts as idle, so slow
-//!   senders go first); when every connection is busy with a request, the new
-//!   one gets a 503. Shedding is logged, at most once a second.
+//!   has made no progress longest: an idle one (one sending a request head
+//!   counts as idle, so slow senders go first) or one whose client has not
+//!   read its answer for a second or more. When every connection is busy
+//!   with a request, the new one gets a JSON 503 with `Retry-After`, written
+//!   before the connection closes gracefully (what the client sent is read,
+//!   so the close is not a reset). Shedding is logged, at most once a second.
 //!
 //! Bodies declared larger than the request limit are refused with a 413
 //! before any of them is read, so `Expect: 100-continue` gets the 413 and
-//! never `100 Continue`. The answers hyper writes itself to requests it
-//! cannot parse (400, 414, 431, with empty bodies) get a JSON body like every
-//! other error.
+//! never `100 Continue`. An HTTP/1.1 request without exactly one valid
+//! `Host` (or any request with several) gets a 400, and a transfer coding
+//! other than `chunked` a 501, as RFC 9112 asks (hyper would take the first
+//! and ignore `gzip` in `gzip, chunked`). The answers hyper writes itself to
+//! requests it cannot parse (400, 414, 431, with empty bodies) get a JSON
+//! body like every other error.
 //!
 //! It does not route or parse requests beyond their head: that is axum's.
 
@@ -35,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
-use axum::http::{header, Request, Response, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use axum::response::IntoResponse;
 use axum::Router;
 use http_body::Frame;
@@ -57,6 +68,8 @@ pub struct ConnLimits {
     pub body_read_timeout: Duration,
     /// Time a connection may stay open with no request and no bytes.
     pub idle_timeout: Duration,
+    /// Time a connection's writes may make no progress.
+    pub write_timeout: Duration,
     /// Most connections open at once.
     pub max_connections: usize,
     /// Largest request body (a larger `Content-Length` is refused at once).
@@ -69,6 +82,19 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default keep-alive idle timeout.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default write timeout: a client that reads nothing for a minute is gone.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A connection whose writes have been blocked this long (or for its write
+/// timeout, if shorter) may be shed at the cap like an idle one.
+const STALLED_AFTER: Duration = Duration::from_secs(1);
+/// Why [`Connections::expired`] closes a connection whose writes are stuck.
+const WRITE_TIMEOUT: &str = "write timeout";
+/// Refusals (503 at the cap) being written and drained at once; past it a
+/// connection over the cap is closed without an answer, so that a flood
+/// cannot hold descriptors through its refusals.
+const MAX_REFUSING: usize = 64;
+/// How long a refusal waits for its client to finish sending and close.
+const REFUSAL_DRAIN: Duration = Duration::from_secs(1);
 /// Largest request head (request line and headers); a larger one gets 431.
 /// Set, rather than left to hyper's read buffer, whose limit depends on how
 /// the bytes arrive.
@@ -108,6 +134,9 @@ struct ConnState {
     idle_since: AtomicU64,
     /// 1 + when the first byte after `idle_since` came; 0 when none has.
     head_started: AtomicU64,
+    /// 1 + when a write first found the socket full since the last write
+    /// that made progress; 0 while writes go through.
+    write_blocked: AtomicU64,
     /// Set when the connection is to be closed (shed or timed out).
     closing: AtomicBool,
     close: Notify,
@@ -124,6 +153,8 @@ pub struct Connections {
     /// Connections shed (or refused) since the last log line, and when that was.
     shed_unlogged: AtomicU64,
     last_shed_log: AtomicU64,
+    /// Refusals in progress (see [`MAX_REFUSING`]).
+    refusing: AtomicUsize,
 }
 
 impl Connections {
@@ -137,6 +168,7 @@ impl Connections {
             closed: Notify::new(),
             shed_unlogged: AtomicU64::new(0),
             last_shed_log: AtomicU64::new(0),
+            refusing: AtomicUsize::new(0),
         }
     }
 
@@ -150,8 +182,8 @@ impl Connections {
     }
 
     /// Makes room for one more connection: `true` when there is room (after
-    /// shedding the longest-idle one if the cap is reached), `false` when
-    /// every connection is busy.
+    /// shedding the one idle or stalled longest if the cap is reached),
+    /// `false` when every connection is busy.
     fn make_room(&self) -> bool {
         let Ok(open) = self.open.lock() else {
             return true;
@@ -163,10 +195,29 @@ impl Connections {
         if live < self.limits.max_connections {
             return true;
         }
+        let now = self.now();
+        let stalled_after = STALLED_AFTER.min(self.limits.write_timeout).as_millis() as u64;
+        // Since when each candidate has made no progress: idle connections
+        // since their last request, busy ones whose client reads nothing
+        // since their writes blocked.
         let victim = open
             .values()
-            .filter(|c| !c.closing.load(Ordering::Relaxed) && c.active.load(Ordering::SeqCst) == 0)
-            .min_by_key(|c| c.idle_since.load(Ordering::Relaxed));
+            .filter(|c| !c.closing.load(Ordering::Relaxed))
+            .filter_map(|c| {
+                let idle = (c.active.load(Ordering::SeqCst) == 0)
+                    .then(|| c.idle_since.load(Ordering::Relaxed));
+                let stalled = match c.write_blocked.load(Ordering::SeqCst) {
+                    0 => None,
+                    t => (now.saturating_sub(t - 1) >= stalled_after).then_some(t - 1),
+                };
+                let since = match (idle, stalled) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (a, b) => a.or(b)?,
+                };
+                Some((since, c))
+            })
+            .min_by_key(|(since, _)| *since)
+            .map(|(_, c)| c);
         let shed = match victim {
             Some(v) => {
                 v.closing.store(true, Ordering::Relaxed);
@@ -198,7 +249,7 @@ impl Connections {
         let max = self.limits.max_connections;
         if shed {
             tracing::warn!(
-                "connection limit reached (--max-connections {max}): closed the longest-idle connection ({n} shed or refused since the last report)"
+                "connection limit reached (--max-connections {max}): closed the connection idle or not reading longest ({n} shed or refused since the last report)"
             );
         } else {
             tracing::warn!(
@@ -213,6 +264,7 @@ impl Connections {
             active: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.now()),
             head_started: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             close: Notify::new(),
         });
@@ -254,10 +306,16 @@ impl Connections {
 
     /// Why a connection should close now, if it should.
     fn expired(&self, c: &ConnState) -> Option<&'static str> {
+        let now = self.now();
+        let blocked = c.write_blocked.load(Ordering::SeqCst);
+        if blocked != 0
+            && now.saturating_sub(blocked - 1) > self.limits.write_timeout.as_millis() as u64
+        {
+            return Some(WRITE_TIMEOUT);
+        }
         if c.active.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        let now = self.now();
         match c.head_started.load(Ordering::SeqCst) {
             0 => (now.saturating_sub(c.idle_since.load(Ordering::SeqCst))
                 > self.limits.idle_timeout.as_millis() as u64)
@@ -272,7 +330,8 @@ impl Connections {
         let shortest = self
             .limits
             .header_read_timeout
-            .min(self.limits.idle_timeout);
+            .min(self.limits.idle_timeout)
+            .min(self.limits.write_timeout);
         (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 }
@@ -295,7 +354,9 @@ pub async fn accept_loop(
         match accepted {
             Ok((tcp, peer)) => {
                 if !conns.make_room() {
-                    tokio::spawn(refuse(tcp));
+                    if let Some(slot) = Refusing::start(&conns) {
+                        tokio::spawn(refuse(tcp, slot));
+                    }
                     continue;
                 }
                 let _ = tcp.set_nodelay(true);
@@ -331,9 +392,34 @@ pub async fn accept_loop(
     conns.close_idle();
 }
 
-/// Answers a connection over the cap with a 503 and closes it.
-async fn refuse(mut tcp: TcpStream) {
-    use tokio::io::AsyncWriteExt;
+/// A refusal in progress, counted while alive.
+struct Refusing(Arc<Connections>);
+
+impl Refusing {
+    /// A place for one more refusal, unless [`MAX_REFUSING`] are running.
+    fn start(conns: &Arc<Connections>) -> Option<Self> {
+        let n = conns.refusing.fetch_add(1, Ordering::SeqCst);
+        if n >= MAX_REFUSING {
+            conns.refusing.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(conns.clone()))
+    }
+}
+
+impl Drop for Refusing {
+    fn drop(&mut self) {
+        self.0.refusing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Answers a connection over the cap with a 503 and closes it gracefully:
+/// the answer, then the end of the server's side, then whatever the client
+/// still sends is read (for at most [`REFUSAL_DRAIN`]) until it closes. A
+/// socket closed with unread bytes in it is reset, and a reset can destroy
+/// the answer before the client reads it.
+async fn refuse(mut tcp: TcpStream, _slot: Refusing) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = ApiError::unavailable("the server has too many open connections")
         .body()
         .to_string();
@@ -341,7 +427,22 @@ async fn refuse(mut tcp: TcpStream) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(resp.as_bytes())).await;
+    let _ = tcp.set_nodelay(true);
+    let graceful = async {
+        tcp.write_all(resp.as_bytes()).await?;
+        tcp.shutdown().await?;
+        // A client that sends without end is cut off (reset) after 1 MiB.
+        let mut sink = [0u8; 4096];
+        let mut left = 1usize << 20;
+        while left > 0 {
+            match tcp.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_DRAIN, graceful).await;
 }
 
 /// Serves one connection; `slot` is its entry in the table (id, state).
@@ -392,7 +493,15 @@ async fn serve_connection(
             }
             _ = tokio::time::sleep(tick) => {
                 if let Some(why) = conns.expired(&state) {
-                    tracing::debug!(client = %peer, "connection closed: {why}");
+                    if why == WRITE_TIMEOUT {
+                        tracing::warn!(
+                            client = %peer,
+                            "closed a connection whose client read nothing of its answer for {:?} (--write-timeout)",
+                            conns.limits.write_timeout
+                        );
+                    } else {
+                        tracing::debug!(client = %peer, "connection closed: {why}");
+                    }
                     break;
                 }
             }
@@ -425,14 +534,20 @@ async fn handle(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > conns.limits.max_request_bytes as u64) {
-        let mut err = ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is larger than the server's limit of {} bytes (--max-request-bytes)",
-                conns.limits.max_request_bytes
-            ),
-        );
+    let refusal = head_error(req.version(), req.headers()).or_else(|| {
+        declared
+            .is_some_and(|n| n > conns.limits.max_request_bytes as u64)
+            .then(|| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request body is larger than the server's limit of {} bytes (--max-request-bytes)",
+                        conns.limits.max_request_bytes
+                    ),
+                )
+            })
+    });
+    if let Some(mut err) = refusal {
         if req.uri().path().starts_with("/v1/") {
             err = err.openai();
         }
@@ -470,6 +585,71 @@ async fn handle(
             _guard: guard,
         })
     }))
+}
+
+/// What RFC 9112 says a server must refuse in a request head that hyper
+/// accepts: an HTTP/1.1 request without a `Host`, any request with several
+/// or with an invalid one (section 3.2: 400), and a transfer coding it does
+/// not implement (section 6.1: 501; kiln decodes only `chunked`, which may
+/// be applied once).
+fn head_error(version: Version, headers: &HeaderMap) -> Option<ApiError> {
+    let bad = |m: String| Some(ApiError::bad_request(m));
+    let hosts: Vec<&HeaderValue> = headers.get_all(header::HOST).iter().collect();
+    match hosts.as_slice() {
+        [] if version == Version::HTTP_11 => {
+            return bad(
+                "an HTTP/1.1 request must have a Host header (RFC 9112, section 3.2)".into(),
+            )
+        }
+        [] => {}
+        [one] if !valid_host(one.as_bytes()) => {
+            return bad(format!(
+                "the Host header '{}' is not a host with an optional port (RFC 9112, section 3.2)",
+                String::from_utf8_lossy(one.as_bytes())
+            ))
+        }
+        [_] => {}
+        _ => {
+            return bad(format!(
+                "the request has {} Host headers; it must have one (RFC 9112, section 3.2)",
+                hosts.len()
+            ))
+        }
+    }
+    let mut chunked = 0;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if coding != "chunked" {
+                return Some(ApiError::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    format!(
+                        "the transfer coding '{coding}' is not implemented; send the body as is or chunked (RFC 9112, section 6.1)"
+                    ),
+                ));
+            }
+            chunked += 1;
+        }
+    }
+    if chunked > 1 {
+        return bad("the body is chunked more than once (RFC 9112, section 6.1)".into());
+    }
+    None
+}
+
+/// A `Host` value: empty (allowed when the target has no authority) or a
+/// host with an optional port of digits, without user information.
+fn valid_host(value: &[u8]) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    let Ok(a) = axum::http::uri::Authority::try_from(value) else {
+        return false;
+    };
+    let port = a.as_str().get(a.host().len()..).unwrap_or("x");
+    !value.contains(&b'@')
+        && !a.host().is_empty()
+        && (port.is_empty() || port[1..].bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Counts a request as in progress on its connection while alive.
@@ -571,10 +751,28 @@ struct TrackedIo {
 }
 
 impl TrackedIo {
+    /// Writes `buf` to the socket, noting whether the write made progress
+    /// or found the socket full (for the write timeout).
+    fn write_socket(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        match &r {
+            Poll::Ready(Ok(n)) if *n > 0 => self.state.write_blocked.store(0, Ordering::SeqCst),
+            Poll::Pending if self.state.write_blocked.load(Ordering::SeqCst) == 0 => {
+                let now = self.conns.now() + 1;
+                self.state.write_blocked.store(now, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+        r
+    }
+
     /// Writes what is pending; ready when nothing is.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while !self.pending.is_empty() {
-            match Pin::new(&mut self.inner).poll_write(cx, &self.pending) {
+            let pending = std::mem::take(&mut self.pending);
+            let r = self.write_socket(cx, &pending);
+            self.pending = pending;
+            match r {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
                 }
@@ -654,7 +852,7 @@ impl AsyncWrite for TrackedIo {
                 return Poll::Ready(Ok(buf.len()));
             }
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.write_socket(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -689,6 +887,53 @@ mod tests {
         ] {
             assert!(json_parse_error(other).is_none(), "{other:?}");
         }
+    }
+
+    #[test]
+    fn hosts_and_transfer_codings_are_checked() {
+        let head = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            h
+        };
+        let status = |v: Version, pairs: &[(&str, &str)]| {
+            head_error(v, &head(pairs)).map(|e| e.into_response().status().as_u16())
+        };
+        let v11 = Version::HTTP_11;
+        assert_eq!(status(v11, &[("host", "x")]), None);
+        assert_eq!(status(v11, &[("host", "")]), None);
+        assert_eq!(status(v11, &[("host", "[::1]:8080")]), None);
+        assert_eq!(status(Version::HTTP_10, &[]), None);
+        assert_eq!(status(v11, &[]), Some(400));
+        assert_eq!(status(v11, &[("host", "x"), ("host", "x")]), Some(400));
+        assert_eq!(
+            status(Version::HTTP_10, &[("host", "x"), ("host", "y")]),
+            Some(400)
+        );
+        for bad in ["a b", "user@x", ":80", "x:port"] {
+            assert_eq!(status(v11, &[("host", bad)]), Some(400), "{bad}");
+        }
+        let te = |v: &str| status(v11, &[("host", "x"), ("transfer-encoding", v)]);
+        assert_eq!(te("chunked"), None);
+        assert_eq!(te("Chunked"), None);
+        assert_eq!(te("gzip, chunked"), Some(501));
+        assert_eq!(te("chunked, chunked"), Some(400));
+        assert_eq!(
+            status(
+                v11,
+                &[
+                    ("host", "x"),
+                    ("transfer-encoding", "identity"),
+                    ("transfer-encoding", "chunked")
+                ]
+            ),
+            Some(501)
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   run on for as long as its size allows (seconds at the default size
 //!   limit); compiling threads, stopped ones included, number at most
 //!   twice `concurrent`, and new compiles wait for one to end past that.
+//! - [`json_answer`]: large non-streamed answers, built and serialized on
+//!   tokio's blocking pool without waiting for a place in [`run`].
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -220,4 +222,43 @@ pub async fn compile(engine: &Engine, c: &Constraint) -> Result<Compiled, ApiErr
             )))
         }
     }
+}
+
+/// Builds a JSON answer off the async threads: `job` makes the value (which
+/// may look up the text of every token and its alternatives), and it is
+/// serialized and dropped there too, so a many-megabyte answer (`n: 16`
+/// with `top_logprobs`) cannot stall `/ping` and the other connections.
+///
+/// It runs on tokio's blocking pool without waiting for a place beside
+/// request preparation ([`run`]): the generation is paid for already, and
+/// the number of answers being built is bounded by the engines' batches.
+pub async fn json_answer<F>(job: F) -> Result<axum::response::Response, ApiError>
+where
+    F: FnOnce() -> Result<serde_json::Value, ApiError> + Send + 'static,
+{
+    use axum::response::IntoResponse;
+    let bytes = tokio::task::spawn_blocking(move || {
+        let value = job()?;
+        serde_json::to_vec(&value).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot write the answer: {e}"),
+            )
+        })
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("building the answer failed: {e}"),
+        )
+    })??;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        bytes,
+    )
+        .into_response())
 }

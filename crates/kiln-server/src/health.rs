@@ -10,6 +10,9 @@
 //! - `/health/ready`: should it get new requests? 200 only when every
 //!   registered model can serve; 503 naming each model that cannot (loading
 //!   or failed), when no model is registered, or while the server drains.
+//!   A model being registered through `POST /models` is the exception: the
+//!   others serve meanwhile, so it is listed under `loading` but keeps
+//!   nothing out of service (once loaded or failed it counts like the rest).
 //!
 //! DJL's `/ping` stays as it was (200 as long as one model serves).
 
@@ -32,7 +35,7 @@ pub async fn live() -> Response {
 
 /// `GET /health/ready`: readiness (see the module docs).
 pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
-    let (ready, not_ready) = readiness(&st);
+    let (ready, not_ready, loading) = readiness(&st);
     if st.shutting_down.load(Ordering::SeqCst) {
         return unavailable(json!({
             "status": "Stopping",
@@ -40,6 +43,13 @@ pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
         }));
     }
     if ready.is_empty() && not_ready.is_empty() {
+        if !loading.is_empty() {
+            return unavailable(json!({
+                "status": "Unready",
+                "error": "no model can serve yet",
+                "loading": loading,
+            }));
+        }
         return unavailable(json!({
             "status": "Unready",
             "error": "no model is registered",
@@ -58,23 +68,34 @@ pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        return unavailable(json!({
+        let mut body = json!({
             "status": "Unready",
             "error": error,
             "ready": ready,
             "not_ready": not_ready,
-        }));
+        });
+        if !loading.is_empty() {
+            body["loading"] = json!(loading);
+        }
+        return unavailable(body);
     }
-    Json(json!({"status": "Ready", "ready": ready})).into_response()
+    let mut body = json!({"status": "Ready", "ready": ready});
+    if !loading.is_empty() {
+        body["loading"] = json!(loading);
+    }
+    Json(body).into_response()
 }
 
-/// The models that can serve, and those that cannot with their state and reason.
-fn readiness(st: &AppState) -> (Vec<String>, Map<String, Value>) {
+/// The models that can serve, those that cannot with their state and
+/// reason, and those registered at run time that are still loading.
+fn readiness(st: &AppState) -> (Vec<String>, Map<String, Value>, Vec<String>) {
     let mut ready = Vec::new();
     let mut not_ready = Map::new();
+    let mut loading = Vec::new();
     for m in st.registry.all() {
         match m.state() {
             ModelState::Ready(_) => ready.push(m.name.clone()),
+            ModelState::Loading if !m.loaded_at_startup => loading.push(m.name.clone()),
             ModelState::Loading => {
                 not_ready.insert(m.name.clone(), json!({"status": "Loading"}));
             }
@@ -83,7 +104,7 @@ fn readiness(st: &AppState) -> (Vec<String>, Map<String, Value>) {
             }
         }
     }
-    (ready, not_ready)
+    (ready, not_ready, loading)
 }
 
 /// A 503 with `Retry-After`.

@@ -10,7 +10,8 @@
 //! - [`access`]: API keys, the access log, per-route counters; [`prom`] and
 //!   [`prom_vllm`]: metrics text; [`health`]: liveness and readiness probes;
 //! - [`conn`]: the accept loop, connection timeouts and the connection cap;
-//! - [`cpu`]: tokenization and chat templates off the async threads.
+//! - [`cpu`]: tokenization, chat templates and large answers off the async
+//!   threads.
 //!
 //! It does not compute: requests become engine submissions and engine
 //! events become response bytes.
@@ -275,6 +276,7 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
         header_read_timeout: st.config.header_read_timeout,
         body_read_timeout: st.config.body_read_timeout,
         idle_timeout: st.config.idle_timeout,
+        write_timeout: st.config.write_timeout,
         max_connections: st
             .config
             .max_connections
@@ -282,11 +284,12 @@ pub async fn serve(st: Arc<AppState>) -> anyhow::Result<()> {
         max_request_bytes: st.config.max_request_bytes,
     };
     tracing::info!(
-        "connections: at most {}, header timeout {:?}, body timeout {:?}, idle timeout {:?}",
+        "connections: at most {}, header timeout {:?}, body timeout {:?}, idle timeout {:?}, write timeout {:?}",
         limits.max_connections,
         limits.header_read_timeout,
         limits.body_read_timeout,
-        limits.idle_timeout
+        limits.idle_timeout,
+        limits.write_timeout
     );
     let conns = Arc::new(conn::Connections::new(limits));
     let app = router(st.clone());

@@ -638,28 +638,22 @@ async fn infer_inner(
     if let Some(e) = done.iter().find_map(generation::failure) {
         return Err(djl_status::validation(e));
     }
-    let batch = req.batch;
-    let build = move || {
-        Ok(done
+    // Built and serialized off the async threads: `prefill` decodes every
+    // prompt token, and a batch of long answers with details is megabytes.
+    crate::cpu::json_answer(move || {
+        let mut outputs = done
             .iter()
             .zip(req.inputs.iter().zip(&prompts))
             .map(|(c, (prompt, ids))| {
                 output_json(c, prompt, ids, &req, &engine, prefill_first_token)
-            })
-            .collect::<Vec<Value>>())
-    };
-    // `prefill` decodes every prompt token: off the async threads.
-    let outputs = if prefill {
-        crate::cpu::run(build).await?
-    } else {
-        build()?
-    };
-    let body = if batch {
-        Value::Array(outputs)
-    } else {
-        outputs.into_iter().next().unwrap_or(Value::Null)
-    };
-    Ok(axum::Json(body).into_response())
+            });
+        Ok(if req.batch {
+            Value::Array(outputs.collect())
+        } else {
+            outputs.next().unwrap_or(Value::Null)
+        })
+    })
+    .await
 }
 
 #[cfg(test)]

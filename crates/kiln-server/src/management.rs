@@ -174,24 +174,33 @@ fn lexical(path: &FsPath) -> PathBuf {
 }
 
 /// `GET /ping`, the health check:
-/// - 503 (`Loading`, naming them) while any model is still loading;
+/// - 503 (`Loading`, naming them) while any model registered at start-up is
+///   still loading;
 /// - 500 (`Unhealthy`) when models are registered and every one has failed;
 /// - otherwise 200 (`Healthy`): a model that failed to load is reported under
-///   `failed` but does not take the working ones out of service.
+///   `failed` but does not take the working ones out of service, and one
+///   being registered through `POST /models` is reported under `loading`
+///   (DJL answers 200 while such a model is pending, its `ModelManager.
+///   workerStatus` and `InferenceRequestHandler` ping: `hasPending` is not
+///   a failure).
 pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
     let mut loading = Vec::new();
+    let mut starting = false;
     let mut ready = 0;
     let mut failed = serde_json::Map::new();
     for m in st.registry.all() {
         match m.state() {
-            ModelState::Loading => loading.push(m.name.clone()),
+            ModelState::Loading => {
+                starting |= m.loaded_at_startup;
+                loading.push(m.name.clone());
+            }
             ModelState::Failed(msg) => {
                 failed.insert(m.name.clone(), Value::String(msg));
             }
             ModelState::Ready(_) => ready += 1,
         }
     }
-    if !loading.is_empty() {
+    if starting {
         let mut body = json!({"status": "Loading", "loading": loading});
         if !failed.is_empty() {
             body["failed"] = Value::Object(failed);
@@ -199,10 +208,16 @@ pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
         return ApiResponse::unavailable(body);
     }
     if ready == 0 && !failed.is_empty() {
-        let body = json!({"status": "Unhealthy", "failed": failed});
+        let mut body = json!({"status": "Unhealthy", "failed": failed});
+        if !loading.is_empty() {
+            body["loading"] = json!(loading);
+        }
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
     }
     let mut body = json!({"status": "Healthy"});
+    if !loading.is_empty() {
+        body["loading"] = json!(loading);
+    }
     if !failed.is_empty() {
         body["failed"] = Value::Object(failed);
     }
@@ -310,7 +325,7 @@ fn describe_json(m: &ModelEntry) -> Value {
         "queueSize": s.as_ref().map(|s| s.job_queue_size),
         "jobQueueSize": s.as_ref().map(|s| s.job_queue_size),
         "requestInQueue": 0,
-        "loadedAtStartup": true,
+        "loadedAtStartup": m.loaded_at_startup,
         "workerGroups": [{
             "device": {"deviceType": "cpu", "deviceId": -1},
             "minWorkers": s.as_ref().map(|s| s.min_workers),
@@ -408,6 +423,7 @@ pub async fn register(
         max_workers: query_usize(&q, "max_worker")?,
         allow_duplicate: query_bool(&q, "allow_duplicate")?.unwrap_or(false),
         check_memory: true,
+        at_run_time: true,
     };
     let synchronous = query_bool(&q, "synchronous")?.unwrap_or(true);
     let entry = st.registry.register(&name, url, overrides)?;

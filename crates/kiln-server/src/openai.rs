@@ -514,27 +514,45 @@ pub(crate) async fn run_value(
     if let Some(e) = done.iter().find_map(generation::failure) {
         return Err(e);
     }
-    let mut usage = Usage {
+    let usage = Usage {
         prompt_tokens,
-        ..Usage::default()
+        completion_tokens: done.iter().map(|d| d.usage.completion_tokens).sum(),
+        // Cached tokens: each prompt's best choice, summed over the prompts.
+        cached_tokens: done
+            .chunks(c.n)
+            .map(|ch| ch.iter().map(|d| d.usage.cached_tokens).max().unwrap_or(0))
+            .sum(),
     };
-    // Cached tokens: each prompt's best choice, summed over the prompts.
-    usage.cached_tokens = done
-        .chunks(c.n)
-        .map(|ch| ch.iter().map(|d| d.usage.cached_tokens).max().unwrap_or(0))
-        .sum();
+    rec.add_tokens_out(usage.completion_tokens);
+    // The choices look up the text of every token (and of every
+    // alternative with `top_logprobs`): built and serialized off the async
+    // threads, with the answer.
+    let n = c.n;
+    crate::cpu::json_answer(move || Ok(answer_json(&ctx, &done, &prompts, n, echo, &usage))).await
+}
+
+/// A non-streamed answer: choice `i` answers prompt `i / n`.
+fn answer_json(
+    ctx: &Ctx,
+    done: &[generation::Completion],
+    prompts: &[Prompt],
+    n: usize,
+    echo: bool,
+    usage: &Usage,
+) -> Value {
+    let echo_logprobs = echo && ctx.logprobs;
+    let api = ctx.api;
     let choices: Vec<Value> = done
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            usage.completion_tokens += d.usage.completion_tokens;
             let text = if echo {
-                format!("{}{}", prompts[i / c.n].text, d.text)
+                format!("{}{}", prompts[i / n].text, d.text)
             } else {
                 d.text.clone()
             };
             let lp = if echo_logprobs {
-                Some(ctx.completion_logprobs(&prompts[i / c.n].ids, &d.tokens))
+                Some(ctx.completion_logprobs(&prompts[i / n].ids, &d.tokens))
             } else {
                 ctx.logprobs.then(|| ctx.logprobs_json(&d.tokens))
             };
@@ -572,17 +590,13 @@ pub(crate) async fn run_value(
             }
         })
         .collect();
-    rec.add_tokens_out(usage.completion_tokens);
     let object = if api == Api::Chat {
         "chat.completion"
     } else {
         "text_completion"
     };
-    Ok(Json(
-        json!({"id": ctx.id, "object": object, "created": ctx.created, "model": ctx.model,
-        "choices": choices, "usage": usage_json(&usage)}),
-    )
-    .into_response())
+    json!({"id": ctx.id, "object": object, "created": ctx.created, "model": ctx.model,
+    "choices": choices, "usage": usage_json(usage)})
 }
 
 /// Response-wide facts.

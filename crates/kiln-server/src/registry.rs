@@ -64,6 +64,11 @@ pub struct ModelEntry {
     pub properties: Option<ModelProperties>,
     pub settings: Mutex<WorkerSettings>,
     pub registered_at: SystemTime,
+    /// Registered when the server started (the model store, `--models`), not
+    /// through `POST /models` (DJL's `loadedAtStartup`). The server is not
+    /// ready until these have loaded; one registered later does not take it
+    /// out of service while it loads.
+    pub loaded_at_startup: bool,
     /// SageMaker stateful sessions (`option.enable_stateful_sessions`).
     pub sessions: crate::sessions::Sessions,
     state: watch::Sender<ModelState>,
@@ -161,6 +166,8 @@ pub struct Overrides {
     /// Refuse (507) a model that does not fit the memory budget
     /// (registrations through the management API).
     pub check_memory: bool,
+    /// Registered while serving (`POST /models`), not at start-up.
+    pub at_run_time: bool,
 }
 
 /// Whether a model name can be used in URLs as is.
@@ -277,6 +284,7 @@ impl Registry {
             settings: Mutex::new(settings),
             source,
             registered_at: SystemTime::now(),
+            loaded_at_startup: !overrides.at_run_time,
             state: tx,
         });
         self.insert(entry.clone())?;
@@ -400,6 +408,7 @@ impl Registry {
                 &self.defaults,
             )?),
             registered_at: SystemTime::now(),
+            loaded_at_startup: true,
             sessions: crate::sessions::Sessions::new(Default::default()),
             state: tx,
         });

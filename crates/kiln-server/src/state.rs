@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// How long a connection may stay open with no request and no bytes.
     pub idle_timeout: Duration,
+    /// How long a connection's writes may make no progress (its client reads
+    /// nothing of the answer) before it is closed.
+    pub write_timeout: Duration,
     /// Most connections open at once (`None`: below the file-descriptor limit).
     pub max_connections: Option<usize>,
     /// `job_queue_size` of the models that set none themselves.
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
             header_read_timeout: crate::conn::DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: crate::conn::DEFAULT_BODY_READ_TIMEOUT,
             idle_timeout: crate::conn::DEFAULT_IDLE_TIMEOUT,
+            write_timeout: crate::conn::DEFAULT_WRITE_TIMEOUT,
             max_connections: None,
             job_queue_size: None,
             memory_budget: None,

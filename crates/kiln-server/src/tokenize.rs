@@ -69,20 +69,25 @@ async fn run_tokenize(
         crate::cpu::run(move || tokens_of(&engine, &Fields::new(&v, "")?)).await?
     };
     rec.add_tokens_in(ids.len());
-    let mut out = json!({
-        "count": ids.len(),
-        "max_model_len": engine.info().max_model_len,
-        "tokens": ids,
-    });
-    if token_strs {
-        let tok = engine.tokenizer();
-        let strs: Vec<String> = ids
-            .iter()
-            .map(|&id| tok.id_to_token(id).unwrap_or_default())
-            .collect();
-        out["token_strs"] = json!(strs);
-    }
-    Ok(Json(out).into_response())
+    // A long prompt's answer is megabytes: built off the async threads.
+    crate::cpu::json_answer(move || {
+        let strs: Option<Vec<String>> = token_strs.then(|| {
+            let tok = engine.tokenizer();
+            ids.iter()
+                .map(|&id| tok.id_to_token(id).unwrap_or_default())
+                .collect()
+        });
+        let mut out = json!({
+            "count": ids.len(),
+            "max_model_len": engine.info().max_model_len,
+            "tokens": ids,
+        });
+        if let Some(strs) = strs {
+            out["token_strs"] = json!(strs);
+        }
+        Ok(out)
+    })
+    .await
 }
 
 /// The token ids of a tokenize request: a prompt, or chat messages rendered

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use crate::patience::Patience;
 use crate::progress::Progress;
 use crate::transfer::{self, Remote, RemoteFile};
 use crate::{hub, s3, select, Fetched, Source, SourceError};
@@ -152,6 +153,7 @@ fn fetched(entry: PathBuf, manifest: Manifest) -> Fetched {
 /// See [`crate::fetch`].
 pub(crate) fn fetch(source: &Source, dir: &DownloadDir) -> Result<Fetched, SourceError> {
     let url = source.url();
+    let patience = Patience::from_env()?;
     let entry = dir.entry(source);
     if let Some(m) = read_complete(&entry) {
         tracing::info!("{url}: using the cached copy in {}", entry.display());
@@ -183,7 +185,7 @@ pub(crate) fn fetch(source: &Source, dir: &DownloadDir) -> Result<Fetched, Sourc
         .enable_all()
         .build()
         .map_err(|e| SourceError::cache(&url, &partial, e))?;
-    let manifest = runtime.block_on(download(source, &url, &partial))?;
+    let manifest = runtime.block_on(download(source, &url, &partial, &patience))?;
     drop(runtime);
     publish(&url, &partial, &entry, &manifest)?;
     tracing::info!("{url}: cached in {}", entry.display());
@@ -191,16 +193,22 @@ pub(crate) fn fetch(source: &Source, dir: &DownloadDir) -> Result<Fetched, Sourc
 }
 
 /// Lists the source, picks the model's files and downloads them into `partial`.
-async fn download(source: &Source, url: &str, partial: &Path) -> Result<Manifest, SourceError> {
+async fn download(
+    source: &Source,
+    url: &str,
+    partial: &Path,
+    patience: &Patience,
+) -> Result<Manifest, SourceError> {
     let (remote, listed, commit) = match source {
         Source::S3 { bucket, prefix } => {
-            let r = s3::S3Remote::connect(url, bucket, prefix)?;
-            let listed = r.list(url).await?;
+            let r = s3::S3Remote::connect(url, bucket, prefix, patience)?;
+            let listed = r.list(url, patience).await?;
             (Remote::S3(r), listed, None)
         }
         Source::Hub { repo, revision } => {
             let mut r = hub::HubRemote::connect(url, repo)?;
-            let (commit, listed) = r.list(url, revision.as_deref().unwrap_or("main")).await?;
+            let revision = revision.as_deref().unwrap_or("main");
+            let (commit, listed) = r.list(url, revision, patience).await?;
             (Remote::Hub(Box::new(r)), listed, Some(commit))
         }
     };
@@ -222,7 +230,12 @@ async fn download(source: &Source, url: &str, partial: &Path) -> Result<Manifest
     );
     let progress = Progress::new(url, total);
     let logger = progress.spawn_logger();
-    let result = transfer::download_all(url, &remote, &files, partial, &progress).await;
+    let to = transfer::Target {
+        dir: partial,
+        progress: &progress,
+        patience: *patience,
+    };
+    let result = transfer::download_all(url, &remote, &files, &to).await;
     if let Some(l) = logger {
         l.abort();
     }

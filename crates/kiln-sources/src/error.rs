@@ -59,6 +59,16 @@ pub enum SourceError {
         /// What the bytes hash to.
         got: String,
     },
+    /// A download setting in the environment is malformed.
+    #[error("{var}={value:?}: expected {expected}")]
+    Setting {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should be.
+        expected: &'static str,
+    },
     /// Reading or writing the cache failed.
     #[error("{url}: cache {}: {source}", path.display())]
     Cache {

@@ -3,13 +3,16 @@
 //! login` saved under `HF_HOME`), the repository listing and file URLs. The
 //! revision asked for is pinned to the commit the listing names, so every
 //! file comes from one commit; the bytes are fetched with range requests so
-//! that a download resumes.
+//! that a download resumes. The client tries nothing again itself: a
+//! listing or file request that stalls, breaks or meets a 5xx or 429 is
+//! transient ([`crate::patience`]), a refusal final.
 
 use futures_util::TryStreamExt;
 use hf_hub::api::tokio::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Repo, RepoType};
 use serde::Deserialize;
 
+use crate::patience::{Failure, Patience};
 use crate::transfer::{Check, Opened, RemoteFile};
 use crate::SourceError;
 
@@ -82,6 +85,7 @@ impl HubRemote {
         &mut self,
         url: &str,
         revision: &str,
+        patience: &Patience,
     ) -> Result<(String, Vec<RemoteFile>), SourceError> {
         let what = "listing the repository";
         let repo = self.api.repo(Repo::with_revision(
@@ -89,28 +93,29 @@ impl HubRemote {
             RepoType::Model,
             revision.to_string(),
         ));
-        let resp = repo
-            .info_request()
-            .query(&[("blobs", "true")])
-            .send()
-            .await
-            .map_err(|e| SourceError::remote(url, what, e))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let hint = match status.as_u16() {
-                401 | 403 => "; a private or gated model needs HF_TOKEN",
-                404 => "; no such model or revision",
-                _ => "",
-            };
-            return Err(SourceError::remote(
-                url,
-                what,
-                format!("HTTP {status}{hint}"),
-            ));
-        }
-        let body = read_limited(resp, MAX_LISTING_BYTES)
-            .await
-            .map_err(|e| SourceError::remote(url, what, e))?;
+        let body = patience
+            .retried(url, what, || async {
+                let resp = patience
+                    .within(
+                        "an answer",
+                        repo.info_request().query(&[("blobs", "true")]).send(),
+                    )
+                    .await?
+                    .map_err(|e| Failure::Transient(e.to_string()))?;
+                let status = resp.status();
+                if !status.is_success() {
+                    let hint = match status.as_u16() {
+                        401 | 403 => "; a private or gated model needs HF_TOKEN",
+                        404 => "; no such model or revision",
+                        _ => "",
+                    };
+                    return Err(by_status(status.as_u16(), format!("HTTP {status}{hint}")));
+                }
+                patience
+                    .within("the listing", read_limited(resp, MAX_LISTING_BYTES))
+                    .await?
+            })
+            .await?;
         let listing: Listing = serde_json::from_slice(&body)
             .map_err(|e| SourceError::remote(url, what, format!("unexpected answer: {e}")))?;
         let mut files = Vec::new();
@@ -152,22 +157,28 @@ impl HubRemote {
     }
 
     /// The bytes of `file` from `offset`, at the pinned commit.
-    pub(crate) async fn open(&self, file: &RemoteFile, offset: u64) -> Result<Opened, String> {
+    pub(crate) async fn open(&self, file: &RemoteFile, offset: u64) -> Result<Opened, Failure> {
         let repo = self
             .pinned
             .as_ref()
-            .ok_or_else(|| "the repository was not listed first".to_string())?;
+            .ok_or_else(|| Failure::Final("the repository was not listed first".into()))?;
         let mut req = self.api.client().get(repo.url(&file.name));
         if offset > 0 {
             req = req.header("range", format!("bytes={offset}-"));
         }
-        let resp = req.send().await.map_err(|e| e.to_string())?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Failure::Transient(e.to_string()))?;
         let start = match resp.status().as_u16() {
             200 => 0,
             206 => offset,
-            s => return Err(format!("HTTP {s}")),
+            s => return Err(by_status(s, format!("HTTP {s}"))),
         };
-        let stream = Box::pin(resp.bytes_stream().map_err(|e| e.to_string()));
+        let stream = Box::pin(
+            resp.bytes_stream()
+                .map_err(|e| Failure::Transient(e.to_string())),
+        );
         // The Hub's listing already gave the LFS sha256; other files have a
         // git blob id, which is not a hash of the bytes alone.
         Ok(Opened {
@@ -178,16 +189,31 @@ impl HubRemote {
     }
 }
 
+/// A failure from an HTTP status: the server's troubles (5xx) and 429 may
+/// pass, the others will not.
+fn by_status(status: u16, message: String) -> Failure {
+    if status >= 500 || status == 429 {
+        Failure::Transient(message)
+    } else {
+        Failure::Final(message)
+    }
+}
+
 /// A response body of at most `limit` bytes.
-async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, Failure> {
+    let too_big = || Failure::Final(format!("the answer is over {limit} bytes"));
     if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(format!("the answer is over {limit} bytes"));
+        return Err(too_big());
     }
     let mut body = Vec::new();
     let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.try_next().await.map_err(|e| e.to_string())? {
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(|e| Failure::Transient(e.to_string()))?
+    {
         if body.len() + chunk.len() > limit {
-            return Err(format!("the answer is over {limit} bytes"));
+            return Err(too_big());
         }
         body.extend_from_slice(&chunk);
     }

@@ -9,7 +9,10 @@
 //! each resumed after a kill, checked against the size and checksum the store
 //! gives, and the directory appears under its final name only once it is
 //! whole. A file lock per entry makes two processes that start on one cache
-//! download once: the second waits and then uses the first one's copy.
+//! download once: the second waits and then uses the first one's copy. A
+//! store that stops answering or sending is given up on after a timeout and
+//! a few further tries (`KILN_DOWNLOAD_TIMEOUT`, `KILN_DOWNLOAD_RETRIES`:
+//! the `patience` module), so a load fails instead of hanging.
 //!
 //! What this crate is not: it does not read model files (the loader in
 //! `kiln-model` does, from the local path handed to it, and never touches the
@@ -20,6 +23,7 @@ mod cache;
 mod error;
 mod hub;
 mod lock;
+mod patience;
 pub mod prepared;
 mod progress;
 mod s3;
@@ -32,6 +36,7 @@ use std::path::PathBuf;
 
 pub use cache::{DownloadDir, FileRecord, Manifest, MANIFEST_FILE};
 pub use error::SourceError;
+pub use patience::{RETRIES_VAR, TIMEOUT_VAR};
 pub use prepared::{PreparedCache, PreparedError};
 pub use source::{looks_like_hub_id, Source};
 pub use upload::{upload_files, PART_BYTES};

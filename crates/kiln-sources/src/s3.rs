@@ -4,6 +4,11 @@
 //! web identity, the container and instance metadata services), path-style
 //! addressing unless `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`, so MinIO and
 //! other S3-protocol stores work as they are.
+//!
+//! `object_store` tries failed requests and broken bodies again itself, but
+//! a store that never answers holds a request until its client's timeout,
+//! which cannot be short without cutting large bodies: so kiln bounds each
+//! wait itself ([`crate::patience`]), and tries a stalled listing again.
 
 use std::time::Duration;
 
@@ -14,6 +19,7 @@ use object_store::{
     BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, RetryConfig,
 };
 
+use crate::patience::{Failure, Patience};
 use crate::transfer::{Check, Opened, RemoteFile};
 use crate::SourceError;
 
@@ -37,12 +43,22 @@ pub(crate) fn endpoint() -> String {
 
 impl S3Remote {
     /// A client for `bucket`, configured from the environment.
-    pub(crate) fn connect(url: &str, bucket: &str, prefix: &str) -> Result<Self, SourceError> {
+    pub(crate) fn connect(
+        url: &str,
+        bucket: &str,
+        prefix: &str,
+        patience: &Patience,
+    ) -> Result<Self, SourceError> {
         // A whole-request timeout would cut multi-gigabyte bodies; stalls are
-        // caught by the transfer's idle timeout instead.
+        // caught by the waits `patience` bounds instead.
+        let connect = patience.timeout.min(Duration::from_secs(10));
         let store = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "24h")
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                format!("{}ms", connect.as_millis().max(1)),
+            )
             .with_retry(RetryConfig {
                 backoff: BackoffConfig::default(),
                 max_retries: 5,
@@ -56,19 +72,28 @@ impl S3Remote {
         })
     }
 
-    /// Everything directly under the prefix: (name, size, ETag).
-    pub(crate) async fn list(&self, url: &str) -> Result<Vec<RemoteFile>, SourceError> {
+    /// Everything directly under the prefix: (name, size, ETag); a listing
+    /// that stalls is started again.
+    pub(crate) async fn list(
+        &self,
+        url: &str,
+        patience: &Patience,
+    ) -> Result<Vec<RemoteFile>, SourceError> {
+        patience
+            .retried(url, "listing", || self.list_once(patience))
+            .await
+    }
+
+    async fn list_once(&self, patience: &Patience) -> Result<Vec<RemoteFile>, Failure> {
         let prefix = (!self.prefix.is_empty()).then(|| StorePath::from(self.prefix.as_str()));
         let mut listing = self.store.list(prefix.as_ref());
         let mut out = Vec::new();
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| SourceError::remote(url, "listing", describe(&e)))?;
+        while let Some(meta) = patience.within("an answer", listing.next()).await? {
+            let meta = meta.map_err(|e| Failure::Final(describe(&e)))?;
             if out.len() == MAX_LISTED {
-                return Err(SourceError::remote(
-                    url,
-                    "listing",
-                    format!("more than {MAX_LISTED} objects: not a model directory"),
-                ));
+                return Err(Failure::Final(format!(
+                    "more than {MAX_LISTED} objects: not a model directory"
+                )));
             }
             let key = meta.location.as_ref();
             let name = match &prefix {
@@ -90,7 +115,8 @@ impl S3Remote {
     }
 
     /// The bytes of `file` from `offset`, of the version listed (`If-Match`).
-    pub(crate) async fn open(&self, file: &RemoteFile, offset: u64) -> Result<Opened, String> {
+    /// Errors are final: `object_store` has tried again already.
+    pub(crate) async fn open(&self, file: &RemoteFile, offset: u64) -> Result<Opened, Failure> {
         let key = if self.prefix.is_empty() {
             file.name.clone()
         } else {
@@ -105,9 +131,12 @@ impl S3Remote {
             .store
             .get_opts(&StorePath::from(key.as_str()), opts)
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| Failure::Final(describe(&e)))?;
         let check = md5_of_etag(got.meta.e_tag.as_deref()).map(Check::Md5);
-        let stream = got.into_stream().map_err(|e| describe(&e)).boxed();
+        let stream = got
+            .into_stream()
+            .map_err(|e| Failure::Final(describe(&e)))
+            .boxed();
         Ok(Opened {
             start: offset,
             stream,

@@ -8,18 +8,15 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use md5::Digest as _;
 use serde::{Deserialize, Serialize};
 
+use crate::patience::{Failure, Patience};
 use crate::progress::Progress;
 use crate::{hub, s3, SourceError};
 
-/// A download that receives nothing for this long fails (and resumes at the
-/// next start).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Files downloaded at once.
 pub(crate) const PARALLEL_FILES: usize = 4;
 
@@ -47,9 +44,10 @@ pub(crate) enum Check {
     Sha256(String),
 }
 
-/// A byte stream from a store.
+/// A byte stream from a store; a failure says whether trying again (from
+/// the bytes that arrived) may help.
 pub(crate) type ByteStream =
-    Pin<Box<dyn Stream<Item = Result<bytes::Bytes, String>> + Send + 'static>>;
+    Pin<Box<dyn Stream<Item = Result<bytes::Bytes, Failure>> + Send + 'static>>;
 
 /// The bytes of a file from `start` on; `start` is 0 when the store ignored
 /// the range asked for.
@@ -68,7 +66,7 @@ pub(crate) enum Remote {
 }
 
 impl Remote {
-    async fn open(&self, file: &RemoteFile, offset: u64) -> Result<Opened, String> {
+    async fn open(&self, file: &RemoteFile, offset: u64) -> Result<Opened, Failure> {
         match self {
             Remote::S3(r) => r.open(file, offset).await,
             Remote::Hub(r) => r.open(file, offset).await,
@@ -82,17 +80,23 @@ struct PartMeta {
     etag: Option<String>,
 }
 
-/// Downloads `files` into `dir`, [`PARALLEL_FILES`] at a time; the first
+/// Where files go and how long their store may keep them waiting.
+pub(crate) struct Target<'a> {
+    pub dir: &'a Path,
+    pub progress: &'a Progress,
+    pub patience: Patience,
+}
+
+/// Downloads `files` into `to.dir`, [`PARALLEL_FILES`] at a time; the first
 /// failure stops the others (their partial copies stay, to resume from).
 pub(crate) async fn download_all(
     url: &str,
     remote: &Remote,
     files: &[RemoteFile],
-    dir: &Path,
-    progress: &Progress,
+    to: &Target<'_>,
 ) -> Result<(), SourceError> {
     let mut results = futures_util::stream::iter(files)
-        .map(|f| download_one(url, remote, f, dir, progress))
+        .map(|f| download_one(url, remote, f, to))
         .buffer_unordered(PARALLEL_FILES);
     while let Some(result) = results.next().await {
         result?;
@@ -104,9 +108,9 @@ async fn download_one(
     url: &str,
     remote: &Remote,
     file: &RemoteFile,
-    dir: &Path,
-    progress: &Progress,
+    to: &Target<'_>,
 ) -> Result<(), SourceError> {
+    let (dir, progress, patience) = (to.dir, to.progress, to.patience);
     let dest = dir.join(&file.name);
     let part = dir.join(format!("{}.part", file.name));
     let meta_path = dir.join(format!("{}.kiln-meta.json", file.name));
@@ -127,31 +131,52 @@ async fn download_one(
         let json = serde_json::to_vec(&want).unwrap_or_default();
         std::fs::write(&meta_path, json).map_err(|e| cache_err(&meta_path, e))?;
     }
-    let mut offset = file_len(&part).unwrap_or(0);
-    if offset > file.size {
-        offset = 0;
-    }
-    for attempt in 0..2 {
+    let resume_point = || file_len(&part).filter(|&n| n <= file.size).unwrap_or(0);
+    let mut offset = resume_point();
+    let mut restarted = false;
+    let mut broken = 0;
+    loop {
         let resumed = offset > 0;
-        match fetch_into(url, remote, file, &part, offset, progress).await? {
+        match fetch_into(url, remote, file, &part, offset, progress, &patience).await? {
             Fetch::Verified => {
                 std::fs::rename(&part, &dest).map_err(|e| cache_err(&dest, e))?;
                 return Ok(());
             }
-            Fetch::Mismatch(err) if resumed && attempt == 0 => {
+            // A resumed copy that does not verify may have been started
+            // against other bytes: once more from the start.
+            Fetch::Mismatch(err) if resumed && !restarted => {
                 tracing::warn!("{err}; downloading {} again from the start", file.name);
+                restarted = true;
                 offset = 0;
             }
             Fetch::Mismatch(err) => return Err(err),
+            Fetch::Broken(failure) => {
+                broken += 1;
+                let what = format!("downloading {}", file.name);
+                if broken > patience.retries {
+                    let message = patience.gave_up(&failure, broken);
+                    return Err(SourceError::remote(url, what, message));
+                }
+                let wait = patience.backoff(broken);
+                tracing::warn!(
+                    "{url}: {what}: {failure}; trying again from what arrived in {wait:?} ({broken} of {}={})",
+                    crate::RETRIES_VAR,
+                    patience.retries
+                );
+                tokio::time::sleep(wait).await;
+                offset = resume_point();
+            }
         }
     }
-    unreachable!("the second attempt always returns")
 }
 
 enum Fetch {
     Verified,
     /// The bytes do not hash to the store's checksum (the copy is gone).
     Mismatch(SourceError),
+    /// The store stopped answering or the transfer broke: worth another
+    /// try from what is in the partial copy.
+    Broken(String),
 }
 
 /// Appends the rest of `file` to `part` (from `offset`) and checks it.
@@ -162,15 +187,20 @@ async fn fetch_into(
     part: &Path,
     offset: u64,
     progress: &Progress,
+    patience: &Patience,
 ) -> Result<Fetch, SourceError> {
     let cache_err = |e: std::io::Error| SourceError::cache(url, part, e);
     let what = || format!("downloading {}", file.name);
     let opened = if offset < file.size {
-        let o = remote
-            .open(file, offset)
+        let answer = patience
+            .within("the store's answer", remote.open(file, offset))
             .await
-            .map_err(|e| SourceError::remote(url, what(), e))?;
-        Some(o)
+            .and_then(|r| r);
+        match answer {
+            Ok(o) => Some(o),
+            Err(Failure::Transient(m)) => return Ok(Fetch::Broken(m)),
+            Err(Failure::Final(m)) => return Err(SourceError::remote(url, what(), m)),
+        }
     } else {
         None
     };
@@ -205,18 +235,28 @@ async fn fetch_into(
         out.seek(std::io::SeekFrom::Start(got)).map_err(cache_err)?;
         let mut stream = opened.stream;
         loop {
-            let next = tokio::time::timeout(IDLE_TIMEOUT, stream.next())
+            let next = patience
+                .within("more of the file", stream.next())
                 .await
-                .map_err(|_| {
-                    SourceError::remote(
+                .and_then(|n| n.transpose());
+            let chunk = match next {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(Failure::Transient(m)) => {
+                    // What arrived is in the file, to resume from (and
+                    // to be counted again then).
+                    out.sync_all().map_err(cache_err)?;
+                    progress.sub(got);
+                    return Ok(Fetch::Broken(format!("{m} (at byte {got})")));
+                }
+                Err(Failure::Final(m)) => {
+                    return Err(SourceError::remote(
                         url,
                         what(),
-                        format!("nothing received for {IDLE_TIMEOUT:?} (at byte {got})"),
-                    )
-                })?;
-            let Some(chunk) = next else { break };
-            let chunk = chunk
-                .map_err(|e| SourceError::remote(url, what(), format!("{e} (at byte {got})")))?;
+                        format!("{m} (at byte {got})"),
+                    ))
+                }
+            };
             got += chunk.len() as u64;
             if got > file.size {
                 break;

@@ -41,7 +41,12 @@ pub fn upload_files(url: &str, files: &[(String, PathBuf)]) -> Result<u64, Sourc
             reason: format!("'{name}' is not a plain file name to upload"),
         });
     }
-    let remote = S3Remote::connect(url, &bucket, &prefix)?;
+    let remote = S3Remote::connect(
+        url,
+        &bucket,
+        &prefix,
+        &crate::patience::Patience::from_env()?,
+    )?;
     let part = part_bytes();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -65,8 +65,14 @@ pub struct Args {
     /// nothing sent (keep-alive idle timeout).
     #[arg(long, default_value_t = 60.0)]
     pub idle_timeout: f64,
-    /// Most client connections open at once; over it the longest-idle one is
-    /// closed (default: the open-file limit less 128).
+    /// Seconds a connection's writes may make no progress (its client reads
+    /// nothing of the answer) before it is closed; a stream that is slow
+    /// because generation is slow is not affected.
+    #[arg(long, default_value_t = 60.0)]
+    pub write_timeout: f64,
+    /// Most client connections open at once; over it the connection idle (or
+    /// not reading its answer) longest is closed (default: the open-file
+    /// limit less 128).
     #[arg(long)]
     pub max_connections: Option<usize>,
     /// Requests each model queues beyond its free batch slots, for models
@@ -156,6 +162,7 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,
+        write_timeout: seconds("write-timeout", args.write_timeout)?,
         memory_budget: args.memory_budget_mib.map(|m| m << 20),
         prepared_cache_max: args.cache_max_gib,
         management_bind: args.management_address,

@@ -1,9 +1,12 @@
 //! Hostile and forgetful clients against the real binary: slow headers,
-//! slow bodies, idle sockets, more connections than allowed, oversized
-//! `Expect: 100-continue` bodies, and stopping with such clients connected.
+//! slow bodies, idle sockets, clients that never read their answers, more
+//! connections than allowed, oversized `Expect: 100-continue` bodies,
+//! requests without a `Host` or with a transfer coding kiln does not
+//! decode, and stopping with such clients connected.
 //!
 //! The servers here serve an empty model store, so they start at once; the
-//! connection handling does not depend on the models.
+//! connection handling does not depend on the models. The clients that stop
+//! reading need a large answer, which `/tokenize` of the default model gives.
 
 mod support;
 
@@ -316,4 +319,343 @@ fn a_burst_of_connections_does_not_overshoot_the_cap() {
         "{open} of 200 connections still open with a cap of 8"
     );
     assert_eq!(s.get("/ping").status, 200);
+}
+
+/// Reads a whole answer from a fresh connection after sending `raw`.
+fn exchange(s: &Server, raw: &[u8]) -> String {
+    let mut c = connect(s);
+    let _ = c.write_all(raw);
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The JSON body of a whole answer (panics, showing it, when it is not).
+fn json_body(text: &str) -> serde_json::Value {
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn host_headers_and_transfer_codings_are_checked_as_rfc_9112_asks() {
+    let s = quick();
+    let refused: [(&[u8], &str, &str); 6] = [
+        (b"GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n", "400", "must have a Host"),
+        (
+            b"GET /ping HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            "400",
+            "2 Host headers",
+        ),
+        (
+            b"GET /ping HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+            "400",
+            "2 Host headers",
+        ),
+        (
+            b"GET /ping HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+            "400",
+            "not a host",
+        ),
+        // hyper decodes the chunks and would drop the gzip on the floor.
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            "501",
+            "'gzip' is not implemented",
+        ),
+        (
+            b"POST /predictions/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            "501",
+            "'gzip' is not implemented",
+        ),
+    ];
+    for (raw, status, why) in refused {
+        let text = exchange(s, raw);
+        let shown = String::from_utf8_lossy(&raw[..raw.len().min(60)]).into_owned();
+        // hyper answers an HTTP/1.0 request in HTTP/1.0.
+        assert_eq!(text.split(' ').nth(1), Some(status), "{shown}: {text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{shown}: {text}"
+        );
+        let v = json_body(&text);
+        // The OpenAI routes answer in OpenAI's error shape.
+        let message = v["error"]["message"].as_str().or(v["error"].as_str());
+        assert!(message.is_some_and(|m| m.contains(why)), "{shown}: {text}");
+    }
+    // One Host (empty is allowed), or none in HTTP/1.0, is served.
+    for raw in [
+        &b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+        b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\n\r\n",
+        b"GET /ping HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        b"GET /ping HTTP/1.0\r\n\r\n",
+    ] {
+        let text = exchange(s, raw);
+        assert_eq!(text.split(' ').nth(1), Some("200"), "{text}");
+    }
+}
+
+#[test]
+fn over_the_cap_with_every_connection_busy_the_refusal_is_a_json_503_not_a_reset() {
+    let s = Server::ready(in_tmp(&[
+        "--model-store",
+        &empty_store(),
+        "--max-connections",
+        "2",
+        "--body-read-timeout",
+        "60",
+    ]));
+    // Two requests in progress: their bodies are still coming.
+    let busy: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = connect(&s);
+            c.write_all(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A reset would come back as an error (or a cut answer) here.
+    for i in 0..20 {
+        let mut c = connect(&s);
+        c.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\nUser-Agent: kiln-test\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        let r = c.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(r.is_ok(), "refusal {i}: {r:?} after {text:?}");
+        assert!(text.starts_with("HTTP/1.1 503"), "refusal {i}: {text}");
+        let lower = text.to_ascii_lowercase();
+        assert!(lower.contains("retry-after: 1\r\n"), "{text}");
+        assert!(lower.contains("content-type: application/json"), "{text}");
+        assert_eq!(json_body(&text)["code"], 503, "{text}");
+    }
+    drop(busy);
+}
+
+/// A server of the default model (its answers can be large) with `extra`
+/// flags, taking prompts of up to 8 MB.
+fn model_server(extra: &[&str]) -> Server {
+    let mut args = vec!["--kv-cache-mib", "128", "--max-request-bytes", "8000000"];
+    args.extend_from_slice(extra);
+    Server::ready(in_tmp(&args))
+}
+
+/// A connection with a small receive window (4 KiB, 536-byte segments), so
+/// that a client that stops reading stops the server's writes after tens
+/// of kilobytes instead of the megabytes loopback sockets otherwise buffer.
+fn small_window(s: &Server) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a fresh socket, options of plain integers, and a sockaddr_in
+    // that outlives the calls; the descriptor is owned by the TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let set = |level, name, value: libc::c_int| {
+            let r = libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            assert_eq!(r, 0, "setsockopt: {}", std::io::Error::last_os_error());
+        };
+        set(libc::SOL_SOCKET, libc::SO_RCVBUF, 4096);
+        set(libc::IPPROTO_TCP, libc::TCP_MAXSEG, 536);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_port = s.port.to_be();
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let r = libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Starts a streamed completion (four choices, each token with its 20 most
+/// likely alternatives: kilobytes a step) and reads nothing after its
+/// status line.
+fn stop_reading_a_stream(s: &Server) -> TcpStream {
+    let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 500,
+        "ignore_eos": true, "stream": true, "logprobs": 20, "n": 4})
+    .to_string();
+    let mut c = small_window(s);
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(body.as_bytes()).unwrap();
+    let mut status = [0u8; 12];
+    c.read_exact(&mut status).expect("a status line");
+    assert_eq!(&status, b"HTTP/1.1 200", "the stream did not start");
+    c
+}
+
+/// Tokens of the prompt [`stop_reading_an_answer`] sends; its answer takes
+/// 10 bytes a token, well over what loopback sockets buffer (about 4 MB).
+const STALLING_TOKENS: usize = 1_000_000;
+
+/// Sends a `/tokenize` request whose answer (every token's id and text, one
+/// 10 MB body) is handed to the socket whole, and reads none of it.
+fn stop_reading_an_answer(s: &Server) -> TcpStream {
+    let prompt = " a".repeat(STALLING_TOKENS);
+    let body = serde_json::json!({"prompt": prompt, "return_token_strs": true}).to_string();
+    let mut c = connect(s);
+    let head = format!(
+        "POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(body.as_bytes()).unwrap();
+    c
+}
+
+/// Reads what the server sent until it closes: the bytes, or `None` when
+/// the connection is still open after `wait`.
+fn read_until_closed(c: &mut TcpStream, wait: Duration) -> Option<usize> {
+    let deadline = Instant::now() + wait;
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        c.set_read_timeout(Some(left)).unwrap();
+        match c.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            Err(_) => return Some(got),
+        }
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_its_answer_is_cut_off_by_the_write_timeout() {
+    let s = model_server(&["--write-timeout", "1", "--body-read-timeout", "3"]);
+    let logged = |n: usize| {
+        eventually(Duration::from_secs(60), || {
+            let log = s.stderr();
+            (log.matches("read nothing of its answer for 1s (--write-timeout)")
+                .count()
+                >= n)
+                .then_some(())
+        })
+    };
+    // A stream still being generated (the request is in progress).
+    let mut c = stop_reading_a_stream(&s);
+    assert!(logged(1).is_some(), "not cut off:\n{}", s.stderr());
+    let got = read_until_closed(&mut c, Duration::from_secs(10));
+    assert!(got.is_some(), "still open");
+    assert_eq!(s.get("/ping").status, 200);
+    // A whole answer handed to the socket at once.
+    let mut c = stop_reading_an_answer(&s);
+    assert!(logged(2).is_some(), "not cut off:\n{}", s.stderr());
+    let got = read_until_closed(&mut c, Duration::from_secs(10));
+    assert!(
+        got.is_some_and(|n| n < STALLING_TOKENS * 10),
+        "{got:?} bytes: the whole answer came, or it is still open"
+    );
+
+    // Waiting for an answer is not a stalled write: a request whose body is
+    // late gets its 408 after the body timeout (3 s), not the write timeout.
+    let mut c = connect(&s);
+    c.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(t0.elapsed() > Duration::from_secs(2), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn clients_that_stop_reading_are_shed_at_the_cap() {
+    // The write timeout is long: shedding, not the timeout, frees them.
+    let s = model_server(&["--max-connections", "3", "--write-timeout", "300"]);
+    let mut stalled: Vec<TcpStream> = (0..3).map(|_| stop_reading_a_stream(&s)).collect();
+    // Busy while their answers stream (503s), then a new connection closes
+    // the one that has read nothing longest.
+    let answered = eventually(Duration::from_secs(60), || {
+        (s.get("/ping").status == 200).then_some(())
+    });
+    assert!(answered.is_some(), "/ping unreachable:\n{}", s.stderr());
+    // The one shed ends; the others are still open.
+    let closed: Vec<bool> = stalled
+        .iter_mut()
+        .map(|c| read_until_closed(c, Duration::from_millis(500)).is_some())
+        .collect();
+    assert_eq!(
+        closed.iter().filter(|&&c| c).count(),
+        1,
+        "{closed:?}\n{}",
+        s.stderr()
+    );
+}
+
+#[test]
+fn ping_stays_fast_while_huge_answers_are_built() {
+    // Two answers of 10 MB each (every token's id and text), built and
+    // serialized at once: on the threads that answer HTTP they held /ping
+    // for over a second.
+    let s = model_server(&[]);
+    let port = s.port;
+    let body =
+        serde_json::json!({"prompt": " a".repeat(STALLING_TOKENS), "return_token_strs": true})
+            .to_string();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                request(
+                    port,
+                    "POST",
+                    "/tokenize",
+                    &[("Content-Type", "application/json")],
+                    body.as_bytes(),
+                )
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    while clients.iter().any(|c| !c.is_finished()) {
+        let t = Instant::now();
+        assert_eq!(s.get("/ping").status, 200);
+        times.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in clients {
+        let r = c.join().expect("a client");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.body.len() > STALLING_TOKENS * 10,
+            "{} bytes",
+            r.body.len()
+        );
+    }
+    let worst = times.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "/ping while the answers were made: worst {worst:?} of {}",
+        times.len()
+    );
+    assert!(times.len() >= 10, "{} pings", times.len());
+    assert!(worst < Duration::from_millis(500), "worst {worst:?}");
 }

@@ -8,14 +8,17 @@
 //! ends verified); two servers on one cache (one downloads, the other waits
 //! on the lock, both serve); bad
 //! credentials, a missing bucket or prefix, a cut transfer, a truncated or
-//! corrupt object: each a clear error naming the URL, with no complete-looking
-//! entry left in the cache.
+//! corrupt object, a store that never answers or stops sending: each a clear
+//! error naming the URL, with no complete-looking entry left in the cache.
 
 mod sources_support;
 mod support;
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -390,8 +393,11 @@ fn a_hub_model_downloads_only_what_it_needs_resumes_and_is_cached() {
     let env = hub_env(&hub, &cache, true);
     let url = format!("hf://{REPO}");
 
-    // The first download is cut short: an error naming the model.
-    assert_fails(REPO, &env, &cache, &url, "model.safetensors");
+    // The first download is cut short, and not tried again: an error naming
+    // the model.
+    let mut once = env.clone();
+    once.push(("KILN_DOWNLOAD_RETRIES".into(), "0".into()));
+    assert_fails(REPO, &once, &cache, &url, "model.safetensors");
     assert_eq!(partial_weights(&cache), Some(100_000));
 
     // The next run resumes it with a range request, at the pinned commit.
@@ -472,4 +478,140 @@ fn hub_errors_name_the_model_and_leave_nothing_complete() {
     let cache = tempdir("cache-");
     assert_fails(REPO, &hub_env(&bad, &cache, false), &cache, &url, "sha256");
     assert_eq!(partial_weights(&cache), None, "the corrupt copy is gone");
+}
+
+/// A loopback listener that accepts every connection and never answers
+/// (nor closes); counts the connections.
+fn silent_store() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            seen.fetch_add(1, Ordering::SeqCst);
+            held.push(c);
+        }
+    });
+    (port, count)
+}
+
+/// Download settings short enough for a test: 1 s, `retries` further tries.
+fn impatient(env: &mut Vec<(String, String)>, retries: u32) {
+    env.push(("KILN_DOWNLOAD_TIMEOUT".into(), "1".into()));
+    env.push(("KILN_DOWNLOAD_RETRIES".into(), retries.to_string()));
+}
+
+#[test]
+fn a_store_that_never_answers_fails_the_load_and_the_server_stays_ready() {
+    let (port, connections) = silent_store();
+    let cache = tempdir("cache-");
+    let mut env = s3::env(port, &cache);
+    impatient(&mut env, 1);
+    let server = Server::ready(Opts {
+        args: [
+            "--models",
+            &format!("local={}", tiny_dir().display()),
+            "--management-on-inference-port",
+            "--model-url-pattern",
+            "s3://.*",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        env,
+        cwd: Some(tempdir("cwd-")),
+        ..Opts::default()
+    });
+    let r = server.req(
+        "POST",
+        "/models?url=s3://models/stuck&synchronous=false",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    // While it loads, the model that serves keeps the server in service
+    // (DJL's ping answers 200 while a registered model is pending).
+    let ping = server.get("/ping");
+    assert_eq!(ping.status, 200, "{}", ping.text());
+    assert_eq!(ping.json()["loading"], json!(["stuck"]), "{}", ping.text());
+    let ready = server.get("/health/ready");
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert!(!answer(&server, "local").is_empty());
+    // Then it fails, naming the URL and the wait, after one further try.
+    let failed = eventually(Duration::from_secs(30), || {
+        let d = server.get("/models/stuck").json();
+        let m = &d[0]["models"][0];
+        (m["status"] == "Failed").then(|| m["error"].as_str().unwrap_or("").to_string())
+    });
+    let error = failed.unwrap_or_else(|| panic!("still loading:\n{}", server.stderr()));
+    assert!(
+        error.contains("s3://models/stuck: listing: an answer did not come within 1s"),
+        "{error}"
+    );
+    assert!(error.contains("tried 2 times"), "{error}");
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "{error}");
+    assert!(complete_entries(&cache).is_empty());
+    // A synchronous registration gets the failure as its answer.
+    let r = server.req("POST", "/models?url=s3://models/stuck2", &[], b"");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("did not come within 1s"), "{}", r.text());
+}
+
+#[test]
+fn stalled_downloads_fail_clearly_and_broken_ones_resume_in_the_same_run() {
+    // A Hub that never answers.
+    let (port, _) = silent_store();
+    let cache = tempdir("cache-");
+    let mut env = vec![
+        (
+            "HF_ENDPOINT".to_string(),
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("KILN_CACHE".to_string(), cache.display().to_string()),
+        ("SERVING_DOWNLOAD_DIR".to_string(), String::new()),
+    ];
+    impatient(&mut env, 0);
+    let url = format!("hf://{REPO}");
+    assert_fails(
+        REPO,
+        &env,
+        &cache,
+        &url,
+        "did not come within 1s (KILN_DOWNLOAD_TIMEOUT) (tried once",
+    );
+
+    // An S3 store that stops sending a third of the way into the weights,
+    // and holds every later request: each wait ends, then the download.
+    let s3 = S3Server::start(&bucket_root());
+    let proxy = Proxy::start(s3.port, Mode::StallAfter(HOLD_AT));
+    let cache = tempdir("cache-");
+    let mut env = s3::env(proxy.port, &cache);
+    impatient(&mut env, 1);
+    assert_fails(URL, &env, &cache, URL, "did not come within 1s");
+    assert_eq!(partial_entries(&cache).len(), 1, "kept to resume from");
+
+    // A Hub transfer cut half way is resumed at once, with a range request.
+    let (files, lfs) = hub_files();
+    let hub = Hub::start(HubConfig {
+        repo: REPO.into(),
+        files: files.into_iter().collect(),
+        lfs,
+        cut_first: Some(("model.safetensors".into(), 100_000)),
+        ..HubConfig::default()
+    });
+    let cache = tempdir("cache-");
+    let out = generate(REPO, &hub_env(&hub, &cache, false));
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("trying again from what arrived"), "{err}");
+    assert!(
+        hub.seen().iter().any(
+            |(p, r)| p.ends_with("/model.safetensors") && r.as_deref() == Some("bytes=100000-")
+        ),
+        "{:#?}",
+        hub.seen()
+    );
+    assert_tiny_entry(&complete_entries(&cache)[0]);
 }
