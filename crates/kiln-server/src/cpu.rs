@@ -1,7 +1,6 @@
 //! CPU-heavy request work off the async runtime's threads, so that a few
 //! huge prompts or grammars cannot stall `/ping` and the other connections.
-//! Two separate pools, so that one kind of work never waits behind the
-//! other:
+//! Separate pools, so that one kind of work never waits behind another:
 //!
 //! - [`run`]: tokenization and chat templates, on tokio's blocking pool, at
 //!   most one job per CPU at a time (more would only slow each other and the
@@ -18,6 +17,9 @@
 //!   run on for as long as its size allows (seconds at the default size
 //!   limit); compiling threads, stopped ones included, number at most
 //!   twice `concurrent`, and new compiles wait for one to end past that.
+//!   Small constraints (at most [`SMALL_CONSTRAINT_BYTES`], the usual tool
+//!   and response schemas) also have a place of their own, so that slow
+//!   large grammars filling every shared place cannot starve them.
 //! - [`json_answer`]: large non-streamed answers, built and serialized on
 //!   tokio's blocking pool without waiting for a place in [`run`].
 
@@ -86,6 +88,10 @@ pub struct CompileLimits {
 pub const DEFAULT_MAX_CONSTRAINT_BYTES: usize = 128 << 10;
 /// Default [`CompileLimits::timeout`].
 pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Constraints up to this size may also compile in the small lane's own
+/// place. Compile time grows with size, so a constraint this small
+/// compiles in milliseconds and the lane's place is never held for long.
+pub const SMALL_CONSTRAINT_BYTES: usize = 8 << 10;
 
 impl Default for CompileLimits {
     fn default() -> Self {
@@ -106,6 +112,9 @@ struct CompilePool {
     /// Compiling threads: held by the thread until it really ends, so that
     /// stopped compiles still running count too.
     threads: Arc<Semaphore>,
+    /// The small lane's one place (and thread): taken by a small constraint
+    /// when it frees up before a shared place does.
+    small: Arc<Semaphore>,
 }
 
 impl CompilePool {
@@ -114,6 +123,7 @@ impl CompilePool {
         Self {
             places: Arc::new(Semaphore::new(n)),
             threads: Arc::new(Semaphore::new(2 * n)),
+            small: Arc::new(Semaphore::new(1)),
             limits,
         }
     }
@@ -181,11 +191,24 @@ pub async fn compile(engine: &Engine, c: &Constraint) -> Result<Compiled, ApiErr
         ))
     };
     let deadline = Instant::now() + 2 * lim.timeout;
-    let place = tokio::time::timeout_at(deadline, pool.places.clone().acquire_owned())
-        .await
-        .map_err(|_| busy())?
-        .map_err(|_| busy())?;
-    let thread = tokio::time::timeout_at(deadline, pool.threads.clone().acquire_owned())
+    // `place` is held until the result comes (or the time is up); `thread`
+    // until the compiling thread ends. The small lane's one permit is both.
+    let shared = async {
+        let place = pool.places.clone().acquire_owned().await?;
+        let thread = pool.threads.clone().acquire_owned().await?;
+        Ok::<_, tokio::sync::AcquireError>((Some(place), thread))
+    };
+    let acquire = async {
+        if bytes <= SMALL_CONSTRAINT_BYTES {
+            tokio::select! {
+                small = pool.small.clone().acquire_owned() => small.map(|t| (None, t)),
+                shared = shared => shared,
+            }
+        } else {
+            shared.await
+        }
+    };
+    let (place, thread) = tokio::time::timeout_at(deadline, acquire)
         .await
         .map_err(|_| busy())?
         .map_err(|_| busy())?;

@@ -641,12 +641,12 @@ async fn infer_inner(
     // Built and serialized off the async threads: `prefill` decodes every
     // prompt token, and a batch of long answers with details is megabytes.
     crate::cpu::json_answer(move || {
-        let mut outputs = done
-            .iter()
-            .zip(req.inputs.iter().zip(&prompts))
-            .map(|(c, (prompt, ids))| {
-                output_json(c, prompt, ids, &req, &engine, prefill_first_token)
-            });
+        let mut outputs =
+            done.iter()
+                .zip(req.inputs.iter().zip(&prompts))
+                .map(|(c, (prompt, ids))| {
+                    output_json(c, prompt, ids, &req, &engine, prefill_first_token)
+                });
         Ok(if req.batch {
             Value::Array(outputs.collect())
         } else {

@@ -435,6 +435,49 @@ fn grammar_compiles_are_bounded_in_size_time_and_number_and_starve_nothing() {
     assert_eq!(s.get("/ping").status, 200);
 }
 
+/// With one shared place held by a slow grammar and another queued behind
+/// it, a small schema still compiles at once in the small lane's own place
+/// (without it, it would wait for both slow compiles: seconds).
+#[test]
+fn small_constraints_are_not_starved_by_slow_grammars() {
+    let s = Server::ready(Opts::args(&[
+        "--kv-cache-mib",
+        "64",
+        "--max-constraint-bytes",
+        "600000",
+        "--constraint-compile-timeout",
+        "20",
+        "--constraint-compiles",
+        "1",
+    ]));
+    let r = s.post_json("/v1/completions", &grammar_request("start: \"a\""));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Held open, not awaited: dropping them at the end stops their compiles.
+    let slow = grammar_request(&alternatives(50_000));
+    let attacks: Vec<_> = (0..2)
+        .map(|_| s.stream_open("/v1/completions", &slow))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({"prompt": "Answer:", "max_tokens": 4, "temperature": 0,
+                "guided_json": {"type": "object", "properties": {"a": {"type": "integer"}}}}),
+    );
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+    eprintln!("the small schema took {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the small schema took {took:?}"
+    );
+    drop(attacks);
+    let stopped = eventually(Duration::from_secs(10), || {
+        s.stderr().contains("its client went away").then_some(())
+    });
+    assert!(stopped.is_some(), "{}", s.stderr());
+}
+
 #[test]
 fn a_grammar_that_panics_the_grammar_engine_is_a_clean_400() {
     // 66,000 rules: past llguidance's 16-bit symbol table, which it
