@@ -798,7 +798,11 @@ def case_queue_size(a):
             problems.append(f"refused at start without naming the setting (exit {code}): {text[-200:]}")
         return problems, report
     srv.wait_ready()
-    st, _, data = srv.request("POST", "/predictions/default", lmi_body("Hi", 2, False), timeout=60)
+    try:
+        st, _, data = srv.request("POST", "/predictions/default", lmi_body("Hi", 2, False), timeout=60)
+    except OSError as e:  # (a debug build panics on the overflow)
+        time.sleep(1)
+        st, data = f"no answer ({type(e).__name__}; server exit {srv.proc.poll()})", b""
     report["request"] = {"status": st, "body": data[:200].decode(errors="replace")}
     if st != 200:
         problems.append(f"started with job_queue_size 2^64-1, a request got {st}: {data[:200]!r}")
