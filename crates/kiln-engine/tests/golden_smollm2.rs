@@ -148,7 +148,11 @@ fn smollm2_matches_transformers() {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         let got_last = &logits[logits.len() - vocab..];
-        let max_diff = max_abs_diff(&format!("{name}: last-position logits"), got_last, &want_last);
+        let max_diff = max_abs_diff(
+            &format!("{name}: last-position logits"),
+            got_last,
+            &want_last,
+        );
         worst = worst.max(max_diff);
         assert!(
             max_diff < LOGIT_TOL,
