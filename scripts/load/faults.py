@@ -25,7 +25,7 @@ runs only those; default: all of them, or the `--quick` set):
 The second hardening round of issue 21 (points 7-14), each a case with the
 verdict a fixed server gives:
 
-  huge_grammar          a 150k-alternative guided_grammar gets a 400 within
+  huge_grammar          two 150k-alternative guided_grammars get a 400 within
                         10 s while a plain request completes in under 2 s;
                         one whose client hangs up does not stall others; no
                         400 body carries a backtrace (point 7).
@@ -66,6 +66,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -415,6 +416,7 @@ def case_load(a):
     released = srv.wait_released(10)
     pinger.stop()
     first_exit = srv.stop()
+    shutil.rmtree(logs, ignore_errors=True)
 
     problems = []
     if tally.lost:
@@ -549,13 +551,17 @@ def case_huge_grammar(a):
     srv = Server(a.binary)
     grammar = "start: " + " | ".join(f'"w{i}"' for i in range(150_000))
     problems, report = [], {}
+    # Two at once (the finding: two stalled every other request for 49 s).
     huge = {}
-    t = threading.Thread(target=lambda: huge.update(r=completion(srv, {"guided_grammar": grammar}, timeout=120)))
-    t.start()
+    threads = [threading.Thread(target=lambda k=k: huge.update(
+        {k: completion(srv, {"guided_grammar": grammar}, timeout=120)})) for k in range(2)]
+    for t in threads:
+        t.start()
     time.sleep(1)
     plain_s, (plain_status, _, _) = completion(srv, {})
-    t.join()
-    huge_s, (huge_status, _, huge_body) = huge["r"]
+    for t in threads:
+        t.join()
+    huge_s, (huge_status, _, huge_body) = max(huge.values(), key=lambda r: r[0])
     report["huge"] = {"status": huge_status, "s": round(huge_s, 2), "body": huge_body[:200].decode(errors="replace")}
     report["plain_meanwhile"] = {"status": plain_status, "s": round(plain_s, 2)}
     if huge_status != 400 or huge_s > 10:
@@ -727,6 +733,7 @@ def case_s3_hang(a):
         if ping[0] != 200:
             problems.append(f"/ping after the download gave up: {ping[0]} {ping[2][:200]!r}")
     srv.stop()
+    shutil.rmtree(cache, ignore_errors=True)
     return problems, report
 
 
