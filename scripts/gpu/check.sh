@@ -10,7 +10,9 @@
 #   scripts/gpu/check.sh target/release/kiln target/release/deps/cuda_vs_cpu-HASH [SUMMARY]
 #
 # Checks, each recorded as PASS or FAIL in SUMMARY (default
-# gpu-check-summary.txt), whatever the others do:
+# gpu-check-summary.txt), whatever the others do (a test step passes only
+# when its binary ran, and passed, at least as many tests as its source
+# holds: a binary built without the feature runs none and exits 0):
 #   1. every op of the CUDA backend against the CPU backend on random inputs
 #      (bf16 tolerances; NaN never passes), paged attention with split decode;
 #   2. greedy output over 64 tokens on the CPU and on the GPU for the tiny
@@ -37,13 +39,28 @@ record() { # record NAME STATUS DETAIL
   printf '%s %s %s\n' "$2" "$1" "$3" | tee -a "$SUMMARY"
   [ "$2" = PASS ] || failed=1
 }
+# Tests a libtest log says passed (the sum of its `test result: ok. N passed`
+# lines; 0 when there is none, or when a result line is not ok).
+passed_in() { # passed_in LOG
+  awk '/^test result: / { if ($3 != "ok.") bad = 1; n += $4 } END { print (bad ? 0 : n + 0) }' "$1"
+}
+# The GPU tests a test source holds (each is #[ignore]d with this reason).
+gpu_tests_in() { # gpu_tests_in FILE
+  grep -c '#\[ignore = "needs a GPU' "$1"
+}
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; } | sed 's/^/# gpu: /' | tee -a "$SUMMARY"
 
 # 1. Ops against the CPU backend.
 t0=$(date +%s)
+expected=$(gpu_tests_in crates/kiln-backend/tests/cuda_vs_cpu.rs)
 if timeout 180 "$OPS" --ignored --nocapture --test-threads=1 >"$LOGS/ops.log" 2>&1; then
-  record ops PASS "$(( $(date +%s) - t0 )) s"
+  ran=$(passed_in "$LOGS/ops.log")
+  if [ "$expected" -gt 0 ] && [ "$ran" -ge "$expected" ]; then
+    record ops PASS "$ran of $expected tests, $(( $(date +%s) - t0 )) s"
+  else
+    record ops FAIL "exit 0 but $ran of $expected tests passed (built without --features cuda?)"
+  fi
 else
   record ops FAIL "see ops.log: $(grep -m1 -E 'panicked|GPU .* vs CPU|error' "$LOGS/ops.log")"
 fi

@@ -188,6 +188,7 @@ fn elementwise_ops_match_the_cpu_backend() {
     let (cpu, gpu) = (CpuBackend::new(), gpu());
     let want = elementwise(&cpu);
     let got = elementwise(&gpu);
+    assert_eq!(got.len(), want.len());
     for ((name, g), (_, w)) in got.iter().zip(&want) {
         // Products over 96 terms accumulate bf16 rounding of their inputs' sums.
         let atol = if name.starts_with("linear") {

@@ -52,6 +52,7 @@ fn dequantization_matches_the_gguf_reference() {
             want.len(),
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got.len(), want.len(), "{name}");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
                 (g - w).abs() <= 1e-6 * w.abs().max(1e-3),

@@ -155,6 +155,7 @@ fn batched_chunked_and_preempted_runs_equal_runs_alone() {
         },
     );
     let got = together(&e, &reqs);
+    assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(
             g.ids, w.ids,
@@ -185,6 +186,7 @@ fn batched_chunked_and_preempted_runs_equal_runs_alone() {
         "the test should force preemption: {:?}",
         e.metrics()
     );
+    assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.ids, w.ids, "prompt {i} differs after preemption");
     }
@@ -399,6 +401,8 @@ fn seeded_sampling_is_reproducible_and_logprobs_are_reported() {
     let (a, b, c) = (sampled(1), sampled(1), sampled(2));
     assert_eq!(a.ids, b.ids);
     assert_ne!(a.ids, c.ids);
+    assert_eq!(a.logprobs.len(), a.ids.len());
+    assert_eq!(a.top.len(), a.ids.len());
     for (lp, top) in a.logprobs.iter().zip(&a.top) {
         assert!(*lp <= 0.0);
         assert_eq!(top.len(), 3);
@@ -526,6 +530,7 @@ fn default_model_greedy_output_is_batch_invariant() {
         },
     );
     let got = together(&chunked, &reqs);
+    assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(
             g.ids, w.ids,

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{Engine, EngineConfig, Event, FinishReason, Request};
 use kiln_model::chat::ChatMessage;
+use kiln_model::fixtures::max_abs_diff;
 use kiln_model::{LoadOptions, LoadedModel};
 use serde_json::Value;
 
@@ -114,8 +115,17 @@ fn smollm2_matches_transformers() {
         let logits = prompt_logits(&model, &want_ids);
         let want_argmax = ids(&p["argmax_per_position"]);
         let want_max = floats(&p["max_logit_per_position"]);
+        // Every position is compared: a truncated golden must not pass.
+        assert_eq!(logits.len(), want_ids.len() * vocab, "{name}: logits");
+        assert_eq!(want_argmax.len(), want_ids.len(), "{name}: golden argmax");
+        assert_eq!(want_max.len(), want_ids.len(), "{name}: golden max logits");
         for (pos, row) in logits.chunks_exact(vocab).enumerate() {
             let (am, mx) = argmax(row);
+            // (`argmax` passes over a NaN.)
+            assert!(
+                row.iter().all(|v| v.is_finite()),
+                "{name}: position {pos}: a logit is not finite"
+            );
             let d = (mx - want_max[pos]).abs();
             worst = worst.max(d);
             assert!(
@@ -138,11 +148,11 @@ fn smollm2_matches_transformers() {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         let got_last = &logits[logits.len() - vocab..];
-        let max_diff = got_last
-            .iter()
-            .zip(&want_last)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_diff = max_abs_diff(
+            &format!("{name}: last-position logits"),
+            got_last,
+            &want_last,
+        );
         worst = worst.max(max_diff);
         assert!(
             max_diff < LOGIT_TOL,

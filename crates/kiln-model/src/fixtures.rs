@@ -407,6 +407,34 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     std::fs::write(path, v.to_string()).map_err(io_err(path))
 }
 
+/// The largest absolute difference between two lists of values that should
+/// be the same (logits against a golden file, one form of a model against
+/// another), for tests.
+///
+/// Panics, naming `what`, when the lengths differ (a truncated golden would
+/// otherwise compare nothing) or when any value on either side is NaN or
+/// infinite: `fold(0.0, f32::max)` would drop a NaN, since `f32::max`
+/// returns the other operand, and pass a broken computation.
+#[track_caller]
+pub fn max_abs_diff(what: &str, got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: {} values against {} expected",
+        got.len(),
+        want.len()
+    );
+    let mut worst = 0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.is_finite() && w.is_finite(),
+            "{what}: value {i} is not finite: got {g}, expected {w}"
+        );
+        worst = worst.max((g - w).abs());
+    }
+    worst
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +457,18 @@ mod tests {
             data: vec![0.0, 1.0, 2.0, 3.0],
         };
         assert_eq!(interleave_heads(&t, 4), vec![0.0, 2.0, 1.0, 3.0]);
+    }
+
+    #[test]
+    fn max_abs_diff_fails_on_nan_and_on_short_lists() {
+        assert_eq!(max_abs_diff("ok", &[1.0, -2.0], &[1.5, -2.0]), 0.5);
+        for (got, want) in [
+            (vec![1.0, f32::NAN], vec![1.0, 2.0]),
+            (vec![1.0, 2.0], vec![f32::INFINITY, 2.0]),
+            (vec![1.0], vec![1.0, 2.0]),
+        ] {
+            let r = std::panic::catch_unwind(|| max_abs_diff("bad", &got, &want));
+            assert!(r.is_err(), "{got:?} vs {want:?} passed");
+        }
     }
 }

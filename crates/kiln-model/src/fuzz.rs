@@ -207,6 +207,49 @@ pub struct Report {
     pub accepted: usize,
 }
 
+impl Report {
+    /// The report, or an error when fewer than `min_share` of the cases
+    /// were accepted. A run whose inputs are all refused at the first check
+    /// (a magic number, a JSON syntax error) never reaches the code behind
+    /// it, and "never panics" then says little.
+    pub fn require_accepted(self, name: &str, min_share: f64) -> Result<Self, String> {
+        let share = self.accepted as f64 / self.cases.max(1) as f64;
+        if self.accepted == 0 || share < min_share {
+            return Err(format!(
+                "{name}: {} of {} cases accepted ({:.1}%, at least {:.1}% expected): \
+                 the mutations no longer reach the success path",
+                self.accepted,
+                self.cases,
+                100.0 * share,
+                100.0 * min_share
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// `Ok` when `target` accepts every seed, else the first refused one: the
+/// mutations of a refused seed start from a failure path and mostly test
+/// the same early error. (A seed that panics is reported as refused too.)
+pub fn check_seeds(
+    name: &str,
+    seeds: &[Vec<u8>],
+    mut target: impl FnMut(&[u8]) -> bool,
+) -> Result<(), String> {
+    if seeds.is_empty() {
+        return Err(format!("{name}: no seeds"));
+    }
+    for (i, seed) in seeds.iter().enumerate() {
+        if !matches!(catch_unwind(AssertUnwindSafe(|| target(seed))), Ok(true)) {
+            let shown = String::from_utf8_lossy(&seed[..seed.len().min(200)]).into_owned();
+            return Err(format!(
+                "{name}: seed {i} is refused (or panics) before any mutation: {shown:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `target` on `cases` inputs made by `make` (given a generator and the
 /// case number); `target` returns whether it accepted the input. A panic
 /// fails the run with the input (its first bytes) and the seed of the case.
@@ -254,14 +297,16 @@ pub fn run_with(
     }
 }
 
-/// [`run_with`] on mutations of `seeds` (taken in turn), at most `max_len` bytes.
+/// [`run_with`] on mutations of `seeds` (taken in turn), at most `max_len`
+/// bytes, after [`check_seeds`]: an error when `target` refuses a seed.
 pub fn run(
     name: &str,
     seeds: &[Vec<u8>],
     cases: usize,
     max_len: usize,
-    target: impl FnMut(&[u8]) -> bool,
+    mut target: impl FnMut(&[u8]) -> bool,
 ) -> Result<Report, String> {
+    check_seeds(name, seeds, &mut target)?;
     run_with(
         name,
         cases,
@@ -294,5 +339,24 @@ mod tests {
         );
         let ok = run("fine", &[b"abc".to_vec()], 100, 64, |b| b.len() == 3).unwrap();
         assert_eq!(ok.cases, 100);
+    }
+
+    #[test]
+    fn a_refused_seed_or_a_run_that_accepts_too_little_is_an_error() {
+        let seeds = [b"good".to_vec(), b"bad".to_vec()];
+        let e = run("seeds", &seeds, 10, 64, |b| b.starts_with(b"good")).unwrap_err();
+        assert!(e.contains("seed 1 is refused"), "{e}");
+        assert!(check_seeds("none", &[], |_| true).is_err());
+        // Mutations of "abc" keep its length only now and then.
+        let r = run("share", &[b"abc".to_vec()], 400, 64, |b| b.len() == 3).unwrap();
+        assert!(r.accepted > 0 && r.accepted < r.cases, "{r:?}");
+        assert!(r.require_accepted("share", 0.0001).is_ok());
+        let e = r.require_accepted("share", 0.99).unwrap_err();
+        assert!(e.contains("no longer reach the success path"), "{e}");
+        let none = Report {
+            cases: 5,
+            accepted: 0,
+        };
+        assert!(none.require_accepted("none", 0.0).is_err());
     }
 }

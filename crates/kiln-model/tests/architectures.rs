@@ -78,11 +78,7 @@ fn check(name: &str) {
             .map(|v| v.as_f64().expect("float") as f32)
             .collect();
         let last = &all[all.len() - vocab..];
-        let diff = last
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = fixtures::max_abs_diff(&format!("{name} prompt {pi}"), last, &want);
         assert!(
             diff < LOGIT_TOL,
             "{name} prompt {pi}: last-position logits differ by {diff}"
@@ -168,12 +164,7 @@ fn dtype_option_rounds_weights_to_16_bit_precision() {
         logits(kiln_model::WeightDtype::Bf16),
         logits(kiln_model::WeightDtype::F16),
     );
-    let diff = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    };
+    let diff = |a: &[f32], b: &[f32]| fixtures::max_abs_diff("f32 against half logits", b, a);
     // bf16 keeps 8 bits of mantissa, f16 11: both move the logits, bf16 more.
     assert!(
         diff(&full, &bf16) > 1e-4 && diff(&full, &bf16) < 0.5,
@@ -327,11 +318,8 @@ fn gguf_forms_of_qwen2_qwen3_and_phi3_match_transformers() {
                 .iter()
                 .map(|v| v.as_f64().unwrap() as f32)
                 .collect();
-            let diff = all[all.len() - vocab..]
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff =
+                fixtures::max_abs_diff(&format!("{name} (GGUF)"), &all[all.len() - vocab..], &want);
             assert!(diff < LOGIT_TOL, "{name} (GGUF): logits differ by {diff}");
             assert_eq!(greedy, ids(&p["greedy"]), "{name} (GGUF): greedy tokens");
         }

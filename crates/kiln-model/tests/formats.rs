@@ -44,12 +44,9 @@ fn every_format_gives_the_logits_of_its_dequantized_twin() {
             &format!("{tag}-f32"),
             &tokens,
         );
+        // (Fails on any NaN or infinity on either side, and on unequal lengths.)
+        let worst = fixtures::max_abs_diff(&tag, &native, &twin);
         let scale = twin.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = native
-            .iter()
-            .zip(&twin)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
         if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
             // Float formats widen to f32 exactly and compute the same sequence.
             assert_eq!(worst, 0.0, "{ty:?}: logits differ from the F32 twin");
@@ -61,9 +58,6 @@ fn every_format_gives_the_logits_of_its_dequantized_twin() {
                 "{ty:?}: logits differ by {worst} (largest logit {scale})"
             );
         }
-        assert!(
-            scale > 0.0 && native.iter().all(|v| v.is_finite()),
-            "{ty:?}"
-        );
+        assert!(scale > 0.0, "{ty:?}");
     }
 }

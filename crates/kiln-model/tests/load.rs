@@ -54,11 +54,7 @@ fn gguf_and_safetensors_forms_of_one_model_give_the_same_logits() {
     let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 256) as u32).collect();
     let (la, lb) = (all_logits(&a, &tokens), all_logits(&b, &tokens));
     assert_eq!(la.len(), tokens.len() * fixtures::VOCAB);
-    let max_diff = la
-        .iter()
-        .zip(&lb)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let max_diff = fixtures::max_abs_diff("GGUF against HF logits", &la, &lb);
     assert!(
         max_diff < 1e-4,
         "GGUF (interleaved rope) and HF (half-split rope) differ by {max_diff}"

@@ -55,14 +55,14 @@ fn load_as(dir: &Path, quantize: Option<GgmlType>) -> LoadedModel<CpuBackend> {
     load(&CpuBackend::new(), dir, &opts).expect("load")
 }
 
-/// Largest logit difference relative to the largest f32 logit.
+/// Largest logit difference relative to the largest f32 logit (failing on
+/// unequal lengths and on any value that is not finite).
+#[track_caller]
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let worst = fixtures::max_abs_diff("quantized against f32 logits", b, a);
     let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
+    assert!(scale > 0.0, "all f32 logits are zero");
+    worst / scale
 }
 
 #[test]

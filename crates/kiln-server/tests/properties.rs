@@ -1013,6 +1013,9 @@ fn mutated_properties_files_never_panic() {
             ModelProperties::parse(&text, Path::new(FILE), &env).is_ok()
         },
     )
+    // (Both seeds parse, which `run` checks; with the default cases and
+    // seed 3886 of the 5000 mutations still do.)
+    .and_then(|r| r.require_accepted("serving.properties", 0.2))
     .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("serving.properties: {report:?}");
 }

@@ -351,6 +351,7 @@ fn reference_request_returns_two_texts_within_seq_length() {
         "/predictions/default",
         json!({"seq_length": 12, "text": texts, "parameters": {"details": true}}),
     );
+    assert_eq!(v.as_array().map(Vec::len), Some(texts.len()), "{v}");
     for (o, text) in v.as_array().unwrap().iter().zip(texts) {
         let n = o["details"]["generated_tokens"].as_u64().unwrap();
         let p = prompt_tokens(s, text);
@@ -393,6 +394,7 @@ fn batch_outputs_equal_the_same_prompts_alone() {
         "/predictions/default",
         json!({"text": prompts, "seq_length": 100, "parameters": {"max_new_tokens": n}}),
     );
+    assert_eq!(r.as_array().map(Vec::len), Some(alone.len()), "{r}");
     for (b, a) in r.as_array().unwrap().iter().zip(&alone) {
         assert_eq!(b["generated_text"].as_str().unwrap(), a.0);
     }
@@ -692,6 +694,7 @@ fn openai_models_and_completions() {
     let lp = &c["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 8, "{lp}");
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 8);
+    assert_eq!(lp["top_logprobs"].as_array().map(Vec::len), Some(8), "{lp}");
     assert_eq!(
         lp["tokens"]
             .as_array()

@@ -655,8 +655,14 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::cpu::tests::rand_vec;
+    use crate::cpu::tests::{rand_vec, Coverage, Path};
     use crate::{Backend, KvSpec, SeqSlice};
+
+    /// Whether this CPU runs `isa`'s kernels (whatever `KILN_CPU_ISA` caps
+    /// the server's choice to: the tests call the kernels directly).
+    fn cpu_has(isa: super::super::x86::Isa) -> bool {
+        super::super::x86::Isa::all_supported().contains(&isa)
+    }
 
     /// A one-layer cache of `n_kv` heads of `hd` holding `len` random keys
     /// and values (seeds `seed` and `seed + 1`) in scattered blocks of `bs`,
@@ -714,9 +720,10 @@ mod tests {
     /// bit, whatever the block size and wherever the keys start and stop.
     #[test]
     fn vector_scores_equal_key_by_key_scores() {
-        if super::super::x86::Isa::detected().is_none() {
-            return; // no AVX2: only the key-by-key path exists
-        }
+        use super::super::x86::Isa;
+        let mut cov = Coverage::new("vector_scores_equal_key_by_key_scores");
+        // Without AVX2 only the key-by-key path exists: `finish` says so.
+        let (vector, wide) = (cpu_has(Isa::Avx2), cpu_has(Isa::Avx512Vnni));
         for (bs, hd, group) in [
             (16usize, 64usize, 3usize),
             (5, 8, 1),
@@ -751,8 +758,13 @@ mod tests {
                 let n = pos + 1 - first;
                 let (mut a, mut b) = (vec![0f32; group * n], vec![0f32; group * n]);
                 let keys = KeyRows::new(&ctx, &job);
-                scores_into::<true, false>(&ctx, &job, keys.clone(), &mut a, n, true);
                 scores_into::<true, false>(&ctx, &job, keys.clone(), &mut b, n, false);
+                cov.ran(Path::Portable);
+                if !vector {
+                    continue;
+                }
+                scores_into::<true, false>(&ctx, &job, keys.clone(), &mut a, n, true);
+                cov.ran(Path::Avx2);
                 for (e, (x, y)) in a.iter().zip(&b).enumerate() {
                     assert_eq!(
                         x.to_bits(),
@@ -760,10 +772,11 @@ mod tests {
                         "bs {bs} hd {hd} keys {first}..={pos}, score {e}: {x} vs {y}"
                     );
                 }
-                if super::super::x86::Isa::detected() == Some(super::super::x86::Isa::Avx512Vnni) {
+                if wide {
                     let mut c = vec![0f32; group * n];
                     // SAFETY: AVX-512F was detected.
                     unsafe { scores_wide(&ctx, &job, keys, &mut c, n) };
+                    cov.ran(Path::Avx512);
                     for (e, (x, y)) in c.iter().zip(&b).enumerate() {
                         assert_eq!(
                             x.to_bits(),
@@ -774,6 +787,7 @@ mod tests {
                 }
             }
         }
+        cov.finish(&[Path::Portable, Path::Avx2, Path::Avx512]);
     }
 
     /// The 512-bit value weighing gives the 256-bit one's results bit for
@@ -782,9 +796,13 @@ mod tests {
     #[test]
     fn wide_and_narrow_kernels_agree() {
         use super::super::x86::Isa;
-        if Isa::detected() != Some(Isa::Avx512Vnni) {
-            return; // only the 256-bit kernel runs on this CPU
+        let cov = Coverage::new("wide_and_narrow_kernels_agree");
+        if !cpu_has(Isa::Avx512Vnni) {
+            // Only the 256-bit kernel runs on this CPU: nothing to compare.
+            cov.finish(&[Path::Avx512]);
+            return;
         }
+        let mut cov = cov;
         for (bs, hd, group) in [(16usize, 64usize, 3usize), (5, 128, 5)] {
             let len = (8 * bs).min(37);
             let (cache, table, keys, vals) = filled_cache(bs, hd, 1, 8, len, 6);
@@ -820,6 +838,7 @@ mod tests {
                 out
             };
             let (wide, narrow) = (run(true), run(false));
+            cov.ran(Path::Avx512);
             for (e, (a, b)) in wide.iter().zip(&narrow).enumerate() {
                 assert_eq!(
                     a.to_bits(),
@@ -848,5 +867,6 @@ mod tests {
                 }
             }
         }
+        cov.finish(&[Path::Avx512]);
     }
 }

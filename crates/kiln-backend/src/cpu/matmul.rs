@@ -456,7 +456,9 @@ pub(super) fn hsum8(a: &[f32; 8]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::{float_weight_bytes, rand_vec as rand, random_blocks, ALL_FORMATS};
+    use crate::cpu::tests::{
+        float_weight_bytes, rand_vec as rand, random_blocks, Coverage, Path, ALL_FORMATS,
+    };
     use crate::quant::GgmlType;
     use crate::WeightData;
 
@@ -525,6 +527,7 @@ mod tests {
     #[test]
     fn packed_kernels_agree_with_the_portable_one_bit_for_bit() {
         use super::super::packed::{PackedFormat, PackedWeight};
+        let mut cov = Coverage::new("packed_kernels_agree_with_the_portable_one_bit_for_bit");
         for (ty, fmt) in ALL_FORMATS
             .into_iter()
             .filter_map(|ty| Some((ty, PackedFormat::of(ty)?)))
@@ -543,6 +546,7 @@ mod tests {
                 unsafe {
                     super::super::packed::portable_block(&ops, 0, m, 0, p.groups, want.as_mut_ptr())
                 };
+                cov.ran(Path::Portable);
                 #[cfg(target_arch = "x86_64")]
                 for (isa, amx) in crate::cpu::x86::Isa::all_supported()
                     .into_iter()
@@ -572,6 +576,7 @@ mod tests {
                             "{ty:?} on {isa:?} (AMX {amx}) with {bits:?}, element {e}: {a} vs portable {b}"
                         );
                     }
+                    cov.ran(if amx { Path::Amx } else { Path::of(isa) });
                 }
                 let xt = CpuTensor::new(vec![m, k], x.clone()).unwrap();
                 let rowwise = linear_with(&xt, &w, None, bits).unwrap();
@@ -587,12 +592,20 @@ mod tests {
                 }
             }
         }
+        cov.finish(&[
+            Path::Portable,
+            Path::Avx2,
+            Path::AvxVnni,
+            Path::Avx512,
+            Path::Amx,
+        ]);
     }
 
     /// Every SIMD kernel this CPU can run computes the canonical result bit
     /// for bit over the file's rows (the portable kernel is its definition).
     #[test]
     fn every_kernel_agrees_with_the_portable_one_bit_for_bit() {
+        let mut cov = Coverage::new("every_kernel_agrees_with_the_portable_one_bit_for_bit");
         for ty in ALL_FORMATS {
             let Some(f) = IntFormat::of(ty) else {
                 continue;
@@ -613,6 +626,7 @@ mod tests {
                 let mut want = vec![0f32; m * n];
                 // SAFETY: the whole m x n buffer, one thread.
                 unsafe { portable_block(&ops, 0, m, 0, n, want.as_mut_ptr()) };
+                cov.ran(Path::Portable);
                 #[cfg(target_arch = "x86_64")]
                 for isa in crate::cpu::x86::Isa::all_supported() {
                     let mut got = vec![0f32; m * n];
@@ -625,9 +639,11 @@ mod tests {
                             "{ty:?} on {isa:?} with {bits:?}, element {e}: {a} vs portable {b}"
                         );
                     }
+                    cov.ran(Path::of(isa));
                 }
             }
         }
+        cov.finish(&[Path::Portable, Path::Avx2, Path::AvxVnni, Path::Avx512]);
     }
 
     /// The float kernels, on every instruction set this CPU runs and for
@@ -636,6 +652,7 @@ mod tests {
     /// that is the exact product within f32 rounding.
     #[test]
     fn float_kernels_agree_with_the_portable_one_bit_for_bit() {
+        let mut cov = Coverage::new("float_kernels_agree_with_the_portable_one_bit_for_bit");
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
             let (k, n) = (37, 16 * 5 + 3);
             let w = weight(ty, n, k, 4);
@@ -670,6 +687,7 @@ mod tests {
                         );
                     }
                 }
+                cov.ran(Path::Portable);
                 #[cfg(target_arch = "x86_64")]
                 for isa in crate::cpu::x86::Isa::all_supported() {
                     let mr = crate::cpu::x86_float::tile_rows(isa);
@@ -700,8 +718,10 @@ mod tests {
                             );
                         }
                     }
+                    cov.ran(Path::of(isa));
                 }
             }
         }
+        cov.finish(&[Path::Portable, Path::Avx2, Path::AvxVnni, Path::Avx512]);
     }
 }

@@ -16,6 +16,118 @@ pub(super) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A kernel path a test can compare: the portable (canonical) one, or one
+/// of the vector instruction sets, and AMX tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Path {
+    Portable,
+    Avx2,
+    AvxVnni,
+    Avx512,
+    Amx,
+}
+
+impl Path {
+    /// The path of a vector instruction set.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn of(isa: super::x86::Isa) -> Self {
+        use super::x86::Isa;
+        match isa {
+            Isa::Avx2 => Path::Avx2,
+            Isa::AvxVnni => Path::AvxVnni,
+            Isa::Avx512Vnni => Path::Avx512,
+        }
+    }
+
+    /// Whether this CPU runs the path, from its feature flags directly
+    /// (not from the kernels' own choice, which is what is checked).
+    fn on_this_cpu(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            let avx512 =
+                has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
+            match self {
+                Path::Portable => true,
+                Path::Avx2 => avx2,
+                Path::AvxVnni => avx2 && has!("avxvnni"),
+                Path::Avx512 => avx2 && avx512,
+                // Also needs the kernel's grant of the tile state (and no
+                // KILN_CPU_ISA cap): only the module itself can say.
+                Path::Amx => avx2 && super::x86_amx::available(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Path::Portable
+        }
+    }
+}
+
+/// The kernel paths a test compared. [`Coverage::finish`] fails the test
+/// when a path it expects and this CPU has did not run (a loop over an
+/// empty list of instruction sets compares nothing and passes), and says
+/// loudly, on stderr, which expected paths this CPU lacks: a test that
+/// expects only paths this CPU lacks covers nothing and says so.
+pub(super) struct Coverage {
+    test: &'static str,
+    ran: std::collections::BTreeSet<Path>,
+}
+
+impl Coverage {
+    pub(super) fn new(test: &'static str) -> Self {
+        Self {
+            test,
+            ran: Default::default(),
+        }
+    }
+
+    /// Records that `path` was compared.
+    pub(super) fn ran(&mut self, path: Path) {
+        self.ran.insert(path);
+    }
+
+    /// Checks every path of `expected` ran where this CPU has it.
+    #[track_caller]
+    pub(super) fn finish(self, expected: &[Path]) {
+        for &p in expected {
+            if p.on_this_cpu() {
+                assert!(
+                    self.ran.contains(&p),
+                    "{}: this CPU has {p:?}, but its kernels were not compared (ran: {:?})",
+                    self.test,
+                    self.ran
+                );
+            } else {
+                let cap = if p == Path::Amx {
+                    " (or KILN_CPU_ISA turns it off)"
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "SKIPPED: no {p:?} on this CPU{cap}: {} did not check those kernels",
+                    self.test
+                );
+            }
+        }
+    }
+}
+
+/// [`Coverage`] fails a test whose loops skipped a path this CPU has.
+#[test]
+fn coverage_fails_when_a_path_this_cpu_has_did_not_run() {
+    let mut cov = Coverage::new("demo");
+    cov.ran(Path::Portable);
+    cov.finish(&[Path::Portable]);
+    for missing in [Path::Avx2, Path::Avx512] {
+        let mut cov = Coverage::new("demo");
+        cov.ran(Path::Portable);
+        let r = std::panic::catch_unwind(move || cov.finish(&[Path::Portable, missing]));
+        assert_eq!(r.is_err(), missing.on_this_cpu(), "{missing:?}");
+    }
+}
+
 fn t(shape: &[usize], seed: u64) -> CpuTensor {
     CpuTensor::new(shape.to_vec(), rand_vec(shape.iter().product(), seed)).unwrap()
 }

@@ -522,7 +522,7 @@ mod tests {
     #[test]
     fn a_rows_result_does_not_depend_on_its_tile() {
         if !available() {
-            eprintln!("skipped: no AMX-BF16 here");
+            eprintln!("SKIPPED: no AMX-BF16 on this CPU (or KILN_CPU_ISA caps it): a_rows_result_does_not_depend_on_its_tile checked nothing");
             return;
         }
         for (ty, fmt) in FORMATS {
@@ -559,7 +559,7 @@ mod tests {
     #[test]
     fn tiles_match_an_f64_reference_within_the_stated_error() {
         if !available() {
-            eprintln!("skipped: no AMX-BF16 here");
+            eprintln!("SKIPPED: no AMX-BF16 on this CPU (or KILN_CPU_ISA caps it): tiles_match_an_f64_reference_within_the_stated_error checked nothing");
             return;
         }
         for (ty, fmt) in FORMATS {
