@@ -281,6 +281,9 @@ fn the_second_start_maps_the_entry_and_a_changed_source_is_a_new_key() {
     let (second, logs) = generate(&src, &q8, &env);
     assert!(mapped(&logs), "{logs}");
     assert!(logs.contains("prepared model "), "{logs}");
+    // The converted weights' CPU layout, written by the first start under
+    // the prepared file's key, is mapped too.
+    assert!(layout_mapped(&logs), "{logs}");
     assert_eq!(first, second, "the same greedy text");
     assert_eq!(ls_keys(&env).len(), 1);
 
