@@ -233,7 +233,7 @@ fn layout_cache_enabled() -> bool {
 /// The cache key of the weights read from `file` with `settings`, in the
 /// backend layout `layout`: the file's identity (size and modification
 /// time, as for a local model), so a rewritten model is a new key. `None`
-/// (logged) when the file cannot be listed.
+/// when the file cannot be listed (the load that follows says why, once).
 fn layout_parts(file: &Path, settings: &Settings, layout: &str) -> Option<KeyParts> {
     match kiln_sources::prepared::local_identity(file) {
         Ok((source, identity)) => Some(KeyParts {
@@ -245,10 +245,7 @@ fn layout_parts(file: &Path, settings: &Settings, layout: &str) -> Option<KeyPar
             layout: Some(layout.to_string()),
         }),
         Err(e) => {
-            tracing::warn!(
-                "{}: {e}; its weights are rearranged without the layout cache",
-                file.display()
-            );
+            tracing::debug!("{}: {e}; no layout cache for it", file.display());
             None
         }
     }
