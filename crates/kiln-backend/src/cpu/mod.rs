@@ -201,7 +201,7 @@ impl CpuBackend {
 /// [`keep_freed_memory`] raises to 32 MiB: a smaller block comes from the
 /// heap and is cleared page by page at once. That is why the KV cache is
 /// one allocation for keys and one for values rather than one per layer
-/// (a 1 GiB cache's 17 MiB layers were cleared at every start: 0.3-0.5 s
+/// (a 1 GiB cache's 17 MiB layers were cleared at every start: 0.1-0.5 s
 /// of page faults before the server was ready).
 fn zeroed_vec(n: usize) -> Option<Vec<f32>> {
     if n == 0 {
