@@ -266,17 +266,14 @@ enum Plan {
 /// failure is logged and leaves the cache out of this start.
 fn plan(cache: &PreparedCache, parts: &KeyParts, layout: &str) -> Plan {
     let key = parts.key();
-    let begun = match cache.begin(parts) {
-        // The entry's file was not its recorded size: already removed.
-        Err(e @ PreparedError::Corrupt { .. }) => {
-            tracing::warn!("weight layout {key}: {e}; writing it again now");
-            cache.begin(parts)
-        }
-        other => other,
-    };
-    let entry = match begun {
+    let entry = match cache.begin(parts) {
         Ok(Begin::Ready(entry)) => entry,
         Ok(Begin::Build(b)) => return Plan::Build(b),
+        // The entry's file was not its recorded size (already removed).
+        Err(e @ PreparedError::Corrupt { .. }) => {
+            tracing::warn!("weight layout {key}: {e}; writing it again now");
+            return rebuild(cache, parts);
+        }
         Err(e) => {
             tracing::warn!("weight layout {key}: {e}; this start rearranges the weights instead");
             return Plan::Off;
@@ -286,21 +283,29 @@ fn plan(cache: &PreparedCache, parts: &KeyParts, layout: &str) -> Plan {
         Ok(file) => Plan::Map(key, file),
         Err(e) => {
             tracing::warn!("weight layout {key}: {e}; the entry is removed and written again");
-            let rebuilt = cache.discard(&key).and_then(|()| cache.try_rebuild(parts));
-            match rebuilt {
-                Ok(Some(b)) => Plan::Build(b),
-                Ok(None) => {
-                    tracing::info!(
-                        "weight layout {key}: another kiln process holds it; this start \
-                         rearranges the weights and leaves the entry to a later one"
-                    );
-                    Plan::Off
-                }
-                Err(e) => {
-                    tracing::warn!("weight layout {key}: {e}; this start rearranges the weights");
-                    Plan::Off
-                }
-            }
+            rebuild(cache, parts)
+        }
+    }
+}
+
+/// The right to write again an entry found corrupt, without waiting: a
+/// process that holds it (another one, or this one for a model loaded
+/// earlier, whose lock `try_rebuild` lets go of) is not waited for, and this
+/// start goes on without the cache instead.
+fn rebuild(cache: &PreparedCache, parts: &KeyParts) -> Plan {
+    let key = parts.key();
+    match cache.try_rebuild(parts) {
+        Ok(Some(b)) => Plan::Build(b),
+        Ok(None) => {
+            tracing::info!(
+                "weight layout {key}: another kiln process holds it; this start rearranges \
+                 the weights and leaves the entry to a later one"
+            );
+            Plan::Off
+        }
+        Err(e) => {
+            tracing::warn!("weight layout {key}: {e}; this start rearranges the weights");
+            Plan::Off
         }
     }
 }
