@@ -107,6 +107,44 @@ pub trait Backend: Send + Sync {
     /// can compute with and converts the rest.
     fn upload_weight(&self, rows: usize, cols: usize, data: WeightData) -> Result<Self::Weight>;
 
+    /// The name and version of the layout this backend rearranges weight
+    /// matrices into at upload, when it can give those bytes back
+    /// ([`Backend::laid_out`]) and take them again
+    /// ([`Backend::upload_laid_out`]): the loader stores them once, and later
+    /// starts map them instead of rearranging every matrix again. `None`
+    /// (the default) when weights are used as given.
+    fn weight_layout(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// `w`'s bytes in [`Backend::weight_layout`] and its stored format, when
+    /// it was rearranged at upload.
+    fn laid_out(&self, w: &Self::Weight) -> Option<(GgmlType, HostBytes)> {
+        let _ = w;
+        None
+    }
+
+    /// A weight matrix of `rows x cols` of `ty` from bytes that
+    /// [`Backend::laid_out`] gave for the same shape and format (in this
+    /// process or an earlier one), used without rearranging. A backend with
+    /// no [`Backend::weight_layout`] refuses them.
+    fn upload_laid_out(
+        &self,
+        rows: usize,
+        cols: usize,
+        ty: GgmlType,
+        bytes: HostBytes,
+    ) -> Result<Self::Weight> {
+        let _ = bytes;
+        Err(BackendError::Invalid {
+            op: "upload_laid_out",
+            msg: format!(
+                "{} keeps no layout of its own ({rows} x {cols} {ty:?})",
+                self.name()
+            ),
+        })
+    }
+
     /// Copies a tensor back to the host.
     fn to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
 

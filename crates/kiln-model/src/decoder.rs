@@ -11,6 +11,7 @@ use kiln_backend::{AttentionParams, Backend, StepInput};
 use crate::config::{DecoderConfig, NormKind};
 use kiln_backend::WeightData;
 
+use crate::layouts::Layouts;
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
@@ -62,6 +63,8 @@ pub struct Decoder<B: Backend> {
 struct Loader<'a, B: Backend> {
     backend: &'a B,
     src: &'a dyn WeightSource,
+    /// Where matrices already in the backend's layout come from, or go.
+    layouts: &'a Layouts,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -96,8 +99,8 @@ impl<B: Backend> Loader<'_, B> {
         cols: usize,
         data: WeightData,
     ) -> Result<B::Weight> {
-        self.backend
-            .upload_weight(rows, cols, data)
+        self.layouts
+            .upload(self.backend, name, rows, cols, data)
             .map_err(|e| self.tensor_err(name, e.to_string()))
     }
 
@@ -235,7 +238,23 @@ impl<B: Backend> Decoder<B> {
         src: &dyn WeightSource,
         max_positions: usize,
     ) -> Result<Self> {
-        let l = Loader { backend, src };
+        Self::load_with(backend, cfg, src, max_positions, &Layouts::Off)
+    }
+
+    /// [`Decoder::load`], taking matrices already in the backend's layout
+    /// from `layouts` where it has them (or recording them there).
+    pub fn load_with(
+        backend: &B,
+        cfg: DecoderConfig,
+        src: &dyn WeightSource,
+        max_positions: usize,
+        layouts: &Layouts,
+    ) -> Result<Self> {
+        let l = Loader {
+            backend,
+            src,
+            layouts,
+        };
         let (h, e) = (cfg.hidden_size, cfg.embed_dim);
         let embed = l.weight("token_embd.weight", cfg.vocab_size, e)?;
         let positions = match cfg.learned_positions {

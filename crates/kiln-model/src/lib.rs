@@ -17,6 +17,7 @@ pub mod fuzz;
 pub mod gguf;
 mod gguf_write;
 pub mod inspect;
+pub mod layouts;
 pub mod loader;
 pub mod prepared;
 pub use kiln_backend::quant;
@@ -29,4 +30,4 @@ mod host;
 
 pub use error::{ModelError, Result};
 pub use host::HostTensor;
-pub use loader::{load, LoadOptions, LoadedModel, ModelFormat, WeightDtype};
+pub use loader::{load, load_with, LoadOptions, LoadedModel, ModelFormat, WeightDtype};

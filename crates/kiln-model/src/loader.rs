@@ -10,6 +10,7 @@ use crate::chat::ChatTemplate;
 use crate::config::DecoderConfig;
 use crate::decoder::Decoder;
 use crate::gguf::{GgufFile, Value};
+use crate::layouts::Layouts;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{gpt2_conv1d, hf_names, SafetensorsSource, Transposed, WeightSource};
 use crate::{ModelError, Result};
@@ -93,7 +94,19 @@ pub struct LoadedModel<B: Backend> {
 
 /// Loads the model at `path` onto `backend`.
 pub fn load<B: Backend>(backend: &B, path: &Path, opts: &LoadOptions) -> Result<LoadedModel<B>> {
-    open(path, false)?.load(backend, opts, None)
+    load_with(backend, path, opts, &Layouts::Off)
+}
+
+/// [`load`], with the matrices already in the backend's layout taken from
+/// `layouts` where it holds them (or recorded there for writing one); see
+/// [`crate::layouts`].
+pub fn load_with<B: Backend>(
+    backend: &B,
+    path: &Path,
+    opts: &LoadOptions,
+    layouts: &Layouts,
+) -> Result<LoadedModel<B>> {
+    open(path, false)?.load(backend, opts, None, layouts)
 }
 
 /// A model's text side and weight source, found and opened but no weight
@@ -120,6 +133,7 @@ impl Opened {
         backend: &B,
         opts: &LoadOptions,
         spool: Option<&std::sync::Mutex<crate::gguf::GgufStreamWriter>>,
+        layouts: &Layouts,
     ) -> Result<LoadedModel<B>> {
         finish(
             backend,
@@ -131,6 +145,7 @@ impl Opened {
             opts,
             self.format,
             spool,
+            layouts,
         )
     }
 }
@@ -330,6 +345,7 @@ fn finish<B: Backend>(
     opts: &LoadOptions,
     format: ModelFormat,
     spool: Option<&std::sync::Mutex<crate::gguf::GgufStreamWriter>>,
+    layouts: &Layouts,
 ) -> Result<LoadedModel<B>> {
     let max_positions = opts.max_positions.map_or(cfg.max_position_embeddings, |m| {
         m.min(cfg.max_position_embeddings)
@@ -374,7 +390,7 @@ fn finish<B: Backend>(
         None => src,
     };
     let t0 = std::time::Instant::now();
-    let decoder = Decoder::load(backend, cfg, src, max_positions)?;
+    let decoder = Decoder::load_with(backend, cfg, src, max_positions, layouts)?;
     if opts.quantize.is_some() {
         tracing::info!("weights loaded and quantized in {:.2?}", t0.elapsed());
     }

@@ -30,6 +30,7 @@ use kiln_backend::{Backend, WeightData};
 use crate::chat::ChatTemplate;
 use crate::config::DecoderConfig;
 use crate::gguf::{GgufFile, GgufStreamWriter, Value};
+use crate::layouts::Layouts;
 use crate::loader::{LoadOptions, LoadedModel, ModelFormat, WeightDtype};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
@@ -193,19 +194,20 @@ pub fn read_info(path: &Path) -> Result<Option<PreparedInfo>> {
 /// does, and writes the converted model to the prepared file `out` as it
 /// goes (each tensor once, as the decoder takes it). Returns the model and
 /// the file's size. On error, nothing is left at `out` but what the caller
-/// created.
+/// created. `layouts` as in [`crate::load_with`].
 pub fn load_and_prepare<B: Backend>(
     backend: &B,
     path: &Path,
     opts: &LoadOptions,
     info: &PreparedInfo,
     out: &Path,
+    layouts: &Layouts,
 ) -> Result<(LoadedModel<B>, u64)> {
     let opened = crate::loader::open(path, true)?;
     let mut metadata = opened.carry.clone();
     metadata.extend(info.metadata());
     let spool = Mutex::new(GgufStreamWriter::create(out)?);
-    let model = opened.load(backend, opts, Some(&spool))?;
+    let model = opened.load(backend, opts, Some(&spool), layouts)?;
     let writer = spool.into_inner().map_err(|_| ModelError::Format {
         path: out.to_path_buf(),
         msg: "a thread writing the prepared file panicked".into(),

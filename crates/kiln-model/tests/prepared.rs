@@ -60,8 +60,15 @@ fn round_trip(src: &Path, opts: &LoadOptions, out_dir: &Path) -> PathBuf {
     let converted = run(&load(&be, src, opts).expect("converting load"));
     let file = out_dir.join("model.gguf");
     let want = info(opts);
-    let (while_writing, size) =
-        prepared::load_and_prepare(&be, src, opts, &want, &file).expect("prepare");
+    let (while_writing, size) = prepared::load_and_prepare(
+        &be,
+        src,
+        opts,
+        &want,
+        &file,
+        &kiln_model::layouts::Layouts::Off,
+    )
+    .expect("prepare");
     assert_eq!(size, std::fs::metadata(&file).expect("stat").len());
     assert_eq!(
         run(&while_writing),

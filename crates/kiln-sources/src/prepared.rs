@@ -1,16 +1,22 @@
 //! The prepared-model cache: converted models, each written once as a GGUF
 //! file and mapped by every later start that asks for the same conversion of
-//! the same source.
+//! the same source; and weight matrices in a backend's own layout (the CPU
+//! backend's interleaved groups), written once per model file and layout
+//! and mapped by later starts instead of rearranging every matrix again.
 //!
 //! Layout, beside the download cache (`<download dir>/prepared/`, the
 //! download directory being `SERVING_DOWNLOAD_DIR`, else `$KILN_CACHE`):
 //!
 //! ```text
 //! prepared/<key>/model.gguf            the prepared model
+//! prepared/<key>/weights.layout        or: weights in a backend's layout
 //! prepared/<key>/.kiln-prepared.json   its record; its mtime is the last use
 //! prepared/<key>.partial/              an entry being written
 //! prepared/<key>.lock                  the entry's lock
 //! ```
+//!
+//! Both kinds of entry are the same to the cache (keys, locks, eviction);
+//! [`KeyParts::layout`] tells them apart.
 //!
 //! `<key>` hashes the [`KeyParts`]: the source's name and content identity
 //! (for a download, the manifest's file names, sizes and ETags; for a local
@@ -39,6 +45,8 @@ pub use key::{local_identity, remote_identity, KeyParts};
 
 /// The prepared model inside an entry.
 pub const PREPARED_FILE: &str = "model.gguf";
+/// The weights in a backend's layout inside an entry of that kind.
+pub const LAYOUT_FILE: &str = "weights.layout";
 /// An entry's record.
 pub const RECORD_FILE: &str = ".kiln-prepared.json";
 /// A record larger than this is not one of ours.
@@ -78,9 +86,9 @@ impl PreparedEntry {
         &self.record.key
     }
 
-    /// The prepared model file.
+    /// The entry's file: the prepared model, or the weights in a layout.
     pub fn file(&self) -> PathBuf {
-        self.dir.join(PREPARED_FILE)
+        self.dir.join(self.record.parts.file_name())
     }
 }
 
@@ -152,9 +160,10 @@ impl Builder {
         &self.key
     }
 
-    /// Where to write the prepared model.
+    /// Where to write the entry's file (the prepared model, or the weights
+    /// in a layout).
     pub fn file(&self) -> PathBuf {
-        self.partial.join(PREPARED_FILE)
+        self.partial.join(self.parts.file_name())
     }
 
     /// Records the written file, publishes the entry (it is in use by this
@@ -217,6 +226,15 @@ fn keep(path: PathBuf, lock: File) {
     }
 }
 
+/// Drops this process's lock on `path`, if it keeps one: an entry it no
+/// longer uses (a lock of its own would keep it from rebuilding the entry,
+/// as two handles' locks exclude each other even in one process).
+fn release(path: &Path) {
+    if let Ok(mut held) = IN_USE.lock() {
+        held.remove(path);
+    }
+}
+
 /// The prepared-model cache of one download directory.
 #[derive(Debug, Clone)]
 pub struct PreparedCache {
@@ -258,7 +276,7 @@ impl PreparedCache {
         if record.key != key {
             return Ok(None);
         }
-        let file = dir.join(PREPARED_FILE);
+        let file = dir.join(record.parts.file_name());
         let size = std::fs::metadata(&file).map(|m| m.len());
         if size.as_ref().ok() != Some(&record.size) {
             let msg = match size {
@@ -304,6 +322,27 @@ impl PreparedCache {
             touch(&e);
             return Ok(Begin::Ready(e));
         }
+        self.builder(parts, key, lock).map(Begin::Build)
+    }
+
+    /// The right to write entry `parts` again after this process found it
+    /// corrupt and [`discard`](Self::discard)ed it, when no other process
+    /// uses or writes it now; `None` when one does (the caller goes on
+    /// without the cache rather than wait for that process to exit).
+    pub fn try_rebuild(&self, parts: &KeyParts) -> Result<Option<Builder>, PreparedError> {
+        let key = parts.key();
+        let lock_path = self.lock_path(&key);
+        release(&lock_path);
+        let Some(lock) = lock::try_exclusive(&lock_path).map_err(io_err(&lock_path))? else {
+            return Ok(None);
+        };
+        self.discard(&key)?;
+        self.builder(parts, key, lock).map(Some)
+    }
+
+    /// A fresh `.partial` directory for entry `key`, whose exclusive `lock`
+    /// the caller holds.
+    fn builder(&self, parts: &KeyParts, key: String, lock: File) -> Result<Builder, PreparedError> {
         let entry = self.dir(&key);
         let partial = entry.with_extension("partial");
         if partial.exists() {
@@ -311,13 +350,13 @@ impl PreparedCache {
             std::fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
         }
         std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
-        Ok(Begin::Build(Builder {
+        Ok(Builder {
             parts: parts.clone(),
             key,
             partial,
             entry,
             lock: Some(lock),
-        }))
+        })
     }
 
     /// The complete entry `key` under a shared lock kept for the process's
@@ -337,8 +376,10 @@ impl PreparedCache {
         Ok(Some(e))
     }
 
-    /// Removes entry `key` whatever its state (its file was found corrupt).
+    /// Removes entry `key` whatever its state (its file was found corrupt),
+    /// and lets go of this process's use of it.
     pub fn discard(&self, key: &str) -> Result<(), PreparedError> {
+        release(&self.lock_path(key));
         let dir = self.dir(key);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&dir)(e)),

@@ -15,7 +15,8 @@ pub struct Args {
 /// What to do with the cache.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
-    /// List prepared models: key, size, last use, settings, source.
+    /// List prepared models and stored weight layouts: key, size, last
+    /// use, settings (or layout), source.
     Ls,
     /// Remove one prepared model by key, or all of them (entries a running
     /// kiln process maps are kept).
@@ -47,14 +48,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     e.key(),
                     size(e.record.size),
                     age(now, e.last_used),
-                    format!("quantize={} dtype={}", p.quantize, p.dtype),
+                    match &p.layout {
+                        None => format!("quantize={} dtype={}", p.quantize, p.dtype),
+                        Some(l) => format!("layout={l}"),
+                    },
                     p.source
                 );
             }
             let total: u64 = entries.iter().map(|e| e.record.size).sum();
+            let layouts = entries.iter().filter(|e| e.record.parts.layout.is_some());
             println!(
-                "{} prepared models, {} in {}",
-                entries.len(),
+                "{} prepared models, {} weight layouts, {} in {}",
+                entries.len() - layouts.clone().count(),
+                layouts.count(),
                 size(total),
                 cache.root().display()
             );

@@ -14,7 +14,11 @@
 //! - a truncated or corrupt prepared file is an error naming the file, and
 //!   the entry is gone afterwards;
 //! - two processes starting at once on one cache convert once: the other
-//!   waits on the entry's lock and maps the first one's file.
+//!   waits on the entry's lock and maps the first one's file;
+//! - the default model's weights in the CPU layout are written by the first
+//!   `kiln serve` and mapped by the next (the same greedy answers), a
+//!   truncated or overwritten layout file is written again, and
+//!   `KILN_LAYOUT_CACHE=0` leaves the cache alone.
 
 mod sources_support;
 mod support;
@@ -70,13 +74,21 @@ fn cache_env(cache: &Path) -> Vec<(String, String)> {
     ]
 }
 
-/// The keys `kiln cache ls` lists, most recently used first.
+/// The keys of the prepared models `kiln cache ls` lists, most recently
+/// used first.
 fn ls_keys(env: &[(String, String)]) -> Vec<String> {
+    ls(env, false)
+}
+
+/// The keys of the prepared models (or, with `layouts`, of the weight
+/// layouts) `kiln cache ls` lists, most recently used first.
+fn ls(env: &[(String, String)], layouts: bool) -> Vec<String> {
     let o = kiln(&["cache", "ls"], env);
     assert!(o.status.success(), "{}", err(&o));
     out(&o)
         .lines()
         .skip(1)
+        .filter(|l| l.contains(" layout=") == layouts)
         .filter_map(|l| l.split_whitespace().next())
         .filter(|k| k.len() == 32)
         .map(String::from)
@@ -269,6 +281,9 @@ fn the_second_start_maps_the_entry_and_a_changed_source_is_a_new_key() {
     let (second, logs) = generate(&src, &q8, &env);
     assert!(mapped(&logs), "{logs}");
     assert!(logs.contains("prepared model "), "{logs}");
+    // The converted weights' CPU layout, written by the first start under
+    // the prepared file's key, is mapped too.
+    assert!(layout_mapped(&logs), "{logs}");
     assert_eq!(first, second, "the same greedy text");
     assert_eq!(ls_keys(&env).len(), 1);
 
@@ -286,7 +301,8 @@ fn the_second_start_maps_the_entry_and_a_changed_source_is_a_new_key() {
     assert!(logs.contains("is a prepared model"), "{logs}");
     assert_eq!(from_dir, first);
 
-    // Without --quantize nothing is converted and nothing cached.
+    // Without --quantize nothing is converted (only the weights' CPU
+    // layout is stored).
     let (_, logs) = generate(&src, &[], &env);
     assert!(!logs.contains("prepared model"), "{logs}");
 
@@ -473,4 +489,137 @@ fn two_processes_starting_at_once_prepare_one_entry() {
     );
     assert_eq!(out(&a), out(&b), "both answer alike");
     assert_eq!(ls_keys(&env).len(), 1);
+}
+
+/// A greedy completion from `server`'s default model.
+fn greedy(server: &Server) -> String {
+    let body = json!({"inputs": "The capital of France is", "parameters": {"max_new_tokens": 16}});
+    let r = server.post_json("/invocations", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["generated_text"]
+        .as_str()
+        .expect("text")
+        .to_string()
+}
+
+/// `kiln serve` of the default model with its prepared-model cache in
+/// `downloads` and the layout cache on; returns the greedy answer and the
+/// server's log.
+fn serve_default(downloads: &Path) -> (String, String) {
+    let server = Server::ready(Opts {
+        env: vec![
+            (
+                "SERVING_DOWNLOAD_DIR".into(),
+                downloads.display().to_string(),
+            ),
+            ("KILN_LAYOUT_CACHE".into(), "1".into()),
+        ],
+        ..Opts::default()
+    });
+    (greedy(&server), server.stderr())
+}
+
+fn layout_written(logs: &str) -> bool {
+    logs.contains("not in the cache; rearranged") && logs.contains("later starts map it")
+}
+
+fn layout_mapped(logs: &str) -> bool {
+    logs.contains("nothing rearranged") && !layout_written(logs)
+}
+
+#[test]
+fn the_second_start_of_the_default_model_maps_its_weight_layout() {
+    let downloads = tempdir("downloads-layout-");
+    let env = &[(
+        "SERVING_DOWNLOAD_DIR".to_string(),
+        downloads.display().to_string(),
+    )];
+    let (first, logs) = serve_default(&downloads);
+    assert!(layout_written(&logs), "{logs}");
+    let keys = ls(env, true);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(
+        ls_keys(env).is_empty(),
+        "no prepared model: nothing converts"
+    );
+    let key = &keys[0];
+    let file = prepared_dir(&downloads).join(key).join("weights.layout");
+    let whole = std::fs::metadata(&file).expect("the layout file").len();
+    // About the model's size (98 MB of Q4_1 and F32 norms).
+    assert!((80 << 20..130 << 20).contains(&whole), "{whole} bytes");
+    let listing = out(&kiln(&["cache", "ls"], env));
+    assert!(
+        listing.contains("layout=cpu-interleaved-16-v1"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(
+            &model_file()
+                .canonicalize()
+                .expect("path")
+                .display()
+                .to_string()
+        ),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("0 prepared models, 1 weight layouts"),
+        "{listing}"
+    );
+
+    let (second, logs) = serve_default(&downloads);
+    assert!(layout_mapped(&logs), "{logs}");
+    assert!(
+        logs.contains(&format!("weight layout {key}: mapped {}", file.display())),
+        "{logs}"
+    );
+    assert_eq!(
+        second, first,
+        "the same greedy answer from the mapped layout"
+    );
+
+    // A truncated file is found out, served around and written again.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open")
+        .set_len(whole / 2)
+        .expect("truncate");
+    let (third, logs) = serve_default(&downloads);
+    assert!(logs.contains("truncated"), "{logs}");
+    assert!(layout_written(&logs), "{logs}");
+    assert_eq!(third, first);
+    assert_eq!(std::fs::metadata(&file).expect("rewritten").len(), whole);
+
+    // So is one overwritten in place at its recorded size (its header's
+    // length no longer the file's: here, a zeroed header).
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes[..64].fill(0);
+    std::fs::write(&file, &bytes).expect("overwrite");
+    let (fourth, logs) = serve_default(&downloads);
+    assert!(logs.contains("bad magic"), "{logs}");
+    assert!(layout_written(&logs), "{logs}");
+    assert_eq!(fourth, first);
+    let (fifth, logs) = serve_default(&downloads);
+    assert!(layout_mapped(&logs), "{logs}");
+    assert_eq!(fifth, first);
+    assert_eq!(ls(env, true), keys, "the same entry throughout");
+
+    // KILN_LAYOUT_CACHE=0: every weight rearranged, the cache left alone.
+    let server = Server::ready(Opts {
+        env: vec![
+            (
+                "SERVING_DOWNLOAD_DIR".into(),
+                downloads.display().to_string(),
+            ),
+            ("KILN_LAYOUT_CACHE".into(), "0".into()),
+        ],
+        ..Opts::default()
+    });
+    assert_eq!(greedy(&server), first);
+    assert!(
+        !server.stderr().contains("weight layout"),
+        "{}",
+        server.stderr()
+    );
 }

@@ -21,6 +21,8 @@ fn bench(threads: &str) -> std::process::Output {
         .args(["--gen-tokens", "2", "--json"])
         .env_remove("RAYON_NUM_THREADS")
         .env_remove("KILN_THREADS")
+        // No weight-layout entry left in the user's cache by a test.
+        .env("KILN_LAYOUT_CACHE", "0")
         .output()
         .expect("run kiln")
 }

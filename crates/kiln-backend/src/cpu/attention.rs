@@ -37,7 +37,7 @@ pub(super) fn write_kv(
             ),
         });
     }
-    let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
+    let (kc, vc) = cache.layer_mut(layer);
     let (hd, bs) = (spec.head_dim, spec.block_size);
     for (i, &s) in slots.iter().enumerate() {
         let s = s as usize;
@@ -94,7 +94,7 @@ pub(super) fn paged_attention(
     step.validate(&spec)?;
     let group = p.n_heads / p.n_kv_heads;
     let kv_width = p.n_kv_heads * hd;
-    let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+    let (kc, vc) = cache.layer(layer);
 
     // Which sequence each token belongs to, so every (token, KV head) pair is an independent task.
     let mut seq_of = vec![0usize; step.tokens.len()];
@@ -736,8 +736,8 @@ mod tests {
             let len = (12 * bs).min(45);
             let (cache, table, _, _) = filled_cache(bs, hd, n_kv, 12, len, 3);
             let ctx = Ctx {
-                kc: &cache.k[0],
-                vc: &cache.v[0],
+                kc: cache.layer(0).0,
+                vc: cache.layer(0).1,
                 hd,
                 group,
                 kv_width: width,
@@ -807,8 +807,8 @@ mod tests {
             let len = (8 * bs).min(37);
             let (cache, table, keys, vals) = filled_cache(bs, hd, 1, 8, len, 6);
             let ctx = Ctx {
-                kc: &cache.k[0],
-                vc: &cache.v[0],
+                kc: cache.layer(0).0,
+                vc: cache.layer(0).1,
                 hd,
                 group,
                 kv_width: hd,

@@ -25,6 +25,7 @@
 
 use super::packed::NR;
 use crate::quant::GgmlType;
+use crate::HostBytes;
 
 /// The float storage formats.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -71,7 +72,9 @@ pub(crate) struct FloatPacked {
     pub fmt: FloatFormat,
     pub groups: usize,
     pub k: usize,
-    pub data: Vec<u8>,
+    /// The layout's bytes: the copy made at load, or a range of a file an
+    /// earlier start wrote them to ([`super::CpuWeight::from_laid_out`]).
+    pub data: HostBytes,
 }
 
 impl FloatPacked {
@@ -117,8 +120,15 @@ impl FloatPacked {
             fmt,
             groups,
             k,
-            data,
+            data: data.into(),
         }
+    }
+
+    /// Bytes the layout of `rows` rows of `k` elements of `fmt` takes.
+    pub fn size(fmt: FloatFormat, rows: usize, k: usize) -> Option<usize> {
+        rows.div_ceil(NR)
+            .checked_mul(k)?
+            .checked_mul(NR * fmt.size())
     }
 
     /// Element `t` of row `j`, widened to f32.

@@ -44,6 +44,7 @@ use super::actq::QuantizedRows;
 use super::blocks::{self, IntFormat, Unpacked};
 use super::matmul::QK;
 use crate::quant::{q3_k_scales, scale_min_k4, GgmlType};
+use crate::HostBytes;
 
 /// Rows per interleaved group: a 512-bit register's 16 lanes (AVX2 takes
 /// a group as two halves of eight).
@@ -203,10 +204,19 @@ pub(crate) struct PackedWeight {
     pub fmt: PackedFormat,
     pub groups: usize,
     pub blocks: usize,
-    pub data: Vec<u8>,
+    /// The layout's bytes: the copy made at load, or a range of a file an
+    /// earlier start wrote them to ([`super::CpuWeight::from_laid_out`]).
+    pub data: HostBytes,
 }
 
 impl PackedWeight {
+    /// Bytes the layout of `rows` rows of `blocks` blocks of `fmt` takes.
+    pub fn size(fmt: PackedFormat, rows: usize, blocks: usize) -> Option<usize> {
+        rows.div_ceil(NR)
+            .checked_mul(blocks)?
+            .checked_mul(fmt.chunk())
+    }
+
     /// Repacks `rows` rows of `blocks` blocks of `fmt` from the file's layout.
     /// `bytes` holds exactly those rows (checked by the caller).
     #[cfg(test)]
@@ -257,7 +267,7 @@ impl PackedWeight {
             fmt,
             groups,
             blocks,
-            data,
+            data: data.into(),
         }
     }
 

@@ -665,3 +665,64 @@ fn embedding_looks_up_rows_and_rejects_out_of_vocab_ids() {
     assert_eq!(&e.data[..64], &want[64..]);
     assert_eq!(&e.data[64..], &want[..64]);
 }
+
+/// A matrix handed back in the layout it was rearranged into (as a later
+/// start maps it from a file) computes exactly what the rearranged upload
+/// does, row lookups included; bytes of another length, or for another
+/// shape, are refused.
+#[test]
+fn laid_out_bytes_upload_back_to_the_same_products() {
+    let be = CpuBackend::new();
+    let (rows, cols, m) = (packed::NR + 5, 512, 3);
+    let x = CpuTensor::new(vec![m, cols], rand_vec(m * cols, 9)).unwrap();
+    let floats = WeightData::F32(rand_vec(rows * cols, 4));
+    let cases = [
+        (GgmlType::Q4_1, None),
+        (GgmlType::Q8_0, None),
+        (GgmlType::Q4K, None),
+        (GgmlType::Q6K, None),
+        (GgmlType::F32, Some(floats.clone())),
+        (
+            GgmlType::F16,
+            Some(floats.into_float(GgmlType::F16).unwrap()),
+        ),
+    ];
+    assert!(be.weight_layout().is_some());
+    for (ty, data) in cases {
+        let data = data.unwrap_or_else(|| WeightData::Ggml {
+            ty,
+            bytes: random_blocks(ty, rows * cols / ty.block().0, 7).into(),
+        });
+        let w = be.upload_weight(rows, cols, data).unwrap();
+        let (got_ty, laid) = be.laid_out(&w).expect("rearranged");
+        assert_eq!(got_ty, ty);
+        // A separate copy, as a file's bytes would be.
+        let copy = HostBytes::from(laid.to_vec());
+        let back = be.upload_laid_out(rows, cols, ty, copy).unwrap();
+        let (a, b) = (
+            be.linear(&x, &w, None).unwrap(),
+            be.linear(&x, &back, None).unwrap(),
+        );
+        assert_eq!(a.data.len(), m * rows);
+        for (i, (p, q)) in a.data.iter().zip(&b.data).enumerate() {
+            assert_eq!(p.to_bits(), q.to_bits(), "{ty:?} output {i}: {p} vs {q}");
+        }
+        let (mut r1, mut r2) = (vec![0f32; cols], vec![0f32; cols]);
+        w.rows_f32(rows - 1, &mut r1);
+        back.rows_f32(rows - 1, &mut r2);
+        assert_eq!(r1, r2, "{ty:?}: the last row read back");
+
+        let short = HostBytes::from(laid[..laid.len() - 1].to_vec());
+        assert!(be.upload_laid_out(rows, cols, ty, short).is_err(), "{ty:?}");
+        let err = be
+            .upload_laid_out(rows + packed::NR, cols, ty, laid.clone())
+            .expect_err("another shape");
+        assert!(
+            err.to_string().contains("bytes of cpu-interleaved"),
+            "{err}"
+        );
+    }
+    // A format without a rearranged layout.
+    let q8k = HostBytes::from(vec![0u8; 16]);
+    assert!(be.upload_laid_out(1, 256, GgmlType::Q8K, q8k).is_err());
+}

@@ -30,9 +30,18 @@ pub struct CpuWeight {
     dequant: quant::BlockDequantizer,
 }
 
+/// The name of the layouts [`CpuWeight::laid_out`] gives and
+/// [`CpuWeight::from_laid_out`] takes: the interleaved groups of
+/// [`super::packed`] and [`super::float_packed`]. Raise the version with any
+/// change to what those layouts hold, so that files an older kiln wrote are
+/// stale, never read as the new layout. Every kernel (portable, AVX2,
+/// AVX-512, AMX) reads the same bytes, so the name does not depend on the
+/// CPU.
+pub const LAYOUT: &str = "cpu-interleaved-16-v1";
+
 /// Whether block weights are repacked at load (`KILN_CPU_REPACK=0` keeps
 /// the file's layout and the per-row kernels, for comparisons).
-fn repack_enabled() -> bool {
+pub(super) fn repack_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("KILN_CPU_REPACK").map_or(true, |v| v != "0"))
 }
@@ -106,6 +115,82 @@ impl CpuWeight {
             cols,
             ty,
             bytes,
+            row_bytes,
+            packed,
+            float,
+            dequant,
+        })
+    }
+
+    /// The matrix's bytes in the layout the kernels read ([`LAYOUT`]) and
+    /// its stored format, when it was rearranged at load: what a later start
+    /// can map and hand to [`CpuWeight::from_laid_out`] instead of
+    /// rearranging again. `None` for a matrix kept in the file's layout.
+    pub fn laid_out(&self) -> Option<(GgmlType, HostBytes)> {
+        if let Some(p) = &self.packed {
+            return Some((self.ty, p.data.clone()));
+        }
+        self.float.as_ref().map(|f| (self.ty, f.data.clone()))
+    }
+
+    /// A `[rows, cols]` matrix of `ty` from `bytes` that
+    /// [`CpuWeight::laid_out`] gave for the same shape and format (usually a
+    /// range of a memory-mapped file), used as they are: nothing is copied
+    /// or rearranged. Bytes of any other length are refused; their content
+    /// is not checked, which is the caller's part (the file's key and
+    /// version).
+    pub fn from_laid_out(rows: usize, cols: usize, ty: GgmlType, bytes: HostBytes) -> Result<Self> {
+        let invalid = |msg: String| BackendError::Invalid {
+            op: "upload_weight",
+            msg,
+        };
+        let dequant = quant::block_dequantizer(ty)
+            .filter(|_| ty != GgmlType::Q8K)
+            .ok_or_else(|| invalid(format!("{ty:?} weights are not supported")))?;
+        let row_bytes = quant::row_bytes(ty, cols)
+            .ok_or_else(|| invalid(format!("{cols} columns are not whole {ty:?} blocks")))?;
+        let len = bytes.len();
+        let check = |size: Option<usize>| {
+            if size == Some(len) {
+                return Ok(());
+            }
+            Err(invalid(format!(
+                "{len} bytes of {LAYOUT} for {rows} x {cols} of {ty:?}, where it takes {size:?}"
+            )))
+        };
+        let groups = rows.div_ceil(super::packed::NR);
+        let block_fmt = PackedFormat::of(ty).filter(|_| repack_enabled());
+        let (packed, float) = match (block_fmt, FloatFormat::of(ty)) {
+            (Some(fmt), _) => {
+                let blocks = cols / ty.block().0;
+                check(PackedWeight::size(fmt, rows, blocks))?;
+                let p = PackedWeight {
+                    fmt,
+                    groups,
+                    blocks,
+                    data: bytes,
+                };
+                (Some(Arc::new(p)), None)
+            }
+            (None, Some(fmt)) => {
+                check(FloatPacked::size(fmt, rows, cols))?;
+                let f = FloatPacked {
+                    fmt,
+                    groups,
+                    k: cols,
+                    data: bytes,
+                };
+                (None, Some(Arc::new(f)))
+            }
+            (None, None) => {
+                return Err(invalid(format!("{ty:?} weights have no rearranged layout")))
+            }
+        };
+        Ok(Self {
+            rows,
+            cols,
+            ty,
+            bytes: HostBytes::from(Vec::new()),
             row_bytes,
             packed,
             float,

@@ -22,9 +22,25 @@ pub struct KeyParts {
     pub dtype: String,
     /// The artifact version of the kiln that converts.
     pub artifact_version: u32,
+    /// For an entry holding weights in a backend's own layout (see
+    /// [`crate::prepared`]): that layout's name and version, the source
+    /// being the model file those weights were read from. `None` for a
+    /// prepared model; left out of the hashed JSON then, so the keys of
+    /// prepared models are what they were before layouts were cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
 }
 
 impl KeyParts {
+    /// The name of the entry's file: [`super::PREPARED_FILE`] for a prepared
+    /// model, [`super::LAYOUT_FILE`] for weights in a backend's layout.
+    pub fn file_name(&self) -> &'static str {
+        match self.layout {
+            Some(_) => super::LAYOUT_FILE,
+            None => super::PREPARED_FILE,
+        }
+    }
+
     /// 32 hex digits of SHA-256 over the parts.
     pub fn key(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();

@@ -14,6 +14,7 @@ fn parts(source: &str, quantize: &str) -> KeyParts {
         quantize: quantize.into(),
         dtype: "auto".into(),
         artifact_version: 1,
+        layout: None,
     }
 }
 
@@ -187,4 +188,60 @@ fn a_truncated_entry_is_an_error_naming_its_file_and_is_removed() {
     assert!(e.contains("40 bytes where its record says 100"), "{e}");
     assert!(!c.root().join(&key).exists(), "removed");
     assert!(matches!(c.begin(&p).unwrap(), Begin::Build(_)));
+}
+
+#[test]
+fn a_layout_entry_has_its_own_key_and_file_and_model_keys_are_unchanged() {
+    let model = parts("/m.gguf", "none");
+    // Without a layout the hashed JSON is what it was before layouts were
+    // cached, so existing entries keep their keys.
+    let json = serde_json::to_string(&model).unwrap();
+    assert!(!json.contains("layout"), "{json}");
+    let mut layout = model.clone();
+    layout.layout = Some("cpu-interleaved-16-v1".into());
+    assert_ne!(layout.key(), model.key());
+    let mut v2 = layout.clone();
+    v2.layout = Some("cpu-interleaved-16-v2".into());
+    assert_ne!(v2.key(), layout.key(), "a new layout version is a new key");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cache(tmp.path(), None);
+    let Begin::Build(b) = c.begin(&layout).unwrap() else {
+        panic!("ready")
+    };
+    assert!(b.file().ends_with(LAYOUT_FILE));
+    std::fs::write(b.file(), b"laid out").unwrap();
+    let built = b.commit(&c).unwrap();
+    assert_eq!(built.file(), c.root().join(layout.key()).join(LAYOUT_FILE));
+    assert_eq!(built.record.size, 8);
+    let Begin::Ready(again) = c.begin(&layout).unwrap() else {
+        panic!("built twice")
+    };
+    assert_eq!(again.file(), built.file());
+}
+
+#[test]
+fn a_discarded_entry_is_rebuilt_unless_another_process_holds_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cache(tmp.path(), None);
+    let p = parts("/m", "q8_0");
+    let Begin::Build(b) = c.begin(&p).unwrap() else {
+        panic!("ready")
+    };
+    std::fs::write(b.file(), b"GGUF....").unwrap();
+    b.commit(&c).unwrap();
+    // This process uses it (a shared lock it keeps) and finds it corrupt:
+    // its own lock does not stand in the way of rebuilding.
+    c.discard(&p.key()).unwrap();
+    let rebuilt = c.try_rebuild(&p).unwrap().expect("nobody else holds it");
+    std::fs::write(rebuilt.file(), b"GGUF!!!!").unwrap();
+    rebuilt.commit(&c).unwrap();
+    assert_eq!(c.list().len(), 1);
+
+    // Another process maps it: no rebuild (and no wait for that process).
+    let held = lock::shared(&c.lock_path(&p.key())).unwrap();
+    c.discard(&p.key()).unwrap();
+    assert!(c.try_rebuild(&p).unwrap().is_none());
+    drop(held);
+    assert!(c.try_rebuild(&p).unwrap().is_some());
 }

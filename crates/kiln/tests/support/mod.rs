@@ -155,6 +155,10 @@ impl Server {
             // run neither reads what an earlier run prepared nor leaves
             // entries in the user's cache.
             .env("SERVING_DOWNLOAD_DIR", tempdir("downloads-"))
+            // Nor does each server store the default model's rearranged
+            // weights (100 MB) in that fresh directory: every start would
+            // write them once for nothing. Tests of that cache set it to 1.
+            .env("KILN_LAYOUT_CACHE", "0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in &opts.env {
