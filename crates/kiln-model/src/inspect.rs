@@ -80,12 +80,12 @@ fn from_hf(dir: &Path, config_path: &Path) -> Result<Summary> {
 }
 
 /// Bytes per parameter of a dtype name (`bf16`, `float16`, `fp32`, …).
+/// The float names are [`crate::WeightDtype`]'s table; `int8` and `fp8`
+/// are sized too, for what a deployment elsewhere would hold.
 pub fn dtype_bytes(dtype: &str) -> Option<usize> {
-    match dtype.to_ascii_lowercase().as_str() {
-        "fp32" | "float32" | "float" | "f32" => Some(4),
-        "fp16" | "float16" | "half" | "f16" | "bf16" | "bfloat16" => Some(2),
+    match dtype.trim().to_ascii_lowercase().as_str() {
         "int8" | "fp8" => Some(1),
-        _ => None,
+        name => crate::WeightDtype::parse(name).and_then(crate::WeightDtype::bytes),
     }
 }
 
@@ -124,5 +124,28 @@ mod tests {
         assert_eq!(parse_memory("123"), Some(123));
         assert_eq!(parse_memory("12 parsecs"), None);
         assert_eq!(dtype_bytes("bfloat16"), Some(2));
+    }
+
+    /// `kiln inspect --dtype` reads the same names as `--dtype` and
+    /// `option.dtype` ([`crate::WeightDtype::parse`]), sized by the type.
+    #[test]
+    fn dtype_names_are_the_load_options_table() {
+        for (name, bytes) in [
+            ("fp32", Some(4)),
+            ("F32", Some(4)),
+            ("float", Some(4)),
+            ("half", Some(2)),
+            ("f16", Some(2)),
+            ("BF16", Some(2)),
+            ("int8", Some(1)),
+            ("fp8", Some(1)),
+            ("auto", None),
+            ("fp12", None),
+        ] {
+            assert_eq!(dtype_bytes(name), bytes, "{name}");
+            if let Some(d) = crate::WeightDtype::parse(name) {
+                assert_eq!(crate::WeightDtype::parse(d.as_str()), Some(d), "{name}");
+            }
+        }
     }
 }

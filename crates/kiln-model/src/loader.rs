@@ -72,14 +72,62 @@ pub struct LoadOptions {
 /// unquantized weight to that precision at load, so a CPU run reproduces what
 /// a 16-bit deployment of the same checkpoint computes. Quantized GGUF
 /// weights are kept as they are.
+///
+/// Its names are the one table that `--dtype`, `option.dtype` and `kiln
+/// inspect` read ([`WeightDtype::parse`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WeightDtype {
     /// As stored in the checkpoint.
     #[default]
     Auto,
+    /// 32-bit float (`fp32`, also `f32`, `float32`, `float`).
     F32,
+    /// 16-bit float (`fp16`, also `f16`, `float16`, `half`).
     F16,
+    /// bfloat16 (`bf16`, also `bfloat16`).
     Bf16,
+}
+
+impl WeightDtype {
+    /// The canonical spellings, as listed in errors.
+    pub const ALLOWED: &'static str = "auto, fp32, fp16, bf16";
+
+    /// Parses a name case-insensitively: DJL's (`fp16`), PyTorch's
+    /// (`float16`, `half`) and GGUF's (`f16`) spellings alike.
+    pub fn parse(name: &str) -> Option<WeightDtype> {
+        Some(match name.trim().to_ascii_lowercase().as_str() {
+            "auto" => WeightDtype::Auto,
+            "fp32" | "f32" | "float32" | "float" => WeightDtype::F32,
+            "fp16" | "f16" | "float16" | "half" => WeightDtype::F16,
+            "bf16" | "bfloat16" => WeightDtype::Bf16,
+            _ => return None,
+        })
+    }
+
+    /// The canonical (DJL) spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightDtype::Auto => "auto",
+            WeightDtype::F32 => "fp32",
+            WeightDtype::F16 => "fp16",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per value; `None` for `auto` (the checkpoint decides).
+    pub fn bytes(self) -> Option<usize> {
+        match self {
+            WeightDtype::Auto => None,
+            WeightDtype::F32 => Some(4),
+            WeightDtype::F16 | WeightDtype::Bf16 => Some(2),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A model ready to run: the decoder plus the text side around it.

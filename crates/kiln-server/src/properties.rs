@@ -340,51 +340,9 @@ impl fmt::Display for Engine {
     }
 }
 
-/// `option.dtype`: the data type for the weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Dtype {
-    /// Use the checkpoint's own type (the default).
-    #[default]
-    Auto,
-    /// 32-bit float (`fp32`, also `float32`, `float`).
-    Fp32,
-    /// 16-bit float (`fp16`, also `float16`, `half`).
-    Fp16,
-    /// bfloat16 (`bf16`, also `bfloat16`).
-    Bf16,
-}
-
-impl Dtype {
-    /// The accepted spellings, as listed in errors.
-    pub const ALLOWED: &'static str = "auto, fp32, fp16, bf16";
-
-    /// Parses a value case-insensitively, aliases included.
-    pub fn parse(value: &str) -> Option<Dtype> {
-        Some(match value.to_ascii_lowercase().as_str() {
-            "auto" => Dtype::Auto,
-            "fp32" | "float32" | "float" => Dtype::Fp32,
-            "fp16" | "float16" | "half" => Dtype::Fp16,
-            "bf16" | "bfloat16" => Dtype::Bf16,
-            _ => return None,
-        })
-    }
-
-    /// The canonical (DJL) spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dtype::Auto => "auto",
-            Dtype::Fp32 => "fp32",
-            Dtype::Fp16 => "fp16",
-            Dtype::Bf16 => "bf16",
-        }
-    }
-}
-
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// `option.dtype`: the data type for the weights. The same type, and the
+/// same table of names, as the CLI's `--dtype` and `kiln inspect` use.
+pub use kiln_model::WeightDtype as Dtype;
 
 /// `option.rolling_batch`: which continuous-batching library DJL uses. Every
 /// value runs on kiln's own continuous-batching engine.

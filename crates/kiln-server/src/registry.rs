@@ -14,11 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::StatusCode;
 use kiln_engine::{launch, Engine, EngineConfig, KvCapacity};
-use kiln_model::{LoadOptions, WeightDtype};
+use kiln_model::LoadOptions;
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::properties::{Dtype, ModelLocation, ModelProperties, OutputFormatter};
+use crate::properties::{ModelLocation, ModelProperties, OutputFormatter};
 
 /// Where a model is in its life.
 #[derive(Clone)]
@@ -663,12 +663,7 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     let p = entry.properties.clone().unwrap_or_default();
     let opts = LoadOptions {
         max_positions: p.max_model_len,
-        dtype: match p.dtype {
-            Dtype::Auto => WeightDtype::Auto,
-            Dtype::Fp32 => WeightDtype::F32,
-            Dtype::Fp16 => WeightDtype::F16,
-            Dtype::Bf16 => WeightDtype::Bf16,
-        },
+        dtype: p.dtype,
         quantize: p.quantize,
     };
     let device = p.device.unwrap_or(defaults.device);

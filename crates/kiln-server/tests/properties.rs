@@ -88,7 +88,7 @@ fn reference_deployment_file() {
     );
     assert_eq!(p.max_model_len, Some(512));
     assert_eq!(p.rolling_batch, RollingBatch::Auto);
-    assert_eq!(p.dtype, Dtype::Fp16);
+    assert_eq!(p.dtype, Dtype::F16);
     assert_eq!(p.model_loading_timeout, Duration::from_secs(1500));
     assert_eq!(p.batch_size, 4);
     assert_eq!(p.max_batch_delay, Duration::from_millis(100));
@@ -195,14 +195,19 @@ fn load_accepts_latin1_files() {
 fn dtype_values() {
     for (value, dtype) in [
         ("auto", Dtype::Auto),
-        ("fp32", Dtype::Fp32),
-        ("float32", Dtype::Fp32),
-        ("fp16", Dtype::Fp16),
-        ("FP16", Dtype::Fp16),
-        ("float16", Dtype::Fp16),
-        ("half", Dtype::Fp16),
+        ("fp32", Dtype::F32),
+        ("float32", Dtype::F32),
+        ("fp16", Dtype::F16),
+        ("FP16", Dtype::F16),
+        ("float16", Dtype::F16),
+        ("half", Dtype::F16),
         ("bf16", Dtype::Bf16),
         ("bfloat16", Dtype::Bf16),
+        // The CLI's spellings: one table serves --dtype, option.dtype and
+        // kiln inspect.
+        ("f16", Dtype::F16),
+        ("f32", Dtype::F32),
+        ("float", Dtype::F32),
     ] {
         assert_eq!(
             parse(&format!("option.dtype={value}")).dtype,
@@ -637,7 +642,7 @@ fn continuation_lines_and_escapes() {
         p.model_source,
         ModelSource::LocalPath(PathBuf::from("/opt/ml/models/opt-13b"))
     );
-    assert_eq!(p.dtype, Dtype::Fp16);
+    assert_eq!(p.dtype, Dtype::F16);
     assert_eq!(p.revision.as_deref(), Some("main"));
     let origin = &p.raw.entry("option.dtype").expect("set").origin;
     assert_eq!(

@@ -57,15 +57,12 @@ fn parse_quantize(value: &str) -> Result<kiln_backend::GgmlType, String> {
 
 /// Clap's parser for `--dtype`, with `option.dtype`'s names.
 pub fn parse_dtype(value: &str) -> Result<WeightDtype, String> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "auto" => Ok(WeightDtype::Auto),
-        "fp32" | "f32" | "float32" => Ok(WeightDtype::F32),
-        "fp16" | "f16" | "float16" => Ok(WeightDtype::F16),
-        "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
-        other => Err(format!(
-            "'{other}' is not a dtype kiln knows; use auto, fp32, fp16 or bf16"
-        )),
-    }
+    WeightDtype::parse(value).ok_or_else(|| {
+        format!(
+            "'{value}' is not a dtype kiln knows; use one of {}",
+            WeightDtype::ALLOWED
+        )
+    })
 }
 
 impl ModelArgs {
