@@ -76,21 +76,21 @@ pub async fn submit_all(
     prompt_logprobs: bool,
 ) -> Result<Vec<RequestStream>, ApiError> {
     let mut compiled: Vec<(&Constraint, Compiled)> = Vec::new();
-    for c in jobs.iter().filter_map(|(_, p)| p.constraint.as_ref()) {
-        if !compiled.iter().any(|(k, _)| *k == c) {
-            compiled.push((c, crate::cpu::compile(engine, c).await?));
-        }
+    let mut guides: Vec<Option<Compiled>> = Vec::with_capacity(jobs.len());
+    for c in jobs.iter().map(|(_, p)| p.constraint.as_ref()) {
+        let guide = match c {
+            None => None,
+            Some(c) => match compiled.iter().find(|(k, _)| *k == c) {
+                Some((_, g)) => Some(g.clone()),
+                None => {
+                    let g = crate::cpu::compile(engine, c).await?;
+                    compiled.push((c, g.clone()));
+                    Some(g)
+                }
+            },
+        };
+        guides.push(guide);
     }
-    let guides: Vec<Option<Compiled>> = jobs
-        .iter()
-        .map(|(_, p)| {
-            let c = p.constraint.as_ref()?;
-            compiled
-                .iter()
-                .find(|(k, _)| *k == c)
-                .map(|(_, g)| g.clone())
-        })
-        .collect();
     jobs.into_iter()
         .zip(guides)
         .map(|((prompt, p), g)| submit_with(engine, prompt, &p, timeout, prompt_logprobs, g))

@@ -74,16 +74,21 @@ pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
             "ready": ready,
             "not_ready": not_ready,
         });
-        if !loading.is_empty() {
-            body["loading"] = json!(loading);
-        }
+        note_loading(&mut body, &loading);
         return unavailable(body);
     }
     let mut body = json!({"status": "Ready", "ready": ready});
+    note_loading(&mut body, &loading);
+    Json(body).into_response()
+}
+
+/// Names, under `loading`, the models still loading that keep nothing out
+/// of service (those registered through `POST /models`), when there are any:
+/// in `/health/ready` and `/ping` alike.
+pub(crate) fn note_loading(body: &mut Value, loading: &[String]) {
     if !loading.is_empty() {
         body["loading"] = json!(loading);
     }
-    Json(body).into_response()
 }
 
 /// The models that can serve, those that cannot with their state and

@@ -209,15 +209,11 @@ pub async fn ping(State(st): State<Arc<AppState>>) -> Response {
     }
     if ready == 0 && !failed.is_empty() {
         let mut body = json!({"status": "Unhealthy", "failed": failed});
-        if !loading.is_empty() {
-            body["loading"] = json!(loading);
-        }
+        crate::health::note_loading(&mut body, &loading);
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
     }
     let mut body = json!({"status": "Healthy"});
-    if !loading.is_empty() {
-        body["loading"] = json!(loading);
-    }
+    crate::health::note_loading(&mut body, &loading);
     if !failed.is_empty() {
         body["failed"] = Value::Object(failed);
     }

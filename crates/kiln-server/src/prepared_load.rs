@@ -195,9 +195,7 @@ pub fn load_model<B: Backend>(
             // The converted weights, as the backend rearranges them, are
             // what a later start's load of the prepared file rearranges:
             // kept, and stored under that file's key once it exists.
-            let layout = backend
-                .weight_layout()
-                .filter(|_| layout_cache_enabled())
+            let layout = cached_layout(backend)
                 .map(|name| (name, Layouts::Record(LayoutRecorder::default())));
             let record = layout.as_ref().map_or(&Layouts::Off, |(_, l)| l);
             let (model, bytes) =
@@ -224,10 +222,12 @@ pub fn load_model<B: Backend>(
     }
 }
 
-/// Whether weights in a backend's layout go through the prepared-model
-/// cache (`KILN_LAYOUT_CACHE=0` turns it off: every start rearranges them).
-fn layout_cache_enabled() -> bool {
-    std::env::var("KILN_LAYOUT_CACHE").map_or(true, |v| v.trim() != "0")
+/// The layout `backend` rearranges weights into, when weights in it go
+/// through the prepared-model cache (`KILN_LAYOUT_CACHE=0` turns that off:
+/// every start rearranges them).
+fn cached_layout<B: Backend>(backend: &B) -> Option<&'static str> {
+    let enabled = std::env::var("KILN_LAYOUT_CACHE").map_or(true, |v| v.trim() != "0");
+    backend.weight_layout().filter(|_| enabled)
 }
 
 /// The cache key of the weights read from `file` with `settings`, in the
@@ -320,7 +320,7 @@ fn with_layouts<B: Backend>(
     settings: &Settings,
     load: impl FnOnce(&Layouts) -> Result<LoadedModel<B>, ModelError>,
 ) -> Result<LoadedModel<B>, ModelError> {
-    let Some(layout) = backend.weight_layout().filter(|_| layout_cache_enabled()) else {
+    let Some(layout) = cached_layout(backend) else {
         return load(&Layouts::Off);
     };
     let Some(parts) = layout_parts(file, settings, layout) else {

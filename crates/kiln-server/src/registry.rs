@@ -699,11 +699,7 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         .map_err(|e| e.to_string())?;
     let mut cfg = EngineConfig {
         max_running: p.max_rolling_batch_size,
-        // Bounded where it is read; kept bounded here too, since the engine
-        // adds the two to size its admission limit.
-        max_waiting: settings
-            .job_queue_size
-            .min(crate::properties::MAX_JOB_QUEUE_SIZE),
+        max_waiting: settings.job_queue_size,
         kv_capacity: KvCapacity::Bytes(defaults.kv_cache_bytes),
         ..EngineConfig::default()
     };

@@ -194,15 +194,12 @@ impl Sessions {
                     .saturating_add(self.options.expiration_s);
                 let expires = kiln_model::chat::format_utc(expires_at, "%Y-%m-%dT%H:%M:%SZ");
                 tracing::info!(session = %id, "session created");
-                let header = HeaderValue::from_str(&format!("{id}; Expires={expires}"))
-                    .map_err(|e| ApiError::bad_request(format!("Failed to create session: {e}")))?;
-                let mut resp =
-                    axum::Json(json!({"result": format!("Session {id} created")})).into_response();
-                resp.headers_mut().insert(
-                    HeaderName::from_static("x-amzn-sagemaker-session-id"),
-                    header,
-                );
-                Ok(resp)
+                answer_with_header(
+                    format!("Session {id} created"),
+                    SESSION_HEADER,
+                    &format!("{id}; Expires={expires}"),
+                    "Failed to create session",
+                )
             }
             SessionRequest::Close => {
                 let id = headers
@@ -225,18 +222,33 @@ impl Sessions {
                     )));
                 }
                 tracing::info!(session = %id, "session closed");
-                let header = HeaderValue::from_str(&id)
-                    .map_err(|e| ApiError::bad_request(format!("Failed to close session: {e}")))?;
-                let mut resp =
-                    axum::Json(json!({"result": format!("Session {id} closed")})).into_response();
-                resp.headers_mut().insert(
-                    HeaderName::from_static("x-amzn-sagemaker-closed-session-id"),
-                    header,
-                );
-                Ok(resp)
+                answer_with_header(
+                    format!("Session {id} closed"),
+                    CLOSED_SESSION_HEADER,
+                    &id,
+                    "Failed to close session",
+                )
             }
         }
     }
+}
+
+/// A session request's answer: `{"result": result}` with the header
+/// `name: value` (`failed`: how the error begins if `value` cannot be a
+/// header).
+fn answer_with_header(
+    result: String,
+    name: &'static str,
+    value: &str,
+    failed: &str,
+) -> Result<Response, ApiError> {
+    let bad = |e: &dyn std::fmt::Display| ApiError::bad_request(format!("{failed}: {e}"));
+    // `from_bytes` lower-cases the header's (constant) name.
+    let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(&e))?;
+    let value = HeaderValue::from_str(value).map_err(|e| bad(&e))?;
+    let mut resp = axum::Json(json!({ "result": result })).into_response();
+    resp.headers_mut().insert(name, value);
+    Ok(resp)
 }
 
 /// The session id a header carries: a UUID (36 characters of hex digits

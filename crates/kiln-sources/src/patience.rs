@@ -97,7 +97,7 @@ impl Patience {
 
     /// The wait before further try `n` (from 1): doubling from a quarter
     /// of a second, at most 8 s.
-    pub(crate) fn backoff(&self, n: u32) -> Duration {
+    fn backoff(&self, n: u32) -> Duration {
         FIRST_BACKOFF
             .saturating_mul(1 << n.saturating_sub(1).min(16))
             .min(MAX_BACKOFF)
@@ -138,26 +138,37 @@ impl Patience {
                 Err(Failure::Final(m)) => return Err(SourceError::remote(url, what, m)),
                 Err(Failure::Transient(m)) => {
                     tries += 1;
-                    if tries > self.retries {
-                        return Err(SourceError::remote(url, what, self.gave_up(&m, tries)));
-                    }
-                    let wait = self.backoff(tries);
-                    tracing::warn!(
-                        "{url}: {what}: {m}; trying again in {wait:?} ({tries} of {RETRIES_VAR}={})",
-                        self.retries
-                    );
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(self.next_try(url, what, &m, tries, "")?).await;
                 }
             }
         }
     }
 
-    /// The message of a transient failure after the last of `tries` tries.
-    pub(crate) fn gave_up(&self, message: &str, tries: u32) -> String {
-        match tries {
-            1 => format!("{message} (tried once; {RETRIES_VAR}=0)"),
-            n => format!("{message} (tried {n} times; see {RETRIES_VAR})"),
+    /// After transient failure number `tries` (from 1) of `what`: the
+    /// error that gives up when no try is left, else the wait before the
+    /// next one, logged (`how` says how it is tried, e.g. " from what
+    /// arrived").
+    pub(crate) fn next_try(
+        &self,
+        url: &str,
+        what: &str,
+        message: &str,
+        tries: u32,
+        how: &str,
+    ) -> Result<Duration, SourceError> {
+        if tries > self.retries {
+            let message = match tries {
+                1 => format!("{message} (tried once; {RETRIES_VAR}=0)"),
+                n => format!("{message} (tried {n} times; see {RETRIES_VAR})"),
+            };
+            return Err(SourceError::remote(url, what, message));
         }
+        let wait = self.backoff(tries);
+        tracing::warn!(
+            "{url}: {what}: {message}; trying again{how} in {wait:?} ({tries} of {RETRIES_VAR}={})",
+            self.retries
+        );
+        Ok(wait)
     }
 }
 

@@ -153,16 +153,7 @@ async fn download_one(
             Fetch::Broken(failure) => {
                 broken += 1;
                 let what = format!("downloading {}", file.name);
-                if broken > patience.retries {
-                    let message = patience.gave_up(&failure, broken);
-                    return Err(SourceError::remote(url, what, message));
-                }
-                let wait = patience.backoff(broken);
-                tracing::warn!(
-                    "{url}: {what}: {failure}; trying again from what arrived in {wait:?} ({broken} of {}={})",
-                    crate::RETRIES_VAR,
-                    patience.retries
-                );
+                let wait = patience.next_try(url, &what, &failure, broken, " from what arrived")?;
                 tokio::time::sleep(wait).await;
                 offset = resume_point();
             }
