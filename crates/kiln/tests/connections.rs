@@ -406,20 +406,35 @@ fn over_the_cap_with_every_connection_busy_the_refusal_is_a_json_503_not_a_reset
         "60",
     ]));
     // Two requests in progress: their bodies are still coming.
-    let busy: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let mut c = connect(&s);
-            c.write_all(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
-            )
-            .unwrap();
-            c
-        })
-        .collect();
-    // Until the server has parsed both heads, they look idle and the first
-    // new connection would shed one: give a loaded machine time for that
+    let open_busy = || {
+        let mut c = connect(&s);
+        c.write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .unwrap();
+        c
+    };
+    let mut busy: Vec<TcpStream> = (0..2).map(|_| open_busy()).collect();
+    // A connection whose head is not parsed yet counts as idle, and the
+    // readiness probe's connection (closed by the client, not yet noticed by
+    // the server) may have become idle after it: the server then sheds the
+    // fresh one. Open again any that was shed, until both are in progress
     // (a connection waiting for its body is never shed, however long).
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut settled = false;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        settled = true;
+        for c in busy.iter_mut() {
+            if closed_by_server(c) {
+                *c = open_busy();
+                settled = false;
+            }
+        }
+        if settled {
+            break;
+        }
+    }
+    assert!(settled, "the two busy connections kept being shed");
     // A reset would come back as an error (or a cut answer) here.
     for i in 0..20 {
         let mut c = connect(&s);
@@ -436,6 +451,15 @@ fn over_the_cap_with_every_connection_busy_the_refusal_is_a_json_503_not_a_reset
         assert_eq!(json_body(&text)["code"], 503, "{text}");
     }
     drop(busy);
+}
+
+/// Whether the server has closed (or answered on) `c`, without waiting.
+fn closed_by_server(c: &TcpStream) -> bool {
+    c.set_nonblocking(true).expect("non-blocking");
+    let mut b = [0u8; 1];
+    let r = c.peek(&mut b);
+    c.set_nonblocking(false).expect("blocking");
+    !matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// A server of the default model (its answers can be large) with `extra`
