@@ -56,6 +56,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use crate::body::BodyTimeout;
 use crate::error::ApiError;
 use crate::management::Listener;
 
@@ -701,11 +702,6 @@ impl http_body::Body for Guarded {
         self.inner.size_hint()
     }
 }
-
-/// The error a request body gets when it takes longer than the body timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body did not arrive within {} s (--body-read-timeout)", .0.as_secs_f64())]
-pub struct BodyTimeout(pub Duration);
 
 /// A request body that fails with [`BodyTimeout`] once its deadline passes.
 struct TimedBody {

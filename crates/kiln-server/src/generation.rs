@@ -1,31 +1,14 @@
-//! What the DJL and OpenAI routes share: turning validated parameters into an
-//! engine request, and reading a request's events to the end.
+//! What the DJL and OpenAI routes share: submitting the funnel's requests
+//! ([`crate::funnel`]) to the engine, and reading a request's events to the
+//! end.
 
 use std::time::{Duration, Instant};
 
 use kiln_engine::{
-    Compiled, Constraint, Engine, Event, FinishReason, Request, RequestStream, SamplingParams,
-    StopConditions, TokenOutput, Usage,
+    Compiled, Constraint, Engine, Event, FinishReason, Request, RequestStream, TokenOutput, Usage,
 };
 
 use crate::error::ApiError;
-
-/// Generation parameters common to every API, already validated.
-#[derive(Debug, Clone)]
-pub struct GenParams {
-    pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop_strings: Vec<String>,
-    pub stop_token_ids: Vec<u32>,
-    /// Prompt + output limit (the reference's `seq_length`).
-    pub max_total_tokens: Option<usize>,
-    pub ignore_eos: bool,
-    /// What the output must match (`response_format`, `guided_*`, …).
-    pub constraint: Option<Constraint>,
-    /// Special tokens are left out of the text (kept only where a tool-call
-    /// syntax is one, Mistral's `[TOOL_CALLS]`).
-    pub skip_special_tokens: bool,
-}
 
 /// Tokenizes a text prompt (adding the tokenizer's BOS where it does).
 pub fn encode(engine: &Engine, text: &str, add_special: bool) -> Result<Vec<u32>, ApiError> {
@@ -35,49 +18,36 @@ pub fn encode(engine: &Engine, text: &str, add_special: bool) -> Result<Vec<u32>
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the input: {e}")))
 }
 
-/// Submits one prompt, asking with `prompt_logprobs` for the log-probability
-/// of each prompt token (DJL's `decoder_input_details`), which costs the
-/// engine a logits row per prompt token and so is computed only when asked.
-/// `guide` is `p.constraint` compiled (see [`crate::cpu::compile`]).
+/// Submits one request with its deadline (`timeout` from now), asking
+/// with `prompt_logprobs` for the log-probability of each prompt token
+/// (DJL's `decoder_input_details`), which costs the engine a logits row per
+/// prompt token and so is computed only when asked. `guide` is
+/// `req.constraint` compiled (see [`crate::cpu::compile`]).
 fn submit_with(
     engine: &Engine,
-    prompt: Vec<u32>,
-    p: &GenParams,
+    mut req: Request,
     timeout: Duration,
     prompt_logprobs: bool,
     guide: Option<Compiled>,
 ) -> Result<RequestStream, ApiError> {
-    let req = Request {
-        prompt_logprobs,
-        prompt,
-        sampling: p.sampling.clone(),
-        stop: StopConditions {
-            max_new_tokens: p.max_new_tokens,
-            max_total_tokens: p.max_total_tokens,
-            stop_strings: p.stop_strings.clone(),
-            stop_token_ids: p.stop_token_ids.clone(),
-            ignore_eos: p.ignore_eos,
-            deadline: Some(Instant::now() + timeout),
-        },
-        skip_special_tokens: p.skip_special_tokens,
-        constraint: p.constraint.clone(),
-    };
+    req.stop.deadline = Some(Instant::now() + timeout);
+    req.prompt_logprobs = prompt_logprobs;
     Ok(engine.submit_compiled(req, guide)?)
 }
 
-/// Submits one request per `(prompt, parameters)`, in order. Constraints
+/// Submits `jobs` (the funnel's requests, each with its prompt), in order. Constraints
 /// are compiled first, each distinct one once, on the compile pool and
 /// within its limits ([`crate::cpu::compile`]), so that a costly grammar
 /// never holds the threads that answer HTTP or the tokenization pool.
 pub async fn submit_all(
     engine: &Engine,
-    jobs: Vec<(Vec<u32>, GenParams)>,
+    jobs: Vec<Request>,
     timeout: Duration,
     prompt_logprobs: bool,
 ) -> Result<Vec<RequestStream>, ApiError> {
     let mut compiled: Vec<(&Constraint, Compiled)> = Vec::new();
     let mut guides: Vec<Option<Compiled>> = Vec::with_capacity(jobs.len());
-    for c in jobs.iter().map(|(_, p)| p.constraint.as_ref()) {
+    for c in jobs.iter().map(|r| r.constraint.as_ref()) {
         let guide = match c {
             None => None,
             Some(c) => match compiled.iter().find(|(k, _)| *k == c) {
@@ -93,7 +63,7 @@ pub async fn submit_all(
     }
     jobs.into_iter()
         .zip(guides)
-        .map(|((prompt, p), g)| submit_with(engine, prompt, &p, timeout, prompt_logprobs, g))
+        .map(|(r, g)| submit_with(engine, r, timeout, prompt_logprobs, g))
         .collect()
 }
 

@@ -17,15 +17,17 @@
 //! events become response bytes.
 
 pub mod access;
+pub mod body;
 pub mod conn;
 pub mod constraints;
 pub mod cpu;
+pub mod dialect;
 pub mod djl_status;
 pub mod error;
+pub mod funnel;
 pub mod generation;
 pub mod health;
 pub mod lmi;
-pub(crate) mod lmi_chat;
 pub(crate) mod lmi_outputs;
 pub(crate) mod lmi_stream;
 pub mod management;

@@ -12,8 +12,8 @@ use kiln_engine::{Event, FinishReason, TokenOutput};
 use serde_json::{json, Value};
 
 use crate::access::AccessRecord;
+use crate::dialect::lmi::{details_json, token_json, LmiRequest};
 use crate::generation::Events;
-use crate::lmi::{details_json, token_json, LmiRequest};
 
 /// State of a streamed response between chunks.
 struct StreamState {
@@ -64,7 +64,7 @@ impl StreamState {
                     line["details"] = json!({"finish_reason": reason.as_str()});
                 }
                 if line.get("token").is_none() {
-                    let mut token = crate::lmi::lp_token(-1, "", json!(-1.0));
+                    let mut token = crate::dialect::lmi::lp_token(-1, "", json!(-1.0));
                     token["special_token"] = json!(true);
                     token["error_msg"] = json!(message);
                     line["token"] = token;

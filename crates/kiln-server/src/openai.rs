@@ -13,23 +13,22 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::future::join_all;
-use kiln_engine::{Engine, Event, FinishReason, SamplingParams, TokenOutput, Usage};
-use kiln_model::chat::ChatMessage;
+use kiln_engine::{Engine, Event, FinishReason, Request, TokenOutput, Usage};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::access::AccessRecord;
+use crate::dialect::openai::{chat_messages, common, completion_options, Common};
 use crate::error::ApiError;
-use crate::generation::{self, GenParams};
+use crate::funnel::{with_prompt, MAX_TOP_LOGPROBS};
+use crate::generation;
 use crate::params::Fields;
-use crate::prompts::{self, Prompt, PromptInput};
+use crate::prompts::{self, Prompt};
 use crate::state::AppState;
 
+pub(crate) use crate::dialect::openai::Api;
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-/// Most choices (`n`) per request.
-const MAX_N: u64 = 16;
-/// Most tokens per completion.
-const MAX_TOKENS: u64 = 1 << 20;
 
 fn now() -> u64 {
     SystemTime::now()
@@ -70,92 +69,13 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Response {
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// What both endpoints parse from the body before the prompt.
-struct Common {
-    model: String,
-    n: usize,
-    stream: bool,
-    include_usage: bool,
-    /// The client gave `max_tokens` (or `max_completion_tokens`).
-    explicit_max_tokens: bool,
-    params: GenParams,
-}
-
-fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, ApiError> {
-    // Empty when absent: `run` then picks the only model served.
-    let model = f.str("model")?.unwrap_or_default().to_string();
-    let n = f.uint("n", MAX_N)?.unwrap_or(1) as usize;
-    if n == 0 {
-        return Err(ApiError::bad_request("'n' must be at least 1"));
-    }
-    let max_tokens = match f.uint("max_completion_tokens", MAX_TOKENS)? {
-        Some(m) => Some(m),
-        None => f.uint("max_tokens", MAX_TOKENS)?,
-    };
-    let max_new_tokens = max_tokens.map_or(default_max_tokens, |m| m as usize);
-    if max_new_tokens == 0 {
-        return Err(ApiError::bad_request("'max_tokens' must be at least 1"));
-    }
-    let top_p = f.float("top_p", 0.0, 1.0)?.unwrap_or(1.0);
-    if top_p == 0.0 {
-        return Err(ApiError::bad_request("'top_p' must be greater than 0"));
-    }
-    let stream_options = f
-        .get("stream_options")
-        .map(|v| Fields::new(v, "stream_options"))
-        .transpose()?;
-    let include_usage = stream_options
-        .map(|o| o.bool("include_usage"))
-        .transpose()?
-        .flatten()
-        .unwrap_or(false);
-    let stop = f.strings("stop")?;
-    if stop.len() > 16 {
-        return Err(ApiError::bad_request("'stop' takes at most 16 sequences"));
-    }
-    Ok(Common {
-        model,
-        n,
-        stream: f.bool("stream")?.unwrap_or(false),
-        include_usage,
-        explicit_max_tokens: max_tokens.is_some(),
-        params: GenParams {
-            max_new_tokens,
-            sampling: SamplingParams {
-                // OpenAI samples at temperature 1 unless told otherwise.
-                temperature: f.float("temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32,
-                top_p: top_p as f32,
-                top_k: f.uint("top_k", u32::MAX as u64)?.unwrap_or(0) as usize,
-                min_p: f.float("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32,
-                presence_penalty: f.float("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
-                frequency_penalty: f.float("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
-                repetition_penalty: f.float("repetition_penalty", 1e-3, 100.0)?.unwrap_or(1.0)
-                    as f32,
-                seed: f.uint("seed", u64::MAX)?,
-                top_logprobs: 0,
-            },
-            stop_strings: stop,
-            stop_token_ids: f.ids("stop_token_ids")?,
-            max_total_tokens: None,
-            ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
-            constraint: crate::constraints::parse(f)?,
-            skip_special_tokens: true,
-        },
-    })
-}
-
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let body = body.map_err(crate::lmi::body_error)?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
-}
-
 /// `n` copies of a prompt to submit (seeds `seed`, `seed + 1`, … when given).
-fn copies(prompt: &[u32], c: &Common) -> Vec<(Vec<u32>, GenParams)> {
+fn copies(prompt: &[u32], c: &Common) -> Vec<Request> {
     (0..c.n)
         .map(|i| {
-            let mut p = c.params.clone();
-            p.sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(i as u64));
-            (prompt.to_vec(), p)
+            let mut r = with_prompt(&c.params, prompt.to_vec());
+            r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            r
         })
         .collect()
 }
@@ -163,13 +83,6 @@ fn copies(prompt: &[u32], c: &Common) -> Vec<(Vec<u32>, GenParams)> {
 /// The model's text for one token id (for log-probability listings).
 fn token_text(engine: &Engine, id: u32) -> String {
     engine.tokenizer().decode(&[id], false).unwrap_or_default()
-}
-
-/// Which API a request came in on.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Api {
-    Completions,
-    Chat,
 }
 
 /// `POST /v1/completions`.
@@ -194,43 +107,6 @@ pub async fn chat_completions(
         .unwrap_or_else(|e| e.openai().into_response())
 }
 
-/// Most choices one completions request may ask for (prompts times `n`).
-const MAX_CHOICES: usize = 256;
-
-/// What `/v1/completions` reads besides the common fields: the prompts'
-/// shape, `echo`, and the fields kiln refuses rather than ignores.
-fn completion_options(f: &Fields, n: usize) -> Result<(PromptInput, bool), ApiError> {
-    match f.get("suffix") {
-        None => {}
-        Some(Value::String(s)) if s.is_empty() => {}
-        Some(Value::String(_)) => {
-            return Err(ApiError::bad_request(
-                "'suffix' (insertion between a prompt and a suffix) is not supported",
-            ))
-        }
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "'suffix' must be a string, got {other}"
-            )))
-        }
-    }
-    let echo = f.bool("echo")?.unwrap_or(false);
-    if echo && f.has("logprobs") && f.bool("stream")?.unwrap_or(false) {
-        return Err(ApiError::bad_request(
-            "'echo' with 'logprobs' is answered whole, not streamed; leave out 'stream'",
-        ));
-    }
-    let input = prompts::parse(f.get("prompt"))?;
-    if input.len() * n > MAX_CHOICES {
-        return Err(ApiError::bad_request(format!(
-            "{} prompts with n={n} make {} choices; at most {MAX_CHOICES} are taken in one request",
-            input.len(),
-            input.len() * n
-        )));
-    }
-    Ok((input, echo))
-}
-
 /// The messages of a chat request (and its tools), rendered with the
 /// model's template.
 fn chat_prompt(engine: &Engine, f: &Fields, tools: Option<&[Value]>) -> Result<Prompt, ApiError> {
@@ -248,56 +124,6 @@ fn chat_prompt(engine: &Engine, f: &Fields, tools: Option<&[Value]>) -> Result<P
     })
 }
 
-/// The messages of a chat request, checked (also read by `/tokenize`).
-pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
-    let msgs = match f.get("messages") {
-        Some(Value::Array(m)) if !m.is_empty() => m,
-        Some(_) => return Err(ApiError::bad_request("'messages' must be a non-empty list")),
-        None => return Err(ApiError::bad_request("'messages' is required")),
-    };
-    let mut messages = Vec::with_capacity(msgs.len());
-    for (i, m) in msgs.iter().enumerate() {
-        let mf = Fields::new(m, "messages[]")?;
-        let role = mf
-            .str("role")?
-            .ok_or_else(|| ApiError::bad_request(format!("messages[{i}] has no 'role'")))?;
-        let content = match mf.get("content") {
-            // vLLM renders a null content (an assistant turn that only
-            // calls tools) as "" (Qwen3's template needs a string).
-            None => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    match (
-                        p.get("type").and_then(Value::as_str),
-                        p.get("text").and_then(Value::as_str),
-                    ) {
-                        (Some("text"), Some(t)) => text.push_str(t),
-                        _ => {
-                            return Err(ApiError::bad_request(format!(
-                                "messages[{i}]: only text content parts are supported"
-                            )))
-                        }
-                    }
-                }
-                text
-            }
-            Some(other) => {
-                return Err(ApiError::bad_request(format!(
-                    "messages[{i}].content must be a string or a list of text parts, got {other}"
-                )))
-            }
-        };
-        let mut msg = ChatMessage::new(role, content);
-        msg.tool_calls = crate::tools::message_tool_calls(i, &mf)?;
-        msg.tool_call_id = mf.str("tool_call_id")?.map(str::to_string);
-        msg.name = mf.str("name")?.map(str::to_string);
-        messages.push(msg);
-    }
-    Ok(messages)
-}
-
 async fn run(
     st: Arc<AppState>,
     rec: Arc<AccessRecord>,
@@ -307,7 +133,7 @@ async fn run(
     run_value(
         st,
         rec,
-        Arc::new(parse_body(body)?),
+        Arc::new(crate::body::json(body)?),
         api,
         None,
         Framing::Sse,
@@ -388,9 +214,9 @@ pub(crate) async fn run_value(
     rec.set_model(&c.model);
     let engine = st.registry.engine(&c.model)?;
     let top_logprobs = match api {
-        Api::Completions => f.uint("logprobs", 20)?.map(|n| n as usize),
+        Api::Completions => f.uint("logprobs", MAX_TOP_LOGPROBS)?.map(|n| n as usize),
         Api::Chat => match f.bool("logprobs")? {
-            Some(true) => Some(f.uint("top_logprobs", 20)?.unwrap_or(0) as usize),
+            Some(true) => Some(f.uint("top_logprobs", MAX_TOP_LOGPROBS)?.unwrap_or(0) as usize),
             _ => None,
         },
     };
@@ -464,7 +290,7 @@ pub(crate) async fn run_value(
         // or every such request would be refused (507) on a small cache.
         let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
         let room = engine.info().kv_tokens.saturating_sub(longest).max(1);
-        c.params.max_new_tokens = c.params.max_new_tokens.min(room);
+        c.params.stop.max_new_tokens = c.params.stop.max_new_tokens.min(room);
     }
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     rec.add_tokens_in(prompt_tokens * c.n);
@@ -853,77 +679,4 @@ fn stream(
     let head = futures_util::stream::iter(head.into_iter().map(Ok::<_, std::convert::Infallible>));
     let body = futures_util::StreamExt::chain(head, events);
     crate::generation::streamed(body, framing.content_type())
-}
-
-#[cfg(test)]
-mod fuzz {
-    use kiln_model::fuzz::{cases, random_json, run_with};
-
-    use super::*;
-
-    const KEYS: &[&str] = &[
-        "model",
-        "n",
-        "max_tokens",
-        "max_completion_tokens",
-        "top_p",
-        "temperature",
-        "stream",
-        "stream_options",
-        "include_usage",
-        "stop",
-        "seed",
-        "logprobs",
-        "top_logprobs",
-        "echo",
-        "suffix",
-        "prompt",
-        "messages",
-        "role",
-        "content",
-        "type",
-        "text",
-        "tools",
-        "functions",
-        "response_format",
-        "json_schema",
-        "schema",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "structured_outputs",
-        "presence_penalty",
-        "frequency_penalty",
-        "ignore_eos",
-        "stop_token_ids",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "user",
-    ];
-
-    /// Every OpenAI body is parsed to an answer, never a panic.
-    #[test]
-    fn openai_bodies_never_panic() {
-        let report = run_with(
-            "openai bodies",
-            cases(3000),
-            |rng, _| random_json(rng, KEYS, 4).to_string().into_bytes(),
-            |body| {
-                let Ok(v) = parse_body(Ok(Bytes::copy_from_slice(body))) else {
-                    return false;
-                };
-                let Ok(f) = Fields::new(&v, "") else {
-                    return false;
-                };
-                let chat = common(&f, 4096).is_ok() & chat_messages(&f).is_ok();
-                let completion = common(&f, 16)
-                    .and_then(|c| completion_options(&f, c.n))
-                    .is_ok();
-                chat || completion
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(report.cases, cases(3000));
-    }
 }

@@ -23,7 +23,8 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn name(&self, key: &str) -> String {
+    /// `key` as errors name it: with the object's path (`parameters.top_p`).
+    pub fn name(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_string()
         } else {

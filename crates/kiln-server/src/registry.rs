@@ -109,9 +109,9 @@ impl ModelEntry {
         }
     }
 
-    /// How the model's LMI-schema requests stream ([`crate::lmi::StreamMode`]).
-    pub(crate) fn stream_mode(&self) -> crate::lmi::StreamMode {
-        use crate::lmi::StreamMode;
+    /// How the model's LMI-schema requests stream ([`crate::dialect::lmi::StreamMode`]).
+    pub(crate) fn stream_mode(&self) -> crate::dialect::lmi::StreamMode {
+        use crate::dialect::lmi::StreamMode;
         match &self.properties {
             Some(p) if p.static_batch_streaming() => StreamMode::StaticBatch,
             Some(p) if p.rolling_batch == crate::properties::RollingBatch::Disable => {

@@ -21,18 +21,12 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_engine::Engine;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::access::AccessRecord;
 use crate::error::ApiError;
 use crate::params::Fields;
 use crate::state::AppState;
-
-/// The request body as JSON.
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let body = body.map_err(crate::lmi::body_error)?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
-}
 
 /// The engine of the request's `model` (or of the only model served).
 fn engine_for(st: &AppState, f: &Fields, rec: &AccessRecord) -> Result<Engine, ApiError> {
@@ -60,7 +54,7 @@ async fn run_tokenize(
     rec: Arc<AccessRecord>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = Arc::new(parse_body(body)?);
+    let v = Arc::new(crate::body::json(body)?);
     let f = Fields::new(&v, "")?;
     let engine = engine_for(&st, &f, &rec)?;
     let token_strs = f.bool("return_token_strs")?.unwrap_or(false);
@@ -111,7 +105,7 @@ fn tokens_of(engine: &Engine, f: &Fields) -> Result<Vec<u32>, ApiError> {
             }
             let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
             let special = f.bool("add_special_tokens")?.unwrap_or(false);
-            let messages = crate::openai::chat_messages(f)?;
+            let messages = crate::dialect::openai::chat_messages(f)?;
             let template = engine.chat_template().ok_or_else(|| {
                 ApiError::bad_request("this model has no chat template; send 'prompt' instead")
             })?;
@@ -141,7 +135,7 @@ async fn run_detokenize(
     rec: Arc<AccessRecord>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
+    let v = crate::body::json(body)?;
     let f = Fields::new(&v, "")?;
     let engine = engine_for(&st, &f, &rec)?;
     if !f.has("tokens") {

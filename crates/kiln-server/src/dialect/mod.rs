@@ -1,0 +1,238 @@
+//! The API dialects: one file per API, reading its JSON into the request
+//! funnel ([`crate::funnel`]) and declaring, as a
+//! [`Dialect`](crate::funnel::Dialect), only what its reference does
+//! differently. Adding an API (the Responses API and Anthropic Messages are
+//! next) is one file here, its routes in [`crate`]'s router, and a module
+//! that writes the engine's events back in its shapes ([`crate::openai`],
+//! [`crate::lmi`] and its streams are the examples).
+
+pub mod lmi;
+pub mod openai;
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use serde_json::{json, Value};
+
+    use kiln_engine::Request;
+
+    use super::{lmi, openai};
+    use crate::error::ApiError;
+    use crate::funnel::{request, MAX_NEW_TOKENS};
+    use crate::params::Fields;
+
+    /// What a dialect makes of one set of parameters.
+    enum Want {
+        /// Accepted, and the request passes the check.
+        Takes(fn(&Request) -> bool),
+        /// Refused with 400 and exactly this message.
+        Refuses(&'static str),
+    }
+    use Want::{Refuses, Takes};
+
+    /// `params` as the LMI routes read them: `{"inputs", "parameters"}`.
+    fn via_lmi(params: &Value) -> Result<Request, ApiError> {
+        let body = json!({"inputs": "x", "parameters": params});
+        lmi::parse(Some("application/json"), body.to_string().as_bytes()).map(|r| r.params)
+    }
+
+    /// `params` as `/v1/completions` reads them: beside `prompt`.
+    fn via_openai(params: &Value) -> Result<Request, ApiError> {
+        let mut body = params.clone();
+        body["prompt"] = json!("x");
+        let f = Fields::new(&body, "")?;
+        openai::common(&f, 16).map(|c| c.params)
+    }
+
+    fn check(dialect: &str, params: &Value, got: Result<Request, ApiError>, want: &Want) {
+        match (got, want) {
+            (Ok(r), Takes(ok)) => assert!(ok(&r), "{dialect} {params}: {r:?}"),
+            (Err(e), Refuses(msg)) => {
+                assert_eq!(e.status, StatusCode::BAD_REQUEST, "{dialect} {params}");
+                assert_eq!(e.message, *msg, "{dialect} {params}");
+                if dialect == "lmi" {
+                    // The LMI routes answer validation failures with DJL's 424.
+                    let e = crate::djl_status::validation(e);
+                    assert_eq!(e.status.as_u16(), 424, "{dialect} {params}");
+                }
+            }
+            (Ok(r), Refuses(msg)) => panic!("{dialect} {params}: took {r:?}, want '{msg}'"),
+            (Err(e), Takes(_)) => panic!("{dialect} {params}: refused: {}", e.message),
+        }
+    }
+
+    /// One table of sampling parameters, read through both dialects: the
+    /// shared rules answer alike (the messages naming the field where the
+    /// API puts it), and the differences are the dialects' own: field
+    /// names, defaults, LMI's `do_sample` and OpenAI's temperature bound.
+    #[test]
+    fn the_same_rules_reach_every_dialect() {
+        let stops: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+        let cases: Vec<(Value, Want, Want)> = vec![
+            (
+                json!({}),
+                Takes(|r| r.stop.max_new_tokens == 30 && r.sampling.temperature == 0.0),
+                Takes(|r| r.stop.max_new_tokens == 16 && r.sampling.temperature == 1.0),
+            ),
+            (
+                json!({"temperature": 0.5}),
+                Takes(|r| r.sampling.temperature == 0.0),
+                Takes(|r| r.sampling.temperature == 0.5),
+            ),
+            (
+                json!({"temperature": 0.5, "do_sample": true}),
+                Takes(|r| r.sampling.temperature == 0.5),
+                Takes(|r| r.sampling.temperature == 0.5),
+            ),
+            (
+                json!({"temperature": 5, "do_sample": true}),
+                Takes(|r| r.sampling.temperature == 5.0),
+                Refuses("'temperature' must be a number from 0 to 2, got 5"),
+            ),
+            (
+                json!({"temperature": 101, "do_sample": true}),
+                Refuses("'parameters.temperature' must be a number from 0 to 100, got 101"),
+                Refuses("'temperature' must be a number from 0 to 2, got 101"),
+            ),
+            (
+                json!({"top_p": 0}),
+                Refuses("'parameters.top_p' must be greater than 0"),
+                Refuses("'top_p' must be greater than 0"),
+            ),
+            (
+                json!({"top_p": 1.5}),
+                Refuses("'parameters.top_p' must be a number from 0 to 1, got 1.5"),
+                Refuses("'top_p' must be a number from 0 to 1, got 1.5"),
+            ),
+            (
+                json!({"top_k": -1}),
+                Takes(|r| r.sampling.top_k == 0),
+                Takes(|r| r.sampling.top_k == 0),
+            ),
+            (
+                json!({"top_k": 40}),
+                Takes(|r| r.sampling.top_k == 40),
+                Takes(|r| r.sampling.top_k == 40),
+            ),
+            (
+                json!({"top_k": -2}),
+                Refuses("'parameters.top_k' must be an integer from 0 to 4294967295, got -2"),
+                Refuses("'top_k' must be an integer from 0 to 4294967295, got -2"),
+            ),
+            (
+                json!({"max_new_tokens": 0}),
+                Refuses("'parameters.max_new_tokens' must be at least 1"),
+                Takes(|r| r.stop.max_new_tokens == 16),
+            ),
+            (
+                json!({"max_tokens": 0}),
+                Takes(|r| r.stop.max_new_tokens == 30),
+                Refuses("'max_tokens' must be at least 1"),
+            ),
+            (
+                json!({"max_completion_tokens": 5, "max_tokens": 9}),
+                Takes(|r| r.stop.max_new_tokens == 30),
+                Takes(|r| r.stop.max_new_tokens == 5),
+            ),
+            (
+                json!({"max_new_tokens": 7}),
+                Takes(|r| r.stop.max_new_tokens == 7),
+                Takes(|r| r.stop.max_new_tokens == 16),
+            ),
+            (
+                json!({"max_new_tokens": MAX_NEW_TOKENS + 1, "max_tokens": MAX_NEW_TOKENS + 1}),
+                Refuses(
+                    "'parameters.max_new_tokens' must be an integer from 0 to 1048576, got 1048577",
+                ),
+                Refuses("'max_tokens' must be an integer from 0 to 1048576, got 1048577"),
+            ),
+            (
+                json!({"stop": stops}),
+                Refuses("'parameters.stop_sequences' takes at most 16 sequences, got 17"),
+                Refuses("'stop' takes at most 16 sequences, got 17"),
+            ),
+            (
+                json!({"stop": &stops[..16]}),
+                Takes(|r| r.stop.stop_strings.len() == 16),
+                Takes(|r| r.stop.stop_strings.len() == 16),
+            ),
+            (
+                json!({"stop_sequences": ["a"], "stop": "b"}),
+                Takes(|r| r.stop.stop_strings == ["a", "b"]),
+                Takes(|r| r.stop.stop_strings == ["b"]),
+            ),
+            (
+                json!({"stop": [1]}),
+                Refuses("'parameters.stop' must be a list of strings, got 1"),
+                Refuses("'stop' must be a list of strings, got 1"),
+            ),
+            (
+                json!({"min_p": 0.1, "repetition_penalty": 1.1, "presence_penalty": -1,
+                    "frequency_penalty": 0.5, "seed": 7, "stop_token_ids": [3], "ignore_eos": true}),
+                Takes(|r| {
+                    r.sampling.min_p == 0.1
+                        && r.sampling.repetition_penalty == 1.1
+                        && r.sampling.presence_penalty == -1.0
+                        && r.sampling.frequency_penalty == 0.5
+                        && r.sampling.seed == Some(7)
+                        && r.stop.stop_token_ids == [3]
+                        && r.stop.ignore_eos
+                }),
+                Takes(|r| {
+                    r.sampling.min_p == 0.1
+                        && r.sampling.repetition_penalty == 1.1
+                        && r.sampling.presence_penalty == -1.0
+                        && r.sampling.frequency_penalty == 0.5
+                        && r.sampling.seed == Some(7)
+                        && r.stop.stop_token_ids == [3]
+                        && r.stop.ignore_eos
+                }),
+            ),
+            (
+                json!({"min_p": 2}),
+                Refuses("'parameters.min_p' must be a number from 0 to 1, got 2"),
+                Refuses("'min_p' must be a number from 0 to 1, got 2"),
+            ),
+            (
+                json!({"presence_penalty": -3}),
+                Refuses("'parameters.presence_penalty' must be a number from -2 to 2, got -3"),
+                Refuses("'presence_penalty' must be a number from -2 to 2, got -3"),
+            ),
+            (
+                json!({"top_n_tokens": 3}),
+                Takes(|r| r.sampling.top_logprobs == 3),
+                // OpenAI's `logprobs` is read per endpoint, by its module.
+                Takes(|r| r.sampling.top_logprobs == 0),
+            ),
+            (
+                json!({"top_n_tokens": 21}),
+                Refuses("'parameters.top_n_tokens' must be an integer from 0 to 20, got 21"),
+                Takes(|r| r.sampling.top_logprobs == 0),
+            ),
+            (
+                json!({"guided_choice": ["yes", "no"]}),
+                Takes(|r| r.constraint.is_some()),
+                Takes(|r| r.constraint.is_some()),
+            ),
+            (
+                json!({"ignore_eos": "yes"}),
+                Refuses("'parameters.ignore_eos' must be true or false, got \"yes\""),
+                Refuses("'ignore_eos' must be true or false, got \"yes\""),
+            ),
+        ];
+        for (params, lmi_want, openai_want) in &cases {
+            check("lmi", params, via_lmi(params), lmi_want);
+            check("openai", params, via_openai(params), openai_want);
+        }
+    }
+
+    /// A body without parameters gets each dialect's defaults.
+    #[test]
+    fn no_parameters_is_each_dialects_defaults() {
+        let r = request(None, &lmi::LMI, 30).unwrap();
+        assert_eq!((r.stop.max_new_tokens, r.sampling.temperature), (30, 0.0));
+        let r = request(None, &openai::OPENAI, 16).unwrap();
+        assert_eq!((r.stop.max_new_tokens, r.sampling.temperature), (16, 1.0));
+        assert!(r.prompt.is_empty() && r.skip_special_tokens && !r.prompt_logprobs);
+    }
+}
