@@ -20,70 +20,18 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures_util::future::join_all;
-use kiln_engine::Engine;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::access::AccessRecord;
 use crate::body::body_error;
-use crate::dialect::lmi::{details_json, lp_token, parse_any, LmiRequest, Parsed, StreamMode};
+use crate::dialect::lmi::{output_json, parse_any, Parsed, StreamMode};
 use crate::djl_status;
 use crate::error::ApiError;
 use crate::funnel::with_prompt;
-use crate::generation::{self, Completion, Events};
+use crate::generation::{self, Events};
 use crate::openai::Framing;
 use crate::properties::OutputFormatter;
 use crate::state::AppState;
-
-/// `details.prefill`: the prompt tokens as token objects ([`token_json`]'s
-/// keys). The first prompt token has no log-probability (nothing precedes
-/// it). DJL's current vLLM handler leaves it out
-/// (`djl_python/lmi_vllm/request_response_utils.py`,
-/// `convert_completion_prefill_to_tgi_prefill` skips vLLM's `None` entry),
-/// and so does kiln by default; with `first_token`
-/// (`option.prefill_first_token=true`) it is written with a null
-/// log-probability, as DJL's schema documents and its rolling-batch handler
-/// writes it (`djl_python/rolling_batch/rolling_batch_vllm_utils.py`
-/// `prompt_tokens_details`, `log_prob = None` at index 0).
-fn prefill_json(engine: &Engine, prompt: &[u32], c: &Completion, first_token: bool) -> Value {
-    let logprobs = c
-        .tokens
-        .first()
-        .and_then(|t| t.prompt_logprobs.as_deref())
-        .unwrap_or_default();
-    prompt
-        .iter()
-        .enumerate()
-        .skip(usize::from(!first_token))
-        .map(|(i, &id)| {
-            let text = engine.tokenizer().decode(&[id], false).unwrap_or_default();
-            let lp = i.checked_sub(1).and_then(|j| logprobs.get(j));
-            lp_token(id, &text, json!(lp))
-        })
-        .collect()
-}
-
-fn output_json(
-    c: &Completion,
-    prompt: &str,
-    prompt_ids: &[u32],
-    req: &LmiRequest,
-    engine: &Engine,
-    prefill_first_token: bool,
-) -> Value {
-    let text = if req.return_full_text {
-        format!("{prompt}{}", c.text)
-    } else {
-        c.text.clone()
-    };
-    let mut o = json!({"generated_text": text});
-    if req.details {
-        o["details"] = details_json(c.reason, &c.tokens, prompt, true);
-        if req.decoder_input_details {
-            o["details"]["prefill"] = prefill_json(engine, prompt_ids, c, prefill_first_token);
-        }
-    }
-    o
-}
 
 /// The client's address, where the connection layer recorded it.
 type Peer = Option<Extension<ConnectInfo<SocketAddr>>>;

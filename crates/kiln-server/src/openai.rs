@@ -1,7 +1,10 @@
-//! The OpenAI API: `GET /v1/models`, `POST /v1/completions`,
+//! The OpenAI API's routes: `GET /v1/models`, `POST /v1/completions`,
 //! `POST /v1/chat/completions` (server-sent events with `[DONE]` when
 //! `stream` is set). Errors use OpenAI's shape. The same bodies on DJL's
-//! LMI routes stream the same chunks as JSON lines ([`Framing`]).
+//! LMI routes stream the same chunks as JSON lines ([`Framing`]). The
+//! bodies are read and the answers written by the OpenAI dialect
+//! ([`crate::dialect::openai`]); this module finds the model, renders the
+//! prompts and submits them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,12 +16,13 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::future::join_all;
-use kiln_engine::{Engine, Event, FinishReason, Request, TokenOutput, Usage};
+use kiln_engine::{Engine, Request, Usage};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use crate::access::AccessRecord;
-use crate::dialect::openai::{chat_messages, common, completion_options, Common};
+use crate::dialect::openai::{
+    answer_json, chat_messages, common, completion_options, stream, Common, Ctx,
+};
 use crate::error::ApiError;
 use crate::funnel::{with_prompt, MAX_TOP_LOGPROBS};
 use crate::generation;
@@ -26,7 +30,7 @@ use crate::params::Fields;
 use crate::prompts::{self, Prompt};
 use crate::state::AppState;
 
-pub(crate) use crate::dialect::openai::Api;
+pub(crate) use crate::dialect::openai::{Api, Framing};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -35,20 +39,6 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn finish_reason(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::EosToken | FinishReason::StopSequence | FinishReason::Cancelled => "stop",
-        FinishReason::Length | FinishReason::Deadline => "length",
-        FinishReason::Error => "error",
-    }
-}
-
-fn usage_json(u: &Usage) -> Value {
-    json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens}})
 }
 
 /// `GET /v1/models`.
@@ -78,11 +68,6 @@ fn copies(prompt: &[u32], c: &Common) -> Vec<Request> {
             r
         })
         .collect()
-}
-
-/// The model's text for one token id (for log-probability listings).
-fn token_text(engine: &Engine, id: u32) -> String {
-    engine.tokenizer().decode(&[id], false).unwrap_or_default()
 }
 
 /// `POST /v1/completions`.
@@ -139,57 +124,6 @@ async fn run(
         Framing::Sse,
     )
     .await
-}
-
-/// How a streamed OpenAI answer is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
-    /// Server-sent events, `data: {chunk}` each, ending with `data: [DONE]`
-    /// (`text/event-stream`): the OpenAI API's framing, on `/v1/...`.
-    Sse,
-    /// One bare chunk object per line, no `[DONE]`
-    /// (`application/jsonlines`): DJL's LMI routes. Its vLLM handler strips
-    /// vLLM's `data: ` prefix from every chunk and ends the stream at
-    /// `[DONE]` without writing it (`djl_python/lmi_vllm/
-    /// request_response_utils.py` `vllm_stream_output_formatter`; each
-    /// chunk is sent by `async_utils.py` `create_stream_chunk_output` as
-    /// `application/jsonlines`), as its chat schema documents
-    /// (`serving/docs/lmi/user_guides/chat_input_output_schema.md`: "The
-    /// response is returned token by token as application/jsonlines").
-    JsonLines,
-}
-
-impl Framing {
-    fn frame(self, v: &Value) -> Bytes {
-        match self {
-            Framing::Sse => Bytes::from(format!("data: {v}\n\n")),
-            Framing::JsonLines => Bytes::from(format!("{v}\n")),
-        }
-    }
-
-    /// Several chunks as one piece of the stream.
-    fn frame_all(self, chunks: &[Value]) -> Bytes {
-        let mut out = Vec::new();
-        for c in chunks {
-            out.extend_from_slice(&self.frame(c));
-        }
-        Bytes::from(out)
-    }
-
-    /// What ends the stream.
-    fn done(self) -> &'static [u8] {
-        match self {
-            Framing::Sse => b"data: [DONE]\n\n",
-            Framing::JsonLines => b"",
-        }
-    }
-
-    fn content_type(self) -> &'static str {
-        match self {
-            Framing::Sse => "text/event-stream",
-            Framing::JsonLines => "application/jsonlines",
-        }
-    }
 }
 
 /// Answers a parsed OpenAI body; `route_model`, when given, is the model the
@@ -355,328 +289,4 @@ pub(crate) async fn run_value(
     // threads, with the answer.
     let n = c.n;
     crate::cpu::json_answer(move || Ok(answer_json(&ctx, &done, &prompts, n, echo, &usage))).await
-}
-
-/// A non-streamed answer: choice `i` answers prompt `i / n`.
-fn answer_json(
-    ctx: &Ctx,
-    done: &[generation::Completion],
-    prompts: &[Prompt],
-    n: usize,
-    echo: bool,
-    usage: &Usage,
-) -> Value {
-    let echo_logprobs = echo && ctx.logprobs;
-    let api = ctx.api;
-    let choices: Vec<Value> = done
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let text = if echo {
-                format!("{}{}", prompts[i / n].text, d.text)
-            } else {
-                d.text.clone()
-            };
-            let lp = if echo_logprobs {
-                Some(ctx.completion_logprobs(&prompts[i / n].ids, &d.tokens))
-            } else {
-                ctx.logprobs.then(|| ctx.logprobs_json(&d.tokens))
-            };
-            match api {
-                Api::Completions => json!({"index": i, "text": text, "logprobs": lp,
-                    "finish_reason": finish_reason(d.reason)}),
-                Api::Chat => {
-                    let mut message = json!({"role": "assistant", "content": text});
-                    if let Some(parser) = ctx.reasoning {
-                        let (reasoning, content) = parser.split(&text);
-                        message["content"] = json!(content);
-                        message["reasoning_content"] = json!(reasoning);
-                    }
-                    let mut reason = finish_reason(d.reason);
-                    if let (Some(syntax), Some(content)) = (ctx.tools, message["content"].as_str())
-                    {
-                        let (content, calls) = crate::tool_parse::parse(syntax, content);
-                        if !calls.is_empty() {
-                            message["content"] = json!(content);
-                            message["tool_calls"] = Value::Array(
-                                calls
-                                    .iter()
-                                    .map(|c| {
-                                        json!({"id": crate::tools::call_id(), "type": "function",
-                                        "function": {"name": c.name, "arguments": c.arguments}})
-                                    })
-                                    .collect(),
-                            );
-                            reason = "tool_calls";
-                        }
-                    }
-                    json!({"index": i, "message": message,
-                    "logprobs": lp, "finish_reason": reason})
-                }
-            }
-        })
-        .collect();
-    let object = if api == Api::Chat {
-        "chat.completion"
-    } else {
-        "text_completion"
-    };
-    json!({"id": ctx.id, "object": object, "created": ctx.created, "model": ctx.model,
-    "choices": choices, "usage": usage_json(usage)})
-}
-
-/// Response-wide facts.
-struct Ctx {
-    id: String,
-    created: u64,
-    model: String,
-    api: Api,
-    engine: Engine,
-    logprobs: bool,
-    /// `option.reasoning_parser` of the model, on chat requests.
-    reasoning: Option<crate::reasoning::ReasoningParser>,
-    /// The tool-call syntax to read from the output, when the request has
-    /// tools and a choice other than `none`.
-    tools: Option<crate::tool_parse::ToolSyntax>,
-    /// How a streamed answer is written.
-    framing: Framing,
-}
-
-impl Ctx {
-    fn logprobs_json(&self, tokens: &[TokenOutput]) -> Value {
-        match self.api {
-            Api::Chat => {
-                let content: Vec<Value> = tokens
-                    .iter()
-                    .map(|t| {
-                        let text = token_text(&self.engine, t.id);
-                        let top: Vec<Value> = t
-                            .top_logprobs
-                            .iter()
-                            .map(|&(id, lp)| {
-                                let s = token_text(&self.engine, id);
-                                json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
-                            })
-                            .collect();
-                        json!({"token": text, "logprob": t.logprob, "bytes": text.as_bytes(), "top_logprobs": top})
-                    })
-                    .collect();
-                json!({"content": content})
-            }
-            Api::Completions => self.completion_logprobs(&[], tokens),
-        }
-    }
-
-    /// A completion's `logprobs` in OpenAI's legacy shape: the `prompt`
-    /// tokens (with `echo`; none otherwise), then the generated ones. The
-    /// first prompt token has nothing before it: its log-probability and
-    /// alternatives are null.
-    fn completion_logprobs(&self, prompt: &[u32], tokens: &[TokenOutput]) -> Value {
-        let first = tokens.first();
-        let prompt_lps = first.and_then(|t| t.prompt_logprobs.as_deref());
-        let prompt_tops = first.and_then(|t| t.prompt_top_logprobs.as_deref());
-        let top_map = |top: &[(u32, f32)]| -> Value {
-            Value::Object(
-                top.iter()
-                    .map(|&(id, lp)| (token_text(&self.engine, id), json!(lp)))
-                    .collect(),
-            )
-        };
-        let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
-        let mut offset = 0;
-        for (k, &id) in prompt.iter().enumerate() {
-            let s = token_text(&self.engine, id);
-            offsets.push(offset);
-            offset += s.len();
-            texts.push(s);
-            if k == 0 {
-                lps.push(Value::Null);
-                tops.push(Value::Null);
-            } else {
-                let lp = prompt_lps.and_then(|v| v.get(k - 1)).copied();
-                lps.push(lp.map_or(Value::Null, |v| json!(v)));
-                let top = prompt_tops.and_then(|v| v.get(k - 1));
-                tops.push(top.map_or_else(|| json!({}), |t| top_map(t)));
-            }
-        }
-        for t in tokens {
-            let s = token_text(&self.engine, t.id);
-            offsets.push(offset);
-            offset += s.len();
-            texts.push(s);
-            lps.push(json!(t.logprob));
-            tops.push(top_map(&t.top_logprobs));
-        }
-        json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
-    }
-
-    fn chunk(&self, choices: Value) -> Value {
-        let object = if self.api == Api::Chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices})
-    }
-
-    /// A chunk for one streamed token (or the final chunk with `finish`).
-    fn token_chunk(
-        &self,
-        index: usize,
-        text: &str,
-        token: Option<&TokenOutput>,
-        finish: Option<FinishReason>,
-    ) -> Value {
-        let lp = match (self.logprobs, token) {
-            (true, Some(t)) => self.logprobs_json(std::slice::from_ref(t)),
-            _ => Value::Null,
-        };
-        let fr = finish
-            .map(|r| Value::String(finish_reason(r).into()))
-            .unwrap_or(Value::Null);
-        let choice = match self.api {
-            Api::Completions => {
-                json!({"index": index, "text": text, "logprobs": lp, "finish_reason": fr})
-            }
-            Api::Chat => {
-                json!({"index": index, "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
-                "logprobs": lp, "finish_reason": fr})
-            }
-        };
-        self.chunk(json!([choice]))
-    }
-}
-
-/// Streams `n` choices (as `ctx.framing` says), interleaved as tokens arrive.
-fn stream(
-    ctx: Ctx,
-    streams: Vec<kiln_engine::RequestStream>,
-    include_usage: bool,
-    echoes: Option<Vec<String>>,
-    prompt_tokens: usize,
-    rec: Arc<AccessRecord>,
-) -> Response {
-    let n = streams.len();
-    let (tx, rx) = mpsc::unbounded_channel::<(usize, Event)>();
-    for (i, mut s) in streams.into_iter().enumerate() {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = s.next().await {
-                if tx.send((i, ev)).is_err() {
-                    // The client is gone: dropping `s` cancels the request.
-                    return;
-                }
-            }
-        });
-    }
-    drop(tx);
-    let ctx = Arc::new(ctx);
-    let framing = ctx.framing;
-    let mut head = Vec::new();
-    for i in 0..n {
-        if ctx.api == Api::Chat {
-            head.push(ctx.framing.frame(&ctx.chunk(
-                json!([{"index": i, "delta": {"role": "assistant", "content": ""},
-                "logprobs": null, "finish_reason": null}]),
-            )));
-        } else if let Some(p) = echoes.as_ref().and_then(|e| e.get(i)) {
-            head.push(ctx.framing.frame(&ctx.token_chunk(i, p, None, None)));
-        }
-    }
-    struct S {
-        rx: mpsc::UnboundedReceiver<(usize, Event)>,
-        ctx: Arc<Ctx>,
-        usage: Usage,
-        open: usize,
-        include_usage: bool,
-        rec: Arc<AccessRecord>,
-        finished: bool,
-        splitters: Vec<Option<crate::reasoning::Splitter>>,
-        tool_streams: Vec<Option<crate::tools::ToolDeltas>>,
-    }
-    let splitters = (0..n)
-        .map(|_| ctx.reasoning.map(crate::reasoning::Splitter::new))
-        .collect();
-    let tool_streams = (0..n)
-        .map(|_| ctx.tools.map(crate::tools::ToolDeltas::new))
-        .collect();
-    let state = S {
-        rx,
-        splitters,
-        tool_streams,
-        ctx,
-        usage: Usage {
-            prompt_tokens,
-            ..Usage::default()
-        },
-        open: n,
-        include_usage,
-        rec,
-        finished: false,
-    };
-    let events = futures_util::stream::unfold(state, |mut s| async move {
-        if s.finished {
-            return None;
-        }
-        let bytes = match s.rx.recv().await {
-            Some((i, Event::Token(t))) => {
-                let mut chunk = s.ctx.token_chunk(i, &t.text, Some(&t), None);
-                if let Some(Some(sp)) = s.splitters.get_mut(i) {
-                    crate::reasoning::rewrite_delta(&mut chunk, sp, false);
-                }
-                match s.tool_streams.get_mut(i) {
-                    Some(Some(ts)) => s.ctx.framing.frame_all(&ts.rewrite(chunk, false)),
-                    _ => s.ctx.framing.frame(&chunk),
-                }
-            }
-            Some((
-                i,
-                Event::Finished {
-                    reason,
-                    usage,
-                    error,
-                },
-            )) => {
-                s.open -= 1;
-                s.usage.completion_tokens += usage.completion_tokens;
-                s.rec.add_tokens_out(usage.completion_tokens);
-                let mut out = if reason == FinishReason::Error {
-                    let e = ApiError::model_failure(
-                        error.unwrap_or_else(|| "generation failed".into()),
-                    )
-                    .openai();
-                    s.ctx.framing.frame(&e.body())
-                } else {
-                    let mut chunk = s.ctx.token_chunk(i, "", None, Some(reason));
-                    if let Some(Some(sp)) = s.splitters.get_mut(i) {
-                        crate::reasoning::rewrite_delta(&mut chunk, sp, true);
-                    }
-                    match s.tool_streams.get_mut(i) {
-                        Some(Some(ts)) => s.ctx.framing.frame_all(&ts.rewrite(chunk, true)),
-                        _ => s.ctx.framing.frame(&chunk),
-                    }
-                };
-                if s.open == 0 {
-                    let mut tail = Vec::from(out.as_ref());
-                    if s.include_usage {
-                        let mut u = s.ctx.chunk(json!([]));
-                        u["usage"] = usage_json(&s.usage);
-                        tail.extend_from_slice(&s.ctx.framing.frame(&u));
-                    }
-                    tail.extend_from_slice(s.ctx.framing.done());
-                    out = Bytes::from(tail);
-                    s.finished = true;
-                }
-                out
-            }
-            None => {
-                s.finished = true;
-                Bytes::from_static(s.ctx.framing.done())
-            }
-        };
-        Some((Ok::<_, std::convert::Infallible>(bytes), s))
-    });
-    let head = futures_util::stream::iter(head.into_iter().map(Ok::<_, std::convert::Infallible>));
-    let body = futures_util::StreamExt::chain(head, events);
-    crate::generation::streamed(body, framing.content_type())
 }

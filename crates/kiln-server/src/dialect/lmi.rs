@@ -1,6 +1,8 @@
 //! The LMI dialect: DJL Serving's LMI schema read into the request funnel
-//! ([`crate::funnel`]), and the funnel's tokens written back as its token
-//! and `details` objects. The routes that answer it are in [`crate::lmi`].
+//! ([`crate::funnel`]), and the engine's output written back as its
+//! answers, token and `details` objects. The routes that answer it are in
+//! [`crate::lmi`]; its two ways of streaming in [`crate::lmi_stream`] and
+//! [`crate::lmi_outputs`].
 //!
 //! Bodies accepted: the LMI schema (`{"inputs": str | [str], "parameters":
 //! {...}, "stream": bool}`), the reference deployment's `{"text": [...],
@@ -11,13 +13,14 @@
 
 use std::sync::Arc;
 
-use kiln_engine::{FinishReason, Request, TokenOutput};
+use kiln_engine::{Engine, FinishReason, Request, TokenOutput};
 use serde_json::{json, Value};
 
 use crate::body::{self, Decoded};
 use crate::dialect::openai::Api;
 use crate::error::ApiError;
 use crate::funnel::{self, Dialect, MAX_NEW_TOKENS};
+use crate::generation::Completion;
 use crate::params::Fields;
 
 /// What DJL's LMI handlers call the sampling parameters (inside
@@ -310,6 +313,59 @@ pub(crate) fn details_json(
         d["tokens"] = tokens.iter().map(token_json).collect();
     }
     d
+}
+
+/// `details.prefill`: the prompt tokens as token objects ([`token_json`]'s
+/// keys). The first prompt token has no log-probability (nothing precedes
+/// it). DJL's current vLLM handler leaves it out
+/// (`djl_python/lmi_vllm/request_response_utils.py`,
+/// `convert_completion_prefill_to_tgi_prefill` skips vLLM's `None` entry),
+/// and so does kiln by default; with `first_token`
+/// (`option.prefill_first_token=true`) it is written with a null
+/// log-probability, as DJL's schema documents and its rolling-batch handler
+/// writes it (`djl_python/rolling_batch/rolling_batch_vllm_utils.py`
+/// `prompt_tokens_details`, `log_prob = None` at index 0).
+fn prefill_json(engine: &Engine, prompt: &[u32], c: &Completion, first_token: bool) -> Value {
+    let logprobs = c
+        .tokens
+        .first()
+        .and_then(|t| t.prompt_logprobs.as_deref())
+        .unwrap_or_default();
+    prompt
+        .iter()
+        .enumerate()
+        .skip(usize::from(!first_token))
+        .map(|(i, &id)| {
+            let text = engine.tokenizer().decode(&[id], false).unwrap_or_default();
+            let lp = i.checked_sub(1).and_then(|j| logprobs.get(j));
+            lp_token(id, &text, json!(lp))
+        })
+        .collect()
+}
+
+/// A whole (not streamed) answer to one input: `generated_text`, and
+/// `details` when asked.
+pub(crate) fn output_json(
+    c: &Completion,
+    prompt: &str,
+    prompt_ids: &[u32],
+    req: &LmiRequest,
+    engine: &Engine,
+    prefill_first_token: bool,
+) -> Value {
+    let text = if req.return_full_text {
+        format!("{prompt}{}", c.text)
+    } else {
+        c.text.clone()
+    };
+    let mut o = json!({"generated_text": text});
+    if req.details {
+        o["details"] = details_json(c.reason, &c.tokens, prompt, true);
+        if req.decoder_input_details {
+            o["details"]["prefill"] = prefill_json(engine, prompt_ids, c, prefill_first_token);
+        }
+    }
+    o
 }
 
 #[cfg(test)]

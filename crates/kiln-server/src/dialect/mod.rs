@@ -1,10 +1,13 @@
-//! The API dialects: one file per API, reading its JSON into the request
-//! funnel ([`crate::funnel`]) and declaring, as a
-//! [`Dialect`](crate::funnel::Dialect), only what its reference does
-//! differently. Adding an API (the Responses API and Anthropic Messages are
-//! next) is one file here, its routes in [`crate`]'s router, and a module
-//! that writes the engine's events back in its shapes ([`crate::openai`],
-//! [`crate::lmi`] and its streams are the examples).
+//! The API dialects: one file per API, declaring as a
+//! [`Dialect`](crate::funnel::Dialect) only what its reference does
+//! differently, reading its JSON into the request funnel
+//! ([`crate::funnel`]) and writing the engine's events back as its answers.
+//! Adding an API (the Responses API and Anthropic Messages are next) is one
+//! file here, plus its routes: a handler module that finds the model and
+//! submits (as [`crate::openai`] does) and its lines in [`crate`]'s router.
+//! LMI's two ways of streaming, which depend on the model's
+//! `serving.properties`, stay beside its routes ([`crate::lmi_stream`],
+//! [`crate::lmi_outputs`]).
 
 pub mod lmi;
 pub mod openai;
