@@ -53,7 +53,7 @@ mod tests {
             (Err(e), Refuses(msg)) => {
                 assert_eq!(e.status, StatusCode::BAD_REQUEST, "{dialect} {params}");
                 assert_eq!(e.message, *msg, "{dialect} {params}");
-                if dialect == "lmi" {
+                if dialect == lmi::LMI.name {
                     // The LMI routes answer validation failures with DJL's 424.
                     let e = crate::djl_status::validation(e);
                     assert_eq!(e.status.as_u16(), 424, "{dialect} {params}");
@@ -224,8 +224,8 @@ mod tests {
             ),
         ];
         for (params, lmi_want, openai_want) in &cases {
-            check("lmi", params, via_lmi(params), lmi_want);
-            check("openai", params, via_openai(params), openai_want);
+            check(lmi::LMI.name, params, via_lmi(params), lmi_want);
+            check(openai::OPENAI.name, params, via_openai(params), openai_want);
         }
     }
 
