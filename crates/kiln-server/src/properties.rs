@@ -1506,7 +1506,7 @@ impl Builder {
     /// `option.quantize`: a format kiln quantizes to, or a problem that says
     /// which ones it has (DJL's GPU-engine methods are named as such).
     fn quantize(&mut self) -> Option<kiln_backend::GgmlType> {
-        use kiln_model::convert::{parse_quantize, target_list, QuantizeNameError};
+        use kiln_model::names::{parse_quantize, target_list, QuantizeNameError};
         let p = self.entry("option.quantize")?;
         match parse_quantize(&p.value) {
             Ok(ty) => Some(ty),
