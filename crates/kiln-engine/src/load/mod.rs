@@ -1,7 +1,7 @@
 //! The one way a model gets from where it lives onto a device: check the
 //! device, fetch a remote source into the download cache, read it through
-//! the prepared-model cache ([`prepared`]) and the weight layout cache
-//! ([`layouts`]), and put it on the device ([`crate::launch`]). The CLI's
+//! the prepared-model cache (`prepared.rs`) and the weight layout cache
+//! (`layouts.rs`), and put it on the device ([`crate::launch`]). The CLI's
 //! subcommands and the server's registry both call [`load`]; what differs
 //! between them (which caches, `kiln prepare`'s always-prepare, the layout
 //! cache switch) is a field of [`LoadSpec`].
