@@ -154,3 +154,56 @@ pub fn load(spec: &LoadSpec) -> Result<Loaded, LoadModelError> {
         path,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(model: ModelLocation, device: Device, downloads: &std::path::Path) -> LoadSpec {
+        LoadSpec {
+            downloads: DownloadDir::new(downloads.to_path_buf()),
+            ..LoadSpec::new(model, device, LoadOptions::default())
+        }
+    }
+
+    /// An unusable GPU is refused before a remote model is downloaded:
+    /// the bucket here does not exist, and nothing is asked of it.
+    #[test]
+    fn the_device_is_checked_before_the_download() {
+        let dir = std::env::temp_dir().join(format!("kiln-load-{}", std::process::id()));
+        let source = match Source::s3("s3://no-such-bucket/model") {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        let remote = spec(ModelLocation::Remote(source), Device::Cuda(0), &dir);
+        match load(&remote) {
+            Err(LoadModelError::Device(e)) => {
+                assert!(e.to_string().contains("--device cuda"), "{e}")
+            }
+            Err(e) => panic!("not a device error: {e}"),
+            Ok(_) => panic!("loaded a model that does not exist"),
+        }
+        assert!(!dir.exists(), "the download directory was written");
+    }
+
+    /// A local model that does not load names its path and no source.
+    #[test]
+    fn a_local_failure_names_the_path() {
+        let dir = std::env::temp_dir().join(format!("kiln-load-{}-cpu", std::process::id()));
+        let missing = PathBuf::from("/nonexistent/model.gguf");
+        let local = spec(ModelLocation::Local(missing.clone()), Device::Cpu, &dir);
+        match load(&local) {
+            Err(LoadModelError::Load {
+                path,
+                remote: None,
+                error,
+            }) => {
+                assert_eq!(path, missing);
+                assert!(error.to_string().contains("/nonexistent"), "{error}");
+            }
+            Err(e) => panic!("not a load error: {e}"),
+            Ok(_) => panic!("loaded a model that does not exist"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
