@@ -16,6 +16,7 @@ pub mod detok;
 pub mod engine;
 pub mod guided;
 pub mod launch;
+pub mod load;
 pub mod metrics;
 pub mod request;
 pub mod sampling;
@@ -26,6 +27,7 @@ pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, Su
 pub use guided::{CompileCancel, CompileError, Compiled, Constraint, Guide};
 pub use kiln_backend::Device;
 pub use launch::{DeviceModel, LaunchError};
+pub use load::{LoadModelError, LoadSpec, ModelLocation};
 pub use metrics::MetricsSnapshot;
 pub use request::{Event, FinishReason, Request, StopConditions, TokenOutput, Usage};
 pub use sampling::{Sampler, SamplingParams};

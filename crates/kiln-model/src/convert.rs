@@ -12,84 +12,11 @@
 use std::time::Instant;
 
 use kiln_backend::quant::GgmlType;
-use kiln_backend::quantize::{quantize, quantize_rows_with, QuantizeError, QUANTIZE_TARGETS};
+use kiln_backend::quantize::{quantize, quantize_rows_with, QuantizeError};
 use kiln_backend::WeightData;
 
 use crate::weights::WeightSource;
 use crate::{HostTensor, ModelError, Result};
-
-/// Values of DJL LMI's `option.quantize` that name methods of its Python
-/// engines (vLLM, lmi-dist, TensorRT-LLM, DeepSpeed, Neuron, bitsandbytes):
-/// they need pre-quantized checkpoints or GPU kernels kiln does not have, so
-/// they are refused by name rather than as unknown words.
-const DJL_METHODS: &[&str] = &[
-    "awq",
-    "gptq",
-    "fp8",
-    "smoothquant",
-    "squeezellm",
-    "deepspeedfp",
-    "bitsandbytes",
-    "bitsandbytes4",
-    "bitsandbytes8",
-    "llm_int8",
-    "dynamic_int8",
-    "static_int8",
-    "marlin",
-    "awq_marlin",
-    "gptq_marlin",
-    "aqlm",
-    "compressed-tensors",
-];
-
-/// Why an `option.quantize` / `--quantize` value was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum QuantizeNameError {
-    /// A DJL LMI method kiln cannot run.
-    #[error(
-        "'{0}' is a quantization method of DJL's Python engines, which kiln cannot run; \
-         kiln quantizes 16/32-bit weights while loading, to one of {list}",
-        list = target_list()
-    )]
-    DjlMethod(String),
-    /// Not a quantization name at all.
-    #[error("'{0}' is not a quantization kiln knows; use one of {list}", list = target_list())]
-    Unknown(String),
-}
-
-/// The accepted names, for messages and help texts.
-pub fn target_list() -> String {
-    QUANTIZE_TARGETS
-        .iter()
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Parses a quantization name (case-insensitive; `q4_k_m` and `q4_k_s` are
-/// taken as `q4_k`, as llama.cpp users write them).
-pub fn parse_quantize(value: &str) -> Result<GgmlType, QuantizeNameError> {
-    let v = value.trim().to_ascii_lowercase();
-    let v = match v.as_str() {
-        "q4_k_m" | "q4_k_s" => "q4_k",
-        other => other,
-    };
-    if let Some((ty, _)) = QUANTIZE_TARGETS.iter().find(|(_, n)| *n == v) {
-        return Ok(*ty);
-    }
-    if DJL_METHODS.contains(&v) {
-        return Err(QuantizeNameError::DjlMethod(value.to_string()));
-    }
-    Err(QuantizeNameError::Unknown(value.to_string()))
-}
-
-/// The name `option.quantize` uses for `ty`.
-pub fn quantize_name(ty: GgmlType) -> &'static str {
-    QUANTIZE_TARGETS
-        .iter()
-        .find(|(t, _)| *t == ty)
-        .map_or("?", |(_, n)| *n)
-}
 
 /// A source whose float weight matrices are quantized as they are read.
 ///
@@ -232,23 +159,6 @@ fn decode_floats(ty: GgmlType, bytes: &[u8], range: std::ops::Range<usize>, out:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_parse_and_djl_methods_are_refused_by_name() {
-        assert_eq!(parse_quantize("q8_0"), Ok(GgmlType::Q8_0));
-        assert_eq!(parse_quantize("Q4_K_M"), Ok(GgmlType::Q4K));
-        assert_eq!(parse_quantize("q6_k"), Ok(GgmlType::Q6K));
-        let awq = parse_quantize("awq").unwrap_err();
-        assert_eq!(awq, QuantizeNameError::DjlMethod("awq".into()));
-        assert!(
-            awq.to_string().contains("q8_0, q4_0, q4_1, q4_k, q6_k"),
-            "{awq}"
-        );
-        assert_eq!(
-            parse_quantize("int3"),
-            Err(QuantizeNameError::Unknown("int3".into()))
-        );
-    }
 
     #[test]
     fn f16_rows_convert_like_their_f32_values() {

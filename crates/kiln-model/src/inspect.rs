@@ -35,7 +35,7 @@ pub fn summarize(path: &Path) -> Result<Summary> {
             let mut types: Vec<String> = g
                 .tensors
                 .values()
-                .map(|t| format!("{:?}", t.ggml_type))
+                .map(|t| crate::names::format_name(t.ggml_type).to_string())
                 .collect();
             types.sort();
             types.dedup();

@@ -422,7 +422,7 @@ fn finish<B: Backend>(
         Some(to) => {
             tracing::info!(
                 "quantizing float weight matrices to {} while loading",
-                crate::convert::quantize_name(to)
+                crate::names::quantize_name(to)
             );
             quantized = crate::convert::Quantized { inner: src, to };
             &quantized

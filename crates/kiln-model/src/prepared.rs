@@ -82,7 +82,7 @@ impl Settings {
         Settings {
             quantize: opts
                 .quantize
-                .map_or("none", crate::convert::quantize_name)
+                .map_or("none", crate::names::quantize_name)
                 .to_string(),
             dtype: match opts.dtype {
                 WeightDtype::F16 => "f16",

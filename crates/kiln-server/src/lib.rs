@@ -33,7 +33,6 @@ pub(crate) mod lmi_stream;
 pub mod management;
 pub mod openai;
 pub mod params;
-pub mod prepared_load;
 pub mod prom;
 pub mod prom_vllm;
 pub mod prompts;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::StatusCode;
-use kiln_engine::{launch, Engine, EngineConfig, KvCapacity};
+use kiln_engine::{load, Engine, EngineConfig, KvCapacity};
 use kiln_model::LoadOptions;
 use tokio::sync::watch;
 
@@ -666,32 +666,16 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         dtype: p.dtype,
         quantize: p.quantize,
     };
-    let device = p.device.unwrap_or(defaults.device);
-    // An unusable device fails before a remote model is downloaded.
-    launch::check_device(device).map_err(|e| e.to_string())?;
-    let download = kiln_sources::DownloadDir::from_env();
-    let cache = kiln_sources::PreparedCache::new(&download, defaults.prepared_cache_max);
-    let cached = |path, manifest| crate::prepared_load::CachedSource {
-        path,
-        manifest,
-        opts: &opts,
-        cache: &cache,
-        always_prepare: false,
-        report: Default::default(),
-    };
+    // The same path as the CLI's: device check, download, caches, launch.
     let model = match &entry.source {
-        None => launch::load_from(device, &cached(&entry.model_path, None))
-            .map_err(|e| e.to_string())?,
-        Some(source) => {
-            let fetched = kiln_sources::fetch(source, &download).map_err(|e| e.to_string())?;
-            // The loader names the cached file; say which model it came from.
-            launch::load_from(
-                device,
-                &cached(&fetched.model_path, Some(&fetched.manifest)),
-            )
-            .map_err(|e| format!("{source}: {e}"))?
-        }
+        None => load::ModelLocation::Local(entry.model_path.clone()),
+        Some(source) => load::ModelLocation::Remote(source.clone()),
     };
+    let spec = load::LoadSpec {
+        cache_max_bytes: defaults.prepared_cache_max,
+        ..load::LoadSpec::new(model, p.device.unwrap_or(defaults.device), opts)
+    };
+    let model = load::load(&spec).map_err(|e| e.to_string())?.model;
     let settings = entry
         .settings
         .lock()

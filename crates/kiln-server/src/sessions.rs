@@ -48,7 +48,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::error::ApiError;
-use crate::properties::SessionOptions;
+use crate::properties::chat::SessionOptions;
+/// The bounds on sessions, kept with the option that sets them.
+pub use crate::properties::chat::{DEFAULT_MAX_SESSIONS_PER_CLIENT, MAX_SESSIONS};
 
 /// The header that names a request's session (and, on creation, carries
 /// the new id and its expiry).
@@ -57,13 +59,6 @@ pub const SESSION_HEADER: &str = "X-Amzn-SageMaker-Session-Id";
 /// The header a CLOSE answer names the closed session in (DJL's
 /// `HEADER_SAGEMAKER_CLOSED_SESSION_ID`).
 pub const CLOSED_SESSION_HEADER: &str = "X-Amzn-SageMaker-Closed-Session-Id";
-
-/// Live sessions a model keeps at most; creating one more is refused.
-pub const MAX_SESSIONS: usize = 100_000;
-
-/// Live sessions one client address may have created, unless
-/// `option.max_sessions_per_client` says otherwise: a tenth of the table.
-pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = MAX_SESSIONS / 10;
 
 /// A session request: the body's `requestType`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,6 +15,11 @@ pub struct Args {
     /// Weight dtype to size for (fp32, fp16, bf16; default: as stored).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Size for the weights quantized while loading, as `--quantize` of
+    /// `kiln serve` and `option.quantize` name it (q8_0, q4_0, q4_1, q4_k,
+    /// q6_k; q4_k_m and q4_k_s too). Overrides --dtype.
+    #[arg(long, value_parser = crate::model_args::parse_quantize)]
+    pub quantize: Option<kiln_backend::GgmlType>,
     /// Device memory to check against, e.g. 16GiB, 32GiB, 80GB.
     #[arg(long)]
     pub memory: Option<String>,
@@ -30,6 +35,13 @@ fn gb(bytes: f64) -> String {
     format!("{:.1} GB", bytes / 1e9)
 }
 
+/// Bytes of `params` weights in the block format `ty` (every weight in it:
+/// the few vectors kept in f32 are a rounding error next to the matrices).
+fn quantized_bytes(params: u64, ty: kiln_backend::GgmlType) -> f64 {
+    let (elements, bytes) = ty.block();
+    params as f64 * bytes as f64 / elements as f64
+}
+
 /// Runs `kiln inspect`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let path = match &args.model {
@@ -41,14 +53,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let c = &s.config;
     let params = c.param_count();
     let quantized = s.format == "gguf" && args.dtype.is_none();
-    let (dtype, weight_bytes) = match &args.dtype {
-        Some(d) => {
+    let (dtype, weight_bytes) = match (&args.quantize, &args.dtype) {
+        (Some(ty), _) => (
+            kiln_model::names::quantize_name(*ty).to_string(),
+            quantized_bytes(params, *ty),
+        ),
+        (None, Some(d)) => {
             let b = dtype_bytes(d)
                 .with_context(|| format!("--dtype '{d}': expected fp32, fp16 or bf16"))?;
             (d.clone(), params as f64 * b as f64)
         }
-        None if quantized => (s.stored_dtype.clone(), s.stored_bytes.unwrap_or(0) as f64),
-        None => {
+        (None, None) if quantized => (s.stored_dtype.clone(), s.stored_bytes.unwrap_or(0) as f64),
+        (None, None) => {
             let b = dtype_bytes(&s.stored_dtype).unwrap_or(2);
             (s.stored_dtype.clone(), params as f64 * b as f64)
         }

@@ -1,14 +1,13 @@
 //! The model-selection arguments every subcommand shares, and loading.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::Context;
-use kiln_engine::launch::{self, DeviceModel};
+use kiln_engine::launch::DeviceModel;
+use kiln_engine::load::{self, LoadModelError, LoadReport, LoadSpec, ModelLocation};
 use kiln_engine::Device;
 use kiln_model::{LoadOptions, WeightDtype};
-use kiln_server::prepared_load::{self, CachedSource, LoadReport};
-use kiln_sources::{DownloadDir, Fetched, PreparedCache, Source};
+use kiln_sources::Source;
 
 /// Which model to load and how.
 #[derive(clap::Args, Debug, Clone)]
@@ -37,7 +36,7 @@ pub struct ModelArgs {
     pub dtype: Option<WeightDtype>,
     /// GiB the prepared-model cache may hold; least recently used entries
     /// beyond it are evicted. Default: unbounded.
-    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = prepared_load::parse_cache_max_gib)]
+    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = load::parse_cache_max_gib)]
     pub cache_max_gib: Option<u64>,
     /// Where the model runs: cpu, cuda or cuda:N (a GPU; needs a kiln built
     /// with `--features cuda`).
@@ -50,9 +49,10 @@ pub fn parse_device(value: &str) -> Result<Device, String> {
     Device::parse(value).map_err(|e| e.to_string())
 }
 
-/// Clap's parser for `--quantize`: the message names what kiln supports.
-fn parse_quantize(value: &str) -> Result<kiln_backend::GgmlType, String> {
-    kiln_model::convert::parse_quantize(value).map_err(|e| e.to_string())
+/// Clap's parser for `--quantize` (of `prepare` and `inspect` too), with
+/// `option.quantize`'s names: the message names what kiln supports.
+pub fn parse_quantize(value: &str) -> Result<kiln_backend::GgmlType, String> {
+    kiln_model::names::parse_quantize(value).map_err(|e| e.to_string())
 }
 
 /// Clap's parser for `--dtype`, with `option.dtype`'s names.
@@ -75,75 +75,63 @@ impl ModelArgs {
         }
     }
 
-    /// The prepared-model cache these arguments bound.
-    pub fn cache(&self) -> PreparedCache {
-        PreparedCache::new(&DownloadDir::from_env(), self.cache_max_gib)
-    }
-
     /// Loads the model onto `--device`, logging how long it took.
     pub fn load(&self) -> anyhow::Result<DeviceModel> {
         Ok(self.load_reporting(false)?.0)
     }
 
     /// Loads the model onto `--device` (through the prepared-model cache
-    /// when it converts, or always with `always_prepare`) and says how. The
-    /// device is checked first, so an unusable GPU fails before any download.
+    /// when it converts, or always with `always_prepare`) and says how, by
+    /// the path the server's registry takes too ([`load::load`]): the device
+    /// is checked first, so an unusable GPU fails before any download.
     pub fn load_reporting(
         &self,
         always_prepare: bool,
     ) -> anyhow::Result<(DeviceModel, LoadReport)> {
-        launch::check_device(self.device)?;
-        let (path, fetched) = match &self.model {
+        let model = match &self.model {
             Some(m) => resolve(m, self.revision.as_deref())?,
-            None => (
+            None => ModelLocation::Local(
                 kiln_model::default_model::default_model_path()
                     .context("no --model given, and the default model is missing")?,
-                None,
             ),
         };
-        let t0 = Instant::now();
-        let opts = self.options();
-        let cache = self.cache();
-        let source = CachedSource {
-            path: &path,
-            manifest: fetched.as_ref().map(|f| &f.manifest),
-            opts: &opts,
-            cache: &cache,
+        let spec = LoadSpec {
+            cache_max_bytes: self.cache_max_gib,
             always_prepare,
-            report: Default::default(),
+            ..LoadSpec::new(model, self.device, self.options())
         };
-        let model = launch::load_from(self.device, &source).with_context(|| {
-            let from = fetched
-                .as_ref()
-                .map(|f| format!(" (downloaded from {})", f.manifest.url))
-                .unwrap_or_default();
-            format!("cannot load the model at {}{from}", path.display())
-        })?;
-        tracing::info!(
-            "loaded {} onto {} in {:.2?}",
-            path.display(),
-            self.device,
-            t0.elapsed()
-        );
-        Ok((model, source.take_report()))
+        match load::load(&spec) {
+            Ok(loaded) => Ok((loaded.model, loaded.report)),
+            // The CLI names the file it read, and where it came from.
+            Err(LoadModelError::Load {
+                path,
+                remote,
+                error,
+            }) => {
+                let from = remote
+                    .map(|(_, url)| format!(" (downloaded from {url})"))
+                    .unwrap_or_default();
+                Err(anyhow::Error::new(error)
+                    .context(format!("cannot load the model at {}{from}", path.display())))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
-/// The local path of `--model`: the path itself, or a remote model's entry
-/// in the download cache (downloaded first when missing), with what was
-/// fetched. The same rule as `option.model_id`: an existing path wins over a
-/// Hub id of the same shape.
-pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<(PathBuf, Option<Fetched>)> {
+/// Where `--model` points: the path itself, or a remote model to download
+/// into the cache. The same rule as `option.model_id`: an existing path wins
+/// over a Hub id of the same shape.
+pub fn resolve(model: &str, revision: Option<&str>) -> anyhow::Result<ModelLocation> {
     let source = match Source::parse(model) {
         Some(source) => source?,
         None if Path::new(model).exists() || !kiln_sources::looks_like_hub_id(model) => {
-            return Ok((PathBuf::from(model), None))
+            return Ok(ModelLocation::Local(PathBuf::from(model)))
         }
         None => Source::hub(model, revision)?,
     };
     if revision.is_some() && matches!(source, Source::S3 { .. }) {
         anyhow::bail!("--revision applies to Hugging Face models, not to {source}");
     }
-    let fetched = kiln_sources::fetch(&source, &DownloadDir::from_env())?;
-    Ok((fetched.model_path.clone(), Some(fetched)))
+    Ok(ModelLocation::Remote(source))
 }

@@ -23,13 +23,13 @@ pub struct Args {
     #[arg(long)]
     pub revision: Option<String>,
     /// Quantize the float weight matrices to q8_0, q4_0, q4_1, q4_k or q6_k.
-    #[arg(long, value_parser = |v: &str| kiln_model::convert::parse_quantize(v).map_err(|e| e.to_string()))]
+    #[arg(long, value_parser = crate::model_args::parse_quantize)]
     pub quantize: Option<kiln_backend::GgmlType>,
     /// Round the weights to fp16 or bf16 (auto/fp32: keep them).
     #[arg(long, value_parser = crate::model_args::parse_dtype)]
     pub dtype: Option<WeightDtype>,
     /// GiB the local prepared-model cache may hold (it keeps a copy).
-    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = kiln_server::prepared_load::parse_cache_max_gib)]
+    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = kiln_engine::load::parse_cache_max_gib)]
     pub cache_max_gib: Option<u64>,
 }
 

@@ -101,7 +101,7 @@ pub struct Args {
     pub memory_budget_mib: Option<u64>,
     /// GiB the prepared-model cache (`$KILN_CACHE/prepared`) may hold; the
     /// least recently used entries beyond it are evicted. Default: unbounded.
-    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = kiln_server::prepared_load::parse_cache_max_gib)]
+    #[arg(long, env = "KILN_CACHE_MAX_GIB", value_parser = kiln_engine::load::parse_cache_max_gib)]
     pub cache_max_gib: Option<u64>,
     /// Largest output constraint (grammar, regex, JSON schema, choices), in
     /// bytes; a larger one is refused (400).

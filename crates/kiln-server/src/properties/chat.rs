@@ -22,7 +22,7 @@
 //!   `rolling_batch=disable`) is served as DJL frames it, `{"outputs":
 //!   [...]}` lines ([`crate::lmi_outputs`]).
 
-use super::Builder;
+use super::builder::Builder;
 use crate::reasoning::ReasoningParser;
 use crate::tool_parse::ToolSyntax;
 
@@ -101,6 +101,13 @@ pub struct ChatOptions {
     pub sessions: SessionOptions,
 }
 
+/// Live sessions a model keeps at most; creating one more is refused.
+pub const MAX_SESSIONS: usize = 100_000;
+
+/// Live sessions one client address may have created, unless
+/// `option.max_sessions_per_client` says otherwise: a tenth of the table.
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = MAX_SESSIONS / 10;
+
 /// SageMaker stateful sessions ([`crate::sessions`]): on unless
 /// `option.enable_stateful_sessions=false`, as in DJL's LMI handler, and
 /// ending `option.sessions_expiration` seconds after they begin (DJL's
@@ -128,7 +135,7 @@ impl Default for SessionOptions {
         Self {
             enabled: true,
             expiration_s: Self::DEFAULT_EXPIRATION_S,
-            max_per_client: crate::sessions::DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            max_per_client: DEFAULT_MAX_SESSIONS_PER_CLIENT,
         }
     }
 }
@@ -204,7 +211,7 @@ impl Builder {
         let expiration_s = self
             .count_at_least("option.sessions_expiration", 1)
             .map_or(SessionOptions::DEFAULT_EXPIRATION_S, |(n, _)| n as u64);
-        let max_sessions = crate::sessions::MAX_SESSIONS;
+        let max_sessions = MAX_SESSIONS;
         let max_per_client = self
             .int(
                 "option.max_sessions_per_client",
@@ -212,10 +219,9 @@ impl Builder {
                 max_sessions as i64,
                 &format!("a whole number from 1 to {max_sessions}"),
             )
-            .map_or(
-                crate::sessions::DEFAULT_MAX_SESSIONS_PER_CLIENT,
-                |(n, _)| usize::try_from(n).unwrap_or(max_sessions),
-            );
+            .map_or(DEFAULT_MAX_SESSIONS_PER_CLIENT, |(n, _)| {
+                usize::try_from(n).unwrap_or(max_sessions)
+            });
         if let Some(p) = self.entry("option.sessions_path") {
             self.warn(
                 &p,

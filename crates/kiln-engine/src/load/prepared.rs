@@ -1,0 +1,304 @@
+//! The prepared-model cache in front of conversion.
+//!
+//! A load that converts weights (`option.quantize`, a 16-bit `option.dtype`)
+//! looks the conversion up in the prepared-model cache first
+//! ([`kiln_sources::prepared`]): on a hit it maps the prepared GGUF file and
+//! converts nothing; on a miss it converts as usual while writing the result
+//! into a new entry, so the next start is a hit. A model that is itself a
+//! prepared file made with the settings asked for (a prefix that
+//! `kiln prepare` uploaded) is mapped as it is. [`LoadReport`] says which of
+//! these happened, for logs and tests. Whichever way the model is read, the
+//! weight layout cache ([`super::layouts`]) comes along.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_backend::Backend;
+use kiln_model::layouts::{LayoutRecorder, Layouts};
+use kiln_model::prepared::{self, PreparedInfo, Settings, ARTIFACT_VERSION};
+use kiln_model::{LoadOptions, LoadedModel, ModelError};
+use kiln_sources::prepared::{Begin, KeyParts};
+use kiln_sources::{Manifest, PreparedCache, PreparedError};
+
+use super::layouts::{cached_layout, layout_parts, store_layout, with_layouts};
+use crate::launch::{LaunchError, ModelSource};
+
+/// How a model was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadReport {
+    /// No conversion was asked for: loaded as stored (a prepared file
+    /// included).
+    AsStored,
+    /// The model is a prepared file with the settings asked for: mapped.
+    PreparedSource {
+        /// The prepared file.
+        file: PathBuf,
+    },
+    /// A prepared-cache hit: the entry's file was mapped, nothing converted.
+    Mapped {
+        /// The cache key.
+        key: String,
+        /// The prepared file.
+        file: PathBuf,
+    },
+    /// A miss: converted while loading and written into the cache.
+    Converted {
+        /// The cache key.
+        key: String,
+        /// The prepared file written.
+        file: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+}
+
+impl LoadReport {
+    /// The prepared file the model is (or was written to), if any.
+    pub fn prepared_file(&self) -> Option<&Path> {
+        match self {
+            LoadReport::AsStored => None,
+            LoadReport::PreparedSource { file }
+            | LoadReport::Mapped { file, .. }
+            | LoadReport::Converted { file, .. } => Some(file),
+        }
+    }
+}
+
+/// Why a model could not be loaded or prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Reading or converting the model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The prepared-model cache failed, or held a corrupt entry.
+    #[error(transparent)]
+    Cache(#[from] PreparedError),
+    /// A prepared entry's file did not load; the entry was removed.
+    #[error("{source}; the entry was removed from the prepared-model cache, the next start prepares it again")]
+    CorruptEntry {
+        /// The loader's error, which names the file.
+        source: ModelError,
+    },
+    /// A local model's files could not be listed for its cache key.
+    #[error("{}: {source}", path.display())]
+    Identity {
+        /// The model path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Loads `source`'s model onto `backend` with its options, through its
+/// cache when the options convert weights or `always_prepare` asks for a
+/// prepared file anyway (`kiln prepare` without conversion options).
+fn load_model<B: Backend>(
+    backend: &B,
+    source: &CachedSource<'_>,
+) -> Result<(LoadedModel<B>, LoadReport), LoadError> {
+    let CachedSource {
+        path,
+        manifest,
+        opts,
+        cache,
+        always_prepare,
+        layout_cache,
+        ..
+    } = *source;
+    if !always_prepare && !prepared::converts(path, opts) {
+        let model = with_layouts(
+            backend,
+            layout_cache,
+            cache,
+            path,
+            &Settings::of(opts),
+            |l| kiln_model::load_with(backend, path, opts, l),
+        )?;
+        return Ok((model, LoadReport::AsStored));
+    }
+    let as_prepared = prepared::as_prepared(opts);
+    if let Some(info) = prepared::read_info(path)? {
+        if info.matches(opts) {
+            let model = with_layouts(
+                backend,
+                layout_cache,
+                cache,
+                path,
+                &Settings::of(&as_prepared),
+                |l| kiln_model::load_with(backend, path, &as_prepared, l),
+            )?;
+            let file = match &model.format {
+                kiln_model::ModelFormat::Gguf(f) | kiln_model::ModelFormat::HfDir(f) => f.clone(),
+            };
+            tracing::info!(
+                "{} is a prepared model ({}; key {}); mapped, nothing converted",
+                file.display(),
+                info.settings,
+                info.key
+            );
+            return Ok((model, LoadReport::PreparedSource { file }));
+        }
+        tracing::warn!(
+            "{} is a prepared model ({}, artifact version {}), and {} (version {ARTIFACT_VERSION}) \
+             was asked for: converting it again",
+            path.display(),
+            info.settings,
+            info.artifact_version,
+            Settings::of(opts)
+        );
+    }
+    let (source, identity) = match manifest {
+        Some(m) => kiln_sources::prepared::remote_identity(m),
+        None => {
+            kiln_sources::prepared::local_identity(path).map_err(|source| LoadError::Identity {
+                path: path.to_path_buf(),
+                source,
+            })?
+        }
+    };
+    let settings = Settings::of(opts);
+    let parts = KeyParts {
+        source,
+        identity,
+        quantize: settings.quantize.clone(),
+        dtype: settings.dtype.clone(),
+        artifact_version: ARTIFACT_VERSION,
+        layout: None,
+    };
+    match cache.begin(&parts)? {
+        Begin::Ready(entry) => {
+            let file = entry.file();
+            let key = entry.key().to_string();
+            let loaded = with_layouts(
+                backend,
+                layout_cache,
+                cache,
+                &file,
+                &Settings::of(&as_prepared),
+                |l| kiln_model::load_with(backend, &file, &as_prepared, l),
+            );
+            match loaded {
+                Ok(model) => {
+                    tracing::info!(
+                        "prepared model {key}: mapped {}; nothing converted",
+                        file.display()
+                    );
+                    Ok((model, LoadReport::Mapped { key, file }))
+                }
+                Err(source) => {
+                    cache.discard(&key)?;
+                    Err(LoadError::CorruptEntry { source })
+                }
+            }
+        }
+        Begin::Build(builder) => {
+            let key = builder.key().to_string();
+            let info = PreparedInfo {
+                key: key.clone(),
+                source: parts.source.clone(),
+                identity: parts.identity_json(),
+                settings: settings.clone(),
+                artifact_version: ARTIFACT_VERSION,
+            };
+            tracing::info!(
+                "prepared model {key}: not in the cache; converting {} ({settings}) and writing {}",
+                parts.source,
+                builder.file().display()
+            );
+            let t0 = Instant::now();
+            // The converted weights, as the backend rearranges them, are
+            // what a later start's load of the prepared file rearranges:
+            // kept, and stored under that file's key once it exists.
+            let layout = cached_layout(backend, layout_cache)
+                .map(|name| (name, Layouts::Record(LayoutRecorder::default())));
+            let record = layout.as_ref().map_or(&Layouts::Off, |(_, l)| l);
+            let (model, bytes) =
+                prepared::load_and_prepare(backend, path, opts, &info, &builder.file(), record)?;
+            let entry = builder.commit(cache)?;
+            let file = entry.file();
+            tracing::info!(
+                "prepared model {key}: converted and wrote {} ({bytes} bytes) in {:.2?}",
+                file.display(),
+                t0.elapsed()
+            );
+            if let Some((name, Layouts::Record(rec))) = &layout {
+                if let Some(lparts) = layout_parts(&file, &Settings::of(&as_prepared), name) {
+                    let lkey = lparts.key();
+                    match cache.begin(&lparts) {
+                        Ok(Begin::Build(b)) => store_layout(cache, b, rec, name, t0),
+                        Ok(Begin::Ready(_)) => {}
+                        Err(e) => tracing::warn!("weight layout {lkey}: {e}; not stored"),
+                    }
+                }
+            }
+            Ok((model, LoadReport::Converted { key, file, bytes }))
+        }
+    }
+}
+
+/// A model loaded through the prepared-model cache onto whichever device
+/// [`crate::launch::load_from`] picks, keeping the [`LoadReport`] for the
+/// caller.
+pub(super) struct CachedSource<'a> {
+    /// The local model (a download cache entry for a remote one).
+    pub path: &'a Path,
+    /// What a remote model's download recorded (its content identity).
+    pub manifest: Option<&'a Manifest>,
+    /// The load options, conversion settings included.
+    pub opts: &'a LoadOptions,
+    /// The prepared-model cache.
+    pub cache: &'a PreparedCache,
+    /// Prepare (and map) even when nothing is converted (`kiln prepare`).
+    pub always_prepare: bool,
+    /// Whether rearranged weights go through the cache too.
+    pub layout_cache: bool,
+    /// How the load went, once it has.
+    pub report: std::sync::Mutex<Option<LoadReport>>,
+}
+
+impl ModelSource for CachedSource<'_> {
+    fn load_onto<B: Backend>(&self, backend: &B) -> Result<LoadedModel<B>, LaunchError> {
+        let (model, report) =
+            load_model(backend, self).map_err(|e| LaunchError::Source(Box::new(e)))?;
+        if let Ok(mut r) = self.report.lock() {
+            *r = Some(report);
+        }
+        Ok(model)
+    }
+}
+
+impl CachedSource<'_> {
+    /// The report of the load that ran ([`LoadReport::AsStored`] if none did).
+    pub fn take_report(&self) -> LoadReport {
+        self.report
+            .lock()
+            .ok()
+            .and_then(|mut r| r.take())
+            .unwrap_or(LoadReport::AsStored)
+    }
+}
+
+/// `--cache-max-gib` / `KILN_CACHE_MAX_GIB` as bytes: a positive number of
+/// GiB (fractions allowed).
+pub fn parse_cache_max_gib(value: &str) -> Result<u64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(g) if g.is_finite() && g > 0.0 => Ok((g * (1u64 << 30) as f64) as u64),
+        _ => Err(format!(
+            "'{value}' is not a positive number of GiB (such as 20 or 0.5)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_bounds_parse_as_gib() {
+        assert_eq!(parse_cache_max_gib("2"), Ok(2 << 30));
+        assert_eq!(parse_cache_max_gib("0.5"), Ok(1 << 29));
+        assert!(parse_cache_max_gib("0").is_err());
+        assert!(parse_cache_max_gib("-1").is_err());
+        assert!(parse_cache_max_gib("lots").is_err());
+    }
+}
