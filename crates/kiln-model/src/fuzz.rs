@@ -322,6 +322,23 @@ pub fn run(
     )
 }
 
+/// The PyTorch checkpoint reader as a fuzz target: opens `bytes` and reads
+/// every tensor it lists, whatever that returns; whether the file opened.
+/// The fuzz run and the truncation and corruption tests of
+/// `tests/torch_checkpoint.rs` share it, so both drive the same paths.
+pub fn read_torch_checkpoint(bytes: Vec<u8>) -> bool {
+    match crate::torch::TorchCheckpoint::from_bytes("fuzz.bin", bytes) {
+        Ok(c) => {
+            let names: Vec<String> = c.names().map(String::from).collect();
+            for n in names {
+                let _ = c.get(&n);
+            }
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
