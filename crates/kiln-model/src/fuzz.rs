@@ -11,6 +11,9 @@
 //! `KILN_FUZZ_CASES` sets the number of cases per target (CI runs the
 //! default; `FUZZING.md` records longer runs); `KILN_FUZZ_SEED` the seed;
 //! `KILN_FUZZ_VERBOSE=1` prints each panic's backtrace as it happens.
+//!
+//! A test tool, not part of the library users get: compiled only with the
+//! `test-support` feature, which every crate's `[dev-dependencies]` turns on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
