@@ -11,6 +11,9 @@
 //!
 //! The tokenizer is byte-level BPE with the 256 byte tokens and no merges,
 //! plus three ChatML control tokens, so any text encodes.
+//!
+//! A test tool, not part of the library users get: compiled only with the
+//! `test-support` feature, which every crate's `[dev-dependencies]` turns on.
 
 use std::path::Path;
 

@@ -11,6 +11,9 @@
 //! `KILN_FUZZ_CASES` sets the number of cases per target (CI runs the
 //! default; `FUZZING.md` records longer runs); `KILN_FUZZ_SEED` the seed;
 //! `KILN_FUZZ_VERBOSE=1` prints each panic's backtrace as it happens.
+//!
+//! A test tool, not part of the library users get: compiled only with the
+//! `test-support` feature, which every crate's `[dev-dependencies]` turns on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -320,6 +323,23 @@ pub fn run(
         },
         target,
     )
+}
+
+/// The PyTorch checkpoint reader as a fuzz target: opens `bytes` and reads
+/// every tensor it lists, whatever that returns; whether the file opened.
+/// The fuzz run and the truncation and corruption tests of
+/// `tests/torch_checkpoint.rs` share it, so both drive the same paths.
+pub fn read_torch_checkpoint(bytes: Vec<u8>) -> bool {
+    match crate::torch::TorchCheckpoint::from_bytes("fuzz.bin", bytes) {
+        Ok(c) => {
+            let names: Vec<String> = c.names().map(String::from).collect();
+            for n in names {
+                let _ = c.get(&n);
+            }
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,13 @@ pub mod convert;
 pub mod decoder;
 pub mod default_model;
 pub mod files;
+// Tiny random-weight models written on the fly: test tools, only with the
+// `test-support` feature, which every crate's tests turn on.
+#[cfg(feature = "test-support")]
 pub mod fixtures;
+// A small mutation fuzzer for the parsers of outside data: a test tool, only
+// with the `test-support` feature.
+#[cfg(feature = "test-support")]
 pub mod fuzz;
 pub mod gguf;
 mod gguf_write;
