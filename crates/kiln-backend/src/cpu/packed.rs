@@ -41,8 +41,7 @@
 //! part) come from [`super::actq`].
 
 use super::actq::QuantizedRows;
-use super::blocks::{self, IntFormat, Unpacked};
-use super::matmul::QK;
+use super::blocks::{self, IntFormat, Unpacked, QK};
 use crate::quant::{q3_k_scales, scale_min_k4, GgmlType};
 use crate::HostBytes;
 
@@ -63,6 +62,7 @@ const K_MINS: usize = K_SCALES + 8 * NR;
 
 /// The formats that are repacked, and what their layout holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub(super) enum PackedFormat {
     Q8_0,
     Q4_0,
@@ -77,6 +77,26 @@ pub(super) enum PackedFormat {
 }
 
 impl PackedFormat {
+    /// Every packed format, in declaration order: `ALL[f as usize] == f`.
+    const ALL: [PackedFormat; 10] = [
+        PackedFormat::Q8_0,
+        PackedFormat::Q4_0,
+        PackedFormat::Q4_1,
+        PackedFormat::Q5_0,
+        PackedFormat::Q5_1,
+        PackedFormat::Q2K,
+        PackedFormat::Q3K,
+        PackedFormat::Q4K,
+        PackedFormat::Q5K,
+        PackedFormat::Q6K,
+    ];
+
+    /// The format whose discriminant (`f as u8`) is `i`: kernels generic
+    /// over a format take it as a `const u8` and map it back here.
+    pub const fn from_index(i: u8) -> Self {
+        Self::ALL[i as usize]
+    }
+
     /// The packed form of `ty`, if it has one.
     pub fn of(ty: GgmlType) -> Option<Self> {
         Some(match ty {
@@ -453,72 +473,10 @@ impl PackedOperands<'_> {
     }
 }
 
-/// The portable kernel: the canonical computation for input rows `i0..i1`
-/// and groups `g0..g1`.
-///
-/// # Safety
-/// `out` points to an `m x n` buffer of which no other thread touches
-/// these elements.
-pub(super) unsafe fn portable_block(
-    ops: &PackedOperands,
-    i0: usize,
-    i1: usize,
-    g0: usize,
-    g1: usize,
-    out: *mut f32,
-) {
-    let fmt = ops.w.fmt;
-    let q = ops.q;
-    let nb = ops.k / QK;
-    let (subs, parts) = (fmt.subs(), if fmt.halves() { 2 } else { 1 });
-    let len = QK / parts;
-    for i in i0..i1 {
-        for g in g0..g1 {
-            for r in 0..NR {
-                let j = g * NR + r;
-                if j >= ops.n {
-                    break;
-                }
-                let (mut acc, mut off) = (0f32, 0f32);
-                for b in 0..nb {
-                    let (chunk, s) = (ops.chunk(g, b / subs), b % subs);
-                    let ib = i * nb + b;
-                    for h in 0..parts {
-                        let dot: i32 = (h * len..(h + 1) * len)
-                            .map(|t| PackedWeight::code(fmt, chunk, s, r, t) * q.value(ib * QK + t))
-                            .sum();
-                        let xsum = if parts == 2 {
-                            q.isum16[2 * ib + h]
-                        } else {
-                            q.isum[ib]
-                        };
-                        let sum = dot - fmt.zero_point() * xsum;
-                        let scale = PackedWeight::scale(fmt, chunk, s, h, r);
-                        acc = (sum as f32 * q.dx[ib]).mul_add(scale, acc);
-                    }
-                    if fmt.has_min() {
-                        for h in 0..parts {
-                            let xsum = if parts == 2 {
-                                q.sum16[2 * ib + h]
-                            } else {
-                                q.sum32[ib]
-                            };
-                            let min = PackedWeight::min(fmt, chunk, s, h, r);
-                            off = min.mul_add(xsum, off);
-                        }
-                    }
-                }
-                // SAFETY: i < m and j < n, inside the buffer; the caller owns the element.
-                unsafe { *out.add(i * ops.n + j) = acc + off };
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::random_blocks;
+    use crate::cpu::test_support::random_blocks;
     use crate::quant;
 
     /// Every code, scale and minimum survives the repack, including the
