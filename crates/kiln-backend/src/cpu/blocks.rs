@@ -41,24 +41,14 @@ impl IntFormat {
     /// The integer format of `ty`, or `None` for float formats (and Q8_K,
     /// which only exists as an activation format).
     pub fn of(ty: GgmlType) -> Option<Self> {
-        let (granule, signed) = match ty {
-            GgmlType::Q8_0 => (0, true),
-            GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q4K
-            | GgmlType::Q5K => (32, false),
-            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q6K => (16, false),
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K => return None,
-        };
-        let (elems, bytes) = ty.block();
+        let f = ty.format();
+        let c = f.codes?;
         Some(Self {
             ty,
-            elems,
-            bytes,
-            signed,
-            granule,
+            elems: f.elems,
+            bytes: f.bytes,
+            signed: c.signed,
+            granule: c.granule,
         })
     }
 

@@ -42,7 +42,7 @@
 
 use super::actq::QuantizedRows;
 use super::blocks::{self, IntFormat, Unpacked, QK};
-use crate::quant::{q3_k_scales, scale_min_k4, GgmlType};
+use crate::quant::{q3_k_scales, scale_min_k4, CodeLayout, GgmlType};
 use crate::HostBytes;
 
 /// Rows per interleaved group: a 512-bit register's 16 lanes (AVX2 takes
@@ -99,19 +99,7 @@ impl PackedFormat {
 
     /// The packed form of `ty`, if it has one.
     pub fn of(ty: GgmlType) -> Option<Self> {
-        Some(match ty {
-            GgmlType::Q8_0 => PackedFormat::Q8_0,
-            GgmlType::Q4_0 => PackedFormat::Q4_0,
-            GgmlType::Q4_1 => PackedFormat::Q4_1,
-            GgmlType::Q5_0 => PackedFormat::Q5_0,
-            GgmlType::Q5_1 => PackedFormat::Q5_1,
-            GgmlType::Q2K => PackedFormat::Q2K,
-            GgmlType::Q3K => PackedFormat::Q3K,
-            GgmlType::Q4K => PackedFormat::Q4K,
-            GgmlType::Q5K => PackedFormat::Q5K,
-            GgmlType::Q6K => PackedFormat::Q6K,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|f| f.ty() == ty)
     }
 
     /// The ggml type.
@@ -130,61 +118,38 @@ impl PackedFormat {
         }
     }
 
+    /// The format's codes, from its row of [`crate::quant::FORMATS`].
+    const fn layout(self) -> CodeLayout {
+        match self.ty().format().codes {
+            Some(c) => c,
+            None => panic!("every packed format is a block format"),
+        }
+    }
+
     /// Bits per code: 8 (Q8_0), 2, 3, 4, 5 or 6.
     pub const fn code_bits(self) -> usize {
-        match self {
-            PackedFormat::Q8_0 => 8,
-            PackedFormat::Q2K => 2,
-            PackedFormat::Q3K => 3,
-            PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => 4,
-            PackedFormat::Q5_0 | PackedFormat::Q5_1 | PackedFormat::Q5K => 5,
-            PackedFormat::Q6K => 6,
-        }
+        self.layout().code_bits
     }
 
     /// 32-element sub-blocks per file block.
     pub const fn subs(self) -> usize {
-        match self {
-            PackedFormat::Q2K
-            | PackedFormat::Q3K
-            | PackedFormat::Q4K
-            | PackedFormat::Q5K
-            | PackedFormat::Q6K => 8,
-            _ => 1,
-        }
+        self.ty().format().elems / QK
     }
 
     /// Sub-blocks are scaled in two halves of 16 (Q2_K, Q3_K, Q6_K).
     pub const fn halves(self) -> bool {
-        matches!(
-            self,
-            PackedFormat::Q2K | PackedFormat::Q3K | PackedFormat::Q6K
-        )
+        self.layout().halves
     }
 
     /// The format adds a minimum per sub-block (per half sub-block where
     /// its scales are: Q2_K).
     pub const fn has_min(self) -> bool {
-        matches!(
-            self,
-            PackedFormat::Q4_1
-                | PackedFormat::Q5_1
-                | PackedFormat::Q2K
-                | PackedFormat::Q4K
-                | PackedFormat::Q5K
-        )
+        self.layout().has_min
     }
 
     /// The zero point `K` of the unsigned codes.
     pub const fn zero_point(self) -> i32 {
-        match self {
-            PackedFormat::Q8_0 => 128,
-            PackedFormat::Q4_0 => 8,
-            PackedFormat::Q5_0 => 16,
-            PackedFormat::Q3K => 4,
-            PackedFormat::Q6K => 32,
-            _ => 0,
-        }
+        self.layout().zero_point
     }
 
     /// Code bytes per group and sub-block, a vector's worth per bit: eight
