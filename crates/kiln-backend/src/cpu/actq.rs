@@ -186,6 +186,7 @@ impl QuantizedRows {
 
 /// Whether the interleaved layout's quantizer runs its AVX-512 loop: where
 /// the one choice of instruction sets admits AVX-512 ([`isa::chosen`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn split_avx512() -> bool {
     isa::chosen().avx512
 }

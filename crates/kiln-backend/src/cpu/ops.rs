@@ -219,6 +219,7 @@ pub(super) fn gated_activation(
 
 /// Whether the gated activation runs its AVX2 loop: where the one choice
 /// of instruction sets admits vector code ([`isa::chosen`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn gate_vector() -> bool {
     isa::chosen().vector()
 }
