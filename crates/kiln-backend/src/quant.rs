@@ -34,59 +34,245 @@ pub enum GgmlType {
 impl GgmlType {
     /// Maps ggml's type number to the enum; `None` for types kiln cannot read.
     pub fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            10 => Self::Q2K,
-            11 => Self::Q3K,
-            12 => Self::Q4K,
-            13 => Self::Q5K,
-            14 => Self::Q6K,
-            15 => Self::Q8K,
-            30 => Self::BF16,
-            _ => return None,
-        })
+        FORMATS.iter().map(|f| f.ty).find(|&ty| ty as u32 == v)
+    }
+
+    /// The format's row of [`FORMATS`]: everything kiln knows about it.
+    pub const fn format(self) -> &'static Format {
+        // Each row's index in the table, which `formats_are_listed_once` checks.
+        let i = match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::BF16 => 2,
+            Self::Q8_0 => 3,
+            Self::Q4_0 => 4,
+            Self::Q4_1 => 5,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q2K => 8,
+            Self::Q3K => 9,
+            Self::Q4K => 10,
+            Self::Q5K => 11,
+            Self::Q6K => 12,
+            Self::Q8K => 13,
+        };
+        &FORMATS[i]
     }
 
     /// Byte offsets of the f16 scales (and minimums) inside one block; empty
     /// for the float formats. Test and benchmark data generators set these to
     /// moderate values so that random blocks decode to finite numbers.
     pub fn f16_fields(self) -> &'static [usize] {
-        match self {
-            Self::F32 | Self::F16 | Self::BF16 => &[],
-            Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K => &[0, 2],
-            Self::Q6K => &[208],
-            Self::Q2K => &[80, 82],
-            Self::Q3K => &[108],
-            Self::Q8K => &[],
-            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => &[0],
-        }
+        self.format().f16_fields
     }
 
     /// (elements per block, bytes per block).
     pub fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::BF16 => (1, 2),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q5_0 => (32, 22),
-            Self::Q5_1 => (32, 24),
-            Self::Q8_0 => (32, 34),
-            Self::Q2K => (256, 84),
-            Self::Q3K => (256, 110),
-            Self::Q4K => (256, 144),
-            Self::Q5K => (256, 176),
-            Self::Q6K => (256, 210),
-            Self::Q8K => (256, 292),
-        }
+        let f = self.format();
+        (f.elems, f.bytes)
     }
 }
+
+/// One weight format, in one row: its block layout, its dequantizer, its
+/// quantizer, and how the CPU kernels see its blocks. Adding a format is a
+/// [`GgmlType`] variant, its row of [`FORMATS`], its block functions, and
+/// its kernels (`cpu::blocks::unpack`, `cpu::packed`, the vector decoders).
+#[derive(Debug, Clone, Copy)]
+pub struct Format {
+    /// The format's ggml type (and type number).
+    pub ty: GgmlType,
+    /// Elements per block (1 for the float formats).
+    pub elems: usize,
+    /// Bytes per block.
+    pub bytes: usize,
+    /// Byte offsets of the f16 scales (and minimums) inside one block.
+    pub f16_fields: &'static [usize],
+    /// Decodes one block; `None` where kiln cannot read the format (Q8_K,
+    /// which exists only as an activation format).
+    pub dequantize: Option<BlockDequantizer>,
+    /// The name `option.quantize` takes and the block encoder, where kiln
+    /// can write the format.
+    pub quantize: Option<(&'static str, BlockQuantizer)>,
+    /// How the CPU kernels compute with the blocks; `None` for the float
+    /// formats (their own kernels) and Q8_K.
+    pub codes: Option<CodeLayout>,
+}
+
+/// A block format as the CPU kernels see it: integer codes, a scale per 16
+/// elements and an offset per granule (see `cpu::blocks`), and the shape of
+/// its codes in the interleaved layout (see `cpu::packed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeLayout {
+    /// Codes are signed bytes (Q8_0) rather than small unsigned integers.
+    pub signed: bool,
+    /// Elements per offset coefficient: 16 or 32, or 0 for none.
+    pub granule: usize,
+    /// Bits per code: 8 (Q8_0), 2, 3, 4, 5 or 6.
+    pub code_bits: usize,
+    /// 32-element sub-blocks are scaled in two halves of 16 (Q2_K, Q3_K, Q6_K).
+    pub halves: bool,
+    /// The format adds a minimum per sub-block (per half sub-block where
+    /// its scales are: Q2_K).
+    pub has_min: bool,
+    /// The zero point of the unsigned codes in the interleaved layout.
+    pub zero_point: i32,
+}
+
+/// Writes one block of a format for `x` (one block's elements) into `out`.
+pub type BlockQuantizer = fn(&[f32], &mut [u8]);
+
+const fn codes(
+    signed: bool,
+    granule: usize,
+    code_bits: usize,
+    halves: bool,
+    has_min: bool,
+    zero_point: i32,
+) -> Option<CodeLayout> {
+    Some(CodeLayout {
+        signed,
+        granule,
+        code_bits,
+        halves,
+        has_min,
+        zero_point,
+    })
+}
+
+/// Every format kiln knows, one row each, in [`GgmlType::format`]'s order.
+pub static FORMATS: [Format; 14] = {
+    use crate::quantize::{q4_0 as enc_q4_0, q4_1 as enc_q4_1, q8_0 as enc_q8_0};
+    use crate::quantize_k::{q4_k as enc_q4_k, q6_k as enc_q6_k};
+    use GgmlType as T;
+    [
+        Format {
+            ty: T::F32,
+            elems: 1,
+            bytes: 4,
+            f16_fields: &[],
+            dequantize: Some(|b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            quantize: None,
+            codes: None,
+        },
+        Format {
+            ty: T::F16,
+            elems: 1,
+            bytes: 2,
+            f16_fields: &[],
+            dequantize: Some(|b, y| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            quantize: None,
+            codes: None,
+        },
+        Format {
+            ty: T::BF16,
+            elems: 1,
+            bytes: 2,
+            f16_fields: &[],
+            dequantize: Some(|b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            quantize: None,
+            codes: None,
+        },
+        Format {
+            ty: T::Q8_0,
+            elems: 32,
+            bytes: 34,
+            f16_fields: &[0],
+            dequantize: Some(q8_0),
+            quantize: Some(("q8_0", enc_q8_0)),
+            codes: codes(true, 0, 8, false, false, 128),
+        },
+        Format {
+            ty: T::Q4_0,
+            elems: 32,
+            bytes: 18,
+            f16_fields: &[0],
+            dequantize: Some(q4_0),
+            quantize: Some(("q4_0", enc_q4_0)),
+            codes: codes(false, 32, 4, false, false, 8),
+        },
+        Format {
+            ty: T::Q4_1,
+            elems: 32,
+            bytes: 20,
+            f16_fields: &[0, 2],
+            dequantize: Some(q4_1),
+            quantize: Some(("q4_1", enc_q4_1)),
+            codes: codes(false, 32, 4, false, true, 0),
+        },
+        Format {
+            ty: T::Q5_0,
+            elems: 32,
+            bytes: 22,
+            f16_fields: &[0],
+            dequantize: Some(q5_0),
+            quantize: None,
+            codes: codes(false, 32, 5, false, false, 16),
+        },
+        Format {
+            ty: T::Q5_1,
+            elems: 32,
+            bytes: 24,
+            f16_fields: &[0, 2],
+            dequantize: Some(q5_1),
+            quantize: None,
+            codes: codes(false, 32, 5, false, true, 0),
+        },
+        Format {
+            ty: T::Q2K,
+            elems: QK_K,
+            bytes: 84,
+            f16_fields: &[80, 82],
+            dequantize: Some(q2_k),
+            quantize: None,
+            codes: codes(false, 16, 2, true, true, 0),
+        },
+        Format {
+            ty: T::Q3K,
+            elems: QK_K,
+            bytes: 110,
+            f16_fields: &[108],
+            dequantize: Some(q3_k),
+            quantize: None,
+            codes: codes(false, 16, 3, true, false, 4),
+        },
+        Format {
+            ty: T::Q4K,
+            elems: QK_K,
+            bytes: 144,
+            f16_fields: &[0, 2],
+            dequantize: Some(q4_k),
+            quantize: Some(("q4_k", enc_q4_k)),
+            codes: codes(false, 32, 4, false, true, 0),
+        },
+        Format {
+            ty: T::Q5K,
+            elems: QK_K,
+            bytes: 176,
+            f16_fields: &[0, 2],
+            dequantize: Some(q5_k),
+            quantize: None,
+            codes: codes(false, 32, 5, false, true, 0),
+        },
+        Format {
+            ty: T::Q6K,
+            elems: QK_K,
+            bytes: 210,
+            f16_fields: &[208],
+            dequantize: Some(q6_k),
+            quantize: Some(("q6_k", enc_q6_k)),
+            codes: codes(false, 16, 6, true, false, 32),
+        },
+        Format {
+            ty: T::Q8K,
+            elems: QK_K,
+            bytes: 292,
+            f16_fields: &[],
+            dequantize: None,
+            quantize: None,
+            codes: None,
+        },
+    ]
+};
 
 /// Every weight format the CPU backend computes with as stored.
 pub const WEIGHT_FORMATS: [GgmlType; 13] = [
@@ -210,22 +396,7 @@ pub type BlockDequantizer = fn(&[u8], &mut [f32]);
 
 /// The block dequantizer of `ty`, or `None` for types kiln cannot read yet.
 pub fn block_dequantizer(ty: GgmlType) -> Option<BlockDequantizer> {
-    Some(match ty {
-        GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        GgmlType::F16 => |b, y| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        GgmlType::BF16 => |b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        GgmlType::Q4_0 => q4_0,
-        GgmlType::Q4_1 => q4_1,
-        GgmlType::Q5_0 => q5_0,
-        GgmlType::Q5_1 => q5_1,
-        GgmlType::Q8_0 => q8_0,
-        GgmlType::Q4K => q4_k,
-        GgmlType::Q5K => q5_k,
-        GgmlType::Q6K => q6_k,
-        GgmlType::Q2K => q2_k,
-        GgmlType::Q3K => q3_k,
-        GgmlType::Q8K => return None,
-    })
+    ty.format().dequantize
 }
 
 /// Dequantizes whole blocks of `ty` from `bytes` into `out` (sequentially;
@@ -450,5 +621,35 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
         let high = (hmask[l] >> (4 * half + j)) & 1;
         let q = (low | (high << 2)) as i32 - 4;
         *out = d * scales[e / 16] as f32 * q as f32;
+    }
+}
+
+#[cfg(test)]
+mod format_table_tests {
+    use super::*;
+
+    /// Every format has one row, found by its type and its type number,
+    /// and the quantizer names are `QUANTIZE_TARGETS`'s.
+    #[test]
+    fn formats_are_listed_once() {
+        for (i, f) in FORMATS.iter().enumerate() {
+            assert!(std::ptr::eq(f.ty.format(), &FORMATS[i]), "{:?}", f.ty);
+            assert_eq!(GgmlType::from_u32(f.ty as u32), Some(f.ty));
+            if let Some(c) = f.codes {
+                assert!(f.elems.is_multiple_of(32), "{:?}", f.ty);
+                assert!(c.granule == 0 || f.elems.is_multiple_of(c.granule));
+            }
+        }
+        let mut rows: Vec<(u32, &str)> = FORMATS
+            .iter()
+            .filter_map(|f| Some((f.ty as u32, f.quantize?.0)))
+            .collect();
+        let mut targets: Vec<(u32, &str)> = crate::quantize::QUANTIZE_TARGETS
+            .iter()
+            .map(|&(ty, n)| (ty as u32, n))
+            .collect();
+        rows.sort();
+        targets.sort();
+        assert_eq!(rows, targets);
     }
 }

@@ -15,7 +15,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use crate::quant::{row_bytes, GgmlType};
+use crate::quant::{row_bytes, BlockQuantizer, GgmlType};
 
 /// Why a matrix could not be quantized.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,18 +52,12 @@ fn target_names() -> String {
         .join(", ")
 }
 
-/// Writes one block of `ty` for `x` (one block's elements) into `out`.
-type BlockQuantizer = fn(&[f32], &mut [u8]);
-
+/// The block encoder of `ty`, from its row of [`crate::quant::FORMATS`].
 fn block_quantizer(ty: GgmlType) -> Result<BlockQuantizer, QuantizeError> {
-    Ok(match ty {
-        GgmlType::Q8_0 => q8_0,
-        GgmlType::Q4_0 => q4_0,
-        GgmlType::Q4_1 => q4_1,
-        GgmlType::Q4K => crate::quantize_k::q4_k,
-        GgmlType::Q6K => crate::quantize_k::q6_k,
-        other => return Err(QuantizeError::Unsupported(other)),
-    })
+    ty.format()
+        .quantize
+        .map(|(_, f)| f)
+        .ok_or(QuantizeError::Unsupported(ty))
 }
 
 /// Quantizes a row-major matrix of `cols` columns to `ty`, rows in parallel.
@@ -125,7 +119,7 @@ pub(crate) fn put_f16(out: &mut [u8], at: usize, v: f32) -> f32 {
 }
 
 /// 32 signed bytes with one f16 scale d = max|x| / 127; q = round(x / d).
-fn q8_0(x: &[f32], out: &mut [u8]) {
+pub(crate) fn q8_0(x: &[f32], out: &mut [u8]) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -137,7 +131,7 @@ fn q8_0(x: &[f32], out: &mut [u8]) {
 
 /// 32 4-bit values, x = (q - 8) * d, where d = m / -8 and m is the element of
 /// largest magnitude (so it maps exactly to q = 0).
-fn q4_0(x: &[f32], out: &mut [u8]) {
+pub(crate) fn q4_0(x: &[f32], out: &mut [u8]) {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -155,7 +149,7 @@ fn q4_0(x: &[f32], out: &mut [u8]) {
 }
 
 /// 32 4-bit values, x = q * d + min over the block's [min, max] range.
-fn q4_1(x: &[f32], out: &mut [u8]) {
+pub(crate) fn q4_1(x: &[f32], out: &mut [u8]) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {
         min = min.min(v);

@@ -22,6 +22,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::isa;
+
 /// The integer width activations are quantized to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActBits {
@@ -170,10 +172,7 @@ impl QuantizedRows {
         const TASK: usize = 256;
         x.par_chunks(32 * TASK).enumerate().for_each(|(c, xs)| {
             #[cfg(target_arch = "x86_64")]
-            if layout == ActLayout::Split
-                && std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-            {
+            if layout == ActLayout::Split && split_avx512() {
                 // SAFETY: AVX-512 is present; the blocks of this task are theirs (see `blocks`).
                 unsafe { blocks_avx512(xs, c * TASK, &dst, bits, top) };
                 return;
@@ -183,6 +182,13 @@ impl QuantizedRows {
         });
         q
     }
+}
+
+/// Whether the interleaved layout's quantizer runs its AVX-512 loop: where
+/// the one choice of instruction sets admits AVX-512 ([`isa::chosen`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) fn split_avx512() -> bool {
+    isa::chosen().avx512
 }
 
 /// [`blocks`] for the interleaved-weight layout on AVX-512, 16 values per
@@ -348,18 +354,16 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::rand_vec;
+    use crate::cpu::test_support::rand_vec;
 
     /// The parallel, SIMD quantization (whatever this CPU runs) gives the
     /// element-by-element definition's bits, in every width and layout.
     #[test]
     fn every_path_quantizes_like_the_scalar_definition() {
         #[cfg(target_arch = "x86_64")]
-        if !(std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw"))
-        {
+        if !split_avx512() {
             eprintln!(
-                "SKIPPED: no AVX-512 on this CPU: every_path_quantizes_like_the_scalar_definition \
+                "SKIPPED: no AVX-512 on this CPU (or KILN_CPU_ISA caps it): every_path_quantizes_like_the_scalar_definition \
                  compares the scalar path with itself (only the parallel split is checked)"
             );
         }

@@ -12,8 +12,12 @@
 
 use rayon::prelude::*;
 
-use super::matmul::hsum8;
-use super::{CpuKvCache, CpuTensor};
+#[cfg(target_arch = "x86_64")]
+use super::arch::x86;
+#[cfg(target_arch = "x86_64")]
+use super::isa;
+use super::math::hsum8;
+use super::tensor::{CpuKvCache, CpuTensor};
 use crate::{AttentionParams, BackendError, Result, StepInput};
 
 pub(super) fn write_kv(
@@ -135,8 +139,8 @@ pub(super) fn paged_attention(
             };
             #[cfg(target_arch = "x86_64")]
             {
-                use super::x86::Isa;
-                match Isa::detected() {
+                use isa::Isa;
+                match isa::chosen().simd {
                     Some(Isa::Avx512Vnni) => {
                         // SAFETY: the CPU features (AVX-512F among them) were detected.
                         unsafe { attend_avx512(&ctx, job, scores) };
@@ -463,7 +467,7 @@ fn key_runs<'a>(ctx: &'a Ctx, job: &'a Job) -> impl Iterator<Item = (usize, usiz
 /// Every score of `job` (`scores[h * n + jj]` for head `h` of the group and
 /// key `first + jj`), eight keys per vector from the transposed key blocks:
 /// lane by lane the arithmetic of [`dot_avx`] (eight partial sums over
-/// dimensions `l, l + 8, ...`, fused, then added as [`super::x86::hsum`]
+/// dimensions `l, l + 8, ...`, fused, then added as [`x86::int::hsum`]
 /// adds them), so bit for bit the same scores.
 ///
 /// # Safety
@@ -625,7 +629,7 @@ unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
             );
             i += 8;
         }
-        super::x86::hsum(acc) + tail
+        x86::int::hsum(acc) + tail
     }
 }
 
@@ -655,13 +659,14 @@ fn dot8<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::cpu::tests::{rand_vec, Coverage, Path};
-    use crate::{Backend, KvSpec, SeqSlice};
+    use crate::cpu::isa::Isa;
+    use crate::cpu::test_support::{rand_vec, Coverage, Path};
+    use crate::{KvSpec, SeqSlice};
 
     /// Whether this CPU runs `isa`'s kernels (whatever `KILN_CPU_ISA` caps
     /// the server's choice to: the tests call the kernels directly).
-    fn cpu_has(isa: super::super::x86::Isa) -> bool {
-        super::super::x86::Isa::all_supported().contains(&isa)
+    fn cpu_has(isa: Isa) -> bool {
+        Isa::all_supported().contains(&isa)
     }
 
     /// A one-layer cache of `n_kv` heads of `hd` holding `len` random keys
@@ -676,7 +681,6 @@ mod tests {
         len: usize,
         seed: u64,
     ) -> (CpuKvCache, Vec<u32>, Vec<f32>, Vec<f32>) {
-        let be = super::super::CpuBackend;
         let spec = KvSpec {
             n_layers: 1,
             num_blocks,
@@ -684,7 +688,7 @@ mod tests {
             n_kv_heads: n_kv,
             head_dim: hd,
         };
-        let mut cache = be.alloc_kv_cache(&spec).unwrap();
+        let mut cache = CpuKvCache::alloc(&spec).unwrap();
         let width = n_kv * hd;
         let table: Vec<u32> = (0..len.div_ceil(bs) as u32).rev().collect();
         let step = StepInput {
@@ -704,7 +708,7 @@ mod tests {
         let (keys, vals) = (rand_vec(len * width, seed), rand_vec(len * width, seed + 1));
         let k = CpuTensor::new(vec![len, width], keys.clone()).unwrap();
         let v = CpuTensor::new(vec![len, width], vals.clone()).unwrap();
-        be.write_kv(&mut cache, 0, &k, &v, &step).unwrap();
+        write_kv(&mut cache, 0, &k, &v, &step.slots).unwrap();
         (cache, table, keys, vals)
     }
 
@@ -720,7 +724,6 @@ mod tests {
     /// bit, whatever the block size and wherever the keys start and stop.
     #[test]
     fn vector_scores_equal_key_by_key_scores() {
-        use super::super::x86::Isa;
         let mut cov = Coverage::new("vector_scores_equal_key_by_key_scores");
         // Without AVX2 only the key-by-key path exists: `finish` says so.
         let (vector, wide) = (cpu_has(Isa::Avx2), cpu_has(Isa::Avx512Vnni));
@@ -795,7 +798,6 @@ mod tests {
     /// are softmax attention within f32 rounding.
     #[test]
     fn wide_and_narrow_kernels_agree() {
-        use super::super::x86::Isa;
         let cov = Coverage::new("wide_and_narrow_kernels_agree");
         if !cpu_has(Isa::Avx512Vnni) {
             // Only the 256-bit kernel runs on this CPU: nothing to compare.

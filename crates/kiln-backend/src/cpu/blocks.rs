@@ -17,7 +17,11 @@
 
 use half::f16;
 
+use super::actq::QuantizedRows;
 use crate::quant::{q3_k_scales, scale_min_k4, GgmlType};
+
+/// Elements per block of the canonical computation.
+pub(crate) const QK: usize = 32;
 
 /// How one integer format is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,30 +41,48 @@ impl IntFormat {
     /// The integer format of `ty`, or `None` for float formats (and Q8_K,
     /// which only exists as an activation format).
     pub fn of(ty: GgmlType) -> Option<Self> {
-        let (granule, signed) = match ty {
-            GgmlType::Q8_0 => (0, true),
-            GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q4K
-            | GgmlType::Q5K => (32, false),
-            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q6K => (16, false),
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K => return None,
-        };
-        let (elems, bytes) = ty.block();
+        let f = ty.format();
+        let c = f.codes?;
         Some(Self {
             ty,
-            elems,
-            bytes,
-            signed,
-            granule,
+            elems: f.elems,
+            bytes: f.bytes,
+            signed: c.signed,
+            granule: c.granule,
         })
     }
 
     /// Offset coefficients per block.
     pub fn coefs_per_block(&self) -> usize {
         self.elems.checked_div(self.granule).unwrap_or(0)
+    }
+}
+
+/// What an integer kernel reads.
+#[derive(Clone, Copy)]
+pub(crate) struct IntOperands<'a> {
+    pub f: IntFormat,
+    pub w: &'a [u8],
+    pub row_bytes: usize,
+    pub q: &'a QuantizedRows,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl IntOperands<'_> {
+    /// Offset coefficients per weight row.
+    pub fn coefs_per_row(&self) -> usize {
+        self.k / self.f.elems * self.f.coefs_per_block()
+    }
+
+    /// Input row `i`'s sums per offset granule.
+    pub fn sums(&self, i: usize) -> &[f32] {
+        let g = self.coefs_per_row();
+        match self.f.granule {
+            16 => &self.q.sum16[i * g..(i + 1) * g],
+            32 => &self.q.sum32[i * g..(i + 1) * g],
+            _ => &[],
+        }
     }
 }
 
@@ -221,7 +243,7 @@ pub(super) fn unpack(f: &IntFormat, b: &[u8], u: &mut Unpacked) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::random_blocks;
+    use crate::cpu::test_support::random_blocks;
     use crate::quant::{block_dequantizer, dequantize_with};
 
     /// The decoded form gives back what the reference dequantizer computes.

@@ -55,7 +55,7 @@ impl FloatFormat {
     }
 
     /// The little-endian element at the start of `b`, widened to f32 (exactly).
-    fn widen(self, b: &[u8]) -> f32 {
+    pub(super) fn widen(self, b: &[u8]) -> f32 {
         match self {
             FloatFormat::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             FloatFormat::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
@@ -199,46 +199,10 @@ pub(super) struct FloatOperands<'a> {
     pub k: usize,
 }
 
-/// The portable kernel: the canonical computation for input rows `i0..i1`
-/// and groups `g0..g1`.
-///
-/// # Safety
-/// `out` points to an `m x n` buffer of which no other thread touches
-/// these elements.
-pub(super) unsafe fn portable_block(
-    ops: &FloatOperands,
-    i0: usize,
-    i1: usize,
-    g0: usize,
-    g1: usize,
-    out: *mut f32,
-) {
-    let (k, size) = (ops.k, ops.w.fmt.size());
-    let group_bytes = k * NR * size;
-    for i in i0..i1 {
-        let x = &ops.x[i * k..(i + 1) * k];
-        for g in g0..g1 {
-            let vectors = &ops.w.data[g * group_bytes..(g + 1) * group_bytes];
-            let mut acc = [0f32; NR];
-            for (&xt, v) in x.iter().zip(vectors.chunks_exact(NR * size)) {
-                for (a, e) in acc.iter_mut().zip(v.chunks_exact(size)) {
-                    *a = ops.w.fmt.widen(e).mul_add(xt, *a);
-                }
-            }
-            let j0 = g * NR;
-            for (r, &y) in acc.iter().enumerate().take(ops.n.saturating_sub(j0)) {
-                // SAFETY: i < m and j0 + r < n, inside the buffer; the caller
-                // owns the element.
-                unsafe { *out.add(i * ops.n + j0 + r) = y };
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::{float_weight_bytes, rand_vec};
+    use crate::cpu::test_support::{float_weight_bytes, rand_vec};
 
     /// Every element survives the repack, for a partial last group too, and
     /// `done` is told about every byte of the original exactly once.

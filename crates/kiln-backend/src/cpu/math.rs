@@ -30,6 +30,13 @@ pub(super) fn exp<const FMA: bool>(x: f32) -> f32 {
     p * two_k
 }
 
+/// Sum of eight lanes in the order the AVX2 `hsum` adds them.
+pub(crate) fn hsum8(a: &[f32; 8]) -> f32 {
+    let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let t = [s[0] + s[2], s[1] + s[3]];
+    t[0] + t[1]
+}
+
 #[cfg(test)]
 mod tests {
     use super::exp;

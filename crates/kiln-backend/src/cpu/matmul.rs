@@ -32,47 +32,21 @@
 use rayon::prelude::*;
 
 use super::actq::{ActBits, ActLayout, QuantizedRows};
-use super::blocks::{self, IntFormat, Unpacked};
+use super::arch::portable;
+#[cfg(target_arch = "x86_64")]
+use super::arch::x86;
+use super::blocks::{IntFormat, IntOperands};
 use super::float_packed::FloatOperands;
+use super::isa;
 use super::packed::{PackedOperands, NR};
+use super::tensor::CpuTensor;
 use super::weight::CpuWeight;
-use super::CpuTensor;
 use crate::{BackendError, Result};
 
-/// Elements per block of the canonical computation.
-pub(super) const QK: usize = 32;
 /// Most weight rows per parallel task.
 const MAX_BAND: usize = 64;
 /// Input rows processed against one band before moving on, so they stay in cache.
 const ROW_CHUNK: usize = 64;
-
-/// What an integer kernel reads.
-#[derive(Clone, Copy)]
-pub(super) struct IntOperands<'a> {
-    pub f: IntFormat,
-    pub w: &'a [u8],
-    pub row_bytes: usize,
-    pub q: &'a QuantizedRows,
-    pub n: usize,
-    pub k: usize,
-}
-
-impl IntOperands<'_> {
-    /// Offset coefficients per weight row.
-    pub fn coefs_per_row(&self) -> usize {
-        self.k / self.f.elems * self.f.coefs_per_block()
-    }
-
-    /// Input row `i`'s sums per offset granule.
-    pub fn sums(&self, i: usize) -> &[f32] {
-        let g = self.coefs_per_row();
-        match self.f.granule {
-            16 => &self.q.sum16[i * g..(i + 1) * g],
-            32 => &self.q.sum32[i * g..(i + 1) * g],
-            _ => &[],
-        }
-    }
-}
 
 pub(super) fn linear(x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
     linear_with(x, w, bias, ActBits::configured())
@@ -127,22 +101,22 @@ fn linear_with(
     }
     if let Some(fw) = &w.float {
         #[cfg(target_arch = "x86_64")]
-        if super::x86_amx_float::serves(fw.fmt) {
+        if x86::amx_float::serves(fw.fmt) {
             // Every row of every product of these formats, so that a row's
             // arithmetic never depends on its batch (see the module).
-            let split = super::x86_amx_float::SplitRows::new(&x.data, m, k);
+            let split = x86::amx_float::SplitRows::new(&x.data, m, k);
             let ops = FloatOperands {
                 w: fw,
                 x: &x.data,
                 n,
                 k,
             };
-            let chunk = super::x86_amx_float::ROWS_PER_BAND;
+            let chunk = x86::amx_float::ROWS_PER_BAND;
             over_bands(fw.groups, m, chunk, |i0, i1, g0, g1| {
                 // SAFETY: AMX-BF16 is available and `split` holds these
                 // rows; this task writes only columns of groups g0..g1 of
                 // rows i0..i1 of `out` (m x n); no other task writes those.
-                unsafe { super::x86_amx_float::block(&ops, &split, i0, i1, g0, g1, out_ptr.get()) };
+                unsafe { x86::amx_float::block(&ops, &split, i0, i1, g0, g1, out_ptr.get()) };
             });
             return finish(x, written(out, m * n), n, bias);
         }
@@ -278,14 +252,14 @@ unsafe fn compute_block(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(isa) = super::x86::Isa::detected() {
+        if let Some(isa) = isa::chosen().simd {
             // SAFETY: the CPU features were detected; the caller's contract carries over.
-            unsafe { super::x86::block(isa, ops, i0, i1, j0, j1, out) };
+            unsafe { x86::int::block(isa, ops, i0, i1, j0, j1, out) };
             return;
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { portable_block(ops, i0, i1, j0, j1, out) }
+    unsafe { portable::int_block(ops, i0, i1, j0, j1, out) }
 }
 
 /// Computes rows `i0..i1` of the columns of groups `g0..g1` over packed weights.
@@ -302,24 +276,25 @@ unsafe fn compute_packed(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(isa) = super::x86::Isa::detected() {
-            let amx = isa == super::x86::Isa::Avx512Vnni && super::x86_amx::available();
-            let kernels = super::x86_packed::Kernels { isa, amx };
+        let choice = isa::chosen();
+        if let Some(isa) = choice.simd {
+            let amx = isa == isa::Isa::Avx512Vnni && choice.amx;
+            let kernels = x86::packed::Kernels { isa, amx };
             // SAFETY: the CPU features were detected; the caller's contract carries over.
-            unsafe { super::x86_packed::block(kernels, ops, i0, i1, g0, g1, out) };
+            unsafe { x86::packed::block(kernels, ops, i0, i1, g0, g1, out) };
             return;
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { super::packed::portable_block(ops, i0, i1, g0, g1, out) }
+    unsafe { portable::packed_block(ops, i0, i1, g0, g1, out) }
 }
 
 /// Input rows per full tile of the float kernel this CPU runs.
 fn float_tile_rows() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(isa) = super::x86::Isa::detected() {
-            return super::x86_float::tile_rows(isa);
+        if let Some(isa) = isa::chosen().simd {
+            return x86::float::tile_rows(isa);
         }
     }
     1
@@ -340,123 +315,20 @@ unsafe fn compute_float(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(isa) = super::x86::Isa::detected() {
+        if let Some(isa) = isa::chosen().simd {
             // SAFETY: the CPU features were detected; the caller's contract carries over.
-            unsafe { super::x86_float::block(isa, ops, i0, i1, g0, g1, out) };
+            unsafe { x86::float::block(isa, ops, i0, i1, g0, g1, out) };
             return;
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { super::float_packed::portable_block(ops, i0, i1, g0, g1, out) }
-}
-
-/// The portable kernel: the canonical computation, element by element.
-///
-/// # Safety
-/// As [`compute_block`].
-pub(super) unsafe fn portable_block(
-    ops: &IntOperands,
-    i0: usize,
-    i1: usize,
-    j0: usize,
-    j1: usize,
-    out: *mut f32,
-) {
-    let mut scratch = PortableScratch::default();
-    for i in i0..i1 {
-        for j in j0..j1 {
-            let y = portable_int(ops, i, j, &mut scratch);
-            // SAFETY: i < m and j < n, inside the buffer; the caller owns the element.
-            unsafe { *out.add(i * ops.n + j) = y };
-        }
-    }
-}
-
-/// Reused buffers of the portable integer kernel.
-#[derive(Default)]
-struct PortableScratch {
-    block: Unpacked,
-    coefs: Vec<f32>,
-}
-
-fn portable_int(ops: &IntOperands, i: usize, j: usize, scratch: &mut PortableScratch) -> f32 {
-    let f = &ops.f;
-    let (k, nb) = (ops.k, ops.k / QK);
-    let cpb = f.coefs_per_block();
-    let row = &ops.w[j * ops.row_bytes..(j + 1) * ops.row_bytes];
-    let dx = &ops.q.dx[i * nb..(i + 1) * nb];
-    let u = &mut scratch.block;
-    scratch.coefs.clear();
-    let mut acc = [0f32; 8];
-    for (blk_i, blk) in row.chunks_exact(f.bytes).enumerate() {
-        blocks::unpack(f, blk, u);
-        scratch.coefs.extend_from_slice(&u.coef[..cpb]);
-        for s in 0..f.elems / QK {
-            let b = blk_i * (f.elems / QK) + s;
-            let code = |t: usize| {
-                let c = u.codes[QK * s + t];
-                if f.signed {
-                    c as i8 as i32
-                } else {
-                    c as i32
-                }
-            };
-            let x0 = i * k + QK * b;
-            for (l, a) in acc.iter_mut().enumerate() {
-                let lane: i32 = lane_elements(ops.q.bits, l)
-                    .iter()
-                    .map(|&t| code(t) * ops.q.value(x0 + t))
-                    .sum();
-                *a = (lane as f32 * dx[b]).mul_add(u.scale[2 * s + l / 4], *a);
-            }
-        }
-    }
-    hsum8(&acc) + offset_dot(&scratch.coefs, ops.sums(i))
-}
-
-/// The four elements of a 32-block whose products lane `l` sums: neighbours
-/// for 8-bit activations (`dpbusd` and `maddubs` sum groups of four bytes);
-/// for 16-bit ones, two pairs of [`super::actq::slot16`]'s layout.
-fn lane_elements(bits: ActBits, l: usize) -> [usize; 4] {
-    match bits {
-        ActBits::Int8 => [4 * l, 4 * l + 1, 4 * l + 2, 4 * l + 3],
-        ActBits::Int16 => {
-            let e = 2 * l + if l >= 4 { 8 } else { 0 };
-            [e, e + 1, e + 8, e + 9]
-        }
-    }
-}
-
-/// `sum(c[g] * s[g])`: eight lanes over `g`, their [`hsum8`], then the rest one by one.
-fn offset_dot(c: &[f32], s: &[f32]) -> f32 {
-    let n = c.len().min(s.len());
-    let mut acc = [0f32; 8];
-    let mut g = 0;
-    while g + 8 <= n {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a = c[g + l].mul_add(s[g + l], *a);
-        }
-        g += 8;
-    }
-    let mut y = hsum8(&acc);
-    while g < n {
-        y = c[g].mul_add(s[g], y);
-        g += 1;
-    }
-    y
-}
-
-/// Sum of eight lanes in the order the AVX2 `hsum` adds them.
-pub(super) fn hsum8(a: &[f32; 8]) -> f32 {
-    let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-    let t = [s[0] + s[2], s[1] + s[3]];
-    t[0] + t[1]
+    unsafe { portable::float_block(ops, i0, i1, g0, g1, out) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::{
+    use crate::cpu::test_support::{
         float_weight_bytes, rand_vec as rand, random_blocks, Coverage, Path, ALL_FORMATS,
     };
     use crate::quant::GgmlType;
@@ -543,24 +415,19 @@ mod tests {
                 let ops = PackedOperands { w: p, q: &q, n, k };
                 let mut want = vec![0f32; m * n];
                 // SAFETY: the whole m x n buffer, one thread.
-                unsafe {
-                    super::super::packed::portable_block(&ops, 0, m, 0, p.groups, want.as_mut_ptr())
-                };
+                unsafe { portable::packed_block(&ops, 0, m, 0, p.groups, want.as_mut_ptr()) };
                 cov.ran(Path::Portable);
                 #[cfg(target_arch = "x86_64")]
-                for (isa, amx) in crate::cpu::x86::Isa::all_supported()
+                for (isa, amx) in isa::Isa::all_supported()
                     .into_iter()
                     .map(|isa| (isa, false))
-                    .chain(
-                        crate::cpu::x86_amx::available()
-                            .then_some((crate::cpu::x86::Isa::Avx512Vnni, true)),
-                    )
+                    .chain(isa::chosen().amx.then_some((isa::Isa::Avx512Vnni, true)))
                 {
                     let mut got = vec![0f32; m * n];
                     // SAFETY: as above; the ISA (and AMX) is supported by this CPU.
                     unsafe {
-                        crate::cpu::x86_packed::block(
-                            crate::cpu::x86_packed::Kernels { isa, amx },
+                        x86::packed::block(
+                            x86::packed::Kernels { isa, amx },
                             &ops,
                             0,
                             m,
@@ -625,13 +492,13 @@ mod tests {
                 };
                 let mut want = vec![0f32; m * n];
                 // SAFETY: the whole m x n buffer, one thread.
-                unsafe { portable_block(&ops, 0, m, 0, n, want.as_mut_ptr()) };
+                unsafe { portable::int_block(&ops, 0, m, 0, n, want.as_mut_ptr()) };
                 cov.ran(Path::Portable);
                 #[cfg(target_arch = "x86_64")]
-                for isa in crate::cpu::x86::Isa::all_supported() {
+                for isa in isa::Isa::all_supported() {
                     let mut got = vec![0f32; m * n];
                     // SAFETY: as above; the ISA is supported by this CPU.
-                    unsafe { crate::cpu::x86::block(isa, &ops, 0, m, 0, n, got.as_mut_ptr()) };
+                    unsafe { x86::int::block(isa, &ops, 0, m, 0, n, got.as_mut_ptr()) };
                     for (e, (a, b)) in got.iter().zip(&want).enumerate() {
                         assert_eq!(
                             a.to_bits(),
@@ -662,16 +529,7 @@ mod tests {
                 let ops = FloatOperands { w: fw, x: &x, n, k };
                 let mut want = vec![0f32; m * n];
                 // SAFETY: the whole m x n buffer, one thread.
-                unsafe {
-                    super::super::float_packed::portable_block(
-                        &ops,
-                        0,
-                        m,
-                        0,
-                        fw.groups,
-                        want.as_mut_ptr(),
-                    )
-                };
+                unsafe { portable::float_block(&ops, 0, m, 0, fw.groups, want.as_mut_ptr()) };
                 for i in 0..m {
                     for j in 0..n {
                         let exact: f64 = (0..k)
@@ -689,8 +547,8 @@ mod tests {
                 }
                 cov.ran(Path::Portable);
                 #[cfg(target_arch = "x86_64")]
-                for isa in crate::cpu::x86::Isa::all_supported() {
-                    let mr = crate::cpu::x86_float::tile_rows(isa);
+                for isa in isa::Isa::all_supported() {
+                    let mr = x86::float::tile_rows(isa);
                     let xt = super::super::float_packed::interleave(&x, m, k, mr);
                     let ops = FloatOperands {
                         w: fw,
@@ -707,9 +565,7 @@ mod tests {
                             }
                         }
                         // SAFETY: inside the m x n buffer, one thread; the ISA is supported.
-                        unsafe {
-                            crate::cpu::x86_float::block(isa, &ops, 0, m, g0, g1, got.as_mut_ptr())
-                        };
+                        unsafe { x86::float::block(isa, &ops, 0, m, g0, g1, got.as_mut_ptr()) };
                         for (e, (a, b)) in got.iter().zip(&want).enumerate() {
                             assert_eq!(
                                 a.to_bits(),

@@ -5,25 +5,19 @@
 //! and attention) made fast enough to serve small models.
 
 mod actq;
+mod arch;
 mod attention;
 mod blocks;
 mod float_packed;
+mod isa;
 mod math;
 mod matmul;
 mod ops;
 mod packed;
+mod tensor;
 mod weight;
-#[cfg(target_arch = "x86_64")]
-mod x86;
-#[cfg(target_arch = "x86_64")]
-mod x86_amx;
-#[cfg(target_arch = "x86_64")]
-mod x86_amx_float;
-#[cfg(target_arch = "x86_64")]
-mod x86_float;
-#[cfg(target_arch = "x86_64")]
-mod x86_packed;
 
+pub use tensor::{CpuKvCache, CpuTensor};
 pub use weight::CpuWeight;
 
 /// The number of physical cores this process may run on: the CPUs in its
@@ -122,67 +116,6 @@ use crate::{
     RopeLayout, StepInput, WeightData,
 };
 
-/// A dense row-major f32 tensor.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CpuTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl CpuTensor {
-    /// Wraps data with a shape, checking that they agree.
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        if n != data.len() {
-            return Err(BackendError::Shape {
-                op: "tensor",
-                msg: format!("shape {shape:?} needs {n} elements, got {}", data.len()),
-            });
-        }
-        Ok(Self { shape, data })
-    }
-
-    /// Size of the last dimension (features per row).
-    pub fn cols(&self) -> usize {
-        self.shape.last().copied().unwrap_or(1)
-    }
-
-    /// Number of rows (all dimensions but the last).
-    pub fn rows(&self) -> usize {
-        self.data.len() / self.cols().max(1)
-    }
-}
-
-/// The paged KV cache in host memory: per layer, keys and values as
-/// `[slots, n_kv_heads * head_dim]`, the layers of each one after another
-/// in one allocation (see [`zeroed_vec`]).
-pub struct CpuKvCache {
-    spec: KvSpec,
-    /// Elements per layer.
-    per_layer: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl CpuKvCache {
-    /// The geometry the cache was made with.
-    pub fn spec(&self) -> &KvSpec {
-        &self.spec
-    }
-
-    /// Layer `layer`'s keys and values.
-    fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        let r = layer * self.per_layer..(layer + 1) * self.per_layer;
-        (&self.k[r.clone()], &self.v[r])
-    }
-
-    /// Layer `layer`'s keys and values, to write.
-    fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
-        let r = layer * self.per_layer..(layer + 1) * self.per_layer;
-        (&mut self.k[r.clone()], &mut self.v[r])
-    }
-}
-
 /// The CPU backend. Threads come from rayon's global pool.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
@@ -191,29 +124,6 @@ impl CpuBackend {
     /// Makes a CPU backend.
     pub fn new() -> Self {
         Self
-    }
-}
-
-/// `n` zeros, from zeroed pages the OS maps lazily (so a large KV cache costs
-/// nothing at start), or `None` when the allocation fails.
-///
-/// Lazily only above glibc's mapping threshold, which
-/// [`keep_freed_memory`] raises to 32 MiB: a smaller block comes from the
-/// heap and is cleared page by page at once. That is why the KV cache is
-/// one allocation for keys and one for values rather than one per layer
-/// (a 1 GiB cache's 17 MiB layers were cleared at every start: 0.1-0.5 s
-/// of page faults before the server was ready).
-fn zeroed_vec(n: usize) -> Option<Vec<f32>> {
-    if n == 0 {
-        return Some(Vec::new());
-    }
-    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
-    // SAFETY: the layout has a non-zero size; a non-null result is a zeroed
-    // allocation of exactly `n` f32s with the global allocator's layout for
-    // Vec<f32> of capacity n, and all-zero bits are a valid f32 (0.0).
-    unsafe {
-        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
-        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
     }
 }
 
@@ -281,27 +191,7 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv_cache(&self, spec: &KvSpec) -> Result<CpuKvCache> {
-        let per_layer = spec
-            .slots()
-            .checked_mul(spec.n_kv_heads * spec.head_dim)
-            .ok_or_else(|| BackendError::OutOfMemory(format!("KV cache {spec:?} overflows")))?;
-        let total = per_layer
-            .checked_mul(spec.n_layers)
-            .ok_or_else(|| BackendError::OutOfMemory(format!("KV cache {spec:?} overflows")))?;
-        let alloc = || -> Result<Vec<f32>> {
-            zeroed_vec(total).ok_or_else(|| {
-                BackendError::OutOfMemory(format!(
-                    "cannot allocate {} MiB for the KV cache",
-                    (spec.slots() * spec.bytes_per_token(4)) >> 20
-                ))
-            })
-        };
-        Ok(CpuKvCache {
-            spec: *spec,
-            per_layer,
-            k: alloc()?,
-            v: alloc()?,
-        })
+        CpuKvCache::alloc(spec)
     }
 
     fn embedding(&self, table: &CpuWeight, step: &StepInput) -> Result<CpuTensor> {
@@ -418,6 +308,8 @@ impl Backend for CpuBackend {
     }
 }
 
+#[cfg(test)]
+mod test_support;
 #[cfg(test)]
 mod tests;
 

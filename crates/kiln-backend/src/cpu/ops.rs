@@ -2,7 +2,9 @@
 
 use rayon::prelude::*;
 
-use super::{CpuTensor, CpuWeight};
+use super::isa;
+use super::tensor::CpuTensor;
+use super::weight::CpuWeight;
 use crate::{Activation, BackendError, Result, RopeLayout};
 
 /// Rows per rayon task for cheap row-wise ops: enough work to amortise scheduling.
@@ -205,14 +207,21 @@ pub(super) fn gated_activation(
         .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
         .for_each(|(o, (g, u))| {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 is present.
+            if gate_vector() {
+                // SAFETY: AVX2 is present (the choice admits vector code).
                 unsafe { gate_avx2(o, g, u, act) };
                 return;
             }
             gate_rows(o, g, u, act);
         });
     CpuTensor::new(gate.shape.clone(), out)
+}
+
+/// Whether the gated activation runs its AVX2 loop: where the one choice
+/// of instruction sets admits vector code ([`isa::chosen`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) fn gate_vector() -> bool {
+    isa::chosen().vector()
 }
 
 /// `o = act(g) * u`, element by element (SiLU, the common case, inlined

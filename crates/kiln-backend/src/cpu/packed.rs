@@ -41,9 +41,8 @@
 //! part) come from [`super::actq`].
 
 use super::actq::QuantizedRows;
-use super::blocks::{self, IntFormat, Unpacked};
-use super::matmul::QK;
-use crate::quant::{q3_k_scales, scale_min_k4, GgmlType};
+use super::blocks::{self, IntFormat, Unpacked, QK};
+use crate::quant::{q3_k_scales, scale_min_k4, CodeLayout, GgmlType};
 use crate::HostBytes;
 
 /// Rows per interleaved group: a 512-bit register's 16 lanes (AVX2 takes
@@ -63,6 +62,7 @@ const K_MINS: usize = K_SCALES + 8 * NR;
 
 /// The formats that are repacked, and what their layout holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub(super) enum PackedFormat {
     Q8_0,
     Q4_0,
@@ -77,21 +77,29 @@ pub(super) enum PackedFormat {
 }
 
 impl PackedFormat {
+    /// Every packed format, in declaration order: `ALL[f as usize] == f`.
+    const ALL: [PackedFormat; 10] = [
+        PackedFormat::Q8_0,
+        PackedFormat::Q4_0,
+        PackedFormat::Q4_1,
+        PackedFormat::Q5_0,
+        PackedFormat::Q5_1,
+        PackedFormat::Q2K,
+        PackedFormat::Q3K,
+        PackedFormat::Q4K,
+        PackedFormat::Q5K,
+        PackedFormat::Q6K,
+    ];
+
+    /// The format whose discriminant (`f as u8`) is `i`: kernels generic
+    /// over a format take it as a `const u8` and map it back here.
+    pub const fn from_index(i: u8) -> Self {
+        Self::ALL[i as usize]
+    }
+
     /// The packed form of `ty`, if it has one.
     pub fn of(ty: GgmlType) -> Option<Self> {
-        Some(match ty {
-            GgmlType::Q8_0 => PackedFormat::Q8_0,
-            GgmlType::Q4_0 => PackedFormat::Q4_0,
-            GgmlType::Q4_1 => PackedFormat::Q4_1,
-            GgmlType::Q5_0 => PackedFormat::Q5_0,
-            GgmlType::Q5_1 => PackedFormat::Q5_1,
-            GgmlType::Q2K => PackedFormat::Q2K,
-            GgmlType::Q3K => PackedFormat::Q3K,
-            GgmlType::Q4K => PackedFormat::Q4K,
-            GgmlType::Q5K => PackedFormat::Q5K,
-            GgmlType::Q6K => PackedFormat::Q6K,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|f| f.ty() == ty)
     }
 
     /// The ggml type.
@@ -110,61 +118,38 @@ impl PackedFormat {
         }
     }
 
+    /// The format's codes, from its row of [`crate::quant::FORMATS`].
+    const fn layout(self) -> CodeLayout {
+        match self.ty().format().codes {
+            Some(c) => c,
+            None => panic!("every packed format is a block format"),
+        }
+    }
+
     /// Bits per code: 8 (Q8_0), 2, 3, 4, 5 or 6.
     pub const fn code_bits(self) -> usize {
-        match self {
-            PackedFormat::Q8_0 => 8,
-            PackedFormat::Q2K => 2,
-            PackedFormat::Q3K => 3,
-            PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q4K => 4,
-            PackedFormat::Q5_0 | PackedFormat::Q5_1 | PackedFormat::Q5K => 5,
-            PackedFormat::Q6K => 6,
-        }
+        self.layout().code_bits
     }
 
     /// 32-element sub-blocks per file block.
     pub const fn subs(self) -> usize {
-        match self {
-            PackedFormat::Q2K
-            | PackedFormat::Q3K
-            | PackedFormat::Q4K
-            | PackedFormat::Q5K
-            | PackedFormat::Q6K => 8,
-            _ => 1,
-        }
+        self.ty().format().elems / QK
     }
 
     /// Sub-blocks are scaled in two halves of 16 (Q2_K, Q3_K, Q6_K).
     pub const fn halves(self) -> bool {
-        matches!(
-            self,
-            PackedFormat::Q2K | PackedFormat::Q3K | PackedFormat::Q6K
-        )
+        self.layout().halves
     }
 
     /// The format adds a minimum per sub-block (per half sub-block where
     /// its scales are: Q2_K).
     pub const fn has_min(self) -> bool {
-        matches!(
-            self,
-            PackedFormat::Q4_1
-                | PackedFormat::Q5_1
-                | PackedFormat::Q2K
-                | PackedFormat::Q4K
-                | PackedFormat::Q5K
-        )
+        self.layout().has_min
     }
 
     /// The zero point `K` of the unsigned codes.
     pub const fn zero_point(self) -> i32 {
-        match self {
-            PackedFormat::Q8_0 => 128,
-            PackedFormat::Q4_0 => 8,
-            PackedFormat::Q5_0 => 16,
-            PackedFormat::Q3K => 4,
-            PackedFormat::Q6K => 32,
-            _ => 0,
-        }
+        self.layout().zero_point
     }
 
     /// Code bytes per group and sub-block, a vector's worth per bit: eight
@@ -453,72 +438,10 @@ impl PackedOperands<'_> {
     }
 }
 
-/// The portable kernel: the canonical computation for input rows `i0..i1`
-/// and groups `g0..g1`.
-///
-/// # Safety
-/// `out` points to an `m x n` buffer of which no other thread touches
-/// these elements.
-pub(super) unsafe fn portable_block(
-    ops: &PackedOperands,
-    i0: usize,
-    i1: usize,
-    g0: usize,
-    g1: usize,
-    out: *mut f32,
-) {
-    let fmt = ops.w.fmt;
-    let q = ops.q;
-    let nb = ops.k / QK;
-    let (subs, parts) = (fmt.subs(), if fmt.halves() { 2 } else { 1 });
-    let len = QK / parts;
-    for i in i0..i1 {
-        for g in g0..g1 {
-            for r in 0..NR {
-                let j = g * NR + r;
-                if j >= ops.n {
-                    break;
-                }
-                let (mut acc, mut off) = (0f32, 0f32);
-                for b in 0..nb {
-                    let (chunk, s) = (ops.chunk(g, b / subs), b % subs);
-                    let ib = i * nb + b;
-                    for h in 0..parts {
-                        let dot: i32 = (h * len..(h + 1) * len)
-                            .map(|t| PackedWeight::code(fmt, chunk, s, r, t) * q.value(ib * QK + t))
-                            .sum();
-                        let xsum = if parts == 2 {
-                            q.isum16[2 * ib + h]
-                        } else {
-                            q.isum[ib]
-                        };
-                        let sum = dot - fmt.zero_point() * xsum;
-                        let scale = PackedWeight::scale(fmt, chunk, s, h, r);
-                        acc = (sum as f32 * q.dx[ib]).mul_add(scale, acc);
-                    }
-                    if fmt.has_min() {
-                        for h in 0..parts {
-                            let xsum = if parts == 2 {
-                                q.sum16[2 * ib + h]
-                            } else {
-                                q.sum32[ib]
-                            };
-                            let min = PackedWeight::min(fmt, chunk, s, h, r);
-                            off = min.mul_add(xsum, off);
-                        }
-                    }
-                }
-                // SAFETY: i < m and j < n, inside the buffer; the caller owns the element.
-                unsafe { *out.add(i * ops.n + j) = acc + off };
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::random_blocks;
+    use crate::cpu::test_support::random_blocks;
     use crate::quant;
 
     /// Every code, scale and minimum survives the repack, including the

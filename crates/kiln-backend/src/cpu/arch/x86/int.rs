@@ -1,71 +1,19 @@
 //! x86-64 kernels of the matrix product: the canonical computation of
-//! [`super::matmul`] with 256-bit vectors, chosen at run time by CPU feature.
+//! [`crate::cpu::matmul`] with 256-bit vectors, chosen at run time by CPU feature.
 //!
 //! One body serves every instruction set: it is generic over [`Dot`], the
 //! exact 8-lane integer dot product (AVX2 `maddubs`+`madd`, AVX-VNNI or
 //! AVX512-VNNI `dpbusd`, all giving the same integers), and inlined into an
 //! entry point compiled for that set's features. Block formats are decoded
 //! in registers by an [`Unpack`] per format; rarer formats go through the
-//! portable decoder ([`super::blocks::unpack`]) into the same registers.
+//! portable decoder ([`crate::cpu::blocks::unpack`]) into the same registers.
 
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
-use super::actq::ActBits;
-use super::blocks::{self, IntFormat, Unpacked};
-use super::matmul::{IntOperands, QK};
-
-/// The instruction sets the kernels are built for, best last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Isa {
-    /// AVX2, FMA and F16C.
-    Avx2,
-    /// AVX2 plus the VEX-encoded `vpdpbusd` (AVX-VNNI).
-    AvxVnni,
-    /// AVX2 plus AVX512-VNNI's `vpdpbusd` on 256-bit registers (AVX512VL).
-    Avx512Vnni,
-}
-
-impl Isa {
-    fn supported(self) -> bool {
-        use std::arch::is_x86_feature_detected as has;
-        let base = has!("avx2") && has!("fma") && has!("f16c");
-        base && match self {
-            Isa::Avx2 => true,
-            Isa::AvxVnni => has!("avxvnni"),
-            Isa::Avx512Vnni => {
-                has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
-            }
-        }
-    }
-
-    /// Every instruction set this CPU runs.
-    pub fn all_supported() -> Vec<Isa> {
-        [Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni]
-            .into_iter()
-            .filter(|i| i.supported())
-            .collect()
-    }
-
-    /// The best instruction set of this CPU (checked once), or `None` without
-    /// AVX2: then the portable kernel runs. `KILN_CPU_ISA` (`portable`,
-    /// `avx2`, `avxvnni`, `avx512vnni`) caps the choice, for comparisons.
-    pub fn detected() -> Option<Isa> {
-        static ISA: OnceLock<Option<Isa>> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            let cap = match std::env::var("KILN_CPU_ISA").ok().as_deref() {
-                Some("portable") => return None,
-                Some("avx2") => Isa::Avx2,
-                Some("avxvnni") => Isa::AvxVnni,
-                _ => Isa::Avx512Vnni,
-            };
-            Self::all_supported()
-                .into_iter()
-                .filter(|&i| i <= cap)
-                .max()
-        })
-    }
-}
+use crate::cpu::actq::ActBits;
+use crate::cpu::blocks::{self, IntFormat, Unpacked};
+use crate::cpu::blocks::{IntOperands, QK};
+use crate::cpu::isa::Isa;
 
 /// Runs the kernels of `isa` over rows `i0..i1` and columns `j0..j1`.
 ///
@@ -125,7 +73,7 @@ unsafe fn block_avx512vnni(
 
 /// The exact dot product of 32 unsigned bytes with 32 signed bytes, as 8
 /// lanes each summing four neighbouring products.
-pub(super) trait Dot {
+pub(crate) trait Dot {
     /// Whether [`Dot::dot`] is exact for unsigned bytes up to 255 (the VNNI
     /// instructions); AVX2's `maddubs` saturates past 128 * 127 * 2.
     const FULL_BYTES: bool;
@@ -152,7 +100,7 @@ pub(super) trait Dot {
     unsafe fn dot16(a0: __m256i, b0: __m256i, a1: __m256i, b1: __m256i) -> __m256i;
 }
 
-pub(super) struct Avx2Dot;
+pub(crate) struct Avx2Dot;
 impl Dot for Avx2Dot {
     const FULL_BYTES: bool = false;
     #[inline(always)]
@@ -168,7 +116,7 @@ impl Dot for Avx2Dot {
     }
 }
 
-pub(super) struct AvxVnniDot;
+pub(crate) struct AvxVnniDot;
 impl Dot for AvxVnniDot {
     const FULL_BYTES: bool = true;
     #[inline(always)]
@@ -191,7 +139,7 @@ impl Dot for AvxVnniDot {
     }
 }
 
-pub(super) struct Avx512VnniDot;
+pub(crate) struct Avx512VnniDot;
 impl Dot for Avx512VnniDot {
     const FULL_BYTES: bool = true;
     #[inline(always)]
@@ -240,7 +188,7 @@ unsafe fn dot_signed<D: Dot>(w: __m256i, x: __m256i) -> __m256i {
 
 /// Horizontal sum of eight lanes: (0+4, 1+5, 2+6, 3+7), then pairs, then the two.
 #[inline(always)]
-pub(super) unsafe fn hsum(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY: AVX.
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));

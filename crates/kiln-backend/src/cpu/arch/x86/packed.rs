@@ -1,5 +1,5 @@
 //! x86-64 kernels over interleaved weights: the canonical computation of
-//! [`super::packed`], lane `r` of every register being row `r` of a group.
+//! [`crate::cpu::packed`], lane `r` of every register being row `r` of a group.
 //!
 //! Per group and 32-block the codes are decoded once into eight registers
 //! (four elements of each row); each input row then broadcasts its four
@@ -12,10 +12,14 @@
 
 use std::arch::x86_64::*;
 
-use super::actq::ActBits;
-use super::packed::{PackedFormat, PackedOperands, NR, VB};
-use super::x86::{Avx2Dot, AvxVnniDot, Dot, Isa};
-use super::x86_amx::MT;
+use super::amx::MT;
+use super::int::{Avx2Dot, AvxVnniDot, Dot};
+use super::unpack::{
+    by_format, codes256, codes512, format, head256, head512, scales256, scales512,
+};
+use crate::cpu::actq::ActBits;
+use crate::cpu::isa::Isa;
+use crate::cpu::packed::{PackedFormat, PackedOperands, NR};
 
 /// Which kernels run a product over packed weights.
 #[derive(Debug, Clone, Copy)]
@@ -28,11 +32,11 @@ pub(crate) struct Kernels {
 
 /// Runs the kernels of `isa` over input rows `i0..i1` and groups `g0..g1`;
 /// with `amx`, whole tiles of 16 rows go to the AMX kernel
-/// ([`super::x86_amx`]) and only the rest to `isa`'s.
+/// ([`super::amx`]) and only the rest to `isa`'s.
 ///
 /// # Safety
 /// `isa` is supported by this CPU, and AMX if `amx` (see
-/// [`super::x86_amx::available`]); `out` points to an `m x n` buffer of
+/// [`crate::cpu::isa::chosen`]); `out` points to an `m x n` buffer of
 /// which no other thread touches these elements.
 pub(crate) unsafe fn block(
     Kernels { isa, amx }: Kernels,
@@ -48,7 +52,7 @@ pub(crate) unsafe fn block(
         let whole = (i1 - i0) / MT * MT;
         if whole > 0 {
             // SAFETY: the caller's contract; AMX implies AVX-512.
-            unsafe { super::x86_amx::block(ops, i0, i0 + whole, g0, g1, out) };
+            unsafe { super::amx::block(ops, i0, i0 + whole, g0, g1, out) };
             i0 += whole;
         }
         if i0 == i1 {
@@ -121,73 +125,6 @@ unsafe fn dispatch<D: Dot>(
     unsafe { by_format!(ops.w.fmt, F => cover::<D, F>(ops, i0, i1, g0, g1, out)) }
 }
 
-/// Evaluates `$body` with `$F` a `u8` constant naming the packed format
-/// `$fmt` (the index [`format`] maps back), so that each format gets its
-/// own instance of a kernel generic over `const F: u8`.
-macro_rules! by_format {
-    ($fmt:expr, $F:ident => $body:expr) => {
-        match $fmt {
-            PackedFormat::Q8_0 => {
-                const $F: u8 = 0;
-                $body
-            }
-            PackedFormat::Q4_0 => {
-                const $F: u8 = 1;
-                $body
-            }
-            PackedFormat::Q4_1 => {
-                const $F: u8 = 2;
-                $body
-            }
-            PackedFormat::Q5_0 => {
-                const $F: u8 = 3;
-                $body
-            }
-            PackedFormat::Q5_1 => {
-                const $F: u8 = 4;
-                $body
-            }
-            PackedFormat::Q4K => {
-                const $F: u8 = 5;
-                $body
-            }
-            PackedFormat::Q5K => {
-                const $F: u8 = 6;
-                $body
-            }
-            PackedFormat::Q6K => {
-                const $F: u8 = 7;
-                $body
-            }
-            PackedFormat::Q2K => {
-                const $F: u8 = 8;
-                $body
-            }
-            PackedFormat::Q3K => {
-                const $F: u8 = 9;
-                $body
-            }
-        }
-    };
-}
-pub(super) use by_format;
-
-/// The format with index `F` (a const generic, so each is its own kernel).
-pub(super) const fn format(f: u8) -> PackedFormat {
-    match f {
-        0 => PackedFormat::Q8_0,
-        1 => PackedFormat::Q4_0,
-        2 => PackedFormat::Q4_1,
-        3 => PackedFormat::Q5_0,
-        4 => PackedFormat::Q5_1,
-        5 => PackedFormat::Q4K,
-        6 => PackedFormat::Q5K,
-        7 => PackedFormat::Q6K,
-        8 => PackedFormat::Q2K,
-        _ => PackedFormat::Q3K,
-    }
-}
-
 #[inline(always)]
 unsafe fn cover<D: Dot, const F: u8>(
     ops: &PackedOperands,
@@ -225,89 +162,6 @@ unsafe fn cover<D: Dot, const F: u8>(
     }
 }
 
-/// The eight code registers of half a group's sub-block at `p` (the
-/// sub-block plus 32 bytes for the second half): register `q` holds
-/// elements `4q..4q + 4` of each of the half's eight rows. Q8_0's are its
-/// signed bytes as stored.
-#[inline(always)]
-unsafe fn codes<const F: u8>(p: *const u8) -> [__m256i; 8] {
-    let fmt = format(F);
-    // SAFETY: one whole sub-block of the format at p.
-    unsafe {
-        let mut c = [_mm256_setzero_si256(); 8];
-        if fmt.code_bits() == 8 {
-            for (q, cq) in c.iter_mut().enumerate() {
-                *cq = _mm256_loadu_si256(p.add(VB * q) as *const __m256i);
-            }
-            return c;
-        }
-        if fmt.code_bits() < 4 {
-            // Bits 2(q % 4) and 2(q % 4) + 1 of vector q / 4 are register
-            // q's element (16-bit shifts: what crosses from the neighbouring
-            // byte lands outside the mask).
-            let m = _mm256_set1_epi8(3);
-            for v in 0..2 {
-                let x = _mm256_loadu_si256(p.add(VB * v) as *const __m256i);
-                c[4 * v] = _mm256_and_si256(x, m);
-                c[4 * v + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(x), m);
-                c[4 * v + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m);
-                c[4 * v + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(x), m);
-            }
-            if fmt.code_bits() == 3 {
-                // Bit q of the plane is the third bit of register q's element.
-                let qh = _mm256_loadu_si256(p.add(2 * VB) as *const __m256i);
-                let m = _mm256_set1_epi8(4);
-                c[0] = or_masked256(c[0], _mm256_slli_epi16::<2>(qh), m);
-                c[1] = or_masked256(c[1], _mm256_slli_epi16::<1>(qh), m);
-                c[2] = or_masked256(c[2], qh, m);
-                c[3] = or_masked256(c[3], _mm256_srli_epi16::<1>(qh), m);
-                c[4] = or_masked256(c[4], _mm256_srli_epi16::<2>(qh), m);
-                c[5] = or_masked256(c[5], _mm256_srli_epi16::<3>(qh), m);
-                c[6] = or_masked256(c[6], _mm256_srli_epi16::<4>(qh), m);
-                c[7] = or_masked256(c[7], _mm256_srli_epi16::<5>(qh), m);
-            }
-            return c;
-        }
-        let low = _mm256_set1_epi8(0x0f);
-        for q in 0..4 {
-            let v = _mm256_loadu_si256(p.add(VB * q) as *const __m256i);
-            c[q] = _mm256_and_si256(v, low);
-            c[q + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-        }
-        // The planes hold the high bits of each byte's code; they move to
-        // bit 4 (and 5) by shifts of 16-bit lanes, and the bits that cross
-        // from the neighbouring byte land outside the mask.
-        if fmt.code_bits() == 5 {
-            // Bit q of a byte is the fifth bit of register q's element.
-            let qh = _mm256_loadu_si256(p.add(4 * VB) as *const __m256i);
-            let m = _mm256_set1_epi8(0x10);
-            c[0] = _mm256_or_si256(c[0], _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m));
-            c[1] = _mm256_or_si256(c[1], _mm256_and_si256(_mm256_slli_epi16::<3>(qh), m));
-            c[2] = _mm256_or_si256(c[2], _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m));
-            c[3] = _mm256_or_si256(c[3], _mm256_and_si256(_mm256_slli_epi16::<1>(qh), m));
-            c[4] = _mm256_or_si256(c[4], _mm256_and_si256(qh, m));
-            c[5] = _mm256_or_si256(c[5], _mm256_and_si256(_mm256_srli_epi16::<1>(qh), m));
-            c[6] = _mm256_or_si256(c[6], _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m));
-            c[7] = _mm256_or_si256(c[7], _mm256_and_si256(_mm256_srli_epi16::<3>(qh), m));
-        } else if fmt.code_bits() == 6 {
-            // Bits 2(q % 4) and 2(q % 4) + 1 of the plane of quads 0..4
-            // (then of 4..8) are the top two bits of register q's element.
-            let m = _mm256_set1_epi8(0x30);
-            for h in 0..2 {
-                let qh = _mm256_loadu_si256(p.add(4 * VB + VB * h) as *const __m256i);
-                let r = 4 * h;
-                c[r] = _mm256_or_si256(c[r], _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m));
-                c[r + 1] =
-                    _mm256_or_si256(c[r + 1], _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m));
-                c[r + 2] = _mm256_or_si256(c[r + 2], _mm256_and_si256(qh, m));
-                c[r + 3] =
-                    _mm256_or_si256(c[r + 3], _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m));
-            }
-        }
-        c
-    }
-}
-
 /// Four activation bytes at `p`, in every lane.
 #[inline(always)]
 unsafe fn broadcast4(p: *const i8) -> __m256i {
@@ -315,7 +169,7 @@ unsafe fn broadcast4(p: *const i8) -> __m256i {
     unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
 }
 
-/// The exact sums of `N` code registers from `q0` (as [`codes`] leaves
+/// The exact sums of `N` code registers from `q0` (as [`codes256`] leaves
 /// them, or their magnitudes `mag` for signed Q8_0 on AVX2) against the
 /// activation bytes of the same elements in the 32 at `x`.
 #[inline(always)]
@@ -366,48 +220,6 @@ unsafe fn act_sum<D: Dot, const SIGN_TRICK: bool, const N: usize, const WIDE: bo
     }
 }
 
-/// Eight bytes at `p` (unsigned, or `SIGNED`) as f32 lanes.
-#[inline(always)]
-unsafe fn bytes8<const SIGNED: bool>(p: *const u8) -> __m256 {
-    // SAFETY: eight readable bytes at p.
-    unsafe {
-        let v = _mm_loadl_epi64(p as *const __m128i);
-        _mm256_cvtepi32_ps(if SIGNED {
-            _mm256_cvtepi8_epi32(v)
-        } else {
-            _mm256_cvtepu8_epi32(v)
-        })
-    }
-}
-
-/// `c | (v & m)`.
-#[inline(always)]
-unsafe fn or_masked256(c: __m256i, v: __m256i, m: __m256i) -> __m256i {
-    // SAFETY: AVX2 per the caller.
-    unsafe { _mm256_or_si256(c, _mm256_and_si256(v, m)) }
-}
-
-/// `-v`, lane by lane.
-#[inline(always)]
-unsafe fn neg256(v: __m256) -> __m256 {
-    // SAFETY: AVX per the caller.
-    unsafe { _mm256_xor_ps(v, _mm256_set1_ps(-0.0)) }
-}
-
-/// Eight bytes at `p` as f32 lanes of their low and of their high nibbles.
-#[inline(always)]
-unsafe fn nibbles8(p: *const u8) -> (__m256, __m256) {
-    // SAFETY: eight readable bytes at p.
-    unsafe {
-        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-        let low = _mm256_and_si256(v, _mm256_set1_epi32(0x0f));
-        (
-            _mm256_cvtepi32_ps(low),
-            _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v)),
-        )
-    }
-}
-
 /// Rows of a group one 256-bit register holds.
 const HALF: usize = NR / 2;
 
@@ -442,18 +254,13 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
         let mut off = [_mm256_setzero_ps(); R];
         for fb in 0..nb / fmt.subs() {
             let p = ops.chunk(g, fb).as_ptr();
-            // This half's bytes: 4 of each 8 per code vector, 2 of each 16 per f16 row.
+            // This half's bytes: 4 of each 8 per code vector, 2 of each 16
+            // per f16 row, 1 of each 16 per byte row of scales.
             let head = p.add(fmt.head());
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(head.add(2 * HALF * half) as *const __m128i));
-            let second = if fmt.has_min() {
-                let at = head.add(2 * NR + 2 * HALF * half);
-                _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i))
-            } else {
-                _mm256_setzero_ps()
-            };
-            let bytes_at = |o: usize| head.add(o + HALF * half);
+            let (d, second) = head256::<F>(head.add(2 * HALF * half));
+            let scales_at = head.add(HALF * half);
             for s in 0..fmt.subs() {
-                let mut c = codes::<F>(p.add(s * fmt.sub_bytes() + 4 * HALF * half));
+                let mut c = codes256::<F>(p.add(s * fmt.sub_bytes() + 4 * HALF * half));
                 let mut mag = [_mm256_setzero_si256(); 8];
                 if sign_trick {
                     for (m, cq) in mag.iter_mut().zip(&c) {
@@ -467,30 +274,7 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
                 }
                 // Scales of the sub-block (or its two halves) and its
                 // offsets (of its halves, which differ only for Q2_K).
-                let (sc0, sc1, min0, min1) = match fmt {
-                    PackedFormat::Q4K | PackedFormat::Q5K => {
-                        let sc = _mm256_mul_ps(d, bytes8::<false>(bytes_at(4 * NR + NR * s)));
-                        let m = _mm256_mul_ps(second, bytes8::<false>(bytes_at(12 * NR + NR * s)));
-                        (sc, sc, neg256(m), neg256(m))
-                    }
-                    PackedFormat::Q3K | PackedFormat::Q6K => (
-                        _mm256_mul_ps(d, bytes8::<true>(bytes_at(2 * NR + 2 * NR * s))),
-                        _mm256_mul_ps(d, bytes8::<true>(bytes_at(3 * NR + 2 * NR * s))),
-                        second,
-                        second,
-                    ),
-                    PackedFormat::Q2K => {
-                        let (sc0, m0) = nibbles8(bytes_at(4 * NR + 2 * NR * s));
-                        let (sc1, m1) = nibbles8(bytes_at(5 * NR + 2 * NR * s));
-                        (
-                            _mm256_mul_ps(d, sc0),
-                            _mm256_mul_ps(d, sc1),
-                            neg256(_mm256_mul_ps(second, m0)),
-                            neg256(_mm256_mul_ps(second, m1)),
-                        )
-                    }
-                    _ => (d, d, second, second),
-                };
+                let (sc0, sc1, min0, min1) = scales256::<F>(scales_at, d, second, s);
                 for ii in 0..R {
                     let blk = (i + ii) * nb + fb * fmt.subs() + s;
                     let x = xs.add(x_bytes * blk);
@@ -567,6 +351,15 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
 // The same kernel on 512-bit registers (AVX512-VNNI): a whole group of 16
 // rows per register, half the instructions per product. Lane for lane the
 // same integer sums and float operations as `tile`, so the same results.
+//
+// The decoders the two share are written once (`super::unpack`); the tile
+// loops stay twins on purpose: they differ in more than register width (the
+// 256-bit one covers half a group, is generic over `Dot` with AVX2's sign
+// trick for Q8_0's signed codes, and stores through a buffer at a ragged
+// edge; the 512-bit one covers a whole group with `dpbusd` alone, picks its
+// number of independent sums by tile height, and stores with a mask), so a
+// width-generic body would carry each difference as a parameter of the hot
+// loop without removing any code.
 
 #[inline(always)]
 unsafe fn cover512<const F: u8>(
@@ -597,77 +390,6 @@ unsafe fn cover512<const F: u8>(
                 i += rows;
             }
         }
-    }
-}
-
-/// [`codes`] for a whole group: register `q` holds elements `4q..4q + 4`
-/// of each of the 16 rows. Q8_0's are its signed bytes as stored.
-#[inline(always)]
-pub(super) unsafe fn codes512<const F: u8>(p: *const u8) -> [__m512i; 8] {
-    let fmt = format(F);
-    // SAFETY: one whole sub-block of the format at p; AVX512BW.
-    unsafe {
-        let mut c = [_mm512_setzero_si512(); 8];
-        if fmt.code_bits() == 8 {
-            for (q, cq) in c.iter_mut().enumerate() {
-                *cq = _mm512_loadu_si512(p.add(VB * q) as *const __m512i);
-            }
-            return c;
-        }
-        // As in `codes`: 2-bit fields, and a plane of third bits moved to bit 2.
-        if fmt.code_bits() < 4 {
-            let m = _mm512_set1_epi8(3);
-            for v in 0..2 {
-                let x = _mm512_loadu_si512(p.add(VB * v) as *const __m512i);
-                c[4 * v] = _mm512_and_si512(x, m);
-                c[4 * v + 1] = _mm512_and_si512(_mm512_srli_epi16::<2>(x), m);
-                c[4 * v + 2] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), m);
-                c[4 * v + 3] = _mm512_and_si512(_mm512_srli_epi16::<6>(x), m);
-            }
-            if fmt.code_bits() == 3 {
-                let qh = _mm512_loadu_si512(p.add(2 * VB) as *const __m512i);
-                let m = _mm512_set1_epi8(4);
-                c[0] = or_masked(c[0], _mm512_slli_epi16::<2>(qh), m);
-                c[1] = or_masked(c[1], _mm512_slli_epi16::<1>(qh), m);
-                c[2] = or_masked(c[2], qh, m);
-                c[3] = or_masked(c[3], _mm512_srli_epi16::<1>(qh), m);
-                c[4] = or_masked(c[4], _mm512_srli_epi16::<2>(qh), m);
-                c[5] = or_masked(c[5], _mm512_srli_epi16::<3>(qh), m);
-                c[6] = or_masked(c[6], _mm512_srli_epi16::<4>(qh), m);
-                c[7] = or_masked(c[7], _mm512_srli_epi16::<5>(qh), m);
-            }
-            return c;
-        }
-        let low = _mm512_set1_epi8(0x0f);
-        for q in 0..4 {
-            let v = _mm512_loadu_si512(p.add(VB * q) as *const __m512i);
-            c[q] = _mm512_and_si512(v, low);
-            c[q + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-        }
-        // As in `codes`: planes of high bits moved to bit 4 (and 5).
-        if fmt.code_bits() == 5 {
-            let qh = _mm512_loadu_si512(p.add(4 * VB) as *const __m512i);
-            let m = _mm512_set1_epi8(0x10);
-            c[0] = or_masked(c[0], _mm512_slli_epi16::<4>(qh), m);
-            c[1] = or_masked(c[1], _mm512_slli_epi16::<3>(qh), m);
-            c[2] = or_masked(c[2], _mm512_slli_epi16::<2>(qh), m);
-            c[3] = or_masked(c[3], _mm512_slli_epi16::<1>(qh), m);
-            c[4] = or_masked(c[4], qh, m);
-            c[5] = or_masked(c[5], _mm512_srli_epi16::<1>(qh), m);
-            c[6] = or_masked(c[6], _mm512_srli_epi16::<2>(qh), m);
-            c[7] = or_masked(c[7], _mm512_srli_epi16::<3>(qh), m);
-        } else if fmt.code_bits() == 6 {
-            let m = _mm512_set1_epi8(0x30);
-            for h in 0..2 {
-                let qh = _mm512_loadu_si512(p.add(4 * VB + VB * h) as *const __m512i);
-                let r = 4 * h;
-                c[r] = or_masked(c[r], _mm512_slli_epi16::<4>(qh), m);
-                c[r + 1] = or_masked(c[r + 1], _mm512_slli_epi16::<2>(qh), m);
-                c[r + 2] = or_masked(c[r + 2], qh, m);
-                c[r + 3] = or_masked(c[r + 3], _mm512_srli_epi16::<2>(qh), m);
-            }
-        }
-        c
     }
 }
 
@@ -725,109 +447,6 @@ unsafe fn act_sum512<const N: usize, const WIDE: bool, const R: usize>(
             _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32::<8>(s), s), lo)
         } else {
             s
-        }
-    }
-}
-
-/// `c | (v & m)`.
-#[inline(always)]
-unsafe fn or_masked(c: __m512i, v: __m512i, m: __m512i) -> __m512i {
-    // SAFETY: AVX512F per the caller.
-    unsafe { _mm512_or_si512(c, _mm512_and_si512(v, m)) }
-}
-
-/// Sixteen bytes at `p` (unsigned, or `SIGNED`) as f32 lanes.
-#[inline(always)]
-unsafe fn bytes16<const SIGNED: bool>(p: *const u8) -> __m512 {
-    // SAFETY: sixteen readable bytes at p.
-    unsafe {
-        let v = _mm_loadu_si128(p as *const __m128i);
-        _mm512_cvtepi32_ps(if SIGNED {
-            _mm512_cvtepi8_epi32(v)
-        } else {
-            _mm512_cvtepu8_epi32(v)
-        })
-    }
-}
-
-/// Sixteen bytes at `p` as f32 lanes of their low and of their high nibbles.
-#[inline(always)]
-unsafe fn nibbles16(p: *const u8) -> (__m512, __m512) {
-    // SAFETY: sixteen readable bytes at p; AVX512F per the caller.
-    unsafe {
-        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-        let low = _mm512_and_si512(v, _mm512_set1_epi32(0x0f));
-        (
-            _mm512_cvtepi32_ps(low),
-            _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(v)),
-        )
-    }
-}
-
-/// `-v`, lane by lane.
-#[inline(always)]
-unsafe fn neg512(v: __m512) -> __m512 {
-    // SAFETY: AVX512F per the caller.
-    unsafe {
-        _mm512_castsi512_ps(_mm512_xor_si512(
-            _mm512_castps_si512(v),
-            _mm512_set1_epi32(i32::MIN),
-        ))
-    }
-}
-
-/// A group chunk's per-row f16 factors at `head` as f32 lanes: `d`, and
-/// the minimum (or `dmin`) where the format has one, else zeros.
-#[inline(always)]
-pub(super) unsafe fn head512<const F: u8>(head: *const u8) -> (__m512, __m512) {
-    // SAFETY: the chunk's head at `head`; AVX512F per the caller.
-    unsafe {
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(head as *const __m256i));
-        let second = if format(F).has_min() {
-            _mm512_cvtph_ps(_mm256_loadu_si256(head.add(2 * NR) as *const __m256i))
-        } else {
-            _mm512_setzero_ps()
-        };
-        (d, second)
-    }
-}
-
-/// Sub-block `s`'s scales (of its two halves, which differ only for
-/// Q2_K, Q3_K and Q6_K) and its offset factors (of its two halves, which
-/// differ only for Q2_K), per row of the group, from the chunk's head and
-/// its [`head512`] factors.
-#[inline(always)]
-pub(super) unsafe fn scales512<const F: u8>(
-    head: *const u8,
-    d: __m512,
-    second: __m512,
-    s: usize,
-) -> (__m512, __m512, __m512, __m512) {
-    // SAFETY: the chunk's head at `head`; AVX512F per the caller.
-    unsafe {
-        match format(F) {
-            PackedFormat::Q4K | PackedFormat::Q5K => {
-                let sc = _mm512_mul_ps(d, bytes16::<false>(head.add(4 * NR + NR * s)));
-                let m = _mm512_mul_ps(second, bytes16::<false>(head.add(12 * NR + NR * s)));
-                (sc, sc, neg512(m), neg512(m))
-            }
-            PackedFormat::Q3K | PackedFormat::Q6K => (
-                _mm512_mul_ps(d, bytes16::<true>(head.add(2 * NR + 2 * NR * s))),
-                _mm512_mul_ps(d, bytes16::<true>(head.add(3 * NR + 2 * NR * s))),
-                second,
-                second,
-            ),
-            PackedFormat::Q2K => {
-                let (sc0, m0) = nibbles16(head.add(4 * NR + 2 * NR * s));
-                let (sc1, m1) = nibbles16(head.add(5 * NR + 2 * NR * s));
-                (
-                    _mm512_mul_ps(d, sc0),
-                    _mm512_mul_ps(d, sc1),
-                    neg512(_mm512_mul_ps(second, m0)),
-                    neg512(_mm512_mul_ps(second, m1)),
-                )
-            }
-            _ => (d, d, second, second),
         }
     }
 }

@@ -12,7 +12,7 @@
 //! serve only the prompts: see below. Prompt-only work (scoring a prompt's
 //! log-probabilities) is what this mode is for.
 //!
-//! The FMA kernels of [`super::x86_float`] add 16 products per instruction
+//! The FMA kernels of [`super::float`] add 16 products per instruction
 //! and widen every F16 weight with a two-micro-op conversion; one
 //! `tdpbf16ps` adds 8192 (16 input rows by 16 weight rows by 32 elements),
 //! about 20 times the FMA kernels' rate on this machine. Its operands are
@@ -52,35 +52,26 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::float_packed::{FloatFormat, FloatOperands};
-use super::packed::NR;
+use crate::cpu::float_packed::{FloatFormat, FloatOperands};
+use crate::cpu::packed::NR;
 
 /// Input rows per tile.
 const MT: usize = 16;
 /// Elements per K step: one 64-byte tile row of bf16.
 const KS: usize = 32;
 /// Rows per band of a product: the weight panel is widened once per band.
-pub(super) const ROWS_PER_BAND: usize = 128;
+pub(crate) const ROWS_PER_BAND: usize = 128;
 
-/// Whether F16 and BF16 products run here: AMX tiles are granted (see
-/// [`super::x86_amx::available`], which `KILN_CPU_ISA` also turns off)
-/// and the CPU has AMX-BF16. Checked once.
-pub(super) fn available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        // CPUID leaf 7: EDX bit 22 is AMX-BF16.
-        let ok = super::x86_amx::available() && (__cpuid_count(7, 0).edx >> 22) & 1 == 1;
-        if ok {
-            tracing::debug!("CPU kernels: AMX-BF16 tiles for F16 and BF16 weights");
-        }
-        ok
-    })
+/// Whether F16 and BF16 products may run here: the one choice of
+/// instruction sets ([`crate::cpu::isa::chosen`]) admits AMX-BF16.
+pub(crate) fn available() -> bool {
+    crate::cpu::isa::chosen().amx_bf16
 }
 
 /// Whether products over weights of `fmt` run here: only when asked for
 /// with `KILN_CPU_FLOAT=amx` (read once), because decode steps run at
 /// about half the FMA kernels' speed here (see the module doc).
-pub(super) fn serves(fmt: FloatFormat) -> bool {
+pub(crate) fn serves(fmt: FloatFormat) -> bool {
     static ASKED: OnceLock<bool> = OnceLock::new();
     let asked = *ASKED.get_or_init(|| std::env::var("KILN_CPU_FLOAT").as_deref() == Ok("amx"));
     fmt != FloatFormat::F32 && asked && available()
@@ -99,7 +90,7 @@ const fn pieces(fmt: FloatFormat) -> usize {
 /// A tiles: per tile of [`MT`] rows (the last padded with zero rows), per
 /// K step, per piece, the tile's rows of 32 bf16 (zero past `k`). With
 /// fewer than [`MT`] rows the one tile holds just those rows.
-pub(super) struct SplitRows {
+pub(crate) struct SplitRows {
     data: Vec<__m512i>,
     /// Rows per tile: [`MT`], or `m` when it is smaller.
     rows: usize,
@@ -212,7 +203,7 @@ thread_local! {
 /// `ops.w` is F16 or BF16; `out` points to an `m x n` buffer of which no
 /// other thread touches these elements.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn block(
+pub(crate) unsafe fn block(
     ops: &FloatOperands,
     a: &SplitRows,
     i0: usize,
@@ -490,7 +481,7 @@ unsafe fn store<const C: usize>(
 mod tests {
     use super::*;
     use crate::cpu::float_packed::FloatPacked;
-    use crate::cpu::tests::{float_weight_bytes, rand_vec};
+    use crate::cpu::test_support::{float_weight_bytes, rand_vec};
     use crate::quant::GgmlType;
 
     /// The formats these tiles serve.

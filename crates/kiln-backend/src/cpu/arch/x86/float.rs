@@ -1,5 +1,5 @@
 //! x86-64 kernels over float weights in the transposed group layout
-//! ([`super::float_packed`]): the canonical one-FMA-per-element chain in
+//! ([`crate::cpu::float_packed`]): the canonical one-FMA-per-element chain in
 //! every lane, with a group of 16 rows as one 512-bit register (AVX-512)
 //! or two 256-bit halves (AVX2).
 //!
@@ -11,9 +11,9 @@
 
 use std::arch::x86_64::*;
 
-use super::float_packed::{FloatFormat, FloatOperands};
-use super::packed::NR;
-use super::x86::Isa;
+use crate::cpu::float_packed::{FloatFormat, FloatOperands};
+use crate::cpu::isa::Isa;
+use crate::cpu::packed::NR;
 
 /// Runs the kernels of `isa` over rows `i0..i1` and groups `g0..g1`.
 ///
@@ -235,7 +235,7 @@ impl Lanes for Zmm {
     }
 }
 
-/// Input rows per full tile for `isa`: how [`super::float_packed::interleave`]
+/// Input rows per full tile for `isa`: how [`crate::cpu::float_packed::interleave`]
 /// must lay out the input for these kernels.
 pub(crate) fn tile_rows(isa: Isa) -> usize {
     match isa {
@@ -322,7 +322,7 @@ unsafe fn groups<L: Lanes, E: Elem, const MR: usize, const G: usize>(
     out: *mut f32,
 ) {
     // SAFETY: the tile of rows from i starts at i * k of the interleaved
-    // rows ([`super::float_packed::interleave`]), MR x k floats.
+    // rows ([`crate::cpu::float_packed::interleave`]), MR x k floats.
     let xs = unsafe { ops.x.as_ptr().add(i * ops.k) };
     let mut g = g0;
     // SAFETY (both loops): every tile stays inside the caller's range.

@@ -1,5 +1,5 @@
 //! Intel AMX tiles for the block formats' prompt path: the canonical
-//! computation of [`super::packed`], 16 input rows against a group of 16
+//! computation of [`crate::cpu::packed`], 16 input rows against a group of 16
 //! weight rows per tile multiplication.
 //!
 //! The VNNI kernels spend one `vpdpbusd` per four elements of a group per
@@ -7,7 +7,7 @@
 //! one port: it bounds the prompt path. AMX's `tdpbssd` multiplies a tile
 //! of 16 rows of signed activation bytes by a tile of signed weight bytes
 //! laid out as four elements of each of 16 columns per 64-byte row, which
-//! is exactly the packed layout's code vector ([`super::packed::VB`]); one
+//! is exactly the packed layout's code vector ([`crate::cpu::packed::VB`]); one
 //! instruction yields the 16 x 16 exact block sums that 128 `vpdpbusd`
 //! would. The float epilogue (convert, scale, accumulate) is the VNNI
 //! kernels' lane for lane, so results are the same bits: batch invariance
@@ -24,55 +24,13 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
-use std::sync::OnceLock;
 
-use super::actq::ActBits;
-use super::packed::{PackedFormat, PackedOperands, NR, VB};
-use super::x86_packed::{by_format, codes512, format, head512, scales512};
+use super::unpack::{by_format, codes512, format, head512, scales512};
+use crate::cpu::actq::ActBits;
+use crate::cpu::packed::{PackedFormat, PackedOperands, NR, VB};
 
 /// Input rows per tile (a tile's row count).
-pub(super) const MT: usize = 16;
-
-/// Linux's `arch_prctl` request for permission to use an extended state
-/// component, and the component of AMX tile data.
-const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
-const XFEATURE_XTILEDATA: libc::c_ulong = 18;
-
-/// Whether AMX kernels run: the CPU has AMX-TILE and AMX-INT8 (and the
-/// AVX-512 the epilogue uses), Linux granted this process the tile state,
-/// and `KILN_CPU_ISA` is unset or `amx` (any other value caps the choice
-/// below AMX, for comparisons). Checked once.
-pub(super) fn available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| {
-        if !matches!(std::env::var("KILN_CPU_ISA").as_deref(), Err(_) | Ok("amx")) {
-            return false;
-        }
-        use std::arch::is_x86_feature_detected as has;
-        if !(has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")) {
-            return false;
-        }
-        // CPUID leaf 7: EDX bit 24 is AMX-TILE, bit 25 AMX-INT8 (leaf 7
-        // exists: AVX-512 is reported there).
-        let leaf = __cpuid_count(7, 0);
-        if (leaf.edx >> 24) & 3 != 3 {
-            return false;
-        }
-        // SAFETY: a plain system call with integer arguments; it fails
-        // (harmlessly) on kernels without AMX support.
-        let granted = unsafe {
-            libc::syscall(
-                libc::SYS_arch_prctl,
-                ARCH_REQ_XCOMP_PERM,
-                XFEATURE_XTILEDATA,
-            )
-        } == 0;
-        if granted {
-            tracing::debug!("CPU kernels: AMX tiles for the block formats' prompt path");
-        }
-        granted
-    })
-}
+pub(crate) const MT: usize = 16;
 
 /// The 64-byte tile configuration `ldtilecfg` reads (palette 1): tiles 0
 /// and 1 hold the `hi` and `lo` sums (16 rows of 16 i32), 2 and 3 the
@@ -118,10 +76,10 @@ thread_local! {
 /// groups `g0..g1`.
 ///
 /// # Safety
-/// [`available`] returned true; the rows exist and `out` points to an
+/// [`crate::cpu::isa::chosen`] admits AMX; the rows exist and `out` points to an
 /// `m x n` buffer of which no other thread touches these elements.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub(super) unsafe fn block(
+pub(crate) unsafe fn block(
     ops: &PackedOperands,
     i0: usize,
     i1: usize,
