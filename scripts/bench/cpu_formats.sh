@@ -109,26 +109,20 @@ def num(x, d=1):
     return "–" if x is None else f"{x:.{d}f}"
 def ratio(a, b):
     return "–" if a is None or b is None or b == 0 else f"{a / b:.2f}"
-if llama:
-    print("| format | kiln pp512 | llama.cpp pp512 | ratio | kiln tg128 | llama.cpp tg128 | ratio | kiln peak RSS MB | llama.cpp peak RSS MB |")
+def table(other, label, note):
+    print(f"| format | kiln pp512 | {label} pp512 | ratio | kiln tg128 | {label} tg128 | ratio | kiln peak RSS MB | {label} peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for f in formats:
-        kp, lp = med(f, "kiln", 0), med(f, "llama.cpp", 0)
-        kt, lt = med(f, "kiln", 1), med(f, "llama.cpp", 1)
-        kr, lr = med(f, "kiln", 2), med(f, "llama.cpp", 2)
-        print(f"| {f} | {num(kp)} | {num(lp)} | {ratio(kp, lp)} | {num(kt)} | {num(lt)} | {ratio(kt, lt)} | {num(kr, 0)} | {num(lr, 0)} |")
+        kp, op = med(f, "kiln", 0), med(f, other, 0)
+        kt, ot = med(f, "kiln", 1), med(f, other, 1)
+        kr, orss = med(f, "kiln", 2), med(f, other, 2)
+        print(f"| {f} | {num(kp)} | {num(op)} | {ratio(kp, op)} | {num(kt)} | {num(ot)} | {ratio(kt, ot)} | {num(kr, 0)} | {num(orss, 0)} |")
     print()
-    print("Tokens/s; ratio = kiln / llama.cpp (above 1: kiln faster). RSS = peak resident set of the whole process.")
+    print(note)
+if llama:
+    table("llama.cpp", "llama.cpp", "Tokens/s; ratio = kiln / llama.cpp (above 1: kiln faster). RSS = peak resident set of the whole process.")
 if base:
     if llama:
         print()
-    print("| format | kiln pp512 | baseline pp512 | new/old | kiln tg128 | baseline tg128 | new/old | kiln peak RSS MB | baseline peak RSS MB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for f in formats:
-        kp, bp = med(f, "kiln", 0), med(f, "kiln-base", 0)
-        kt, bt = med(f, "kiln", 1), med(f, "kiln-base", 1)
-        kr, br = med(f, "kiln", 2), med(f, "kiln-base", 2)
-        print(f"| {f} | {num(kp)} | {num(bp)} | {ratio(kp, bp)} | {num(kt)} | {num(bt)} | {ratio(kt, bt)} | {num(kr, 0)} | {num(br, 0)} |")
-    print()
-    print("Tokens/s; new/old = kiln / the baseline kiln (above 1: the new binary faster).")
+    table("kiln-base", "baseline", "Tokens/s; ratio = new/old, kiln / the baseline kiln (above 1: the new binary faster).")
 PY

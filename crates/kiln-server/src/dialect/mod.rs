@@ -64,6 +64,18 @@ mod tests {
         }
     }
 
+    /// The shared extras (penalties, seed, stop ids) as both dialects
+    /// read them: the same field names, the same values.
+    fn takes_the_shared_extras(r: &Request) -> bool {
+        r.sampling.min_p == 0.1
+            && r.sampling.repetition_penalty == 1.1
+            && r.sampling.presence_penalty == -1.0
+            && r.sampling.frequency_penalty == 0.5
+            && r.sampling.seed == Some(7)
+            && r.stop.stop_token_ids == [3]
+            && r.stop.ignore_eos
+    }
+
     /// One table of sampling parameters, read through both dialects: the
     /// shared rules answer alike (the messages naming the field where the
     /// API puts it), and the differences are the dialects' own: field
@@ -172,24 +184,8 @@ mod tests {
             (
                 json!({"min_p": 0.1, "repetition_penalty": 1.1, "presence_penalty": -1,
                     "frequency_penalty": 0.5, "seed": 7, "stop_token_ids": [3], "ignore_eos": true}),
-                Takes(|r| {
-                    r.sampling.min_p == 0.1
-                        && r.sampling.repetition_penalty == 1.1
-                        && r.sampling.presence_penalty == -1.0
-                        && r.sampling.frequency_penalty == 0.5
-                        && r.sampling.seed == Some(7)
-                        && r.stop.stop_token_ids == [3]
-                        && r.stop.ignore_eos
-                }),
-                Takes(|r| {
-                    r.sampling.min_p == 0.1
-                        && r.sampling.repetition_penalty == 1.1
-                        && r.sampling.presence_penalty == -1.0
-                        && r.sampling.frequency_penalty == 0.5
-                        && r.sampling.seed == Some(7)
-                        && r.stop.stop_token_ids == [3]
-                        && r.stop.ignore_eos
-                }),
+                Takes(takes_the_shared_extras),
+                Takes(takes_the_shared_extras),
             ),
             (
                 json!({"min_p": 2}),
