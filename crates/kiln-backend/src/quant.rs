@@ -74,9 +74,11 @@ impl GgmlType {
 }
 
 /// One weight format, in one row: its block layout, its dequantizer, its
-/// quantizer, and how the CPU kernels see its blocks. Adding a format is a
-/// [`GgmlType`] variant, its row of [`FORMATS`], its block functions, and
-/// its kernels (`cpu::blocks::unpack`, `cpu::packed`, the vector decoders).
+/// quantizer, and how the CPU kernels see and repack its blocks. Adding a
+/// format is a [`GgmlType`] variant, its row of [`FORMATS`] (with the
+/// functions it points at), and its kernels (its decode arm in
+/// `cpu::blocks::unpack`, its instance in the x86 `by_format!` and its
+/// vector decoders' arms where its codes or scales are new).
 #[derive(Debug, Clone, Copy)]
 pub struct Format {
     /// The format's ggml type (and type number).
@@ -85,7 +87,9 @@ pub struct Format {
     pub elems: usize,
     /// Bytes per block.
     pub bytes: usize,
-    /// Byte offsets of the f16 scales (and minimums) inside one block.
+    /// Byte offsets of the f16 scales (and minimums) inside one block: the
+    /// scale `d` first, then the minimum or `dmin` where the format has one
+    /// (the interleaved layout copies them in that order).
     pub f16_fields: &'static [usize],
     /// Decodes one block; `None` where kiln cannot read the format (Q8_K,
     /// which exists only as an activation format).
@@ -101,7 +105,7 @@ pub struct Format {
 /// A block format as the CPU kernels see it: integer codes, a scale per 16
 /// elements and an offset per granule (see `cpu::blocks`), and the shape of
 /// its codes in the interleaved layout (see `cpu::packed`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct CodeLayout {
     /// Codes are signed bytes (Q8_0) rather than small unsigned integers.
     pub signed: bool,
@@ -116,6 +120,27 @@ pub struct CodeLayout {
     pub has_min: bool,
     /// The zero point of the unsigned codes in the interleaved layout.
     pub zero_point: i32,
+    /// The scales a block keeps besides its f16 fields, and the function
+    /// that reads them out of a block for the interleaved layout.
+    pub sub_scales: SubScales,
+}
+
+/// The scales (and minimums) a block keeps per part besides its f16 fields,
+/// each variant with the function that reads them out of one block: what
+/// the interleaved layout (`cpu::packed`) copies into a group's head, and
+/// how its kernels read them back.
+#[derive(Debug, Clone, Copy)]
+pub enum SubScales {
+    /// None: the f16 `d` scales every element (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+    None,
+    /// An unsigned scale and minimum per 32-element sub-block, multiplying
+    /// `d` and `dmin` (Q4_K, Q5_K).
+    ScaleMin(fn(&[u8]) -> [(u8, u8); 8]),
+    /// A signed scale per 16 elements, multiplying `d` (Q3_K, Q6_K).
+    Signed(fn(&[u8]) -> [i8; 16]),
+    /// A byte per 16 elements, a 4-bit scale in its low nibble (multiplying
+    /// `d`) and a 4-bit minimum in its high one (multiplying `dmin`) (Q2_K).
+    Nibbles(fn(&[u8]) -> [u8; 16]),
 }
 
 /// Writes one block of a format for `x` (one block's elements) into `out`.
@@ -128,6 +153,7 @@ const fn codes(
     halves: bool,
     has_min: bool,
     zero_point: i32,
+    sub_scales: SubScales,
 ) -> Option<CodeLayout> {
     Some(CodeLayout {
         signed,
@@ -136,6 +162,7 @@ const fn codes(
         halves,
         has_min,
         zero_point,
+        sub_scales,
     })
 }
 
@@ -179,7 +206,7 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[0],
             dequantize: Some(q8_0),
             quantize: Some(("q8_0", enc_q8_0)),
-            codes: codes(true, 0, 8, false, false, 128),
+            codes: codes(true, 0, 8, false, false, 128, SubScales::None),
         },
         Format {
             ty: T::Q4_0,
@@ -188,7 +215,7 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[0],
             dequantize: Some(q4_0),
             quantize: Some(("q4_0", enc_q4_0)),
-            codes: codes(false, 32, 4, false, false, 8),
+            codes: codes(false, 32, 4, false, false, 8, SubScales::None),
         },
         Format {
             ty: T::Q4_1,
@@ -197,7 +224,7 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[0, 2],
             dequantize: Some(q4_1),
             quantize: Some(("q4_1", enc_q4_1)),
-            codes: codes(false, 32, 4, false, true, 0),
+            codes: codes(false, 32, 4, false, true, 0, SubScales::None),
         },
         Format {
             ty: T::Q5_0,
@@ -206,7 +233,7 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[0],
             dequantize: Some(q5_0),
             quantize: None,
-            codes: codes(false, 32, 5, false, false, 16),
+            codes: codes(false, 32, 5, false, false, 16, SubScales::None),
         },
         Format {
             ty: T::Q5_1,
@@ -215,7 +242,7 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[0, 2],
             dequantize: Some(q5_1),
             quantize: None,
-            codes: codes(false, 32, 5, false, true, 0),
+            codes: codes(false, 32, 5, false, true, 0, SubScales::None),
         },
         Format {
             ty: T::Q2K,
@@ -224,7 +251,19 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[80, 82],
             dequantize: Some(q2_k),
             quantize: None,
-            codes: codes(false, 16, 2, true, true, 0),
+            codes: codes(
+                false,
+                16,
+                2,
+                true,
+                true,
+                0,
+                SubScales::Nibbles(|b| {
+                    let mut s = [0; 16];
+                    s.copy_from_slice(&b[..16]);
+                    s
+                }),
+            ),
         },
         Format {
             ty: T::Q3K,
@@ -233,7 +272,15 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[108],
             dequantize: Some(q3_k),
             quantize: None,
-            codes: codes(false, 16, 3, true, false, 4),
+            codes: codes(
+                false,
+                16,
+                3,
+                true,
+                false,
+                4,
+                SubScales::Signed(|b| q3_k_scales(&b[96..108])),
+            ),
         },
         Format {
             ty: T::Q4K,
@@ -242,7 +289,15 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[0, 2],
             dequantize: Some(q4_k),
             quantize: Some(("q4_k", enc_q4_k)),
-            codes: codes(false, 32, 4, false, true, 0),
+            codes: codes(
+                false,
+                32,
+                4,
+                false,
+                true,
+                0,
+                SubScales::ScaleMin(|b| std::array::from_fn(|s| scale_min_k4(s, &b[4..16]))),
+            ),
         },
         Format {
             ty: T::Q5K,
@@ -251,7 +306,15 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[0, 2],
             dequantize: Some(q5_k),
             quantize: None,
-            codes: codes(false, 32, 5, false, true, 0),
+            codes: codes(
+                false,
+                32,
+                5,
+                false,
+                true,
+                0,
+                SubScales::ScaleMin(|b| std::array::from_fn(|s| scale_min_k4(s, &b[4..16]))),
+            ),
         },
         Format {
             ty: T::Q6K,
@@ -260,7 +323,15 @@ pub static FORMATS: [Format; 14] = {
             f16_fields: &[208],
             dequantize: Some(q6_k),
             quantize: Some(("q6_k", enc_q6_k)),
-            codes: codes(false, 16, 6, true, false, 32),
+            codes: codes(
+                false,
+                16,
+                6,
+                true,
+                false,
+                32,
+                SubScales::Signed(|b| std::array::from_fn(|g| b[192 + g] as i8)),
+            ),
         },
         Format {
             ty: T::Q8K,
@@ -635,9 +706,13 @@ mod format_table_tests {
         for (i, f) in FORMATS.iter().enumerate() {
             assert!(std::ptr::eq(f.ty.format(), &FORMATS[i]), "{:?}", f.ty);
             assert_eq!(GgmlType::from_u32(f.ty as u32), Some(f.ty));
+            // Kernels generic over a format take its type number as a `u8`.
+            assert!(f.ty as u32 <= u8::MAX as u32, "{:?}", f.ty);
             if let Some(c) = f.codes {
                 assert!(f.elems.is_multiple_of(32), "{:?}", f.ty);
                 assert!(c.granule == 0 || f.elems.is_multiple_of(c.granule));
+                // `d`, then the minimum or `dmin`: what the repack copies.
+                assert_eq!(f.f16_fields.len(), 1 + c.has_min as usize, "{:?}", f.ty);
             }
         }
         let mut rows: Vec<(u32, &str)> = FORMATS

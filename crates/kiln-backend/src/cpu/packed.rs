@@ -42,7 +42,7 @@
 
 use super::actq::QuantizedRows;
 use super::blocks::{self, IntFormat, Unpacked, QK};
-use crate::quant::{q3_k_scales, scale_min_k4, CodeLayout, GgmlType};
+use crate::quant::{CodeLayout, GgmlType, SubScales, FORMATS};
 use crate::HostBytes;
 
 /// Rows per interleaved group: a 512-bit register's 16 lanes (AVX2 takes
@@ -60,65 +60,51 @@ const SECOND: usize = 2 * NR;
 const K_SCALES: usize = 4 * NR;
 const K_MINS: usize = K_SCALES + 8 * NR;
 
-/// The formats that are repacked, and what their layout holds.
+/// A block format that is repacked: a thin view of its row of
+/// [`crate::quant::FORMATS`] (its [`CodeLayout`], with its [`SubScales`]),
+/// and what the interleaved layout makes of it. Every property is a
+/// `const fn` of the row, so a kernel generic over the format (its type
+/// number as a `const u8`, mapped back by [`PackedFormat::from_index`])
+/// sees constants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(super) enum PackedFormat {
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
-}
+pub(crate) struct PackedFormat(GgmlType);
 
 impl PackedFormat {
-    /// Every packed format, in declaration order: `ALL[f as usize] == f`.
-    const ALL: [PackedFormat; 10] = [
-        PackedFormat::Q8_0,
-        PackedFormat::Q4_0,
-        PackedFormat::Q4_1,
-        PackedFormat::Q5_0,
-        PackedFormat::Q5_1,
-        PackedFormat::Q2K,
-        PackedFormat::Q3K,
-        PackedFormat::Q4K,
-        PackedFormat::Q5K,
-        PackedFormat::Q6K,
-    ];
-
-    /// The format whose discriminant (`f as u8`) is `i`: kernels generic
-    /// over a format take it as a `const u8` and map it back here.
+    /// The format whose ggml type number (`ty as u8`) is `i`: kernels
+    /// generic over a format take it as a `const u8` and map it back here
+    /// (in a constant, so nothing of it is left at run time).
     pub const fn from_index(i: u8) -> Self {
-        Self::ALL[i as usize]
+        let mut k = 0;
+        while k < FORMATS.len() {
+            let ty = FORMATS[k].ty;
+            if ty as u32 == i as u32 {
+                match Self::of(ty) {
+                    Some(f) => return f,
+                    None => panic!("not a packed format"),
+                }
+            }
+            k += 1;
+        }
+        panic!("not a ggml type number")
     }
 
-    /// The packed form of `ty`, if it has one.
-    pub fn of(ty: GgmlType) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.ty() == ty)
-    }
-
-    /// The ggml type.
-    pub const fn ty(self) -> GgmlType {
-        match self {
-            PackedFormat::Q8_0 => GgmlType::Q8_0,
-            PackedFormat::Q4_0 => GgmlType::Q4_0,
-            PackedFormat::Q4_1 => GgmlType::Q4_1,
-            PackedFormat::Q5_0 => GgmlType::Q5_0,
-            PackedFormat::Q5_1 => GgmlType::Q5_1,
-            PackedFormat::Q2K => GgmlType::Q2K,
-            PackedFormat::Q3K => GgmlType::Q3K,
-            PackedFormat::Q4K => GgmlType::Q4K,
-            PackedFormat::Q5K => GgmlType::Q5K,
-            PackedFormat::Q6K => GgmlType::Q6K,
+    /// The packed form of `ty`, if it has one: every format whose row has
+    /// a [`CodeLayout`].
+    pub const fn of(ty: GgmlType) -> Option<Self> {
+        match ty.format().codes {
+            Some(_) => Some(Self(ty)),
+            None => None,
         }
     }
 
+    /// The ggml type.
+    #[inline(always)]
+    pub const fn ty(self) -> GgmlType {
+        self.0
+    }
+
     /// The format's codes, from its row of [`crate::quant::FORMATS`].
+    #[inline(always)]
     const fn layout(self) -> CodeLayout {
         match self.ty().format().codes {
             Some(c) => c,
@@ -127,56 +113,77 @@ impl PackedFormat {
     }
 
     /// Bits per code: 8 (Q8_0), 2, 3, 4, 5 or 6.
+    #[inline(always)]
     pub const fn code_bits(self) -> usize {
         self.layout().code_bits
     }
 
+    /// The codes are signed bytes (Q8_0), stored as they are.
+    #[inline(always)]
+    pub const fn signed(self) -> bool {
+        self.layout().signed
+    }
+
     /// 32-element sub-blocks per file block.
+    #[inline(always)]
     pub const fn subs(self) -> usize {
         self.ty().format().elems / QK
     }
 
     /// Sub-blocks are scaled in two halves of 16 (Q2_K, Q3_K, Q6_K).
+    #[inline(always)]
     pub const fn halves(self) -> bool {
         self.layout().halves
     }
 
     /// The format adds a minimum per sub-block (per half sub-block where
     /// its scales are: Q2_K).
+    #[inline(always)]
     pub const fn has_min(self) -> bool {
         self.layout().has_min
     }
 
     /// The zero point `K` of the unsigned codes.
+    #[inline(always)]
     pub const fn zero_point(self) -> i32 {
         self.layout().zero_point
+    }
+
+    /// The scales the block keeps besides its f16 fields.
+    #[inline(always)]
+    pub const fn sub_scales(self) -> SubScales {
+        self.layout().sub_scales
     }
 
     /// Code bytes per group and sub-block, a vector's worth per bit: eight
     /// code vectors of bytes; four of nibbles plus a plane per bit above
     /// four; or two of 2-bit codes plus a plane for a third bit.
+    #[inline(always)]
     pub const fn sub_bytes(self) -> usize {
         self.code_bits() * VB
     }
 
     /// Offset of the head (an f16 `d` per row, then the rest) within a
     /// chunk, after the codes.
+    #[inline(always)]
     pub const fn head(self) -> usize {
         self.subs() * self.sub_bytes()
     }
 
     /// Bytes per group and file block.
+    #[inline(always)]
     pub const fn chunk(self) -> usize {
         self.head()
-            + match self {
-                PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => SECOND,
-                PackedFormat::Q4_1 | PackedFormat::Q5_1 => 2 * SECOND,
+            + match self.sub_scales() {
+                // d, and the minimum where there is one
+                SubScales::None if self.has_min() => 2 * SECOND,
+                SubScales::None => SECOND,
                 // d, dmin, then per sub-block a scale and a minimum per row
-                PackedFormat::Q4K | PackedFormat::Q5K => K_MINS + 8 * NR,
+                SubScales::ScaleMin(_) => K_MINS + 8 * NR,
                 // d, then per half sub-block a signed scale per row
-                PackedFormat::Q3K | PackedFormat::Q6K => SECOND + 16 * NR,
+                SubScales::Signed(_) => SECOND + 16 * NR,
                 // d, dmin, then per half sub-block a scale-and-minimum byte per row
-                PackedFormat::Q2K => K_SCALES + 16 * NR,
+                SubScales::Nibbles(_) => K_SCALES + 16 * NR,
             }
     }
 }
@@ -316,13 +323,11 @@ impl PackedWeight {
     pub fn scale(fmt: PackedFormat, chunk: &[u8], s: usize, h: usize, r: usize) -> f32 {
         let head = &chunk[fmt.head()..];
         let d = f16_at(head, 2 * r);
-        match fmt {
-            PackedFormat::Q4K | PackedFormat::Q5K => d * head[K_SCALES + NR * s + r] as f32,
-            PackedFormat::Q3K | PackedFormat::Q6K => {
-                d * (head[SECOND + NR * (2 * s + h) + r] as i8) as f32
-            }
-            PackedFormat::Q2K => d * (head[K_SCALES + NR * (2 * s + h) + r] & 0x0f) as f32,
-            _ => d,
+        match fmt.sub_scales() {
+            SubScales::ScaleMin(_) => d * head[K_SCALES + NR * s + r] as f32,
+            SubScales::Signed(_) => d * (head[SECOND + NR * (2 * s + h) + r] as i8) as f32,
+            SubScales::Nibbles(_) => d * (head[K_SCALES + NR * (2 * s + h) + r] & 0x0f) as f32,
+            SubScales::None => d,
         }
     }
 
@@ -331,11 +336,11 @@ impl PackedWeight {
     /// minimum).
     pub fn min(fmt: PackedFormat, chunk: &[u8], s: usize, h: usize, r: usize) -> f32 {
         let head = &chunk[fmt.head()..];
-        match fmt {
-            PackedFormat::Q4K | PackedFormat::Q5K => {
+        match fmt.sub_scales() {
+            SubScales::ScaleMin(_) => {
                 -(f16_at(head, SECOND + 2 * r) * head[K_MINS + NR * s + r] as f32)
             }
-            PackedFormat::Q2K => {
+            SubScales::Nibbles(_) => {
                 -(f16_at(head, SECOND + 2 * r)
                     * (head[K_SCALES + NR * (2 * s + h) + r] >> 4) as f32)
             }
@@ -376,44 +381,29 @@ fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8
         }
     }
     let head = &mut out[fmt.head()..];
-    // Where the file keeps the f16 `d` (and second f16: minimum or dmin).
-    let (d, second) = match fmt {
-        PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => (0, None),
-        PackedFormat::Q4_1 | PackedFormat::Q5_1 | PackedFormat::Q4K | PackedFormat::Q5K => {
-            (0, Some(2))
-        }
-        PackedFormat::Q2K => (80, Some(82)),
-        PackedFormat::Q3K => (108, None),
-        PackedFormat::Q6K => (208, None),
-    };
-    head[2 * r..2 * r + 2].copy_from_slice(&blk[d..d + 2]);
-    if let Some(o) = second {
-        head[SECOND + 2 * r..SECOND + 2 * r + 2].copy_from_slice(&blk[o..o + 2]);
+    // The file's f16 `d`, then its second f16 (minimum or dmin) if any.
+    let f16s = fmt.ty().format().f16_fields;
+    for (i, &o) in f16s.iter().enumerate() {
+        head[SECOND * i + 2 * r..SECOND * i + 2 * r + 2].copy_from_slice(&blk[o..o + 2]);
     }
-    match fmt {
-        PackedFormat::Q4K | PackedFormat::Q5K => {
-            for s in 0..8 {
-                let (sc, m) = scale_min_k4(s, &blk[4..16]);
+    match fmt.sub_scales() {
+        SubScales::None => {}
+        SubScales::ScaleMin(read) => {
+            for (s, (sc, m)) in read(blk).into_iter().enumerate() {
                 head[K_SCALES + NR * s + r] = sc;
                 head[K_MINS + NR * s + r] = m;
             }
         }
-        PackedFormat::Q6K => {
-            for g in 0..16 {
-                head[SECOND + NR * g + r] = blk[192 + g];
-            }
-        }
-        PackedFormat::Q3K => {
-            for (g, sc) in q3_k_scales(&blk[96..108]).into_iter().enumerate() {
+        SubScales::Signed(read) => {
+            for (g, sc) in read(blk).into_iter().enumerate() {
                 head[SECOND + NR * g + r] = sc as u8;
             }
         }
-        PackedFormat::Q2K => {
-            for g in 0..16 {
-                head[K_SCALES + NR * g + r] = blk[g];
+        SubScales::Nibbles(read) => {
+            for (g, b) in read(blk).into_iter().enumerate() {
+                head[K_SCALES + NR * g + r] = b;
             }
         }
-        _ => {}
     }
 }
 
@@ -430,9 +420,12 @@ pub(super) struct PackedOperands<'a> {
 }
 
 impl PackedOperands<'_> {
-    /// Group `g`'s block `b`.
-    pub fn chunk(&self, g: usize, b: usize) -> &[u8] {
-        let c = self.w.fmt.chunk();
+    /// Group `g`'s block `b`, for a kernel that has the weight's format
+    /// `fmt` as a constant (so the chunk's size is one too).
+    #[inline(always)]
+    pub fn chunk(&self, fmt: PackedFormat, g: usize, b: usize) -> &[u8] {
+        debug_assert_eq!(fmt, self.w.fmt);
+        let c = fmt.chunk();
         let at = (g * self.w.blocks + b) * c;
         &self.w.data[at..at + c]
     }

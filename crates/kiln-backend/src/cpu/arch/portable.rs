@@ -139,7 +139,7 @@ pub(crate) unsafe fn packed_block(
                 }
                 let (mut acc, mut off) = (0f32, 0f32);
                 for b in 0..nb {
-                    let (chunk, s) = (ops.chunk(g, b / subs), b % subs);
+                    let (chunk, s) = (ops.chunk(fmt, g, b / subs), b % subs);
                     let ib = i * nb + b;
                     for h in 0..parts {
                         let dot: i32 = (h * len..(h + 1) * len)

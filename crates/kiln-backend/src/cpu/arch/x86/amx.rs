@@ -27,7 +27,7 @@ use std::cell::RefCell;
 
 use super::unpack::{by_format, codes512, format, head512, scales512};
 use crate::cpu::actq::ActBits;
-use crate::cpu::packed::{PackedFormat, PackedOperands, NR, VB};
+use crate::cpu::packed::{PackedOperands, NR, VB};
 
 /// Input rows per tile (a tile's row count).
 pub(crate) const MT: usize = 16;
@@ -109,9 +109,9 @@ unsafe fn groups<const F: u8, const WIDE: bool>(
     g1: usize,
     out: *mut f32,
 ) {
-    let fmt = format(F);
+    let fmt = format::<F>();
     let cfg = TileConfig::new(if fmt.halves() { 16 } else { 32 });
-    let in_place = fmt == PackedFormat::Q8_0;
+    let in_place = fmt.signed();
     // (Taken out and put back rather than borrowed in a closure: closures
     // do not inherit the target features, and the kernel would lose them.)
     let mut scratch = SCRATCH.take();
@@ -137,7 +137,7 @@ unsafe fn groups<const F: u8, const WIDE: bool>(
 /// block and sub-block, the eight code vectors of 64 bytes in order.
 #[inline(always)]
 unsafe fn decode_group<const F: u8>(ops: &PackedOperands, g: usize, scratch: &mut Vec<__m512i>) {
-    let fmt = format(F);
+    let fmt = format::<F>();
     let subs = fmt.subs();
     let blocks = ops.k / 32 / subs;
     scratch.clear();
@@ -146,7 +146,7 @@ unsafe fn decode_group<const F: u8>(ops: &PackedOperands, g: usize, scratch: &mu
     unsafe {
         let zp = _mm512_set1_epi8(fmt.zero_point() as i8);
         for fb in 0..blocks {
-            let p = ops.chunk(g, fb).as_ptr();
+            let p = ops.chunk(fmt, g, fb).as_ptr();
             for s in 0..subs {
                 for c in codes512::<F>(p.add(s * fmt.sub_bytes())) {
                     scratch.push(_mm512_sub_epi8(c, zp));
@@ -184,7 +184,7 @@ unsafe fn tile<const F: u8, const WIDE: bool>(
     g: usize,
     out: *mut f32,
 ) {
-    let fmt = format(F);
+    let fmt = format::<F>();
     let subs = fmt.subs();
     let nb = ops.k / 32;
     let q = ops.q;
@@ -202,13 +202,13 @@ unsafe fn tile<const F: u8, const WIDE: bool>(
         let mut pending: Option<Pending> = None;
         let mut step = 0;
         for fb in 0..nb / subs {
-            let chunk = ops.chunk(g, fb).as_ptr();
+            let chunk = ops.chunk(fmt, g, fb).as_ptr();
             let head = chunk.add(fmt.head());
             let (d, second) = head512::<F>(head);
             for s in 0..subs {
                 let b = fb * subs + s;
                 let (sc0, sc1, _, _) = scales512::<F>(head, d, second, s);
-                let w = if fmt == PackedFormat::Q8_0 {
+                let w = if fmt.signed() {
                     chunk
                 } else {
                     codes.add(64 * 8 * b)
@@ -244,7 +244,7 @@ unsafe fn tile<const F: u8, const WIDE: bool>(
             // are independent, so this is the VNNI kernels' result).
             let mut off = [_mm512_setzero_ps(); MT];
             for fb in 0..nb / subs {
-                let head = ops.chunk(g, fb).as_ptr().add(fmt.head());
+                let head = ops.chunk(fmt, g, fb).as_ptr().add(fmt.head());
                 let (d, second) = head512::<F>(head);
                 for s in 0..subs {
                     let (_, _, min0, min1) = scales512::<F>(head, d, second, s);

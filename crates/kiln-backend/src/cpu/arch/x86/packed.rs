@@ -19,7 +19,7 @@ use super::unpack::{
 };
 use crate::cpu::actq::ActBits;
 use crate::cpu::isa::Isa;
-use crate::cpu::packed::{PackedFormat, PackedOperands, NR};
+use crate::cpu::packed::{PackedOperands, NR};
 
 /// Which kernels run a product over packed weights.
 #[derive(Debug, Clone, Copy)]
@@ -237,12 +237,12 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
     half: usize,
     out: *mut f32,
 ) {
-    let fmt = format(F);
+    let fmt = format::<F>();
     let nb = ops.k / 32;
     let q = ops.q;
     // Q8_0: VNNI takes the codes as unsigned bytes w + 128 (zero point 128);
     // AVX2's maddubs would saturate on those, so it multiplies |w| by x with w's sign.
-    let sign_trick = fmt == PackedFormat::Q8_0 && !D::FULL_BYTES;
+    let sign_trick = fmt.signed() && !D::FULL_BYTES;
     let zero_point = if sign_trick { 0 } else { fmt.zero_point() };
     let x_bytes = if WIDE { 64 } else { 32 };
     let xs = if WIDE { q.hilo.as_ptr() } else { q.qx.as_ptr() };
@@ -253,7 +253,7 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
         let mut acc = [_mm256_setzero_ps(); R];
         let mut off = [_mm256_setzero_ps(); R];
         for fb in 0..nb / fmt.subs() {
-            let p = ops.chunk(g, fb).as_ptr();
+            let p = ops.chunk(fmt, g, fb).as_ptr();
             // This half's bytes: 4 of each 8 per code vector, 2 of each 16
             // per f16 row, 1 of each 16 per byte row of scales.
             let head = p.add(fmt.head());
@@ -266,7 +266,7 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
                     for (m, cq) in mag.iter_mut().zip(&c) {
                         *m = _mm256_abs_epi8(*cq);
                     }
-                } else if fmt == PackedFormat::Q8_0 {
+                } else if fmt.signed() {
                     let flip = _mm256_set1_epi8(i8::MIN);
                     for cq in c.iter_mut() {
                         *cq = _mm256_xor_si256(*cq, flip);
@@ -462,7 +462,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
     g: usize,
     out: *mut f32,
 ) {
-    let fmt = format(F);
+    let fmt = format::<F>();
     let nb = ops.k / 32;
     let q = ops.q;
     let zero_point = fmt.zero_point();
@@ -473,12 +473,12 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
         let mut acc = [_mm512_setzero_ps(); R];
         let mut off = [_mm512_setzero_ps(); R];
         for fb in 0..nb / fmt.subs() {
-            let p = ops.chunk(g, fb).as_ptr();
+            let p = ops.chunk(fmt, g, fb).as_ptr();
             let head = p.add(fmt.head());
             let (d, second) = head512::<F>(head);
             for s in 0..fmt.subs() {
                 let mut c = codes512::<F>(p.add(s * fmt.sub_bytes()));
-                if fmt == PackedFormat::Q8_0 {
+                if fmt.signed() {
                     let flip = _mm512_set1_epi8(i8::MIN);
                     for cq in c.iter_mut() {
                         *cq = _mm512_xor_si512(*cq, flip);

@@ -16,62 +16,65 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::packed::{PackedFormat, NR, VB};
+use crate::quant::SubScales;
 
 /// Evaluates `$body` with `$F` a `u8` constant naming the packed format
-/// `$fmt` (its discriminant, which [`format`] maps back), so that each
-/// format gets its own instance of a kernel generic over `const F: u8`.
+/// `$fmt` (its ggml type number, which [`format`] maps back), so that each
+/// format gets its own instance of a kernel generic over `const F: u8`:
+/// one arm per format that has kernels here.
 macro_rules! by_format {
     ($fmt:expr, $F:ident => $body:expr) => {
-        match $fmt {
-            PackedFormat::Q8_0 => {
-                const $F: u8 = PackedFormat::Q8_0 as u8;
+        match $fmt.ty() {
+            $crate::quant::GgmlType::Q8_0 => {
+                const $F: u8 = $crate::quant::GgmlType::Q8_0 as u8;
                 $body
             }
-            PackedFormat::Q4_0 => {
-                const $F: u8 = PackedFormat::Q4_0 as u8;
+            $crate::quant::GgmlType::Q4_0 => {
+                const $F: u8 = $crate::quant::GgmlType::Q4_0 as u8;
                 $body
             }
-            PackedFormat::Q4_1 => {
-                const $F: u8 = PackedFormat::Q4_1 as u8;
+            $crate::quant::GgmlType::Q4_1 => {
+                const $F: u8 = $crate::quant::GgmlType::Q4_1 as u8;
                 $body
             }
-            PackedFormat::Q5_0 => {
-                const $F: u8 = PackedFormat::Q5_0 as u8;
+            $crate::quant::GgmlType::Q5_0 => {
+                const $F: u8 = $crate::quant::GgmlType::Q5_0 as u8;
                 $body
             }
-            PackedFormat::Q5_1 => {
-                const $F: u8 = PackedFormat::Q5_1 as u8;
+            $crate::quant::GgmlType::Q5_1 => {
+                const $F: u8 = $crate::quant::GgmlType::Q5_1 as u8;
                 $body
             }
-            PackedFormat::Q4K => {
-                const $F: u8 = PackedFormat::Q4K as u8;
+            $crate::quant::GgmlType::Q4K => {
+                const $F: u8 = $crate::quant::GgmlType::Q4K as u8;
                 $body
             }
-            PackedFormat::Q5K => {
-                const $F: u8 = PackedFormat::Q5K as u8;
+            $crate::quant::GgmlType::Q5K => {
+                const $F: u8 = $crate::quant::GgmlType::Q5K as u8;
                 $body
             }
-            PackedFormat::Q6K => {
-                const $F: u8 = PackedFormat::Q6K as u8;
+            $crate::quant::GgmlType::Q6K => {
+                const $F: u8 = $crate::quant::GgmlType::Q6K as u8;
                 $body
             }
-            PackedFormat::Q2K => {
-                const $F: u8 = PackedFormat::Q2K as u8;
+            $crate::quant::GgmlType::Q2K => {
+                const $F: u8 = $crate::quant::GgmlType::Q2K as u8;
                 $body
             }
-            PackedFormat::Q3K => {
-                const $F: u8 = PackedFormat::Q3K as u8;
+            $crate::quant::GgmlType::Q3K => {
+                const $F: u8 = $crate::quant::GgmlType::Q3K as u8;
                 $body
             }
+            ty => unreachable!("{ty:?} has no packed kernels"),
         }
     };
 }
 pub(crate) use by_format;
 
-/// The format whose discriminant is `f` (a const generic, so each is its
-/// own kernel).
-pub(crate) const fn format(f: u8) -> PackedFormat {
-    PackedFormat::from_index(f)
+/// The format whose ggml type number is `F` (a const generic, so each is
+/// its own kernel), evaluated at compile time.
+pub(crate) const fn format<const F: u8>() -> PackedFormat {
+    const { PackedFormat::from_index(F) }
 }
 
 /// Generates one width's decoders from the one body: `$codes` (a
@@ -97,7 +100,7 @@ macro_rules! decoders {
         /// its signed bytes as stored.
         #[inline(always)]
         pub(crate) unsafe fn $codes<const F: u8>(p: *const u8) -> [$vi; 8] {
-            let fmt = format(F);
+            let fmt = format::<F>();
             // SAFETY: one whole sub-block of the format at p; the width's
             // instructions per the caller.
             unsafe {
@@ -184,7 +187,7 @@ macro_rules! decoders {
             // SAFETY: the chunk's head at `head`; the width's instructions per the caller.
             unsafe {
                 let d = $cvtph($load_h(head as *const $vh));
-                let second = if format(F).has_min() {
+                let second = if format::<F>().has_min() {
                     $cvtph($load_h(head.add(2 * NR) as *const $vh))
                 } else {
                     $zero_f()
@@ -206,19 +209,19 @@ macro_rules! decoders {
         ) -> ($vf, $vf, $vf, $vf) {
             // SAFETY: the chunk's head at `head`; the width's instructions per the caller.
             unsafe {
-                match format(F) {
-                    PackedFormat::Q4K | PackedFormat::Q5K => {
+                match format::<F>().sub_scales() {
+                    SubScales::ScaleMin(_) => {
                         let sc = $mul(d, $bytes::<false>(head.add(4 * NR + NR * s)));
                         let m = $mul(second, $bytes::<false>(head.add(12 * NR + NR * s)));
                         (sc, sc, $neg(m), $neg(m))
                     }
-                    PackedFormat::Q3K | PackedFormat::Q6K => (
+                    SubScales::Signed(_) => (
                         $mul(d, $bytes::<true>(head.add(2 * NR + 2 * NR * s))),
                         $mul(d, $bytes::<true>(head.add(3 * NR + 2 * NR * s))),
                         second,
                         second,
                     ),
-                    PackedFormat::Q2K => {
+                    SubScales::Nibbles(_) => {
                         let (sc0, m0) = $nibbles(head.add(4 * NR + 2 * NR * s));
                         let (sc1, m1) = $nibbles(head.add(5 * NR + 2 * NR * s));
                         (
@@ -228,7 +231,7 @@ macro_rules! decoders {
                             $neg($mul(second, m1)),
                         )
                     }
-                    _ => (d, d, second, second),
+                    SubScales::None => (d, d, second, second),
                 }
             }
         }
