@@ -515,9 +515,10 @@ fn a_grammar_that_panics_the_grammar_engine_is_a_clean_400() {
     ] {
         assert!(!msg.contains(leak), "{leak:?} in {msg:?}");
     }
-    // The details are in the log instead.
+    // The details are in the log instead (which the test's reader thread
+    // may see a moment after the answer, on a loaded machine).
     assert!(
-        s.stderr().contains("the grammar engine panicked"),
+        s.stderr_soon_contains("the grammar engine panicked", Duration::from_secs(10)),
         "{}",
         s.stderr()
     );

@@ -254,6 +254,22 @@ impl Server {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Whether the server's stderr comes to hold `needle` within `limit`: a
+    /// line logged as an answer is sent may reach the reader thread after
+    /// the client has the answer.
+    pub fn stderr_soon_contains(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
