@@ -296,7 +296,7 @@ pub static FORMATS: [Format; 14] = {
                 false,
                 true,
                 0,
-                SubScales::ScaleMin(|b| std::array::from_fn(|s| scale_min_k4(s, &b[4..16]))),
+                SubScales::ScaleMin(k4_scale_mins),
             ),
         },
         Format {
@@ -313,7 +313,7 @@ pub static FORMATS: [Format; 14] = {
                 false,
                 true,
                 0,
-                SubScales::ScaleMin(|b| std::array::from_fn(|s| scale_min_k4(s, &b[4..16]))),
+                SubScales::ScaleMin(k4_scale_mins),
             ),
         },
         Format {
@@ -565,6 +565,13 @@ pub(crate) fn q8_0(b: &[u8], y: &mut [f32]) {
     for (j, &q) in b[2..34].iter().enumerate() {
         y[j] = (q as i8) as f32 * d;
     }
+}
+
+/// The eight (scale, minimum) pairs of a Q4_K or Q5_K block `b`, packed
+/// in 6 bits each in its bytes 4..16: the row's [`SubScales::ScaleMin`]
+/// reader for both formats.
+fn k4_scale_mins(b: &[u8]) -> [(u8, u8); 8] {
+    std::array::from_fn(|s| scale_min_k4(s, &b[4..16]))
 }
 
 /// The 6-bit (scale, min) pair `j` of the 12 packed bytes used by Q4_K and Q5_K.
