@@ -70,6 +70,10 @@ pub struct AttentionParams {
     pub scale: f32,
     /// Sliding window: a query at position p sees keys at positions > p - window.
     pub window: Option<usize>,
+    /// Soft cap on the scaled scores, `cap * tanh(score / cap)` before the
+    /// mask and softmax (Gemma 2's `attn_logit_softcapping`); `None` leaves
+    /// them as they are.
+    pub softcap: Option<f32>,
 }
 
 /// The operation set. Tensors are row-major; "rows" are tokens, so a
@@ -196,6 +200,16 @@ pub trait Backend: Send + Sync {
         b: &Self::Tensor,
         eps: f32,
     ) -> Result<Self::Tensor>;
+
+    /// `x *= s`, element-wise (Gemma's embedding scale). The default goes
+    /// through the host; backends override it where that matters.
+    fn scale_inplace(&self, x: &mut Self::Tensor, s: f32) -> Result<()> {
+        let shape = self.shape(x);
+        let mut host = self.to_host(x)?;
+        host.iter_mut().for_each(|v| *v *= s);
+        *x = self.upload(&shape, host)?;
+        Ok(())
+    }
 
     /// `x += y`.
     fn add_inplace(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;

@@ -97,6 +97,38 @@ pub struct DecoderConfig {
     pub qkv_bias: bool,
     pub out_bias: bool,
     pub mlp_bias: bool,
+    // Gemma 2 / Gemma 3 (`crate::gemma` sets them; neutral for the others).
+    /// Multiplier of the token embeddings (Gemma: sqrt(hidden_size)).
+    pub embed_scale: Option<f32>,
+    /// Added to every RMSNorm weight at load: Hugging Face Gemma checkpoints
+    /// store `w` of `x * (1 + w)`, GGUF files already `1 + w`.
+    pub norm_offset: f32,
+    /// An RMSNorm on the attention output and on the feed-forward output,
+    /// each before its residual add (Gemma's post norms).
+    pub post_norms: bool,
+    /// Multiplier of q·k when it is not `1/sqrt(head_dim)` (Gemma's
+    /// `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: Option<f32>,
+    /// `cap * tanh(score / cap)` on attention scores (Gemma 2).
+    pub attn_logit_softcap: Option<f32>,
+    /// `cap * tanh(logit / cap)` on the output logits (Gemma 2).
+    pub final_logit_softcap: Option<f32>,
+    /// Per-layer attention (window, which rotary table) where layers differ;
+    /// empty: every layer uses `sliding_window` and `rope`.
+    pub layer_attention: Vec<LayerAttention>,
+    /// Rotary settings of the layers marked `local_rope` (Gemma 3's local
+    /// layers rotate with base 10000, its global ones with 1e6 and scaling).
+    pub local_rope: Option<RopeConfig>,
+}
+
+/// How one layer attends, for models whose layers differ (Gemma 2 and 3
+/// alternate local sliding-window layers with global ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerAttention {
+    /// This layer's sliding window; `None`: it sees the whole context.
+    pub window: Option<usize>,
+    /// Rotates with [`DecoderConfig::local_rope`] instead of `rope`.
+    pub local_rope: bool,
 }
 
 impl DecoderConfig {
@@ -133,6 +165,7 @@ impl DecoderConfig {
             .map_or(0, |off| u(self.max_position_embeddings + off) * h);
         let proj = if e != h { 2 * e * h } else { 0 };
         let final_norm = if self.final_norm { norm } else { 0 };
+        let per_layer = per_layer + if self.post_norms { 2 * norm } else { 0 };
         embed + head + positions + proj + per_layer * u(self.n_layers) + final_norm
     }
 
@@ -141,8 +174,20 @@ impl DecoderConfig {
         2 * self.n_layers * self.n_kv_heads * self.head_dim * elem_bytes
     }
 
+    /// How layer `i` attends: its entry of `layer_attention`, else the
+    /// model-wide window and rotary table.
+    pub fn layer_attention(&self, i: usize) -> LayerAttention {
+        self.layer_attention
+            .get(i)
+            .copied()
+            .unwrap_or(LayerAttention {
+                window: self.sliding_window,
+                local_rope: false,
+            })
+    }
+
     /// A llama-shaped config with the given sizes; the architectures below adjust it.
-    fn llama_like(
+    pub(crate) fn llama_like(
         arch: &str,
         vocab_size: usize,
         hidden_size: usize,
@@ -180,6 +225,14 @@ impl DecoderConfig {
             qkv_bias: false,
             out_bias: false,
             mlp_bias: false,
+            embed_scale: None,
+            norm_offset: 0.0,
+            post_norms: false,
+            attn_scale: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
+            layer_attention: Vec::new(),
+            local_rope: None,
         }
     }
 
@@ -193,10 +246,13 @@ impl DecoderConfig {
             .get_str("general.architecture")
             .ok_or_else(|| bad("missing general.architecture".into()))?
             .to_string();
-        if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "phi3") {
+        if !matches!(
+            arch.as_str(),
+            "llama" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3"
+        ) {
             return Err(bad(format!(
-                "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3 and phi3 are; \
-                 other architectures load from Hugging Face directories)"
+                "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3, phi3, gemma2 \
+                 and gemma3 are; other architectures load from Hugging Face directories)"
             )));
         }
         let key = |k: &str| format!("{arch}.{k}");
@@ -266,6 +322,9 @@ impl DecoderConfig {
             },
             scaling,
         });
+        if arch.starts_with("gemma") {
+            crate::gemma::adjust_gguf(file, &mut cfg).map_err(bad)?;
+        }
         cfg.validate(file.path())?;
         Ok(cfg)
     }
@@ -384,9 +443,11 @@ impl DecoderConfig {
                 (c.qkv_bias, c.out_bias, c.mlp_bias) = (bias, bias, bias);
                 c
             }
+            "gemma2" | "gemma3_text" | "gemma3" => crate::gemma::from_hf_json(model_type, json).map_err(bad)?,
             other => {
                 return Err(bad(format!(
-                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2 and opt are)"
+                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
+                     opt, gemma2, gemma3_text and gemma3 are)"
                 )))
             }
         };
@@ -419,7 +480,14 @@ impl DecoderConfig {
         {
             return bad("a model dimension is zero".into());
         }
-        if let Some(r) = &self.rope {
+        if !self.layer_attention.is_empty() && self.layer_attention.len() != self.n_layers {
+            return bad(format!(
+                "{} per-layer attention kinds for {} layers",
+                self.layer_attention.len(),
+                self.n_layers
+            ));
+        }
+        for r in self.rope.iter().chain(&self.local_rope) {
             if r.rot_dim > self.head_dim || !r.rot_dim.is_multiple_of(2) {
                 return bad(format!(
                     "rotary dimension {} for head dimension {}",
@@ -433,7 +501,15 @@ impl DecoderConfig {
     /// The `[max_pos, rot_dim]` table of cosines (first half of each row) and
     /// sines (second half) the backend's rope op reads.
     pub fn rope_table(&self, max_pos: usize) -> Option<Vec<f32>> {
-        let r = self.rope.as_ref()?;
+        Some(self.rope.as_ref()?.table(max_pos))
+    }
+}
+
+impl RopeConfig {
+    /// This rotary's `[max_pos, rot_dim]` table of cosines and sines (see
+    /// [`DecoderConfig::rope_table`]).
+    pub fn table(&self, max_pos: usize) -> Vec<f32> {
+        let r = self;
         let half = r.rot_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
             .map(|i| {
@@ -449,7 +525,7 @@ impl DecoderConfig {
                 row[half + i] = ang.sin() as f32;
             }
         }
-        Some(table)
+        table
     }
 }
 
@@ -480,7 +556,7 @@ fn scale_frequency(f: f64, i: usize, scaling: &RopeScaling) -> f64 {
     }
 }
 
-fn hf_rope_scaling(v: Option<&Json>) -> std::result::Result<RopeScaling, String> {
+pub(crate) fn hf_rope_scaling(v: Option<&Json>) -> std::result::Result<RopeScaling, String> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
     };

@@ -38,6 +38,8 @@ struct Layer<B: Backend> {
     gate: Option<Linear<B>>,
     up: Linear<B>,
     down: Linear<B>,
+    /// Norms on the attention and feed-forward outputs (Gemma).
+    post_norms: Option<(Norm<B>, Norm<B>)>,
 }
 
 /// A loaded model on backend `B`.
@@ -54,6 +56,8 @@ pub struct Decoder<B: Backend> {
     /// `None` when the output projection is the (tied) embedding matrix.
     lm_head: Option<B::Weight>,
     rope_table: Option<B::Tensor>,
+    /// The rotary table of layers marked `local_rope` (Gemma 3).
+    local_rope_table: Option<B::Tensor>,
     /// Positions the model instance can hold.
     max_positions: usize,
 }
@@ -65,6 +69,8 @@ struct Loader<'a, B: Backend> {
     src: &'a dyn WeightSource,
     /// Where matrices already in the backend's layout come from, or go.
     layouts: &'a Layouts,
+    /// Added to RMSNorm weights (`DecoderConfig::norm_offset`).
+    norm_offset: f32,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -161,11 +167,25 @@ impl<B: Backend> Loader<'_, B> {
             .collect()
     }
 
+    /// An RMSNorm weight, `norm_offset` added (Gemma's `1 + w`).
+    fn rms_weight(&self, name: &str, dim: usize) -> Result<B::Tensor> {
+        if self.norm_offset == 0.0 {
+            return self.tensor(name, &[dim]);
+        }
+        let mut t = self.src.get(name)?;
+        self.check_shape(name, &t.shape, &[dim])?;
+        t.data.iter_mut().for_each(|w| *w += self.norm_offset);
+        Ok(self.backend.upload(&[dim], t.data)?)
+    }
+
     fn norm(&self, kind: NormKind, name: &str, dim: usize) -> Result<Norm<B>> {
-        let w = self.tensor(&format!("{name}.weight"), &[dim])?;
+        let w = format!("{name}.weight");
         Ok(match kind {
-            NormKind::Rms => Norm::Rms(w),
-            NormKind::Layer => Norm::Layer(w, self.tensor(&format!("{name}.bias"), &[dim])?),
+            NormKind::Rms => Norm::Rms(self.rms_weight(&w, dim)?),
+            NormKind::Layer => Norm::Layer(
+                self.tensor(&w, &[dim])?,
+                self.tensor(&format!("{name}.bias"), &[dim])?,
+            ),
         })
     }
 
@@ -188,8 +208,8 @@ impl<B: Backend> Loader<'_, B> {
         };
         let qk_norm = if cfg.qk_norm {
             Some((
-                self.tensor(&p("attn_q_norm.weight"), &[cfg.head_dim])?,
-                self.tensor(&p("attn_k_norm.weight"), &[cfg.head_dim])?,
+                self.rms_weight(&p("attn_q_norm.weight"), cfg.head_dim)?,
+                self.rms_weight(&p("attn_k_norm.weight"), cfg.head_dim)?,
             ))
         } else {
             None
@@ -225,6 +245,14 @@ impl<B: Backend> Loader<'_, B> {
             gate,
             up,
             down: self.linear(&p("ffn_down"), h, ff)?,
+            post_norms: if cfg.post_norms {
+                Some((
+                    self.norm(cfg.norm, &p("attn_post_norm"), h)?,
+                    self.norm(cfg.norm, &p("ffn_post_norm"), h)?,
+                ))
+            } else {
+                None
+            },
         })
     }
 }
@@ -254,6 +282,7 @@ impl<B: Backend> Decoder<B> {
             backend,
             src,
             layouts,
+            norm_offset: cfg.norm_offset,
         };
         let (h, e) = (cfg.hidden_size, cfg.embed_dim);
         let embed = l.weight("token_embd.weight", cfg.vocab_size, e)?;
@@ -300,6 +329,10 @@ impl<B: Backend> Decoder<B> {
             (Some(r), Some(t)) => Some(backend.upload(&[max_positions, r.rot_dim], t)?),
             _ => None,
         };
+        let local_rope_table = match &cfg.local_rope {
+            Some(r) => Some(backend.upload(&[max_positions, r.rot_dim], r.table(max_positions))?),
+            None => None,
+        };
         Ok(Self {
             cfg,
             embed,
@@ -310,6 +343,7 @@ impl<B: Backend> Decoder<B> {
             final_norm,
             lm_head,
             rope_table,
+            local_rope_table,
             max_positions,
         })
     }
@@ -371,7 +405,13 @@ impl<B: Backend> Decoder<B> {
             q = self.head_norm(be, q, qn, cfg.n_heads)?;
             k = self.head_norm(be, k, kn, cfg.n_kv_heads)?;
         }
-        if let (Some(r), Some(table)) = (&cfg.rope, &self.rope_table) {
+        let kind = cfg.layer_attention(i);
+        let (rope, table) = if kind.local_rope {
+            (&cfg.local_rope, &self.local_rope_table)
+        } else {
+            (&cfg.rope, &self.rope_table)
+        };
+        if let (Some(r), Some(table)) = (rope, table) {
             be.rope_inplace(
                 &mut q,
                 table,
@@ -392,7 +432,11 @@ impl<B: Backend> Decoder<B> {
             )?;
         }
         be.write_kv(kv, i, &k, &v, step)?;
-        let a = be.attention(&q, kv, i, step, attn)?;
+        let attn = AttentionParams {
+            window: kind.window,
+            ..*attn
+        };
+        let a = be.attention(&q, kv, i, step, &attn)?;
         Self::linear(be, &layer.o, &a)
     }
 
@@ -429,10 +473,16 @@ impl<B: Backend> Decoder<B> {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
-            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            scale: cfg
+                .attn_scale
+                .unwrap_or_else(|| 1.0 / (cfg.head_dim as f32).sqrt()),
             window: cfg.sliding_window,
+            softcap: cfg.attn_logit_softcap,
         };
         let mut x = be.embedding(&self.embed, &step)?;
+        if let Some(s) = cfg.embed_scale {
+            be.scale_inplace(&mut x, s)?;
+        }
         if let Some(p) = &self.proj_in {
             x = be.linear(&x, p, None)?;
         }
@@ -442,10 +492,16 @@ impl<B: Backend> Decoder<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             if cfg.pre_norm {
                 let h = self.norm(be, &layer.attn_norm, &x)?;
-                let a = self.attention(be, layer, i, &h, kv, &step, &attn)?;
+                let mut a = self.attention(be, layer, i, &h, kv, &step, &attn)?;
+                if let Some((post, _)) = &layer.post_norms {
+                    a = self.norm(be, post, &a)?;
+                }
                 be.add_inplace(&mut x, &a)?;
                 let h = self.norm(be, &layer.ffn_norm, &x)?;
-                let f = self.ffn(be, layer, &h)?;
+                let mut f = self.ffn(be, layer, &h)?;
+                if let Some((_, post)) = &layer.post_norms {
+                    f = self.norm(be, post, &f)?;
+                }
                 be.add_inplace(&mut x, &f)?;
             } else {
                 // Post-norm blocks (OPT-350m): normalise after each residual add.
@@ -466,6 +522,10 @@ impl<B: Backend> Decoder<B> {
             x = be.linear(&x, p, None)?;
         }
         let logits = be.linear(&x, self.lm_head.as_ref().unwrap_or(&self.embed), None)?;
-        Ok(be.to_host(&logits)?)
+        let mut logits = be.to_host(&logits)?;
+        if let Some(cap) = cfg.final_logit_softcap {
+            logits.iter_mut().for_each(|v| *v = (*v / cap).tanh() * cap);
+        }
+        Ok(logits)
     }
 }

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod decoder;
 pub mod default_model;
 pub mod files;
+mod gemma;
 // Tiny random-weight models written on the fly: test tools, only with the
 // `test-support` feature, which every crate's tests turn on.
 #[cfg(feature = "test-support")]

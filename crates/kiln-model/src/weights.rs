@@ -182,6 +182,77 @@ const OPT: HfLayout = HfLayout {
     ],
 };
 
+/// The layers of Gemma 2 and Gemma 3, under `{layers}.N.`: llama's
+/// projections, Gemma 3's q/k norms, and four norms, of which
+/// `post_attention_layernorm` is the norm on the attention OUTPUT (llama's
+/// name for the pre-FFN norm), `pre_feedforward_layernorm` the pre-FFN one.
+const GEMMA_PARTS: &[(&str, &str)] = &[
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_post_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("ffn_post_norm", "post_feedforward_layernorm"),
+];
+
+/// Gemma 2 and Gemma 3 text checkpoints (`Gemma2ForCausalLM`, `Gemma3ForCausalLM`).
+const GEMMA: HfLayout = HfLayout {
+    fixed: &[
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("output_norm.weight", "model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layers: "model.layers",
+    parts: GEMMA_PARTS,
+};
+
+/// The language model inside a multimodal Gemma 3 checkpoint
+/// (`Gemma3ForConditionalGeneration`) as transformers 4.50+ saves it; the
+/// vision tower's tensors are never asked for.
+const GEMMA3_MM: HfLayout = HfLayout {
+    fixed: &[
+        ("token_embd.weight", "model.language_model.embed_tokens.weight"),
+        ("output_norm.weight", "model.language_model.norm.weight"),
+        ("output.weight", "lm_head.weight"),
+    ],
+    layers: "model.language_model.layers",
+    parts: GEMMA_PARTS,
+};
+
+/// [`GEMMA3_MM`] as the Gemma 3 checkpoints published with the models name
+/// it (`language_model.model.…`).
+const GEMMA3_MM_ORIGINAL: HfLayout = HfLayout {
+    fixed: &[
+        ("token_embd.weight", "language_model.model.embed_tokens.weight"),
+        ("output_norm.weight", "language_model.model.norm.weight"),
+        ("output.weight", "language_model.lm_head.weight"),
+    ],
+    layers: "language_model.model.layers",
+    parts: GEMMA_PARTS,
+};
+
+/// Gemma 2 / Gemma 3 text names (`model.layers.N.pre_feedforward_layernorm.weight`, …).
+pub fn hf_gemma_names(canonical: &str) -> Option<String> {
+    GEMMA.map(canonical)
+}
+
+/// Multimodal Gemma 3's language model (`model.language_model.layers.N.…`).
+pub fn hf_gemma3_mm_names(canonical: &str) -> Option<String> {
+    GEMMA3_MM.map(canonical)
+}
+
+/// Multimodal Gemma 3's language model as first published (`language_model.model.layers.N.…`).
+pub fn hf_gemma3_mm_original_names(canonical: &str) -> Option<String> {
+    GEMMA3_MM_ORIGINAL.map(canonical)
+}
+
 /// Hugging Face llama-family names (`model.layers.N.self_attn.q_proj.weight`, …).
 pub fn hf_llama_names(canonical: &str) -> Option<String> {
     LLAMA.map(canonical)
@@ -209,6 +280,8 @@ pub fn hf_names(model_type: &str) -> NameMap {
     match model_type {
         "gpt2" => hf_gpt2_names,
         "opt" => hf_opt_names,
+        "gemma2" | "gemma3_text" => hf_gemma_names,
+        "gemma3" => hf_gemma3_mm_names,
         _ => hf_llama_names,
     }
 }

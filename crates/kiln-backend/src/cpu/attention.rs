@@ -113,6 +113,7 @@ pub(super) fn paged_attention(
         kv_width,
         block_size: spec.block_size,
         scale: p.scale,
+        softcap: p.softcap,
     };
     let mut out = vec![0f32; q.data.len()];
     // Each task: one token's query heads that share one KV head (GQA group),
@@ -168,6 +169,8 @@ struct Ctx<'a> {
     kv_width: usize,
     block_size: usize,
     scale: f32,
+    /// Gemma 2's soft cap on the scaled scores.
+    softcap: Option<f32>,
 }
 
 /// One task: a token's group of query heads.
@@ -208,6 +211,10 @@ fn attend<const FMA: bool, const WIDE: bool>(ctx: &Ctx, job: Job, scores: &mut V
     let keys = KeyRows::new(ctx, &job);
     let vector = FMA && hd.is_multiple_of(8);
     scores_into::<FMA, WIDE>(ctx, &job, keys.clone(), scores, n, vector);
+    if let Some(cap) = ctx.softcap {
+        // Score by score, so a score still depends on nothing but its query and key.
+        scores.iter_mut().for_each(|s| *s = (*s / cap).tanh() * cap);
+    }
     for h in 0..group {
         let row = &mut scores[h * n..(h + 1) * n];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -746,6 +753,7 @@ mod tests {
                 kv_width: width,
                 block_size: bs,
                 scale: 0.125,
+                softcap: None,
             };
             let q = rand_vec(group * hd, 5);
             let mut out = vec![0f32; group * hd];
@@ -816,6 +824,7 @@ mod tests {
                 kv_width: hd,
                 block_size: bs,
                 scale: 0.1,
+                softcap: None,
             };
             let q = rand_vec(group * hd, 8);
             let pos = len - 1;

@@ -226,6 +226,11 @@ impl Backend for CpuBackend {
         ops::layer_norm(x, w, b, eps)
     }
 
+    fn scale_inplace(&self, x: &mut CpuTensor, s: f32) -> Result<()> {
+        x.data.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
     fn add_inplace(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         if x.shape != y.shape {
             return Err(shape_err("add", format!("{:?} + {:?}", x.shape, y.shape)));

@@ -318,6 +318,7 @@ fn naive_attention(
                         .sum::<f32>()
                         * p.scale
                 })
+                .map(|x| p.softcap.map_or(x, |c| (x / c).tanh() * c))
                 .collect();
             let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
@@ -343,13 +344,15 @@ fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
         n_kv_heads: 2,
         head_dim: 8,
     };
-    for window in [None, Some(3)] {
+    // A cap of 0.5 bends every score of these inputs (their spread is larger).
+    for (window, softcap) in [(None, None), (Some(3), None), (Some(3), Some(0.5))] {
         let p = AttentionParams {
             n_heads: 4,
             n_kv_heads: 2,
             head_dim: 8,
             scale: 0.35,
             window,
+            softcap,
         };
         let mut cache = be.alloc_kv_cache(&spec).unwrap();
         // Sequence A: 7 tokens of which the last 3 are computed now (4 cached earlier).

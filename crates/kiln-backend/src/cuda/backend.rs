@@ -685,6 +685,12 @@ impl Backend for CudaBackend {
         step: &CudaStep,
         p: &AttentionParams,
     ) -> Result<CudaTensor> {
+        if p.softcap.is_some() {
+            return Err(BackendError::Invalid {
+                op: "attention",
+                msg: "attention logit soft-capping (Gemma 2) is not implemented on CUDA yet".into(),
+            });
+        }
         let s = cache.spec;
         let hd = p.head_dim;
         if layer >= s.n_layers
