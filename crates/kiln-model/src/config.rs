@@ -369,9 +369,17 @@ impl DecoderConfig {
                 let hidden = req("hidden_size")?;
                 let heads = req("num_attention_heads")?;
                 if heads == 0 || !hidden.is_multiple_of(heads) && get_usize("head_dim").is_none() {
-                    return Err(bad(format!("{hidden} features do not split into {heads} heads")));
+                    return Err(bad(format!(
+                        "{hidden} features do not split into {heads} heads"
+                    )));
                 }
-                let mut c = Self::llama_like(model_type, req("vocab_size")?, hidden, req("num_hidden_layers")?, heads);
+                let mut c = Self::llama_like(
+                    model_type,
+                    req("vocab_size")?,
+                    hidden,
+                    req("num_hidden_layers")?,
+                    heads,
+                );
                 c.n_kv_heads = get_usize("num_key_value_heads").unwrap_or(heads);
                 c.head_dim = get_usize("head_dim").unwrap_or(hidden / heads);
                 c.intermediate_size = req("intermediate_size")?;
@@ -392,11 +400,19 @@ impl DecoderConfig {
                 let rot_dim = ((c.head_dim as f64 * partial) as usize) & !1;
                 c.rope = Some(RopeConfig {
                     theta: get_f64("rope_theta")
-                        .or_else(|| json.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(Json::as_f64))
+                        .or_else(|| {
+                            json.get("rope_parameters")
+                                .and_then(|r| r.get("rope_theta"))
+                                .and_then(Json::as_f64)
+                        })
                         .unwrap_or(10000.0),
                     rot_dim,
                     layout: RopeLayout::HalfSplit,
-                    scaling: hf_rope_scaling(json.get("rope_scaling").or_else(|| json.get("rope_parameters"))).map_err(bad)?,
+                    scaling: hf_rope_scaling(
+                        json.get("rope_scaling")
+                            .or_else(|| json.get("rope_parameters")),
+                    )
+                    .map_err(bad)?,
                 });
                 c
             }
@@ -404,9 +420,12 @@ impl DecoderConfig {
                 let hidden = req("n_embd")?;
                 let heads = req("n_head")?;
                 if heads == 0 || !hidden.is_multiple_of(heads) {
-                    return Err(bad(format!("{hidden} features do not split into {heads} heads")));
+                    return Err(bad(format!(
+                        "{hidden} features do not split into {heads} heads"
+                    )));
                 }
-                let mut c = Self::llama_like("gpt2", req("vocab_size")?, hidden, req("n_layer")?, heads);
+                let mut c =
+                    Self::llama_like("gpt2", req("vocab_size")?, hidden, req("n_layer")?, heads);
                 c.intermediate_size = get_usize("n_inner").unwrap_or(4 * hidden);
                 c.norm = NormKind::Layer;
                 c.norm_eps = get_f64("layer_norm_epsilon").unwrap_or(1e-5) as f32;
@@ -423,9 +442,17 @@ impl DecoderConfig {
                 let hidden = req("hidden_size")?;
                 let heads = req("num_attention_heads")?;
                 if heads == 0 || !hidden.is_multiple_of(heads) {
-                    return Err(bad(format!("{hidden} features do not split into {heads} heads")));
+                    return Err(bad(format!(
+                        "{hidden} features do not split into {heads} heads"
+                    )));
                 }
-                let mut c = Self::llama_like("opt", req("vocab_size")?, hidden, req("num_hidden_layers")?, heads);
+                let mut c = Self::llama_like(
+                    "opt",
+                    req("vocab_size")?,
+                    hidden,
+                    req("num_hidden_layers")?,
+                    heads,
+                );
                 c.intermediate_size = req("ffn_dim")?;
                 c.norm = NormKind::Layer;
                 c.norm_eps = 1e-5;
@@ -443,13 +470,13 @@ impl DecoderConfig {
                 (c.qkv_bias, c.out_bias, c.mlp_bias) = (bias, bias, bias);
                 c
             }
-            "gemma2" | "gemma3_text" | "gemma3" => crate::gemma::from_hf_json(model_type, json).map_err(bad)?,
-            other => {
-                return Err(bad(format!(
-                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
-                     opt, gemma2, gemma3_text and gemma3 are)"
-                )))
+            "gemma2" | "gemma3_text" | "gemma3" => {
+                crate::gemma::from_hf_json(model_type, json).map_err(bad)?
             }
+            other => return Err(bad(format!(
+                "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
+                     opt, gemma2, gemma3_text and gemma3 are)"
+            ))),
         };
         cfg.arch = model_type.to_string();
         cfg.validate(path)?;

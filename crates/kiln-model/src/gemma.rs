@@ -26,9 +26,7 @@
 use kiln_backend::Activation;
 use serde_json::Value as Json;
 
-use crate::config::{
-    hf_rope_scaling, DecoderConfig, LayerAttention, RopeConfig, RopeScaling,
-};
+use crate::config::{hf_rope_scaling, DecoderConfig, LayerAttention, RopeConfig, RopeScaling};
 use crate::gguf::GgufFile;
 
 /// transformers' defaults for the keys a Gemma config may leave out.
@@ -67,7 +65,9 @@ const LOCAL_THETA: f64 = 10_000.0;
 /// `pattern`-th one is global (transformers' and llama.cpp's rule: layer
 /// `i` is local when `(i + 1) % pattern != 0`).
 fn pattern_layers(n: usize, pattern: usize) -> Vec<bool> {
-    (0..n).map(|i| pattern != 0 && (i + 1) % pattern != 0).collect()
+    (0..n)
+        .map(|i| pattern != 0 && (i + 1) % pattern != 0)
+        .collect()
 }
 
 /// The layer list from local flags, the window and whether local layers
@@ -128,7 +128,9 @@ pub(crate) fn from_hf_json(model_type: &str, top: &Json) -> Result<DecoderConfig
     };
     let bool_or = |k: &str, default: bool| json.get(k).and_then(Json::as_bool).unwrap_or(default);
     if bool_or("use_bidirectional_attention", false) {
-        return Err("bidirectional Gemma (EmbeddingGemma) is an encoder, not a decoder kiln serves".into());
+        return Err(
+            "bidirectional Gemma (EmbeddingGemma) is an encoder, not a decoder kiln serves".into(),
+        );
     }
     let hidden = usize_or("hidden_size", 2304)?;
     let heads = usize_or("num_attention_heads", 8)?;
@@ -145,7 +147,10 @@ pub(crate) fn from_hf_json(model_type: &str, top: &Json) -> Result<DecoderConfig
     c.n_kv_heads = usize_or("num_key_value_heads", 4)?;
     c.head_dim = usize_or("head_dim", 256)?;
     c.intermediate_size = usize_or("intermediate_size", 9216)?;
-    c.norm_eps = json.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6) as f32;
+    c.norm_eps = json
+        .get("rms_norm_eps")
+        .and_then(Json::as_f64)
+        .unwrap_or(1e-6) as f32;
     c.activation = match json
         .get("hidden_activation")
         .and_then(Json::as_str)
@@ -166,9 +171,11 @@ pub(crate) fn from_hf_json(model_type: &str, top: &Json) -> Result<DecoderConfig
     c.qk_norm = gemma3;
     c.norm_offset = 1.0;
     c.post_norms = true;
-    let dtype = [json, top]
-        .iter()
-        .find_map(|j| j.get("dtype").or_else(|| j.get("torch_dtype")).and_then(Json::as_str));
+    let dtype = [json, top].iter().find_map(|j| {
+        j.get("dtype")
+            .or_else(|| j.get("torch_dtype"))
+            .and_then(Json::as_str)
+    });
     c.embed_scale = Some(embed_scale(hidden, dtype));
     let scalar = json
         .get("query_pre_attn_scalar")
@@ -201,7 +208,9 @@ pub(crate) fn from_hf_json(model_type: &str, top: &Json) -> Result<DecoderConfig
             .map(|t| match t.as_str() {
                 Some("sliding_attention") => Ok(true),
                 Some("full_attention") => Ok(false),
-                _ => Err(format!("layer type {t} is not sliding_attention or full_attention")),
+                _ => Err(format!(
+                    "layer type {t} is not sliding_attention or full_attention"
+                )),
             })
             .collect::<Result<_, _>>()?,
         None => pattern_layers(c.n_layers, usize_or("sliding_window_pattern", d.pattern)?),
@@ -218,10 +227,11 @@ pub(crate) fn from_hf_json(model_type: &str, top: &Json) -> Result<DecoderConfig
     // dict, or the older `rope_theta` / `rope_scaling` / `rope_local_base_freq`.
     let params = json.get("rope_parameters").filter(|v| v.is_object());
     let per_type = |t: &str| params.and_then(|p| p.get(t)).filter(|v| v.is_object());
-    let (global_params, local_params) = match (per_type("full_attention"), per_type("sliding_attention")) {
-        (None, None) => (params.or_else(|| json.get("rope_scaling")), None),
-        (g, l) => (g, l),
-    };
+    let (global_params, local_params) =
+        match (per_type("full_attention"), per_type("sliding_attention")) {
+            (None, None) => (params.or_else(|| json.get("rope_scaling")), None),
+            (g, l) => (g, l),
+        };
     let theta_of = |p: Option<&Json>, legacy: &str, default: f64| {
         p.and_then(|p| p.get("rope_theta"))
             .or_else(|| json.get(legacy))
@@ -263,7 +273,10 @@ pub(crate) fn adjust_gguf(file: &GgufFile, cfg: &mut DecoderConfig) -> Result<()
     cfg.post_norms = true;
     // GGUF has no query_pre_attn_scalar: llama.cpp derives it from the
     // model size (the 27B models use hidden / heads, the others head_dim).
-    let big = matches!((arch.as_str(), cfg.n_layers), ("gemma2", 46) | ("gemma3", 62));
+    let big = matches!(
+        (arch.as_str(), cfg.n_layers),
+        ("gemma2", 46) | ("gemma3", 62)
+    );
     let scalar = if big {
         cfg.hidden_size / cfg.n_heads
     } else {
@@ -295,23 +308,34 @@ pub(crate) fn adjust_gguf(file: &GgufFile, cfg: &mut DecoderConfig) -> Result<()
         Some(v) => match v.as_array() {
             Some(flags) => flags
                 .iter()
-                .map(|f| f.as_bool().ok_or(format!("'{pattern_key}' holds a non-boolean")))
+                .map(|f| {
+                    f.as_bool()
+                        .ok_or(format!("'{pattern_key}' holds a non-boolean"))
+                })
                 .collect::<Result<_, _>>()?,
             None => pattern_layers(
                 cfg.n_layers,
-                v.as_u64().ok_or(format!("'{pattern_key}' is not an integer or a list"))? as usize,
+                v.as_u64()
+                    .ok_or(format!("'{pattern_key}' is not an integer or a list"))?
+                    as usize,
             ),
         },
         None => pattern_layers(cfg.n_layers, if gemma3 { 6 } else { 2 }),
     };
     if local.len() != cfg.n_layers {
-        return Err(format!("'{pattern_key}' has {} flags for {} layers", local.len(), cfg.n_layers));
+        return Err(format!(
+            "'{pattern_key}' has {} flags for {} layers",
+            local.len(),
+            cfg.n_layers
+        ));
     }
     let global = cfg.rope.clone().ok_or("no rotary settings")?;
     if gemma3 {
         // Local layers: their own base (10000 unless stated), unscaled.
         cfg.local_rope = Some(RopeConfig {
-            theta: file.get_f64(&key("rope.freq_base_swa")).unwrap_or(LOCAL_THETA),
+            theta: file
+                .get_f64(&key("rope.freq_base_swa"))
+                .unwrap_or(LOCAL_THETA),
             scaling: RopeScaling::None,
             ..global
         });
@@ -333,8 +357,10 @@ mod tests {
 
     #[test]
     fn gemma2_alternates_from_a_local_first_layer_and_caps_by_default() {
-        let c = cfg(serde_json::json!({"model_type": "gemma2", "num_hidden_layers": 4,
-            "sliding_window": 8, "query_pre_attn_scalar": 144}));
+        let c = cfg(
+            serde_json::json!({"model_type": "gemma2", "num_hidden_layers": 4,
+            "sliding_window": 8, "query_pre_attn_scalar": 144}),
+        );
         let w: Vec<_> = (0..4).map(|i| c.layer_attention(i).window).collect();
         assert_eq!(w, [Some(8), None, Some(8), None]);
         assert_eq!(c.attn_logit_softcap, Some(50.0));
@@ -346,28 +372,39 @@ mod tests {
 
     #[test]
     fn gemma3_legacy_and_per_type_rope_fields_read_the_same() {
-        let legacy = cfg(serde_json::json!({"model_type": "gemma3_text", "num_hidden_layers": 7,
+        let legacy = cfg(
+            serde_json::json!({"model_type": "gemma3_text", "num_hidden_layers": 7,
             "rope_theta": 1e6, "rope_local_base_freq": 1e4,
-            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}));
-        let new = cfg(serde_json::json!({"model_type": "gemma3_text", "num_hidden_layers": 7,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+        );
+        let new = cfg(
+            serde_json::json!({"model_type": "gemma3_text", "num_hidden_layers": 7,
             "rope_parameters": {
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}));
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+        );
         assert_eq!(legacy, new);
         let r = new.rope.as_ref().unwrap();
-        assert_eq!((r.theta, &r.scaling), (1e6, &RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(
+            (r.theta, &r.scaling),
+            (1e6, &RopeScaling::Linear { factor: 8.0 })
+        );
         let l = new.local_rope.as_ref().unwrap();
         assert_eq!((l.theta, &l.scaling), (1e4, &RopeScaling::None));
         // Layers 0-4 local, 5 global, 6 local.
         let local: Vec<_> = (0..7).map(|i| new.layer_attention(i).local_rope).collect();
         assert_eq!(local, [true, true, true, true, true, false, true]);
-        assert!(new.qk_norm && new.final_logit_softcap.is_none() && new.attn_logit_softcap.is_none());
+        assert!(
+            new.qk_norm && new.final_logit_softcap.is_none() && new.attn_logit_softcap.is_none()
+        );
     }
 
     #[test]
     fn multimodal_gemma3_reads_its_text_config_and_rounds_the_embedding_scale() {
-        let c = cfg(serde_json::json!({"model_type": "gemma3", "torch_dtype": "bfloat16",
-            "text_config": {"model_type": "gemma3_text", "hidden_size": 3072}}));
+        let c = cfg(
+            serde_json::json!({"model_type": "gemma3", "torch_dtype": "bfloat16",
+            "text_config": {"model_type": "gemma3_text", "hidden_size": 3072}}),
+        );
         assert_eq!(c.arch, "gemma3");
         assert_eq!(c.embed_scale, Some(55.5));
         assert_eq!(c.vocab_size, 262_208);
@@ -383,10 +420,22 @@ mod tests {
     #[test]
     fn bad_gemma_values_are_refused_with_their_key() {
         for (j, want) in [
-            (serde_json::json!({"model_type": "gemma2", "layer_types": ["full_attention"]}), "layer_types"),
-            (serde_json::json!({"model_type": "gemma2", "attn_logit_softcapping": -1.0}), "attn_logit_softcapping"),
-            (serde_json::json!({"model_type": "gemma2", "hidden_activation": "swish"}), "hidden_activation"),
-            (serde_json::json!({"model_type": "gemma3_text", "use_bidirectional_attention": true}), "bidirectional"),
+            (
+                serde_json::json!({"model_type": "gemma2", "layer_types": ["full_attention"]}),
+                "layer_types",
+            ),
+            (
+                serde_json::json!({"model_type": "gemma2", "attn_logit_softcapping": -1.0}),
+                "attn_logit_softcapping",
+            ),
+            (
+                serde_json::json!({"model_type": "gemma2", "hidden_activation": "swish"}),
+                "hidden_activation",
+            ),
+            (
+                serde_json::json!({"model_type": "gemma3_text", "use_bidirectional_attention": true}),
+                "bidirectional",
+            ),
         ] {
             let e = DecoderConfig::from_hf_json(&j, Path::new("config.json"))
                 .unwrap_err()

@@ -218,7 +218,10 @@ const GEMMA: HfLayout = HfLayout {
 /// vision tower's tensors are never asked for.
 const GEMMA3_MM: HfLayout = HfLayout {
     fixed: &[
-        ("token_embd.weight", "model.language_model.embed_tokens.weight"),
+        (
+            "token_embd.weight",
+            "model.language_model.embed_tokens.weight",
+        ),
         ("output_norm.weight", "model.language_model.norm.weight"),
         ("output.weight", "lm_head.weight"),
     ],
@@ -230,7 +233,10 @@ const GEMMA3_MM: HfLayout = HfLayout {
 /// it (`language_model.model.…`).
 const GEMMA3_MM_ORIGINAL: HfLayout = HfLayout {
     fixed: &[
-        ("token_embd.weight", "language_model.model.embed_tokens.weight"),
+        (
+            "token_embd.weight",
+            "language_model.model.embed_tokens.weight",
+        ),
         ("output_norm.weight", "language_model.model.norm.weight"),
         ("output.weight", "language_model.lm_head.weight"),
     ],

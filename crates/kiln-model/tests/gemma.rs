@@ -1,0 +1,427 @@
+//! Gemma 2 and Gemma 3 (text) against Hugging Face `transformers`, on the
+//! tiny random-weight checkpoints `scripts/golden/tiny_gemma.py` writes
+//! (`testdata/tiny/gemma2/`, `testdata/tiny/gemma3/`): logits of the last
+//! prompt position, the argmax of every position and 16 greedy tokens, as
+//! `tests/architectures.rs` checks the other families; then the same
+//! checkpoints as GGUF files (written here as llama.cpp's converter writes
+//! them, norms shifted by one), as a multimodal Gemma 3 checkpoint's language
+//! model, and batched with another prompt.
+
+use std::path::{Path, PathBuf};
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
+use kiln_model::fixtures;
+use kiln_model::{load, LoadOptions, LoadedModel};
+use serde_json::Value;
+
+/// As in `tests/architectures.rs`: both sides compute in f32 from the same
+/// weights; only the order of summation differs.
+const LOGIT_TOL: f32 = 1e-4;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/tiny")
+        .join(name)
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(name).join("golden.json")).expect("golden"))
+        .expect("golden.json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
+
+/// Prefill (every position's logits), then greedy decoding one token at a time.
+fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
+    let be = CpuBackend::new();
+    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
+    let vocab = m.decoder.config().vocab_size;
+    let mut next = argmax(&all[all.len() - vocab..]);
+    let mut out = vec![next];
+    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
+        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
+        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
+        out.push(next);
+    }
+    (all, out)
+}
+
+/// The model at `path` against `name`'s golden outputs: last logits within
+/// [`LOGIT_TOL`], per-position argmax (unless `tokens_only`) and greedy tokens exactly.
+fn check(name: &str, path: &Path, what: &str) {
+    let g = golden(name);
+    let m = load(&CpuBackend::new(), path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let vocab = m.decoder.config().vocab_size;
+    let n = g["new_tokens"].as_u64().expect("new_tokens") as usize;
+    for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
+        let (all, greedy) = run(&m, &ids(&p["ids"]), n);
+        let last = &all[all.len() - vocab..];
+        let diff = fixtures::max_abs_diff(
+            &format!("{what} prompt {pi}"),
+            last,
+            &floats(&p["last_logits"]),
+        );
+        assert!(
+            diff < LOGIT_TOL,
+            "{what} prompt {pi}: last logits differ by {diff}"
+        );
+        let per_position: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
+        assert_eq!(
+            per_position,
+            ids(&p["argmax"]),
+            "{what} prompt {pi}: argmax per position"
+        );
+        assert_eq!(
+            greedy,
+            ids(&p["greedy"]),
+            "{what} prompt {pi}: greedy tokens"
+        );
+    }
+}
+
+#[test]
+fn gemma2_softcaps_post_norms_and_alternating_windows_match_transformers() {
+    check("gemma2", &dir("gemma2"), "gemma2");
+}
+
+#[test]
+fn gemma3_qk_norms_and_local_global_rope_match_transformers() {
+    check("gemma3", &dir("gemma3"), "gemma3");
+}
+
+#[test]
+fn gemma_configs_are_read_as_the_checkpoints_mean_them() {
+    use kiln_model::config::DecoderConfig;
+    let c2 = DecoderConfig::from_hf_config(&dir("gemma2").join("config.json")).expect("gemma2");
+    let windows: Vec<_> = (0..4).map(|i| c2.layer_attention(i).window).collect();
+    assert_eq!(windows, [Some(8), None, Some(8), None]);
+    assert_eq!(
+        (c2.attn_logit_softcap, c2.final_logit_softcap),
+        (Some(1.0), Some(2.0))
+    );
+    assert_eq!(
+        (c2.embed_scale, c2.attn_scale, c2.norm_offset),
+        (Some(8.0), Some(0.25), 1.0)
+    );
+    let c3 = DecoderConfig::from_hf_config(&dir("gemma3").join("config.json")).expect("gemma3");
+    let local: Vec<_> = (0..6).map(|i| c3.layer_attention(i).local_rope).collect();
+    assert_eq!(local, [true, true, true, true, true, false]);
+    assert_eq!(c3.rope.as_ref().map(|r| r.theta), Some(1e6));
+    assert_eq!(c3.local_rope.as_ref().map(|r| r.theta), Some(1e4));
+    assert!(c3.qk_norm && c3.attn_logit_softcap.is_none() && c3.final_logit_softcap.is_none());
+}
+
+/// Writes a tiny Gemma checkpoint as a GGUF file as llama.cpp's
+/// `convert_hf_to_gguf.py` (`Gemma2Model`, `Gemma3Model`) does: its
+/// metadata keys, canonical tensor names, every `*norm.weight` with 1 added,
+/// no `output.weight` (tied), and the tiny byte-level vocabulary.
+fn to_gguf(name: &str) -> PathBuf {
+    use kiln_model::gguf::{GgufWriter, Value as G};
+    use kiln_model::quant::GgmlType;
+    use kiln_model::weights::{hf_gemma_names, SafetensorsSource, WeightSource};
+    let d = dir(name);
+    let hf: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let src = SafetensorsSource::open_dir(&d, hf_gemma_names).expect("safetensors");
+    let n = |k: &str| hf[k].as_u64().unwrap_or_else(|| panic!("{k}")) as u32;
+    let mut w = GgufWriter::default();
+    let key = |k: &str| format!("{name}.{k}");
+    w.meta("general.architecture", G::String(name.into()))
+        .meta(&key("context_length"), G::U32(n("max_position_embeddings")))
+        .meta(&key("embedding_length"), G::U32(n("hidden_size")))
+        .meta(&key("block_count"), G::U32(n("num_hidden_layers")))
+        .meta(&key("feed_forward_length"), G::U32(n("intermediate_size")))
+        .meta(
+            &key("attention.head_count"),
+            G::U32(n("num_attention_heads")),
+        )
+        .meta(
+            &key("attention.head_count_kv"),
+            G::U32(n("num_key_value_heads")),
+        )
+        .meta(
+            &key("attention.layer_norm_rms_epsilon"),
+            G::F32(hf["rms_norm_eps"].as_f64().unwrap() as f32),
+        )
+        .meta(&key("attention.key_length"), G::U32(n("head_dim")))
+        .meta(&key("attention.value_length"), G::U32(n("head_dim")))
+        .meta(
+            &key("attention.sliding_window"),
+            G::U32(n("sliding_window")),
+        );
+    let f = |k: &str| G::F32(hf[k].as_f64().unwrap() as f32);
+    if name == "gemma2" {
+        w.meta(&key("attn_logit_softcapping"), f("attn_logit_softcapping"))
+            .meta(
+                &key("final_logit_softcapping"),
+                f("final_logit_softcapping"),
+            );
+    } else {
+        let rope = &hf["rope_parameters"];
+        let full = &rope["full_attention"];
+        let theta = |p: &Value| G::F32(p["rope_theta"].as_f64().unwrap() as f32);
+        assert_eq!(full["rope_type"], "linear");
+        w.meta(&key("rope.freq_base"), theta(full))
+            .meta(&key("rope.scaling.type"), G::String("linear".into()))
+            .meta(
+                &key("rope.scaling.factor"),
+                G::F32(full["factor"].as_f64().unwrap() as f32),
+            )
+            .meta(
+                &key("rope.freq_base_swa"),
+                theta(&rope["sliding_attention"]),
+            );
+    }
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = n("vocab_size") as usize;
+    let mut tokens = vec![String::new(); vocab];
+    let mut types = vec![G::I32(5); vocab];
+    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
+        let i = id.as_u64().unwrap() as usize;
+        (tokens[i], types[i]) = (t.clone(), G::I32(1));
+    }
+    for a in tok["added_tokens"].as_array().unwrap() {
+        let i = a["id"].as_u64().unwrap() as usize;
+        (tokens[i], types[i]) = (a["content"].as_str().unwrap().to_string(), G::I32(3));
+    }
+    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
+        *t = format!("[PAD{i}]");
+    }
+    w.meta("tokenizer.ggml.model", G::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", G::String("gpt-2".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            G::Array(tokens.into_iter().map(G::String).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", G::Array(types))
+        .meta(
+            "tokenizer.ggml.merges",
+            G::Array(vec![G::String("a b".into())]),
+        );
+    let mut names = vec![
+        "token_embd.weight".to_string(),
+        "output_norm.weight".to_string(),
+    ];
+    assert!(
+        !src.contains("output.weight"),
+        "{name}: tied, no lm_head in the file"
+    );
+    for l in 0..n("num_hidden_layers") {
+        for part in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_q_norm",
+            "attn_k_norm",
+            "attn_output",
+            "attn_post_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "ffn_post_norm",
+        ] {
+            let t = format!("blk.{l}.{part}.weight");
+            if src.contains(&t) {
+                names.push(t);
+            }
+        }
+    }
+    for t in names {
+        let mut h = src.get(&t).expect("tensor");
+        if t.ends_with("norm.weight") {
+            h.data.iter_mut().for_each(|v| *v += 1.0);
+        }
+        let bytes = h.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.tensor(
+            &t,
+            h.shape.iter().rev().map(|&d| d as u64).collect(),
+            GgmlType::F32,
+            bytes,
+        );
+    }
+    let out = std::env::temp_dir().join(format!("kiln-gemma-{name}-{}.gguf", std::process::id()));
+    std::fs::write(&out, w.to_bytes()).expect("write gguf");
+    out
+}
+
+#[test]
+fn gguf_forms_of_gemma2_and_gemma3_match_transformers() {
+    for name in ["gemma2", "gemma3"] {
+        let path = to_gguf(name);
+        let cfg = kiln_model::config::DecoderConfig::from_gguf(
+            &kiln_model::gguf::GgufFile::open(&path).expect("open"),
+        )
+        .expect("config");
+        // The GGUF carries no offset: the converter added it.
+        assert_eq!(cfg.norm_offset, 0.0, "{name}");
+        check(name, &path, &format!("{name} (GGUF)"));
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`):
+/// the tiny text model as its `text_config`, its tensors under
+/// `prefix` (and a vision tensor kiln must leave alone).
+fn multimodal_dir(prefix: &str, tag: &str) -> PathBuf {
+    use safetensors::tensor::{Dtype, TensorView};
+    let src = dir("gemma3");
+    let out = std::env::temp_dir().join(format!("kiln-gemma3-mm-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let text: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let cfg = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+        "mm_tokens_per_image": 256,
+    });
+    std::fs::write(out.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(src.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let vision = vec![0u8; 4 * 8];
+    let mut views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let rest = n.strip_prefix("model.").expect("model. prefix");
+            (format!("{prefix}{rest}"), v)
+        })
+        .collect();
+    views.push((
+        "vision_tower.vision_model.embeddings.patch_embedding.bias".into(),
+        TensorView::new(Dtype::F32, vec![8], &vision).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    out
+}
+
+#[test]
+fn multimodal_gemma3_checkpoints_load_their_language_model() {
+    for (prefix, tag) in [
+        ("model.language_model.", "new"),
+        ("language_model.model.", "original"),
+    ] {
+        let d = multimodal_dir(prefix, tag);
+        check("gemma3", &d, &format!("multimodal gemma3 ({prefix})"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+/// One step over several sequences, each `(tokens, first position, blocks)`,
+/// asking for every sequence's last logits.
+fn batched_step(parts: &[(&[u32], usize, &[u32])]) -> StepInput {
+    let bs = fixtures::TEST_BLOCK_SIZE;
+    let mut step = StepInput::default();
+    for (tokens, start, table) in parts {
+        step.seqs.push(SeqSlice {
+            query_start: step.tokens.len(),
+            query_len: tokens.len(),
+            context_len: start + tokens.len(),
+            block_table: table.to_vec(),
+        });
+        for (i, &t) in tokens.iter().enumerate() {
+            let p = start + i;
+            step.tokens.push(t);
+            step.positions.push(p as u32);
+            step.slots.push(table[p / bs] * bs as u32 + (p % bs) as u32);
+        }
+        step.logit_rows.push(step.tokens.len() as u32 - 1);
+    }
+    step
+}
+
+#[test]
+fn batched_prompts_give_the_bits_each_gives_alone() {
+    let be = CpuBackend::new();
+    for name in ["gemma2", "gemma3"] {
+        let m = load(&be, &dir(name), &LoadOptions::default()).expect("load");
+        let cfg = m.decoder.config();
+        let g = golden(name);
+        let prompts: Vec<Vec<u32>> = [2, 1]
+            .iter()
+            .map(|&i| ids(&g["prompts"][i]["ids"]))
+            .collect();
+        let vocab = cfg.vocab_size;
+        let steps = 6;
+        let spec = KvSpec {
+            n_layers: cfg.n_layers,
+            num_blocks: 8,
+            block_size: fixtures::TEST_BLOCK_SIZE,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        // Each alone, on blocks of its own, and the tokens it chose.
+        let tables: [&[u32]; 2] = [&[5, 1, 6, 2], &[3, 7]];
+        let mut alone = Vec::new();
+        for (p, table) in prompts.iter().zip(tables) {
+            let mut kv = be.alloc_kv_cache(&spec).unwrap();
+            let mut logits = vec![m
+                .decoder
+                .forward(&be, &mut kv, &batched_step(&[(p, 0, table)]))
+                .unwrap()];
+            let mut tokens = Vec::new();
+            for s in 0..steps {
+                let t = argmax(&logits[s]);
+                tokens.push(t);
+                let step = batched_step(&[(&[t], p.len() + s, table)]);
+                logits.push(m.decoder.forward(&be, &mut kv, &step).unwrap());
+            }
+            alone.push((logits, tokens));
+        }
+        // Together: one cache, both prompts in one step, then both decodes in one step.
+        let mut kv = be.alloc_kv_cache(&spec).unwrap();
+        let both = batched_step(&[(&prompts[0], 0, tables[0]), (&prompts[1], 0, tables[1])]);
+        let mut got = m.decoder.forward(&be, &mut kv, &both).unwrap();
+        for s in 0..=steps {
+            for (k, (logits, _)) in alone.iter().enumerate() {
+                let row = &got[k * vocab..(k + 1) * vocab];
+                assert!(
+                    row.iter()
+                        .zip(&logits[s])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{name} step {s}, sequence {k}: batched logits differ from alone"
+                );
+            }
+            if s == steps {
+                break;
+            }
+            let (t0, t1) = ([alone[0].1[s]], [alone[1].1[s]]);
+            let step = batched_step(&[
+                (&t0, prompts[0].len() + s, tables[0]),
+                (&t1, prompts[1].len() + s, tables[1]),
+            ]);
+            got = m.decoder.forward(&be, &mut kv, &step).unwrap();
+        }
+    }
+}
