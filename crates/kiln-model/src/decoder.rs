@@ -247,8 +247,8 @@ impl<B: Backend> Loader<'_, B> {
             down: self.linear(&p("ffn_down"), h, ff)?,
             post_norms: if cfg.post_norms {
                 Some((
-                    self.norm(cfg.norm, &p("attn_post_norm"), h)?,
-                    self.norm(cfg.norm, &p("ffn_post_norm"), h)?,
+                    self.norm(cfg.norm, &p("post_attention_norm"), h)?,
+                    self.norm(cfg.norm, &p("post_ffw_norm"), h)?,
                 ))
             } else {
                 None

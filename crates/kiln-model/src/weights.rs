@@ -194,12 +194,12 @@ const GEMMA_PARTS: &[(&str, &str)] = &[
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
     ("attn_output", "self_attn.o_proj"),
-    ("attn_post_norm", "post_attention_layernorm"),
+    ("post_attention_norm", "post_attention_layernorm"),
     ("ffn_norm", "pre_feedforward_layernorm"),
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
-    ("ffn_post_norm", "post_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
 /// Gemma 2 and Gemma 3 text checkpoints (`Gemma2ForCausalLM`, `Gemma3ForCausalLM`).

@@ -140,7 +140,15 @@ fn gemma_configs_are_read_as_the_checkpoints_mean_them() {
 /// Writes a tiny Gemma checkpoint as a GGUF file as llama.cpp's
 /// `convert_hf_to_gguf.py` (`Gemma2Model`, `Gemma3Model`) does: its
 /// metadata keys, canonical tensor names, every `*norm.weight` with 1 added,
-/// no `output.weight` (tied), and the tiny byte-level vocabulary.
+/// no `output.weight` (tied), and the tiny byte-level vocabulary. Checked
+/// once (2026-12-06) against files that converter wrote for the same
+/// checkpoints: the same keys and tensor names (`post_attention_norm`,
+/// `post_ffw_norm`), and kiln gives those files the same golden tokens. (To
+/// run the converter on these checkpoints its vocabulary step needs the
+/// tiny byte-level tokenizer treated as GPT-2's, with one merge added, and
+/// its cut of Gemma 3's embedding rows to the `tokenizer.json` count left
+/// out: the token list is padded to 320, so llama.cpp would refuse the cut
+/// file too.)
 fn to_gguf(name: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
     use kiln_model::quant::GgmlType;
@@ -242,12 +250,12 @@ fn to_gguf(name: &str) -> PathBuf {
             "attn_q_norm",
             "attn_k_norm",
             "attn_output",
-            "attn_post_norm",
+            "post_attention_norm",
             "ffn_norm",
             "ffn_gate",
             "ffn_up",
             "ffn_down",
-            "ffn_post_norm",
+            "post_ffw_norm",
         ] {
             let t = format!("blk.{l}.{part}.weight");
             if src.contains(&t) {
