@@ -433,3 +433,72 @@ fn batched_prompts_give_the_bits_each_gives_alone() {
         }
     }
 }
+
+/// Gemma 2's and Gemma 3's chat templates (fetched into the cache by
+/// `scripts/fetch-assets.sh --tests`) render as `apply_chat_template` did
+/// (`testdata/chat/gemma.json`, by `scripts/golden/chat_templates_gemma.py`):
+/// Gemma 3 folds a system message into the first user turn, Gemma 2's
+/// template refuses one with its own message.
+#[test]
+fn gemma_chat_templates_render_as_transformers_does() {
+    use kiln_model::chat::{ChatMessage, ChatTemplate};
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/chat/gemma.json");
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("gemma.json")).expect("json");
+    let cache = kiln_model::default_model::cache_dir().join("testdata/tokenizers");
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).unwrap_or_else(|e| {
+            panic!("{}: {e} (run scripts/fetch-assets.sh --tests)", p.display())
+        })
+    };
+    let g3: Value =
+        serde_json::from_str(&read(cache.join("gemma3/tokenizer_config.json"))).unwrap();
+    let sources = [
+        (
+            "gemma3",
+            g3["chat_template"].as_str().expect("template").to_string(),
+        ),
+        ("gemma2", read(cache.join("gemma2/chat_template.jinja"))),
+    ];
+    let records = doc["records"].as_array().expect("records");
+    let (mut rendered, mut refused) = (0, 0);
+    for r in records {
+        let name = r["template"].as_str().unwrap();
+        let src = &sources
+            .iter()
+            .find(|(n, _)| *n == name)
+            .expect("template")
+            .1;
+        let t = ChatTemplate::new(
+            src,
+            r["bos_token"].as_str().unwrap(),
+            r["eos_token"].as_str().unwrap(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let messages: Vec<ChatMessage> = serde_json::from_value(r["messages"].clone()).unwrap();
+        let agp = r["add_generation_prompt"].as_bool().unwrap();
+        let got = t.render(&messages, agp);
+        let what = format!("{name} / {} (agp={agp})", r["case"]);
+        match (&r["expected"], &r["expected_error"]) {
+            (Value::String(want), _) => {
+                assert_eq!(
+                    got.as_deref().unwrap_or_else(|e| panic!("{what}: {e}")),
+                    want,
+                    "{what}"
+                );
+                rendered += 1;
+            }
+            (_, Value::String(err)) => {
+                let e = got.expect_err(&what).to_string();
+                assert!(e.contains(err.as_str()), "{what}: {e}");
+                refused += 1;
+            }
+            _ => panic!("{what}: no expected text or error"),
+        }
+    }
+    // Both templates, the system-message cases of Gemma 2 refused.
+    assert!(
+        rendered >= 18 && refused >= 4,
+        "{rendered} rendered, {refused} refused"
+    );
+}
