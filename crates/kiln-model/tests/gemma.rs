@@ -502,3 +502,59 @@ fn gemma_chat_templates_render_as_transformers_does() {
         "{rendered} rendered, {refused} refused"
     );
 }
+
+/// A Gemma checkpoint converted while loading (quantized to Q8_0) and
+/// written as a prepared file loads back from it as the same model: the
+/// file keeps the checkpoint's norm weights and its config, so the `1 + w`
+/// is applied once, at load, either way.
+#[test]
+fn gemma_prepared_files_load_back_as_the_same_model() {
+    use kiln_model::prepared::{self, PreparedInfo, Settings, ARTIFACT_VERSION};
+    let be = CpuBackend::new();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = LoadOptions {
+        quantize: Some(kiln_backend::GgmlType::Q8_0),
+        ..LoadOptions::default()
+    };
+    let prompt = ids(&golden("gemma2")["prompts"][2]["ids"]);
+    for name in ["gemma2", "gemma3"] {
+        let converted = run(
+            &load(&be, &dir(name), &opts).expect("converting load"),
+            &prompt,
+            6,
+        );
+        let file = tmp.path().join(format!("{name}.gguf"));
+        let info = PreparedInfo {
+            key: "0123abcd".into(),
+            source: dir(name).display().to_string(),
+            identity: "[]".into(),
+            settings: Settings::of(&opts),
+            artifact_version: ARTIFACT_VERSION,
+        };
+        let (while_writing, _) = prepared::load_and_prepare(
+            &be,
+            &dir(name),
+            &opts,
+            &info,
+            &file,
+            &kiln_model::layouts::Layouts::Off,
+        )
+        .expect("prepare");
+        assert_eq!(
+            run(&while_writing, &prompt, 6),
+            converted,
+            "{name}: while writing"
+        );
+        let mapped = load(&be, &file, &prepared::as_prepared(&opts)).expect("load prepared");
+        assert_eq!(
+            mapped.decoder.config().norm_offset,
+            1.0,
+            "{name}: the checkpoint's config"
+        );
+        assert_eq!(
+            run(&mapped, &prompt, 6),
+            converted,
+            "{name}: from the prepared file"
+        );
+    }
+}
