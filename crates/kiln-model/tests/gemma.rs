@@ -135,6 +135,96 @@ fn gemma_configs_are_read_as_the_checkpoints_mean_them() {
     assert_eq!(c3.rope.as_ref().map(|r| r.theta), Some(1e6));
     assert_eq!(c3.local_rope.as_ref().map(|r| r.theta), Some(1e4));
     assert!(c3.qk_norm && c3.attn_logit_softcap.is_none() && c3.final_logit_softcap.is_none());
+    // `kiln inspect`'s count, post norms and q/k norms included, is the file's.
+    for (name, c) in [("gemma2", &c2), ("gemma3", &c3)] {
+        assert_eq!(
+            c.param_count(),
+            golden(name)["n_params"].as_u64().unwrap(),
+            "{name}"
+        );
+    }
+}
+
+/// A GGUF of `arch` with `layers` layers and the given extra metadata (no
+/// tensors: only the config is read).
+fn gemma_gguf_config(
+    arch: &str,
+    layers: u32,
+    extra: Vec<(&str, kiln_model::gguf::Value)>,
+) -> kiln_model::config::DecoderConfig {
+    use kiln_model::gguf::{GgufFile, GgufWriter, Value as G};
+    let mut w = GgufWriter::default();
+    let key = |k: &str| format!("{arch}.{k}");
+    w.meta("general.architecture", G::String(arch.into()))
+        .meta(&key("vocab_size"), G::U32(320))
+        .meta(&key("context_length"), G::U32(256))
+        .meta(&key("embedding_length"), G::U32(64))
+        .meta(&key("block_count"), G::U32(layers))
+        .meta(&key("feed_forward_length"), G::U32(128))
+        .meta(&key("attention.head_count"), G::U32(4))
+        .meta(&key("attention.head_count_kv"), G::U32(2))
+        .meta(&key("attention.key_length"), G::U32(32));
+    for (k, v) in extra {
+        w.meta(&key(k), v);
+    }
+    let path = std::env::temp_dir().join(format!(
+        "kiln-gemma-cfg-{arch}-{layers}-{}.gguf",
+        std::process::id()
+    ));
+    std::fs::write(&path, w.to_bytes()).unwrap();
+    let cfg = kiln_model::config::DecoderConfig::from_gguf(&GgufFile::open(&path).unwrap());
+    let _ = std::fs::remove_file(&path);
+    cfg.expect("config")
+}
+
+#[test]
+fn gguf_gemma_settings_follow_llama_cpp() {
+    use kiln_model::gguf::Value as G;
+    let windows = |c: &kiln_model::config::DecoderConfig| -> Vec<Option<usize>> {
+        (0..c.n_layers)
+            .map(|i| c.layer_attention(i).window)
+            .collect()
+    };
+    // Gemma 3 27B (62 layers) scales by hidden / heads, every other size by head_dim.
+    let big = gemma_gguf_config("gemma3", 62, vec![("attention.sliding_window", G::U32(8))]);
+    assert_eq!(big.attn_scale, Some(1.0 / 4.0));
+    let w = windows(&big);
+    assert_eq!(
+        (w[4], w[5], w[11]),
+        (Some(8), None, None),
+        "five local, one global"
+    );
+    let small = gemma_gguf_config("gemma3", 3, vec![]);
+    assert_eq!(small.attn_scale, Some(1.0 / 32f32.sqrt()));
+    // No window: every layer global, one rotary table.
+    assert_eq!(windows(&small), [None, None, None]);
+    assert!(small.local_rope.is_none());
+    // The pattern as a count, or as one flag per layer.
+    let c = gemma_gguf_config(
+        "gemma3",
+        4,
+        vec![
+            ("attention.sliding_window", G::U32(8)),
+            ("attention.sliding_window_pattern", G::U32(2)),
+        ],
+    );
+    assert_eq!(windows(&c), [Some(8), None, Some(8), None]);
+    assert_eq!(c.local_rope.as_ref().map(|r| r.theta), Some(10_000.0));
+    let c = gemma_gguf_config(
+        "gemma2",
+        3,
+        vec![(
+            "attention.sliding_window_pattern",
+            G::Array(vec![G::Bool(false), G::Bool(true), G::Bool(false)]),
+        )],
+    );
+    // Gemma 2's defaults: a 4096 window, soft caps 50 and 30, one rotary table.
+    assert_eq!(windows(&c), [None, Some(4096), None]);
+    assert_eq!(
+        (c.attn_logit_softcap, c.final_logit_softcap),
+        (Some(50.0), Some(30.0))
+    );
+    assert!(c.local_rope.is_none() && c.norm_offset == 0.0 && c.post_norms);
 }
 
 /// Writes a tiny Gemma checkpoint as a GGUF file as llama.cpp's
