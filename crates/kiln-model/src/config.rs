@@ -54,9 +54,10 @@ pub struct RopeConfig {
 /// (pre-norm RMSNorm, SiLU-gated FFN, rotary positions), mistral (plus a
 /// sliding window), qwen2 (plus q/k/v biases), qwen3 (plus per-head q/k
 /// norms), phi3 (fused projections, split at load), gpt2 (LayerNorm, GELU,
-/// learned positions, Conv1D weights transposed at load) and opt (LayerNorm
+/// learned positions, Conv1D weights transposed at load), opt (LayerNorm
 /// before or after each block, ReLU, learned positions offset by 2, optional
-/// embedding projections).
+/// embedding projections) and gemma2 / gemma3 (scaled embeddings, `1 + w`
+/// norms, post norms, soft caps, local and global layers: see `crate::gemma`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderConfig {
     /// Architecture name as the checkpoint states it (`llama`, `qwen2`, …).
@@ -236,7 +237,8 @@ impl DecoderConfig {
         }
     }
 
-    /// Reads the configuration from GGUF metadata (llama, mistral-as-llama, qwen2, qwen3, phi3).
+    /// Reads the configuration from GGUF metadata (llama, mistral-as-llama, qwen2, qwen3, phi3,
+    /// gemma2, gemma3).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let bad = |msg: String| ModelError::Config {
             path: file.path().to_path_buf(),

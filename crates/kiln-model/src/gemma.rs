@@ -23,11 +23,28 @@
 //! `Gemma2Config` / `Gemma3TextConfig` (the multimodal Gemma 3 checkpoints
 //! leave most of their `text_config` to them).
 
+use std::path::Path;
+
 use kiln_backend::Activation;
 use serde_json::Value as Json;
 
 use crate::config::{hf_rope_scaling, DecoderConfig, LayerAttention, RopeConfig, RopeScaling};
 use crate::gguf::GgufFile;
+use crate::weights::{
+    hf_gemma3_mm_names, hf_gemma3_mm_original_names, NameMap, SafetensorsSource, WeightSource,
+};
+
+/// How the multimodal Gemma 3 checkpoint in `dir` names its language
+/// model's tensors: `model.language_model.…` as transformers saves it now,
+/// or `language_model.model.…` as the checkpoints were first published.
+pub(crate) fn multimodal_names(dir: &Path) -> NameMap {
+    let saved_now = SafetensorsSource::open_dir(dir, hf_gemma3_mm_names);
+    match saved_now {
+        Ok(s) if !s.contains("token_embd.weight") => hf_gemma3_mm_original_names,
+        // Other errors are the loader's to report, with these names.
+        _ => hf_gemma3_mm_names,
+    }
+}
 
 /// transformers' defaults for the keys a Gemma config may leave out.
 struct Defaults {
@@ -349,7 +366,6 @@ pub(crate) fn adjust_gguf(file: &GgufFile, cfg: &mut DecoderConfig) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn cfg(j: Json) -> DecoderConfig {
         DecoderConfig::from_hf_json(&j, Path::new("config.json")).expect("config")

@@ -357,28 +357,24 @@ impl WeightSource for Rounded<'_> {
 /// safetensors when present, else a PyTorch checkpoint (read without running
 /// pickle code); GPT-2's Conv1D matrices are transposed as they are read.
 pub fn open_hf_weights(dir: &Path, model_type: &str) -> Result<Box<dyn WeightSource>> {
-    let has = |f: &str| dir.join(f).is_file();
-    let open = |names| -> Result<Box<dyn WeightSource>> {
-        Ok(
-            if has("model.safetensors") || has("model.safetensors.index.json") {
-                Box::new(SafetensorsSource::open_dir(dir, names)?)
-            } else if has("pytorch_model.bin") || has("pytorch_model.bin.index.json") {
-                Box::new(crate::torch::TorchSource::open_dir(dir, names)?)
-            } else {
-                return Err(ModelError::Format {
-                    path: dir.to_path_buf(),
-                    msg: "no weights: expected model.safetensors, model.safetensors.index.json, \
-                      pytorch_model.bin or pytorch_model.bin.index.json"
-                        .into(),
-                });
-            },
-        )
+    let names = match model_type {
+        "gemma3" => crate::gemma::multimodal_names(dir),
+        _ => hf_names(model_type),
     };
-    let mut src = open(hf_names(model_type))?;
-    if model_type == "gemma3" && !src.contains("token_embd.weight") {
-        // Multimodal Gemma 3 as first published names its language model otherwise.
-        src = open(crate::weights::hf_gemma3_mm_original_names)?;
-    }
+    let has = |f: &str| dir.join(f).is_file();
+    let src: Box<dyn WeightSource> =
+        if has("model.safetensors") || has("model.safetensors.index.json") {
+            Box::new(SafetensorsSource::open_dir(dir, names)?)
+        } else if has("pytorch_model.bin") || has("pytorch_model.bin.index.json") {
+            Box::new(crate::torch::TorchSource::open_dir(dir, names)?)
+        } else {
+            return Err(ModelError::Format {
+                path: dir.to_path_buf(),
+                msg: "no weights: expected model.safetensors, model.safetensors.index.json, \
+                  pytorch_model.bin or pytorch_model.bin.index.json"
+                    .into(),
+            });
+        };
     Ok(if model_type == "gpt2" {
         Box::new(Transposed {
             inner: src,
