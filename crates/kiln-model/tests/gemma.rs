@@ -238,7 +238,8 @@ fn gguf_gemma_settings_follow_llama_cpp() {
 /// tiny byte-level tokenizer treated as GPT-2's, with one merge added, and
 /// its cut of Gemma 3's embedding rows to the `tokenizer.json` count left
 /// out: the token list is padded to 320, so llama.cpp would refuse the cut
-/// file too.)
+/// file too.) llama.cpp's own `llama-server` gave those files the golden
+/// greedy tokens as well, all 16 of all three prompts of both families.
 fn to_gguf(name: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
     use kiln_model::quant::GgmlType;
