@@ -80,10 +80,11 @@ const LOCAL_THETA: f64 = 10_000.0;
 
 /// Local (sliding-window) or global, for `n` layers where every
 /// `pattern`-th one is global (transformers' and llama.cpp's rule: layer
-/// `i` is local when `(i + 1) % pattern != 0`).
+/// `i` is local when `(i + 1) % pattern != 0`; llama.cpp reads a pattern of
+/// 0 as "every layer local").
 fn pattern_layers(n: usize, pattern: usize) -> Vec<bool> {
     (0..n)
-        .map(|i| pattern != 0 && (i + 1) % pattern != 0)
+        .map(|i| pattern == 0 || (i + 1) % pattern != 0)
         .collect()
 }
 
@@ -230,7 +231,11 @@ pub(crate) fn from_hf_json(model_type: &str, top: &Json) -> Result<DecoderConfig
                 )),
             })
             .collect::<Result<_, _>>()?,
-        None => pattern_layers(c.n_layers, usize_or("sliding_window_pattern", d.pattern)?),
+        None => match usize_or("sliding_window_pattern", d.pattern)? {
+            // transformers divides by it.
+            0 => return Err("sliding_window_pattern is 0".into()),
+            p => pattern_layers(c.n_layers, p),
+        },
     };
     if local.len() != c.n_layers {
         return Err(format!(
@@ -447,6 +452,10 @@ mod tests {
             (
                 serde_json::json!({"model_type": "gemma2", "hidden_activation": "swish"}),
                 "hidden_activation",
+            ),
+            (
+                serde_json::json!({"model_type": "gemma2", "sliding_window_pattern": 0}),
+                "sliding_window_pattern",
             ),
             (
                 serde_json::json!({"model_type": "gemma3_text", "use_bidirectional_attention": true}),

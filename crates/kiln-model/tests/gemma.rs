@@ -210,6 +210,19 @@ fn gguf_gemma_settings_follow_llama_cpp() {
     );
     assert_eq!(windows(&c), [Some(8), None, Some(8), None]);
     assert_eq!(c.local_rope.as_ref().map(|r| r.theta), Some(10_000.0));
+    let all_local = gemma_gguf_config(
+        "gemma3",
+        2,
+        vec![
+            ("attention.sliding_window", G::U32(8)),
+            ("attention.sliding_window_pattern", G::U32(0)),
+        ],
+    );
+    assert_eq!(
+        windows(&all_local),
+        [Some(8), Some(8)],
+        "llama.cpp's pattern 0"
+    );
     let c = gemma_gguf_config(
         "gemma2",
         3,
