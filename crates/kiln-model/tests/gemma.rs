@@ -254,10 +254,16 @@ fn gguf_gemma_settings_follow_llama_cpp() {
 /// file too.) llama.cpp's own `llama-server` gave those files the golden
 /// greedy tokens as well, all 16 of all three prompts of both families.
 fn to_gguf(name: &str) -> PathBuf {
+    to_gguf_from(name, &dir(name), name)
+}
+
+/// [`to_gguf`] of the checkpoint in `d` (of family `name`), written to a
+/// temporary file named after `tag`.
+fn to_gguf_from(name: &str, d: &Path, tag: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
     use kiln_model::quant::GgmlType;
     use kiln_model::weights::{hf_gemma_names, SafetensorsSource, WeightSource};
-    let d = dir(name);
+    let d = d.to_path_buf();
     let hf: Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
     let src = SafetensorsSource::open_dir(&d, hf_gemma_names).expect("safetensors");
@@ -380,7 +386,7 @@ fn to_gguf(name: &str) -> PathBuf {
             bytes,
         );
     }
-    let out = std::env::temp_dir().join(format!("kiln-gemma-{name}-{}.gguf", std::process::id()));
+    let out = std::env::temp_dir().join(format!("kiln-gemma-{tag}-{}.gguf", std::process::id()));
     std::fs::write(&out, w.to_bytes()).expect("write gguf");
     out
 }
@@ -661,4 +667,40 @@ fn gemma_prepared_files_load_back_as_the_same_model() {
             "{name}: from the prepared file"
         );
     }
+}
+
+/// Gemma's chat turns end with `<end_of_turn>`, which its
+/// `generation_config.json` lists among the EOS ids (`[1, 106]` in the real
+/// models) and llama.cpp treats as end of generation in a GGUF: both forms
+/// of a Gemma checkpoint with that token stop on it.
+#[test]
+fn end_of_turn_stops_gemma_in_both_forms() {
+    let be = CpuBackend::new();
+    let d = std::env::temp_dir().join(format!("kiln-gemma3-eot-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir("gemma3").join(f), d.join(f)).unwrap();
+    }
+    // The tiny vocabulary's id 259 becomes `<end_of_turn>`, the EOS list Gemma's.
+    let tok = std::fs::read_to_string(dir("gemma3").join("tokenizer.json")).unwrap();
+    assert!(tok.contains("\"<|im_end|>\""));
+    std::fs::write(
+        d.join("tokenizer.json"),
+        tok.replace("<|im_end|>", "<end_of_turn>"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("generation_config.json"),
+        r#"{"bos_token_id": 256, "eos_token_id": [256, 259], "pad_token_id": 257}"#,
+    )
+    .unwrap();
+    let hf = load(&be, &d, &LoadOptions::default()).expect("load");
+    assert_eq!(hf.tokenizer.token_to_id("<end_of_turn>"), Some(259));
+    assert!(hf.eos_ids.contains(&259), "{:?}", hf.eos_ids);
+    let path = to_gguf_from("gemma3", &d, "eot");
+    let gguf = load(&be, &path, &LoadOptions::default()).expect("load gguf");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&d);
+    assert_eq!(gguf.tokenizer.token_to_id("<end_of_turn>"), Some(259));
+    assert!(gguf.eos_ids.contains(&259), "{:?}", gguf.eos_ids);
 }
