@@ -23,6 +23,10 @@ Weights as in tiny_models.py (every parameter from a seeded generator, sorted by
 name, matrices N(0, 0.1^2)), except that norm weights are N(0, 0.2^2): Gemma's
 RMSNorm multiplies by (1 + w), so the gains are 1 + N(0, 0.2^2) as elsewhere.
 
+golden.json also holds `variants`: the outputs of the same weights with another
+query_pre_attn_scalar (gemma2 24, gemma3 16), for the 40-token prompt, so that the attention scale is tested
+apart from head_dim (a GGUF cannot carry it: llama.cpp derives it from the model size).
+
 Checks on top of tiny_models.py's (the script fails if one does not hold): each
 feature changes the logits when switched off: the soft caps (gemma2), the sliding
 window (the 40-token prompt only; the 1- and 7-token prompts stay inside the window
@@ -223,6 +227,19 @@ def main() -> int:
 
         recs = tm.run_prompts(model, failures, name)
         feature_checks(name, model.config, model, recs, failures, notes)
+        # The attention scale is query_pre_attn_scalar^-0.5, not head_dim^-0.5: the same weights
+        # under another scalar (a config a GGUF cannot express, so only the safetensors form).
+        scalar = {"gemma2": 24, "gemma3": 16}[name]
+        vcfg = copy.deepcopy(model.config)
+        vcfg.query_pre_attn_scalar = scalar
+        vmodel = AutoModelForCausalLM.from_config(vcfg, attn_implementation="eager", dtype=torch.float32)
+        vmodel.load_state_dict(model.state_dict(), strict=True)
+        vmodel.eval()
+        vrecs = tm.run_prompts(vmodel, failures, f"{name} (query_pre_attn_scalar {scalar})")
+        vd = float((vrecs[2]["_logits"] - recs[2]["_logits"]).abs().max())
+        notes.append(f"{name}: max |logit change| with query_pre_attn_scalar {scalar}: {vd:.3g}")
+        if vd < 1e-2:
+            failures.append(f"{name}: query_pre_attn_scalar {scalar} does not change the logits")
         re = tm.load_back(d, model, failures)
         for i, lg in enumerate(tm.forward_all(re)):
             if not torch.equal(lg, recs[i]["_logits"]):
@@ -252,6 +269,14 @@ def main() -> int:
             "generation": "greedy (do_sample=False), KV cache, eos_token_id=None: exactly new_tokens tokens",
             "files_sha256": files,
             "prompts": [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs],
+            "variants": [
+                {
+                    "config_changes": {"query_pre_attn_scalar": scalar},
+                    "why": "the same weights with an attention scale other than head_dim^-0.5",
+                    # The 40-token prompt only (the directory stays under 1 MiB).
+                    "prompts": [{k: v for k, v in vrecs[2].items() if not k.startswith("_")}],
+                }
+            ],
         }
         (d / "golden.json").write_text(json.dumps(doc, indent=1) + "\n")
         size = sum(f.stat().st_size for f in d.iterdir())

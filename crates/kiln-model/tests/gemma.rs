@@ -704,3 +704,50 @@ fn end_of_turn_stops_gemma_in_both_forms() {
     assert_eq!(gguf.tokenizer.token_to_id("<end_of_turn>"), Some(259));
     assert!(gguf.eos_ids.contains(&259), "{:?}", gguf.eos_ids);
 }
+
+/// The attention scale is `query_pre_attn_scalar^-0.5`: the tiny weights
+/// under another scalar (golden.json's `variants`, from transformers)
+/// give that variant's logits and tokens, not the base model's.
+#[test]
+fn query_pre_attn_scalar_sets_the_attention_scale() {
+    for name in ["gemma2", "gemma3"] {
+        let g = golden(name);
+        let variants = g["variants"].as_array().expect("variants");
+        assert!(!variants.is_empty(), "{name}");
+        for v in variants {
+            let changes = v["config_changes"].as_object().expect("config_changes");
+            let d =
+                std::env::temp_dir().join(format!("kiln-gemma-var-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            for f in [
+                "model.safetensors",
+                "tokenizer.json",
+                "generation_config.json",
+            ] {
+                std::fs::copy(dir(name).join(f), d.join(f)).unwrap();
+            }
+            let mut cfg: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir(name).join("config.json")).unwrap(),
+            )
+            .unwrap();
+            for (k, x) in changes {
+                cfg[k] = x.clone();
+            }
+            std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+            let m = load(&CpuBackend::new(), &d, &LoadOptions::default()).expect("load");
+            let _ = std::fs::remove_dir_all(&d);
+            let vocab = m.decoder.config().vocab_size;
+            for p in v["prompts"].as_array().expect("prompts") {
+                let (all, greedy) = run(&m, &ids(&p["ids"]), 16);
+                let what = format!("{name} with {changes:?}");
+                let diff = fixtures::max_abs_diff(
+                    &what,
+                    &all[all.len() - vocab..],
+                    &floats(&p["last_logits"]),
+                );
+                assert!(diff < LOGIT_TOL, "{what}: logits differ by {diff}");
+                assert_eq!(greedy, ids(&p["greedy"]), "{what}: greedy tokens");
+            }
+        }
+    }
+}
