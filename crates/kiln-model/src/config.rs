@@ -97,11 +97,26 @@ pub struct DecoderConfig {
     pub qkv_bias: bool,
     pub out_bias: bool,
     pub mlp_bias: bool,
+    /// Mixture of experts in place of (some layers') dense feed-forward
+    /// blocks (Qwen2-MoE, Qwen3-MoE, Mixtral); see [`crate::moe`].
+    pub moe: Option<crate::moe::MoeConfig>,
 }
 
 impl DecoderConfig {
-    /// Number of parameters, counted from the shapes (biases and norms included).
+    /// Number of parameters, counted from the shapes (biases and norms
+    /// included; every expert of a mixture-of-experts model).
     pub fn param_count(&self) -> u64 {
+        self.count_params(false)
+    }
+
+    /// Parameters one token reads: as [`DecoderConfig::param_count`], but
+    /// of each mixture-of-experts layer only the experts a token is routed
+    /// to (and the router and shared expert). Equal to it for dense models.
+    pub fn active_param_count(&self) -> u64 {
+        self.count_params(true)
+    }
+
+    fn count_params(&self, active: bool) -> u64 {
         let u = |v: usize| v as u64;
         let (h, e, ff) = (
             u(self.hidden_size),
@@ -133,7 +148,13 @@ impl DecoderConfig {
             .map_or(0, |off| u(self.max_position_embeddings + off) * h);
         let proj = if e != h { 2 * e * h } else { 0 };
         let final_norm = if self.final_norm { norm } else { 0 };
+        // Mixture-of-experts layers hold their experts instead of the dense block.
+        let (sparse, moe_ffn) = self.moe.as_ref().map_or((0, 0), |m| {
+            (u(m.sparse_layers(self.n_layers)), m.ffn_params(self.hidden_size, active))
+        });
         embed + head + positions + proj + per_layer * u(self.n_layers) + final_norm
+            - mlp * sparse
+            + moe_ffn * sparse
     }
 
     /// Bytes of keys and values one token takes in the KV cache at `elem_bytes` per value.
@@ -180,6 +201,7 @@ impl DecoderConfig {
             qkv_bias: false,
             out_bias: false,
             mlp_bias: false,
+            moe: None,
         }
     }
 
@@ -193,9 +215,11 @@ impl DecoderConfig {
             .get_str("general.architecture")
             .ok_or_else(|| bad("missing general.architecture".into()))?
             .to_string();
-        if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "phi3") {
+        if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "phi3")
+            && !crate::moe::GGUF_ARCHS.contains(&arch.as_str())
+        {
             return Err(bad(format!(
-                "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3 and phi3 are; \
+                "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3, phi3, qwen2moe and qwen3moe are; \
                  other architectures load from Hugging Face directories)"
             )));
         }
@@ -266,6 +290,8 @@ impl DecoderConfig {
             },
             scaling,
         });
+        cfg.moe = crate::moe::from_gguf(file, &arch, cfg.n_layers, cfg.intermediate_size)
+            .map_err(bad)?;
         cfg.validate(file.path())?;
         Ok(cfg)
     }
@@ -306,7 +332,7 @@ impl DecoderConfig {
             }
         };
         let mut cfg = match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "qwen2_moe" | "qwen3_moe" | "mixtral" => {
                 let hidden = req("hidden_size")?;
                 let heads = req("num_attention_heads")?;
                 if heads == 0 || !hidden.is_multiple_of(heads) && get_usize("head_dim").is_none() {
@@ -326,7 +352,7 @@ impl DecoderConfig {
                 c.qk_norm = model_type == "qwen3";
                 c.sliding_window = match model_type {
                     // Qwen2 configs carry a window that only applies with use_sliding_window.
-                    "qwen2" | "qwen3" if get_bool("use_sliding_window") != Some(true) => None,
+                    "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" if get_bool("use_sliding_window") != Some(true) => None,
                     _ => get_usize("sliding_window").filter(|&w| w > 0),
                 };
                 let partial = get_f64("partial_rotary_factor").unwrap_or(1.0);
@@ -386,11 +412,12 @@ impl DecoderConfig {
             }
             other => {
                 return Err(bad(format!(
-                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2 and opt are)"
+                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, opt, qwen2_moe, qwen3_moe and mixtral are)"
                 )))
             }
         };
         cfg.arch = model_type.to_string();
+        crate::moe::apply_hf(&mut cfg, model_type, json).map_err(bad)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

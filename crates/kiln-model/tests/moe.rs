@@ -1,0 +1,533 @@
+//! Mixture-of-experts models (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared
+//! expert) against Hugging Face `transformers`, on the tiny checkpoints
+//! `scripts/golden/tiny_moe.py` writes (`testdata/tiny/{qwen3moe,mixtral,qwen2moe}`):
+//! from safetensors, from GGUF files written from them (3-D expert tensors,
+//! llama.cpp's names and keys), from a Q8_0 GGUF whose experts stay
+//! quantized, and batched with other sequences bit for bit as alone.
+
+use std::path::{Path, PathBuf};
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
+use kiln_model::config::DecoderConfig;
+use kiln_model::decoder::Decoder;
+use kiln_model::fixtures;
+use kiln_model::gguf::{GgufWriter, Value as G};
+use kiln_model::quant::GgmlType;
+use kiln_model::weights::{SafetensorsSource, WeightSource};
+use kiln_model::{load, LoadOptions, LoadedModel};
+use serde_json::Value;
+
+/// As tests/architectures.rs: both sides compute in f32 from the same
+/// weights; what differs is the order of summation.
+const LOGIT_TOL: f32 = 1e-4;
+
+const MODELS: [&str; 3] = ["qwen3moe", "mixtral", "qwen2moe"];
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/tiny")
+        .join(name)
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(name).join("golden.json")).unwrap())
+        .expect("golden.json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
+
+/// Prefill (every position's logits), then greedy decoding one token at a time.
+fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
+    let be = CpuBackend::new();
+    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
+    let vocab = m.decoder.config().vocab_size;
+    let mut next = argmax(&all[all.len() - vocab..]);
+    let mut out = vec![next];
+    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
+        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
+        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
+        out.push(next);
+    }
+    (all, out)
+}
+
+/// The model at `path` against `name`'s golden.json: last-position logits
+/// within [`LOGIT_TOL`], every position's argmax and the greedy tokens equal.
+fn check(name: &str, path: &Path, what: &str) {
+    let g = golden(name);
+    let m = load(&CpuBackend::new(), path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{name} ({what}): {e}"));
+    assert!(m.decoder.config().moe.is_some(), "{name} ({what}): no experts");
+    let vocab = m.decoder.config().vocab_size;
+    let n = g["new_tokens"].as_u64().expect("new_tokens") as usize;
+    for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
+        let (all, greedy) = run(&m, &ids(&p["ids"]), n);
+        let diff = fixtures::max_abs_diff(
+            &format!("{name} ({what}) prompt {pi}"),
+            &all[all.len() - vocab..],
+            &floats(&p["last_logits"]),
+        );
+        assert!(
+            diff < LOGIT_TOL,
+            "{name} ({what}) prompt {pi}: last-position logits differ by {diff}"
+        );
+        let got: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
+        assert_eq!(got, ids(&p["argmax"]), "{name} ({what}) prompt {pi}: argmax");
+        assert_eq!(greedy, ids(&p["greedy"]), "{name} ({what}) prompt {pi}: greedy");
+    }
+}
+
+#[test]
+fn qwen3_moe_with_renormalised_top_k_matches_transformers() {
+    let cfg = DecoderConfig::from_hf_config(&dir("qwen3moe").join("config.json")).unwrap();
+    let moe = cfg.moe.as_ref().expect("experts");
+    assert_eq!((moe.n_experts, moe.n_experts_used, moe.expert_ff), (8, 2, 32));
+    assert_eq!(
+        moe.routing,
+        kiln_model::moe::Routing::SoftmaxTopK { renormalize: true }
+    );
+    check("qwen3moe", &dir("qwen3moe"), "safetensors");
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check("mixtral", &dir("mixtral"), "safetensors");
+}
+
+#[test]
+fn qwen2_moe_with_a_gated_shared_expert_matches_transformers() {
+    let cfg = DecoderConfig::from_hf_config(&dir("qwen2moe").join("config.json")).unwrap();
+    let moe = cfg.moe.as_ref().expect("experts");
+    assert_eq!(moe.shared_expert_ff, Some(48));
+    assert!(moe.shared_expert_gate);
+    assert_eq!(
+        moe.routing,
+        kiln_model::moe::Routing::SoftmaxTopK { renormalize: false }
+    );
+    check("qwen2moe", &dir("qwen2moe"), "safetensors");
+}
+
+/// Parameter counts: all of the file's tensors, and of them what one token reads.
+#[test]
+fn parameter_counts_include_every_expert_and_active_counts_the_top_k() {
+    for name in MODELS {
+        let cfg = DecoderConfig::from_hf_config(&dir(name).join("config.json")).unwrap();
+        let g = golden(name);
+        assert_eq!(cfg.param_count(), g["n_params"].as_u64().unwrap(), "{name}");
+        let m = cfg.moe.as_ref().unwrap();
+        let per_expert = 3 * cfg.hidden_size * m.expert_ff;
+        let unused = cfg.n_layers * (m.n_experts - m.n_experts_used) * per_expert;
+        assert_eq!(
+            cfg.param_count() - cfg.active_param_count(),
+            unused as u64,
+            "{name}"
+        );
+    }
+}
+
+/// Rows of a llama q or k matrix in the order llama.cpp's converter writes
+/// them (rotary pairs adjacent): row `h*hd + 2i + j` is Hugging Face's
+/// row `h*hd + j*hd/2 + i`.
+fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let hd = data.len() / cols / heads;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let src = h * hd + j * hd / 2 + i;
+                let dst = h * hd + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// How the GGUF file stores its matrices.
+#[derive(Clone, Copy, PartialEq)]
+enum Form {
+    F32,
+    /// Every expert tensor Q8_0 (the rest F32).
+    ExpertsQ8,
+    /// The values of [`Form::ExpertsQ8`] decoded back to F32.
+    ExpertsQ8Decoded,
+}
+
+/// Writes tiny `name` as a GGUF file the way llama.cpp's converter lays it
+/// out: architecture `qwen3moe`/`qwen2moe`, or `llama` with
+/// `llama.expert_count` for Mixtral (q/k rows permuted); each layer's
+/// experts stacked into 3-D `ffn_{gate,up,down}_exps` (`[E, rows, cols]`),
+/// the router `ffn_gate_inp`, Qwen2-MoE's shared expert `ffn_*_shexp` and
+/// its 1-D gate `ffn_gate_inp_shexp`.
+fn to_gguf(name: &str, form: Form) -> PathBuf {
+    let d = dir(name);
+    let cfg = DecoderConfig::from_hf_config(&d.join("config.json")).expect("config");
+    let moe = cfg.moe.clone().expect("experts");
+    let src = SafetensorsSource::open_dir(&d, kiln_model::weights::hf_names(&cfg.arch))
+        .expect("safetensors");
+    let arch = match name {
+        "mixtral" => "llama",
+        other => other,
+    };
+    let mut w = GgufWriter::default();
+    let u = |v: usize| G::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    let rope = cfg.rope.as_ref().expect("rope");
+    w.meta("general.architecture", G::String(arch.into()))
+        .meta(&key("block_count"), u(cfg.n_layers))
+        .meta(&key("context_length"), u(cfg.max_position_embeddings))
+        .meta(&key("embedding_length"), u(cfg.hidden_size))
+        .meta(&key("feed_forward_length"), u(cfg.intermediate_size))
+        .meta(&key("attention.head_count"), u(cfg.n_heads))
+        .meta(&key("attention.head_count_kv"), u(cfg.n_kv_heads))
+        .meta(&key("attention.key_length"), u(cfg.head_dim))
+        .meta(&key("attention.layer_norm_rms_epsilon"), G::F32(cfg.norm_eps))
+        .meta(&key("rope.freq_base"), G::F32(rope.theta as f32))
+        .meta(&key("rope.dimension_count"), u(rope.rot_dim))
+        .meta(&key("expert_count"), u(moe.n_experts))
+        .meta(&key("expert_used_count"), u(moe.n_experts_used));
+    if arch != "llama" {
+        w.meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
+    }
+    if let Some(s) = moe.shared_expert_ff {
+        w.meta(&key("expert_shared_feed_forward_length"), u(s));
+    }
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
+    let mut tokens = vec![String::new(); cfg.vocab_size];
+    let mut types = vec![G::I32(5); cfg.vocab_size];
+    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
+        let i = id.as_u64().unwrap() as usize;
+        (tokens[i], types[i]) = (t.clone(), G::I32(1));
+    }
+    for a in tok["added_tokens"].as_array().unwrap() {
+        let i = a["id"].as_u64().unwrap() as usize;
+        (tokens[i], types[i]) = (a["content"].as_str().unwrap().to_string(), G::I32(3));
+    }
+    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
+        *t = format!("[PAD{i}]");
+    }
+    w.meta("tokenizer.ggml.model", G::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", G::String("gpt-2".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            G::Array(tokens.into_iter().map(G::String).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", G::Array(types))
+        .meta(
+            "tokenizer.ggml.merges",
+            G::Array(vec![G::String("a b".into())]),
+        );
+    // (GGUF name, row-major shape, values, quantizable expert tensor)
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>, bool)> = Vec::new();
+    let plain = |n: &str, tensors: &mut Vec<(String, Vec<usize>, Vec<f32>, bool)>| {
+        let t = src.get(n).expect(n);
+        let data = match (arch, n.rsplit('.').nth(1)) {
+            ("llama", Some("attn_q")) => permute_rows(&t.data, cfg.n_heads, cfg.hidden_size),
+            ("llama", Some("attn_k")) => permute_rows(&t.data, cfg.n_kv_heads, cfg.hidden_size),
+            _ => t.data,
+        };
+        tensors.push((n.to_string(), t.shape, data, false));
+    };
+    for n in ["token_embd.weight", "output_norm.weight", "output.weight"] {
+        plain(n, &mut tensors);
+    }
+    for l in 0..cfg.n_layers {
+        for p in [
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
+            "attn_q_norm.weight",
+            "attn_k_norm.weight",
+            "attn_output.weight",
+            "ffn_norm.weight",
+            "ffn_gate_inp.weight",
+            "ffn_gate_shexp.weight",
+            "ffn_up_shexp.weight",
+            "ffn_down_shexp.weight",
+        ] {
+            let n = format!("blk.{l}.{p}");
+            if src.contains(&n) {
+                plain(&n, &mut tensors);
+            }
+        }
+        let gate = format!("blk.{l}.ffn_gate_inp_shexp.weight");
+        if src.contains(&gate) {
+            let t = src.get(&gate).unwrap();
+            tensors.push((gate, vec![cfg.hidden_size], t.data, false));
+        }
+        for part in ["ffn_gate", "ffn_up", "ffn_down"] {
+            let mut data = Vec::new();
+            let mut shape = Vec::new();
+            for e in 0..moe.n_experts {
+                let t = src.get(&format!("blk.{l}.{part}.{e}.weight")).unwrap();
+                shape = t.shape;
+                data.extend(t.data);
+            }
+            shape.insert(0, moe.n_experts);
+            tensors.push((format!("blk.{l}.{part}_exps.weight"), shape, data, true));
+        }
+    }
+    for (n, shape, data, expert) in tensors {
+        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        let cols = *shape.last().unwrap();
+        let q8 = || kiln_backend::quantize::quantize(GgmlType::Q8_0, &data, cols).expect("q8_0");
+        match form {
+            Form::ExpertsQ8 if expert => {
+                w.tensor(&n, dims, GgmlType::Q8_0, q8());
+            }
+            Form::ExpertsQ8Decoded if expert => {
+                let back =
+                    kiln_backend::quant::dequantize(GgmlType::Q8_0, &q8(), data.len()).unwrap();
+                w.tensor(&n, dims, GgmlType::F32, back.iter().flat_map(|v| v.to_le_bytes()).collect());
+            }
+            _ => {
+                w.tensor(&n, dims, GgmlType::F32, data.iter().flat_map(|v| v.to_le_bytes()).collect());
+            }
+        }
+    }
+    let tag = match form {
+        Form::F32 => "f32",
+        Form::ExpertsQ8 => "q8",
+        Form::ExpertsQ8Decoded => "q8f32",
+    };
+    let out = std::env::temp_dir().join(format!("kiln-moe-{name}-{tag}-{}.gguf", std::process::id()));
+    std::fs::write(&out, w.to_bytes()).expect("write gguf");
+    out
+}
+
+#[test]
+fn gguf_forms_with_3d_expert_tensors_match_transformers() {
+    for name in MODELS {
+        let path = to_gguf(name, Form::F32);
+        let g = kiln_model::gguf::GgufFile::open(&path).unwrap();
+        let cfg = DecoderConfig::from_gguf(&g).unwrap();
+        let hf = DecoderConfig::from_hf_config(&dir(name).join("config.json")).unwrap();
+        assert_eq!(cfg.moe, hf.moe, "{name}: GGUF and config.json expert settings");
+        assert_eq!(cfg.param_count(), hf.param_count(), "{name}");
+        check(name, &path, "GGUF");
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// Q8_0 experts load as the 3-D quantized tensors split into each expert's
+/// row band, and are computed quantized: the logits are close to, but not
+/// the same bits as, the same values decoded to f32 (kiln's Q8_0 kernels
+/// quantize the activations too, which an f32 copy would not).
+#[test]
+fn q8_0_experts_stay_quantized_and_track_the_f32_model() {
+    let be = CpuBackend::new();
+    for name in MODELS {
+        let q8 = to_gguf(name, Form::ExpertsQ8);
+        let decoded = to_gguf(name, Form::ExpertsQ8Decoded);
+        let g = kiln_model::gguf::GgufFile::open(&q8).unwrap();
+        assert_eq!(
+            g.tensor_info("blk.0.ffn_down_exps.weight").unwrap().ggml_type,
+            GgmlType::Q8_0
+        );
+        let mq = load(&be, &q8, &LoadOptions::default()).unwrap();
+        let mf = load(&be, &decoded, &LoadOptions::default()).unwrap();
+        let _ = (std::fs::remove_file(&q8), std::fs::remove_file(&decoded));
+        let gold = golden(name);
+        let prompt = ids(&gold["prompts"][2]["ids"]);
+        let (lq, _) = fixtures::prefill(&be, &mq.decoder, &prompt, 0).unwrap();
+        let (lf, _) = fixtures::prefill(&be, &mf.decoder, &prompt, 0).unwrap();
+        let diff = fixtures::max_abs_diff(&format!("{name} Q8_0 experts"), &lq, &lf);
+        assert!(diff > 0.0, "{name}: Q8_0 experts computed as f32");
+        assert!(diff < 0.05, "{name}: Q8_0 experts differ by {diff}");
+        let vocab = mq.decoder.config().vocab_size;
+        let agree = lq
+            .chunks_exact(vocab)
+            .zip(lf.chunks_exact(vocab))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        assert!(agree * 10 >= prompt.len() * 9, "{name}: {agree} of {} argmaxes agree", prompt.len());
+    }
+}
+
+/// One sequence of a multi-sequence run: its tokens, its KV blocks, how far it is.
+struct Seq {
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+    done: usize,
+}
+
+/// A step over several sequences' next chunks (`take[i]` tokens of
+/// sequence `i`, skipped when 0), asking for every token's logits.
+fn multi_step(seqs: &mut [Seq], take: &[usize], bs: usize) -> StepInput {
+    let mut step = StepInput {
+        tokens: vec![],
+        positions: vec![],
+        slots: vec![],
+        seqs: vec![],
+        logit_rows: vec![],
+    };
+    for (s, &n) in seqs.iter_mut().zip(take) {
+        if n == 0 {
+            continue;
+        }
+        let start = step.tokens.len();
+        for p in s.done..s.done + n {
+            step.tokens.push(s.tokens[p]);
+            step.positions.push(p as u32);
+            step.slots.push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+            step.logit_rows.push(step.logit_rows.len() as u32);
+        }
+        s.done += n;
+        step.seqs.push(SeqSlice {
+            query_start: start,
+            query_len: n,
+            context_len: s.done,
+            block_table: s.blocks.clone(),
+        });
+    }
+    step
+}
+
+/// Every sequence's per-position logits, running `plan` (per step, how many
+/// tokens of each sequence) over a cache shared by all of them.
+fn run_plan(
+    be: &CpuBackend,
+    d: &Decoder<CpuBackend>,
+    seqs_tokens: &[Vec<u32>],
+    plan: &[Vec<usize>],
+) -> Vec<Vec<f32>> {
+    let bs = 4;
+    let cfg = d.config();
+    let mut next_block = 0u32;
+    let mut seqs: Vec<Seq> = seqs_tokens
+        .iter()
+        .map(|t| {
+            let n = t.len().div_ceil(bs) as u32;
+            // Blocks in a scattered order, so sequences interleave in the cache.
+            let blocks = (0..n).rev().map(|b| next_block + b).collect();
+            next_block += n;
+            Seq {
+                tokens: t.clone(),
+                blocks,
+                done: 0,
+            }
+        })
+        .collect();
+    let mut kv = be
+        .alloc_kv_cache(&KvSpec {
+            n_layers: cfg.n_layers,
+            num_blocks: next_block as usize,
+            block_size: bs,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+        .unwrap();
+    let vocab = cfg.vocab_size;
+    let mut out = vec![Vec::new(); seqs.len()];
+    for take in plan {
+        let step = multi_step(&mut seqs, take, bs);
+        let logits = d.forward(be, &mut kv, &step).unwrap();
+        let mut rows = logits.chunks_exact(vocab);
+        for (i, &n) in take.iter().enumerate() {
+            for _ in 0..n {
+                out[i].extend_from_slice(rows.next().unwrap());
+            }
+        }
+    }
+    for (s, t) in seqs.iter().zip(seqs_tokens) {
+        assert_eq!(s.done, t.len());
+    }
+    out
+}
+
+/// A token's experts and result do not depend on the batch: each sequence
+/// of a mixed run (prompts of different lengths prefilled in chunks while
+/// others decode, one token a step) gets the same logits, bit for bit, as
+/// when it runs alone with its prompt in one step.
+#[test]
+fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
+    let be = CpuBackend::new();
+    for name in MODELS {
+        let m = load(&be, &dir(name), &LoadOptions::default()).unwrap();
+        let gold = golden(name);
+        // Each golden prompt followed by its greedy tokens, plus one more prompt.
+        let mut seqs: Vec<(usize, Vec<u32>)> = gold["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let prompt = ids(&p["ids"]);
+                let mut t = prompt.clone();
+                t.extend(ids(&p["greedy"]).into_iter().take(6));
+                (prompt.len(), t)
+            })
+            .collect();
+        seqs.push((13, b"Mixture of experts, routed per token".map(u32::from).to_vec()));
+        let tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.1.clone()).collect();
+        let alone: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|(p, t)| {
+                // Prompt in one step, then one token a step.
+                let mut plan = vec![vec![*p]];
+                plan.extend((*p..t.len()).map(|_| vec![1]));
+                run_plan(&be, &m.decoder, std::slice::from_ref(t), &plan).remove(0)
+            })
+            .collect();
+        // Together: prompts in chunks of up to 5, decoding one token a step
+        // once a prompt is in; sequences start at different steps.
+        let mut plan = Vec::new();
+        let mut done = vec![0usize; seqs.len()];
+        let mut step = 0;
+        while done.iter().zip(&tokens).any(|(d, t)| d < &t.len()) {
+            let take: Vec<usize> = seqs
+                .iter()
+                .enumerate()
+                .map(|(i, (p, t))| {
+                    if step < i || done[i] == t.len() {
+                        0
+                    } else if done[i] < *p {
+                        (p - done[i]).min(5)
+                    } else {
+                        1
+                    }
+                })
+                .collect();
+            for (d, n) in done.iter_mut().zip(&take) {
+                *d += n;
+            }
+            plan.push(take);
+            step += 1;
+        }
+        assert!(plan.iter().any(|t| t.iter().filter(|&&n| n > 1).count() >= 1
+            && t.iter().filter(|&&n| n == 1).count() >= 1));
+        let together = run_plan(&be, &m.decoder, &tokens, &plan);
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            assert!(a == b, "{name}: sequence {i} differs batched");
+        }
+    }
+}
