@@ -176,6 +176,8 @@ enum Form {
     ExpertsQ8,
     /// The values of [`Form::ExpertsQ8`] decoded back to F32.
     ExpertsQ8Decoded,
+    /// Every matrix Q8_0 but the routers (what `--quantize q8_0` makes of it).
+    AllQ8,
 }
 
 /// Writes tiny `name` as a GGUF file the way llama.cpp's converter lays it
@@ -301,7 +303,11 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let cols = *shape.last().unwrap();
         let q8 = || kiln_backend::quantize::quantize(GgmlType::Q8_0, &data, cols).expect("q8_0");
+        let router = n.contains("ffn_gate_inp");
         match form {
+            Form::AllQ8 if shape.len() >= 2 && !router && cols % 32 == 0 => {
+                w.tensor(&n, dims, GgmlType::Q8_0, q8());
+            }
             Form::ExpertsQ8 if expert => {
                 w.tensor(&n, dims, GgmlType::Q8_0, q8());
             }
@@ -319,6 +325,7 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
         Form::F32 => "f32",
         Form::ExpertsQ8 => "q8",
         Form::ExpertsQ8Decoded => "q8f32",
+        Form::AllQ8 => "allq8",
     };
     let out = std::env::temp_dir().join(format!("kiln-moe-{name}-{tag}-{}.gguf", std::process::id()));
     std::fs::write(&out, w.to_bytes()).expect("write gguf");
@@ -529,5 +536,105 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
             assert!(a == b, "{name}: sequence {i} differs batched");
         }
+    }
+}
+
+/// Copies tiny `name` into a temporary directory with its experts the way
+/// transformers 5 holds them in memory: fused 3-D `mlp.experts.gate_up_proj`
+/// (`[E, 2 * ff, hidden]`, each expert's gate rows then its up rows) and
+/// `mlp.experts.down_proj` (`[E, hidden, ff]`), Mixtral's modules under
+/// `mlp.` rather than `block_sparse_moe.`.
+fn fused_copy(name: &str) -> PathBuf {
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    let d = dir(name);
+    let out = std::env::temp_dir().join(format!("kiln-moe-fused-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(d.join(f), out.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (gate, up, down) = if name == "mixtral" {
+        ("w1", "w3", "w2")
+    } else {
+        ("gate_proj", "up_proj", "down_proj")
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut layers = std::collections::BTreeMap::<usize, ()>::new();
+    for (n, t) in st.tensors() {
+        if n.contains(".experts.") {
+            let l: usize = n.split('.').nth(2).unwrap().parse().unwrap();
+            layers.insert(l, ());
+            continue;
+        }
+        let n = n.replace(".block_sparse_moe.", ".mlp.");
+        tensors.push((n, t.shape().to_vec(), t.data().to_vec()));
+    }
+    let block = if name == "mixtral" { "block_sparse_moe" } else { "mlp" };
+    for &l in layers.keys() {
+        let get = |e: usize, p: &str| {
+            st.tensor(&format!("model.layers.{l}.{block}.experts.{e}.{p}.weight"))
+                .map(|t| (t.shape().to_vec(), t.data().to_vec()))
+        };
+        let (mut gate_up, mut downs, mut e) = (Vec::new(), Vec::new(), 0);
+        let (mut ff, mut h) = (0, 0);
+        while let Ok((shape, g)) = get(e, gate) {
+            (ff, h) = (shape[0], shape[1]);
+            gate_up.extend(g);
+            gate_up.extend(get(e, up).unwrap().1);
+            downs.extend(get(e, down).unwrap().1);
+            e += 1;
+        }
+        let p = format!("model.layers.{l}.mlp.experts");
+        tensors.push((format!("{p}.gate_up_proj"), vec![e, 2 * ff, h], gate_up));
+        tensors.push((format!("{p}.down_proj"), vec![e, h, ff], downs));
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .collect();
+    let file = safetensors::serialize(views, None).unwrap();
+    std::fs::write(out.join("model.safetensors"), file).unwrap();
+    out
+}
+
+/// Checkpoints with transformers 5's fused 3-D expert tensors (what its
+/// modules hold; `save_pretrained` writes per-expert names, which the
+/// goldens' files have) load to the same results.
+#[test]
+fn fused_3d_hugging_face_expert_tensors_match_transformers() {
+    for name in MODELS {
+        let d = fused_copy(name);
+        let src = SafetensorsSource::open_dir(&d, kiln_model::weights::hf_names(
+            &DecoderConfig::from_hf_config(&d.join("config.json")).unwrap().arch,
+        ))
+        .unwrap();
+        assert!(src.contains("blk.0.ffn_gate_up_exps.weight") && !src.contains("blk.0.ffn_up.0.weight"));
+        check(name, &d, "fused safetensors");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+/// `--quantize q8_0` on a Hugging Face MoE checkpoint quantizes every
+/// matrix, experts included, but keeps the routers as stored: the same bits
+/// as a GGUF file quantized that way. (Qwen's; Mixtral's GGUF form permutes
+/// q and k, which changes the rotary arithmetic's order.)
+#[test]
+fn quantizing_while_loading_keeps_routers_and_quantizes_experts() {
+    let be = CpuBackend::new();
+    for name in ["qwen3moe", "qwen2moe"] {
+        let opts = LoadOptions {
+            quantize: Some(GgmlType::Q8_0),
+            ..LoadOptions::default()
+        };
+        let m = load(&be, &dir(name), &opts).unwrap();
+        let path = to_gguf(name, Form::AllQ8);
+        let g = load(&be, &path, &LoadOptions::default()).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let prompt = ids(&golden(name)["prompts"][2]["ids"]);
+        let (lq, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
+        let (lg, _) = fixtures::prefill(&be, &g.decoder, &prompt, 0).unwrap();
+        assert!(lq == lg, "{name}: --quantize q8_0 differs from the Q8_0 GGUF");
     }
 }
