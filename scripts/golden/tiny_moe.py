@@ -220,6 +220,35 @@ def feature_checks(name, cfg, model, recs, failures, notes):
             failures.append("mixtral: the router's top-2 weights do not sum to 1")
 
 
+README_HEADER = "## Mixture-of-experts models"
+
+
+def write_readme_section(out: Path, summary):
+    """Replaces (or appends) this script's section at the end of README.md, which tiny_models.py
+    writes: rerun this script after that one."""
+    readme = out / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    if README_HEADER in text:
+        text = text[: text.index(README_HEADER)]
+    lines = [README_HEADER, ""]
+    lines.append(
+        "Written by `scripts/golden/tiny_moe.py` (run it after `tiny_models.py`, which rewrites this "
+        "file above this section) with the same tokenizer, prompts, weight fill and golden.json format, "
+        "plus `min_router_margin`: the smallest gap between the k-th and (k+1)-th router probability "
+        "over every golden sequence (prompt + greedy tokens), checked > 2e-5 so float32 summation order "
+        "cannot flip an expert choice. Every expert of every layer is chosen by some token. "
+        "`save_pretrained` writes experts per expert (`mlp.experts.E.gate_proj.weight`, Mixtral's "
+        "`block_sparse_moe.experts.E.w1.weight`), not transformers 5's fused in-memory "
+        "`experts.gate_up_proj`.\n"
+    )
+    lines.append("| directory | params | size | min top-2 gap | min router margin | exercises |")
+    lines.append("|---|---|---|---|---|---|")
+    for name, n, size, gap, margin, exercises in summary:
+        lines.append(f"| `{name}/` | {n} | {size / 1024:.0f} KiB | {gap:.3g} | {margin:.3g} | {exercises} |")
+    lines.append("")
+    readme.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
+
+
 def main() -> int:
     repo_root = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -250,7 +279,7 @@ def main() -> int:
         "python": platform.python_version(),
     }
     tok_json = tm.tokenizer_json()
-    failures, notes = [], []
+    failures, notes, summary = [], [], []
     out.mkdir(parents=True, exist_ok=True)
     for idx, (name, cfg, exercises) in enumerate(build_configs()):
         seed = SEED + idx
@@ -311,8 +340,10 @@ def main() -> int:
             f"router margin {margin:.3g}",
             flush=True,
         )
+        summary.append((name, n_params, size, min_gap, margin, exercises))
         if size >= 1 << 20:
             failures.append(f"{name}: {size} bytes, over 1 MiB")
+    write_readme_section(out, summary)
     for n in notes:
         print("tiny_moe: note:", n)
     for f in failures:

@@ -67,7 +67,10 @@ mod tests {
     #[test]
     fn gathers_rows_in_the_order_asked() {
         let x = [0., 1., 2., 3., 4., 5.];
-        assert_eq!(gather_rows(&x, 2, &[2, 0, 2]).unwrap(), [4., 5., 0., 1., 4., 5.]);
+        assert_eq!(
+            gather_rows(&x, 2, &[2, 0, 2]).unwrap(),
+            [4., 5., 0., 1., 4., 5.]
+        );
         assert!(gather_rows(&x, 2, &[3]).is_err());
     }
 

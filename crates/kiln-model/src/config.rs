@@ -150,10 +150,12 @@ impl DecoderConfig {
         let final_norm = if self.final_norm { norm } else { 0 };
         // Mixture-of-experts layers hold their experts instead of the dense block.
         let (sparse, moe_ffn) = self.moe.as_ref().map_or((0, 0), |m| {
-            (u(m.sparse_layers(self.n_layers)), m.ffn_params(self.hidden_size, active))
+            (
+                u(m.sparse_layers(self.n_layers)),
+                m.ffn_params(self.hidden_size, active),
+            )
         });
-        embed + head + positions + proj + per_layer * u(self.n_layers) + final_norm
-            - mlp * sparse
+        embed + head + positions + proj + per_layer * u(self.n_layers) + final_norm - mlp * sparse
             + moe_ffn * sparse
     }
 
@@ -290,8 +292,8 @@ impl DecoderConfig {
             },
             scaling,
         });
-        cfg.moe = crate::moe::from_gguf(file, &arch, cfg.n_layers, cfg.intermediate_size)
-            .map_err(bad)?;
+        cfg.moe =
+            crate::moe::from_gguf(file, &arch, cfg.n_layers, cfg.intermediate_size).map_err(bad)?;
         cfg.validate(file.path())?;
         Ok(cfg)
     }

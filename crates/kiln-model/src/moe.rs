@@ -71,7 +71,12 @@ impl MoeConfig {
         } else {
             self.n_experts
         } as u64;
-        let router = h * self.n_experts as u64 + if self.router_bias { self.n_experts as u64 } else { 0 };
+        let router = h * self.n_experts as u64
+            + if self.router_bias {
+                self.n_experts as u64
+            } else {
+                0
+            };
         let shared = self.shared_expert_ff.map_or(0, |ff| 3 * h * ff as u64)
             + if self.shared_expert_gate { h } else { 0 };
         router + experts * 3 * h * self.expert_ff as u64 + shared
@@ -131,7 +136,11 @@ pub fn apply_hf(cfg: &mut DecoderConfig, model_type: &str, json: &Json) -> Resul
             let only: Vec<usize> = json
                 .get("mlp_only_layers")
                 .and_then(Json::as_array)
-                .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as usize)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|v| v as usize))
+                        .collect()
+                })
                 .unwrap_or_default();
             let dense_layers = (0..cfg.n_layers)
                 .filter(|i| n_experts == 0 || only.contains(i) || (i + 1) % step != 0)
@@ -203,7 +212,10 @@ pub fn from_gguf(
             .and_then(|t| t.shape().first().copied())
     });
     let shared_expert_ff = shared_expert_ff.filter(|_| {
-        (0..n_layers).any(|i| file.tensors.contains_key(&format!("blk.{i}.ffn_up_shexp.weight")))
+        (0..n_layers).any(|i| {
+            file.tensors
+                .contains_key(&format!("blk.{i}.ffn_up_shexp.weight"))
+        })
     });
     let moe = MoeConfig {
         n_experts,
@@ -214,7 +226,11 @@ pub fn from_gguf(
             && file.tensors.contains_key("blk.0.ffn_gate_inp_shexp.weight"),
         shared_expert_ff,
         dense_layers: (0..n_layers)
-            .filter(|i| !file.tensors.contains_key(&format!("blk.{i}.ffn_gate_inp.weight")))
+            .filter(|i| {
+                !file
+                    .tensors
+                    .contains_key(&format!("blk.{i}.ffn_gate_inp.weight"))
+            })
             .collect(),
         router_bias: file.tensors.contains_key("blk.0.ffn_gate_inp.bias"),
     };
@@ -272,7 +288,10 @@ fn expert_part(canonical: &str) -> Option<(&str, &str, &str, &str)> {
     let (layer, tail) = rest.split_once('.')?;
     let (part, tail) = tail.split_once('.')?;
     let (expert, kind) = tail.split_once('.')?;
-    expert.bytes().all(|b| b.is_ascii_digit()).then_some((layer, part, expert, kind))
+    expert
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then_some((layer, part, expert, kind))
 }
 
 /// Canonical MoE tensor names under a Hugging Face layer prefix: the router,
@@ -293,7 +312,9 @@ fn moe_name(
             "ffn_down" => experts[2],
             _ => return None,
         };
-        return Some(format!("model.layers.{layer}.{block}.experts.{e}.{hf}.{kind}"));
+        return Some(format!(
+            "model.layers.{layer}.{block}.experts.{e}.{hf}.{kind}"
+        ));
     }
     let rest = canonical.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
@@ -424,7 +445,12 @@ mod tests {
         assert!(c.active_param_count() < c.param_count());
         let mut bad = j.clone();
         bad["num_experts_per_tok"] = serde_json::json!(9);
-        let e = DecoderConfig::from_hf_json(&bad, p).unwrap_err().to_string();
-        assert!(e.contains("9 experts per token out of 8") && e.contains("/m/config.json"), "{e}");
+        let e = DecoderConfig::from_hf_json(&bad, p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("9 experts per token out of 8") && e.contains("/m/config.json"),
+            "{e}"
+        );
     }
 }

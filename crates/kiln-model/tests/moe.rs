@@ -82,7 +82,10 @@ fn check(name: &str, path: &Path, what: &str) {
     let g = golden(name);
     let m = load(&CpuBackend::new(), path, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{name} ({what}): {e}"));
-    assert!(m.decoder.config().moe.is_some(), "{name} ({what}): no experts");
+    assert!(
+        m.decoder.config().moe.is_some(),
+        "{name} ({what}): no experts"
+    );
     let vocab = m.decoder.config().vocab_size;
     let n = g["new_tokens"].as_u64().expect("new_tokens") as usize;
     for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
@@ -97,8 +100,16 @@ fn check(name: &str, path: &Path, what: &str) {
             "{name} ({what}) prompt {pi}: last-position logits differ by {diff}"
         );
         let got: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
-        assert_eq!(got, ids(&p["argmax"]), "{name} ({what}) prompt {pi}: argmax");
-        assert_eq!(greedy, ids(&p["greedy"]), "{name} ({what}) prompt {pi}: greedy");
+        assert_eq!(
+            got,
+            ids(&p["argmax"]),
+            "{name} ({what}) prompt {pi}: argmax"
+        );
+        assert_eq!(
+            greedy,
+            ids(&p["greedy"]),
+            "{name} ({what}) prompt {pi}: greedy"
+        );
     }
 }
 
@@ -106,7 +117,10 @@ fn check(name: &str, path: &Path, what: &str) {
 fn qwen3_moe_with_renormalised_top_k_matches_transformers() {
     let cfg = DecoderConfig::from_hf_config(&dir("qwen3moe").join("config.json")).unwrap();
     let moe = cfg.moe.as_ref().expect("experts");
-    assert_eq!((moe.n_experts, moe.n_experts_used, moe.expert_ff), (8, 2, 32));
+    assert_eq!(
+        (moe.n_experts, moe.n_experts_used, moe.expert_ff),
+        (8, 2, 32)
+    );
     assert_eq!(
         moe.routing,
         kiln_model::moe::Routing::SoftmaxTopK { renormalize: true }
@@ -161,7 +175,8 @@ fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
             for j in 0..2 {
                 let src = h * hd + j * hd / 2 + i;
                 let dst = h * hd + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -185,7 +200,10 @@ enum Form {
 /// `llama.expert_count` for Mixtral (q/k rows permuted); each layer's
 /// experts stacked into 3-D `ffn_{gate,up,down}_exps` (`[E, rows, cols]`),
 /// the router `ffn_gate_inp`, Qwen2-MoE's shared expert `ffn_*_shexp` and
-/// its 1-D gate `ffn_gate_inp_shexp`.
+/// its gate `ffn_gate_inp_shexp` (1-D here; llama.cpp's converter writes it
+/// `[1, hidden]`, which loads too). Checked once by hand against the files
+/// llama.cpp's `convert_hf_to_gguf.py` wrote for these checkpoints (same
+/// names, shapes and keys; those files give the golden logits within 2e-6).
 fn to_gguf(name: &str, form: Form) -> PathBuf {
     let d = dir(name);
     let cfg = DecoderConfig::from_hf_config(&d.join("config.json")).expect("config");
@@ -208,7 +226,10 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
         .meta(&key("attention.head_count"), u(cfg.n_heads))
         .meta(&key("attention.head_count_kv"), u(cfg.n_kv_heads))
         .meta(&key("attention.key_length"), u(cfg.head_dim))
-        .meta(&key("attention.layer_norm_rms_epsilon"), G::F32(cfg.norm_eps))
+        .meta(
+            &key("attention.layer_norm_rms_epsilon"),
+            G::F32(cfg.norm_eps),
+        )
         .meta(&key("rope.freq_base"), G::F32(rope.theta as f32))
         .meta(&key("rope.dimension_count"), u(rope.rot_dim))
         .meta(&key("expert_count"), u(moe.n_experts))
@@ -314,10 +335,20 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
             Form::ExpertsQ8Decoded if expert => {
                 let back =
                     kiln_backend::quant::dequantize(GgmlType::Q8_0, &q8(), data.len()).unwrap();
-                w.tensor(&n, dims, GgmlType::F32, back.iter().flat_map(|v| v.to_le_bytes()).collect());
+                w.tensor(
+                    &n,
+                    dims,
+                    GgmlType::F32,
+                    back.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                );
             }
             _ => {
-                w.tensor(&n, dims, GgmlType::F32, data.iter().flat_map(|v| v.to_le_bytes()).collect());
+                w.tensor(
+                    &n,
+                    dims,
+                    GgmlType::F32,
+                    data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                );
             }
         }
     }
@@ -327,7 +358,8 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
         Form::ExpertsQ8Decoded => "q8f32",
         Form::AllQ8 => "allq8",
     };
-    let out = std::env::temp_dir().join(format!("kiln-moe-{name}-{tag}-{}.gguf", std::process::id()));
+    let out =
+        std::env::temp_dir().join(format!("kiln-moe-{name}-{tag}-{}.gguf", std::process::id()));
     std::fs::write(&out, w.to_bytes()).expect("write gguf");
     out
 }
@@ -339,7 +371,10 @@ fn gguf_forms_with_3d_expert_tensors_match_transformers() {
         let g = kiln_model::gguf::GgufFile::open(&path).unwrap();
         let cfg = DecoderConfig::from_gguf(&g).unwrap();
         let hf = DecoderConfig::from_hf_config(&dir(name).join("config.json")).unwrap();
-        assert_eq!(cfg.moe, hf.moe, "{name}: GGUF and config.json expert settings");
+        assert_eq!(
+            cfg.moe, hf.moe,
+            "{name}: GGUF and config.json expert settings"
+        );
         assert_eq!(cfg.param_count(), hf.param_count(), "{name}");
         check(name, &path, "GGUF");
         let _ = std::fs::remove_file(&path);
@@ -358,7 +393,9 @@ fn q8_0_experts_stay_quantized_and_track_the_f32_model() {
         let decoded = to_gguf(name, Form::ExpertsQ8Decoded);
         let g = kiln_model::gguf::GgufFile::open(&q8).unwrap();
         assert_eq!(
-            g.tensor_info("blk.0.ffn_down_exps.weight").unwrap().ggml_type,
+            g.tensor_info("blk.0.ffn_down_exps.weight")
+                .unwrap()
+                .ggml_type,
             GgmlType::Q8_0
         );
         let mq = load(&be, &q8, &LoadOptions::default()).unwrap();
@@ -377,7 +414,11 @@ fn q8_0_experts_stay_quantized_and_track_the_f32_model() {
             .zip(lf.chunks_exact(vocab))
             .filter(|(a, b)| argmax(a) == argmax(b))
             .count();
-        assert!(agree * 10 >= prompt.len() * 9, "{name}: {agree} of {} argmaxes agree", prompt.len());
+        assert!(
+            agree * 10 >= prompt.len() * 9,
+            "{name}: {agree} of {} argmaxes agree",
+            prompt.len()
+        );
     }
 }
 
@@ -406,7 +447,8 @@ fn multi_step(seqs: &mut [Seq], take: &[usize], bs: usize) -> StepInput {
         for p in s.done..s.done + n {
             step.tokens.push(s.tokens[p]);
             step.positions.push(p as u32);
-            step.slots.push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+            step.slots
+                .push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
             step.logit_rows.push(step.logit_rows.len() as u32);
         }
         s.done += n;
@@ -494,7 +536,12 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
                 (prompt.len(), t)
             })
             .collect();
-        seqs.push((13, b"Mixture of experts, routed per token".map(u32::from).to_vec()));
+        seqs.push((
+            13,
+            b"Mixture of experts, routed per token"
+                .map(u32::from)
+                .to_vec(),
+        ));
         let tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.1.clone()).collect();
         let alone: Vec<Vec<f32>> = seqs
             .iter()
@@ -530,8 +577,10 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
             plan.push(take);
             step += 1;
         }
-        assert!(plan.iter().any(|t| t.iter().filter(|&&n| n > 1).count() >= 1
-            && t.iter().filter(|&&n| n == 1).count() >= 1));
+        assert!(plan
+            .iter()
+            .any(|t| t.iter().filter(|&&n| n > 1).count() >= 1
+                && t.iter().filter(|&&n| n == 1).count() >= 1));
         let together = run_plan(&be, &m.decoder, &tokens, &plan);
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
             assert!(a == b, "{name}: sequence {i} differs batched");
@@ -571,7 +620,11 @@ fn fused_copy(name: &str) -> PathBuf {
         let n = n.replace(".block_sparse_moe.", ".mlp.");
         tensors.push((n, t.shape().to_vec(), t.data().to_vec()));
     }
-    let block = if name == "mixtral" { "block_sparse_moe" } else { "mlp" };
+    let block = if name == "mixtral" {
+        "block_sparse_moe"
+    } else {
+        "mlp"
+    };
     for &l in layers.keys() {
         let get = |e: usize, p: &str| {
             st.tensor(&format!("model.layers.{l}.{block}.experts.{e}.{p}.weight"))
@@ -592,7 +645,12 @@ fn fused_copy(name: &str) -> PathBuf {
     }
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     let file = safetensors::serialize(views, None).unwrap();
     std::fs::write(out.join("model.safetensors"), file).unwrap();
@@ -606,11 +664,18 @@ fn fused_copy(name: &str) -> PathBuf {
 fn fused_3d_hugging_face_expert_tensors_match_transformers() {
     for name in MODELS {
         let d = fused_copy(name);
-        let src = SafetensorsSource::open_dir(&d, kiln_model::weights::hf_names(
-            &DecoderConfig::from_hf_config(&d.join("config.json")).unwrap().arch,
-        ))
+        let src = SafetensorsSource::open_dir(
+            &d,
+            kiln_model::weights::hf_names(
+                &DecoderConfig::from_hf_config(&d.join("config.json"))
+                    .unwrap()
+                    .arch,
+            ),
+        )
         .unwrap();
-        assert!(src.contains("blk.0.ffn_gate_up_exps.weight") && !src.contains("blk.0.ffn_up.0.weight"));
+        assert!(
+            src.contains("blk.0.ffn_gate_up_exps.weight") && !src.contains("blk.0.ffn_up.0.weight")
+        );
         check(name, &d, "fused safetensors");
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -635,6 +700,9 @@ fn quantizing_while_loading_keeps_routers_and_quantizes_experts() {
         let prompt = ids(&golden(name)["prompts"][2]["ids"]);
         let (lq, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
         let (lg, _) = fixtures::prefill(&be, &g.decoder, &prompt, 0).unwrap();
-        assert!(lq == lg, "{name}: --quantize q8_0 differs from the Q8_0 GGUF");
+        assert!(
+            lq == lg,
+            "{name}: --quantize q8_0 differs from the Q8_0 GGUF"
+        );
     }
 }

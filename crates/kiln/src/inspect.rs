@@ -133,8 +133,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             c.n_layers,
             m.n_experts_used,
             m.expert_ff,
-            m.shared_expert_ff
-                .map_or(String::new(), |s| format!(", plus a shared expert of FFN {s}"))
+            m.shared_expert_ff.map_or(String::new(), |s| format!(
+                ", plus a shared expert of FFN {s}"
+            ))
         );
         println!(
             "active:        {:.2}B parameters per token ({active_params})",

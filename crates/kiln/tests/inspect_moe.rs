@@ -42,11 +42,25 @@ fn published_moe_configs_give_their_total_and_active_parameters() {
     assert_eq!(v["parameters"], 46_702_792_704u64);
     assert_eq!(v["active_parameters"], 12_879_925_248u64);
 
-    let (ok, out) = inspect(&["testdata/configs/qwen3-30b-a3b", "--dtype", "bf16", "--memory", "48GiB"]);
+    let (ok, out) = inspect(&[
+        "testdata/configs/qwen3-30b-a3b",
+        "--dtype",
+        "bf16",
+        "--memory",
+        "48GiB",
+    ]);
     assert!(ok, "{out}");
     assert!(out.contains("parameters:    30.53B"), "{out}");
-    assert!(out.contains("experts:       128 per MoE layer (48 of 48 layers), 8 per token, FFN 768 each"), "{out}");
-    assert!(out.contains("active:        3.35B parameters per token"), "{out}");
+    assert!(
+        out.contains(
+            "experts:       128 per MoE layer (48 of 48 layers), 8 per token, FFN 768 each"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("active:        3.35B parameters per token"),
+        "{out}"
+    );
     assert!(out.contains("weights:       61.1 GB in bf16"), "{out}");
     assert!(out.contains("read per token: 6.7 GB"), "{out}");
     assert!(out.contains("does not fit in 48GiB"), "{out}");
@@ -61,7 +75,8 @@ fn tiny_moe_checkpoints_report_file_sizes_and_active_shares() {
         let dir = format!("testdata/tiny/{name}");
         let golden: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../{dir}/golden.json")),
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join(format!("../../{dir}/golden.json")),
             )
             .unwrap(),
         )
@@ -87,5 +102,8 @@ fn dense_models_report_every_parameter_as_active() {
     assert_eq!(v["active_parameters"], v["parameters"]);
     assert!(v["experts"].is_null());
     let (ok, out) = inspect(&["testdata/configs/opt-13b", "--dtype", "bf16"]);
-    assert!(ok && !out.contains("experts:") && !out.contains("read per token"), "{out}");
+    assert!(
+        ok && !out.contains("experts:") && !out.contains("read per token"),
+        "{out}"
+    );
 }

@@ -154,13 +154,11 @@ impl<B: Backend> MoeFfn<B> {
     }
 
     /// The block's output for the normalised hidden states `x: [tokens, hidden]`.
-    pub(super) fn forward(
-        &self,
-        be: &B,
-        cfg: &DecoderConfig,
-        x: &B::Tensor,
-    ) -> Result<B::Tensor> {
-        let m: &MoeConfig = cfg.moe.as_ref().ok_or_else(|| invalid("no expert settings".into()))?;
+    pub(super) fn forward(&self, be: &B, cfg: &DecoderConfig, x: &B::Tensor) -> Result<B::Tensor> {
+        let m: &MoeConfig = cfg
+            .moe
+            .as_ref()
+            .ok_or_else(|| invalid("no expert settings".into()))?;
         let (tokens, h) = match be.shape(x)[..] {
             [t, h] => (t, h),
             ref s => return Err(invalid(format!("input of shape {s:?}"))),
@@ -222,8 +220,5 @@ fn shared_gate<B: Backend>(l: &Loader<'_, B>, name: &str, h: usize) -> Result<B:
 }
 
 fn invalid(msg: String) -> ModelError {
-    ModelError::Backend(kiln_backend::BackendError::Invalid {
-        op: "moe",
-        msg,
-    })
+    ModelError::Backend(kiln_backend::BackendError::Invalid { op: "moe", msg })
 }
