@@ -13,7 +13,7 @@ fn shape_err(op: &'static str, msg: String) -> BackendError {
 
 /// Rows `rows[i]` of the row-major `data` (`cols` values a row), one after another.
 pub fn gather_rows(data: &[f32], cols: usize, rows: &[u32]) -> Result<Vec<f32>> {
-    let n = if cols == 0 { 0 } else { data.len() / cols };
+    let n = data.len().checked_div(cols).unwrap_or(0);
     let mut out = Vec::with_capacity(rows.len() * cols);
     for &r in rows {
         let r = r as usize;
@@ -35,7 +35,7 @@ pub fn add_rows_scaled(
     rows: &[u32],
     scales: &[f32],
 ) -> Result<()> {
-    let n = if cols == 0 { 0 } else { out.len() / cols };
+    let n = out.len().checked_div(cols).unwrap_or(0);
     if rows.len() != scales.len() || y.len() != rows.len() * cols {
         return Err(shape_err(
             "add_rows_scaled",
