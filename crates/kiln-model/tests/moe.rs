@@ -706,3 +706,35 @@ fn quantizing_while_loading_keeps_routers_and_quantizes_experts() {
         );
     }
 }
+
+/// Each expert's band of a 3-D quantized tensor is one matrix of the CPU
+/// layout file (recorded under the tensor's name, one part per expert) and
+/// maps back: the model from the file answers bit for bit as rearranged.
+#[test]
+fn q8_0_experts_round_trip_through_a_layout_file() {
+    use kiln_model::layouts::{LayoutFile, LayoutRecorder, Layouts};
+    const KEY: &str = "00112233445566778899aabbccddeeff";
+    let be = CpuBackend::new();
+    let Some(layout) = be.weight_layout() else {
+        return; // KILN_CPU_REPACK=0: nothing is rearranged, so nothing to store.
+    };
+    let gguf = to_gguf("qwen3moe", Form::ExpertsQ8);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("weights.layout");
+    let prompt = ids(&golden("qwen3moe")["prompts"][2]["ids"]);
+    let rec = Layouts::Record(LayoutRecorder::default());
+    let m = kiln_model::load_with(&be, &gguf, &LoadOptions::default(), &rec).unwrap();
+    let (want, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
+    let Layouts::Record(r) = &rec else {
+        unreachable!()
+    };
+    r.write(&file, layout, KEY).unwrap();
+    // At least every expert matrix: 2 layers x 8 experts x 3.
+    assert!(r.len() >= 48, "{} matrices recorded", r.len());
+    let mapped = Layouts::Mapped(LayoutFile::open(&file, layout, KEY).unwrap());
+    let m = kiln_model::load_with(&be, &gguf, &LoadOptions::default(), &mapped).unwrap();
+    let _ = std::fs::remove_file(&gguf);
+    assert_eq!(mapped.finish(), Ok(()), "every matrix came from the file");
+    let (got, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
+    assert!(got == want, "mapped experts answer differently");
+}
