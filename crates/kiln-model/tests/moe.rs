@@ -738,3 +738,56 @@ fn q8_0_experts_round_trip_through_a_layout_file() {
     let (got, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
     assert!(got == want, "mapped experts answer differently");
 }
+
+/// Expert settings a GGUF header gets wrong are refused with the key and
+/// the file named, before anything is sized from them.
+#[test]
+fn bad_gguf_expert_metadata_is_a_clear_error() {
+    let config_of = |arch: &str, keys: &[(&str, u32)]| -> String {
+        let mut w = GgufWriter::default();
+        w.meta("general.architecture", G::String(arch.into()));
+        for (k, v) in [
+            ("block_count", 2),
+            ("context_length", 256),
+            ("embedding_length", 64),
+            ("feed_forward_length", 128),
+            ("attention.head_count", 4),
+            ("vocab_size", 320),
+        ]
+        .iter()
+        .chain(keys)
+        {
+            w.meta(&format!("{arch}.{k}"), G::U32(*v));
+        }
+        w.tensor(
+            "blk.0.ffn_gate_inp.weight",
+            vec![64, 8],
+            GgmlType::F32,
+            vec![0; 64 * 8 * 4],
+        );
+        let path = std::env::temp_dir().join(format!("kiln-moe-bad-{}.gguf", std::process::id()));
+        std::fs::write(&path, w.to_bytes()).unwrap();
+        let g = kiln_model::gguf::GgufFile::open(&path).unwrap();
+        let e = DecoderConfig::from_gguf(&g).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(e.contains("kiln-moe-bad-"), "{e}");
+        e
+    };
+    let e = config_of("qwen3moe", &[]);
+    assert!(e.contains("missing or zero 'qwen3moe.expert_count'"), "{e}");
+    let e = config_of(
+        "qwen3moe",
+        &[("expert_count", 1 << 20), ("expert_used_count", 2)],
+    );
+    assert!(
+        e.contains("1048576 experts (1 to 4096 are supported)"),
+        "{e}"
+    );
+    let e = config_of("llama", &[("expert_count", 8), ("expert_used_count", 9)]);
+    assert!(e.contains("9 experts per token out of 8"), "{e}");
+    let e = config_of("qwen2moe", &[("expert_count", 8)]);
+    assert!(
+        e.contains("missing or non-integer 'qwen2moe.expert_used_count'"),
+        "{e}"
+    );
+}
