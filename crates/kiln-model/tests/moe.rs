@@ -193,6 +193,9 @@ enum Form {
     ExpertsQ8Decoded,
     /// Every matrix Q8_0 but the routers (what `--quantize q8_0` makes of it).
     AllQ8,
+    /// F32, each expert its own 2-D `blk.N.ffn_gate.E.weight` (older
+    /// llama.cpp Mixtral files).
+    PerExpert,
 }
 
 /// Writes tiny `name` as a GGUF file the way llama.cpp's converter lays it
@@ -309,6 +312,12 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
             tensors.push((gate, vec![cfg.hidden_size], t.data, false));
         }
         for part in ["ffn_gate", "ffn_up", "ffn_down"] {
+            if form == Form::PerExpert {
+                for e in 0..moe.n_experts {
+                    plain(&format!("blk.{l}.{part}.{e}.weight"), &mut tensors);
+                }
+                continue;
+            }
             let mut data = Vec::new();
             let mut shape = Vec::new();
             for e in 0..moe.n_experts {
@@ -357,6 +366,7 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
         Form::ExpertsQ8 => "q8",
         Form::ExpertsQ8Decoded => "q8f32",
         Form::AllQ8 => "allq8",
+        Form::PerExpert => "per-expert",
     };
     let out =
         std::env::temp_dir().join(format!("kiln-moe-{name}-{tag}-{}.gguf", std::process::id()));
@@ -379,6 +389,9 @@ fn gguf_forms_with_3d_expert_tensors_match_transformers() {
         check(name, &path, "GGUF");
         let _ = std::fs::remove_file(&path);
     }
+    let path = to_gguf("mixtral", Form::PerExpert);
+    check("mixtral", &path, "GGUF, one tensor per expert");
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Q8_0 experts load as the 3-D quantized tensors split into each expert's
