@@ -694,9 +694,10 @@ fn fused_3d_hugging_face_expert_tensors_match_transformers() {
     }
 }
 
-/// `--quantize q8_0` on a Hugging Face MoE checkpoint quantizes every
-/// matrix, experts included, but keeps the routers as stored: the same bits
-/// as a GGUF file quantized that way. (Qwen's; Mixtral's GGUF form permutes
+/// `--quantize q8_0` on a Hugging Face MoE checkpoint, or on an f32 GGUF
+/// with 3-D expert tensors, quantizes every matrix, experts included, but
+/// keeps the routers as stored: the same bits as a GGUF file quantized
+/// that way. (Qwen's; Mixtral's GGUF form permutes
 /// q and k, which changes the rotary arithmetic's order.)
 #[test]
 fn quantizing_while_loading_keeps_routers_and_quantizes_experts() {
@@ -716,6 +717,15 @@ fn quantizing_while_loading_keeps_routers_and_quantizes_experts() {
         assert!(
             lq == lg,
             "{name}: --quantize q8_0 differs from the Q8_0 GGUF"
+        );
+        // And from an f32 GGUF, whose 3-D expert tensors quantize whole.
+        let f32_path = to_gguf(name, Form::F32);
+        let f = load(&be, &f32_path, &opts).unwrap();
+        let _ = std::fs::remove_file(&f32_path);
+        let (lf, _) = fixtures::prefill(&be, &f.decoder, &prompt, 0).unwrap();
+        assert!(
+            lf == lg,
+            "{name}: --quantize q8_0 of 3-D f32 experts differs"
         );
     }
 }
@@ -803,4 +813,57 @@ fn bad_gguf_expert_metadata_is_a_clear_error() {
         e.contains("missing or non-integer 'qwen2moe.expert_used_count'"),
         "{e}"
     );
+}
+
+/// A Hugging Face MoE checkpoint quantized while loading and written as a
+/// prepared file at the same time (every per-expert matrix under its
+/// canonical name, the router as stored) loads back from that file with
+/// the same logits, bit for bit.
+#[test]
+fn a_quantized_moe_round_trips_through_its_prepared_file() {
+    use kiln_model::prepared::{self, PreparedInfo, Settings, ARTIFACT_VERSION};
+    let be = CpuBackend::new();
+    let opts = LoadOptions {
+        quantize: Some(GgmlType::Q8_0),
+        ..LoadOptions::default()
+    };
+    let info = PreparedInfo {
+        key: "0123abcd".into(),
+        source: "/models/x".into(),
+        identity: "[]".into(),
+        settings: Settings::of(&opts),
+        artifact_version: ARTIFACT_VERSION,
+    };
+    for name in ["qwen2moe", "mixtral"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("model.gguf");
+        let prompt = ids(&golden(name)["prompts"][2]["ids"]);
+        let (m, _) = prepared::load_and_prepare(
+            &be,
+            &dir(name),
+            &opts,
+            &info,
+            &file,
+            &kiln_model::layouts::Layouts::Off,
+        )
+        .unwrap();
+        let (want, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
+        let g = kiln_model::gguf::GgufFile::open(&file).unwrap();
+        assert_eq!(
+            g.tensor_info("blk.0.ffn_gate.3.weight").unwrap().ggml_type,
+            GgmlType::Q8_0,
+            "{name}"
+        );
+        assert_eq!(
+            g.tensor_info("blk.0.ffn_gate_inp.weight")
+                .unwrap()
+                .ggml_type,
+            GgmlType::F32,
+            "{name}"
+        );
+        let back = load(&be, &file, &prepared::as_prepared(&opts)).unwrap();
+        assert!(back.decoder.config().moe.is_some());
+        let (got, _) = fixtures::prefill(&be, &back.decoder, &prompt, 0).unwrap();
+        assert!(got == want, "{name}: the prepared file answers differently");
+    }
 }
