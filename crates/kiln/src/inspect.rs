@@ -151,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("weights:       {} in {dtype}", gb(weight_bytes));
     if c.moe.is_some() {
         println!(
-            "read per token: {} (the active parameters; all {} must be in memory)",
+            "per token:     {} of weights read (the active parameters; all {} must be in memory)",
             gb(active_bytes),
             gb(weight_bytes)
         );

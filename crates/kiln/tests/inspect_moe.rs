@@ -62,7 +62,10 @@ fn published_moe_configs_give_their_total_and_active_parameters() {
         "{out}"
     );
     assert!(out.contains("weights:       61.1 GB in bf16"), "{out}");
-    assert!(out.contains("read per token: 6.7 GB"), "{out}");
+    assert!(
+        out.contains("per token:     6.7 GB of weights read"),
+        "{out}"
+    );
     assert!(out.contains("does not fit in 48GiB"), "{out}");
 }
 
@@ -103,7 +106,7 @@ fn dense_models_report_every_parameter_as_active() {
     assert!(v["experts"].is_null());
     let (ok, out) = inspect(&["testdata/configs/opt-13b", "--dtype", "bf16"]);
     assert!(
-        ok && !out.contains("experts:") && !out.contains("read per token"),
+        ok && !out.contains("experts:") && !out.contains("per token:"),
         "{out}"
     );
 }
