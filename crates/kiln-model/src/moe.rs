@@ -17,6 +17,20 @@ use crate::gguf::GgufFile;
 /// refused rather than sized from.
 pub const MAX_EXPERTS: usize = 1 << 12;
 
+/// More layers than any published model has: the per-layer expert settings
+/// are only worked out below it, so a header cannot make them loop or
+/// allocate without bound.
+pub const MAX_LAYERS: usize = 1 << 12;
+
+fn check_layers(n_layers: usize) -> Result<(), String> {
+    if n_layers > MAX_LAYERS {
+        return Err(format!(
+            "{n_layers} layers (mixture-of-experts models of up to {MAX_LAYERS} are supported)"
+        ));
+    }
+    Ok(())
+}
+
 /// How a router's logits become the chosen experts' weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routing {
@@ -71,15 +85,19 @@ impl MoeConfig {
         } else {
             self.n_experts
         } as u64;
-        let router = h * self.n_experts as u64
+        // Saturating: the sizes may come from a header not yet checked against tensors.
+        let router = h.saturating_mul(self.n_experts as u64)
             + if self.router_bias {
                 self.n_experts as u64
             } else {
                 0
             };
-        let shared = self.shared_expert_ff.map_or(0, |ff| 3 * h * ff as u64)
+        let shared = self
+            .shared_expert_ff
+            .map_or(0, |ff| (3 * h).saturating_mul(ff as u64))
             + if self.shared_expert_gate { h } else { 0 };
-        router + experts * 3 * h * self.expert_ff as u64 + shared
+        let experts = (experts * 3 * h).saturating_mul(self.expert_ff as u64);
+        router.saturating_add(experts).saturating_add(shared)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -131,6 +149,7 @@ pub fn apply_hf(cfg: &mut DecoderConfig, model_type: &str, json: &Json) -> Resul
             router_bias: false,
         },
         "qwen2_moe" | "qwen3_moe" => {
+            check_layers(cfg.n_layers)?;
             let n_experts = n_experts()?;
             let step = get_usize("decoder_sparse_step").unwrap_or(1).max(1);
             let only: Vec<usize> = json
@@ -197,6 +216,7 @@ pub fn from_gguf(
         }
         return Ok(None);
     }
+    check_layers(n_layers)?;
     let n_experts_used = get("expert_used_count")
         .ok_or_else(|| format!("missing or non-integer '{}'", key("expert_used_count")))?;
     // llama.cpp: Qwen2-MoE's routing weights are used as the softmax gives

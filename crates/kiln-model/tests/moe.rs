@@ -808,6 +808,8 @@ fn bad_gguf_expert_metadata_is_a_clear_error() {
     );
     let e = config_of("llama", &[("expert_count", 8), ("expert_used_count", 9)]);
     assert!(e.contains("9 experts per token out of 8"), "{e}");
+    let e = config_of("llama", &[("expert_count", 8), ("block_count", 1 << 30)]);
+    assert!(e.contains("1073741824 layers"), "{e}");
     let e = config_of("qwen2moe", &[("expert_count", 8)]);
     assert!(
         e.contains("missing or non-integer 'qwen2moe.expert_used_count'"),
