@@ -368,8 +368,13 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
         Form::AllQ8 => "allq8",
         Form::PerExpert => "per-expert",
     };
-    let out =
-        std::env::temp_dir().join(format!("kiln-moe-{name}-{tag}-{}.gguf", std::process::id()));
+    // Tests run in parallel and may write the same form: one name per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!(
+        "kiln-moe-{name}-{tag}-{}-{call}.gguf",
+        std::process::id()
+    ));
     std::fs::write(&out, w.to_bytes()).expect("write gguf");
     out
 }
