@@ -120,11 +120,8 @@ impl MoeConfig {
     }
 }
 
-/// The Hugging Face `model_type`s read as mixture-of-experts models.
-pub const HF_MODEL_TYPES: &[&str] = &["qwen2_moe", "qwen3_moe", "mixtral"];
-
 /// Completes a llama-shaped config read from the `config.json` of a MoE
-/// `model_type` (one of [`HF_MODEL_TYPES`]; others are left untouched):
+/// `model_type` (`qwen2_moe`, `qwen3_moe`, `mixtral`; others are left untouched):
 /// the expert settings, and what these families inherit from their dense
 /// relatives (Qwen3-MoE's q/k norms, Qwen2-MoE's q/k/v biases).
 pub fn apply_hf(cfg: &mut DecoderConfig, model_type: &str, json: &Json) -> Result<(), String> {
