@@ -18,6 +18,7 @@ mod device;
 pub mod quant;
 pub mod quantize;
 mod quantize_k;
+pub mod rows;
 mod step;
 
 pub use bytes::{ByteOwner, HostBytes};
@@ -264,4 +265,31 @@ pub trait Backend: Send + Sync {
 
     /// The rows of `x` whose logits the step asked for (`StepInput::logit_rows`).
     fn select_logit_rows(&self, x: &Self::Tensor, step: &Self::Step) -> Result<Self::Tensor>;
+
+    /// Rows `rows[i]` of `x: [n, d]` as a `[rows.len(), d]` tensor: the
+    /// tokens a mixture-of-experts layer routes to one expert. By default
+    /// through the host ([`rows::gather_rows`]).
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor> {
+        let cols = self.shape(x).last().copied().unwrap_or(1);
+        let data = rows::gather_rows(&self.to_host(x)?, cols, rows)?;
+        self.upload(&[rows.len(), cols], data)
+    }
+
+    /// `out[rows[i]] += scales[i] * y[i]` in the order of `i`: an expert's
+    /// outputs, weighted by the router, added back to its tokens' rows. By
+    /// default through the host ([`rows::add_rows_scaled`]).
+    fn add_rows_scaled(
+        &self,
+        out: &mut Self::Tensor,
+        y: &Self::Tensor,
+        rows: &[u32],
+        scales: &[f32],
+    ) -> Result<()> {
+        let shape = self.shape(out);
+        let cols = shape.last().copied().unwrap_or(1);
+        let mut host = self.to_host(out)?;
+        rows::add_rows_scaled(&mut host, cols, &self.to_host(y)?, rows, scales)?;
+        *out = self.upload(&shape, host)?;
+        Ok(())
+    }
 }

@@ -120,6 +120,9 @@ pub struct DecoderConfig {
     /// Rotary settings of the layers marked `local_rope` (Gemma 3's local
     /// layers rotate with base 10000, its global ones with 1e6 and scaling).
     pub local_rope: Option<RopeConfig>,
+    /// Mixture of experts in place of (some layers') dense feed-forward
+    /// blocks (Qwen2-MoE, Qwen3-MoE, Mixtral); see [`crate::moe`].
+    pub moe: Option<crate::moe::MoeConfig>,
 }
 
 /// How one layer attends, for models whose layers differ (Gemma 2 and 3
@@ -133,8 +136,20 @@ pub struct LayerAttention {
 }
 
 impl DecoderConfig {
-    /// Number of parameters, counted from the shapes (biases and norms included).
+    /// Number of parameters, counted from the shapes (biases and norms
+    /// included; every expert of a mixture-of-experts model).
     pub fn param_count(&self) -> u64 {
+        self.count_params(false)
+    }
+
+    /// Parameters one token reads: as [`DecoderConfig::param_count`], but
+    /// of each mixture-of-experts layer only the experts a token is routed
+    /// to (and the router and shared expert). Equal to it for dense models.
+    pub fn active_param_count(&self) -> u64 {
+        self.count_params(true)
+    }
+
+    fn count_params(&self, active: bool) -> u64 {
         let u = |v: usize| v as u64;
         let (h, e, ff) = (
             u(self.hidden_size),
@@ -167,7 +182,15 @@ impl DecoderConfig {
         let proj = if e != h { 2 * e * h } else { 0 };
         let final_norm = if self.final_norm { norm } else { 0 };
         let per_layer = per_layer + if self.post_norms { 2 * norm } else { 0 };
-        embed + head + positions + proj + per_layer * u(self.n_layers) + final_norm
+        // Mixture-of-experts layers hold their experts instead of the dense block.
+        let (sparse, moe_ffn) = self.moe.as_ref().map_or((0, 0), |m| {
+            (
+                u(m.sparse_layers(self.n_layers)),
+                m.ffn_params(self.hidden_size, active),
+            )
+        });
+        embed + head + positions + proj + per_layer * u(self.n_layers) + final_norm - mlp * sparse
+            + moe_ffn * sparse
     }
 
     /// Bytes of keys and values one token takes in the KV cache at `elem_bytes` per value.
@@ -234,6 +257,7 @@ impl DecoderConfig {
             final_logit_softcap: None,
             layer_attention: Vec::new(),
             local_rope: None,
+            moe: None,
         }
     }
 
@@ -251,10 +275,11 @@ impl DecoderConfig {
         if !matches!(
             arch.as_str(),
             "llama" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3"
-        ) {
+        ) && !crate::moe::GGUF_ARCHS.contains(&arch.as_str())
+        {
             return Err(bad(format!(
-                "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3, phi3, gemma2 \
-                 and gemma3 are; other architectures load from Hugging Face directories)"
+                "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3, phi3, gemma2, \
+                 gemma3, qwen2moe and qwen3moe are; other architectures load from Hugging Face directories)"
             )));
         }
         let key = |k: &str| format!("{arch}.{k}");
@@ -327,6 +352,8 @@ impl DecoderConfig {
         if arch.starts_with("gemma") {
             crate::gemma::adjust_gguf(file, &mut cfg).map_err(bad)?;
         }
+        cfg.moe =
+            crate::moe::from_gguf(file, &arch, cfg.n_layers, cfg.intermediate_size).map_err(bad)?;
         cfg.validate(file.path())?;
         Ok(cfg)
     }
@@ -367,7 +394,7 @@ impl DecoderConfig {
             }
         };
         let mut cfg = match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "qwen2_moe" | "qwen3_moe" | "mixtral" => {
                 let hidden = req("hidden_size")?;
                 let heads = req("num_attention_heads")?;
                 if heads == 0 || !hidden.is_multiple_of(heads) && get_usize("head_dim").is_none() {
@@ -395,7 +422,7 @@ impl DecoderConfig {
                 c.qk_norm = model_type == "qwen3";
                 c.sliding_window = match model_type {
                     // Qwen2 configs carry a window that only applies with use_sliding_window.
-                    "qwen2" | "qwen3" if get_bool("use_sliding_window") != Some(true) => None,
+                    "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" if get_bool("use_sliding_window") != Some(true) => None,
                     _ => get_usize("sliding_window").filter(|&w| w > 0),
                 };
                 let partial = get_f64("partial_rotary_factor").unwrap_or(1.0);
@@ -477,12 +504,13 @@ impl DecoderConfig {
             }
             other => {
                 return Err(bad(format!(
-                "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
-                     opt, gemma2, gemma3_text and gemma3 are)"
-            )))
+                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
+                     opt, gemma2, gemma3_text, gemma3, qwen2_moe, qwen3_moe and mixtral are)"
+                )))
             }
         };
         cfg.arch = model_type.to_string();
+        crate::moe::apply_hf(&mut cfg, model_type, json).map_err(bad)?;
         cfg.validate(path)?;
         Ok(cfg)
     }

@@ -51,6 +51,12 @@ impl WeightSource for Quantized<'_> {
 
     fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
         let (shape, data) = self.inner.get_weight(name)?;
+        // A mixture-of-experts router stays as stored (as llama.cpp's
+        // quantizer keeps it): rounding its logits would change which
+        // experts a token goes to.
+        if name.ends_with(".ffn_gate_inp.weight") || name.ends_with(".ffn_gate_inp_shexp.weight") {
+            return Ok((shape, data));
+        }
         let mut to = self.format_for(name);
         // A head too narrow for Q6_K's 256-wide super-blocks takes the
         // target format rather than staying in float.
@@ -86,8 +92,12 @@ pub fn convert(
     data: WeightData,
     to: GgmlType,
 ) -> Result<WeightData, QuantizeError> {
-    let [rows, cols] = *shape else {
-        return Ok(data);
+    // A 3-D tensor (a mixture-of-experts layer's experts, `[experts, rows,
+    // cols]`) quantizes as the matrix of all its rows.
+    let (rows, cols) = match *shape {
+        [rows, cols] => (rows, cols),
+        [experts, rows, cols] => (experts.saturating_mul(rows), cols),
+        _ => return Ok(data),
     };
     let from = match &data {
         WeightData::F32(_) => GgmlType::F32,

@@ -15,6 +15,8 @@ use crate::layouts::Layouts;
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
+mod moe;
+
 /// A weight matrix with its optional bias.
 struct Linear<B: Backend> {
     w: B::Weight,
@@ -35,11 +37,20 @@ struct Layer<B: Backend> {
     qk_norm: Option<(B::Tensor, B::Tensor)>,
     o: Linear<B>,
     ffn_norm: Norm<B>,
-    gate: Option<Linear<B>>,
-    up: Linear<B>,
-    down: Linear<B>,
+    ffn: Ffn<B>,
     /// Norms on the attention and feed-forward outputs (Gemma).
     post_norms: Option<(Norm<B>, Norm<B>)>,
+}
+
+/// A layer's feed-forward block.
+enum Ffn<B: Backend> {
+    Dense {
+        gate: Option<Linear<B>>,
+        up: Linear<B>,
+        down: Linear<B>,
+    },
+    /// Mixture of experts (`decoder/moe.rs`).
+    Moe(Box<moe::MoeFfn<B>>),
 }
 
 /// A loaded model on backend `B`.
@@ -193,7 +204,6 @@ impl<B: Backend> Loader<'_, B> {
         let h = cfg.hidden_size;
         let q_dim = cfg.n_heads * cfg.head_dim;
         let kv_dim = cfg.n_kv_heads * cfg.head_dim;
-        let ff = cfg.intermediate_size;
         let p = |s: &str| format!("blk.{i}.{s}");
         let [q, k, v] = if self.src.contains(&p("attn_q.weight")) {
             [
@@ -214,6 +224,35 @@ impl<B: Backend> Loader<'_, B> {
         } else {
             None
         };
+        let ffn = if let Some(m) = moe::MoeFfn::load(self, cfg, i)? {
+            Ffn::Moe(Box::new(m))
+        } else {
+            self.dense_ffn(cfg, i)?
+        };
+        Ok(Layer {
+            attn_norm: self.norm(cfg.norm, &p("attn_norm"), h)?,
+            q,
+            k,
+            v,
+            qk_norm,
+            o: self.linear(&p("attn_output"), h, q_dim)?,
+            ffn_norm: self.norm(cfg.norm, &p("ffn_norm"), h)?,
+            ffn,
+            post_norms: if cfg.post_norms {
+                Some((
+                    self.norm(cfg.norm, &p("post_attention_norm"), h)?,
+                    self.norm(cfg.norm, &p("post_ffw_norm"), h)?,
+                ))
+            } else {
+                None
+            },
+        })
+    }
+
+    fn dense_ffn(&self, cfg: &DecoderConfig, i: usize) -> Result<Ffn<B>> {
+        let h = cfg.hidden_size;
+        let ff = cfg.intermediate_size;
+        let p = |s: &str| format!("blk.{i}.{s}");
         let (gate, up) = if !cfg.gated_ffn {
             (None, self.linear(&p("ffn_up"), ff, h)?)
         } else if self.src.contains(&p("ffn_gate.weight")) {
@@ -234,25 +273,10 @@ impl<B: Backend> Loader<'_, B> {
                 _ => return Err(self.tensor_err(&fused, "not two parts".into())),
             }
         };
-        Ok(Layer {
-            attn_norm: self.norm(cfg.norm, &p("attn_norm"), h)?,
-            q,
-            k,
-            v,
-            qk_norm,
-            o: self.linear(&p("attn_output"), h, q_dim)?,
-            ffn_norm: self.norm(cfg.norm, &p("ffn_norm"), h)?,
+        Ok(Ffn::Dense {
             gate,
             up,
             down: self.linear(&p("ffn_down"), h, ff)?,
-            post_norms: if cfg.post_norms {
-                Some((
-                    self.norm(cfg.norm, &p("post_attention_norm"), h)?,
-                    self.norm(cfg.norm, &p("post_ffw_norm"), h)?,
-                ))
-            } else {
-                None
-            },
         })
     }
 }
@@ -441,8 +465,12 @@ impl<B: Backend> Decoder<B> {
     }
 
     fn ffn(&self, be: &B, layer: &Layer<B>, h: &B::Tensor) -> Result<B::Tensor> {
-        let up = Self::linear(be, &layer.up, h)?;
-        let act = match &layer.gate {
+        let (gate, up, down) = match &layer.ffn {
+            Ffn::Dense { gate, up, down } => (gate, up, down),
+            Ffn::Moe(m) => return m.forward(be, &self.cfg, h),
+        };
+        let up = Self::linear(be, up, h)?;
+        let act = match gate {
             Some(g) => be.gated_activation(&Self::linear(be, g, h)?, &up, self.cfg.activation)?,
             None => {
                 let mut up = up;
@@ -450,7 +478,7 @@ impl<B: Backend> Decoder<B> {
                 up
             }
         };
-        Self::linear(be, &layer.down, &act)
+        Self::linear(be, down, &act)
     }
 
     fn forward_inner(&self, be: &B, kv: &mut B::KvCache, input: &StepInput) -> Result<Vec<f32>> {

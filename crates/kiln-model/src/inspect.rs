@@ -79,6 +79,19 @@ fn from_hf(dir: &Path, config_path: &Path) -> Result<Summary> {
     })
 }
 
+/// Of `weight_bytes` of a model's weights, the bytes one token reads: all
+/// of a dense model's, and of a mixture-of-experts model the share of its
+/// active parameters ([`DecoderConfig::active_param_count`]: only the
+/// experts a token is routed to), which bounds decode speed from below the
+/// way the whole model does for a dense one.
+pub fn active_weight_bytes(config: &DecoderConfig, weight_bytes: f64) -> f64 {
+    let total = config.param_count();
+    if total == 0 {
+        return weight_bytes;
+    }
+    weight_bytes * config.active_param_count() as f64 / total as f64
+}
+
 /// Bytes per parameter of a dtype name (`bf16`, `float16`, `fp32`, …).
 /// The float names are [`crate::WeightDtype`]'s table; `int8` and `fp8`
 /// are sized too, for what a deployment elsewhere would hold.

@@ -26,6 +26,7 @@ mod gguf_write;
 pub mod inspect;
 pub mod layouts;
 pub mod loader;
+pub mod moe;
 pub mod names;
 pub mod prepared;
 pub use kiln_backend::quant;

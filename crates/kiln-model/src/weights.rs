@@ -288,6 +288,8 @@ pub fn hf_names(model_type: &str) -> NameMap {
         "opt" => hf_opt_names,
         "gemma2" | "gemma3_text" => hf_gemma_names,
         "gemma3" => hf_gemma3_mm_names,
+        "qwen2_moe" | "qwen3_moe" => crate::moe::hf_qwen_moe_names,
+        "mixtral" => crate::moe::hf_mixtral_names,
         _ => hf_llama_names,
     }
 }
@@ -420,6 +422,15 @@ impl SafetensorsSource {
         let name = (self.names)(canonical)?;
         if let Some(&i) = self.index.get(&name) {
             return Some((name, i));
+        }
+        // transformers 5 names Mixtral's `block_sparse_moe` module `mlp`.
+        if let Some(renamed) = name
+            .contains(".block_sparse_moe.")
+            .then(|| name.replace(".block_sparse_moe.", ".mlp."))
+        {
+            if let Some(&i) = self.index.get(&renamed) {
+                return Some((renamed, i));
+            }
         }
         // Some checkpoints leave out the outer module (`h.0.attn…` for GPT-2,
         // `decoder.layers…` for OPT): try the name without it.

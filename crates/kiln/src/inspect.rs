@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use kiln_model::inspect::{dtype_bytes, parse_memory, summarize};
+use kiln_model::inspect::{active_weight_bytes, dtype_bytes, parse_memory, summarize};
 
 /// Arguments of `kiln inspect`.
 #[derive(clap::Args, Debug)]
@@ -69,6 +69,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (s.stored_dtype.clone(), params as f64 * b as f64)
         }
     };
+    // A mixture-of-experts model needs all its weights in memory, but a
+    // token reads only its experts'.
+    let active_params = c.active_param_count();
+    let active_bytes = active_weight_bytes(c, weight_bytes);
     // The KV cache is held in the element size of the backend that serves
     // the model (f32 on the CPU), whatever the weights' dtype.
     let kv_elem = kiln_engine::launch::kv_element_bytes(kiln_engine::Device::Cpu);
@@ -109,6 +113,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "vocab_size": c.vocab_size, "max_positions": c.max_position_embeddings,
                 "stored_dtype": s.stored_dtype, "dtype": dtype, "weight_bytes": weight_bytes as u64,
                 "kv_bytes_per_1k_tokens": kv_per_1k as u64, "fits": verdict.as_ref().map(|v| v.0),
+                "active_parameters": active_params, "active_weight_bytes": active_bytes as u64,
+                "experts": c.moe.as_ref().map(|m| m.n_experts),
+                "experts_per_token": c.moe.as_ref().map(|m| m.n_experts_used),
+                "shared_expert": c.moe.as_ref().map(|m| m.shared_expert_ff.is_some()),
                 "verdict": verdict.as_ref().map(|v| v.1.clone()),
             })
         );
@@ -117,6 +125,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("model:         {} ({})", s.path.display(), s.format);
     println!("architecture:  {}", c.arch);
     println!("parameters:    {:.2}B ({params})", params as f64 / 1e9);
+    if let Some(m) = &c.moe {
+        println!(
+            "experts:       {} per MoE layer ({} of {} layers), {} per token, FFN {} each{}",
+            m.n_experts,
+            m.sparse_layers(c.n_layers),
+            c.n_layers,
+            m.n_experts_used,
+            m.expert_ff,
+            m.shared_expert_ff.map_or(String::new(), |s| format!(
+                ", plus a shared expert of FFN {s}"
+            ))
+        );
+        println!(
+            "active:        {:.2}B parameters per token ({active_params})",
+            active_params as f64 / 1e9
+        );
+    }
     println!(
         "shape:         {} layers, hidden {}, {} heads / {} KV heads of {}, FFN {}, vocab {}, context {}",
         c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size,
@@ -124,6 +149,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("stored dtype:  {}", s.stored_dtype);
     println!("weights:       {} in {dtype}", gb(weight_bytes));
+    if c.moe.is_some() {
+        println!(
+            "per token:     {} of weights read (the active parameters; all {} must be in memory)",
+            gb(active_bytes),
+            gb(weight_bytes)
+        );
+    }
     println!(
         "KV cache:      {:.1} MB per 1K tokens ({}-bit), {} for one {context}-token sequence",
         kv_per_1k / 1e6,

@@ -311,6 +311,31 @@ impl Backend for CpuBackend {
         }
         CpuTensor::new(vec![step.logit_rows.len(), cols], data)
     }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor> {
+        let cols = x.cols();
+        CpuTensor::new(
+            vec![rows.len(), cols],
+            crate::rows::gather_rows(&x.data, cols, rows)?,
+        )
+    }
+
+    fn add_rows_scaled(
+        &self,
+        out: &mut CpuTensor,
+        y: &CpuTensor,
+        rows: &[u32],
+        scales: &[f32],
+    ) -> Result<()> {
+        if y.cols() != out.cols() {
+            return Err(shape_err(
+                "add_rows_scaled",
+                format!("{:?} into {:?}", y.shape, out.shape),
+            ));
+        }
+        let cols = out.cols();
+        crate::rows::add_rows_scaled(&mut out.data, cols, &y.data, rows, scales)
+    }
 }
 
 #[cfg(test)]
