@@ -223,6 +223,7 @@ fn attention<B: Backend>(be: &B, window: Option<usize>) -> Vec<f32> {
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
         window,
+        sinks: None,
     };
     let mut outs = Vec::new();
     for (i, (ranges, seed)) in [

@@ -431,6 +431,7 @@ impl<B: Backend> Decoder<B> {
             head_dim: cfg.head_dim,
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
             window: cfg.sliding_window,
+            sinks: None,
         };
         let mut x = be.embedding(&self.embed, &step)?;
         if let Some(p) = &self.proj_in {
