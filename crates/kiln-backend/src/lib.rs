@@ -63,7 +63,10 @@ pub enum Activation {
     /// limit)` and `u = clamp(up, -limit, limit)`, the output is
     /// `(u + 1) * g * sigmoid(alpha * g)` (config `swiglu_alpha` 1.702,
     /// `swiglu_limit` 7.0).
-    ClampedSwiglu { alpha: f32, limit: f32 },
+    ClampedSwiglu {
+        alpha: f32,
+        limit: f32,
+    },
 }
 
 /// Shape parameters of one attention call.

@@ -87,8 +87,7 @@ fn paged(seqs: &[Seq; 2], p: &AttentionParams) -> Result<[Vec<f32>; 2], BackendE
                 step.tokens.push(0);
                 step.positions.push(pos as u32);
                 let t = &tables[s];
-                step.slots
-                    .push(t[pos / BS] * BS as u32 + (pos % BS) as u32);
+                step.slots.push(t[pos / BS] * BS as u32 + (pos % BS) as u32);
                 q.extend_from_slice(&seq.q[pos * HEADS * HD..][..HEADS * HD]);
                 k.extend_from_slice(&seq.k[pos * KV_HEADS * HD..][..KV_HEADS * HD]);
                 v.extend_from_slice(&seq.v[pos * KV_HEADS * HD..][..KV_HEADS * HD]);
@@ -102,7 +101,8 @@ fn paged(seqs: &[Seq; 2], p: &AttentionParams) -> Result<[Vec<f32>; 2], BackendE
         be.write_kv(&mut cache, 0, &kt, &vt, &step)?;
         let o = be.to_host(&be.attention(&qt, &cache, 0, &step, p)?)?;
         for (s, sl) in step.seqs.iter().enumerate() {
-            outs[s].extend_from_slice(&o[sl.query_start * HEADS * HD..][..sl.query_len * HEADS * HD]);
+            outs[s]
+                .extend_from_slice(&o[sl.query_start * HEADS * HD..][..sl.query_len * HEADS * HD]);
         }
     }
     Ok(outs)
@@ -122,7 +122,10 @@ fn naive(seq: &Seq, p: &AttentionParams) -> Vec<f64> {
             let mut logits: Vec<f64> = (lo..=pos)
                 .map(|j| {
                     let k = &seq.k[(j * KV_HEADS + g) * HD..][..HD];
-                    q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                    q.iter()
+                        .zip(k)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
                         * p.scale as f64
                 })
                 .collect();
@@ -183,7 +186,10 @@ fn attention_sinks_match_the_eager_reference() {
                 moved = moved.max((g as f64 - want_plain[i]).abs());
             }
             for (i, (&g, &w)) in plain[s].iter().zip(&want_plain).enumerate() {
-                assert!((g as f64 - w).abs() < 2e-6, "no sinks, output {i}: {g} vs {w}");
+                assert!(
+                    (g as f64 - w).abs() < 2e-6,
+                    "no sinks, output {i}: {g} vs {w}"
+                );
             }
             assert!(moved > 0.05, "sinks changed the output by only {moved}");
         }
@@ -228,11 +234,18 @@ fn a_negligible_sink_leaves_attention_bit_for_bit() {
 fn wrong_or_non_finite_sinks_are_refused() {
     let seqs = two_seqs();
     let short = vec![0.0f32; HEADS - 1];
-    let e = paged(&seqs, &params(None, Some(&short))).unwrap_err().to_string();
-    assert!(e.contains("attention") && e.contains("5 attention sinks for 6 heads"), "{e}");
+    let e = paged(&seqs, &params(None, Some(&short)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("attention") && e.contains("5 attention sinks for 6 heads"),
+        "{e}"
+    );
     let mut nan = vec![0.0f32; HEADS];
     nan[3] = f32::NAN;
-    let e = paged(&seqs, &params(None, Some(&nan))).unwrap_err().to_string();
+    let e = paged(&seqs, &params(None, Some(&nan)))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not finite"), "{e}");
 }
 
@@ -254,7 +267,9 @@ fn clamped_swiglu_matches_its_definition() {
     let n = g.len();
     let gt = be.upload(&[1, n], g.clone()).unwrap();
     let ut = be.upload(&[1, n], u.clone()).unwrap();
-    let got = be.to_host(&be.gated_activation(&gt, &ut, act).unwrap()).unwrap();
+    let got = be
+        .to_host(&be.gated_activation(&gt, &ut, act).unwrap())
+        .unwrap();
     for i in 0..n {
         let gc = (g[i] as f64).min(limit as f64);
         let uc = (u[i] as f64).clamp(-limit as f64, limit as f64);

@@ -31,6 +31,7 @@ pub use kiln_backend::quant;
 pub mod tokenizer;
 pub mod torch;
 pub mod weights;
+pub mod yarn;
 
 mod error;
 mod host;
