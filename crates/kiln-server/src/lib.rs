@@ -26,6 +26,7 @@ pub mod djl_status;
 pub mod error;
 pub mod funnel;
 pub mod generation;
+pub mod harmony;
 pub mod health;
 pub mod lmi;
 pub(crate) mod lmi_outputs;

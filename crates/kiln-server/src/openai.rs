@@ -182,6 +182,16 @@ pub(crate) async fn run_value(
                 .map(|tpl| crate::tool_parse::ToolSyntax::from_template(tpl.source()))
                 .unwrap_or(crate::tool_parse::ToolSyntax::Hermes),
         };
+        if syntax == crate::tool_parse::ToolSyntax::Harmony
+            && matches!(
+                t.choice,
+                crate::tools::ToolChoice::Required | crate::tools::ToolChoice::Named(_)
+            )
+        {
+            return Err(ApiError::bad_request(
+                "tool_choice 'required' or a named function is not supported with gpt-oss's                  harmony tool calls (their markers are special tokens, which kiln's output                  grammars cannot write yet); use 'auto'",
+            ));
+        }
         if let Some(g) = t.constraint(syntax) {
             if c.params.constraint.is_some() {
                 return Err(ApiError::bad_request(
@@ -197,6 +207,15 @@ pub(crate) async fn run_value(
         if tool_syntax == Some(crate::tool_parse::ToolSyntax::Mistral) {
             c.params.skip_special_tokens = false;
         }
+    }
+    // Harmony's channel and call markers are special tokens too: kept for
+    // the gpt-oss parsers, which take them out of what the client sees.
+    if tool_syntax == Some(crate::tool_parse::ToolSyntax::Harmony)
+        || (api == Api::Chat
+            && crate::reasoning::for_model(&st, &c.model)
+                == Some(crate::reasoning::ReasoningParser::GptOss))
+    {
+        c.params.skip_special_tokens = false;
     }
     let tool_list = tools.map(|t| t.tools);
     let (input, echo) = match api {

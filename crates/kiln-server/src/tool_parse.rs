@@ -1,6 +1,7 @@
 //! Reading tool calls out of a model's output: the syntaxes models are
 //! trained to write a call in, as vLLM's tool-call parsers of the same names
-//! read them (`hermes`, `llama3_json`, `mistral`), whole or streamed.
+//! read them (`hermes`, `llama3_json`, `mistral`, and gpt-oss's harmony
+//! calls as `openai`, in [`crate::harmony`]), whole or streamed.
 //!
 //! The same [`ToolStream`] serves both: the whole text is one push, a stream
 //! pushes each token's text. Text before a call streams out as content (a
@@ -23,11 +24,14 @@ pub enum ToolSyntax {
     /// `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral), or
     /// the newer `[TOOL_CALLS]name[ARGS]{...}` form.
     Mistral,
+    /// gpt-oss's harmony messages addressed `to=functions.NAME`, their body
+    /// the JSON arguments (vLLM's `openai` parser; [`crate::harmony`]).
+    Harmony,
 }
 
 impl ToolSyntax {
     /// The vLLM parser names kiln implements, as listed in errors.
-    pub const ALLOWED: &'static str = "hermes, llama3_json, llama4_json, mistral";
+    pub const ALLOWED: &'static str = "hermes, llama3_json, llama4_json, mistral, openai";
 
     /// The syntax of a vLLM `tool_call_parser` name, if kiln implements it.
     pub fn from_parser_name(name: &str) -> Option<ToolSyntax> {
@@ -35,6 +39,7 @@ impl ToolSyntax {
             "hermes" => Some(ToolSyntax::Hermes),
             "llama3_json" | "llama4_json" => Some(ToolSyntax::Llama3Json),
             "mistral" => Some(ToolSyntax::Mistral),
+            "openai" => Some(ToolSyntax::Harmony),
             _ => None,
         }
     }
@@ -45,7 +50,9 @@ impl ToolSyntax {
     /// the template); anything else (ChatML templates without tools, such as
     /// SmolLM2's) gets Hermes, the syntax ChatML models are tuned on.
     pub fn from_template(source: &str) -> ToolSyntax {
-        if source.contains("[TOOL_CALLS]") {
+        if source.contains("<|channel|>") {
+            ToolSyntax::Harmony
+        } else if source.contains("[TOOL_CALLS]") {
             ToolSyntax::Mistral
         } else if source.contains("<tool_call>") {
             ToolSyntax::Hermes
@@ -64,6 +71,7 @@ impl ToolSyntax {
             ToolSyntax::Hermes => HERMES_OPEN,
             ToolSyntax::Llama3Json => "{",
             ToolSyntax::Mistral => MISTRAL_OPEN,
+            ToolSyntax::Harmony => "<|channel|>",
         }
     }
 }
@@ -109,6 +117,8 @@ pub struct ToolStream {
     phase: Phase,
     held: String,
     calls: usize,
+    /// Harmony output is read by its own parser.
+    harmony: Option<crate::harmony::ToolCalls>,
 }
 
 impl ToolStream {
@@ -119,6 +129,7 @@ impl ToolStream {
             phase: Phase::Start,
             held: String::new(),
             calls: 0,
+            harmony: (syntax == ToolSyntax::Harmony).then(Default::default),
         }
     }
 
@@ -129,6 +140,11 @@ impl ToolStream {
 
     /// Takes the next piece of output.
     pub fn push(&mut self, text: &str) -> Vec<ToolEvent> {
+        if let Some(h) = &mut self.harmony {
+            let out = h.push(text);
+            self.calls += count_calls(&out);
+            return out;
+        }
         self.held.push_str(text);
         let mut out = Vec::new();
         self.advance(&mut out);
@@ -137,6 +153,11 @@ impl ToolStream {
 
     /// Ends the output: held text is given out (as calls when it parses).
     pub fn finish(&mut self) -> Vec<ToolEvent> {
+        if let Some(h) = &mut self.harmony {
+            let out = h.finish();
+            self.calls += count_calls(&out);
+            return out;
+        }
         let mut out = Vec::new();
         self.advance(&mut out);
         let held = std::mem::take(&mut self.held);
@@ -253,8 +274,17 @@ impl ToolStream {
                 let body = text.strip_prefix(MISTRAL_OPEN)?;
                 mistral_calls(body)
             }
+            // Harmony output never reaches the held text (`push` hands it on).
+            ToolSyntax::Harmony => None,
         }
     }
+}
+
+fn count_calls(events: &[ToolEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, ToolEvent::Call(_)))
+        .count()
 }
 
 fn emit_content(text: String, out: &mut Vec<ToolEvent>) {

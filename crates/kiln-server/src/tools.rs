@@ -58,8 +58,13 @@ impl ToolRequest {
         self.choice != ToolChoice::None
     }
 
-    /// The grammar for `required` and named choices (`None` otherwise).
+    /// The grammar for `required` and named choices (`None` otherwise, and
+    /// for harmony, whose markers are special tokens a text grammar cannot
+    /// write: the route refuses those choices for it).
     pub fn constraint(&self, syntax: ToolSyntax) -> Option<Constraint> {
+        if syntax == ToolSyntax::Harmony {
+            return None;
+        }
         let allowed: Vec<&Value> = match &self.choice {
             ToolChoice::None | ToolChoice::Auto => return None,
             ToolChoice::Required => self.tools.iter().collect(),
@@ -358,6 +363,8 @@ fn grammar(syntax: ToolSyntax, tools: &[&Value], parallel: bool) -> String {
         ToolSyntax::Hermes => ("arguments", "", "\n", "", "<tool_call>\n", "\n</tool_call>"),
         ToolSyntax::Llama3Json => ("parameters", "", "; ", "", "", ""),
         ToolSyntax::Mistral => ("arguments", "[TOOL_CALLS][", ", ", "]", "", ""),
+        // Not reached: `constraint` gives harmony no grammar.
+        ToolSyntax::Harmony => ("arguments", "", "\n", "", "", ""),
     };
     let mut g = String::new();
     let more = if parallel {
