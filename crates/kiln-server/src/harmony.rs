@@ -20,9 +20,7 @@
 //! [`ReasoningSplit`] and [`ToolCalls`] map the pieces for the reasoning
 //! parser and the tool-call parser.
 
-use serde_json::Value;
-
-use crate::tool_parse::{ParsedCall, ToolEvent};
+use crate::tool_parse::ToolEvent;
 
 const START: &str = "<|start|>";
 const CHANNEL: &str = "<|channel|>";
@@ -337,26 +335,23 @@ impl ReasoningSplit {
 }
 
 /// What the open message is for the tool-call parser.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Open {
     /// Plain text or a final/preamble body: content.
     Content,
     /// Analysis (reasoning the request did not ask to split): dropped.
     Skip,
-    /// A call to `functions.NAME`: its header and the arguments so far.
-    Call {
-        name: String,
-        header: String,
-        args: String,
-    },
+    /// A call to a function: its arguments stream out.
+    Call,
     /// A message to a tool that is not a function (a built-in such as
     /// `browser.search`): content as written.
     Raw,
 }
 
-/// The `openai` tool-call parser: calls to `functions.NAME` become
-/// [`ToolEvent::Call`]s with their JSON arguments (a call whose arguments
-/// are not a JSON object is given out as content, as written).
+/// The `openai` tool-call parser: a message to `functions.NAME` is a call,
+/// given out as it streams: [`ToolEvent::CallStart`] at its header, then
+/// its body (the arguments, as the model wrote them) as
+/// [`ToolEvent::CallArguments`].
 #[derive(Debug, Clone)]
 pub struct ToolCalls {
     lexer: Lexer,
@@ -402,11 +397,12 @@ impl ToolCalls {
                 Piece::Open(h) => {
                     self.open = match (&h.recipient, h.channel.as_deref()) {
                         (Some(r), _) => match r.strip_prefix("functions.") {
-                            Some(name) if !name.is_empty() => Open::Call {
-                                name: name.to_string(),
-                                header: h.raw,
-                                args: String::new(),
-                            },
+                            Some(name) if !name.is_empty() => {
+                                out.push(ToolEvent::CallStart {
+                                    name: name.to_string(),
+                                });
+                                Open::Call
+                            }
                             _ => {
                                 content(h.raw, &mut out);
                                 Open::Raw
@@ -416,38 +412,30 @@ impl ToolCalls {
                         (None, _) => Open::Content,
                     }
                 }
-                Piece::Body(t) => match &mut self.open {
-                    Open::Call { args, .. } => args.push_str(&t),
+                Piece::Body(t) => match self.open {
+                    Open::Call => match out.last_mut() {
+                        Some(ToolEvent::CallArguments(prev)) => prev.push_str(&t),
+                        _ => out.push(ToolEvent::CallArguments(t)),
+                    },
                     Open::Skip => {}
                     Open::Content | Open::Raw => content(t, &mut out),
                 },
-                Piece::Close(end) => match std::mem::replace(&mut self.open, Open::Content) {
-                    Open::Call { name, header, args } => match arguments(&args) {
-                        Some(arguments) => {
-                            out.push(ToolEvent::Call(ParsedCall { name, arguments }))
-                        }
-                        None => content(format!("{header}{args}{end}"), &mut out),
-                    },
-                    Open::Raw => content(end, &mut out),
-                    Open::Content | Open::Skip => {}
-                },
+                Piece::Close(end) => {
+                    if self.open == Open::Raw {
+                        content(end, &mut out);
+                    }
+                    self.open = Open::Content;
+                }
             }
         }
         out
     }
 }
 
-/// A call's body as OpenAI's `arguments`: compact JSON of an object.
-fn arguments(body: &str) -> Option<String> {
-    match serde_json::from_str::<Value>(body.trim()).ok()? {
-        a @ Value::Object(_) => Some(a.to_string()),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tool_parse::ParsedCall;
 
     /// The pieces of `text` fed whole, and as two pieces cut at every
     /// character boundary, and a character at a time: the same, once
@@ -651,7 +639,8 @@ mod tests {
     fn tool_calls_whole_and_streamed() {
         use crate::tool_parse::{collect, parse, ToolStream, ToolSyntax};
         let h = ToolSyntax::Harmony;
-        let paris = call("get_weather", r#"{"city":"Paris","days":[1,2]}"#);
+        // Arguments are the text the model wrote, as vLLM's parser gives them.
+        let paris = call("get_weather", r#"{"city": "Paris", "days": [1, 2]}"#);
         let cases: Vec<(String, Option<String>, Vec<ParsedCall>)> = vec![
             // The raw output (no reasoning parser): analysis is dropped.
             (ANALYSIS_CALL.into(), None, vec![paris.clone()]),
@@ -662,7 +651,7 @@ mod tests {
             (
                 " to=functions.f<|channel|>commentary json<|message|>{\"a\": null}".into(),
                 None,
-                vec![call("f", r#"{"a":null}"#)],
+                vec![call("f", r#"{"a": null}"#)],
             ),
             // Two calls in one output.
             (
@@ -676,11 +665,12 @@ mod tests {
                 Some("Paris.".into()),
                 vec![],
             ),
-            // Arguments that are not a JSON object stay content, as written.
+            // A message to a function is a call, whatever its body (cut
+            // short here by the token limit).
             (
-                "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{oops".into(),
-                Some("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{oops".into()),
-                vec![],
+                "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"k\": [1".into(),
+                None,
+                vec![call("f", r#"{"k": [1"#)],
             ),
             // A built-in tool (not a function): content, as written.
             (
@@ -703,6 +693,23 @@ mod tests {
                 assert_eq!(collect(events), whole, "{text:?} cut as {cut:?}");
             }
         }
+        // Arguments stream out as they come, before the call ends.
+        let mut s = ToolStream::new(h);
+        let mut events = s.push("<|channel|>commentary to=functions.f json<|message|>");
+        events.extend(s.push("{\"city\": \"Par"));
+        assert_eq!(
+            events,
+            vec![
+                ToolEvent::CallStart { name: "f".into() },
+                ToolEvent::CallArguments("{\"city\": \"Par".into())
+            ]
+        );
+        assert_eq!(
+            s.push("is\"}"),
+            vec![ToolEvent::CallArguments("is\"}".into())]
+        );
+        assert_eq!(s.push("<|call|>"), vec![]);
+        assert_eq!(s.calls(), 1);
         assert_eq!(ToolSyntax::from_parser_name("openai"), Some(h));
         assert_eq!(
             ToolSyntax::from_template("{{- \"<|start|>assistant<|channel|>\" }}"),
@@ -712,7 +719,8 @@ mod tests {
 
     /// The streamed chat answer as the OpenAI route builds it (reasoning
     /// split, then tool deltas), token by token: reasoning_content, no
-    /// content, one call with its arguments, finish reason tool_calls.
+    /// content, one call whose arguments come in more than one delta
+    /// when the output does, finish reason tool_calls.
     #[test]
     fn streamed_chat_deltas_carry_reasoning_and_the_call() {
         use crate::reasoning::{rewrite_delta, ReasoningParser, Splitter};
@@ -736,6 +744,7 @@ mod tests {
             out.extend(td.rewrite(c, true));
             let (mut reasoning, mut content, mut calls) =
                 (String::new(), String::new(), Vec::new());
+            let mut arg_deltas = 0;
             for c in &out {
                 let d = &c["choices"][0]["delta"];
                 reasoning.push_str(d["reasoning_content"].as_str().unwrap_or_default());
@@ -744,9 +753,11 @@ mod tests {
                     if let Some(name) = t["function"]["name"].as_str() {
                         calls.push((name.to_string(), String::new()));
                     }
+                    assert_eq!(t["index"], 0);
                     let last = calls.last_mut().expect("a call's name comes first");
-                    last.1
-                        .push_str(t["function"]["arguments"].as_str().unwrap_or_default());
+                    let a = t["function"]["arguments"].as_str().unwrap_or_default();
+                    arg_deltas += usize::from(!a.is_empty());
+                    last.1.push_str(a);
                 }
             }
             assert_eq!(reasoning, "User wants weather. Call tool.", "{cut:?}");
@@ -755,9 +766,15 @@ mod tests {
                 calls,
                 vec![(
                     "get_weather".to_string(),
-                    r#"{"city":"Paris","days":[1,2]}"#.to_string()
+                    r#"{"city": "Paris", "days": [1, 2]}"#.to_string()
                 )]
             );
+            if cut.len() > 3 {
+                assert!(
+                    arg_deltas > 1,
+                    "arguments in {arg_deltas} delta(s) for {cut:?}"
+                );
+            }
             assert_eq!(
                 out.last().unwrap()["choices"][0]["finish_reason"],
                 "tool_calls"

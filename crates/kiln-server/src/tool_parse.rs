@@ -9,6 +9,10 @@
 //! a call is given out once it is complete, so the calls and the content are
 //! the same however the output was cut into pieces. Output that looks like a
 //! call but does not parse (bad JSON, no `name`) is given out as content.
+//! Harmony calls are the exception: a message addressed to a function is a
+//! call by its header, so it is given out as it streams ([`ToolEvent::CallStart`],
+//! then its arguments as they come), its arguments the text the model wrote,
+//! as vLLM's `openai` parser gives them.
 
 use serde_json::Value;
 
@@ -97,6 +101,10 @@ pub enum ToolEvent {
     Content(String),
     /// A complete call.
     Call(ParsedCall),
+    /// A call whose arguments follow as they come (harmony).
+    CallStart { name: String },
+    /// More of the last started call's arguments.
+    CallArguments(String),
 }
 
 /// Where a [`ToolStream`] is.
@@ -283,7 +291,7 @@ impl ToolStream {
 fn count_calls(events: &[ToolEvent]) -> usize {
     events
         .iter()
-        .filter(|e| matches!(e, ToolEvent::Call(_)))
+        .filter(|e| matches!(e, ToolEvent::Call(_) | ToolEvent::CallStart { .. }))
         .count()
 }
 
@@ -390,6 +398,15 @@ pub fn collect(events: Vec<ToolEvent>) -> (Option<String>, Vec<ParsedCall>) {
         match e {
             ToolEvent::Content(t) => content.push_str(&t),
             ToolEvent::Call(c) => calls.push(c),
+            ToolEvent::CallStart { name } => calls.push(ParsedCall {
+                name,
+                arguments: String::new(),
+            }),
+            ToolEvent::CallArguments(a) => {
+                if let Some(c) = calls.last_mut() {
+                    c.arguments.push_str(&a);
+                }
+            }
         }
     }
     let content = (!content.is_empty() || calls.is_empty()).then_some(content);

@@ -307,6 +307,22 @@ impl ToolDeltas {
                     c["choices"][0]["delta"] = json!({"content": t});
                     before.push(c);
                 }
+                // A streamed call (harmony): its head now, then its
+                // arguments as they come, under the last started index.
+                ToolEvent::CallStart { name } => {
+                    let mut head = template.clone();
+                    head["choices"][0]["delta"] = json!({"tool_calls": [{"index": index,
+                        "id": call_id(), "type": "function",
+                        "function": {"name": name, "arguments": ""}}]});
+                    before.push(head);
+                    index += 1;
+                }
+                ToolEvent::CallArguments(a) => {
+                    let mut args = template.clone();
+                    args["choices"][0]["delta"] = json!({"tool_calls": [{"index": index.saturating_sub(1),
+                        "function": {"arguments": a}}]});
+                    before.push(args);
+                }
                 ToolEvent::Call(call) => {
                     let mut head = template.clone();
                     head["choices"][0]["delta"] = json!({"tool_calls": [{"index": index,
@@ -346,7 +362,7 @@ impl ToolDeltas {
 fn count_calls(events: &[ToolEvent]) -> usize {
     events
         .iter()
-        .filter(|e| matches!(e, ToolEvent::Call(_)))
+        .filter(|e| matches!(e, ToolEvent::Call(_) | ToolEvent::CallStart { .. }))
         .count()
 }
 
