@@ -253,11 +253,10 @@ impl DecoderConfig {
             Some("linear") => RopeScaling::Linear {
                 factor: file.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0),
             },
-            Some("yarn") => {
+            Some("yarn") => RopeScaling::Yarn(
                 crate::yarn::YarnScaling::from_gguf(file, &arch, cfg.max_position_embeddings)
-                    .map_err(bad)?
-                    .into()
-            }
+                    .map_err(bad)?,
+            ),
             Some(other) => return Err(bad(format!("rope scaling '{other}' is not supported"))),
         };
         cfg.rope = Some(RopeConfig {
@@ -521,7 +520,7 @@ fn hf_rope_scaling(v: Option<&Json>, config: &Json) -> std::result::Result<RopeS
             high_freq_factor: num("high_freq_factor")?,
             original_max_position: num("original_max_position_embeddings")?,
         },
-        "yarn" => crate::yarn::YarnScaling::from_hf(v, config)?.into(),
+        "yarn" => RopeScaling::Yarn(crate::yarn::YarnScaling::from_hf(v, config)?),
         other => return Err(format!("rope_scaling type '{other}' is not supported")),
     })
 }

@@ -10,7 +10,6 @@
 
 use serde_json::Value as Json;
 
-use crate::config::RopeScaling;
 use crate::gguf::GgufFile;
 
 /// YaRN's parameters, resolved at parse time so the table needs nothing else.
@@ -191,11 +190,5 @@ impl YarnScaling {
             ));
         }
         Ok(self)
-    }
-}
-
-impl From<YarnScaling> for RopeScaling {
-    fn from(y: YarnScaling) -> Self {
-        RopeScaling::Yarn(y)
     }
 }

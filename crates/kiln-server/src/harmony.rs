@@ -18,9 +18,25 @@
 //! [`Lexer`] cuts the text, whole or streamed, into the same pieces
 //! whatever the cut points (a marker split across deltas is held back);
 //! [`ReasoningSplit`] and [`ToolCalls`] map the pieces for the reasoning
-//! parser and the tool-call parser.
+//! parser and the tool-call parser (`crate::reasoning`,
+//! `crate::tool_parse`, which import this module, not the other way).
 
-use crate::tool_parse::ToolEvent;
+/// Whether a chat template writes OpenAI's harmony format (gpt-oss).
+pub fn is_harmony_template(source: &str) -> bool {
+    source.contains(CHANNEL)
+}
+
+/// What the tool-call parser makes of harmony output (the tool-call
+/// events of `crate::tool_parse` it is mapped to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEvent {
+    /// Text for the message's `content`.
+    Content(String),
+    /// A call to this function starts.
+    Start(String),
+    /// More of the started call's arguments.
+    Arguments(String),
+}
 
 const START: &str = "<|start|>";
 const CHANNEL: &str = "<|channel|>";
@@ -349,9 +365,9 @@ enum Open {
 }
 
 /// The `openai` tool-call parser: a message to `functions.NAME` is a call,
-/// given out as it streams: [`ToolEvent::CallStart`] at its header, then
+/// given out as it streams: [`CallEvent::Start`] at its header, then
 /// its body (the arguments, as the model wrote them) as
-/// [`ToolEvent::CallArguments`].
+/// [`CallEvent::Arguments`].
 #[derive(Debug, Clone)]
 pub struct ToolCalls {
     lexer: Lexer,
@@ -369,26 +385,26 @@ impl Default for ToolCalls {
 
 impl ToolCalls {
     /// Takes the next piece of output.
-    pub fn push(&mut self, text: &str) -> Vec<ToolEvent> {
+    pub fn push(&mut self, text: &str) -> Vec<CallEvent> {
         let pieces = self.lexer.push(text);
         self.map(pieces)
     }
 
     /// The output ended.
-    pub fn finish(&mut self) -> Vec<ToolEvent> {
+    pub fn finish(&mut self) -> Vec<CallEvent> {
         let pieces = self.lexer.finish();
         self.map(pieces)
     }
 
-    fn map(&mut self, pieces: Vec<Piece>) -> Vec<ToolEvent> {
+    fn map(&mut self, pieces: Vec<Piece>) -> Vec<CallEvent> {
         let mut out = Vec::new();
-        let content = |t: String, out: &mut Vec<ToolEvent>| {
+        let content = |t: String, out: &mut Vec<CallEvent>| {
             if t.is_empty() {
                 return;
             }
             match out.last_mut() {
-                Some(ToolEvent::Content(prev)) => prev.push_str(&t),
-                _ => out.push(ToolEvent::Content(t)),
+                Some(CallEvent::Content(prev)) => prev.push_str(&t),
+                _ => out.push(CallEvent::Content(t)),
             }
         };
         for p in pieces {
@@ -398,9 +414,7 @@ impl ToolCalls {
                     self.open = match (&h.recipient, h.channel.as_deref()) {
                         (Some(r), _) => match r.strip_prefix("functions.") {
                             Some(name) if !name.is_empty() => {
-                                out.push(ToolEvent::CallStart {
-                                    name: name.to_string(),
-                                });
+                                out.push(CallEvent::Start(name.to_string()));
                                 Open::Call
                             }
                             _ => {
@@ -414,8 +428,8 @@ impl ToolCalls {
                 }
                 Piece::Body(t) => match self.open {
                     Open::Call => match out.last_mut() {
-                        Some(ToolEvent::CallArguments(prev)) => prev.push_str(&t),
-                        _ => out.push(ToolEvent::CallArguments(t)),
+                        Some(CallEvent::Arguments(prev)) => prev.push_str(&t),
+                        _ => out.push(CallEvent::Arguments(t)),
                     },
                     Open::Skip => {}
                     Open::Content | Open::Raw => content(t, &mut out),
@@ -435,7 +449,6 @@ impl ToolCalls {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tool_parse::ParsedCall;
 
     /// The pieces of `text` fed whole, and as two pieces cut at every
     /// character boundary, and a character at a time: the same, once
@@ -538,248 +551,6 @@ mod tests {
                 Piece::Close("<|return|>".into()),
             ]
         );
-    }
-
-    /// Every way of cutting `text` the tests try: whole, two pieces at
-    /// every character boundary, a character at a time, and token-like
-    /// pieces (each marker alone, the text between in pieces of three).
-    fn cuts(text: &str) -> Vec<Vec<String>> {
-        let mut all = vec![vec![text.to_string()]];
-        for (i, _) in text.char_indices().skip(1) {
-            all.push(vec![text[..i].to_string(), text[i..].to_string()]);
-        }
-        all.push(text.chars().map(String::from).collect());
-        let mut tokens = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            if rest.starts_with("<|") {
-                let end = rest.find("|>").map_or(rest.len(), |e| e + 2);
-                tokens.push(rest[..end].to_string());
-                rest = &rest[end..];
-            } else {
-                let n = rest.char_indices().nth(3).map_or(rest.len(), |(i, _)| i);
-                let n = rest[..n].find("<|").unwrap_or(n);
-                tokens.push(rest[..n].to_string());
-                rest = &rest[n..];
-            }
-        }
-        all.push(tokens);
-        all
-    }
-
-    const ANALYSIS_CALL: &str = "<|channel|>analysis<|message|>User wants weather. Call tool.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\", \"days\": [1, 2]}<|call|>";
-    const CALL_MESSAGE: &str = "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\", \"days\": [1, 2]}<|call|>";
-
-    /// The `openai_gptoss` reasoning split of whole outputs, and the same
-    /// streamed however the output is cut.
-    #[test]
-    fn reasoning_split_whole_and_streamed() {
-        use crate::reasoning::{ReasoningParser, Splitter};
-        let g = ReasoningParser::GptOss;
-        let cases: &[(&str, Option<&str>, &str)] = &[
-            (
-                "<|channel|>analysis<|message|>Need 2+2.<|end|><|start|>assistant<|channel|>final<|message|>4, é 猫.",
-                Some("Need 2+2."),
-                "4, é 猫.",
-            ),
-            // Low reasoning effort: only a final message.
-            ("<|channel|>final<|message|>Hi.<|return|>", None, "Hi."),
-            // Cut off while thinking.
-            ("<|channel|>analysis<|message|>Let me", Some("Let me"), ""),
-            // A call passes on as written, for the tool-call parser.
-            (ANALYSIS_CALL, Some("User wants weather. Call tool."), CALL_MESSAGE),
-            // A preamble (commentary without recipient) is content.
-            (
-                "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>final<|message|> Done.",
-                None,
-                "Checking. Done.",
-            ),
-            // No harmony markup at all: content.
-            ("plain <|text", None, "plain <|text"),
-        ];
-        for &(text, want_r, want_c) in cases {
-            let whole = g.split(text);
-            assert_eq!(
-                whole,
-                (want_r.map(String::from), want_c.to_string()),
-                "{text:?}"
-            );
-            for cut in cuts(text) {
-                let mut s = Splitter::new(g);
-                let (mut r, mut c) = (String::new(), String::new());
-                for piece in &cut {
-                    let (a, b) = s.push(piece);
-                    r.push_str(&a);
-                    c.push_str(&b);
-                }
-                let (a, b) = s.finish();
-                r.push_str(&a);
-                c.push_str(&b);
-                assert_eq!(
-                    ((!r.is_empty()).then_some(r), c),
-                    whole,
-                    "{text:?} cut as {cut:?}"
-                );
-            }
-        }
-        assert_eq!(ReasoningParser::parse("openai_gptoss"), Some(g));
-        assert_eq!(g.as_str(), "openai_gptoss");
-    }
-
-    fn call(name: &str, args: &str) -> ParsedCall {
-        ParsedCall {
-            name: name.into(),
-            arguments: args.into(),
-        }
-    }
-
-    /// The `openai` tool-call parser on whole outputs (with or without the
-    /// reasoning parser before it), and the same streamed however cut.
-    #[test]
-    fn tool_calls_whole_and_streamed() {
-        use crate::tool_parse::{collect, parse, ToolStream, ToolSyntax};
-        let h = ToolSyntax::Harmony;
-        // Arguments are the text the model wrote, as vLLM's parser gives them.
-        let paris = call("get_weather", r#"{"city": "Paris", "days": [1, 2]}"#);
-        let cases: Vec<(String, Option<String>, Vec<ParsedCall>)> = vec![
-            // The raw output (no reasoning parser): analysis is dropped.
-            (ANALYSIS_CALL.into(), None, vec![paris.clone()]),
-            // What the reasoning parser passes on.
-            (CALL_MESSAGE.into(), None, vec![paris.clone()]),
-            // Recipient in the role part, content type without
-            // <|constrain|>, and no <|call|> (it stopped generation).
-            (
-                " to=functions.f<|channel|>commentary json<|message|>{\"a\": null}".into(),
-                None,
-                vec![call("f", r#"{"a": null}"#)],
-            ),
-            // Two calls in one output.
-            (
-                format!("{CALL_MESSAGE}<|start|>assistant to=functions.b<|channel|>commentary<|message|>{{}}<|call|>"),
-                None,
-                vec![paris.clone(), call("b", "{}")],
-            ),
-            // A final answer: content only.
-            (
-                "<|channel|>analysis<|message|>easy<|end|><|start|>assistant<|channel|>final<|message|>Paris.".into(),
-                Some("Paris.".into()),
-                vec![],
-            ),
-            // A message to a function is a call, whatever its body (cut
-            // short here by the token limit).
-            (
-                "<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"k\": [1".into(),
-                None,
-                vec![call("f", r#"{"k": [1"#)],
-            ),
-            // A built-in tool (not a function): content, as written.
-            (
-                "<|channel|>analysis to=browser.search<|message|>{\"q\": 1}<|call|>".into(),
-                Some("<|channel|>analysis to=browser.search<|message|>{\"q\": 1}<|call|>".into()),
-                vec![],
-            ),
-        ];
-        for (text, want_c, want_calls) in cases {
-            let whole = parse(h, &text);
-            assert_eq!(whole, (want_c, want_calls), "{text:?}");
-            for cut in cuts(&text) {
-                let mut s = ToolStream::new(h);
-                let mut events = Vec::new();
-                for piece in &cut {
-                    events.extend(s.push(piece));
-                }
-                events.extend(s.finish());
-                assert_eq!(s.calls(), whole.1.len());
-                assert_eq!(collect(events), whole, "{text:?} cut as {cut:?}");
-            }
-        }
-        // Arguments stream out as they come, before the call ends.
-        let mut s = ToolStream::new(h);
-        let mut events = s.push("<|channel|>commentary to=functions.f json<|message|>");
-        events.extend(s.push("{\"city\": \"Par"));
-        assert_eq!(
-            events,
-            vec![
-                ToolEvent::CallStart { name: "f".into() },
-                ToolEvent::CallArguments("{\"city\": \"Par".into())
-            ]
-        );
-        assert_eq!(
-            s.push("is\"}"),
-            vec![ToolEvent::CallArguments("is\"}".into())]
-        );
-        assert_eq!(s.push("<|call|>"), vec![]);
-        assert_eq!(s.calls(), 1);
-        assert_eq!(ToolSyntax::from_parser_name("openai"), Some(h));
-        assert_eq!(
-            ToolSyntax::from_template("{{- \"<|start|>assistant<|channel|>\" }}"),
-            h
-        );
-    }
-
-    /// The streamed chat answer as the OpenAI route builds it (reasoning
-    /// split, then tool deltas), token by token: reasoning_content, no
-    /// content, one call whose arguments come in more than one delta
-    /// when the output does, finish reason tool_calls.
-    #[test]
-    fn streamed_chat_deltas_carry_reasoning_and_the_call() {
-        use crate::reasoning::{rewrite_delta, ReasoningParser, Splitter};
-        use crate::tool_parse::ToolSyntax;
-        use crate::tools::ToolDeltas;
-        let chunk = |text: &str, finish: Option<&str>| {
-            serde_json::json!({"id": "x", "choices": [{"index": 0, "delta": {"content": text},
-                "logprobs": null, "finish_reason": finish}]})
-        };
-        for cut in cuts(ANALYSIS_CALL).into_iter().rev().take(3) {
-            let mut sp = Splitter::new(ReasoningParser::GptOss);
-            let mut td = ToolDeltas::new(ToolSyntax::Harmony);
-            let mut out = Vec::new();
-            for piece in &cut {
-                let mut c = chunk(piece, None);
-                rewrite_delta(&mut c, &mut sp, false);
-                out.extend(td.rewrite(c, false));
-            }
-            let mut c = chunk("", Some("stop"));
-            rewrite_delta(&mut c, &mut sp, true);
-            out.extend(td.rewrite(c, true));
-            let (mut reasoning, mut content, mut calls) =
-                (String::new(), String::new(), Vec::new());
-            let mut arg_deltas = 0;
-            for c in &out {
-                let d = &c["choices"][0]["delta"];
-                reasoning.push_str(d["reasoning_content"].as_str().unwrap_or_default());
-                content.push_str(d["content"].as_str().unwrap_or_default());
-                for t in d["tool_calls"].as_array().into_iter().flatten() {
-                    if let Some(name) = t["function"]["name"].as_str() {
-                        calls.push((name.to_string(), String::new()));
-                    }
-                    assert_eq!(t["index"], 0);
-                    let last = calls.last_mut().expect("a call's name comes first");
-                    let a = t["function"]["arguments"].as_str().unwrap_or_default();
-                    arg_deltas += usize::from(!a.is_empty());
-                    last.1.push_str(a);
-                }
-            }
-            assert_eq!(reasoning, "User wants weather. Call tool.", "{cut:?}");
-            assert_eq!(content, "", "{cut:?}");
-            assert_eq!(
-                calls,
-                vec![(
-                    "get_weather".to_string(),
-                    r#"{"city": "Paris", "days": [1, 2]}"#.to_string()
-                )]
-            );
-            if cut.len() > 3 {
-                assert!(
-                    arg_deltas > 1,
-                    "arguments in {arg_deltas} delta(s) for {cut:?}"
-                );
-            }
-            assert_eq!(
-                out.last().unwrap()["choices"][0]["finish_reason"],
-                "tool_calls"
-            );
-        }
     }
 
     #[test]

@@ -208,12 +208,14 @@ pub(crate) async fn run_value(
             c.params.skip_special_tokens = false;
         }
     }
+    let reasoning = match api {
+        Api::Chat => crate::reasoning::for_chat(&st, &c.model, &engine),
+        Api::Completions => None,
+    };
     // Harmony's channel and call markers are special tokens too: kept for
     // the gpt-oss parsers, which take them out of what the client sees.
     if tool_syntax == Some(crate::tool_parse::ToolSyntax::Harmony)
-        || (api == Api::Chat
-            && crate::reasoning::for_model(&st, &c.model)
-                == Some(crate::reasoning::ReasoningParser::GptOss))
+        || reasoning == Some(crate::reasoning::ReasoningParser::GptOss)
     {
         c.params.skip_special_tokens = false;
     }
@@ -266,10 +268,7 @@ pub(crate) async fn run_value(
         api,
         engine,
         logprobs: top_logprobs.is_some(),
-        reasoning: match api {
-            Api::Chat => crate::reasoning::for_model(&st, &c.model),
-            Api::Completions => None,
-        },
+        reasoning,
         tools: tool_syntax,
         framing,
     };

@@ -16,7 +16,9 @@
 //!   `analysis` channel is reasoning, the `final` channel content; calls
 //!   (messages `to=functions.NAME`) pass on as written for the `openai`
 //!   tool-call parser. Its markers are special tokens: the server keeps
-//!   them in the text for this parser.
+//!   them in the text for this parser. A model whose chat template writes
+//!   harmony gets this parser without `option.reasoning_parser` too
+//!   ([`for_chat`]).
 
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
@@ -180,6 +182,23 @@ fn partial_suffix(text: &str, tag: &str) -> usize {
 pub(crate) fn for_model(st: &crate::state::AppState, model: &str) -> Option<ReasoningParser> {
     let entry = st.registry.get(model).ok()?;
     entry.properties.as_ref()?.chat.reasoning_parser
+}
+
+/// The reasoning parser of a chat answer: the model's
+/// `option.reasoning_parser`, else `openai_gptoss` when its chat template
+/// writes harmony (`<|channel|>`): gpt-oss's answers are always channels,
+/// and vLLM always splits them.
+pub(crate) fn for_chat(
+    st: &crate::state::AppState,
+    model: &str,
+    engine: &kiln_engine::Engine,
+) -> Option<ReasoningParser> {
+    for_model(st, model).or_else(|| {
+        engine
+            .chat_template()
+            .filter(|t| crate::harmony::is_harmony_template(t.source()))
+            .map(|_| ReasoningParser::GptOss)
+    })
 }
 
 /// Rewrites a chat chunk's `delta.content` with a splitter: the text goes to

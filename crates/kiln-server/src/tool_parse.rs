@@ -54,7 +54,7 @@ impl ToolSyntax {
     /// the template); anything else (ChatML templates without tools, such as
     /// SmolLM2's) gets Hermes, the syntax ChatML models are tuned on.
     pub fn from_template(source: &str) -> ToolSyntax {
-        if source.contains("<|channel|>") {
+        if crate::harmony::is_harmony_template(source) {
             ToolSyntax::Harmony
         } else if source.contains("[TOOL_CALLS]") {
             ToolSyntax::Mistral
@@ -149,7 +149,7 @@ impl ToolStream {
     /// Takes the next piece of output.
     pub fn push(&mut self, text: &str) -> Vec<ToolEvent> {
         if let Some(h) = &mut self.harmony {
-            let out = h.push(text);
+            let out = from_harmony(h.push(text));
             self.calls += count_calls(&out);
             return out;
         }
@@ -162,7 +162,7 @@ impl ToolStream {
     /// Ends the output: held text is given out (as calls when it parses).
     pub fn finish(&mut self) -> Vec<ToolEvent> {
         if let Some(h) = &mut self.harmony {
-            let out = h.finish();
+            let out = from_harmony(h.finish());
             self.calls += count_calls(&out);
             return out;
         }
@@ -286,6 +286,19 @@ impl ToolStream {
             ToolSyntax::Harmony => None,
         }
     }
+}
+
+/// Harmony's call events as tool-call events.
+fn from_harmony(events: Vec<crate::harmony::CallEvent>) -> Vec<ToolEvent> {
+    use crate::harmony::CallEvent;
+    events
+        .into_iter()
+        .map(|e| match e {
+            CallEvent::Content(t) => ToolEvent::Content(t),
+            CallEvent::Start(name) => ToolEvent::CallStart { name },
+            CallEvent::Arguments(a) => ToolEvent::CallArguments(a),
+        })
+        .collect()
 }
 
 fn count_calls(events: &[ToolEvent]) -> usize {
