@@ -309,3 +309,80 @@ fn clamped_swiglu_is_refused_as_a_plain_activation() {
         .to_string();
     assert!(e.contains("gated_activation"), "{e}");
 }
+
+/// Paged attention with sinks against transformers' own gpt-oss
+/// `eager_attention_forward` (`testdata/golden/attention_sinks.json`,
+/// written by `scripts/golden/sinks_golden.py`): one sequence as a prefill
+/// of all but its last token and then that token's decode, without and
+/// with a sliding window.
+#[test]
+fn attention_sinks_match_transformers() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/golden/attention_sinks.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("attention_sinks.json"))
+            .unwrap();
+    let n = |k: &str| doc[k].as_u64().unwrap() as usize;
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let (heads, kv_heads, hd, len) = (n("heads"), n("kv_heads"), n("head_dim"), n("len"));
+    let (q, k, v, sinks) = (
+        floats(&doc["q"]),
+        floats(&doc["k"]),
+        floats(&doc["v"]),
+        floats(&doc["sinks"]),
+    );
+    let be = CpuBackend::new();
+    for case in doc["cases"].as_array().unwrap() {
+        let window = case["window"].as_u64().map(|w| w as usize);
+        let want = floats(&case["out"]);
+        let p = AttentionParams {
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            scale: doc["scale"].as_f64().unwrap() as f32,
+            window,
+            sinks: Some(&sinks),
+        };
+        let spec = KvSpec {
+            n_layers: 1,
+            num_blocks: 4,
+            block_size: 4,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+        };
+        let mut cache = be.alloc_kv_cache(&spec).unwrap();
+        let mut got = Vec::new();
+        for range in [0..len - 1, len - 1..len] {
+            let toks: Vec<u32> = vec![0; range.len()];
+            let mut step = StepInput::single_sequence(range.start, &toks, spec.block_size);
+            step.seqs[0].block_table = vec![0, 1];
+            let rows = |x: &[f32], w: usize| x[range.start * w..range.end * w].to_vec();
+            let m = range.len();
+            let qt = be.upload(&[m, heads * hd], rows(&q, heads * hd)).unwrap();
+            let kt = be
+                .upload(&[m, kv_heads * hd], rows(&k, kv_heads * hd))
+                .unwrap();
+            let vt = be
+                .upload(&[m, kv_heads * hd], rows(&v, kv_heads * hd))
+                .unwrap();
+            be.write_kv(&mut cache, 0, &kt, &vt, &step).unwrap();
+            got.extend(
+                be.to_host(&be.attention(&qt, &cache, 0, &step, &p).unwrap())
+                    .unwrap(),
+            );
+        }
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() < 2e-6,
+                "window {window:?} output {i}: {g} vs {w}"
+            );
+        }
+    }
+}
