@@ -99,8 +99,19 @@ fn chat_prompt(engine: &Engine, f: &Fields, tools: Option<&[Value]>) -> Result<P
     let template = engine.chat_template().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
     })?;
+    // OpenAI's `reasoning_effort`, handed to the template as vLLM does
+    // (gpt-oss's harmony system message writes it; others ignore it).
+    let mut kwargs = serde_json::Map::new();
+    if let Some(effort) = f.str("reasoning_effort")? {
+        if !matches!(effort, "low" | "medium" | "high") {
+            return Err(ApiError::bad_request(format!(
+                "'reasoning_effort' must be 'low', 'medium' or 'high', got '{effort}'"
+            )));
+        }
+        kwargs.insert("reasoning_effort".into(), effort.into());
+    }
     let text = template
-        .render_tools(&messages, tools, true, &serde_json::Map::new())
+        .render_tools(&messages, tools, true, &kwargs)
         .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
     // The template writes every special token itself.
     Ok(Prompt {

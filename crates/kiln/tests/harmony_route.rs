@@ -2,7 +2,8 @@
 //! openai_gptoss`, `option.tool_call_parser=openai`) on the default model
 //! (SmolLM2, which writes no harmony: its answer passes through as
 //! content, whole and streamed alike), and the tool choices harmony cannot
-//! be held to refused by name. The parsers themselves are tested on
+//! be held to refused by name, and `reasoning_effort` checked and handed
+//! to the template. The parsers themselves are tested on
 //! harmony text in `kiln-server`'s `harmony` module.
 
 mod support;
@@ -37,6 +38,19 @@ fn harmony_parsers_on_the_chat_route() {
         assert_eq!(r.status, 400, "{}", r.text());
         assert!(r.text().contains("harmony"), "{}", r.text());
     }
+    // OpenAI's reasoning_effort goes to the template; a value it does not
+    // define is refused by name.
+    let ask = |effort: &str| {
+        s.post_json(
+            "/v1/chat/completions",
+            &json!({"model": "gptoss", "messages": [{"role": "user", "content": "Hi"}],
+                "reasoning_effort": effort, "max_tokens": 2}),
+        )
+    };
+    assert_eq!(ask("low").status, 200);
+    let r = ask("extreme");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("reasoning_effort"), "{}", r.text());
     let chat = json!({"model": "gptoss", "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "tools": tools, "max_tokens": 12, "temperature": 0});
     let r = s.post_json("/v1/chat/completions", &chat);
