@@ -61,6 +61,7 @@ SEARCH = {
     },
 }
 NO_ARGS = {"type": "function", "function": {"name": "now", "description": "The time."}}
+A_CALL_THINKING = dict(ct.A_CALL, thinking="The user wants Paris weather; call get_weather.")
 
 # (case, messages, tools, add_generation_prompt values, kwargs)
 CASES = [
@@ -75,6 +76,10 @@ CASES = [
     ("tools_system_user", [ct.SYS, ct.U_W], ct.TOOLS, (True,), {}),
     ("tools_call_and_result", [ct.U_W, ct.A_CALL, ct.T_RES], ct.TOOLS, (True,), {}),
     ("tools_result_answered", [ct.SYS, ct.U_W, ct.A_CALL, ct.T_RES, ct.A_FINAL, ct.U2], ct.TOOLS, (True,), {}),
+    # The analysis before a call, sent back as `thinking`: replayed while no
+    # final answer follows the call, dropped once one does.
+    ("tools_call_with_thinking", [ct.U_W, A_CALL_THINKING, ct.T_RES], ct.TOOLS, (True,), {}),
+    ("tools_thinking_answered", [ct.U_W, A_CALL_THINKING, ct.T_RES, ct.A_FINAL, ct.U2], ct.TOOLS, (True,), {}),
 ]
 
 DATE = re.compile(r"Current date: \d{4}-\d{2}-\d{2}\n")
