@@ -22,6 +22,7 @@ pub mod fixtures;
 pub mod fuzz;
 pub mod gguf;
 mod gguf_write;
+pub mod gpt_oss;
 pub mod inspect;
 pub mod layouts;
 pub mod loader;
