@@ -196,7 +196,7 @@ mod gguf_tests {
     #[test]
     fn gguf_windows_follow_llama_cpps_pattern() {
         let win = ("gpt-oss.attention.sliding_window", Value::U32(128));
-        let (_d, f) = file(&[win.clone()]);
+        let (_d, f) = file(std::slice::from_ref(&win));
         assert_eq!(
             gguf_layer_windows(&f, 4).unwrap(),
             [Some(128), None, Some(128), None]
