@@ -200,7 +200,9 @@ pub(crate) async fn run_value(
             )
         {
             return Err(ApiError::bad_request(
-                "tool_choice 'required' or a named function is not supported with gpt-oss's                  harmony tool calls (their markers are special tokens, which kiln's output                  grammars cannot write yet); use 'auto'",
+                "tool_choice 'required' or a named function is not supported with gpt-oss's \
+                 harmony tool calls (their markers are special tokens, which kiln's output \
+                 grammars cannot write yet); use 'auto'",
             ));
         }
         if let Some(g) = t.constraint(syntax) {

@@ -36,7 +36,11 @@ fn harmony_parsers_on_the_chat_route() {
                 "tools": tools, "tool_choice": choice, "max_tokens": 4}),
         );
         assert_eq!(r.status, 400, "{}", r.text());
-        assert!(r.text().contains("harmony"), "{}", r.text());
+        assert!(
+            r.text().contains("with gpt-oss's harmony tool calls"),
+            "{}",
+            r.text()
+        );
     }
     // OpenAI's reasoning_effort goes to the template; a value it does not
     // define is refused by name.
