@@ -245,3 +245,70 @@ fn streamed_chat_deltas_carry_reasoning_and_the_call() {
         );
     }
 }
+
+/// Random outputs built from harmony's markers and the text around them
+/// (well-formed or not): the reasoning split and the tool calls never
+/// panic, and come out the same whole, token by token and a character at
+/// a time.
+#[test]
+fn random_harmony_streams_equal_their_whole_parse() {
+    use crate::reasoning::{ReasoningParser, Splitter};
+    use crate::tool_parse::{collect, parse, ToolStream, ToolSyntax};
+    const PARTS: &[&str] = &[
+        "<|start|>",
+        "<|channel|>",
+        "<|message|>",
+        "<|end|>",
+        "<|call|>",
+        "<|return|>",
+        "<|constrain|>",
+        "assistant",
+        "analysis",
+        "final",
+        "commentary",
+        " to=functions.f",
+        " to=browser.search",
+        " json",
+        "{\"a\": 1}",
+        "{",
+        "x",
+        "é 猫",
+        "<|",
+        "|>",
+        " ",
+        "to=",
+    ];
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = |n: usize| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s % n as u64) as usize
+    };
+    for _ in 0..3000 {
+        let len = 1 + next(14);
+        let tokens: Vec<&str> = (0..len).map(|_| PARTS[next(PARTS.len())]).collect();
+        let text: String = tokens.concat();
+        let chars: Vec<String> = text.chars().map(String::from).collect();
+        let char_refs: Vec<&str> = chars.iter().map(String::as_str).collect();
+        let split = ReasoningParser::GptOss.split(&text);
+        let tools = parse(ToolSyntax::Harmony, &text);
+        for pieces in [&tokens, &char_refs] {
+            let mut sp = Splitter::new(ReasoningParser::GptOss);
+            let mut ts = ToolStream::new(ToolSyntax::Harmony);
+            let (mut r, mut c, mut events) = (String::new(), String::new(), Vec::new());
+            for p in pieces.iter() {
+                let (a, b) = sp.push(p);
+                r.push_str(&a);
+                c.push_str(&b);
+                events.extend(ts.push(p));
+            }
+            let (a, b) = sp.finish();
+            r.push_str(&a);
+            c.push_str(&b);
+            events.extend(ts.finish());
+            assert_eq!(((!r.is_empty()).then_some(r), c), split, "{text:?}");
+            assert_eq!(collect(events), tools, "{text:?}");
+        }
+    }
+}
