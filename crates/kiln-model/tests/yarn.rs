@@ -239,3 +239,38 @@ fn attention_factor_sources() {
     .unwrap_err();
     assert!(e.contains("truncate"), "{e}");
 }
+
+/// The tiny gpt-oss checkpoint's config.json (`testdata/tiny/gpt_oss`,
+/// written by `scripts/golden/tiny_gpt_oss.py`, transformers 5's
+/// `rope_parameters` spelling) gives YaRN with its parameters, and the
+/// family's own fields read as transformers wrote them.
+#[test]
+fn tiny_gpt_oss_config_reads() {
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/tiny/gpt_oss/config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    // The family itself is wired elsewhere: its rope reads as llama's.
+    cfg["model_type"] = json!("llama");
+    let c = DecoderConfig::from_hf_json(&cfg, &p).unwrap();
+    let rope = c.rope.unwrap();
+    assert_eq!(rope.theta, 150000.0);
+    let RopeScaling::Yarn(y) = rope.scaling else {
+        panic!("{:?}", rope.scaling)
+    };
+    assert_eq!(
+        (y.factor, y.original_max_position, y.truncate),
+        (4.0, 64.0, false)
+    );
+    assert!((y.attention_factor - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
+    assert_eq!(
+        kiln_model::gpt_oss::clamped_swiglu(&cfg).unwrap(),
+        kiln_backend::Activation::ClampedSwiglu {
+            alpha: 1.702,
+            limit: 0.5
+        }
+    );
+    assert_eq!(
+        kiln_model::gpt_oss::layer_windows(&cfg, 2).unwrap(),
+        [Some(8), None]
+    );
+}
