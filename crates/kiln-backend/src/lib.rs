@@ -51,7 +51,7 @@ pub enum RopeLayout {
 }
 
 /// Element-wise non-linearities used by feed-forward blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {
     Silu,
     /// GELU, exact (erf) form.
@@ -59,11 +59,20 @@ pub enum Activation {
     /// GELU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
     Relu,
+    /// gpt-oss's clamped SwiGLU, only as a gated activation (a plain
+    /// [`Backend::activation_inplace`] refuses it): with `g = min(gate,
+    /// limit)` and `u = clamp(up, -limit, limit)`, the output is
+    /// `(u + 1) * g * sigmoid(alpha * g)` (config `swiglu_alpha` 1.702,
+    /// `swiglu_limit` 7.0).
+    ClampedSwiglu {
+        alpha: f32,
+        limit: f32,
+    },
 }
 
 /// Shape parameters of one attention call.
 #[derive(Debug, Clone, Copy)]
-pub struct AttentionParams {
+pub struct AttentionParams<'a> {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -75,6 +84,10 @@ pub struct AttentionParams {
     /// mask and softmax (Gemma 2's `attn_logit_softcapping`); `None` leaves
     /// them as they are.
     pub softcap: Option<f32>,
+    /// Attention sinks (gpt-oss): one learned logit per query head, this
+    /// layer's, that joins each softmax's denominator and adds no value, so
+    /// a head may attend to nothing. `None` leaves softmax unchanged.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// The operation set. Tensors are row-major; "rows" are tokens, so a

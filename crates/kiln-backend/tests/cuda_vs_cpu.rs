@@ -224,6 +224,7 @@ fn attention<B: Backend>(be: &B, window: Option<usize>) -> Vec<f32> {
         scale: 1.0 / (hd as f32).sqrt(),
         window,
         softcap: None,
+        sinks: None,
     };
     let mut outs = Vec::new();
     for (i, (ranges, seed)) in [

@@ -29,6 +29,11 @@ pub struct ChatMessage {
     /// A `tool` message's function name, when the client gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's reasoning as the client sends it back
+    /// (`reasoning_content`), under the name gpt-oss's template reads to
+    /// replay the analysis before a tool call; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
 }
 
 impl ChatMessage {
@@ -40,6 +45,7 @@ impl ChatMessage {
             tool_calls: None,
             tool_call_id: None,
             name: None,
+            thinking: None,
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors read from the checkpoint (GGUF `rope_freqs.weight`).
     Factors(Vec<f32>),
+    /// YaRN (gpt-oss, Qwen and DeepSeek long-context configs): a blend of
+    /// kept and divided frequencies, and cos/sin scaled by an attention factor.
+    Yarn(crate::yarn::YarnScaling),
 }
 
 /// Rotary position embedding parameters.
@@ -333,6 +336,10 @@ impl DecoderConfig {
             Some("linear") => RopeScaling::Linear {
                 factor: file.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0),
             },
+            Some("yarn") => RopeScaling::Yarn(
+                crate::yarn::YarnScaling::from_gguf(file, &arch, cfg.max_position_embeddings)
+                    .map_err(bad)?,
+            ),
             Some(other) => return Err(bad(format!("rope scaling '{other}' is not supported"))),
         };
         cfg.rope = Some(RopeConfig {
@@ -440,6 +447,7 @@ impl DecoderConfig {
                     scaling: hf_rope_scaling(
                         json.get("rope_scaling")
                             .or_else(|| json.get("rope_parameters")),
+                        json,
                     )
                     .map_err(bad)?,
                 });
@@ -570,18 +578,24 @@ impl RopeConfig {
     pub fn table(&self, max_pos: usize) -> Vec<f32> {
         let r = self;
         let half = r.rot_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| {
-                let f = 1.0 / r.theta.powf(2.0 * i as f64 / r.rot_dim as f64);
-                scale_frequency(f, i, &r.scaling)
-            })
-            .collect();
+        let (inv_freq, mscale): (Vec<f64>, f64) = match &r.scaling {
+            RopeScaling::Yarn(y) => (y.inv_freq(r.theta, r.rot_dim), y.attention_factor),
+            scaling => (
+                (0..half)
+                    .map(|i| {
+                        let f = 1.0 / r.theta.powf(2.0 * i as f64 / r.rot_dim as f64);
+                        scale_frequency(f, i, scaling)
+                    })
+                    .collect(),
+                1.0,
+            ),
+        };
         let mut table = vec![0f32; max_pos * r.rot_dim];
         for (p, row) in table.chunks_exact_mut(r.rot_dim).enumerate() {
             for (i, &f) in inv_freq.iter().enumerate() {
                 let ang = p as f64 * f;
-                row[i] = ang.cos() as f32;
-                row[half + i] = ang.sin() as f32;
+                row[i] = (ang.cos() * mscale) as f32;
+                row[half + i] = (ang.sin() * mscale) as f32;
             }
         }
         table
@@ -590,7 +604,9 @@ impl RopeConfig {
 
 fn scale_frequency(f: f64, i: usize, scaling: &RopeScaling) -> f64 {
     match scaling {
-        RopeScaling::None => f,
+        // YaRN's blend depends on the base and dimension: `rope_table` asks
+        // `YarnScaling::inv_freq` for the whole set instead.
+        RopeScaling::None | RopeScaling::Yarn(_) => f,
         RopeScaling::Linear { factor } => f / factor,
         RopeScaling::Factors(factors) => f / factors.get(i).copied().unwrap_or(1.0) as f64,
         RopeScaling::Llama3 {
@@ -615,7 +631,10 @@ fn scale_frequency(f: f64, i: usize, scaling: &RopeScaling) -> f64 {
     }
 }
 
-pub(crate) fn hf_rope_scaling(v: Option<&Json>) -> std::result::Result<RopeScaling, String> {
+pub(crate) fn hf_rope_scaling(
+    v: Option<&Json>,
+    config: &Json,
+) -> std::result::Result<RopeScaling, String> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
     };
@@ -640,6 +659,7 @@ pub(crate) fn hf_rope_scaling(v: Option<&Json>) -> std::result::Result<RopeScali
             high_freq_factor: num("high_freq_factor")?,
             original_max_position: num("original_max_position_embeddings")?,
         },
+        "yarn" => RopeScaling::Yarn(crate::yarn::YarnScaling::from_hf(v, config)?),
         other => return Err(format!("rope_scaling type '{other}' is not supported")),
     })
 }

@@ -506,6 +506,7 @@ impl<B: Backend> Decoder<B> {
                 .unwrap_or_else(|| 1.0 / (cfg.head_dim as f32).sqrt()),
             window: cfg.sliding_window,
             softcap: cfg.attn_logit_softcap,
+            sinks: None,
         };
         let mut x = be.embedding(&self.embed, &step)?;
         if let Some(s) = cfg.embed_scale {

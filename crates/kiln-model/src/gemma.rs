@@ -269,11 +269,11 @@ pub(crate) fn from_hf_json(model_type: &str, top: &Json) -> Result<DecoderConfig
     // In old configs `rope_scaling` is the global layers' scaling.
     c.rope = Some(rope(
         theta_of(global_params, "rope_theta", d.global_theta),
-        hf_rope_scaling(global_params)?,
+        hf_rope_scaling(global_params, json)?,
     ));
     if gemma3 {
         let local_theta = theta_of(local_params, "rope_local_base_freq", LOCAL_THETA);
-        c.local_rope = Some(rope(local_theta, hf_rope_scaling(local_params)?));
+        c.local_rope = Some(rope(local_theta, hf_rope_scaling(local_params, json)?));
     }
     c.layer_attention = layer_attention(&local, window, gemma3);
     c.sliding_window = None;

@@ -23,6 +23,7 @@ pub mod fixtures;
 pub mod fuzz;
 pub mod gguf;
 mod gguf_write;
+pub mod gpt_oss;
 pub mod inspect;
 pub mod layouts;
 pub mod loader;
@@ -33,6 +34,7 @@ pub use kiln_backend::quant;
 pub mod tokenizer;
 pub mod torch;
 pub mod weights;
+pub mod yarn;
 
 mod error;
 mod host;

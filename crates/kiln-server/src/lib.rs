@@ -26,6 +26,9 @@ pub mod djl_status;
 pub mod error;
 pub mod funnel;
 pub mod generation;
+pub mod harmony;
+#[cfg(test)]
+mod harmony_tests;
 pub mod health;
 pub mod lmi;
 pub(crate) mod lmi_outputs;

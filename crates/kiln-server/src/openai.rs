@@ -99,8 +99,19 @@ fn chat_prompt(engine: &Engine, f: &Fields, tools: Option<&[Value]>) -> Result<P
     let template = engine.chat_template().ok_or_else(|| {
         ApiError::bad_request("this model has no chat template; use /v1/completions")
     })?;
+    // OpenAI's `reasoning_effort`, handed to the template as vLLM does
+    // (gpt-oss's harmony system message writes it; others ignore it).
+    let mut kwargs = serde_json::Map::new();
+    if let Some(effort) = f.str("reasoning_effort")? {
+        if !matches!(effort, "low" | "medium" | "high") {
+            return Err(ApiError::bad_request(format!(
+                "'reasoning_effort' must be 'low', 'medium' or 'high', got '{effort}'"
+            )));
+        }
+        kwargs.insert("reasoning_effort".into(), effort.into());
+    }
     let text = template
-        .render_tools(&messages, tools, true, &serde_json::Map::new())
+        .render_tools(&messages, tools, true, &kwargs)
         .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
     // The template writes every special token itself.
     Ok(Prompt {
@@ -182,6 +193,18 @@ pub(crate) async fn run_value(
                 .map(|tpl| crate::tool_parse::ToolSyntax::from_template(tpl.source()))
                 .unwrap_or(crate::tool_parse::ToolSyntax::Hermes),
         };
+        if syntax == crate::tool_parse::ToolSyntax::Harmony
+            && matches!(
+                t.choice,
+                crate::tools::ToolChoice::Required | crate::tools::ToolChoice::Named(_)
+            )
+        {
+            return Err(ApiError::bad_request(
+                "tool_choice 'required' or a named function is not supported with gpt-oss's \
+                 harmony tool calls (their markers are special tokens, which kiln's output \
+                 grammars cannot write yet); use 'auto'",
+            ));
+        }
         if let Some(g) = t.constraint(syntax) {
             if c.params.constraint.is_some() {
                 return Err(ApiError::bad_request(
@@ -197,6 +220,17 @@ pub(crate) async fn run_value(
         if tool_syntax == Some(crate::tool_parse::ToolSyntax::Mistral) {
             c.params.skip_special_tokens = false;
         }
+    }
+    let reasoning = match api {
+        Api::Chat => crate::reasoning::for_chat(&st, &c.model, &engine),
+        Api::Completions => None,
+    };
+    // Harmony's channel and call markers are special tokens too: kept for
+    // the gpt-oss parsers, which take them out of what the client sees.
+    if tool_syntax == Some(crate::tool_parse::ToolSyntax::Harmony)
+        || reasoning == Some(crate::reasoning::ReasoningParser::GptOss)
+    {
+        c.params.skip_special_tokens = false;
     }
     let tool_list = tools.map(|t| t.tools);
     let (input, echo) = match api {
@@ -247,10 +281,7 @@ pub(crate) async fn run_value(
         api,
         engine,
         logprobs: top_logprobs.is_some(),
-        reasoning: match api {
-            Api::Chat => crate::reasoning::for_model(&st, &c.model),
-            Api::Completions => None,
-        },
+        reasoning,
         tools: tool_syntax,
         framing,
     };

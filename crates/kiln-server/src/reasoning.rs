@@ -12,6 +12,13 @@
 //!   output starts inside the thinking; everything before `</think>` is
 //!   reasoning (a leading `<think>` is dropped), and output that never
 //!   closes it is all reasoning.
+//! - `openai_gptoss` (gpt-oss's harmony format, [`crate::harmony`]): the
+//!   `analysis` channel is reasoning, the `final` channel content; calls
+//!   (messages `to=functions.NAME`) pass on as written for the `openai`
+//!   tool-call parser. Its markers are special tokens: the server keeps
+//!   them in the text for this parser. A model whose chat template writes
+//!   harmony gets this parser without `option.reasoning_parser` too
+//!   ([`for_chat`]).
 
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
@@ -23,17 +30,20 @@ pub enum ReasoningParser {
     Qwen3,
     /// DeepSeek-R1: thinking starts in the prompt and ends at `</think>`.
     DeepSeekR1,
+    /// gpt-oss: harmony channels (vLLM's `openai_gptoss`).
+    GptOss,
 }
 
 impl ReasoningParser {
     /// The names kiln implements, as listed in errors.
-    pub const ALLOWED: &'static str = "qwen3, deepseek_r1";
+    pub const ALLOWED: &'static str = "qwen3, deepseek_r1, openai_gptoss";
 
     /// Parses a parser name (vLLM's spelling).
     pub fn parse(name: &str) -> Option<ReasoningParser> {
         match name {
             "qwen3" => Some(ReasoningParser::Qwen3),
             "deepseek_r1" => Some(ReasoningParser::DeepSeekR1),
+            "openai_gptoss" | "gpt_oss" => Some(ReasoningParser::GptOss),
             _ => None,
         }
     }
@@ -43,6 +53,7 @@ impl ReasoningParser {
         match self {
             ReasoningParser::Qwen3 => "qwen3",
             ReasoningParser::DeepSeekR1 => "deepseek_r1",
+            ReasoningParser::GptOss => "openai_gptoss",
         }
     }
 
@@ -78,6 +89,8 @@ pub struct Splitter {
     phase: Phase,
     held: String,
     saw_close: bool,
+    /// gpt-oss's channels are read by their own parser.
+    harmony: Option<crate::harmony::ReasoningSplit>,
 }
 
 impl Splitter {
@@ -88,12 +101,16 @@ impl Splitter {
             phase: Phase::Start,
             held: String::new(),
             saw_close: false,
+            harmony: (parser == ReasoningParser::GptOss).then(Default::default),
         }
     }
 
     /// Takes the next piece of output; returns the (reasoning, content)
     /// text that is now certain.
     pub fn push(&mut self, delta: &str) -> (String, String) {
+        if let Some(h) = &mut self.harmony {
+            return h.push(delta);
+        }
         self.held.push_str(delta);
         let (mut r, mut c) = (String::new(), String::new());
         loop {
@@ -110,7 +127,7 @@ impl Splitter {
                         self.phase = match self.parser {
                             ReasoningParser::DeepSeekR1 => Phase::Reasoning,
                             // Qwen3 without `<think>`: plain content.
-                            ReasoningParser::Qwen3 => Phase::Content,
+                            ReasoningParser::Qwen3 | ReasoningParser::GptOss => Phase::Content,
                         };
                     }
                 }
@@ -139,6 +156,9 @@ impl Splitter {
 
     /// The end of the output: releases what was held back.
     pub fn finish(&mut self) -> (String, String) {
+        if let Some(h) = &mut self.harmony {
+            return h.finish();
+        }
         let held = std::mem::take(&mut self.held);
         match self.phase {
             Phase::Reasoning => (held, String::new()),
@@ -162,6 +182,23 @@ fn partial_suffix(text: &str, tag: &str) -> usize {
 pub(crate) fn for_model(st: &crate::state::AppState, model: &str) -> Option<ReasoningParser> {
     let entry = st.registry.get(model).ok()?;
     entry.properties.as_ref()?.chat.reasoning_parser
+}
+
+/// The reasoning parser of a chat answer: the model's
+/// `option.reasoning_parser`, else `openai_gptoss` when its chat template
+/// writes harmony (`<|channel|>`): gpt-oss's answers are always channels,
+/// and vLLM always splits them.
+pub(crate) fn for_chat(
+    st: &crate::state::AppState,
+    model: &str,
+    engine: &kiln_engine::Engine,
+) -> Option<ReasoningParser> {
+    for_model(st, model).or_else(|| {
+        engine
+            .chat_template()
+            .filter(|t| crate::harmony::is_harmony_template(t.source()))
+            .map(|_| ReasoningParser::GptOss)
+    })
 }
 
 /// Rewrites a chat chunk's `delta.content` with a splitter: the text goes to

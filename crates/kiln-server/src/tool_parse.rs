@@ -1,6 +1,7 @@
 //! Reading tool calls out of a model's output: the syntaxes models are
 //! trained to write a call in, as vLLM's tool-call parsers of the same names
-//! read them (`hermes`, `llama3_json`, `mistral`), whole or streamed.
+//! read them (`hermes`, `llama3_json`, `mistral`, and gpt-oss's harmony
+//! calls as `openai`, in [`crate::harmony`]), whole or streamed.
 //!
 //! The same [`ToolStream`] serves both: the whole text is one push, a stream
 //! pushes each token's text. Text before a call streams out as content (a
@@ -8,6 +9,10 @@
 //! a call is given out once it is complete, so the calls and the content are
 //! the same however the output was cut into pieces. Output that looks like a
 //! call but does not parse (bad JSON, no `name`) is given out as content.
+//! Harmony calls are the exception: a message addressed to a function is a
+//! call by its header, so it is given out as it streams ([`ToolEvent::CallStart`],
+//! then its arguments as they come), its arguments the text the model wrote,
+//! as vLLM's `openai` parser gives them.
 
 use serde_json::Value;
 
@@ -23,11 +28,14 @@ pub enum ToolSyntax {
     /// `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral), or
     /// the newer `[TOOL_CALLS]name[ARGS]{...}` form.
     Mistral,
+    /// gpt-oss's harmony messages addressed `to=functions.NAME`, their body
+    /// the JSON arguments (vLLM's `openai` parser; [`crate::harmony`]).
+    Harmony,
 }
 
 impl ToolSyntax {
     /// The vLLM parser names kiln implements, as listed in errors.
-    pub const ALLOWED: &'static str = "hermes, llama3_json, llama4_json, mistral";
+    pub const ALLOWED: &'static str = "hermes, llama3_json, llama4_json, mistral, openai";
 
     /// The syntax of a vLLM `tool_call_parser` name, if kiln implements it.
     pub fn from_parser_name(name: &str) -> Option<ToolSyntax> {
@@ -35,6 +43,7 @@ impl ToolSyntax {
             "hermes" => Some(ToolSyntax::Hermes),
             "llama3_json" | "llama4_json" => Some(ToolSyntax::Llama3Json),
             "mistral" => Some(ToolSyntax::Mistral),
+            "openai" => Some(ToolSyntax::Harmony),
             _ => None,
         }
     }
@@ -45,7 +54,9 @@ impl ToolSyntax {
     /// the template); anything else (ChatML templates without tools, such as
     /// SmolLM2's) gets Hermes, the syntax ChatML models are tuned on.
     pub fn from_template(source: &str) -> ToolSyntax {
-        if source.contains("[TOOL_CALLS]") {
+        if crate::harmony::is_harmony_template(source) {
+            ToolSyntax::Harmony
+        } else if source.contains("[TOOL_CALLS]") {
             ToolSyntax::Mistral
         } else if source.contains("<tool_call>") {
             ToolSyntax::Hermes
@@ -64,6 +75,7 @@ impl ToolSyntax {
             ToolSyntax::Hermes => HERMES_OPEN,
             ToolSyntax::Llama3Json => "{",
             ToolSyntax::Mistral => MISTRAL_OPEN,
+            ToolSyntax::Harmony => "<|channel|>",
         }
     }
 }
@@ -89,6 +101,10 @@ pub enum ToolEvent {
     Content(String),
     /// A complete call.
     Call(ParsedCall),
+    /// A call whose arguments follow as they come (harmony).
+    CallStart { name: String },
+    /// More of the last started call's arguments.
+    CallArguments(String),
 }
 
 /// Where a [`ToolStream`] is.
@@ -109,6 +125,8 @@ pub struct ToolStream {
     phase: Phase,
     held: String,
     calls: usize,
+    /// Harmony output is read by its own parser.
+    harmony: Option<crate::harmony::ToolCalls>,
 }
 
 impl ToolStream {
@@ -119,6 +137,7 @@ impl ToolStream {
             phase: Phase::Start,
             held: String::new(),
             calls: 0,
+            harmony: (syntax == ToolSyntax::Harmony).then(Default::default),
         }
     }
 
@@ -129,6 +148,11 @@ impl ToolStream {
 
     /// Takes the next piece of output.
     pub fn push(&mut self, text: &str) -> Vec<ToolEvent> {
+        if let Some(h) = &mut self.harmony {
+            let out = from_harmony(h.push(text));
+            self.calls += count_calls(&out);
+            return out;
+        }
         self.held.push_str(text);
         let mut out = Vec::new();
         self.advance(&mut out);
@@ -137,6 +161,11 @@ impl ToolStream {
 
     /// Ends the output: held text is given out (as calls when it parses).
     pub fn finish(&mut self) -> Vec<ToolEvent> {
+        if let Some(h) = &mut self.harmony {
+            let out = from_harmony(h.finish());
+            self.calls += count_calls(&out);
+            return out;
+        }
         let mut out = Vec::new();
         self.advance(&mut out);
         let held = std::mem::take(&mut self.held);
@@ -253,8 +282,30 @@ impl ToolStream {
                 let body = text.strip_prefix(MISTRAL_OPEN)?;
                 mistral_calls(body)
             }
+            // Harmony output never reaches the held text (`push` hands it on).
+            ToolSyntax::Harmony => None,
         }
     }
+}
+
+/// Harmony's call events as tool-call events.
+fn from_harmony(events: Vec<crate::harmony::CallEvent>) -> Vec<ToolEvent> {
+    use crate::harmony::CallEvent;
+    events
+        .into_iter()
+        .map(|e| match e {
+            CallEvent::Content(t) => ToolEvent::Content(t),
+            CallEvent::Start(name) => ToolEvent::CallStart { name },
+            CallEvent::Arguments(a) => ToolEvent::CallArguments(a),
+        })
+        .collect()
+}
+
+fn count_calls(events: &[ToolEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, ToolEvent::Call(_) | ToolEvent::CallStart { .. }))
+        .count()
 }
 
 fn emit_content(text: String, out: &mut Vec<ToolEvent>) {
@@ -360,6 +411,15 @@ pub fn collect(events: Vec<ToolEvent>) -> (Option<String>, Vec<ParsedCall>) {
         match e {
             ToolEvent::Content(t) => content.push_str(&t),
             ToolEvent::Call(c) => calls.push(c),
+            ToolEvent::CallStart { name } => calls.push(ParsedCall {
+                name,
+                arguments: String::new(),
+            }),
+            ToolEvent::CallArguments(a) => {
+                if let Some(c) = calls.last_mut() {
+                    c.arguments.push_str(&a);
+                }
+            }
         }
     }
     let content = (!content.is_empty() || calls.is_empty()).then_some(content);

@@ -58,8 +58,13 @@ impl ToolRequest {
         self.choice != ToolChoice::None
     }
 
-    /// The grammar for `required` and named choices (`None` otherwise).
+    /// The grammar for `required` and named choices (`None` otherwise, and
+    /// for harmony, whose markers are special tokens a text grammar cannot
+    /// write: the route refuses those choices for it).
     pub fn constraint(&self, syntax: ToolSyntax) -> Option<Constraint> {
+        if syntax == ToolSyntax::Harmony {
+            return None;
+        }
         let allowed: Vec<&Value> = match &self.choice {
             ToolChoice::None | ToolChoice::Auto => return None,
             ToolChoice::Required => self.tools.iter().collect(),
@@ -302,6 +307,22 @@ impl ToolDeltas {
                     c["choices"][0]["delta"] = json!({"content": t});
                     before.push(c);
                 }
+                // A streamed call (harmony): its head now, then its
+                // arguments as they come, under the last started index.
+                ToolEvent::CallStart { name } => {
+                    let mut head = template.clone();
+                    head["choices"][0]["delta"] = json!({"tool_calls": [{"index": index,
+                        "id": call_id(), "type": "function",
+                        "function": {"name": name, "arguments": ""}}]});
+                    before.push(head);
+                    index += 1;
+                }
+                ToolEvent::CallArguments(a) => {
+                    let mut args = template.clone();
+                    args["choices"][0]["delta"] = json!({"tool_calls": [{"index": index.saturating_sub(1),
+                        "function": {"arguments": a}}]});
+                    before.push(args);
+                }
                 ToolEvent::Call(call) => {
                     let mut head = template.clone();
                     head["choices"][0]["delta"] = json!({"tool_calls": [{"index": index,
@@ -341,7 +362,7 @@ impl ToolDeltas {
 fn count_calls(events: &[ToolEvent]) -> usize {
     events
         .iter()
-        .filter(|e| matches!(e, ToolEvent::Call(_)))
+        .filter(|e| matches!(e, ToolEvent::Call(_) | ToolEvent::CallStart { .. }))
         .count()
 }
 
@@ -358,6 +379,8 @@ fn grammar(syntax: ToolSyntax, tools: &[&Value], parallel: bool) -> String {
         ToolSyntax::Hermes => ("arguments", "", "\n", "", "<tool_call>\n", "\n</tool_call>"),
         ToolSyntax::Llama3Json => ("parameters", "", "; ", "", "", ""),
         ToolSyntax::Mistral => ("arguments", "[TOOL_CALLS][", ", ", "]", "", ""),
+        // Not reached: `constraint` gives harmony no grammar.
+        ToolSyntax::Harmony => ("arguments", "", "\n", "", "", ""),
     };
     let mut g = String::new();
     let more = if parallel {

@@ -1025,6 +1025,20 @@ fn mutated_properties_files_never_panic() {
     eprintln!("serving.properties: {report:?}");
 }
 
+/// gpt-oss's parsers by vLLM's names: `openai_gptoss` (reasoning) and
+/// `openai` (tool calls, harmony).
+#[test]
+fn gpt_oss_parser_names_are_read() {
+    use kiln_server::reasoning::ReasoningParser;
+    let p = parse("option.reasoning_parser=openai_gptoss\noption.tool_call_parser=openai\noption.enable_auto_tool_choice=true\n");
+    assert_eq!(p.chat.reasoning_parser, Some(ReasoningParser::GptOss));
+    assert_eq!(
+        p.chat.tool_call_parser.as_ref().map(|t| t.syntax()),
+        Some(kiln_server::tool_parse::ToolSyntax::Harmony)
+    );
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+}
+
 /// Issue 13, point 6: the chat-side keys of DJL's vLLM handler
 /// (`djl_python/properties_manager/vllm_rb_properties.py`).
 #[test]

@@ -96,6 +96,7 @@ pub(super) fn paged_attention(
         });
     }
     step.validate(&spec)?;
+    check_sinks(p)?;
     let group = p.n_heads / p.n_kv_heads;
     let kv_width = p.n_kv_heads * hd;
     let (kc, vc) = cache.layer(layer);
@@ -137,6 +138,7 @@ pub(super) fn paged_attention(
                 block_table: &seq.block_table,
                 first,
                 pos,
+                sinks: p.sinks.map(|s| &s[g * group..(g + 1) * group]),
             };
             #[cfg(target_arch = "x86_64")]
             {
@@ -158,6 +160,22 @@ pub(super) fn paged_attention(
             attend::<false, false>(&ctx, job, scores);
         });
     CpuTensor::new(q.shape.clone(), out)
+}
+
+/// Refuses sinks that are not one finite logit per query head (they come
+/// from a checkpoint: a wrong count or a NaN must not reach the softmax).
+fn check_sinks(p: &AttentionParams) -> Result<()> {
+    match p.sinks {
+        Some(s) if s.len() != p.n_heads => Err(BackendError::Shape {
+            op: "attention",
+            msg: format!("{} attention sinks for {} heads", s.len(), p.n_heads),
+        }),
+        Some(s) if s.iter().any(|x| !x.is_finite()) => Err(BackendError::Invalid {
+            op: "attention",
+            msg: "an attention sink is not finite".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// What every attention task shares.
@@ -182,6 +200,8 @@ struct Job<'a> {
     block_table: &'a [u32],
     first: usize,
     pos: usize,
+    /// The group's attention sinks (one logit per query head), if any.
+    sinks: Option<&'a [f32]>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -217,11 +237,19 @@ fn attend<const FMA: bool, const WIDE: bool>(ctx: &Ctx, job: Job, scores: &mut V
     }
     for h in 0..group {
         let row = &mut scores[h * n..(h + 1) * n];
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sink = job.sinks.map(|s| s[h]);
+        if let Some(s) = sink {
+            max = max.max(s);
+        }
         for s in row.iter_mut() {
             *s = super::math::exp::<FMA>(*s - max);
         }
-        let sum = sum8(row);
+        let mut sum = sum8(row);
+        // A sink takes its share of the denominator and contributes no value.
+        if let Some(s) = sink {
+            sum += super::math::exp::<FMA>(s - max);
+        }
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|s| *s *= inv);
     }
@@ -765,6 +793,7 @@ mod tests {
                     block_table: &table,
                     first,
                     pos,
+                    sinks: None,
                 };
                 let n = pos + 1 - first;
                 let (mut a, mut b) = (vec![0f32; group * n], vec![0f32; group * n]);
@@ -837,6 +866,7 @@ mod tests {
                     block_table: &table,
                     first: 0,
                     pos,
+                    sinks: None,
                 };
                 // SAFETY: AVX-512F (and so AVX2 and FMA) were detected.
                 unsafe {

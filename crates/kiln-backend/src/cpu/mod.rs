@@ -270,6 +270,12 @@ impl Backend for CpuBackend {
     }
 
     fn activation_inplace(&self, x: &mut CpuTensor, act: Activation) -> Result<()> {
+        if let Activation::ClampedSwiglu { .. } = act {
+            return Err(BackendError::Invalid {
+                op: "activation",
+                msg: "the clamped SwiGLU needs its up projection: use gated_activation".into(),
+            });
+        }
         ops::activation_inplace(x, act);
         Ok(())
     }

@@ -228,7 +228,11 @@ pub(super) fn gate_vector() -> bool {
 /// so that the loop vectorises).
 #[inline(always)]
 fn gate_rows(o: &mut [f32], g: &[f32], u: &[f32], act: Activation) {
-    if act == Activation::Silu {
+    if let Activation::ClampedSwiglu { limit, .. } = act {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = (u.clamp(-limit, limit) + 1.0) * activate(g, act);
+        }
+    } else if act == Activation::Silu {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             *o = silu(g) * u;
         }
@@ -277,6 +281,12 @@ pub fn activate(x: f32, act: Activation) -> f32 {
         Activation::GeluTanh => {
             const C: f32 = 0.797_884_6; // sqrt(2/pi)
             0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+        }
+        // The gate's half of gpt-oss's clamped SwiGLU (`gate_rows` clamps
+        // and adds the up projection): `g * sigmoid(alpha * g)`, g = min(x, limit).
+        Activation::ClampedSwiglu { alpha, limit } => {
+            let g = x.min(limit);
+            g / (1.0 + super::math::exp::<false>(-alpha * g))
         }
     }
 }

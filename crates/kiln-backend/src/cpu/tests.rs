@@ -353,6 +353,7 @@ fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
             scale: 0.35,
             window,
             softcap,
+            sinks: None,
         };
         let mut cache = be.alloc_kv_cache(&spec).unwrap();
         // Sequence A: 7 tokens of which the last 3 are computed now (4 cached earlier).

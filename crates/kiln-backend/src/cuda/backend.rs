@@ -613,7 +613,7 @@ impl Backend for CudaBackend {
         }
         let n = gate.shape.iter().product::<usize>();
         let mut out = self.alloc("gated_activation", n)?;
-        let (n64, a) = (n as i64, act_code(act));
+        let (n64, a) = (n as i64, act_code(act)?);
         let f = self.func("gated_activation_bf16")?;
         let mut b = self.stream.launch_builder(f);
         b.arg(&mut out)
@@ -631,7 +631,7 @@ impl Backend for CudaBackend {
 
     fn activation_inplace(&self, x: &mut CudaTensor, act: Activation) -> Result<()> {
         let n = x.shape.iter().product::<usize>();
-        let (n64, a) = (n as i64, act_code(act));
+        let (n64, a) = (n as i64, act_code(act)?);
         let f = self.func("activation_inplace_bf16")?;
         let mut b = self.stream.launch_builder(f);
         b.arg(&mut x.data).arg(&n64).arg(&a);
@@ -693,6 +693,12 @@ impl Backend for CudaBackend {
         }
         let s = cache.spec;
         let hd = p.head_dim;
+        if p.sinks.is_some() {
+            return Err(BackendError::Invalid {
+                op: "attention",
+                msg: "attention sinks (gpt-oss) are not implemented on CUDA yet".into(),
+            });
+        }
         if layer >= s.n_layers
             || cols(&q.shape) != p.n_heads * hd
             || rows(&q.shape) != step.host.tokens.len()
@@ -854,11 +860,17 @@ impl Backend for CudaBackend {
     }
 }
 
-fn act_code(act: Activation) -> i32 {
-    match act {
+fn act_code(act: Activation) -> Result<i32> {
+    Ok(match act {
         Activation::Silu => 0,
         Activation::Gelu => 1,
         Activation::GeluTanh => 2,
         Activation::Relu => 3,
-    }
+        Activation::ClampedSwiglu { .. } => {
+            return Err(BackendError::Invalid {
+                op: "activation",
+                msg: "the clamped SwiGLU (gpt-oss) is not implemented on CUDA yet".into(),
+            })
+        }
+    })
 }

@@ -165,6 +165,15 @@ pub(crate) fn chat_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
         msg.tool_calls = crate::tools::message_tool_calls(i, &mf)?;
         msg.tool_call_id = mf.str("tool_call_id")?.map(str::to_string);
         msg.name = mf.str("name")?.map(str::to_string);
+        // The reasoning an answer came with, sent back on a later turn
+        // (gpt-oss's template replays it before a tool call, as llama.cpp
+        // hands it over).
+        if role == "assistant" {
+            msg.thinking = match mf.str("reasoning_content")? {
+                Some(r) => Some(r.to_string()),
+                None => mf.str("reasoning")?.map(str::to_string),
+            };
+        }
         messages.push(msg);
     }
     Ok(messages)
@@ -637,5 +646,31 @@ mod fuzz {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(report.cases, cases(3000));
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::*;
+
+    /// An assistant turn's `reasoning_content` (or vLLM's `reasoning`)
+    /// comes back as the message's `thinking`; other roles keep none.
+    #[test]
+    fn reasoning_sent_back_becomes_thinking() {
+        let v = json!({"messages": [
+            {"role": "user", "content": "Weather?", "reasoning_content": "not mine"},
+            {"role": "assistant", "content": null, "reasoning_content": "Need the tool.",
+             "tool_calls": [{"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "assistant", "content": "Done.", "reasoning": "Easy."},
+            {"role": "assistant", "content": "No reasoning."}]});
+        let f = Fields::new(&v, "").unwrap();
+        let m = chat_messages(&f).unwrap();
+        let thinking: Vec<Option<&str>> = m.iter().map(|m| m.thinking.as_deref()).collect();
+        assert_eq!(
+            thinking,
+            [None, Some("Need the tool."), Some("Easy."), None]
+        );
+        assert_eq!(m[1].content.as_deref(), Some(""));
     }
 }

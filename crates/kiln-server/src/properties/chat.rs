@@ -12,9 +12,10 @@
 //!   (without it they get a 400, as in vLLM; [`crate::tools`]);
 //!   `tool_call_parser` picks the call syntax read from the output
 //!   ([`crate::tool_parse::ToolSyntax`]): `hermes`, `llama3_json`,
-//!   `llama4_json` and `mistral` are implemented, vLLM's other names are
+//!   `llama4_json`, `mistral` and `openai` (gpt-oss's harmony calls) are
+//!   implemented, vLLM's other names are
 //!   refused by name (unset, the syntax is chosen from the chat template);
-//! - `reasoning_parser` `qwen3` and `deepseek_r1` are implemented
+//! - `reasoning_parser` `qwen3`, `deepseek_r1` and `openai_gptoss` are implemented
 //!   ([`crate::reasoning`]); vLLM's other names are refused by name;
 //! - SageMaker stateful sessions ([`crate::sessions`]) are on unless
 //!   `enable_stateful_sessions=false`, as in DJL;
@@ -63,7 +64,6 @@ const OTHER_REASONING_PARSERS: &[&str] = &[
     "hunyuan_a13b",
     "mistral",
     "glm45",
-    "gpt_oss",
     "step3",
     "ernie45",
     "seed_oss",
