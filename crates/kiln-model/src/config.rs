@@ -126,6 +126,9 @@ pub struct DecoderConfig {
     /// Mixture of experts in place of (some layers') dense feed-forward
     /// blocks (Qwen2-MoE, Qwen3-MoE, Mixtral); see [`crate::moe`].
     pub moe: Option<crate::moe::MoeConfig>,
+    /// Each layer has one learned attention-sink logit per query head
+    /// (gpt-oss's `self_attn.sinks`, GGUF `blk.N.attn_sinks.weight`).
+    pub attn_sinks: bool,
 }
 
 /// How one layer attends, for models whose layers differ (Gemma 2 and 3
@@ -176,7 +179,12 @@ impl DecoderConfig {
         } else {
             0
         };
-        let per_layer = attn + mlp + 2 * norm + qk_norm;
+        let sinks = if self.attn_sinks {
+            u(self.n_heads)
+        } else {
+            0
+        };
+        let per_layer = attn + mlp + 2 * norm + qk_norm + sinks;
         let embed = u(self.vocab_size) * e;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         let positions = self
@@ -261,6 +269,7 @@ impl DecoderConfig {
             layer_attention: Vec::new(),
             local_rope: None,
             moe: None,
+            attn_sinks: false,
         }
     }
 
@@ -277,12 +286,12 @@ impl DecoderConfig {
             .to_string();
         if !matches!(
             arch.as_str(),
-            "llama" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3"
+            "llama" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3" | "gpt-oss"
         ) && !crate::moe::GGUF_ARCHS.contains(&arch.as_str())
         {
             return Err(bad(format!(
                 "architecture '{arch}' is not supported from GGUF (llama, qwen2, qwen3, phi3, gemma2, \
-                 gemma3, qwen2moe and qwen3moe are; other architectures load from Hugging Face directories)"
+                 gemma3, qwen2moe, qwen3moe and gpt-oss are; other architectures load from Hugging Face directories)"
             )));
         }
         let key = |k: &str| format!("{arch}.{k}");
@@ -361,6 +370,9 @@ impl DecoderConfig {
         }
         cfg.moe =
             crate::moe::from_gguf(file, &arch, cfg.n_layers, cfg.intermediate_size).map_err(bad)?;
+        if arch == "gpt-oss" {
+            crate::gpt_oss::adjust_gguf(file, &mut cfg).map_err(bad)?;
+        }
         cfg.validate(file.path())?;
         Ok(cfg)
     }
@@ -401,7 +413,8 @@ impl DecoderConfig {
             }
         };
         let mut cfg = match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "qwen2_moe" | "qwen3_moe" | "mixtral" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "qwen2_moe" | "qwen3_moe" | "mixtral"
+            | "gpt_oss" => {
                 let hidden = req("hidden_size")?;
                 let heads = req("num_attention_heads")?;
                 if heads == 0 || !hidden.is_multiple_of(heads) && get_usize("head_dim").is_none() {
@@ -513,12 +526,15 @@ impl DecoderConfig {
             other => {
                 return Err(bad(format!(
                     "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
-                     opt, gemma2, gemma3_text, gemma3, qwen2_moe, qwen3_moe and mixtral are)"
+                     opt, gemma2, gemma3_text, gemma3, qwen2_moe, qwen3_moe, mixtral and gpt_oss are)"
                 )))
             }
         };
         cfg.arch = model_type.to_string();
         crate::moe::apply_hf(&mut cfg, model_type, json).map_err(bad)?;
+        if model_type == "gpt_oss" {
+            crate::gpt_oss::apply_hf(&mut cfg, json).map_err(bad)?;
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }

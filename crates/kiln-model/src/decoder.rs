@@ -40,6 +40,8 @@ struct Layer<B: Backend> {
     ffn: Ffn<B>,
     /// Norms on the attention and feed-forward outputs (Gemma).
     post_norms: Option<(Norm<B>, Norm<B>)>,
+    /// One attention-sink logit per query head (gpt-oss), kept on the host.
+    sinks: Option<Vec<f32>>,
 }
 
 /// A layer's feed-forward block.
@@ -224,6 +226,14 @@ impl<B: Backend> Loader<'_, B> {
         } else {
             None
         };
+        let sinks = if cfg.attn_sinks {
+            let name = p("attn_sinks.weight");
+            let t = self.src.get(&name)?;
+            self.check_shape(&name, &t.shape, &[cfg.n_heads])?;
+            Some(t.data)
+        } else {
+            None
+        };
         let ffn = if let Some(m) = moe::MoeFfn::load(self, cfg, i)? {
             Ffn::Moe(Box::new(m))
         } else {
@@ -246,6 +256,7 @@ impl<B: Backend> Loader<'_, B> {
             } else {
                 None
             },
+            sinks,
         })
     }
 
@@ -458,6 +469,7 @@ impl<B: Backend> Decoder<B> {
         be.write_kv(kv, i, &k, &v, step)?;
         let attn = AttentionParams {
             window: kind.window,
+            sinks: layer.sinks.as_deref().or(attn.sinks),
             ..*attn
         };
         let a = be.attention(&q, kv, i, step, &attn)?;

@@ -11,7 +11,12 @@
 use kiln_backend::Activation;
 use serde_json::Value as Json;
 
+use crate::config::DecoderConfig;
 use crate::gguf::GgufFile;
+use crate::moe::{MoeConfig, Routing};
+
+mod weights;
+pub use weights::{hf_names, GgufNames, HfExperts, MXFP4_REFUSAL};
 
 /// The SwiGLU constants gpt-oss was trained with; llama.cpp writes no
 /// GGUF key for them and uses these.
@@ -111,6 +116,87 @@ pub fn gguf_layer_windows(file: &GgufFile, n_layers: usize) -> Result<Vec<Option
                 .collect()
         }
     }
+}
+
+/// Completes a llama-shaped config read from a gpt-oss `config.json`
+/// (`model_type` `gpt_oss`): its experts (`num_local_experts`, top
+/// `num_experts_per_tok`, each `intermediate_size` wide, softmax over the
+/// chosen router logits, router and expert biases), the clamped SwiGLU,
+/// per-layer windows in place of one model-wide window, attention sinks
+/// and q/k/v/o biases (`attention_bias`, default true).
+pub fn apply_hf(cfg: &mut DecoderConfig, json: &Json) -> std::result::Result<(), String> {
+    let get = |k: &str| json.get(k).and_then(Json::as_u64).map(|v| v as usize);
+    let n_experts = get("num_local_experts")
+        .or_else(|| get("num_experts"))
+        .ok_or("missing or non-integer 'num_local_experts'")?;
+    let n_experts_used =
+        get("num_experts_per_tok").ok_or("missing or non-integer 'num_experts_per_tok'")?;
+    crate::moe::check_layers(cfg.n_layers)?;
+    let bias = json
+        .get("attention_bias")
+        .and_then(Json::as_bool)
+        .unwrap_or(true);
+    (cfg.qkv_bias, cfg.out_bias) = (bias, bias);
+    cfg.activation = clamped_swiglu(json)?;
+    cfg.layer_attention = layer_windows(json, cfg.n_layers)?
+        .into_iter()
+        .map(|window| crate::config::LayerAttention {
+            window,
+            local_rope: false,
+        })
+        .collect();
+    cfg.sliding_window = None;
+    cfg.attn_sinks = true;
+    cfg.moe = Some(experts(n_experts, n_experts_used, cfg.intermediate_size)?);
+    Ok(())
+}
+
+/// Completes a config read from a GGUF file of architecture `gpt-oss`
+/// (after the generic expert settings are read): llama.cpp routes this
+/// architecture by a softmax over the chosen logits and always has router
+/// and expert biases, sinks, attention biases and the clamped SwiGLU.
+pub fn adjust_gguf(file: &GgufFile, cfg: &mut DecoderConfig) -> std::result::Result<(), String> {
+    let m = cfg
+        .moe
+        .as_ref()
+        .ok_or("a gpt-oss file needs 'gpt-oss.expert_count'")?;
+    cfg.moe = Some(MoeConfig {
+        dense_layers: Vec::new(),
+        ..experts(m.n_experts, m.n_experts_used, m.expert_ff)?
+    });
+    cfg.activation = gguf_clamped_swiglu();
+    cfg.layer_attention = gguf_layer_windows(file, cfg.n_layers)?
+        .into_iter()
+        .map(|window| crate::config::LayerAttention {
+            window,
+            local_rope: false,
+        })
+        .collect();
+    cfg.sliding_window = None;
+    cfg.attn_sinks = true;
+    (cfg.qkv_bias, cfg.out_bias) = (true, true);
+    Ok(())
+}
+
+/// gpt-oss's expert block: every layer sparse, top-k then softmax, biases.
+fn experts(
+    n_experts: usize,
+    n_experts_used: usize,
+    expert_ff: usize,
+) -> std::result::Result<MoeConfig, String> {
+    let m = MoeConfig {
+        n_experts,
+        n_experts_used,
+        expert_ff,
+        routing: Routing::TopKThenSoftmax,
+        shared_expert_ff: None,
+        shared_expert_gate: false,
+        dense_layers: Vec::new(),
+        router_bias: true,
+        expert_bias: true,
+    };
+    m.validate()?;
+    Ok(m)
 }
 
 /// llama.cpp's `set_swa_pattern(n)`: layer `i` slides when `i % n < n - 1`

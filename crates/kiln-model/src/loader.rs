@@ -222,12 +222,18 @@ pub(crate) fn open(path: &Path, carry: bool) -> Result<Opened> {
                         .transpose()?;
                     (cfg, tokenizer, template, Vec::new())
                 };
+            // llama.cpp's gpt-oss files name the pre-FFN norm differently.
+            let src: Box<dyn WeightSource> = if cfg.arch == "gpt-oss" {
+                Box::new(crate::gpt_oss::GgufNames { inner: gguf })
+            } else {
+                Box::new(gguf)
+            };
             Ok(Opened {
                 cfg,
                 tokenizer,
                 template,
                 extra_eos,
-                src: Box::new(gguf),
+                src,
                 format,
                 carry,
             })
@@ -380,6 +386,8 @@ pub fn open_hf_weights(dir: &Path, model_type: &str) -> Result<Box<dyn WeightSou
             inner: src,
             which: gpt2_conv1d,
         })
+    } else if model_type == "gpt_oss" {
+        Box::new(crate::gpt_oss::HfExperts { inner: src })
     } else {
         src
     })

@@ -22,7 +22,7 @@ pub const MAX_EXPERTS: usize = 1 << 12;
 /// allocate without bound.
 pub const MAX_LAYERS: usize = 1 << 12;
 
-fn check_layers(n_layers: usize) -> Result<(), String> {
+pub(crate) fn check_layers(n_layers: usize) -> Result<(), String> {
     if n_layers > MAX_LAYERS {
         return Err(format!(
             "{n_layers} layers (mixture-of-experts models of up to {MAX_LAYERS} are supported)"
@@ -62,6 +62,9 @@ pub struct MoeConfig {
     pub dense_layers: Vec<usize>,
     /// The router has a bias (gpt-oss); the loader takes it when present.
     pub router_bias: bool,
+    /// Each expert's gate, up and down projections have biases (gpt-oss);
+    /// for sizing: the loader takes them when present.
+    pub expert_bias: bool,
 }
 
 impl MoeConfig {
@@ -96,11 +99,17 @@ impl MoeConfig {
             .shared_expert_ff
             .map_or(0, |ff| (3 * h).saturating_mul(ff as u64))
             + if self.shared_expert_gate { h } else { 0 };
-        let experts = (experts * 3 * h).saturating_mul(self.expert_ff as u64);
+        let ff = self.expert_ff as u64;
+        let experts = (experts * 3 * h).saturating_mul(ff)
+            + if self.expert_bias {
+                experts.saturating_mul(2 * ff + h)
+            } else {
+                0
+            };
         router.saturating_add(experts).saturating_add(shared)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.n_experts == 0 || self.n_experts > MAX_EXPERTS {
             return Err(format!(
                 "{} experts (1 to {MAX_EXPERTS} are supported)",
@@ -144,6 +153,7 @@ pub fn apply_hf(cfg: &mut DecoderConfig, model_type: &str, json: &Json) -> Resul
             shared_expert_gate: false,
             dense_layers: Vec::new(),
             router_bias: false,
+            expert_bias: false,
         },
         "qwen2_moe" | "qwen3_moe" => {
             check_layers(cfg.n_layers)?;
@@ -182,6 +192,7 @@ pub fn apply_hf(cfg: &mut DecoderConfig, model_type: &str, json: &Json) -> Resul
                 shared_expert_gate: shared.is_some(),
                 dense_layers,
                 router_bias: false,
+                expert_bias: false,
             }
         }
         _ => return Ok(()),
@@ -193,7 +204,7 @@ pub fn apply_hf(cfg: &mut DecoderConfig, model_type: &str, json: &Json) -> Resul
 
 /// The GGUF architectures read as mixture-of-experts models (Mixtral is
 /// `llama` with `llama.expert_count`).
-pub const GGUF_ARCHS: &[&str] = &["qwen2moe", "qwen3moe"];
+pub const GGUF_ARCHS: &[&str] = &["qwen2moe", "qwen3moe", "gpt-oss"];
 
 /// The expert settings of a GGUF file of architecture `arch`, from
 /// `{arch}.expert_count` and its siblings (llama.cpp's keys); `None` for a
@@ -250,6 +261,7 @@ pub fn from_gguf(
             })
             .collect(),
         router_bias: file.tensors.contains_key("blk.0.ffn_gate_inp.bias"),
+        expert_bias: file.tensors.contains_key("blk.0.ffn_gate_exps.bias"),
     };
     moe.validate()?;
     Ok(Some(moe))

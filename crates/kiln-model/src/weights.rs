@@ -290,6 +290,7 @@ pub fn hf_names(model_type: &str) -> NameMap {
         "gemma3" => hf_gemma3_mm_names,
         "qwen2_moe" | "qwen3_moe" => crate::moe::hf_qwen_moe_names,
         "mixtral" => crate::moe::hf_mixtral_names,
+        "gpt_oss" => crate::gpt_oss::hf_names,
         _ => hf_llama_names,
     }
 }

@@ -21,20 +21,44 @@ use crate::config::DecoderConfig;
 use crate::moe::{route, MoeConfig};
 use crate::{ModelError, Result};
 
-/// One SwiGLU expert: `down(act(gate(x)) * up(x))`, no biases.
+/// One SwiGLU expert: `down(act(gate(x)) * up(x))`, with gate, up and
+/// down biases where the model has them (gpt-oss).
 struct Expert<B: Backend> {
     gate: B::Weight,
     up: B::Weight,
     down: B::Weight,
+    biases: Option<[B::Tensor; 3]>,
 }
 
 impl<B: Backend> Expert<B> {
     fn forward(&self, be: &B, act: Activation, x: &B::Tensor) -> Result<B::Tensor> {
-        let g = be.linear(x, &self.gate, None)?;
-        let u = be.linear(x, &self.up, None)?;
+        let b = |i: usize| self.biases.as_ref().map(|b| &b[i]);
+        let g = be.linear(x, &self.gate, b(0))?;
+        let u = be.linear(x, &self.up, b(1))?;
         let a = be.gated_activation(&g, &u, act)?;
-        Ok(be.linear(&a, &self.down, None)?)
+        Ok(be.linear(&a, &self.down, b(2))?)
     }
+}
+
+/// The `[n, rows]` bias `name` of `n` experts as one `[rows]` tensor each,
+/// or `None` when the checkpoint has none.
+fn expert_biases<B: Backend>(
+    l: &Loader<'_, B>,
+    name: &str,
+    n: usize,
+    rows: usize,
+) -> Result<Option<Vec<B::Tensor>>> {
+    if !l.src.contains(name) {
+        return Ok(None);
+    }
+    let t = l.src.get(name)?;
+    l.check_shape(name, &t.shape, &[n, rows])?;
+    let biases = t
+        .data
+        .chunks_exact(rows)
+        .map(|b| l.backend.upload(&[rows], b.to_vec()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Some(biases))
 }
 
 /// The expert every token goes through, and its optional sigmoid gate (`[1, hidden]`).
@@ -124,11 +148,39 @@ impl<B: Backend> MoeFfn<B> {
             )
         };
         let downs = expert_matrices(l, i, "ffn_down", n, h, ff)?;
+        // gpt-oss's expert biases (llama.cpp's `ffn_{gate,up,down}_exps.bias`).
+        let biases: Vec<Option<[B::Tensor; 3]>> = match (
+            expert_biases(l, &p("ffn_gate_exps.bias"), n, ff)?,
+            expert_biases(l, &p("ffn_up_exps.bias"), n, ff)?,
+            expert_biases(l, &p("ffn_down_exps.bias"), n, h)?,
+        ) {
+            (Some(g), Some(u), Some(d)) => g
+                .into_iter()
+                .zip(u)
+                .zip(d)
+                .map(|((g, u), d)| Some([g, u, d]))
+                .collect(),
+            (None, None, None) if !m.expert_bias => (0..n).map(|_| None).collect(),
+            _ => {
+                return Err(l.tensor_err(
+                    &p("ffn_gate_exps.bias"),
+                    "the experts' gate, up and down biases must all be present \
+                     (gpt-oss has them)"
+                        .into(),
+                ))
+            }
+        };
         let experts = gates
             .into_iter()
             .zip(ups)
             .zip(downs)
-            .map(|((gate, up), down)| Expert { gate, up, down })
+            .zip(biases)
+            .map(|(((gate, up), down), biases)| Expert {
+                gate,
+                up,
+                down,
+                biases,
+            })
             .collect();
         let shared = match m.shared_expert_ff {
             Some(sff) => Some(Shared {
@@ -136,6 +188,7 @@ impl<B: Backend> MoeFfn<B> {
                     gate: l.weight(&p("ffn_gate_shexp.weight"), sff, h)?,
                     up: l.weight(&p("ffn_up_shexp.weight"), sff, h)?,
                     down: l.weight(&p("ffn_down_shexp.weight"), h, sff)?,
+                    biases: None,
                 },
                 gate: if m.shared_expert_gate {
                     Some(shared_gate(l, &p("ffn_gate_inp_shexp.weight"), h)?)

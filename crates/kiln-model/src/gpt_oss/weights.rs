@@ -1,0 +1,323 @@
+//! gpt-oss's tensors under kiln's canonical names.
+//!
+//! Hugging Face checkpoints keep each layer's experts as transformers'
+//! `GptOssExperts` multiplies them, `x @ W`: `mlp.experts.gate_up_proj`
+//! `[E, hidden, 2 * ff]` with gate and up interleaved in its last dimension
+//! (gate the even columns, up the odd ones), `gate_up_proj_bias` `[E, 2 * ff]`
+//! likewise, `down_proj` `[E, ff, hidden]` and `down_proj_bias` `[E, hidden]`.
+//! [`HfExperts`] serves them as llama.cpp's GGUF form, which the decoder
+//! reads: `blk.N.ffn_{gate,up}_exps.weight` `[E, ff, hidden]`,
+//! `ffn_down_exps.weight` `[E, hidden, ff]` and their `.bias` `[E, rows]`
+//! (the same split and transposes as llama.cpp's `GptOssModel` converter).
+//! Quantized checkpoints carry `*_blocks` / `*_scales` (MXFP4) instead; they
+//! are refused by name until kiln computes MXFP4.
+//!
+//! llama.cpp's GGUF files name the pre-feed-forward norm
+//! `blk.N.post_attention_norm` (transformers' `post_attention_layernorm`);
+//! [`GgufNames`] serves it as the canonical `ffn_norm`.
+
+use kiln_backend::WeightData;
+
+use crate::weights::WeightSource;
+use crate::{HostTensor, ModelError, Result};
+
+/// The refusal of MXFP4-quantized Hugging Face expert weights.
+pub const MXFP4_REFUSAL: &str = "MXFP4 expert weights: not supported yet (this checkpoint \
+     stores its experts as *_blocks/*_scales; a bf16/f32 copy of gpt-oss loads)";
+
+/// Hugging Face gpt-oss names of the tensors kept as stored: attention
+/// sinks (`self_attn.sinks`), the router (`mlp.router`), the fused expert
+/// tensors under canonical `ffn_gate_up_exps` / `ffn_down_exps` (`.weight`,
+/// `.bias`, and MXFP4's `.blocks` / `.scales`), the rest as llama's.
+pub fn hf_names(canonical: &str) -> Option<String> {
+    let split = canonical
+        .strip_prefix("blk.")
+        .and_then(|rest| rest.split_once('.'));
+    let Some((layer, tail)) = split else {
+        return crate::weights::hf_llama_names(canonical);
+    };
+    let (part, kind) = tail.rsplit_once('.').unwrap_or((tail, ""));
+    let l = format!("model.layers.{layer}");
+    let fused = |stem: &str| match kind {
+        "weight" => Some(format!("{l}.mlp.experts.{stem}")),
+        "bias" | "blocks" | "scales" => Some(format!("{l}.mlp.experts.{stem}_{kind}")),
+        _ => None,
+    };
+    match part {
+        "attn_sinks" if kind == "weight" => Some(format!("{l}.self_attn.sinks")),
+        "ffn_gate_inp" => Some(format!("{l}.mlp.router.{kind}")),
+        "ffn_gate_up_exps" => fused("gate_up_proj"),
+        "ffn_down_exps" => fused("down_proj"),
+        _ => crate::weights::hf_llama_names(canonical),
+    }
+}
+
+/// Which expert tensor a canonical name asks for.
+#[derive(Clone, Copy, PartialEq)]
+enum Part {
+    Gate,
+    Up,
+    Down,
+}
+
+/// `blk.N.ffn_{gate,up,down}_exps.{weight,bias}` → (N, part, is_bias).
+fn expert_name(canonical: &str) -> Option<(&str, Part, bool)> {
+    let rest = canonical.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (part, kind) = tail.split_once('.')?;
+    let part = match part {
+        "ffn_gate_exps" => Part::Gate,
+        "ffn_up_exps" => Part::Up,
+        "ffn_down_exps" => Part::Down,
+        _ => return None,
+    };
+    match kind {
+        "weight" => Some((layer, part, false)),
+        "bias" => Some((layer, part, true)),
+        _ => None,
+    }
+}
+
+/// A Hugging Face gpt-oss source (names from [`hf_names`]) that serves the
+/// fused expert tensors split and transposed into llama.cpp's layout.
+pub struct HfExperts<S> {
+    pub inner: S,
+}
+
+impl<S: WeightSource> HfExperts<S> {
+    fn err(&self, name: &str, msg: impl Into<String>) -> ModelError {
+        ModelError::Tensor {
+            path: self.inner.describe().into(),
+            tensor: name.to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    /// The stored tensor behind a split expert tensor.
+    fn stored(layer: &str, part: Part, bias: bool) -> String {
+        let stem = if part == Part::Down {
+            "ffn_down_exps"
+        } else {
+            "ffn_gate_up_exps"
+        };
+        format!("blk.{layer}.{stem}.{}", if bias { "bias" } else { "weight" })
+    }
+
+    fn expert_tensor(&self, name: &str, layer: &str, part: Part, bias: bool) -> Result<HostTensor> {
+        let stored = Self::stored(layer, part, bias);
+        if !self.inner.contains(&stored) {
+            let blocks = stored.replace(".weight", ".blocks");
+            if !bias && self.inner.contains(&blocks) {
+                return Err(self.err(name, MXFP4_REFUSAL));
+            }
+        }
+        let t = self.inner.get(&stored)?;
+        match (part, bias, &t.shape[..]) {
+            (Part::Down, true, _) => Ok(t),
+            // [E, 2ff] interleaved -> [E, ff].
+            (_, true, &[e, ff2]) if ff2 % 2 == 0 => {
+                let off = usize::from(part == Part::Up);
+                let data = t.data.iter().skip(off).step_by(2).copied().collect();
+                Ok(HostTensor::new(vec![e, ff2 / 2], data))
+            }
+            // [E, h, 2ff] interleaved -> [E, ff, h], out[e][j][i] = t[e][i][2j + off].
+            (Part::Gate | Part::Up, false, &[e, h, ff2]) if ff2 % 2 == 0 => {
+                let (ff, off) = (ff2 / 2, usize::from(part == Part::Up));
+                let mut out = vec![0f32; e * ff * h];
+                for (src, dst) in t.data.chunks_exact(h * ff2).zip(out.chunks_exact_mut(ff * h)) {
+                    for (i, row) in src.chunks_exact(ff2).enumerate() {
+                        for j in 0..ff {
+                            dst[j * h + i] = row[2 * j + off];
+                        }
+                    }
+                }
+                Ok(HostTensor::new(vec![e, ff, h], out))
+            }
+            // [E, ff, h] -> [E, h, ff].
+            (Part::Down, false, &[e, ff, h]) => {
+                let mut out = vec![0f32; e * ff * h];
+                for (src, dst) in t.data.chunks_exact(ff * h).zip(out.chunks_exact_mut(ff * h)) {
+                    for (j, row) in src.chunks_exact(h).enumerate() {
+                        for (i, &v) in row.iter().enumerate() {
+                            dst[i * ff + j] = v;
+                        }
+                    }
+                }
+                Ok(HostTensor::new(vec![e, h, ff], out))
+            }
+            (_, _, shape) => Err(self.err(
+                &stored,
+                format!(
+                    "shape {shape:?} is not gpt-oss's fused expert layout \
+                     (gate_up_proj [E, hidden, 2*ff], down_proj [E, ff, hidden], biases [E, n])"
+                ),
+            )),
+        }
+    }
+}
+
+/// Whether `name` is one of the stored fused tensors, which this source
+/// hides: the decoder would read `ffn_gate_up_exps` as transformers 5's
+/// other fused layout (each expert's gate rows, then its up rows).
+fn hidden(name: &str) -> bool {
+    name.contains(".ffn_gate_up_exps.") || name.contains(".ffn_down_exps.")
+}
+
+impl<S: WeightSource> WeightSource for HfExperts<S> {
+    fn get(&self, name: &str) -> Result<HostTensor> {
+        match expert_name(name) {
+            Some((layer, part, bias)) => self.expert_tensor(name, layer, part, bias),
+            None if hidden(name) => Err(ModelError::MissingTensor {
+                path: self.inner.describe().into(),
+                tensor: name.to_string(),
+            }),
+            None => self.inner.get(name),
+        }
+    }
+
+    fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
+        if expert_name(name).is_some() || hidden(name) {
+            let t = self.get(name)?;
+            return Ok((t.shape, WeightData::F32(t.data)));
+        }
+        self.inner.get_weight(name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match expert_name(name) {
+            Some((layer, part, bias)) => {
+                let stored = Self::stored(layer, part, bias);
+                self.inner.contains(&stored)
+                    || (!bias && self.inner.contains(&stored.replace(".weight", ".blocks")))
+            }
+            None => !hidden(name) && self.inner.contains(name),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A GGUF gpt-oss source: the canonical `blk.N.ffn_norm.weight` is read
+/// from llama.cpp's `blk.N.post_attention_norm.weight` when the file has no
+/// tensor by the canonical name (a prepared copy written by kiln does).
+pub struct GgufNames<S> {
+    pub inner: S,
+}
+
+impl<S: WeightSource> GgufNames<S> {
+    fn map<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
+        if !self.inner.contains(name) {
+            if let Some(layer) = name
+                .strip_prefix("blk.")
+                .and_then(|r| r.strip_suffix(".ffn_norm.weight"))
+            {
+                return format!("blk.{layer}.post_attention_norm.weight").into();
+            }
+        }
+        name.into()
+    }
+}
+
+impl<S: WeightSource> WeightSource for GgufNames<S> {
+    fn get(&self, name: &str) -> Result<HostTensor> {
+        self.inner.get(&self.map(name))
+    }
+
+    fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
+        self.inner.get_weight(&self.map(name))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(&self.map(name))
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory source under canonical names.
+    struct Mem(Vec<(String, HostTensor)>);
+
+    impl WeightSource for Mem {
+        fn get(&self, name: &str) -> Result<HostTensor> {
+            self.0
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: "mem".into(),
+                    tensor: name.into(),
+                })
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.0.iter().any(|(n, _)| n == name)
+        }
+        fn describe(&self) -> String {
+            "mem".into()
+        }
+    }
+
+    #[test]
+    fn names_follow_transformers() {
+        for (c, hf) in [
+            ("blk.3.attn_sinks.weight", "model.layers.3.self_attn.sinks"),
+            ("blk.0.ffn_gate_inp.bias", "model.layers.0.mlp.router.bias"),
+            ("blk.1.ffn_gate_up_exps.weight", "model.layers.1.mlp.experts.gate_up_proj"),
+            ("blk.1.ffn_gate_up_exps.bias", "model.layers.1.mlp.experts.gate_up_proj_bias"),
+            ("blk.1.ffn_down_exps.blocks", "model.layers.1.mlp.experts.down_proj_blocks"),
+            ("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
+            ("blk.0.attn_q.bias", "model.layers.0.self_attn.q_proj.bias"),
+            ("token_embd.weight", "model.embed_tokens.weight"),
+            ("output.weight", "lm_head.weight"),
+        ] {
+            assert_eq!(hf_names(c).as_deref(), Some(hf), "{c}");
+        }
+    }
+
+    #[test]
+    fn fused_experts_split_even_gate_odd_up_and_transpose() {
+        // One expert, hidden 2, ff 2: gate_up[i][c] = 10 * i + c.
+        let gu: Vec<f32> = (0..2).flat_map(|i| (0..4).map(move |c| (10 * i + c) as f32)).collect();
+        let down: Vec<f32> = (0..4).map(|v| v as f32).collect(); // [ff=2][h=2]
+        let src = HfExperts {
+            inner: Mem(vec![
+                ("blk.0.ffn_gate_up_exps.weight".into(), HostTensor::new(vec![1, 2, 4], gu)),
+                ("blk.0.ffn_gate_up_exps.bias".into(), HostTensor::new(vec![1, 4], vec![0., 1., 2., 3.])),
+                ("blk.0.ffn_down_exps.weight".into(), HostTensor::new(vec![1, 2, 2], down)),
+            ]),
+        };
+        let g = src.get("blk.0.ffn_gate_exps.weight").unwrap();
+        assert_eq!(g.shape, [1, 2, 2]);
+        // Row j (output j) over inputs i: column 2j of gate_up.
+        assert_eq!(g.data, [0., 10., 2., 12.]);
+        assert_eq!(src.get("blk.0.ffn_up_exps.weight").unwrap().data, [1., 11., 3., 13.]);
+        assert_eq!(src.get("blk.0.ffn_up_exps.bias").unwrap().data, [1., 3.]);
+        assert_eq!(src.get("blk.0.ffn_gate_exps.bias").unwrap().data, [0., 2.]);
+        assert_eq!(src.get("blk.0.ffn_down_exps.weight").unwrap().data, [0., 2., 1., 3.]);
+        assert!(src.contains("blk.0.ffn_up_exps.weight"));
+        assert!(!src.contains("blk.0.ffn_down_exps.bias"));
+        // The stored fused tensors are not offered under their own names.
+        assert!(!src.contains("blk.0.ffn_gate_up_exps.weight"));
+        assert!(src.get("blk.0.ffn_gate_up_exps.weight").is_err());
+    }
+
+    #[test]
+    fn mxfp4_experts_are_refused_by_name() {
+        let src = HfExperts {
+            inner: Mem(vec![(
+                "blk.0.ffn_gate_up_exps.blocks".into(),
+                HostTensor::new(vec![1], vec![0.]),
+            )]),
+        };
+        assert!(src.contains("blk.0.ffn_gate_exps.weight"));
+        let e = src.get_weight("blk.0.ffn_gate_exps.weight").unwrap_err().to_string();
+        assert!(e.contains("MXFP4 expert weights: not supported yet"), "{e}");
+    }
+}

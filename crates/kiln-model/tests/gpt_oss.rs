@@ -1,0 +1,542 @@
+//! gpt-oss against Hugging Face `transformers` on the tiny checkpoint
+//! `scripts/golden/tiny_gpt_oss.py` writes (`testdata/tiny/gpt_oss`:
+//! attention sinks, alternating sliding/full layers, YaRN, 4 experts top-2
+//! routed by a softmax over the chosen logits, router and expert biases,
+//! the clamped SwiGLU, q/k/v/o biases): from its safetensors (experts
+//! fused and interleaved as transformers keeps them), from the GGUF file
+//! llama.cpp's converter would write for it (architecture `gpt-oss`, its
+//! names and keys), and batched with other sequences bit for bit as alone.
+//! MXFP4 expert weights are refused with a clear error.
+
+use std::path::{Path, PathBuf};
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
+use kiln_model::config::DecoderConfig;
+use kiln_model::decoder::Decoder;
+use kiln_model::fixtures;
+use kiln_model::gguf::{GgufWriter, Value as G};
+use kiln_model::quant::GgmlType;
+use kiln_model::weights::{SafetensorsSource, WeightSource};
+use kiln_model::{load, LoadOptions, LoadedModel};
+use serde_json::Value;
+
+/// As tests/architectures.rs and tests/moe.rs: both sides compute in f32
+/// from the same weights; what differs is the order of summation.
+const LOGIT_TOL: f32 = 1e-4;
+
+const NAME: &str = "gpt_oss";
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/tiny")
+        .join(name)
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(name).join("golden.json")).unwrap())
+        .expect("golden.json")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
+
+/// Prefill (every position's logits), then greedy decoding one token at a time.
+fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
+    let be = CpuBackend::new();
+    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
+    let vocab = m.decoder.config().vocab_size;
+    let mut next = argmax(&all[all.len() - vocab..]);
+    let mut out = vec![next];
+    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
+        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
+        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
+        out.push(next);
+    }
+    (all, out)
+}
+
+/// The model at `path` against `name`'s golden.json: last-position logits
+/// within [`LOGIT_TOL`], every position's argmax and the greedy tokens equal.
+fn check(name: &str, path: &Path, what: &str) {
+    let m = load(&CpuBackend::new(), path, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{name} ({what}): {e}"));
+    check_loaded(name, &m, what);
+}
+
+/// [`check`] on a model already loaded.
+fn check_loaded(name: &str, m: &LoadedModel<CpuBackend>, what: &str) {
+    let g = golden(name);
+    let cfg = m.decoder.config();
+    assert!(
+        cfg.moe.is_some() && cfg.attn_sinks,
+        "{name} ({what}): no experts or sinks"
+    );
+    let vocab = m.decoder.config().vocab_size;
+    let n = g["new_tokens"].as_u64().expect("new_tokens") as usize;
+    for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
+        let (all, greedy) = run(m, &ids(&p["ids"]), n);
+        let diff = fixtures::max_abs_diff(
+            &format!("{name} ({what}) prompt {pi}"),
+            &all[all.len() - vocab..],
+            &floats(&p["last_logits"]),
+        );
+        assert!(
+            diff < LOGIT_TOL,
+            "{name} ({what}) prompt {pi}: last-position logits differ by {diff}"
+        );
+        let got: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
+        assert_eq!(
+            got,
+            ids(&p["argmax"]),
+            "{name} ({what}) prompt {pi}: argmax"
+        );
+        assert_eq!(
+            greedy,
+            ids(&p["greedy"]),
+            "{name} ({what}) prompt {pi}: greedy"
+        );
+    }
+}
+
+
+#[test]
+fn gpt_oss_matches_transformers() {
+    check(NAME, &dir(NAME), "safetensors");
+}
+
+/// The config.json reading: every layer sparse, top-2 then softmax, biases,
+/// sinks, per-layer windows (layer 0 sliding 8, layer 1 full), the clamped
+/// SwiGLU at the config's limit; the parameter count equals transformers'.
+#[test]
+fn config_reads_the_family_and_counts_transformers_parameters() {
+    let cfg = DecoderConfig::from_hf_config(&dir(NAME).join("config.json")).unwrap();
+    let m = cfg.moe.clone().expect("experts");
+    assert_eq!((m.n_experts, m.n_experts_used, m.expert_ff), (4, 2, 32));
+    assert_eq!(m.routing, kiln_model::moe::Routing::TopKThenSoftmax);
+    assert!(m.router_bias && m.expert_bias && m.dense_layers.is_empty());
+    assert!(cfg.attn_sinks && cfg.qkv_bias && cfg.out_bias);
+    assert_eq!(cfg.sliding_window, None);
+    assert_eq!(cfg.layer_attention(0).window, Some(8));
+    assert_eq!(cfg.layer_attention(1).window, None);
+    assert_eq!(
+        cfg.activation,
+        kiln_backend::Activation::ClampedSwiglu {
+            alpha: 1.702,
+            limit: 0.5
+        }
+    );
+    assert_eq!(cfg.param_count(), golden(NAME)["n_params"].as_u64().unwrap());
+    assert!(cfg.active_param_count() < cfg.param_count());
+}
+
+/// Writes the tiny checkpoint as llama.cpp's `convert_hf_to_gguf.py`
+/// (`GptOssModel`) lays out an unquantized gpt-oss: architecture `gpt-oss`,
+/// `gpt-oss.*` keys (YaRN as `rope.scaling.*`, `attention.sliding_window`,
+/// `expert_feed_forward_length`), the pre-FFN norm as
+/// `blk.N.post_attention_norm`, `blk.N.attn_sinks.weight`, the router
+/// `ffn_gate_inp` with its bias, and each layer's experts as 3-D
+/// `ffn_{gate,up,down}_exps` (`[E, rows, cols]`, gate and up de-interleaved,
+/// transposed to `[out, in]`) with `[E, rows]` biases. `experts_q8` stores
+/// the expert matrices as Q8_0.
+fn to_gguf(experts_q8: bool) -> PathBuf {
+    let d = dir(NAME);
+    let cfg = DecoderConfig::from_hf_config(&d.join("config.json")).expect("config");
+    let moe = cfg.moe.clone().expect("experts");
+    let src = kiln_model::gpt_oss::HfExperts {
+        inner: SafetensorsSource::open_dir(&d, kiln_model::weights::hf_names(&cfg.arch))
+            .expect("safetensors"),
+    };
+    let hf: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let yarn = &hf["rope_parameters"];
+    let arch = "gpt-oss";
+    let mut w = GgufWriter::default();
+    let u = |v: usize| G::U32(v as u32);
+    let f = |v: &Value| G::F32(v.as_f64().expect("number") as f32);
+    let key = |k: &str| format!("{arch}.{k}");
+    w.meta("general.architecture", G::String(arch.into()))
+        .meta(&key("block_count"), u(cfg.n_layers))
+        .meta(&key("context_length"), u(cfg.max_position_embeddings))
+        .meta(&key("embedding_length"), u(cfg.hidden_size))
+        .meta(&key("feed_forward_length"), u(cfg.intermediate_size))
+        .meta(&key("attention.head_count"), u(cfg.n_heads))
+        .meta(&key("attention.head_count_kv"), u(cfg.n_kv_heads))
+        .meta(&key("attention.key_length"), u(cfg.head_dim))
+        .meta(&key("attention.value_length"), u(cfg.head_dim))
+        .meta(
+            &key("attention.layer_norm_rms_epsilon"),
+            G::F32(cfg.norm_eps),
+        )
+        .meta(&key("rope.freq_base"), f(&yarn["rope_theta"]))
+        .meta(&key("rope.scaling.type"), G::String("yarn".into()))
+        .meta(&key("rope.scaling.factor"), f(&yarn["factor"]))
+        .meta(
+            &key("rope.scaling.original_context_length"),
+            u(yarn["original_max_position_embeddings"].as_u64().unwrap() as usize),
+        )
+        .meta(&key("expert_count"), u(moe.n_experts))
+        .meta(&key("expert_used_count"), u(moe.n_experts_used))
+        .meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
+    w.meta(
+        &key("attention.sliding_window"),
+        u(hf["sliding_window"].as_u64().unwrap() as usize),
+    );
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
+    let mut tokens = vec![String::new(); cfg.vocab_size];
+    let mut types = vec![G::I32(5); cfg.vocab_size];
+    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
+        let i = id.as_u64().unwrap() as usize;
+        (tokens[i], types[i]) = (t.clone(), G::I32(1));
+    }
+    for a in tok["added_tokens"].as_array().unwrap() {
+        let i = a["id"].as_u64().unwrap() as usize;
+        (tokens[i], types[i]) = (a["content"].as_str().unwrap().to_string(), G::I32(3));
+    }
+    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
+        *t = format!("[PAD{i}]");
+    }
+    w.meta("tokenizer.ggml.model", G::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", G::String("gpt-2".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            G::Array(tokens.into_iter().map(G::String).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", G::Array(types))
+        .meta(
+            "tokenizer.ggml.merges",
+            G::Array(vec![G::String("a b".into())]),
+        );
+    // (GGUF name, canonical name it is read from)
+    let mut names: Vec<(String, String)> = ["token_embd.weight", "output_norm.weight", "output.weight"]
+        .iter()
+        .map(|n| (n.to_string(), n.to_string()))
+        .collect();
+    for l in 0..cfg.n_layers {
+        for p in [
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_q.bias",
+            "attn_k.weight",
+            "attn_k.bias",
+            "attn_v.weight",
+            "attn_v.bias",
+            "attn_output.weight",
+            "attn_output.bias",
+            "attn_sinks.weight",
+            "ffn_gate_inp.weight",
+            "ffn_gate_inp.bias",
+            "ffn_gate_exps.weight",
+            "ffn_gate_exps.bias",
+            "ffn_up_exps.weight",
+            "ffn_up_exps.bias",
+            "ffn_down_exps.weight",
+            "ffn_down_exps.bias",
+        ] {
+            let n = format!("blk.{l}.{p}");
+            names.push((n.clone(), n));
+        }
+        names.push((
+            format!("blk.{l}.post_attention_norm.weight"),
+            format!("blk.{l}.ffn_norm.weight"),
+        ));
+    }
+    for (gguf_name, canonical) in names {
+        let t = src.get(&canonical).expect(&canonical);
+        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+        let cols = *t.shape.last().unwrap();
+        if experts_q8 && gguf_name.ends_with("_exps.weight") {
+            let q = kiln_backend::quantize::quantize(GgmlType::Q8_0, &t.data, cols).expect("q8_0");
+            w.tensor(&gguf_name, dims, GgmlType::Q8_0, q);
+        } else {
+            let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.tensor(&gguf_name, dims, GgmlType::F32, bytes);
+        }
+    }
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!(
+        "kiln-gpt-oss-{}-{}-{call}.gguf",
+        if experts_q8 { "q8" } else { "f32" },
+        std::process::id()
+    ));
+    std::fs::write(&out, w.to_bytes()).expect("write gguf");
+    out
+}
+
+/// The GGUF form reads to the same configuration (experts, routing, YaRN
+/// without truncation, windows, sinks, the clamped SwiGLU at llama.cpp's
+/// fixed limit 7, which is not the tiny config's 0.5) and, with the
+/// limit as the config has it, gives transformers' logits and tokens.
+#[test]
+fn gguf_form_matches_transformers() {
+    let path = to_gguf(false);
+    let g = kiln_model::gguf::GgufFile::open(&path).unwrap();
+    let cfg = DecoderConfig::from_gguf(&g).unwrap();
+    let hf = DecoderConfig::from_hf_config(&dir(NAME).join("config.json")).unwrap();
+    assert_eq!(cfg.moe, hf.moe);
+    assert_eq!(cfg.rope, hf.rope);
+    assert_eq!(cfg.layer_attention, hf.layer_attention);
+    assert_eq!(cfg.sliding_window, hf.sliding_window);
+    assert_eq!(
+        (cfg.attn_sinks, cfg.qkv_bias, cfg.out_bias),
+        (hf.attn_sinks, hf.qkv_bias, hf.out_bias)
+    );
+    assert_eq!(cfg.param_count(), hf.param_count());
+    // llama.cpp has no key for the SwiGLU limit: a GGUF gpt-oss runs at 7.
+    assert_eq!(cfg.activation, kiln_model::gpt_oss::gguf_clamped_swiglu());
+    assert_ne!(cfg.activation, hf.activation);
+    let be = CpuBackend::new();
+    // With the file's own limit the logits differ (the tiny model's 0.5 binds)...
+    let m = load(&be, &path, &LoadOptions::default()).expect("gguf");
+    let p = &golden(NAME)["prompts"][0];
+    let prompt = ids(&p["ids"]);
+    let (all, _) = run(&m, &prompt, 1);
+    let vocab = hf.vocab_size;
+    let diff = fixtures::max_abs_diff("limit 7", &all[all.len() - vocab..], &floats(&p["last_logits"]));
+    assert!(diff > 1e-3, "the clamp limit made no difference ({diff})");
+    // ...and with the config's limit, the GGUF weights give transformers' results.
+    let mut cfg = cfg;
+    cfg.activation = hf.activation;
+    let src = kiln_model::gpt_oss::GgufNames { inner: g };
+    let d = Decoder::load(&be, cfg, &src, 256).expect("decoder");
+    let m = LoadedModel { decoder: d, ..m };
+    check_loaded(NAME, &m, "GGUF");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Q8_0 expert matrices (as llama.cpp quantizes a bf16 gpt-oss) stay
+/// quantized and track the f32 GGUF: most argmaxes agree, logits close.
+#[test]
+fn q8_0_experts_track_the_f32_model() {
+    let be = CpuBackend::new();
+    let (f32_path, q8_path) = (to_gguf(false), to_gguf(true));
+    let a = load(&be, &f32_path, &LoadOptions::default()).unwrap();
+    let b = load(&be, &q8_path, &LoadOptions::default()).unwrap();
+    let prompt = ids(&golden(NAME)["prompts"][1]["ids"]);
+    let (la, _) = run(&a, &prompt, 1);
+    let (lb, _) = run(&b, &prompt, 1);
+    assert_ne!(la, lb, "Q8_0 experts computed as f32");
+    let diff = fixtures::max_abs_diff("q8_0 experts", &la, &lb);
+    assert!(diff < 0.1, "Q8_0 experts drift by {diff}");
+    let vocab = a.decoder.config().vocab_size;
+    let agree = la
+        .chunks_exact(vocab)
+        .zip(lb.chunks_exact(vocab))
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    assert!(agree * 10 >= prompt.len() * 9, "{agree} of {}", prompt.len());
+    let _ = std::fs::remove_file(&f32_path);
+    let _ = std::fs::remove_file(&q8_path);
+}
+/// One sequence of a multi-sequence run: its tokens, its KV blocks, how far it is.
+struct Seq {
+    tokens: Vec<u32>,
+    blocks: Vec<u32>,
+    done: usize,
+}
+
+/// A step over several sequences' next chunks (`take[i]` tokens of
+/// sequence `i`, skipped when 0), asking for every token's logits.
+fn multi_step(seqs: &mut [Seq], take: &[usize], bs: usize) -> StepInput {
+    let mut step = StepInput {
+        tokens: vec![],
+        positions: vec![],
+        slots: vec![],
+        seqs: vec![],
+        logit_rows: vec![],
+    };
+    for (s, &n) in seqs.iter_mut().zip(take) {
+        if n == 0 {
+            continue;
+        }
+        let start = step.tokens.len();
+        for p in s.done..s.done + n {
+            step.tokens.push(s.tokens[p]);
+            step.positions.push(p as u32);
+            step.slots
+                .push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+            step.logit_rows.push(step.logit_rows.len() as u32);
+        }
+        s.done += n;
+        step.seqs.push(SeqSlice {
+            query_start: start,
+            query_len: n,
+            context_len: s.done,
+            block_table: s.blocks.clone(),
+        });
+    }
+    step
+}
+
+/// Every sequence's per-position logits, running `plan` (per step, how many
+/// tokens of each sequence) over a cache shared by all of them.
+fn run_plan(
+    be: &CpuBackend,
+    d: &Decoder<CpuBackend>,
+    seqs_tokens: &[Vec<u32>],
+    plan: &[Vec<usize>],
+) -> Vec<Vec<f32>> {
+    let bs = 4;
+    let cfg = d.config();
+    let mut next_block = 0u32;
+    let mut seqs: Vec<Seq> = seqs_tokens
+        .iter()
+        .map(|t| {
+            let n = t.len().div_ceil(bs) as u32;
+            // Blocks in a scattered order, so sequences interleave in the cache.
+            let blocks = (0..n).rev().map(|b| next_block + b).collect();
+            next_block += n;
+            Seq {
+                tokens: t.clone(),
+                blocks,
+                done: 0,
+            }
+        })
+        .collect();
+    let mut kv = be
+        .alloc_kv_cache(&KvSpec {
+            n_layers: cfg.n_layers,
+            num_blocks: next_block as usize,
+            block_size: bs,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+        .unwrap();
+    let vocab = cfg.vocab_size;
+    let mut out = vec![Vec::new(); seqs.len()];
+    for take in plan {
+        let step = multi_step(&mut seqs, take, bs);
+        let logits = d.forward(be, &mut kv, &step).unwrap();
+        let mut rows = logits.chunks_exact(vocab);
+        for (i, &n) in take.iter().enumerate() {
+            for _ in 0..n {
+                out[i].extend_from_slice(rows.next().unwrap());
+            }
+        }
+    }
+    for (s, t) in seqs.iter().zip(seqs_tokens) {
+        assert_eq!(s.done, t.len());
+    }
+    out
+}
+
+
+/// A token's experts, window and sinks do not depend on the batch: each
+/// sequence of a mixed run (prompts prefilled in chunks while others decode)
+/// gets the same logits, bit for bit, as alone. The sequences run past the
+/// sliding window of 8.
+#[test]
+fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
+    let be = CpuBackend::new();
+    let m = load(&be, &dir(NAME), &LoadOptions::default()).unwrap();
+    let gold = golden(NAME);
+    let mut seqs: Vec<(usize, Vec<u32>)> = gold["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let prompt = ids(&p["ids"]);
+            let mut t = prompt.clone();
+            t.extend(ids(&p["greedy"]).into_iter().take(6));
+            (prompt.len(), t)
+        })
+        .collect();
+    seqs.push((13, b"Sinks, windows and experts per token".map(u32::from).to_vec()));
+    assert!(seqs.iter().any(|s| s.1.len() > 8));
+    let tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.1.clone()).collect();
+    let alone: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|(p, t)| {
+            let mut plan = vec![vec![*p]];
+            plan.extend((*p..t.len()).map(|_| vec![1]));
+            run_plan(&be, &m.decoder, std::slice::from_ref(t), &plan).remove(0)
+        })
+        .collect();
+    let mut plan = Vec::new();
+    let mut done = vec![0usize; seqs.len()];
+    let mut step = 0;
+    while done.iter().zip(&tokens).any(|(d, t)| d < &t.len()) {
+        let take: Vec<usize> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, t))| {
+                if step < i || done[i] == t.len() {
+                    0
+                } else if done[i] < *p {
+                    (p - done[i]).min(5)
+                } else {
+                    1
+                }
+            })
+            .collect();
+        for (d, n) in done.iter_mut().zip(&take) {
+            *d += n;
+        }
+        plan.push(take);
+        step += 1;
+    }
+    assert!(plan.iter().any(|t| t.iter().any(|&n| n > 1) && t.iter().any(|&n| n == 1)));
+    let together = run_plan(&be, &m.decoder, &tokens, &plan);
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert!(a == b, "sequence {i} differs batched");
+    }
+}
+
+/// A quantized Hugging Face gpt-oss (experts as MXFP4 `*_blocks` /
+/// `*_scales`, as OpenAI publishes it) is refused by name, not misread.
+#[test]
+fn mxfp4_hugging_face_experts_are_refused_clearly() {
+    use safetensors::tensor::TensorView;
+    let d = dir(NAME);
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(d.join(f), tmp.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeros = vec![0u8; 4 * 64 * 2 * 16];
+    let mut views: Vec<(String, TensorView)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if name.ends_with("experts.gate_up_proj") || name.ends_with("experts.down_proj") {
+            // [E, rows, cols / 32, 16] nibbles and [E, rows, cols / 32] exponents.
+            let blocks = TensorView::new(safetensors::Dtype::U8, vec![4, 64, 2, 16], &zeros).unwrap();
+            let scales = TensorView::new(safetensors::Dtype::U8, vec![4, 64, 2], &zeros[..512]).unwrap();
+            views.push((format!("{name}_blocks"), blocks));
+            views.push((format!("{name}_scales"), scales));
+        } else {
+            views.push((name, view));
+        }
+    }
+    safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
+    let e = match load(&CpuBackend::new(), tmp.path(), &LoadOptions::default()) {
+        Ok(_) => panic!("MXFP4 experts loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("MXFP4 expert weights: not supported yet"), "{e}");
+    assert!(e.contains("ffn_gate_exps"), "{e}");
+}
