@@ -1,6 +1,8 @@
 //! Errors as clients see them: a status code and a JSON body
-//! `{"error": "...", "code": N}` (the DJL shape), or OpenAI's
-//! `{"error": {"message", "type", "param", "code"}}` on `/v1` routes.
+//! `{"error": "...", "code": N}` (the DJL shape), OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` on `/v1` routes, or
+//! Anthropic's `{"type": "error", "error": {"type", "message"}}` on
+//! `/v1/messages`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// Render in OpenAI's error shape.
     pub openai: bool,
+    /// Render in Anthropic's error shape (wins over `openai`).
+    pub anthropic: bool,
 }
 
 impl ApiError {
@@ -25,6 +29,7 @@ impl ApiError {
             status,
             message: message.into(),
             openai: false,
+            anthropic: false,
         }
     }
 
@@ -57,8 +62,17 @@ impl ApiError {
         self
     }
 
+    /// The same error in Anthropic's shape (the Messages API's routes).
+    pub fn anthropic(mut self) -> Self {
+        self.anthropic = true;
+        self
+    }
+
     /// The JSON body of this error.
     pub fn body(&self) -> serde_json::Value {
+        if self.anthropic {
+            return crate::dialect::anthropic::error_body(self.status, &self.message);
+        }
         if self.openai {
             let kind = match self.status.as_u16() {
                 400 | 404 | 413 | 422 => "invalid_request_error",

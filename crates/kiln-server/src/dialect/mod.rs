@@ -9,6 +9,7 @@
 //! `serving.properties`, stay beside its routes ([`crate::lmi_stream`],
 //! [`crate::lmi_outputs`]).
 
+pub mod anthropic;
 pub mod lmi;
 pub mod openai;
 
