@@ -367,11 +367,10 @@ pub(crate) fn conversation(f: &Fields) -> Result<(Vec<ChatMessage>, Option<Strin
             // Only tool results: they are the turn.
             continue;
         }
+        // An assistant turn of calls only keeps "" as its content, as vLLM
+        // renders a null content (templates such as SmolLM2's need a string).
         let mut msg = ChatMessage::new(role, text);
         if !calls.is_empty() {
-            if msg.content.as_deref() == Some("") {
-                msg.content = None;
-            }
             msg.tool_calls = Some(calls);
         }
         out.push(msg);
@@ -1097,5 +1096,63 @@ mod tests {
             let s = StatusCode::from_u16(status).unwrap();
             assert_eq!(error_body(s, "m")["error"]["type"], kind, "{status}");
         }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use kiln_model::fuzz::{cases, random_json, run_with};
+
+    use super::*;
+
+    const KEYS: &[&str] = &[
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "metadata",
+        "user_id",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "budget_tokens",
+        "role",
+        "content",
+        "type",
+        "text",
+        "id",
+        "name",
+        "input",
+        "input_schema",
+        "tool_use_id",
+        "is_error",
+        "cache_control",
+        "disable_parallel_tool_use",
+    ];
+
+    /// Every Anthropic body is read to an answer, never a panic.
+    #[test]
+    fn anthropic_bodies_never_panic() {
+        let report = run_with(
+            "anthropic bodies",
+            cases(3000),
+            |rng, _| random_json(rng, KEYS, 4).to_string().into_bytes(),
+            |body| {
+                let Ok(v) = crate::body::json(Ok(axum::body::Bytes::copy_from_slice(body))) else {
+                    return false;
+                };
+                let Ok(f) = Fields::new(&v, "") else {
+                    return false;
+                };
+                parse(&f).is_ok() & conversation(&f).is_ok()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.cases, cases(3000));
     }
 }
