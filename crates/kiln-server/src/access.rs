@@ -198,7 +198,7 @@ pub async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next
     if path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize" {
         err = err.openai();
     }
-    if crate::messages::is_messages_path(path) {
+    if crate::error::is_anthropic_path(path) {
         err = err.anthropic();
     }
     let mut resp = err.into_response();

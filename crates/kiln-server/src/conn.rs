@@ -552,7 +552,7 @@ async fn handle(
         if req.uri().path().starts_with("/v1/") {
             err = err.openai();
         }
-        if crate::messages::is_messages_path(req.uri().path()) {
+        if crate::error::is_anthropic_path(req.uri().path()) {
             err = err.anthropic();
         }
         let mut resp = err.into_response();

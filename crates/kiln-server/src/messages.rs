@@ -36,12 +36,6 @@ use crate::state::AppState;
 use crate::tool_parse::ToolSyntax;
 use crate::tools::{ToolChoice, ToolRequest};
 
-/// Whether `path` is one of this API's routes (whose errors, the API-key
-/// refusal included, take Anthropic's shape).
-pub fn is_messages_path(path: &str) -> bool {
-    path == "/v1/messages" || path.starts_with("/v1/messages/")
-}
-
 /// `POST /v1/messages`.
 pub async fn messages(
     State(st): State<Arc<AppState>>,

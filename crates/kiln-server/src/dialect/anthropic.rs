@@ -9,7 +9,6 @@
 //! have no exact local meaning (`thinking`, `cache_control`, `metadata`) is
 //! said where each is read.
 
-use axum::http::StatusCode;
 use kiln_engine::{FinishReason, Request};
 use kiln_model::chat::ChatMessage;
 use serde_json::{json, Map, Value};
@@ -70,25 +69,6 @@ const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("mcp_servers", "kiln connects to no MCP servers"),
     ("context_management", "kiln does not edit the context"),
 ];
-
-/// The Anthropic error body for `status`: `{"type": "error", "error":
-/// {"type", "message"}}` with the error types of Anthropic's reference.
-pub fn error_body(status: StatusCode, message: &str) -> Value {
-    let kind = match status.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        408 | 504 => "timeout_error",
-        503 | 529 => "overloaded_error",
-        // The model failed while answering (DJL's 424): a server error.
-        424 => "api_error",
-        400..=499 => "invalid_request_error",
-        _ => "api_error",
-    };
-    json!({"type": "error", "error": {"type": kind, "message": message}})
-}
 
 /// Refuses a key of `f` outside `allowed`, naming it.
 fn only_known(f: &Fields, allowed: &[&str], what: &str) -> Result<(), ApiError> {
@@ -846,6 +826,7 @@ pub(crate) fn usage_json(prompt: usize, cached: usize, output: usize) -> Value {
 mod tests {
     use super::*;
     use crate::tools::ToolChoice;
+    use axum::http::StatusCode;
 
     fn read(v: Value) -> Result<Parsed, String> {
         let f = Fields::new(&v, "").map_err(|e| e.message)?;
@@ -1094,7 +1075,7 @@ mod tests {
             (500, "api_error"),
         ] {
             let s = StatusCode::from_u16(status).unwrap();
-            assert_eq!(error_body(s, "m")["error"]["type"], kind, "{status}");
+            assert_eq!(crate::error::anthropic_body(s, "m")["error"]["type"], kind, "{status}");
         }
     }
 }
