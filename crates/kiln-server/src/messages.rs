@@ -190,6 +190,12 @@ async fn run(
     if let Some(t) = &p.tools {
         let syntax = tool_syntax(&st, &model, &engine, t)?;
         if let Some(g) = t.constraint(syntax) {
+            if p.params.constraint.is_some() {
+                return Err(ApiError::bad_request(
+                    "a tool_choice of 'any' or a named tool constrains the output to a tool \
+                     call; it cannot be combined with 'output_config.format'",
+                ));
+            }
             p.params.constraint = Some(g);
         }
         if syntax == ToolSyntax::Mistral {

@@ -49,6 +49,8 @@ pub const TOP_LEVEL: &[&str] = &[
     "tools",
     "tool_choice",
     "thinking",
+    "output_config",
+    "cache_control",
 ];
 
 /// The fields `/v1/messages/count_tokens` takes (Anthropic's: no sampling).
@@ -59,6 +61,8 @@ pub const COUNT_TOKENS_FIELDS: &[&str] = &[
     "tools",
     "tool_choice",
     "thinking",
+    "output_config",
+    "cache_control",
 ];
 
 /// Fields of Anthropic's reference that kiln does not implement, with why
@@ -68,6 +72,11 @@ const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("container", "kiln runs no code-execution containers"),
     ("mcp_servers", "kiln connects to no MCP servers"),
     ("context_management", "kiln does not edit the context"),
+    ("diagnostics", "kiln has no diagnostics to return"),
+    ("inference_geo", "kiln runs where it is started"),
+    ("speed", "kiln has one speed"),
+    ("user_profile_id", "kiln has no user profiles"),
+    ("workspace_id", "kiln has no workspaces"),
 ];
 
 /// Refuses a key of `f` outside `allowed`, naming it.
@@ -491,9 +500,55 @@ pub(crate) fn thinking(f: &Fields, max_tokens: Option<usize>) -> Result<Thinking
             }
             Ok(Thinking::On)
         }
+        Some("adaptive") => {
+            // The model decides whether and how long to think: what a
+            // reasoning model does with thinking switched on.
+            only_known(&tf, &["type", "display"], "thinking")?;
+            match tf.str("display")? {
+                None | Some("summarized") => Ok(Thinking::On),
+                Some(other) => Err(ApiError::bad_request(format!(
+                    "'thinking.display' '{other}' is not supported: kiln returns thinking \
+                     as it is ('summarized')"
+                ))),
+            }
+        }
         other => Err(ApiError::bad_request(format!(
-            "'thinking.type' must be enabled or disabled, got {}",
+            "'thinking.type' must be enabled, adaptive or disabled, got {}",
             other.map_or_else(|| "nothing".to_string(), |s| format!("'{s}'"))
+        ))),
+    }
+}
+
+/// `output_config`: `format` (`{"type": "json_schema", "schema": {...}}`,
+/// Anthropic's structured outputs) constrains the answer to the schema, as
+/// the chat route's `response_format` does; `effort` is refused (kiln has
+/// no effort levels).
+pub(crate) fn output_format(f: &Fields) -> Result<Option<kiln_engine::Constraint>, ApiError> {
+    let Some(c) = f.get("output_config") else {
+        return Ok(None);
+    };
+    let cf = Fields::new(c, "output_config")?;
+    if cf.has("effort") {
+        return Err(ApiError::bad_request(
+            "'output_config.effort' is not supported: kiln has no effort levels",
+        ));
+    }
+    only_known(&cf, &["format", "effort"], "output_config")?;
+    let Some(format) = cf.get("format") else {
+        return Ok(None);
+    };
+    let ff = Fields::new(format, "output_config.format")?;
+    only_known(&ff, &["type", "schema"], "output_config.format")?;
+    if ff.str("type")? != Some("json_schema") {
+        return Err(ApiError::bad_request(
+            "'output_config.format.type' must be 'json_schema'",
+        ));
+    }
+    match ff.get("schema") {
+        Some(s @ Value::Object(_)) => Ok(Some(kiln_engine::Constraint::JsonSchema(s.clone()))),
+        other => Err(ApiError::bad_request(format!(
+            "'output_config.format.schema' must be a JSON schema object, got {}",
+            other.unwrap_or(&Value::Null)
         ))),
     }
 }
@@ -531,7 +586,9 @@ pub(crate) fn parse(f: &Fields) -> Result<Parsed, ApiError> {
             tracing::debug!(user_id = user, "a /v1/messages request");
         }
     }
-    let params = funnel::request(Some(f), &ANTHROPIC, 1)?;
+    check_cache_control(f.get("cache_control"), "the request")?;
+    let mut params = funnel::request(Some(f), &ANTHROPIC, 1)?;
+    params.constraint = output_format(f)?;
     let thinking = thinking(f, Some(params.stop.max_new_tokens))?;
     Ok(Parsed {
         model: f.str("model")?.unwrap_or_default().to_string(),
@@ -880,6 +937,25 @@ mod tests {
             "thinking": {"type": "enabled", "budget_tokens": 1024}}))
         .unwrap();
         assert_eq!(p.thinking, Thinking::On);
+        let p = read(json!({"messages": hi(), "max_tokens": 40, "thinking": {"type": "adaptive"},
+            "cache_control": {"type": "ephemeral"}}))
+        .unwrap();
+        assert_eq!(p.thinking, Thinking::On);
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let p = read(json!({"messages": hi(), "max_tokens": 40,
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}}))
+        .unwrap();
+        assert_eq!(p.params.constraint, Some(kiln_engine::Constraint::JsonSchema(schema)));
+        for (body, needle) in [
+            (json!({"messages": hi(), "max_tokens": 5, "output_config": {"effort": "high"}}), "effort"),
+            (json!({"messages": hi(), "max_tokens": 5, "output_config": {"format": {"type": "text"}}}), "json_schema"),
+            (json!({"messages": hi(), "max_tokens": 5, "thinking": {"type": "between_tools"}}), "'between_tools'"),
+            (json!({"messages": hi(), "max_tokens": 5, "speed": "fast"}), "'speed' is not supported"),
+            (json!({"messages": hi(), "max_tokens": 5, "cache_control": {"type": "forever"}}), "ephemeral"),
+        ] {
+            let e = read(body.clone()).err().unwrap_or_else(|| panic!("took {body}"));
+            assert!(e.contains(needle), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -495,3 +495,24 @@ fn a_client_leaving_a_stream_cancels_its_message() {
     let r = s.req("DELETE", "/models/anthropic_cancel", &[], b"");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn output_config_format_constrains_the_answer_to_the_schema() {
+    let s = shared();
+    let schema = json!({"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "capital": {"type": "boolean"}},
+        "required": ["city", "capital"], "additionalProperties": false});
+    let v = ok(
+        s,
+        "/v1/messages",
+        &json!({"model": "default", "max_tokens": 60, "temperature": 0,
+            "messages": user("Describe Paris as JSON."),
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}}),
+    );
+    assert_eq!(v["stop_reason"], "end_turn", "{v}");
+    let out: Value = serde_json::from_str(&text_of(&v)).unwrap_or_else(|e| panic!("{e}: {v}"));
+    let obj = out.as_object().unwrap();
+    assert_eq!(obj.len(), 2, "{out}");
+    assert!(obj["city"].as_str().is_some_and(|c| c.chars().count() <= 12), "{out}");
+    assert!(obj["capital"].is_boolean(), "{out}");
+}
