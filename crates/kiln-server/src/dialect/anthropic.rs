@@ -132,8 +132,9 @@ fn block<'a>(
         .get("type")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request(format!("{at} has no 'type'")))?;
-    for k in m.keys() {
-        if k != "type" && !allowed.contains(&k.as_str()) {
+    // A null field is an absent one (clients dump their models with nulls).
+    for (k, v) in m {
+        if k != "type" && !v.is_null() && !allowed.contains(&k.as_str()) {
             return Err(ApiError::bad_request(format!(
                 "{at}: unknown field '{k}' in a '{kind}' block"
             )));
@@ -172,7 +173,7 @@ fn unsupported_block(kind: &str, at: &str) -> ApiError {
 }
 
 const TEXT_KEYS: &[&str] = &["text", "cache_control", "citations"];
-const TOOL_USE_KEYS: &[&str] = &["id", "name", "input", "cache_control"];
+const TOOL_USE_KEYS: &[&str] = &["id", "name", "input", "cache_control", "caller"];
 const TOOL_RESULT_KEYS: &[&str] = &["tool_use_id", "content", "is_error", "cache_control"];
 const THINKING_KEYS: &[&str] = &["thinking", "signature"];
 
@@ -290,6 +291,16 @@ pub(crate) fn conversation(f: &Fields) -> Result<(Vec<ChatMessage>, Option<Strin
                 }
                 ("assistant", "tool_use") => {
                     let (bm, _) = block(b, &bat, TOOL_USE_KEYS)?;
+                    // The client called it (`direct`): the only caller kiln has.
+                    match bm.get("caller") {
+                        None | Some(Value::Null) => {}
+                        Some(c) if c.get("type").and_then(Value::as_str) == Some("direct") => {}
+                        Some(c) => {
+                            return Err(ApiError::bad_request(format!(
+                                "{bat}.caller must be {{\"type\": \"direct\"}}, got {c}"
+                            )))
+                        }
+                    }
                     let id = bm.get("id").and_then(Value::as_str);
                     let name = bm.get("name").and_then(Value::as_str);
                     let (Some(id), Some(name)) = (id, name) else {
@@ -391,9 +402,10 @@ pub(crate) fn tools(f: &Fields) -> Result<Option<ToolRequest>, ApiError> {
                         )))
                     }
                 }
-                for k in m.keys() {
-                    if !["type", "name", "description", "input_schema", "cache_control"]
-                        .contains(&k.as_str())
+                for (k, v) in m {
+                    if !v.is_null()
+                        && !["type", "name", "description", "input_schema", "cache_control"]
+                            .contains(&k.as_str())
                     {
                         return Err(ApiError::bad_request(format!(
                             "{at}: unknown field '{k}'"
@@ -1000,8 +1012,9 @@ mod tests {
             "messages": [
             {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
             {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
-                {"type": "text", "text": "Let me look."},
-                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"type": "text", "text": "Let me look.", "citations": null},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"},
+                    "caller": {"type": "direct"}, "toolset_name": null}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                 "content": [{"type": "text", "text": "sunny"}]}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
