@@ -237,10 +237,12 @@ async fn run(
         let mut events = ctx.blocks.push(&done.text);
         events.extend(ctx.blocks.finish());
         let (reason, sequence) = ctx.stop(done.reason, &done.text, &ids);
-        Ok(json!({"id": ctx.id, "type": "message", "role": "assistant", "model": ctx.model,
+        Ok(
+            json!({"id": ctx.id, "type": "message", "role": "assistant", "model": ctx.model,
             "content": assemble(&events), "stop_reason": reason, "stop_sequence": sequence,
             "usage": usage_json(ctx.prompt_tokens, done.usage.cached_tokens,
-                done.usage.completion_tokens)}))
+                done.usage.completion_tokens)}),
+        )
     })
     .await
 }
@@ -287,7 +289,11 @@ impl Ctx {
     fn stop(&self, reason: FinishReason, text: &str, ids: &[u32]) -> (&'static str, Value) {
         let matched = (reason == FinishReason::StopSequence)
             .then(|| {
-                let raw = self.engine.tokenizer().decode(ids, true).unwrap_or_default();
+                let raw = self
+                    .engine
+                    .tokenizer()
+                    .decode(ids, true)
+                    .unwrap_or_default();
                 matched_stop(&self.stops, text, &raw)
             })
             .flatten();
@@ -388,9 +394,10 @@ fn stream_answer(ctx: Ctx, stream: RequestStream, rec: Arc<AccessRecord>) -> Res
         }
         Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), s))
     });
-    let head = futures_util::stream::once(async move {
-        Ok::<_, std::convert::Infallible>(Bytes::from(head))
-    });
+    let head =
+        futures_util::stream::once(
+            async move { Ok::<_, std::convert::Infallible>(Bytes::from(head)) },
+        );
     generation::streamed(
         futures_util::StreamExt::chain(head, events),
         "text/event-stream",

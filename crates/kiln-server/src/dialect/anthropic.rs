@@ -169,7 +169,9 @@ fn unsupported_block(kind: &str, at: &str) -> ApiError {
         "redacted_thinking" => "kiln never redacts thinking, so it takes none back",
         _ => "this block type is not supported here",
     };
-    ApiError::bad_request(format!("{at}: '{kind}' content blocks are not supported ({why})"))
+    ApiError::bad_request(format!(
+        "{at}: '{kind}' content blocks are not supported ({why})"
+    ))
 }
 
 const TEXT_KEYS: &[&str] = &["text", "cache_control", "citations"];
@@ -362,8 +364,7 @@ pub(crate) fn conversation(f: &Fields) -> Result<(Vec<ChatMessage>, Option<Strin
             prefill = Some(text);
             continue;
         }
-        if role == "user" && text.is_empty() && blocks.iter().all(|b| b["type"] == "tool_result")
-        {
+        if role == "user" && text.is_empty() && blocks.iter().all(|b| b["type"] == "tool_result") {
             // Only tool results: they are the turn.
             continue;
         }
@@ -404,12 +405,16 @@ pub(crate) fn tools(f: &Fields) -> Result<Option<ToolRequest>, ApiError> {
                 }
                 for (k, v) in m {
                     if !v.is_null()
-                        && !["type", "name", "description", "input_schema", "cache_control"]
-                            .contains(&k.as_str())
+                        && ![
+                            "type",
+                            "name",
+                            "description",
+                            "input_schema",
+                            "cache_control",
+                        ]
+                        .contains(&k.as_str())
                     {
-                        return Err(ApiError::bad_request(format!(
-                            "{at}: unknown field '{k}'"
-                        )));
+                        return Err(ApiError::bad_request(format!("{at}: unknown field '{k}'")));
                     }
                 }
                 check_cache_control(m.get("cache_control"), &at)?;
@@ -927,45 +932,111 @@ mod tests {
         assert_eq!(p.params.sampling.temperature, 1.0, "Anthropic's default");
         for (body, needle) in [
             (json!({"messages": hi()}), "'max_tokens' is required"),
-            (json!({"messages": hi(), "max_tokens": 0}), "'max_tokens' must be at least 1"),
-            (json!({"messages": hi(), "max_tokens": 5, "n": 2}), "unknown field 'n'"),
-            (json!({"messages": hi(), "max_tokens": 5, "seed": 2}), "unknown field 'seed'"),
-            (json!({"messages": hi(), "max_tokens": 5, "service_tier": "auto"}), "'service_tier' is not supported"),
-            (json!({"messages": hi(), "max_tokens": 5, "temperature": 1.5}), "'temperature' must be a number from 0 to 1"),
-            (json!({"messages": hi(), "max_tokens": 5, "stop_sequences": "x"}), "must be a list of strings"),
-            (json!({"messages": hi(), "max_tokens": 5, "metadata": {"x": 1}}), "unknown field 'metadata.x'"),
-            (json!({"messages": hi(), "max_tokens": 5, "thinking": {"type": "enabled"}}), "budget_tokens' is required"),
-            (json!({"messages": hi(), "max_tokens": 5000, "thinking": {"type": "enabled", "budget_tokens": 100}}), "at least 1024"),
-            (json!({"messages": hi(), "max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 2000}}), "must be greater than"),
-            (json!({"messages": hi(), "max_tokens": 5, "tool_choice": {"type": "any"}}), "needs 'tools'"),
-            (json!({"messages": hi(), "max_tokens": 5, "tool_choice": {"type": "maybe"}}), "auto, any, tool or none"),
-            (json!({"messages": hi(), "max_tokens": 5, "tools": [{"name": "a"}]}), "input_schema"),
-            (json!({"messages": hi(), "max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "w"}]}), "server tools"),
+            (
+                json!({"messages": hi(), "max_tokens": 0}),
+                "'max_tokens' must be at least 1",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "n": 2}),
+                "unknown field 'n'",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "seed": 2}),
+                "unknown field 'seed'",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "service_tier": "auto"}),
+                "'service_tier' is not supported",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "temperature": 1.5}),
+                "'temperature' must be a number from 0 to 1",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "stop_sequences": "x"}),
+                "must be a list of strings",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "metadata": {"x": 1}}),
+                "unknown field 'metadata.x'",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "thinking": {"type": "enabled"}}),
+                "budget_tokens' is required",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5000, "thinking": {"type": "enabled", "budget_tokens": 100}}),
+                "at least 1024",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 2000}}),
+                "must be greater than",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "tool_choice": {"type": "any"}}),
+                "needs 'tools'",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "tool_choice": {"type": "maybe"}}),
+                "auto, any, tool or none",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "tools": [{"name": "a"}]}),
+                "input_schema",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "w"}]}),
+                "server tools",
+            ),
         ] {
-            let e = read(body.clone()).err().unwrap_or_else(|| panic!("took {body}"));
+            let e = read(body.clone())
+                .err()
+                .unwrap_or_else(|| panic!("took {body}"));
             assert!(e.contains(needle), "{body}: {e}");
         }
         let p = read(json!({"messages": hi(), "max_tokens": 4000,
             "thinking": {"type": "enabled", "budget_tokens": 1024}}))
         .unwrap();
         assert_eq!(p.thinking, Thinking::On);
-        let p = read(json!({"messages": hi(), "max_tokens": 40, "thinking": {"type": "adaptive"},
-            "cache_control": {"type": "ephemeral"}}))
+        let p = read(
+            json!({"messages": hi(), "max_tokens": 40, "thinking": {"type": "adaptive"},
+            "cache_control": {"type": "ephemeral"}}),
+        )
         .unwrap();
         assert_eq!(p.thinking, Thinking::On);
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         let p = read(json!({"messages": hi(), "max_tokens": 40,
             "output_config": {"format": {"type": "json_schema", "schema": schema}}}))
         .unwrap();
-        assert_eq!(p.params.constraint, Some(kiln_engine::Constraint::JsonSchema(schema)));
+        assert_eq!(
+            p.params.constraint,
+            Some(kiln_engine::Constraint::JsonSchema(schema))
+        );
         for (body, needle) in [
-            (json!({"messages": hi(), "max_tokens": 5, "output_config": {"effort": "high"}}), "effort"),
-            (json!({"messages": hi(), "max_tokens": 5, "output_config": {"format": {"type": "text"}}}), "json_schema"),
-            (json!({"messages": hi(), "max_tokens": 5, "thinking": {"type": "between_tools"}}), "'between_tools'"),
-            (json!({"messages": hi(), "max_tokens": 5, "speed": "fast"}), "'speed' is not supported"),
-            (json!({"messages": hi(), "max_tokens": 5, "cache_control": {"type": "forever"}}), "ephemeral"),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "output_config": {"effort": "high"}}),
+                "effort",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "output_config": {"format": {"type": "text"}}}),
+                "json_schema",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "thinking": {"type": "between_tools"}}),
+                "'between_tools'",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "speed": "fast"}),
+                "'speed' is not supported",
+            ),
+            (
+                json!({"messages": hi(), "max_tokens": 5, "cache_control": {"type": "forever"}}),
+                "ephemeral",
+            ),
         ] {
-            let e = read(body.clone()).err().unwrap_or_else(|| panic!("took {body}"));
+            let e = read(body.clone())
+                .err()
+                .unwrap_or_else(|| panic!("took {body}"));
             assert!(e.contains(needle), "{body}: {e}");
         }
     }
@@ -1023,7 +1094,10 @@ mod tests {
         .unwrap();
         assert_eq!(prefill.as_deref(), Some("It is"));
         let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
-        assert_eq!(roles, ["system", "user", "assistant", "tool", "tool", "user"]);
+        assert_eq!(
+            roles,
+            ["system", "user", "assistant", "tool", "tool", "user"]
+        );
         assert_eq!(m[0].content.as_deref(), Some("Be brief.\nBe kind."));
         assert_eq!(m[2].content.as_deref(), Some("Let me look."));
         let calls = m[2].tool_calls.as_ref().unwrap();
@@ -1034,17 +1108,40 @@ mod tests {
         assert_eq!(m[4].content.as_deref(), Some("Error: rain"));
         assert_eq!(m[5].content.as_deref(), Some("And?"));
         for (messages, needle) in [
-            (json!([{"role": "user", "content": [{"type": "image", "source": {}}]}]), "'image' content blocks are not supported"),
-            (json!([{"role": "user", "content": [{"type": "document"}]}]), "'document'"),
-            (json!([{"role": "system", "content": "x"}]), "top-level 'system'"),
-            (json!([{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope"}]}]), "'nope'"),
-            (json!([{"role": "user", "content": [{"type": "text", "text": "a", "extra": 1}]}]), "unknown field 'extra'"),
-            (json!([{"role": "user", "content": [{"type": "text", "text": "a", "citations": []}]}]), "citations"),
-            (json!([{"role": "user", "content": "a", "name": "x"}]), "unknown field"),
+            (
+                json!([{"role": "user", "content": [{"type": "image", "source": {}}]}]),
+                "'image' content blocks are not supported",
+            ),
+            (
+                json!([{"role": "user", "content": [{"type": "document"}]}]),
+                "'document'",
+            ),
+            (
+                json!([{"role": "system", "content": "x"}]),
+                "top-level 'system'",
+            ),
+            (
+                json!([{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "nope"}]}]),
+                "'nope'",
+            ),
+            (
+                json!([{"role": "user", "content": [{"type": "text", "text": "a", "extra": 1}]}]),
+                "unknown field 'extra'",
+            ),
+            (
+                json!([{"role": "user", "content": [{"type": "text", "text": "a", "citations": []}]}]),
+                "citations",
+            ),
+            (
+                json!([{"role": "user", "content": "a", "name": "x"}]),
+                "unknown field",
+            ),
             (json!([{"role": "user", "content": 3}]), "string or a list"),
             (json!([]), "non-empty"),
         ] {
-            let e = conv(json!({"messages": messages})).err().unwrap_or_else(|| panic!("{messages}"));
+            let e = conv(json!({"messages": messages}))
+                .err()
+                .unwrap_or_else(|| panic!("{messages}"));
             assert!(e.contains(needle), "{messages}: {e}");
         }
     }
@@ -1064,7 +1161,11 @@ mod tests {
     fn blocks_are_the_same_however_the_output_is_cut() {
         let text = "<think>Paris is in France.</think>Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
         for step in [1, 2, 5, 1000] {
-            let mut b = Blocks::new(Some(ReasoningParser::Qwen3), Some(ToolSyntax::Hermes), false);
+            let mut b = Blocks::new(
+                Some(ReasoningParser::Qwen3),
+                Some(ToolSyntax::Hermes),
+                false,
+            );
             let events = run(&mut b, text, step);
             assert_eq!(b.calls(), 1);
             // Every block starts, gets deltas, stops, in index order.
@@ -1087,7 +1188,10 @@ mod tests {
             assert_eq!(open, None);
             let blocks = assemble(&events);
             assert_eq!(blocks.len(), 3, "step {step}: {blocks:?}");
-            assert_eq!(blocks[0], json!({"type": "thinking", "thinking": "Paris is in France.", "signature": ""}));
+            assert_eq!(
+                blocks[0],
+                json!({"type": "thinking", "thinking": "Paris is in France.", "signature": ""})
+            );
             assert_eq!(blocks[1], json!({"type": "text", "text": "Let me check."}));
             assert_eq!(blocks[2]["type"], "tool_use");
             assert_eq!(blocks[2]["name"], "get_weather");
@@ -1113,9 +1217,15 @@ mod tests {
     fn plain_text_is_one_text_block() {
         let mut b = Blocks::new(None, None, false);
         let events = run(&mut b, "Hello there", 1);
-        assert_eq!(events.first(), Some(&BlockEvent::Start(0, json!({"type": "text", "text": ""}))));
+        assert_eq!(
+            events.first(),
+            Some(&BlockEvent::Start(0, json!({"type": "text", "text": ""})))
+        );
         assert_eq!(events.last(), Some(&BlockEvent::Stop(0)));
-        assert_eq!(assemble(&events), [json!({"type": "text", "text": "Hello there"})]);
+        assert_eq!(
+            assemble(&events),
+            [json!({"type": "text", "text": "Hello there"})]
+        );
         let mut b = Blocks::new(None, None, false);
         assert!(run(&mut b, "", 1).is_empty(), "no output, no block");
     }
@@ -1125,7 +1235,10 @@ mod tests {
         let stops = vec!["END".to_string(), "EN".to_string(), "xyz".to_string()];
         assert_eq!(matched_stop(&stops, "abc ", "abc END"), Some("EN".into()));
         assert_eq!(matched_stop(&stops, "abc", "abcxyz!"), Some("xyz".into()));
-        assert_eq!(matched_stop(&["only".into()], "a", "b"), Some("only".into()));
+        assert_eq!(
+            matched_stop(&["only".into()], "a", "b"),
+            Some("only".into())
+        );
         assert_eq!(matched_stop(&stops, "a", "b"), None);
         assert_eq!(
             stop_reason(FinishReason::StopSequence, 0, Some("EN".into())),
@@ -1164,7 +1277,11 @@ mod tests {
             (500, "api_error"),
         ] {
             let s = StatusCode::from_u16(status).unwrap();
-            assert_eq!(crate::error::anthropic_body(s, "m")["error"]["type"], kind, "{status}");
+            assert_eq!(
+                crate::error::anthropic_body(s, "m")["error"]["type"],
+                kind,
+                "{status}"
+            );
         }
     }
 }

@@ -2,9 +2,10 @@
 //! [`Dialect`](crate::funnel::Dialect) only what its reference does
 //! differently, reading its JSON into the request funnel
 //! ([`crate::funnel`]) and writing the engine's events back as its answers.
-//! Adding an API (the Responses API and Anthropic Messages are next) is one
-//! file here, plus its routes: a handler module that finds the model and
-//! submits (as [`crate::openai`] does) and its lines in [`crate`]'s router.
+//! Adding an API (the Responses API is next; Anthropic's Messages API is
+//! [`anthropic`], routed by [`crate::messages`]) is one file here, plus its
+//! routes: a handler module that finds the model and submits (as
+//! [`crate::openai`] does) and its lines in [`crate`]'s router.
 //! LMI's two ways of streaming, which depend on the model's
 //! `serving.properties`, stay beside its routes ([`crate::lmi_stream`],
 //! [`crate::lmi_outputs`]).
@@ -256,9 +257,15 @@ mod tests {
                 json!({"temperature": 2}),
                 Refuses("'temperature' must be a number from 0 to 1, got 2"),
             ),
-            (json!({"top_p": 0}), Refuses("'top_p' must be greater than 0")),
+            (
+                json!({"top_p": 0}),
+                Refuses("'top_p' must be greater than 0"),
+            ),
             (json!({"top_k": 40}), Takes(|r| r.sampling.top_k == 40)),
-            (json!({"max_tokens": 0}), Refuses("'max_tokens' must be at least 1")),
+            (
+                json!({"max_tokens": 0}),
+                Refuses("'max_tokens' must be at least 1"),
+            ),
             (
                 json!({"max_tokens": MAX_NEW_TOKENS + 1}),
                 Refuses("'max_tokens' must be an integer from 0 to 1048576, got 1048577"),
@@ -281,7 +288,12 @@ mod tests {
             ),
         ];
         for (params, want) in &cases {
-            check(anthropic::ANTHROPIC.name, params, via_anthropic(params), want);
+            check(
+                anthropic::ANTHROPIC.name,
+                params,
+                via_anthropic(params),
+                want,
+            );
         }
     }
 

@@ -28,7 +28,10 @@ fn assert_anthropic_error(r: &Response, status: u16, kind: &str, needle: &str) {
     let msg = v["error"]["message"]
         .as_str()
         .unwrap_or_else(|| panic!("no message: {v}"));
-    assert!(msg.contains(needle), "error {msg:?} does not mention {needle:?}");
+    assert!(
+        msg.contains(needle),
+        "error {msg:?} does not mention {needle:?}"
+    );
 }
 
 /// The text of a message's text blocks.
@@ -62,7 +65,8 @@ fn sse_events(st: &mut Streaming) -> Vec<(String, Value)> {
             if let Some(n) = line.strip_prefix("event: ") {
                 name = Some(n.to_string());
             } else if let Some(d) = line.strip_prefix("data: ") {
-                data = Some(serde_json::from_str::<Value>(d).unwrap_or_else(|e| panic!("{e}: {d}")));
+                data =
+                    Some(serde_json::from_str::<Value>(d).unwrap_or_else(|e| panic!("{e}: {d}")));
             }
         }
         let (name, data) = (name.expect("event name"), data.expect("event data"));
@@ -79,7 +83,11 @@ fn sse_events(st: &mut Streaming) -> Vec<(String, Value)> {
 fn check_stream(events: &[(String, Value)]) -> (Vec<Value>, Value) {
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names[..2], ["message_start", "ping"], "{names:?}");
-    assert_eq!(names[names.len() - 2..], ["message_delta", "message_stop"], "{names:?}");
+    assert_eq!(
+        names[names.len() - 2..],
+        ["message_delta", "message_stop"],
+        "{names:?}"
+    );
     let start = &events[0].1["message"];
     assert_eq!(start["type"], "message");
     assert_eq!(start["role"], "assistant");
@@ -105,7 +113,11 @@ fn check_stream(events: &[(String, Value)]) -> (Vec<Value>, Value) {
                 match delta["type"].as_str().unwrap() {
                     "text_delta" => {
                         assert_eq!(b["type"], "text");
-                        let t = format!("{}{}", b["text"].as_str().unwrap(), delta["text"].as_str().unwrap());
+                        let t = format!(
+                            "{}{}",
+                            b["text"].as_str().unwrap(),
+                            delta["text"].as_str().unwrap()
+                        );
                         b["text"] = json!(t);
                     }
                     "input_json_delta" => {
@@ -137,7 +149,10 @@ fn stream(s: &Server, body: &Value) -> Vec<(String, Value)> {
     body["stream"] = json!(true);
     let mut st = s.stream(
         "/v1/messages",
-        &[("Content-Type", "application/json"), ("anthropic-version", "2023-06-01")],
+        &[
+            ("Content-Type", "application/json"),
+            ("anthropic-version", "2023-06-01"),
+        ],
         &body,
     );
     if st.status != 200 {
@@ -145,7 +160,8 @@ fn stream(s: &Server, body: &Value) -> Vec<(String, Value)> {
         panic!("status {status}: {}", st.rest());
     }
     assert!(
-        st.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")),
+        st.header("content-type")
+            .is_some_and(|c| c.starts_with("text/event-stream")),
         "{:?}",
         st.headers
     );
@@ -163,7 +179,10 @@ fn messages_answer_like_chat_completions_with_usage() {
     assert_eq!(v["role"], "assistant");
     assert_eq!(v["model"], "default");
     assert!(v["id"].as_str().unwrap().starts_with("msg_"), "{v}");
-    assert!(["end_turn", "max_tokens"].contains(&v["stop_reason"].as_str().unwrap()), "{v}");
+    assert!(
+        ["end_turn", "max_tokens"].contains(&v["stop_reason"].as_str().unwrap()),
+        "{v}"
+    );
     assert!(v["stop_sequence"].is_null(), "{v}");
     let out = v["usage"]["output_tokens"].as_u64().unwrap();
     assert!((1..=12).contains(&out), "{v}");
@@ -176,8 +195,14 @@ fn messages_answer_like_chat_completions_with_usage() {
             {"role": "system", "content": "You are a geography teacher."},
             {"role": "user", "content": "What is the capital of France?"}]}),
     );
-    assert_eq!(text_of(&v), chat["choices"][0]["message"]["content"].as_str().unwrap());
-    assert_eq!(Some(input_tokens(&v)), chat["usage"]["prompt_tokens"].as_u64());
+    assert_eq!(
+        text_of(&v),
+        chat["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        Some(input_tokens(&v)),
+        chat["usage"]["prompt_tokens"].as_u64()
+    );
     assert_eq!(Some(out), chat["usage"]["completion_tokens"].as_u64());
     let want_reason = match chat["choices"][0]["finish_reason"].as_str().unwrap() {
         "length" => "max_tokens",
@@ -196,7 +221,10 @@ fn messages_answer_like_chat_completions_with_usage() {
     // splits it, and the parts add up to the prompt.
     let again = ok(s, "/v1/messages", &body);
     assert_eq!(input_tokens(&again), input_tokens(&v));
-    assert!(again["usage"]["cache_read_input_tokens"].as_u64().unwrap() > 0, "{again}");
+    assert!(
+        again["usage"]["cache_read_input_tokens"].as_u64().unwrap() > 0,
+        "{again}"
+    );
     assert_eq!(text_of(&again), text_of(&v));
 }
 
@@ -228,7 +256,10 @@ fn max_tokens_and_stop_sequences_end_the_message_with_their_reasons() {
     let (blocks, delta) = check_stream(&events);
     assert_eq!(delta["delta"]["stop_reason"], "stop_sequence", "{delta}");
     assert_eq!(delta["delta"]["stop_sequence"], stop.as_str(), "{delta}");
-    let text: String = blocks.iter().map(|b| b["text"].as_str().unwrap_or_default()).collect();
+    let text: String = blocks
+        .iter()
+        .map(|b| b["text"].as_str().unwrap_or_default())
+        .collect();
     assert_eq!(text, cut);
 }
 
@@ -241,7 +272,10 @@ fn streamed_messages_follow_anthropics_event_order() {
     let events = stream(s, &body);
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     // One text block: exactly this order.
-    let deltas = names.iter().filter(|n| **n == "content_block_delta").count();
+    let deltas = names
+        .iter()
+        .filter(|n| **n == "content_block_delta")
+        .count();
     assert!(deltas >= 1, "{names:?}");
     let mut want = vec!["message_start", "ping", "content_block_start"];
     want.extend(std::iter::repeat_n("content_block_delta", deltas));
@@ -249,14 +283,23 @@ fn streamed_messages_follow_anthropics_event_order() {
     assert_eq!(names, want);
     let (blocks, delta) = check_stream(&events);
     assert_eq!(blocks, whole["content"].as_array().unwrap().clone());
-    assert_eq!(events[2].1["content_block"], json!({"type": "text", "text": ""}));
+    assert_eq!(
+        events[2].1["content_block"],
+        json!({"type": "text", "text": ""})
+    );
     assert_eq!(delta["delta"]["stop_reason"], whole["stop_reason"]);
     assert!(delta["delta"]["stop_sequence"].is_null());
-    assert_eq!(delta["usage"]["output_tokens"], whole["usage"]["output_tokens"]);
+    assert_eq!(
+        delta["usage"]["output_tokens"],
+        whole["usage"]["output_tokens"]
+    );
     assert_eq!(input_tokens(&delta), input_tokens(&whole));
     let start_usage = &events[0].1["message"]["usage"];
     assert_eq!(start_usage["output_tokens"], 0);
-    assert_eq!(start_usage["input_tokens"].as_u64(), Some(input_tokens(&whole)));
+    assert_eq!(
+        start_usage["input_tokens"].as_u64(),
+        Some(input_tokens(&whole))
+    );
 }
 
 fn weather_tools() -> Value {
@@ -278,9 +321,19 @@ fn check_weather_call(b: &Value) {
     assert_eq!(b["type"], "tool_use", "{b}");
     assert_eq!(b["name"], "get_weather", "{b}");
     assert!(b["id"].as_str().unwrap().starts_with("toolu_"), "{b}");
-    let input = b["input"].as_object().unwrap_or_else(|| panic!("input: {b}"));
-    assert!(input["city"].as_str().is_some_and(|c| c.chars().count() <= 20), "{b}");
-    assert!(input["days"].as_i64().is_some_and(|d| (1..=7).contains(&d)), "{b}");
+    let input = b["input"]
+        .as_object()
+        .unwrap_or_else(|| panic!("input: {b}"));
+    assert!(
+        input["city"]
+            .as_str()
+            .is_some_and(|c| c.chars().count() <= 20),
+        "{b}"
+    );
+    assert!(
+        input["days"].as_i64().is_some_and(|d| (1..=7).contains(&d)),
+        "{b}"
+    );
     assert_eq!(input.len(), 2, "{b}");
 }
 
@@ -325,19 +378,30 @@ fn a_forced_tool_makes_a_call_and_its_result_is_answered() {
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id,
                 "content": [{"type": "text", "text": "Sunny, 24 C, all three days."}]}]}]});
     let answer = ok(s, "/v1/messages", &follow);
-    assert!(["end_turn", "max_tokens"].contains(&answer["stop_reason"].as_str().unwrap()), "{answer}");
+    assert!(
+        ["end_turn", "max_tokens"].contains(&answer["stop_reason"].as_str().unwrap()),
+        "{answer}"
+    );
     assert!(!text_of(&answer).is_empty(), "{answer}");
-    assert!(answer["content"].as_array().unwrap().iter().all(|b| b["type"] == "text"));
+    assert!(answer["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["type"] == "text"));
     // The result is in the prompt: it counts, and an error result differs.
     let mut counted = follow.clone();
     for k in ["model", "max_tokens", "temperature"] {
         counted.as_object_mut().unwrap().remove(k);
     }
     counted["model"] = json!("default");
-    let n = ok(s, "/v1/messages/count_tokens", &counted)["input_tokens"].as_u64().unwrap();
+    let n = ok(s, "/v1/messages/count_tokens", &counted)["input_tokens"]
+        .as_u64()
+        .unwrap();
     assert_eq!(n, input_tokens(&answer));
     counted["messages"][2]["content"][0]["is_error"] = json!(true);
-    let n_err = ok(s, "/v1/messages/count_tokens", &counted)["input_tokens"].as_u64().unwrap();
+    let n_err = ok(s, "/v1/messages/count_tokens", &counted)["input_tokens"]
+        .as_u64()
+        .unwrap();
     assert!(n_err > n, "an error result is marked: {n_err} vs {n}");
     // With tools, the count is the forced request's prompt (the tools
     // rendered as the model's template renders them).
@@ -362,7 +426,10 @@ fn a_forced_tool_makes_a_call_and_its_result_is_answered() {
 fn bad_bodies_get_anthropics_error_shape() {
     let s = shared();
     let cases: Vec<(Value, &str)> = vec![
-        (json!({"model": "default", "messages": user("Hi")}), "'max_tokens' is required"),
+        (
+            json!({"model": "default", "messages": user("Hi")}),
+            "'max_tokens' is required",
+        ),
         (
             json!({"model": "default", "max_tokens": 5, "messages": user("Hi"), "frequency_penalty": 1}),
             "unknown field 'frequency_penalty'",
@@ -381,7 +448,10 @@ fn bad_bodies_get_anthropics_error_shape() {
                 "thinking": {"type": "enabled", "budget_tokens": 1024}}),
             "no reasoning parser",
         ),
-        (json!({"model": "default", "max_tokens": 5}), "'messages' is required"),
+        (
+            json!({"model": "default", "max_tokens": 5}),
+            "'messages' is required",
+        ),
     ];
     for (body, needle) in cases {
         let r = s.post_json("/v1/messages", &body);
@@ -403,7 +473,12 @@ fn bad_bodies_get_anthropics_error_shape() {
         "/v1/messages/count_tokens",
         &json!({"model": "default", "messages": user("Hi"), "max_tokens": 5}),
     );
-    assert_anthropic_error(&r, 400, "invalid_request_error", "unknown field 'max_tokens'");
+    assert_anthropic_error(
+        &r,
+        400,
+        "invalid_request_error",
+        "unknown field 'max_tokens'",
+    );
 }
 
 #[test]
@@ -419,7 +494,11 @@ fn x_api_key_is_taken_like_a_bearer_token() {
         } else {
             bytes.clone()
         };
-        for bad in [vec![], vec![("x-api-key", "wrong")], vec![("Authorization", "Bearer wrong")]] {
+        for bad in [
+            vec![],
+            vec![("x-api-key", "wrong")],
+            vec![("Authorization", "Bearer wrong")],
+        ] {
             let mut h = vec![ct, version];
             h.extend(bad.iter().copied());
             let r = s.req("POST", path, &h, b.as_bytes());
@@ -435,10 +514,20 @@ fn x_api_key_is_taken_like_a_bearer_token() {
     assert_eq!(r.status, 200, "{}", r.text());
     // This server's body limit (2048 bytes): 413 in Anthropic's shape.
     let big = json!({"model": "default", "max_tokens": 2, "messages": user(&"a ".repeat(2000))});
-    let r = s.req("POST", "/v1/messages", &[ct, ("x-api-key", KEY)], big.to_string().as_bytes());
+    let r = s.req(
+        "POST",
+        "/v1/messages",
+        &[ct, ("x-api-key", KEY)],
+        big.to_string().as_bytes(),
+    );
     assert_anthropic_error(&r, 413, "request_too_large", "--max-request-bytes");
     // The access log and the route's metrics see the requests.
-    let r = s.req("POST", "/v1/messages", &[ct, ("x-api-key", KEY)], bytes.as_bytes());
+    let r = s.req(
+        "POST",
+        "/v1/messages",
+        &[ct, ("x-api-key", KEY)],
+        bytes.as_bytes(),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     let line = format!(
@@ -452,8 +541,11 @@ fn x_api_key_is_taken_like_a_bearer_token() {
     });
     assert!(found.is_some(), "no access.log line with {line}");
     let metrics = s.req("GET", "/server/metrics", &[AUTH], b"").text();
-    let m = metric_value(&metrics, r#"kiln_http_requests_total{route="/v1/messages",status="200"}"#)
-        .unwrap_or(0.0);
+    let m = metric_value(
+        &metrics,
+        r#"kiln_http_requests_total{route="/v1/messages",status="200"}"#,
+    )
+    .unwrap_or(0.0);
     assert!(m >= 3.0, "{m}");
 }
 
@@ -487,7 +579,11 @@ fn a_client_leaving_a_stream_cancels_its_message() {
     let freed = eventually(Duration::from_secs(10), || {
         (used(s) == 0.0 && finished(s) == f0 + 1.0).then_some(())
     });
-    assert!(freed.is_some(), "blocks used {} after the client left", used(s));
+    assert!(
+        freed.is_some(),
+        "blocks used {} after the client left",
+        used(s)
+    );
     let g1 = generated(s);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(generated(s), g1, "still generating");
@@ -513,6 +609,11 @@ fn output_config_format_constrains_the_answer_to_the_schema() {
     let out: Value = serde_json::from_str(&text_of(&v)).unwrap_or_else(|e| panic!("{e}: {v}"));
     let obj = out.as_object().unwrap();
     assert_eq!(obj.len(), 2, "{out}");
-    assert!(obj["city"].as_str().is_some_and(|c| c.chars().count() <= 12), "{out}");
+    assert!(
+        obj["city"]
+            .as_str()
+            .is_some_and(|c| c.chars().count() <= 12),
+        "{out}"
+    );
     assert!(obj["capital"].is_boolean(), "{out}");
 }
