@@ -157,17 +157,28 @@ pub const CORS_ALLOW_HEADERS: [&str; 11] = [
 ];
 
 async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
-    ApiError::new(
+    let e = ApiError::new(
         StatusCode::NOT_FOUND,
         format!("no route for {}", uri.path()),
-    )
+    );
+    shaped_for(e, uri.path())
 }
 
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> impl IntoResponse {
-    ApiError::new(
+    let e = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{method} is not allowed on {}", uri.path()),
-    )
+    );
+    shaped_for(e, uri.path())
+}
+
+/// Anthropic's error shape under `/v1/messages`; the DJL shape elsewhere.
+fn shaped_for(e: ApiError, path: &str) -> ApiError {
+    if error::is_anthropic_path(path) {
+        e.anthropic()
+    } else {
+        e
+    }
 }
 
 /// After SIGTERM: inference requests get 503 while in-flight ones finish.

@@ -1320,6 +1320,11 @@ mod fuzz {
         "is_error",
         "cache_control",
         "disable_parallel_tool_use",
+        "output_config",
+        "format",
+        "schema",
+        "caller",
+        "display",
     ];
 
     /// Every Anthropic body is read to an answer, never a panic.

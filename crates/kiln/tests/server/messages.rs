@@ -469,6 +469,10 @@ fn bad_bodies_get_anthropics_error_shape() {
         &json!({"model": "claude-no-such", "max_tokens": 5, "messages": user("Hi")}),
     );
     assert_anthropic_error(&r, 404, "not_found_error", "claude-no-such");
+    let r = s.get("/v1/messages");
+    assert_anthropic_error(&r, 405, "invalid_request_error", "GET is not allowed");
+    let r = s.post_json("/v1/messages/batches", &json!({}));
+    assert_anthropic_error(&r, 404, "not_found_error", "no route");
     let r = s.post_json(
         "/v1/messages/count_tokens",
         &json!({"model": "default", "messages": user("Hi"), "max_tokens": 5}),
