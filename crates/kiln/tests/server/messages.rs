@@ -120,6 +120,15 @@ fn check_stream(events: &[(String, Value)]) -> (Vec<Value>, Value) {
                         );
                         b["text"] = json!(t);
                     }
+                    "thinking_delta" => {
+                        assert_eq!(b["type"], "thinking");
+                        let t = format!(
+                            "{}{}",
+                            b["thinking"].as_str().unwrap(),
+                            delta["thinking"].as_str().unwrap()
+                        );
+                        b["thinking"] = json!(t);
+                    }
                     "input_json_delta" => {
                         assert_eq!(b["type"], "tool_use");
                         partial.push_str(delta["partial_json"].as_str().unwrap());
@@ -620,4 +629,74 @@ fn output_config_format_constrains_the_answer_to_the_schema() {
         "{out}"
     );
     assert!(obj["capital"].is_boolean(), "{out}");
+}
+
+/// A server whose one model, `r1`, is the default model with
+/// `option.reasoning_parser=deepseek_r1`: its output counts as thinking
+/// until a `</think>` (which this model never writes), so every answer is
+/// thinking, and the same output reaches the chat route's
+/// `reasoning_content`.
+fn reasoning_server() -> &'static Server {
+    static S: std::sync::OnceLock<Server> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let root = tempdir("anthropic-r1-");
+        write(
+            &root.join("models/r1/serving.properties"),
+            &format!(
+                "option.model_id={}\noption.reasoning_parser=deepseek_r1\n",
+                model_file().display()
+            ),
+        );
+        let (s, states) = store_server(&root, 1);
+        assert_eq!(states, "Healthy", "{}", s.stderr());
+        s
+    })
+}
+
+#[test]
+fn thinking_comes_back_in_thinking_blocks_on_a_reasoning_model() {
+    let s = reasoning_server();
+    let body = json!({"model": "r1", "max_tokens": 10, "temperature": 0,
+        "thinking": {"type": "adaptive"}, "messages": user("Why is the sky blue?")});
+    let v = ok(s, "/v1/messages", &body);
+    let content = v["content"].as_array().unwrap();
+    assert_eq!(content.len(), 1, "{v}");
+    assert_eq!(content[0]["type"], "thinking", "{v}");
+    assert_eq!(content[0]["signature"], "", "{v}");
+    let chat = ok(
+        s,
+        "/v1/chat/completions",
+        &json!({"model": "r1", "max_tokens": 10, "temperature": 0,
+            "messages": [{"role": "user", "content": "Why is the sky blue?"}]}),
+    );
+    let reasoning = chat["choices"][0]["message"]["reasoning_content"]
+        .as_str()
+        .unwrap();
+    assert_eq!(content[0]["thinking"], reasoning, "{v} vs {chat}");
+    // Streamed: a thinking block of thinking_delta events.
+    let events = stream(s, &body);
+    let (blocks, delta) = check_stream(&events);
+    assert_eq!(blocks, content.clone());
+    assert_eq!(
+        events[2].1["content_block"],
+        json!({"type": "thinking", "thinking": "", "signature": ""})
+    );
+    assert_eq!(delta["delta"]["stop_reason"], v["stop_reason"]);
+    // Manual thinking checks its budget as Anthropic does, and is counted.
+    let mut manual = body.clone();
+    manual["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
+    let r = s.post_json("/v1/messages", &manual);
+    assert_anthropic_error(
+        &r,
+        400,
+        "invalid_request_error",
+        "greater than 'thinking.budget_tokens'",
+    );
+    let n = ok(
+        s,
+        "/v1/messages/count_tokens",
+        &json!({"model": "r1", "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": user("Why is the sky blue?")}),
+    );
+    assert_eq!(n["input_tokens"].as_u64(), Some(input_tokens(&v)));
 }
