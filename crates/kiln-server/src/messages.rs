@@ -235,7 +235,7 @@ async fn run(
     crate::cpu::json_answer(move || {
         let mut ctx = ctx;
         let mut events = ctx.blocks.push(&done.text);
-        events.extend(ctx.blocks.finish());
+        events.extend(ctx.blocks.finish(cut(done.reason)));
         let (reason, sequence) = ctx.stop(done.reason, &done.text, &ids);
         Ok(
             json!({"id": ctx.id, "type": "message", "role": "assistant", "model": ctx.model,
@@ -299,6 +299,12 @@ impl Ctx {
             .flatten();
         stop_reason(reason, self.blocks.calls(), matched)
     }
+}
+
+/// Whether an output ending for `reason` was cut short (a call in it may
+/// be unfinished).
+fn cut(reason: FinishReason) -> bool {
+    matches!(reason, FinishReason::Length | FinishReason::Deadline)
 }
 
 /// One server-sent event.
@@ -373,7 +379,7 @@ fn stream_answer(ctx: Ctx, stream: RequestStream, rec: Arc<AccessRecord>) -> Res
                         .unwrap_or_else(|| ApiError::model_failure("generation failed"));
                     out = error_event(e);
                 } else {
-                    sse_blocks(&s.ctx.blocks.finish(), &mut out);
+                    sse_blocks(&s.ctx.blocks.finish(cut(reason)), &mut out);
                     let (stop, sequence) = s.ctx.stop(reason, &s.text, &s.ids);
                     out.extend_from_slice(&sse(
                         "message_delta",

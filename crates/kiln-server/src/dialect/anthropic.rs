@@ -709,31 +709,43 @@ impl Blocks {
             None => (String::new(), text.to_string()),
         };
         self.write(Open::Thinking, &reasoning, &mut out);
-        self.content(&content, false, &mut out);
+        self.content(&content, None, &mut out);
         out
     }
 
-    /// The end of the output: what was held back, and the last block closed.
-    pub(crate) fn finish(&mut self) -> Vec<BlockEvent> {
+    /// The end of the output: what was held back, and the last block
+    /// closed. `cut`: the output was cut short (`max_tokens`, the request
+    /// timeout), so text the tool parser still holds is the start of a call
+    /// that never finished (or of its marker): it is dropped, never given
+    /// out as text.
+    pub(crate) fn finish(&mut self, cut: bool) -> Vec<BlockEvent> {
         let mut out = Vec::new();
         let (reasoning, content) = match &mut self.splitter {
             Some(s) => s.finish(),
             None => (String::new(), String::new()),
         };
         self.write(Open::Thinking, &reasoning, &mut out);
-        self.content(&content, true, &mut out);
+        self.content(&content, Some(cut), &mut out);
         self.close(&mut out);
         out
     }
 
-    fn content(&mut self, text: &str, end: bool, out: &mut Vec<BlockEvent>) {
+    /// Content text through the tool parser; `end`: the output ends here
+    /// (and was cut short, if true).
+    fn content(&mut self, text: &str, end: Option<bool>, out: &mut Vec<BlockEvent>) {
         let Some(ts) = &mut self.tools else {
             self.write(Open::Text, text, out);
             return;
         };
         let mut events = ts.push(text);
-        if end {
-            events.extend(ts.finish());
+        match end {
+            None => {}
+            Some(false) => events.extend(ts.finish()),
+            Some(true) => events.extend(
+                ts.finish()
+                    .into_iter()
+                    .filter(|e| matches!(e, ToolEvent::Call(_))),
+            ),
         }
         for e in events {
             match e {
@@ -842,21 +854,20 @@ fn append(v: &mut Value, s: &str) {
     *v = Value::String(t);
 }
 
-/// `stop_reason` and `stop_sequence` for a finished output: `tool_use` when
-/// it made calls, `stop_sequence` with the sequence that matched (`matched`),
-/// `max_tokens` when cut at the limit (or at the server's request timeout),
-/// else `end_turn`.
+/// `stop_reason` and `stop_sequence` for a finished output: `max_tokens`
+/// when cut at the limit (or at the server's request timeout), even after
+/// complete calls (as Anthropic's API: the turn may have been cut in a
+/// call), `tool_use` when it made calls, `stop_sequence` with the sequence
+/// that matched (`matched`), else `end_turn`.
 pub(crate) fn stop_reason(
     reason: FinishReason,
     calls: usize,
     matched: Option<String>,
 ) -> (&'static str, Value) {
-    if calls > 0 {
-        return ("tool_use", Value::Null);
-    }
     match reason {
-        FinishReason::StopSequence => ("stop_sequence", matched.map_or(Value::Null, Value::String)),
         FinishReason::Length | FinishReason::Deadline => ("max_tokens", Value::Null),
+        _ if calls > 0 => ("tool_use", Value::Null),
+        FinishReason::StopSequence => ("stop_sequence", matched.map_or(Value::Null, Value::String)),
         _ => ("end_turn", Value::Null),
     }
 }
@@ -1153,7 +1164,7 @@ mod tests {
         for piece in chars.chunks(step) {
             out.extend(b.push(&piece.iter().collect::<String>()));
         }
-        out.extend(b.finish());
+        out.extend(b.finish(false));
         out
     }
 
@@ -1211,6 +1222,32 @@ mod tests {
         let mut b = Blocks::new(None, Some(ToolSyntax::Hermes), false);
         run(&mut b, &text, 3);
         assert_eq!(b.calls(), 2);
+    }
+
+    #[test]
+    fn a_call_cut_short_is_never_text() {
+        let call = "<tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call>\n";
+        let half = "<tool_call>\n{\"name\": \"b\", \"argu";
+        for step in [1, 4, 100] {
+            let mut b = Blocks::new(None, Some(ToolSyntax::Hermes), false);
+            let chars: Vec<char> = format!("Sure. {call}{half}").chars().collect();
+            let mut events = Vec::new();
+            for piece in chars.chunks(step) {
+                events.extend(b.push(&piece.iter().collect::<String>()));
+            }
+            events.extend(b.finish(true));
+            let blocks = assemble(&events);
+            assert_eq!(blocks.len(), 2, "step {step}: {blocks:?}");
+            assert_eq!(blocks[0], json!({"type": "text", "text": "Sure. "}));
+            assert_eq!(blocks[1]["name"], "a");
+            // Not cut (the model ended there): the unparsed text stays text.
+            let mut b = Blocks::new(None, Some(ToolSyntax::Hermes), false);
+            let mut events = b.push(half);
+            events.extend(b.finish(false));
+            assert_eq!(assemble(&events), [json!({"type": "text", "text": half})]);
+        }
+        assert_eq!(stop_reason(FinishReason::Length, 1, None).0, "max_tokens");
+        assert_eq!(stop_reason(FinishReason::Deadline, 0, None).0, "max_tokens");
     }
 
     #[test]

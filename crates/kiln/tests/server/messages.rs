@@ -376,6 +376,19 @@ fn a_forced_tool_makes_a_call_and_its_result_is_answered() {
         .unwrap();
     assert_eq!(start.1["content_block"]["input"], json!({}));
 
+    // A call that max_tokens cuts short: the reason says so, and none of
+    // it comes back as text (whole or streamed).
+    let mut short = ask.clone();
+    short["max_tokens"] = json!(6);
+    let v_short = ok(s, "/v1/messages", &short);
+    assert_eq!(v_short["stop_reason"], "max_tokens", "{v_short}");
+    assert_eq!(v_short["content"], json!([]), "{v_short}");
+    assert_eq!(v_short["usage"]["output_tokens"], 6, "{v_short}");
+    let events = stream(s, &short);
+    let (blocks, delta) = check_stream(&events);
+    assert!(blocks.is_empty(), "{blocks:?}");
+    assert_eq!(delta["delta"]["stop_reason"], "max_tokens");
+
     // The round trip: the call and its result go back; the model answers
     // in text (tool_choice none: the tools stay in the prompt).
     let id = uses[0]["id"].as_str().unwrap();
@@ -422,9 +435,26 @@ fn a_forced_tool_makes_a_call_and_its_result_is_answered() {
     assert_eq!(with_tools["input_tokens"].as_u64(), Some(input_tokens(&v)));
     // `any` makes a call too; `auto` needs the model's setting, as on the chat route.
     let mut any = ask.clone();
-    any["tool_choice"] = json!({"type": "any"});
+    any["tool_choice"] = json!({"type": "any", "disable_parallel_tool_use": true});
     let v = ok(s, "/v1/messages", &any);
     assert_eq!(v["stop_reason"], "tool_use", "{v}");
+    // With parallel calls allowed this small model repeats its call until
+    // max_tokens cuts the turn: the reason is then max_tokens, with the
+    // complete calls kept.
+    any["tool_choice"] = json!({"type": "any"});
+    let v = ok(s, "/v1/messages", &any);
+    if v["stop_reason"] == "max_tokens" {
+        assert!(
+            v["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|b| b["type"] == "tool_use"),
+            "{v}"
+        );
+    } else {
+        assert_eq!(v["stop_reason"], "tool_use", "{v}");
+    }
     let mut auto = ask;
     auto.as_object_mut().unwrap().remove("tool_choice");
     let r = s.post_json("/v1/messages", &auto);
