@@ -730,3 +730,43 @@ fn thinking_comes_back_in_thinking_blocks_on_a_reasoning_model() {
     );
     assert_eq!(n["input_tokens"].as_u64(), Some(input_tokens(&v)));
 }
+
+/// A stream that fails after it began (here: the grace period after
+/// SIGTERM ends, which aborts every request still running) ends with an
+/// `error` event in Anthropic's shape, and no `message_stop`.
+#[test]
+fn a_failure_mid_stream_is_an_error_event() {
+    let s = Server::ready(Opts::args(&[
+        "--kv-cache-mib",
+        "256",
+        "--grace-period",
+        "2",
+    ]));
+    // A schema that cannot end before 4000 characters: the answer runs
+    // until the grace period ends it.
+    let mut st = s.stream(
+        "/v1/messages",
+        &[("Content-Type", "application/json")],
+        &json!({"model": "default", "max_tokens": 3000, "stream": true,
+            "messages": user("Write a very long story."),
+            "output_config": {"format": {"type": "json_schema",
+                "schema": {"type": "string", "minLength": 4000}}}}),
+    );
+    assert_eq!(st.status, 200);
+    let first = st.next_until(b"\n\n").expect("message_start");
+    assert!(first.starts_with("event: message_start"), "{first}");
+    s.signal("TERM");
+    let events = sse_events(&mut st);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let (last, data) = events.last().expect("events after SIGTERM");
+    assert_eq!(last, "error", "{names:?}");
+    assert!(!names.contains(&"message_stop"), "{names:?}");
+    assert_eq!(data["error"]["type"], "api_error", "{data}");
+    let msg = data["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("grace period"), "{data}");
+    assert!(
+        s.wait_exit(Duration::from_secs(15)).is_some(),
+        "{}",
+        s.stderr()
+    );
+}
