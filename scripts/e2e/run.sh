@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${1:-target/debug/kiln}"
 if ! command -v python3 >/dev/null 2>&1; then
-  echo "!!! scripts/e2e/run.sh: python3 is not installed: SKIPPING the OpenAI e2e test !!!" >&2
+  echo "!!! scripts/e2e/run.sh: python3 is not installed: SKIPPING the OpenAI and Anthropic e2e tests !!!" >&2
   exit 0
 fi
 if [ ! -x "$BIN" ]; then
@@ -20,7 +20,7 @@ VENV="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/venv-e2e"
 REQ=scripts/e2e/requirements.txt
 want="$(sha256sum "$REQ" | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-  echo "kiln: creating $VENV for the OpenAI e2e test" >&2
+  echo "kiln: creating $VENV for the e2e tests" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ"
   echo "$want" >"$VENV/.requirements.sha256"

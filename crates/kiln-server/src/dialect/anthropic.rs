@@ -574,10 +574,13 @@ pub(crate) fn output_format(f: &Fields) -> Result<Option<kiln_engine::Constraint
 pub(crate) struct Parsed {
     /// `model` (empty: the only model served).
     pub model: String,
+    /// `stream`: answer with server-sent events.
     pub stream: bool,
     /// The checked sampling parameters (no prompt yet).
     pub params: Request,
+    /// What `thinking` asks for.
     pub thinking: Thinking,
+    /// `tools` and `tool_choice` in the chat route's terms (`None`: no tools).
     pub tools: Option<ToolRequest>,
 }
 
