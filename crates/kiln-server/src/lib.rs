@@ -188,7 +188,8 @@ async fn refuse_when_stopping(
     next: middleware::Next,
 ) -> axum::response::Response {
     if st.shutting_down.load(Ordering::SeqCst) && req.method() == Method::POST {
-        return ApiError::unavailable("the server is shutting down").into_response();
+        let e = ApiError::unavailable("the server is shutting down");
+        return shaped_for(e, req.uri().path()).into_response();
     }
     next.run(req).await
 }

@@ -552,6 +552,31 @@ fn x_api_key_is_taken_like_a_bearer_token() {
             assert_eq!(r.status, 200, "{path} with {good:?}: {}", r.text());
         }
     }
+    // A browser may send the key and the version cross-origin.
+    let r = s.req(
+        "OPTIONS",
+        "/v1/messages",
+        &[
+            ("Origin", ALLOWED_ORIGIN),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "x-api-key,anthropic-version,content-type",
+            ),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{:?}", r.headers);
+    let allowed = r
+        .header("access-control-allow-headers")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    for h in ["x-api-key", "anthropic-version", "content-type"] {
+        assert!(
+            allowed.split(',').any(|n| n.trim() == h),
+            "{h} missing from {allowed:?}"
+        );
+    }
     // The key works on the other routes too.
     let r = s.req("GET", "/v1/models", &[("x-api-key", KEY)], b"");
     assert_eq!(r.status, 200, "{}", r.text());
