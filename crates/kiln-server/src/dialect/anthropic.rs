@@ -678,6 +678,9 @@ pub(crate) struct Blocks {
     /// At most one call (`disable_parallel_tool_use`): later calls are dropped.
     one_call: bool,
     open: Option<(usize, Open)>,
+    /// The `tool_use` block a streamed call (harmony) is writing into;
+    /// `Some(None)`: a call being dropped (`one_call`).
+    call: Option<Option<usize>>,
     next: usize,
     calls: usize,
 }
@@ -694,6 +697,7 @@ impl Blocks {
             tools: tools.map(ToolStream::new),
             one_call,
             open: None,
+            call: None,
             next: 0,
             calls: 0,
         }
@@ -772,6 +776,30 @@ impl Blocks {
                     ));
                     out.push(BlockEvent::Stop(i));
                 }
+                ToolEvent::CallStart { name } => {
+                    self.close(out);
+                    if self.one_call && self.calls > 0 {
+                        self.call = Some(None);
+                        continue;
+                    }
+                    let i = self.next;
+                    self.next += 1;
+                    self.calls += 1;
+                    self.call = Some(Some(i));
+                    out.push(BlockEvent::Start(
+                        i,
+                        json!({"type": "tool_use", "id": tool_use_id(), "name": name,
+                            "input": {}}),
+                    ));
+                }
+                ToolEvent::CallArguments(a) => {
+                    if let Some(Some(i)) = self.call {
+                        out.push(BlockEvent::Delta(
+                            i,
+                            json!({"type": "input_json_delta", "partial_json": a}),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -811,6 +839,9 @@ impl Blocks {
 
     fn close(&mut self, out: &mut Vec<BlockEvent>) {
         if let Some((i, _)) = self.open.take() {
+            out.push(BlockEvent::Stop(i));
+        }
+        if let Some(Some(i)) = self.call.take() {
             out.push(BlockEvent::Stop(i));
         }
     }
