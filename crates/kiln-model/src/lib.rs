@@ -25,6 +25,7 @@ mod gguf_write;
 pub mod inspect;
 pub mod layouts;
 pub mod loader;
+pub mod mxfp4;
 pub mod names;
 pub mod prepared;
 pub use kiln_backend::quant;
