@@ -93,12 +93,20 @@ fn linear_over_mxfp4_matches_dequantize_then_f32() {
     for m in [1usize, 5, 17] {
         let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
         let y = be
-            .linear(&CpuTensor::new(vec![m, k], x.clone()).unwrap(), &weight, None)
+            .linear(
+                &CpuTensor::new(vec![m, k], x.clone()).unwrap(),
+                &weight,
+                None,
+            )
             .unwrap();
         for i in 0..m {
             for j in 0..n {
                 let row = &wd[j * k..(j + 1) * k];
-                let want: f32 = row.iter().zip(&x[i * k..(i + 1) * k]).map(|(a, b)| a * b).sum();
+                let want: f32 = row
+                    .iter()
+                    .zip(&x[i * k..(i + 1) * k])
+                    .map(|(a, b)| a * b)
+                    .sum();
                 let mag: f32 = row
                     .iter()
                     .zip(&x[i * k..(i + 1) * k])

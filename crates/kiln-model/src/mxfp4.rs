@@ -46,7 +46,9 @@ pub enum Mxfp4Error {
     #[error("the blocks' shape {0:?} is not [..., rows, cols / 32, 16]")]
     BlocksShape(Vec<usize>),
     /// The scales do not have one byte per block.
-    #[error("the scales' shape {scales:?} is not the blocks' {blocks:?} without its last dimension")]
+    #[error(
+        "the scales' shape {scales:?} is not the blocks' {blocks:?} without its last dimension"
+    )]
     ScalesShape {
         blocks: Vec<usize>,
         scales: Vec<usize>,
@@ -92,7 +94,12 @@ pub fn experts_from_hf(
     let experts = count(lead)?;
     let n_blocks = count(&blocks_shape[..blocks_shape.len() - 1])?;
     for (what, have, shape, want) in [
-        ("the blocks", blocks.len(), blocks_shape, n_blocks.checked_mul(CODE_BYTES)),
+        (
+            "the blocks",
+            blocks.len(),
+            blocks_shape,
+            n_blocks.checked_mul(CODE_BYTES),
+        ),
         ("the scales", scales.len(), scales_shape, Some(n_blocks)),
     ] {
         if want != Some(have) {
@@ -112,7 +119,10 @@ pub fn experts_from_hf(
             let mut out = vec![0u8; per_expert * BLOCK_BYTES];
             for ((o, codes), &exp) in out
                 .chunks_exact_mut(BLOCK_BYTES)
-                .zip(blocks[range.start * CODE_BYTES..range.end * CODE_BYTES].chunks_exact(CODE_BYTES))
+                .zip(
+                    blocks[range.start * CODE_BYTES..range.end * CODE_BYTES]
+                        .chunks_exact(CODE_BYTES),
+                )
                 .zip(&scales[range])
             {
                 o[0] = exp;
@@ -188,9 +198,9 @@ mod tests {
         }
         let mut g = [0u8; 16];
         repack_codes(&hf, &mut g);
-        for j in 0..16 {
-            assert_eq!(g[j] & 0x0f, (j % 16) as u8, "element {j}");
-            assert_eq!(g[j] >> 4, ((j + 16) % 16) as u8, "element {}", j + 16);
+        for (j, &b) in g.iter().enumerate() {
+            assert_eq!(b & 0x0f, (j % 16) as u8, "element {j}");
+            assert_eq!(b >> 4, ((j + 16) % 16) as u8, "element {}", j + 16);
         }
         // And an asymmetric pattern: only element 1 set.
         let mut hf = [0u8; 16];
@@ -216,11 +226,17 @@ mod tests {
         ));
         assert!(matches!(
             experts_from_hf(&b[1..], &[2, 3, 16], &s, &[2, 3]),
-            Err(Mxfp4Error::Length { what: "the blocks", .. })
+            Err(Mxfp4Error::Length {
+                what: "the blocks",
+                ..
+            })
         ));
         assert!(matches!(
             experts_from_hf(&b, &[2, 3, 16], &s[1..], &[2, 3]),
-            Err(Mxfp4Error::Length { what: "the scales", .. })
+            Err(Mxfp4Error::Length {
+                what: "the scales",
+                ..
+            })
         ));
         // A header's absurd shape overflows nothing and allocates nothing.
         let huge = [usize::MAX / 2, 4, 3, 16];

@@ -27,7 +27,14 @@ fn shape(v: &serde_json::Value) -> Vec<usize> {
 /// The golden pair: blocks, their shape, scales, their shape, and
 /// transformers' weights `[experts, cols, rows]` with their shape.
 #[allow(clippy::type_complexity)]
-fn golden() -> (Vec<u8>, Vec<usize>, Vec<u8>, Vec<usize>, Vec<f32>, Vec<usize>) {
+fn golden() -> (
+    Vec<u8>,
+    Vec<usize>,
+    Vec<u8>,
+    Vec<usize>,
+    Vec<f32>,
+    Vec<usize>,
+) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../testdata/golden/mxfp4.json"
@@ -76,7 +83,10 @@ fn check_against_transformers(experts: &[WeightData], rows: usize, cols: usize) 
 fn hf_blocks_and_scales_decode_as_transformers_decodes_them() {
     let (blocks, bshape, scales, sshape, _, _) = golden();
     let m = experts_from_hf(&blocks, &bshape, &scales, &sshape).unwrap();
-    assert_eq!((m.rows, m.cols, m.experts.len()), (bshape[1], bshape[2] * 32, bshape[0]));
+    assert_eq!(
+        (m.rows, m.cols, m.experts.len()),
+        (bshape[1], bshape[2] * 32, bshape[0])
+    );
     check_against_transformers(&m.experts, m.rows, m.cols);
 }
 

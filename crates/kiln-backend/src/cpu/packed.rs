@@ -1,5 +1,5 @@
 //! Weights of the block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
-//! Q4_K, Q5_K, Q6_K) repacked at load into groups of 16 interleaved rows,
+//! Q4_K, Q5_K, Q6_K, MXFP4) repacked at load into groups of 16 interleaved rows,
 //! and the canonical computation over them.
 //!
 //! In the file, each row's blocks follow one another, so one output element
@@ -33,7 +33,10 @@
 //! ```
 //! `u` is the stored code as an unsigned integer and `K` its zero point
 //! (128 for Q8_0's signed bytes, 8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32
-//! for Q6_K, 0 with a minimum). `scale_bh` is the f16 scale (`d * sc` for
+//! for Q6_K, 0 with a minimum). MXFP4 stores 4-bit indices and a byte of
+//! E8M0 exponent per row and block; `u` is its index looked up in the
+//! row's table (the E2M1 value doubled, plus `K` = 12) and its scale
+//! 2^(e - 128). `scale_bh` is the f16 scale (`d * sc` for
 //! the K-quants, an exact f32 product of an f16 and a small integer) and
 //! `min_bh` the part's offset (the f16 minimum, or `-(dmin * m)`), one per
 //! sub-block except for Q2_K, whose minimums are per 16 elements as its
@@ -502,8 +505,8 @@ mod tests {
             // exponent byte is 2^-128) codes at the zero point.
             let last = &p.data[blocks * fmt.chunk()..];
             for r in rows % NR..NR {
-                let zero_codes = (0..QK)
-                    .all(|t| PackedWeight::code(fmt, last, 0, r, t) == fmt.zero_point());
+                let zero_codes =
+                    (0..QK).all(|t| PackedWeight::code(fmt, last, 0, r, t) == fmt.zero_point());
                 let scale = PackedWeight::scale(fmt, last, 0, 0, r);
                 assert!(scale == 0.0 || zero_codes, "{ty:?} padding row {r}");
             }

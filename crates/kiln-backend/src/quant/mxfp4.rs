@@ -188,7 +188,9 @@ mod tests {
         dequantize_block(&b, &mut y);
         assert_eq!(x, y);
 
-        let x: Vec<f32> = (0..32).map(|j| ((j * 7919) % 97) as f32 / 13.0 - 3.5).collect();
+        let x: Vec<f32> = (0..32)
+            .map(|j| ((j * 7919) % 97) as f32 / 13.0 - 3.5)
+            .collect();
         quantize_block(&x, &mut b);
         dequantize_block(&b, &mut y);
         let d = e8m0_half(b[0]);
