@@ -65,7 +65,9 @@ fn quantization_matches_the_gguf_reference_byte_for_byte() {
 
 /// `linear` over MXFP4 weights (repacked, as loading does) is the f32
 /// product of the dequantized weights within the 8/16-bit activation
-/// quantization's error, for a decode row and for prompt batches.
+/// quantization's error, for a decode row and for prompt batches; also
+/// for weights so small that every block's exponent is 0 or 1, whose
+/// scales (2^-128, 2^-127) are subnormal floats.
 #[test]
 fn linear_over_mxfp4_matches_dequantize_then_f32() {
     let (n, k) = (70, 192);
@@ -76,47 +78,49 @@ fn linear_over_mxfp4_matches_dequantize_then_f32() {
         s ^= s << 17;
         (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     };
-    let w: Vec<f32> = (0..n * k).map(|_| rand() * 0.1).collect();
-    let bytes = mxfp4::quantize(&w, k).unwrap();
-    let wd = dequantize(GgmlType::MXFP4, &bytes, n * k).unwrap();
     let be = CpuBackend::new();
-    let weight = be
-        .upload_weight(
-            n,
-            k,
-            WeightData::Ggml {
-                ty: GgmlType::MXFP4,
-                bytes: bytes.into(),
-            },
-        )
-        .unwrap();
-    for m in [1usize, 5, 17] {
-        let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
-        let y = be
-            .linear(
-                &CpuTensor::new(vec![m, k], x.clone()).unwrap(),
-                &weight,
-                None,
+    for (magnitude, exponents) in [(0.1f32, 100..=127u8), (2f32.powi(-124), 0..=1)] {
+        // Every other block twice as large: both exponents of the tiny case.
+        let w: Vec<f32> = (0..n * k)
+            .map(|t| rand() * magnitude * (1 + t / 32 % 2) as f32)
+            .collect();
+        let bytes = mxfp4::quantize(&w, k).unwrap();
+        for b in bytes.chunks_exact(mxfp4::BLOCK_BYTES) {
+            assert!(exponents.contains(&b[0]), "exponent {}", b[0]);
+        }
+        let wd = dequantize(GgmlType::MXFP4, &bytes, n * k).unwrap();
+        let weight = be
+            .upload_weight(
+                n,
+                k,
+                WeightData::Ggml {
+                    ty: GgmlType::MXFP4,
+                    bytes: bytes.into(),
+                },
             )
             .unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let row = &wd[j * k..(j + 1) * k];
-                let want: f32 = row
-                    .iter()
-                    .zip(&x[i * k..(i + 1) * k])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                let mag: f32 = row
-                    .iter()
-                    .zip(&x[i * k..(i + 1) * k])
-                    .map(|(a, b)| (a * b).abs())
-                    .sum();
-                let got = y.data[i * n + j];
-                assert!(
-                    (got - want).abs() <= 1e-2 * mag + 1e-6,
-                    "m {m}, row {i}, column {j}: {got} vs {want}"
-                );
+        for m in [1usize, 5, 17] {
+            let x: Vec<f32> = (0..m * k).map(|_| rand()).collect();
+            let y = be
+                .linear(
+                    &CpuTensor::new(vec![m, k], x.clone()).unwrap(),
+                    &weight,
+                    None,
+                )
+                .unwrap();
+            for i in 0..m {
+                let xi = &x[i * k..(i + 1) * k];
+                for j in 0..n {
+                    let row = &wd[j * k..(j + 1) * k];
+                    let want: f32 = row.iter().zip(xi).map(|(a, b)| a * b).sum();
+                    let mag: f32 = row.iter().zip(xi).map(|(a, b)| (a * b).abs()).sum();
+                    assert!(mag > 0.0);
+                    let got = y.data[i * n + j];
+                    assert!(
+                        (got - want).abs() <= 1e-2 * mag,
+                        "magnitude {magnitude}, m {m}, row {i}, column {j}: {got} vs {want}"
+                    );
+                }
             }
         }
     }
