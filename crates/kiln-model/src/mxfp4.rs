@@ -156,29 +156,32 @@ impl SafetensorsSource {
     /// expert: how a gpt-oss checkpoint's experts load without being
     /// expanded to floats.
     pub fn mxfp4_experts(&self, canonical: &str) -> Result<Mxfp4Experts> {
-        let read = |suffix: &str| {
-            self.view(&format!("{canonical}_{suffix}"), |path, _, name, view| {
-                if view.dtype() != Dtype::U8 {
-                    return Err(ModelError::Tensor {
-                        path: path.clone(),
-                        tensor: name.to_string(),
-                        msg: format!("MXFP4 {suffix} must be U8, not {:?}", view.dtype()),
-                    });
-                }
-                Ok((
-                    path.clone(),
-                    name.to_string(),
-                    view.shape().to_vec(),
-                    view.data().to_vec(),
-                ))
+        let u8_only = |path: &std::path::PathBuf, name: &str, dtype: Dtype| {
+            if dtype == Dtype::U8 {
+                return Ok(());
+            }
+            Err(ModelError::Tensor {
+                path: path.clone(),
+                tensor: name.to_string(),
+                msg: format!("MXFP4 blocks and scales must be U8, not {dtype:?}"),
             })
         };
-        let (path, name, bshape, blocks) = read("blocks")?;
-        let (_, _, sshape, scales) = read("scales")?;
-        experts_from_hf(&blocks, &bshape, &scales, &sshape).map_err(|e| ModelError::Tensor {
-            path,
-            tensor: name,
-            msg: e.to_string(),
+        // The scales (a sixteenth of the blocks) are copied; the blocks are
+        // read in place from the map, straight into ggml's layout.
+        let (scales_shape, scales) =
+            self.view(&format!("{canonical}_scales"), |path, _, name, view| {
+                u8_only(path, name, view.dtype())?;
+                Ok((view.shape().to_vec(), view.data().to_vec()))
+            })?;
+        self.view(&format!("{canonical}_blocks"), |path, _, name, view| {
+            u8_only(path, name, view.dtype())?;
+            experts_from_hf(view.data(), view.shape(), &scales, &scales_shape).map_err(|e| {
+                ModelError::Tensor {
+                    path: path.clone(),
+                    tensor: name.to_string(),
+                    msg: e.to_string(),
+                }
+            })
         })
     }
 }

@@ -92,7 +92,8 @@ fn hf_blocks_and_scales_decode_as_transformers_decodes_them() {
 
 /// A checkpoint holding the pair (as `U8` tensors, beside a float one)
 /// gives the same matrices through `SafetensorsSource`; a float tensor
-/// under the name is refused with its dtype.
+/// under the name, a pair of the wrong shape and a missing pair are
+/// refused, naming the tensor and what is wrong.
 #[test]
 fn safetensors_source_reads_the_pair() {
     use safetensors::tensor::TensorView;
@@ -116,6 +117,14 @@ fn safetensors_source_reads_the_pair() {
             "bad_scales".to_string(),
             TensorView::new(Dtype::U8, vec![1], &floats[..1]).unwrap(),
         ),
+        (
+            "flat_blocks".to_string(),
+            TensorView::new(Dtype::U8, vec![16], &floats[..16]).unwrap(),
+        ),
+        (
+            "flat_scales".to_string(),
+            TensorView::new(Dtype::U8, vec![1], &floats[..1]).unwrap(),
+        ),
     ];
     let dir = std::env::temp_dir().join(format!("kiln-mxfp4-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -130,8 +139,16 @@ fn safetensors_source_reads_the_pair() {
         .unwrap();
     check_against_transformers(&m.experts, m.rows, m.cols);
     let err = src.mxfp4_experts("bad").unwrap_err().to_string();
-    assert!(err.contains("must be U8"), "{err}");
+    assert!(err.contains("must be U8, not F32"), "{err}");
+    let err = src.mxfp4_experts("flat").unwrap_err().to_string();
+    assert!(
+        err.contains("flat_blocks") && err.contains("[16] is not [..., rows, cols / 32, 16]"),
+        "{err}"
+    );
     let err = src.mxfp4_experts("missing").unwrap_err().to_string();
-    assert!(err.contains("missing_blocks"), "{err}");
+    assert!(
+        err.contains("required tensor 'missing_scales' is missing"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -199,7 +199,9 @@ macro_rules! decoders {
         #[inline(always)]
         pub(crate) unsafe fn $head<const F: u8>(head: *const u8) -> ($vf, $vf) {
             if let SubScales::E8M0(_) = format::<F>().sub_scales() {
-                // No f16 fields: the scale is the exponent byte ($scales).
+                // No f16 fields: the scale is the exponent byte, which the
+                // scales decoder reads.
+                // SAFETY: the width's instructions per the caller.
                 return unsafe { ($zero_f(), $zero_f()) };
             }
             // SAFETY: the chunk's head at `head`; the width's instructions per the caller.
