@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The OpenAI-client end-to-end test: creates (or reuses) the virtual
-# environment ${KILN_CACHE:-$HOME/.cache/kiln}/venv-e2e from requirements.txt
-# (PyPI only), then runs openai_e2e.py against a kiln binary.
+# The OpenAI- and Anthropic-client end-to-end tests: creates (or reuses) the
+# virtual environment ${KILN_CACHE:-$HOME/.cache/kiln}/venv-e2e from
+# requirements.txt (PyPI only), then runs openai_e2e.py and anthropic_e2e.py
+# against a kiln binary.
 #
 #   scripts/e2e/run.sh [path/to/kiln]     (default: target/debug/kiln; build it first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${1:-target/debug/kiln}"
 if ! command -v python3 >/dev/null 2>&1; then
-  echo "!!! scripts/e2e/run.sh: python3 is not installed: SKIPPING the OpenAI e2e test !!!" >&2
+  echo "!!! scripts/e2e/run.sh: python3 is not installed: SKIPPING the OpenAI and Anthropic e2e tests !!!" >&2
   exit 0
 fi
 if [ ! -x "$BIN" ]; then
@@ -19,9 +20,12 @@ VENV="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/venv-e2e"
 REQ=scripts/e2e/requirements.txt
 want="$(sha256sum "$REQ" | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-  echo "kiln: creating $VENV for the OpenAI e2e test" >&2
+  echo "kiln: creating $VENV for the e2e tests" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ"
   echo "$want" >"$VENV/.requirements.sha256"
 fi
-exec "$VENV/bin/python" scripts/e2e/openai_e2e.py "$BIN"
+status=0
+"$VENV/bin/python" scripts/e2e/openai_e2e.py "$BIN" || status=$?
+"$VENV/bin/python" scripts/e2e/anthropic_e2e.py "$BIN" || status=$?
+exit "$status"

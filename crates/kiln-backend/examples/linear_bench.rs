@@ -30,6 +30,10 @@ fn bytes_for(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
         for &o in ty.f16_fields() {
             out[start + o..start + o + 2].copy_from_slice(&0x2000u16.to_le_bytes());
         }
+        if ty == GgmlType::MXFP4 {
+            // Its scale is an E8M0 exponent byte: 2^-8.
+            out[start] = 120;
+        }
     }
     if matches!(ty, GgmlType::F16 | GgmlType::BF16) {
         // Ordinary values (no NaN or subnormal bit patterns): 0x3c00 is 1.0 in

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 use crate::HostBytes;
 
+pub mod mxfp4;
+
 /// The ggml element types kiln knows. Values are ggml's enum numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
@@ -29,6 +31,8 @@ pub enum GgmlType {
     Q6K = 14,
     Q8K = 15,
     BF16 = 30,
+    /// OCP Microscaling FP4 (gpt-oss's experts): see [`mxfp4`].
+    MXFP4 = 39,
 }
 
 impl GgmlType {
@@ -55,6 +59,7 @@ impl GgmlType {
             Self::Q5K => 11,
             Self::Q6K => 12,
             Self::Q8K => 13,
+            Self::MXFP4 => 14,
         };
         &FORMATS[i]
     }
@@ -123,6 +128,11 @@ pub struct CodeLayout {
     /// The scales a block keeps besides its f16 fields, and the function
     /// that reads them out of a block for the interleaved layout.
     pub sub_scales: SubScales,
+    /// Where the stored 4-bit codes are not the integers themselves but
+    /// indices into a table of values (MXFP4's E2M1 codes): the unsigned
+    /// code (value plus `zero_point`) of each index. The interleaved layout
+    /// keeps the indices, and kernels look them up in registers.
+    pub lookup: Option<&'static [u8; 16]>,
 }
 
 /// The scales (and minimums) a block keeps per part besides its f16 fields,
@@ -141,6 +151,10 @@ pub enum SubScales {
     /// A byte per 16 elements, a 4-bit scale in its low nibble (multiplying
     /// `d`) and a 4-bit minimum in its high one (multiplying `dmin`) (Q2_K).
     Nibbles(fn(&[u8]) -> [u8; 16]),
+    /// No f16 fields: the block's one scale is a power of two, stored as an
+    /// E8M0 exponent byte `e` (read out by the function) that scales every
+    /// element by [`mxfp4::e8m0_half`]`(e)` = 2^(e - 128) (MXFP4).
+    E8M0(fn(&[u8]) -> u8),
 }
 
 /// Writes one block of a format for `x` (one block's elements) into `out`.
@@ -163,11 +177,12 @@ const fn codes(
         has_min,
         zero_point,
         sub_scales,
+        lookup: None,
     })
 }
 
 /// Every format kiln knows, one row each, in [`GgmlType::format`]'s order.
-pub static FORMATS: [Format; 14] = {
+pub static FORMATS: [Format; 15] = {
     use crate::quantize::{q4_0 as enc_q4_0, q4_1 as enc_q4_1, q8_0 as enc_q8_0};
     use crate::quantize_k::{q4_k as enc_q4_k, q6_k as enc_q6_k};
     use GgmlType as T;
@@ -342,11 +357,31 @@ pub static FORMATS: [Format; 14] = {
             quantize: None,
             codes: None,
         },
+        Format {
+            ty: T::MXFP4,
+            elems: 32,
+            bytes: 17,
+            f16_fields: &[],
+            dequantize: Some(mxfp4::dequantize_block),
+            // A stored format (gpt-oss ships it), not an `option.quantize`
+            // target; its encoder is `mxfp4::quantize_block`.
+            quantize: None,
+            codes: Some(CodeLayout {
+                signed: false,
+                granule: 32,
+                code_bits: 4,
+                halves: false,
+                has_min: false,
+                zero_point: mxfp4::ZERO_POINT,
+                sub_scales: SubScales::E8M0(|b| b[0]),
+                lookup: Some(&mxfp4::CODES),
+            }),
+        },
     ]
 };
 
 /// Every weight format the CPU backend computes with as stored.
-pub const WEIGHT_FORMATS: [GgmlType; 13] = [
+pub const WEIGHT_FORMATS: [GgmlType; 14] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -360,6 +395,7 @@ pub const WEIGHT_FORMATS: [GgmlType; 13] = [
     GgmlType::Q4K,
     GgmlType::Q5K,
     GgmlType::Q6K,
+    GgmlType::MXFP4,
 ];
 
 /// A weight matrix as a checkpoint holds it, handed to [`crate::Backend::upload_weight`].
@@ -718,8 +754,12 @@ mod format_table_tests {
             if let Some(c) = f.codes {
                 assert!(f.elems.is_multiple_of(32), "{:?}", f.ty);
                 assert!(c.granule == 0 || f.elems.is_multiple_of(c.granule));
-                // `d`, then the minimum or `dmin`: what the repack copies.
-                assert_eq!(f.f16_fields.len(), 1 + c.has_min as usize, "{:?}", f.ty);
+                // `d`, then the minimum or `dmin`: what the repack copies
+                // (none where the scale is an E8M0 exponent byte).
+                let d = !matches!(c.sub_scales, SubScales::E8M0(_)) as usize;
+                assert_eq!(f.f16_fields.len(), d + c.has_min as usize, "{:?}", f.ty);
+                // A table of codes indexes 4-bit codes.
+                assert!(c.lookup.is_none() || c.code_bits == 4, "{:?}", f.ty);
             }
         }
         let mut rows: Vec<(u32, &str)> = FORMATS

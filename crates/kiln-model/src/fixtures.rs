@@ -287,6 +287,10 @@ pub fn random_blocks(ty: GgmlType, n: usize, seed: u64) -> Vec<u8> {
                     let v = half::f16::from_f32(small(next(), big));
                     out[start + o..start + o + 2].copy_from_slice(&v.to_le_bytes());
                 }
+                if ty == GgmlType::MXFP4 {
+                    // Its scale is an E8M0 exponent: 2^-10 .. 2^-7.
+                    out[start] = 118 + (next() % 4) as u8;
+                }
             }
         }
     }

@@ -28,6 +28,7 @@ pub mod inspect;
 pub mod layouts;
 pub mod loader;
 pub mod moe;
+pub mod mxfp4;
 pub mod names;
 pub mod prepared;
 pub use kiln_backend::quant;

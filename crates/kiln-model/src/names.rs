@@ -114,6 +114,7 @@ pub fn format_name(ty: GgmlType) -> &'static str {
         GgmlType::Q5K => "q5_k",
         GgmlType::Q6K => "q6_k",
         GgmlType::Q8K => "q8_k",
+        GgmlType::MXFP4 => "mxfp4",
     }
 }
 

@@ -445,7 +445,7 @@ impl SafetensorsSource {
 
 impl SafetensorsSource {
     /// The file, checkpoint name and parsed view of a canonical tensor.
-    fn view<T>(
+    pub(crate) fn view<T>(
         &self,
         canonical: &str,
         f: impl FnOnce(&PathBuf, &Arc<Mmap>, &str, safetensors::tensor::TensorView) -> Result<T>,

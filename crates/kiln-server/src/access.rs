@@ -165,8 +165,12 @@ pub async fn track(State(st): State<Arc<AppState>>, mut req: Request, next: Next
 /// serves it. DJL's `/server/metrics` still needs the key.
 pub const OPEN_ROUTES: [&str; 4] = ["/ping", "/health", "/health/ready", "/metrics"];
 
-/// Requires `Authorization: Bearer <key>` on every route but [`OPEN_ROUTES`]
-/// when keys are configured.
+/// The header Anthropic's API and clients carry the API key in.
+pub const X_API_KEY: &str = "x-api-key";
+
+/// Requires `Authorization: Bearer <key>` (or `x-api-key: <key>`, as
+/// Anthropic's clients send it) on every route but [`OPEN_ROUTES`] when
+/// keys are configured.
 pub async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if st.config.api_keys.is_empty() || OPEN_ROUTES.contains(&req.uri().path()) {
         return next.run(req).await;
@@ -176,16 +180,26 @@ pub async fn authorize(State(st): State<Arc<AppState>>, req: Request, next: Next
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token);
-    if token.is_some_and(|t| st.config.api_keys.iter().any(|k| k == t)) {
+    // Anthropic's clients send the key as `x-api-key`: taken alike.
+    let x_api_key = req
+        .headers()
+        .get(X_API_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let known = |t: &str| st.config.api_keys.iter().any(|k| k == t);
+    if token.is_some_and(known) || x_api_key.is_some_and(known) {
         return next.run(req).await;
     }
     let mut err = ApiError::new(
         StatusCode::UNAUTHORIZED,
-        "this server requires an API key: send 'Authorization: Bearer <key>'",
+        "this server requires an API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
     );
     let path = req.uri().path();
     if path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize" {
         err = err.openai();
+    }
+    if crate::error::is_anthropic_path(path) {
+        err = err.anthropic();
     }
     let mut resp = err.into_response();
     resp.headers_mut().insert(

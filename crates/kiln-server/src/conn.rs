@@ -552,6 +552,9 @@ async fn handle(
         if req.uri().path().starts_with("/v1/") {
             err = err.openai();
         }
+        if crate::error::is_anthropic_path(req.uri().path()) {
+            err = err.anthropic();
+        }
         let mut resp = err.into_response();
         // The body was not read, so the connection cannot carry another request.
         resp.headers_mut().insert(

@@ -1,6 +1,8 @@
 //! Errors as clients see them: a status code and a JSON body
-//! `{"error": "...", "code": N}` (the DJL shape), or OpenAI's
-//! `{"error": {"message", "type", "param", "code"}}` on `/v1` routes.
+//! `{"error": "...", "code": N}` (the DJL shape), OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` on `/v1` routes, or
+//! Anthropic's `{"type": "error", "error": {"type", "message"}}` on
+//! `/v1/messages`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +18,8 @@ pub struct ApiError {
     pub message: String,
     /// Render in OpenAI's error shape.
     pub openai: bool,
+    /// Render in Anthropic's error shape (wins over `openai`).
+    pub anthropic: bool,
 }
 
 impl ApiError {
@@ -25,6 +29,7 @@ impl ApiError {
             status,
             message: message.into(),
             openai: false,
+            anthropic: false,
         }
     }
 
@@ -57,8 +62,17 @@ impl ApiError {
         self
     }
 
+    /// The same error in Anthropic's shape (the Messages API's routes).
+    pub fn anthropic(mut self) -> Self {
+        self.anthropic = true;
+        self
+    }
+
     /// The JSON body of this error.
     pub fn body(&self) -> serde_json::Value {
+        if self.anthropic {
+            return anthropic_body(self.status, &self.message);
+        }
         if self.openai {
             let kind = match self.status.as_u16() {
                 400 | 404 | 413 | 422 => "invalid_request_error",
@@ -72,6 +86,31 @@ impl ApiError {
             serde_json::json!({"error": self.message, "code": self.status.as_u16()})
         }
     }
+}
+
+/// Whether `path` is one of Anthropic's Messages API routes, whose errors
+/// (the API-key and body-size refusals included) take Anthropic's shape.
+pub fn is_anthropic_path(path: &str) -> bool {
+    path == "/v1/messages" || path.starts_with("/v1/messages/")
+}
+
+/// The Anthropic error body for `status`: `{"type": "error", "error":
+/// {"type", "message"}}` with the error types of Anthropic's reference.
+pub fn anthropic_body(status: StatusCode, message: &str) -> serde_json::Value {
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        408 | 504 => "timeout_error",
+        503 | 529 => "overloaded_error",
+        // The model failed while answering (DJL's 424): a server error.
+        424 => "api_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    };
+    serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
 }
 
 impl std::fmt::Display for ApiError {

@@ -6,7 +6,8 @@
 //!
 //! - [`properties`] and [`store`]: the model store and its `serving.properties`;
 //! - [`registry`]: registered models, loading and unloading;
-//! - [`lmi`], [`openai`] (with [`prompts`]), [`tokenize`], [`management`]: the routes;
+//! - [`lmi`], [`openai`] (with [`prompts`]), [`messages`], [`tokenize`],
+//!   [`management`]: the routes;
 //! - [`access`]: API keys, the access log, per-route counters; [`prom`] and
 //!   [`prom_vllm`]: metrics text; [`health`]: liveness and readiness probes;
 //! - [`conn`]: the accept loop, connection timeouts and the connection cap;
@@ -34,6 +35,7 @@ pub mod lmi;
 pub(crate) mod lmi_outputs;
 pub(crate) mod lmi_stream;
 pub mod management;
+pub mod messages;
 pub mod openai;
 pub mod params;
 pub mod prom;
@@ -96,6 +98,8 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)
@@ -140,7 +144,7 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
 /// Request headers a browser may send cross-origin. Listed by name, because
 /// `access-control-allow-headers: *` does not cover `Authorization` (Fetch
 /// standard), which every client with an API key sends.
-pub const CORS_ALLOW_HEADERS: [&str; 8] = [
+pub const CORS_ALLOW_HEADERS: [&str; 11] = [
     "authorization",
     "content-type",
     "accept",
@@ -149,20 +153,35 @@ pub const CORS_ALLOW_HEADERS: [&str; 8] = [
     "openai-organization",
     "openai-project",
     "x-requested-with",
+    // Anthropic's clients: the key, the API version and beta flags.
+    "x-api-key",
+    "anthropic-version",
+    "anthropic-beta",
 ];
 
 async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
-    ApiError::new(
+    let e = ApiError::new(
         StatusCode::NOT_FOUND,
         format!("no route for {}", uri.path()),
-    )
+    );
+    shaped_for(e, uri.path())
 }
 
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> impl IntoResponse {
-    ApiError::new(
+    let e = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{method} is not allowed on {}", uri.path()),
-    )
+    );
+    shaped_for(e, uri.path())
+}
+
+/// Anthropic's error shape under `/v1/messages`; the DJL shape elsewhere.
+fn shaped_for(e: ApiError, path: &str) -> ApiError {
+    if error::is_anthropic_path(path) {
+        e.anthropic()
+    } else {
+        e
+    }
 }
 
 /// After SIGTERM: inference requests get 503 while in-flight ones finish.
@@ -172,7 +191,8 @@ async fn refuse_when_stopping(
     next: middleware::Next,
 ) -> axum::response::Response {
     if st.shutting_down.load(Ordering::SeqCst) && req.method() == Method::POST {
-        return ApiError::unavailable("the server is shutting down").into_response();
+        let e = ApiError::unavailable("the server is shutting down");
+        return shaped_for(e, req.uri().path()).into_response();
     }
     next.run(req).await
 }

@@ -234,6 +234,16 @@ pub(super) fn unpack(f: &IntFormat, b: &[u8], u: &mut Unpacked) {
                 u.coef[g] = -(dmin * (s >> 4) as f32);
             }
         }
+        GgmlType::MXFP4 => {
+            use crate::quant::mxfp4::{e8m0_half, CODES, ZERO_POINT};
+            let d = e8m0_half(b[0]);
+            u.scale[..2].fill(d);
+            for (l, &q) in b[1..17].iter().enumerate() {
+                u.codes[l] = CODES[(q & 0x0f) as usize];
+                u.codes[l + 16] = CODES[(q >> 4) as usize];
+            }
+            u.coef[0] = -(ZERO_POINT as f32) * d;
+        }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8K => {
             unreachable!("IntFormat::of excludes float formats")
         }

@@ -1,5 +1,5 @@
 //! Weights of the block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K,
-//! Q4_K, Q5_K, Q6_K) repacked at load into groups of 16 interleaved rows,
+//! Q4_K, Q5_K, Q6_K, MXFP4) repacked at load into groups of 16 interleaved rows,
 //! and the canonical computation over them.
 //!
 //! In the file, each row's blocks follow one another, so one output element
@@ -33,7 +33,10 @@
 //! ```
 //! `u` is the stored code as an unsigned integer and `K` its zero point
 //! (128 for Q8_0's signed bytes, 8 for Q4_0, 16 for Q5_0, 4 for Q3_K, 32
-//! for Q6_K, 0 with a minimum). `scale_bh` is the f16 scale (`d * sc` for
+//! for Q6_K, 0 with a minimum). MXFP4 stores 4-bit indices and a byte of
+//! E8M0 exponent per row and block; `u` is its index looked up in the
+//! row's table (the E2M1 value doubled, plus `K` = 12) and its scale
+//! 2^(e - 128). `scale_bh` is the f16 scale (`d * sc` for
 //! the K-quants, an exact f32 product of an f16 and a small integer) and
 //! `min_bh` the part's offset (the f16 minimum, or `-(dmin * m)`), one per
 //! sub-block except for Q2_K, whose minimums are per 16 elements as its
@@ -155,6 +158,13 @@ impl PackedFormat {
         self.layout().sub_scales
     }
 
+    /// The unsigned code of each stored 4-bit index, where the codes are
+    /// a table's indices (MXFP4).
+    #[inline(always)]
+    pub const fn lookup(self) -> Option<&'static [u8; 16]> {
+        self.layout().lookup
+    }
+
     /// Code bytes per group and sub-block, a vector's worth per bit: eight
     /// code vectors of bytes; four of nibbles plus a plane per bit above
     /// four; or two of 2-bit codes plus a plane for a third bit.
@@ -184,6 +194,8 @@ impl PackedFormat {
                 SubScales::Signed(_) => SECOND + 16 * NR,
                 // d, dmin, then per half sub-block a scale-and-minimum byte per row
                 SubScales::Nibbles(_) => K_SCALES + 16 * NR,
+                // the E8M0 exponent byte per row
+                SubScales::E8M0(_) => NR,
             }
     }
 }
@@ -315,19 +327,25 @@ impl PackedWeight {
             6 => ((base[4 * VB + VB * (q / 4) + at] >> (2 * (q % 4))) & 3) as i32,
             _ => 0,
         };
-        nib | high << 4
+        match fmt.lookup() {
+            Some(table) => table[nib as usize] as i32,
+            None => nib | high << 4,
+        }
     }
 
     /// The scale of part `h` (0, or 1 for a second half) of sub-block `s`
     /// of row `r` in a chunk.
     pub fn scale(fmt: PackedFormat, chunk: &[u8], s: usize, h: usize, r: usize) -> f32 {
         let head = &chunk[fmt.head()..];
+        if let SubScales::E8M0(_) = fmt.sub_scales() {
+            return crate::quant::mxfp4::e8m0_half(head[r]);
+        }
         let d = f16_at(head, 2 * r);
         match fmt.sub_scales() {
             SubScales::ScaleMin(_) => d * head[K_SCALES + NR * s + r] as f32,
             SubScales::Signed(_) => d * (head[SECOND + NR * (2 * s + h) + r] as i8) as f32,
             SubScales::Nibbles(_) => d * (head[K_SCALES + NR * (2 * s + h) + r] & 0x0f) as f32,
-            SubScales::None => d,
+            SubScales::None | SubScales::E8M0(_) => d,
         }
     }
 
@@ -355,12 +373,22 @@ fn f16_at(b: &[u8], o: usize) -> f32 {
 
 /// Writes row `r`'s file block `blk` (decoded as `u`) into a group's chunk `out`.
 fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8]) {
+    // A table's codes are stored as their indices: the inverse table (of
+    // codes below 32; the first index of a value the table repeats).
+    let index = fmt.lookup().map(|t| {
+        let mut inv = [0u8; 32];
+        for (i, &c) in t.iter().enumerate().rev() {
+            inv[c as usize] = i as u8;
+        }
+        inv
+    });
     for s in 0..fmt.subs() {
         let base = &mut out[s * fmt.sub_bytes()..(s + 1) * fmt.sub_bytes()];
         for t in 0..QK {
             let (q, e) = (t / 4, t % 4);
             let at = 4 * r + e;
             let c = u.codes[QK * s + t];
+            let c = index.map_or(c, |inv| inv[c as usize]);
             if fmt.code_bits() == 8 {
                 base[VB * q + at] = c;
                 continue;
@@ -404,6 +432,7 @@ fn pack_row(fmt: PackedFormat, blk: &[u8], u: &Unpacked, r: usize, out: &mut [u8
                 head[K_SCALES + NR * g + r] = b;
             }
         }
+        SubScales::E8M0(read) => head[r] = read(blk),
     }
 }
 
@@ -472,10 +501,14 @@ mod tests {
                     );
                 }
             }
-            // The padding rows are zero.
+            // The padding rows are zero: scale 0, or (MXFP4, whose zero
+            // exponent byte is 2^-128) codes at the zero point.
             let last = &p.data[blocks * fmt.chunk()..];
             for r in rows % NR..NR {
-                assert_eq!(PackedWeight::scale(fmt, last, 0, 0, r), 0.0);
+                let zero_codes =
+                    (0..QK).all(|t| PackedWeight::code(fmt, last, 0, r, t) == fmt.zero_point());
+                let scale = PackedWeight::scale(fmt, last, 0, 0, r);
+                assert!(scale == 0.0 || zero_codes, "{ty:?} padding row {r}");
             }
         }
     }

@@ -167,6 +167,12 @@ pub(super) fn random_blocks(ty: GgmlType, blocks: usize, seed: u64) -> Vec<u8> {
         for &o in ty.f16_fields() {
             out[start + o..start + o + 2].copy_from_slice(&scale());
         }
+        if ty == GgmlType::MXFP4 {
+            // Its scale is an E8M0 exponent: 2^-5 .. 2^0 (and now and then
+            // 0, 2^-128, the smallest, to cover the subnormal scales).
+            let r = scale()[0];
+            out[start] = if r % 16 == 0 { 0 } else { 122 + r % 6 };
+        }
     }
     out
 }

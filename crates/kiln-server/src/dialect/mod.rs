@@ -2,13 +2,15 @@
 //! [`Dialect`](crate::funnel::Dialect) only what its reference does
 //! differently, reading its JSON into the request funnel
 //! ([`crate::funnel`]) and writing the engine's events back as its answers.
-//! Adding an API (the Responses API and Anthropic Messages are next) is one
-//! file here, plus its routes: a handler module that finds the model and
-//! submits (as [`crate::openai`] does) and its lines in [`crate`]'s router.
+//! Adding an API (the Responses API is next; Anthropic's Messages API is
+//! [`anthropic`], routed by [`crate::messages`]) is one file here, plus its
+//! routes: a handler module that finds the model and submits (as
+//! [`crate::openai`] does) and its lines in [`crate`]'s router.
 //! LMI's two ways of streaming, which depend on the model's
 //! `serving.properties`, stay beside its routes ([`crate::lmi_stream`],
 //! [`crate::lmi_outputs`]).
 
+pub mod anthropic;
 pub mod lmi;
 pub mod openai;
 
@@ -19,7 +21,7 @@ mod tests {
 
     use kiln_engine::Request;
 
-    use super::{lmi, openai};
+    use super::{anthropic, lmi, openai};
     use crate::error::ApiError;
     use crate::funnel::{request, MAX_NEW_TOKENS};
     use crate::params::Fields;
@@ -222,6 +224,76 @@ mod tests {
         for (params, lmi_want, openai_want) in &cases {
             check(lmi::LMI.name, params, via_lmi(params), lmi_want);
             check(openai::OPENAI.name, params, via_openai(params), openai_want);
+        }
+    }
+
+    /// `params` as `/v1/messages` reads them: beside `messages`, with
+    /// `max_tokens` (required there) unless given.
+    fn via_anthropic(params: &Value) -> Result<Request, ApiError> {
+        let mut body = params.clone();
+        body["messages"] = json!([{"role": "user", "content": "x"}]);
+        if body.get("max_tokens").is_none() {
+            body["max_tokens"] = json!(16);
+        }
+        let f = Fields::new(&body, "")?;
+        anthropic::parse(&f).map(|p| p.params)
+    }
+
+    /// The shared rules reach Anthropic's dialect too, with its own names
+    /// and bounds: `stop_sequences`, temperature from 0 to 1, and only the
+    /// fields of Anthropic's reference (vLLM's extras are refused by name).
+    #[test]
+    fn the_same_rules_reach_the_anthropic_dialect() {
+        let cases: Vec<(Value, Want)> = vec![
+            (
+                json!({}),
+                Takes(|r| r.stop.max_new_tokens == 16 && r.sampling.temperature == 1.0),
+            ),
+            (
+                json!({"temperature": 0.5}),
+                Takes(|r| r.sampling.temperature == 0.5),
+            ),
+            (
+                json!({"temperature": 2}),
+                Refuses("'temperature' must be a number from 0 to 1, got 2"),
+            ),
+            (
+                json!({"top_p": 0}),
+                Refuses("'top_p' must be greater than 0"),
+            ),
+            (json!({"top_k": 40}), Takes(|r| r.sampling.top_k == 40)),
+            (
+                json!({"max_tokens": 0}),
+                Refuses("'max_tokens' must be at least 1"),
+            ),
+            (
+                json!({"max_tokens": MAX_NEW_TOKENS + 1}),
+                Refuses("'max_tokens' must be an integer from 0 to 1048576, got 1048577"),
+            ),
+            (
+                json!({"stop_sequences": (0..17).map(|i| format!("s{i}")).collect::<Vec<_>>()}),
+                Refuses("'stop_sequences' takes at most 16 sequences, got 17"),
+            ),
+            (
+                json!({"stop_sequences": ["a", "b"]}),
+                Takes(|r| r.stop.stop_strings == ["a", "b"]),
+            ),
+            (
+                json!({"stop": ["a"]}),
+                Refuses("the request: unknown field 'stop'"),
+            ),
+            (
+                json!({"min_p": 0.1}),
+                Refuses("the request: unknown field 'min_p'"),
+            ),
+        ];
+        for (params, want) in &cases {
+            check(
+                anthropic::ANTHROPIC.name,
+                params,
+                via_anthropic(params),
+                want,
+            );
         }
     }
 

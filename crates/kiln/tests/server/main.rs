@@ -23,6 +23,7 @@ mod guarded;
 mod lifecycle;
 mod malformed;
 mod management;
+mod messages;
 mod openai;
 mod store;
 

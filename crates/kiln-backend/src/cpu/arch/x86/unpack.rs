@@ -65,6 +65,10 @@ macro_rules! by_format {
                 const $F: u8 = $crate::quant::GgmlType::Q3K as u8;
                 $body
             }
+            $crate::quant::GgmlType::MXFP4 => {
+                const $F: u8 = $crate::quant::GgmlType::MXFP4 as u8;
+                $body
+            }
             ty => unreachable!("{ty:?} has no packed kernels"),
         }
     };
@@ -86,7 +90,7 @@ macro_rules! decoders {
         int: $vi:ty, float: $vf:ty, half_floats: $vh:ty,
         codes: $codes:ident, head: $head:ident, scales: $scales:ident,
         bytes: $bytes:ident, nibbles: $nibbles:ident, neg: $neg:ident, or_masked: $or_masked:ident,
-        zero_i: $zero_i:ident, zero_f: $zero_f:ident,
+        e8m0: $e8m0:ident, zero_i: $zero_i:ident, zero_f: $zero_f:ident,
         load_i: $load_i:ident, load_h: $load_h:ident, cvtph: $cvtph:ident,
         set1_epi8: $set1_epi8:ident, set1_epi32: $set1_epi32:ident,
         and: $and:ident, or: $or:ident, xor: $xor:ident,
@@ -94,6 +98,8 @@ macro_rules! decoders {
         mul: $mul:ident, cvt_i32_f32: $cvt:ident,
         cvt_u8: $cvtu8:ident, cvt_i8: $cvti8:ident, load_bytes: $load_bytes:ident,
         cast_fi: $cast_fi:ident, cast_if: $cast_if:ident,
+        shuffle: $shuffle:ident, broadcast16: $broadcast16:ident,
+        slli32: $slli32:ident, max_epi32: $max_epi32:ident, set1_ps: $set1_ps:ident,
     ) => {
         /// The eight code registers of a sub-block's rows at `p`: register
         /// `q` holds elements `4q..4q + 4` of each of the rows. Q8_0's are
@@ -174,6 +180,14 @@ macro_rules! decoders {
                         c[r + 3] = $or_masked(c[r + 3], $srli16::<2>(qh), m);
                     }
                 }
+                if let Some(table) = fmt.lookup() {
+                    // The nibbles index the table of codes (MXFP4): a byte
+                    // shuffle in each 128-bit lane.
+                    let t = $broadcast16(_mm_loadu_si128(table.as_ptr() as *const __m128i));
+                    for cq in c.iter_mut() {
+                        *cq = $shuffle(t, *cq);
+                    }
+                }
                 c
             }
         }
@@ -184,6 +198,12 @@ macro_rules! decoders {
         /// one, else zeros.
         #[inline(always)]
         pub(crate) unsafe fn $head<const F: u8>(head: *const u8) -> ($vf, $vf) {
+            if let SubScales::E8M0(_) = format::<F>().sub_scales() {
+                // No f16 fields: the scale is the exponent byte, which the
+                // scales decoder reads.
+                // SAFETY: the width's instructions per the caller.
+                return unsafe { ($zero_f(), $zero_f()) };
+            }
             // SAFETY: the chunk's head at `head`; the width's instructions per the caller.
             unsafe {
                 let d = $cvtph($load_h(head as *const $vh));
@@ -232,6 +252,11 @@ macro_rules! decoders {
                         )
                     }
                     SubScales::None => (d, d, second, second),
+                    SubScales::E8M0(_) => {
+                        // A byte per row at the head (advanced to these rows).
+                        let sc = $e8m0(head);
+                        (sc, sc, second, second)
+                    }
                 }
             }
         }
@@ -258,6 +283,19 @@ macro_rules! decoders {
             }
         }
 
+        /// The E8M0 exponent bytes at `p`, a byte per lane, as f32 lanes of
+        /// 2^(e - 128), exactly as `quant::mxfp4::e8m0_half` computes them:
+        /// the byte in the exponent field, at least 2^-127's bits, halved.
+        #[inline(always)]
+        unsafe fn $e8m0(p: *const u8) -> $vf {
+            // SAFETY: a readable byte per lane at p.
+            unsafe {
+                let v = $cvtu8($load_bytes(p as *const __m128i));
+                let bits = $max_epi32($slli32::<23>(v), $set1_epi32(0x0040_0000));
+                $mul($cast_if(bits), $set1_ps(0.5))
+            }
+        }
+
         /// `-v`, lane by lane (the sign bit flipped).
         #[inline(always)]
         unsafe fn $neg(v: $vf) -> $vf {
@@ -278,7 +316,7 @@ decoders! {
     int: __m256i, float: __m256, half_floats: __m128i,
     codes: codes256, head: head256, scales: scales256,
     bytes: bytes8, nibbles: nibbles8, neg: neg256, or_masked: or_masked256,
-    zero_i: _mm256_setzero_si256, zero_f: _mm256_setzero_ps,
+    e8m0: e8m0_8, zero_i: _mm256_setzero_si256, zero_f: _mm256_setzero_ps,
     load_i: _mm256_loadu_si256, load_h: _mm_loadu_si128, cvtph: _mm256_cvtph_ps,
     set1_epi8: _mm256_set1_epi8, set1_epi32: _mm256_set1_epi32,
     and: _mm256_and_si256, or: _mm256_or_si256, xor: _mm256_xor_si256,
@@ -286,13 +324,15 @@ decoders! {
     mul: _mm256_mul_ps, cvt_i32_f32: _mm256_cvtepi32_ps,
     cvt_u8: _mm256_cvtepu8_epi32, cvt_i8: _mm256_cvtepi8_epi32, load_bytes: _mm_loadl_epi64,
     cast_fi: _mm256_castps_si256, cast_if: _mm256_castsi256_ps,
+    shuffle: _mm256_shuffle_epi8, broadcast16: _mm256_broadcastsi128_si256,
+    slli32: _mm256_slli_epi32, max_epi32: _mm256_max_epi32, set1_ps: _mm256_set1_ps,
 }
 
 decoders! {
     int: __m512i, float: __m512, half_floats: __m256i,
     codes: codes512, head: head512, scales: scales512,
     bytes: bytes16, nibbles: nibbles16, neg: neg512, or_masked: or_masked512,
-    zero_i: _mm512_setzero_si512, zero_f: _mm512_setzero_ps,
+    e8m0: e8m0_16, zero_i: _mm512_setzero_si512, zero_f: _mm512_setzero_ps,
     load_i: _mm512_loadu_si512, load_h: _mm256_loadu_si256, cvtph: _mm512_cvtph_ps,
     set1_epi8: _mm512_set1_epi8, set1_epi32: _mm512_set1_epi32,
     and: _mm512_and_si512, or: _mm512_or_si512, xor: _mm512_xor_si512,
@@ -300,4 +340,6 @@ decoders! {
     mul: _mm512_mul_ps, cvt_i32_f32: _mm512_cvtepi32_ps,
     cvt_u8: _mm512_cvtepu8_epi32, cvt_i8: _mm512_cvtepi8_epi32, load_bytes: _mm_loadu_si128,
     cast_fi: _mm512_castps_si512, cast_if: _mm512_castsi512_ps,
+    shuffle: _mm512_shuffle_epi8, broadcast16: _mm512_broadcast_i32x4,
+    slli32: _mm512_slli_epi32, max_epi32: _mm512_max_epi32, set1_ps: _mm512_set1_ps,
 }
