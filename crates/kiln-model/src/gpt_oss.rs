@@ -16,7 +16,7 @@ use crate::gguf::GgufFile;
 use crate::moe::{MoeConfig, Routing};
 
 mod weights;
-pub use weights::{hf_names, GgufNames, HfExperts, MXFP4_REFUSAL};
+pub use weights::{hf_names, GgufNames, HfExperts, Mxfp4Pairs, MXFP4_REFUSAL};
 
 /// The SwiGLU constants gpt-oss was trained with; llama.cpp writes no
 /// GGUF key for them and uses these.

@@ -532,10 +532,124 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
     }
 }
 
-/// A quantized Hugging Face gpt-oss (experts as MXFP4 `*_blocks` /
-/// `*_scales`, as OpenAI publishes it) is refused by name, not misread.
+/// The tiny checkpoint's fused expert tensors (`gate_up_proj`
+/// `[E, h, 2ff]`, `down_proj` `[E, ff, h]`) quantized to MXFP4 row by row of
+/// their `[out, in]` transposes with kiln's quantizer, written twice into
+/// copies of the checkpoint: as OpenAI publishes gpt-oss (`*_blocks`
+/// `[E, out, in / 32, 16]`, two E2M1 codes a byte, element `2i` low;
+/// `*_scales` `[E, out, in / 32]` E8M0 exponents) and as the same values
+/// decoded back to f32 in transformers' layout. Returns (mxfp4, decoded).
+fn mxfp4_copies() -> (tempfile::TempDir, tempfile::TempDir) {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let d = dir(NAME);
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (packed, decoded) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for t in [&packed, &decoded] {
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(d.join(f), t.path().join(f)).unwrap();
+        }
+    }
+    // (name, dtype, shape, bytes) of each copy.
+    type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
+    let (mut p_out, mut d_out): (Vec<Entry>, Vec<Entry>) = (Vec::new(), Vec::new());
+    for (name, view) in st.tensors() {
+        let shape = view.shape().to_vec();
+        if !(name.ends_with("experts.gate_up_proj") || name.ends_with("experts.down_proj")) {
+            let e = (name, view.dtype(), shape, view.data().to_vec());
+            p_out.push(e.clone());
+            d_out.push(e);
+            continue;
+        }
+        let vals: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let [e, inp, out] = shape[..] else { panic!("{name}: {shape:?}") };
+        let groups = inp / 32;
+        let (mut blocks, mut scales, mut back) = (Vec::new(), Vec::new(), vec![0f32; vals.len()]);
+        for (x, b) in vals.chunks_exact(inp * out).zip(back.chunks_exact_mut(inp * out)) {
+            // [in, out] -> [out, in] rows, quantized.
+            let t: Vec<f32> = (0..out)
+                .flat_map(|r| (0..inp).map(move |c| (r, c)))
+                .map(|(r, c)| x[c * out + r])
+                .collect();
+            let q = kiln_backend::quant::mxfp4::quantize(&t, inp).unwrap();
+            let deq = kiln_backend::quant::dequantize(GgmlType::MXFP4, &q, t.len()).unwrap();
+            for r in 0..out {
+                for c in 0..inp {
+                    b[c * out + r] = deq[r * inp + c];
+                }
+            }
+            // ggml's 17-byte block (exponent, element j low / j + 16 high
+            // in byte j) to the checkpoint's pair.
+            for blk in q.chunks_exact(17) {
+                scales.push(blk[0]);
+                let code = |t: usize| (blk[1 + t % 16] >> (4 * (t / 16))) & 0x0f;
+                blocks.extend((0..16).map(|i| code(2 * i) | (code(2 * i + 1) << 4)));
+            }
+        }
+        p_out.push((format!("{name}_blocks"), Dtype::U8, vec![e, out, groups, 16], blocks));
+        p_out.push((format!("{name}_scales"), Dtype::U8, vec![e, out, groups], scales));
+        let back = back.iter().flat_map(|v| v.to_le_bytes()).collect();
+        d_out.push((name, Dtype::F32, shape, back));
+    }
+    for (dir, entries) in [(&packed, &p_out), (&decoded, &d_out)] {
+        let views: Vec<(String, TensorView)> = entries
+            .iter()
+            .map(|(n, dt, s, b)| (n.clone(), TensorView::new(*dt, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors"))
+            .unwrap();
+    }
+    (packed, decoded)
+}
+
+/// gpt-oss as OpenAI publishes it, experts in MXFP4 blocks/scales: they
+/// load as ggml MXFP4 rows (gate and up rows separated, never widened to
+/// floats) and are computed as stored: logits close to, but not the bits
+/// of, the same values decoded to f32, argmaxes agreeing.
 #[test]
-fn mxfp4_hugging_face_experts_are_refused_clearly() {
+fn mxfp4_hugging_face_experts_stay_mxfp4_and_track_their_f32_values() {
+    let be = CpuBackend::new();
+    let (packed, decoded) = mxfp4_copies();
+    let src = kiln_model::loader::open_hf_weights(packed.path(), "gpt_oss").unwrap();
+    for n in ["blk.0.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"] {
+        let (shape, w) = src.get_weight(n).unwrap();
+        assert!(
+            matches!(w, kiln_backend::WeightData::Ggml { ty: GgmlType::MXFP4, .. }),
+            "{n} is not MXFP4"
+        );
+        // As floats, the MXFP4 rows are the decoded copy's values exactly.
+        let want = kiln_model::loader::open_hf_weights(decoded.path(), "gpt_oss")
+            .unwrap()
+            .get(n)
+            .unwrap();
+        assert_eq!(shape, want.shape, "{n}");
+        assert_eq!(src.get(n).unwrap(), want, "{n}");
+    }
+    let mq = load(&be, packed.path(), &LoadOptions::default()).unwrap();
+    let mf = load(&be, decoded.path(), &LoadOptions::default()).unwrap();
+    let prompt = ids(&golden(NAME)["prompts"][2]["ids"]);
+    let (lq, _) = fixtures::prefill(&be, &mq.decoder, &prompt, 0).unwrap();
+    let (lf, _) = fixtures::prefill(&be, &mf.decoder, &prompt, 0).unwrap();
+    let diff = fixtures::max_abs_diff("MXFP4 experts", &lq, &lf);
+    assert!(diff > 0.0, "MXFP4 experts computed as f32");
+    assert!(diff < 0.05, "MXFP4 experts differ by {diff}");
+    let vocab = mq.decoder.config().vocab_size;
+    let agree = lq
+        .chunks_exact(vocab)
+        .zip(lf.chunks_exact(vocab))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    assert!(agree * 10 >= prompt.len() * 9, "{agree} of {}", prompt.len());
+}
+
+/// A blocks/scales pair that does not fit its shape is refused, naming it.
+#[test]
+fn bad_mxfp4_expert_tensors_are_a_clear_error() {
     use safetensors::tensor::TensorView;
     let d = dir(NAME);
     let tmp = tempfile::tempdir().unwrap();
@@ -548,9 +662,9 @@ fn mxfp4_hugging_face_experts_are_refused_clearly() {
     let mut views: Vec<(String, TensorView)> = Vec::new();
     for (name, view) in st.tensors() {
         if name.ends_with("experts.gate_up_proj") || name.ends_with("experts.down_proj") {
-            // [E, rows, cols / 32, 16] nibbles and [E, rows, cols / 32] exponents.
+            // Scales of the wrong shape: one exponent short per row.
             let blocks = TensorView::new(safetensors::Dtype::U8, vec![4, 64, 2, 16], &zeros).unwrap();
-            let scales = TensorView::new(safetensors::Dtype::U8, vec![4, 64, 2], &zeros[..512]).unwrap();
+            let scales = TensorView::new(safetensors::Dtype::U8, vec![4, 64, 1], &zeros[..256]).unwrap();
             views.push((format!("{name}_blocks"), blocks));
             views.push((format!("{name}_scales"), scales));
         } else {
@@ -559,9 +673,8 @@ fn mxfp4_hugging_face_experts_are_refused_clearly() {
     }
     safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
     let e = match load(&CpuBackend::new(), tmp.path(), &LoadOptions::default()) {
-        Ok(_) => panic!("MXFP4 experts loaded"),
+        Ok(_) => panic!("bad MXFP4 experts loaded"),
         Err(e) => e.to_string(),
     };
-    assert!(e.contains("MXFP4 expert weights: not supported yet"), "{e}");
-    assert!(e.contains("ffn_gate_exps"), "{e}");
+    assert!(e.contains("gate_up_proj_blocks") && e.contains("scales"), "{e}");
 }

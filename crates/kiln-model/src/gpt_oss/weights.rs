@@ -9,21 +9,46 @@
 //! reads: `blk.N.ffn_{gate,up}_exps.weight` `[E, ff, hidden]`,
 //! `ffn_down_exps.weight` `[E, hidden, ff]` and their `.bias` `[E, rows]`
 //! (the same split and transposes as llama.cpp's `GptOssModel` converter).
-//! Quantized checkpoints carry `*_blocks` / `*_scales` (MXFP4) instead; they
-//! are refused by name until kiln computes MXFP4.
+//! Quantized checkpoints (OpenAI's own) carry `*_blocks` / `*_scales`
+//! (MXFP4, rows as outputs: `gate_up_proj_blocks` `[E, 2 * ff, hidden / 32,
+//! 16]` with gate and up rows interleaved, `down_proj_blocks` `[E, hidden,
+//! ff / 32, 16]`) instead: they are moved into ggml's MXFP4 blocks
+//! ([`crate::mxfp4`]) and their gate and up rows separated, never expanded
+//! to floats.
 //!
 //! llama.cpp's GGUF files name the pre-feed-forward norm
 //! `blk.N.post_attention_norm` (transformers' `post_attention_layernorm`);
 //! [`GgufNames`] serves it as the canonical `ffn_norm`.
 
-use kiln_backend::WeightData;
+use kiln_backend::{GgmlType, WeightData};
 
-use crate::weights::WeightSource;
+use crate::mxfp4::Mxfp4Experts;
+use crate::weights::{SafetensorsSource, WeightSource};
 use crate::{HostTensor, ModelError, Result};
 
-/// The refusal of MXFP4-quantized Hugging Face expert weights.
-pub const MXFP4_REFUSAL: &str = "MXFP4 expert weights: not supported yet (this checkpoint \
-     stores its experts as *_blocks/*_scales; a bf16/f32 copy of gpt-oss loads)";
+/// The refusal of MXFP4 expert weights from a source that cannot read
+/// blocks/scales pairs (a PyTorch checkpoint).
+pub const MXFP4_REFUSAL: &str = "MXFP4 expert weights: not supported yet from this kind of \
+     checkpoint (they load from safetensors)";
+
+/// A source that may hold gpt-oss's MXFP4 blocks/scales pairs.
+pub trait Mxfp4Pairs {
+    /// The MXFP4 matrices of `<canonical>_blocks` / `<canonical>_scales`,
+    /// or `None` when this kind of source cannot read them.
+    fn mxfp4_pairs(&self, canonical: &str) -> Option<Result<Mxfp4Experts>>;
+}
+
+impl Mxfp4Pairs for SafetensorsSource {
+    fn mxfp4_pairs(&self, canonical: &str) -> Option<Result<Mxfp4Experts>> {
+        Some(self.mxfp4_experts(canonical))
+    }
+}
+
+impl Mxfp4Pairs for Box<dyn WeightSource> {
+    fn mxfp4_pairs(&self, _: &str) -> Option<Result<Mxfp4Experts>> {
+        None
+    }
+}
 
 /// Hugging Face gpt-oss names of the tensors kept as stored: attention
 /// sinks (`self_attn.sinks`), the router (`mlp.router`), the fused expert
@@ -40,7 +65,7 @@ pub fn hf_names(canonical: &str) -> Option<String> {
     let l = format!("model.layers.{layer}");
     let fused = |stem: &str| match kind {
         "weight" => Some(format!("{l}.mlp.experts.{stem}")),
-        "bias" | "blocks" | "scales" => Some(format!("{l}.mlp.experts.{stem}_{kind}")),
+        "bias" => Some(format!("{l}.mlp.experts.{stem}_{kind}")),
         _ => None,
     };
     match part {
@@ -48,6 +73,17 @@ pub fn hf_names(canonical: &str) -> Option<String> {
         "ffn_gate_inp" => Some(format!("{l}.mlp.router.{kind}")),
         "ffn_gate_up_exps" => fused("gate_up_proj"),
         "ffn_down_exps" => fused("down_proj"),
+        // MXFP4 pairs (`crate::mxfp4` appends the suffix to the canonical name).
+        "ffn_gate_up_exps_blocks" | "ffn_gate_up_exps_scales" | "ffn_down_exps_blocks"
+        | "ffn_down_exps_scales" => {
+            let (stem, suffix) = part.rsplit_once('_')?;
+            let proj = if stem.starts_with("ffn_down") {
+                "down_proj"
+            } else {
+                "gate_up_proj"
+            };
+            Some(format!("{l}.mlp.experts.{proj}_{suffix}"))
+        }
         _ => crate::weights::hf_llama_names(canonical),
     }
 }
@@ -103,14 +139,76 @@ impl<S: WeightSource> HfExperts<S> {
         format!("blk.{layer}.{stem}.{}", if bias { "bias" } else { "weight" })
     }
 
-    fn expert_tensor(&self, name: &str, layer: &str, part: Part, bias: bool) -> Result<HostTensor> {
-        let stored = Self::stored(layer, part, bias);
-        if !self.inner.contains(&stored) {
-            let blocks = stored.replace(".weight", ".blocks");
-            if !bias && self.inner.contains(&blocks) {
-                return Err(self.err(name, MXFP4_REFUSAL));
+    /// The canonical stem of the MXFP4 pair behind a split expert matrix.
+    fn packed(layer: &str, part: Part) -> String {
+        Self::stored(layer, part, false).replace(".weight", "")
+    }
+
+    /// Whether the expert matrices of this part are MXFP4 pairs.
+    fn is_packed(&self, layer: &str, part: Part) -> bool {
+        !self.inner.contains(&Self::stored(layer, part, false))
+            && self
+                .inner
+                .contains(&format!("{}_blocks", Self::packed(layer, part)))
+    }
+
+    /// An expert matrix stack from MXFP4 pairs: `[E, rows, cols]` of ggml
+    /// MXFP4 rows, gate (even) or up (odd) rows taken from `gate_up_proj`.
+    fn packed_matrices(&self, name: &str, layer: &str, part: Part) -> Result<(Vec<usize>, WeightData)>
+    where
+        S: Mxfp4Pairs,
+    {
+        let stem = Self::packed(layer, part);
+        let m = match self.inner.mxfp4_pairs(&stem) {
+            Some(m) => m?,
+            None => return Err(self.err(name, MXFP4_REFUSAL)),
+        };
+        let row = kiln_backend::quant::row_bytes(GgmlType::MXFP4, m.cols)
+            .ok_or_else(|| self.err(&stem, format!("{} columns are not MXFP4 blocks", m.cols)))?;
+        let (rows, pick): (usize, Box<dyn Fn(usize) -> bool>) = match part {
+            Part::Down => (m.rows, Box::new(|_| true)),
+            _ if m.rows % 2 != 0 => {
+                return Err(self.err(&stem, format!("{} gate/up rows are not pairs", m.rows)))
+            }
+            Part::Gate => (m.rows / 2, Box::new(|r| r % 2 == 0)),
+            Part::Up => (m.rows / 2, Box::new(|r| r % 2 == 1)),
+        };
+        let mut out = Vec::with_capacity(m.experts.len() * rows * row);
+        for e in &m.experts {
+            let WeightData::Ggml { bytes, .. } = e else {
+                return Err(self.err(&stem, "MXFP4 experts came back as floats"));
+            };
+            for (r, b) in bytes.chunks_exact(row).enumerate() {
+                if pick(r) {
+                    out.extend_from_slice(b);
+                }
             }
         }
+        Ok((
+            vec![m.experts.len(), rows, m.cols],
+            WeightData::Ggml {
+                ty: GgmlType::MXFP4,
+                bytes: out.into(),
+            },
+        ))
+    }
+
+    fn expert_tensor(&self, name: &str, layer: &str, part: Part, bias: bool) -> Result<HostTensor>
+    where
+        S: Mxfp4Pairs,
+    {
+        if !bias && self.is_packed(layer, part) {
+            // Floats asked of MXFP4 weights (not the decoder's path): decoded.
+            let (shape, w) = self.packed_matrices(name, layer, part)?;
+            let WeightData::Ggml { ty, bytes } = w else {
+                unreachable!("packed_matrices gives ggml blocks")
+            };
+            let n = shape.iter().product();
+            let data = kiln_backend::quant::dequantize(ty, &bytes, n)
+                .map_err(|e| self.err(name, e))?;
+            return Ok(HostTensor::new(shape, data));
+        }
+        let stored = Self::stored(layer, part, bias);
         let t = self.inner.get(&stored)?;
         match (part, bias, &t.shape[..]) {
             (Part::Down, true, _) => Ok(t),
@@ -160,10 +258,10 @@ impl<S: WeightSource> HfExperts<S> {
 /// hides: the decoder would read `ffn_gate_up_exps` as transformers 5's
 /// other fused layout (each expert's gate rows, then its up rows).
 fn hidden(name: &str) -> bool {
-    name.contains(".ffn_gate_up_exps.") || name.contains(".ffn_down_exps.")
+    name.contains(".ffn_gate_up_exps") || name.contains(".ffn_down_exps")
 }
 
-impl<S: WeightSource> WeightSource for HfExperts<S> {
+impl<S: WeightSource + Mxfp4Pairs> WeightSource for HfExperts<S> {
     fn get(&self, name: &str) -> Result<HostTensor> {
         match expert_name(name) {
             Some((layer, part, bias)) => self.expert_tensor(name, layer, part, bias),
@@ -176,6 +274,11 @@ impl<S: WeightSource> WeightSource for HfExperts<S> {
     }
 
     fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
+        if let Some((layer, part, false)) = expert_name(name) {
+            if self.is_packed(layer, part) {
+                return self.packed_matrices(name, layer, part);
+            }
+        }
         if expert_name(name).is_some() || hidden(name) {
             let t = self.get(name)?;
             return Ok((t.shape, WeightData::F32(t.data)));
@@ -187,8 +290,7 @@ impl<S: WeightSource> WeightSource for HfExperts<S> {
         match expert_name(name) {
             Some((layer, part, bias)) => {
                 let stored = Self::stored(layer, part, bias);
-                self.inner.contains(&stored)
-                    || (!bias && self.inner.contains(&stored.replace(".weight", ".blocks")))
+                self.inner.contains(&stored) || (!bias && self.is_packed(layer, part))
             }
             None => !hidden(name) && self.inner.contains(name),
         }
@@ -245,6 +347,12 @@ mod tests {
     /// An in-memory source under canonical names.
     struct Mem(Vec<(String, HostTensor)>);
 
+    impl Mxfp4Pairs for Mem {
+        fn mxfp4_pairs(&self, _: &str) -> Option<Result<Mxfp4Experts>> {
+            None
+        }
+    }
+
     impl WeightSource for Mem {
         fn get(&self, name: &str) -> Result<HostTensor> {
             self.0
@@ -271,7 +379,8 @@ mod tests {
             ("blk.0.ffn_gate_inp.bias", "model.layers.0.mlp.router.bias"),
             ("blk.1.ffn_gate_up_exps.weight", "model.layers.1.mlp.experts.gate_up_proj"),
             ("blk.1.ffn_gate_up_exps.bias", "model.layers.1.mlp.experts.gate_up_proj_bias"),
-            ("blk.1.ffn_down_exps.blocks", "model.layers.1.mlp.experts.down_proj_blocks"),
+            ("blk.1.ffn_down_exps_blocks", "model.layers.1.mlp.experts.down_proj_blocks"),
+            ("blk.1.ffn_gate_up_exps_scales", "model.layers.1.mlp.experts.gate_up_proj_scales"),
             ("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
             ("blk.0.attn_q.bias", "model.layers.0.self_attn.q_proj.bias"),
             ("token_embd.weight", "model.embed_tokens.weight"),
@@ -309,15 +418,16 @@ mod tests {
     }
 
     #[test]
-    fn mxfp4_experts_are_refused_by_name() {
+    fn mxfp4_experts_from_a_source_without_pairs_are_refused_by_name() {
         let src = HfExperts {
             inner: Mem(vec![(
-                "blk.0.ffn_gate_up_exps.blocks".into(),
+                "blk.0.ffn_gate_up_exps_blocks".into(),
                 HostTensor::new(vec![1], vec![0.]),
             )]),
         };
         assert!(src.contains("blk.0.ffn_gate_exps.weight"));
         let e = src.get_weight("blk.0.ffn_gate_exps.weight").unwrap_err().to_string();
         assert!(e.contains("MXFP4 expert weights: not supported yet"), "{e}");
+        assert!(src.get("blk.0.ffn_gate_exps.weight").is_err());
     }
 }
