@@ -154,13 +154,22 @@ fn config_reads_the_family_and_counts_transformers_parameters() {
 }
 
 /// How [`to_gguf`] stores the expert matrices.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {
     F32,
-    /// Q8_0, as llama.cpp quantizes a bf16 gpt-oss's experts.
-    ExpertsQ8,
-    /// The values of [`Form::ExpertsQ8`] decoded back to F32.
-    ExpertsQ8Decoded,
+    /// Quantized: MXFP4 as llama.cpp's gpt-oss files (converted from
+    /// OpenAI's), or Q8_0 as llama.cpp quantizes a bf16 gpt-oss.
+    Experts(GgmlType),
+    /// The values of [`Form::Experts`] decoded back to F32.
+    ExpertsDecoded(GgmlType),
+}
+
+/// `data` (`cols` a row) in `ty`'s blocks.
+fn quantize(ty: GgmlType, data: &[f32], cols: usize) -> Vec<u8> {
+    match ty {
+        GgmlType::MXFP4 => kiln_backend::quant::mxfp4::quantize(data, cols).expect("mxfp4"),
+        _ => kiln_backend::quantize::quantize(ty, data, cols).expect("quantize"),
+    }
 }
 
 /// Writes the tiny checkpoint as llama.cpp's `convert_hf_to_gguf.py`
@@ -279,14 +288,14 @@ fn to_gguf(form: Form) -> PathBuf {
         let t = src.get(&canonical).expect(&canonical);
         let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
         let cols = *t.shape.last().unwrap();
-        let q8 = || kiln_backend::quantize::quantize(GgmlType::Q8_0, &t.data, cols).expect("q8_0");
         let f32_bytes = |v: &[f32]| v.iter().flat_map(|v| v.to_le_bytes()).collect();
         match form {
-            Form::ExpertsQ8 if gguf_name.ends_with("_exps.weight") => {
-                w.tensor(&gguf_name, dims, GgmlType::Q8_0, q8());
+            Form::Experts(ty) if gguf_name.ends_with("_exps.weight") => {
+                w.tensor(&gguf_name, dims, ty, quantize(ty, &t.data, cols));
             }
-            Form::ExpertsQ8Decoded if gguf_name.ends_with("_exps.weight") => {
-                let back = kiln_backend::quant::dequantize(GgmlType::Q8_0, &q8(), t.data.len())
+            Form::ExpertsDecoded(ty) if gguf_name.ends_with("_exps.weight") => {
+                let q = quantize(ty, &t.data, cols);
+                let back = kiln_backend::quant::dequantize(ty, &q, t.data.len())
                     .expect("dequantize");
                 w.tensor(&gguf_name, dims, GgmlType::F32, f32_bytes(&back));
             }
@@ -299,7 +308,7 @@ fn to_gguf(form: Form) -> PathBuf {
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = std::env::temp_dir().join(format!(
         "kiln-gpt-oss-{}-{}-{call}.gguf",
-        form as u8,
+        format!("{form:?}").replace(['(', ')'], "-"),
         std::process::id()
     ));
     std::fs::write(&out, w.to_bytes()).expect("write gguf");
@@ -347,35 +356,34 @@ fn gguf_form_matches_transformers() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// Q8_0 expert matrices (as llama.cpp quantizes a bf16 gpt-oss) stay
-/// quantized: their logits are close to, but not the bits of, the same
-/// values decoded to f32 (kiln's Q8_0 kernels quantize the activations too),
-/// and the argmaxes agree.
+/// GGUF expert matrices in MXFP4 (llama.cpp's gpt-oss files) or Q8_0
+/// stay quantized: their logits are close to, but not the bits of, the
+/// same values decoded to f32 (kiln's kernels quantize the activations
+/// too), and the argmaxes agree.
 #[test]
-fn q8_0_experts_stay_quantized_and_track_their_f32_values() {
+fn quantized_gguf_experts_stay_quantized_and_track_their_f32_values() {
     let be = CpuBackend::new();
-    let (q8, decoded) = (to_gguf(Form::ExpertsQ8), to_gguf(Form::ExpertsQ8Decoded));
-    let g = kiln_model::gguf::GgufFile::open(&q8).unwrap();
-    assert_eq!(
-        g.tensor_info("blk.0.ffn_gate_exps.weight").unwrap().ggml_type,
-        GgmlType::Q8_0
-    );
-    let mq = load(&be, &q8, &LoadOptions::default()).unwrap();
-    let mf = load(&be, &decoded, &LoadOptions::default()).unwrap();
-    let _ = (std::fs::remove_file(&q8), std::fs::remove_file(&decoded));
-    let prompt = ids(&golden(NAME)["prompts"][2]["ids"]);
-    let (lq, _) = fixtures::prefill(&be, &mq.decoder, &prompt, 0).unwrap();
-    let (lf, _) = fixtures::prefill(&be, &mf.decoder, &prompt, 0).unwrap();
-    let diff = fixtures::max_abs_diff("Q8_0 experts", &lq, &lf);
-    assert!(diff > 0.0, "Q8_0 experts computed as f32");
-    assert!(diff < 0.05, "Q8_0 experts differ by {diff}");
-    let vocab = mq.decoder.config().vocab_size;
-    let agree = lq
-        .chunks_exact(vocab)
-        .zip(lf.chunks_exact(vocab))
-        .filter(|(a, b)| argmax(a) == argmax(b))
-        .count();
-    assert!(agree * 10 >= prompt.len() * 9, "{agree} of {}", prompt.len());
+    for ty in [GgmlType::MXFP4, GgmlType::Q8_0] {
+        let (q, decoded) = (to_gguf(Form::Experts(ty)), to_gguf(Form::ExpertsDecoded(ty)));
+        let g = kiln_model::gguf::GgufFile::open(&q).unwrap();
+        assert_eq!(g.tensor_info("blk.0.ffn_gate_exps.weight").unwrap().ggml_type, ty);
+        let mq = load(&be, &q, &LoadOptions::default()).unwrap();
+        let mf = load(&be, &decoded, &LoadOptions::default()).unwrap();
+        let _ = (std::fs::remove_file(&q), std::fs::remove_file(&decoded));
+        let prompt = ids(&golden(NAME)["prompts"][2]["ids"]);
+        let (lq, _) = fixtures::prefill(&be, &mq.decoder, &prompt, 0).unwrap();
+        let (lf, _) = fixtures::prefill(&be, &mf.decoder, &prompt, 0).unwrap();
+        let diff = fixtures::max_abs_diff(&format!("{ty:?} experts"), &lq, &lf);
+        assert!(diff > 0.0, "{ty:?} experts computed as f32");
+        assert!(diff < 0.05, "{ty:?} experts differ by {diff}");
+        let vocab = mq.decoder.config().vocab_size;
+        let agree = lq
+            .chunks_exact(vocab)
+            .zip(lf.chunks_exact(vocab))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        assert!(agree * 10 >= prompt.len() * 9, "{ty:?}: {agree} of {}", prompt.len());
+    }
 }
 
 /// One sequence of a multi-sequence run: its tokens, its KV blocks, how far it is.
