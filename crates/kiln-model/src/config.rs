@@ -179,11 +179,7 @@ impl DecoderConfig {
         } else {
             0
         };
-        let sinks = if self.attn_sinks {
-            u(self.n_heads)
-        } else {
-            0
-        };
+        let sinks = if self.attn_sinks { u(self.n_heads) } else { 0 };
         let per_layer = attn + mlp + 2 * norm + qk_norm + sinks;
         let embed = u(self.vocab_size) * e;
         let head = if self.tie_word_embeddings { 0 } else { embed };

@@ -368,7 +368,8 @@ pub fn open_hf_weights(dir: &Path, model_type: &str) -> Result<Box<dyn WeightSou
         _ => hf_names(model_type),
     };
     let has = |f: &str| dir.join(f).is_file();
-    if model_type == "gpt_oss" && (has("model.safetensors") || has("model.safetensors.index.json")) {
+    if model_type == "gpt_oss" && (has("model.safetensors") || has("model.safetensors.index.json"))
+    {
         // gpt-oss's experts may be MXFP4 pairs, which this source reads.
         let inner = SafetensorsSource::open_dir(dir, names)?;
         return Ok(Box::new(crate::gpt_oss::HfExperts { inner }));

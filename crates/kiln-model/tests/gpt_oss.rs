@@ -5,8 +5,9 @@
 //! the clamped SwiGLU, q/k/v/o biases): from its safetensors (experts
 //! fused and interleaved as transformers keeps them), from the GGUF file
 //! llama.cpp's converter would write for it (architecture `gpt-oss`, its
-//! names and keys), and batched with other sequences bit for bit as alone.
-//! MXFP4 expert weights are refused with a clear error.
+//! names and keys), and batched with other sequences bit for bit as alone;
+//! its experts in MXFP4 (Hugging Face blocks/scales, GGUF type 39) and Q8_0
+//! computed as stored, tracking the same values decoded to f32.
 
 use std::path::{Path, PathBuf};
 
@@ -122,7 +123,6 @@ fn check_loaded(name: &str, m: &LoadedModel<CpuBackend>, what: &str) {
     }
 }
 
-
 #[test]
 fn gpt_oss_matches_transformers() {
     check(NAME, &dir(NAME), "safetensors");
@@ -149,7 +149,10 @@ fn config_reads_the_family_and_counts_transformers_parameters() {
             limit: 0.5
         }
     );
-    assert_eq!(cfg.param_count(), golden(NAME)["n_params"].as_u64().unwrap());
+    assert_eq!(
+        cfg.param_count(),
+        golden(NAME)["n_params"].as_u64().unwrap()
+    );
     assert!(cfg.active_param_count() < cfg.param_count());
 }
 
@@ -251,10 +254,11 @@ fn to_gguf(form: Form) -> PathBuf {
             G::Array(vec![G::String("a b".into())]),
         );
     // (GGUF name, canonical name it is read from)
-    let mut names: Vec<(String, String)> = ["token_embd.weight", "output_norm.weight", "output.weight"]
-        .iter()
-        .map(|n| (n.to_string(), n.to_string()))
-        .collect();
+    let mut names: Vec<(String, String)> =
+        ["token_embd.weight", "output_norm.weight", "output.weight"]
+            .iter()
+            .map(|n| (n.to_string(), n.to_string()))
+            .collect();
     for l in 0..cfg.n_layers {
         for p in [
             "attn_norm.weight",
@@ -295,8 +299,8 @@ fn to_gguf(form: Form) -> PathBuf {
             }
             Form::ExpertsDecoded(ty) if gguf_name.ends_with("_exps.weight") => {
                 let q = quantize(ty, &t.data, cols);
-                let back = kiln_backend::quant::dequantize(ty, &q, t.data.len())
-                    .expect("dequantize");
+                let back =
+                    kiln_backend::quant::dequantize(ty, &q, t.data.len()).expect("dequantize");
                 w.tensor(&gguf_name, dims, GgmlType::F32, f32_bytes(&back));
             }
             _ => {
@@ -344,7 +348,11 @@ fn gguf_form_matches_transformers() {
     let prompt = ids(&p["ids"]);
     let (all, _) = run(&m, &prompt, 1);
     let vocab = hf.vocab_size;
-    let diff = fixtures::max_abs_diff("limit 7", &all[all.len() - vocab..], &floats(&p["last_logits"]));
+    let diff = fixtures::max_abs_diff(
+        "limit 7",
+        &all[all.len() - vocab..],
+        &floats(&p["last_logits"]),
+    );
     assert!(diff > 1e-3, "the clamp limit made no difference ({diff})");
     // ...and with the config's limit, the GGUF weights give transformers' results.
     let mut cfg = cfg;
@@ -364,9 +372,17 @@ fn gguf_form_matches_transformers() {
 fn quantized_gguf_experts_stay_quantized_and_track_their_f32_values() {
     let be = CpuBackend::new();
     for ty in [GgmlType::MXFP4, GgmlType::Q8_0] {
-        let (q, decoded) = (to_gguf(Form::Experts(ty)), to_gguf(Form::ExpertsDecoded(ty)));
+        let (q, decoded) = (
+            to_gguf(Form::Experts(ty)),
+            to_gguf(Form::ExpertsDecoded(ty)),
+        );
         let g = kiln_model::gguf::GgufFile::open(&q).unwrap();
-        assert_eq!(g.tensor_info("blk.0.ffn_gate_exps.weight").unwrap().ggml_type, ty);
+        assert_eq!(
+            g.tensor_info("blk.0.ffn_gate_exps.weight")
+                .unwrap()
+                .ggml_type,
+            ty
+        );
         let mq = load(&be, &q, &LoadOptions::default()).unwrap();
         let mf = load(&be, &decoded, &LoadOptions::default()).unwrap();
         let _ = (std::fs::remove_file(&q), std::fs::remove_file(&decoded));
@@ -382,7 +398,11 @@ fn quantized_gguf_experts_stay_quantized_and_track_their_f32_values() {
             .zip(lf.chunks_exact(vocab))
             .filter(|(a, b)| argmax(a) == argmax(b))
             .count();
-        assert!(agree * 10 >= prompt.len() * 9, "{ty:?}: {agree} of {}", prompt.len());
+        assert!(
+            agree * 10 >= prompt.len() * 9,
+            "{ty:?}: {agree} of {}",
+            prompt.len()
+        );
     }
 }
 
@@ -478,7 +498,6 @@ fn run_plan(
     out
 }
 
-
 /// A token's experts, window and sinks do not depend on the batch: each
 /// sequence of a mixed run (prompts prefilled in chunks while others decode)
 /// gets the same logits, bit for bit, as alone. The sequences run past the
@@ -499,7 +518,12 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
             (prompt.len(), t)
         })
         .collect();
-    seqs.push((13, b"Sinks, windows and experts per token".map(u32::from).to_vec()));
+    seqs.push((
+        13,
+        b"Sinks, windows and experts per token"
+            .map(u32::from)
+            .to_vec(),
+    ));
     assert!(seqs.iter().any(|s| s.1.len() > 8));
     let tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.1.clone()).collect();
     let alone: Vec<Vec<f32>> = seqs
@@ -533,7 +557,9 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
         plan.push(take);
         step += 1;
     }
-    assert!(plan.iter().any(|t| t.iter().any(|&n| n > 1) && t.iter().any(|&n| n == 1)));
+    assert!(plan
+        .iter()
+        .any(|t| t.iter().any(|&n| n > 1) && t.contains(&1)));
     let together = run_plan(&be, &m.decoder, &tokens, &plan);
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
         assert!(a == b, "sequence {i} differs batched");
@@ -575,10 +601,15 @@ fn mxfp4_copies() -> (tempfile::TempDir, tempfile::TempDir) {
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
-        let [e, inp, out] = shape[..] else { panic!("{name}: {shape:?}") };
+        let [e, inp, out] = shape[..] else {
+            panic!("{name}: {shape:?}")
+        };
         let groups = inp / 32;
         let (mut blocks, mut scales, mut back) = (Vec::new(), Vec::new(), vec![0f32; vals.len()]);
-        for (x, b) in vals.chunks_exact(inp * out).zip(back.chunks_exact_mut(inp * out)) {
+        for (x, b) in vals
+            .chunks_exact(inp * out)
+            .zip(back.chunks_exact_mut(inp * out))
+        {
             // [in, out] -> [out, in] rows, quantized.
             let t: Vec<f32> = (0..out)
                 .flat_map(|r| (0..inp).map(move |c| (r, c)))
@@ -599,8 +630,18 @@ fn mxfp4_copies() -> (tempfile::TempDir, tempfile::TempDir) {
                 blocks.extend((0..16).map(|i| code(2 * i) | (code(2 * i + 1) << 4)));
             }
         }
-        p_out.push((format!("{name}_blocks"), Dtype::U8, vec![e, out, groups, 16], blocks));
-        p_out.push((format!("{name}_scales"), Dtype::U8, vec![e, out, groups], scales));
+        p_out.push((
+            format!("{name}_blocks"),
+            Dtype::U8,
+            vec![e, out, groups, 16],
+            blocks,
+        ));
+        p_out.push((
+            format!("{name}_scales"),
+            Dtype::U8,
+            vec![e, out, groups],
+            scales,
+        ));
         let back = back.iter().flat_map(|v| v.to_le_bytes()).collect();
         d_out.push((name, Dtype::F32, shape, back));
     }
@@ -609,8 +650,7 @@ fn mxfp4_copies() -> (tempfile::TempDir, tempfile::TempDir) {
             .iter()
             .map(|(n, dt, s, b)| (n.clone(), TensorView::new(*dt, s.clone(), b).unwrap()))
             .collect();
-        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors"))
-            .unwrap();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
     }
     (packed, decoded)
 }
@@ -624,10 +664,20 @@ fn mxfp4_hugging_face_experts_stay_mxfp4_and_track_their_f32_values() {
     let be = CpuBackend::new();
     let (packed, decoded) = mxfp4_copies();
     let src = kiln_model::loader::open_hf_weights(packed.path(), "gpt_oss").unwrap();
-    for n in ["blk.0.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"] {
+    for n in [
+        "blk.0.ffn_gate_exps.weight",
+        "blk.1.ffn_up_exps.weight",
+        "blk.1.ffn_down_exps.weight",
+    ] {
         let (shape, w) = src.get_weight(n).unwrap();
         assert!(
-            matches!(w, kiln_backend::WeightData::Ggml { ty: GgmlType::MXFP4, .. }),
+            matches!(
+                w,
+                kiln_backend::WeightData::Ggml {
+                    ty: GgmlType::MXFP4,
+                    ..
+                }
+            ),
             "{n} is not MXFP4"
         );
         // As floats, the MXFP4 rows are the decoded copy's values exactly.
@@ -652,7 +702,11 @@ fn mxfp4_hugging_face_experts_stay_mxfp4_and_track_their_f32_values() {
         .zip(lf.chunks_exact(vocab))
         .filter(|(a, b)| argmax(a) == argmax(b))
         .count();
-    assert!(agree * 10 >= prompt.len() * 9, "{agree} of {}", prompt.len());
+    assert!(
+        agree * 10 >= prompt.len() * 9,
+        "{agree} of {}",
+        prompt.len()
+    );
 }
 
 /// A blocks/scales pair that does not fit its shape is refused, naming it.
@@ -671,8 +725,10 @@ fn bad_mxfp4_expert_tensors_are_a_clear_error() {
     for (name, view) in st.tensors() {
         if name.ends_with("experts.gate_up_proj") || name.ends_with("experts.down_proj") {
             // Scales of the wrong shape: one exponent short per row.
-            let blocks = TensorView::new(safetensors::Dtype::U8, vec![4, 64, 2, 16], &zeros).unwrap();
-            let scales = TensorView::new(safetensors::Dtype::U8, vec![4, 64, 1], &zeros[..256]).unwrap();
+            let blocks =
+                TensorView::new(safetensors::Dtype::U8, vec![4, 64, 2, 16], &zeros).unwrap();
+            let scales =
+                TensorView::new(safetensors::Dtype::U8, vec![4, 64, 1], &zeros[..256]).unwrap();
             views.push((format!("{name}_blocks"), blocks));
             views.push((format!("{name}_scales"), scales));
         } else {
@@ -684,5 +740,8 @@ fn bad_mxfp4_expert_tensors_are_a_clear_error() {
         Ok(_) => panic!("bad MXFP4 experts loaded"),
         Err(e) => e.to_string(),
     };
-    assert!(e.contains("gate_up_proj_blocks") && e.contains("scales"), "{e}");
+    assert!(
+        e.contains("gate_up_proj_blocks") && e.contains("scales"),
+        "{e}"
+    );
 }

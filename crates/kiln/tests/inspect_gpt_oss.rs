@@ -36,7 +36,9 @@ fn gpt_oss_20b_gives_its_published_total_and_active_parameters() {
     assert!(ok, "{out}");
     assert!(out.contains("parameters:    20.91B"), "{out}");
     assert!(
-        out.contains("experts:       32 per MoE layer (24 of 24 layers), 4 per token, FFN 2880 each"),
+        out.contains(
+            "experts:       32 per MoE layer (24 of 24 layers), 4 per token, FFN 2880 each"
+        ),
         "{out}"
     );
 }

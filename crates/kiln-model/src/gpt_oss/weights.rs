@@ -74,7 +74,9 @@ pub fn hf_names(canonical: &str) -> Option<String> {
         "ffn_gate_up_exps" => fused("gate_up_proj"),
         "ffn_down_exps" => fused("down_proj"),
         // MXFP4 pairs (`crate::mxfp4` appends the suffix to the canonical name).
-        "ffn_gate_up_exps_blocks" | "ffn_gate_up_exps_scales" | "ffn_down_exps_blocks"
+        "ffn_gate_up_exps_blocks"
+        | "ffn_gate_up_exps_scales"
+        | "ffn_down_exps_blocks"
         | "ffn_down_exps_scales" => {
             let (stem, suffix) = part.rsplit_once('_')?;
             let proj = if stem.starts_with("ffn_down") {
@@ -136,7 +138,10 @@ impl<S: WeightSource> HfExperts<S> {
         } else {
             "ffn_gate_up_exps"
         };
-        format!("blk.{layer}.{stem}.{}", if bias { "bias" } else { "weight" })
+        format!(
+            "blk.{layer}.{stem}.{}",
+            if bias { "bias" } else { "weight" }
+        )
     }
 
     /// The canonical stem of the MXFP4 pair behind a split expert matrix.
@@ -154,7 +159,12 @@ impl<S: WeightSource> HfExperts<S> {
 
     /// An expert matrix stack from MXFP4 pairs: `[E, rows, cols]` of ggml
     /// MXFP4 rows, gate (even) or up (odd) rows taken from `gate_up_proj`.
-    fn packed_matrices(&self, name: &str, layer: &str, part: Part) -> Result<(Vec<usize>, WeightData)>
+    fn packed_matrices(
+        &self,
+        name: &str,
+        layer: &str,
+        part: Part,
+    ) -> Result<(Vec<usize>, WeightData)>
     where
         S: Mxfp4Pairs,
     {
@@ -204,8 +214,8 @@ impl<S: WeightSource> HfExperts<S> {
                 unreachable!("packed_matrices gives ggml blocks")
             };
             let n = shape.iter().product();
-            let data = kiln_backend::quant::dequantize(ty, &bytes, n)
-                .map_err(|e| self.err(name, e))?;
+            let data =
+                kiln_backend::quant::dequantize(ty, &bytes, n).map_err(|e| self.err(name, e))?;
             return Ok(HostTensor::new(shape, data));
         }
         let stored = Self::stored(layer, part, bias);
@@ -222,7 +232,11 @@ impl<S: WeightSource> HfExperts<S> {
             (Part::Gate | Part::Up, false, &[e, h, ff2]) if ff2 % 2 == 0 => {
                 let (ff, off) = (ff2 / 2, usize::from(part == Part::Up));
                 let mut out = vec![0f32; e * ff * h];
-                for (src, dst) in t.data.chunks_exact(h * ff2).zip(out.chunks_exact_mut(ff * h)) {
+                for (src, dst) in t
+                    .data
+                    .chunks_exact(h * ff2)
+                    .zip(out.chunks_exact_mut(ff * h))
+                {
                     for (i, row) in src.chunks_exact(ff2).enumerate() {
                         for j in 0..ff {
                             dst[j * h + i] = row[2 * j + off];
@@ -234,7 +248,11 @@ impl<S: WeightSource> HfExperts<S> {
             // [E, ff, h] -> [E, h, ff].
             (Part::Down, false, &[e, ff, h]) => {
                 let mut out = vec![0f32; e * ff * h];
-                for (src, dst) in t.data.chunks_exact(ff * h).zip(out.chunks_exact_mut(ff * h)) {
+                for (src, dst) in t
+                    .data
+                    .chunks_exact(ff * h)
+                    .zip(out.chunks_exact_mut(ff * h))
+                {
                     for (j, row) in src.chunks_exact(h).enumerate() {
                         for (i, &v) in row.iter().enumerate() {
                             dst[i * ff + j] = v;
@@ -377,11 +395,26 @@ mod tests {
         for (c, hf) in [
             ("blk.3.attn_sinks.weight", "model.layers.3.self_attn.sinks"),
             ("blk.0.ffn_gate_inp.bias", "model.layers.0.mlp.router.bias"),
-            ("blk.1.ffn_gate_up_exps.weight", "model.layers.1.mlp.experts.gate_up_proj"),
-            ("blk.1.ffn_gate_up_exps.bias", "model.layers.1.mlp.experts.gate_up_proj_bias"),
-            ("blk.1.ffn_down_exps_blocks", "model.layers.1.mlp.experts.down_proj_blocks"),
-            ("blk.1.ffn_gate_up_exps_scales", "model.layers.1.mlp.experts.gate_up_proj_scales"),
-            ("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
+            (
+                "blk.1.ffn_gate_up_exps.weight",
+                "model.layers.1.mlp.experts.gate_up_proj",
+            ),
+            (
+                "blk.1.ffn_gate_up_exps.bias",
+                "model.layers.1.mlp.experts.gate_up_proj_bias",
+            ),
+            (
+                "blk.1.ffn_down_exps_blocks",
+                "model.layers.1.mlp.experts.down_proj_blocks",
+            ),
+            (
+                "blk.1.ffn_gate_up_exps_scales",
+                "model.layers.1.mlp.experts.gate_up_proj_scales",
+            ),
+            (
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
             ("blk.0.attn_q.bias", "model.layers.0.self_attn.q_proj.bias"),
             ("token_embd.weight", "model.embed_tokens.weight"),
             ("output.weight", "lm_head.weight"),
@@ -393,23 +426,40 @@ mod tests {
     #[test]
     fn fused_experts_split_even_gate_odd_up_and_transpose() {
         // One expert, hidden 2, ff 2: gate_up[i][c] = 10 * i + c.
-        let gu: Vec<f32> = (0..2).flat_map(|i| (0..4).map(move |c| (10 * i + c) as f32)).collect();
+        let gu: Vec<f32> = (0..2)
+            .flat_map(|i| (0..4).map(move |c| (10 * i + c) as f32))
+            .collect();
         let down: Vec<f32> = (0..4).map(|v| v as f32).collect(); // [ff=2][h=2]
         let src = HfExperts {
             inner: Mem(vec![
-                ("blk.0.ffn_gate_up_exps.weight".into(), HostTensor::new(vec![1, 2, 4], gu)),
-                ("blk.0.ffn_gate_up_exps.bias".into(), HostTensor::new(vec![1, 4], vec![0., 1., 2., 3.])),
-                ("blk.0.ffn_down_exps.weight".into(), HostTensor::new(vec![1, 2, 2], down)),
+                (
+                    "blk.0.ffn_gate_up_exps.weight".into(),
+                    HostTensor::new(vec![1, 2, 4], gu),
+                ),
+                (
+                    "blk.0.ffn_gate_up_exps.bias".into(),
+                    HostTensor::new(vec![1, 4], vec![0., 1., 2., 3.]),
+                ),
+                (
+                    "blk.0.ffn_down_exps.weight".into(),
+                    HostTensor::new(vec![1, 2, 2], down),
+                ),
             ]),
         };
         let g = src.get("blk.0.ffn_gate_exps.weight").unwrap();
         assert_eq!(g.shape, [1, 2, 2]);
         // Row j (output j) over inputs i: column 2j of gate_up.
         assert_eq!(g.data, [0., 10., 2., 12.]);
-        assert_eq!(src.get("blk.0.ffn_up_exps.weight").unwrap().data, [1., 11., 3., 13.]);
+        assert_eq!(
+            src.get("blk.0.ffn_up_exps.weight").unwrap().data,
+            [1., 11., 3., 13.]
+        );
         assert_eq!(src.get("blk.0.ffn_up_exps.bias").unwrap().data, [1., 3.]);
         assert_eq!(src.get("blk.0.ffn_gate_exps.bias").unwrap().data, [0., 2.]);
-        assert_eq!(src.get("blk.0.ffn_down_exps.weight").unwrap().data, [0., 2., 1., 3.]);
+        assert_eq!(
+            src.get("blk.0.ffn_down_exps.weight").unwrap().data,
+            [0., 2., 1., 3.]
+        );
         assert!(src.contains("blk.0.ffn_up_exps.weight"));
         assert!(!src.contains("blk.0.ffn_down_exps.bias"));
         // The stored fused tensors are not offered under their own names.
@@ -426,7 +476,10 @@ mod tests {
             )]),
         };
         assert!(src.contains("blk.0.ffn_gate_exps.weight"));
-        let e = src.get_weight("blk.0.ffn_gate_exps.weight").unwrap_err().to_string();
+        let e = src
+            .get_weight("blk.0.ffn_gate_exps.weight")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("MXFP4 expert weights: not supported yet"), "{e}");
         assert!(src.get("blk.0.ffn_gate_exps.weight").is_err());
     }
