@@ -183,7 +183,11 @@ fn quantize(ty: GgmlType, data: &[f32], cols: usize) -> Vec<u8> {
 /// `ffn_gate_inp` with its bias, and each layer's experts as 3-D
 /// `ffn_{gate,up,down}_exps` (`[E, rows, cols]`, gate and up de-interleaved,
 /// transposed to `[out, in]`) with `[E, rows]` biases. `form` says how the
-/// expert matrices are stored.
+/// expert matrices are stored. Checked once by hand: the file llama.cpp's
+/// converter writes from this checkpoint (its pre-tokenizer check patched
+/// to `gpt-2`, `--outtype f32`) has the same keys that kiln reads (plus
+/// `yarn_beta_fast`/`yarn_beta_slow` at their defaults), the same tensors
+/// bit for bit, reads to the same config and gives the same logits.
 fn to_gguf(form: Form) -> PathBuf {
     let d = dir(NAME);
     let cfg = DecoderConfig::from_hf_config(&d.join("config.json")).expect("config");
@@ -744,4 +748,67 @@ fn bad_mxfp4_expert_tensors_are_a_clear_error() {
         e.contains("gate_up_proj_blocks") && e.contains("scales"),
         "{e}"
     );
+}
+
+/// A gpt-oss prepared file (`kiln prepare`: the weights as the decoder
+/// took them, under kiln's names, with the checkpoint's config carried)
+/// answers as the model it was prepared from: from f32 safetensors with
+/// `--quantize q8_0`, and from MXFP4 experts (safetensors pairs, or a
+/// llama.cpp-named GGUF), which stay MXFP4 in it.
+#[test]
+fn gpt_oss_round_trips_through_its_prepared_file() {
+    use kiln_model::prepared::{self, PreparedInfo, Settings, ARTIFACT_VERSION};
+    let be = CpuBackend::new();
+    let (packed, _decoded) = mxfp4_copies();
+    let q8 = LoadOptions {
+        quantize: Some(GgmlType::Q8_0),
+        ..LoadOptions::default()
+    };
+    let plain = LoadOptions::default();
+    let gguf = to_gguf(Form::Experts(GgmlType::MXFP4));
+    for (src, opts, expert_type) in [
+        (dir(NAME), &q8, GgmlType::Q8_0),
+        (packed.path().to_path_buf(), &plain, GgmlType::MXFP4),
+        (gguf.clone(), &plain, GgmlType::MXFP4),
+    ] {
+        let info = PreparedInfo {
+            key: "0123abcd".into(),
+            source: "/models/x".into(),
+            identity: "[]".into(),
+            settings: Settings::of(opts),
+            artifact_version: ARTIFACT_VERSION,
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("model.gguf");
+        let prompt = ids(&golden(NAME)["prompts"][2]["ids"]);
+        let (m, _) = prepared::load_and_prepare(
+            &be,
+            &src,
+            opts,
+            &info,
+            &file,
+            &kiln_model::layouts::Layouts::Off,
+        )
+        .unwrap();
+        let (want, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
+        let g = kiln_model::gguf::GgufFile::open(&file).unwrap();
+        let types: Vec<GgmlType> = g
+            .tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with("blk.0.ffn_gate_exps") && !n.ends_with(".bias"))
+            .map(|(_, t)| t.ggml_type)
+            .collect();
+        assert!(
+            !types.is_empty() && types.iter().all(|&t| t == expert_type),
+            "{types:?}"
+        );
+        let back = load(&be, &file, &prepared::as_prepared(opts)).unwrap();
+        assert!(back.decoder.config().attn_sinks);
+        let (got, _) = fixtures::prefill(&be, &back.decoder, &prompt, 0).unwrap();
+        assert!(
+            got == want,
+            "{src:?}: the prepared file answers differently"
+        );
+    }
+    let _ = std::fs::remove_file(&gguf);
 }
