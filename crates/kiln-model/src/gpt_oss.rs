@@ -1,6 +1,10 @@
-//! gpt-oss's hyper-parameters that no other family has, read from its
-//! config.json or GGUF metadata for the family's wiring: the clamped SwiGLU
-//! of its experts and which layers attend through a sliding window.
+//! gpt-oss (`model_type` `gpt_oss`, GGUF architecture `gpt-oss`): its
+//! configuration ([`apply_hf`], [`adjust_gguf`]: experts routed by a
+//! softmax over the top-k logits with router and expert biases, the clamped
+//! SwiGLU of its experts, which layers attend through a sliding window,
+//! attention sinks and biases) and its tensors under kiln's names
+//! (`weights`: the fused, interleaved Hugging Face experts, in floats or
+//! MXFP4, split into llama.cpp's per-kind stacks).
 //! (Its YaRN rotary scaling is `crate::yarn`'s, its attention sinks are
 //! per-layer tensors, HF `model.layers.N.self_attn.sinks`, GGUF
 //! `blk.N.attn_sinks.weight`.)
