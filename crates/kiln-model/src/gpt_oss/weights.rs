@@ -220,55 +220,113 @@ impl<S: WeightSource> HfExperts<S> {
         }
         let stored = Self::stored(layer, part, bias);
         let t = self.inner.get(&stored)?;
-        match (part, bias, &t.shape[..]) {
-            (Part::Down, true, _) => Ok(t),
-            // [E, 2ff] interleaved -> [E, ff].
-            (_, true, &[e, ff2]) if ff2 % 2 == 0 => {
-                let off = usize::from(part == Part::Up);
-                let data = t.data.iter().skip(off).step_by(2).copied().collect();
-                Ok(HostTensor::new(vec![e, ff2 / 2], data))
-            }
-            // [E, h, 2ff] interleaved -> [E, ff, h], out[e][j][i] = t[e][i][2j + off].
-            (Part::Gate | Part::Up, false, &[e, h, ff2]) if ff2 % 2 == 0 => {
-                let (ff, off) = (ff2 / 2, usize::from(part == Part::Up));
-                let mut out = vec![0f32; e * ff * h];
-                for (src, dst) in t
-                    .data
-                    .chunks_exact(h * ff2)
-                    .zip(out.chunks_exact_mut(ff * h))
-                {
-                    for (i, row) in src.chunks_exact(ff2).enumerate() {
-                        for j in 0..ff {
-                            dst[j * h + i] = row[2 * j + off];
-                        }
-                    }
+        if bias {
+            return match (part, &t.shape[..]) {
+                (Part::Down, _) => Ok(t),
+                // [E, 2ff] interleaved -> [E, ff].
+                (_, &[e, ff2]) if ff2 % 2 == 0 => {
+                    let off = usize::from(part == Part::Up);
+                    let data = t.data.iter().skip(off).step_by(2).copied().collect();
+                    Ok(HostTensor::new(vec![e, ff2 / 2], data))
                 }
-                Ok(HostTensor::new(vec![e, ff, h], out))
-            }
-            // [E, ff, h] -> [E, h, ff].
-            (Part::Down, false, &[e, ff, h]) => {
-                let mut out = vec![0f32; e * ff * h];
-                for (src, dst) in t
-                    .data
-                    .chunks_exact(ff * h)
-                    .zip(out.chunks_exact_mut(ff * h))
-                {
-                    for (j, row) in src.chunks_exact(h).enumerate() {
-                        for (i, &v) in row.iter().enumerate() {
-                            dst[i * ff + j] = v;
-                        }
-                    }
-                }
-                Ok(HostTensor::new(vec![e, h, ff], out))
-            }
-            (_, _, shape) => Err(self.err(
-                &stored,
-                format!(
-                    "shape {shape:?} is not gpt-oss's fused expert layout \
-                     (gate_up_proj [E, hidden, 2*ff], down_proj [E, ff, hidden], biases [E, n])"
-                ),
-            )),
+                (_, shape) => Err(self.layout_err(&stored, shape)),
+            };
         }
+        let (shape, data) =
+            rearrange(&t.data, &t.shape, part).ok_or_else(|| self.layout_err(&stored, &t.shape))?;
+        Ok(HostTensor::new(shape, data))
+    }
+
+    fn layout_err(&self, stored: &str, shape: &[usize]) -> ModelError {
+        self.err(
+            stored,
+            format!(
+                "shape {shape:?} is not gpt-oss's fused expert layout \
+                 (gate_up_proj [E, hidden, 2*ff], down_proj [E, ff, hidden], biases [E, n])"
+            ),
+        )
+    }
+
+    /// A float expert matrix stack split and transposed in the checkpoint's
+    /// own element type (bf16 stays bf16: no f32 copy of the experts).
+    fn float_matrices(&self, layer: &str, part: Part) -> Result<(Vec<usize>, WeightData)> {
+        let stored = Self::stored(layer, part, false);
+        let (shape, w) = self.inner.get_weight(&stored)?;
+        let bad = || self.layout_err(&stored, &shape);
+        match w {
+            WeightData::F32(v) => {
+                let (shape, v) = rearrange(&v, &shape, part).ok_or_else(bad)?;
+                Ok((shape, WeightData::F32(v)))
+            }
+            WeightData::Ggml { ty, bytes } => {
+                let (new_shape, bytes) = match ty {
+                    GgmlType::F32 => rearrange_bytes::<4>(&bytes, &shape, part),
+                    GgmlType::F16 | GgmlType::BF16 => rearrange_bytes::<2>(&bytes, &shape, part),
+                    other => {
+                        return Err(self.err(
+                            &stored,
+                            format!(
+                                "{other:?} fused experts are not supported (floats or MXFP4 are)"
+                            ),
+                        ))
+                    }
+                }
+                .ok_or_else(bad)?;
+                Ok((
+                    new_shape,
+                    WeightData::Ggml {
+                        ty,
+                        bytes: bytes.into(),
+                    },
+                ))
+            }
+        }
+    }
+}
+
+/// [`rearrange`] over raw `N`-byte elements.
+fn rearrange_bytes<const N: usize>(
+    bytes: &[u8],
+    shape: &[usize],
+    part: Part,
+) -> Option<(Vec<usize>, Vec<u8>)> {
+    let elems: Vec<[u8; N]> = bytes
+        .chunks_exact(N)
+        .map(|c| c.try_into().expect("chunks of N"))
+        .collect();
+    let (shape, out) = rearrange(&elems, shape, part)?;
+    Some((shape, out.into_iter().flatten().collect()))
+}
+
+/// One kind of expert matrix from a fused tensor: gate (even columns) or
+/// up (odd) of `gate_up_proj` `[E, h, 2ff]` as `[E, ff, h]`,
+/// `out[e][j][i] = t[e][i][2j + off]`; `down_proj` `[E, ff, h]` as
+/// `[E, h, ff]`. `None` when the shape is not that (or `t` is not as long).
+fn rearrange<T: Copy>(t: &[T], shape: &[usize], part: Part) -> Option<(Vec<usize>, Vec<T>)> {
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    if n != t.len() {
+        return None;
+    }
+    // Output elements in order, read from where the stored layout has them.
+    match (part, shape) {
+        (Part::Gate | Part::Up, &[_, h, ff2]) if ff2 % 2 == 0 && ff2 > 0 && h > 0 => {
+            let (ff, off) = (ff2 / 2, usize::from(part == Part::Up));
+            let out = t
+                .chunks_exact(h * ff2)
+                .flat_map(|src| {
+                    (0..ff).flat_map(move |j| (0..h).map(move |i| src[i * ff2 + 2 * j + off]))
+                })
+                .collect();
+            Some((vec![shape[0], ff, h], out))
+        }
+        (Part::Down, &[e, ff, h]) if ff > 0 && h > 0 => {
+            let out = t
+                .chunks_exact(ff * h)
+                .flat_map(|src| (0..h).flat_map(move |i| (0..ff).map(move |j| src[j * h + i])))
+                .collect();
+            Some((vec![e, h, ff], out))
+        }
+        _ => None,
     }
 }
 
@@ -296,6 +354,7 @@ impl<S: WeightSource + Mxfp4Pairs> WeightSource for HfExperts<S> {
             if self.is_packed(layer, part) {
                 return self.packed_matrices(name, layer, part);
             }
+            return self.float_matrices(layer, part);
         }
         if expert_name(name).is_some() || hidden(name) {
             let t = self.get(name)?;
@@ -462,6 +521,19 @@ mod tests {
         );
         assert!(src.contains("blk.0.ffn_up_exps.weight"));
         assert!(!src.contains("blk.0.ffn_down_exps.bias"));
+        // Floats keep their element type through the split (here f32 as WeightData::F32).
+        let (shape, w) = src.get_weight("blk.0.ffn_up_exps.weight").unwrap();
+        assert_eq!(shape, [1, 2, 2]);
+        assert_eq!(w, WeightData::F32(vec![1., 11., 3., 13.]));
+        let bf: Vec<[u8; 2]> = [1u8, 2, 3, 4, 5, 6, 7, 8]
+            .chunks(2)
+            .map(|c| [c[0], c[1]])
+            .collect();
+        let flat: Vec<u8> = bf.iter().flatten().copied().collect();
+        // [1, 2, 2] down -> transposed, 2-byte elements moved whole.
+        let (_, moved) = rearrange_bytes::<2>(&flat, &[1, 2, 2], Part::Down).unwrap();
+        assert_eq!(moved, [1, 2, 5, 6, 3, 4, 7, 8]);
+        assert!(rearrange(&[0f32; 3], &[1, 2, 2], Part::Down).is_none());
         // The stored fused tensors are not offered under their own names.
         assert!(!src.contains("blk.0.ffn_gate_up_exps.weight"));
         assert!(src.get("blk.0.ffn_gate_up_exps.weight").is_err());
