@@ -812,3 +812,67 @@ fn gpt_oss_round_trips_through_its_prepared_file() {
     }
     let _ = std::fs::remove_file(&gguf);
 }
+
+/// A bf16 copy of the checkpoint (as the community's unquantized gpt-oss
+/// uploads) keeps its experts in bf16 through the split (no f32 copy) and
+/// answers bit for bit as the f32 checkpoint loaded with `--dtype bf16`.
+#[test]
+fn bf16_experts_stay_bf16_and_match_the_rounded_f32_model() {
+    use safetensors::tensor::TensorView;
+    let d = dir(NAME);
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(d.join(f), tmp.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let b = v
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| {
+                    half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()
+                })
+                .collect();
+            (n, v.shape().to_vec(), b)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = halves
+        .iter()
+        .map(|(n, s, b)| {
+            let v = TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
+    let src = kiln_model::loader::open_hf_weights(tmp.path(), "gpt_oss").unwrap();
+    let (shape, w) = src.get_weight("blk.1.ffn_gate_exps.weight").unwrap();
+    assert_eq!(shape, [4, 32, 64]);
+    assert!(
+        matches!(
+            w,
+            kiln_backend::WeightData::Ggml {
+                ty: GgmlType::BF16,
+                ..
+            }
+        ),
+        "the split experts are not bf16"
+    );
+    let be = CpuBackend::new();
+    let m = load(&be, tmp.path(), &LoadOptions::default()).unwrap();
+    let rounded = LoadOptions {
+        dtype: kiln_model::WeightDtype::Bf16,
+        ..LoadOptions::default()
+    };
+    let r = load(&be, &d, &rounded).unwrap();
+    let prompt = ids(&golden(NAME)["prompts"][1]["ids"]);
+    let (a, _) = fixtures::prefill(&be, &m.decoder, &prompt, 0).unwrap();
+    let (b, _) = fixtures::prefill(&be, &r.decoder, &prompt, 0).unwrap();
+    assert!(
+        a == b,
+        "the bf16 checkpoint and the f32 one rounded to bf16 differ"
+    );
+}
