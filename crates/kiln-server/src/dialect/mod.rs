@@ -11,6 +11,7 @@
 
 pub mod lmi;
 pub mod openai;
+pub mod responses;
 
 #[cfg(test)]
 mod tests {
