@@ -425,10 +425,8 @@ fn tools(f: &Fields) -> Result<(Value, Value, Value), ApiError> {
         chat.push(json!({"type": "function", "function": fun}));
     }
     let (choice, echo) = match f.get("tool_choice") {
-        None => (
-            None,
-            json!(if list.is_empty() { "none" } else { "auto" }),
-        ),
+        // The API echoes `auto` when no choice is given.
+        None => (None, json!("auto")),
         Some(v @ Value::String(_)) => (Some(v.clone()), v.clone()),
         Some(v @ Value::Object(o)) => {
             match (

@@ -24,6 +24,7 @@ mod lifecycle;
 mod malformed;
 mod management;
 mod openai;
+mod responses;
 mod store;
 
 use std::collections::BTreeSet;
