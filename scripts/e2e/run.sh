@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The OpenAI-client end-to-end test: creates (or reuses) the virtual
 # environment ${KILN_CACHE:-$HOME/.cache/kiln}/venv-e2e from requirements.txt
-# (PyPI only), then runs openai_e2e.py against a kiln binary.
+# (PyPI only), then runs openai_e2e.py and responses_e2e.py against a kiln binary.
 #
 #   scripts/e2e/run.sh [path/to/kiln]     (default: target/debug/kiln; build it first)
 set -euo pipefail
@@ -24,4 +24,5 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/n
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ"
   echo "$want" >"$VENV/.requirements.sha256"
 fi
-exec "$VENV/bin/python" scripts/e2e/openai_e2e.py "$BIN"
+"$VENV/bin/python" scripts/e2e/openai_e2e.py "$BIN"
+"$VENV/bin/python" scripts/e2e/responses_e2e.py "$BIN"
