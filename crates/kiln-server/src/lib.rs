@@ -100,7 +100,10 @@ pub fn router(st: Arc<AppState>) -> Router {
             "/v1/responses/{id}",
             get(responses::get).delete(responses::delete),
         )
-        .route("/v1/responses/{id}/input_items", get(responses::input_items))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)

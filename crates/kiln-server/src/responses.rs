@@ -92,8 +92,7 @@ pub async fn delete(Path(id): Path<String>) -> Response {
 /// with `limit` (1 to 100, default 20), `order` (`desc` by default) and
 /// `after` (an item id) as the API pages them.
 pub async fn input_items(Path(id): Path<String>, RawQuery(q): RawQuery) -> Response {
-    list_input_items(&id, q.as_deref().unwrap_or(""))
-        .unwrap_or_else(|e| e.openai().into_response())
+    list_input_items(&id, q.as_deref().unwrap_or("")).unwrap_or_else(|e| e.openai().into_response())
 }
 
 fn list_input_items(id: &str, query: &str) -> Result<Response, ApiError> {
@@ -131,7 +130,9 @@ fn list_input_items(id: &str, query: &str) -> Result<Response, ApiError> {
             }
         }
     }
-    let stored = ResponseStore::global().get(id).ok_or_else(|| not_found(id))?;
+    let stored = ResponseStore::global()
+        .get(id)
+        .ok_or_else(|| not_found(id))?;
     let mut items = stored.input_items;
     if desc {
         items.reverse();

@@ -63,10 +63,8 @@ impl ResponseStore {
         static S: OnceLock<ResponseStore> = OnceLock::new();
         S.get_or_init(|| {
             let max = setting("KILN_RESPONSES_MAX_STORED", DEFAULT_MAX_STORED as u64) as usize;
-            let ttl = Duration::from_secs(setting(
-                "KILN_RESPONSES_TTL_SECS",
-                DEFAULT_TTL.as_secs(),
-            ));
+            let ttl =
+                Duration::from_secs(setting("KILN_RESPONSES_TTL_SECS", DEFAULT_TTL.as_secs()));
             ResponseStore::new(max, ttl)
         })
     }

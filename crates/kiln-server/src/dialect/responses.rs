@@ -150,7 +150,10 @@ pub fn parse(f: &Fields) -> Result<Create, ApiError> {
     let user = f.str("user")?;
     let mut echo = Map::new();
     echo.insert("instructions".into(), json!(instructions));
-    echo.insert("max_output_tokens".into(), json!(f.get("max_output_tokens")));
+    echo.insert(
+        "max_output_tokens".into(),
+        json!(f.get("max_output_tokens")),
+    );
     echo.insert("metadata".into(), metadata);
     echo.insert("parallel_tool_calls".into(), json!(parallel));
     echo.insert("previous_response_id".into(), json!(previous_response_id));
@@ -267,8 +270,10 @@ fn input_item(i: usize, item: &Value) -> Result<Value, ApiError> {
                 (string("call_id")?, string("name")?, string("arguments")?);
             serde_json::from_str::<Value>(arguments)
                 .map_err(|e| bad(format!("'{at}.arguments' is not JSON: {e}")))?;
-            Ok(json!({"type": "function_call", "id": id("fc"), "call_id": call_id,
-                "name": name, "arguments": arguments, "status": "completed"}))
+            Ok(
+                json!({"type": "function_call", "id": id("fc"), "call_id": call_id,
+                "name": name, "arguments": arguments, "status": "completed"}),
+            )
         }
         "function_call_output" => {
             let call_id = string("call_id")?;
@@ -298,8 +303,10 @@ fn input_item(i: usize, item: &Value) -> Result<Value, ApiError> {
                     )))
                 }
             };
-            Ok(json!({"type": "function_call_output", "id": id("fco"), "call_id": call_id,
-                "output": output, "status": "completed"}))
+            Ok(
+                json!({"type": "function_call_output", "id": id("fco"), "call_id": call_id,
+                "output": output, "status": "completed"}),
+            )
         }
         // A reasoning item sent back by the client (as the API asks): kept
         // in the conversation, not rendered, as chat templates drop the
@@ -488,7 +495,10 @@ fn text_format(f: &Fields) -> Result<(Option<Constraint>, Value), ApiError> {
             )))
         }
     };
-    if let Some(k) = ff.keys().find(|k| ff.has(k) && !allowed.contains(&k.as_str())) {
+    if let Some(k) = ff
+        .keys()
+        .find(|k| ff.has(k) && !allowed.contains(&k.as_str()))
+    {
         return Err(bad(format!(
             "'text.format.{k}' is not supported with type '{ty}'"
         )));
@@ -591,8 +601,16 @@ fn metadata(f: &Fields) -> Result<Value, ApiError> {
 /// Which open output item text is going to.
 #[derive(Debug)]
 enum Open {
-    Reasoning { index: usize, id: String, text: String },
-    Message { index: usize, id: String, text: String },
+    Reasoning {
+        index: usize,
+        id: String,
+        text: String,
+    },
+    Message {
+        index: usize,
+        id: String,
+        text: String,
+    },
 }
 
 /// Turns a model's output, pushed piece by piece (a stream's tokens, or a
@@ -689,9 +707,12 @@ impl Writer {
                 json!({"output_index": index, "item": item}),
             );
             ev.push(e);
-            let e = self.event("response.content_part.added", json!({"item_id": id,
+            let e = self.event(
+                "response.content_part.added",
+                json!({"item_id": id,
                 "output_index": index, "content_index": 0,
-                "part": {"type": "reasoning_text", "text": ""}}));
+                "part": {"type": "reasoning_text", "text": ""}}),
+            );
             ev.push(e);
             self.open = Some(Open::Reasoning {
                 index,
@@ -750,9 +771,12 @@ impl Writer {
                 json!({"output_index": index, "item": item}),
             );
             ev.push(e);
-            let e = self.event("response.content_part.added", json!({"item_id": id,
+            let e = self.event(
+                "response.content_part.added",
+                json!({"item_id": id,
                 "output_index": index, "content_index": 0,
-                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}));
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+            );
             ev.push(e);
             self.open = Some(Open::Message {
                 index,
@@ -779,11 +803,16 @@ impl Writer {
             json!({"output_index": index, "item": item.clone()}),
         );
         ev.push(e);
-        let e = self.event("response.function_call_arguments.delta",
-            json!({"item_id": id, "output_index": index, "delta": call.arguments}));
+        let e = self.event(
+            "response.function_call_arguments.delta",
+            json!({"item_id": id, "output_index": index, "delta": call.arguments}),
+        );
         ev.push(e);
-        let e = self.event("response.function_call_arguments.done", json!({"item_id": id,
-            "output_index": index, "name": call.name, "arguments": call.arguments}));
+        let e = self.event(
+            "response.function_call_arguments.done",
+            json!({"item_id": id,
+            "output_index": index, "name": call.name, "arguments": call.arguments}),
+        );
         ev.push(e);
         item["arguments"] = json!(call.arguments);
         item["status"] = json!("completed");
@@ -801,11 +830,17 @@ impl Writer {
             None => {}
             Some(Open::Reasoning { index, id, text }) => {
                 let part = json!({"type": "reasoning_text", "text": text});
-                let e = self.event("response.reasoning_text.done", json!({"item_id": id,
-                    "output_index": index, "content_index": 0, "text": text}));
+                let e = self.event(
+                    "response.reasoning_text.done",
+                    json!({"item_id": id,
+                    "output_index": index, "content_index": 0, "text": text}),
+                );
                 ev.push(e);
-                let e = self.event("response.content_part.done", json!({"item_id": id,
-                    "output_index": index, "content_index": 0, "part": part}));
+                let e = self.event(
+                    "response.content_part.done",
+                    json!({"item_id": id,
+                    "output_index": index, "content_index": 0, "part": part}),
+                );
                 ev.push(e);
                 let item = json!({"type": "reasoning", "id": id, "summary": [],
                     "content": [part], "status": status});
@@ -819,11 +854,17 @@ impl Writer {
             Some(Open::Message { index, id, text }) => {
                 let part =
                     json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []});
-                let e = self.event("response.output_text.done", json!({"item_id": id,
-                    "output_index": index, "content_index": 0, "text": text, "logprobs": []}));
+                let e = self.event(
+                    "response.output_text.done",
+                    json!({"item_id": id,
+                    "output_index": index, "content_index": 0, "text": text, "logprobs": []}),
+                );
                 ev.push(e);
-                let e = self.event("response.content_part.done", json!({"item_id": id,
-                    "output_index": index, "content_index": 0, "part": part}));
+                let e = self.event(
+                    "response.content_part.done",
+                    json!({"item_id": id,
+                    "output_index": index, "content_index": 0, "part": part}),
+                );
                 ev.push(e);
                 let item = json!({"type": "message", "id": id, "status": status,
                     "role": "assistant", "content": [part]});
@@ -882,9 +923,15 @@ mod tests {
     #[test]
     fn unknown_and_unsupported_fields_are_refused_by_name() {
         for (body, needle) in [
-            (json!({"input": "x", "top_k": 3}), "'top_k' is not supported"),
+            (
+                json!({"input": "x", "top_k": 3}),
+                "'top_k' is not supported",
+            ),
             (json!({"input": "x", "background": true}), "'background'"),
-            (json!({"input": "x", "text": {"verbosity": "low"}}), "'text.verbosity'"),
+            (
+                json!({"input": "x", "text": {"verbosity": "low"}}),
+                "'text.verbosity'",
+            ),
             (
                 json!({"input": "x", "reasoning": {"summary": "auto"}}),
                 "'reasoning.summary'",
@@ -898,11 +945,16 @@ mod tests {
                     "image_url": "http://x"}]}]}),
                 "'input_image' parts are not supported",
             ),
-            (json!({"input": "x", "truncation": "middle"}), "'truncation'"),
+            (
+                json!({"input": "x", "truncation": "middle"}),
+                "'truncation'",
+            ),
             (json!({}), "'input' is required"),
             (json!({"input": "x", "temperature": 3}), "'temperature'"),
         ] {
-            let e = read(body.clone()).err().unwrap_or_else(|| panic!("took {body}"));
+            let e = read(body.clone())
+                .err()
+                .unwrap_or_else(|| panic!("took {body}"));
             assert!(e.contains(needle), "{body}: {e}");
         }
         // Null is absent, as everywhere.
@@ -932,8 +984,10 @@ mod tests {
     #[test]
     fn text_format_json_schema_is_a_constraint() {
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
-        let c = read(json!({"input": "x", "text": {"format": {"type": "json_schema",
-            "name": "n", "schema": schema, "strict": true}}}))
+        let c = read(
+            json!({"input": "x", "text": {"format": {"type": "json_schema",
+            "name": "n", "schema": schema, "strict": true}}}),
+        )
         .unwrap();
         assert_eq!(c.constraint, Some(Constraint::JsonSchema(schema)));
         let c = read(json!({"input": "x", "text": {"format": {"type": "json_object"}}})).unwrap();
@@ -944,7 +998,11 @@ mod tests {
     fn the_writer_splits_calls_and_text_into_items() {
         let mut w = Writer::new(None, Some(ToolSyntax::Hermes));
         let mut ev = Vec::new();
-        for piece in ["Sure. ", "<tool_call>\n{\"name\": \"f\", ", "\"arguments\": {\"a\": 1}}\n</tool_call>\n"] {
+        for piece in [
+            "Sure. ",
+            "<tool_call>\n{\"name\": \"f\", ",
+            "\"arguments\": {\"a\": 1}}\n</tool_call>\n",
+        ] {
             ev.extend(w.push(piece));
         }
         ev.extend(w.finish("completed"));
@@ -952,9 +1010,14 @@ mod tests {
         assert_eq!(w.output[0]["content"][0]["text"], "Sure. ");
         assert_eq!(w.output[1]["type"], "function_call");
         assert_eq!(w.output[1]["arguments"], "{\"a\":1}");
-        let seqs: Vec<u64> = ev.iter().map(|e| e["sequence_number"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = ev
+            .iter()
+            .map(|e| e["sequence_number"].as_u64().unwrap())
+            .collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
-        assert!(!ev.iter().any(|e| e["delta"].as_str().is_some_and(|d| d.contains("tool_call"))));
+        assert!(!ev
+            .iter()
+            .any(|e| e["delta"].as_str().is_some_and(|d| d.contains("tool_call"))));
     }
 
     #[test]

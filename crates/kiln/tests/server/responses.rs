@@ -24,7 +24,10 @@ fn create(s: &Server, body: &Value) -> Value {
     assert_eq!(r.status, 200, "{body}: {}", r.text());
     let v = r.json();
     assert_eq!(v["object"], "response", "{v}");
-    assert!(v["id"].as_str().is_some_and(|i| i.starts_with("resp_")), "{v}");
+    assert!(
+        v["id"].as_str().is_some_and(|i| i.starts_with("resp_")),
+        "{v}"
+    );
     v
 }
 
@@ -68,7 +71,10 @@ fn responses_answer_string_and_list_input_as_chat_does() {
     assert_eq!(v["user"], "u1");
     assert_eq!(v["max_output_tokens"], 16);
     let item = &v["output"][0];
-    assert_eq!((item["type"].as_str(), item["role"].as_str()), (Some("message"), Some("assistant")));
+    assert_eq!(
+        (item["type"].as_str(), item["role"].as_str()),
+        (Some("message"), Some("assistant"))
+    );
     assert!(item["id"].as_str().unwrap().starts_with("msg_"));
     assert_eq!(item["content"][0]["type"], "output_text");
 
@@ -106,7 +112,10 @@ fn responses_answer_string_and_list_input_as_chat_does() {
 fn responses_chain_with_previous_response_id_get_delete_and_store_false() {
     let s = shared();
     let q1 = "What is the capital of France?";
-    let a = create(s, &json!({"input": q1, "max_output_tokens": 16, "temperature": 0}));
+    let a = create(
+        s,
+        &json!({"input": q1, "max_output_tokens": 16, "temperature": 0}),
+    );
     let a_text = output_text(&a);
     let q2 = "And of Germany?";
     let b = create(
@@ -177,7 +186,11 @@ fn responses_chain_with_previous_response_id_get_delete_and_store_false() {
 
 /// Reads a streamed response's events (`event:` name and `data:` JSON).
 fn events(s: &Server, body: &Value) -> Vec<Value> {
-    let mut st = s.stream("/v1/responses", &[("Content-Type", "application/json")], body);
+    let mut st = s.stream(
+        "/v1/responses",
+        &[("Content-Type", "application/json")],
+        body,
+    );
     assert_eq!(st.status, 200);
     assert_eq!(st.header("content-type"), Some("text/event-stream"));
     let mut out = Vec::new();
@@ -220,7 +233,10 @@ fn responses_stream_the_api_event_sequence() {
     sb["stream"] = json!(true);
     let ev = events(s, &sb);
     let t = types(&ev);
-    let deltas = t.iter().filter(|x| **x == "response.output_text.delta").count();
+    let deltas = t
+        .iter()
+        .filter(|x| **x == "response.output_text.delta")
+        .count();
     assert!(deltas >= 2, "{t:?}");
     let mut want = vec![
         "response.created",
@@ -237,15 +253,15 @@ fn responses_stream_the_api_event_sequence() {
     ]);
     assert_eq!(t, want);
     assert_eq!(ev[0]["response"]["status"], "in_progress");
-    let streamed: String = ev
-        .iter()
-        .filter_map(|e| e["delta"].as_str())
-        .collect();
+    let streamed: String = ev.iter().filter_map(|e| e["delta"].as_str()).collect();
     assert_eq!(streamed, output_text(&whole));
     let done = &ev.last().unwrap()["response"];
     assert_eq!(done["status"], "completed");
     assert_eq!(output_text(done), streamed);
-    assert_eq!(done["usage"]["output_tokens"], whole["usage"]["output_tokens"]);
+    assert_eq!(
+        done["usage"]["output_tokens"],
+        whole["usage"]["output_tokens"]
+    );
     // The streamed response is stored too.
     let r = s.get(&format!("/v1/responses/{}", done["id"].as_str().unwrap()));
     assert_eq!(r.status, 200);
@@ -254,7 +270,10 @@ fn responses_stream_the_api_event_sequence() {
     let ev = events(s, &sb);
     let last = ev.last().unwrap();
     assert_eq!(last["type"], "response.incomplete", "{last}");
-    assert_eq!(last["response"]["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(
+        last["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
 }
 
 fn weather_tool() -> Value {
@@ -273,7 +292,10 @@ fn check_weather_call(item: &Value) -> String {
     let call_id = item["call_id"].as_str().unwrap();
     assert!(call_id.starts_with("call_"), "{item}");
     let args: Value = serde_json::from_str(item["arguments"].as_str().unwrap()).unwrap();
-    assert!(args["city"].as_str().is_some_and(|c| c.len() <= 20), "{args}");
+    assert!(
+        args["city"].as_str().is_some_and(|c| c.len() <= 20),
+        "{args}"
+    );
     assert!((1..=7).contains(&args["days"].as_i64().unwrap()), "{args}");
     call_id.to_string()
 }
@@ -296,7 +318,10 @@ fn responses_forced_tool_call_and_round_trip() {
     assert_eq!(v["parallel_tool_calls"], false);
     assert_eq!(v["status"], "completed");
     let call_id = check_weather_call(calls[0]);
-    assert_eq!(v["tool_choice"], json!({"type": "function", "name": "get_weather"}));
+    assert_eq!(
+        v["tool_choice"],
+        json!({"type": "function", "name": "get_weather"})
+    );
     assert_eq!(v["tools"], weather_tool());
 
     // The round trip: the call's output continues the stored conversation.
@@ -328,7 +353,10 @@ fn responses_forced_tool_call_and_round_trip() {
     sb["tool_choice"] = json!("required");
     let ev = events(s, &sb);
     let t = types(&ev);
-    assert!(t.contains(&"response.function_call_arguments.delta"), "{t:?}");
+    assert!(
+        t.contains(&"response.function_call_arguments.delta"),
+        "{t:?}"
+    );
     assert!(!t.contains(&"response.output_text.delta"), "{t:?}");
     let done = ev
         .iter()
@@ -384,19 +412,40 @@ fn responses_refuse_what_they_do_not_take() {
     for (body, needle) in [
         (json!({"input": "x", "top_k": 5}), "'top_k'"),
         (json!({"input": "x", "background": true}), "'background'"),
-        (json!({"input": "x", "include": ["reasoning.encrypted_content"]}), "'include'"),
-        (json!({"input": "x", "text": {"verbosity": "low"}}), "text.verbosity"),
-        (json!({"input": "x", "reasoning": {"summary": "auto"}}), "reasoning.summary"),
-        (json!({"input": "x", "reasoning": {"effort": "high"}}), "reasoning.effort"),
-        (json!({"input": "x", "tools": [{"type": "web_search"}]}), "function tools"),
+        (
+            json!({"input": "x", "include": ["reasoning.encrypted_content"]}),
+            "'include'",
+        ),
+        (
+            json!({"input": "x", "text": {"verbosity": "low"}}),
+            "text.verbosity",
+        ),
+        (
+            json!({"input": "x", "reasoning": {"summary": "auto"}}),
+            "reasoning.summary",
+        ),
+        (
+            json!({"input": "x", "reasoning": {"effort": "high"}}),
+            "reasoning.effort",
+        ),
+        (
+            json!({"input": "x", "tools": [{"type": "web_search"}]}),
+            "function tools",
+        ),
         (
             json!({"input": [{"role": "user", "content": [{"type": "input_image",
                 "image_url": "https://example.com/a.png"}]}]}),
             "input_image",
         ),
-        (json!({"input": [{"type": "item_reference", "id": "x"}]}), "item_reference"),
+        (
+            json!({"input": [{"type": "item_reference", "id": "x"}]}),
+            "item_reference",
+        ),
         (json!({"input": "x", "temperature": 2.5}), "temperature"),
-        (json!({"input": "x", "max_output_tokens": 0}), "max_output_tokens"),
+        (
+            json!({"input": "x", "max_output_tokens": 0}),
+            "max_output_tokens",
+        ),
         (json!({"model": "nope", "input": "x"}), "nope"),
         (json!({"input": 5}), "'input'"),
     ] {
@@ -404,7 +453,8 @@ fn responses_refuse_what_they_do_not_take() {
         let status = if needle == "nope" { 404 } else { 400 };
         assert_openai_error(&r, status, needle);
         assert_eq!(
-            r.json()["error"]["type"], "invalid_request_error",
+            r.json()["error"]["type"],
+            "invalid_request_error",
             "{body}: {}",
             r.text()
         );
