@@ -19,8 +19,18 @@ fn output_text(v: &Value) -> String {
         .collect()
 }
 
+/// Posts to `/v1/responses`, naming the default model unless the body names
+/// one (other tests register models on the shared server).
+fn post(s: &Server, body: &Value) -> Response {
+    let mut body = body.clone();
+    if body.get("model").is_none() {
+        body["model"] = json!("default");
+    }
+    s.post_json("/v1/responses", &body)
+}
+
 fn create(s: &Server, body: &Value) -> Value {
-    let r = s.post_json("/v1/responses", body);
+    let r = post(s, body);
     assert_eq!(r.status, 200, "{body}: {}", r.text());
     let v = r.json();
     assert_eq!(v["object"], "response", "{v}");
@@ -158,8 +168,8 @@ fn responses_chain_with_previous_response_id_get_delete_and_store_false() {
         404,
         "not found",
     );
-    let r = s.post_json(
-        "/v1/responses",
+    let r = post(
+        s,
         &json!({"input": "x", "previous_response_id": id, "max_output_tokens": 2}),
     );
     assert_openai_error(&r, 404, id);
@@ -172,13 +182,10 @@ fn responses_chain_with_previous_response_id_get_delete_and_store_false() {
     assert_eq!(c["store"], false);
     let cid = c["id"].as_str().unwrap();
     assert_openai_error(&s.get(&format!("/v1/responses/{cid}")), 404, "store: false");
-    let r = s.post_json(
-        "/v1/responses",
-        &json!({"input": "x", "previous_response_id": cid}),
-    );
+    let r = post(s, &json!({"input": "x", "previous_response_id": cid}));
     assert_openai_error(&r, 404, "store: false");
-    let r = s.post_json(
-        "/v1/responses",
+    let r = post(
+        s,
         &json!({"input": "x", "previous_response_id": "resp_unknown"}),
     );
     assert_openai_error(&r, 404, "resp_unknown");
@@ -375,11 +382,7 @@ fn responses_forced_tool_call_and_round_trip() {
     // auto needs the model's setting, as on the chat route.
     let mut auto = body.clone();
     auto["tool_choice"] = json!("auto");
-    assert_openai_error(
-        &s.post_json("/v1/responses", &auto),
-        400,
-        "enable_auto_tool_choice",
-    );
+    assert_openai_error(&post(s, &auto), 400, "enable_auto_tool_choice");
 }
 
 #[test]
@@ -449,7 +452,7 @@ fn responses_refuse_what_they_do_not_take() {
         (json!({"model": "nope", "input": "x"}), "nope"),
         (json!({"input": 5}), "'input'"),
     ] {
-        let r = s.post_json("/v1/responses", &body);
+        let r = post(s, &body);
         let status = if needle == "nope" { 404 } else { 400 };
         assert_openai_error(&r, status, needle);
         assert_eq!(
@@ -472,7 +475,7 @@ fn responses_refuse_what_they_do_not_take() {
 fn responses_inherit_keys_and_body_limits() {
     let (s, _) = guarded();
     let body = json!({"input": "hi", "max_output_tokens": 2});
-    let r = s.post_json("/v1/responses", &body);
+    let r = post(s, &body);
     assert_openai_error(&r, 401, "api key");
     let r = s.req(
         "POST",
@@ -522,10 +525,56 @@ fn responses_store_is_bounded_in_count_and_age() {
     std::thread::sleep(Duration::from_millis(3200));
     for id in &ids[1..] {
         assert_openai_error(&s.get(&format!("/v1/responses/{id}")), 404, "kept 3 s");
-        let r = s.post_json(
-            "/v1/responses",
+        let r = post(
+            &s,
             &json!({"input": "x", "previous_response_id": id, "max_output_tokens": 1}),
         );
         assert_openai_error(&r, 404, id);
     }
+}
+
+#[test]
+fn responses_client_disconnect_cancels_the_generation() {
+    let s = shared();
+    let _g = models_lock();
+    let file = url_escape(&model_file());
+    let r = register(s, &format!("url={file}&model_name=responses_cancel"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let used = |s: &Server| model_metric(s, "kiln_kv_blocks_used", "responses_cancel");
+    let finished = |s: &Server| model_metric(s, "kiln_requests_finished_total", "responses_cancel");
+    let f0 = finished(s);
+    let body = json!({"model": "responses_cancel", "stream": true, "max_output_tokens": 1000,
+        "input": "Tell me everything about the history of Rome, century by century."});
+    let mut st = s.stream(
+        "/v1/responses",
+        &[("Content-Type", "application/json")],
+        &body,
+    );
+    assert_eq!(st.status, 200);
+    let mut deltas = 0;
+    while deltas < 3 {
+        let piece = st.next_until(b"\n\n").expect("an event");
+        if piece.starts_with("event: response.output_text.delta") {
+            deltas += 1;
+        }
+    }
+    assert!(used(s) > 0.0, "no KV blocks held while generating");
+    st.disconnect();
+    let freed = eventually(Duration::from_secs(10), || {
+        (used(s) == 0.0 && finished(s) == f0 + 1.0).then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "blocks used {} and finished {} (was {f0}) after the client left",
+        used(s),
+        finished(s)
+    );
+    // The request counters and the access log saw the route.
+    let metrics = s.get("/metrics").text();
+    assert!(
+        metrics.contains("/v1/responses"),
+        "no /v1/responses in the metrics"
+    );
+    let r = s.req("DELETE", "/models/responses_cancel", &[], b"");
+    assert_eq!(r.status, 200);
 }
