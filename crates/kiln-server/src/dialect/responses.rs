@@ -1031,3 +1031,69 @@ mod tests {
         assert_eq!(w.output[1]["content"][0]["text"], "Paris");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use kiln_model::fuzz::{cases, random_json, run_with};
+
+    use super::*;
+
+    const KEYS: &[&str] = &[
+        "model",
+        "input",
+        "instructions",
+        "previous_response_id",
+        "store",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "stream",
+        "tools",
+        "tool_choice",
+        "text",
+        "format",
+        "schema",
+        "reasoning",
+        "effort",
+        "metadata",
+        "user",
+        "parallel_tool_calls",
+        "truncation",
+        "type",
+        "role",
+        "content",
+        "name",
+        "call_id",
+        "arguments",
+        "output",
+        "parameters",
+    ];
+
+    /// Every Responses body is parsed to an answer, never a panic, and an
+    /// accepted one converts to chat messages.
+    #[test]
+    fn responses_bodies_never_panic() {
+        let report = run_with(
+            "responses bodies",
+            cases(3000),
+            |rng, _| random_json(rng, KEYS, 4).to_string().into_bytes(),
+            |body| {
+                let Ok(v) = crate::body::json(Ok(axum::body::Bytes::copy_from_slice(body))) else {
+                    return false;
+                };
+                let Ok(f) = Fields::new(&v, "") else {
+                    return false;
+                };
+                match parse(&f) {
+                    Ok(c) => {
+                        messages(c.instructions.as_deref(), &c.input);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.cases, cases(3000));
+    }
+}

@@ -578,3 +578,29 @@ fn responses_client_disconnect_cancels_the_generation() {
     let r = s.req("DELETE", "/models/responses_cancel", &[], b"");
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn responses_truncation_auto_drops_the_oldest_turns() {
+    let s = shared();
+    let long = "history ".repeat(12000);
+    let q = "What is the capital of France?";
+    let body = json!({"input": [{"role": "user", "content": long},
+        {"role": "assistant", "content": "Noted."}, {"role": "user", "content": q}],
+        "max_output_tokens": 16, "temperature": 0});
+    // Too long for the model: refused as it stands.
+    let r = post(s, &body);
+    assert!(r.status >= 400, "{}", r.text());
+    assert!(r.json()["error"]["message"].is_string(), "{}", r.text());
+    // truncation auto: the oldest turn goes, the rest is answered as it stands.
+    let mut auto = body.clone();
+    auto["truncation"] = json!("auto");
+    let v = create(s, &auto);
+    assert_eq!(v["truncation"], "auto");
+    let (want, prompt) = chat(
+        s,
+        json!([{"role": "assistant", "content": "Noted."}, {"role": "user", "content": q}]),
+        16,
+    );
+    assert_eq!(output_text(&v), want, "{v}");
+    assert_eq!(v["usage"]["input_tokens"].as_u64(), Some(prompt));
+}
