@@ -6,7 +6,10 @@
 //! settings read once from the environment:
 //!
 //! - `KILN_RESPONSES_MAX_STORED` (default 1024; 0 stores nothing),
-//! - `KILN_RESPONSES_TTL_SECS` (default 3600).
+//! - `KILN_RESPONSES_TTL_SECS` (default 3600),
+//! - `KILN_RESPONSES_MAX_STORED_MIB` (default 256): the JSON size of all
+//!   stored responses and their conversations together, the oldest evicted
+//!   first (a conversation is stored whole with each of its responses).
 //!
 //! Nothing survives a restart.
 
@@ -20,6 +23,8 @@ use serde_json::Value;
 pub const DEFAULT_MAX_STORED: usize = 1024;
 /// Default age after which a stored response is gone.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// Default most bytes (JSON) kept in all.
+pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 
 /// One stored response.
 #[derive(Debug, Clone)]
@@ -38,22 +43,28 @@ pub struct Stored {
 pub struct ResponseStore {
     max: usize,
     ttl: Duration,
+    max_bytes: usize,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    map: HashMap<String, (Instant, Stored)>,
+    /// Each response with when it was stored and its size.
+    map: HashMap<String, (Instant, usize, Stored)>,
+    /// The sizes of the stored responses, summed.
+    bytes: usize,
     /// Ids in insertion order (the oldest first).
     order: VecDeque<String>,
 }
 
 impl ResponseStore {
-    /// A store keeping at most `max` responses for at most `ttl`.
-    pub fn new(max: usize, ttl: Duration) -> Self {
+    /// A store keeping at most `max` responses, `max_bytes` in all, for
+    /// at most `ttl`.
+    pub fn new(max: usize, ttl: Duration, max_bytes: usize) -> Self {
         Self {
             max,
             ttl,
+            max_bytes,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -65,7 +76,12 @@ impl ResponseStore {
             let max = setting("KILN_RESPONSES_MAX_STORED", DEFAULT_MAX_STORED as u64) as usize;
             let ttl =
                 Duration::from_secs(setting("KILN_RESPONSES_TTL_SECS", DEFAULT_TTL.as_secs()));
-            ResponseStore::new(max, ttl)
+            let mib = setting(
+                "KILN_RESPONSES_MAX_STORED_MIB",
+                (DEFAULT_MAX_BYTES >> 20) as u64,
+            );
+            let max_bytes = usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+            ResponseStore::new(max, ttl, max_bytes)
         })
     }
 
@@ -83,15 +99,26 @@ impl ResponseStore {
         if self.max == 0 {
             return;
         }
+        let size = size(&stored);
+        if size > self.max_bytes {
+            tracing::warn!(
+                "response {id} is {size} bytes, more than the store's bound \
+                 (KILN_RESPONSES_MAX_STORED_MIB); not stored"
+            );
+            return;
+        }
         let mut g = self.lock();
         Self::expire(&mut g, self.ttl);
-        if g.map.insert(id.clone(), (Instant::now(), stored)).is_none() {
-            g.order.push_back(id);
+        match g.map.insert(id.clone(), (Instant::now(), size, stored)) {
+            None => g.order.push_back(id),
+            Some((_, old, _)) => g.bytes -= old,
         }
-        while g.order.len() > self.max {
-            if let Some(old) = g.order.pop_front() {
-                g.map.remove(&old);
-            }
+        g.bytes += size;
+        while g.order.len() > self.max || g.bytes > self.max_bytes {
+            let Some(old) = g.order.pop_front() else {
+                break;
+            };
+            g.remove(&old);
         }
     }
 
@@ -99,14 +126,14 @@ impl ResponseStore {
     pub fn get(&self, id: &str) -> Option<Stored> {
         let mut g = self.lock();
         Self::expire(&mut g, self.ttl);
-        g.map.get(id).map(|(_, s)| s.clone())
+        g.map.get(id).map(|(_, _, s)| s.clone())
     }
 
     /// Removes `id`; whether it was there.
     pub fn delete(&self, id: &str) -> bool {
         let mut g = self.lock();
         Self::expire(&mut g, self.ttl);
-        let had = g.map.remove(id).is_some();
+        let had = g.remove(id);
         if had {
             g.order.retain(|k| k != id);
         }
@@ -116,15 +143,36 @@ impl ResponseStore {
     /// Drops the responses older than `ttl` (the oldest are at the front).
     fn expire(g: &mut Inner, ttl: Duration) {
         while let Some(id) = g.order.front() {
-            let old = g.map.get(id).is_none_or(|(t, _)| t.elapsed() >= ttl);
+            let old = g.map.get(id).is_none_or(|(t, _, _)| t.elapsed() >= ttl);
             if !old {
                 break;
             }
             if let Some(id) = g.order.pop_front() {
-                g.map.remove(&id);
+                g.remove(&id);
             }
         }
     }
+}
+
+impl Inner {
+    /// Drops `id` from the map (not from `order`); whether it was there.
+    fn remove(&mut self, id: &str) -> bool {
+        match self.map.remove(id) {
+            Some((_, size, _)) => {
+                self.bytes -= size;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A stored response's size: its JSON, input items and conversation.
+fn size(s: &Stored) -> usize {
+    let json = |v: &Value| serde_json::to_string(v).map_or(0, |t| t.len());
+    json(&s.response)
+        + s.input_items.iter().map(json).sum::<usize>()
+        + s.history.iter().map(json).sum::<usize>()
 }
 
 /// A non-negative integer setting from the environment; an unreadable one
@@ -153,7 +201,7 @@ mod tests {
 
     #[test]
     fn the_oldest_goes_first_beyond_the_count() {
-        let s = ResponseStore::new(2, Duration::from_secs(60));
+        let s = ResponseStore::new(2, Duration::from_secs(60), 1 << 20);
         s.put("a".into(), one(1));
         s.put("b".into(), one(2));
         s.put("c".into(), one(3));
@@ -166,8 +214,28 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_goes_first_beyond_the_bytes() {
+        let one_size = size(&one(1));
+        let s = ResponseStore::new(100, Duration::from_secs(60), 2 * one_size + 1);
+        s.put("a".into(), one(1));
+        s.put("b".into(), one(2));
+        assert!(s.get("a").is_some());
+        s.put("c".into(), one(3));
+        assert!(s.get("a").is_none());
+        assert!(s.get("b").is_some() && s.get("c").is_some());
+        // One larger than the whole bound is not stored (and evicts nothing).
+        let mut big = one(4);
+        big.history = vec![serde_json::json!("x".repeat(4 * one_size))];
+        s.put("d".into(), big);
+        assert!(s.get("d").is_none());
+        assert!(s.get("b").is_some() && s.get("c").is_some());
+        assert!(s.delete("b") && s.delete("c"));
+        assert_eq!(s.lock().bytes, 0);
+    }
+
+    #[test]
     fn expired_responses_are_gone() {
-        let s = ResponseStore::new(8, Duration::from_millis(30));
+        let s = ResponseStore::new(8, Duration::from_millis(30), 1 << 20);
         s.put("a".into(), one(1));
         assert!(s.get("a").is_some());
         std::thread::sleep(Duration::from_millis(60));
@@ -176,7 +244,7 @@ mod tests {
 
     #[test]
     fn a_zero_bound_stores_nothing() {
-        let s = ResponseStore::new(0, Duration::from_secs(60));
+        let s = ResponseStore::new(0, Duration::from_secs(60), 1 << 20);
         s.put("a".into(), one(1));
         assert!(s.get("a").is_none());
     }
