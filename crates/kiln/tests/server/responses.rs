@@ -604,3 +604,94 @@ fn responses_truncation_auto_drops_the_oldest_turns() {
     assert_eq!(output_text(&v), want, "{v}");
     assert_eq!(v["usage"]["input_tokens"].as_u64(), Some(prompt));
 }
+
+/// A model store with `r1` (`option.reasoning_parser=deepseek_r1`: the whole
+/// output of this model, which never closes a thought, is reasoning) and
+/// `tools` (auto tool choice enabled).
+#[test]
+fn responses_reasoning_items_and_auto_tools_follow_the_model_settings() {
+    let root = tempdir("responses-store-");
+    let models = root.join("models");
+    let id = format!("option.model_id={}\n", model_file().display());
+    for (name, extra) in [
+        ("r1", "option.reasoning_parser=deepseek_r1\n"),
+        (
+            "tools",
+            "option.enable_auto_tool_choice=true\noption.tool_call_parser=hermes\n",
+        ),
+    ] {
+        write(
+            &models.join(format!("{name}/serving.properties")),
+            &format!("{id}{extra}"),
+        );
+    }
+    let (s, states) = store_server(&root, 2);
+    assert_eq!(states, "Healthy,Healthy", "{}", s.stderr());
+    let body = json!({"model": "r1", "input": "Why is the sky blue?", "max_output_tokens": 12,
+        "temperature": 0});
+    let v = create(&s, &body);
+    let item = &v["output"][0];
+    assert_eq!(item["type"], "reasoning", "{v}");
+    assert!(item["id"].as_str().unwrap().starts_with("rs_"), "{item}");
+    assert_eq!(item["summary"], json!([]));
+    assert_eq!(item["content"][0]["type"], "reasoning_text");
+    let thought = item["content"][0]["text"].as_str().unwrap().to_string();
+    assert!(!thought.is_empty(), "{v}");
+    assert_eq!(output_text(&v), "", "nothing after the thought: {v}");
+    let u = &v["usage"];
+    let reasoning = u["output_tokens_details"]["reasoning_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        reasoning >= 1 && reasoning <= u["output_tokens"].as_u64().unwrap(),
+        "{u}"
+    );
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let mut st = s.stream(
+        "/v1/responses",
+        &[("Content-Type", "application/json")],
+        &sb,
+    );
+    assert_eq!(st.status, 200);
+    let mut streamed = String::new();
+    let mut last = Value::Null;
+    while let Some(piece) = st.next_until(b"\n\n") {
+        let Some(data) = piece.lines().find_map(|l| l.strip_prefix("data: ")) else {
+            continue;
+        };
+        let e: Value = serde_json::from_str(data).unwrap();
+        if e["type"] == "response.reasoning_text.delta" {
+            streamed.push_str(e["delta"].as_str().unwrap());
+        }
+        last = e;
+    }
+    assert_eq!(streamed, thought);
+    assert_eq!(
+        last["response"]["output"][0]["content"][0]["text"],
+        thought.as_str()
+    );
+
+    // auto tool choice, where the model enables it: taken, any call parsed.
+    let v = create(
+        &s,
+        &json!({"model": "tools", "input": "What's the weather in Paris for the next 3 days?",
+            "tools": weather_tool(), "max_output_tokens": 60, "temperature": 0}),
+    );
+    assert_eq!(v["tool_choice"], "auto");
+    for item in v["output"].as_array().unwrap() {
+        if item["type"] == "function_call" {
+            serde_json::from_str::<Value>(item["arguments"].as_str().unwrap()).unwrap();
+        } else {
+            assert_eq!(item["type"], "message", "{item}");
+            assert!(
+                !item["content"][0]["text"]
+                    .as_str()
+                    .unwrap()
+                    .contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\""),
+                "{item}"
+            );
+        }
+    }
+}
