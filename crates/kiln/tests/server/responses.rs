@@ -157,12 +157,19 @@ fn responses_chain_with_previous_response_id_get_delete_and_store_false() {
     assert_eq!(items["data"][0]["content"][0]["text"], q2);
     let r = s.get(&format!("/v1/responses/{id}/input_items?limit=0"));
     assert_openai_error(&r, 400, "limit");
+    let r = s.get(&format!("/v1/responses/{id}?stream=true"));
+    assert_openai_error(&r, 400, "query parameters are not supported");
 
     // DELETE, then it is gone everywhere.
     let r = s.req("DELETE", &format!("/v1/responses/{id}"), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["deleted"], true);
     assert_openai_error(&s.get(&format!("/v1/responses/{id}")), 404, "not found");
+    assert_openai_error(
+        &s.get(&format!("/v1/responses/{id}/input_items")),
+        404,
+        "not found",
+    );
     assert_openai_error(
         &s.req("DELETE", &format!("/v1/responses/{id}"), &[], b""),
         404,
