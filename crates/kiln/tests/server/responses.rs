@@ -479,8 +479,8 @@ fn responses_refuse_what_they_do_not_take() {
 }
 
 #[test]
-fn responses_inherit_keys_and_body_limits() {
-    let (s, _) = guarded();
+fn responses_inherit_keys_body_limits_and_the_access_log() {
+    let (s, logs) = guarded();
     let body = json!({"input": "hi", "max_output_tokens": 2});
     let r = post(s, &body);
     assert_openai_error(&r, 401, "api key");
@@ -491,6 +491,25 @@ fn responses_inherit_keys_and_body_limits() {
         body.to_string().as_bytes(),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let usage = &v["usage"];
+    // The access log has the request with its model and tokens.
+    let line = eventually(Duration::from_secs(5), || {
+        let log = std::fs::read_to_string(logs.join("access.log")).ok()?;
+        log.lines()
+            .rfind(|l| l.contains("\"POST /v1/responses\"") && l.contains("status=200"))
+            .map(str::to_string)
+    })
+    .expect("no access.log line for POST /v1/responses");
+    assert!(line.contains("model=default"), "{line}");
+    assert!(
+        line.contains(&format!("tokens_in={} ", usage["input_tokens"])),
+        "{line} {usage}"
+    );
+    assert!(
+        line.contains(&format!("tokens_out={} ", usage["output_tokens"])),
+        "{line} {usage}"
+    );
     let big = json!({"input": "x".repeat(4096)});
     let r = s.req(
         "POST",
