@@ -104,9 +104,16 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 /// Reads a create body.
 pub fn parse(f: &Fields) -> Result<Create, ApiError> {
+    // An empty `include` asks for nothing extra: the same as leaving it out.
+    let empty_include = |k: &str| {
+        k == "include"
+            && f.get(k)
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty)
+    };
     if let Some(k) = f
         .keys()
-        .find(|k| f.has(k) && !ACCEPTED.contains(&k.as_str()))
+        .find(|k| f.has(k) && !ACCEPTED.contains(&k.as_str()) && !empty_include(k))
     {
         return Err(bad(format!(
             "'{k}' is not supported by kiln's /v1/responses (it takes {})",
@@ -458,6 +465,8 @@ fn tools(f: &Fields) -> Result<(Value, Value, Value), ApiError> {
             )))
         }
     };
+    // `auto` and `none` without tools choose nothing: the API takes them.
+    let choice = choice.filter(|c| !(list.is_empty() && (c == "auto" || c == "none")));
     let mut v = json!({"tools": chat});
     if let Some(c) = choice {
         v["tool_choice"] = c;
@@ -959,6 +968,12 @@ mod tests {
         }
         // Null is absent, as everywhere.
         assert!(read(json!({"input": "x", "background": null})).is_ok());
+        // What asks for nothing is taken: an empty include, a choice without tools.
+        assert!(read(json!({"input": "x", "include": []})).is_ok());
+        assert!(read(json!({"input": "x", "include": ["x"]}))
+            .unwrap_err()
+            .contains("'include'"));
+        assert!(read(json!({"input": "x", "tool_choice": "auto"})).is_ok());
     }
 
     #[test]
