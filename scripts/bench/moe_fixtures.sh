@@ -131,5 +131,5 @@ fi
 echo "random-weight MoE models in $DIR:"
 for m in "$DIR"/*L-*.gguf; do
   printf '  %7.2f GiB  %s  %s\n' "$(stat -c %s "$m" | awk '{print $1 / 2^30}')" "$(basename "$m")" \
-    "$("$PY" "$ROOT/scripts/bench/moe_gguf.py" active "$m" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"{d[\"total_params\"]/1e9:.2f} B parameters, {d[\"active_params\"]/1e9:.2f} B active per token, {d[\"active_bytes\"]/2**20:.0f} MiB read per token")')"
+    "$("$PY" "$ROOT/scripts/bench/moe_gguf.py" active --text "$m")"
 done

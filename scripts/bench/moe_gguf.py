@@ -274,9 +274,14 @@ def main() -> None:
     pw.add_argument("--out", required=True)
     pa = sub.add_parser("active", help="print total and active weight bytes of a MoE GGUF as JSON")
     pa.add_argument("file")
+    pa.add_argument("--text", action="store_true", help="one line for people instead of JSON")
     args = p.parse_args()
     if args.cmd == "write":
         write(args)
+    elif args.text:
+        c = count(Path(args.file))
+        print(f"{c['total_params'] / 1e9:.2f} B parameters, {c['active_params'] / 1e9:.3f} B active per token "
+              f"({c['experts_used']} of {c['experts']} experts), {c['active_bytes'] / 1e6:.0f} MB read per token")
     else:
         print(json.dumps(count(Path(args.file))))
 
