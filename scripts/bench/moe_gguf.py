@@ -58,6 +58,7 @@ class Shape:
     experts_used: int
     expert_ff: int
     qk_norm: bool  # Qwen3's per-head query/key RMSNorm
+    dense_ff: int | None  # the dense feed-forward width written apart from the experts' (Qwen3-MoE)
     rope_base: float
     rms_eps: float
     context: int
@@ -66,12 +67,12 @@ class Shape:
 SHAPES = {
     # Qwen/Qwen3-30B-A3B config.json: 48 layers in the real model.
     "qwen3moe": Shape("qwen3moe", "qwen3moe-30b-a3b", hidden=2048, heads=32, kv_heads=4, head_dim=128,
-                      experts=128, experts_used=8, expert_ff=768, qk_norm=True,
+                      experts=128, experts_used=8, expert_ff=768, qk_norm=True, dense_ff=6144,
                       rope_base=1_000_000.0, rms_eps=1e-6, context=40960),
     # mistralai/Mixtral-8x7B-v0.1 config.json: 32 layers in the real model; GGUF keeps
     # Mixtral under the `llama` architecture with expert tensors.
     "mixtral": Shape("llama", "mixtral-8x7b", hidden=4096, heads=32, kv_heads=8, head_dim=128,
-                     experts=8, experts_used=2, expert_ff=14336, qk_norm=False,
+                     experts=8, experts_used=2, expert_ff=14336, qk_norm=False, dense_ff=None,
                      rope_base=1_000_000.0, rms_eps=1e-5, context=32768),
 }
 
@@ -173,9 +174,11 @@ def write(args: argparse.Namespace) -> None:
     w.add_uint32(f"{a}.embedding_length", s.hidden)
     # Mixtral (llama arch) sizes its experts by feed_forward_length; Qwen3-MoE has
     # its own expert_feed_forward_length (feed_forward_length is the dense width,
-    # 6144 in Qwen3-30B-A3B, unused by MoE layers).
-    w.add_uint32(f"{a}.feed_forward_length", s.expert_ff if a == "llama" else 6144)
-    if a != "llama":
+    # unused by its MoE layers).
+    if s.dense_ff is None:
+        w.add_uint32(f"{a}.feed_forward_length", s.expert_ff)
+    else:
+        w.add_uint32(f"{a}.feed_forward_length", s.dense_ff)
         w.add_uint32(f"{a}.expert_feed_forward_length", s.expert_ff)
     w.add_uint32(f"{a}.attention.head_count", s.heads)
     w.add_uint32(f"{a}.attention.head_count_kv", s.kv_heads)
