@@ -7,7 +7,9 @@
 # the disk, and the default model's tokenizer (SmolLM2's, 49152 tokens).
 # scripts/bench/moe_gguf.py writes each with seeded random weights, as Q8_0
 # quantized from F16 values (byte for byte what llama-quantize makes of the F16
-# file: checked on a 1-layer file) so the twice-as-large F16 never needs the disk;
+# file: checked on 1-layer files, `moe_gguf.py write --type f16` and `--type
+# q8_0`, llama-quantize of the first to Q8_0, `moe_gguf.py compare`: 15 of 15
+# tensors the same) so the twice-as-large F16 never needs the disk;
 # llama-quantize makes the other formats (Q4_K_M) from it. SOURCE=f16 writes the
 # F16 instead and quantizes every format from it (deleted at the end unless
 # KEEP_F16=1). Each file is then checked by running llama-bench on it once.

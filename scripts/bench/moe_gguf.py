@@ -9,6 +9,7 @@ per token and expert width, fewer layers, and seeded random weights.
 
     moe_gguf.py write --shape qwen3moe --layers 8 --tokenizer-from SMOL.gguf --out F16.gguf
     moe_gguf.py active FILE.gguf      # JSON: total and per-token (active) weight bytes
+    moe_gguf.py compare A.gguf B.gguf # are their tensors the same, byte for byte
 
 `write` emits the matrices as F16, or (`--type q8_0`) as Q8_0 quantized from those
 F16 values with ggml's reference rounding (gguf.quants, which llama-quantize matches
@@ -265,6 +266,29 @@ def count(path: Path) -> dict:
             "total_bytes": tb, "active_bytes": ab, "total_params": tp, "active_params": ap}
 
 
+def compare(a_path: Path, b_path: Path) -> int:
+    """Number of tensors whose type or bytes differ between two GGUFs (each listed),
+    or that one of them lacks: how the Q8_0 that `write` makes is checked against
+    llama-quantize's Q8_0 of the F16 that `write` makes with the same seed."""
+    a, b = gguf.GGUFReader(a_path), gguf.GGUFReader(b_path)
+    bt = {t.name: t for t in b.tensors}
+    differ = 0
+    for t in a.tensors:
+        u = bt.pop(t.name, None)
+        same = (u is not None and t.tensor_type == u.tensor_type
+                and np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8)))
+        if not same:
+            differ += 1
+            print(f"{t.name}: {t.tensor_type.name} vs {'missing' if u is None else u.tensor_type.name}"
+                  f"{'' if u is None or t.tensor_type != u.tensor_type else ', other bytes'}")
+    for name in bt:
+        differ += 1
+        print(f"{name}: only in {b_path}")
+    print(f"{len(a.tensors) - differ + len(bt)} of {len(a.tensors)} tensors the same" if not differ else
+          f"{differ} tensors differ")
+    return differ
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,7 +302,12 @@ def main() -> None:
     pa = sub.add_parser("active", help="print total and active weight bytes of a MoE GGUF as JSON")
     pa.add_argument("file")
     pa.add_argument("--text", action="store_true", help="one line for people instead of JSON")
+    pc = sub.add_parser("compare", help="exit 1 unless two GGUFs hold the same tensors, byte for byte")
+    pc.add_argument("a")
+    pc.add_argument("b")
     args = p.parse_args()
+    if args.cmd == "compare":
+        sys.exit(1 if compare(Path(args.a), Path(args.b)) else 0)
     if args.cmd == "write":
         write(args)
     elif args.text:
