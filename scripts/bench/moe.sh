@@ -10,7 +10,8 @@
 # Environment: PP (prompt tokens, default 512), TG (generated tokens, default 128),
 # ROUNDS (default 3), REPS (repetitions inside each tool per round, default 3),
 # THREADS (default 2; llama-bench -t and kiln's RAYON_NUM_THREADS), KILN (the kiln
-# binary; default `kiln` on PATH, else target/release/kiln), BANDWIDTH (GB/s; skips
+# binary; default `kiln` on PATH, else target/release/kiln; `none` measures
+# llama.cpp alone), BANDWIDTH (GB/s; skips
 # the measurement), OUT (a folder for the raw outputs; default a fresh temporary
 # one), KILN_CACHE (as in scripts/fetch-assets.sh). Arguments: GGUF files (default:
 # every <model>-<N>L-<FORMAT>.gguf that moe_fixtures.sh wrote).
@@ -59,7 +60,14 @@ if [ "${#FILES[@]}" -eq 0 ]; then
 fi
 for f in "${FILES[@]}"; do [ -f "$f" ] || die "no such file: $f"; done
 [ -x "$BIN/llama-bench" ] || die "no llama-bench at $BIN; run scripts/bench/peers.sh first"
-find_kiln
+if [ "${KILN:-}" = none ]; then
+  [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
+  command -v python3 >/dev/null || die "python3 is needed to parse the JSON"
+  ENGINES=(llama.cpp)
+else
+  find_kiln
+  ENGINES=(llama.cpp kiln)
+fi
 [ -x /usr/bin/time ] || die "/usr/bin/time is missing (apt-get install time)"
 python_with_gguf
 out_dir kiln-moe
@@ -169,7 +177,7 @@ PY
 header "kiln vs llama.cpp on the CPU, random-weight mixture-of-experts models"
 echo "- commands (FILE = each model; under \`/usr/bin/time -f %M\`, RAYON_NUM_THREADS=$THREADS):"
 echo "  - \`$(llama_cmd FILE)\`"
-echo "  - \`$(kiln_cmd FILE)\`"
+[ "${KILN:-}" = none ] || echo "  - \`$(kiln_cmd FILE)\`"
 if [ -n "${BANDWIDTH:-}" ]; then
   BW="$BANDWIDTH"
   echo "- read bandwidth: $BW GB/s (given in BANDWIDTH)"
@@ -187,7 +195,6 @@ for f in "${FILES[@]}"; do
   printf '%s\t%s\n' "$f" "$counts" >>"$ACTIVE"
 done
 
-ENGINES=(llama.cpp kiln)
 for ((r = 1; r <= ROUNDS; r++)); do
   for f in "${FILES[@]}"; do
     echo "moe: round $r/$ROUNDS, $(basename "$f")" >&2
