@@ -69,7 +69,6 @@ const OTHER_REASONING_PARSERS: &[&str] = &[
     "seed_oss",
     "olmo3",
     "minimax_m2",
-    "openai_gptoss",
     "kimi_k2",
     "minimax_m2_append_think",
 ];
