@@ -523,10 +523,12 @@ impl DecoderConfig {
             "gemma2" | "gemma3_text" | "gemma3" => {
                 crate::gemma::from_hf_json(model_type, json).map_err(bad)?
             }
-            other => return Err(bad(format!(
+            other => {
+                return Err(bad(format!(
                 "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
                      opt, gemma2, gemma3_text, gemma3, qwen2_moe, qwen3_moe, mixtral and gpt_oss are)"
-            ))),
+            )))
+            }
         };
         cfg.arch = model_type.to_string();
         crate::moe::apply_hf(&mut cfg, model_type, json).map_err(bad)?;

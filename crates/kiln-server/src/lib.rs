@@ -44,6 +44,8 @@ pub mod prompts;
 pub mod properties;
 pub mod reasoning;
 pub mod registry;
+pub mod responses;
+pub mod responses_store;
 pub mod sessions;
 pub mod state;
 pub mod store;
@@ -100,6 +102,15 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items),
+        )
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)

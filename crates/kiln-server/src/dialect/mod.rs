@@ -13,6 +13,7 @@
 pub mod anthropic;
 pub mod lmi;
 pub mod openai;
+pub mod responses;
 
 #[cfg(test)]
 mod tests {

@@ -191,13 +191,28 @@ impl Builder {
         }
     }
 
-    /// `option.quantize`: a format kiln quantizes to, or a problem that says
-    /// which ones it has (DJL's GPU-engine methods are named as such).
+    /// `option.quantize` (or its vLLM alias `option.quantization`): a format
+    /// kiln quantizes to, or a problem that says which ones it has (DJL's
+    /// GPU-engine methods are named as such). `mxfp4`, the format gpt-oss's
+    /// checkpoints store their experts in (vLLM's value for them), asks for
+    /// no quantization: it is accepted with a warning that the checkpoint's
+    /// own weights are used as stored.
     pub(super) fn quantize(&mut self) -> Option<kiln_backend::GgmlType> {
         use kiln_model::names::{parse_quantize, target_list, QuantizeNameError};
-        let p = self.entry("option.quantize")?;
+        let p = self.quantize_entry()?;
         match parse_quantize(&p.value) {
             Ok(ty) => Some(ty),
+            Err(QuantizeNameError::Unknown(_))
+                if PREQUANTIZED_METHODS.contains(&p.value.trim().to_ascii_lowercase().as_str()) =>
+            {
+                self.warn(
+                    &p,
+                    "names the format a pre-quantized checkpoint is stored in (gpt-oss keeps its \
+                     experts in MXFP4); kiln computes every weight in the format it is stored in, \
+                     so this asks for nothing and no weight is quantized while loading",
+                );
+                None
+            }
             Err(QuantizeNameError::DjlMethod(_)) => {
                 self.problem(
                     &p,
@@ -216,6 +231,25 @@ impl Builder {
         }
     }
 
+    /// `option.quantize`, else `option.quantization` (DJL's vLLM properties
+    /// take either name); when both are set, `option.quantize` is used and
+    /// the other is reported.
+    fn quantize_entry(&mut self) -> Option<RawProperty> {
+        let alias = self.entry("option.quantization");
+        match (self.entry("option.quantize"), alias) {
+            (Some(p), Some(a)) => {
+                if !a.value.trim().eq_ignore_ascii_case(p.value.trim()) {
+                    self.warn(
+                        &a,
+                        &format!("not used: option.quantize={} is set too and wins", p.value),
+                    );
+                }
+                Some(p)
+            }
+            (p, a) => p.or(a),
+        }
+    }
+
     pub(super) fn degree(&mut self, key: &str) -> Option<(TensorParallelDegree, RawProperty)> {
         let p = self.entry(key)?;
         let value = p.value.to_ascii_lowercase();
@@ -231,6 +265,11 @@ impl Builder {
         }
     }
 }
+
+/// `option.quantize` values that name the format a checkpoint is already
+/// stored in rather than a quantization to run (vLLM's `mxfp4`, which
+/// gpt-oss deployments pass).
+const PREQUANTIZED_METHODS: &[&str] = &["mxfp4"];
 
 /// A positive number of seconds from the variable `var`.
 pub(super) fn env_secs(env: &dyn Fn(&str) -> Option<String>, var: &str) -> Option<u64> {

@@ -69,6 +69,8 @@ const OTHER_REASONING_PARSERS: &[&str] = &[
     "seed_oss",
     "olmo3",
     "minimax_m2",
+    "kimi_k2",
+    "minimax_m2_append_think",
 ];
 
 /// A validated `option.tool_call_parser`: vLLM's name and the syntax kiln

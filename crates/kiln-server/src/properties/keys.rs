@@ -9,12 +9,14 @@ pub(super) const TYPED_KEYS: &[&str] = &[
     "option.trust_remote_code",
     "option.dtype",
     "option.quantize",
+    "option.quantization",
     "option.device",
     "option.tensor_parallel_degree",
     "option.pipeline_parallel_degree",
     "option.rolling_batch",
     "option.max_rolling_batch_size",
     "option.max_rolling_batch_prefill_tokens",
+    "option.max_num_batched_tokens",
     "option.max_model_len",
     "option.n_positions",
     "option.max_input_len",
@@ -31,6 +33,7 @@ pub(super) const TYPED_KEYS: &[&str] = &[
     "option.max_sessions_per_client",
     "option.prefill_first_token",
     "option.speculative_config",
+    "option.chat_template",
     "option.entryPoint",
     "option.model_loading_timeout",
     "option.predict_timeout",
@@ -51,6 +54,11 @@ const BACKEND_TUNING: &str = "this tunes one of DJL's backend libraries; kiln's 
 const NEURON: &str =
     "this is an AWS Neuron compilation setting; kiln does not run on Neuron devices";
 const NOT_YET: &str = "kiln does not support this yet; it is ignored";
+const EXPERT_PARALLEL: &str = "kiln runs a model on one device, so a mixture-of-experts model keeps all its experts there: there is no expert or data parallelism to set up";
+const TEXT_ONLY: &str =
+    "kiln serves text generation only, so there are no images or videos per prompt to limit";
+const NO_OFFLOAD: &str =
+    "kiln does not offload weights to host memory; the model must fit the device";
 
 /// Keys DJL knows and kiln ignores, with what kiln does instead.
 pub(super) const IGNORED_KEYS: &[(&[&str], &str)] = &[
@@ -159,8 +167,26 @@ pub(super) const IGNORED_KEYS: &[(&[&str], &str)] = &[
             "option.draft_model_tp_size",
             "option.tgi_compat",
             "option.bedrock_compat",
+            "option.long_lora_scaling_factors",
+            "option.lora_extra_vocab_size",
         ],
         NOT_YET,
+    ),
+    (
+        &[
+            "option.enable_expert_parallel",
+            "option.enable_eplb",
+            "option.eplb_config",
+            "option.num_redundant_experts",
+            "option.expert_placement_strategy",
+            "option.data_parallel_size",
+        ],
+        EXPERT_PARALLEL,
+    ),
+    (&["option.limit_mm_per_prompt"], TEXT_ONLY),
+    (
+        &["option.cpu_offload_gb", "option.cpu_offload_gb_per_gpu"],
+        NO_OFFLOAD,
     ),
     (
         &["log_request_metric", "metrics_aggregation"],

@@ -64,6 +64,7 @@ impl Builder {
         let enable_streaming = self.enable_streaming(rolling_batch);
         let chat = self.chat_options();
         self.refuse_speculative_decoding();
+        self.refuse_chat_template();
         let prefill_first_token = self
             .boolean("option.prefill_first_token")
             .is_some_and(|(on, _)| on);
@@ -237,7 +238,9 @@ impl Builder {
     }
 
     /// `option.max_rolling_batch_size` (DJL's default depends on the
-    /// rolling batch named) and `option.max_rolling_batch_prefill_tokens`.
+    /// rolling batch named) and `option.max_rolling_batch_prefill_tokens`
+    /// (or its vLLM alias `option.max_num_batched_tokens`, which DJL's vLLM
+    /// properties also take).
     fn rolling_batch_limits(&mut self, rolling_batch: RollingBatch) -> (usize, Option<usize>) {
         let default_batch = match rolling_batch {
             RollingBatch::Vllm | RollingBatch::TrtLlm => {
@@ -248,9 +251,22 @@ impl Builder {
         let size = self
             .count_at_least("option.max_rolling_batch_size", 1)
             .map_or(default_batch, |(n, _)| n);
-        let prefill_tokens = self
-            .count_at_least("option.max_rolling_batch_prefill_tokens", 1)
-            .map(|(n, _)| n);
+        let alias = self.count_at_least("option.max_num_batched_tokens", 1);
+        let prefill_tokens = match (
+            self.count_at_least("option.max_rolling_batch_prefill_tokens", 1),
+            alias,
+        ) {
+            (Some((n, _)), Some((m, a))) if m != n => {
+                self.warn(
+                    &a,
+                    &format!(
+                        "not used: option.max_rolling_batch_prefill_tokens={n} is set too and wins"
+                    ),
+                );
+                Some(n)
+            }
+            (lmi, alias) => lmi.or(alias).map(|(n, _)| n),
+        };
         (size, prefill_tokens)
     }
 
@@ -293,6 +309,22 @@ impl Builder {
                 &p,
                 "asks for speculative decoding, which kiln does not implement yet; remove \
                  option.speculative_config to serve the model without it",
+            );
+        }
+    }
+
+    /// `option.chat_template` (DJL's tool-calling guide sets it to a template
+    /// file): refused, since kiln renders the template stored with the model
+    /// and a replacement ignored silently would change every prompt.
+    fn refuse_chat_template(&mut self) {
+        if let Some(p) = self.entry("option.chat_template") {
+            self.problem(
+                &p,
+                "asks for a chat template other than the model's, which kiln cannot take from \
+                 serving.properties yet; put the template in the model directory as \
+                 chat_template.jinja (kiln renders the template stored with the model: that \
+                 file, tokenizer_config.json's chat_template, or a GGUF's \
+                 tokenizer.chat_template) and remove option.chat_template",
             );
         }
     }

@@ -25,6 +25,7 @@ mod malformed;
 mod management;
 mod messages;
 mod openai;
+mod responses;
 mod store;
 
 use std::collections::BTreeSet;
