@@ -193,7 +193,7 @@ fn finish_reason(r: FinishReason) -> &'static str {
 fn usage_json(u: &Usage) -> Value {
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens}})
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens.min(u.prompt_tokens)}})
 }
 
 /// The model's text for one token id (for log-probability listings).
@@ -290,7 +290,13 @@ pub(crate) fn answer_json(
                     let mut reason = finish_reason(d.reason);
                     if let (Some(syntax), Some(content)) = (ctx.tools, message["content"].as_str())
                     {
-                        let (content, calls) = crate::tool_parse::parse(syntax, content);
+                        // Cut short: an unfinished call is never content.
+                        let cut = matches!(d.reason, FinishReason::Length | FinishReason::Deadline);
+                        let (content, calls) =
+                            crate::tool_parse::parse_output(syntax, content, cut);
+                        if cut {
+                            message["content"] = json!(content);
+                        }
                         if !calls.is_empty() {
                             message["content"] = json!(content);
                             message["tool_calls"] = Value::Array(
@@ -302,7 +308,9 @@ pub(crate) fn answer_json(
                                     })
                                     .collect(),
                             );
-                            reason = "tool_calls";
+                            if reason == "stop" {
+                                reason = "tool_calls";
+                            }
                         }
                     }
                     json!({"index": i, "message": message,
@@ -534,6 +542,12 @@ pub(crate) fn stream(
             )) => {
                 s.open -= 1;
                 s.usage.completion_tokens += usage.completion_tokens;
+                // The best choice's cache hit (never more than the prompt).
+                s.usage.cached_tokens = s
+                    .usage
+                    .cached_tokens
+                    .max(usage.cached_tokens)
+                    .min(s.usage.prompt_tokens);
                 s.rec.add_tokens_out(usage.completion_tokens);
                 let mut out = if reason == FinishReason::Error {
                     let e = ApiError::model_failure(
