@@ -63,6 +63,18 @@ pub(crate) fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, Ap
     if n == 0 {
         return Err(ApiError::bad_request("'n' must be at least 1"));
     }
+    // `best_of` (completions): kiln returns every choice it generates, so
+    // only `best_of` equal to `n` (or null) is what it does.
+    match f.get("best_of") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(n as u64) => {}
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "'best_of' ({v}) is not supported: kiln does not generate candidates to \
+                 pick the best of; leave it out or set it equal to 'n' ({n})"
+            )))
+        }
+    }
     let params = funnel::request(Some(f), &OPENAI, default_max_tokens)?;
     let stream_options = f
         .get("stream_options")
