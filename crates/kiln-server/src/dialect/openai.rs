@@ -63,6 +63,7 @@ pub(crate) fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, Ap
     if n == 0 {
         return Err(ApiError::bad_request("'n' must be at least 1"));
     }
+    openai_only_fields(f)?;
     // `best_of` (completions): kiln returns every choice it generates, so
     // only `best_of` equal to `n` (or null) is what it does.
     match f.get("best_of") {
@@ -93,6 +94,69 @@ pub(crate) fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, Ap
         explicit_max_tokens: OPENAI.max_tokens_keys.iter().any(|k| f.has(k)),
         params,
     })
+}
+
+/// Fields of OpenAI's request types that only make sense on OpenAI's own
+/// service (audio output, stored completions, hosted tools, its tiers):
+/// taken where the value asks for what kiln does anyway (text output, no
+/// storing, the default tier, in-memory prompt caching, which kiln does on
+/// its own and reports in `cached_tokens`), refused with a 400 naming the
+/// field otherwise, never silently ignored. `user`, `safety_identifier`
+/// and `prompt_cache_key` only identify the caller, which changes no
+/// answer: they are checked to be strings.
+fn openai_only_fields(f: &Fields) -> Result<(), ApiError> {
+    let refuse = |key: &str, v: &Value, why: &str| {
+        Err(ApiError::bad_request(format!(
+            "'{key}' ({v}) is not supported: {why}"
+        )))
+    };
+    for key in ["user", "safety_identifier", "prompt_cache_key"] {
+        f.str(key)?;
+    }
+    for (key, v) in f.keys().filter_map(|k| f.get(k).map(|v| (k.as_str(), v))) {
+        if v.is_null() {
+            continue;
+        }
+        match key {
+            "modalities" => {
+                if v.as_array().is_none_or(|m| m.iter().any(|x| x != "text")) {
+                    return refuse(key, v, "kiln answers with text only (\"modalities\": [\"text\"])");
+                }
+            }
+            "audio" => return refuse(key, v, "kiln has no audio output"),
+            "store" => {
+                if v != &Value::Bool(false) {
+                    return refuse(key, v, "kiln does not store completions");
+                }
+            }
+            "metadata" => {
+                if v.as_object().is_none_or(|m| !m.is_empty()) {
+                    return refuse(key, v, "it tags stored completions, and kiln stores none");
+                }
+            }
+            "service_tier" => {
+                if !matches!(v.as_str(), Some("auto" | "default")) {
+                    return refuse(key, v, "kiln has one tier ('auto' or 'default')");
+                }
+            }
+            "prompt_cache_retention" => {
+                if v.as_str() != Some("in_memory") {
+                    return refuse(key, v, "kiln keeps its prefix cache in memory only ('in_memory')");
+                }
+            }
+            "prompt_cache_options" => {
+                return refuse(key, v, "kiln's prefix cache has no options; leave it out")
+            }
+            "prediction" => return refuse(key, v, "predicted outputs are not implemented"),
+            "web_search_options" => return refuse(key, v, "kiln has no web search"),
+            "moderation" => return refuse(key, v, "kiln runs no moderation"),
+            "verbosity" => {
+                return refuse(key, v, "kiln cannot steer an answer's length this way; use max_tokens")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Most choices one completions request may ask for (prompts times `n`).

@@ -26,6 +26,7 @@ mod management;
 mod messages;
 mod openai;
 mod store;
+mod toolcalls;
 
 use std::collections::BTreeSet;
 use std::path::Path;
