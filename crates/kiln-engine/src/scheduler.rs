@@ -500,7 +500,11 @@ mod tests {
         let base: Vec<u32> = (0..64).map(|i| i * 7 % 23).collect();
         let mut checked = 0;
         for _case in 0..200 {
-            let mut s = sched(6 + rand(10) as usize, 1 + rand(4) as usize, 4 + rand(16) as usize);
+            let mut s = sched(
+                6 + rand(10) as usize,
+                1 + rand(4) as usize,
+                4 + rand(16) as usize,
+            );
             let mut next_id = 1;
             let mut prompts = std::collections::HashMap::new();
             for _ in 0..60 {

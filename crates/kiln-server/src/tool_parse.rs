@@ -586,12 +586,10 @@ fn scan_named(text: &str, last: bool, r: &mut Region) {
         call.end = end;
         if let Some(e) = end {
             let v = serde_json::from_str::<Value>(&text[s..e]).ok();
-            call.parsed = v
-                .filter(Value::is_object)
-                .map(|args| ParsedCall {
-                    name: name.to_string(),
-                    arguments: args.to_string(),
-                });
+            call.parsed = v.filter(Value::is_object).map(|args| ParsedCall {
+                name: name.to_string(),
+                arguments: args.to_string(),
+            });
             if call.parsed.is_none() {
                 return bad(text, at, r);
             }
@@ -696,7 +694,9 @@ fn scan_call(text: &str, i: usize, args_key: &str) -> CallScan {
             if k >= text.len() || text.as_bytes()[k] != b'"' {
                 return c;
             }
-            let Some(ke) = value_end(text, k) else { return c };
+            let Some(ke) = value_end(text, k) else {
+                return c;
+            };
             let key: String = serde_json::from_str(&text[k..ke]).unwrap_or_default();
             k = skip_ws(text, ke);
             if k >= text.len() || text.as_bytes()[k] != b':' {
@@ -804,7 +804,11 @@ pub fn parse(syntax: ToolSyntax, text: &str) -> (Option<String>, Vec<ParsedCall>
 
 /// Parses a whole output that may have been `cut` short (`max_tokens`):
 /// an unfinished call is then never content (see [`ToolStream::finish_cut`]).
-pub fn parse_output(syntax: ToolSyntax, text: &str, cut: bool) -> (Option<String>, Vec<ParsedCall>) {
+pub fn parse_output(
+    syntax: ToolSyntax,
+    text: &str,
+    cut: bool,
+) -> (Option<String>, Vec<ParsedCall>) {
     let mut s = ToolStream::new(syntax);
     let mut events = s.push(text);
     events.extend(if cut { s.finish_cut() } else { s.finish() });
@@ -869,9 +873,10 @@ mod tests {
         let args = |c: &ParsedCall| serde_json::from_str::<Value>(&c.arguments).ok();
         a.0 == b.0
             && a.1.len() == b.1.len()
-            && a.1.iter().zip(&b.1).all(|(x, y)| {
-                x.name == y.name && args(x).is_some() && args(x) == args(y)
-            })
+            && a.1
+                .iter()
+                .zip(&b.1)
+                .all(|(x, y)| x.name == y.name && args(x).is_some() && args(x) == args(y))
     }
 
     /// Checks the whole parse, and that every way of streaming it agrees.
@@ -879,7 +884,10 @@ mod tests {
         let whole = check_whole(syntax, text, content, calls);
         for step in 1..=text.len().min(24) {
             let s = streamed(syntax, text, step);
-            assert!(same(&s, &whole), "{text:?} in {step}-byte pieces: {s:?} vs {whole:?}");
+            assert!(
+                same(&s, &whole),
+                "{text:?} in {step}-byte pieces: {s:?} vs {whole:?}"
+            );
         }
     }
 

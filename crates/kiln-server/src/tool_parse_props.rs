@@ -23,7 +23,16 @@ impl Rng {
 
 /// A random JSON value, strings with the characters a scanner may trip on.
 fn value(r: &mut Rng, depth: usize) -> Value {
-    const WORDS: &[&str] = &["Paris", "a}b", "q\"uote", "back\\slash", "{[", "é ü", "; ,", ""];
+    const WORDS: &[&str] = &[
+        "Paris",
+        "a}b",
+        "q\"uote",
+        "back\\slash",
+        "{[",
+        "é ü",
+        "; ,",
+        "",
+    ];
     match r.next(if depth > 2 { 4 } else { 6 }) {
         0 => json!(WORDS[r.next(WORDS.len())]),
         1 => json!(r.next(1000) as i64 - 500),
@@ -131,7 +140,11 @@ fn pieces<'a>(r: &mut Rng, text: &'a str) -> Vec<&'a str> {
     out
 }
 
-const SYNTAXES: [ToolSyntax; 3] = [ToolSyntax::Hermes, ToolSyntax::Llama3Json, ToolSyntax::Mistral];
+const SYNTAXES: [ToolSyntax; 3] = [
+    ToolSyntax::Hermes,
+    ToolSyntax::Llama3Json,
+    ToolSyntax::Mistral,
+];
 
 #[test]
 fn streamed_arguments_join_to_the_whole_call() {
@@ -179,7 +192,10 @@ fn streamed_arguments_join_to_the_whole_call() {
             }
         }
     }
-    assert!(streamed_fragments > 1000, "arguments were not streamed in pieces");
+    assert!(
+        streamed_fragments > 1000,
+        "arguments were not streamed in pieces"
+    );
 }
 
 #[test]
@@ -188,7 +204,9 @@ fn output_cut_short_never_puts_a_call_in_the_content() {
     for syntax in SYNTAXES {
         for _ in 0..60 {
             let (text, content, _) = output(&mut r, syntax);
-            let mut cuts: Vec<usize> = (0..text.len()).filter(|&i| text.is_char_boundary(i)).collect();
+            let mut cuts: Vec<usize> = (0..text.len())
+                .filter(|&i| text.is_char_boundary(i))
+                .collect();
             cuts.retain(|_| r.next(3) == 0);
             for cut in cuts {
                 let prefix = &text[..cut];

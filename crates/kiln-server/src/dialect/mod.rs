@@ -204,7 +204,9 @@ mod tests {
             ),
             (
                 json!({"logit_bias": {"5": 101}}),
-                Refuses("'parameters.logit_bias' of token 5 must be a number from -100 to 100, got 101"),
+                Refuses(
+                    "'parameters.logit_bias' of token 5 must be a number from -100 to 100, got 101",
+                ),
                 Refuses("'logit_bias' of token 5 must be a number from -100 to 100, got 101"),
             ),
             (
@@ -214,7 +216,9 @@ mod tests {
             ),
             (
                 json!({"logit_bias": [1]}),
-                Refuses("'parameters.logit_bias' must be an object from token ids to biases, got [1]"),
+                Refuses(
+                    "'parameters.logit_bias' must be an object from token ids to biases, got [1]",
+                ),
                 Refuses("'logit_bias' must be an object from token ids to biases, got [1]"),
             ),
             (

@@ -120,7 +120,11 @@ fn openai_only_fields(f: &Fields) -> Result<(), ApiError> {
         match key {
             "modalities" => {
                 if v.as_array().is_none_or(|m| m.iter().any(|x| x != "text")) {
-                    return refuse(key, v, "kiln answers with text only (\"modalities\": [\"text\"])");
+                    return refuse(
+                        key,
+                        v,
+                        "kiln answers with text only (\"modalities\": [\"text\"])",
+                    );
                 }
             }
             "audio" => return refuse(key, v, "kiln has no audio output"),
@@ -141,7 +145,11 @@ fn openai_only_fields(f: &Fields) -> Result<(), ApiError> {
             }
             "prompt_cache_retention" => {
                 if v.as_str() != Some("in_memory") {
-                    return refuse(key, v, "kiln keeps its prefix cache in memory only ('in_memory')");
+                    return refuse(
+                        key,
+                        v,
+                        "kiln keeps its prefix cache in memory only ('in_memory')",
+                    );
                 }
             }
             "prompt_cache_options" => {
@@ -151,7 +159,11 @@ fn openai_only_fields(f: &Fields) -> Result<(), ApiError> {
             "web_search_options" => return refuse(key, v, "kiln has no web search"),
             "moderation" => return refuse(key, v, "kiln runs no moderation"),
             "verbosity" => {
-                return refuse(key, v, "kiln cannot steer an answer's length this way; use max_tokens")
+                return refuse(
+                    key,
+                    v,
+                    "kiln cannot steer an answer's length this way; use max_tokens",
+                )
             }
             _ => {}
         }

@@ -69,9 +69,12 @@ fn stream_chat(body: &Value) -> Streamed {
         if !v["usage"].is_null() {
             out.usage = v["usage"].clone();
         }
-        let Some(c) = v["choices"].get(0) else { continue };
+        let Some(c) = v["choices"].get(0) else {
+            continue;
+        };
         let d = &c["delta"];
-        out.content.push_str(d["content"].as_str().unwrap_or_default());
+        out.content
+            .push_str(d["content"].as_str().unwrap_or_default());
         for t in d["tool_calls"].as_array().into_iter().flatten() {
             let i = t["index"].as_u64().expect("index") as usize;
             if i == out.calls.len() {
@@ -96,7 +99,13 @@ fn stream_chat(body: &Value) -> Streamed {
 }
 
 fn no_markup(content: &str) {
-    for m in ["<tool_call>", "</tool_call>", "{\"name\"", "<tool_call", "\"arguments\""] {
+    for m in [
+        "<tool_call>",
+        "</tool_call>",
+        "{\"name\"",
+        "<tool_call",
+        "\"arguments\"",
+    ] {
         assert!(!content.contains(m), "markup {m:?} in content {content:?}");
     }
 }
@@ -141,7 +150,12 @@ fn a_required_choice_never_answers_markup_as_content() {
         let s = stream_chat(&body);
         no_markup(&s.content);
         assert_eq!(s.finish, choice["finish_reason"], "{max_tokens}");
-        assert_eq!(s.calls.len(), calls.len(), "{max_tokens}: {m} vs {:?}", s.calls);
+        assert_eq!(
+            s.calls.len(),
+            calls.len(),
+            "{max_tokens}: {m} vs {:?}",
+            s.calls
+        );
         for ((name, args, _), c) in s.calls.iter().zip(calls) {
             assert_eq!(name, c["function"]["name"].as_str().unwrap());
             if choice["finish_reason"] == "tool_calls" {
@@ -194,7 +208,11 @@ fn a_call_cut_by_max_tokens_ends_with_length_and_no_half_call_in_content() {
     for max_tokens in [need + 1, need + 2, need + 4] {
         let body = ask(json!("required"), max_tokens);
         let whole = chat(&body);
-        no_markup(whole["choices"][0]["message"]["content"].as_str().unwrap_or_default());
+        no_markup(
+            whole["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or_default(),
+        );
         no_markup(&stream_chat(&body).content);
     }
 }
@@ -208,18 +226,25 @@ fn cached_tokens_stay_within_the_prompt() {
     let mut hit = false;
     for _ in 0..3 {
         let u = &chat(&body)["usage"];
-        let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        let cached = u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
         assert!(cached <= u["prompt_tokens"].as_u64().unwrap(), "{u}");
         hit |= cached > 0;
         let su = stream_chat(&body).usage;
-        let cached = su["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        let cached = su["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
         assert!(cached <= su["prompt_tokens"].as_u64().unwrap(), "{su}");
     }
     assert!(hit, "a repeated prompt never hit the prefix cache");
 }
 
 fn tokens_of(text: &str) -> Vec<u64> {
-    let r = shared().post_json("/tokenize", &json!({"prompt": text, "add_special_tokens": false}));
+    let r = shared().post_json(
+        "/tokenize",
+        &json!({"prompt": text, "add_special_tokens": false}),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     r.json()["tokens"]
         .as_array()
@@ -244,14 +269,24 @@ fn complete(extra: Value) -> Value {
 /// are 400s naming the field.
 #[test]
 fn logit_bias_bans_and_forces_tokens() {
-    let plain = complete(json!({}))["choices"][0]["text"].as_str().unwrap().to_string();
+    let plain = complete(json!({}))["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let first = tokens_of(&plain)[0];
     let banned = complete(json!({"logit_bias": {first.to_string(): -100}}));
     let text = banned["choices"][0]["text"].as_str().unwrap();
-    assert_ne!(tokens_of(text).first(), Some(&first), "{plain:?} vs {text:?}");
+    assert_ne!(
+        tokens_of(text).first(),
+        Some(&first),
+        "{plain:?} vs {text:?}"
+    );
     let rome = tokens_of(" Rome")[0];
     let forced = complete(json!({"logit_bias": {rome.to_string(): 100}, "max_tokens": 1}));
-    assert_eq!(tokens_of(forced["choices"][0]["text"].as_str().unwrap()), [rome]);
+    assert_eq!(
+        tokens_of(forced["choices"][0]["text"].as_str().unwrap()),
+        [rome]
+    );
     let r = shared().post_json(
         "/v1/completions",
         &json!({"prompt": "x", "max_tokens": 1, "logit_bias": {"99999999": 1}}),
@@ -271,14 +306,22 @@ fn json_object_with_a_schema_constrains_to_it() {
     let schema = json!({"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
         "age": {"type": "integer", "minimum": 0, "maximum": 150}},
         "required": ["name", "age"], "additionalProperties": false});
-    let v = chat(&json!({"messages": [{"role": "user", "content": "Invent a person; answer in JSON."}],
-        "response_format": {"type": "json_object", "schema": schema}, "max_tokens": 60, "temperature": 0}));
+    let v = chat(
+        &json!({"messages": [{"role": "user", "content": "Invent a person; answer in JSON."}],
+        "response_format": {"type": "json_object", "schema": schema}, "max_tokens": 60, "temperature": 0}),
+    );
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     let out: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
     let o = out.as_object().unwrap();
     assert_eq!(o.len(), 2, "{out}");
-    assert!(o["name"].as_str().is_some_and(|n| n.chars().count() <= 12), "{out}");
-    assert!(o["age"].as_i64().is_some_and(|a| (0..=150).contains(&a)), "{out}");
+    assert!(
+        o["name"].as_str().is_some_and(|n| n.chars().count() <= 12),
+        "{out}"
+    );
+    assert!(
+        o["age"].as_i64().is_some_and(|a| (0..=150).contains(&a)),
+        "{out}"
+    );
 }
 
 /// What one documented field does.
@@ -308,20 +351,77 @@ fn every_documented_field_is_honoured_or_refused() {
     let same: fn(&Value, &Value) -> bool = |a, b| text_of(a) == text_of(b);
     let completions: Vec<(&str, Value, Does)> = vec![
         ("best_of", json!({"best_of": 3}), Refused),
-        ("echo", json!({"echo": true}), Honoured(|a, b| text_of(a) == format!("The capital of France is{}", text_of(b)))),
-        ("frequency_penalty", json!({"frequency_penalty": 2, "max_tokens": 40, "ignore_eos": true}), Honoured(|a, _| text_of(a) != text_of(&complete(json!({"max_tokens": 40, "ignore_eos": true}))))),
+        (
+            "echo",
+            json!({"echo": true}),
+            Honoured(|a, b| text_of(a) == format!("The capital of France is{}", text_of(b))),
+        ),
+        (
+            "frequency_penalty",
+            json!({"frequency_penalty": 2, "max_tokens": 40, "ignore_eos": true}),
+            Honoured(|a, _| {
+                text_of(a) != text_of(&complete(json!({"max_tokens": 40, "ignore_eos": true})))
+            }),
+        ),
         // Applied as asked: `logit_bias_bans_and_forces_tokens`.
-        ("logit_bias", json!({"logit_bias": {"99999999": 1}}), Refused),
-        ("logprobs", json!({"logprobs": 2}), Honoured(|a, _| a["choices"][0]["logprobs"]["top_logprobs"][0].as_object().is_some_and(|m| (1..=2).contains(&m.len())))),
-        ("max_tokens", json!({"max_tokens": 1}), Honoured(|a, _| a["usage"]["completion_tokens"] == 1)),
+        (
+            "logit_bias",
+            json!({"logit_bias": {"99999999": 1}}),
+            Refused,
+        ),
+        (
+            "logprobs",
+            json!({"logprobs": 2}),
+            Honoured(|a, _| {
+                a["choices"][0]["logprobs"]["top_logprobs"][0]
+                    .as_object()
+                    .is_some_and(|m| (1..=2).contains(&m.len()))
+            }),
+        ),
+        (
+            "max_tokens",
+            json!({"max_tokens": 1}),
+            Honoured(|a, _| a["usage"]["completion_tokens"] == 1),
+        ),
         ("model", json!({"model": "no-such-model"}), Refused),
-        ("n", json!({"n": 2}), Honoured(|a, _| a["choices"].as_array().unwrap().len() == 2)),
-        ("presence_penalty", json!({"presence_penalty": 2, "max_tokens": 40, "ignore_eos": true}), Honoured(|a, _| text_of(a) != text_of(&complete(json!({"max_tokens": 40, "ignore_eos": true}))))),
-        ("prompt", json!({"prompt": ["a", "b"]}), Honoured(|a, _| a["choices"].as_array().unwrap().len() == 2)),
-        ("seed", json!({"seed": 3, "temperature": 1, "max_tokens": 12}), Honoured(|a, _| text_of(a) == text_of(&complete(json!({"seed": 3, "temperature": 1, "max_tokens": 12}))))),
+        (
+            "n",
+            json!({"n": 2}),
+            Honoured(|a, _| a["choices"].as_array().unwrap().len() == 2),
+        ),
+        (
+            "presence_penalty",
+            json!({"presence_penalty": 2, "max_tokens": 40, "ignore_eos": true}),
+            Honoured(|a, _| {
+                text_of(a) != text_of(&complete(json!({"max_tokens": 40, "ignore_eos": true})))
+            }),
+        ),
+        (
+            "prompt",
+            json!({"prompt": ["a", "b"]}),
+            Honoured(|a, _| a["choices"].as_array().unwrap().len() == 2),
+        ),
+        (
+            "seed",
+            json!({"seed": 3, "temperature": 1, "max_tokens": 12}),
+            Honoured(|a, _| {
+                text_of(a)
+                    == text_of(&complete(
+                        json!({"seed": 3, "temperature": 1, "max_tokens": 12}),
+                    ))
+            }),
+        ),
         ("stream", json!({"stream": "yes"}), Refused),
-        ("stop", json!({"stop": [" Paris"], "max_tokens": 8}), Honoured(|a, _| !text_of(a).contains("Paris"))),
-        ("stream_options", json!({"stream_options": {"include_usage": "yes"}}), Refused),
+        (
+            "stop",
+            json!({"stop": [" Paris"], "max_tokens": 8}),
+            Honoured(|a, _| !text_of(a).contains("Paris")),
+        ),
+        (
+            "stream_options",
+            json!({"stream_options": {"include_usage": "yes"}}),
+            Refused,
+        ),
         ("suffix", json!({"suffix": "!"}), Refused),
         ("temperature", json!({"temperature": 3}), Refused),
         ("top_p", json!({"top_p": 0}), Refused),
@@ -330,55 +430,159 @@ fn every_documented_field_is_honoured_or_refused() {
     ];
     let base = complete(json!({}));
     for (field, extra, does) in completions {
-        let mut body = json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0});
+        let mut body =
+            json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0});
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
         check_field("/v1/completions", field, &body, &base, does);
     }
     let chat_fields: Vec<(&str, Value, Does)> = vec![
-        ("audio", json!({"audio": {"voice": "alloy", "format": "wav"}}), Refused),
-        ("frequency_penalty", json!({"frequency_penalty": 3}), Refused),
+        (
+            "audio",
+            json!({"audio": {"voice": "alloy", "format": "wav"}}),
+            Refused,
+        ),
+        (
+            "frequency_penalty",
+            json!({"frequency_penalty": 3}),
+            Refused,
+        ),
         ("function_call", json!({"function_call": "auto"}), Refused),
         ("functions", json!({"functions": [{"name": "f"}]}), Refused),
         ("logit_bias", json!({"logit_bias": {"-1": 1}}), Refused),
-        ("logprobs", json!({"logprobs": true, "top_logprobs": 2}), Honoured(|a, _| a["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().is_some_and(|t| t.len() == 2))),
-        ("max_completion_tokens", json!({"max_completion_tokens": 1}), Honoured(|a, _| a["usage"]["completion_tokens"] == 1)),
-        ("max_tokens", json!({"max_tokens": 2}), Honoured(|a, _| a["usage"]["completion_tokens"] == 2)),
+        (
+            "logprobs",
+            json!({"logprobs": true, "top_logprobs": 2}),
+            Honoured(|a, _| {
+                a["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+                    .as_array()
+                    .is_some_and(|t| t.len() == 2)
+            }),
+        ),
+        (
+            "max_completion_tokens",
+            json!({"max_completion_tokens": 1}),
+            Honoured(|a, _| a["usage"]["completion_tokens"] == 1),
+        ),
+        (
+            "max_tokens",
+            json!({"max_tokens": 2}),
+            Honoured(|a, _| a["usage"]["completion_tokens"] == 2),
+        ),
         ("messages", json!({"messages": []}), Refused),
         ("metadata", json!({"metadata": {"k": "v"}}), Refused),
-        ("modalities", json!({"modalities": ["text", "audio"]}), Refused),
-        ("modalities", json!({"modalities": ["text"]}), Honoured(same)),
+        (
+            "modalities",
+            json!({"modalities": ["text", "audio"]}),
+            Refused,
+        ),
+        (
+            "modalities",
+            json!({"modalities": ["text"]}),
+            Honoured(same),
+        ),
         ("model", json!({"model": "no-such-model"}), Refused),
-        ("moderation", json!({"moderation": {"mode": "block"}}), Refused),
-        ("n", json!({"n": 3}), Honoured(|a, _| a["choices"].as_array().unwrap().len() == 3)),
-        ("parallel_tool_calls", json!({"parallel_tool_calls": "no"}), Refused),
-        ("prediction", json!({"prediction": {"type": "content", "content": "x"}}), Refused),
+        (
+            "moderation",
+            json!({"moderation": {"mode": "block"}}),
+            Refused,
+        ),
+        (
+            "n",
+            json!({"n": 3}),
+            Honoured(|a, _| a["choices"].as_array().unwrap().len() == 3),
+        ),
+        (
+            "parallel_tool_calls",
+            json!({"parallel_tool_calls": "no"}),
+            Refused,
+        ),
+        (
+            "prediction",
+            json!({"prediction": {"type": "content", "content": "x"}}),
+            Refused,
+        ),
         ("presence_penalty", json!({"presence_penalty": -3}), Refused),
-        ("prompt_cache_key", json!({"prompt_cache_key": "k"}), Honoured(same)),
-        ("prompt_cache_options", json!({"prompt_cache_options": {"ttl": "1h"}}), Refused),
-        ("prompt_cache_retention", json!({"prompt_cache_retention": "24h"}), Refused),
-        ("prompt_cache_retention", json!({"prompt_cache_retention": "in_memory"}), Honoured(same)),
-        ("reasoning_effort", json!({"reasoning_effort": "extreme"}), Refused),
-        ("reasoning_effort", json!({"reasoning_effort": "low"}), Honoured(|a, _| a["choices"][0]["message"]["content"].is_string())),
-        ("response_format", json!({"response_format": {"type": "json_object"}, "max_tokens": 30}), Honoured(|a, _| { let t = text_of(a); t.trim_start().starts_with('{') })),
-        ("safety_identifier", json!({"safety_identifier": "s-1"}), Honoured(same)),
+        (
+            "prompt_cache_key",
+            json!({"prompt_cache_key": "k"}),
+            Honoured(same),
+        ),
+        (
+            "prompt_cache_options",
+            json!({"prompt_cache_options": {"ttl": "1h"}}),
+            Refused,
+        ),
+        (
+            "prompt_cache_retention",
+            json!({"prompt_cache_retention": "24h"}),
+            Refused,
+        ),
+        (
+            "prompt_cache_retention",
+            json!({"prompt_cache_retention": "in_memory"}),
+            Honoured(same),
+        ),
+        (
+            "reasoning_effort",
+            json!({"reasoning_effort": "extreme"}),
+            Refused,
+        ),
+        (
+            "reasoning_effort",
+            json!({"reasoning_effort": "low"}),
+            Honoured(|a, _| a["choices"][0]["message"]["content"].is_string()),
+        ),
+        (
+            "response_format",
+            json!({"response_format": {"type": "json_object"}, "max_tokens": 30}),
+            Honoured(|a, _| {
+                let t = text_of(a);
+                t.trim_start().starts_with('{')
+            }),
+        ),
+        (
+            "safety_identifier",
+            json!({"safety_identifier": "s-1"}),
+            Honoured(same),
+        ),
         ("seed", json!({"seed": -1}), Refused),
         ("service_tier", json!({"service_tier": "priority"}), Refused),
-        ("service_tier", json!({"service_tier": "auto"}), Honoured(same)),
-        ("stop", json!({"stop": [text_first_word()], "max_tokens": 8}), Honoured(|a, _| a["choices"][0]["finish_reason"] == "stop")),
+        (
+            "service_tier",
+            json!({"service_tier": "auto"}),
+            Honoured(same),
+        ),
+        (
+            "stop",
+            json!({"stop": [text_first_word()], "max_tokens": 8}),
+            Honoured(|a, _| a["choices"][0]["finish_reason"] == "stop"),
+        ),
         ("store", json!({"store": true}), Refused),
         ("store", json!({"store": false}), Honoured(same)),
         ("stream", json!({"stream": "yes"}), Refused),
-        ("stream_options", json!({"stream_options": {"include_usage": 1}}), Refused),
+        (
+            "stream_options",
+            json!({"stream_options": {"include_usage": 1}}),
+            Refused,
+        ),
         ("temperature", json!({"temperature": -1}), Refused),
         ("tool_choice", json!({"tool_choice": "required"}), Refused),
         ("tools", json!({"tools": [{"type": "retrieval"}]}), Refused),
-        ("top_logprobs", json!({"logprobs": true, "top_logprobs": 21}), Refused),
+        (
+            "top_logprobs",
+            json!({"logprobs": true, "top_logprobs": 21}),
+            Refused,
+        ),
         ("top_p", json!({"top_p": 2}), Refused),
         ("user", json!({"user": "u-1"}), Honoured(same)),
         ("verbosity", json!({"verbosity": "low"}), Refused),
-        ("web_search_options", json!({"web_search_options": {}}), Refused),
+        (
+            "web_search_options",
+            json!({"web_search_options": {}}),
+            Refused,
+        ),
     ];
     let chat_body = json!({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6, "temperature": 0});
     let base = chat(&chat_body);
@@ -394,7 +598,9 @@ fn every_documented_field_is_honoured_or_refused() {
 
 /// The first word the greedy chat answer writes after its first token.
 fn text_first_word() -> String {
-    let v = chat(&json!({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6, "temperature": 0}));
+    let v = chat(
+        &json!({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6, "temperature": 0}),
+    );
     let t = text_of(&v);
     t.split_whitespace().nth(1).unwrap_or("hello").to_string()
 }
@@ -406,14 +612,20 @@ fn check_field(path: &str, field: &str, body: &Value, base: &Value, does: Does) 
             // An unknown model is OpenAI's 404, naming it.
             let status = if field == "model" { 404 } else { 400 };
             assert_eq!(r.status, status, "{path} {field}: {body} -> {}", r.text());
-            let msg = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
-            let named = msg.contains(field)
-                || (field == "model" && msg.contains("no-such-model"));
+            let msg = r.json()["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let named = msg.contains(field) || (field == "model" && msg.contains("no-such-model"));
             assert!(named, "{path} {field}: the 400 does not name it: {msg}");
         }
         Does::Honoured(check) => {
             assert_eq!(r.status, 200, "{path} {field}: {body} -> {}", r.text());
-            assert!(check(&r.json(), base), "{path} {field}: {body} -> {}", r.text());
+            assert!(
+                check(&r.json(), base),
+                "{path} {field}: {body} -> {}",
+                r.text()
+            );
         }
     }
 }
