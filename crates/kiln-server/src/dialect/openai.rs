@@ -117,56 +117,29 @@ fn openai_only_fields(f: &Fields) -> Result<(), ApiError> {
         if v.is_null() {
             continue;
         }
-        match key {
-            "modalities" => {
-                if v.as_array().is_none_or(|m| m.iter().any(|x| x != "text")) {
-                    return refuse(
-                        key,
-                        v,
-                        "kiln answers with text only (\"modalities\": [\"text\"])",
-                    );
-                }
+        let why = match key {
+            "modalities" if v.as_array().is_none_or(|m| m.iter().any(|x| x != "text")) => {
+                "kiln answers with text only (\"modalities\": [\"text\"])"
             }
-            "audio" => return refuse(key, v, "kiln has no audio output"),
-            "store" => {
-                if v != &Value::Bool(false) {
-                    return refuse(key, v, "kiln does not store completions");
-                }
+            "audio" => "kiln has no audio output",
+            "store" if v != &Value::Bool(false) => "kiln does not store completions",
+            "metadata" if v.as_object().is_none_or(|m| !m.is_empty()) => {
+                "it tags stored completions, and kiln stores none"
             }
-            "metadata" => {
-                if v.as_object().is_none_or(|m| !m.is_empty()) {
-                    return refuse(key, v, "it tags stored completions, and kiln stores none");
-                }
+            "service_tier" if !matches!(v.as_str(), Some("auto" | "default")) => {
+                "kiln has one tier ('auto' or 'default')"
             }
-            "service_tier" => {
-                if !matches!(v.as_str(), Some("auto" | "default")) {
-                    return refuse(key, v, "kiln has one tier ('auto' or 'default')");
-                }
+            "prompt_cache_retention" if v.as_str() != Some("in_memory") => {
+                "kiln keeps its prefix cache in memory only ('in_memory')"
             }
-            "prompt_cache_retention" => {
-                if v.as_str() != Some("in_memory") {
-                    return refuse(
-                        key,
-                        v,
-                        "kiln keeps its prefix cache in memory only ('in_memory')",
-                    );
-                }
-            }
-            "prompt_cache_options" => {
-                return refuse(key, v, "kiln's prefix cache has no options; leave it out")
-            }
-            "prediction" => return refuse(key, v, "predicted outputs are not implemented"),
-            "web_search_options" => return refuse(key, v, "kiln has no web search"),
-            "moderation" => return refuse(key, v, "kiln runs no moderation"),
-            "verbosity" => {
-                return refuse(
-                    key,
-                    v,
-                    "kiln cannot steer an answer's length this way; use max_tokens",
-                )
-            }
-            _ => {}
-        }
+            "prompt_cache_options" => "kiln's prefix cache has no options; leave it out",
+            "prediction" => "predicted outputs are not implemented",
+            "web_search_options" => "kiln has no web search",
+            "moderation" => "kiln runs no moderation",
+            "verbosity" => "kiln cannot steer an answer's length this way; use max_tokens",
+            _ => continue,
+        };
+        return refuse(key, v, why);
     }
     Ok(())
 }
