@@ -629,3 +629,49 @@ fn check_field(path: &str, field: &str, body: &Value, base: &Value, does: Does) 
         }
     }
 }
+
+/// `/v1/messages` takes the same streamed calls: a forced tool's input
+/// arrives in several `input_json_delta` pieces that join to JSON equal to
+/// the non-streamed `input`.
+#[test]
+fn messages_stream_tool_input_in_pieces() {
+    let tools = json!([{"name": "get_weather", "description": "Current weather in a city.",
+        "input_schema": weather_tools()[0]["function"]["parameters"].clone()}]);
+    let body = json!({"model": "default", "max_tokens": 120, "temperature": 0, "tools": tools,
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "messages": [{"role": "user", "content": "What's the weather in Paris for the next 3 days?"}]});
+    let r = shared().post_json("/v1/messages", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let whole = r.json();
+    let input = whole["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .unwrap_or_else(|| panic!("no tool_use: {whole}"))["input"]
+        .clone();
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let mut st = shared().stream(
+        "/v1/messages",
+        &[("Content-Type", "application/json")],
+        &streamed,
+    );
+    let (mut pieces, mut joined) = (0, String::new());
+    while let Some(ev) = st.next_until(b"\n\n") {
+        let Some(d) = ev.lines().find_map(|l| l.strip_prefix("data: ")) else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}"));
+        if v["delta"]["type"] == "input_json_delta" {
+            pieces += 1;
+            joined.push_str(v["delta"]["partial_json"].as_str().unwrap());
+        }
+        if v["type"] == "message_stop" {
+            break;
+        }
+    }
+    assert!(pieces > 1, "input in {pieces} piece(s): {joined}");
+    let got: Value = serde_json::from_str(&joined).unwrap_or_else(|e| panic!("{e}: {joined}"));
+    assert_eq!(got, input);
+}
