@@ -354,6 +354,17 @@ impl Engine {
                 info.vocab_size
             )));
         }
+        if let Some(&(t, _)) = req
+            .sampling
+            .logit_bias
+            .iter()
+            .find(|&&(t, _)| t as usize >= info.vocab_size)
+        {
+            return Err(SubmitError::Invalid(format!(
+                "logit_bias names token id {t}, outside the vocabulary of {}",
+                info.vocab_size
+            )));
+        }
         if req.stop.max_new_tokens == 0 {
             return Err(SubmitError::Invalid(
                 "max_new_tokens must be at least 1".into(),

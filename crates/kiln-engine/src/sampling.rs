@@ -8,7 +8,8 @@
 //!    [`Choice::top_logprobs`]) are the log-softmax of the model's raw logits;
 //! 2. the repetition penalty (Hugging Face semantics, over prompt and output
 //!    tokens), then the presence and frequency penalties (OpenAI semantics,
-//!    over output tokens) adjust the logits of tokens already seen;
+//!    over output tokens) adjust the logits of tokens already seen; then
+//!    `logit_bias` (OpenAI semantics) is added to the logits it names;
 //! 3. a grammar's mask ([`Sampler::sample_allowed`], constrained decoding)
 //!    removes every token the grammar does not allow next;
 //! 4. greedy decoding takes the argmax of the penalised logits; sampling
@@ -54,6 +55,11 @@ pub struct SamplingParams {
     /// How many of the most likely tokens to report with each choice, with
     /// their log-probabilities (0 = none; at most [`MAX_TOP_LOGPROBS`]).
     pub top_logprobs: usize,
+    /// OpenAI's `logit_bias`: (token id, bias in [-100, 100]) pairs, each
+    /// bias added to its token's logit after the penalties, before the
+    /// grammar's mask and the choice (-100 all but bans a token, 100 all
+    /// but forces it). Ids are checked against the vocabulary on submit.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -68,6 +74,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             top_logprobs: 0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -108,6 +115,15 @@ impl SamplingParams {
             return Err(format!(
                 "frequency_penalty must be in [-2, 2], got {}",
                 self.frequency_penalty
+            ));
+        }
+        if let Some(&(t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(format!(
+                "logit_bias for token {t} must be in [-100, 100], got {b}"
             ));
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
@@ -229,11 +245,18 @@ impl Sampler {
         }
         let log_z = log_sum_exp(logits);
         let top_logprobs = top_n(logits, self.params.top_logprobs, log_z);
-        let penalised = self.params.has_repetition_penalty() || self.params.has_count_penalty();
+        let penalised = self.params.has_repetition_penalty()
+            || self.params.has_count_penalty()
+            || !self.params.logit_bias.is_empty();
         let scores: &[f32] = if penalised || allowed.is_some() {
             self.penalised.clear();
             self.penalised.extend_from_slice(logits);
             apply_penalties(&self.params, &self.seen, &self.counts, &mut self.penalised);
+            for &(t, b) in &self.params.logit_bias {
+                if let Some(l) = self.penalised.get_mut(t as usize) {
+                    *l += b;
+                }
+            }
             if let Some(mask) = allowed {
                 let row = &mut self.penalised;
                 mask.iter_unset_entries(|i| {
@@ -462,6 +485,49 @@ fn draw(p: &SamplingParams, rng: &mut Rng, cand: &mut Vec<(u32, f64)>, scores: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// OpenAI's `logit_bias`: added to the logits, so +100 all but forces
+    /// a token and -100 all but bans one; out-of-range biases are refused.
+    #[test]
+    fn logit_bias_is_added_to_the_logits() {
+        let logits = [1.0f32, 3.0, 2.0, 0.5];
+        let with = |bias: Vec<(u32, f32)>, temperature: f32, seed: u64| {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    temperature,
+                    seed: Some(seed),
+                    logit_bias: bias,
+                    ..SamplingParams::default()
+                },
+                &[],
+            );
+            s.sample(&logits).token
+        };
+        assert_eq!(with(vec![], 0.0, 1), 1);
+        assert_eq!(with(vec![(1, -100.0)], 0.0, 1), 2);
+        assert_eq!(with(vec![(1, -1.5)], 0.0, 1), 2, "3 - 1.5 < 2");
+        assert_eq!(with(vec![(1, -0.5)], 0.0, 1), 1, "3 - 0.5 > 2");
+        for seed in 0..50 {
+            assert_eq!(with(vec![(3, 100.0)], 1.0, seed), 3);
+            assert_ne!(with(vec![(1, -100.0), (2, -100.0)], 1.0, seed), 1);
+        }
+        // The reported log-probability stays the model's.
+        let mut s = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(3, 100.0)],
+                ..SamplingParams::default()
+            },
+            &[],
+        );
+        let c = s.sample(&logits);
+        assert_eq!(c.token, 3);
+        assert!((c.logprob - token_logprob(&logits, 3)).abs() < 1e-6);
+        let bad = SamplingParams {
+            logit_bias: vec![(0, 100.5)],
+            ..SamplingParams::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("logit_bias"));
+    }
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
         SamplingParams {

@@ -43,8 +43,12 @@ pub(crate) struct SeqKv {
     pub blocks: Vec<u32>,
     /// Hashes of the leading full, registered blocks.
     pub hashes: Vec<BlockHash>,
-    /// Prompt tokens found in the prefix cache at the last admission.
+    /// Prompt tokens found in the prefix cache at the last admission (never
+    /// more than the prompt: a preempted sequence readmitted with its
+    /// generated tokens may match more than its prompt in the cache).
     pub cached_tokens: usize,
+    /// Length of the prompt (`tokens` also holds the generated tokens).
+    pub prompt_len: usize,
     /// The prompt's length while its tokens' log-probabilities are wanted
     /// (0 otherwise): every prompt position then gets a logits row, and the
     /// prefix cache is not used, so that every position is computed.
@@ -55,6 +59,7 @@ impl SeqKv {
     pub fn new(id: u64, prompt: Vec<u32>) -> Self {
         Self {
             id,
+            prompt_len: prompt.len(),
             tokens: prompt,
             computed: 0,
             blocks: Vec::new(),
@@ -236,7 +241,7 @@ impl Scheduler {
                 // Reuse cached full blocks of the prefix; at least one token stays to compute.
                 let (blocks, hashes) = self.blocks.match_prefix(&seq.tokens, seq.tokens.len() - 1);
                 seq.computed = blocks.len() * self.blocks.block_size();
-                seq.cached_tokens = seq.computed;
+                seq.cached_tokens = seq.computed.min(seq.prompt_len);
                 seq.blocks = blocks;
                 seq.hashes = hashes;
             }
@@ -476,6 +481,64 @@ mod tests {
             }
         );
         assert_eq!(s.get(2).unwrap().cached_tokens, 4);
+    }
+
+    /// Property: over random prompts that share random prefixes, on a cache
+    /// small enough to preempt (readmitted sequences carry their generated
+    /// tokens, which the prefix cache may also hold), the cached tokens a
+    /// sequence reports never exceed its prompt (issue 24: 48 cached tokens
+    /// were reported for a 37-token prompt).
+    #[test]
+    fn cached_tokens_never_exceed_the_prompt() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let base: Vec<u32> = (0..64).map(|i| i * 7 % 23).collect();
+        let mut checked = 0;
+        for _case in 0..200 {
+            let mut s = sched(
+                6 + rand(10) as usize,
+                1 + rand(4) as usize,
+                4 + rand(16) as usize,
+            );
+            let mut next_id = 1;
+            let mut prompts = std::collections::HashMap::new();
+            for _ in 0..60 {
+                if rand(3) == 0 {
+                    // A prompt sharing a random prefix of the base (or of a
+                    // generated continuation: tokens 1 are what `step` appends).
+                    let keep = rand(base.len() as u64) as usize;
+                    let mut p = base[..keep].to_vec();
+                    if rand(2) == 0 {
+                        p.extend(std::iter::repeat_n(1, rand(9) as usize));
+                    }
+                    p.extend((0..1 + rand(6)).map(|_| 100 + rand(5) as u32));
+                    prompts.insert(next_id, p.len());
+                    s.add(SeqKv::new(next_id, p));
+                    next_id += 1;
+                }
+                step(&mut s, 1);
+                for id in s.ids() {
+                    let seq = s.get(id).unwrap();
+                    assert!(
+                        seq.cached_tokens <= prompts[&id],
+                        "seq {id}: {} cached tokens for a {}-token prompt",
+                        seq.cached_tokens,
+                        prompts[&id]
+                    );
+                    checked += usize::from(seq.cached_tokens > 0);
+                }
+                let ids = s.ids();
+                if !ids.is_empty() && rand(4) == 0 {
+                    s.remove(ids[rand(ids.len() as u64) as usize]);
+                }
+            }
+        }
+        assert!(checked > 0, "no case hit the prefix cache");
     }
 
     #[test]

@@ -134,7 +134,11 @@ fn response_format(rf: &Value) -> Result<Option<Constraint>, ApiError> {
         .str("type")?
         .ok_or_else(|| ApiError::bad_request("'response_format.type' is required"))?;
     let allowed: &[&str] = match ty {
-        "text" | "json_object" => &["type"],
+        "text" => &["type"],
+        // `schema` beside `json_object`: the convention several hosted APIs
+        // take (instructor's Mode.JSON_SCHEMA sends it); kiln goes beyond
+        // OpenAI, which has no such key, by constraining to the schema.
+        "json_object" => &["type", "schema"],
         "json_schema" => &["type", "json_schema"],
         other => {
             return Err(ApiError::bad_request(format!(
@@ -152,7 +156,13 @@ fn response_format(rf: &Value) -> Result<Option<Constraint>, ApiError> {
     }
     match ty {
         "text" => Ok(None),
-        "json_object" => Ok(Some(Constraint::JsonObject)),
+        "json_object" => match f.get("schema") {
+            None | Some(Value::Null) => Ok(Some(Constraint::JsonObject)),
+            Some(s @ Value::Object(_)) => Ok(Some(Constraint::JsonSchema(s.clone()))),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "'response_format.schema' must be a JSON schema object, got {other}"
+            ))),
+        },
         _ => {
             let js = f.get("json_schema").ok_or_else(|| {
                 ApiError::bad_request(
@@ -218,6 +228,11 @@ mod tests {
             read(json!({"response_format": {"type": "json_object"}})).unwrap(),
             Some(Constraint::JsonObject)
         );
+        // instructor's Mode.JSON_SCHEMA: a schema beside `json_object`.
+        assert_eq!(
+            read(json!({"response_format": {"type": "json_object", "schema": schema}})).unwrap(),
+            expect
+        );
         assert_eq!(
             read(json!({"structured_outputs": {"json_object": true}})).unwrap(),
             Some(Constraint::JsonObject)
@@ -262,7 +277,11 @@ mod tests {
                 "json_schema",
             ),
             (
-                json!({"response_format": {"type": "json_object", "schema": {}}}),
+                json!({"response_format": {"type": "json_object", "schema": 3}}),
+                "schema",
+            ),
+            (
+                json!({"response_format": {"type": "text", "schema": {}}}),
                 "schema",
             ),
             (json!({"guided_choice": []}), "guided_choice"),

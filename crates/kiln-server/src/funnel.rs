@@ -120,6 +120,7 @@ pub fn request(
         frequency_penalty: f.float("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32,
         seed: f.uint("seed", u64::MAX)?,
         top_logprobs,
+        logit_bias: logit_bias(f)?,
     };
     let mut stop_strings = Vec::new();
     for key in dialect.stop_keys {
@@ -146,6 +147,52 @@ pub fn request(
         prompt_logprobs: false,
         constraint: crate::constraints::parse(f)?,
     })
+}
+
+/// Most entries `logit_bias` may list.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// OpenAI's `logit_bias`: an object from token ids (as strings) to biases
+/// in [-100, 100]. The ids are checked against the model's vocabulary on
+/// submit (a 400 naming the id).
+fn logit_bias(f: &Fields) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match f.get("logit_bias") {
+        None => return Ok(Vec::new()),
+        Some(serde_json::Value::Object(m)) => m,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "'{}' must be an object from token ids to biases, got {other}",
+                f.name("logit_bias")
+            )))
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::bad_request(format!(
+            "'{}' lists {} tokens; at most {MAX_LOGIT_BIAS} are taken",
+            f.name("logit_bias"),
+            map.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let id: u32 = k.trim().parse().map_err(|_| {
+            ApiError::bad_request(format!(
+                "'{}' keys must be token ids, got '{k}'",
+                f.name("logit_bias")
+            ))
+        })?;
+        let bias = v
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "'{}' of token {id} must be a number from -100 to 100, got {v}",
+                    f.name("logit_bias")
+                ))
+            })?;
+        out.push((id, bias as f32));
+    }
+    Ok(out)
 }
 
 /// `template` for `prompt`: the one copy each submitted request makes of

@@ -232,6 +232,7 @@ pub(crate) async fn run_value(
     {
         c.params.skip_special_tokens = false;
     }
+    let tool_request = tools.clone();
     let tool_list = tools.map(|t| t.tools);
     let (input, echo) = match api {
         Api::Completions => {
@@ -259,6 +260,9 @@ pub(crate) async fn run_value(
         let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
         let room = engine.info().kv_tokens.saturating_sub(longest).max(1);
         c.params.stop.max_new_tokens = c.params.stop.max_new_tokens.min(room);
+    }
+    if let (Some(t), Some(syntax)) = (&tool_request, tool_syntax) {
+        crate::tools::check_room(&engine, t, syntax, c.params.stop.max_new_tokens, &f)?;
     }
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     rec.add_tokens_in(prompt_tokens * c.n);

@@ -74,11 +74,120 @@ impl ToolRequest {
                 .filter(|t| tool_name(t) == Some(n))
                 .collect(),
         };
-        Some(Constraint::Grammar(grammar(
-            syntax,
-            &allowed,
-            self.parallel,
-        )))
+        // A named function is called once (as OpenAI and vLLM answer it);
+        // repeating it would only run into `max_tokens`.
+        let parallel = self.parallel && self.choice == ToolChoice::Required;
+        Some(Constraint::Grammar(grammar(syntax, &allowed, parallel)))
+    }
+}
+
+impl ToolRequest {
+    /// The shortest text of one call each `required`/named choice allows,
+    /// written in `syntax` (one per allowed function; none for other
+    /// choices and harmony): the route refuses a `max_tokens` that cannot
+    /// hold the shortest of them, as a grammar-constrained call would be
+    /// cut before it could close.
+    pub fn minimal_calls(&self, syntax: ToolSyntax) -> Vec<String> {
+        if syntax == ToolSyntax::Harmony {
+            return Vec::new();
+        }
+        let allowed: Vec<&Value> = match &self.choice {
+            ToolChoice::None | ToolChoice::Auto => return Vec::new(),
+            ToolChoice::Required => self.tools.iter().collect(),
+            ToolChoice::Named(n) => self
+                .tools
+                .iter()
+                .filter(|t| tool_name(t) == Some(n))
+                .collect(),
+        };
+        let (args_key, open, close) = match syntax {
+            ToolSyntax::Hermes => ("arguments", "<tool_call>\n", "\n</tool_call>"),
+            ToolSyntax::Llama3Json => ("parameters", "", ""),
+            ToolSyntax::Mistral => ("arguments", "[TOOL_CALLS][", "]"),
+            ToolSyntax::Harmony => return Vec::new(),
+        };
+        allowed
+            .iter()
+            .map(|t| {
+                let schema = t.get("function").and_then(|f| f.get("parameters"));
+                let args = schema.map_or(json!({}), minimal_value);
+                let name = tool_name(t).unwrap_or_default();
+                format!("{open}{{\"name\": \"{name}\", \"{args_key}\": {args}}}{close}")
+            })
+            .collect()
+    }
+}
+
+/// A short value valid against simple schemas (the required properties
+/// of objects, the lower bounds of arrays and strings): a lower bound on
+/// what a schema-constrained value takes, not an exact minimum.
+fn minimal_value(schema: &Value) -> Value {
+    let ty = match schema.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        Some(Value::Array(ts)) => ts.first().and_then(Value::as_str).unwrap_or("null"),
+        _ => {
+            if let Some(v) = schema.get("enum").and_then(|e| e.get(0)) {
+                return v.clone();
+            }
+            if let Some(v) = schema.get("const") {
+                return v.clone();
+            }
+            "object"
+        }
+    };
+    match ty {
+        "object" => {
+            let props = schema.get("properties");
+            let required = schema.get("required").and_then(Value::as_array);
+            let mut m = serde_json::Map::new();
+            for r in required.into_iter().flatten().filter_map(Value::as_str) {
+                let sub = props.and_then(|p| p.get(r)).unwrap_or(&Value::Null);
+                m.insert(r.to_string(), minimal_value(sub));
+            }
+            Value::Object(m)
+        }
+        "string" => {
+            if let Some(v) = schema.get("enum").and_then(|e| e.get(0)) {
+                return v.clone();
+            }
+            let n = schema.get("minLength").and_then(Value::as_u64).unwrap_or(0);
+            json!("a".repeat(n.min(64) as usize))
+        }
+        "integer" | "number" => json!(0),
+        "boolean" => json!(false),
+        "array" => json!([]),
+        _ => Value::Null,
+    }
+}
+
+/// Refuses a `required`/named choice whose `max_tokens` cannot hold the
+/// shortest call it allows (a 400 naming both numbers), instead of
+/// answering with a call cut short.
+pub fn check_room(
+    engine: &kiln_engine::Engine,
+    t: &ToolRequest,
+    syntax: ToolSyntax,
+    max_new_tokens: usize,
+    f: &Fields,
+) -> Result<(), ApiError> {
+    let mut shortest: Option<usize> = None;
+    for text in t.minimal_calls(syntax) {
+        let n = crate::generation::encode(engine, &text, false)?.len();
+        shortest = Some(shortest.map_or(n, |s| s.min(n)));
+    }
+    match shortest {
+        Some(need) if need > max_new_tokens => {
+            let key = ["max_completion_tokens", "max_tokens"]
+                .into_iter()
+                .find(|k| f.has(k))
+                .unwrap_or("max_tokens");
+            Err(ApiError::bad_request(format!(
+                "'{key}' is {max_new_tokens}, but the shortest tool call that tool_choice \
+                 allows takes at least {need} tokens; raise '{key}' (a call cut short \
+                 would not parse)"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -266,7 +375,8 @@ pub fn message_tool_calls(i: usize, m: &Fields) -> Result<Option<Vec<Value>>, Ap
 
 /// Rewrites a streamed choice's chunks into content and `delta.tool_calls`
 /// chunks: a call comes out as one chunk with its index, id, type and name
-/// (arguments empty), then one with its arguments, as OpenAI streams them.
+/// (arguments empty), then its arguments in pieces as the model writes
+/// them, as OpenAI and vLLM's streaming parsers send them.
 #[derive(Debug)]
 pub struct ToolDeltas {
     stream: ToolStream,
@@ -290,8 +400,13 @@ impl ToolDeltas {
             .and_then(|c| c.as_str().map(str::to_string))
             .unwrap_or_default();
         let mut events = self.stream.push(&text);
+        let cut = chunk["choices"][0]["finish_reason"] == "length";
         if end {
-            events.extend(self.stream.finish());
+            events.extend(if cut {
+                self.stream.finish_cut()
+            } else {
+                self.stream.finish()
+            });
         }
         let mut template = chunk.clone();
         template["choices"][0]["logprobs"] = Value::Null;
@@ -341,7 +456,8 @@ impl ToolDeltas {
             chunk["choices"][0]["delta"]["content"] = json!(t);
         }
         if end {
-            if self.stream.calls() > 0 && chunk["choices"][0]["finish_reason"] != "error" {
+            // A call cut short keeps `length` (its arguments are unfinished).
+            if self.stream.calls() > 0 && chunk["choices"][0]["finish_reason"] == "stop" {
                 chunk["choices"][0]["finish_reason"] = json!("tool_calls");
             }
             before.push(chunk);
@@ -552,9 +668,13 @@ mod delta_tests {
                 }
             }
             assert_eq!(content, "Sure. ", "step {step}");
+            let calls: Vec<(String, Value)> = calls
+                .into_iter()
+                .map(|(n, a)| (n, serde_json::from_str(&a).expect("arguments parse")))
+                .collect();
             assert_eq!(
                 calls,
-                vec![("a".into(), r#"{"k":1}"#.into()), ("b".into(), "{}".into())],
+                vec![("a".into(), json!({"k": 1})), ("b".into(), json!({}))],
                 "step {step}"
             );
             let last = out.last().unwrap();

@@ -191,6 +191,38 @@ mod tests {
                 Takes(takes_the_shared_extras),
             ),
             (
+                json!({"logit_bias": {"5": -100, "7": 2.5}}),
+                Takes(|r| {
+                    let mut b = r.sampling.logit_bias.clone();
+                    b.sort_by_key(|e| e.0);
+                    b == [(5, -100.0), (7, 2.5)]
+                }),
+                Takes(|r| {
+                    let mut b = r.sampling.logit_bias.clone();
+                    b.sort_by_key(|e| e.0);
+                    b == [(5, -100.0), (7, 2.5)]
+                }),
+            ),
+            (
+                json!({"logit_bias": {"5": 101}}),
+                Refuses(
+                    "'parameters.logit_bias' of token 5 must be a number from -100 to 100, got 101",
+                ),
+                Refuses("'logit_bias' of token 5 must be a number from -100 to 100, got 101"),
+            ),
+            (
+                json!({"logit_bias": {"the": 1}}),
+                Refuses("'parameters.logit_bias' keys must be token ids, got 'the'"),
+                Refuses("'logit_bias' keys must be token ids, got 'the'"),
+            ),
+            (
+                json!({"logit_bias": [1]}),
+                Refuses(
+                    "'parameters.logit_bias' must be an object from token ids to biases, got [1]",
+                ),
+                Refuses("'logit_bias' must be an object from token ids to biases, got [1]"),
+            ),
+            (
                 json!({"min_p": 2}),
                 Refuses("'parameters.min_p' must be a number from 0 to 1, got 2"),
                 Refuses("'min_p' must be a number from 0 to 1, got 2"),

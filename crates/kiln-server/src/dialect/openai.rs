@@ -63,6 +63,19 @@ pub(crate) fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, Ap
     if n == 0 {
         return Err(ApiError::bad_request("'n' must be at least 1"));
     }
+    openai_only_fields(f)?;
+    // `best_of` (completions): kiln returns every choice it generates, so
+    // only `best_of` equal to `n` (or null) is what it does.
+    match f.get("best_of") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(n as u64) => {}
+        Some(v) => {
+            return Err(ApiError::bad_request(format!(
+                "'best_of' ({v}) is not supported: kiln does not generate candidates to \
+                 pick the best of; leave it out or set it equal to 'n' ({n})"
+            )))
+        }
+    }
     let params = funnel::request(Some(f), &OPENAI, default_max_tokens)?;
     let stream_options = f
         .get("stream_options")
@@ -81,6 +94,54 @@ pub(crate) fn common(f: &Fields, default_max_tokens: usize) -> Result<Common, Ap
         explicit_max_tokens: OPENAI.max_tokens_keys.iter().any(|k| f.has(k)),
         params,
     })
+}
+
+/// Fields of OpenAI's request types that only make sense on OpenAI's own
+/// service (audio output, stored completions, hosted tools, its tiers):
+/// taken where the value asks for what kiln does anyway (text output, no
+/// storing, the default tier, in-memory prompt caching, which kiln does on
+/// its own and reports in `cached_tokens`), refused with a 400 naming the
+/// field otherwise, never silently ignored. `user`, `safety_identifier`
+/// and `prompt_cache_key` only identify the caller, which changes no
+/// answer: they are checked to be strings.
+fn openai_only_fields(f: &Fields) -> Result<(), ApiError> {
+    let refuse = |key: &str, v: &Value, why: &str| {
+        Err(ApiError::bad_request(format!(
+            "'{key}' ({v}) is not supported: {why}"
+        )))
+    };
+    for key in ["user", "safety_identifier", "prompt_cache_key"] {
+        f.str(key)?;
+    }
+    for (key, v) in f.keys().filter_map(|k| f.get(k).map(|v| (k.as_str(), v))) {
+        if v.is_null() {
+            continue;
+        }
+        let why = match key {
+            "modalities" if v.as_array().is_none_or(|m| m.iter().any(|x| x != "text")) => {
+                "kiln answers with text only (\"modalities\": [\"text\"])"
+            }
+            "audio" => "kiln has no audio output",
+            "store" if v != &Value::Bool(false) => "kiln does not store completions",
+            "metadata" if v.as_object().is_none_or(|m| !m.is_empty()) => {
+                "it tags stored completions, and kiln stores none"
+            }
+            "service_tier" if !matches!(v.as_str(), Some("auto" | "default")) => {
+                "kiln has one tier ('auto' or 'default')"
+            }
+            "prompt_cache_retention" if v.as_str() != Some("in_memory") => {
+                "kiln keeps its prefix cache in memory only ('in_memory')"
+            }
+            "prompt_cache_options" => "kiln's prefix cache has no options; leave it out",
+            "prediction" => "predicted outputs are not implemented",
+            "web_search_options" => "kiln has no web search",
+            "moderation" => "kiln runs no moderation",
+            "verbosity" => "kiln cannot steer an answer's length this way; use max_tokens",
+            _ => continue,
+        };
+        return refuse(key, v, why);
+    }
+    Ok(())
 }
 
 /// Most choices one completions request may ask for (prompts times `n`).
@@ -193,7 +254,7 @@ fn finish_reason(r: FinishReason) -> &'static str {
 fn usage_json(u: &Usage) -> Value {
     json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens}})
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens.min(u.prompt_tokens)}})
 }
 
 /// The model's text for one token id (for log-probability listings).
@@ -290,7 +351,13 @@ pub(crate) fn answer_json(
                     let mut reason = finish_reason(d.reason);
                     if let (Some(syntax), Some(content)) = (ctx.tools, message["content"].as_str())
                     {
-                        let (content, calls) = crate::tool_parse::parse(syntax, content);
+                        // Cut short: an unfinished call is never content.
+                        let cut = matches!(d.reason, FinishReason::Length | FinishReason::Deadline);
+                        let (content, calls) =
+                            crate::tool_parse::parse_output(syntax, content, cut);
+                        if cut {
+                            message["content"] = json!(content);
+                        }
                         if !calls.is_empty() {
                             message["content"] = json!(content);
                             message["tool_calls"] = Value::Array(
@@ -302,7 +369,9 @@ pub(crate) fn answer_json(
                                     })
                                     .collect(),
                             );
-                            reason = "tool_calls";
+                            if reason == "stop" {
+                                reason = "tool_calls";
+                            }
                         }
                     }
                     json!({"index": i, "message": message,
@@ -534,6 +603,12 @@ pub(crate) fn stream(
             )) => {
                 s.open -= 1;
                 s.usage.completion_tokens += usage.completion_tokens;
+                // The best choice's cache hit (never more than the prompt).
+                s.usage.cached_tokens = s
+                    .usage
+                    .cached_tokens
+                    .max(usage.cached_tokens)
+                    .min(s.usage.prompt_tokens);
                 s.rec.add_tokens_out(usage.completion_tokens);
                 let mut out = if reason == FinishReason::Error {
                     let e = ApiError::model_failure(

@@ -27,6 +27,7 @@ mod messages;
 mod openai;
 mod responses;
 mod store;
+mod toolcalls;
 
 use std::collections::BTreeSet;
 use std::path::Path;
