@@ -23,6 +23,7 @@ pub mod conn;
 pub mod constraints;
 pub mod cpu;
 pub mod dialect;
+pub mod embeddings;
 pub mod djl_status;
 pub mod error;
 pub mod funnel;
@@ -102,6 +103,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(st.config.max_request_bytes))
@@ -217,6 +219,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         access_log,
         shutting_down: AtomicBool::new(false),
         started: Instant::now(),
+        embedders: embeddings::Embedders::default(),
         model_urls: management::UrlPolicy::new(
             config.model_url_pattern.as_deref(),
             config.model_store.as_deref(),
@@ -257,6 +260,16 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
             allow_duplicate: true,
             ..Overrides::default()
         };
+        if embeddings::claims(&url) {
+            // Embedding models are served beside the engines, not by one.
+            if let Err(msg) = st.embedders.load(&name, &url) {
+                tracing::error!(model = %name, "cannot serve '{name}' ({url}): {msg}");
+                st.registry
+                    .register_failed(&name, &url, &msg)
+                    .map_err(|e| anyhow::anyhow!("model '{name}' ({url}): {}", e.message))?;
+            }
+            continue;
+        }
         if let Err(e) = st.registry.register(&name, &url, o) {
             tracing::error!(model = %name, "cannot serve '{name}' ({url}): {}", e.message);
             st.registry
