@@ -273,6 +273,85 @@ pub fn truncate(v: &mut Vec<f32>, dims: usize, normalize: bool) {
     }
 }
 
+/// Tokenizes (text inputs) and embeds on a blocking thread: the vectors and
+/// the number of tokens they took.
+async fn compute(model: Arc<Embedder>, input: Inputs) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let ids = match input {
+            Inputs::Ids(ids) => ids,
+            Inputs::Texts(texts) => texts
+                .iter()
+                .map(|t| {
+                    if t.is_empty() {
+                        return Err(ApiError::bad_request(
+                            "'input' must not contain empty strings",
+                        ));
+                    }
+                    model
+                        .model
+                        .tokenize(t)
+                        .map_err(|e| ApiError::bad_request(e.to_string()))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let vecs = model
+            .model
+            .embed(&model.backend, &refs)
+            .map_err(|e| match e {
+                EmbedError::Input(e) => ApiError::bad_request(e.to_string()),
+                EmbedError::Model(e) => ApiError::model_failure(e.to_string()),
+            })?;
+        let tokens: usize = ids.iter().map(Vec::len).sum();
+        Ok((vecs, tokens))
+    })
+    .await
+    .map_err(|e| ApiError::model_failure(format!("embedding task failed: {e}")))?
+}
+
+/// DJL's LMI route for an embedding model (`POST /predictions/{model}`):
+/// `{"inputs": "text"}` or `{"inputs": ["a", "b"]}`, answered with a list of
+/// vectors (one per input, a list of one for a single string), errors in
+/// DJL's shape.
+pub async fn lmi(
+    model: Arc<Embedder>,
+    rec: Arc<AccessRecord>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = async {
+        let v = crate::body::json(body)?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+        if let Some(k) = obj.keys().find(|k| k.as_str() != "inputs") {
+            return Err(ApiError::bad_request(format!(
+                "unknown field '{k}' (an embedding model takes only 'inputs')"
+            )));
+        }
+        let input = match obj.get("inputs") {
+            Some(Value::String(s)) => Inputs::Texts(vec![s.clone()]),
+            Some(Value::Array(a))
+                if !a.is_empty() && a.len() <= MAX_INPUTS && a.iter().all(Value::is_string) =>
+            {
+                Inputs::Texts(
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect(),
+                )
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "'inputs' must be a string or a list of 1 to {MAX_INPUTS} strings"
+                )))
+            }
+        };
+        let (vecs, tokens) = compute(model, input).await?;
+        rec.add_tokens_in(tokens);
+        Ok(Json(json!(vecs)).into_response())
+    };
+    run.await.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
 /// `POST /v1/embeddings`.
 pub async fn embeddings(
     State(st): State<Arc<AppState>>,
@@ -332,39 +411,7 @@ async fn run(
             Some(_) => {}
         }
     }
-    let model = m.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let ids = match req.input {
-            Inputs::Ids(ids) => ids,
-            Inputs::Texts(texts) => texts
-                .iter()
-                .map(|t| {
-                    if t.is_empty() {
-                        return Err(ApiError::bad_request(
-                            "'input' must not contain empty strings",
-                        ));
-                    }
-                    model
-                        .model
-                        .tokenize(t)
-                        .map_err(|e| ApiError::bad_request(e.to_string()))
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let vecs = model
-            .model
-            .embed(&model.backend, &refs)
-            .map_err(|e| match e {
-                EmbedError::Input(e) => ApiError::bad_request(e.to_string()),
-                EmbedError::Model(e) => ApiError::model_failure(e.to_string()),
-            })?;
-        let tokens: usize = ids.iter().map(Vec::len).sum();
-        Ok((vecs, tokens))
-    })
-    .await
-    .map_err(|e| ApiError::model_failure(format!("embedding task failed: {e}")))?;
-    let (vecs, tokens) = result?;
+    let (vecs, tokens) = compute(m.clone(), req.input).await?;
     rec.add_tokens_in(tokens);
     let normalize = m.model.sentence.normalize;
     let data: Vec<Value> = vecs

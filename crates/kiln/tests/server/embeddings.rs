@@ -303,3 +303,40 @@ fn access_log_and_metrics_see_embeddings() {
     );
     assert!(m.unwrap_or(0.0) >= 1.0, "{metrics}");
 }
+
+#[test]
+fn lmi_route_answers_a_list_of_vectors() {
+    let (s, _) = server();
+    let g = golden("bert");
+    let texts = g["texts"].as_array().unwrap();
+    let r = s.req(
+        "POST",
+        "/predictions/bert",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"inputs": [texts[0]["text"], texts[1]["text"]]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let list = v.as_array().unwrap_or_else(|| panic!("not a list: {v}"));
+    assert_eq!(list.len(), 2);
+    for (i, vec) in list.iter().enumerate() {
+        assert_close(&floats(vec), &floats(&texts[i]["embedding"]), "lmi");
+    }
+    let r = s.req(
+        "POST",
+        "/predictions/bert",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"inputs": "kiln"}).to_string().as_bytes(),
+    );
+    assert_eq!(r.json().as_array().map(Vec::len), Some(1), "{}", r.text());
+    let r = s.req(
+        "POST",
+        "/predictions/bert",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"inputs": [1, 2]}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("'inputs' must be"), "{}", r.text());
+}
