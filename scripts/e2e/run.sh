@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The OpenAI- and Anthropic-client end-to-end tests: creates (or reuses) the
 # virtual environment ${KILN_CACHE:-$HOME/.cache/kiln}/venv-e2e from
-# requirements.txt (PyPI only), then runs openai_e2e.py and anthropic_e2e.py
+# requirements.txt (PyPI only), then runs openai_e2e.py, anthropic_e2e.py and
+# embeddings_e2e.py
 # against a kiln binary.
 #
 #   scripts/e2e/run.sh [path/to/kiln]     (default: target/debug/kiln; build it first)
@@ -28,4 +29,5 @@ fi
 status=0
 "$VENV/bin/python" scripts/e2e/openai_e2e.py "$BIN" || status=$?
 "$VENV/bin/python" scripts/e2e/anthropic_e2e.py "$BIN" || status=$?
+"$VENV/bin/python" scripts/e2e/embeddings_e2e.py "$BIN" || status=$?
 exit "$status"
