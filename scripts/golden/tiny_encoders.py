@@ -12,6 +12,8 @@ embedding `SentenceTransformer.encode` gives, one text at a time.
   bert/  BertModel, mean pooling, Normalize; token_type_ids all 0.
   xlmr/  XLMRobertaModel (positions offset by padding_idx 1), CLS pooling,
          no Normalize.
+  bert_rerank/  BertForSequenceClassification (1 label): a cross-encoder,
+         with transformers logits and CrossEncoder.predict scores per pair.
 
 Run from the repository root:
   HF_HUB_OFFLINE=1 ~/.cache/kiln/venv-golden/bin/python scripts/golden/tiny_encoders.py
@@ -130,12 +132,56 @@ def build(kind, out: Path):
     print(kind, "->", out, "dim", len(golden["texts"][0]["embedding"]))
 
 
+RERANK_QUERY = "the cat"
+RERANK_DOCS = ["the cat sat on the mat", "kiln", "clay and glaze fired in a tiny kiln"]
+
+
+def build_rerank(out: Path):
+    """A BertForSequenceClassification cross-encoder (one label) and, per
+    (query, document) pair, its ids, token types, the transformers logit and
+    sentence-transformers' CrossEncoder.predict score (sigmoid of the logit)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from sentence_transformers import CrossEncoder
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok, v = tokenizer(specials, "[CLS]", "[SEP]", "[UNK]", "[PAD]")
+    cfg = BertConfig(vocab_size=len(v), type_vocab_size=2, pad_token_id=0, num_labels=1,
+                     hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+    model = BertForSequenceClassification(cfg)
+    randomize(model, 99)
+    model.eval()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    ce = CrossEncoder(str(out), device="cpu")
+    pairs = []
+    for d in RERANK_DOCS:
+        enc = fast(RERANK_QUERY, d)
+        with torch.no_grad():
+            logit = model(input_ids=torch.tensor([enc["input_ids"]]),
+                          token_type_ids=torch.tensor([enc["token_type_ids"]])).logits[0, 0].item()
+        pairs.append({"document": d, "ids": enc["input_ids"], "type_ids": enc["token_type_ids"],
+                      "logit": logit})
+    scores = ce.predict([(RERANK_QUERY, d) for d in RERANK_DOCS], batch_size=1)
+    for p, sc in zip(pairs, scores):
+        p["score"] = float(sc)
+    golden = {"query": RERANK_QUERY, "pairs": pairs, "activation": str(ce.activation_fn)}
+    (out / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    print("bert_rerank ->", out)
+
+
 def main():
     import torch
     torch.set_num_threads(1)
     root = Path(__file__).resolve().parents[2] / "testdata" / "tiny"
     for kind in ["bert", "xlmr"]:
         build(kind, root / kind)
+    build_rerank(root / "bert_rerank")
     return 0
 
 

@@ -137,3 +137,44 @@ fn missing_tensor_is_named() {
     assert!(err.to_string().contains("is missing"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn cross_encoder_logits_match_transformers() {
+    use kiln_model::encoder::CrossEncoder;
+    let be = CpuBackend::new();
+    let m = CrossEncoder::load(&dir("bert_rerank"), &be).expect("load");
+    let g = golden("bert_rerank");
+    let query = g["query"].as_str().unwrap();
+    let mut pairs = Vec::new();
+    let mut want = Vec::new();
+    for p in g["pairs"].as_array().unwrap() {
+        let (ids, types) = m
+            .encode_pair(query, p["document"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(ids, ids_of(p));
+        let want_types: Vec<u32> = p["type_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(types, want_types);
+        pairs.push((ids, types));
+        want.push(p["logit"].as_f64().unwrap() as f32);
+        // sentence-transformers' CrossEncoder score is the sigmoid of the logit.
+        let score = p["score"].as_f64().unwrap() as f32;
+        let logit = *want.last().unwrap();
+        assert!((1.0 / (1.0 + (-logit).exp()) - score).abs() < 1e-6);
+    }
+    let got = m.logits(&be, &pairs).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-4, "logit {g} vs {w}");
+    }
+    // One pair at a time: the same bits.
+    for (i, p) in pairs.iter().enumerate() {
+        assert_eq!(
+            m.logits(&be, std::slice::from_ref(p)).unwrap(),
+            vec![got[i]]
+        );
+    }
+}

@@ -134,15 +134,41 @@ impl<B: Backend> BertEncoder<B> {
     /// of token ids, all run as one batch. Token type ids are 0. The caller
     /// has checked the ids ([`super::check_ids`]).
     pub fn forward(&self, backend: &B, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        self.forward_typed(backend, seqs, None)
+    }
+
+    /// [`Self::forward`] with token type ids (segment A / B of a
+    /// cross-encoder's pair), one list per sequence; ids beyond the type
+    /// table are an error.
+    pub fn forward_typed(
+        &self,
+        backend: &B,
+        seqs: &[&[u32]],
+        types: Option<&[&[u32]]>,
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let d = c.hidden_size;
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let total: usize = lens.iter().sum();
         let mut x = Vec::with_capacity(total * d);
-        for seq in seqs {
+        for (s, seq) in seqs.iter().enumerate() {
             for (i, &id) in seq.iter().enumerate() {
                 let word = &self.word.data[id as usize * d..(id as usize + 1) * d];
-                let ty = &self.token_type.data[..d];
+                let t = types
+                    .and_then(|t| t.get(s).and_then(|t| t.get(i)))
+                    .copied()
+                    .unwrap_or(0) as usize;
+                if t >= c.type_vocab_size {
+                    return Err(kiln_backend::BackendError::Invalid {
+                        op: "encoder embeddings",
+                        msg: format!(
+                            "token type {t} is outside the type table ({})",
+                            c.type_vocab_size
+                        ),
+                    }
+                    .into());
+                }
+                let ty = &self.token_type.data[t * d..(t + 1) * d];
                 let pos = c.position_offset + i;
                 let pos = &self.position.data[pos * d..(pos + 1) * d];
                 // transformers' order: (inputs + token types) + positions.

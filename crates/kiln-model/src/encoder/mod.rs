@@ -6,10 +6,12 @@
 
 pub mod bert;
 pub mod config;
+pub mod cross;
 pub mod pooling;
 
 pub use bert::BertEncoder;
 pub use config::{EncoderConfig, EncoderKind};
+pub use cross::CrossEncoder;
 pub use pooling::{l2_normalize, Pooling, SentenceConfig};
 
 use crate::tokenizer::Tokenizer;
