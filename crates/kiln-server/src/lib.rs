@@ -45,6 +45,7 @@ pub mod prompts;
 pub mod properties;
 pub mod reasoning;
 pub mod registry;
+pub mod rerank;
 pub mod sessions;
 pub mod state;
 pub mod store;
@@ -104,6 +105,8 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/rerank", post(rerank::rerank))
+        .route("/rerank", post(rerank::rerank))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(st.config.max_request_bytes))
@@ -220,6 +223,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         shutting_down: AtomicBool::new(false),
         started: Instant::now(),
         embedders: embeddings::Embedders::default(),
+        rerankers: rerank::Rerankers::default(),
         model_urls: management::UrlPolicy::new(
             config.model_url_pattern.as_deref(),
             config.model_store.as_deref(),
@@ -260,6 +264,15 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
             allow_duplicate: true,
             ..Overrides::default()
         };
+        if rerank::claims(&url) {
+            if let Err(msg) = st.rerankers.load(&name, &url) {
+                tracing::error!(model = %name, "cannot serve '{name}' ({url}): {msg}");
+                st.registry
+                    .register_failed(&name, &url, &msg)
+                    .map_err(|e| anyhow::anyhow!("model '{name}' ({url}): {}", e.message))?;
+            }
+            continue;
+        }
         if embeddings::claims(&url) {
             // Embedding models are served beside the engines, not by one.
             if let Err(msg) = st.embedders.load(&name, &url) {

@@ -115,4 +115,6 @@ pub struct AppState {
     pub model_urls: crate::management::UrlPolicy,
     /// Embedding models (`/v1/embeddings`), held beside the engines.
     pub embedders: crate::embeddings::Embedders,
+    /// Cross-encoder rerankers (`/v1/rerank`), held beside the engines.
+    pub rerankers: crate::rerank::Rerankers,
 }

@@ -3,7 +3,8 @@
 //! generation model: every input shape, float and base64 vectors equal to
 //! the sentence-transformers goldens, `dimensions` on a model marked
 //! matryoshka (and refused on others), usage, OpenAI-shaped errors, the API
-//! key, the body limit, the access log and the route's metrics.
+//! key, the body limit, the access log and the route's metrics; and
+//! `/v1/rerank` / `/rerank` on the tiny cross-encoder (`bert_rerank`).
 
 use super::*;
 
@@ -79,11 +80,12 @@ fn server() -> &'static (Server, std::path::PathBuf) {
         cfg["matryoshka_dimensions"] = json!([8, 16, 32]);
         write(&m.join("config.json"), &cfg.to_string());
         let models = format!(
-            "bert={},xlmr={},bertm={},gen={}",
+            "bert={},xlmr={},bertm={},gen={},rr={}",
             tiny("bert").display(),
             tiny("xlmr").display(),
             m.display(),
-            model_file().display()
+            model_file().display(),
+            tiny("bert_rerank").display()
         );
         let s = Server::ready(Opts {
             args: vec![
@@ -339,4 +341,94 @@ fn lmi_route_answers_a_list_of_vectors() {
     );
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("'inputs' must be"), "{}", r.text());
+}
+
+#[test]
+fn rerank_orders_documents_by_cross_encoder_score() {
+    let (s, _) = server();
+    let g = golden("bert_rerank");
+    let pairs = g["pairs"].as_array().unwrap();
+    let docs: Vec<&str> = pairs
+        .iter()
+        .map(|p| p["document"].as_str().unwrap())
+        .collect();
+    let want: Vec<f32> = pairs
+        .iter()
+        .map(|p| p["score"].as_f64().unwrap() as f32)
+        .collect();
+    let tokens: usize = pairs
+        .iter()
+        .map(|p| p["ids"].as_array().unwrap().len())
+        .sum();
+    for route in ["/v1/rerank", "/rerank"] {
+        let r = s.req(
+            "POST",
+            route,
+            &[AUTH, ("Content-Type", "application/json")],
+            json!({"model": "rr", "query": g["query"], "documents": docs})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let results = v["results"].as_array().unwrap();
+        assert_eq!(results.len(), docs.len());
+        let mut last = f32::INFINITY;
+        for res in results {
+            let i = res["index"].as_u64().unwrap() as usize;
+            let score = res["relevance_score"].as_f64().unwrap() as f32;
+            assert!(
+                (score - want[i]).abs() < 1e-5,
+                "{route}: doc {i}: {score} vs {}",
+                want[i]
+            );
+            assert!(score <= last, "{route}: not sorted: {v}");
+            last = score;
+            assert_eq!(res["document"]["text"], docs[i]);
+        }
+        assert_eq!(v["usage"]["total_tokens"], tokens);
+    }
+    // top_n, object documents, return_documents false.
+    let docs_obj: Vec<Value> = docs.iter().map(|d| json!({"text": d})).collect();
+    let r = s.req(
+        "POST",
+        "/v1/rerank",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"model": "rr", "query": g["query"], "documents": docs_obj, "top_n": 1,
+               "return_documents": false})
+        .to_string()
+        .as_bytes(),
+    );
+    let v = r.json();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{v}");
+    let best = (0..want.len())
+        .max_by(|&a, &b| want[a].total_cmp(&want[b]))
+        .unwrap();
+    assert_eq!(results[0]["index"], best);
+    assert!(results[0].get("document").is_none(), "{v}");
+    // Errors: OpenAI-shaped.
+    let bad = |body: Value| {
+        s.req(
+            "POST",
+            "/v1/rerank",
+            &[AUTH, ("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    assert_openai_error(
+        &bad(json!({"model": "rr", "query": "q", "documents": []})),
+        400,
+        "documents",
+    );
+    assert_openai_error(
+        &bad(json!({"model": "bert", "query": "q", "documents": ["a"]})),
+        400,
+        "not a reranker",
+    );
+    assert_openai_error(
+        &bad(json!({"model": "nope", "query": "q", "documents": ["a"]})),
+        404,
+        "nope",
+    );
 }
