@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The client end-to-end tests: creates (or reuses) the virtual environment
 # ${KILN_CACHE:-$HOME/.cache/kiln}/venv-e2e from requirements.txt (PyPI only),
-# then runs openai_e2e.py, responses_e2e.py and anthropic_e2e.py against a
-# kiln binary (each runs; the script fails if any failed).
+# then runs openai_e2e.py, responses_e2e.py, anthropic_e2e.py and
+# embeddings_e2e.py against a kiln binary (each runs; the script fails if any
+# failed).
 #
 #   scripts/e2e/run.sh [path/to/kiln]     (default: target/debug/kiln; build it first)
 set -euo pipefail
@@ -29,4 +30,5 @@ status=0
 "$VENV/bin/python" scripts/e2e/openai_e2e.py "$BIN" || status=$?
 "$VENV/bin/python" scripts/e2e/responses_e2e.py "$BIN" || status=$?
 "$VENV/bin/python" scripts/e2e/anthropic_e2e.py "$BIN" || status=$?
+"$VENV/bin/python" scripts/e2e/embeddings_e2e.py "$BIN" || status=$?
 exit "$status"

@@ -11,6 +11,7 @@
 //! (which tokens belong to which sequence, where their keys and values go in
 //! the paged KV cache), produced by the engine's scheduler.
 
+mod bidir;
 mod bytes;
 pub mod cpu;
 pub mod cuda;
@@ -21,6 +22,7 @@ mod quantize_k;
 pub mod rows;
 mod step;
 
+pub use bidir::BidirParams;
 pub use bytes::{ByteOwner, HostBytes};
 pub use device::{Device, DeviceParseError};
 pub use quant::{GgmlType, WeightData};
@@ -304,5 +306,30 @@ pub trait Backend: Send + Sync {
         rows::add_rows_scaled(&mut host, cols, &self.to_host(y)?, rows, scales)?;
         *out = self.upload(&shape, host)?;
         Ok(())
+    }
+
+    /// Bidirectional (non-causal) attention for encoders (BERT, XLM-R):
+    /// `q`, `k`, `v` are `[tokens, n_heads * head_dim]` holding consecutive
+    /// sequences of `seq_lens` tokens, and each query sees every key of its
+    /// own sequence and none of another's. No KV cache is involved. By
+    /// default through the host ([`bidir::attention_bidirectional`]), which
+    /// is what the CPU and CUDA backends use.
+    fn attention_bidirectional(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        seq_lens: &[usize],
+        params: &BidirParams,
+    ) -> Result<Self::Tensor> {
+        let shape = self.shape(q);
+        let out = bidir::attention_bidirectional(
+            &self.to_host(q)?,
+            &self.to_host(k)?,
+            &self.to_host(v)?,
+            seq_lens,
+            params,
+        )?;
+        self.upload(&shape, out)
     }
 }

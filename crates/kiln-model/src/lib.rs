@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod decoder;
 pub mod default_model;
+pub mod encoder;
 pub mod files;
 mod gemma;
 // Tiny random-weight models written on the fly: test tools, only with the

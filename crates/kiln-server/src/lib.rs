@@ -24,6 +24,7 @@ pub mod constraints;
 pub mod cpu;
 pub mod dialect;
 pub mod djl_status;
+pub mod embeddings;
 pub mod error;
 pub mod funnel;
 pub mod generation;
@@ -44,6 +45,7 @@ pub mod prompts;
 pub mod properties;
 pub mod reasoning;
 pub mod registry;
+pub mod rerank;
 pub mod responses;
 pub mod responses_store;
 pub mod sessions;
@@ -113,6 +115,9 @@ pub fn router(st: Arc<AppState>) -> Router {
         )
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/rerank", post(rerank::rerank))
+        .route("/rerank", post(rerank::rerank))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(st.config.max_request_bytes))
@@ -228,6 +233,8 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         access_log,
         shutting_down: AtomicBool::new(false),
         started: Instant::now(),
+        embedders: embeddings::Embedders::default(),
+        rerankers: rerank::Rerankers::default(),
         model_urls: management::UrlPolicy::new(
             config.model_url_pattern.as_deref(),
             config.model_store.as_deref(),
@@ -268,6 +275,25 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
             allow_duplicate: true,
             ..Overrides::default()
         };
+        if rerank::claims(&url) {
+            if let Err(msg) = st.rerankers.load(&name, &url) {
+                tracing::error!(model = %name, "cannot serve '{name}' ({url}): {msg}");
+                st.registry
+                    .register_failed(&name, &url, &msg)
+                    .map_err(|e| anyhow::anyhow!("model '{name}' ({url}): {}", e.message))?;
+            }
+            continue;
+        }
+        if embeddings::claims(&url) {
+            // Embedding models are served beside the engines, not by one.
+            if let Err(msg) = st.embedders.load(&name, &url) {
+                tracing::error!(model = %name, "cannot serve '{name}' ({url}): {msg}");
+                st.registry
+                    .register_failed(&name, &url, &msg)
+                    .map_err(|e| anyhow::anyhow!("model '{name}' ({url}): {}", e.message))?;
+            }
+            continue;
+        }
         if let Err(e) = st.registry.register(&name, &url, o) {
             tracing::error!(model = %name, "cannot serve '{name}' ({url}): {}", e.message);
             st.registry

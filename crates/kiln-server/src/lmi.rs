@@ -98,6 +98,9 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     rec.set_model(model);
+    if let Some(m) = st.embedders.get(model) {
+        return crate::embeddings::lmi(m, rec, body).await;
+    }
     match infer_inner(st, model, rec, client, headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

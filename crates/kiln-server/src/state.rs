@@ -113,4 +113,8 @@ pub struct AppState {
     pub started: Instant,
     /// Which model urls `POST /models` may register.
     pub model_urls: crate::management::UrlPolicy,
+    /// Embedding models (`/v1/embeddings`), held beside the engines.
+    pub embedders: crate::embeddings::Embedders,
+    /// Cross-encoder rerankers (`/v1/rerank`), held beside the engines.
+    pub rerankers: crate::rerank::Rerankers,
 }

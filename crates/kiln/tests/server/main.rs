@@ -19,6 +19,7 @@ mod support;
 
 mod cancellation;
 mod djl;
+mod embeddings;
 mod guarded;
 mod lifecycle;
 mod malformed;

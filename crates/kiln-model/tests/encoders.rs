@@ -1,0 +1,180 @@
+//! BERT-style encoders against sentence-transformers: the tiny random
+//! checkpoints and goldens that `scripts/golden/tiny_encoders.py` writes
+//! (`testdata/tiny/{bert,xlmr}`): tokenization, embeddings within 1e-4 of
+//! `SentenceTransformer.encode`, and batches bit-identical to single inputs.
+
+use std::path::PathBuf;
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_model::encoder::{EmbedError, EmbeddingModel, EncoderKind, InputError, Pooling};
+use serde_json::Value;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/tiny")
+        .join(name)
+}
+
+fn golden(name: &str) -> Value {
+    let text = std::fs::read_to_string(dir(name).join("golden.json")).expect("golden.json");
+    serde_json::from_str(&text).expect("golden json")
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn check_model(name: &str, kind: EncoderKind, pooling: Pooling, normalize: bool) {
+    let be = CpuBackend::new();
+    let m = EmbeddingModel::load(&dir(name), &be).expect("load");
+    assert_eq!(m.encoder.config.kind, kind);
+    assert_eq!(m.sentence.pooling, pooling);
+    assert_eq!(m.sentence.normalize, normalize);
+    let g = golden(name);
+    let texts = g["texts"].as_array().unwrap();
+    let mut all_ids = Vec::new();
+    let mut singles = Vec::new();
+    for t in texts {
+        let ids = ids_of(t);
+        assert_eq!(
+            m.tokenize(t["text"].as_str().unwrap()).unwrap(),
+            ids,
+            "{name}: token ids of {:?}",
+            t["text"]
+        );
+        let got = m.embed(&be, &[&ids]).expect("embed").remove(0);
+        let want: Vec<f32> = t["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(got.len(), want.len());
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{name} {:?}: max |diff| {diff}", t["text"]);
+        if normalize {
+            let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{name}: norm {norm}");
+        }
+        all_ids.push(ids);
+        singles.push(got);
+    }
+    // Batched: the same bits as one at a time, in any order.
+    let refs: Vec<&[u32]> = all_ids.iter().map(|v| v.as_slice()).collect();
+    assert_eq!(m.embed(&be, &refs).unwrap(), singles, "{name}: batch");
+    let rev: Vec<&[u32]> = refs.iter().rev().copied().collect();
+    let mut back = m.embed(&be, &rev).unwrap();
+    back.reverse();
+    assert_eq!(back, singles, "{name}: reversed batch");
+}
+
+#[test]
+fn bert_mean_pooling_normalized_matches_sentence_transformers() {
+    check_model("bert", EncoderKind::Bert, Pooling::Mean, true);
+}
+
+#[test]
+fn xlmr_cls_pooling_matches_sentence_transformers() {
+    check_model("xlmr", EncoderKind::XlmRoberta, Pooling::Cls, false);
+}
+
+#[test]
+fn bad_inputs_are_refused_clearly() {
+    let be = CpuBackend::new();
+    let m = EmbeddingModel::load(&dir("bert"), &be).expect("load");
+    let vocab = m.encoder.config.vocab_size as u32;
+    match m.embed(&be, &[&[2, 3], &[2, vocab]]) {
+        Err(EmbedError::Input(InputError::BadToken { index: 1, id, .. })) => assert_eq!(id, vocab),
+        other => panic!("expected a bad token error, got {other:?}"),
+    }
+    let long = vec![5u32; m.max_tokens + 1];
+    match m.embed(&be, &[&long]) {
+        Err(EmbedError::Input(InputError::TooLong { len, max, .. })) => {
+            assert_eq!((len, max), (m.max_tokens + 1, m.max_tokens))
+        }
+        other => panic!("expected a too-long error, got {other:?}"),
+    }
+    assert!(matches!(
+        m.embed(&be, &[&[]]),
+        Err(EmbedError::Input(InputError::Empty { index: 0 }))
+    ));
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = std::env::temp_dir().join(format!("kiln-enc-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir("bert").join(f), tmp.join(f)).unwrap();
+    }
+    // A checkpoint with one tensor: every other one is missing.
+    let src =
+        kiln_model::weights::SafetensorsSource::open_dir(&dir("bert"), |n| Some(n.into())).unwrap();
+    use kiln_model::weights::WeightSource;
+    let t = src.get("embeddings.word_embeddings.weight").unwrap();
+    let bytes: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), &bytes)
+            .unwrap();
+    safetensors::serialize_to_file(
+        [("embeddings.word_embeddings.weight", view)],
+        None,
+        &tmp.join("model.safetensors"),
+    )
+    .unwrap();
+    let err = EmbeddingModel::load(&tmp, &CpuBackend::new())
+        .err()
+        .expect("load must fail");
+    assert!(err.to_string().contains("is missing"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn cross_encoder_logits_match_transformers() {
+    use kiln_model::encoder::CrossEncoder;
+    let be = CpuBackend::new();
+    let m = CrossEncoder::load(&dir("bert_rerank"), &be).expect("load");
+    let g = golden("bert_rerank");
+    let query = g["query"].as_str().unwrap();
+    let mut pairs = Vec::new();
+    let mut want = Vec::new();
+    for p in g["pairs"].as_array().unwrap() {
+        let (ids, types) = m
+            .encode_pair(query, p["document"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(ids, ids_of(p));
+        let want_types: Vec<u32> = p["type_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(types, want_types);
+        pairs.push((ids, types));
+        want.push(p["logit"].as_f64().unwrap() as f32);
+        // sentence-transformers' CrossEncoder score is the sigmoid of the logit.
+        let score = p["score"].as_f64().unwrap() as f32;
+        let logit = *want.last().unwrap();
+        assert!((1.0 / (1.0 + (-logit).exp()) - score).abs() < 1e-6);
+    }
+    let got = m.logits(&be, &pairs).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-4, "logit {g} vs {w}");
+    }
+    // One pair at a time: the same bits.
+    for (i, p) in pairs.iter().enumerate() {
+        assert_eq!(
+            m.logits(&be, std::slice::from_ref(p)).unwrap(),
+            vec![got[i]]
+        );
+    }
+}

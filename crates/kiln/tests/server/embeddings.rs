@@ -1,0 +1,434 @@
+//! `/v1/embeddings` on the tiny encoders of `scripts/golden/tiny_encoders.py`
+//! (`testdata/tiny/{bert,xlmr}`), served with `--models` beside a
+//! generation model: every input shape, float and base64 vectors equal to
+//! the sentence-transformers goldens, `dimensions` on a model marked
+//! matryoshka (and refused on others), usage, OpenAI-shaped errors, the API
+//! key, the body limit, the access log and the route's metrics; and
+//! `/v1/rerank` / `/rerank` on the tiny cross-encoder (`bert_rerank`).
+
+use super::*;
+
+fn tiny(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/tiny")
+        .join(name)
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(tiny(name).join("golden.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Decodes standard base64 (the test's own decoder, not the server's encoder).
+fn unbase64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("bad base64 byte {c}"),
+    } as u32;
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let pad = chunk.iter().filter(|&&c| c == b'=').count();
+        let n = chunk
+            .iter()
+            .map(|&c| if c == b'=' { 0 } else { val(c) })
+            .fold(0u32, |acc, v| acc << 6 | v);
+        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
+    }
+    out
+}
+
+/// A server with an API key, a 4096-byte body limit and a log directory,
+/// serving `bert`, `xlmr`, `bertm` (bert marked matryoshka) and `gen` (a
+/// generation model).
+fn server() -> &'static (Server, std::path::PathBuf) {
+    static S: OnceLock<(Server, std::path::PathBuf)> = OnceLock::new();
+    S.get_or_init(|| {
+        let logs = tempdir("embed-logs-");
+        let m = tempdir("bertm-");
+        for f in [
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "modules.json",
+            "sentence_bert_config.json",
+        ] {
+            std::fs::copy(tiny("bert").join(f), m.join(f)).unwrap();
+        }
+        for d in ["1_Pooling", "2_Normalize"] {
+            std::fs::create_dir_all(m.join(d)).unwrap();
+            std::fs::copy(
+                tiny("bert").join(d).join("config.json"),
+                m.join(d).join("config.json"),
+            )
+            .unwrap();
+        }
+        let mut cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(tiny("bert").join("config.json")).unwrap(),
+        )
+        .unwrap();
+        cfg["matryoshka_dimensions"] = json!([8, 16, 32]);
+        write(&m.join("config.json"), &cfg.to_string());
+        let models = format!(
+            "bert={},xlmr={},bertm={},gen={},rr={}",
+            tiny("bert").display(),
+            tiny("xlmr").display(),
+            m.display(),
+            model_file().display(),
+            tiny("bert_rerank").display()
+        );
+        let s = Server::ready(Opts {
+            args: vec![
+                "--models".into(),
+                models,
+                "--api-key".into(),
+                KEY.into(),
+                "--max-request-bytes".into(),
+                "4096".into(),
+                "--kv-cache-mib".into(),
+                "16".into(),
+                "--log-dir".into(),
+                logs.display().to_string(),
+            ],
+            watchdog: true,
+            ..Opts::default()
+        });
+        (s, logs)
+    })
+}
+
+fn post(s: &Server, body: &Value) -> Response {
+    s.req(
+        "POST",
+        "/v1/embeddings",
+        &[AUTH, ("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+fn ok(s: &Server, body: &Value) -> Value {
+    let r = post(s, body);
+    assert_eq!(r.status, 200, "{body}: {}", r.text());
+    r.json()
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let d = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-4, "{what}: max |diff| {d}");
+}
+
+#[test]
+fn embeddings_match_sentence_transformers_for_every_input_shape() {
+    let (s, _) = server();
+    for name in ["bert", "xlmr"] {
+        let g = golden(name);
+        let texts = g["texts"].as_array().unwrap();
+        let strings: Vec<&str> = texts.iter().map(|t| t["text"].as_str().unwrap()).collect();
+        let ids: Vec<Value> = texts.iter().map(|t| t["ids"].clone()).collect();
+        let want: Vec<Vec<f32>> = texts.iter().map(|t| floats(&t["embedding"])).collect();
+        let n_tokens: usize = ids.iter().map(|i| i.as_array().unwrap().len()).sum();
+        // A single string.
+        let v = ok(s, &json!({"model": name, "input": strings[1]}));
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], name);
+        assert_eq!(v["data"][0]["object"], "embedding");
+        assert_close(&floats(&v["data"][0]["embedding"]), &want[1], name);
+        assert_eq!(
+            v["usage"]["prompt_tokens"],
+            ids[1].as_array().unwrap().len()
+        );
+        // A list of strings: in order, usage summed, and the same bits as one at a time.
+        let v = ok(s, &json!({"model": name, "input": strings}));
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), strings.len());
+        for (i, d) in data.iter().enumerate() {
+            assert_eq!(d["index"], i);
+            assert_close(&floats(&d["embedding"]), &want[i], name);
+            let one = ok(s, &json!({"model": name, "input": strings[i]}));
+            assert_eq!(
+                floats(&one["data"][0]["embedding"]),
+                floats(&d["embedding"]),
+                "{name} batch vs single"
+            );
+        }
+        assert_eq!(v["usage"]["prompt_tokens"], n_tokens);
+        assert_eq!(v["usage"]["total_tokens"], n_tokens);
+        // Token ids, one list and several.
+        let one = ok(s, &json!({"model": name, "input": ids[2]}));
+        assert_close(&floats(&one["data"][0]["embedding"]), &want[2], name);
+        let all = ok(s, &json!({"model": name, "input": ids}));
+        assert_eq!(all["data"], v["data"], "{name}: ids vs text");
+        // base64: the same floats, little-endian.
+        let b = ok(
+            s,
+            &json!({"model": name, "input": strings, "encoding_format": "base64"}),
+        );
+        for (i, d) in b["data"].as_array().unwrap().iter().enumerate() {
+            let bytes = unbase64(d["embedding"].as_str().unwrap());
+            let f: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            assert_eq!(f, floats(&v["data"][i]["embedding"]), "{name}: base64");
+        }
+    }
+}
+
+#[test]
+fn dimensions_truncate_and_renormalise_only_where_supported() {
+    let (s, _) = server();
+    let full = ok(s, &json!({"model": "bertm", "input": "the cat"}));
+    let full = floats(&full["data"][0]["embedding"]);
+    let v = ok(
+        s,
+        &json!({"model": "bertm", "input": "the cat", "dimensions": 8}),
+    );
+    let cut = floats(&v["data"][0]["embedding"]);
+    assert_eq!(cut.len(), 8);
+    let norm: f32 = full[..8].iter().map(|x| x * x).sum::<f32>().sqrt();
+    let want: Vec<f32> = full[..8].iter().map(|x| x / norm).collect();
+    assert_close(&cut, &want, "renormalised");
+    let unit: f32 = cut.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((unit - 1.0).abs() < 1e-5, "{unit}");
+    assert_openai_error(
+        &post(
+            s,
+            &json!({"model": "bertm", "input": "a", "dimensions": 12}),
+        ),
+        400,
+        "[8, 16, 32]",
+    );
+    assert_openai_error(
+        &post(s, &json!({"model": "bert", "input": "a", "dimensions": 8})),
+        400,
+        "does not support 'dimensions'",
+    );
+}
+
+#[test]
+fn bad_requests_get_openai_errors() {
+    let (s, _) = server();
+    assert_openai_error(
+        &post(s, &json!({"model": "nope", "input": "a"})),
+        404,
+        "nope",
+    );
+    assert_openai_error(
+        &post(s, &json!({"model": "gen", "input": "a"})),
+        400,
+        "not an embedding model",
+    );
+    assert_openai_error(
+        &post(s, &json!({"model": "bert", "input": []})),
+        400,
+        "empty",
+    );
+    assert_openai_error(
+        &post(s, &json!({"model": "bert", "input": ""})),
+        400,
+        "empty",
+    );
+    assert_openai_error(
+        &post(s, &json!({"model": "bert", "input": [1, 99999]})),
+        400,
+        "outside the vocabulary",
+    );
+    assert_openai_error(
+        &post(s, &json!({"model": "bert", "input": vec![5; 65]})),
+        400,
+        "more than the model's maximum",
+    );
+    assert_openai_error(
+        &post(
+            s,
+            &json!({"model": "bert", "input": "a", "encoding_format": "int8"}),
+        ),
+        400,
+        "encoding_format",
+    );
+    assert_openai_error(
+        &post(s, &json!({"model": "bert", "input": "a", "n": 2})),
+        400,
+        "unknown field 'n'",
+    );
+    assert_openai_error(&post(s, &json!({"input": "a"})), 400, "'model' is required");
+    // The API key, as on every route.
+    let r = s.req(
+        "POST",
+        "/v1/embeddings",
+        &[("Content-Type", "application/json")],
+        json!({"model": "bert", "input": "a"})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+    // The body limit.
+    let big = json!({"model": "bert", "input": "a ".repeat(4000)});
+    assert_eq!(post(s, &big).status, 413);
+}
+
+#[test]
+fn access_log_and_metrics_see_embeddings() {
+    let (s, logs) = server();
+    let v = ok(
+        s,
+        &json!({"model": "xlmr", "input": ["kiln", "the cat sat on the mat"]}),
+    );
+    let line = format!(
+        "\"POST /v1/embeddings\" model=xlmr status=200 tokens_in={} ",
+        v["usage"]["prompt_tokens"]
+    );
+    let found = eventually(Duration::from_secs(5), || {
+        let log = std::fs::read_to_string(logs.join("access.log")).ok()?;
+        log.lines().any(|l| l.contains(&line)).then_some(())
+    });
+    assert!(found.is_some(), "no access.log line with {line}");
+    let metrics = s.req("GET", "/server/metrics", &[AUTH], b"").text();
+    let m = metric_value(
+        &metrics,
+        r#"kiln_http_requests_total{route="/v1/embeddings",status="200"}"#,
+    );
+    assert!(m.unwrap_or(0.0) >= 1.0, "{metrics}");
+}
+
+#[test]
+fn lmi_route_answers_a_list_of_vectors() {
+    let (s, _) = server();
+    let g = golden("bert");
+    let texts = g["texts"].as_array().unwrap();
+    let r = s.req(
+        "POST",
+        "/predictions/bert",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"inputs": [texts[0]["text"], texts[1]["text"]]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let list = v.as_array().unwrap_or_else(|| panic!("not a list: {v}"));
+    assert_eq!(list.len(), 2);
+    for (i, vec) in list.iter().enumerate() {
+        assert_close(&floats(vec), &floats(&texts[i]["embedding"]), "lmi");
+    }
+    let r = s.req(
+        "POST",
+        "/predictions/bert",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"inputs": "kiln"}).to_string().as_bytes(),
+    );
+    assert_eq!(r.json().as_array().map(Vec::len), Some(1), "{}", r.text());
+    let r = s.req(
+        "POST",
+        "/predictions/bert",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"inputs": [1, 2]}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("'inputs' must be"), "{}", r.text());
+}
+
+#[test]
+fn rerank_orders_documents_by_cross_encoder_score() {
+    let (s, _) = server();
+    let g = golden("bert_rerank");
+    let pairs = g["pairs"].as_array().unwrap();
+    let docs: Vec<&str> = pairs
+        .iter()
+        .map(|p| p["document"].as_str().unwrap())
+        .collect();
+    let want: Vec<f32> = pairs
+        .iter()
+        .map(|p| p["score"].as_f64().unwrap() as f32)
+        .collect();
+    let tokens: usize = pairs
+        .iter()
+        .map(|p| p["ids"].as_array().unwrap().len())
+        .sum();
+    for route in ["/v1/rerank", "/rerank"] {
+        let r = s.req(
+            "POST",
+            route,
+            &[AUTH, ("Content-Type", "application/json")],
+            json!({"model": "rr", "query": g["query"], "documents": docs})
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let results = v["results"].as_array().unwrap();
+        assert_eq!(results.len(), docs.len());
+        let mut last = f32::INFINITY;
+        for res in results {
+            let i = res["index"].as_u64().unwrap() as usize;
+            let score = res["relevance_score"].as_f64().unwrap() as f32;
+            assert!(
+                (score - want[i]).abs() < 1e-5,
+                "{route}: doc {i}: {score} vs {}",
+                want[i]
+            );
+            assert!(score <= last, "{route}: not sorted: {v}");
+            last = score;
+            assert_eq!(res["document"]["text"], docs[i]);
+        }
+        assert_eq!(v["usage"]["total_tokens"], tokens);
+    }
+    // top_n, object documents, return_documents false.
+    let docs_obj: Vec<Value> = docs.iter().map(|d| json!({"text": d})).collect();
+    let r = s.req(
+        "POST",
+        "/v1/rerank",
+        &[AUTH, ("Content-Type", "application/json")],
+        json!({"model": "rr", "query": g["query"], "documents": docs_obj, "top_n": 1,
+               "return_documents": false})
+        .to_string()
+        .as_bytes(),
+    );
+    let v = r.json();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{v}");
+    let best = (0..want.len())
+        .max_by(|&a, &b| want[a].total_cmp(&want[b]))
+        .unwrap();
+    assert_eq!(results[0]["index"], best);
+    assert!(results[0].get("document").is_none(), "{v}");
+    // Errors: OpenAI-shaped.
+    let bad = |body: Value| {
+        s.req(
+            "POST",
+            "/v1/rerank",
+            &[AUTH, ("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    assert_openai_error(
+        &bad(json!({"model": "rr", "query": "q", "documents": []})),
+        400,
+        "documents",
+    );
+    assert_openai_error(
+        &bad(json!({"model": "bert", "query": "q", "documents": ["a"]})),
+        400,
+        "not a reranker",
+    );
+    assert_openai_error(
+        &bad(json!({"model": "nope", "query": "q", "documents": ["a"]})),
+        404,
+        "nope",
+    );
+}

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""End-to-end test of kiln's /v1/embeddings with the official `openai` client.
+
+    python embeddings_e2e.py path/to/kiln
+
+Starts `kiln serve --port 0 --api-key ... --models bert=...,xlmr=...` on the
+tiny encoders of testdata/tiny (scripts/golden/tiny_encoders.py), then talks
+to it only through `openai.OpenAI`: client.embeddings.create with a string,
+a list, token ids and lists of token ids, the client's default (base64) and
+float encodings, compared with the sentence-transformers goldens; and the
+client's error classes for a refused `dimensions`, an unknown model and a
+missing key. Prints one line per check and exits non-zero if any failed.
+Run it with scripts/e2e/run.sh.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+from openai import OpenAI
+
+API_KEY = "e2e-embeddings-key"
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "testdata" / "tiny"
+
+failures = []
+passes = 0
+
+
+def check(name, fn):
+    global passes
+    t0 = time.time()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - every failure is reported
+        failures.append(name)
+        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+    else:
+        passes += 1
+        print(f"ok   {name} ({time.time() - t0:.2f} s)", flush=True)
+
+
+def expect(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+def close(got, want, what):
+    expect(len(got) == len(want), f"{what}: length {len(got)} != {len(want)}")
+    diff = max(abs(a - b) for a, b in zip(got, want))
+    expect(diff < 1e-4, f"{what}: max |diff| {diff}")
+
+
+def start_server(binary):
+    models = f"bert={TINY / 'bert'},xlmr={TINY / 'xlmr'}"
+    proc = subprocess.Popen(
+        [binary, "serve", "--port", "0", "--api-key", API_KEY, "--models", models],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", "KILN_LOG": os.environ.get("KILN_LOG", "info")},
+    )
+    log, port, ready = [], [], threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            log.append(line)
+            if line.startswith("kiln: listening on http://"):
+                port.append(int(line.rsplit(":", 1)[1]))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(60) or not port:
+        proc.kill()
+        raise SystemExit("kiln serve did not start:\n" + "".join(log))
+    base = f"http://127.0.0.1:{port[0]}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.time() + 60
+    while True:
+        try:
+            with opener.open(base + "/ping", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except Exception:  # noqa: BLE001 - 503 while loading
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit("kiln serve did not become ready:\n" + "".join(log))
+        time.sleep(0.1)
+    return proc, base, log
+
+
+def main():
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    proc, base, log = start_server(sys.argv[1])
+    print(f"kiln serve at {base} (openai {openai.__version__})", flush=True)
+    client = OpenAI(base_url=base + "/v1", api_key=API_KEY, timeout=60, max_retries=0)
+    try:
+        for name in ["bert", "xlmr"]:
+            golden = json.loads((TINY / name / "golden.json").read_text())
+            texts = [t["text"] for t in golden["texts"]]
+            ids = [t["ids"] for t in golden["texts"]]
+            want = [t["embedding"] for t in golden["texts"]]
+
+            def one_string(name=name, texts=texts, ids=ids, want=want):
+                r = client.embeddings.create(model=name, input=texts[1])
+                expect(r.model == name, r.model)
+                close(r.data[0].embedding, want[1], f"{name} string")
+                expect(r.usage.prompt_tokens == len(ids[1]), r.usage)
+
+            def a_list(name=name, texts=texts, ids=ids, want=want):
+                for fmt in [openai.NOT_GIVEN, "float", "base64"]:
+                    r = client.embeddings.create(model=name, input=texts, encoding_format=fmt)
+                    expect([d.index for d in r.data] == list(range(len(texts))), r.data)
+                    for d, w in zip(r.data, want):
+                        if isinstance(d.embedding, str):
+                            import base64
+                            import struct
+                            raw = base64.b64decode(d.embedding)
+                            d.embedding = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+                        close(d.embedding, w, f"{name} list {fmt}")
+                    expect(r.usage.prompt_tokens == sum(map(len, ids)), r.usage)
+
+            def token_ids(name=name, ids=ids, want=want):
+                r = client.embeddings.create(model=name, input=ids[2], encoding_format="float")
+                close(r.data[0].embedding, want[2], f"{name} ids")
+                r = client.embeddings.create(model=name, input=ids, encoding_format="float")
+                for d, w in zip(r.data, want):
+                    close(d.embedding, w, f"{name} id lists")
+
+            check(f"{name}: embeddings.create with a string", one_string)
+            check(f"{name}: a list, default/float/base64 encodings", a_list)
+            check(f"{name}: token ids and lists of token ids", token_ids)
+
+        def refused_dimensions():
+            try:
+                client.embeddings.create(model="bert", input="kiln", dimensions=8)
+            except openai.BadRequestError as e:
+                expect("dimensions" in str(e), str(e))
+            else:
+                raise AssertionError("dimensions on a model not marked matryoshka was accepted")
+
+        def unknown_model():
+            try:
+                client.embeddings.create(model="nope", input="kiln")
+            except openai.NotFoundError as e:
+                expect("nope" in str(e), str(e))
+            else:
+                raise AssertionError("an unknown model was accepted")
+
+        def missing_key():
+            bad = OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+            try:
+                bad.embeddings.create(model="bert", input="kiln")
+            except openai.AuthenticationError:
+                pass
+            else:
+                raise AssertionError("a wrong key was accepted")
+
+        check("dimensions refused with BadRequestError", refused_dimensions)
+        check("unknown model: NotFoundError", unknown_model)
+        check("wrong key: AuthenticationError", missing_key)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print(f"{passes} passed, {len(failures)} failed", flush=True)
+    if failures:
+        print("".join(log[-40:]), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
