@@ -200,10 +200,16 @@ fn responses_chain_with_previous_response_id_get_delete_and_store_false() {
 
 /// Reads a streamed response's events (`event:` name and `data:` JSON).
 fn events(s: &Server, body: &Value) -> Vec<Value> {
+    // Named, as `post` does: another test may register a second model
+    // on the shared server meanwhile.
+    let mut body = body.clone();
+    if body.get("model").is_none() {
+        body["model"] = json!("default");
+    }
     let mut st = s.stream(
         "/v1/responses",
         &[("Content-Type", "application/json")],
-        body,
+        &body,
     );
     if st.status != 200 {
         let status = st.status;

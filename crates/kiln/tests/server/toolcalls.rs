@@ -9,6 +9,24 @@
 
 use super::*;
 
+/// `body` naming the default model where it names none: another test may
+/// register a second model on the shared server meanwhile.
+fn with_model(body: &Value) -> Value {
+    let mut body = body.clone();
+    if body.get("model").is_none() {
+        body["model"] = json!("default");
+    }
+    body
+}
+
+fn post_json(path: &str, body: &Value) -> Response {
+    shared().post_json(path, &with_model(body))
+}
+
+fn stream(path: &str, headers: &[(&str, &str)], body: &Value) -> Streaming {
+    shared().stream(path, headers, &with_model(body))
+}
+
 fn weather_tools() -> Value {
     json!([{"type": "function", "function": {"name": "get_weather",
         "description": "Current weather in a city.",
@@ -31,7 +49,7 @@ fn ask(choice: Value, max_tokens: u64) -> Value {
 }
 
 fn chat(body: &Value) -> Value {
-    let r = shared().post_json("/v1/chat/completions", body);
+    let r = post_json("/v1/chat/completions", body);
     assert_eq!(r.status, 200, "{body}: {}", r.text());
     r.json()
 }
@@ -50,7 +68,7 @@ fn stream_chat(body: &Value) -> Streamed {
     let mut body = body.clone();
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let mut st = shared().stream(
+    let mut st = stream(
         "/v1/chat/completions",
         &[("Content-Type", "application/json")],
         &body,
@@ -171,7 +189,7 @@ fn a_required_choice_never_answers_markup_as_content() {
 /// The shortest call `tool_choice` allows, in tokens, as the 400 for a
 /// too-small `max_tokens` reports it.
 fn shortest_call_tokens() -> u64 {
-    let r = shared().post_json("/v1/chat/completions", &ask(named(), 1));
+    let r = post_json("/v1/chat/completions", &ask(named(), 1));
     assert_openai_error(&r, 400, "max_tokens");
     let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("at least"), "{msg}");
@@ -189,7 +207,7 @@ fn shortest_call_tokens() -> u64 {
 fn a_call_cut_by_max_tokens_ends_with_length_and_no_half_call_in_content() {
     let need = shortest_call_tokens();
     assert!(need > 5, "{need}");
-    let r = shared().post_json(
+    let r = post_json(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "hi"}], "tools": weather_tools(),
             "tool_choice": "required", "max_completion_tokens": 2}),
@@ -241,7 +259,7 @@ fn cached_tokens_stay_within_the_prompt() {
 }
 
 fn tokens_of(text: &str) -> Vec<u64> {
-    let r = shared().post_json(
+    let r = post_json(
         "/tokenize",
         &json!({"prompt": text, "add_special_tokens": false}),
     );
@@ -259,7 +277,7 @@ fn complete(extra: Value) -> Value {
     for (k, v) in extra.as_object().unwrap() {
         body[k] = v.clone();
     }
-    let r = shared().post_json("/v1/completions", &body);
+    let r = post_json("/v1/completions", &body);
     assert_eq!(r.status, 200, "{body}: {}", r.text());
     r.json()
 }
@@ -287,12 +305,12 @@ fn logit_bias_bans_and_forces_tokens() {
         tokens_of(forced["choices"][0]["text"].as_str().unwrap()),
         [rome]
     );
-    let r = shared().post_json(
+    let r = post_json(
         "/v1/completions",
         &json!({"prompt": "x", "max_tokens": 1, "logit_bias": {"99999999": 1}}),
     );
     assert_openai_error(&r, 400, "logit_bias");
-    let r = shared().post_json(
+    let r = post_json(
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "logit_bias": {"1": 200}}),
     );
@@ -606,7 +624,7 @@ fn text_first_word() -> String {
 }
 
 fn check_field(path: &str, field: &str, body: &Value, base: &Value, does: Does) {
-    let r = shared().post_json(path, body);
+    let r = post_json(path, body);
     match does {
         Does::Refused => {
             // An unknown model is OpenAI's 404, naming it.
@@ -640,7 +658,7 @@ fn messages_stream_tool_input_in_pieces() {
     let body = json!({"model": "default", "max_tokens": 120, "temperature": 0, "tools": tools,
         "tool_choice": {"type": "tool", "name": "get_weather"},
         "messages": [{"role": "user", "content": "What's the weather in Paris for the next 3 days?"}]});
-    let r = shared().post_json("/v1/messages", &body);
+    let r = post_json("/v1/messages", &body);
     assert_eq!(r.status, 200, "{}", r.text());
     let whole = r.json();
     let input = whole["content"]
@@ -652,7 +670,7 @@ fn messages_stream_tool_input_in_pieces() {
         .clone();
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let mut st = shared().stream(
+    let mut st = stream(
         "/v1/messages",
         &[("Content-Type", "application/json")],
         &streamed,
