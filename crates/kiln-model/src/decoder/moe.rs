@@ -14,7 +14,7 @@
 //! alone or batched. A shared expert (Qwen2-MoE) then adds its output,
 //! scaled by its sigmoid gate.
 
-use kiln_backend::{Activation, Backend, WeightData};
+use kiln_backend::{Activation, Backend, MoeExpert, WeightData};
 
 use super::Loader;
 use crate::config::DecoderConfig;
@@ -180,15 +180,21 @@ impl<B: Backend> MoeFfn<B> {
                 scales[e as usize].push(w);
             }
         }
-        let mut out = be.upload(&[tokens, h], vec![0.0; tokens * h])?;
-        for ((expert, rows), scales) in self.experts.iter().zip(&rows).zip(&scales) {
-            if rows.is_empty() {
-                continue;
-            }
-            let xs = be.gather_rows(x, rows)?;
-            let y = expert.forward(be, cfg.activation, &xs)?;
-            be.add_rows_scaled(&mut out, &y, rows, scales)?;
-        }
+        let routed: Vec<MoeExpert<'_, B::Weight>> = self
+            .experts
+            .iter()
+            .zip(&rows)
+            .zip(&scales)
+            .filter(|((_, rows), _)| !rows.is_empty())
+            .map(|((e, rows), scales)| MoeExpert {
+                gate: &e.gate,
+                up: &e.up,
+                down: &e.down,
+                rows,
+                scales,
+            })
+            .collect();
+        let mut out = be.moe_experts(x, &routed, cfg.activation)?;
         if let Some(s) = &self.shared {
             let y = s.expert.forward(be, cfg.activation, x)?;
             let weights = match &s.gate {
