@@ -159,8 +159,8 @@ impl<B: Backend> MoeFfn<B> {
             .moe
             .as_ref()
             .ok_or_else(|| invalid("no expert settings".into()))?;
-        let (tokens, h) = match be.shape(x)[..] {
-            [t, h] => (t, h),
+        let tokens = match be.shape(x)[..] {
+            [t, _] => t,
             ref s => return Err(invalid(format!("input of shape {s:?}"))),
         };
         let n = self.experts.len();
