@@ -394,8 +394,7 @@ impl DecoderConfig {
             }
         };
         let mut cfg = match model_type {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "qwen2_moe" | "qwen3_moe"
-            | "mixtral" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "qwen2_moe" | "qwen3_moe" | "mixtral" => {
                 let hidden = req("hidden_size")?;
                 let heads = req("num_attention_heads")?;
                 if heads == 0 || !hidden.is_multiple_of(heads) && get_usize("head_dim").is_none() {
@@ -423,11 +422,7 @@ impl DecoderConfig {
                 c.qk_norm = model_type == "qwen3";
                 c.sliding_window = match model_type {
                     // Qwen2 configs carry a window that only applies with use_sliding_window.
-                    "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe"
-                        if get_bool("use_sliding_window") != Some(true) =>
-                    {
-                        None
-                    }
+                    "qwen2" | "qwen3" | "qwen2_moe" | "qwen3_moe" if get_bool("use_sliding_window") != Some(true) => None,
                     _ => get_usize("sliding_window").filter(|&w| w > 0),
                 };
                 let partial = get_f64("partial_rotary_factor").unwrap_or(1.0);
@@ -507,10 +502,12 @@ impl DecoderConfig {
             "gemma2" | "gemma3_text" | "gemma3" => {
                 crate::gemma::from_hf_json(model_type, json).map_err(bad)?
             }
-            other => return Err(bad(format!(
-                "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
+            other => {
+                return Err(bad(format!(
+                    "model_type '{other}' is not supported (llama, mistral, qwen2, qwen3, phi3, gpt2, \
                      opt, gemma2, gemma3_text, gemma3, qwen2_moe, qwen3_moe and mixtral are)"
-            ))),
+                )))
+            }
         };
         cfg.arch = model_type.to_string();
         crate::moe::apply_hf(&mut cfg, model_type, json).map_err(bad)?;

@@ -21,6 +21,11 @@ use super::weight::CpuWeight;
 use super::{matmul, ops};
 use crate::{Activation, MoeExpert, Result};
 
+/// Experts computed in parallel before their outputs are added: enough
+/// tasks for several cores (a decode step's usual 8 experts are one group),
+/// few enough that a prompt's outputs held at once stay a few megabytes.
+const EXPERTS_AT_ONCE: usize = 16;
+
 /// The experts' summed, scaled outputs for `x: [n, d]` (see the module).
 pub(super) fn moe_experts(
     x: &CpuTensor,
@@ -31,26 +36,31 @@ pub(super) fn moe_experts(
     for e in experts {
         e.check(n)?;
     }
-    let ys = experts
-        .par_iter()
-        .map(|e| {
-            if e.rows.is_empty() {
-                return Ok(None);
-            }
-            let xs = CpuTensor::new(
-                vec![e.rows.len(), d],
-                crate::rows::gather_rows(&x.data, d, e.rows)?,
-            )?;
-            let g = matmul::linear(&xs, e.gate, None)?;
-            let u = matmul::linear(&xs, e.up, None)?;
-            let a = ops::gated_activation(&g, &u, act)?;
-            matmul::linear(&a, e.down, None).map(Some)
-        })
-        .collect::<Result<Vec<_>>>()?;
     let mut out = vec![0f32; n * d];
-    for (e, y) in experts.iter().zip(&ys) {
-        if let Some(y) = y {
-            crate::rows::add_rows_scaled(&mut out, d, &y.data, e.rows, e.scales)?;
+    // A few experts' outputs at a time, so a long prompt's (every expert
+    // with many rows) are not all held at once; the order of the adds is
+    // the same however the experts are grouped.
+    for group in experts.chunks(EXPERTS_AT_ONCE) {
+        let ys = group
+            .par_iter()
+            .map(|e| {
+                if e.rows.is_empty() {
+                    return Ok(None);
+                }
+                let xs = CpuTensor::new(
+                    vec![e.rows.len(), d],
+                    crate::rows::gather_rows(&x.data, d, e.rows)?,
+                )?;
+                let g = matmul::linear(&xs, e.gate, None)?;
+                let u = matmul::linear(&xs, e.up, None)?;
+                let a = ops::gated_activation(&g, &u, act)?;
+                matmul::linear(&a, e.down, None).map(Some)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (e, y) in group.iter().zip(&ys) {
+            if let Some(y) = y {
+                crate::rows::add_rows_scaled(&mut out, d, &y.data, e.rows, e.scales)?;
+            }
         }
     }
     CpuTensor::new(vec![n, d], out)
@@ -109,7 +119,9 @@ mod tests {
     fn fused_experts_match_the_sequence_bit_for_bit_at_any_thread_count() {
         for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::F16] {
             let (d, ff, tokens) = (256, 256, 9);
-            let w: Vec<[CpuWeight; 3]> = (0..5u64)
+            // More experts than one parallel group holds.
+            let n_experts = EXPERTS_AT_ONCE as u64 + 4;
+            let w: Vec<[CpuWeight; 3]> = (0..n_experts)
                 .map(|e| {
                     [
                         weight(ty, ff, d, 10 * e + 1),
@@ -119,7 +131,7 @@ mod tests {
                 })
                 .collect();
             // Tokens of each expert, ascending, and made-up router weights.
-            let routes: Vec<(Vec<u32>, Vec<f32>)> = (0..5u32)
+            let routes: Vec<(Vec<u32>, Vec<f32>)> = (0..n_experts as u32)
                 .map(|e| {
                     let rows: Vec<u32> = (0..tokens as u32).filter(|t| (t + e) % 3 != 0).collect();
                     let scales = rows.iter().map(|&t| 0.1 + 0.05 * (t + e) as f32).collect();

@@ -8,10 +8,12 @@
 //! one token runs once, as one SwiGLU over exactly its tokens' rows (so its
 //! weights are read once per step, and a decode step reads only the chosen
 //! experts), and its outputs, scaled by the router's weights, are added back
-//! to those rows. Experts run in index order, so every token accumulates its
-//! experts' outputs in the same order whatever shares the step: with the
-//! backend's row-independent `linear`, a token's result is bit-identical
-//! alone or batched. A shared expert (Qwen2-MoE) then adds its output,
+//! to those rows. The chosen experts go to the backend in one call
+//! ([`Backend::moe_experts`], which the CPU spreads over its cores), in
+//! index order, and their outputs are added in that order, so every token
+//! accumulates its experts' outputs in the same order whatever shares the
+//! step: with the backend's row-independent `linear`, a token's result is
+//! bit-identical alone or batched. A shared expert (Qwen2-MoE) then adds its output,
 //! scaled by its sigmoid gate.
 
 use kiln_backend::{Activation, Backend, MoeExpert, WeightData};
