@@ -26,6 +26,7 @@ pub use bidir::BidirParams;
 pub use bytes::{ByteOwner, HostBytes};
 pub use device::{Device, DeviceParseError};
 pub use quant::{GgmlType, WeightData};
+pub use rows::MoeExpert;
 pub use step::{KvSpec, SeqSlice, StepInput};
 
 /// Errors raised by backends. Shapes are checked at every op boundary, so a
@@ -331,5 +332,39 @@ pub trait Backend: Send + Sync {
             params,
         )?;
         self.upload(&shape, out)
+    }
+
+    /// A mixture-of-experts layer's routed experts over `x: [n, d]`: for
+    /// each expert in the order given, `down(act(gate(xs)) * up(xs))` over
+    /// its rows `xs` of `x`, times its scales, added to those rows of a zero
+    /// `[n, d]` result (so each row sums its experts' outputs in the order of
+    /// `experts`, whatever else shares the step). One call per layer lets a
+    /// backend spread the experts over its cores; by default it is the
+    /// per-expert sequence of [`Backend::gather_rows`], [`Backend::linear`],
+    /// [`Backend::gated_activation`] and [`Backend::add_rows_scaled`], which
+    /// any backend computes (CUDA included), and which a backend's own form
+    /// must match bit for bit.
+    fn moe_experts(
+        &self,
+        x: &Self::Tensor,
+        experts: &[MoeExpert<'_, Self::Weight, Self::Tensor>],
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let shape = self.shape(x);
+        let n = shape.first().copied().unwrap_or(0);
+        let mut out = self.upload(&shape, vec![0.0; shape.iter().product()])?;
+        for e in experts {
+            e.check(n)?;
+            if e.rows.is_empty() {
+                continue;
+            }
+            let xs = self.gather_rows(x, e.rows)?;
+            let g = self.linear(&xs, e.gate, e.bias(0))?;
+            let u = self.linear(&xs, e.up, e.bias(1))?;
+            let a = self.gated_activation(&g, &u, act)?;
+            let y = self.linear(&a, e.down, e.bias(2))?;
+            self.add_rows_scaled(&mut out, &y, e.rows, e.scales)?;
+        }
+        Ok(out)
     }
 }

@@ -60,6 +60,50 @@ pub fn add_rows_scaled(
     Ok(())
 }
 
+/// One routed expert of a mixture-of-experts layer for one step: its
+/// SwiGLU matrices and the rows (tokens, ascending) routed to it with the
+/// router's weight for each. What [`crate::Backend::moe_experts`] takes, so a
+/// backend can run a layer's chosen experts in one call (in parallel across
+/// experts) instead of one small product at a time.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeExpert<'a, W, T> {
+    /// `[ff, hidden]`: the gate projection.
+    pub gate: &'a W,
+    /// `[ff, hidden]`: the up projection.
+    pub up: &'a W,
+    /// `[hidden, ff]`: the down projection.
+    pub down: &'a W,
+    /// The input rows routed to this expert.
+    pub rows: &'a [u32],
+    /// The router's weight of each of `rows`, in the same order.
+    pub scales: &'a [f32],
+    /// Gate, up and down biases, where the model has them (gpt-oss).
+    pub biases: Option<[&'a T; 3]>,
+}
+
+impl<W, T> MoeExpert<'_, W, T> {
+    /// The gate (0), up (1) or down (2) bias, if any.
+    pub fn bias(&self, i: usize) -> Option<&T> {
+        self.biases.map(|b| b[i])
+    }
+
+    /// Refuses rows past `n` input rows and a scale count that differs
+    /// from the row count: checked before any work, so a bad route is an
+    /// error rather than a panic inside a parallel task.
+    pub fn check(&self, n: usize) -> Result<()> {
+        if self.rows.len() != self.scales.len() {
+            return Err(shape_err(
+                "moe_experts",
+                format!("{} rows and {} scales", self.rows.len(), self.scales.len()),
+            ));
+        }
+        match self.rows.iter().find(|&&r| r as usize >= n) {
+            Some(r) => Err(shape_err("moe_experts", format!("row {r} of {n}"))),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ mod float_packed;
 mod isa;
 mod math;
 mod matmul;
+mod moe;
 mod ops;
 mod packed;
 mod tensor;
@@ -341,6 +342,15 @@ impl Backend for CpuBackend {
         }
         let cols = out.cols();
         crate::rows::add_rows_scaled(&mut out.data, cols, &y.data, rows, scales)
+    }
+
+    fn moe_experts(
+        &self,
+        x: &CpuTensor,
+        experts: &[crate::MoeExpert<'_, CpuWeight, CpuTensor>],
+        act: Activation,
+    ) -> Result<CpuTensor> {
+        moe::moe_experts(x, experts, act)
     }
 }
 

@@ -8,13 +8,15 @@
 //! one token runs once, as one SwiGLU over exactly its tokens' rows (so its
 //! weights are read once per step, and a decode step reads only the chosen
 //! experts), and its outputs, scaled by the router's weights, are added back
-//! to those rows. Experts run in index order, so every token accumulates its
-//! experts' outputs in the same order whatever shares the step: with the
-//! backend's row-independent `linear`, a token's result is bit-identical
-//! alone or batched. A shared expert (Qwen2-MoE) then adds its output,
+//! to those rows. The chosen experts go to the backend in one call
+//! ([`Backend::moe_experts`], which the CPU spreads over its cores), in
+//! index order, and their outputs are added in that order, so every token
+//! accumulates its experts' outputs in the same order whatever shares the
+//! step: with the backend's row-independent `linear`, a token's result is
+//! bit-identical alone or batched. A shared expert (Qwen2-MoE) then adds its output,
 //! scaled by its sigmoid gate.
 
-use kiln_backend::{Activation, Backend, WeightData};
+use kiln_backend::{Activation, Backend, MoeExpert, WeightData};
 
 use super::Loader;
 use crate::config::DecoderConfig;
@@ -212,8 +214,8 @@ impl<B: Backend> MoeFfn<B> {
             .moe
             .as_ref()
             .ok_or_else(|| invalid("no expert settings".into()))?;
-        let (tokens, h) = match be.shape(x)[..] {
-            [t, h] => (t, h),
+        let tokens = match be.shape(x)[..] {
+            [t, _] => t,
             ref s => return Err(invalid(format!("input of shape {s:?}"))),
         };
         let n = self.experts.len();
@@ -233,15 +235,22 @@ impl<B: Backend> MoeFfn<B> {
                 scales[e as usize].push(w);
             }
         }
-        let mut out = be.upload(&[tokens, h], vec![0.0; tokens * h])?;
-        for ((expert, rows), scales) in self.experts.iter().zip(&rows).zip(&scales) {
-            if rows.is_empty() {
-                continue;
-            }
-            let xs = be.gather_rows(x, rows)?;
-            let y = expert.forward(be, cfg.activation, &xs)?;
-            be.add_rows_scaled(&mut out, &y, rows, scales)?;
-        }
+        let routed: Vec<MoeExpert<'_, B::Weight, B::Tensor>> = self
+            .experts
+            .iter()
+            .zip(&rows)
+            .zip(&scales)
+            .filter(|((_, rows), _)| !rows.is_empty())
+            .map(|((e, rows), scales)| MoeExpert {
+                gate: &e.gate,
+                up: &e.up,
+                down: &e.down,
+                rows,
+                scales,
+                biases: e.biases.as_ref().map(|[g, u, d]| [g, u, d]),
+            })
+            .collect();
+        let mut out = be.moe_experts(x, &routed, cfg.activation)?;
         if let Some(s) = &self.shared {
             let y = s.expert.forward(be, cfg.activation, x)?;
             let weights = match &s.gate {
