@@ -16,9 +16,10 @@
 
 use rayon::prelude::*;
 
+use super::matmul;
+use super::ops;
 use super::tensor::CpuTensor;
 use super::weight::CpuWeight;
-use super::{matmul, ops};
 use crate::{Activation, MoeExpert, Result};
 
 /// Experts computed in parallel before their outputs are added: enough
@@ -70,7 +71,7 @@ pub(super) fn moe_experts(
 mod tests {
     use super::*;
     use crate::cpu::test_support::{float_weight_bytes, rand_vec, random_blocks};
-    use crate::{Backend, GgmlType, WeightData};
+    use crate::{GgmlType, WeightData};
 
     fn weight(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> CpuWeight {
         let bytes = if ty == GgmlType::F16 {
@@ -82,23 +83,29 @@ mod tests {
         CpuWeight::new(rows, cols, WeightData::Ggml { ty, bytes }).unwrap()
     }
 
-    /// The per-expert sequence the trait's default runs, one op at a time.
+    /// The per-expert sequence the trait's default runs, one op at a time
+    /// (the CPU backend's `gather_rows`, `linear`, `gated_activation` and
+    /// `add_rows_scaled` are these functions).
     fn one_by_one(
         x: &CpuTensor,
         experts: &[MoeExpert<'_, CpuWeight, CpuTensor>],
         act: Activation,
     ) -> Vec<f32> {
-        let be = super::super::CpuBackend::new();
-        let mut out = be.upload(&x.shape, vec![0.0; x.data.len()]).unwrap();
+        let d = x.cols();
+        let mut out = vec![0f32; x.data.len()];
         for e in experts {
-            let xs = be.gather_rows(x, e.rows).unwrap();
-            let g = be.linear(&xs, e.gate, e.bias(0)).unwrap();
-            let u = be.linear(&xs, e.up, e.bias(1)).unwrap();
-            let a = be.gated_activation(&g, &u, act).unwrap();
-            let y = be.linear(&a, e.down, e.bias(2)).unwrap();
-            be.add_rows_scaled(&mut out, &y, e.rows, e.scales).unwrap();
+            let xs = CpuTensor::new(
+                vec![e.rows.len(), d],
+                crate::rows::gather_rows(&x.data, d, e.rows).unwrap(),
+            )
+            .unwrap();
+            let g = matmul::linear(&xs, e.gate, e.bias(0)).unwrap();
+            let u = matmul::linear(&xs, e.up, e.bias(1)).unwrap();
+            let a = ops::gated_activation(&g, &u, act).unwrap();
+            let y = matmul::linear(&a, e.down, e.bias(2)).unwrap();
+            crate::rows::add_rows_scaled(&mut out, d, &y.data, e.rows, e.scales).unwrap();
         }
-        out.data
+        out
     }
 
     fn pool(threads: usize) -> rayon::ThreadPool {
