@@ -22,8 +22,12 @@ pub mod fixtures;
 // with the `test-support` feature.
 #[cfg(feature = "test-support")]
 pub mod fuzz;
+// The tiny checkpoints' goldens as every family's golden test reads them:
+// a test tool, only with the `test-support` feature.
 pub mod gguf;
 mod gguf_write;
+#[cfg(feature = "test-support")]
+pub mod goldens;
 pub mod gpt_oss;
 pub mod inspect;
 pub mod layouts;

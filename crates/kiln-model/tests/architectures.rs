@@ -3,98 +3,16 @@
 //! (`testdata/tiny/<arch>/`): the logits of the last prompt position, the
 //! argmax of every position, and 16 greedy tokens through the KV cache.
 
-use std::path::PathBuf;
-
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::StepInput;
 use kiln_model::fixtures;
-use kiln_model::{load, LoadOptions, LoadedModel};
+use kiln_model::goldens::{check_loaded, ids, run, tiny_dir as dir, LOGIT_TOL};
+use kiln_model::{load, LoadOptions};
 use serde_json::Value;
 
-/// Both sides compute in f32 from the same weights; what differs is the order
-/// of summation.
-const LOGIT_TOL: f32 = 1e-4;
-
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/tiny")
-        .join(name)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0 as u32
-}
-
-/// Prefill (all positions' logits), then greedy decoding one token at a time.
-fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
-    let be = CpuBackend::new();
-    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
-    let vocab = m.decoder.config().vocab_size;
-    let mut next = argmax(&all[all.len() - vocab..]);
-    let mut out = vec![next];
-    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
-        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
-        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
-        out.push(next);
-    }
-    (all, out)
-}
-
 fn check(name: &str) {
-    let d = dir(name);
-    let golden: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).expect("golden.json"))
-            .expect("parse golden.json");
-    let m = load(&CpuBackend::new(), &d, &LoadOptions::default())
+    let m = load(&CpuBackend::new(), &dir(name), &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let vocab = m.decoder.config().vocab_size;
-    let n = golden["new_tokens"].as_u64().expect("new_tokens") as usize;
-    for (pi, p) in golden["prompts"]
-        .as_array()
-        .expect("prompts")
-        .iter()
-        .enumerate()
-    {
-        let prompt = ids(&p["ids"]);
-        let (all, greedy) = run(&m, &prompt, n);
-        let want: Vec<f32> = p["last_logits"]
-            .as_array()
-            .expect("last_logits")
-            .iter()
-            .map(|v| v.as_f64().expect("float") as f32)
-            .collect();
-        let last = &all[all.len() - vocab..];
-        let diff = fixtures::max_abs_diff(&format!("{name} prompt {pi}"), last, &want);
-        assert!(
-            diff < LOGIT_TOL,
-            "{name} prompt {pi}: last-position logits differ by {diff}"
-        );
-        let got_argmax: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
-        assert_eq!(
-            got_argmax,
-            ids(&p["argmax"]),
-            "{name} prompt {pi}: argmax per position"
-        );
-        assert_eq!(
-            greedy,
-            ids(&p["greedy"]),
-            "{name} prompt {pi}: greedy tokens"
-        );
-    }
+    check_loaded(name, &m, "safetensors");
 }
 
 #[test]

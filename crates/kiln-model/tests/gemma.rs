@@ -12,97 +12,18 @@ use std::path::{Path, PathBuf};
 use kiln_backend::cpu::CpuBackend;
 use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
 use kiln_model::fixtures;
-use kiln_model::{load, LoadOptions, LoadedModel};
+use kiln_model::goldens::{
+    argmax, check_loaded, floats, golden, ids, run, tiny_dir as dir, LOGIT_TOL,
+};
+use kiln_model::{load, LoadOptions};
 use serde_json::Value;
-
-/// As in `tests/architectures.rs`: both sides compute in f32 from the same
-/// weights; only the order of summation differs.
-const LOGIT_TOL: f32 = 1e-4;
-
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/tiny")
-        .join(name)
-}
-
-fn golden(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(name).join("golden.json")).expect("golden"))
-        .expect("golden.json")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("float") as f32)
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0 as u32
-}
-
-/// Prefill (every position's logits), then greedy decoding one token at a time.
-fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
-    let be = CpuBackend::new();
-    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
-    let vocab = m.decoder.config().vocab_size;
-    let mut next = argmax(&all[all.len() - vocab..]);
-    let mut out = vec![next];
-    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
-        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
-        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
-        out.push(next);
-    }
-    (all, out)
-}
 
 /// The model at `path` against `name`'s golden outputs: last logits within
 /// [`LOGIT_TOL`], per-position argmax (unless `tokens_only`) and greedy tokens exactly.
 fn check(name: &str, path: &Path, what: &str) {
-    let g = golden(name);
     let m = load(&CpuBackend::new(), path, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let vocab = m.decoder.config().vocab_size;
-    let n = g["new_tokens"].as_u64().expect("new_tokens") as usize;
-    for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
-        let (all, greedy) = run(&m, &ids(&p["ids"]), n);
-        let last = &all[all.len() - vocab..];
-        let diff = fixtures::max_abs_diff(
-            &format!("{what} prompt {pi}"),
-            last,
-            &floats(&p["last_logits"]),
-        );
-        assert!(
-            diff < LOGIT_TOL,
-            "{what} prompt {pi}: last logits differ by {diff}"
-        );
-        let per_position: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
-        assert_eq!(
-            per_position,
-            ids(&p["argmax"]),
-            "{what} prompt {pi}: argmax per position"
-        );
-        assert_eq!(
-            greedy,
-            ids(&p["greedy"]),
-            "{what} prompt {pi}: greedy tokens"
-        );
-    }
+    check_loaded(name, &m, what);
 }
 
 #[test]

@@ -17,68 +17,13 @@ use kiln_model::config::DecoderConfig;
 use kiln_model::decoder::Decoder;
 use kiln_model::fixtures;
 use kiln_model::gguf::{GgufWriter, Value as G};
+use kiln_model::goldens::{self, argmax, floats, golden, ids, run, tiny_dir as dir};
 use kiln_model::quant::GgmlType;
 use kiln_model::weights::{SafetensorsSource, WeightSource};
 use kiln_model::{load, LoadOptions, LoadedModel};
 use serde_json::Value;
 
-/// As tests/architectures.rs and tests/moe.rs: both sides compute in f32
-/// from the same weights; what differs is the order of summation.
-const LOGIT_TOL: f32 = 1e-4;
-
 const NAME: &str = "gpt_oss";
-
-fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/tiny")
-        .join(name)
-}
-
-fn golden(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir(name).join("golden.json")).unwrap())
-        .expect("golden.json")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("float") as f32)
-        .collect()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0 as u32
-}
-
-/// Prefill (every position's logits), then greedy decoding one token at a time.
-fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
-    let be = CpuBackend::new();
-    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
-    let vocab = m.decoder.config().vocab_size;
-    let mut next = argmax(&all[all.len() - vocab..]);
-    let mut out = vec![next];
-    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
-        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
-        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
-        out.push(next);
-    }
-    (all, out)
-}
 
 /// The model at `path` against `name`'s golden.json: last-position logits
 /// within [`LOGIT_TOL`], every position's argmax and the greedy tokens equal.
@@ -90,37 +35,12 @@ fn check(name: &str, path: &Path, what: &str) {
 
 /// [`check`] on a model already loaded.
 fn check_loaded(name: &str, m: &LoadedModel<CpuBackend>, what: &str) {
-    let g = golden(name);
     let cfg = m.decoder.config();
     assert!(
         cfg.moe.is_some() && cfg.attn_sinks,
         "{name} ({what}): no experts or sinks"
     );
-    let vocab = m.decoder.config().vocab_size;
-    let n = g["new_tokens"].as_u64().expect("new_tokens") as usize;
-    for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
-        let (all, greedy) = run(m, &ids(&p["ids"]), n);
-        let diff = fixtures::max_abs_diff(
-            &format!("{name} ({what}) prompt {pi}"),
-            &all[all.len() - vocab..],
-            &floats(&p["last_logits"]),
-        );
-        assert!(
-            diff < LOGIT_TOL,
-            "{name} ({what}) prompt {pi}: last-position logits differ by {diff}"
-        );
-        let got: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
-        assert_eq!(
-            got,
-            ids(&p["argmax"]),
-            "{name} ({what}) prompt {pi}: argmax"
-        );
-        assert_eq!(
-            greedy,
-            ids(&p["greedy"]),
-            "{name} ({what}) prompt {pi}: greedy"
-        );
-    }
+    goldens::check_loaded(name, m, what);
 }
 
 #[test]

@@ -1,0 +1,108 @@
+//! The tiny transformers checkpoints under `testdata/tiny/` and their
+//! `golden.json` files, as every family's golden test reads them: the
+//! last position's logits within [`LOGIT_TOL`], every position's argmax
+//! and the greedy tokens equal.
+//!
+//! A test tool (feature `test-support`), shared so that the golden tests of
+//! each family (`tests/architectures.rs`, `gemma.rs`, `moe.rs`,
+//! `gpt_oss.rs`) apply one rule.
+
+use std::path::PathBuf;
+
+use kiln_backend::cpu::CpuBackend;
+use kiln_backend::StepInput;
+use serde_json::Value;
+
+use crate::{fixtures, LoadedModel};
+
+/// Both sides compute in f32 from the same weights; what differs is the
+/// order of summation.
+pub const LOGIT_TOL: f32 = 1e-4;
+
+/// `testdata/tiny/<name>`.
+pub fn tiny_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/tiny")
+        .join(name)
+}
+
+/// `testdata/tiny/<name>/golden.json`.
+pub fn golden(name: &str) -> Value {
+    let path = tiny_dir(name).join("golden.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// A JSON array of numbers as f32.
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+/// The first index of the largest value (transformers' greedy choice).
+pub fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
+
+/// Prefill (every position's logits), then greedy decoding one token at a time.
+pub fn run(m: &LoadedModel<CpuBackend>, prompt: &[u32], new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
+    let be = CpuBackend::new();
+    let (all, mut kv) = fixtures::prefill(&be, &m.decoder, prompt, new_tokens).expect("prefill");
+    let vocab = m.decoder.config().vocab_size;
+    let mut next = argmax(&all[all.len() - vocab..]);
+    let mut out = vec![next];
+    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
+        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
+        next = argmax(&m.decoder.forward(&be, &mut kv, &step).expect("decode"));
+        out.push(next);
+    }
+    (all, out)
+}
+
+/// `m` against `name`'s golden.json (`what` names the form in messages).
+pub fn check_loaded(name: &str, m: &LoadedModel<CpuBackend>, what: &str) {
+    let g = golden(name);
+    let vocab = m.decoder.config().vocab_size;
+    let n = g["new_tokens"].as_u64().expect("new_tokens") as usize;
+    for (pi, p) in g["prompts"].as_array().expect("prompts").iter().enumerate() {
+        let (all, greedy) = run(m, &ids(&p["ids"]), n);
+        let diff = fixtures::max_abs_diff(
+            &format!("{name} ({what}) prompt {pi}"),
+            &all[all.len() - vocab..],
+            &floats(&p["last_logits"]),
+        );
+        assert!(
+            diff < LOGIT_TOL,
+            "{name} ({what}) prompt {pi}: last-position logits differ by {diff}"
+        );
+        let per_position: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
+        assert_eq!(
+            per_position,
+            ids(&p["argmax"]),
+            "{name} ({what}) prompt {pi}: argmax per position"
+        );
+        assert_eq!(
+            greedy,
+            ids(&p["greedy"]),
+            "{name} ({what}) prompt {pi}: greedy tokens"
+        );
+    }
+}
