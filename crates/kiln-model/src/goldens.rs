@@ -3,6 +3,8 @@
 //! last position's logits within [`LOGIT_TOL`], every position's argmax
 //! and the greedy tokens equal.
 //!
+//! Also the mixed-batch runner (`run_plan`) the batch-invariance tests share.
+//!
 //! A test tool (feature `test-support`), shared so that the golden tests of
 //! each family (`tests/architectures.rs`, `gemma.rs`, `moe.rs`,
 //! `gpt_oss.rs`) apply one rule.
@@ -10,9 +12,10 @@
 use std::path::PathBuf;
 
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::StepInput;
+use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
 use serde_json::Value;
 
+use crate::decoder::Decoder;
 use crate::{fixtures, LoadedModel};
 
 /// Both sides compute in f32 from the same weights; what differs is the
@@ -105,4 +108,96 @@ pub fn check_loaded(name: &str, m: &LoadedModel<CpuBackend>, what: &str) {
             "{name} ({what}) prompt {pi}: greedy tokens"
         );
     }
+}
+
+/// One sequence of a multi-sequence run: its tokens, its KV blocks, how far it is.
+pub struct Seq {
+    pub tokens: Vec<u32>,
+    pub blocks: Vec<u32>,
+    pub done: usize,
+}
+
+/// A step over several sequences' next chunks (`take[i]` tokens of
+/// sequence `i`, skipped when 0), asking for every token's logits.
+pub fn multi_step(seqs: &mut [Seq], take: &[usize], bs: usize) -> StepInput {
+    let mut step = StepInput {
+        tokens: vec![],
+        positions: vec![],
+        slots: vec![],
+        seqs: vec![],
+        logit_rows: vec![],
+    };
+    for (s, &n) in seqs.iter_mut().zip(take) {
+        if n == 0 {
+            continue;
+        }
+        let start = step.tokens.len();
+        for p in s.done..s.done + n {
+            step.tokens.push(s.tokens[p]);
+            step.positions.push(p as u32);
+            step.slots
+                .push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
+            step.logit_rows.push(step.logit_rows.len() as u32);
+        }
+        s.done += n;
+        step.seqs.push(SeqSlice {
+            query_start: start,
+            query_len: n,
+            context_len: s.done,
+            block_table: s.blocks.clone(),
+        });
+    }
+    step
+}
+
+/// Every sequence's per-position logits, running `plan` (per step, how many
+/// tokens of each sequence) over a cache shared by all of them.
+pub fn run_plan(
+    be: &CpuBackend,
+    d: &Decoder<CpuBackend>,
+    seqs_tokens: &[Vec<u32>],
+    plan: &[Vec<usize>],
+) -> Vec<Vec<f32>> {
+    let bs = 4;
+    let cfg = d.config();
+    let mut next_block = 0u32;
+    let mut seqs: Vec<Seq> = seqs_tokens
+        .iter()
+        .map(|t| {
+            let n = t.len().div_ceil(bs) as u32;
+            // Blocks in a scattered order, so sequences interleave in the cache.
+            let blocks = (0..n).rev().map(|b| next_block + b).collect();
+            next_block += n;
+            Seq {
+                tokens: t.clone(),
+                blocks,
+                done: 0,
+            }
+        })
+        .collect();
+    let mut kv = be
+        .alloc_kv_cache(&KvSpec {
+            n_layers: cfg.n_layers,
+            num_blocks: next_block as usize,
+            block_size: bs,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+        .unwrap();
+    let vocab = cfg.vocab_size;
+    let mut out = vec![Vec::new(); seqs.len()];
+    for take in plan {
+        let step = multi_step(&mut seqs, take, bs);
+        let logits = d.forward(be, &mut kv, &step).unwrap();
+        let mut rows = logits.chunks_exact(vocab);
+        for (i, &n) in take.iter().enumerate() {
+            for _ in 0..n {
+                out[i].extend_from_slice(rows.next().unwrap());
+            }
+        }
+    }
+    for (s, t) in seqs.iter().zip(seqs_tokens) {
+        assert_eq!(s.done, t.len());
+    }
+    out
 }

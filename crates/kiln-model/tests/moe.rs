@@ -8,12 +8,11 @@
 use std::path::{Path, PathBuf};
 
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
+use kiln_backend::Backend;
 use kiln_model::config::DecoderConfig;
-use kiln_model::decoder::Decoder;
 use kiln_model::fixtures;
 use kiln_model::gguf::{GgufWriter, Value as G};
-use kiln_model::goldens::{argmax, check_loaded, golden, ids, tiny_dir as dir};
+use kiln_model::goldens::{argmax, check_loaded, golden, ids, run_plan, tiny_dir as dir};
 use kiln_model::quant::GgmlType;
 use kiln_model::weights::{SafetensorsSource, WeightSource};
 use kiln_model::{load, LoadOptions};
@@ -358,98 +357,6 @@ fn q8_0_experts_stay_quantized_and_track_the_f32_model() {
             prompt.len()
         );
     }
-}
-
-/// One sequence of a multi-sequence run: its tokens, its KV blocks, how far it is.
-struct Seq {
-    tokens: Vec<u32>,
-    blocks: Vec<u32>,
-    done: usize,
-}
-
-/// A step over several sequences' next chunks (`take[i]` tokens of
-/// sequence `i`, skipped when 0), asking for every token's logits.
-fn multi_step(seqs: &mut [Seq], take: &[usize], bs: usize) -> StepInput {
-    let mut step = StepInput {
-        tokens: vec![],
-        positions: vec![],
-        slots: vec![],
-        seqs: vec![],
-        logit_rows: vec![],
-    };
-    for (s, &n) in seqs.iter_mut().zip(take) {
-        if n == 0 {
-            continue;
-        }
-        let start = step.tokens.len();
-        for p in s.done..s.done + n {
-            step.tokens.push(s.tokens[p]);
-            step.positions.push(p as u32);
-            step.slots
-                .push(s.blocks[p / bs] * bs as u32 + (p % bs) as u32);
-            step.logit_rows.push(step.logit_rows.len() as u32);
-        }
-        s.done += n;
-        step.seqs.push(SeqSlice {
-            query_start: start,
-            query_len: n,
-            context_len: s.done,
-            block_table: s.blocks.clone(),
-        });
-    }
-    step
-}
-
-/// Every sequence's per-position logits, running `plan` (per step, how many
-/// tokens of each sequence) over a cache shared by all of them.
-fn run_plan(
-    be: &CpuBackend,
-    d: &Decoder<CpuBackend>,
-    seqs_tokens: &[Vec<u32>],
-    plan: &[Vec<usize>],
-) -> Vec<Vec<f32>> {
-    let bs = 4;
-    let cfg = d.config();
-    let mut next_block = 0u32;
-    let mut seqs: Vec<Seq> = seqs_tokens
-        .iter()
-        .map(|t| {
-            let n = t.len().div_ceil(bs) as u32;
-            // Blocks in a scattered order, so sequences interleave in the cache.
-            let blocks = (0..n).rev().map(|b| next_block + b).collect();
-            next_block += n;
-            Seq {
-                tokens: t.clone(),
-                blocks,
-                done: 0,
-            }
-        })
-        .collect();
-    let mut kv = be
-        .alloc_kv_cache(&KvSpec {
-            n_layers: cfg.n_layers,
-            num_blocks: next_block as usize,
-            block_size: bs,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: cfg.head_dim,
-        })
-        .unwrap();
-    let vocab = cfg.vocab_size;
-    let mut out = vec![Vec::new(); seqs.len()];
-    for take in plan {
-        let step = multi_step(&mut seqs, take, bs);
-        let logits = d.forward(be, &mut kv, &step).unwrap();
-        let mut rows = logits.chunks_exact(vocab);
-        for (i, &n) in take.iter().enumerate() {
-            for _ in 0..n {
-                out[i].extend_from_slice(rows.next().unwrap());
-            }
-        }
-    }
-    for (s, t) in seqs.iter().zip(seqs_tokens) {
-        assert_eq!(s.done, t.len());
-    }
-    out
 }
 
 /// A token's experts and result do not depend on the batch: each sequence
