@@ -12,6 +12,7 @@ use crate::config::{DecoderConfig, NormKind};
 use kiln_backend::WeightData;
 
 use crate::layouts::Layouts;
+use crate::lora::{LoraStep, Proj};
 use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
@@ -416,7 +417,20 @@ impl<B: Backend> Decoder<B> {
     /// Runs one step and returns the logits of `input.logit_rows`, row after
     /// row (`logit_rows.len() * vocab_size` values).
     pub fn forward(&self, be: &B, kv: &mut B::KvCache, input: &StepInput) -> Result<Vec<f32>> {
-        be.execute(|| self.forward_inner(be, kv, input))
+        be.execute(|| self.forward_inner(be, kv, input, &LoraStep::none()))
+    }
+
+    /// [`Decoder::forward`] with LoRA adapters: each of `lora`'s groups of
+    /// rows gets its adapter's delta on the projections it targets.
+    pub fn forward_lora(
+        &self,
+        be: &B,
+        kv: &mut B::KvCache,
+        input: &StepInput,
+        lora: &LoraStep<'_, B>,
+    ) -> Result<Vec<f32>> {
+        lora.check(input.tokens.len(), self.layers.len())?;
+        be.execute(|| self.forward_inner(be, kv, input, lora))
     }
 
     // The step's context (cache, step, params) travels as separate borrows
@@ -431,11 +445,15 @@ impl<B: Backend> Decoder<B> {
         kv: &mut B::KvCache,
         step: &B::Step,
         attn: &AttentionParams,
+        lora: &LoraStep<'_, B>,
     ) -> Result<B::Tensor> {
         let cfg = &self.cfg;
         let mut q = Self::linear(be, &layer.q, h)?;
         let mut k = Self::linear(be, &layer.k, h)?;
-        let v = Self::linear(be, &layer.v, h)?;
+        let mut v = Self::linear(be, &layer.v, h)?;
+        lora.apply(be, i, Proj::Q, h, &mut q)?;
+        lora.apply(be, i, Proj::K, h, &mut k)?;
+        lora.apply(be, i, Proj::V, h, &mut v)?;
         if let Some((qn, kn)) = &layer.qk_norm {
             q = self.head_norm(be, q, qn, cfg.n_heads)?;
             k = self.head_norm(be, k, kn, cfg.n_kv_heads)?;
@@ -473,27 +491,49 @@ impl<B: Backend> Decoder<B> {
             ..*attn
         };
         let a = be.attention(&q, kv, i, step, &attn)?;
-        Self::linear(be, &layer.o, &a)
+        let mut o = Self::linear(be, &layer.o, &a)?;
+        lora.apply(be, i, Proj::O, &a, &mut o)?;
+        Ok(o)
     }
 
-    fn ffn(&self, be: &B, layer: &Layer<B>, h: &B::Tensor) -> Result<B::Tensor> {
+    fn ffn(
+        &self,
+        be: &B,
+        layer: &Layer<B>,
+        i: usize,
+        h: &B::Tensor,
+        lora: &LoraStep<'_, B>,
+    ) -> Result<B::Tensor> {
         let (gate, up, down) = match &layer.ffn {
             Ffn::Dense { gate, up, down } => (gate, up, down),
             Ffn::Moe(m) => return m.forward(be, &self.cfg, h),
         };
-        let up = Self::linear(be, up, h)?;
+        let mut up = Self::linear(be, up, h)?;
+        lora.apply(be, i, Proj::Up, h, &mut up)?;
         let act = match gate {
-            Some(g) => be.gated_activation(&Self::linear(be, g, h)?, &up, self.cfg.activation)?,
+            Some(g) => {
+                let mut g = Self::linear(be, g, h)?;
+                lora.apply(be, i, Proj::Gate, h, &mut g)?;
+                be.gated_activation(&g, &up, self.cfg.activation)?
+            }
             None => {
                 let mut up = up;
                 be.activation_inplace(&mut up, self.cfg.activation)?;
                 up
             }
         };
-        Self::linear(be, down, &act)
+        let mut out = Self::linear(be, down, &act)?;
+        lora.apply(be, i, Proj::Down, &act, &mut out)?;
+        Ok(out)
     }
 
-    fn forward_inner(&self, be: &B, kv: &mut B::KvCache, input: &StepInput) -> Result<Vec<f32>> {
+    fn forward_inner(
+        &self,
+        be: &B,
+        kv: &mut B::KvCache,
+        input: &StepInput,
+        lora: &LoraStep<'_, B>,
+    ) -> Result<Vec<f32>> {
         if let Some(&p) = input
             .positions
             .iter()
@@ -533,23 +573,23 @@ impl<B: Backend> Decoder<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             if cfg.pre_norm {
                 let h = self.norm(be, &layer.attn_norm, &x)?;
-                let mut a = self.attention(be, layer, i, &h, kv, &step, &attn)?;
+                let mut a = self.attention(be, layer, i, &h, kv, &step, &attn, lora)?;
                 if let Some((post, _)) = &layer.post_norms {
                     a = self.norm(be, post, &a)?;
                 }
                 be.add_inplace(&mut x, &a)?;
                 let h = self.norm(be, &layer.ffn_norm, &x)?;
-                let mut f = self.ffn(be, layer, &h)?;
+                let mut f = self.ffn(be, layer, i, &h, lora)?;
                 if let Some((_, post)) = &layer.post_norms {
                     f = self.norm(be, post, &f)?;
                 }
                 be.add_inplace(&mut x, &f)?;
             } else {
                 // Post-norm blocks (OPT-350m): normalise after each residual add.
-                let a = self.attention(be, layer, i, &x, kv, &step, &attn)?;
+                let a = self.attention(be, layer, i, &x, kv, &step, &attn, lora)?;
                 be.add_inplace(&mut x, &a)?;
                 x = self.norm(be, &layer.attn_norm, &x)?;
-                let f = self.ffn(be, layer, &x)?;
+                let f = self.ffn(be, layer, i, &x, lora)?;
                 be.add_inplace(&mut x, &f)?;
                 x = self.norm(be, &layer.ffn_norm, &x)?;
             }

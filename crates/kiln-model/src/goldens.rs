@@ -16,6 +16,7 @@ use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
 use serde_json::Value;
 
 use crate::decoder::Decoder;
+use crate::lora::{LoraAdapter, LoraStep};
 use crate::{fixtures, LoadedModel};
 
 /// Both sides compute in f32 from the same weights; what differs is the
@@ -158,6 +159,18 @@ pub fn run_plan(
     seqs_tokens: &[Vec<u32>],
     plan: &[Vec<usize>],
 ) -> Vec<Vec<f32>> {
+    run_plan_lora(be, d, seqs_tokens, plan, &vec![None; seqs_tokens.len()])
+}
+
+/// [`run_plan`] with a LoRA adapter (or none) per sequence: each step's
+/// rows of sequence `i` use `adapters[i]` (the LoRA batch-invariance tests).
+pub fn run_plan_lora(
+    be: &CpuBackend,
+    d: &Decoder<CpuBackend>,
+    seqs_tokens: &[Vec<u32>],
+    plan: &[Vec<usize>],
+    adapters: &[Option<&LoraAdapter<CpuBackend>>],
+) -> Vec<Vec<f32>> {
     let bs = 4;
     let cfg = d.config();
     let mut next_block = 0u32;
@@ -188,7 +201,17 @@ pub fn run_plan(
     let mut out = vec![Vec::new(); seqs.len()];
     for take in plan {
         let step = multi_step(&mut seqs, take, bs);
-        let logits = d.forward(be, &mut kv, &step).unwrap();
+        let mut groups = Vec::new();
+        let mut start = 0u32;
+        for (&n, a) in take.iter().zip(adapters) {
+            if let Some(a) = a {
+                groups.push((*a, (start..start + n as u32).collect()));
+            }
+            start += n as u32;
+        }
+        let logits = d
+            .forward_lora(be, &mut kv, &step, &LoraStep::new(groups))
+            .unwrap();
         let mut rows = logits.chunks_exact(vocab);
         for (i, &n) in take.iter().enumerate() {
             for _ in 0..n {

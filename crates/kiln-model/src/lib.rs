@@ -32,6 +32,7 @@ pub mod gpt_oss;
 pub mod inspect;
 pub mod layouts;
 pub mod loader;
+pub mod lora;
 pub mod moe;
 pub mod mxfp4;
 pub mod names;

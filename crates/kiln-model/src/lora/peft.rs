@@ -1,0 +1,594 @@
+//! Reading a PEFT LoRA adapter directory (`adapter_config.json` +
+//! `adapter_model.safetensors`) into f32 host matrices, checked against
+//! the base model's [`DecoderConfig`].
+//!
+//! PEFT names each matrix after the module it adapts
+//! (`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`,
+//! `[rank, in]`, and `….lora_B.weight`, `[out, rank]`); the layer index
+//! and the module's name say which projection of kiln's decoder it
+//! belongs to. Fused modules (Phi-3's `qkv_proj` and `gate_up_proj`,
+//! GPT-2's `c_attn`) share one `A` and have their `B` split by rows, the
+//! way the base weight is split at load. The delta's scale is
+//! `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, with
+//! `rank_pattern` and `alpha_pattern` overriding per module. The base
+//! model's name (`base_model_name_or_path`) is ignored: an adapter trained
+//! for another model is caught by its module names and shapes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use kiln_backend::RopeLayout;
+
+use super::{LoraError, LoraLimits, LoraResult, Proj};
+use crate::config::DecoderConfig;
+
+/// The PEFT adapter's configuration file.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The PEFT adapter's weights.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// Largest `adapter_config.json` read (real ones are under 2 KB).
+const MAX_ADAPTER_CONFIG_BYTES: u64 = 1 << 20;
+
+/// One projection's low-rank pair: `delta(x) = scale * B·(A·x)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraMatrix {
+    pub rank: usize,
+    /// `[rank, in]`, row-major.
+    pub a: Vec<f32>,
+    /// `[out, rank]`, row-major.
+    pub b: Vec<f32>,
+    pub scale: f32,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+/// A whole adapter on the host: per layer, one optional [`LoraMatrix`] per
+/// [`Proj`] (in [`Proj::ALL`]'s order).
+#[derive(Debug, Clone)]
+pub struct HostLora {
+    /// The directory it was read from, for messages.
+    pub path: PathBuf,
+    /// Largest rank of any of its matrices.
+    pub rank: usize,
+    pub layers: Vec<[Option<LoraMatrix>; 7]>,
+}
+
+impl HostLora {
+    /// The matrices of `layer`'s projection `proj`, if the adapter targets it.
+    pub fn get(&self, layer: usize, proj: Proj) -> Option<&LoraMatrix> {
+        self.layers.get(layer)?[proj.index()].as_ref()
+    }
+
+    /// Host bytes the adapter's matrices take (for memory accounting).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|m| 4 * (m.a.len() + m.b.len()))
+            .sum()
+    }
+}
+
+/// The settings of `adapter_config.json` kiln uses.
+struct PeftConfig {
+    r: usize,
+    alpha: f64,
+    rslora: bool,
+    rank_pattern: BTreeMap<String, usize>,
+    alpha_pattern: BTreeMap<String, f64>,
+}
+
+/// Whether a `rank_pattern`/`alpha_pattern` key names `module` (the full
+/// module name, or a dotted suffix of it, as PEFT matches them).
+fn pattern_matches(key: &str, module: &str) -> bool {
+    module == key || module.ends_with(&format!(".{key}"))
+}
+
+impl PeftConfig {
+    fn rank_of(&self, module: &str) -> usize {
+        self.rank_pattern
+            .iter()
+            .find(|(k, _)| pattern_matches(k, module))
+            .map_or(self.r, |(_, &r)| r)
+    }
+
+    fn alpha_of(&self, module: &str) -> f64 {
+        self.alpha_pattern
+            .iter()
+            .find(|(k, _)| pattern_matches(k, module))
+            .map_or(self.alpha, |(_, &a)| a)
+    }
+
+    fn scale(&self, module: &str, rank: usize) -> f32 {
+        let alpha = self.alpha_of(module);
+        let r = rank as f64;
+        (if self.rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }) as f32
+    }
+}
+
+/// The module names (last component) of `cfg`'s architecture that an
+/// adapter may target, each with the projections it stands for.
+fn module_table(cfg: &DecoderConfig) -> Vec<(&'static str, Vec<Proj>)> {
+    use Proj::*;
+    match cfg.arch.as_str() {
+        "gpt2" => vec![
+            ("c_attn", vec![Q, K, V]),
+            ("c_proj", vec![]), // O or Down, by its parent: see `projections_of`
+            ("c_fc", vec![Up]),
+        ],
+        "opt" => vec![
+            ("q_proj", vec![Q]),
+            ("k_proj", vec![K]),
+            ("v_proj", vec![V]),
+            ("out_proj", vec![O]),
+            ("fc1", vec![Up]),
+            ("fc2", vec![Down]),
+        ],
+        "phi3" => vec![
+            ("qkv_proj", vec![Q, K, V]),
+            ("o_proj", vec![O]),
+            ("gate_up_proj", vec![Gate, Up]),
+            ("down_proj", vec![Down]),
+        ],
+        _ => {
+            let mut t = vec![
+                ("q_proj", vec![Q]),
+                ("k_proj", vec![K]),
+                ("v_proj", vec![V]),
+                ("o_proj", vec![O]),
+            ];
+            if cfg.moe.is_none() {
+                if cfg.gated_ffn {
+                    t.push(("gate_proj", vec![Gate]));
+                }
+                t.push(("up_proj", vec![Up]));
+                t.push(("down_proj", vec![Down]));
+            }
+            t
+        }
+    }
+}
+
+/// Module names that exist in these models but that kiln does not adapt.
+const UNSUPPORTED_MODULES: &[&str] = &[
+    "lm_head",
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "embed_out",
+    "router",
+];
+
+/// `(out, in)` of one projection of `cfg`'s layers.
+fn dims(cfg: &DecoderConfig, p: Proj) -> (usize, usize) {
+    let h = cfg.hidden_size;
+    let q = cfg.n_heads * cfg.head_dim;
+    let kv = cfg.n_kv_heads * cfg.head_dim;
+    let ff = cfg.intermediate_size;
+    match p {
+        Proj::Q => (q, h),
+        Proj::K | Proj::V => (kv, h),
+        Proj::O => (h, q),
+        Proj::Gate | Proj::Up => (ff, h),
+        Proj::Down => (h, ff),
+    }
+}
+
+/// A module name split into its layer and its name inside the layer
+/// (`model.layers.3.self_attn.q_proj` → `(3, ["self_attn", "q_proj"])`).
+fn split_module(module: &str) -> Option<(usize, Vec<&str>)> {
+    let parts: Vec<&str> = module.split('.').collect();
+    let at = parts.windows(2).position(|w| {
+        matches!(w[0], "layers" | "h")
+            && w[1].bytes().all(|b| b.is_ascii_digit())
+            && !w[1].is_empty()
+    })?;
+    let layer = parts[at + 1].parse().ok()?;
+    Some((layer, parts[at + 2..].to_vec()))
+}
+
+/// The projections a module of a layer stands for, or why it has none.
+fn projections_of(
+    cfg: &DecoderConfig,
+    path: &Path,
+    layer: usize,
+    inner: &[&str],
+) -> LoraResult<Vec<Proj>> {
+    let leaf = inner.last().copied().unwrap_or_default();
+    let unknown = || LoraError::UnknownTarget {
+        path: path.to_path_buf(),
+        module: inner.join("."),
+        arch: cfg.arch.clone(),
+    };
+    if inner.iter().any(|p| p.contains("expert"))
+        || (cfg.moe.is_some() && inner.first() == Some(&"mlp"))
+    {
+        return Err(LoraError::Unsupported {
+            path: path.to_path_buf(),
+            what: format!(
+                "an adapter on the feed-forward block of a mixture-of-experts model ('{}' in layer {layer})",
+                inner.join(".")
+            ),
+        });
+    }
+    // Only a module directly in the layer or in its attention or MLP block.
+    let parent_ok = match inner {
+        [_] => true,
+        [p, _] => matches!(*p, "self_attn" | "attn" | "mlp"),
+        _ => false,
+    };
+    if !parent_ok {
+        return Err(unknown());
+    }
+    if cfg.arch == "gpt2" && leaf == "c_proj" {
+        return match inner.first() {
+            Some(&"attn") => Ok(vec![Proj::O]),
+            Some(&"mlp") => Ok(vec![Proj::Down]),
+            _ => Err(unknown()),
+        };
+    }
+    module_table(cfg)
+        .into_iter()
+        .find(|(n, _)| *n == leaf)
+        .map(|(_, p)| p)
+        .ok_or_else(unknown)
+}
+
+/// Checks `target_modules` (a list of names, `"all-linear"`, or a regular
+/// expression, which the tensors' names are then checked against instead).
+fn check_targets(cfg: &DecoderConfig, path: &Path, json: &Value) -> LoraResult<()> {
+    let Some(list) = json.get("target_modules").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    let table = module_table(cfg);
+    for t in list {
+        let Some(name) = t.as_str() else {
+            return Err(malformed(
+                path,
+                format!("target_modules holds {t}, not a name"),
+            ));
+        };
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        if name == "all-linear" || table.iter().any(|(n, _)| *n == leaf) {
+            continue;
+        }
+        if UNSUPPORTED_MODULES.contains(&leaf) {
+            return Err(LoraError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("target module '{name}'"),
+            });
+        }
+        return Err(LoraError::UnknownTarget {
+            path: path.to_path_buf(),
+            module: name.to_string(),
+            arch: cfg.arch.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn malformed(path: &Path, msg: String) -> LoraError {
+    LoraError::Malformed {
+        path: path.to_path_buf(),
+        msg,
+    }
+}
+
+fn read_config(dir: &Path) -> LoraResult<(PeftConfig, Value, PathBuf)> {
+    let path = dir.join(CONFIG_FILE);
+    if !path.is_file() {
+        return Err(LoraError::Missing { path });
+    }
+    let bytes = crate::files::read_bounded(&path, MAX_ADAPTER_CONFIG_BYTES, "an adapter config")
+        .map_err(|e| malformed(&path, e.to_string()))?;
+    let json: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| malformed(&path, format!("not valid JSON: {e}")))?;
+    if !json.is_object() {
+        return Err(malformed(&path, "not a JSON object".into()));
+    }
+    let unsupported = |what: String| LoraError::Unsupported {
+        path: path.clone(),
+        what,
+    };
+    match json.get("peft_type").and_then(Value::as_str) {
+        None | Some("LORA") => {}
+        Some(other) => return Err(unsupported(format!("peft_type '{other}' (only LORA is)"))),
+    }
+    if json.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(unsupported("DoRA (use_dora)".into()));
+    }
+    if json.get("lora_bias").and_then(Value::as_bool) == Some(true) {
+        return Err(unsupported("a LoRA bias (lora_bias)".into()));
+    }
+    match json.get("bias").and_then(Value::as_str) {
+        None | Some("none") => {}
+        Some(b) => return Err(unsupported(format!("bias '{b}' (only 'none' is)"))),
+    }
+    if json
+        .get("modules_to_save")
+        .and_then(Value::as_array)
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(unsupported(
+            "modules_to_save (whole trained modules)".into(),
+        ));
+    }
+    for key in [
+        "target_parameters",
+        "trainable_token_indices",
+        "layer_replication",
+    ] {
+        if json
+            .get(key)
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(unsupported(format!("'{key}'")));
+        }
+    }
+    let uint = |key: &str, default: usize| -> LoraResult<usize> {
+        match json.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|&r| r > 0)
+                .map(|r| r as usize)
+                .ok_or_else(|| malformed(&path, format!("'{key}' is {v}, not a positive integer"))),
+        }
+    };
+    let r = uint("r", 8)?;
+    let alpha = match json.get("lora_alpha") {
+        None | Some(Value::Null) => 8.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|a| a.is_finite())
+            .ok_or_else(|| malformed(&path, format!("'lora_alpha' is {v}, not a number")))?,
+    };
+    let rslora = json
+        .get("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let map = |key: &str| -> LoraResult<Vec<(String, Value)>> {
+        match json.get(key) {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Object(m)) => Ok(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            Some(v) => Err(malformed(&path, format!("'{key}' is {v}, not an object"))),
+        }
+    };
+    let mut rank_pattern = BTreeMap::new();
+    for (k, v) in map("rank_pattern")? {
+        let r = v
+            .as_u64()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| malformed(&path, format!("rank_pattern '{k}' is {v}")))?;
+        rank_pattern.insert(k, r as usize);
+    }
+    let mut alpha_pattern = BTreeMap::new();
+    for (k, v) in map("alpha_pattern")? {
+        let a = v
+            .as_f64()
+            .ok_or_else(|| malformed(&path, format!("alpha_pattern '{k}' is {v}")))?;
+        alpha_pattern.insert(k, a);
+    }
+    Ok((
+        PeftConfig {
+            r,
+            alpha,
+            rslora,
+            rank_pattern,
+            alpha_pattern,
+        },
+        json,
+        path,
+    ))
+}
+
+/// A 2-D tensor as f32 (F32, F16 or BF16 in the file).
+fn to_f32(path: &Path, name: &str, view: &safetensors::tensor::TensorView) -> LoraResult<Vec<f32>> {
+    let data = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(malformed(
+                path,
+                format!("tensor '{name}' is {other:?}; adapters must be F32, F16 or BF16"),
+            ))
+        }
+    })
+}
+
+/// Reorders the rows of `b: [heads * head_dim, rank]` from Hugging Face's
+/// rotary order (each head's first half, then its second) to the
+/// interleaved order llama.cpp's converter gives llama's q and k weights
+/// (pairs `(j, j + head_dim/2)` adjacent), so the delta lines up with a
+/// GGUF base's rows.
+fn interleave_heads(b: &[f32], heads: usize, head_dim: usize, rank: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; b.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for k in 0..2 {
+                let src = h * head_dim + k * half + j;
+                let dst = h * head_dim + 2 * j + k;
+                out[dst * rank..(dst + 1) * rank].copy_from_slice(&b[src * rank..(src + 1) * rank]);
+            }
+        }
+    }
+    out
+}
+
+/// Reads the PEFT adapter in `dir` for a base model configured as `cfg`.
+pub fn read_peft(dir: &Path, cfg: &DecoderConfig, limits: LoraLimits) -> LoraResult<HostLora> {
+    let (peft, json, config_path) = read_config(dir)?;
+    check_targets(cfg, &config_path, &json)?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    if !wpath.is_file() {
+        return Err(LoraError::Missing { path: wpath });
+    }
+    let file = File::open(&wpath).map_err(|e| malformed(&wpath, e.to_string()))?;
+    // SAFETY: a read-only map of a file nobody in this process writes.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| malformed(&wpath, e.to_string()))?;
+    let st = SafeTensors::deserialize(&mmap)
+        .map_err(|e| malformed(&wpath, format!("not a valid safetensors file: {e}")))?;
+
+    // Module name → (A, B) tensor names, in name order.
+    let mut modules: BTreeMap<String, [Option<String>; 2]> = BTreeMap::new();
+    for name in st.names() {
+        let (module, which) = if let Some(m) = name.strip_suffix(".lora_A.weight") {
+            (m, 0)
+        } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+            (m, 1)
+        } else if name.contains("lora_embedding") || name.contains("magnitude") {
+            return Err(LoraError::Unsupported {
+                path: wpath.clone(),
+                what: format!("tensor '{name}' (embedding adapters and DoRA)"),
+            });
+        } else {
+            return Err(malformed(
+                &wpath,
+                format!(
+                    "tensor '{name}' is not a LoRA matrix (….lora_A.weight or ….lora_B.weight)"
+                ),
+            ));
+        };
+        modules.entry(module.to_string()).or_default()[which] = Some(name.to_string());
+    }
+    if modules.is_empty() {
+        return Err(malformed(&wpath, "holds no LoRA matrices".into()));
+    }
+
+    let mut layers: Vec<[Option<LoraMatrix>; 7]> =
+        (0..cfg.n_layers).map(|_| Default::default()).collect();
+    let mut max_rank = 0;
+    let permute = cfg
+        .rope
+        .as_ref()
+        .is_some_and(|r| r.layout == RopeLayout::Interleaved);
+    for (module, [a_name, b_name]) in &modules {
+        let (Some(a_name), Some(b_name)) = (a_name, b_name) else {
+            return Err(malformed(
+                &wpath,
+                format!("module '{module}' needs both lora_A and lora_B"),
+            ));
+        };
+        let Some((layer, inner)) = split_module(module) else {
+            let leaf = module.rsplit('.').next().unwrap_or(module);
+            return Err(if UNSUPPORTED_MODULES.contains(&leaf) {
+                LoraError::Unsupported {
+                    path: wpath.clone(),
+                    what: format!("an adapter on '{module}'"),
+                }
+            } else {
+                LoraError::UnknownTarget {
+                    path: wpath.clone(),
+                    module: module.clone(),
+                    arch: cfg.arch.clone(),
+                }
+            });
+        };
+        let projs = projections_of(cfg, &wpath, layer, &inner)?;
+        let get = |n: &str| {
+            st.tensor(n)
+                .map_err(|e| malformed(&wpath, format!("tensor '{n}': {e}")))
+        };
+        let (a, b) = (get(a_name)?, get(b_name)?);
+        let in_dim = dims(cfg, projs[0]).1;
+        let outs: Vec<usize> = projs.iter().map(|&p| dims(cfg, p).0).collect();
+        let out_total: usize = outs.iter().sum();
+        let rank = a.shape().first().copied().unwrap_or(0);
+        if rank > limits.max_rank {
+            return Err(LoraError::RankTooLarge {
+                path: wpath.clone(),
+                rank,
+                max: limits.max_rank,
+            });
+        }
+        let shape_err = |tensor: &str, got: &[usize], want: Vec<usize>| LoraError::Shape {
+            path: wpath.clone(),
+            tensor: tensor.to_string(),
+            got: got.to_vec(),
+            want,
+        };
+        if layer >= cfg.n_layers {
+            return Err(LoraError::UnknownTarget {
+                path: wpath.clone(),
+                module: module.clone(),
+                arch: format!("{}-layer {}", cfg.n_layers, cfg.arch),
+            });
+        }
+        if rank == 0 || a.shape() != [rank, in_dim] {
+            return Err(shape_err(a_name, a.shape(), vec![rank.max(1), in_dim]));
+        }
+        if b.shape() != [out_total, rank] {
+            return Err(shape_err(b_name, b.shape(), vec![out_total, rank]));
+        }
+        let want_rank = peft.rank_of(module);
+        if rank != want_rank {
+            return Err(malformed(
+                &wpath,
+                format!(
+                    "module '{module}' has rank {rank}, but adapter_config.json gives {want_rank}"
+                ),
+            ));
+        }
+        let a_data = to_f32(&wpath, a_name, &a)?;
+        let b_data = to_f32(&wpath, b_name, &b)?;
+        let scale = peft.scale(module, rank);
+        let mut row = 0;
+        for (&p, &out) in projs.iter().zip(&outs) {
+            let mut b_part = b_data[row * rank..(row + out) * rank].to_vec();
+            row += out;
+            if permute {
+                match p {
+                    Proj::Q => b_part = interleave_heads(&b_part, cfg.n_heads, cfg.head_dim, rank),
+                    Proj::K => {
+                        b_part = interleave_heads(&b_part, cfg.n_kv_heads, cfg.head_dim, rank)
+                    }
+                    _ => {}
+                }
+            }
+            let slot = &mut layers[layer][p.index()];
+            if slot.is_some() {
+                return Err(malformed(
+                    &wpath,
+                    format!("layer {layer}'s {} is adapted twice", p.hf_name()),
+                ));
+            }
+            *slot = Some(LoraMatrix {
+                rank,
+                a: a_data.clone(),
+                b: b_part,
+                scale,
+                in_dim,
+                out_dim: out,
+            });
+        }
+        max_rank = max_rank.max(rank);
+    }
+    Ok(HostLora {
+        path: dir.to_path_buf(),
+        rank: max_rank,
+        layers,
+    })
+}

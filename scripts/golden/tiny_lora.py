@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Tiny LoRA adapters (PEFT layout) on the tiny checkpoints, with golden outputs.
+
+For each adapter below this script loads testdata/tiny/<model> with
+transformers (eager attention, float32, CPU), wraps it with peft's
+LoraConfig, fills every lora_A and lora_B matrix from a fixed-seed
+generator (peft's own init leaves B at zero, which would make the adapter a
+no-op that any kernel passes), saves it with save_pretrained into
+testdata/tiny/<model>/<adapter>/ (adapter_config.json,
+adapter_model.safetensors) and writes golden.json there with, for the three
+prompts of tiny_models.py:
+
+  * last_logits: the adapted model's logits at the last prompt position
+    (transformers + peft, unmerged);
+  * merged_last_logits: the same from the merged model (merge_and_unload),
+    a second reference computed differently;
+  * argmax: the adapted model's argmax at every position;
+  * greedy: 16 greedy new tokens of the adapted model (EOS ignored);
+  * base_max_abs_diff: how far the adapter moves the last logits from the
+    base model's (the script fails when it is below 0.05, so a kernel that
+    skips the delta cannot pass).
+
+Adapters (chosen to exercise what the loader must get right):
+
+  llama/lora_a   q_proj, v_proj; r 4, alpha 8
+  llama/lora_b   "all-linear"; r 8, alpha 16, use_rslora (scale alpha/sqrt(r))
+  llama/lora_c   k_proj, o_proj, gate/up/down; r 4, alpha 4, rank_pattern
+                 down_proj: 2, alpha_pattern k_proj: 12
+  qwen3/lora     "all-linear"; r 8, alpha 16 (q/k norms after the delta)
+  phi3/lora      fused qkv_proj and gate_up_proj, o_proj, down_proj; r 4, alpha 8
+  gpt2/lora      fused c_attn (Conv1D), c_proj, c_fc; r 4, alpha 8
+
+Run after tiny_models.py (which rewrites the model directories and so
+removes the adapters; the goldens depend on its weights). From the
+repository root, about 10 seconds:
+
+    HF_HUB_OFFLINE=1 ${KILN_CACHE:-$HOME/.cache/kiln}/venv-golden/bin/python \\
+        scripts/golden/tiny_lora.py [--out testdata/tiny]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import NEW_TOKENS, PROMPTS, f32, greedy_config  # noqa: E402
+
+SEED = 20261206
+LORA_STD = 0.1
+MIN_EFFECT = 0.05
+
+ADAPTERS = [
+    ("llama", "lora_a", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    ("llama", "lora_b", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
+    (
+        "llama",
+        "lora_c",
+        dict(
+            r=4,
+            lora_alpha=4,
+            target_modules=["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"k_proj": 12},
+        ),
+    ),
+    ("qwen3", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    ("phi3", "lora", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
+    ("gpt2", "lora", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+]
+
+
+def main() -> int:
+    import peft
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="testdata/tiny")
+    args = ap.parse_args()
+    out = Path(args.out)
+    torch.set_num_threads(1)
+    failures = []
+    for idx, (model_name, name, kw) in enumerate(ADAPTERS):
+        base_dir = out / model_name
+        load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
+            base_dir, attn_implementation="eager", dtype=torch.float32
+        ).eval()
+        base = load()
+        base_logits = [base(input_ids=torch.tensor([p]), use_cache=False).logits[0] for p in PROMPTS]
+        cfg = LoraConfig(lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **kw)
+        model = get_peft_model(load(), cfg).eval()
+        g = torch.Generator().manual_seed(SEED + idx)
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        with torch.no_grad():
+            for n in sorted(params):
+                params[n].copy_(torch.randn(params[n].shape, generator=g) * LORA_STD)
+        d = base_dir / name
+        if d.exists():
+            shutil.rmtree(d)
+        model.peft_config["default"].base_model_name_or_path = f"testdata/tiny/{model_name}"
+        model.save_pretrained(d)
+        (d / "README.md").unlink(missing_ok=True)  # peft's empty model card
+        merged = get_peft_model(load(), cfg)
+        merged.load_state_dict(model.state_dict())
+        merged = merged.merge_and_unload().eval()
+        gen_cfg = greedy_config(model.base_model.model)
+        recs = []
+        for i, ids in enumerate(PROMPTS):
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                logits = model(input_ids=x, use_cache=False).logits[0]
+                m_logits = merged(input_ids=x, use_cache=False).logits[0]
+                gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen_cfg)
+            greedy = gen.sequences[0].tolist()[len(ids):]
+            if len(greedy) != NEW_TOKENS:
+                failures.append(f"{model_name}/{name} p{i}: {len(greedy)} tokens")
+            effect = float((logits[-1] - base_logits[i][-1]).abs().max())
+            merged_diff = float((logits[-1] - m_logits[-1]).abs().max())
+            if effect < MIN_EFFECT:
+                failures.append(f"{model_name}/{name} p{i}: the adapter moves the logits by only {effect}")
+            if merged_diff > 1e-4:
+                failures.append(f"{model_name}/{name} p{i}: merged and unmerged differ by {merged_diff}")
+            recs.append(
+                {
+                    "ids": ids,
+                    "last_logits": [f32(v) for v in logits[-1].tolist()],
+                    "merged_last_logits": [f32(v) for v in m_logits[-1].tolist()],
+                    "argmax": logits.argmax(-1).tolist(),
+                    "greedy": greedy,
+                    "base_max_abs_diff": effect,
+                    "merged_max_abs_diff": merged_diff,
+                }
+            )
+        doc = {
+            "model": model_name,
+            "adapter": name,
+            "lora_config": {k: v for k, v in kw.items()},
+            "seed": SEED + idx,
+            "init": f"every lora_A/lora_B ~ N(0, {LORA_STD}^2), sorted name order",
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+            "new_tokens": NEW_TOKENS,
+            "prompts": recs,
+        }
+        (d / "golden.json").write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"{model_name}/{name}: effect {min(r['base_max_abs_diff'] for r in recs):.3f}, "
+              f"merged diff {max(r['merged_max_abs_diff'] for r in recs):.2e}")
+    for f in failures:
+        print("FAIL", f, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
