@@ -178,10 +178,22 @@ impl BlockManager {
         tokens: &[u32],
         max_tokens: usize,
     ) -> (Vec<u32>, Vec<BlockHash>) {
+        self.match_prefix_salted(tokens, max_tokens, 0)
+    }
+
+    /// [`Self::match_prefix`] of a prefix whose chain starts at `root`
+    /// rather than 0 (a LoRA adapter's salt: its keys and values differ
+    /// from the base model's for the same tokens).
+    pub fn match_prefix_salted(
+        &mut self,
+        tokens: &[u32],
+        max_tokens: usize,
+        root: BlockHash,
+    ) -> (Vec<u32>, Vec<BlockHash>) {
         let bs = self.block_size;
         let mut blocks = Vec::new();
         let mut hashes = Vec::new();
-        let mut parent = 0;
+        let mut parent = root;
         for chunk in tokens[..max_tokens.min(tokens.len())].chunks_exact(bs) {
             let h = block_hash(parent, chunk);
             let Some(&b) = self.by_hash.get(&h) else {

@@ -24,6 +24,7 @@ use kiln_model::tokenizer::Tokenizer;
 use kiln_model::LoadedModel;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use crate::adapters::{Adapters, Resolved, Uploaded};
 use crate::block_manager::BlockManager;
 use crate::detok::IncrementalDetokenizer;
 use crate::guided::{Compiled, Guide, GuideState};
@@ -131,6 +132,8 @@ enum Command {
         guide: Option<llguidance::Matcher>,
         tx: UnboundedSender<Event>,
         arrival: Instant,
+        /// The LoRA adapter the request uses, if any.
+        adapter: Option<Resolved>,
     },
 }
 
@@ -158,6 +161,8 @@ struct Shared {
     /// over the vocabulary), or why it cannot be.
     guide: OnceLock<Result<Guide, String>>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The model's LoRA adapters (`crate::adapters`).
+    adapters: Arc<Adapters>,
 }
 
 impl Engine {
@@ -225,7 +230,10 @@ impl Engine {
         let unfinished = Arc::new(AtomicUsize::new(0));
         let abort = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
+        let adapters = Arc::new(Adapters::new(dcfg.clone(), info.backend.clone()));
         let worker = Worker {
+            adapters: adapters.clone(),
+            lora: Uploaded::default(),
             backend,
             decoder: model.decoder,
             kv,
@@ -265,8 +273,14 @@ impl Engine {
                 chat_template,
                 guide: OnceLock::new(),
                 thread: std::sync::Mutex::new(Some(thread)),
+                adapters,
             }),
         })
+    }
+
+    /// The model's LoRA adapters (managed through `crate::adapters`' methods).
+    pub(crate) fn adapter_registry(&self) -> &Arc<Adapters> {
+        &self.shared.adapters
     }
 
     /// Facts about the engine (KV cache size, limits).
@@ -343,6 +357,17 @@ impl Engine {
         req: Request,
         compiled: Option<Compiled>,
     ) -> Result<RequestStream, SubmitError> {
+        self.submit_adapter(req, compiled, None)
+    }
+
+    /// Like [`Self::submit_compiled`], with the request's rows on the LoRA
+    /// adapter registered as `adapter` (`None`: the base model).
+    pub fn submit_adapter(
+        &self,
+        req: Request,
+        compiled: Option<Compiled>,
+        adapter: Option<&str>,
+    ) -> Result<RequestStream, SubmitError> {
         let info = &self.shared.info;
         req.sampling.validate().map_err(SubmitError::Invalid)?;
         if req.prompt.is_empty() {
@@ -399,6 +424,10 @@ impl Engine {
             ),
             (None, None) => None,
         };
+        let adapter = adapter
+            .map(|a| self.shared.adapters.resolve(a))
+            .transpose()
+            .map_err(|e| SubmitError::Invalid(e.to_string()))?;
         // Reserve a place before sending, so the bound holds under races:
         // the queue's length plus the batch slots that are free, i.e. at most
         // `max_waiting + max_running` requests unfinished.
@@ -417,6 +446,7 @@ impl Engine {
             guide,
             tx,
             arrival: Instant::now(),
+            adapter,
         };
         let sent = match self.shared.tx.lock() {
             Ok(guard) => guard.as_ref().is_some_and(|tx| tx.send(cmd).is_ok()),
@@ -483,6 +513,8 @@ struct Active {
     prompt_top_logprobs: Vec<Vec<(u32, f32)>>,
     /// The grammar the output must follow, if any.
     guide: Option<GuideState>,
+    /// Registration id of its LoRA adapter (0: none).
+    adapter: u32,
 }
 
 struct Worker<B: Backend> {
@@ -499,6 +531,9 @@ struct Worker<B: Backend> {
     unfinished: Arc<AtomicUsize>,
     abort: Arc<AtomicBool>,
     max_model_len: usize,
+    adapters: Arc<Adapters>,
+    /// The adapters of unfinished requests, on the backend.
+    lora: Uploaded<B>,
 }
 
 impl<B: Backend> Worker<B> {
@@ -539,6 +574,7 @@ impl<B: Backend> Worker<B> {
             guide,
             tx,
             arrival,
+            adapter,
         } = cmd;
         let prompt_len = req.prompt.len();
         let limit = req
@@ -566,10 +602,24 @@ impl<B: Backend> Worker<B> {
                 Vec::new()
             },
             guide: guide.map(GuideState::new),
+            adapter: adapter.as_ref().map_or(0, |r| r.id),
             tx,
             req,
         };
-        let seq = SeqKv::new(id, active.req.prompt.clone());
+        let mut seq = SeqKv::new(id, active.req.prompt.clone());
+        if let Some(r) = &adapter {
+            if let Err(e) = self.lora.acquire(&self.backend, r) {
+                let _ = active.tx.send(Event::Finished {
+                    reason: FinishReason::Error,
+                    usage: Usage::default(),
+                    error: Some(e.to_string()),
+                });
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.unfinished.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            (seq.adapter, seq.salt) = (r.id, crate::adapters::salt(r.id));
+        }
         self.sched.add(if active.req.prompt_logprobs {
             seq.with_prompt_logprobs()
         } else {
@@ -652,6 +702,9 @@ impl<B: Backend> Worker<B> {
         let Some(a) = self.active.remove(&id) else {
             return;
         };
+        if a.adapter != 0 {
+            self.lora.release(a.adapter);
+        }
         let usage = Usage {
             prompt_tokens: a.prompt_len,
             completion_tokens: a.generated,
@@ -680,6 +733,7 @@ impl<B: Backend> Worker<B> {
     }
 
     fn step(&mut self) {
+        self.sched.max_adapters = self.adapters.max_loras.load(Ordering::Relaxed);
         let plan = self.sched.schedule();
         if plan.seqs.is_empty() {
             if !self.sched.is_idle() && self.sched.num_running() == 0 {
@@ -712,15 +766,29 @@ impl<B: Backend> Worker<B> {
             .filter_map(|(_, a)| a.guide.as_mut())
             .filter(|g| g.mask.is_none())
             .collect();
+        let rows = plan
+            .seqs
+            .iter()
+            .filter_map(|p| self.sched.get(p.id))
+            .zip(&input.seqs)
+            .map(|(s, q)| {
+                (
+                    s.adapter,
+                    q.query_start as u32..(q.query_start + q.query_len) as u32,
+                )
+            });
+        let lora = self.lora.step(rows);
         let forward = if masks.is_empty() {
-            self.decoder.forward(&self.backend, &mut self.kv, &input)
+            self.decoder
+                .forward_lora(&self.backend, &mut self.kv, &input, &lora)
         } else {
             let (decoder, backend, kv) = (&self.decoder, &self.backend, &mut self.kv);
             std::thread::scope(|s| {
                 s.spawn(move || masks.into_iter().for_each(GuideState::prepare));
-                decoder.forward(backend, kv, &input)
+                decoder.forward_lora(backend, kv, &input, &lora)
             })
         };
+        drop(lora);
         let logits = match forward {
             Ok(l) => l,
             Err(e) => {

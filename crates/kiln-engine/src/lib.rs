@@ -11,6 +11,7 @@
 //! It does not parse requests or speak HTTP, and it does not know how a model
 //! computes: it drives a [`kiln_model::decoder::Decoder`] step by step.
 
+pub mod adapters;
 pub mod block_manager;
 pub mod detok;
 pub mod engine;
@@ -23,6 +24,7 @@ pub mod sampling;
 mod scheduler;
 pub mod stops;
 
+pub use adapters::{AdapterError, AdapterInfo, AdapterLimits};
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
 pub use guided::{CompileCancel, CompileError, Compiled, Constraint, Guide};
 pub use kiln_backend::Device;

@@ -53,6 +53,10 @@ pub(crate) struct SeqKv {
     /// (0 otherwise): every prompt position then gets a logits row, and the
     /// prefix cache is not used, so that every position is computed.
     pub prompt_logprobs_len: usize,
+    /// The LoRA adapter (registration id) its rows use; 0 for the base model.
+    pub adapter: u32,
+    /// Root of its prefix-cache hash chain (0 for the base model).
+    pub salt: BlockHash,
 }
 
 impl SeqKv {
@@ -66,6 +70,8 @@ impl SeqKv {
             hashes: Vec::new(),
             cached_tokens: 0,
             prompt_logprobs_len: 0,
+            adapter: 0,
+            salt: 0,
         }
     }
 
@@ -113,6 +119,9 @@ pub(crate) struct Scheduler {
     pub blocks: BlockManager,
     waiting: VecDeque<SeqKv>,
     running: Vec<SeqKv>,
+    /// Most distinct LoRA adapters in the running batch (`max_loras`); a
+    /// waiting sequence on another adapter is passed over until one leaves.
+    pub max_adapters: usize,
 }
 
 impl Scheduler {
@@ -122,7 +131,24 @@ impl Scheduler {
             blocks,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            max_adapters: usize::MAX,
         }
+    }
+
+    /// Whether a sequence on `adapter` may join the running batch.
+    fn adapter_fits(&self, adapter: u32) -> bool {
+        if adapter == 0 || self.running.iter().any(|s| s.adapter == adapter) {
+            return true;
+        }
+        let mut ids: Vec<u32> = self
+            .running
+            .iter()
+            .map(|s| s.adapter)
+            .filter(|&a| a != 0)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len() < self.max_adapters
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -229,6 +255,7 @@ impl Scheduler {
             i += 1;
         }
         // Admit waiting sequences in order, unless this step had to preempt.
+        let mut deferred = Vec::new();
         while plan.preempted.is_empty()
             && budget > 0
             && self.running.len() < self.cfg.max_running
@@ -237,9 +264,15 @@ impl Scheduler {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
+            if !self.adapter_fits(seq.adapter) {
+                deferred.push(seq);
+                continue;
+            }
             if seq.blocks.is_empty() && seq.prompt_logprobs_len == 0 {
                 // Reuse cached full blocks of the prefix; at least one token stays to compute.
-                let (blocks, hashes) = self.blocks.match_prefix(&seq.tokens, seq.tokens.len() - 1);
+                let (blocks, hashes) =
+                    self.blocks
+                        .match_prefix_salted(&seq.tokens, seq.tokens.len() - 1, seq.salt);
                 seq.computed = blocks.len() * self.blocks.block_size();
                 seq.cached_tokens = seq.computed.min(seq.prompt_len);
                 seq.blocks = blocks;
@@ -271,6 +304,9 @@ impl Scheduler {
             plan.admitted.push(seq.id);
             budget -= n;
             self.running.push(seq);
+        }
+        for seq in deferred.into_iter().rev() {
+            self.waiting.push_front(seq);
         }
         plan
     }
@@ -329,7 +365,7 @@ impl Scheduler {
             s.computed = p.start + p.len;
             while s.hashes.len() < s.computed / bs {
                 let b = s.hashes.len();
-                let parent = s.hashes.last().copied().unwrap_or(0);
+                let parent = s.hashes.last().copied().unwrap_or(s.salt);
                 let h =
                     self.blocks
                         .register_full(s.blocks[b], parent, &s.tokens[b * bs..(b + 1) * bs]);
