@@ -142,6 +142,8 @@ enum Command {
 #[derive(Clone)]
 pub struct Engine {
     shared: Arc<Shared>,
+    /// The LoRA adapter this handle's submissions use ([`Engine::with_adapter`]).
+    adapter: Option<Arc<str>>,
 }
 
 struct Shared {
@@ -275,6 +277,7 @@ impl Engine {
                 thread: std::sync::Mutex::new(Some(thread)),
                 adapters,
             }),
+            adapter: None,
         })
     }
 
@@ -357,7 +360,22 @@ impl Engine {
         req: Request,
         compiled: Option<Compiled>,
     ) -> Result<RequestStream, SubmitError> {
-        self.submit_adapter(req, compiled, None)
+        let adapter = self.adapter.clone();
+        self.submit_adapter(req, compiled, adapter.as_deref())
+    }
+
+    /// A handle to the same engine whose submissions use the LoRA adapter
+    /// registered as `name` (the server resolves a request's adapter to one).
+    pub fn with_adapter(&self, name: &str) -> Engine {
+        Engine {
+            shared: self.shared.clone(),
+            adapter: Some(name.into()),
+        }
+    }
+
+    /// The adapter of this handle, if it has one.
+    pub fn adapter_name(&self) -> Option<&str> {
+        self.adapter.as_deref()
     }
 
     /// Like [`Self::submit_compiled`], with the request's rows on the LoRA

@@ -18,6 +18,7 @@
 //! events become response bytes.
 
 pub mod access;
+pub mod adapters;
 pub mod body;
 pub mod conn;
 pub mod constraints;
@@ -99,6 +100,20 @@ pub fn router(st: Arc<AppState>) -> Router {
                 .delete(management::unregister),
         )
         .route("/models/{name}/invoke", post(lmi::predictions))
+        .route(
+            "/models/{name}/adapters",
+            get(adapters::list).post(adapters::register),
+        )
+        .route(
+            "/models/{name}/adapters/{adapter}",
+            get(adapters::describe_one).delete(adapters::unregister),
+        )
+        .route(
+            "/models/{name}/adapters/{adapter}/update",
+            post(adapters::update),
+        )
+        .route("/v1/load_lora_adapter", post(adapters::vllm_load))
+        .route("/v1/unload_lora_adapter", post(adapters::vllm_unload))
         .route("/v1/models", get(openai::models))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))

@@ -156,7 +156,8 @@ async fn infer_inner(
                 .map_err(djl_status::validation)
         }
     };
-    let engine = entry.engine()?;
+    let engine = crate::adapters::lmi_engine(entry.engine()?, &headers, &body)
+        .map_err(djl_status::validation)?;
     let prompts: Vec<Vec<u32>> = {
         let (engine, inputs) = (engine.clone(), req.inputs.clone());
         crate::cpu::run(move || {

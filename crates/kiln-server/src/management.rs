@@ -46,6 +46,7 @@ pub fn is_mutating(method: &axum::http::Method, path: &str) -> bool {
         .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'));
     (*method == Method::POST && path == "/models")
         || ((*method == Method::PUT || *method == Method::DELETE) && one_model)
+        || crate::adapters::is_mutating(method, path)
 }
 
 /// Refuses the routes that change what is served where they are not

@@ -43,7 +43,7 @@ fn now() -> u64 {
 
 /// `GET /v1/models`.
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
-    let data: Vec<Value> = st
+    let mut data: Vec<Value> = st
         .registry
         .all()
         .iter()
@@ -56,6 +56,12 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Response {
             json!({"id": m.name, "object": "model", "created": created, "owned_by": "kiln"})
         })
         .collect();
+    data.extend(crate::adapters::openai_models(&st.registry, |m| {
+        m.registered_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }));
     Json(json!({"object": "list", "data": data})).into_response()
 }
 

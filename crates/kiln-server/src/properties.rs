@@ -58,6 +58,7 @@ pub mod defaults;
 mod error;
 mod keys;
 mod lexer;
+mod lora;
 mod model;
 mod raw;
 mod read;

@@ -227,7 +227,11 @@ impl Registry {
 
     /// The ready engine of a model, or the right error.
     pub fn engine(&self, name: &str) -> Result<Engine, ApiError> {
-        self.get(name)?.engine()
+        match self.get(name) {
+            Ok(m) => m.engine(),
+            // An OpenAI `model` may name a LoRA adapter of a served model.
+            Err(e) => crate::adapters::adapter_engine(self, name).ok_or(e),
+        }
     }
 
     /// Registers `url` (a model directory or file) as `name` and starts loading it.
@@ -690,5 +694,7 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     if let Some(t) = p.max_rolling_batch_prefill_tokens {
         cfg.max_step_tokens = t;
     }
-    model.start(cfg).map_err(|e| e.to_string())
+    let engine = model.start(cfg).map_err(|e| e.to_string())?;
+    crate::adapters::on_start(entry, &engine)?;
+    Ok(engine)
 }

@@ -98,7 +98,7 @@ fn expert_parallel_settings_say_why_they_do_nothing() {
 }
 
 /// The guide's gpt-oss-20b and Qwen3-Coder-30B-A3B configurations (with
-/// LoRA adapters, which kiln does not serve yet: ignored, said so by name).
+/// LoRA adapters: read; `long_lora_scaling_factors` ignored, said so by name).
 #[test]
 fn lmi_gpt_oss_and_qwen3_moe_sample_configurations_are_accepted() {
     for model in ["openai/gpt-oss-20b", "Qwen/Qwen3-Coder-30B-A3B-Instruct"] {
@@ -110,17 +110,16 @@ fn lmi_gpt_oss_and_qwen3_moe_sample_configurations_are_accepted() {
         ));
         no_unknown_keys(&p);
         assert_eq!(p.max_model_len, Some(16384));
-        for key in [
-            "option.enable_lora",
-            "option.max_loras",
-            "option.max_lora_rank",
-            "option.long_lora_scaling_factors",
-        ] {
-            assert!(
-                warning(&p, &format!("{key} is ignored")).contains("does not support this yet"),
-                "{key}"
-            );
-        }
+        assert_eq!(
+            p.lora,
+            Some(kiln_engine::AdapterLimits {
+                max_loras: 2,
+                max_lora_rank: 64,
+                max_cpu_loras: 2,
+            })
+        );
+        assert!(warning(&p, "option.long_lora_scaling_factors is ignored")
+            .contains("does not support this yet"));
         warning(&p, "option.gpu_memory_utilization is ignored");
     }
     // The guide's EAGLE3 configuration for gpt-oss-20b: refused by name.

@@ -32,6 +32,10 @@ pub(super) const TYPED_KEYS: &[&str] = &[
     "option.sessions_path",
     "option.max_sessions_per_client",
     "option.prefill_first_token",
+    "option.enable_lora",
+    "option.max_loras",
+    "option.max_lora_rank",
+    "option.max_cpu_loras",
     "option.speculative_config",
     "option.chat_template",
     "option.entryPoint",
@@ -156,10 +160,6 @@ pub(super) const IGNORED_KEYS: &[(&[&str], &str)] = &[
     ),
     (
         &[
-            "option.enable_lora",
-            "option.max_loras",
-            "option.max_lora_rank",
-            "option.max_cpu_loras",
             "option.speculative_draft_model",
             "option.speculative_length",
             "option.draft_model_id",

@@ -69,6 +69,7 @@ impl Builder {
             .boolean("option.prefill_first_token")
             .is_some_and(|(on, _)| on);
         let output_formatter = self.output_formatter();
+        let lora = self.lora_options();
         let (batch_size, max_batch_delay) = self.static_batching();
         let job_queue_size = self.job_queue_size();
         let (min_workers, max_workers) = self.workers();
@@ -108,6 +109,7 @@ impl Builder {
             predict_timeout,
             entry_point,
             prefill_first_token,
+            lora,
             raw: RawProperties(self.raw),
             warnings: self.warnings,
             model_id_origin: model_id.entry.map(|p| p.origin),

@@ -17,6 +17,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod adapters;
 mod cancellation;
 mod djl;
 mod embeddings;
