@@ -271,7 +271,13 @@ fn a_batch_mixing_three_adapters_and_the_base_gives_each_row_what_it_gets_alone(
             .map(|p| vec![p[i]])
             .filter(|p| p[0] > 0)
             .collect();
-        let alone = run_plan_lora(&be, &m.decoder, &[s.clone()], &alone_plan, &[per_seq[i]]);
+        let alone = run_plan_lora(
+            &be,
+            &m.decoder,
+            std::slice::from_ref(s),
+            &alone_plan,
+            &[per_seq[i]],
+        );
         assert_eq!(mixed[i].len(), alone[0].len());
         assert!(
             mixed[i]
@@ -284,7 +290,16 @@ fn a_batch_mixing_three_adapters_and_the_base_gives_each_row_what_it_gets_alone(
     // And the adapters do change the rows: each differs from the base.
     let base_runs: Vec<Vec<f32>> = seqs
         .iter()
-        .map(|s| run_plan_lora(&be, &m.decoder, &[s.clone()], &[vec![s.len()]], &[None]).remove(0))
+        .map(|s| {
+            run_plan_lora(
+                &be,
+                &m.decoder,
+                std::slice::from_ref(s),
+                &[vec![s.len()]],
+                &[None],
+            )
+            .remove(0)
+        })
         .collect();
     assert_eq!(mixed[0], base_runs[0]);
     for i in 1..4 {
