@@ -103,7 +103,7 @@ bandwidth() {
 # "model engine threads round pp tg rss_kib bytes_per_token" to RESULTS.
 run() {
   local engine="$1" m="$2" t="$3" r="$4" base cmd
-  base="$OUT/$(label "$m" | tr ' :()' '____').$engine.t$t.$r"
+  base="$OUT/$(label "$m" | tr -c 'A-Za-z0-9_.\n-' '_').$engine.t$t.$r"
   case "$engine" in
     llama.cpp) cmd="$(llama_cmd "$m" "$t")" ;;
     *) cmd="$(kiln_cmd "$m" "$t")" ;;
