@@ -61,6 +61,32 @@ pub const SHAPES: &[Shape] = &[
         },
     },
     Shape {
+        name: "tiny-opt",
+        source: "a two-layer OPT for tests (not a published model)",
+        params: 14_449_152,
+        config: || {
+            json!({"model_type": "opt", "vocab_size": 50272, "hidden_size": 256,
+                "ffn_dim": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 2048, "word_embed_proj_dim": 256,
+                "do_layer_norm_before": true, "activation_function": "relu",
+                "enable_bias": true})
+        },
+    },
+    Shape {
+        name: "tiny-moe",
+        source: "a two-layer Qwen3-MoE for tests (not a published model)",
+        params: 27_137_536,
+        config: || {
+            json!({"model_type": "qwen3_moe", "vocab_size": 49152, "hidden_size": 256,
+                "intermediate_size": 512, "moe_intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 64, "num_experts": 8, "num_experts_per_tok": 2,
+                "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "tie_word_embeddings": false})
+        },
+    },
+    Shape {
         name: "smollm2-135m",
         source: "HuggingFaceTB/SmolLM2-135M config.json",
         params: 134_515_008,
@@ -688,7 +714,7 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            err.contains("use one of tiny, smollm2-135m, llama3-1b"),
+            err.contains("use one of tiny, tiny-opt, tiny-moe, smollm2-135m, llama3-1b"),
             "{err}"
         );
     }

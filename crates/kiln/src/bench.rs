@@ -59,8 +59,9 @@ pub struct Args {
     /// instead of loading `--model`.
     #[arg(long, requires = "arch")]
     pub dummy_weights: bool,
-    /// The shape `--dummy-weights` builds: tiny, smollm2-135m, llama3-1b,
-    /// llama3-3b, llama3-8b, opt-13b or qwen3-30b-a3b.
+    /// The shape `--dummy-weights` builds: smollm2-135m, llama3-1b,
+    /// llama3-3b, llama3-8b, opt-13b or qwen3-30b-a3b (and tiny, tiny-opt,
+    /// tiny-moe for tests).
     #[arg(long, requires = "dummy_weights")]
     pub arch: Option<String>,
     /// Measure the memory read bandwidth on `--threads` threads (no model

@@ -75,6 +75,37 @@ fn the_tiny_shape_runs_end_to_end_in_q8_0() {
     assert!(v["peak_rss_mib"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
 }
 
+/// The other families' paths: OPT (learned positions, biases, layer
+/// norms, tied head) and a mixture of experts (stacked experts, router,
+/// q/k norms), each in a 4-bit format, with their parameter counts.
+#[test]
+fn opt_and_moe_shapes_run_end_to_end() {
+    for (arch, quantize, params) in [
+        ("tiny-opt", "q4_0", 14_449_152),
+        ("tiny-moe", "q4_k_m", 27_137_536),
+    ] {
+        let mut args = vec![
+            "bench",
+            "--dummy-weights",
+            "--arch",
+            arch,
+            "--quantize",
+            quantize,
+        ];
+        args.extend_from_slice(SMALL_RUN);
+        let v = json(&kiln(&args));
+        assert_eq!(v["params"].as_u64(), Some(params), "{arch}: {v}");
+        assert!(
+            v["decode_tok_s"].as_f64().unwrap_or(0.0) > 0.0,
+            "{arch}: {v}"
+        );
+        assert!(
+            v["prompt_tok_s"].as_f64().unwrap_or(0.0) > 0.0,
+            "{arch}: {v}"
+        );
+    }
+}
+
 /// Float weights by default (f16) and with `--dtype bf16`: the tiny
 /// shape's matrices at two bytes a weight.
 #[test]
@@ -104,7 +135,7 @@ fn unknown_shapes_and_a_model_beside_them_are_refused() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("no such shape; use one of tiny, smollm2-135m, llama3-1b, llama3-3b"),
+        err.contains("no such shape; use one of tiny, tiny-opt, tiny-moe, smollm2-135m"),
         "{err}"
     );
     let o = kiln(&[
