@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod decoder;
 pub mod default_model;
+pub mod dummy;
 pub mod encoder;
 pub mod files;
 mod gemma;

@@ -11,6 +11,12 @@
 //!
 //! Prompts are synthetic (deterministic ids), distinct per request so the
 //! prefix cache does not help, and EOS is ignored so lengths are fixed.
+//!
+//! `--dummy-weights --arch NAME` measures a published model's shape with
+//! random weights and no file (`crate::dummy`); `--bandwidth` measures the
+//! machine's read bandwidth instead of a model (`crate::bandwidth`), which
+//! with the weight bytes a token reads (printed by every run) gives the
+//! decode floor.
 
 use std::time::Instant;
 
@@ -48,6 +54,80 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Build the model of `--arch`'s shape with random weights in memory
+    /// (no file; `--quantize` or `--dtype` picks the format, f16 by default)
+    /// instead of loading `--model`.
+    #[arg(long, requires = "arch")]
+    pub dummy_weights: bool,
+    /// The shape `--dummy-weights` builds: smollm2-135m, llama3-1b,
+    /// llama3-3b, llama3-8b, opt-13b or qwen3-30b-a3b (and tiny, tiny-opt,
+    /// tiny-moe for tests).
+    #[arg(long, requires = "dummy_weights")]
+    pub arch: Option<String>,
+    /// Measure the memory read bandwidth on `--threads` threads (no model
+    /// is loaded): divided by the bytes a token reads, the decode floor.
+    #[arg(long, conflicts_with = "dummy_weights")]
+    pub bandwidth: bool,
+    /// MiB the bandwidth probe reads per pass.
+    #[arg(long, default_value_t = 512)]
+    pub bandwidth_mib: usize,
+}
+
+/// The peak resident memory of this process so far (`VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Bytes of weights one decoded token reads from a GGUF file served as
+/// stored (`None` for other models, or when options convert it).
+fn file_bytes_per_token(args: &Args, cfg: &kiln_model::config::DecoderConfig) -> Option<u64> {
+    let path = args.model.model.as_deref()?;
+    if args.model.quantize.is_some() || args.model.dtype.is_some() {
+        return None;
+    }
+    let kiln_model::ModelFormat::Gguf(file) =
+        kiln_model::ModelFormat::detect(std::path::Path::new(path)).ok()?
+    else {
+        return None;
+    };
+    let gguf = kiln_model::gguf::GgufFile::open(file).ok()?;
+    let sizes: Vec<(&str, u64)> = gguf
+        .tensors
+        .values()
+        .map(|t| {
+            let shape = t.shape();
+            let cols = shape.last().copied().unwrap_or(0);
+            let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+            let row = kiln_backend::quant::row_bytes(t.ggml_type, cols).unwrap_or(0);
+            (t.name.as_str(), (rows * row) as u64)
+        })
+        .collect();
+    Some(kiln_model::dummy::bytes_read_per_token(cfg, sizes))
+}
+
+/// `kiln bench --bandwidth`.
+fn run_bandwidth(args: &Args) -> anyhow::Result<()> {
+    let threads = kiln_backend::cpu::threads();
+    let b = crate::bandwidth::measure(args.bandwidth_mib, threads, 5)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"bandwidth_gb_s": b.bytes_per_s / 1e9, "bytes": b.bytes,
+                "threads": b.threads, "passes": b.passes})
+        );
+    } else {
+        println!(
+            "read bandwidth: {:.1} GB/s ({} MiB, {} threads, best of {} passes)",
+            b.bytes_per_s / 1e9,
+            b.bytes >> 20,
+            b.threads,
+            b.passes
+        );
+    }
+    Ok(())
 }
 
 /// Deterministic, non-special token ids spread over the vocabulary.
@@ -139,10 +219,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.repeats == 0 || args.prompt_tokens == 0 || args.gen_tokens < 2 {
         bail!("--repeats and --prompt-tokens must be at least 1, --gen-tokens at least 2");
     }
+    if args.bandwidth {
+        return run_bandwidth(&args);
+    }
     let t0 = Instant::now();
-    let model = args.model.load()?;
+    let (model, per_token) = match (&args.arch, args.dummy_weights) {
+        (Some(arch), true) => {
+            let (model, shape) = crate::dummy::load(arch, &args.model)?;
+            let bytes = crate::dummy::bytes_read_per_token(shape, &args.model.options())?;
+            (model, Some(bytes))
+        }
+        _ => (args.model.load()?, None),
+    };
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
+    let per_token = per_token.or_else(|| file_bytes_per_token(&args, &cfg));
     let defaults = EngineConfig::default();
     let cfg_engine = EngineConfig {
         max_running: args.max_batch_size,
@@ -225,6 +316,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "gen_tokens": args.gen_tokens, "decode_tok_s": tg, "repeats": args.repeats,
                 "batch_prompt_tokens": args.batch_prompt_tokens, "batch_gen_tokens": args.batch_gen_tokens,
                 "concurrency": conc, "preemptions": m.preemptions,
+                "dummy_arch": args.arch, "decode_bytes_per_token": per_token,
+                "peak_rss_mib": peak_rss_mib(),
             })
         );
         return Ok(());
@@ -239,6 +332,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("| --- | --- |");
     println!("| pp{} | {pp:.1} |", args.prompt_tokens);
     println!("| tg{} | {tg:.1} |", args.gen_tokens);
+    if let Some(b) = per_token {
+        println!(
+            "\ndecode reads {:.3} GB of weights per token ({:.1} GB/s at tg)",
+            b as f64 / 1e9,
+            b as f64 * tg / 1e9
+        );
+    }
     if !rows.is_empty() {
         println!();
         println!(

@@ -6,8 +6,10 @@
 //! prepared file; `kiln cache` lists and removes prepared models. Everything it does is in the library crates;
 //! this file parses arguments and reports errors.
 
+mod bandwidth;
 mod bench;
 mod cache;
+mod dummy;
 mod generate;
 mod inspect;
 mod model_args;
