@@ -31,6 +31,7 @@ use crate::metrics::{EngineMetrics, MetricsSnapshot};
 use crate::request::{Event, FinishReason, Request, TokenOutput, Usage};
 use crate::sampling::{token_logprob, Sampler};
 use crate::scheduler::{Plan, RowUse, Scheduler, SchedulerConfig, SeqKv};
+use crate::spec::{ProposalRequest, SpecConfig, Speculator};
 use crate::stops::StopStrings;
 
 /// How much KV cache to allocate.
@@ -56,6 +57,8 @@ pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
     pub kv_capacity: KvCapacity,
+    /// Speculative decoding (`option.speculative_config`); `None` is off.
+    pub speculative: Option<SpecConfig>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             max_waiting: 1000,
             block_size: 16,
             kv_capacity: KvCapacity::Bytes(1 << 30),
+            speculative: None,
         }
     }
 }
@@ -215,7 +219,12 @@ impl Engine {
             info.kv_bytes >> 20,
             info.backend
         );
+        let speculator = Speculator::from_config(cfg.speculative.as_ref())
+            .map_err(crate::EngineError::Invalid)?;
         let metrics = Arc::new(EngineMetrics::default());
+        if let Some(s) = &speculator {
+            metrics.spec.configure(s.name(), s.k);
+        }
         metrics
             .kv_blocks_total
             .store(spec.num_blocks as u64, Ordering::Relaxed);
@@ -245,6 +254,7 @@ impl Engine {
             unfinished: unfinished.clone(),
             abort: abort.clone(),
             max_model_len,
+            spec: speculator,
         };
         let thread = std::thread::Builder::new()
             .name("kiln-engine".into())
@@ -499,6 +509,8 @@ struct Worker<B: Backend> {
     unfinished: Arc<AtomicUsize>,
     abort: Arc<AtomicBool>,
     max_model_len: usize,
+    /// Speculative decoding's proposer, when it is on.
+    spec: Option<Speculator>,
 }
 
 impl<B: Backend> Worker<B> {
@@ -668,6 +680,9 @@ impl<B: Backend> Worker<B> {
             error,
         });
         self.sched.remove(id);
+        if let Some(s) = self.spec.as_mut() {
+            s.proposer.release(id);
+        }
         if !a.started {
             self.queued.fetch_sub(1, Ordering::SeqCst);
         }
@@ -680,6 +695,7 @@ impl<B: Backend> Worker<B> {
     }
 
     fn step(&mut self) {
+        self.propose_drafts();
         let plan = self.sched.schedule();
         if plan.seqs.is_empty() {
             if !self.sched.is_idle() && self.sched.num_running() == 0 {
@@ -738,13 +754,90 @@ impl<B: Backend> Worker<B> {
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         self.sched.commit(&plan);
         let vocab = logits.len() / input.logit_rows.len().max(1);
-        // A sequence's prompt rows come before its sampling row.
-        for (u, row) in uses.iter().zip(logits.chunks_exact(vocab.max(1))) {
-            match *u {
-                RowUse::Sample(id) => self.emit(id, row),
-                RowUse::Prompt(id, pos) => self.note_prompt_logprob(id, pos, row),
+        // A sequence's prompt rows come before its sampling row, and its
+        // draft's rows right after it.
+        let rows: Vec<&[f32]> = logits.chunks_exact(vocab.max(1)).collect();
+        let mut i = 0;
+        while i < uses.len().min(rows.len()) {
+            match uses[i] {
+                RowUse::Sample(id) => {
+                    let d = uses[i + 1..]
+                        .iter()
+                        .take_while(|u| matches!(u, RowUse::Draft(x, _) if *x == id))
+                        .count();
+                    match rows.get(i..=i + d) {
+                        Some(r) if d > 0 => self.verify(id, r),
+                        _ => self.emit(id, rows[i]),
+                    }
+                    i += d;
+                }
+                RowUse::Prompt(id, pos) => self.note_prompt_logprob(id, pos, rows[i]),
+                RowUse::Draft(..) => {}
+            }
+            i += 1;
+        }
+    }
+
+    /// Guesses the next tokens of every sequence about to decode
+    /// (speculative decoding, `crate::spec`): no more than its length limit
+    /// leaves room for, and cut where its grammar would refuse a guess.
+    fn propose_drafts(&mut self) {
+        let Some(spec) = self.spec.as_mut() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        for id in self.sched.decode_ready() {
+            let (Some(a), Some(s)) = (self.active.get(&id), self.sched.get(id)) else {
+                continue;
+            };
+            let k = spec.k.min(a.max_len.saturating_sub(s.tokens.len() + 1));
+            if k > 0 {
+                batch.push(ProposalRequest {
+                    id,
+                    tokens: &s.tokens,
+                    k,
+                });
             }
         }
+        if batch.is_empty() {
+            return;
+        }
+        let drafts = spec.proposer.propose(&batch);
+        let asked: Vec<(u64, usize)> = batch.iter().map(|r| (r.id, r.k)).collect();
+        for ((id, k), mut draft) in asked.into_iter().zip(drafts) {
+            draft.truncate(k);
+            if let Some(g) = self.active.get_mut(&id).and_then(|a| a.guide.as_mut()) {
+                let ok = g.matcher.validate_tokens(&draft).unwrap_or(0);
+                draft.truncate(ok);
+            }
+            self.sched.set_draft(id, draft);
+        }
+    }
+
+    /// Chooses sequence `id`'s tokens from its sampling row and its draft's
+    /// rows: the first exactly as without speculation, and each next one
+    /// only while the token just chosen is the guess the next row was
+    /// computed after (`crate::spec::verify`: for sampled requests this is
+    /// the rejection-sampling rule).
+    fn verify(&mut self, id: u64, rows: &[&[f32]]) {
+        let draft = self.sched.take_draft(id);
+        let mut accepted = 0;
+        for (j, row) in rows.iter().enumerate() {
+            let before = self.sched.get(id).map_or(0, |s| s.tokens.len());
+            self.emit(id, row);
+            let Some(s) = self.sched.get(id) else {
+                break; // finished
+            };
+            let kept = draft
+                .get(j)
+                .is_some_and(|&g| s.tokens.len() == before + 1 && s.tokens.last() == Some(&g));
+            if !kept {
+                break;
+            }
+            accepted += 1;
+        }
+        self.sched.accept_draft(id, accepted);
+        self.metrics.spec.record(draft.len(), accepted);
     }
 
     /// Records the log-probability of prompt token `pos` of sequence `id`.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod request;
 pub mod sampling;
 mod scheduler;
+pub mod spec;
 pub mod stops;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
@@ -32,6 +33,7 @@ pub use metrics::MetricsSnapshot;
 pub use request::{Event, FinishReason, Request, StopConditions, TokenOutput, Usage};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::SchedulerConfig;
+pub use spec::{SpecConfig, SpecMethod};
 
 /// Errors of starting or running an engine.
 #[derive(Debug, thiserror::Error)]

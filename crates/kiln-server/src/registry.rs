@@ -144,6 +144,8 @@ pub struct EngineDefaults {
     pub prepared_cache_max: Option<u64>,
     /// Where models run unless their `option.device` names another (`--device`).
     pub device: kiln_backend::Device,
+    /// Speculative decoding of models that set none (`--speculative-config`).
+    pub speculative: Option<kiln_engine::SpecConfig>,
 }
 
 /// Every registered model, by name.
@@ -690,5 +692,9 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     if let Some(t) = p.max_rolling_batch_prefill_tokens {
         cfg.max_step_tokens = t;
     }
+    cfg.speculative = p
+        .speculative
+        .clone()
+        .or_else(|| defaults.speculative.clone());
     model.start(cfg).map_err(|e| e.to_string())
 }

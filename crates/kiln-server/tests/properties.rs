@@ -398,9 +398,21 @@ fn djl_builder_keys_and_speculative_decoding() {
     assert!(e.contains("needs option.reasoning_parser"), "{e}");
     let e = parse_err("option.speculative_config={\"num_speculative_tokens\": 5}\n");
     assert!(
-        e.contains("option.speculative_config") && e.contains("kiln does not implement yet"),
+        e.contains("option.speculative_config") && e.contains("needs a \"method\""),
         "{e}"
     );
+    let e =
+        parse_err("option.speculative_config={\"model\": \"m\", \"num_speculative_tokens\": 5}\n");
+    assert!(
+        e.contains("draft model, which kiln does not implement yet"),
+        "{e}"
+    );
+    // vLLM's n-gram prompt lookup is served.
+    let p = parse(
+        "option.speculative_config={\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 3}\n",
+    );
+    assert_eq!(p.speculative, Some(kiln_engine::SpecConfig::ngram(4, 3, 3)));
+    assert_eq!(parse("").speculative, None);
     let e = parse_err("option.max_sessions_per_client=0\n");
     assert!(e.contains("from 1 to 100000"), "{e}");
 }

@@ -114,6 +114,23 @@ pub struct Args {
     /// Output constraints compiled at once (default: half the CPUs).
     #[arg(long)]
     pub constraint_compiles: Option<usize>,
+    /// Speculative decoding for models whose serving.properties sets no
+    /// `option.speculative_config`, as vLLM's JSON:
+    /// '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'.
+    #[arg(long, value_parser = parse_speculative_config)]
+    pub speculative_config: Option<kiln_engine::SpecConfig>,
+}
+
+/// `--speculative-config`: vLLM's JSON; kiln serves the ngram method.
+fn parse_speculative_config(s: &str) -> Result<kiln_engine::SpecConfig, String> {
+    let c = kiln_engine::SpecConfig::from_vllm_json(s)?;
+    if matches!(c.method, kiln_engine::SpecMethod::DraftModel { .. }) {
+        return Err(
+            "speculative decoding with a draft model is not implemented yet; use the ngram method"
+                .into(),
+        );
+    }
+    Ok(c)
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -177,6 +194,7 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
             ),
             n => n,
         },
+        speculative: args.speculative_config.clone(),
         max_connections: match args.max_connections {
             Some(0) => anyhow::bail!("--max-connections must be at least 1"),
             n => n,

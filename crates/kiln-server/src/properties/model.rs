@@ -91,6 +91,9 @@ pub struct ModelProperties {
     /// log-probability, as DJL's LMI schema documents it) or leaves it out
     /// (as DJL's vLLM handler writes it); see [`crate::lmi`].
     pub prefill_first_token: bool,
+    /// `option.speculative_config` (vLLM's JSON; the ngram method), or
+    /// `kiln serve --speculative-config`: speculative decoding, off if `None`.
+    pub speculative: Option<kiln_engine::SpecConfig>,
     /// Every key set, with value and origin: the file's keys in file order,
     /// then the keys that came from the environment.
     pub raw: RawProperties,
@@ -193,6 +196,7 @@ impl Default for ModelProperties {
             predict_timeout: Duration::from_secs(defaults::PREDICT_TIMEOUT_S),
             entry_point: None,
             prefill_first_token: false,
+            speculative: None,
             raw: RawProperties::default(),
             warnings: Vec::new(),
             model_id_origin: None,

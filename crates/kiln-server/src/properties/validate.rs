@@ -63,7 +63,7 @@ impl Builder {
             .map(|(n, _)| n);
         let enable_streaming = self.enable_streaming(rolling_batch);
         let chat = self.chat_options();
-        self.refuse_speculative_decoding();
+        let speculative = self.speculative();
         self.refuse_chat_template();
         let prefill_first_token = self
             .boolean("option.prefill_first_token")
@@ -108,6 +108,7 @@ impl Builder {
             predict_timeout,
             entry_point,
             prefill_first_token,
+            speculative,
             raw: RawProperties(self.raw),
             warnings: self.warnings,
             model_id_origin: model_id.entry.map(|p| p.origin),
@@ -302,14 +303,28 @@ impl Builder {
         s
     }
 
-    /// `option.speculative_config`: refused, not silently dropped.
-    fn refuse_speculative_decoding(&mut self) {
-        if let Some(p) = self.entry("option.speculative_config") {
-            self.problem(
-                &p,
-                "asks for speculative decoding, which kiln does not implement yet; remove \
-                 option.speculative_config to serve the model without it",
-            );
+    /// `option.speculative_config` (vLLM's JSON): n-gram prompt lookup is
+    /// served; a method kiln lacks is refused, not silently dropped.
+    fn speculative(&mut self) -> Option<kiln_engine::SpecConfig> {
+        let p = self.entry("option.speculative_config")?;
+        match kiln_engine::SpecConfig::from_vllm_json(&p.value) {
+            Ok(c) if matches!(c.method, kiln_engine::SpecMethod::DraftModel { .. }) => {
+                self.problem(
+                    &p,
+                    "asks for speculative decoding with a draft model, which kiln does not \
+                     implement yet; use {\"method\": \"ngram\", \"num_speculative_tokens\": N} \
+                     or remove option.speculative_config",
+                );
+                None
+            }
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.problem(
+                    &p,
+                    &format!("is not a speculative decoding setting kiln can serve: {e}"),
+                );
+                None
+            }
         }
     }
 
