@@ -171,6 +171,59 @@ impl Engine {
         model: LoadedModel<B>,
         cfg: EngineConfig,
     ) -> crate::Result<Engine> {
+        Self::start_inner(backend, model, cfg, None)
+    }
+
+    /// [`Self::start`] with a draft model (on `draft_backend`, over a KV
+    /// cache of its own as large as `cfg.kv_capacity`) guessing for the
+    /// target, for `cfg.speculative`'s `draft_model` method. The draft must
+    /// share the target's tokenizer; its vocabulary size is checked.
+    pub fn start_with_draft<B: Backend + 'static>(
+        backend: B,
+        model: LoadedModel<B>,
+        cfg: EngineConfig,
+        draft_backend: B,
+        draft: LoadedModel<B>,
+    ) -> crate::Result<Engine> {
+        let (dc, tc) = (draft.decoder.config(), model.decoder.config());
+        if dc.vocab_size != tc.vocab_size {
+            return Err(crate::EngineError::Invalid(format!(
+                "the draft model's vocabulary has {} tokens and the target's {}: a draft must share the target's tokenizer",
+                dc.vocab_size, tc.vocab_size
+            )));
+        }
+        if cfg.block_size == 0 {
+            return Err(crate::EngineError::Invalid(
+                "block size, batch size and step tokens must be at least 1".into(),
+            ));
+        }
+        let token_bytes = KvSpec {
+            n_layers: dc.n_layers,
+            num_blocks: 0,
+            block_size: cfg.block_size,
+            n_kv_heads: dc.n_kv_heads,
+            head_dim: dc.head_dim,
+        }
+        .bytes_per_token(draft_backend.kv_element_bytes());
+        let tokens = match cfg.kv_capacity {
+            KvCapacity::Tokens(t) => t,
+            KvCapacity::Bytes(b) => b / token_bytes.max(1),
+        };
+        let proposer = crate::spec::draft::DraftProposer::new(
+            draft_backend,
+            draft.decoder,
+            (tokens / cfg.block_size).max(1),
+            cfg.block_size,
+        )?;
+        Self::start_inner(backend, model, cfg, Some(Box::new(proposer)))
+    }
+
+    fn start_inner<B: Backend + 'static>(
+        backend: B,
+        model: LoadedModel<B>,
+        cfg: EngineConfig,
+        draft: Option<Box<dyn crate::spec::Proposer>>,
+    ) -> crate::Result<Engine> {
         let dcfg = model.decoder.config().clone();
         let max_model_len = model.decoder.max_positions();
         if cfg.block_size == 0 || cfg.max_running == 0 || cfg.max_step_tokens == 0 {
@@ -219,7 +272,7 @@ impl Engine {
             info.kv_bytes >> 20,
             info.backend
         );
-        let speculator = Speculator::from_config(cfg.speculative.as_ref())
+        let speculator = Speculator::from_config(cfg.speculative.as_ref(), draft)
             .map_err(crate::EngineError::Invalid)?;
         let metrics = Arc::new(EngineMetrics::default());
         if let Some(s) = &speculator {

@@ -523,3 +523,143 @@ fn bad_speculative_settings_are_refused_at_start() {
         "{e}"
     );
 }
+
+// ---- A draft model as proposer ----
+
+fn tiny_model_seeded(seed: u64) -> LoadedModel<CpuBackend> {
+    let p = std::env::temp_dir().join(format!("kiln-spec-tiny-{}-{seed}.gguf", std::process::id()));
+    if !p.exists() {
+        let spec = TinySpec {
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 96,
+            layers: 2,
+            max_positions: 1024,
+            tied: false,
+        };
+        fixtures::write_tiny_llama_gguf(&p, &spec, seed).unwrap();
+    }
+    kiln_model::load(&CpuBackend::new(), &p, &LoadOptions::default()).unwrap()
+}
+
+fn draft_cfg(k: usize) -> EngineConfig {
+    EngineConfig {
+        speculative: Some(
+            SpecConfig::from_vllm_json(&format!(
+                r#"{{"model": "draft", "num_speculative_tokens": {k}}}"#
+            ))
+            .unwrap(),
+        ),
+        ..EngineConfig::default()
+    }
+}
+
+fn with_draft(
+    model: LoadedModel<CpuBackend>,
+    draft: LoadedModel<CpuBackend>,
+    cfg: EngineConfig,
+) -> Engine {
+    Engine::start_with_draft(CpuBackend::new(), model, cfg, CpuBackend::new(), draft).unwrap()
+}
+
+/// The model drafting for itself guesses exactly what it then chooses:
+/// every guess of a greedy request is accepted, alone or batched and
+/// chunked, and the output is the output without speculation.
+#[test]
+fn a_model_drafting_for_itself_has_every_guess_accepted() {
+    let lens = [1, 5, 17, 40, 65, 130];
+    let reqs: Vec<Request> = prompts(&lens).into_iter().map(|p| greedy(p, 30)).collect();
+    let want = alone(&engine(tiny_model(), EngineConfig::default()), &reqs);
+    for (what, cfg, batched) in [
+        ("alone", draft_cfg(4), false),
+        (
+            "batched and chunked",
+            EngineConfig {
+                max_step_tokens: 48,
+                max_running: 4,
+                ..draft_cfg(5)
+            },
+            true,
+        ),
+    ] {
+        let e = with_draft(tiny_model(), tiny_model(), cfg);
+        let got = if batched {
+            together(&e, &reqs)
+        } else {
+            alone(&e, &reqs)
+        };
+        assert_same(&got, &want, what);
+        let s = e.metrics().speculative;
+        assert_eq!(s.method, Some("draft_model"));
+        assert!(s.num_draft_tokens > 0, "{what}: {s:?}");
+        assert_eq!(
+            s.num_accepted_tokens, s.num_draft_tokens,
+            "{what}: every guess accepted: {s:?}"
+        );
+        assert_eq!(s.acceptance_rate(), 1.0);
+    }
+}
+
+/// The default model drafting for itself on the golden prompts: 100%
+/// acceptance and transformers' tokens.
+#[test]
+fn default_model_drafting_for_itself_on_the_golden_prompts() {
+    let golden = golden_prompts();
+    let e = with_draft(default_model(), default_model(), draft_cfg(4));
+    let reqs: Vec<Request> = golden
+        .iter()
+        .map(|(_, p, _)| greedy(p.clone(), 32))
+        .collect();
+    for ((name, _, want), got) in golden.iter().zip(together(&e, &reqs)) {
+        assert_eq!(&got.ids, want, "{name}: with the model as its own draft");
+    }
+    let s = e.metrics().speculative;
+    assert!(s.num_draft_tokens > 0);
+    assert_eq!(s.num_accepted_tokens, s.num_draft_tokens, "{s:?}");
+}
+
+/// Another model of the same vocabulary drafts: fewer guesses accepted,
+/// the same output (greedy and seeded); a draft of another vocabulary is
+/// refused at start.
+#[test]
+fn another_draft_changes_speed_not_output() {
+    let lens = [3, 17, 64];
+    let mut reqs: Vec<Request> = prompts(&lens).into_iter().map(|p| greedy(p, 30)).collect();
+    for seed in 0..3 {
+        let mut r = greedy(prompts(&[20])[0].clone(), 20);
+        r.sampling = SamplingParams {
+            temperature: 0.8,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        reqs.push(r);
+    }
+    let want = alone(&engine(tiny_model(), EngineConfig::default()), &reqs);
+    let e = with_draft(tiny_model(), tiny_model_seeded(7), draft_cfg(3));
+    assert_same(&together(&e, &reqs), &want, "with another draft");
+    let s = e.metrics().speculative;
+    assert!(s.num_draft_tokens > 0);
+    assert!(s.num_accepted_tokens < s.num_draft_tokens, "{s:?}");
+
+    let err = Engine::start_with_draft(
+        CpuBackend::new(),
+        tiny_model(),
+        draft_cfg(3),
+        CpuBackend::new(),
+        default_model(),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        err.contains("a draft must share the target's tokenizer"),
+        "{err}"
+    );
+    // A draft model setting without a loaded draft.
+    let err = Engine::start(CpuBackend::new(), tiny_model(), draft_cfg(3))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("must be loaded with the target"), "{err}");
+}

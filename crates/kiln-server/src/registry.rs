@@ -696,5 +696,28 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         .speculative
         .clone()
         .or_else(|| defaults.speculative.clone());
+    if let Some(kiln_engine::SpecMethod::DraftModel { model: path }) =
+        cfg.speculative.as_ref().map(|s| &s.method)
+    {
+        // The draft goes through the same load path, on the same device.
+        let dspec = load::LoadSpec {
+            cache_max_bytes: defaults.prepared_cache_max,
+            ..load::LoadSpec::new(
+                load::ModelLocation::Local(path.into()),
+                p.device.unwrap_or(defaults.device),
+                LoadOptions {
+                    max_positions: p.max_model_len,
+                    dtype: p.dtype,
+                    quantize: None,
+                },
+            )
+        };
+        let draft = load::load(&dspec)
+            .map_err(|e| format!("the draft model {path}: {e}"))?
+            .model;
+        return model
+            .start_with_draft(cfg, draft)
+            .map_err(|e| e.to_string());
+    }
     model.start(cfg).map_err(|e| e.to_string())
 }

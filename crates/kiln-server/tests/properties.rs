@@ -404,9 +404,35 @@ fn djl_builder_keys_and_speculative_decoding() {
     let e =
         parse_err("option.speculative_config={\"model\": \"m\", \"num_speculative_tokens\": 5}\n");
     assert!(
-        e.contains("draft model, which kiln does not implement yet"),
+        e.contains("draft model 'm', which is not a local file or directory"),
         "{e}"
     );
+    // DJL's spelling, and vLLM's, with a local draft (relative paths start
+    // at the model directory; here an absolute one).
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let p = parse(&format!(
+        "option.speculative_draft_model={dir}\noption.speculative_length=3\n"
+    ));
+    let want = kiln_engine::SpecConfig {
+        method: kiln_engine::SpecMethod::DraftModel {
+            model: dir.to_string(),
+        },
+        num_speculative_tokens: 3,
+    };
+    assert_eq!(p.speculative.as_ref(), Some(&want));
+    assert!(
+        !has_warning(&p, "option.speculative_draft_model"),
+        "{:?}",
+        p.warnings
+    );
+    let p = parse(&format!(
+        "option.speculative_config={{\"model\": \"{dir}\", \"num_speculative_tokens\": 3}}\n"
+    ));
+    assert_eq!(p.speculative, Some(want));
+    let e = parse_err(&format!(
+        "option.speculative_draft_model={dir}\noption.speculative_config={{\"method\": \"ngram\", \"num_speculative_tokens\": 3}}\n"
+    ));
+    assert!(e.contains("both ask for speculative decoding"), "{e}");
     // vLLM's n-gram prompt lookup is served.
     let p = parse(
         "option.speculative_config={\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 3}\n",

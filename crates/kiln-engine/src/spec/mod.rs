@@ -2,7 +2,7 @@
 //! model check them all, keep the longest run the model agrees with.
 //!
 //! A [`Proposer`] guesses up to `k` tokens that follow a sequence (the n-gram
-//! prompt lookup in [`ngram`]). The
+//! prompt lookup in [`ngram`], a smaller draft model in [`draft`]). The
 //! scheduler appends the guesses to the sequence's decode step, which then
 //! computes the last real token and every guess at once and asks for a
 //! logits row at each of them (`StepInput::logit_rows`). The engine chooses
@@ -25,6 +25,7 @@
 //! request draws the same random numbers as without speculation.
 
 pub mod config;
+pub mod draft;
 pub mod metrics;
 pub mod ngram;
 pub mod verify;
@@ -68,18 +69,29 @@ pub(crate) struct Speculator {
 }
 
 impl Speculator {
-    /// The proposer a configuration names, if any.
-    pub fn from_config(cfg: Option<&SpecConfig>) -> Result<Option<Self>, String> {
+    /// The proposer a configuration names, if any; a draft model comes
+    /// loaded already (`draft`).
+    pub fn from_config(
+        cfg: Option<&SpecConfig>,
+        draft: Option<Box<dyn Proposer>>,
+    ) -> Result<Option<Self>, String> {
         let Some(cfg) = cfg else {
-            return Ok(None);
+            return match draft {
+                Some(_) => Err("a draft model was given without a speculative setting".into()),
+                None => Ok(None),
+            };
         };
         cfg.validate()?;
-        let proposer: Box<dyn Proposer> = match &cfg.method {
-            SpecMethod::Ngram { min, max } => Box::new(NgramProposer::new(*min, *max)),
-            SpecMethod::DraftModel { model } => {
+        let proposer: Box<dyn Proposer> = match (&cfg.method, draft) {
+            (SpecMethod::Ngram { min, max }, None) => Box::new(NgramProposer::new(*min, *max)),
+            (SpecMethod::DraftModel { .. }, Some(d)) => d,
+            (SpecMethod::DraftModel { model }, None) => {
                 return Err(format!(
                 "the draft model {model} must be loaded with the target (Engine::start_with_draft)"
             ))
+            }
+            (SpecMethod::Ngram { .. }, Some(_)) => {
+                return Err("a draft model was given for the ngram method".into())
             }
         };
         Ok(Some(Self {
