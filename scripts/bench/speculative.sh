@@ -14,7 +14,9 @@
 #   scripts/bench/speculative.sh            # ROUNDS=3 K=4 MAX_TOKENS=160
 #
 # Env: KILN (binary; default the release build), ROUNDS, K (tokens guessed
-# per step), MAX_TOKENS, THREADS (default 2), OUT (raw-output folder).
+# per step), MAX_TOKENS, THREADS (default 2), OUT (raw-output folder),
+# LLAMA=0 to leave llama-server out (its spinning thread pool collapses to
+# under 1 token/s when other processes hold the cores).
 set -euo pipefail
 NAME=speculative.sh
 source "$(dirname "$0")/common.sh"
@@ -25,7 +27,8 @@ find_kiln
 out_dir kiln-spec
 MODEL="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 [ -f "$MODEL" ] || die "no default model at $MODEL; run scripts/fetch-assets.sh"
-[ -x "$BIN/llama-server" ] || die "no $BIN/llama-server; run scripts/bench/peers.sh"
+LLAMA="${LLAMA:-1}"
+[ "$LLAMA" = 0 ] || [ -x "$BIN/llama-server" ] || die "no $BIN/llama-server; run scripts/bench/peers.sh"
 
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -56,9 +59,11 @@ llama_up() {
 kiln_up plain ""
 kiln_up ngram "{\"method\": \"ngram\", \"num_speculative_tokens\": $K, \"prompt_lookup_min\": 1, \"prompt_lookup_max\": 3}"
 kiln_up self "{\"model\": \"$MODEL\", \"num_speculative_tokens\": $K}"
-llama_up plain
-llama_up ngram --spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m "$K"
-llama_up self -md "$MODEL" --spec-draft-n-max "$K" --spec-draft-n-min 0 -td "$THREADS"
+if [ "$LLAMA" != 0 ]; then
+  llama_up plain
+  llama_up ngram --spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m "$K"
+  llama_up self -md "$MODEL" --spec-draft-n-max "$K" --spec-draft-n-min 0 -td "$THREADS"
+fi
 
 {
   header "Speculative decoding: decode tokens/s on a copying task (default model, one request)"
@@ -66,7 +71,8 @@ llama_up self -md "$MODEL" --spec-draft-n-max "$K" --spec-draft-n-min 0 -td "$TH
   echo
 } | tee "$OUT/report.md"
 
-ORDER="kiln-plain kiln-ngram kiln-self llama-plain llama-ngram llama-self"
+ORDER="kiln-plain kiln-ngram kiln-self"
+[ "$LLAMA" = 0 ] || ORDER+=" llama-plain llama-ngram llama-self"
 SPECS=""
 for k in $ORDER; do SPECS+="$k=${URL[$k]} "; done
 python3 - "$ROUNDS" "$MAX_TOKENS" "$OUT" $SPECS <<'PY' | tee -a "$OUT/report.md"
@@ -139,8 +145,9 @@ for k, _ in targets:
 print()
 same = texts.get("kiln-plain") == texts.get("kiln-ngram") == texts.get("kiln-self")
 print(f"- kiln's three outputs identical: {same}")
-same_l = texts.get("llama-plain") == texts.get("llama-ngram") == texts.get("llama-self")
-print(f"- llama-server's three outputs identical: {same_l}")
+if "llama-plain" in texts:
+    same_l = texts.get("llama-plain") == texts.get("llama-ngram") == texts.get("llama-self")
+    print(f"- llama-server's three outputs identical: {same_l}")
 PY
 for name in plain ngram self; do
   base="${URL[kiln-$name]%%|*}"
