@@ -433,6 +433,13 @@ fn djl_builder_keys_and_speculative_decoding() {
         "option.speculative_draft_model={dir}\noption.speculative_config={{\"method\": \"ngram\", \"num_speculative_tokens\": 3}}\n"
     ));
     assert!(e.contains("both ask for speculative decoding"), "{e}");
+    let p = parse("option.speculative_length=3\n");
+    assert_eq!(p.speculative, None);
+    assert!(
+        has_warning(&p, "option.speculative_length") && has_warning(&p, "ignored"),
+        "{:?}",
+        p.warnings
+    );
     // vLLM's n-gram prompt lookup is served.
     let p = parse(
         "option.speculative_config={\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 3}\n",

@@ -311,9 +311,15 @@ impl Builder {
     fn speculative(&mut self, model_dir: &Path) -> Option<kiln_engine::SpecConfig> {
         let vllm = self.entry("option.speculative_config");
         let djl = self.entry("option.speculative_draft_model");
-        let length = self
-            .count_at_least("option.speculative_length", 1)
-            .map(|(n, _)| n);
+        let length = self.count_at_least("option.speculative_length", 1);
+        if let (Some((_, lp)), None) = (&length, &djl) {
+            self.warn(
+                lp,
+                "ignored: it sets the tokens option.speculative_draft_model guesses per step, \
+                 and that is not set (option.speculative_config has num_speculative_tokens)",
+            );
+        }
+        let length = length.map(|(n, _)| n);
         let (p, parsed) = match (vllm, djl) {
             (Some(v), Some(d)) => {
                 self.problem(
