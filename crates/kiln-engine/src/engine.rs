@@ -32,6 +32,7 @@ use crate::metrics::{EngineMetrics, MetricsSnapshot};
 use crate::request::{Event, FinishReason, Request, TokenOutput, Usage};
 use crate::sampling::{token_logprob, Sampler};
 use crate::scheduler::{Plan, RowUse, Scheduler, SchedulerConfig, SeqKv};
+use crate::spec::{ProposalRequest, SpecConfig, Speculator};
 use crate::stops::StopStrings;
 
 /// How much KV cache to allocate.
@@ -57,6 +58,8 @@ pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
     pub kv_capacity: KvCapacity,
+    /// Speculative decoding (`option.speculative_config`); `None` is off.
+    pub speculative: Option<SpecConfig>,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +70,7 @@ impl Default for EngineConfig {
             max_waiting: 1000,
             block_size: 16,
             kv_capacity: KvCapacity::Bytes(1 << 30),
+            speculative: None,
         }
     }
 }
@@ -174,6 +178,59 @@ impl Engine {
         model: LoadedModel<B>,
         cfg: EngineConfig,
     ) -> crate::Result<Engine> {
+        Self::start_inner(backend, model, cfg, None)
+    }
+
+    /// [`Self::start`] with a draft model (on `draft_backend`, over a KV
+    /// cache of its own as large as `cfg.kv_capacity`) guessing for the
+    /// target, for `cfg.speculative`'s `draft_model` method. The draft must
+    /// share the target's tokenizer; its vocabulary size is checked.
+    pub fn start_with_draft<B: Backend + 'static>(
+        backend: B,
+        model: LoadedModel<B>,
+        cfg: EngineConfig,
+        draft_backend: B,
+        draft: LoadedModel<B>,
+    ) -> crate::Result<Engine> {
+        let (dc, tc) = (draft.decoder.config(), model.decoder.config());
+        if dc.vocab_size != tc.vocab_size {
+            return Err(crate::EngineError::Invalid(format!(
+                "the draft model's vocabulary has {} tokens and the target's {}: a draft must share the target's tokenizer",
+                dc.vocab_size, tc.vocab_size
+            )));
+        }
+        if cfg.block_size == 0 {
+            return Err(crate::EngineError::Invalid(
+                "block size, batch size and step tokens must be at least 1".into(),
+            ));
+        }
+        let token_bytes = KvSpec {
+            n_layers: dc.n_layers,
+            num_blocks: 0,
+            block_size: cfg.block_size,
+            n_kv_heads: dc.n_kv_heads,
+            head_dim: dc.head_dim,
+        }
+        .bytes_per_token(draft_backend.kv_element_bytes());
+        let tokens = match cfg.kv_capacity {
+            KvCapacity::Tokens(t) => t,
+            KvCapacity::Bytes(b) => b / token_bytes.max(1),
+        };
+        let proposer = crate::spec::draft::DraftProposer::new(
+            draft_backend,
+            draft.decoder,
+            (tokens / cfg.block_size).max(1),
+            cfg.block_size,
+        )?;
+        Self::start_inner(backend, model, cfg, Some(Box::new(proposer)))
+    }
+
+    fn start_inner<B: Backend + 'static>(
+        backend: B,
+        model: LoadedModel<B>,
+        cfg: EngineConfig,
+        draft: Option<Box<dyn crate::spec::Proposer>>,
+    ) -> crate::Result<Engine> {
         let dcfg = model.decoder.config().clone();
         let max_model_len = model.decoder.max_positions();
         if cfg.block_size == 0 || cfg.max_running == 0 || cfg.max_step_tokens == 0 {
@@ -222,7 +279,12 @@ impl Engine {
             info.kv_bytes >> 20,
             info.backend
         );
+        let speculator = Speculator::from_config(cfg.speculative.as_ref(), draft)
+            .map_err(crate::EngineError::Invalid)?;
         let metrics = Arc::new(EngineMetrics::default());
+        if let Some(s) = &speculator {
+            metrics.spec.configure(s.name(), s.k);
+        }
         metrics
             .kv_blocks_total
             .store(spec.num_blocks as u64, Ordering::Relaxed);
@@ -255,6 +317,7 @@ impl Engine {
             unfinished: unfinished.clone(),
             abort: abort.clone(),
             max_model_len,
+            spec: speculator,
         };
         let thread = std::thread::Builder::new()
             .name("kiln-engine".into())
@@ -552,6 +615,8 @@ struct Worker<B: Backend> {
     adapters: Arc<Adapters>,
     /// The adapters of unfinished requests, on the backend.
     lora: Uploaded<B>,
+    /// Speculative decoding's proposer, when it is on.
+    spec: Option<Speculator>,
 }
 
 impl<B: Backend> Worker<B> {
@@ -739,6 +804,9 @@ impl<B: Backend> Worker<B> {
             error,
         });
         self.sched.remove(id);
+        if let Some(s) = self.spec.as_mut() {
+            s.proposer.release(id);
+        }
         if !a.started {
             self.queued.fetch_sub(1, Ordering::SeqCst);
         }
@@ -752,6 +820,7 @@ impl<B: Backend> Worker<B> {
 
     fn step(&mut self) {
         self.sched.max_adapters = self.adapters.max_loras.load(Ordering::Relaxed);
+        self.propose_drafts();
         let plan = self.sched.schedule();
         if plan.seqs.is_empty() {
             if !self.sched.is_idle() && self.sched.num_running() == 0 {
@@ -824,13 +893,90 @@ impl<B: Backend> Worker<B> {
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
         self.sched.commit(&plan);
         let vocab = logits.len() / input.logit_rows.len().max(1);
-        // A sequence's prompt rows come before its sampling row.
-        for (u, row) in uses.iter().zip(logits.chunks_exact(vocab.max(1))) {
-            match *u {
-                RowUse::Sample(id) => self.emit(id, row),
-                RowUse::Prompt(id, pos) => self.note_prompt_logprob(id, pos, row),
+        // A sequence's prompt rows come before its sampling row, and its
+        // draft's rows right after it.
+        let rows: Vec<&[f32]> = logits.chunks_exact(vocab.max(1)).collect();
+        let mut i = 0;
+        while i < uses.len().min(rows.len()) {
+            match uses[i] {
+                RowUse::Sample(id) => {
+                    let d = uses[i + 1..]
+                        .iter()
+                        .take_while(|u| matches!(u, RowUse::Draft(x, _) if *x == id))
+                        .count();
+                    match rows.get(i..=i + d) {
+                        Some(r) if d > 0 => self.verify(id, r),
+                        _ => self.emit(id, rows[i]),
+                    }
+                    i += d;
+                }
+                RowUse::Prompt(id, pos) => self.note_prompt_logprob(id, pos, rows[i]),
+                RowUse::Draft(..) => {}
+            }
+            i += 1;
+        }
+    }
+
+    /// Guesses the next tokens of every sequence about to decode
+    /// (speculative decoding, `crate::spec`): no more than its length limit
+    /// leaves room for, and cut where its grammar would refuse a guess.
+    fn propose_drafts(&mut self) {
+        let Some(spec) = self.spec.as_mut() else {
+            return;
+        };
+        let mut batch = Vec::new();
+        for id in self.sched.decode_ready() {
+            let (Some(a), Some(s)) = (self.active.get(&id), self.sched.get(id)) else {
+                continue;
+            };
+            let k = spec.k.min(a.max_len.saturating_sub(s.tokens.len() + 1));
+            if k > 0 {
+                batch.push(ProposalRequest {
+                    id,
+                    tokens: &s.tokens,
+                    k,
+                });
             }
         }
+        if batch.is_empty() {
+            return;
+        }
+        let drafts = spec.proposer.propose(&batch);
+        let asked: Vec<(u64, usize)> = batch.iter().map(|r| (r.id, r.k)).collect();
+        for ((id, k), mut draft) in asked.into_iter().zip(drafts) {
+            draft.truncate(k);
+            if let Some(g) = self.active.get_mut(&id).and_then(|a| a.guide.as_mut()) {
+                let ok = g.matcher.validate_tokens(&draft).unwrap_or(0);
+                draft.truncate(ok);
+            }
+            self.sched.set_draft(id, draft);
+        }
+    }
+
+    /// Chooses sequence `id`'s tokens from its sampling row and its draft's
+    /// rows: the first exactly as without speculation, and each next one
+    /// only while the token just chosen is the guess the next row was
+    /// computed after (`crate::spec::verify`: for sampled requests this is
+    /// the rejection-sampling rule).
+    fn verify(&mut self, id: u64, rows: &[&[f32]]) {
+        let draft = self.sched.take_draft(id);
+        let mut accepted = 0;
+        for (j, row) in rows.iter().enumerate() {
+            let before = self.sched.get(id).map_or(0, |s| s.tokens.len());
+            self.emit(id, row);
+            let Some(s) = self.sched.get(id) else {
+                break; // finished
+            };
+            let kept = draft
+                .get(j)
+                .is_some_and(|&g| s.tokens.len() == before + 1 && s.tokens.last() == Some(&g));
+            if !kept {
+                break;
+            }
+            accepted += 1;
+        }
+        self.sched.accept_draft(id, accepted);
+        self.metrics.spec.record(draft.len(), accepted);
     }
 
     /// Records the log-probability of prompt token `pos` of sequence `id`.

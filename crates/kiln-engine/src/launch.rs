@@ -201,6 +201,39 @@ impl DeviceModel {
             }
         }
     }
+
+    /// Starts the engine with `draft` guessing for it (speculative
+    /// decoding's `draft_model` method); both must be on the same device.
+    pub fn start_with_draft(
+        self,
+        cfg: EngineConfig,
+        draft: DeviceModel,
+    ) -> Result<Engine, LaunchError> {
+        match (self.inner, draft.inner) {
+            (Loaded::Cpu(m), Loaded::Cpu(d)) => Ok(Engine::start_with_draft(
+                CpuBackend::new(),
+                *m,
+                cfg,
+                CpuBackend::new(),
+                *d,
+            )?),
+            #[cfg(feature = "cuda")]
+            (Loaded::Cuda(bm), Loaded::Cuda(bd)) => {
+                let ((backend, model), (draft_backend, draft)) = (*bm, *bd);
+                Ok(Engine::start_with_draft(
+                    backend,
+                    model,
+                    cfg,
+                    draft_backend,
+                    draft,
+                )?)
+            }
+            #[cfg(feature = "cuda")]
+            _ => Err(LaunchError::Unsupported(
+                "the draft model must run on the target's device".into(),
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

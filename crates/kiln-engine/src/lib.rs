@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod request;
 pub mod sampling;
 mod scheduler;
+pub mod spec;
 pub mod stops;
 
 pub use adapters::{AdapterError, AdapterInfo, AdapterLimits};
@@ -34,6 +35,7 @@ pub use metrics::MetricsSnapshot;
 pub use request::{Event, FinishReason, Request, StopConditions, TokenOutput, Usage};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::SchedulerConfig;
+pub use spec::{SpecConfig, SpecMethod};
 
 /// Errors of starting or running an engine.
 #[derive(Debug, thiserror::Error)]

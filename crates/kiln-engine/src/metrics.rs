@@ -80,6 +80,8 @@ pub struct EngineMetrics {
     pub(crate) steps: AtomicU64,
     pub(crate) time_to_first_token: Histogram,
     pub(crate) inter_token_latency: Histogram,
+    /// Speculative decoding's counters.
+    pub(crate) spec: crate::spec::SpecMetrics,
 }
 
 /// A point-in-time copy of [`EngineMetrics`].
@@ -110,6 +112,8 @@ pub struct MetricsSnapshot {
     pub steps: u64,
     pub time_to_first_token: HistogramSnapshot,
     pub inter_token_latency: HistogramSnapshot,
+    /// Speculative decoding: guesses checked and accepted.
+    pub speculative: crate::spec::SpecSnapshot,
 }
 
 impl EngineMetrics {
@@ -131,6 +135,7 @@ impl EngineMetrics {
             steps: g(&self.steps),
             time_to_first_token: self.time_to_first_token.snapshot(),
             inter_token_latency: self.inter_token_latency.snapshot(),
+            speculative: self.spec.snapshot(),
         }
     }
 }

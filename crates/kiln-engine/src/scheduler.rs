@@ -57,6 +57,9 @@ pub(crate) struct SeqKv {
     pub adapter: u32,
     /// Root of its prefix-cache hash chain (0 for the base model).
     pub salt: BlockHash,
+    /// Guessed tokens to check in the next decode step (speculative
+    /// decoding, `crate::spec`); not part of `tokens` until accepted.
+    pub draft: Vec<u32>,
 }
 
 impl SeqKv {
@@ -72,6 +75,7 @@ impl SeqKv {
             prompt_logprobs_len: 0,
             adapter: 0,
             salt: 0,
+            draft: Vec::new(),
         }
     }
 
@@ -89,6 +93,9 @@ pub(crate) enum RowUse {
     Sample(u64),
     /// It gives the log-probability of the prompt token at this position.
     Prompt(u64, usize),
+    /// It checks guess `j` of sequence `id`'s draft: the next token after
+    /// that guess, should the guesses up to it be accepted.
+    Draft(u64, usize),
 }
 
 /// One sequence's share of a step.
@@ -212,6 +219,7 @@ impl Scheduler {
         seq.blocks.clear();
         seq.hashes.clear();
         seq.computed = 0;
+        seq.draft.clear();
         let id = seq.id;
         self.waiting.push_front(seq);
         Some(id)
@@ -226,9 +234,11 @@ impl Scheduler {
             let s = &self.running[i];
             let computed = s.computed;
             let n = (s.tokens.len() - computed).min(budget);
+            let d = self.fit_draft(i, n, budget);
+            let s = &self.running[i];
             let extra = self
                 .blocks
-                .blocks_for(computed + n)
+                .blocks_for(computed + n + d)
                 .saturating_sub(s.blocks.len());
             // Make room, evicting the newest sequences, possibly this one.
             loop {
@@ -251,7 +261,7 @@ impl Scheduler {
                 len: n,
                 sample: computed + n == s.tokens.len(),
             });
-            budget -= n;
+            budget -= n + d;
             i += 1;
         }
         // Admit waiting sequences in order, unless this step had to preempt.
@@ -332,15 +342,25 @@ impl Scheduler {
                 step.slots
                     .push(s.blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
             }
+            let draft: &[u32] = if p.sample { &s.draft } else { &[] };
             step.seqs.push(SeqSlice {
                 query_start,
-                query_len: p.len,
-                context_len: p.start + p.len,
+                query_len: p.len + draft.len(),
+                context_len: p.start + p.len + draft.len(),
                 block_table: s.blocks.clone(),
             });
             if p.sample {
                 step.logit_rows.push((step.tokens.len() - 1) as u32);
                 uses.push(RowUse::Sample(p.id));
+            }
+            for (j, &t) in draft.iter().enumerate() {
+                let pos = p.start + p.len + j;
+                step.logit_rows.push(step.tokens.len() as u32);
+                uses.push(RowUse::Draft(p.id, j));
+                step.tokens.push(t);
+                step.positions.push(pos as u32);
+                step.slots
+                    .push(s.blocks[pos / bs] * bs as u32 + (pos % bs) as u32);
             }
         }
         (step, uses)
@@ -371,6 +391,74 @@ impl Scheduler {
                         .register_full(s.blocks[b], parent, &s.tokens[b * bs..(b + 1) * bs]);
                 s.hashes.push(h);
             }
+        }
+    }
+
+    /// How many of running sequence `i`'s guesses ride along with its `n`
+    /// tokens this step: none unless the step reaches its last token; no
+    /// more than the budget and the free blocks allow (a draft never causes
+    /// a preemption). Cuts the draft to that.
+    fn fit_draft(&mut self, i: usize, n: usize, budget: usize) -> usize {
+        let s = &self.running[i];
+        let mut d = if s.computed + n == s.tokens.len() {
+            s.draft.len().min(budget - n)
+        } else {
+            0
+        };
+        let extra = |d: usize| {
+            self.blocks
+                .blocks_for(s.computed + n + d)
+                .saturating_sub(s.blocks.len())
+        };
+        while d > 0 && extra(d) > self.blocks.num_free() {
+            d -= 1;
+        }
+        self.running[i].draft.truncate(d);
+        d
+    }
+
+    /// Running sequences whose next step is one decode token and that want
+    /// no prompt rows: those a draft may be guessed for.
+    pub fn decode_ready(&self) -> Vec<u64> {
+        self.running
+            .iter()
+            .filter(|s| s.computed + 1 == s.tokens.len() && s.prompt_logprobs_len == 0)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Sets the guesses to check in sequence `id`'s next decode step.
+    pub fn set_draft(&mut self, id: u64, draft: Vec<u32>) {
+        if let Some(s) = self.running_mut(id) {
+            s.draft = draft;
+        }
+    }
+
+    /// Takes sequence `id`'s draft (checked in the step just run).
+    pub fn take_draft(&mut self, id: u64) -> Vec<u32> {
+        self.running_mut(id)
+            .map(|s| std::mem::take(&mut s.draft))
+            .unwrap_or_default()
+    }
+
+    /// Records that the first `accepted` guesses of sequence `id`'s last
+    /// draft were kept (they are its newest tokens but the last, appended
+    /// since): their keys and values, computed in the step, count as cached
+    /// now, and the blocks they fill join the prefix cache.
+    pub fn accept_draft(&mut self, id: u64, accepted: usize) {
+        let bs = self.blocks.block_size();
+        let Some(i) = self.running.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let s = &mut self.running[i];
+        s.computed = (s.computed + accepted).min(s.tokens.len().saturating_sub(1));
+        while s.hashes.len() < s.computed / bs {
+            let b = s.hashes.len();
+            let parent = s.hashes.last().copied().unwrap_or(0);
+            let h = self
+                .blocks
+                .register_full(s.blocks[b], parent, &s.tokens[b * bs..(b + 1) * bs]);
+            s.hashes.push(h);
         }
     }
 

@@ -243,6 +243,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
             memory_budget: config.memory_budget,
             prepared_cache_max: config.prepared_cache_max,
             device: config.device,
+            speculative: config.speculative.clone(),
         }),
         http: prom::HttpMetrics::default(),
         access_log,

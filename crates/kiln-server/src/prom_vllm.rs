@@ -119,6 +119,74 @@ pub fn render(out: &mut String, models: &[ModelFigures<'_>]) {
             m.name, m.block_size, m.num_blocks
         );
     }
+    render_speculative(out, models);
+}
+
+/// Speculative decoding's series, for the models that speculate: vLLM's
+/// counters (drafts, draft tokens, accepted tokens, accepted tokens by
+/// position in the draft) and kiln's acceptance rate.
+fn render_speculative(out: &mut String, models: &[ModelFigures<'_>]) {
+    let spec: Vec<_> = models
+        .iter()
+        .filter(|m| m.metrics.speculative.method.is_some())
+        .collect();
+    if spec.is_empty() {
+        return;
+    }
+    type SpecGetter = fn(&kiln_engine::spec::SpecSnapshot) -> f64;
+    let series: [(&str, &str, &str, SpecGetter); 4] = [
+        (
+            "vllm:spec_decode_num_drafts_total",
+            "counter",
+            "Drafts checked: one per sequence and step that had guesses.",
+            |s| s.num_drafts as f64,
+        ),
+        (
+            "vllm:spec_decode_num_draft_tokens_total",
+            "counter",
+            "Guessed tokens checked by the model.",
+            |s| s.num_draft_tokens as f64,
+        ),
+        (
+            "vllm:spec_decode_num_accepted_tokens_total",
+            "counter",
+            "Guessed tokens accepted.",
+            |s| s.num_accepted_tokens as f64,
+        ),
+        (
+            "kiln_spec_decode_acceptance_rate",
+            "gauge",
+            "Accepted over checked guesses since start (0 before any).",
+            |s| s.acceptance_rate(),
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for m in &spec {
+            let _ = writeln!(
+                out,
+                "{name}{{model_name=\"{}\",engine=\"0\"}} {}",
+                m.name,
+                get(&m.metrics.speculative)
+            );
+        }
+    }
+    let name = "vllm:spec_decode_num_accepted_tokens_per_pos_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Guessed tokens accepted, by position in the draft (0 = first)."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for m in &spec {
+        for (pos, n) in m.metrics.speculative.accepted_per_pos.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{model_name=\"{}\",engine=\"0\",position=\"{pos}\"}} {n}",
+                m.name
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -178,6 +246,55 @@ mod tests {
         );
         assert!(out.contains("# TYPE vllm:prefix_cache_hits_total counter"));
         assert!(out.contains("# TYPE vllm:kv_cache_usage_perc gauge"));
+        assert!(
+            !out.contains("spec_decode"),
+            "no speculative series for a model that does not speculate"
+        );
+    }
+
+    #[test]
+    fn speculative_decoding_series_under_vllm_names() {
+        let mut m = snapshot();
+        m.speculative = kiln_engine::spec::SpecSnapshot {
+            method: Some("ngram"),
+            num_speculative_tokens: 3,
+            num_drafts: 10,
+            num_draft_tokens: 28,
+            num_accepted_tokens: 21,
+            accepted_per_pos: vec![9, 7, 5],
+        };
+        let mut out = String::new();
+        render(
+            &mut out,
+            &[ModelFigures {
+                name: "opt",
+                metrics: &m,
+                block_size: 16,
+                num_blocks: 200,
+            }],
+        );
+        let l = r#"{model_name="opt",engine="0"}"#;
+        let get = |n: &str| value(&out, &format!("{n}{l}"));
+        assert_eq!(get("vllm:spec_decode_num_drafts_total"), Some(10.0));
+        assert_eq!(get("vllm:spec_decode_num_draft_tokens_total"), Some(28.0));
+        assert_eq!(
+            get("vllm:spec_decode_num_accepted_tokens_total"),
+            Some(21.0)
+        );
+        assert_eq!(get("kiln_spec_decode_acceptance_rate"), Some(0.75));
+        let per_pos = |p: usize| {
+            value(
+                &out,
+                &format!(
+                    r#"vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="opt",engine="0",position="{p}"}}"#
+                ),
+            )
+        };
+        assert_eq!(
+            (per_pos(0), per_pos(1), per_pos(2), per_pos(3)),
+            (Some(9.0), Some(7.0), Some(5.0), None)
+        );
+        assert!(out.contains("# TYPE vllm:spec_decode_num_drafts_total counter"));
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub struct EngineDefaults {
     pub prepared_cache_max: Option<u64>,
     /// Where models run unless their `option.device` names another (`--device`).
     pub device: kiln_backend::Device,
+    /// Speculative decoding of models that set none (`--speculative-config`).
+    pub speculative: Option<kiln_engine::SpecConfig>,
 }
 
 /// Every registered model, by name.
@@ -694,7 +696,35 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     if let Some(t) = p.max_rolling_batch_prefill_tokens {
         cfg.max_step_tokens = t;
     }
-    let engine = model.start(cfg).map_err(|e| e.to_string())?;
+    cfg.speculative = p
+        .speculative
+        .clone()
+        .or_else(|| defaults.speculative.clone());
+    let engine = if let Some(kiln_engine::SpecMethod::DraftModel { model: path }) =
+        cfg.speculative.as_ref().map(|s| &s.method)
+    {
+        // The draft goes through the same load path, on the same device.
+        let dspec = load::LoadSpec {
+            cache_max_bytes: defaults.prepared_cache_max,
+            ..load::LoadSpec::new(
+                load::ModelLocation::Local(path.into()),
+                p.device.unwrap_or(defaults.device),
+                LoadOptions {
+                    max_positions: p.max_model_len,
+                    dtype: p.dtype,
+                    quantize: None,
+                },
+            )
+        };
+        let draft = load::load(&dspec)
+            .map_err(|e| format!("the draft model {path}: {e}"))?
+            .model;
+        model
+            .start_with_draft(cfg, draft)
+            .map_err(|e| e.to_string())?
+    } else {
+        model.start(cfg).map_err(|e| e.to_string())?
+    };
     crate::adapters::on_start(entry, &engine)?;
     Ok(engine)
 }

@@ -45,6 +45,9 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// `job_queue_size` of the models that set none themselves.
     pub job_queue_size: Option<usize>,
+    /// Speculative decoding of the models whose serving.properties sets no
+    /// `option.speculative_config` (`kiln serve --speculative-config`).
+    pub speculative: Option<kiln_engine::SpecConfig>,
     /// Bytes all models together may take (weights and KV caches); checked
     /// when `POST /models` registers one. `None`: the memory available.
     pub memory_budget: Option<u64>,
@@ -86,6 +89,7 @@ impl Default for ServerConfig {
             write_timeout: crate::conn::DEFAULT_WRITE_TIMEOUT,
             max_connections: None,
             job_queue_size: None,
+            speculative: None,
             memory_budget: None,
             prepared_cache_max: None,
             management_bind: None,

@@ -398,9 +398,54 @@ fn djl_builder_keys_and_speculative_decoding() {
     assert!(e.contains("needs option.reasoning_parser"), "{e}");
     let e = parse_err("option.speculative_config={\"num_speculative_tokens\": 5}\n");
     assert!(
-        e.contains("option.speculative_config") && e.contains("kiln does not implement yet"),
+        e.contains("option.speculative_config") && e.contains("needs a \"method\""),
         "{e}"
     );
+    let e =
+        parse_err("option.speculative_config={\"model\": \"m\", \"num_speculative_tokens\": 5}\n");
+    assert!(
+        e.contains("draft model 'm', which is not a local file or directory"),
+        "{e}"
+    );
+    // DJL's spelling, and vLLM's, with a local draft (relative paths start
+    // at the model directory; here an absolute one).
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let p = parse(&format!(
+        "option.speculative_draft_model={dir}\noption.speculative_length=3\n"
+    ));
+    let want = kiln_engine::SpecConfig {
+        method: kiln_engine::SpecMethod::DraftModel {
+            model: dir.to_string(),
+        },
+        num_speculative_tokens: 3,
+    };
+    assert_eq!(p.speculative.as_ref(), Some(&want));
+    assert!(
+        !has_warning(&p, "option.speculative_draft_model"),
+        "{:?}",
+        p.warnings
+    );
+    let p = parse(&format!(
+        "option.speculative_config={{\"model\": \"{dir}\", \"num_speculative_tokens\": 3}}\n"
+    ));
+    assert_eq!(p.speculative, Some(want));
+    let e = parse_err(&format!(
+        "option.speculative_draft_model={dir}\noption.speculative_config={{\"method\": \"ngram\", \"num_speculative_tokens\": 3}}\n"
+    ));
+    assert!(e.contains("both ask for speculative decoding"), "{e}");
+    let p = parse("option.speculative_length=3\n");
+    assert_eq!(p.speculative, None);
+    assert!(
+        has_warning(&p, "option.speculative_length") && has_warning(&p, "ignored"),
+        "{:?}",
+        p.warnings
+    );
+    // vLLM's n-gram prompt lookup is served.
+    let p = parse(
+        "option.speculative_config={\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": 3}\n",
+    );
+    assert_eq!(p.speculative, Some(kiln_engine::SpecConfig::ngram(4, 3, 3)));
+    assert_eq!(parse("").speculative, None);
     let e = parse_err("option.max_sessions_per_client=0\n");
     assert!(e.contains("from 1 to 100000"), "{e}");
 }

@@ -114,6 +114,29 @@ pub struct Args {
     /// Output constraints compiled at once (default: half the CPUs).
     #[arg(long)]
     pub constraint_compiles: Option<usize>,
+    /// Speculative decoding for models whose serving.properties sets none,
+    /// as vLLM's JSON: '{"method": "ngram", "num_speculative_tokens": 4,
+    /// "prompt_lookup_max": 3}' or '{"model": "/path/to/draft",
+    /// "num_speculative_tokens": 4}' (a local draft model sharing the
+    /// target's tokenizer).
+    #[arg(long, value_parser = parse_speculative_config)]
+    pub speculative_config: Option<kiln_engine::SpecConfig>,
+}
+
+/// `--speculative-config`: vLLM's JSON (a draft model must be a local path).
+fn parse_speculative_config(s: &str) -> Result<kiln_engine::SpecConfig, String> {
+    let mut c = kiln_engine::SpecConfig::from_vllm_json(s)?;
+    if let kiln_engine::SpecMethod::DraftModel { model } = &mut c.method {
+        let path = std::path::absolute(model.as_str())
+            .map_err(|e| format!("the draft model {model}: {e}"))?;
+        if !path.exists() {
+            return Err(format!(
+                "the draft model {model} is not a local file or directory; kiln does not implement fetching draft models yet"
+            ));
+        }
+        *model = path.to_string_lossy().into_owned();
+    }
+    Ok(c)
 }
 
 fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -177,6 +200,7 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
             ),
             n => n,
         },
+        speculative: args.speculative_config.clone(),
         max_connections: match args.max_connections {
             Some(0) => anyhow::bail!("--max-connections must be at least 1"),
             n => n,

@@ -37,6 +37,8 @@ pub(super) const TYPED_KEYS: &[&str] = &[
     "option.max_lora_rank",
     "option.max_cpu_loras",
     "option.speculative_config",
+    "option.speculative_draft_model",
+    "option.speculative_length",
     "option.chat_template",
     "option.entryPoint",
     "option.model_loading_timeout",
@@ -160,8 +162,6 @@ pub(super) const IGNORED_KEYS: &[(&[&str], &str)] = &[
     ),
     (
         &[
-            "option.speculative_draft_model",
-            "option.speculative_length",
             "option.draft_model_id",
             "option.spec_length",
             "option.draft_model_tp_size",

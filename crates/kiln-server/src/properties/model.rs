@@ -94,6 +94,9 @@ pub struct ModelProperties {
     /// `option.enable_lora` with its limits (see [`super::lora`]); `None`
     /// when adapters are off.
     pub lora: Option<kiln_engine::AdapterLimits>,
+    /// `option.speculative_config` (vLLM's JSON; the ngram method), or
+    /// `kiln serve --speculative-config`: speculative decoding, off if `None`.
+    pub speculative: Option<kiln_engine::SpecConfig>,
     /// Every key set, with value and origin: the file's keys in file order,
     /// then the keys that came from the environment.
     pub raw: RawProperties,
@@ -197,6 +200,7 @@ impl Default for ModelProperties {
             entry_point: None,
             prefill_first_token: false,
             lora: None,
+            speculative: None,
             raw: RawProperties::default(),
             warnings: Vec::new(),
             model_id_origin: None,

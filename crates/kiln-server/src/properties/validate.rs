@@ -63,7 +63,7 @@ impl Builder {
             .map(|(n, _)| n);
         let enable_streaming = self.enable_streaming(rolling_batch);
         let chat = self.chat_options();
-        self.refuse_speculative_decoding();
+        let speculative = self.speculative(model_dir);
         self.refuse_chat_template();
         let prefill_first_token = self
             .boolean("option.prefill_first_token")
@@ -110,6 +110,7 @@ impl Builder {
             entry_point,
             prefill_first_token,
             lora,
+            speculative,
             raw: RawProperties(self.raw),
             warnings: self.warnings,
             model_id_origin: model_id.entry.map(|p| p.origin),
@@ -304,15 +305,69 @@ impl Builder {
         s
     }
 
-    /// `option.speculative_config`: refused, not silently dropped.
-    fn refuse_speculative_decoding(&mut self) {
-        if let Some(p) = self.entry("option.speculative_config") {
-            self.problem(
-                &p,
-                "asks for speculative decoding, which kiln does not implement yet; remove \
-                 option.speculative_config to serve the model without it",
+    /// `option.speculative_config` (vLLM's JSON: the ngram and draft_model
+    /// methods) or DJL's `option.speculative_draft_model` with
+    /// `option.speculative_length`; a method kiln lacks is refused, not
+    /// silently dropped. A draft model is a local path (relative ones start
+    /// at the model directory), made absolute here.
+    fn speculative(&mut self, model_dir: &Path) -> Option<kiln_engine::SpecConfig> {
+        let vllm = self.entry("option.speculative_config");
+        let djl = self.entry("option.speculative_draft_model");
+        let length = self.count_at_least("option.speculative_length", 1);
+        if let (Some((_, lp)), None) = (&length, &djl) {
+            self.warn(
+                lp,
+                "ignored: it sets the tokens option.speculative_draft_model guesses per step, \
+                 and that is not set (option.speculative_config has num_speculative_tokens)",
             );
         }
+        let length = length.map(|(n, _)| n);
+        let (p, parsed) = match (vllm, djl) {
+            (Some(v), Some(d)) => {
+                self.problem(
+                    &d,
+                    "and option.speculative_config both ask for speculative decoding; set one",
+                );
+                let _ = v;
+                return None;
+            }
+            (Some(v), None) => {
+                let c = kiln_engine::SpecConfig::from_vllm_json(&v.value);
+                (v, c)
+            }
+            (None, Some(d)) => {
+                let c = kiln_engine::SpecConfig::from_djl(&d.value, length);
+                (d, c)
+            }
+            (None, None) => return None,
+        };
+        let mut c = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                self.problem(
+                    &p,
+                    &format!("is not a speculative decoding setting kiln can serve: {e}"),
+                );
+                return None;
+            }
+        };
+        if let kiln_engine::SpecMethod::DraftModel { model } = &mut c.method {
+            let path = model_dir.join(model.as_str());
+            if !path.exists() {
+                self.problem(
+                    &p,
+                    &format!(
+                        "asks for speculative decoding with the draft model '{model}', which is \
+                         not a local file or directory ({} does not exist); kiln does not \
+                         implement fetching draft models yet",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
+            *model = path.to_string_lossy().into_owned();
+        }
+        Some(c)
     }
 
     /// `option.chat_template` (DJL's tool-calling guide sets it to a template
