@@ -10,13 +10,18 @@ use std::path::PathBuf;
 use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{
     AdapterError, AdapterLimits, Engine, EngineConfig, Event, FinishReason, KvCapacity, Request,
-    RequestStream, SubmitError,
+    RequestStream, SpecConfig, SubmitError,
 };
 use kiln_model::goldens::{golden, ids, tiny_dir};
 use kiln_model::LoadOptions;
 use serde_json::Value;
 
 fn engine() -> Engine {
+    engine_with(None)
+}
+
+/// The tiny llama on the CPU, speculating with `speculative` when given.
+fn engine_with(speculative: Option<SpecConfig>) -> Engine {
     let m = kiln_model::load(
         &CpuBackend::new(),
         &tiny_dir("llama"),
@@ -30,6 +35,7 @@ fn engine() -> Engine {
             block_size: 4,
             max_step_tokens: 24,
             kv_capacity: KvCapacity::Tokens(1024),
+            speculative,
             ..EngineConfig::default()
         },
     )
@@ -66,7 +72,24 @@ fn tokens(mut s: RequestStream) -> Vec<u32> {
 
 #[test]
 fn three_adapters_and_the_base_in_one_batch_generate_what_peft_does() {
-    let e = engine();
+    three_adapters_and_the_base_in_one_batch(&engine());
+}
+
+/// Speculative decoding (issue 26: "works with ... adapters"): the guesses
+/// are verified on each row's own adapter, so every request still gets
+/// peft's greedy tokens, while guesses are both accepted and rejected.
+#[test]
+fn speculation_keeps_each_adapters_tokens_in_a_mixed_batch() {
+    let e = engine_with(Some(SpecConfig::ngram(4, 1, 3)));
+    three_adapters_and_the_base_in_one_batch(&e);
+    let s = e.metrics().speculative;
+    assert!(
+        s.num_accepted_tokens > 0 && s.num_accepted_tokens < s.num_draft_tokens,
+        "guesses should be both accepted and rejected: {s:?}"
+    );
+}
+
+fn three_adapters_and_the_base_in_one_batch(e: &Engine) {
     e.enable_adapters(AdapterLimits::default()).unwrap();
     let names = ["lora_a", "lora_b", "lora_c"];
     for n in names {
