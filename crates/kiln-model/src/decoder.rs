@@ -431,6 +431,7 @@ impl<B: Backend> Decoder<B> {
         kv: &mut B::KvCache,
         step: &B::Step,
         attn: &AttentionParams,
+        logit_rows_only: bool,
     ) -> Result<B::Tensor> {
         let cfg = &self.cfg;
         let mut q = Self::linear(be, &layer.q, h)?;
@@ -473,6 +474,11 @@ impl<B: Backend> Decoder<B> {
             ..*attn
         };
         let a = be.attention(&q, kv, i, step, &attn)?;
+        let a = if logit_rows_only {
+            be.select_logit_rows(&a, step)?
+        } else {
+            a
+        };
         Self::linear(be, &layer.o, &a)
     }
 
@@ -530,10 +536,25 @@ impl<B: Backend> Decoder<B> {
         if let (Some(table), Some(offset)) = (&self.positions, cfg.learned_positions) {
             be.add_position_embedding(&mut x, table, offset, &step)?;
         }
+        // The last layer writes its keys and values and attends for every
+        // row, then goes on with only the rows whose logits are wanted (as
+        // llama.cpp does); when those are all rows, in order, nothing is cut.
+        let all_rows = input.logit_rows.len() == input.tokens.len()
+            && (0..).zip(&input.logit_rows).all(|(i, &r)| i == r);
+        let cut_at = (!all_rows)
+            .then(|| self.layers.len().checked_sub(1))
+            .flatten();
         for (i, layer) in self.layers.iter().enumerate() {
+            let cut = cut_at == Some(i);
             if cfg.pre_norm {
                 let h = self.norm(be, &layer.attn_norm, &x)?;
-                let mut a = self.attention(be, layer, i, &h, kv, &step, &attn)?;
+                let mut a = self.attention(be, layer, i, &h, kv, &step, &attn, cut)?;
+                if cut {
+                    if input.logit_rows.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    x = be.select_logit_rows(&x, &step)?;
+                }
                 if let Some((post, _)) = &layer.post_norms {
                     a = self.norm(be, post, &a)?;
                 }
@@ -546,7 +567,13 @@ impl<B: Backend> Decoder<B> {
                 be.add_inplace(&mut x, &f)?;
             } else {
                 // Post-norm blocks (OPT-350m): normalise after each residual add.
-                let a = self.attention(be, layer, i, &x, kv, &step, &attn)?;
+                let a = self.attention(be, layer, i, &x, kv, &step, &attn, cut)?;
+                if cut {
+                    if input.logit_rows.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    x = be.select_logit_rows(&x, &step)?;
+                }
                 be.add_inplace(&mut x, &a)?;
                 x = self.norm(be, &layer.attn_norm, &x)?;
                 let f = self.ffn(be, layer, &x)?;
@@ -555,7 +582,11 @@ impl<B: Backend> Decoder<B> {
             }
         }
         // Only the requested rows go through the final norm and the (large) output projection.
-        let mut x = be.select_logit_rows(&x, &step)?;
+        let mut x = if cut_at.is_some() || all_rows {
+            x
+        } else {
+            be.select_logit_rows(&x, &step)?
+        };
         if let Some(n) = &self.final_norm {
             x = self.norm(be, n, &x)?;
         }
