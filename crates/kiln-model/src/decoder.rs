@@ -130,6 +130,16 @@ impl<B: Backend> Loader<'_, B> {
         self.upload_weight(name, rows, cols, data)
     }
 
+    /// A `[rows, cols]` matrix only read by rows (`Backend::upload_table`),
+    /// not kept in the stored layouts: the backend may leave it in the file.
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<B::Weight> {
+        let (shape, data) = self.src.get_weight(name)?;
+        self.check_shape(name, &shape, &[rows, cols])?;
+        self.backend
+            .upload_table(rows, cols, data)
+            .map_err(|e| self.tensor_err(name, e.to_string()))
+    }
+
     fn bias(&self, name: &str, n: usize) -> Result<Option<B::Tensor>> {
         let b = format!("{name}.bias");
         if self.src.contains(&b) {
@@ -320,7 +330,12 @@ impl<B: Backend> Decoder<B> {
             norm_offset: cfg.norm_offset,
         };
         let (h, e) = (cfg.hidden_size, cfg.embed_dim);
-        let embed = l.weight("token_embd.weight", cfg.vocab_size, e)?;
+        // With an output matrix of its own, the embedding is only looked up by rows.
+        let embed = if cfg.tie_word_embeddings && !src.contains("output.weight") {
+            l.weight("token_embd.weight", cfg.vocab_size, e)?
+        } else {
+            l.table("token_embd.weight", cfg.vocab_size, e)?
+        };
         let positions = match cfg.learned_positions {
             Some(offset) => {
                 let name = "pos_embd.weight";
