@@ -17,6 +17,8 @@
 #   scripts/bench/peers.sh                       once: llama.cpp and the default model
 #   scripts/bench/moe_fixtures.sh                Qwen3-MoE, 4 layers: Q8_0 2.9 GB, Q4_K_M 1.7 GB
 #   LAYERS=8 MIXTRAL=1 scripts/bench/moe_fixtures.sh   8 layers (8.6 GB) and Mixtral, 1 layer (3 GB)
+#   MIXTRAL=1 MIXTRAL_LAYERS=3 FORMATS=Q4_K_M scripts/bench/moe_fixtures.sh
+#                                                Mixtral, 3 layers: Q8_0 5.1 GB (the source) and Q4_K_M 2.9 GB
 #
 # Environment: LAYERS (Qwen3-MoE depth, default 4; the real model has 48; each
 # layer is 0.66 GB in Q8_0), MIXTRAL (1 adds the Mixtral shape), MIXTRAL_LAYERS

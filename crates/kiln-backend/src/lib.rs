@@ -128,6 +128,15 @@ pub trait Backend: Send + Sync {
     /// can compute with and converts the rest.
     fn upload_weight(&self, rows: usize, cols: usize, data: WeightData) -> Result<Self::Weight>;
 
+    /// Takes a matrix that is only ever read row by row (a token embedding
+    /// that is not also the output projection): a host backend may keep
+    /// the file's bytes as they are, so that only the rows a prompt looks
+    /// up become resident, as llama.cpp's memory-mapped lookups do. The
+    /// default is [`Backend::upload_weight`].
+    fn upload_table(&self, rows: usize, cols: usize, data: WeightData) -> Result<Self::Weight> {
+        self.upload_weight(rows, cols, data)
+    }
+
     /// The name and version of the layout this backend rearranges weight
     /// matrices into at upload, when it can give those bytes back
     /// ([`Backend::laid_out`]) and take them again

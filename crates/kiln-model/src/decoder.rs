@@ -131,6 +131,16 @@ impl<B: Backend> Loader<'_, B> {
         self.upload_weight(name, rows, cols, data)
     }
 
+    /// A `[rows, cols]` matrix only read by rows (`Backend::upload_table`),
+    /// not kept in the stored layouts: the backend may leave it in the file.
+    fn table(&self, name: &str, rows: usize, cols: usize) -> Result<B::Weight> {
+        let (shape, data) = self.src.get_weight(name)?;
+        self.check_shape(name, &shape, &[rows, cols])?;
+        self.backend
+            .upload_table(rows, cols, data)
+            .map_err(|e| self.tensor_err(name, e.to_string()))
+    }
+
     fn bias(&self, name: &str, n: usize) -> Result<Option<B::Tensor>> {
         let b = format!("{name}.bias");
         if self.src.contains(&b) {
@@ -321,7 +331,12 @@ impl<B: Backend> Decoder<B> {
             norm_offset: cfg.norm_offset,
         };
         let (h, e) = (cfg.hidden_size, cfg.embed_dim);
-        let embed = l.weight("token_embd.weight", cfg.vocab_size, e)?;
+        // With an output matrix of its own, the embedding is only looked up by rows.
+        let embed = if cfg.tie_word_embeddings && !src.contains("output.weight") {
+            l.weight("token_embd.weight", cfg.vocab_size, e)?
+        } else {
+            l.table("token_embd.weight", cfg.vocab_size, e)?
+        };
         let positions = match cfg.learned_positions {
             Some(offset) => {
                 let name = "pos_embd.weight";
@@ -446,6 +461,7 @@ impl<B: Backend> Decoder<B> {
         step: &B::Step,
         attn: &AttentionParams,
         lora: &LoraStep<'_, B>,
+        cut: Option<&LoraStep<'_, B>>,
     ) -> Result<B::Tensor> {
         let cfg = &self.cfg;
         let mut q = Self::linear(be, &layer.q, h)?;
@@ -491,6 +507,11 @@ impl<B: Backend> Decoder<B> {
             ..*attn
         };
         let a = be.attention(&q, kv, i, step, &attn)?;
+        // `cut`: only the logit rows go on, with their adapters renumbered.
+        let (a, lora) = match cut {
+            Some(selected) => (be.select_logit_rows(&a, step)?, selected),
+            None => (a, lora),
+        };
         let mut o = Self::linear(be, &layer.o, &a)?;
         lora.apply(be, i, Proj::O, &a, &mut o)?;
         Ok(o)
@@ -570,10 +591,43 @@ impl<B: Backend> Decoder<B> {
         if let (Some(table), Some(offset)) = (&self.positions, cfg.learned_positions) {
             be.add_position_embedding(&mut x, table, offset, &step)?;
         }
+        // The last layer writes its keys and values and attends for every
+        // row, then goes on with only the rows whose logits are wanted (as
+        // llama.cpp does); when those are all rows, in order, nothing is cut.
+        let all_rows = input.logit_rows.len() == input.tokens.len()
+            && (0..).zip(&input.logit_rows).all(|(i, &r)| i == r);
+        let cut_at = (!all_rows)
+            .then(|| self.layers.len().checked_sub(1))
+            .flatten();
+        // After the cut, row k is the step's row `logit_rows[k]`: the
+        // adapters' row groups are renumbered to match.
+        let cut_lora = match cut_at {
+            Some(_) => lora.select(&input.logit_rows),
+            None => LoraStep::none(),
+        };
+        let mut lora = lora;
         for (i, layer) in self.layers.iter().enumerate() {
+            let cut = cut_at == Some(i);
             if cfg.pre_norm {
                 let h = self.norm(be, &layer.attn_norm, &x)?;
-                let mut a = self.attention(be, layer, i, &h, kv, &step, &attn, lora)?;
+                let mut a = self.attention(
+                    be,
+                    layer,
+                    i,
+                    &h,
+                    kv,
+                    &step,
+                    &attn,
+                    lora,
+                    cut.then_some(&cut_lora),
+                )?;
+                if cut {
+                    if input.logit_rows.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    x = be.select_logit_rows(&x, &step)?;
+                    lora = &cut_lora;
+                }
                 if let Some((post, _)) = &layer.post_norms {
                     a = self.norm(be, post, &a)?;
                 }
@@ -586,7 +640,24 @@ impl<B: Backend> Decoder<B> {
                 be.add_inplace(&mut x, &f)?;
             } else {
                 // Post-norm blocks (OPT-350m): normalise after each residual add.
-                let a = self.attention(be, layer, i, &x, kv, &step, &attn, lora)?;
+                let a = self.attention(
+                    be,
+                    layer,
+                    i,
+                    &x,
+                    kv,
+                    &step,
+                    &attn,
+                    lora,
+                    cut.then_some(&cut_lora),
+                )?;
+                if cut {
+                    if input.logit_rows.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    x = be.select_logit_rows(&x, &step)?;
+                    lora = &cut_lora;
+                }
                 be.add_inplace(&mut x, &a)?;
                 x = self.norm(be, &layer.attn_norm, &x)?;
                 let f = self.ffn(be, layer, i, &x, lora)?;
@@ -595,7 +666,11 @@ impl<B: Backend> Decoder<B> {
             }
         }
         // Only the requested rows go through the final norm and the (large) output projection.
-        let mut x = be.select_logit_rows(&x, &step)?;
+        let mut x = if cut_at.is_some() || all_rows {
+            x
+        } else {
+            be.select_logit_rows(&x, &step)?
+        };
         if let Some(n) = &self.final_norm {
             x = self.norm(be, n, &x)?;
         }

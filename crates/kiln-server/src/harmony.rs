@@ -446,6 +446,42 @@ impl ToolCalls {
     }
 }
 
+/// Harmony's markers a tool call is written with, each one special token
+/// of gpt-oss's tokenizer (`<|call|>` also ends the turn).
+pub const CALL_MARKERS: [&str; 4] = [CHANNEL, CONSTRAIN, MESSAGE, CALL];
+
+const CONSTRAIN: &str = "<|constrain|>";
+
+/// One harmony call to `name` with JSON arguments `args`, as gpt-oss
+/// writes it right after the generation prompt's `<|start|>assistant`
+/// (OpenAI's harmony guide):
+/// `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGS<|call|>`.
+pub fn call_text(name: &str, args: &str) -> String {
+    format!("{CHANNEL}commentary to=functions.{name} {CONSTRAIN}json{MESSAGE}{args}{CALL}")
+}
+
+/// The grammar (llguidance's Lark) that holds the output to one call of
+/// [`call_text`]'s shape to one of `tools` (each a function name and the
+/// JSON schema of its arguments): what `tool_choice: "required"` or a named
+/// function makes of harmony. The markers are written with Lark's
+/// `<|...|>` special-token syntax, since they are special tokens that no
+/// text spells; the call comes first, with no analysis message before it
+/// (as the other syntaxes' grammars allow no reasoning either), and there
+/// is one, because `<|call|>` ends the turn.
+pub fn call_grammar(tools: &[(&str, serde_json::Value)]) -> String {
+    let lit = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let alts: Vec<String> = (0..tools.len()).map(|i| format!("call_{i}")).collect();
+    let mut g = format!("start: {}\n", alts.join(" | "));
+    for (i, (name, schema)) in tools.iter().enumerate() {
+        g.push_str(&format!(
+            "call_{i}: {CHANNEL} {} {CONSTRAIN} \"json\" {MESSAGE} args_{i} {CALL}\n",
+            lit(&format!("commentary to=functions.{name} "))
+        ));
+        g.push_str(&format!("args_{i}: %json {schema}\n"));
+    }
+    g
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,11 +205,19 @@ pub(crate) async fn run_value(
                 crate::tools::ToolChoice::Required | crate::tools::ToolChoice::Named(_)
             )
         {
-            return Err(ApiError::bad_request(
-                "tool_choice 'required' or a named function is not supported with gpt-oss's \
-                 harmony tool calls (their markers are special tokens, which kiln's output \
-                 grammars cannot write yet); use 'auto'",
-            ));
+            // The grammar writes harmony's markers as the special tokens
+            // they are in gpt-oss's tokenizer: a model without them cannot.
+            let tok = engine.tokenizer();
+            if let Some(m) = crate::harmony::CALL_MARKERS
+                .iter()
+                .find(|m| tok.token_to_id(m).is_none())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "tool_choice 'required' or a named function with gpt-oss's harmony tool \
+                     calls needs harmony's special tokens in the model's tokenizer, which has \
+                     no '{m}'; use 'auto'"
+                )));
+            }
         }
         if let Some(g) = t.constraint(syntax) {
             if c.params.constraint.is_some() {

@@ -58,13 +58,9 @@ impl ToolRequest {
         self.choice != ToolChoice::None
     }
 
-    /// The grammar for `required` and named choices (`None` otherwise, and
-    /// for harmony, whose markers are special tokens a text grammar cannot
-    /// write: the route refuses those choices for it).
+    /// The grammar for `required` and named choices (`None` otherwise;
+    /// harmony's markers are written as the special tokens they are).
     pub fn constraint(&self, syntax: ToolSyntax) -> Option<Constraint> {
-        if syntax == ToolSyntax::Harmony {
-            return None;
-        }
         let allowed: Vec<&Value> = match &self.choice {
             ToolChoice::None | ToolChoice::Auto => return None,
             ToolChoice::Required => self.tools.iter().collect(),
@@ -84,13 +80,10 @@ impl ToolRequest {
 impl ToolRequest {
     /// The shortest text of one call each `required`/named choice allows,
     /// written in `syntax` (one per allowed function; none for other
-    /// choices and harmony): the route refuses a `max_tokens` that cannot
+    /// choices): the route refuses a `max_tokens` that cannot
     /// hold the shortest of them, as a grammar-constrained call would be
     /// cut before it could close.
     pub fn minimal_calls(&self, syntax: ToolSyntax) -> Vec<String> {
-        if syntax == ToolSyntax::Harmony {
-            return Vec::new();
-        }
         let allowed: Vec<&Value> = match &self.choice {
             ToolChoice::None | ToolChoice::Auto => return Vec::new(),
             ToolChoice::Required => self.tools.iter().collect(),
@@ -104,7 +97,7 @@ impl ToolRequest {
             ToolSyntax::Hermes => ("arguments", "<tool_call>\n", "\n</tool_call>"),
             ToolSyntax::Llama3Json => ("parameters", "", ""),
             ToolSyntax::Mistral => ("arguments", "[TOOL_CALLS][", "]"),
-            ToolSyntax::Harmony => return Vec::new(),
+            ToolSyntax::Harmony => ("", "", ""),
         };
         allowed
             .iter()
@@ -112,6 +105,9 @@ impl ToolRequest {
                 let schema = t.get("function").and_then(|f| f.get("parameters"));
                 let args = schema.map_or(json!({}), minimal_value);
                 let name = tool_name(t).unwrap_or_default();
+                if syntax == ToolSyntax::Harmony {
+                    return crate::harmony::call_text(name, &args.to_string());
+                }
                 format!("{open}{{\"name\": \"{name}\", \"{args_key}\": {args}}}{close}")
             })
             .collect()
@@ -482,6 +478,21 @@ fn count_calls(events: &[ToolEvent]) -> usize {
         .count()
 }
 
+/// The JSON schema a call's arguments are held to: the function's
+/// `parameters` (any object without), compact unless it says otherwise.
+fn args_schema(t: &Value) -> Value {
+    let mut schema = t
+        .get("function")
+        .and_then(|f| f.get("parameters"))
+        .cloned()
+        .unwrap_or_else(|| json!({"type": "object"}));
+    if let Value::Object(m) = &mut schema {
+        m.entry("x-guidance")
+            .or_insert_with(|| json!({"whitespace_flexible": false}));
+    }
+    schema
+}
+
 /// A Lark string literal of `s`.
 fn lit(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
@@ -491,11 +502,18 @@ fn lit(s: &str) -> String {
 /// written in `syntax`, each call's arguments valid against its function's
 /// `parameters` (compact JSON, like the other JSON constraints).
 fn grammar(syntax: ToolSyntax, tools: &[&Value], parallel: bool) -> String {
+    if syntax == ToolSyntax::Harmony {
+        let calls: Vec<(&str, Value)> = tools
+            .iter()
+            .map(|t| (tool_name(t).unwrap_or_default(), args_schema(t)))
+            .collect();
+        return crate::harmony::call_grammar(&calls);
+    }
     let (args_key, open, sep, close, call_open, call_close) = match syntax {
         ToolSyntax::Hermes => ("arguments", "", "\n", "", "<tool_call>\n", "\n</tool_call>"),
         ToolSyntax::Llama3Json => ("parameters", "", "; ", "", "", ""),
         ToolSyntax::Mistral => ("arguments", "[TOOL_CALLS][", ", ", "]", "", ""),
-        // Not reached: `constraint` gives harmony no grammar.
+        // Not reached: harmony's grammar is written above.
         ToolSyntax::Harmony => ("arguments", "", "\n", "", "", ""),
     };
     let mut g = String::new();
@@ -514,15 +532,7 @@ fn grammar(syntax: ToolSyntax, tools: &[&Value], parallel: bool) -> String {
     ));
     for (i, t) in tools.iter().enumerate() {
         let name = tool_name(t).unwrap_or_default();
-        let mut schema = t
-            .get("function")
-            .and_then(|f| f.get("parameters"))
-            .cloned()
-            .unwrap_or_else(|| json!({"type": "object"}));
-        if let Value::Object(m) = &mut schema {
-            m.entry("x-guidance")
-                .or_insert_with(|| json!({"whitespace_flexible": false}));
-        }
+        let schema = args_schema(t);
         let head = format!("{{\"name\": \"{name}\", \"{args_key}\": ");
         g.push_str(&format!("call_{i}: {} args_{i} \"}}\"\n", lit(&head)));
         g.push_str(&format!("args_{i}: %json {schema}\n"));

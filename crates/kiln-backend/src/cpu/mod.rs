@@ -155,6 +155,10 @@ impl Backend for CpuBackend {
         CpuWeight::new(rows, cols, data)
     }
 
+    fn upload_table(&self, rows: usize, cols: usize, data: WeightData) -> Result<CpuWeight> {
+        CpuWeight::table(rows, cols, data)
+    }
+
     fn weight_layout(&self) -> Option<&'static str> {
         // Without the repack, block weights keep the file's rows: nothing
         // worth storing.

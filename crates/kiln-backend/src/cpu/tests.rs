@@ -506,6 +506,40 @@ fn embedding_looks_up_rows_and_rejects_out_of_vocab_ids() {
     assert_eq!(&e.data[64..], &want[..64]);
 }
 
+/// A table uploaded for row lookups keeps the given bytes (no rearranged
+/// copy) and looks up the same bits as the rearranged upload, in every
+/// block format the packed kernels take.
+#[test]
+fn tables_keep_their_bytes_and_look_up_the_same_rows() {
+    let be = CpuBackend::new();
+    let (rows, cols) = (packed::NR + 3, 512);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ] {
+        let bytes = random_blocks(ty, rows * cols / ty.block().0, 7);
+        let data = || WeightData::Ggml {
+            ty,
+            bytes: bytes.clone().into(),
+        };
+        let packed = be.upload_weight(rows, cols, data()).unwrap();
+        let table = be.upload_table(rows, cols, data()).unwrap();
+        assert!(packed.laid_out().is_some(), "{ty:?}");
+        assert!(table.laid_out().is_none(), "{ty:?}: rearranged");
+        let step = StepInput {
+            tokens: vec![rows as u32 - 1, 0, 5, 5],
+            ..Default::default()
+        };
+        let want = be.embedding(&packed, &step).unwrap();
+        let got = be.embedding(&table, &step).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.data), bits(&want.data), "{ty:?}");
+    }
+}
+
 /// A matrix handed back in the layout it was rearranged into (as a later
 /// start maps it from a file) computes exactly what the rearranged upload
 /// does, row lookups included; bytes of another length, or for another

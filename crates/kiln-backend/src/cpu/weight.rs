@@ -52,6 +52,13 @@ impl CpuWeight {
         Self::new_with(rows, cols, data, repack_enabled())
     }
 
+    /// A matrix only read by rows (`Backend::upload_table`): block formats
+    /// keep the given bytes (usually the memory-mapped file's) instead of a
+    /// rearranged copy, so only the rows looked up are read into memory.
+    pub fn table(rows: usize, cols: usize, data: WeightData) -> Result<Self> {
+        Self::new_with(rows, cols, data, false)
+    }
+
     /// [`CpuWeight::new`], repacking block formats only if `repack`.
     fn new_with(rows: usize, cols: usize, data: WeightData, repack: bool) -> Result<Self> {
         let invalid = |msg: String| BackendError::Invalid {

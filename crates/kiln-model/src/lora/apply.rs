@@ -96,6 +96,25 @@ impl<'a, B: Backend> LoraStep<'a, B> {
         }
     }
 
+    /// The same adapters for a step cut down to `rows` (row `k` of the cut
+    /// step is row `rows[k]` of this one; a row may be taken twice), as the
+    /// decoder's last layer does after attention.
+    pub fn select(&self, rows: &[u32]) -> Self {
+        let groups = self
+            .groups
+            .iter()
+            .map(|(adapter, own)| {
+                let picked = (0u32..)
+                    .zip(rows)
+                    .filter(|(_, r)| own.contains(r))
+                    .map(|(k, _)| k)
+                    .collect();
+                (*adapter, picked)
+            })
+            .collect();
+        Self::new(groups)
+    }
+
     /// Whether no row uses an adapter.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
