@@ -1,0 +1,187 @@
+//! What `/v1/embeddings`, the LMI route for embedding models and
+//! `/v1/rerank` share: the body's object and field checks, finding the
+//! model a request names (or the only one of its kind), text inputs checked
+//! and tokenized, and the model's errors mapped to 4xx / 424.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::access::AccessRecord;
+use crate::encoder_pool::{EncoderPool, PoolEntry};
+use crate::error::ApiError;
+use crate::state::AppState;
+use kiln_model::encoder::EmbedError;
+
+/// Which kind of encoder a route serves, for its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Embedding,
+    Rerank,
+}
+
+impl Role {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Embedding => "embedding model",
+            Self::Rerank => "reranker",
+        }
+    }
+
+    fn wrong_kind(self, name: &str) -> String {
+        match self {
+            Self::Embedding => format!("model '{name}' is not an embedding model"),
+            Self::Rerank => format!("model '{name}' is not a reranker (a cross-encoder)"),
+        }
+    }
+}
+
+/// The body as a JSON object whose keys are all in `accepted`; any other
+/// key is refused by name (no field is silently ignored).
+pub fn object<'a>(v: &'a Value, accepted: &[&str]) -> Result<&'a Map<String, Value>, ApiError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    if let Some(k) = obj.keys().find(|k| !accepted.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field '{k}' (accepted: {})",
+            accepted.join(", ")
+        )));
+    }
+    Ok(obj)
+}
+
+/// The optional `model` string of a body.
+pub fn model_field(obj: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    match obj.get("model") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::bad_request("'model' must be a string")),
+    }
+}
+
+/// The model of `pool` a request names, or the only one when it names none;
+/// a model of another kind is a 400 saying so, an unknown name a 404. The
+/// access record gets the name.
+pub fn resolve<T>(
+    st: &AppState,
+    pool: &EncoderPool<T>,
+    role: Role,
+    requested: Option<String>,
+    rec: &AccessRecord,
+) -> Result<Arc<PoolEntry<T>>, ApiError> {
+    let name = match requested {
+        Some(m) => m,
+        None => match &pool.names()[..] {
+            [one] => one.clone(),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "'model' is required unless exactly one {} is served",
+                    role.noun()
+                )))
+            }
+        },
+    };
+    rec.set_model(&name);
+    if let Some(m) = pool.get(&name) {
+        return Ok(m);
+    }
+    let elsewhere = st.registry.get(&name).is_ok()
+        || st.embedders.get(&name).is_some()
+        || st.rerankers.get(&name).is_some();
+    if elsewhere {
+        return Err(ApiError::bad_request(role.wrong_kind(&name)));
+    }
+    Err(ApiError::unknown_model(&name))
+}
+
+/// A list of strings from `v` (one string is a list of one), with at most
+/// `max` items; `what` names the field in the error.
+pub fn texts(v: Option<&Value>, what: &str, max: usize) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "'{what}' must be a string or a list of 1 to {max} strings"
+        ))
+    };
+    match v {
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) if !a.is_empty() && a.len() <= max => a
+            .iter()
+            .map(|s| s.as_str().map(str::to_string).ok_or_else(bad))
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+/// Token ids of each text through `tokenize`; an empty string is refused
+/// (it would embed only the special tokens).
+pub fn tokenize_all(
+    texts: &[String],
+    what: &str,
+    tokenize: impl Fn(&str) -> kiln_model::Result<Vec<u32>>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    texts
+        .iter()
+        .map(|t| {
+            if t.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "'{what}' must not contain empty strings"
+                )));
+            }
+            tokenize(t).map_err(|e| ApiError::bad_request(e.to_string()))
+        })
+        .collect()
+}
+
+/// A bad input is the request's fault (400); anything else the model's (424).
+pub fn embed_error(e: EmbedError) -> ApiError {
+    match e {
+        EmbedError::Input(e) => ApiError::bad_request(e.to_string()),
+        EmbedError::Model(e) => ApiError::model_failure(e.to_string()),
+    }
+}
+
+/// Runs `work` on a blocking thread (an encoder pass is seconds of CPU).
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::model_failure(format!("{what} task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_and_bad_models_are_named() {
+        let e = object(&json!({"a": 1, "b": 2}), &["a"]).unwrap_err();
+        assert_eq!(e.message, "unknown field 'b' (accepted: a)");
+        let e = object(&json!([1]), &["a"]).unwrap_err();
+        assert_eq!(e.message, "the body must be a JSON object");
+        let o = json!({"model": 3});
+        let e = model_field(o.as_object().unwrap()).unwrap_err();
+        assert_eq!(e.message, "'model' must be a string");
+    }
+
+    #[test]
+    fn texts_take_a_string_or_a_bounded_list() {
+        assert_eq!(texts(Some(&json!("a")), "x", 2).unwrap(), vec!["a"]);
+        assert_eq!(
+            texts(Some(&json!(["a", "b"])), "x", 2).unwrap(),
+            vec!["a", "b"]
+        );
+        for bad in [json!([]), json!(["a", "b", "c"]), json!([1]), json!(null)] {
+            let e = texts(Some(&bad), "x", 2).unwrap_err();
+            assert_eq!(
+                e.message, "'x' must be a string or a list of 1 to 2 strings",
+                "{bad}"
+            );
+        }
+        let e = tokenize_all(&["".into()], "x", |_| Ok(vec![1])).unwrap_err();
+        assert_eq!(e.message, "'x' must not contain empty strings");
+    }
+}
