@@ -8,6 +8,7 @@
 //! cache and no scheduling.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -241,22 +242,36 @@ pub fn truncate(v: &mut Vec<f32>, dims: usize, normalize: bool) {
     }
 }
 
-/// Tokenizes (text inputs) and embeds on a blocking thread: the vectors and
-/// the number of tokens they took.
+/// Tokenizes (text inputs) and embeds on a blocking thread, in batches
+/// that stop when the client leaves: the vectors and the number of tokens
+/// they took.
 async fn compute(
     m: Arc<PoolEntry<Embedder>>,
     input: Inputs,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
-    req::blocking("embedding", move || {
+    req::run(m, "embedding", move |m, cancel| {
         let e = &m.model;
         let ids = match input {
             Inputs::Ids(ids) => ids,
             Inputs::Texts(texts) => req::tokenize_all(&texts, "input", |t| e.model.tokenize(t))?,
         };
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let vecs = e.model.embed(&e.backend, &refs).map_err(req::embed_error)?;
-        let tokens: usize = ids.iter().map(Vec::len).sum();
-        Ok((vecs, tokens))
+        e.model
+            .check(&refs)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+        let mut vecs = Vec::with_capacity(ids.len());
+        for batch in req::batches(&lens) {
+            cancel.check()?;
+            let n = batch.len();
+            vecs.extend(
+                e.model
+                    .embed(&e.backend, &refs[batch])
+                    .map_err(req::embed_error)?,
+            );
+            m.stats.inputs.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok((vecs, lens.iter().sum()))
     })
     .await
 }

@@ -4,8 +4,28 @@
 //! and the management routes see them the same way.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
+
+use tokio::sync::Semaphore;
+
+/// What a model's requests did, for `GET /models/{name}` (DJL's
+/// `requestInQueue` / `requestInFlight`, and kiln's counts).
+#[derive(Default)]
+pub struct EncoderStats {
+    /// Requests waiting for the model.
+    pub waiting: AtomicUsize,
+    /// Requests being computed (0 or 1: one batch at a time).
+    pub running: AtomicUsize,
+    /// Requests answered (or refused after they started).
+    pub finished: AtomicU64,
+    /// Requests whose client went away first: dropped from the queue, or
+    /// stopped between two batches of their inputs.
+    pub cancelled: AtomicU64,
+    /// Inputs (sequences, or query-document pairs) computed.
+    pub inputs: AtomicU64,
+}
 
 /// One model of a pool, with where it came from.
 pub struct PoolEntry<T> {
@@ -14,6 +34,11 @@ pub struct PoolEntry<T> {
     pub url: String,
     pub registered_at: SystemTime,
     pub model: T,
+    pub stats: EncoderStats,
+    /// One request computes at a time (the CPU backend already uses every
+    /// core for one batch); the others wait here, where a client that
+    /// leaves drops its request before any work is done.
+    pub gate: Arc<Semaphore>,
 }
 
 /// Models of one kind, by name.
@@ -46,6 +71,8 @@ impl<T> EncoderPool<T> {
                 url: url.to_string(),
                 registered_at: SystemTime::now(),
                 model,
+                stats: EncoderStats::default(),
+                gate: Arc::new(Semaphore::new(1)),
             }),
         );
         Ok(())

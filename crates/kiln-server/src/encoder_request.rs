@@ -3,12 +3,13 @@
 //! model a request names (or the only one of its kind), text inputs checked
 //! and tokenized, and the model's errors mapped to 4xx / 424.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::access::AccessRecord;
-use crate::encoder_pool::{EncoderPool, PoolEntry};
+use crate::encoder_pool::{EncoderPool, EncoderStats, PoolEntry};
 use crate::error::ApiError;
 use crate::state::AppState;
 use kiln_model::encoder::EmbedError;
@@ -141,14 +142,121 @@ pub fn embed_error(e: EmbedError) -> ApiError {
     }
 }
 
-/// Runs `work` on a blocking thread (an encoder pass is seconds of CPU).
-pub async fn blocking<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+/// Set when the client of a request has gone away; the work checks it
+/// between batches and stops.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// Whether the client has gone.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// An error (that no client will read) once the client has gone.
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.is_set() {
+            return Err(ApiError::unavailable("the client went away"));
+        }
+        Ok(())
+    }
+}
+
+/// The most sequences and tokens of one encoder forward pass. A request's
+/// inputs run in batches of this size (the vectors are the same bits in any
+/// batch), so a client that leaves stops its work within one batch.
+pub const BATCH_SEQS: usize = 32;
+pub const BATCH_TOKENS: usize = 16384;
+
+/// Consecutive index ranges of `lens` of at most [`BATCH_SEQS`] sequences
+/// and [`BATCH_TOKENS`] tokens (one longer sequence is a batch alone).
+pub fn batches(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut tokens) = (0, 0);
+    for (i, &n) in lens.iter().enumerate() {
+        if i > start && (i - start == BATCH_SEQS || tokens + n > BATCH_TOKENS) {
+            out.push(start..i);
+            (start, tokens) = (i, 0);
+        }
+        tokens += n;
+    }
+    if start < lens.len() {
+        out.push(start..lens.len());
+    }
+    out
+}
+
+/// Counts a request as waiting, then running, then finished or cancelled,
+/// and sets its [`Cancel`] if the request's future is dropped (the client
+/// disconnected) before the work is done.
+struct Watch<'a> {
+    stats: &'a EncoderStats,
+    cancel: Cancel,
+    waiting: bool,
+    started: bool,
+    done: bool,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.cancel.0.store(true, Ordering::SeqCst);
+        if self.waiting {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        if !self.started {
+            self.stats.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs `work` on model `m` on a blocking thread, one request at a time
+/// per model (in arrival order). If the client goes away while the request
+/// waits, it is dropped before any work; while it runs, `work` sees its
+/// [`Cancel`] set and stops at its next batch.
+pub async fn run<M: Send + Sync + 'static, T: Send + 'static>(
+    m: Arc<PoolEntry<M>>,
+    what: &'static str,
+    work: impl FnOnce(&PoolEntry<M>, &Cancel) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
+    let cancel = Cancel::default();
+    m.stats.waiting.fetch_add(1, Ordering::SeqCst);
+    let mut watch = Watch {
+        stats: &m.stats,
+        cancel: cancel.clone(),
+        waiting: true,
+        started: false,
+        done: false,
+    };
+    let permit = m
+        .gate
+        .clone()
+        .acquire_owned()
         .await
-        .map_err(|e| ApiError::model_failure(format!("{what} task failed: {e}")))?
+        .map_err(|_| ApiError::unavailable(format!("the {what} model is being removed")))?;
+    m.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+    watch.waiting = false;
+    watch.started = true;
+    let entry = m.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let stats = &entry.stats;
+        stats.running.fetch_add(1, Ordering::SeqCst);
+        let r = work(&entry, &cancel);
+        stats.running.fetch_sub(1, Ordering::SeqCst);
+        let counter = if cancel.is_set() {
+            &stats.cancelled
+        } else {
+            &stats.finished
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        r
+    })
+    .await;
+    watch.done = true;
+    joined.map_err(|e| ApiError::model_failure(format!("{what} task failed: {e}")))?
 }
 
 #[cfg(test)]
@@ -165,6 +273,17 @@ mod tests {
         let o = json!({"model": 3});
         let e = model_field(o.as_object().unwrap()).unwrap_err();
         assert_eq!(e.message, "'model' must be a string");
+    }
+
+    #[test]
+    fn batches_cut_by_count_and_tokens() {
+        assert_eq!(batches(&[]), vec![]);
+        assert_eq!(batches(&[5; 70]), vec![0..32, 32..64, 64..70]);
+        let big = BATCH_TOKENS - 10;
+        assert_eq!(
+            batches(&[big, 20, 5, BATCH_TOKENS + 1, 1]),
+            vec![0..1, 1..3, 3..4, 4..5]
+        );
     }
 
     #[test]

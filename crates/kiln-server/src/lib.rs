@@ -25,6 +25,7 @@ pub mod cpu;
 pub mod dialect;
 pub mod djl_status;
 pub mod embeddings;
+pub mod encoder_models;
 pub mod encoder_pool;
 pub mod encoder_request;
 pub mod error;

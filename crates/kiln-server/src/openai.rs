@@ -56,6 +56,14 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Response {
             json!({"id": m.name, "object": "model", "created": created, "owned_by": "kiln"})
         })
         .collect();
+    // Embedding models and rerankers too, in one list sorted by name.
+    let mut data = data;
+    data.extend(
+        crate::encoder_models::openai_entries(&st)
+            .into_iter()
+            .map(|e| e.1),
+    );
+    data.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Json(json!({"object": "list", "data": data})).into_response()
 }
 

@@ -4,6 +4,7 @@
 //! `BertForSequenceClassification` is served here, beside the engines.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -159,7 +160,7 @@ async fn run(
     let name = m.name.clone();
     let query = request.query.clone();
     let docs = request.documents.clone();
-    let (logits, tokens) = req::blocking("rerank", move || {
+    let (logits, tokens) = req::run(m, "rerank", move |m, cancel| {
         let r = &m.model;
         let pairs = docs
             .iter()
@@ -169,12 +170,19 @@ async fn run(
                     .map_err(|e| ApiError::bad_request(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let tokens: usize = pairs.iter().map(|p| p.0.len()).sum();
-        let logits = r
-            .model
-            .logits(&r.backend, &pairs)
-            .map_err(req::embed_error)?;
-        Ok((logits, tokens))
+        r.model
+            .check(&pairs)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let lens: Vec<usize> = pairs.iter().map(|p| p.0.len()).collect();
+        let mut logits = Vec::with_capacity(pairs.len());
+        for batch in req::batches(&lens) {
+            cancel.check()?;
+            let n = batch.len();
+            let part = r.model.logits(&r.backend, &pairs[batch]);
+            logits.extend(part.map_err(req::embed_error)?);
+            m.stats.inputs.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok((logits, lens.iter().sum::<usize>()))
     })
     .await?;
     rec.add_tokens_in(tokens);

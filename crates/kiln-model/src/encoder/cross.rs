@@ -95,6 +95,14 @@ impl<B: Backend> CrossEncoder<B> {
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
+    /// Checks pairs' token ids against the vocabulary and length limit,
+    /// without computing anything (error indices are the pairs').
+    pub fn check(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<(), super::InputError> {
+        let ids: Vec<&[u32]> = pairs.iter().map(|p| p.0.as_slice()).collect();
+        let c = &self.encoder.config;
+        super::check_ids(&ids, c.vocab_size, c.max_tokens())
+    }
+
     /// The relevance logit of each pair (before any sigmoid), as one batch.
     pub fn logits(
         &self,

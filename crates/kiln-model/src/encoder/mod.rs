@@ -142,6 +142,12 @@ impl<B: Backend> EmbeddingModel<B> {
         self.tokenizer.encode(text, true)
     }
 
+    /// Checks token id sequences against the model's vocabulary and
+    /// length limit, without computing anything.
+    pub fn check(&self, seqs: &[&[u32]]) -> Result<(), InputError> {
+        check_ids(seqs, self.encoder.config.vocab_size, self.max_tokens)
+    }
+
     /// One pooled (and, if the checkpoint says so, normalised) embedding
     /// per token id sequence, computed as one batch. A sequence's embedding
     /// is the same bits alone or in any batch.

@@ -432,3 +432,238 @@ fn rerank_orders_documents_by_cross_encoder_score() {
         "nope",
     );
 }
+
+/// `GET /models/{name}`'s model object.
+fn described(s: &Server, name: &str) -> Value {
+    let r = s.get(&format!("/models/{name}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()[0]["models"][0].clone()
+}
+
+#[test]
+fn encoders_register_list_describe_and_unregister_at_run_time() {
+    let s = shared();
+    let _g = models_lock();
+    let bert = url_escape(&tiny("bert"));
+    let r = register(s, &format!("url={bert}&model_name=emb_rt"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "Model \"emb_rt\" registered.");
+    let r = register(
+        s,
+        &format!("url={}&model_name=rr_rt", url_escape(&tiny("bert_rerank"))),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Listed beside the generation models, in both APIs, sorted by name.
+    let ids: Vec<String> = s.get("/v1/models").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.contains(&"emb_rt".to_string()), "{ids:?}");
+    assert!(ids.contains(&"rr_rt".to_string()), "{ids:?}");
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted);
+    let list = s.get("/models?limit=1000").json();
+    let row = list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["modelName"] == "emb_rt")
+        .cloned()
+        .unwrap_or_else(|| panic!("emb_rt not in {list}"));
+    assert_eq!(row["status"], "Healthy");
+    assert_eq!(row["modelUrl"], tiny("bert").display().to_string());
+    let d = described(s, "emb_rt");
+    assert_eq!(d["kiln"]["task"], "text_embedding");
+    assert_eq!(d["kiln"]["dimensions"], 32);
+    assert_eq!(described(s, "rr_rt")["kiln"]["task"], "text_classification");
+    // Served: the golden vector, and the request counted.
+    let g = golden("bert");
+    let t = &g["texts"][1];
+    let r = s.req(
+        "POST",
+        "/v1/embeddings",
+        &[("Content-Type", "application/json")],
+        json!({"model": "emb_rt", "input": t["text"]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_close(
+        &floats(&r.json()["data"][0]["embedding"]),
+        &floats(&t["embedding"]),
+        "emb_rt",
+    );
+    let d = described(s, "emb_rt");
+    assert_eq!(d["kiln"]["requestsFinished"], 1);
+    assert_eq!(d["kiln"]["inputsComputed"], 1);
+    let r = s.req(
+        "POST",
+        "/v1/rerank",
+        &[("Content-Type", "application/json")],
+        json!({"model": "rr_rt", "query": "q", "documents": ["a", "b"]})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A name in use is refused, for an encoder and for a generation model.
+    let r = register(s, &format!("url={bert}&model_name=emb_rt"));
+    assert_djl_error(&r, 409, "already registered");
+    let r = register(
+        s,
+        &format!("url={}&model_name=emb_rt", url_escape(&model_file())),
+    );
+    assert_djl_error(&r, 409, "already registered");
+    // Unregistered: gone from the lists and the routes.
+    for name in ["emb_rt", "rr_rt"] {
+        let r = s.req("DELETE", &format!("/models/{name}"), &[], b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(s.get(&format!("/models/{name}")).status, 404);
+    }
+    let r = s.req(
+        "POST",
+        "/v1/embeddings",
+        &[("Content-Type", "application/json")],
+        json!({"model": "emb_rt", "input": "a"})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_openai_error(&r, 404, "emb_rt");
+    let ids = s.get("/v1/models").text();
+    assert!(!ids.contains("emb_rt") && !ids.contains("rr_rt"), "{ids}");
+}
+
+/// A random BERT wide and long enough that a request of 256 inputs of 500
+/// tokens takes seconds (8 batches), in a temporary directory.
+fn slow_bert() -> std::path::PathBuf {
+    let dir = tempdir("slow-bert-");
+    let (d, ff, layers, pos, vocab) = (128usize, 512usize, 2usize, 512usize, 112usize);
+    let cfg = json!({"model_type": "bert", "architectures": ["BertModel"], "hidden_size": d,
+        "num_attention_heads": 4, "num_hidden_layers": layers, "intermediate_size": ff,
+        "max_position_embeddings": pos, "vocab_size": vocab, "type_vocab_size": 2,
+        "pad_token_id": 0, "hidden_act": "gelu", "layer_norm_eps": 1e-12});
+    write(&dir.join("config.json"), &cfg.to_string());
+    std::fs::copy(
+        tiny("bert").join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![vocab, d]),
+        ("embeddings.position_embeddings.weight".into(), vec![pos, d]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![2, d]),
+        ("embeddings.LayerNorm.weight".into(), vec![d]),
+        ("embeddings.LayerNorm.bias".into(), vec![d]),
+    ];
+    for i in 0..layers {
+        let p = format!("encoder.layer.{i}");
+        for (n, shape) in [
+            ("attention.self.query", vec![d, d]),
+            ("attention.self.key", vec![d, d]),
+            ("attention.self.value", vec![d, d]),
+            ("attention.output.dense", vec![d, d]),
+            ("intermediate.dense", vec![ff, d]),
+            ("output.dense", vec![d, ff]),
+        ] {
+            let out = shape[0];
+            tensors.push((format!("{p}.{n}.weight"), shape));
+            tensors.push((format!("{p}.{n}.bias"), vec![out]));
+        }
+        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            tensors.push((format!("{p}.{n}.weight"), vec![d]));
+            tensors.push((format!("{p}.{n}.bias"), vec![d]));
+        }
+    }
+    // safetensors: an 8-byte header length, the JSON header, the f32 data.
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut seed = 24u32;
+    for (name, shape) in &tensors {
+        let n: usize = shape.iter().product();
+        let start = data.len();
+        for _ in 0..n {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            let x = (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+            let v = if name.ends_with("LayerNorm.weight") {
+                1.0 + 0.1 * x
+            } else {
+                0.1 * x
+            };
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        header.insert(
+            name.clone(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut h = Value::Object(header).to_string().into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend(h);
+    file.extend(data);
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+    dir
+}
+
+#[test]
+fn embeddings_client_disconnect_drops_queued_and_stops_running_work() {
+    let s = shared();
+    let _g = models_lock();
+    let dir = slow_bert();
+    let r = register(
+        s,
+        &format!("url={}&model_name=emb_cancel", url_escape(&dir)),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let k = |name: &str| described(s, "emb_cancel")["kiln"][name].as_u64().unwrap();
+    let field = |name: &str| described(s, "emb_cancel")[name].as_u64().unwrap();
+    let ids: Vec<Vec<u32>> = (0..256)
+        .map(|i| (0..500).map(|j| 5 + ((i * 7 + j) % 100) as u32).collect())
+        .collect();
+    let body = json!({"model": "emb_cancel", "input": ids});
+    // One request computing, a second one queued behind it.
+    let running = s.stream_open("/v1/embeddings", &body);
+    let started = eventually(Duration::from_secs(20), || {
+        (field("requestInFlight") == 1).then_some(())
+    });
+    assert!(started.is_some(), "the first request never started");
+    let queued = s.stream_open("/v1/embeddings", &body);
+    let waiting = eventually(Duration::from_secs(10), || {
+        (field("requestInQueue") == 1).then_some(())
+    });
+    assert!(waiting.is_some(), "the second request never queued");
+    // The queued client leaves: its request goes without any work, while
+    // the first still runs.
+    drop(queued);
+    let dropped = eventually(Duration::from_secs(10), || {
+        (field("requestInQueue") == 0 && k("requestsCancelled") == 1).then_some(())
+    });
+    assert!(dropped.is_some(), "the queued request was not dropped");
+    assert_eq!(field("requestInFlight"), 1, "the first request stopped too");
+    // The running client leaves: its work stops at the next batch.
+    drop(running);
+    let stopped = eventually(Duration::from_secs(20), || {
+        (field("requestInFlight") == 0 && k("requestsCancelled") == 2).then_some(())
+    });
+    assert!(stopped.is_some(), "the running request did not stop");
+    let computed = k("inputsComputed");
+    assert!(computed < 256, "computed {computed} inputs of 256");
+    assert_eq!(k("requestsFinished"), 0);
+    // The model still serves.
+    let r = s.req(
+        "POST",
+        "/v1/embeddings",
+        &[("Content-Type", "application/json")],
+        json!({"model": "emb_cancel", "input": "the cat"})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(k("requestsFinished"), 1);
+    let r = s.req("DELETE", "/models/emb_cancel", &[], b"");
+    assert_eq!(r.status, 200);
+}
