@@ -14,6 +14,12 @@ embedding `SentenceTransformer.encode` gives, one text at a time.
          no Normalize.
   bert_rerank/  BertForSequenceClassification (1 label): a cross-encoder,
          with transformers logits and CrossEncoder.predict scores per pair.
+  qwen3_embed/  a decoder embedder as Qwen3-Embedding is published: a bare
+         Qwen3Model (tensor names without "model.", no lm_head), a byte-level
+         BPE tokenizer whose post-processor appends <|endoftext|>, last-token
+         pooling, Normalize, and sentence-transformers prompts with
+         default_prompt_name "query"; golden per text with the default prompt
+         and with prompt_name "document".
 
 Run from the repository root:
   HF_HUB_OFFLINE=1 ~/.cache/kiln/venv-golden/bin/python scripts/golden/tiny_encoders.py
@@ -175,6 +181,65 @@ def build_rerank(out: Path):
     print("bert_rerank ->", out)
 
 
+QWEN_PROMPTS = {"query": "Instruct: find the kiln\nQuery:", "document": ""}
+
+
+def build_qwen3_embed(out: Path):
+    import torch
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+    from sentence_transformers import SentenceTransformer, models as st_models
+    base = out.parent / "qwen3"
+    tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+        special_tokens=[("<|endoftext|>", eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", padding_side="left")
+    cfg = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                      tie_word_embeddings=False, eos_token_id=eos, bos_token_id=eos,
+                      attn_implementation="eager")
+    model = Qwen3Model(cfg)
+    g = torch.Generator().manual_seed(SEED + 7)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.eval()
+    if out.exists():
+        shutil.rmtree(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        word = st_models.Transformer(tmp, max_seq_length=128)
+        pool = st_models.Pooling(word.get_embedding_dimension(), pooling_mode="lasttoken")
+        st = SentenceTransformer(modules=[word, pool, st_models.Normalize()], device="cpu",
+                                 prompts=QWEN_PROMPTS, default_prompt_name="query")
+        st.save(str(out))
+    (out / "README.md").unlink(missing_ok=True)
+    st = SentenceTransformer(str(out), device="cpu")
+    golden = {"pooling": "lasttoken", "normalize": True, "eos": eos, "prompts": QWEN_PROMPTS,
+              "default_prompt_name": "query", "texts": []}
+    for text in TEXTS:
+        row = {"text": text}
+        for key, name in [("", None), ("document_", "document")]:
+            prompt = QWEN_PROMPTS[name or "query"]
+            row[key + "ids"] = fast(prompt + text)["input_ids"]
+            emb = st.encode([text], prompt_name=name, convert_to_numpy=True, batch_size=1)[0]
+            row[key + "embedding"] = [float(x) for x in emb]
+        golden["texts"].append(row)
+    batch = st.encode(TEXTS, convert_to_numpy=True, batch_size=len(TEXTS))
+    golden["batch_max_abs_diff_vs_single"] = float(max(
+        abs(float(a) - b) for row, t in zip(batch, golden["texts"]) for a, b in zip(row, t["embedding"])))
+    (out / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    print("qwen3_embed ->", out, "eos", eos)
+
+
 def main():
     import torch
     torch.set_num_threads(1)
@@ -182,6 +247,7 @@ def main():
     for kind in ["bert", "xlmr"]:
         build(kind, root / kind)
     build_rerank(root / "bert_rerank")
+    build_qwen3_embed(root / "qwen3_embed")
     return 0
 
 

@@ -88,7 +88,8 @@ impl Embedder {
         if !kiln_model::encoder::is_encoder_dir(dir) {
             return Err(format!(
                 "{url}: option.task=text_embedding needs a BERT or XLM-RoBERTa checkpoint \
-                 (config.json model_type bert / xlm-roberta); decoder embedders are not supported yet"
+                 (config.json model_type bert / xlm-roberta) or a qwen3 / qwen2 / llama / mistral \
+                 checkpoint with sentence-transformers files (modules.json)"
             ));
         }
         let backend = CpuBackend::new();
@@ -130,6 +131,9 @@ pub struct EmbeddingRequest {
     pub input: Inputs,
     pub encoding: Encoding,
     pub dimensions: Option<usize>,
+    /// kiln's extension (TEI's `/embed` field): which sentence-transformers
+    /// prompt goes before text inputs; `None` is the model's default prompt.
+    pub prompt_name: Option<String>,
 }
 
 fn ids_of(v: &Value) -> Option<Vec<u32>> {
@@ -143,7 +147,14 @@ fn ids_of(v: &Value) -> Option<Vec<u32>> {
 pub fn parse_request(v: &Value) -> Result<EmbeddingRequest, ApiError> {
     let obj = req::object(
         v,
-        &["model", "input", "encoding_format", "dimensions", "user"],
+        &[
+            "model",
+            "input",
+            "encoding_format",
+            "dimensions",
+            "user",
+            "prompt_name",
+        ],
     )?;
     let model = req::model_field(obj)?;
     let bad_input = || {
@@ -207,11 +218,17 @@ pub fn parse_request(v: &Value) -> Result<EmbeddingRequest, ApiError> {
     } else {
         return Err(ApiError::bad_request("'user' must be a string"));
     }
+    let prompt_name = match obj.get("prompt_name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::bad_request("'prompt_name' must be a string")),
+    };
     Ok(EmbeddingRequest {
         model,
         input,
         encoding,
         dimensions,
+        prompt_name,
     })
 }
 
@@ -248,12 +265,26 @@ pub fn truncate(v: &mut Vec<f32>, dims: usize, normalize: bool) {
 async fn compute(
     m: Arc<PoolEntry<Embedder>>,
     input: Inputs,
+    prompt_name: Option<String>,
 ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
     req::run(m, "embedding", move |m, cancel| {
         let e = &m.model;
         let ids = match input {
+            // Token ids are the model's input as they stand (no prompt).
             Inputs::Ids(ids) => ids,
-            Inputs::Texts(texts) => req::tokenize_all(&texts, "input", |t| e.model.tokenize(t))?,
+            Inputs::Texts(texts) => {
+                if texts.iter().any(String::is_empty) {
+                    return Err(ApiError::bad_request(
+                        "'input' must not contain empty strings",
+                    ));
+                }
+                let texts = texts
+                    .iter()
+                    .map(|t| e.model.prompted(t, prompt_name.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                req::tokenize_all(&texts, "input", |t| e.model.tokenize(t))?
+            }
         };
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         e.model
@@ -261,7 +292,7 @@ async fn compute(
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
         let mut vecs = Vec::with_capacity(ids.len());
-        for batch in req::batches(&lens) {
+        for batch in req::batches(&lens, e.model.batch_tokens()) {
             cancel.check()?;
             let n = batch.len();
             vecs.extend(
@@ -296,7 +327,7 @@ pub async fn lmi(
             )));
         }
         let input = Inputs::Texts(req::texts(obj.get("inputs"), "inputs", MAX_INPUTS)?);
-        let (vecs, tokens) = compute(model, input).await?;
+        let (vecs, tokens) = compute(model, input, None).await?;
         rec.add_tokens_in(tokens);
         Ok(Json(json!(vecs)).into_response())
     };
@@ -345,7 +376,7 @@ async fn run(
         }
     }
     let normalize = m.model.model.sentence.normalize;
-    let (vecs, tokens) = compute(m, request.input).await?;
+    let (vecs, tokens) = compute(m, request.input, request.prompt_name).await?;
     rec.add_tokens_in(tokens);
     let data: Vec<Value> = vecs
         .into_iter()

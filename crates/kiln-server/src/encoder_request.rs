@@ -162,19 +162,21 @@ impl Cancel {
     }
 }
 
-/// The most sequences and tokens of one encoder forward pass. A request's
-/// inputs run in batches of this size (the vectors are the same bits in any
-/// batch), so a client that leaves stops its work within one batch.
+/// The most sequences of one encoder forward pass. A request's inputs run
+/// in batches (the vectors are the same bits in any batch), so a client
+/// that leaves stops its work within one batch.
 pub const BATCH_SEQS: usize = 32;
+/// The most tokens of one cross-encoder forward pass (an embedding model
+/// says its own: [`kiln_model::encoder::EmbeddingModel::batch_tokens`]).
 pub const BATCH_TOKENS: usize = 16384;
 
 /// Consecutive index ranges of `lens` of at most [`BATCH_SEQS`] sequences
-/// and [`BATCH_TOKENS`] tokens (one longer sequence is a batch alone).
-pub fn batches(lens: &[usize]) -> Vec<std::ops::Range<usize>> {
+/// and `max_tokens` tokens (one longer sequence is a batch alone).
+pub fn batches(lens: &[usize], max_tokens: usize) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut tokens) = (0, 0);
     for (i, &n) in lens.iter().enumerate() {
-        if i > start && (i - start == BATCH_SEQS || tokens + n > BATCH_TOKENS) {
+        if i > start && (i - start == BATCH_SEQS || tokens + n > max_tokens) {
             out.push(start..i);
             (start, tokens) = (i, 0);
         }
@@ -277,11 +279,11 @@ mod tests {
 
     #[test]
     fn batches_cut_by_count_and_tokens() {
-        assert_eq!(batches(&[]), vec![]);
-        assert_eq!(batches(&[5; 70]), vec![0..32, 32..64, 64..70]);
+        assert_eq!(batches(&[], BATCH_TOKENS), vec![]);
+        assert_eq!(batches(&[5; 70], BATCH_TOKENS), vec![0..32, 32..64, 64..70]);
         let big = BATCH_TOKENS - 10;
         assert_eq!(
-            batches(&[big, 20, 5, BATCH_TOKENS + 1, 1]),
+            batches(&[big, 20, 5, BATCH_TOKENS + 1, 1], BATCH_TOKENS),
             vec![0..1, 1..3, 3..4, 4..5]
         );
     }

@@ -175,7 +175,7 @@ async fn run(
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let lens: Vec<usize> = pairs.iter().map(|p| p.0.len()).collect();
         let mut logits = Vec::with_capacity(pairs.len());
-        for batch in req::batches(&lens) {
+        for batch in req::batches(&lens, req::BATCH_TOKENS) {
             cancel.check()?;
             let n = batch.len();
             let part = r.model.logits(&r.backend, &pairs[batch]);

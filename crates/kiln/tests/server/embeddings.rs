@@ -49,8 +49,8 @@ fn unbase64(s: &str) -> Vec<u8> {
 }
 
 /// A server with an API key, a 4096-byte body limit and a log directory,
-/// serving `bert`, `xlmr`, `bertm` (bert marked matryoshka) and `gen` (a
-/// generation model).
+/// serving `bert`, `xlmr`, `bertm` (bert marked matryoshka), `qwen` (a
+/// decoder embedder), `rr` (a cross-encoder) and `gen` (a generation model).
 fn server() -> &'static (Server, std::path::PathBuf) {
     static S: OnceLock<(Server, std::path::PathBuf)> = OnceLock::new();
     S.get_or_init(|| {
@@ -80,12 +80,13 @@ fn server() -> &'static (Server, std::path::PathBuf) {
         cfg["matryoshka_dimensions"] = json!([8, 16, 32]);
         write(&m.join("config.json"), &cfg.to_string());
         let models = format!(
-            "bert={},xlmr={},bertm={},gen={},rr={}",
+            "bert={},xlmr={},bertm={},gen={},rr={},qwen={}",
             tiny("bert").display(),
             tiny("xlmr").display(),
             m.display(),
             model_file().display(),
-            tiny("bert_rerank").display()
+            tiny("bert_rerank").display(),
+            tiny("qwen3_embed").display()
         );
         let s = Server::ready(Opts {
             args: vec![
@@ -187,6 +188,68 @@ fn embeddings_match_sentence_transformers_for_every_input_shape() {
             assert_eq!(f, floats(&v["data"][i]["embedding"]), "{name}: base64");
         }
     }
+}
+
+#[test]
+fn decoder_embedder_applies_the_default_or_named_prompt() {
+    let (s, _) = server();
+    let g = golden("qwen3_embed");
+    let texts = g["texts"].as_array().unwrap();
+    let strings: Vec<&str> = texts.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    for (body_extra, key) in [(json!(null), ""), (json!("document"), "document_")] {
+        let mut body = json!({"model": "qwen", "input": strings});
+        if !body_extra.is_null() {
+            body["prompt_name"] = body_extra.clone();
+        }
+        let v = ok(s, &body);
+        let mut tokens = 0;
+        for (i, t) in texts.iter().enumerate() {
+            assert_close(
+                &floats(&v["data"][i]["embedding"]),
+                &floats(&t[format!("{key}embedding")]),
+                &format!("qwen {key}{i}"),
+            );
+            tokens += t[format!("{key}ids")].as_array().unwrap().len();
+            // One at a time: the same bits as in the batch.
+            let mut one = body.clone();
+            one["input"] = json!(strings[i]);
+            let one = ok(s, &one);
+            assert_eq!(
+                floats(&one["data"][0]["embedding"]),
+                floats(&v["data"][i]["embedding"]),
+                "qwen batch vs single"
+            );
+        }
+        assert_eq!(v["usage"]["prompt_tokens"], tokens, "{key}");
+    }
+    assert_openai_error(
+        &post(
+            s,
+            &json!({"model": "qwen", "input": "a", "prompt_name": "passage"}),
+        ),
+        400,
+        "prompt_name 'passage' is not one of the model's prompts (document, query)",
+    );
+    assert_openai_error(
+        &post(
+            s,
+            &json!({"model": "xlmr", "input": "a", "prompt_name": "passage"}),
+        ),
+        400,
+        "prompt_name 'passage' is not one of the model's prompts (document, query)",
+    );
+    // sentence-transformers writes empty "query" and "document" prompts.
+    let a = ok(s, &json!({"model": "bert", "input": "kiln"}));
+    let b = ok(
+        s,
+        &json!({"model": "bert", "input": "kiln", "prompt_name": "query"}),
+    );
+    assert_eq!(a["data"], b["data"]);
+    assert_openai_error(
+        &post(s, &json!({"model": "qwen", "input": "a", "prompt_name": 1})),
+        400,
+        "'prompt_name' must be a string",
+    );
 }
 
 #[test]
