@@ -144,11 +144,20 @@ fn missing_tensor_is_named() {
 }
 
 #[test]
-fn cross_encoder_logits_match_transformers() {
+fn bert_cross_encoder_logits_match_transformers() {
+    check_cross_encoder("bert_rerank");
+}
+
+#[test]
+fn xlmr_cross_encoder_logits_match_transformers() {
+    check_cross_encoder("xlmr_rerank");
+}
+
+fn check_cross_encoder(name: &str) {
     use kiln_model::encoder::CrossEncoder;
     let be = CpuBackend::new();
-    let m = CrossEncoder::load(&dir("bert_rerank"), &be).expect("load");
-    let g = golden("bert_rerank");
+    let m = CrossEncoder::load(&dir(name), &be).expect("load");
+    let g = golden(name);
     let query = g["query"].as_str().unwrap();
     let mut pairs = Vec::new();
     let mut want = Vec::new();
@@ -173,7 +182,7 @@ fn cross_encoder_logits_match_transformers() {
     }
     let got = m.logits(&be, &pairs).unwrap();
     for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 1e-4, "logit {g} vs {w}");
+        assert!((g - w).abs() < 1e-4, "{name}: logit {g} vs {w}");
     }
     // One pair at a time: the same bits.
     for (i, p) in pairs.iter().enumerate() {

@@ -1,7 +1,8 @@
 //! Reranking with cross-encoders: `POST /v1/rerank` and `/rerank` in the
 //! shape Cohere, Jina and vLLM clients send (`query`, `documents`, `top_n`,
 //! `return_documents`). A model directory whose `config.json` names
-//! `BertForSequenceClassification` is served here, beside the engines.
+//! `BertForSequenceClassification` or `XLMRobertaForSequenceClassification`
+//! (bge-reranker) is served here, beside the engines.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;

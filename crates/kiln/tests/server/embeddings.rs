@@ -1,10 +1,13 @@
 //! `/v1/embeddings` on the tiny encoders of `scripts/golden/tiny_encoders.py`
-//! (`testdata/tiny/{bert,xlmr}`), served with `--models` beside a
-//! generation model: every input shape, float and base64 vectors equal to
-//! the sentence-transformers goldens, `dimensions` on a model marked
-//! matryoshka (and refused on others), usage, OpenAI-shaped errors, the API
-//! key, the body limit, the access log and the route's metrics; and
-//! `/v1/rerank` / `/rerank` on the tiny cross-encoder (`bert_rerank`).
+//! (`testdata/tiny/{bert,xlmr,qwen3_embed}`), served with `--models` beside
+//! a generation model: every input shape, float and base64 vectors equal to
+//! the sentence-transformers goldens, prompts, `dimensions` on a model
+//! marked matryoshka (and refused on others), usage, OpenAI-shaped errors,
+//! the API key, the body limit, the access log and the route's metrics;
+//! `/v1/rerank` / `/rerank` on the tiny cross-encoders (`bert_rerank`,
+//! `xlmr_rerank`); and, on the shared server, encoders registered, listed,
+//! described and removed through the management API, and a client's
+//! disconnect dropping or stopping its work.
 
 use super::*;
 
@@ -80,13 +83,14 @@ fn server() -> &'static (Server, std::path::PathBuf) {
         cfg["matryoshka_dimensions"] = json!([8, 16, 32]);
         write(&m.join("config.json"), &cfg.to_string());
         let models = format!(
-            "bert={},xlmr={},bertm={},gen={},rr={},qwen={}",
+            "bert={},xlmr={},bertm={},gen={},rr={},qwen={},xrr={}",
             tiny("bert").display(),
             tiny("xlmr").display(),
             m.display(),
             model_file().display(),
             tiny("bert_rerank").display(),
-            tiny("qwen3_embed").display()
+            tiny("qwen3_embed").display(),
+            tiny("xlmr_rerank").display()
         );
         let s = Server::ready(Opts {
             args: vec![
@@ -408,8 +412,17 @@ fn lmi_route_answers_a_list_of_vectors() {
 
 #[test]
 fn rerank_orders_documents_by_cross_encoder_score() {
+    rerank_case("rr", "bert_rerank");
+}
+
+#[test]
+fn xlmr_rerank_orders_documents_by_cross_encoder_score() {
+    rerank_case("xrr", "xlmr_rerank");
+}
+
+fn rerank_case(model: &str, dir: &str) {
     let (s, _) = server();
-    let g = golden("bert_rerank");
+    let g = golden(dir);
     let pairs = g["pairs"].as_array().unwrap();
     let docs: Vec<&str> = pairs
         .iter()
@@ -428,7 +441,7 @@ fn rerank_orders_documents_by_cross_encoder_score() {
             "POST",
             route,
             &[AUTH, ("Content-Type", "application/json")],
-            json!({"model": "rr", "query": g["query"], "documents": docs})
+            json!({"model": model, "query": g["query"], "documents": docs})
                 .to_string()
                 .as_bytes(),
         );
@@ -457,7 +470,7 @@ fn rerank_orders_documents_by_cross_encoder_score() {
         "POST",
         "/v1/rerank",
         &[AUTH, ("Content-Type", "application/json")],
-        json!({"model": "rr", "query": g["query"], "documents": docs_obj, "top_n": 1,
+        json!({"model": model, "query": g["query"], "documents": docs_obj, "top_n": 1,
                "return_documents": false})
         .to_string()
         .as_bytes(),
@@ -480,7 +493,7 @@ fn rerank_orders_documents_by_cross_encoder_score() {
         )
     };
     assert_openai_error(
-        &bad(json!({"model": "rr", "query": "q", "documents": []})),
+        &bad(json!({"model": model, "query": "q", "documents": []})),
         400,
         "documents",
     );
