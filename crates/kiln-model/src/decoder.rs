@@ -74,6 +74,9 @@ pub struct Decoder<B: Backend> {
     local_rope_table: Option<B::Tensor>,
     /// Positions the model instance can hold.
     max_positions: usize,
+    /// [`Decoder::forward`] returns final hidden states, not logits
+    /// (decoder embedders; see [`Decoder::output_hidden_states`]).
+    hidden_out: bool,
 }
 
 /// Loads tensors, checking each against the shape the config implies, and
@@ -396,7 +399,16 @@ impl<B: Backend> Decoder<B> {
             rope_table,
             local_rope_table,
             max_positions,
+            hidden_out: false,
         })
+    }
+
+    /// With `on`, [`Decoder::forward`] returns the hidden states of
+    /// `input.logit_rows` after the final norm (`rows * hidden_size`
+    /// values) instead of logits: what a decoder embedder (Qwen3-Embedding)
+    /// pools. The output projection is then never used.
+    pub fn output_hidden_states(&mut self, on: bool) {
+        self.hidden_out = on;
     }
 
     /// The configuration the model was built from.
@@ -673,6 +685,9 @@ impl<B: Backend> Decoder<B> {
         };
         if let Some(n) = &self.final_norm {
             x = self.norm(be, n, &x)?;
+        }
+        if self.hidden_out {
+            return Ok(be.to_host(&x)?);
         }
         if let Some(p) = &self.proj_out {
             x = be.linear(&x, p, None)?;

@@ -1,6 +1,7 @@
-//! BERT-style encoders against sentence-transformers: the tiny random
+//! Embedding models against sentence-transformers: the tiny random
 //! checkpoints and goldens that `scripts/golden/tiny_encoders.py` writes
-//! (`testdata/tiny/{bert,xlmr}`): tokenization, embeddings within 1e-4 of
+//! (`testdata/tiny/{bert,xlmr,qwen3_embed}`): tokenization (prompts and the
+//! decoder's EOS included), embeddings within 1e-4 of
 //! `SentenceTransformer.encode`, and batches bit-identical to single inputs.
 
 use std::path::PathBuf;
@@ -21,7 +22,11 @@ fn golden(name: &str) -> Value {
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
-    v["ids"]
+    ids_at(v, "ids")
+}
+
+fn ids_at(v: &Value, key: &str) -> Vec<u32> {
+    v[key]
         .as_array()
         .unwrap()
         .iter()
@@ -32,7 +37,7 @@ fn ids_of(v: &Value) -> Vec<u32> {
 fn check_model(name: &str, kind: EncoderKind, pooling: Pooling, normalize: bool) {
     let be = CpuBackend::new();
     let m = EmbeddingModel::load(&dir(name), &be).expect("load");
-    assert_eq!(m.encoder.config.kind, kind);
+    assert_eq!(m.encoder().unwrap().config.kind, kind);
     assert_eq!(m.sentence.pooling, pooling);
     assert_eq!(m.sentence.normalize, normalize);
     let g = golden(name);
@@ -91,7 +96,7 @@ fn xlmr_cls_pooling_matches_sentence_transformers() {
 fn bad_inputs_are_refused_clearly() {
     let be = CpuBackend::new();
     let m = EmbeddingModel::load(&dir("bert"), &be).expect("load");
-    let vocab = m.encoder.config.vocab_size as u32;
+    let vocab = m.encoder().unwrap().config.vocab_size as u32;
     match m.embed(&be, &[&[2, 3], &[2, vocab]]) {
         Err(EmbedError::Input(InputError::BadToken { index: 1, id, .. })) => assert_eq!(id, vocab),
         other => panic!("expected a bad token error, got {other:?}"),
@@ -139,11 +144,20 @@ fn missing_tensor_is_named() {
 }
 
 #[test]
-fn cross_encoder_logits_match_transformers() {
+fn bert_cross_encoder_logits_match_transformers() {
+    check_cross_encoder("bert_rerank");
+}
+
+#[test]
+fn xlmr_cross_encoder_logits_match_transformers() {
+    check_cross_encoder("xlmr_rerank");
+}
+
+fn check_cross_encoder(name: &str) {
     use kiln_model::encoder::CrossEncoder;
     let be = CpuBackend::new();
-    let m = CrossEncoder::load(&dir("bert_rerank"), &be).expect("load");
-    let g = golden("bert_rerank");
+    let m = CrossEncoder::load(&dir(name), &be).expect("load");
+    let g = golden(name);
     let query = g["query"].as_str().unwrap();
     let mut pairs = Vec::new();
     let mut want = Vec::new();
@@ -168,7 +182,7 @@ fn cross_encoder_logits_match_transformers() {
     }
     let got = m.logits(&be, &pairs).unwrap();
     for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 1e-4, "logit {g} vs {w}");
+        assert!((g - w).abs() < 1e-4, "{name}: logit {g} vs {w}");
     }
     // One pair at a time: the same bits.
     for (i, p) in pairs.iter().enumerate() {
@@ -177,4 +191,99 @@ fn cross_encoder_logits_match_transformers() {
             vec![got[i]]
         );
     }
+}
+
+fn floats_at(v: &Value, key: &str) -> Vec<f32> {
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn qwen3_decoder_embedder_matches_sentence_transformers() {
+    let be = CpuBackend::new();
+    let m = EmbeddingModel::load(&dir("qwen3_embed"), &be).expect("load");
+    assert!(m.encoder().is_none());
+    assert_eq!(m.sentence.pooling, Pooling::LastToken);
+    assert!(m.sentence.normalize);
+    assert_eq!(m.prompts.default.as_deref(), Some("query"));
+    assert_eq!(m.dim(), 64);
+    let g = golden("qwen3_embed");
+    let eos = g["eos"].as_u64().unwrap() as u32;
+    let mut all = Vec::new();
+    let mut singles = Vec::new();
+    for t in g["texts"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        // The default prompt ("query"), then prompt_name "document".
+        for (key, name) in [("", None), ("document_", Some("document"))] {
+            let ids = m.tokenize(&m.prompted(text, name).unwrap()).unwrap();
+            assert_eq!(
+                ids,
+                ids_at(t, &format!("{key}ids")),
+                "ids of {text:?} {name:?}"
+            );
+            assert_eq!(ids.last(), Some(&eos));
+            let got = m.embed(&be, &[&ids]).unwrap().remove(0);
+            let d = max_diff(&got, &floats_at(t, &format!("{key}embedding")));
+            assert!(d < 1e-4, "{text:?} {name:?}: max |diff| {d}");
+            let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+            all.push(ids);
+            singles.push(got);
+        }
+    }
+    let refs: Vec<&[u32]> = all.iter().map(Vec::as_slice).collect();
+    assert_eq!(m.embed(&be, &refs).unwrap(), singles, "batch");
+    let rev: Vec<&[u32]> = refs.iter().rev().copied().collect();
+    let mut back = m.embed(&be, &rev).unwrap();
+    back.reverse();
+    assert_eq!(back, singles, "reversed batch");
+    let e = m.prompted("x", Some("passage")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "prompt_name 'passage' is not one of the model's prompts (document, query)"
+    );
+}
+
+#[test]
+fn decoder_embedder_appends_eos_when_the_tokenizer_does_not() {
+    let tmp = std::env::temp_dir().join(format!("kiln-qwen3-noeos-{}", std::process::id()));
+    let src = dir("qwen3_embed");
+    for sub in ["", "1_Pooling", "2_Normalize"] {
+        std::fs::create_dir_all(tmp.join(sub)).unwrap();
+        for f in std::fs::read_dir(src.join(sub)).unwrap() {
+            let f = f.unwrap();
+            if f.file_type().unwrap().is_file() {
+                std::fs::copy(f.path(), tmp.join(sub).join(f.file_name())).unwrap();
+            }
+        }
+    }
+    let mut tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    tok["post_processor"] = Value::Null;
+    std::fs::write(tmp.join("tokenizer.json"), tok.to_string()).unwrap();
+    let be = CpuBackend::new();
+    let m = EmbeddingModel::load(&tmp, &be).expect("load");
+    let g = golden("qwen3_embed");
+    let t = &g["texts"][1];
+    let ids = m
+        .tokenize(
+            &m.prompted(t["text"].as_str().unwrap(), Some("document"))
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(ids, ids_at(t, "document_ids"));
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -7,9 +7,9 @@
 //! and never reach the engine: an embedding is one forward pass, with no KV
 //! cache and no scheduling.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -17,10 +17,12 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_backend::cpu::CpuBackend;
-use kiln_model::encoder::{l2_normalize, EmbedError, EmbeddingModel};
+use kiln_model::encoder::{l2_normalize, EmbeddingModel};
 use serde_json::{json, Value};
 
 use crate::access::AccessRecord;
+use crate::encoder_pool::{EncoderPool, PoolEntry};
+use crate::encoder_request::{self as req, Role};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -29,7 +31,6 @@ pub const MAX_INPUTS: usize = 2048;
 
 /// One loaded embedding model.
 pub struct Embedder {
-    pub name: String,
     pub model: EmbeddingModel<CpuBackend>,
     backend: CpuBackend,
     /// The output sizes `dimensions` may ask for: `Some(empty)` for any size
@@ -40,10 +41,7 @@ pub struct Embedder {
 }
 
 /// Every embedding model, by name.
-#[derive(Default)]
-pub struct Embedders {
-    models: RwLock<BTreeMap<String, Arc<Embedder>>>,
-}
+pub type Embedders = EncoderPool<Embedder>;
 
 /// Whether the model at `url` (a local directory) is an embedding model.
 pub fn claims(url: &str) -> bool {
@@ -83,46 +81,31 @@ fn matryoshka(dir: &Path) -> Option<Vec<usize>> {
     (cfg.get("is_matryoshka").and_then(Value::as_bool) == Some(true)).then(Vec::new)
 }
 
-impl Embedders {
-    /// Loads the embedding model in directory `url` as `name`.
-    pub fn load(&self, name: &str, url: &str) -> Result<(), String> {
+impl Embedder {
+    /// Loads the embedding model in directory `url`.
+    pub fn load(url: &str) -> Result<Self, String> {
         let dir = Path::new(url);
         if !kiln_model::encoder::is_encoder_dir(dir) {
             return Err(format!(
                 "{url}: option.task=text_embedding needs a BERT or XLM-RoBERTa checkpoint \
-                 (config.json model_type bert / xlm-roberta); decoder embedders are not supported yet"
+                 (config.json model_type bert / xlm-roberta) or a qwen3 / qwen2 / llama / mistral \
+                 checkpoint with sentence-transformers files (modules.json)"
             ));
         }
         let backend = CpuBackend::new();
         let model = EmbeddingModel::load(dir, &backend).map_err(|e| e.to_string())?;
-        let e = Embedder {
-            name: name.to_string(),
+        Ok(Self {
             model,
             backend,
             matryoshka: matryoshka(dir),
-        };
-        let mut models = self
-            .models
-            .write()
-            .map_err(|_| "lock poisoned".to_string())?;
-        if models.contains_key(name) {
-            return Err(format!("model '{name}' is already registered"));
-        }
-        models.insert(name.to_string(), Arc::new(e));
-        Ok(())
+        })
     }
+}
 
-    /// A model by name.
-    pub fn get(&self, name: &str) -> Option<Arc<Embedder>> {
-        self.models.read().ok()?.get(name).cloned()
-    }
-
-    /// The names of every embedding model, sorted.
-    pub fn names(&self) -> Vec<String> {
-        self.models
-            .read()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
+impl Embedders {
+    /// Loads the embedding model in directory `url` as `name`.
+    pub fn load(&self, name: &str, url: &str) -> Result<(), String> {
+        self.insert(name, url, Embedder::load(url)?)
     }
 }
 
@@ -148,6 +131,9 @@ pub struct EmbeddingRequest {
     pub input: Inputs,
     pub encoding: Encoding,
     pub dimensions: Option<usize>,
+    /// kiln's extension (TEI's `/embed` field): which sentence-transformers
+    /// prompt goes before text inputs; `None` is the model's default prompt.
+    pub prompt_name: Option<String>,
 }
 
 fn ids_of(v: &Value) -> Option<Vec<u32>> {
@@ -159,24 +145,18 @@ fn ids_of(v: &Value) -> Option<Vec<u32>> {
 
 /// Parses and checks a request body; every field is used or refused.
 pub fn parse_request(v: &Value) -> Result<EmbeddingRequest, ApiError> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
-    for k in obj.keys() {
-        if !matches!(
-            k.as_str(),
-            "model" | "input" | "encoding_format" | "dimensions" | "user"
-        ) {
-            return Err(ApiError::bad_request(format!(
-                "unknown field '{k}' (accepted: model, input, encoding_format, dimensions, user)"
-            )));
-        }
-    }
-    let model = match obj.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(ApiError::bad_request("'model' must be a string")),
-    };
+    let obj = req::object(
+        v,
+        &[
+            "model",
+            "input",
+            "encoding_format",
+            "dimensions",
+            "user",
+            "prompt_name",
+        ],
+    )?;
+    let model = req::model_field(obj)?;
     let bad_input = || {
         ApiError::bad_request(
             "'input' must be a string, a list of strings, a list of token ids or a list of token-id lists",
@@ -238,11 +218,17 @@ pub fn parse_request(v: &Value) -> Result<EmbeddingRequest, ApiError> {
     } else {
         return Err(ApiError::bad_request("'user' must be a string"));
     }
+    let prompt_name = match obj.get("prompt_name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ApiError::bad_request("'prompt_name' must be a string")),
+    };
     Ok(EmbeddingRequest {
         model,
         input,
         encoding,
         dimensions,
+        prompt_name,
     })
 }
 
@@ -273,40 +259,52 @@ pub fn truncate(v: &mut Vec<f32>, dims: usize, normalize: bool) {
     }
 }
 
-/// Tokenizes (text inputs) and embeds on a blocking thread: the vectors and
-/// the number of tokens they took.
-async fn compute(model: Arc<Embedder>, input: Inputs) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
-    tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+/// Tokenizes (text inputs) and embeds on a blocking thread, in batches
+/// that stop when the client leaves: the vectors and the number of tokens
+/// they took.
+async fn compute(
+    m: Arc<PoolEntry<Embedder>>,
+    input: Inputs,
+    prompt_name: Option<String>,
+) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+    req::run(m, "embedding", move |m, cancel| {
+        let e = &m.model;
         let ids = match input {
+            // Token ids are the model's input as they stand (no prompt).
             Inputs::Ids(ids) => ids,
-            Inputs::Texts(texts) => texts
-                .iter()
-                .map(|t| {
-                    if t.is_empty() {
-                        return Err(ApiError::bad_request(
-                            "'input' must not contain empty strings",
-                        ));
-                    }
-                    model
-                        .model
-                        .tokenize(t)
-                        .map_err(|e| ApiError::bad_request(e.to_string()))
-                })
-                .collect::<Result<_, _>>()?,
+            Inputs::Texts(texts) => {
+                if texts.iter().any(String::is_empty) {
+                    return Err(ApiError::bad_request(
+                        "'input' must not contain empty strings",
+                    ));
+                }
+                let texts = texts
+                    .iter()
+                    .map(|t| e.model.prompted(t, prompt_name.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                req::tokenize_all(&texts, "input", |t| e.model.tokenize(t))?
+            }
         };
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let vecs = model
-            .model
-            .embed(&model.backend, &refs)
-            .map_err(|e| match e {
-                EmbedError::Input(e) => ApiError::bad_request(e.to_string()),
-                EmbedError::Model(e) => ApiError::model_failure(e.to_string()),
-            })?;
-        let tokens: usize = ids.iter().map(Vec::len).sum();
-        Ok((vecs, tokens))
+        e.model
+            .check(&refs)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
+        let mut vecs = Vec::with_capacity(ids.len());
+        for batch in req::batches(&lens, e.model.batch_tokens()) {
+            cancel.check()?;
+            let n = batch.len();
+            vecs.extend(
+                e.model
+                    .embed(&e.backend, &refs[batch])
+                    .map_err(req::embed_error)?,
+            );
+            m.stats.inputs.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok((vecs, lens.iter().sum()))
     })
     .await
-    .map_err(|e| ApiError::model_failure(format!("embedding task failed: {e}")))?
 }
 
 /// DJL's LMI route for an embedding model (`POST /predictions/{model}`):
@@ -314,7 +312,7 @@ async fn compute(model: Arc<Embedder>, input: Inputs) -> Result<(Vec<Vec<f32>>, 
 /// vectors (one per input, a list of one for a single string), errors in
 /// DJL's shape.
 pub async fn lmi(
-    model: Arc<Embedder>,
+    model: Arc<PoolEntry<Embedder>>,
     rec: Arc<AccessRecord>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -328,24 +326,8 @@ pub async fn lmi(
                 "unknown field '{k}' (an embedding model takes only 'inputs')"
             )));
         }
-        let input = match obj.get("inputs") {
-            Some(Value::String(s)) => Inputs::Texts(vec![s.clone()]),
-            Some(Value::Array(a))
-                if !a.is_empty() && a.len() <= MAX_INPUTS && a.iter().all(Value::is_string) =>
-            {
-                Inputs::Texts(
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(str::to_string))
-                        .collect(),
-                )
-            }
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "'inputs' must be a string or a list of 1 to {MAX_INPUTS} strings"
-                )))
-            }
-        };
-        let (vecs, tokens) = compute(model, input).await?;
+        let input = Inputs::Texts(req::texts(obj.get("inputs"), "inputs", MAX_INPUTS)?);
+        let (vecs, tokens) = compute(model, input, None).await?;
         rec.add_tokens_in(tokens);
         Ok(Json(json!(vecs)).into_response())
     };
@@ -369,29 +351,12 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let v = crate::body::json(body)?;
-    let req = parse_request(&v)?;
-    let name = match &req.model {
-        Some(m) => m.clone(),
-        None => match st.embedders.names()[..] {
-            [ref one] => one.clone(),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "'model' is required unless exactly one embedding model is served",
-                ))
-            }
-        },
-    };
-    rec.set_model(&name);
-    let Some(m) = st.embedders.get(&name) else {
-        if st.registry.get(&name).is_ok() {
-            return Err(ApiError::bad_request(format!(
-                "model '{name}' is a generation model, not an embedding model"
-            )));
-        }
-        return Err(ApiError::unknown_model(&name));
-    };
-    if let Some(d) = req.dimensions {
-        match &m.matryoshka {
+    let request = parse_request(&v)?;
+    let m = req::resolve(&st, &st.embedders, Role::Embedding, request.model, &rec)?;
+    let name = m.name.clone();
+    let dim = m.model.model.dim();
+    if let Some(d) = request.dimensions {
+        match &m.model.matryoshka {
             None => {
                 return Err(ApiError::bad_request(format!(
                     "model '{name}' does not support 'dimensions' (it is not marked as matryoshka)"
@@ -402,26 +367,25 @@ async fn run(
                     "model '{name}' supports 'dimensions' of {allowed:?}, not {d}"
                 )))
             }
-            Some(_) if d > m.model.dim() => {
+            Some(_) if d > dim => {
                 return Err(ApiError::bad_request(format!(
-                    "'dimensions' {d} is more than the model's {}",
-                    m.model.dim()
+                    "'dimensions' {d} is more than the model's {dim}"
                 )))
             }
             Some(_) => {}
         }
     }
-    let (vecs, tokens) = compute(m.clone(), req.input).await?;
+    let normalize = m.model.model.sentence.normalize;
+    let (vecs, tokens) = compute(m, request.input, request.prompt_name).await?;
     rec.add_tokens_in(tokens);
-    let normalize = m.model.sentence.normalize;
     let data: Vec<Value> = vecs
         .into_iter()
         .enumerate()
         .map(|(i, mut v)| {
-            if let Some(d) = req.dimensions {
+            if let Some(d) = request.dimensions {
                 truncate(&mut v, d, normalize);
             }
-            let embedding = match req.encoding {
+            let embedding = match request.encoding {
                 Encoding::Float => json!(v),
                 Encoding::Base64 => {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();

@@ -278,12 +278,23 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let limit = query_usize(&q, "limit")?.unwrap_or(100).clamp(1, 1000);
     let start = query_usize(&q, "next_page_token")?.unwrap_or(0);
-    let all = st.registry.all();
+    let mut all: Vec<(String, Value)> = st
+        .registry
+        .all()
+        .iter()
+        .map(|m| {
+            let row = json!({"modelName": m.name, "modelUrl": m.url, "status": m.state().label()});
+            (m.name.clone(), row)
+        })
+        .collect();
+    // Embedding models and rerankers are listed with the engines, by name.
+    all.extend(crate::encoder_models::list_rows(&st));
+    all.sort_by(|a, b| a.0.cmp(&b.0));
     let page: Vec<Value> = all
         .iter()
         .skip(start)
         .take(limit)
-        .map(|m| json!({"modelName": m.name, "modelUrl": m.url, "status": m.state().label()}))
+        .map(|r| r.1.clone())
         .collect();
     let mut body = json!({"models": page});
     if start + limit < all.len() {
@@ -370,6 +381,9 @@ pub async fn describe(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    if let Some(d) = crate::encoder_models::describe(&st, &name) {
+        return Ok(Json(json!([d])).into_response());
+    }
     let m = st.registry.get(&name)?;
     Ok(Json(json!([describe_json(&m)])).into_response())
 }
@@ -423,6 +437,10 @@ pub async fn register(
         at_run_time: true,
     };
     let synchronous = query_bool(&q, "synchronous")?.unwrap_or(true);
+    if let Some(r) = crate::encoder_models::register(&st, &name, url, synchronous).await {
+        return r;
+    }
+    crate::encoder_models::check_free(&st, &name)?;
     let entry = st.registry.register(&name, url, overrides)?;
     if !synchronous {
         let body = json!({"status": format!("Model \"{name}\" registration scheduled.")});
@@ -481,6 +499,8 @@ pub async fn unregister(
     State(st): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    st.registry.unregister(&name).await?;
+    if !crate::encoder_models::unregister(&st, &name) {
+        st.registry.unregister(&name).await?;
+    }
     Ok(Json(json!({"status": format!("Model \"{name}\" unregistered")})).into_response())
 }

@@ -62,6 +62,13 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Response {
             .map(|d| d.as_secs())
             .unwrap_or(0)
     }));
+    // Embedding models and rerankers too, in one list sorted by name.
+    data.extend(
+        crate::encoder_models::openai_entries(&st)
+            .into_iter()
+            .map(|e| e.1),
+    );
+    data.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Json(json!({"object": "list", "data": data})).into_response()
 }
 

@@ -1,11 +1,12 @@
 //! Reranking with cross-encoders: `POST /v1/rerank` and `/rerank` in the
 //! shape Cohere, Jina and vLLM clients send (`query`, `documents`, `top_n`,
 //! `return_documents`). A model directory whose `config.json` names
-//! `BertForSequenceClassification` is served here, beside the engines.
+//! `BertForSequenceClassification` or `XLMRobertaForSequenceClassification`
+//! (bge-reranker) is served here, beside the engines.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -13,10 +14,12 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_backend::cpu::CpuBackend;
-use kiln_model::encoder::{CrossEncoder, EmbedError};
+use kiln_model::encoder::CrossEncoder;
 use serde_json::{json, Value};
 
 use crate::access::AccessRecord;
+use crate::encoder_pool::EncoderPool;
+use crate::encoder_request::{self as req, Role};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -30,10 +33,7 @@ pub struct Reranker {
 }
 
 /// Every reranker, by name.
-#[derive(Default)]
-pub struct Rerankers {
-    models: RwLock<BTreeMap<String, Arc<Reranker>>>,
-}
+pub type Rerankers = EncoderPool<Reranker>;
 
 /// Whether the model at `url` is a cross-encoder this module serves.
 pub fn claims(url: &str) -> bool {
@@ -45,33 +45,19 @@ pub fn claims(url: &str) -> bool {
             .is_some_and(|c| CrossEncoder::<CpuBackend>::is_cross_encoder(&c))
 }
 
+impl Reranker {
+    /// Loads the cross-encoder in directory `url`.
+    pub fn load(url: &str) -> Result<Self, String> {
+        let backend = CpuBackend::new();
+        let model = CrossEncoder::load(Path::new(url), &backend).map_err(|e| e.to_string())?;
+        Ok(Self { model, backend })
+    }
+}
+
 impl Rerankers {
     /// Loads the cross-encoder in directory `url` as `name`.
     pub fn load(&self, name: &str, url: &str) -> Result<(), String> {
-        let backend = CpuBackend::new();
-        let model = CrossEncoder::load(Path::new(url), &backend).map_err(|e| e.to_string())?;
-        let mut models = self
-            .models
-            .write()
-            .map_err(|_| "lock poisoned".to_string())?;
-        if models.contains_key(name) {
-            return Err(format!("model '{name}' is already registered"));
-        }
-        models.insert(name.to_string(), Arc::new(Reranker { model, backend }));
-        Ok(())
-    }
-
-    /// A model by name.
-    pub fn get(&self, name: &str) -> Option<Arc<Reranker>> {
-        self.models.read().ok()?.get(name).cloned()
-    }
-
-    /// The names of every reranker, sorted.
-    pub fn names(&self) -> Vec<String> {
-        self.models
-            .read()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
+        self.insert(name, url, Reranker::load(url)?)
     }
 }
 
@@ -87,24 +73,11 @@ pub struct RerankRequest {
 
 /// Parses and checks a rerank body; every field is used or refused.
 pub fn parse_request(v: &Value) -> Result<RerankRequest, ApiError> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
-    for k in obj.keys() {
-        if !matches!(
-            k.as_str(),
-            "model" | "query" | "documents" | "top_n" | "return_documents"
-        ) {
-            return Err(ApiError::bad_request(format!(
-                "unknown field '{k}' (accepted: model, query, documents, top_n, return_documents)"
-            )));
-        }
-    }
-    let model = match obj.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(ApiError::bad_request("'model' must be a string")),
-    };
+    let obj = req::object(
+        v,
+        &["model", "query", "documents", "top_n", "return_documents"],
+    )?;
+    let model = req::model_field(obj)?;
     let query = match obj.get("query") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => return Err(ApiError::bad_request("'query' must be a non-empty string")),
@@ -177,47 +150,42 @@ async fn run(
     rec: Arc<AccessRecord>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = parse_request(&crate::body::json(body)?)?;
-    let name = match &req.model {
-        Some(m) => m.clone(),
-        None => match st.rerankers.names()[..] {
-            [ref one] => one.clone(),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "'model' is required unless exactly one reranker is served",
-                ))
-            }
-        },
-    };
-    rec.set_model(&name);
-    let Some(m) = st.rerankers.get(&name) else {
-        if st.registry.get(&name).is_ok() || st.embedders.get(&name).is_some() {
-            return Err(ApiError::bad_request(format!(
-                "model '{name}' is not a reranker (a cross-encoder)"
-            )));
-        }
-        return Err(ApiError::unknown_model(&name));
-    };
-    let query = req.query.clone();
-    let docs = req.documents.clone();
-    let (logits, tokens) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+    let request = parse_request(&crate::body::json(body)?)?;
+    let m = req::resolve(
+        &st,
+        &st.rerankers,
+        Role::Rerank,
+        request.model.clone(),
+        &rec,
+    )?;
+    let name = m.name.clone();
+    let query = request.query.clone();
+    let docs = request.documents.clone();
+    let (logits, tokens) = req::run(m, "rerank", move |m, cancel| {
+        let r = &m.model;
         let pairs = docs
             .iter()
             .map(|d| {
-                m.model
+                r.model
                     .encode_pair(&query, d)
                     .map_err(|e| ApiError::bad_request(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let tokens: usize = pairs.iter().map(|p| p.0.len()).sum();
-        let logits = m.model.logits(&m.backend, &pairs).map_err(|e| match e {
-            EmbedError::Input(e) => ApiError::bad_request(e.to_string()),
-            EmbedError::Model(e) => ApiError::model_failure(e.to_string()),
-        })?;
-        Ok((logits, tokens))
+        r.model
+            .check(&pairs)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let lens: Vec<usize> = pairs.iter().map(|p| p.0.len()).collect();
+        let mut logits = Vec::with_capacity(pairs.len());
+        for batch in req::batches(&lens, req::BATCH_TOKENS) {
+            cancel.check()?;
+            let n = batch.len();
+            let part = r.model.logits(&r.backend, &pairs[batch]);
+            logits.extend(part.map_err(req::embed_error)?);
+            m.stats.inputs.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok((logits, lens.iter().sum::<usize>()))
     })
-    .await
-    .map_err(|e| ApiError::model_failure(format!("rerank task failed: {e}")))??;
+    .await?;
     rec.add_tokens_in(tokens);
     // One label: the score is its sigmoid, as sentence-transformers' CrossEncoder gives.
     let mut order: Vec<(usize, f32)> = logits
@@ -226,13 +194,13 @@ async fn run(
         .enumerate()
         .collect();
     order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    order.truncate(req.top_n.unwrap_or(order.len()));
+    order.truncate(request.top_n.unwrap_or(order.len()));
     let results: Vec<Value> = order
         .into_iter()
         .map(|(i, score)| {
             let mut r = json!({"index": i, "relevance_score": score});
-            if req.return_documents {
-                r["document"] = json!({"text": req.documents[i]});
+            if request.return_documents {
+                r["document"] = json!({"text": request.documents[i]});
             }
             r
         })

@@ -1,7 +1,10 @@
-//! Cross-encoder rerankers: a BERT encoder reading a (query, document) pair
-//! as one input (`[CLS] query [SEP] document [SEP]`, token types 0 then 1)
-//! and a `BertForSequenceClassification` head (pooler: dense + tanh on the
-//! `[CLS]` state, then the classifier) giving one relevance logit.
+//! Cross-encoder rerankers: an encoder reading a (query, document) pair as
+//! one input and a sequence-classification head on its first token giving
+//! one relevance logit. BERT (`BertForSequenceClassification`: `[CLS] query
+//! [SEP] document [SEP]`, token types 0 then 1; pooler dense + tanh, then
+//! the classifier) and XLM-RoBERTa (`XLMRobertaForSequenceClassification`,
+//! bge-reranker: `<s> query </s></s> document </s>`, token types 0;
+//! `classifier.dense` + tanh, then `classifier.out_proj`).
 
 use super::bert::BertEncoder;
 use super::config::EncoderConfig;
@@ -14,8 +17,39 @@ use std::path::Path;
 pub struct CrossEncoder<B: Backend> {
     pub encoder: BertEncoder<B>,
     tokenizer: tokenizers::Tokenizer,
+    /// The head's hidden layer (BERT's pooler, or RoBERTa's
+    /// `classifier.dense`), followed by tanh.
     pooler: (HostTensor, HostTensor),
+    /// The one-label output layer (`classifier`, or `classifier.out_proj`).
     classifier: (HostTensor, HostTensor),
+}
+
+/// The sequence-classification architectures read here, with the names of
+/// their head's two layers.
+const HEADS: [(&str, &str, &str); 3] = [
+    (
+        "BertForSequenceClassification",
+        "bert.pooler.dense",
+        "classifier",
+    ),
+    (
+        "XLMRobertaForSequenceClassification",
+        "classifier.dense",
+        "classifier.out_proj",
+    ),
+    (
+        "RobertaForSequenceClassification",
+        "classifier.dense",
+        "classifier.out_proj",
+    ),
+];
+
+fn head_of(cfg: &serde_json::Value) -> Option<(&'static str, &'static str)> {
+    let archs = cfg["architectures"].as_array()?;
+    HEADS
+        .iter()
+        .find(|(arch, _, _)| archs.iter().any(|a| a == arch))
+        .map(|&(_, hidden, out)| (hidden, out))
 }
 
 fn identity(name: &str) -> Option<String> {
@@ -32,18 +66,23 @@ fn affine(w: &HostTensor, b: &HostTensor, x: &[f32]) -> Vec<f32> {
 }
 
 impl<B: Backend> CrossEncoder<B> {
-    /// Whether `config.json` names a sequence-classification BERT.
+    /// Whether `config.json` names a sequence-classification BERT or
+    /// (XLM-)RoBERTa.
     pub fn is_cross_encoder(cfg: &serde_json::Value) -> bool {
-        EncoderConfig::is_encoder(cfg)
-            && cfg["architectures"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|s| s == "BertForSequenceClassification"))
+        EncoderConfig::is_encoder(cfg) && head_of(cfg).is_some()
     }
 
-    /// Loads a `BertForSequenceClassification` checkpoint with one label.
+    /// Loads a sequence-classification checkpoint with one label.
     pub fn load(dir: &Path, backend: &B) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let config = EncoderConfig::from_json(&crate::loader::read_json(&cfg_path)?, &cfg_path)?;
+        let cfg_json = crate::loader::read_json(&cfg_path)?;
+        let config = EncoderConfig::from_json(&cfg_json, &cfg_path)?;
+        let (hidden, out) = head_of(&cfg_json).ok_or_else(|| ModelError::Config {
+            path: cfg_path.clone(),
+            msg: "architectures names no BertForSequenceClassification or \
+                  XLMRobertaForSequenceClassification"
+                .into(),
+        })?;
         let d = config.hidden_size;
         let src = SafetensorsSource::open_dir(dir, identity)?;
         let get = |name: &str, shape: &[usize]| -> Result<HostTensor> {
@@ -64,12 +103,12 @@ impl<B: Backend> CrossEncoder<B> {
             Ok(t)
         };
         let pooler = (
-            get("bert.pooler.dense.weight", &[d, d])?,
-            get("bert.pooler.dense.bias", &[d])?,
+            get(&format!("{hidden}.weight"), &[d, d])?,
+            get(&format!("{hidden}.bias"), &[d])?,
         );
         let classifier = (
-            get("classifier.weight", &[1, d])?,
-            get("classifier.bias", &[1])?,
+            get(&format!("{out}.weight"), &[1, d])?,
+            get(&format!("{out}.bias"), &[1])?,
         );
         let bytes = crate::files::read_bounded(
             &dir.join("tokenizer.json"),
@@ -93,6 +132,14 @@ impl<B: Backend> CrossEncoder<B> {
             .encode((query, doc), true)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
+    }
+
+    /// Checks pairs' token ids against the vocabulary and length limit,
+    /// without computing anything (error indices are the pairs').
+    pub fn check(&self, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<(), super::InputError> {
+        let ids: Vec<&[u32]> = pairs.iter().map(|p| p.0.as_slice()).collect();
+        let c = &self.encoder.config;
+        super::check_ids(&ids, c.vocab_size, c.max_tokens())
     }
 
     /// The relevance logit of each pair (before any sigmoid), as one batch.

@@ -1,18 +1,23 @@
-//! Encoder models for embeddings: BERT-style checkpoints (`bert`,
-//! `xlm-roberta`) with the pooling and normalisation their
-//! sentence-transformers files ask for. Separate from the decoder: no KV
-//! cache, no sampling, attention is bidirectional and every call is one
-//! forward pass over whole inputs.
+//! Embedding models: BERT-style encoders (`bert`, `xlm-roberta`) and
+//! decoder embedders (Qwen3-Embedding style, [`decoder_embed`]), with the
+//! pooling, normalisation and prompts their sentence-transformers files ask
+//! for, and cross-encoder rerankers. Separate from generation: no
+//! scheduling, no sampling; every call is one forward pass over whole
+//! inputs.
 
 pub mod bert;
 pub mod config;
 pub mod cross;
+pub mod decoder_embed;
 pub mod pooling;
+pub mod prompts;
 
 pub use bert::BertEncoder;
 pub use config::{EncoderConfig, EncoderKind};
 pub use cross::CrossEncoder;
+pub use decoder_embed::DecoderEmbedder;
 pub use pooling::{l2_normalize, Pooling, SentenceConfig};
+pub use prompts::Prompts;
 
 use crate::tokenizer::Tokenizer;
 use crate::{ModelError, Result};
@@ -32,6 +37,8 @@ pub enum InputError {
     },
     #[error("input {index}: token id {id} is outside the vocabulary (size {vocab})")]
     BadToken { index: usize, id: u32, vocab: usize },
+    #[error("prompt_name '{name}' is not one of the model's prompts ({known})")]
+    UnknownPrompt { name: String, known: String },
 }
 
 /// Errors of [`EmbeddingModel::embed`]: a bad input, or the model failing.
@@ -69,40 +76,61 @@ pub fn check_ids(seqs: &[&[u32]], vocab: usize, max: usize) -> Result<(), InputE
     Ok(())
 }
 
-/// An encoder with its tokenizer and sentence-transformers head: text or
-/// token ids in, one vector per input out.
-pub struct EmbeddingModel<B: Backend> {
-    pub encoder: BertEncoder<B>,
-    pub tokenizer: Tokenizer,
-    pub sentence: SentenceConfig,
-    /// The longest input accepted: the position table's length, or the
-    /// smaller `max_seq_length` of `sentence_bert_config.json`.
-    pub max_tokens: usize,
+/// The transformer under an embedding model's pooling.
+pub enum Transformer<B: Backend> {
+    /// BERT / XLM-RoBERTa: bidirectional, `[CLS] ... [SEP]` inputs.
+    Bert(BertEncoder<B>),
+    /// A causal decoder whose inputs end with its EOS.
+    Decoder(DecoderEmbedder<B>),
 }
 
-/// Whether `dir` holds an encoder checkpoint this module can load
-/// (`config.json` with `model_type` bert / xlm-roberta).
+/// An embedding model with its tokenizer and sentence-transformers head:
+/// text or token ids in, one vector per input out.
+pub struct EmbeddingModel<B: Backend> {
+    pub transformer: Transformer<B>,
+    pub tokenizer: Tokenizer,
+    pub sentence: SentenceConfig,
+    /// The sentence-transformers prompts (`config_sentence_transformers.json`).
+    pub prompts: Prompts,
+    /// The longest input accepted: the position table's length, or the
+    /// smaller `max_seq_length` of `sentence_bert_config.json` (at most
+    /// [`decoder_embed::MAX_DECODER_TOKENS`] for a decoder).
+    pub max_tokens: usize,
+    vocab_size: usize,
+    dim: usize,
+}
+
+/// Whether `dir` holds an embedding checkpoint this module can load: an
+/// encoder (`config.json` with `model_type` bert / xlm-roberta), or a
+/// decoder type of [`decoder_embed`] with sentence-transformers files
+/// (`modules.json`).
 pub fn is_encoder_dir(dir: &Path) -> bool {
     let path = dir.join("config.json");
-    path.exists()
-        && crate::loader::read_json(&path)
-            .map(|c| EncoderConfig::is_encoder(&c))
-            .unwrap_or(false)
+    let Ok(cfg) = crate::loader::read_json(&path) else {
+        return false;
+    };
+    EncoderConfig::is_encoder(&cfg)
+        || (decoder_embed::is_decoder_type(&cfg) && dir.join("modules.json").is_file())
 }
 
 impl<B: Backend> EmbeddingModel<B> {
-    /// Loads an encoder checkpoint directory: `config.json`,
+    /// Loads an embedding checkpoint directory: `config.json`,
     /// `model.safetensors`, `tokenizer.json` and, if present, the
     /// sentence-transformers files (without them: mean pooling, normalised,
     /// the common default of embedding servers).
     pub fn load(dir: &Path, backend: &B) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let config = EncoderConfig::from_json(&crate::loader::read_json(&cfg_path)?, &cfg_path)?;
+        let cfg_json = crate::loader::read_json(&cfg_path)?;
         let sentence = SentenceConfig::read(dir)?.unwrap_or(SentenceConfig {
             pooling: Pooling::Mean,
             normalize: true,
         });
-        let mut max_tokens = config.max_tokens();
+        let mut max_tokens = if EncoderConfig::is_encoder(&cfg_json) {
+            EncoderConfig::from_json(&cfg_json, &cfg_path)?.max_tokens()
+        } else {
+            let c = crate::config::DecoderConfig::from_hf_json(&cfg_json, &cfg_path)?;
+            DecoderEmbedder::<B>::max_tokens(&c)
+        };
         let sbert = dir.join("sentence_bert_config.json");
         if sbert.exists() {
             let v = crate::loader::read_json(&sbert)?;
@@ -115,47 +143,113 @@ impl<B: Backend> EmbeddingModel<B> {
             &dir.join("tokenizer.json"),
             tcfg.exists().then_some(tcfg.as_path()),
         )?;
-        let encoder = BertEncoder::load(dir, config, backend)?;
+        let prompts = Prompts::read(dir)?;
+        let (transformer, vocab_size, dim) = if EncoderConfig::is_encoder(&cfg_json) {
+            let config = EncoderConfig::from_json(&cfg_json, &cfg_path)?;
+            let e = BertEncoder::load(dir, config, backend)?;
+            let (v, d) = (e.config.vocab_size, e.config.hidden_size);
+            (Transformer::Bert(e), v, d)
+        } else if decoder_embed::is_decoder_type(&cfg_json) {
+            let e = DecoderEmbedder::load(dir, &cfg_json, backend, max_tokens)?;
+            let c = e.decoder.config();
+            let (v, d) = (c.vocab_size, c.hidden_size);
+            (Transformer::Decoder(e), v, d)
+        } else {
+            return Err(ModelError::Config {
+                path: cfg_path,
+                msg: "not an embedding model: model_type must be bert, xlm-roberta, roberta, \
+                      qwen3, qwen2, llama or mistral"
+                    .into(),
+            });
+        };
         tracing::info!(
             dir = %dir.display(),
-            kind = ?encoder.config.kind,
-            dim = encoder.config.hidden_size,
+            dim,
+            max_tokens,
             pooling = ?sentence.pooling,
             normalize = sentence.normalize,
-            "loaded encoder"
+            default_prompt = ?prompts.default,
+            "loaded embedding model"
         );
         Ok(Self {
-            encoder,
+            transformer,
             tokenizer,
             sentence,
+            prompts,
             max_tokens,
+            vocab_size,
+            dim,
         })
     }
 
     /// Length of the embeddings this model produces.
     pub fn dim(&self) -> usize {
-        self.encoder.config.hidden_size
+        self.dim
     }
 
-    /// Token ids of `text` with the model's special tokens (`[CLS] ... [SEP]`).
+    /// The BERT-style encoder, if this model is one.
+    pub fn encoder(&self) -> Option<&BertEncoder<B>> {
+        match &self.transformer {
+            Transformer::Bert(e) => Some(e),
+            Transformer::Decoder(_) => None,
+        }
+    }
+
+    /// Token ids of `text` with the model's special tokens (`[CLS] ... [SEP]`
+    /// for BERT). A decoder embedder's input ends with its EOS: the
+    /// tokenizer's post-processor appends it (as Qwen3-Embedding's does),
+    /// and kiln appends it where the tokenizer did not.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(text, true)
+        let mut ids = self.tokenizer.encode(text, true)?;
+        if let Transformer::Decoder(d) = &self.transformer {
+            if let Some(eos) = d.eos {
+                if ids.last() != Some(&eos) {
+                    ids.push(eos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// `text` with the prompt `name` (or the model's default prompt when
+    /// `name` is `None`) before it, as sentence-transformers' `encode` does.
+    pub fn prompted(&self, text: &str, name: Option<&str>) -> Result<String, InputError> {
+        self.prompts.apply(text, name)
+    }
+
+    /// The most tokens one forward pass should take (a decoder's KV cache
+    /// for the call stays within a budget).
+    pub fn batch_tokens(&self) -> usize {
+        match &self.transformer {
+            Transformer::Bert(_) => 16384,
+            Transformer::Decoder(d) => d.batch_tokens(),
+        }
+    }
+
+    /// Checks token id sequences against the model's vocabulary and
+    /// length limit, without computing anything.
+    pub fn check(&self, seqs: &[&[u32]]) -> Result<(), InputError> {
+        check_ids(seqs, self.vocab_size, self.max_tokens)
     }
 
     /// One pooled (and, if the checkpoint says so, normalised) embedding
     /// per token id sequence, computed as one batch. A sequence's embedding
     /// is the same bits alone or in any batch.
     pub fn embed(&self, backend: &B, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        check_ids(seqs, self.encoder.config.vocab_size, self.max_tokens)?;
+        self.check(seqs)?;
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let states = self.encoder.forward(backend, seqs)?;
-        let d = self.dim();
+        let pooling = self.sentence.pooling;
+        let states = match &self.transformer {
+            Transformer::Bert(e) => e.forward(backend, seqs)?,
+            Transformer::Decoder(e) => e.forward(backend, seqs, pooling)?,
+        };
+        let d = self.dim;
         Ok(states
             .iter()
             .map(|s| {
-                let mut v = self.sentence.pooling.apply(s, d);
+                let mut v = pooling.apply(s, d);
                 if self.sentence.normalize {
                     l2_normalize(&mut v);
                 }

@@ -111,6 +111,10 @@ impl SentenceConfig {
             path: path.to_path_buf(),
             msg,
         };
+        if cfg.get("include_prompt").and_then(Value::as_bool) == Some(false) {
+            // The prompt's tokens would have to be left out of the pool.
+            return Err(err("include_prompt false is not supported".into()));
+        }
         if let Some(name) = cfg.get("pooling_mode").and_then(Value::as_str) {
             return Pooling::parse(name)
                 .ok_or_else(|| err(format!("pooling mode '{name}' is not supported")));
