@@ -15,6 +15,7 @@ pub mod block_manager;
 pub mod detok;
 pub mod engine;
 pub mod guided;
+pub mod kv_size;
 pub mod launch;
 pub mod load;
 pub mod metrics;
@@ -25,7 +26,7 @@ pub mod stops;
 
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
 pub use guided::{CompileCancel, CompileError, Compiled, Constraint, Guide};
-pub use kiln_backend::Device;
+pub use kiln_backend::{Device, KvDtype};
 pub use launch::{DeviceModel, LaunchError};
 pub use load::{LoadModelError, LoadSpec, ModelLocation};
 pub use metrics::MetricsSnapshot;
