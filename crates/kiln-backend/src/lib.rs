@@ -16,6 +16,7 @@ mod bytes;
 pub mod cpu;
 pub mod cuda;
 mod device;
+mod kv_dtype;
 pub mod quant;
 pub mod quantize;
 mod quantize_k;
@@ -25,6 +26,7 @@ mod step;
 pub use bidir::BidirParams;
 pub use bytes::{ByteOwner, HostBytes};
 pub use device::{Device, DeviceParseError};
+pub use kv_dtype::{KvDtype, KvDtypeError, Q8_0_BLOCK};
 pub use quant::{GgmlType, WeightData};
 pub use rows::MoeExpert;
 pub use step::{KvSpec, SeqSlice, StepInput};
@@ -187,13 +189,36 @@ pub trait Backend: Send + Sync {
     /// Prepares per-step metadata (token ids, positions, block tables).
     fn prepare_step(&self, input: &StepInput) -> Result<Self::Step>;
 
-    /// Bytes one element of the KV cache takes (f32 on the CPU).
+    /// Bytes one element of the KV cache takes in the backend's default type.
     fn kv_element_bytes(&self) -> usize {
         4
     }
 
     /// Allocates the paged KV cache.
     fn alloc_kv_cache(&self, spec: &KvSpec) -> Result<Self::KvCache>;
+
+    /// Allocates the paged KV cache storing keys and values as `dtype`
+    /// (`--kv-cache-dtype`). A backend that stores only its own type takes
+    /// [`KvDtype::Auto`] and refuses the rest by name.
+    fn alloc_kv_cache_as(&self, spec: &KvSpec, dtype: KvDtype) -> Result<Self::KvCache> {
+        match dtype {
+            KvDtype::Auto => self.alloc_kv_cache(spec),
+            d => Err(BackendError::Invalid {
+                op: "alloc_kv_cache",
+                msg: format!(
+                    "kv_cache_dtype {d} is not implemented on {} yet (use auto)",
+                    self.name()
+                ),
+            }),
+        }
+    }
+
+    /// Bytes one token of `spec` takes in a cache of `dtype` (keys and
+    /// values of every layer), for sizing the cache from a byte budget.
+    fn kv_token_bytes(&self, spec: &KvSpec, dtype: KvDtype) -> usize {
+        let _ = dtype;
+        spec.bytes_per_token(self.kv_element_bytes())
+    }
 
     /// Looks up `table[token]` for every token of the step: `[tokens, dim]`.
     fn embedding(&self, table: &Self::Weight, step: &Self::Step) -> Result<Self::Tensor>;

@@ -64,7 +64,10 @@ fn paged(seqs: &[Seq; 2], p: &AttentionParams) -> Result<[Vec<f32>; 2], BackendE
         n_kv_heads: KV_HEADS,
         head_dim: HD,
     };
-    let mut cache = be.alloc_kv_cache(&spec)?;
+    // f32 keys and values: the sinks' arithmetic is checked to 2e-6, below
+    // the f16 default's rounding (whose own bounds the backend's attention
+    // tests check).
+    let mut cache = be.alloc_kv_cache_as(&spec, kiln_backend::KvDtype::F32)?;
     // Scattered blocks: sequence 0 from the top down, sequence 1 after it.
     let tables: [Vec<u32>; 2] = [(10..20).rev().collect(), (20..30).collect()];
     let mut outs = [Vec::new(), Vec::new()];
@@ -358,7 +361,10 @@ fn attention_sinks_match_transformers() {
             n_kv_heads: kv_heads,
             head_dim: hd,
         };
-        let mut cache = be.alloc_kv_cache(&spec).unwrap();
+        // f32 keys and values, as in `paged`: checked to 2e-6.
+        let mut cache = be
+            .alloc_kv_cache_as(&spec, kiln_backend::KvDtype::F32)
+            .unwrap();
         let mut got = Vec::new();
         for range in [0..len - 1, len - 1..len] {
             let toks: Vec<u32> = vec![0; range.len()];

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kiln_backend::{Backend, KvSpec};
+use kiln_backend::{Backend, KvDtype, KvSpec};
 use kiln_model::chat::ChatTemplate;
 use kiln_model::decoder::Decoder;
 use kiln_model::tokenizer::Tokenizer;
@@ -42,6 +42,10 @@ pub enum KvCapacity {
     Tokens(usize),
     /// As many blocks as fit in this many bytes.
     Bytes(usize),
+    /// A share of the memory available once the weights are loaded (see
+    /// [`crate::kv_size`]); refused at start when not even one sequence of
+    /// the model's length fits.
+    FreeMemory,
 }
 
 /// The engine's limits; each has a `serving.properties` counterpart.
@@ -60,6 +64,8 @@ pub struct EngineConfig {
     pub kv_capacity: KvCapacity,
     /// Speculative decoding (`option.speculative_config`); `None` is off.
     pub speculative: Option<SpecConfig>,
+    /// How keys and values are stored (`--kv-cache-dtype`, `option.kv_cache_dtype`).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +77,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_capacity: KvCapacity::Bytes(1 << 30),
             speculative: None,
+            kv_dtype: KvDtype::Auto,
         }
     }
 }
@@ -84,6 +91,8 @@ pub struct EngineInfo {
     /// Tokens the KV cache holds in all.
     pub kv_tokens: usize,
     pub kv_bytes: usize,
+    /// How keys and values are stored.
+    pub kv_dtype: KvDtype,
     /// Longest prompt + output one request may have.
     pub max_model_len: usize,
     pub max_running: usize,
@@ -215,6 +224,11 @@ impl Engine {
         let tokens = match cfg.kv_capacity {
             KvCapacity::Tokens(t) => t,
             KvCapacity::Bytes(b) => b / token_bytes.max(1),
+            // The target's share of free memory is measured after the
+            // draft is loaded; the draft keeps the fixed fallback size.
+            KvCapacity::FreeMemory => {
+                (crate::kv_size::KV_FALLBACK_BYTES as usize) / token_bytes.max(1)
+            }
         };
         let proposer = crate::spec::draft::DraftProposer::new(
             draft_backend,
@@ -245,10 +259,21 @@ impl Engine {
             n_kv_heads: dcfg.n_kv_heads,
             head_dim: dcfg.head_dim,
         };
-        let token_bytes = spec.bytes_per_token(backend.kv_element_bytes());
+        let token_bytes = backend.kv_token_bytes(&spec, cfg.kv_dtype);
         let tokens = match cfg.kv_capacity {
             KvCapacity::Tokens(t) => t,
             KvCapacity::Bytes(b) => b / token_bytes.max(1),
+            KvCapacity::FreeMemory => match crate::kv_size::mem_available() {
+                Some(avail) => crate::kv_size::tokens_from_free_memory(
+                    avail,
+                    token_bytes,
+                    cfg.kv_dtype,
+                    cfg.block_size,
+                    max_model_len,
+                )
+                .map_err(|e| crate::EngineError::Invalid(e.to_string()))?,
+                None => (crate::kv_size::KV_FALLBACK_BYTES as usize) / token_bytes.max(1),
+            },
         };
         spec.num_blocks = tokens / cfg.block_size;
         if spec.num_blocks == 0 {
@@ -257,13 +282,14 @@ impl Engine {
                 cfg.kv_capacity, cfg.block_size
             )));
         }
-        let kv = backend.alloc_kv_cache(&spec)?;
+        let kv = backend.alloc_kv_cache_as(&spec, cfg.kv_dtype)?;
         let info = EngineInfo {
             backend: backend.name(),
             kv_blocks: spec.num_blocks,
             block_size: cfg.block_size,
             kv_tokens: spec.slots(),
             kv_bytes: spec.slots() * token_bytes,
+            kv_dtype: cfg.kv_dtype,
             max_model_len,
             max_running: cfg.max_running,
             max_step_tokens: cfg.max_step_tokens,
@@ -272,11 +298,13 @@ impl Engine {
             eos_ids: model.eos_ids.clone(),
         };
         tracing::info!(
-            "KV cache: {} blocks of {} tokens ({} tokens, {} MiB) on {}",
+            "KV cache: {} blocks of {} tokens ({} tokens, {} MiB, {} bytes per token, kv_cache_dtype {}) on {}",
             info.kv_blocks,
             info.block_size,
             info.kv_tokens,
             info.kv_bytes >> 20,
+            token_bytes,
+            info.kv_dtype,
             info.backend
         );
         let speculator = Speculator::from_config(cfg.speculative.as_ref(), draft)

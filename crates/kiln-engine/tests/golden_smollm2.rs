@@ -22,7 +22,14 @@ use serde_json::Value;
 /// value. On logits of magnitude ~20 that moved the largest difference from
 /// 6e-5 (f32 activations) to 5.4e-3 when this was written; every greedy
 /// token still matches.
-const LOGIT_TOL: f32 = 1e-2;
+///
+/// The KV cache then became f16 by default on the CPU (10-bit mantissa:
+/// each key and value within 2^-11 of itself). Measured over these prompts
+/// with the cache in each type (same build): f32 6.9e-3, f16 1.47e-2,
+/// bfloat16 1.05e-1 (why the 16-bit type is f16), q8_0 3.3e-1. The
+/// tolerance is the f16 figure with a margin of 2x; the greedy tokens
+/// still match exactly.
+const LOGIT_TOL: f32 = 3e-2;
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/golden")

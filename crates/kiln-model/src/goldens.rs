@@ -1,7 +1,7 @@
 //! The tiny transformers checkpoints under `testdata/tiny/` and their
 //! `golden.json` files, as every family's golden test reads them: the
 //! last position's logits within [`LOGIT_TOL`], every position's argmax
-//! and the greedy tokens equal.
+//! (near ties aside) and the greedy tokens equal.
 //!
 //! Also the mixed-batch runner (`run_plan`) the batch-invariance tests share.
 //!
@@ -20,8 +20,13 @@ use crate::lora::{LoraAdapter, LoraStep};
 use crate::{fixtures, LoadedModel};
 
 /// Both sides compute in f32 from the same weights; what differs is the
-/// order of summation.
-pub const LOGIT_TOL: f32 = 1e-4;
+/// order of summation, and that kiln's KV cache is f16 by default on the
+/// CPU (keys and values within 2^-11 of themselves). With an f32 cache
+/// these checkpoints' largest last-position difference was 3.7e-6 (under
+/// the 1e-4 this was); with the f16 cache 1.62e-3 (qwen2 1.02e-3, the
+/// MoE and gpt-oss ones up to 1.62e-3): the tolerance is that with a margin
+/// of 2.5x.
+pub const LOGIT_TOL: f32 = 4e-3;
 
 /// `testdata/tiny/<name>`.
 pub fn tiny_dir(name: &str) -> PathBuf {
@@ -93,16 +98,25 @@ pub fn check_loaded(name: &str, m: &LoadedModel<CpuBackend>, what: &str) {
             &all[all.len() - vocab..],
             &floats(&p["last_logits"]),
         );
+        eprintln!("{name} ({what}) prompt {pi}: last-position logits within {diff:.2e}");
         assert!(
             diff < LOGIT_TOL,
             "{name} ({what}) prompt {pi}: last-position logits differ by {diff}"
         );
-        let per_position: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
-        assert_eq!(
-            per_position,
-            ids(&p["argmax"]),
-            "{name} ({what}) prompt {pi}: argmax per position"
-        );
+        // Every position's argmax, but for a near tie (kiln's logit for
+        // transformers' choice within LOGIT_TOL of its own largest): the
+        // f16 cache moves logits by up to ~1e-3, and these random tiny
+        // checkpoints have ties that close (gpt-oss, prompt 2, position 38).
+        for (pos, (row, want)) in all.chunks_exact(vocab).zip(ids(&p["argmax"])).enumerate() {
+            let got = argmax(row);
+            assert!(
+                got == want || row[got as usize] - row[want as usize] < LOGIT_TOL,
+                "{name} ({what}) prompt {pi}: argmax {got} at position {pos}, transformers {want} \
+                 ({} vs {})",
+                row[got as usize],
+                row[want as usize]
+            );
+        }
         assert_eq!(
             greedy,
             ids(&p["greedy"]),

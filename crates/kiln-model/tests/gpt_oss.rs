@@ -25,7 +25,8 @@ use serde_json::Value;
 const NAME: &str = "gpt_oss";
 
 /// The model at `path` against `name`'s golden.json: last-position logits
-/// within [`LOGIT_TOL`], every position's argmax and the greedy tokens equal.
+/// within [`LOGIT_TOL`], every position's argmax (near ties aside) and the
+/// greedy tokens equal.
 fn check(name: &str, path: &Path, what: &str) {
     let m = load(&CpuBackend::new(), path, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{name} ({what}): {e}"));

@@ -242,6 +242,7 @@ pub fn start_state(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
     let st = Arc::new(AppState {
         registry: Registry::new(EngineDefaults {
             kv_cache_bytes: config.kv_cache_bytes,
+            kv_cache_dtype: config.kv_cache_dtype,
             job_queue_size: config.job_queue_size,
             memory_budget: config.memory_budget,
             prepared_cache_max: config.prepared_cache_max,

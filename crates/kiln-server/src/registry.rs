@@ -132,8 +132,12 @@ impl ModelEntry {
 /// Server-wide defaults for engines.
 #[derive(Debug, Clone, Default)]
 pub struct EngineDefaults {
-    /// KV cache per model, in bytes.
+    /// KV cache per model, in bytes; 0 sizes it from the memory available
+    /// after the weights ([`kiln_engine::kv_size`]).
     pub kv_cache_bytes: usize,
+    /// How KV caches store keys and values unless a model's
+    /// `option.kv_cache_dtype` says (`--kv-cache-dtype`).
+    pub kv_cache_dtype: kiln_engine::KvDtype,
     /// `job_queue_size` of models that set none (in their `serving.properties`
     /// or the environment): `kiln serve --job-queue-size`.
     pub job_queue_size: Option<usize>,
@@ -690,7 +694,13 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     let mut cfg = EngineConfig {
         max_running: p.max_rolling_batch_size,
         max_waiting: settings.job_queue_size,
-        kv_capacity: KvCapacity::Bytes(defaults.kv_cache_bytes),
+        // Host memory sizes a host cache only: a GPU keeps the 1 GiB default.
+        kv_capacity: match (defaults.kv_cache_bytes, model.device()) {
+            (0, kiln_engine::Device::Cpu) => KvCapacity::FreeMemory,
+            (0, _) => KvCapacity::Bytes(kiln_engine::kv_size::KV_FALLBACK_BYTES as usize),
+            (b, _) => KvCapacity::Bytes(b),
+        },
+        kv_dtype: p.kv_cache_dtype.unwrap_or(defaults.kv_cache_dtype),
         ..EngineConfig::default()
     };
     if let Some(t) = p.max_rolling_batch_prefill_tokens {

@@ -30,8 +30,11 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Where `serving.log` and `access.log` go, if anywhere.
     pub log_dir: Option<PathBuf>,
-    /// KV cache per model, in bytes.
+    /// KV cache per model, in bytes; 0 sizes it from the memory available
+    /// after the weights.
     pub kv_cache_bytes: usize,
+    /// How KV caches store keys and values (`--kv-cache-dtype`).
+    pub kv_cache_dtype: kiln_engine::KvDtype,
     /// From a request's first byte to the end of its head.
     pub header_read_timeout: Duration,
     /// From the end of a request's head to the end of its body.
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             grace_period: Duration::from_secs(30),
             log_dir: None,
             kv_cache_bytes: 1 << 30,
+            kv_cache_dtype: kiln_engine::KvDtype::Auto,
             header_read_timeout: crate::conn::DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: crate::conn::DEFAULT_BODY_READ_TIMEOUT,
             idle_timeout: crate::conn::DEFAULT_IDLE_TIMEOUT,

@@ -1189,3 +1189,36 @@ fn quantize_methods_kiln_cannot_run_are_errors_naming_what_it_can() {
     assert!(parse_err("option.quantize=int3")
         .contains("option.quantize = 'int3' is not one of q8_0, q4_0, q4_1, q4_k, q6_k"));
 }
+
+/// `option.kv_cache_dtype` in vLLM's key: kiln's types are taken, vLLM's
+/// fp8 spellings are refused naming q8_0, kiln's 8-bit cache, and unset
+/// leaves the server's `--kv-cache-dtype`.
+#[test]
+fn kv_cache_dtype_takes_kilns_types_and_refuses_fp8_by_name() {
+    use kiln_backend::KvDtype;
+    for (v, d) in [
+        ("q8_0", KvDtype::Q8_0),
+        ("auto", KvDtype::Auto),
+        ("float16", KvDtype::F16),
+        ("f32", KvDtype::F32),
+    ] {
+        assert_eq!(
+            parse(&format!("option.kv_cache_dtype={v}\n")).kv_cache_dtype,
+            Some(d)
+        );
+    }
+    assert_eq!(parse("option.dtype=fp16\n").kv_cache_dtype, None);
+    let e = parse_err("option.kv_cache_dtype=fp8_e4m3\n");
+    assert!(
+        e.contains(
+            "models/opt13b/serving.properties:1: option.kv_cache_dtype = 'fp8_e4m3' is refused: \
+             kv_cache_dtype \"fp8_e4m3\" is not supported by kiln"
+        ) && e.contains("kiln's 8-bit cache is q8_0"),
+        "{e}"
+    );
+    let e = parse_err("option.kv_cache_dtype=int4\n");
+    assert!(
+        e.contains("expected auto, f16 (float16), f32 (float32) or q8_0"),
+        "{e}"
+    );
+}

@@ -33,9 +33,15 @@ pub struct Args {
     /// Prompt length for the prompt-processing measurement.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
-    /// Tokens to generate for the decode measurement (after a 1-token prompt).
+    /// Tokens to generate for the decode measurement (after a prompt of
+    /// `--gen-context` tokens).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
+    /// Prompt length before the decode measurement: decode then reads the
+    /// keys and values of this many tokens at every step (llama-bench's
+    /// `-d`, depth).
+    #[arg(long, default_value_t = 1)]
+    pub gen_context: usize,
     /// Measured repetitions of pp and tg (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -71,6 +77,10 @@ pub struct Args {
     /// MiB the bandwidth probe reads per pass.
     #[arg(long, default_value_t = 512)]
     pub bandwidth_mib: usize,
+    /// How the KV cache stores keys and values: auto (f16 on the CPU),
+    /// f16, f32 or q8_0.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: kiln_engine::KvDtype,
 }
 
 /// The peak resident memory of this process so far (`VmHWM`), in MiB.
@@ -208,7 +218,7 @@ fn run_batch(engine: &Engine, prompts: Vec<Vec<u32>>, gen: usize) -> anyhow::Res
 /// pages a default-sized cache spreads the repeats over.
 fn kv_tokens_needed(args: &Args, block_size: usize) -> usize {
     let blocks = |tokens: usize| tokens.div_ceil(block_size) * block_size;
-    let single = blocks(args.prompt_tokens + 1).max(blocks(1 + args.gen_tokens));
+    let single = blocks(args.prompt_tokens + 1).max(blocks(args.gen_context + args.gen_tokens));
     let widest = args.concurrency.iter().copied().max().unwrap_or(0);
     let batch = widest * blocks(args.batch_prompt_tokens + args.batch_gen_tokens);
     single.max(batch)
@@ -216,8 +226,11 @@ fn kv_tokens_needed(args: &Args, block_size: usize) -> usize {
 
 /// Runs `kiln bench`.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.repeats == 0 || args.prompt_tokens == 0 || args.gen_tokens < 2 {
-        bail!("--repeats and --prompt-tokens must be at least 1, --gen-tokens at least 2");
+    if args.repeats == 0 || args.prompt_tokens == 0 || args.gen_context == 0 || args.gen_tokens < 2
+    {
+        bail!(
+            "--repeats, --prompt-tokens and --gen-context must be at least 1, --gen-tokens at least 2"
+        );
     }
     if args.bandwidth {
         return run_bandwidth(&args);
@@ -238,6 +251,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg_engine = EngineConfig {
         max_running: args.max_batch_size,
         kv_capacity: KvCapacity::Tokens(kv_tokens_needed(&args, defaults.block_size)),
+        kv_dtype: args.kv_cache_dtype,
         ..defaults
     };
     let engine = model.start(cfg_engine).context("cannot start the engine")?;
@@ -251,7 +265,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let ttft = t[0].tokens[0] - t[0].submitted;
         let t2 = run_batch(
             &engine,
-            vec![synthetic_prompt(1, vocab, 2000 + i as u64)],
+            vec![synthetic_prompt(args.gen_context, vocab, 2000 + i as u64)],
             args.gen_tokens,
         )?;
         let toks = &t2[0].tokens;
@@ -313,11 +327,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "model": cfg.arch, "params": cfg.param_count(), "backend": engine.info().backend,
                 "threads": kiln_backend::cpu::threads(),
                 "load_s": load_s, "prompt_tokens": args.prompt_tokens, "prompt_tok_s": pp,
-                "gen_tokens": args.gen_tokens, "decode_tok_s": tg, "repeats": args.repeats,
+                "gen_tokens": args.gen_tokens, "gen_context": args.gen_context, "decode_tok_s": tg, "repeats": args.repeats,
                 "batch_prompt_tokens": args.batch_prompt_tokens, "batch_gen_tokens": args.batch_gen_tokens,
                 "concurrency": conc, "preemptions": m.preemptions,
                 "dummy_arch": args.arch, "decode_bytes_per_token": per_token,
                 "peak_rss_mib": peak_rss_mib(),
+                "kv_cache_dtype": args.kv_cache_dtype.to_string(),
             })
         );
         return Ok(());

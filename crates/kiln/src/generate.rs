@@ -54,6 +54,10 @@ pub struct Args {
     /// Print token counts and speeds to stderr at the end.
     #[arg(long)]
     pub stats: bool,
+    /// How the KV cache stores keys and values: auto (f16 on the CPU),
+    /// f16, f32 or q8_0.
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: kiln_engine::KvDtype,
 }
 
 /// Runs `kiln generate`.
@@ -91,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // One request: a KV cache just big enough for it.
     let cfg = EngineConfig {
         kv_capacity: KvCapacity::Tokens((ids.len() + args.max_new_tokens).min(max_len) + 16),
+        kv_dtype: args.kv_cache_dtype,
         ..EngineConfig::default()
     };
     let engine = model.start(cfg)?;

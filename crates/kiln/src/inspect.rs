@@ -74,7 +74,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let active_params = c.active_param_count();
     let active_bytes = active_weight_bytes(c, weight_bytes);
     // The KV cache is held in the element size of the backend that serves
-    // the model (f32 on the CPU), whatever the weights' dtype.
+    // the model (f16 by default on the CPU, see --kv-cache-dtype), whatever
+    // the weights' dtype.
     let kv_elem = kiln_engine::launch::kv_element_bytes(kiln_engine::Device::Cpu);
     let kv_per_1k = c.kv_bytes_per_token(kv_elem) as f64 * 1024.0;
     let context = args.context.unwrap_or(c.max_position_embeddings);

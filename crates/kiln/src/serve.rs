@@ -45,9 +45,14 @@ pub struct Args {
     /// Where to write serving.log and access.log (default: logs/ when serving a model store).
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
-    /// KV cache per model, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_cache_mib: usize,
+    /// KV cache per model, in MiB (default: half the memory available once
+    /// the weights are loaded, at most 32 GiB).
+    #[arg(long)]
+    pub kv_cache_mib: Option<usize>,
+    /// How the KV cache stores keys and values: auto (f16 on the CPU),
+    /// f16, f32 or q8_0 (vLLM's fp8 spellings are refused: use q8_0).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: kiln_engine::KvDtype,
     /// Where models run unless their serving.properties sets
     /// `option.device`: cpu, cuda or cuda:N (a GPU; needs a kiln built with
     /// `--features cuda`).
@@ -181,7 +186,8 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         request_timeout: Duration::from_secs(args.request_timeout),
         grace_period: Duration::from_secs(args.grace_period),
         log_dir,
-        kv_cache_bytes: args.kv_cache_mib << 20,
+        kv_cache_bytes: args.kv_cache_mib.map_or(0, |m| m.max(1) << 20),
+        kv_cache_dtype: args.kv_cache_dtype,
         header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
         idle_timeout: seconds("idle-timeout", args.idle_timeout)?,

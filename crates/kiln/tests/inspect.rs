@@ -66,8 +66,8 @@ fn no_argument_inspects_the_default_model_with_the_cpu_kv_size() {
     let (ok, out) = inspect(&[]);
     assert!(ok, "{out}");
     assert!(out.contains("SmolLM2-135M-Instruct"), "{out}");
-    // The CPU backend keeps the KV cache in f32: 30 layers x 3 KV heads x 64
-    // x 2 (K and V) x 4 bytes = 46,080 bytes a token, 47.2 MB per 1K tokens
-    // (it said 23.6 MB, 16-bit, before).
-    assert!(out.contains("47.2 MB per 1K tokens (32-bit)"), "{out}");
+    // The CPU backend keeps the KV cache in f16 by default: 30 layers x 3
+    // KV heads x 64 x 2 (K and V) x 2 bytes = 23,040 bytes a token, 23.6 MB
+    // per 1K tokens (47.2 MB, 32-bit, while the cache was f32).
+    assert!(out.contains("23.6 MB per 1K tokens (16-bit)"), "{out}");
 }

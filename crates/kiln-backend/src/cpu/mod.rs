@@ -10,6 +10,8 @@ mod attention;
 mod blocks;
 mod float_packed;
 mod isa;
+mod kv_cache;
+mod kv_elem;
 mod math;
 mod matmul;
 mod moe;
@@ -18,7 +20,8 @@ mod packed;
 mod tensor;
 mod weight;
 
-pub use tensor::{CpuKvCache, CpuTensor};
+pub use kv_cache::CpuKvCache;
+pub use tensor::CpuTensor;
 pub use weight::CpuWeight;
 
 /// The number of physical cores this process may run on: the CPUs in its
@@ -113,8 +116,8 @@ fn keep_freed_memory() {
 }
 
 use crate::{
-    Activation, AttentionParams, Backend, BackendError, GgmlType, HostBytes, KvSpec, Result,
-    RopeLayout, StepInput, WeightData,
+    Activation, AttentionParams, Backend, BackendError, GgmlType, HostBytes, KvDtype, KvSpec,
+    Result, RopeLayout, StepInput, WeightData,
 };
 
 /// The CPU backend. Threads come from rayon's global pool.
@@ -195,8 +198,21 @@ impl Backend for CpuBackend {
         Ok(input.clone())
     }
 
+    fn kv_element_bytes(&self) -> usize {
+        // f16, the default KvDtype on the CPU.
+        2
+    }
+
     fn alloc_kv_cache(&self, spec: &KvSpec) -> Result<CpuKvCache> {
-        CpuKvCache::alloc(spec)
+        CpuKvCache::alloc(spec, KvDtype::Auto)
+    }
+
+    fn alloc_kv_cache_as(&self, spec: &KvSpec, dtype: KvDtype) -> Result<CpuKvCache> {
+        CpuKvCache::alloc(spec, dtype)
+    }
+
+    fn kv_token_bytes(&self, spec: &KvSpec, dtype: KvDtype) -> usize {
+        dtype.bytes_per_token(spec)
     }
 
     fn embedding(&self, table: &CpuWeight, step: &StepInput) -> Result<CpuTensor> {

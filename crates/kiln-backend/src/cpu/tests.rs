@@ -2,7 +2,7 @@
 
 use super::test_support::*;
 use super::*;
-use crate::{GgmlType, SeqSlice};
+use crate::{GgmlType, KvDtype, SeqSlice};
 
 fn t(shape: &[usize], seed: u64) -> CpuTensor {
     CpuTensor::new(shape.to_vec(), rand_vec(shape.iter().product(), seed)).unwrap()
@@ -345,7 +345,19 @@ fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
         head_dim: 8,
     };
     // A cap of 0.5 bends every score of these inputs (their spread is larger).
-    for (window, softcap) in [(None, None), (Some(3), None), (Some(3), Some(0.5))] {
+    // Each cache type within its rounding of these [-1, 1) keys and values:
+    // f32 1e-5, f16 (2^-11 relative per element) 2e-3, q8_0 (half a step
+    // of amax / 127 per element) 2e-2.
+    let cases = [
+        (KvDtype::F32, 1e-5),
+        (KvDtype::F16, 2e-3),
+        (KvDtype::Q8_0, 2e-2),
+    ]
+    .into_iter()
+    .flat_map(|(d, tol)| {
+        [(None, None), (Some(3), None), (Some(3), Some(0.5))].map(|(w, c)| (d, tol, w, c))
+    });
+    for (dtype, tol, window, softcap) in cases {
         let p = AttentionParams {
             n_heads: 4,
             n_kv_heads: 2,
@@ -355,7 +367,7 @@ fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
             softcap,
             sinks: None,
         };
-        let mut cache = be.alloc_kv_cache(&spec).unwrap();
+        let mut cache = be.alloc_kv_cache_as(&spec, dtype).unwrap();
         // Sequence A: 7 tokens of which the last 3 are computed now (4 cached earlier).
         // Sequence B: 5 tokens, all new (prefill). Scattered, non-contiguous blocks.
         let tables = [vec![9u32, 2], vec![5u32, 11]];
@@ -419,7 +431,7 @@ fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
         for s in 0..2 {
             let qs = &q.data[row * 32..(row + new[s]) * 32];
             let want = naive_attention(qs, &keys[s], &vals[s], new[s], lens[s], &p);
-            close(&out.data[row * 32..(row + new[s]) * 32], &want, 1e-5);
+            close(&out.data[row * 32..(row + new[s]) * 32], &want, tol);
             row += new[s];
         }
     }

@@ -191,6 +191,20 @@ impl Builder {
         }
     }
 
+    /// `option.kv_cache_dtype` (vLLM's key): how the KV cache stores keys
+    /// and values, or a problem naming what kiln takes instead (`fp8` ->
+    /// `q8_0`).
+    pub(super) fn kv_cache_dtype(&mut self) -> Option<kiln_backend::KvDtype> {
+        let p = self.entry("option.kv_cache_dtype")?;
+        match p.value.parse::<kiln_backend::KvDtype>() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(&p, &format!("is refused: {e}"));
+                None
+            }
+        }
+    }
+
     /// `option.quantize` (or its vLLM alias `option.quantization`): a format
     /// kiln quantizes to, or a problem that says which ones it has (DJL's
     /// GPU-engine methods are named as such). `mxfp4`, the format gpt-oss's

@@ -18,6 +18,7 @@ pub(super) const TYPED_KEYS: &[&str] = &[
     "option.max_rolling_batch_prefill_tokens",
     "option.max_num_batched_tokens",
     "option.max_model_len",
+    "option.kv_cache_dtype",
     "option.n_positions",
     "option.max_input_len",
     "option.max_output_len",

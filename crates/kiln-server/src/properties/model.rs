@@ -50,6 +50,10 @@ pub struct ModelProperties {
     /// (prompt plus output) of one sequence (`None`: the model's own context
     /// length; DJL's Neuron default of 128 is not adopted).
     pub max_model_len: Option<usize>,
+    /// `option.kv_cache_dtype` (vLLM's spelling; `auto`, `f16`, `f32`,
+    /// `q8_0`): how this model's KV cache stores keys and values (`None`:
+    /// the server's `--kv-cache-dtype`).
+    pub kv_cache_dtype: Option<kiln_backend::KvDtype>,
     /// `option.max_input_len`: the most prompt tokens, if given.
     pub max_input_len: Option<usize>,
     /// `option.max_output_len`: the most generated tokens, if given.
@@ -185,6 +189,7 @@ impl Default for ModelProperties {
             max_rolling_batch_size: defaults::MAX_ROLLING_BATCH_SIZE,
             max_rolling_batch_prefill_tokens: None,
             max_model_len: None,
+            kv_cache_dtype: None,
             max_input_len: None,
             max_output_len: None,
             enable_streaming: Streaming::False,

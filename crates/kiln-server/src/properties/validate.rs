@@ -55,6 +55,7 @@ impl Builder {
         let (max_rolling_batch_size, max_rolling_batch_prefill_tokens) =
             self.rolling_batch_limits(rolling_batch);
         let max_model_len = self.max_model_len();
+        let kv_cache_dtype = self.kv_cache_dtype();
         let max_input_len = self
             .count_at_least("option.max_input_len", 1)
             .map(|(n, _)| n);
@@ -95,6 +96,7 @@ impl Builder {
             max_rolling_batch_size,
             max_rolling_batch_prefill_tokens,
             max_model_len,
+            kv_cache_dtype,
             max_input_len,
             max_output_len,
             enable_streaming,

@@ -1,0 +1,138 @@
+//! How many tokens the KV cache holds: from a setting (tokens or bytes), or
+//! by default from the memory the machine has left once the weights are
+//! loaded, as vLLM's CPU backend sizes its cache from
+//! `VLLM_CPU_KVCACHE_SPACE`, and the start-up error that names the numbers
+//! when not even one sequence of the model's length fits.
+
+use kiln_backend::KvDtype;
+
+/// The share of the memory available after the weights that the default
+/// KV cache takes: the rest is left to activations, the tokenizer, other
+/// processes and the page cache.
+pub const KV_MEMORY_FRACTION: f64 = 0.5;
+
+/// The most the default KV cache takes, however much memory is free.
+pub const KV_MEMORY_CAP: u64 = 32 << 30;
+
+/// The default when the available memory cannot be read (no
+/// `/proc/meminfo`): kiln's earlier fixed default.
+pub const KV_FALLBACK_BYTES: u64 = 1 << 30;
+
+/// Bytes the default KV cache takes when `available` bytes are available
+/// after the weights are loaded: [`KV_MEMORY_FRACTION`] of them, at most
+/// [`KV_MEMORY_CAP`].
+pub fn default_kv_bytes(available: u64) -> u64 {
+    ((available as f64 * KV_MEMORY_FRACTION) as u64).min(KV_MEMORY_CAP)
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes, where there is one.
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Why a KV cache sized from free memory cannot serve the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the KV cache holds {tokens} tokens ({budget_mib} MiB at {token_bytes} bytes per token in \
+     {dtype}, {fraction}% of the {available_mib} MiB available after the weights), fewer than \
+     one sequence of max_model_len {max_model_len}: free memory, set --kv-cache-mib, or \
+     store it as --kv-cache-dtype q8_0"
+)]
+pub struct KvTooSmall {
+    pub tokens: usize,
+    pub budget_mib: u64,
+    pub token_bytes: usize,
+    pub dtype: KvDtype,
+    pub fraction: u32,
+    pub available_mib: u64,
+    pub max_model_len: usize,
+}
+
+/// Tokens a default KV cache holds (whole blocks of `block_size`) when
+/// `available` bytes are free after the weights and a token takes
+/// `token_bytes` in `dtype`; an error naming the numbers when that is less
+/// than one sequence of `max_model_len`.
+pub fn tokens_from_free_memory(
+    available: u64,
+    token_bytes: usize,
+    dtype: KvDtype,
+    block_size: usize,
+    max_model_len: usize,
+) -> Result<usize, KvTooSmall> {
+    let budget = default_kv_bytes(available);
+    let tokens = (budget / token_bytes.max(1) as u64) as usize;
+    let tokens = tokens / block_size.max(1) * block_size.max(1);
+    if tokens < max_model_len {
+        return Err(KvTooSmall {
+            tokens,
+            budget_mib: budget >> 20,
+            token_bytes,
+            dtype,
+            fraction: (KV_MEMORY_FRACTION * 100.0) as u32,
+            available_mib: available >> 20,
+            max_model_len,
+        });
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_backend::KvSpec;
+
+    /// OPT-13B (`kiln inspect`: 40 layers, 40 KV heads of 128, max_model_len
+    /// 2048) with q8_0 weights (12.9e9 parameters at 34 bytes per 32:
+    /// 13.7 GB) on the 24 GiB build machine, 1 GiB taken by the system:
+    /// the default f16 cache holds both of the reference request's
+    /// 2048-token sequences (the f32 1 GiB default held 648 tokens).
+    #[test]
+    fn opt_13b_two_sequences_fit_by_default_on_24_gib() {
+        let spec = KvSpec {
+            n_layers: 40,
+            num_blocks: 0,
+            block_size: 16,
+            n_kv_heads: 40,
+            head_dim: 128,
+        };
+        let weights: u64 = 12_850_000_000 / 32 * 34;
+        let available = (24u64 << 30) - (1 << 30) - weights;
+        for dtype in [KvDtype::Auto, KvDtype::Q8_0] {
+            let tb = dtype.bytes_per_token(&spec);
+            let tokens = tokens_from_free_memory(available, tb, dtype, 16, 2048).unwrap();
+            assert!(tokens >= 2 * 2048, "{dtype}: {tokens} tokens");
+        }
+        // f16: 819200 bytes a token, half of 10.28 GiB: 6740 tokens, 6736 in whole blocks.
+        let tb = KvDtype::F16.bytes_per_token(&spec);
+        assert_eq!(
+            tokens_from_free_memory(available, tb, KvDtype::F16, 16, 2048),
+            Ok(6736)
+        );
+        // The old f32 default of 1 GiB: 655 tokens, whole blocks of 16 of them 640.
+        assert_eq!(
+            (1u64 << 30) / KvDtype::F32.bytes_per_token(&spec) as u64,
+            1310 / 2
+        );
+    }
+
+    /// Too little memory for one sequence: the error names bytes per
+    /// token, the tokens that fit and the max_model_len asked.
+    #[test]
+    fn too_little_memory_names_the_numbers() {
+        let e = tokens_from_free_memory(2 << 30, 819_200, KvDtype::F16, 16, 2048).unwrap_err();
+        assert_eq!(e.tokens, 1296);
+        assert_eq!(
+            e.to_string(),
+            "the KV cache holds 1296 tokens (1024 MiB at 819200 bytes per token in f16, 50% of \
+             the 2048 MiB available after the weights), fewer than one sequence of \
+             max_model_len 2048: free memory, set --kv-cache-mib, or store it as \
+             --kv-cache-dtype q8_0"
+        );
+        // The cap: 1 TiB free gives 32 GiB, not 512.
+        assert_eq!(default_kv_bytes(1 << 40), 32 << 30);
+        assert_eq!(default_kv_bytes(10 << 30), 5 << 30);
+    }
+}
