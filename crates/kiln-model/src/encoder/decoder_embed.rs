@@ -137,7 +137,13 @@ impl<B: Backend> DecoderEmbedder<B> {
             head_dim: c.head_dim,
         };
         input.validate(&spec).map_err(ModelError::Backend)?;
-        let mut kv = backend.alloc_kv_cache(&spec)?;
+        // One call's keys and values live only for the call: stored exact
+        // (f32) where the backend can, so embeddings match the reference
+        // implementation as closely as the weights allow.
+        let mut kv = match backend.alloc_kv_cache_as(&spec, kiln_backend::KvDtype::F32) {
+            Ok(kv) => kv,
+            Err(_) => backend.alloc_kv_cache(&spec)?,
+        };
         let states = self.decoder.forward(backend, &mut kv, &input)?;
         let d = c.hidden_size;
         let mut out = Vec::with_capacity(seqs.len());
