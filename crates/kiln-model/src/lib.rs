@@ -31,6 +31,7 @@ pub mod goldens;
 pub mod gpt_oss;
 pub mod inspect;
 pub mod layouts;
+pub mod load_progress;
 pub mod loader;
 pub mod moe;
 pub mod mxfp4;
