@@ -186,7 +186,10 @@ fn a_streamed_layout_file_serves_and_maps_bit_for_bit() {
     assert_eq!(r.len(), written);
     // Served from the file being written, before it is finished.
     assert_same_bits(&run(&m), &want, "served from the streamed file");
-    assert!(r.write(&streamed, layout, KEY).is_err(), "write on a stream");
+    assert!(
+        r.write(&streamed, layout, KEY).is_err(),
+        "write on a stream"
+    );
     let size = r.finish(layout, KEY).expect("finish");
     assert_eq!(size, std::fs::metadata(&streamed).expect("stat").len());
     assert_eq!(
