@@ -131,6 +131,10 @@ pub fn convert(
             quantize_rows_with(to, cols, rows * cols, &mut out, |range, row| {
                 decode_floats(ty, bytes, range, row)
             })?;
+            // Read once: a mapped checkpoint's pages leave this process's
+            // memory, so converting a model larger than memory holds one
+            // matrix of it at a time.
+            bytes.release_resident();
             out
         }
     };

@@ -6,7 +6,11 @@
 //! ([`kiln_backend::Backend::weight_layout`]). That copy costs a pass over
 //! the whole model at every start; stored once, a later start maps the file
 //! and hands each matrix's range of it to the backend as it is, so loading
-//! is a map, and processes serving the same model share the pages.
+//! is a map, and processes serving the same model share the pages. The
+//! first start streams ([`LayoutRecorder::streaming`]): each matrix goes to
+//! the file as soon as the backend has rearranged it, and the backend's
+//! copy is swapped for the file's map, so that start too holds one matrix
+//! at a time and serves from the file.
 //!
 //! The file (`weights.layout` in an entry of the prepared-model cache,
 //! `kiln_sources::prepared`, whose key names the model file, the settings it
@@ -106,6 +110,9 @@ impl Layouts {
             Layouts::Record(rec) => {
                 let part = rec.parts.next(name);
                 let w = backend.upload_weight(rows, cols, data)?;
+                if let Some(stream) = &rec.stream {
+                    return Ok(stream.append(backend, name, part, rows, cols, w));
+                }
                 if let Some((ty, bytes)) = backend.laid_out(&w) {
                     rec.push(Recorded {
                         name: name.to_string(),
@@ -349,14 +356,32 @@ struct Recorded {
     bytes: HostBytes,
 }
 
-/// The matrices a load rearranged, to write as a layout file.
+/// The matrices a load rearranged, to write as a layout file: kept in
+/// memory ([`LayoutRecorder::default`], written by [`LayoutRecorder::write`])
+/// or streamed to the file as they are made ([`LayoutRecorder::streaming`],
+/// finished by [`LayoutRecorder::finish`]).
 #[derive(Default)]
 pub struct LayoutRecorder {
     parts: Parts,
     recorded: Mutex<Vec<Recorded>>,
+    stream: Option<Stream>,
 }
 
 impl LayoutRecorder {
+    /// A recorder that writes each rearranged matrix to a new file at `path`
+    /// as soon as the backend has made it, and hands the backend the file's
+    /// mapped copy in place of its own: a load through it holds one matrix
+    /// in memory at a time, whatever the model's size, and the model it
+    /// returns is backed by the file (shared, reclaimable pages), as a later
+    /// start that maps the file is. [`LayoutRecorder::finish`] completes the
+    /// file.
+    pub fn streaming(path: &Path) -> Result<Self> {
+        Ok(LayoutRecorder {
+            stream: Some(Stream::create(path)?),
+            ..Default::default()
+        })
+    }
+
     fn push(&self, r: Recorded) {
         if let Ok(mut v) = self.recorded.lock() {
             v.push(r);
@@ -365,7 +390,34 @@ impl LayoutRecorder {
 
     /// Matrices recorded.
     pub fn len(&self) -> usize {
-        self.recorded.lock().map_or(0, |v| v.len())
+        match &self.stream {
+            Some(s) => s.state.lock().map_or(0, |st| st.entries.len()),
+            None => self.recorded.lock().map_or(0, |v| v.len()),
+        }
+    }
+
+    /// Bytes of rearranged matrices streamed to the file so far (0 for an
+    /// in-memory recorder).
+    pub fn streamed_bytes(&self) -> u64 {
+        self.stream
+            .as_ref()
+            .and_then(|s| s.state.lock().ok().map(|st| st.at - DATA_START))
+            .unwrap_or(0)
+    }
+
+    /// Completes a [`LayoutRecorder::streaming`] file as a layout file of
+    /// `layout` for cache key `key` (index, header, synced; the caller
+    /// renames it into place) and returns its size. An error when the
+    /// recorder is not streaming, or when writing any matrix failed (those
+    /// matrices were served from memory, and the file is incomplete).
+    pub fn finish(&self, layout: &str, key: &str) -> Result<u64> {
+        let Some(stream) = &self.stream else {
+            return Err(ModelError::Format {
+                path: PathBuf::new(),
+                msg: "this weight-layout recorder keeps matrices in memory: use write".into(),
+            });
+        };
+        stream.finish(layout, key)
     }
 
     /// Whether nothing was recorded.
@@ -378,6 +430,12 @@ impl LayoutRecorder {
     /// Returns the file's size.
     pub fn write(&self, path: &Path, layout: &str, key: &str) -> Result<u64> {
         let io = |e| ModelError::io(path, e);
+        if self.stream.is_some() {
+            return Err(ModelError::Format {
+                path: path.to_path_buf(),
+                msg: "this weight-layout recorder streams to its file: use finish".into(),
+            });
+        }
         let recorded = self.recorded.lock().map_err(|_| ModelError::Format {
             path: path.to_path_buf(),
             msg: "a thread recording weights panicked".into(),
@@ -426,6 +484,177 @@ impl LayoutRecorder {
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(&head).map_err(io)?;
         file.sync_all().map_err(io)?;
+        Ok(total)
+    }
+}
+
+/// The file's first [`DATA_START`] bytes: magic, version, where the index is
+/// and how long the file is.
+fn header(index_at: u64, index_len: u64, total: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(DATA_START as usize);
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    for v in [index_at, index_len, total] {
+        head.extend_from_slice(&v.to_le_bytes());
+    }
+    head.resize(DATA_START as usize, 0);
+    head
+}
+
+/// A layout file being written matrix by matrix.
+struct Stream {
+    path: PathBuf,
+    file: File,
+    state: Mutex<StreamState>,
+}
+
+struct StreamState {
+    /// Where the next matrix may start (before alignment).
+    at: u64,
+    entries: Vec<Entry>,
+    /// The first write that failed: the file is not finished then.
+    failed: Option<String>,
+}
+
+impl Stream {
+    fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| ModelError::io(path, e))?;
+        Ok(Stream {
+            path: path.to_path_buf(),
+            file,
+            state: Mutex::new(StreamState {
+                at: DATA_START,
+                entries: Vec::new(),
+                failed: None,
+            }),
+        })
+    }
+
+    /// Writes `w`'s rearranged bytes (when the backend rearranged it) at the
+    /// file's end and returns the weight made from the file's mapped copy,
+    /// dropping `w`'s own. When anything fails, `w` itself is returned (the
+    /// model serves all the same) and the file is marked incomplete.
+    fn append<B: Backend>(
+        &self,
+        backend: &B,
+        name: &str,
+        part: u32,
+        rows: usize,
+        cols: usize,
+        w: B::Weight,
+    ) -> B::Weight {
+        let Some((ty, bytes)) = backend.laid_out(&w) else {
+            return w;
+        };
+        match self.write_and_map(name, part, ty, rows, cols, &bytes) {
+            Ok(mapped) => match backend.upload_laid_out(rows, cols, ty, mapped) {
+                Ok(from_file) => from_file,
+                Err(e) => {
+                    self.fail(format!("{name} (part {part}): {e}"));
+                    w
+                }
+            },
+            Err(e) => {
+                self.fail(e.to_string());
+                w
+            }
+        }
+    }
+
+    fn fail(&self, why: String) {
+        if let Ok(mut st) = self.state.lock() {
+            st.failed.get_or_insert(why);
+        }
+    }
+
+    fn write_and_map(
+        &self,
+        name: &str,
+        part: u32,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<HostBytes> {
+        use std::os::unix::fs::FileExt;
+        let io = |e| ModelError::io(&self.path, e);
+        let mut st = self.state.lock().map_err(|_| ModelError::Format {
+            path: self.path.clone(),
+            msg: "a thread writing the weight layout panicked".into(),
+        })?;
+        if let Some(why) = &st.failed {
+            return Err(ModelError::Format {
+                path: self.path.clone(),
+                msg: format!("an earlier write failed: {why}"),
+            });
+        }
+        let offset = st.at.next_multiple_of(ALIGN);
+        self.file.write_all_at(bytes, offset).map_err(io)?;
+        let len = bytes.len() as u64;
+        // SAFETY: a read-only shared map of a range this process has just
+        // written and never writes again (the file only grows past it, and
+        // the header and index are written outside it).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(bytes.len())
+                .map(&self.file)
+        }
+        .map_err(io)?;
+        st.at = offset + len;
+        st.entries.push(Entry {
+            name: name.to_string(),
+            part,
+            ty: ty as u32,
+            rows,
+            cols,
+            offset,
+            len,
+        });
+        let owner: kiln_backend::ByteOwner = Arc::new(map);
+        // SAFETY: as above; the whole map is the range.
+        unsafe { HostBytes::file_mapped(owner, 0..bytes.len()) }.ok_or_else(|| ModelError::Format {
+            path: self.path.clone(),
+            msg: format!("the map of {name} is not its {len} bytes"),
+        })
+    }
+
+    fn finish(&self, layout: &str, key: &str) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let io = |e| ModelError::io(&self.path, e);
+        let st = self.state.lock().map_err(|_| ModelError::Format {
+            path: self.path.clone(),
+            msg: "a thread writing the weight layout panicked".into(),
+        })?;
+        if let Some(why) = &st.failed {
+            return Err(ModelError::Format {
+                path: self.path.clone(),
+                msg: format!("incomplete: {why}"),
+            });
+        }
+        let index = Index {
+            layout: layout.to_string(),
+            key: key.to_string(),
+            entries: st.entries.clone(),
+        };
+        let json = serde_json::to_vec(&index).map_err(|e| ModelError::Format {
+            path: self.path.clone(),
+            msg: format!("cannot write the index: {e}"),
+        })?;
+        let total = st.at + json.len() as u64;
+        self.file.write_all_at(&json, st.at).map_err(io)?;
+        self.file
+            .write_all_at(&header(st.at, json.len() as u64, total), 0)
+            .map_err(io)?;
+        self.file.set_len(total).map_err(io)?;
+        self.file.sync_all().map_err(io)?;
         Ok(total)
     }
 }

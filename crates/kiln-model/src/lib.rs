@@ -32,6 +32,7 @@ pub mod goldens;
 pub mod gpt_oss;
 pub mod inspect;
 pub mod layouts;
+pub mod load_progress;
 pub mod loader;
 pub mod lora;
 pub mod moe;

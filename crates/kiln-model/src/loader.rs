@@ -423,6 +423,36 @@ fn finish<B: Backend>(
         "loading weights from {}",
         src.describe()
     );
+    // A first start (converting into a prepared file, or rearranging into
+    // a layout file) says how far it is.
+    let progress = (spool.is_some() || matches!(layouts, Layouts::Record(_))).then(|| {
+        let (verb, path) = match &format {
+            ModelFormat::Gguf(p) | ModelFormat::HfDir(p) => (
+                if spool.is_some() {
+                    "converting"
+                } else {
+                    "rearranging"
+                },
+                p,
+            ),
+        };
+        crate::load_progress::LoadProgress::start(
+            format!("{verb} {}", path.display()),
+            crate::load_progress::checkpoint_bytes(path),
+            crate::load_progress::LOG_EVERY,
+        )
+    });
+    let counted;
+    let src: &dyn WeightSource = match &progress {
+        Some(progress) => {
+            counted = crate::load_progress::Counted {
+                inner: src,
+                progress,
+            };
+            &counted
+        }
+        None => src,
+    };
     let rounded;
     let src: &dyn WeightSource = match opts.dtype {
         WeightDtype::F16 | WeightDtype::Bf16 => {

@@ -484,12 +484,13 @@ impl WeightSource for SafetensorsSource {
             let data = view.data();
             let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
             let owner: ByteOwner = mmap.clone();
-            let bytes = HostBytes::shared(owner, start..start + data.len()).ok_or_else(|| {
-                ModelError::Tensor {
-                    path: path.clone(),
-                    tensor: name.to_string(),
-                    msg: "data outside the file".into(),
-                }
+            // SAFETY: `mmap` is a read-only shared map of the checkpoint
+            // file (see `open`): its pages can be dropped and read back.
+            let bytes = unsafe { HostBytes::file_mapped(owner, start..start + data.len()) };
+            let bytes = bytes.ok_or_else(|| ModelError::Tensor {
+                path: path.clone(),
+                tensor: name.to_string(),
+                msg: "data outside the file".into(),
             })?;
             let shape = view.shape().to_vec();
             if shape.iter().product::<usize>() * ty.block().1 != data.len() {

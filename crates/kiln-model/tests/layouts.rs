@@ -164,3 +164,44 @@ fn a_damaged_or_foreign_layout_file_is_refused_or_stale_and_never_changes_answer
     assert!(why.contains("blk.3.ffn_down.weight"), "{why}");
     assert_same_bits(&got, &want, "stale file");
 }
+
+/// A first start that streams each matrix to the file as the backend makes
+/// it (and serves it from the file's map) answers bit for bit as one that
+/// keeps them in memory, writes a file byte for byte the same as the
+/// in-memory recorder's, and that file maps with every matrix used.
+#[test]
+fn a_streamed_layout_file_serves_and_maps_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let kept = dir.path().join("kept.layout");
+    let (want, written) = record(&kept);
+
+    let streamed = dir.path().join("streamed.layout");
+    let be = CpuBackend::new();
+    let layout = be.weight_layout().expect("the CPU backend has a layout");
+    let rec = Layouts::Record(LayoutRecorder::streaming(&streamed).expect("create"));
+    let m = load_with(&be, &default_model(), &LoadOptions::default(), &rec).expect("load");
+    let Layouts::Record(r) = &rec else {
+        unreachable!()
+    };
+    assert_eq!(r.len(), written);
+    // Served from the file being written, before it is finished.
+    assert_same_bits(&run(&m), &want, "served from the streamed file");
+    assert!(
+        r.write(&streamed, layout, KEY).is_err(),
+        "write on a stream"
+    );
+    let size = r.finish(layout, KEY).expect("finish");
+    assert_eq!(size, std::fs::metadata(&streamed).expect("stat").len());
+    assert_eq!(
+        std::fs::read(&streamed).expect("read"),
+        std::fs::read(&kept).expect("read"),
+        "the streamed file and the kept one differ"
+    );
+    let (from_file, finished) = mapped(&streamed);
+    assert_eq!(finished, Ok(()), "every matrix came from the file");
+    assert_same_bits(&from_file, &want, "mapped");
+    assert!(
+        LayoutRecorder::default().finish(layout, KEY).is_err(),
+        "finish on an in-memory recorder"
+    );
+}

@@ -1,8 +1,9 @@
 //! The CPU weight layout cache: a backend that rearranges weights at upload
 //! (the CPU backend's interleaved groups) finds them in the prepared-model
 //! cache, keyed by the file the weights come from, the settings and the
-//! layout's name ([`kiln_model::layouts`]): the first start writes them
-//! after rearranging, later starts map them. A failure here only costs
+//! layout's name ([`kiln_model::layouts`]): the first start streams each
+//! matrix to the file as it is rearranged (and serves it from there), later
+//! starts map the file. A failure here only costs
 //! time: it is logged and the weights are rearranged as usual.
 //! [`LAYOUT_CACHE_ENV`]`=0` turns this off.
 
@@ -159,7 +160,10 @@ pub(super) fn with_layouts<B: Backend>(
             Ok(model)
         }
         Plan::Build(builder) => {
-            let layouts = Layouts::Record(LayoutRecorder::default());
+            let Some(rec) = streaming(&builder.file()) else {
+                return load(&Layouts::Off);
+            };
+            let layouts = Layouts::Record(rec);
             let model = load(&layouts)?;
             if let Layouts::Record(rec) = &layouts {
                 store_layout(cache, builder, rec, layout, t0);
@@ -169,8 +173,21 @@ pub(super) fn with_layouts<B: Backend>(
     }
 }
 
-/// Writes what `rec` recorded into `builder`'s entry and publishes it; a
-/// failure is logged (the model serves all the same).
+/// A recorder streaming the rearranged weights to `file` as they are made
+/// ([`LayoutRecorder::streaming`]), or `None` (logged) when the file cannot
+/// be created: the load then rearranges in memory and stores nothing.
+pub(super) fn streaming(file: &Path) -> Option<LayoutRecorder> {
+    match LayoutRecorder::streaming(file) {
+        Ok(rec) => Some(rec),
+        Err(e) => {
+            tracing::warn!("weight layout: {e}; this start rearranges the weights in memory");
+            None
+        }
+    }
+}
+
+/// Completes the file `rec` streamed into `builder`'s entry and publishes
+/// it; a failure is logged (the model serves all the same).
 pub(super) fn store_layout(
     cache: &PreparedCache,
     builder: Builder,
@@ -180,7 +197,7 @@ pub(super) fn store_layout(
 ) {
     let key = builder.key().to_string();
     let written = rec
-        .write(&builder.file(), layout, &key)
+        .finish(layout, &key)
         .map_err(|e| e.to_string())
         .and_then(|bytes| {
             builder

@@ -14,14 +14,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kiln_backend::Backend;
-use kiln_model::layouts::{LayoutRecorder, Layouts};
+use kiln_model::layouts::Layouts;
 use kiln_model::prepared::{self, PreparedInfo, Settings, ARTIFACT_VERSION};
 use kiln_model::{LoadOptions, LoadedModel, ModelError};
 use kiln_sources::prepared::{Begin, KeyParts};
 use kiln_sources::{Manifest, PreparedCache, PreparedError};
 
-use super::layouts::{cached_layout, layout_parts, store_layout, with_layouts};
+use super::layouts::{cached_layout, layout_parts, store_layout, streaming, with_layouts};
 use crate::launch::{LaunchError, ModelSource};
+
+/// The name, beside a prepared file being written, of the weight-layout
+/// file streamed during its conversion, until it moves into its own entry.
+const PENDING_LAYOUT: &str = "weights.layout.pending";
 
 /// How a model was loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,9 +212,12 @@ fn load_model<B: Backend>(
             let t0 = Instant::now();
             // The converted weights, as the backend rearranges them, are
             // what a later start's load of the prepared file rearranges:
-            // kept, and stored under that file's key once it exists.
+            // streamed to a file beside the prepared one as they are made
+            // (so the model is never held in memory whole), and stored under
+            // the prepared file's key once that file exists.
+            let pending = builder.file().with_file_name(PENDING_LAYOUT);
             let layout = cached_layout(backend, layout_cache)
-                .map(|name| (name, Layouts::Record(LayoutRecorder::default())));
+                .and_then(|name| Some((name, Layouts::Record(streaming(&pending)?))));
             let record = layout.as_ref().map_or(&Layouts::Off, |(_, l)| l);
             let (model, bytes) =
                 prepared::load_and_prepare(backend, path, opts, &info, &builder.file(), record)?;
@@ -221,16 +228,28 @@ fn load_model<B: Backend>(
                 file.display(),
                 t0.elapsed()
             );
+            // The pending layout file moved with the entry's directory.
+            let pending = file.with_file_name(PENDING_LAYOUT);
             if let Some((name, Layouts::Record(rec))) = &layout {
                 if let Some(lparts) = layout_parts(&file, &Settings::of(&as_prepared), name) {
                     let lkey = lparts.key();
                     match cache.begin(&lparts) {
-                        Ok(Begin::Build(b)) => store_layout(cache, b, rec, name, t0),
+                        Ok(Begin::Build(b)) => match std::fs::rename(&pending, b.file()) {
+                            Ok(()) => store_layout(cache, b, rec, name, t0),
+                            Err(e) => tracing::warn!(
+                                "weight layout {lkey}: cannot move {} into the cache ({e}); \
+                                 not stored",
+                                pending.display()
+                            ),
+                        },
                         Ok(Begin::Ready(_)) => {}
                         Err(e) => tracing::warn!("weight layout {lkey}: {e}; not stored"),
                     }
                 }
             }
+            // Whatever was not moved into a layout entry is not needed (the
+            // model's weights keep their map of it).
+            let _ = std::fs::remove_file(&pending);
             Ok((model, LoadReport::Converted { key, file, bytes }))
         }
     }
