@@ -19,7 +19,7 @@
 //! 404; the model keeps serving.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -252,18 +252,6 @@ pub async fn vllm_unload(State(st): State<Arc<AppState>>, body: Bytes) -> Respon
     }
 }
 
-/// The engine handle of an adapter named like a model (an OpenAI `model`
-/// that is no model's name): the first ready model, by name, that has an
-/// adapter so named.
-pub fn adapter_engine(registry: &Registry, name: &str) -> Option<Engine> {
-    let mut models = registry.all();
-    models.sort_by(|a, b| a.name.cmp(&b.name));
-    models.iter().find_map(|m| {
-        let e = m.engine().ok()?;
-        e.adapter(name).map(|_| e.with_adapter(name))
-    })
-}
-
 /// `/v1/models` entries of every adapter, each with its `parent` model
 /// (vLLM's shape; `root` is the adapter's directory).
 pub fn openai_models(registry: &Registry, created: impl Fn(&ModelEntry) -> u64) -> Vec<Value> {
@@ -338,53 +326,4 @@ pub fn lmi_engine(engine: Engine, headers: &HeaderMap, body: &[u8]) -> Result<En
         )));
     }
     Ok(engine.with_adapter(&name))
-}
-
-/// At start: turns adapters on for a model with `option.enable_lora` and
-/// registers each `adapters/<name>/` of its directory (and of its weights'
-/// directory). An adapter that cannot be read is logged and skipped: the
-/// model serves without it.
-pub fn on_start(entry: &ModelEntry, engine: &Engine) -> Result<(), String> {
-    let Some(limits) = entry.properties.as_ref().and_then(|p| p.lora) else {
-        return Ok(());
-    };
-    engine
-        .enable_adapters(limits)
-        .map_err(|e| format!("option.enable_lora: {e}"))?;
-    let mut roots: Vec<PathBuf> = entry
-        .properties
-        .as_ref()
-        .map(|p| p.model_dir.clone())
-        .into_iter()
-        .collect();
-    if entry.model_path.is_dir() && !roots.contains(&entry.model_path) {
-        roots.push(entry.model_path.clone());
-    }
-    for root in roots {
-        register_dir(entry, engine, &root.join("adapters"));
-    }
-    Ok(())
-}
-
-fn register_dir(entry: &ModelEntry, engine: &Engine, dir: &Path) {
-    let Ok(read) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut dirs: Vec<PathBuf> = read
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    for d in dirs {
-        let Some(name) = d.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-            continue;
-        };
-        match engine.register_adapter(&name, &d) {
-            Ok(a) => {
-                tracing::info!(model = %entry.name, "adapter '{}' (rank {}) from {}", a.name, a.rank, d.display())
-            }
-            Err(e) => tracing::error!(model = %entry.name, "adapter '{name}' not registered: {e}"),
-        }
-    }
 }

@@ -18,6 +18,7 @@
 //! events become response bytes.
 
 pub mod access;
+mod adapter_dirs;
 pub mod adapters;
 pub mod body;
 pub mod conn;

@@ -235,8 +235,19 @@ impl Registry {
     pub fn engine(&self, name: &str) -> Result<Engine, ApiError> {
         match self.get(name) {
             Ok(m) => m.engine(),
-            // An OpenAI `model` may name a LoRA adapter of a served model.
-            Err(e) => crate::adapters::adapter_engine(self, name).ok_or(e),
+            // An OpenAI `model` may name a LoRA adapter of a served model:
+            // the first ready model, by name, with an adapter so named.
+            Err(e) => {
+                let mut models = self.all();
+                models.sort_by(|a, b| a.name.cmp(&b.name));
+                models
+                    .iter()
+                    .find_map(|m| {
+                        let e = m.engine().ok()?;
+                        e.adapter(name).map(|_| e.with_adapter(name))
+                    })
+                    .ok_or(e)
+            }
         }
     }
 
@@ -735,6 +746,17 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     } else {
         model.start(cfg).map_err(|e| e.to_string())?
     };
-    crate::adapters::on_start(entry, &engine)?;
+    // Adapters come from the model's directory and its weights' directory.
+    let mut roots: Vec<std::path::PathBuf> = entry
+        .properties
+        .as_ref()
+        .map(|p| p.model_dir.clone())
+        .into_iter()
+        .collect();
+    if entry.model_path.is_dir() && !roots.contains(&entry.model_path) {
+        roots.push(entry.model_path.clone());
+    }
+    let limits = entry.properties.as_ref().and_then(|p| p.lora);
+    crate::adapter_dirs::on_start(&entry.name, limits, &roots, &engine)?;
     Ok(engine)
 }
