@@ -81,8 +81,11 @@ fn gguf_files_never_panic() {
 fn hf_target(file: &str, cases_n: usize, max_len: usize, min_share: f64) {
     let src = repo().join("testdata/tiny/llama");
     let dir = scratch(&format!("hf-{file}"));
+    // The checkpoint's files (its folder also holds LoRA adapters' folders).
     for e in std::fs::read_dir(&src).unwrap().flatten() {
-        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
     }
     let seed = std::fs::read(src.join(file)).unwrap();
     let backend = CpuBackend::new();
