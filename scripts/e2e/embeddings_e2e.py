@@ -17,9 +17,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import openai_e2e as e2e  # noqa: E402  (the shared server start)
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -59,43 +60,7 @@ def close(got, want, what):
 
 def start_server(binary):
     models = f"bert={TINY / 'bert'},xlmr={TINY / 'xlmr'}"
-    proc = subprocess.Popen(
-        [binary, "serve", "--port", "0", "--api-key", API_KEY, "--models", models],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "NO_COLOR": "1", "KILN_LOG": os.environ.get("KILN_LOG", "info")},
-    )
-    log, port, ready = [], [], threading.Event()
-
-    def pump():
-        for line in proc.stderr:
-            log.append(line)
-            if line.startswith("kiln: listening on http://"):
-                port.append(int(line.rsplit(":", 1)[1]))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(60) or not port:
-        proc.kill()
-        raise SystemExit("kiln serve did not start:\n" + "".join(log))
-    base = f"http://127.0.0.1:{port[0]}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.time() + 60
-    while True:
-        try:
-            with opener.open(base + "/ping", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except Exception:  # noqa: BLE001 - 503 while loading
-            pass
-        if time.time() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise SystemExit("kiln serve did not become ready:\n" + "".join(log))
-        time.sleep(0.1)
-    return proc, base, log
+    return e2e.start_server(binary, ("--models", models), key=API_KEY)
 
 
 def main():

@@ -52,9 +52,12 @@ def expect(cond, what):
         raise AssertionError(what)
 
 
-def start_server(binary):
+def start_server(binary, args=("--kv-cache-mib", "256"), ready_s=60, key=API_KEY):
+    """`kiln serve` on a free port with the e2e API key and `args`; waits
+    until /ping answers 200 (at most `ready_s` seconds after it listens).
+    Shared by every e2e script here."""
     proc = subprocess.Popen(
-        [binary, "serve", "--port", "0", "--api-key", API_KEY, "--kv-cache-mib", "256"],
+        [binary, "serve", "--port", "0", "--api-key", key, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -79,7 +82,7 @@ def start_server(binary):
         raise SystemExit("kiln serve did not start:\n" + "".join(log))
     base = f"http://127.0.0.1:{port[0]}"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.time() + 60
+    deadline = time.time() + ready_s
     while True:
         try:
             with opener.open(base + "/ping", timeout=5) as r:
