@@ -19,8 +19,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import openai_e2e as e2e  # noqa: E402  (the shared server start)
-import time
+import openai_e2e as e2e  # noqa: E402  (the shared server start and check helpers)
+from openai_e2e import check, expect  # noqa: E402
 from pathlib import Path
 
 import openai
@@ -29,27 +29,6 @@ from openai import OpenAI
 API_KEY = "e2e-embeddings-key"
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "testdata" / "tiny"
-
-failures = []
-passes = 0
-
-
-def check(name, fn):
-    global passes
-    t0 = time.time()
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - every failure is reported
-        failures.append(name)
-        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-    else:
-        passes += 1
-        print(f"ok   {name} ({time.time() - t0:.2f} s)", flush=True)
-
-
-def expect(cond, what):
-    if not cond:
-        raise AssertionError(what)
 
 
 def close(got, want, what):
@@ -140,8 +119,8 @@ def main():
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    print(f"{passes} passed, {len(failures)} failed", flush=True)
-    if failures:
+    print(f"{e2e.passes} passed, {len(e2e.failures)} failed", flush=True)
+    if e2e.failures:
         print("".join(log[-40:]), file=sys.stderr)
         sys.exit(1)
 

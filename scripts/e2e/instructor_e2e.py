@@ -21,8 +21,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import openai_e2e as e2e  # noqa: E402  (the shared server start)
-import time
+import openai_e2e as e2e  # noqa: E402  (the shared server start and check helpers)
+from openai_e2e import check, expect  # noqa: E402
 
 import instructor
 import openai
@@ -32,8 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field
 API_KEY = "e2e-instructor-key"
 MODEL = "default"
 
-failures = []
-passes = 0
 
 
 class Person(BaseModel):
@@ -43,24 +41,6 @@ class Person(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(max_length=12)
     age: int = Field(ge=0, le=150)
-
-
-def check(name, fn):
-    global passes
-    t0 = time.time()
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - every failure is reported
-        failures.append(name)
-        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-    else:
-        passes += 1
-        print(f"ok   {name} ({time.time() - t0:.2f} s)", flush=True)
-
-
-def expect(cond, what):
-    if not cond:
-        raise AssertionError(what)
 
 
 def start_server(binary):
@@ -118,8 +98,8 @@ def main():
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    print(f"{passes} passed, {len(failures)} failed", flush=True)
-    if failures:
+    print(f"{e2e.passes} passed, {len(e2e.failures)} failed", flush=True)
+    if e2e.failures:
         print("".join(log[-40:]), file=sys.stderr)
         sys.exit(1)
 
