@@ -63,8 +63,23 @@ fn main() {
         .into_iter()
         .filter(|ty| args.is_empty() || args.iter().any(|a| *a == format!("{ty:?}")))
         .collect();
-    // The default model's shapes; K-quants need rows of whole 256-blocks.
-    let shapes = [(1536usize, 576usize), (576, 1536), (49152, 576)];
+    // The default model's shapes (K-quants need rows of whole 256-blocks),
+    // or `KILN_BENCH_SHAPES=NxK,...`: shapes larger than the last-level
+    // cache, where one row streams its weights from memory.
+    let shapes: Vec<(usize, usize)> = match std::env::var("KILN_BENCH_SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let (n, k) = s.split_once('x').expect("KILN_BENCH_SHAPES is NxK,...");
+                (n.trim().parse().expect("N"), k.trim().parse().expect("K"))
+            })
+            .collect(),
+        Err(_) => vec![(1536, 576), (576, 1536), (49152, 576)],
+    };
+    let batches: Vec<usize> = match std::env::var("KILN_BENCH_BATCHES") {
+        Ok(list) => list.split(',').map(|m| m.trim().parse().expect("batch")).collect(),
+        Err(_) => vec![1, 16, 512],
+    };
     println!("| format | n x k | m | best ms | GMAC/s | GB/s (weights) | GMAC per CPU-s |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for ty in formats {
@@ -94,7 +109,7 @@ fn main() {
                 WeightData::Ggml { bytes, .. } => bytes.len(),
             };
             let w = be.upload_weight(n, k, data).expect("weight");
-            for &m in &[1usize, 16, 512] {
+            for &m in &batches {
                 if n > 10_000 && m > 16 {
                     continue;
                 }
