@@ -28,9 +28,9 @@
 # is the non-expert matrices, one embedding row, and expert_used_count of
 # expert_count experts of each layer (moe_gguf.py `active` counts those bytes from
 # the file), so tg can be at most read bandwidth / active bytes. The bandwidth is
-# measured here: a plain sum of 64-bit integers over 512 MiB on THREADS threads
-# (after one warm-up pass; the best of 10 passes), as DESIGN.md's peer section
-# describes. With fewer layers than the real model the output matrix is a larger
+# measured here by `kiln bench --bandwidth`: a sum of 64-bit integers over 512
+# MiB on THREADS threads, plain and with each line prefetched 4 KiB ahead (as
+# the kernels read), the best of 5 passes of each. With fewer layers than the real model the output matrix is a larger
 # share of the active bytes, and any part of them that stays in the last-level
 # cache between tokens can be read faster than the floor assumes.
 #
@@ -74,66 +74,13 @@ out_dir kiln-moe
 FAILED="$OUT/failed.tsv"
 : >"$FAILED"
 
-# bandwidth: prints the read bandwidth in GB/s (a C sum over 512 MiB on THREADS threads).
+# bandwidth: prints the read bandwidth in GB/s: kiln's probe on THREADS threads
+# (the one scale.sh uses; see `kiln bench --bandwidth`).
 bandwidth() {
-  local cc
-  cc="$(command -v cc || command -v gcc || true)"
-  [ -n "$cc" ] || die "no C compiler (cc) for the bandwidth probe; install gcc or set BANDWIDTH"
-  cat >"$OUT/readbw.c" <<'C'
-/* Read bandwidth: each thread sums its share of a 512 MiB buffer of 64-bit
- * integers (the compiler vectorizes the loop); one warm-up pass, then the best of
- * 10 timed passes. Prints GB/s (10^9 bytes per second). */
-#include <pthread.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-#define BYTES (512UL << 20)
-static uint64_t *buf;
-static size_t per;
-static uint64_t sums[64];
-
-static void *work(void *arg) {
-  long t = (long)arg;
-  const uint64_t *p = buf + (size_t)t * per;
-  uint64_t a = 0, b = 0, c = 0, d = 0;
-  for (size_t i = 0; i < per; i += 4) {
-    a += p[i]; b += p[i + 1]; c += p[i + 2]; d += p[i + 3];
-  }
-  sums[t] = a + b + c + d;
-  return NULL;
-}
-
-int main(int argc, char **argv) {
-  int threads = argc > 1 ? atoi(argv[1]) : 2;
-  if (threads < 1 || threads > 64) return 2;
-  size_t n = BYTES / sizeof(uint64_t);
-  per = n / (size_t)threads / 4 * 4;
-  buf = aligned_alloc(64, BYTES);
-  if (!buf) return 1;
-  for (size_t i = 0; i < n; i++) buf[i] = i;
-  double best = 1e30;
-  pthread_t th[64];
-  for (int pass = 0; pass <= 10; pass++) {
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long t = 0; t < threads; t++) pthread_create(&th[t], NULL, work, (void *)t);
-    for (int t = 0; t < threads; t++) pthread_join(th[t], NULL);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
-    if (pass > 0 && s < best) best = s;
-  }
-  uint64_t total = 0;
-  for (int t = 0; t < threads; t++) total += sums[t];
-  printf("%.2f\n", (double)per * (double)threads * sizeof(uint64_t) / best / 1e9);
-  fprintf(stderr, "checksum %llu\n", (unsigned long long)total);
-  return 0;
-}
-C
-  "$cc" -O3 -march=native -pthread -o "$OUT/readbw" "$OUT/readbw.c" || die "cannot compile the bandwidth probe"
-  "$OUT/readbw" "$THREADS" 2>/dev/null
+  local js
+  [ "$KILN" != none ] || die "KILN=none: the bandwidth probe is kiln's; set BANDWIDTH (GB/s)"
+  js="$("$KILN" bench --bandwidth --threads "$THREADS" --json)" || die "kiln bench --bandwidth failed"
+  python3 -c 'import json,sys; print(round(json.loads(sys.argv[1])["bandwidth_gb_s"], 2))' "$js"
 }
 
 llama_cmd() { echo "$BIN/llama-bench -m $1 -t $THREADS -p $PP -n $TG -r $REPS -o json"; }
@@ -183,7 +130,7 @@ if [ -n "${BANDWIDTH:-}" ]; then
   echo "- read bandwidth: $BW GB/s (given in BANDWIDTH)"
 else
   BW="$(bandwidth)"
-  echo "- read bandwidth: $BW GB/s (sum of 64-bit integers over 512 MiB, $THREADS threads, best of 10 passes after a warm-up)"
+  echo "- read bandwidth: $BW GB/s (kiln bench --bandwidth: sum of 64-bit integers over 512 MiB, $THREADS threads, plain and prefetched, best of 5 passes each)"
 fi
 echo
 

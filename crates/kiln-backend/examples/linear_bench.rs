@@ -77,7 +77,10 @@ fn main() {
         Err(_) => vec![(1536, 576), (576, 1536), (49152, 576)],
     };
     let batches: Vec<usize> = match std::env::var("KILN_BENCH_BATCHES") {
-        Ok(list) => list.split(',').map(|m| m.trim().parse().expect("batch")).collect(),
+        Ok(list) => list
+            .split(',')
+            .map(|m| m.trim().parse().expect("batch"))
+            .collect(),
         Err(_) => vec![1, 16, 512],
     };
     println!("| format | n x k | m | best ms | GMAC/s | GB/s (weights) | GMAC per CPU-s |");

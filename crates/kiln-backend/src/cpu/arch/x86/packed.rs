@@ -574,4 +574,3 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
         }
     }
 }
-
