@@ -2,6 +2,16 @@
 //! only) implementation of [`crate::Backend::attention_bidirectional`], which
 //! encoder models (BERT, XLM-RoBERTa) use instead of the decoder's causal,
 //! paged attention.
+//!
+//! Work is split by sequence and head: each task lays its head's keys out
+//! transposed (`head_dim` rows of the sequence's `n` keys), so a query's
+//! scores are `head_dim` element-wise multiply-adds over `n` lanes, and
+//! its output `n` multiply-adds over `head_dim` lanes: loops the compiler
+//! vectorises, without a horizontal sum per key. Where the CPU has AVX2
+//! and FMA they are compiled for it (fused multiply-adds), else plainly.
+//! Every query row's arithmetic is a fixed sequence of operations on its
+//! own sequence's keys and values, so a sequence's result is the same bits
+//! alone or in any batch, on any number of threads.
 
 use crate::{BackendError, Result};
 use rayon::prelude::*;
@@ -44,49 +54,129 @@ pub fn attention_bidirectional(
             )));
         }
     }
-    let mut out = vec![0f32; tokens * width];
-    // Each sequence's output rows are a contiguous band of `out`.
-    let mut bands = Vec::with_capacity(seq_lens.len());
-    let mut rest = out.as_mut_slice();
+    // One task per sequence and head, each writing its head's columns of
+    // its sequence's rows into a buffer of its own; then the buffers are
+    // placed. (Tasks of one sequence share its rows, so they cannot each
+    // own a slice of `out`.)
+    let mut tasks = Vec::with_capacity(seq_lens.len() * p.n_heads);
     let mut start = 0;
     for &n in seq_lens {
-        let (band, tail) = rest.split_at_mut(n * width);
-        bands.push((start, n, band));
-        rest = tail;
+        tasks.extend((0..p.n_heads).map(|h| (start, n, h)));
         start += n;
     }
-    bands.into_par_iter().for_each(|(start, n, band)| {
-        let mut scores = vec![0f32; n];
+    let fma = fma_kernels();
+    let heads: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(start, n, h)| {
+            let t = Task {
+                q,
+                k,
+                v,
+                p,
+                width,
+                start,
+                n,
+                off: h * p.head_dim,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                // SAFETY: `fma` is true only where AVX2 and FMA were detected.
+                return unsafe { head_fma(&t) };
+            }
+            let _ = fma;
+            head::<false>(&t)
+        })
+        .collect();
+    let mut out = vec![0f32; tokens * width];
+    for (&(start, n, h), o) in tasks.iter().zip(&heads) {
+        let off = h * p.head_dim;
         for i in 0..n {
-            let row = (start + i) * width;
-            for h in 0..p.n_heads {
-                let off = h * p.head_dim;
-                let qi = &q[row + off..row + off + p.head_dim];
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = (start + j) * width + off;
-                    let kj = &k[kr..kr + p.head_dim];
-                    let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                    *s = dot * p.scale;
-                    max = max.max(*s);
-                }
-                let mut denom = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    denom += *s;
-                }
-                let o = &mut band[i * width + off..i * width + off + p.head_dim];
-                for (j, &s) in scores.iter().enumerate() {
-                    let w = s / denom;
-                    let vr = (start + j) * width + off;
-                    for (od, vd) in o.iter_mut().zip(&v[vr..vr + p.head_dim]) {
-                        *od += w * vd;
-                    }
-                }
+            let at = (start + i) * width + off;
+            out[at..at + p.head_dim].copy_from_slice(&o[i * p.head_dim..(i + 1) * p.head_dim]);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the fused multiply-add build runs here: AVX2 and FMA detected,
+/// and the CPU kernels not capped to the portable code (`KILN_CPU_ISA`).
+fn fma_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::cpu::isa::chosen().simd.is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One sequence's one head.
+struct Task<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    p: &'a BidirParams,
+    width: usize,
+    /// The sequence's first token and its length.
+    start: usize,
+    n: usize,
+    /// The head's first column.
+    off: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn head_fma(t: &Task) -> Vec<f32> {
+    head::<true>(t)
+}
+
+/// The head's output for every query of the sequence: `n` rows of
+/// `head_dim`. For query `i`: `s_j = scale * sum_d q_i[d] k_j[d]` (the sum
+/// over `d` in order), `w_j = e^(s_j - max) / sum_j e^(s_j - max)`, and
+/// `o[d] = sum_j w_j v_j[d]` (over `j` in order).
+#[inline(always)]
+fn head<const FMA: bool>(t: &Task) -> Vec<f32> {
+    use crate::cpu::math::{exp, sum8};
+    let (n, hd) = (t.n, t.p.head_dim);
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
+    // The head's keys transposed: row d holds k_j[d] for every key j.
+    let mut kt = vec![0f32; hd * n];
+    for j in 0..n {
+        let row = (t.start + j) * t.width + t.off;
+        for (d, &x) in t.k[row..row + hd].iter().enumerate() {
+            kt[d * n + j] = x;
+        }
+    }
+    let mut out = vec![0f32; n * hd];
+    let mut scores = vec![0f32; n];
+    for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+        let qr = (t.start + i) * t.width + t.off;
+        scores.fill(0.0);
+        for (&qd, kd) in t.q[qr..qr + hd].iter().zip(kt.chunks_exact(n)) {
+            for (s, &x) in scores.iter_mut().zip(kd) {
+                *s = madd(qd, x, *s);
             }
         }
-    });
-    Ok(out)
+        let mut max = [f32::NEG_INFINITY; 8];
+        for (l, s) in scores.iter_mut().enumerate() {
+            *s *= t.p.scale;
+            max[l % 8] = max[l % 8].max(*s);
+        }
+        let max = max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for s in scores.iter_mut() {
+            *s = exp::<FMA>(*s - max);
+        }
+        let inv = 1.0 / sum8(&scores);
+        for (j, &w) in scores.iter().enumerate() {
+            let w = w * inv;
+            let vr = (t.start + j) * t.width + t.off;
+            for (od, &vd) in o.iter_mut().zip(&t.v[vr..vr + hd]) {
+                *od = madd(w, vd, *od);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use super::arch::x86;
 use super::isa;
 use super::kv_cache::{key_at, key_scale_at, CpuKvCache, PlaneRef};
 use super::kv_elem::KvElem;
-use super::math::hsum8;
+use super::math::{hsum8, sum8};
 use super::tensor::CpuTensor;
 use crate::{AttentionParams, BackendError, Result, StepInput, Q8_0_BLOCK};
 use half::f16;
@@ -796,20 +796,6 @@ unsafe fn scores_512<const H: usize, K: KvElem>(
             }
         }
     }
-}
-
-/// Sum in eight lanes, then theirs as [`dot8`] adds them, then the rest.
-#[inline(always)]
-fn sum8(a: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let c = a.chunks_exact(8);
-    let tail: f32 = c.remainder().iter().sum();
-    for x in c {
-        for l in 0..8 {
-            acc[l] += x[l];
-        }
-    }
-    hsum8(&acc) + tail
 }
 
 /// [`dot8`], with AVX intrinsics where `FMA` (only [`attend_avx2`], which

@@ -5,7 +5,7 @@
 /// `e^x` (for the attention softmax), within 2 ulp (3 without FMA): a power
 /// of two times a polynomial on [-ln2/2, ln2/2].
 #[inline(always)]
-pub(super) fn exp<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     let fma = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
     if x < -87.0 {
         return 0.0;
@@ -35,6 +35,21 @@ pub(crate) fn hsum8(a: &[f32; 8]) -> f32 {
     let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     let t = [s[0] + s[2], s[1] + s[3]];
     t[0] + t[1]
+}
+
+/// Sum in eight lanes, then theirs as [`hsum8`] adds them, then the rest:
+/// a fixed order that vectorises (a plain `.sum()` is one chain).
+#[inline(always)]
+pub(crate) fn sum8(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let c = a.chunks_exact(8);
+    let tail: f32 = c.remainder().iter().sum();
+    for x in c {
+        for l in 0..8 {
+            acc[l] += x[l];
+        }
+    }
+    hsum8(&acc) + tail
 }
 
 #[cfg(test)]
