@@ -72,6 +72,20 @@ ADAPTERS = [
     ("qwen3", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
     ("phi3", "lora", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
     ("gpt2", "lora", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    ("mixtral", "lora_attn", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    ("mixtral", "lora", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    (
+        "qwen3moe",
+        "lora",
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "o_proj"],
+            target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ),
+    ("qwen3moe", "lora_down", dict(r=2, lora_alpha=6, target_modules=[], target_parameters=["mlp.experts.down_proj"])),
 ]
 
 
@@ -84,11 +98,14 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="testdata/tiny")
+    ap.add_argument("--only", nargs="*", metavar="MODEL", help="write only the adapters of these models")
     args = ap.parse_args()
     out = Path(args.out)
     torch.set_num_threads(1)
     failures = []
     for idx, (model_name, name, kw) in enumerate(ADAPTERS):
+        if args.only and model_name not in args.only:
+            continue
         base_dir = out / model_name
         load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
             base_dir, attn_implementation="eager", dtype=torch.float32
