@@ -406,19 +406,34 @@ fn moe_targets_kiln_cannot_serve_are_named() {
 
 /// The tiny checkpoint `name` as a GGUF file the way llama.cpp's converter
 /// writes it: canonical names, llama's q/k rows permuted into the
-/// interleaved rotary order, Phi-3's fused `attn_qkv` and double `ffn_up`.
+/// interleaved rotary order, Phi-3's fused `attn_qkv` and double `ffn_up`;
+/// Mixtral as `llama` with `llama.expert_count`, Qwen3-MoE as `qwen3moe`,
+/// their experts stacked into 3-D `ffn_{gate,up,down}_exps` and the router
+/// `ffn_gate_inp`.
 fn to_gguf(name: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
     use kiln_model::quant::GgmlType;
     use kiln_model::weights::{hf_llama_names, SafetensorsSource, WeightSource};
     let d = tiny_dir(name);
     let cfg = kiln_model::config::DecoderConfig::from_hf_config(&d.join("config.json")).unwrap();
-    let src = SafetensorsSource::open_dir(&d, hf_llama_names).unwrap();
+    let src = match cfg.moe {
+        Some(_) => SafetensorsSource::open_dir(&d, kiln_model::weights::hf_names(&cfg.arch)),
+        None => SafetensorsSource::open_dir(&d, hf_llama_names),
+    }
+    .unwrap();
+    let arch = if name == "mixtral" { "llama" } else { name };
     let mut w = GgufWriter::default();
     let u = |v: usize| G::U32(v as u32);
-    let key = |k: &str| format!("{name}.{k}");
+    let key = |k: &str| format!("{arch}.{k}");
     let rope = cfg.rope.as_ref().unwrap();
-    w.meta("general.architecture", G::String(name.into()))
+    if let Some(moe) = &cfg.moe {
+        w.meta(&key("expert_count"), u(moe.n_experts))
+            .meta(&key("expert_used_count"), u(moe.n_experts_used));
+        if arch != "llama" {
+            w.meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
+        }
+    }
+    w.meta("general.architecture", G::String(arch.into()))
         .meta(&key("block_count"), u(cfg.n_layers))
         .meta(&key("context_length"), u(cfg.max_position_embeddings))
         .meta(&key("embedding_length"), u(cfg.hidden_size))
@@ -479,10 +494,30 @@ fn to_gguf(name: &str) -> PathBuf {
             "ffn_up.weight",
             "ffn_gate_up.weight",
             "ffn_down.weight",
+            "ffn_gate_inp.weight",
         ] {
             let n = format!("blk.{l}.{p}");
             if src.contains(&n) {
                 names.push(n);
+            }
+        }
+        if let Some(moe) = &cfg.moe {
+            for part in ["ffn_gate", "ffn_up", "ffn_down"] {
+                let (mut data, mut shape) = (Vec::new(), Vec::new());
+                for e in 0..moe.n_experts {
+                    let t = src.get(&format!("blk.{l}.{part}.{e}.weight")).unwrap();
+                    shape = t.shape;
+                    data.extend(t.data);
+                }
+                shape.insert(0, moe.n_experts);
+                let dims = shape.iter().rev().map(|&d| d as u64).collect();
+                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                w.tensor(
+                    &format!("blk.{l}.{part}_exps.weight"),
+                    dims,
+                    GgmlType::F32,
+                    bytes,
+                );
             }
         }
     }
@@ -494,7 +529,7 @@ fn to_gguf(name: &str) -> PathBuf {
         } else {
             cfg.n_kv_heads
         };
-        if name == "llama" && (n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight")) {
+        if arch == "llama" && (n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight")) {
             // convert_hf_to_gguf.py's permute: each head's halves interleaved.
             let (cols, hd) = (t.shape[1], cfg.head_dim);
             for h in 0..heads {
@@ -524,7 +559,15 @@ fn to_gguf(name: &str) -> PathBuf {
 fn gguf_bases_take_the_same_adapters() {
     // llama's GGUF q/k rows are permuted (interleaved rotary), so the
     // adapter's q/k B rows must be permuted the same way to line up.
-    for (name, a) in [("llama", "lora_b"), ("qwen3", "lora"), ("phi3", "lora")] {
+    // Mixtral's q/k rows are permuted like llama's; the experts' and the
+    // router's deltas line up with the stacked expert tensors unchanged.
+    for (name, a) in [
+        ("llama", "lora_b"),
+        ("qwen3", "lora"),
+        ("phi3", "lora"),
+        ("mixtral", "lora"),
+        ("qwen3moe", "lora"),
+    ] {
         let path = to_gguf(name);
         let m = load(&CpuBackend::new(), &path, &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
