@@ -29,13 +29,23 @@ Adapters (chosen to exercise what the loader must get right):
   qwen3/lora     "all-linear"; r 8, alpha 16 (q/k norms after the delta)
   phi3/lora      fused qkv_proj and gate_up_proj, o_proj, down_proj; r 4, alpha 8
   gpt2/lora      fused c_attn (Conv1D), c_proj, c_fc; r 4, alpha 8
+  mixtral/lora_attn  q/k/v/o_proj only on a mixture-of-experts model; r 4, alpha 8
+  mixtral/lora   "all-linear": peft 0.21 with transformers 5 adds the router
+                 (gate.weight) and the experts' fused gate_up_proj (rank and
+                 alpha doubled by '.*\\.gate_up_proj' patterns) and down_proj
+                 as target_parameters; r 4, alpha 8
+  qwen3moe/lora  q_proj, o_proj and target_parameters mlp.gate.weight,
+                 mlp.experts.gate_up_proj, mlp.experts.down_proj; r 4,
+                 alpha 8, use_rslora
+  qwen3moe/lora_down  target_parameters mlp.experts.down_proj alone; r 2, alpha 6
 
 Run after tiny_models.py (which rewrites the model directories and so
 removes the adapters; the goldens depend on its weights). From the
-repository root, about 10 seconds:
+repository root, about 10 seconds (--only mixtral qwen3moe writes just
+those models' adapters):
 
     HF_HUB_OFFLINE=1 ${KILN_CACHE:-$HOME/.cache/kiln}/venv-golden/bin/python \\
-        scripts/golden/tiny_lora.py [--out testdata/tiny]
+        scripts/golden/tiny_lora.py [--out testdata/tiny] [--only MODEL ...]
 """
 
 import argparse
@@ -72,6 +82,20 @@ ADAPTERS = [
     ("qwen3", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
     ("phi3", "lora", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])),
     ("gpt2", "lora", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    ("mixtral", "lora_attn", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    ("mixtral", "lora", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    (
+        "qwen3moe",
+        "lora",
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "o_proj"],
+            target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ),
+    ("qwen3moe", "lora_down", dict(r=2, lora_alpha=6, target_modules=[], target_parameters=["mlp.experts.down_proj"])),
 ]
 
 
@@ -84,11 +108,14 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="testdata/tiny")
+    ap.add_argument("--only", nargs="*", metavar="MODEL", help="write only the adapters of these models")
     args = ap.parse_args()
     out = Path(args.out)
     torch.set_num_threads(1)
     failures = []
     for idx, (model_name, name, kw) in enumerate(ADAPTERS):
+        if args.only and model_name not in args.only:
+            continue
         base_dir = out / model_name
         load = lambda: AutoModelForCausalLM.from_pretrained(  # noqa: E731
             base_dir, attn_implementation="eager", dtype=torch.float32

@@ -2,10 +2,14 @@
 //! memory, and which a step's rows use.
 //!
 //! Registering reads and checks an adapter at once (on the caller's
-//! thread), so a bad one is refused before any request names it. Host
-//! copies are kept for at most `max_cpu_loras` adapters, evicted least
-//! recently used and read again from their directory when a request names
-//! them. The engine thread uploads an adapter to the backend when a request
+//! thread), so a bad one is refused before any request names it — unless
+//! it is registered with DJL's `preload=false`, which only checks that its
+//! two files exist and reads it at its first request. Host copies are kept
+//! for at most `max_cpu_loras` adapters, evicted least recently used and
+//! read again from their directory when a request names them; a pinned
+//! adapter (DJL's `pin=true`, which implies preload) is never evicted, and
+//! when every slot is pinned another adapter cannot be held (registering or
+//! using it is refused with [`AdapterError::AllPinned`]). The engine thread uploads an adapter to the backend when a request
 //! using it arrives and drops it when the last such request finishes; the
 //! scheduler keeps at most `max_loras` distinct adapters in the running
 //! batch (requests for another adapter wait). Each registration gets its
@@ -20,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_backend::Backend;
 use kiln_model::config::DecoderConfig;
+use kiln_model::lora::peft::{CONFIG_FILE, WEIGHTS_FILE};
 use kiln_model::lora::{read_peft, HostLora, LoraAdapter, LoraError, LoraLimits, LoraStep};
 
 /// DJL's LoRA settings (`option.max_loras`, `option.max_lora_rank`,
@@ -67,6 +72,36 @@ pub enum AdapterError {
     /// The engine's device cannot run adapters.
     #[error("LoRA adapters are not implemented on {0} yet")]
     Device(String),
+    /// Every one of the `max_cpu_loras` memory slots holds a pinned adapter,
+    /// so another adapter cannot be loaded (or one more pinned).
+    #[error("adapter '{name}' cannot be loaded: all {max} of option.max_cpu_loras's slots hold pinned adapters ({}); unpin one (POST …/adapters/<name>/update?pin=false) or raise option.max_cpu_loras", .pinned.join(", "))]
+    AllPinned {
+        name: String,
+        max: usize,
+        pinned: Vec<String>,
+    },
+}
+
+/// How an adapter is registered: DJL's `preload` and `pin` query parameters
+/// of `POST /models/{model}/adapters` (and of its `update`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterOptions {
+    /// Read the weights at registration (DJL's default) rather than at the
+    /// adapter's first request.
+    pub preload: bool,
+    /// Never evict the weights from memory (`max_cpu_loras`'s LRU); implies
+    /// `preload`.
+    pub pin: bool,
+}
+
+impl Default for AdapterOptions {
+    /// DJL's defaults: `preload=true`, `pin=false`.
+    fn default() -> Self {
+        Self {
+            preload: true,
+            pin: false,
+        }
+    }
 }
 
 /// What the management API shows of an adapter.
@@ -80,6 +115,8 @@ pub struct AdapterInfo {
     /// Whether its weights are held in memory now (or will be read again
     /// from `src` at its next request).
     pub loaded: bool,
+    /// Whether it is pinned in memory (DJL's `pin`).
+    pub pin: bool,
 }
 
 /// Checks an adapter name (it appears in URLs and as an OpenAI `model`).
@@ -100,9 +137,23 @@ pub fn check_name(name: &str) -> Result<(), AdapterError> {
 struct Entry {
     dir: PathBuf,
     id: u32,
+    /// Its largest rank; 0 until it is first read (`preload=false`).
     rank: usize,
     host: Option<Arc<HostLora>>,
     last_used: u64,
+    pinned: bool,
+}
+
+impl Entry {
+    fn info(&self, name: &str) -> AdapterInfo {
+        AdapterInfo {
+            name: name.to_string(),
+            src: self.dir.clone(),
+            rank: self.rank,
+            loaded: self.host.is_some(),
+            pin: self.pinned,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -114,8 +165,31 @@ struct Registry {
 }
 
 impl Registry {
+    /// Refuses to hold `name`'s weights (pinned or not, as `pin` says) when
+    /// pinned adapters other than it already fill `max_cpu_loras`'s slots:
+    /// nothing could be evicted to make room.
+    fn check_room(&self, name: &str) -> Result<(), AdapterError> {
+        let Some(l) = self.limits else { return Ok(()) };
+        let pinned: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(n, e)| e.pinned && n.as_str() != name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        // A pinned adapter needs a slot of its own; another needs one free
+        // of pins, even if only while it is used.
+        if pinned.len() >= l.max_cpu_loras {
+            return Err(AdapterError::AllPinned {
+                name: name.to_string(),
+                max: l.max_cpu_loras,
+                pinned,
+            });
+        }
+        Ok(())
+    }
+
     /// Drops host copies beyond `max_cpu_loras`, least recently used first,
-    /// never `keep`'s.
+    /// never `keep`'s nor a pinned adapter's.
     fn evict(&mut self, keep: &str) {
         let Some(l) = self.limits else { return };
         loop {
@@ -126,7 +200,7 @@ impl Registry {
             let victim = self
                 .entries
                 .iter_mut()
-                .filter(|(n, e)| e.host.is_some() && n.as_str() != keep)
+                .filter(|(n, e)| e.host.is_some() && !e.pinned && n.as_str() != keep)
                 .min_by_key(|(_, e)| e.last_used);
             match victim {
                 Some((n, e)) => {
@@ -205,17 +279,20 @@ impl Adapters {
         )?)
     }
 
-    /// Reads and registers the adapter in `dir` as `name`; `replace` allows
-    /// an existing registration of that name to be replaced (running
-    /// requests keep the weights they started with).
+    /// Registers the adapter in `dir` as `name`, reading it now when
+    /// `opts` preloads or pins it (else checking only that its files are
+    /// there); `replace` allows an existing registration of that name to be
+    /// replaced (running requests keep the weights they started with).
     pub fn register(
         &self,
         name: &str,
         dir: &Path,
         replace: bool,
+        opts: AdapterOptions,
     ) -> Result<AdapterInfo, AdapterError> {
         check_name(name)?;
         let limits = self.lock().limits.ok_or(AdapterError::Disabled)?;
+        let preload = opts.preload || opts.pin;
         {
             let r = self.lock();
             match (r.entries.contains_key(name), replace) {
@@ -223,37 +300,99 @@ impl Adapters {
                 (false, true) => return Err(AdapterError::NotFound(name.to_string())),
                 _ => {}
             }
+            if preload {
+                r.check_room(name)?;
+            }
         }
-        let host = Arc::new(self.read(dir, limits)?);
+        let host = if preload {
+            Some(Arc::new(self.read(dir, limits)?))
+        } else {
+            for f in [CONFIG_FILE, WEIGHTS_FILE] {
+                let path = dir.join(f);
+                if !path.is_file() {
+                    return Err(LoraError::Missing { path }.into());
+                }
+            }
+            None
+        };
         let mut r = self.lock();
         if !replace && r.entries.contains_key(name) {
             return Err(AdapterError::Exists(name.to_string()));
         }
+        if preload {
+            r.check_room(name)?;
+        }
         let (id, clock) = (r.next_id, r.clock + 1);
         r.next_id += 1;
         r.clock = clock;
-        let rank = host.rank;
-        r.entries.insert(
-            name.to_string(),
-            Entry {
-                dir: dir.to_path_buf(),
-                id,
-                rank,
-                host: Some(host),
-                last_used: clock,
-            },
-        );
+        let entry = Entry {
+            dir: dir.to_path_buf(),
+            id,
+            rank: host.as_ref().map_or(0, |h| h.rank),
+            host,
+            last_used: clock,
+            pinned: opts.pin,
+        };
+        let info = entry.info(name);
+        r.entries.insert(name.to_string(), entry);
         r.evict(name);
         tracing::info!(
-            "adapter '{name}' registered from {} (rank {rank})",
-            dir.display()
+            "adapter '{name}' registered from {} (rank {}, preload {preload}, pin {})",
+            dir.display(),
+            info.rank,
+            opts.pin
         );
-        Ok(AdapterInfo {
-            name: name.to_string(),
-            src: dir.to_path_buf(),
-            rank,
-            loaded: true,
-        })
+        Ok(info)
+    }
+
+    /// Changes adapter `name`'s `pin` and `preload` (`None`: as it is)
+    /// without reading it again unless it must now be held and is not.
+    /// `preload=false` leaves weights already held in place.
+    pub fn set_options(
+        &self,
+        name: &str,
+        pin: Option<bool>,
+        preload: Option<bool>,
+    ) -> Result<AdapterInfo, AdapterError> {
+        let mut r = self.lock();
+        let limits = r.limits.ok_or(AdapterError::Disabled)?;
+        let e = r
+            .entries
+            .get(name)
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        let pin = pin.unwrap_or(e.pinned);
+        if (pin && !e.pinned) || (e.host.is_none() && (pin || preload == Some(true))) {
+            r.check_room(name)?;
+        }
+        if e.host.is_none() && (pin || preload == Some(true)) {
+            let dir = e.dir.clone();
+            drop(r);
+            let h = Arc::new(self.read(&dir, limits)?);
+            r = self.lock();
+            r.check_room(name)?;
+            let e = r
+                .entries
+                .get_mut(name)
+                .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+            e.rank = h.rank;
+            e.host = Some(h);
+        }
+        r.clock += 1;
+        let clock = r.clock;
+        let e = r
+            .entries
+            .get_mut(name)
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        e.pinned = pin;
+        e.last_used = clock;
+        let info = e.info(name);
+        r.evict(name);
+        Ok(info)
+    }
+
+    /// Whether adapter `name` is pinned (`None`: not registered).
+    pub fn pinned(&self, name: &str) -> Option<bool> {
+        self.lock().entries.get(name).map(|e| e.pinned)
     }
 
     /// Forgets adapter `name`; requests already running with it finish.
@@ -265,16 +404,7 @@ impl Adapters {
     }
 
     pub fn list(&self) -> Vec<AdapterInfo> {
-        self.lock()
-            .entries
-            .iter()
-            .map(|(n, e)| AdapterInfo {
-                name: n.clone(),
-                src: e.dir.clone(),
-                rank: e.rank,
-                loaded: e.host.is_some(),
-            })
-            .collect()
+        self.lock().entries.iter().map(|(n, e)| e.info(n)).collect()
     }
 
     /// The weights of adapter `name` for a request, read again from its
@@ -293,12 +423,14 @@ impl Adapters {
             Some(h) => h.clone(),
             None => {
                 let dir = e.dir.clone();
+                r.check_room(name)?;
                 drop(r);
                 let h = Arc::new(self.read(&dir, limits)?);
                 r = self.lock();
                 let Some(e) = r.entries.get_mut(name) else {
                     return Err(AdapterError::NotFound(name.to_string()));
                 };
+                e.rank = h.rank;
                 e.host = Some(h.clone());
                 r.evict(name);
                 h
@@ -385,12 +517,51 @@ impl crate::Engine {
     /// Reads the PEFT adapter in `dir`, checks it against the model and
     /// registers it as `name`. Blocking (reads files): call it off async threads.
     pub fn register_adapter(&self, name: &str, dir: &Path) -> Result<AdapterInfo, AdapterError> {
-        self.adapter_registry().register(name, dir, false)
+        self.register_adapter_with(name, dir, AdapterOptions::default())
     }
 
-    /// Replaces the registered adapter `name` with the one in `dir`.
+    /// [`Engine::register_adapter`] with DJL's `preload` and `pin`: without
+    /// preload only the files' presence is checked now and the weights are
+    /// read at the first request; a pinned adapter is never evicted.
+    pub fn register_adapter_with(
+        &self,
+        name: &str,
+        dir: &Path,
+        opts: AdapterOptions,
+    ) -> Result<AdapterInfo, AdapterError> {
+        self.adapter_registry().register(name, dir, false, opts)
+    }
+
+    /// Replaces the registered adapter `name` with the one in `dir`, read
+    /// now; it stays pinned if it was.
     pub fn update_adapter(&self, name: &str, dir: &Path) -> Result<AdapterInfo, AdapterError> {
-        self.adapter_registry().register(name, dir, true)
+        self.update_adapter_with(name, Some(dir), None, None)
+    }
+
+    /// DJL's update: with `dir`, the adapter is registered again from it
+    /// (`pin` as given or as it was, `preload` as given or true); without,
+    /// only its `pin` and `preload` change (loading it if it must now be held).
+    pub fn update_adapter_with(
+        &self,
+        name: &str,
+        dir: Option<&Path>,
+        pin: Option<bool>,
+        preload: Option<bool>,
+    ) -> Result<AdapterInfo, AdapterError> {
+        let reg = self.adapter_registry();
+        match dir {
+            Some(dir) => {
+                let was = reg
+                    .pinned(name)
+                    .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+                let opts = AdapterOptions {
+                    preload: preload.unwrap_or(true),
+                    pin: pin.unwrap_or(was),
+                };
+                reg.register(name, dir, true, opts)
+            }
+            None => reg.set_options(name, pin, preload),
+        }
     }
 
     /// Forgets adapter `name`.

@@ -26,7 +26,7 @@ mod scheduler;
 pub mod spec;
 pub mod stops;
 
-pub use adapters::{AdapterError, AdapterInfo, AdapterLimits};
+pub use adapters::{AdapterError, AdapterInfo, AdapterLimits, AdapterOptions};
 pub use engine::{Engine, EngineConfig, EngineInfo, KvCapacity, RequestStream, SubmitError};
 pub use guided::{CompileCancel, CompileError, Compiled, Constraint, Guide};
 pub use kiln_backend::{Device, KvDtype};

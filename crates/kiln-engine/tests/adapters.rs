@@ -2,15 +2,18 @@
 //! base model share batches and each gets exactly what transformers + peft
 //! generate (the goldens of `scripts/golden/tiny_lora.py`); the prefix cache
 //! never hands one adapter's keys and values to another; `max_cpu_loras`
-//! evicts host copies least recently used (read back at the next request);
-//! and registration refuses what it must.
+//! evicts host copies least recently used (read back at the next request),
+//! never a pinned one (DJL's `pin`), and refuses to load another when every
+//! slot is pinned; DJL's `preload=false` reads an adapter at its first
+//! request; adapters on a mixture-of-experts model share batches with the
+//! base; and registration refuses what it must.
 
 use std::path::PathBuf;
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{
-    AdapterError, AdapterLimits, Engine, EngineConfig, Event, FinishReason, KvCapacity, Request,
-    RequestStream, SpecConfig, SubmitError,
+    AdapterError, AdapterLimits, AdapterOptions, Engine, EngineConfig, Event, FinishReason,
+    KvCapacity, Request, RequestStream, SpecConfig, SubmitError,
 };
 use kiln_model::goldens::{golden, ids, tiny_dir};
 use kiln_model::LoadOptions;
@@ -22,9 +25,14 @@ fn engine() -> Engine {
 
 /// The tiny llama on the CPU, speculating with `speculative` when given.
 fn engine_with(speculative: Option<SpecConfig>) -> Engine {
+    engine_of("llama", speculative)
+}
+
+/// The tiny checkpoint `model` on the CPU.
+fn engine_of(model: &str, speculative: Option<SpecConfig>) -> Engine {
     let m = kiln_model::load(
         &CpuBackend::new(),
-        &tiny_dir("llama"),
+        &tiny_dir(model),
         &LoadOptions::default(),
     )
     .unwrap();
@@ -286,4 +294,190 @@ fn registration_and_requests_refuse_what_they_must() {
         tokens(e.submit(request(prompt)).unwrap()),
         ids(&golden("llama")["prompts"][1]["greedy"])
     );
+}
+
+#[test]
+fn adapters_on_a_mixture_of_experts_model_share_batches_with_the_base() {
+    // mixtral/lora adapts the router and the experts, lora_attn attention
+    // only; every request still gets peft's greedy tokens.
+    let e = engine_of("mixtral", None);
+    e.enable_adapters(AdapterLimits::default()).unwrap();
+    let names = ["lora", "lora_attn"];
+    for n in names {
+        e.register_adapter(n, &tiny_dir("mixtral").join(n)).unwrap();
+    }
+    let base = golden("mixtral");
+    let mut streams = Vec::new();
+    for (i, p) in base["prompts"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&p["ids"]);
+        streams.push((
+            ids(&p["greedy"]),
+            e.submit(request(prompt.clone())).unwrap(),
+            "base",
+        ));
+        for n in names {
+            let g: Value = serde_json::from_str(
+                &std::fs::read_to_string(tiny_dir("mixtral").join(n).join("golden.json")).unwrap(),
+            )
+            .unwrap();
+            let want = ids(&g["prompts"][i]["greedy"]);
+            let s = e
+                .submit_adapter(request(prompt.clone()), None, Some(n))
+                .unwrap();
+            streams.push((want, s, n));
+        }
+    }
+    for (i, (want, s, n)) in streams.into_iter().enumerate() {
+        assert_eq!(tokens(s), want, "request {i} on {n}");
+    }
+}
+
+#[test]
+fn preload_false_reads_the_adapter_at_its_first_request() {
+    let e = engine();
+    e.enable_adapters(AdapterLimits::default()).unwrap();
+    let lazy = AdapterOptions {
+        preload: false,
+        pin: false,
+    };
+    let info = e
+        .register_adapter_with("a", &adapter_dir("lora_b"), lazy)
+        .unwrap();
+    // Not read yet: no rank known, nothing held.
+    assert_eq!((info.loaded, info.rank, info.pin), (false, 0, false));
+    let prompt = ids(&golden("llama")["prompts"][1]["ids"]);
+    assert_eq!(
+        tokens(
+            e.submit_adapter(request(prompt.clone()), None, Some("a"))
+                .unwrap()
+        ),
+        ids(&adapter_golden("lora_b")["prompts"][1]["greedy"])
+    );
+    let a = e.adapter("a").unwrap();
+    assert_eq!((a.loaded, a.rank), (true, 8));
+    // Without preload only the files' presence is checked at registration;
+    // what is wrong inside them is refused at the first request.
+    let err = e
+        .register_adapter_with("none", &tiny_dir("llama").join("no_such_adapter"), lazy)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("adapter_config.json: not found"),
+        "{err}"
+    );
+    e.register_adapter_with("phi", &tiny_dir("phi3").join("lora"), lazy)
+        .unwrap();
+    match e.submit_adapter(request(prompt.clone()), None, Some("phi")) {
+        Err(SubmitError::Invalid(m)) => {
+            assert!(m.contains("does not exist in this llama model"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The default (DJL's preload=true) reads at registration.
+    let b = e.register_adapter("b", &adapter_dir("lora_a")).unwrap();
+    assert_eq!((b.loaded, b.rank), (true, 4));
+}
+
+#[test]
+fn pinned_adapters_are_never_evicted_and_a_full_pin_set_is_refused() {
+    let e = engine();
+    e.enable_adapters(AdapterLimits {
+        max_loras: 1,
+        max_lora_rank: 16,
+        max_cpu_loras: 2,
+    })
+    .unwrap();
+    let pin = AdapterOptions {
+        preload: false, // pin implies preload
+        pin: true,
+    };
+    let a = e
+        .register_adapter_with("lora_a", &adapter_dir("lora_a"), pin)
+        .unwrap();
+    assert_eq!((a.loaded, a.pin), (true, true));
+    e.register_adapter("lora_b", &adapter_dir("lora_b"))
+        .unwrap();
+    // lora_a is the least recently used, but pinned: lora_b goes instead.
+    e.register_adapter("lora_c", &adapter_dir("lora_c"))
+        .unwrap();
+    let held = |e: &Engine| -> Vec<(String, bool, bool)> {
+        e.adapters()
+            .into_iter()
+            .map(|a| (a.name, a.loaded, a.pin))
+            .collect()
+    };
+    assert_eq!(
+        held(&e),
+        vec![
+            ("lora_a".into(), true, true),
+            ("lora_b".into(), false, false),
+            ("lora_c".into(), true, false)
+        ]
+    );
+    // Pinning lora_b (DJL's update?pin=true) loads it; lora_c is evicted.
+    let b = e
+        .update_adapter_with("lora_b", None, Some(true), None)
+        .unwrap();
+    assert_eq!((b.loaded, b.pin), (true, true));
+    assert_eq!(
+        held(&e),
+        vec![
+            ("lora_a".into(), true, true),
+            ("lora_b".into(), true, true),
+            ("lora_c".into(), false, false)
+        ]
+    );
+    // Every slot is pinned: lora_c cannot be loaded for a request, nor a
+    // third adapter pinned or preloaded; the pinned ones still serve.
+    let all_pinned = "all 2 of option.max_cpu_loras's slots hold pinned adapters (lora_a, lora_b)";
+    let prompt = ids(&golden("llama")["prompts"][1]["ids"]);
+    match e.submit_adapter(request(prompt.clone()), None, Some("lora_c")) {
+        Err(SubmitError::Invalid(m)) => assert!(
+            m.starts_with("adapter 'lora_c' cannot be loaded: ") && m.contains(all_pinned),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let err = e
+        .register_adapter_with("d", &adapter_dir("lora_c"), pin)
+        .unwrap_err();
+    assert!(
+        matches!(err, AdapterError::AllPinned { max: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(all_pinned), "{err}");
+    assert!(e.adapter("d").is_none());
+    assert!(e
+        .update_adapter_with("lora_c", None, Some(true), None)
+        .is_err());
+    for n in ["lora_a", "lora_b"] {
+        assert_eq!(
+            tokens(
+                e.submit_adapter(request(prompt.clone()), None, Some(n))
+                    .unwrap()
+            ),
+            ids(&adapter_golden(n)["prompts"][1]["greedy"]),
+            "{n}"
+        );
+    }
+    // Unpinning frees a slot: lora_c loads again (evicting an unpinned one).
+    e.update_adapter_with("lora_b", None, Some(false), None)
+        .unwrap();
+    assert_eq!(
+        tokens(
+            e.submit_adapter(request(prompt.clone()), None, Some("lora_c"))
+                .unwrap()
+        ),
+        ids(&adapter_golden("lora_c")["prompts"][1]["greedy"])
+    );
+    assert_eq!(
+        held(&e),
+        vec![
+            ("lora_a".into(), true, true),
+            ("lora_b".into(), false, false),
+            ("lora_c".into(), true, false)
+        ]
+    );
+    // Re-registering from a directory keeps the pin unless told otherwise.
+    let a = e.update_adapter("lora_a", &adapter_dir("lora_a")).unwrap();
+    assert!(a.pin && a.loaded);
 }

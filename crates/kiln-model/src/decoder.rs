@@ -539,7 +539,7 @@ impl<B: Backend> Decoder<B> {
     ) -> Result<B::Tensor> {
         let (gate, up, down) = match &layer.ffn {
             Ffn::Dense { gate, up, down } => (gate, up, down),
-            Ffn::Moe(m) => return m.forward(be, &self.cfg, h),
+            Ffn::Moe(m) => return m.forward(be, &self.cfg, h, i, lora),
         };
         let mut up = Self::linear(be, up, h)?;
         lora.apply(be, i, Proj::Up, h, &mut up)?;

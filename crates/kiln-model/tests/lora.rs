@@ -103,21 +103,337 @@ fn qwen3_phi3_and_gpt2_adapters_match_peft_and_the_merged_model() {
     }
 }
 
+#[test]
+fn moe_adapters_match_peft_and_the_merged_model() {
+    // mixtral/lora_attn: attention only. mixtral/lora: "all-linear", which
+    // peft 0.21 turns into the attention, the router (gate.weight) and the
+    // experts' fused gate_up_proj (rank and alpha doubled by rank_pattern
+    // '.*\.gate_up_proj') and down_proj. qwen3moe/lora: the router and both
+    // expert parameters named in target_parameters, rsLoRA. qwen3moe/lora_down:
+    // down_proj alone (the one wrapper, named '….experts.lora_A').
+    for (name, a) in [
+        ("mixtral", "lora_attn"),
+        ("mixtral", "lora"),
+        ("qwen3moe", "lora"),
+        ("qwen3moe", "lora_down"),
+    ] {
+        check(&base(name), &tiny_dir(name).join(a), &format!("{name}/{a}"));
+    }
+}
+
+/// Four sequences in chunked prefills and decodes sharing every step, then
+/// each alone: every sequence's logits are the same bits both ways, and
+/// each adapted sequence differs from the base.
+fn mixed_batch_is_bit_identical(
+    m: &LoadedModel<CpuBackend>,
+    per_seq: &[Option<&LoraAdapter<CpuBackend>>],
+) {
+    let be = CpuBackend::new();
+    let seqs: Vec<Vec<u32>> = [
+        &b"Kiln fires clay"[..],
+        b"The cat sat",
+        b"tiny",
+        b"models test",
+    ]
+    .iter()
+    .map(|s| s.iter().map(|&b| b as u32).collect())
+    .collect();
+    let plan: Vec<Vec<usize>> = vec![
+        vec![5, 3, 2, 4],
+        vec![5, 4, 1, 3],
+        vec![5, 2, 1, 2],
+        vec![0, 2, 0, 2],
+    ];
+    let mixed = run_plan_lora(&be, &m.decoder, &seqs, &plan, per_seq);
+    for (i, s) in seqs.iter().enumerate() {
+        let alone_plan: Vec<Vec<usize>> = plan
+            .iter()
+            .map(|p| vec![p[i]])
+            .filter(|p| p[0] > 0)
+            .collect();
+        let alone = run_plan_lora(
+            &be,
+            &m.decoder,
+            std::slice::from_ref(s),
+            &alone_plan,
+            &[per_seq[i]],
+        );
+        assert_eq!(mixed[i].len(), alone[0].len());
+        assert!(
+            mixed[i]
+                .iter()
+                .zip(&alone[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "sequence {i}: logits in the mixed batch differ from alone"
+        );
+        let base = run_plan_lora(
+            &be,
+            &m.decoder,
+            std::slice::from_ref(s),
+            &[vec![s.len()]],
+            &[None],
+        )
+        .remove(0);
+        if per_seq[i].is_some() {
+            assert_ne!(mixed[i], base, "sequence {i}: the adapter changed nothing");
+        } else {
+            assert_eq!(mixed[i], base, "sequence {i}: the base row moved");
+        }
+    }
+}
+
+#[test]
+fn moe_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone() {
+    // Rows of one adapter routed to one expert run together; rows of other
+    // adapters and of the base go through other calls.
+    let m = base("mixtral");
+    let dir = tiny_dir("mixtral");
+    let (attn, all) = (
+        adapter(&m, &dir.join("lora_attn")),
+        adapter(&m, &dir.join("lora")),
+    );
+    mixed_batch_is_bit_identical(&m, &[None, Some(&all), Some(&attn), Some(&all)]);
+    let m = base("qwen3moe");
+    let dir = tiny_dir("qwen3moe");
+    let (all, down) = (
+        adapter(&m, &dir.join("lora")),
+        adapter(&m, &dir.join("lora_down")),
+    );
+    mixed_batch_is_bit_identical(&m, &[Some(&down), Some(&all), None, Some(&all)]);
+}
+
+/// Rewrites the fused expert tensors of the PEFT adapter in `src` into
+/// transformers 4's per-expert modules (`block_sparse_moe.experts.E.w1`…
+/// for Mixtral, `mlp.experts.E.gate_proj`… for Qwen3-MoE), as adapters
+/// trained before transformers 5 are saved: expert `e`'s `A` is rows
+/// `e*r..(e+1)*r` of the fused `lora_A`, its `B` the columns `k*n + e`.
+fn per_expert_copy(src: &Path, n: usize, ff: usize, mixtral: bool) -> tempfile::TempDir {
+    use safetensors::tensor::TensorView;
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |v: &TensorView| -> Vec<f32> {
+        v.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let (block, names) = if mixtral {
+        ("block_sparse_moe", ["w1", "w3", "w2"])
+    } else {
+        ("mlp", ["gate_proj", "up_proj", "down_proj"])
+    };
+    for name in st.names() {
+        let t = st.tensor(name).unwrap();
+        let Some(at) = name.find(".mlp.experts.") else {
+            out.push((name.to_string(), t.shape().to_vec(), f32s(&t)));
+            continue;
+        };
+        if name.contains("lora_B") {
+            continue; // written with its lora_A
+        }
+        let a = f32s(&t);
+        let b_name = name.replace("lora_A", "lora_B");
+        let b_t = st.tensor(&b_name).unwrap();
+        let b = f32s(&b_t);
+        let (rows, in_dim) = (t.shape()[0], t.shape()[1]);
+        let (r, out_dim) = (rows / n, b_t.shape()[0]);
+        // gate_up (input hidden, not ff): B's first ff rows are the gate's, the rest the up's.
+        let parts: Vec<(&str, usize, usize)> = if in_dim != ff {
+            vec![(names[0], 0, ff), (names[1], ff, 2 * ff)]
+        } else {
+            vec![(names[2], 0, out_dim)]
+        };
+        let prefix = &name[..at];
+        for e in 0..n {
+            let a_e = a[e * r * in_dim..(e + 1) * r * in_dim].to_vec();
+            for &(leaf, lo, hi) in &parts {
+                let b_e: Vec<f32> = (lo..hi)
+                    .flat_map(|o| (0..r).map(move |k| (o, k)))
+                    .map(|(o, k)| b[o * rows + k * n + e])
+                    .collect();
+                let m = format!("{prefix}.{block}.experts.{e}.{leaf}");
+                out.push((format!("{m}.lora_A.weight"), vec![r, in_dim], a_e.clone()));
+                out.push((format!("{m}.lora_B.weight"), vec![hi - lo, r], b_e));
+            }
+        }
+    }
+    if mixtral {
+        for t in &mut out {
+            t.0 = t.0.replace(".mlp.gate.", ".block_sparse_moe.gate.");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    // transformers 4's config: modules, not parameters; a pattern for the
+    // fused gate_up_proj becomes the same pattern for the gate and the up.
+    cfg["target_parameters"] = Value::Null;
+    for key in ["rank_pattern", "alpha_pattern"] {
+        let mut split = serde_json::Map::new();
+        for (k, v) in cfg[key].as_object().unwrap() {
+            if k.ends_with("gate_up_proj") {
+                split.insert(names[0].to_string(), v.clone());
+                split.insert(names[1].to_string(), v.clone());
+            } else {
+                split.insert(k.clone(), v.clone());
+            }
+        }
+        cfg[key] = Value::Object(split);
+    }
+    cfg["target_modules"] =
+        serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"]);
+    std::fs::write(dir.path().join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(src.join("golden.json"), dir.path().join("golden.json")).unwrap();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = out
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("adapter_model.safetensors"))
+        .unwrap();
+    dir
+}
+
+#[test]
+fn per_expert_adapters_of_transformers_4_read_as_the_fused_ones() {
+    // Mixtral's w1/w3/w2 under block_sparse_moe (its gate_up rank 8 and
+    // alpha 16 as patterns on w1 and w3), Qwen3-MoE's gate/up/down_proj.
+    for (name, n, mixtral) in [("mixtral", 4, true), ("qwen3moe", 8, false)] {
+        let m = base(name);
+        let fused_dir = tiny_dir(name).join("lora");
+        let copy = per_expert_copy(&fused_dir, n, 32, mixtral);
+        let cfg = m.decoder.config();
+        let fused = read_peft(&fused_dir, cfg, LoraLimits::default()).unwrap();
+        let split = read_peft(copy.path(), cfg, LoraLimits::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(fused.experts, split.experts, "{name}");
+        assert_eq!(fused.layers, split.layers, "{name}");
+        assert!(fused
+            .expert(1, n - 1, kiln_model::lora::ExpertPart::Up)
+            .is_some());
+        // And the model with the copy still matches peft's golden.
+        check(&m, copy.path(), &format!("{name}/lora (per-expert copy)"));
+    }
+}
+
+#[test]
+fn moe_targets_kiln_cannot_serve_are_named() {
+    let moe_err = |model: &str, config: &str, tensors: &[(&str, Vec<usize>)]| {
+        let m = base(model);
+        let d = scratch(config, tensors);
+        match read_peft(d.path(), m.decoder.config(), LoraLimits::default()) {
+            Ok(_) => panic!("{model}: accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let experts_a = "base_model.model.model.layers.0.mlp.experts.lora_A.weight";
+    let experts_b = "base_model.model.model.layers.0.mlp.experts.lora_B.weight";
+    // gpt-oss's experts (biases, clamped SwiGLU) and router.
+    let e = moe_err(
+        "gpt_oss",
+        r#"{"r":2,"lora_alpha":4,"target_parameters":["mlp.experts.down_proj"]}"#,
+        &[(experts_a, vec![8, 32]), (experts_b, vec![64, 8])],
+    );
+    assert!(
+        e.contains(
+            "target parameter 'mlp.experts.down_proj' on this gpt_oss model is not supported"
+        ),
+        "{e}"
+    );
+    let e = moe_err(
+        "gpt_oss",
+        r#"{"r":2,"lora_alpha":4}"#,
+        &[(experts_a, vec![8, 32]), (experts_b, vec![64, 8])],
+    );
+    assert!(
+        e.contains("an adapter on gpt-oss's experts and router ('mlp.experts' in layer 0) is not supported"),
+        "{e}"
+    );
+    // Expert parameters on a dense model.
+    let e = moe_err(
+        "llama",
+        r#"{"r":2,"lora_alpha":4,"target_parameters":["experts.gate_up_proj"]}"#,
+        &[(Q_A, vec![2, 64]), (Q_B, vec![64, 2])],
+    );
+    assert!(
+        e.contains("target parameter 'experts.gate_up_proj' on this llama model is not supported"),
+        "{e}"
+    );
+    // Fused expert tensors of a model of another size.
+    let e = moe_err(
+        "qwen3moe",
+        r#"{"r":2,"lora_alpha":4}"#,
+        &[(experts_a, vec![16, 48]), (experts_b, vec![64, 16])],
+    );
+    assert!(
+        e.contains(
+            "experts.lora_A.weight' has shape [16, 48], but the base model implies [16, 64]"
+        ),
+        "{e}"
+    );
+    // An expert the model does not have, and a regular-expression pattern.
+    let a9 = "base_model.model.model.layers.0.mlp.experts.9.up_proj.lora_A.weight";
+    let b9 = "base_model.model.model.layers.0.mlp.experts.9.up_proj.lora_B.weight";
+    let e = moe_err(
+        "qwen3moe",
+        r#"{"r":2,"lora_alpha":4}"#,
+        &[(a9, vec![2, 64]), (b9, vec![32, 2])],
+    );
+    assert!(
+        e.contains("target module 'mlp.experts.9.up_proj' does not exist in this 8-expert"),
+        "{e}"
+    );
+    let e = moe_err(
+        "qwen3moe",
+        r#"{"r":2,"lora_alpha":4,"rank_pattern":{"layers\\.[01]\\.q_proj":2}}"#,
+        &[(Q_A, vec![2, 64]), (Q_B, vec![64, 2])],
+    );
+    assert!(
+        e.contains("rank_pattern key 'layers\\.[01]\\.q_proj'"),
+        "{e}"
+    );
+}
+
 /// The tiny checkpoint `name` as a GGUF file the way llama.cpp's converter
 /// writes it: canonical names, llama's q/k rows permuted into the
-/// interleaved rotary order, Phi-3's fused `attn_qkv` and double `ffn_up`.
+/// interleaved rotary order, Phi-3's fused `attn_qkv` and double `ffn_up`;
+/// Mixtral as `llama` with `llama.expert_count`, Qwen3-MoE as `qwen3moe`,
+/// their experts stacked into 3-D `ffn_{gate,up,down}_exps` and the router
+/// `ffn_gate_inp`.
 fn to_gguf(name: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
     use kiln_model::quant::GgmlType;
     use kiln_model::weights::{hf_llama_names, SafetensorsSource, WeightSource};
     let d = tiny_dir(name);
     let cfg = kiln_model::config::DecoderConfig::from_hf_config(&d.join("config.json")).unwrap();
-    let src = SafetensorsSource::open_dir(&d, hf_llama_names).unwrap();
+    let src = match cfg.moe {
+        Some(_) => SafetensorsSource::open_dir(&d, kiln_model::weights::hf_names(&cfg.arch)),
+        None => SafetensorsSource::open_dir(&d, hf_llama_names),
+    }
+    .unwrap();
+    let arch = if name == "mixtral" { "llama" } else { name };
     let mut w = GgufWriter::default();
     let u = |v: usize| G::U32(v as u32);
-    let key = |k: &str| format!("{name}.{k}");
+    let key = |k: &str| format!("{arch}.{k}");
     let rope = cfg.rope.as_ref().unwrap();
-    w.meta("general.architecture", G::String(name.into()))
+    if let Some(moe) = &cfg.moe {
+        w.meta(&key("expert_count"), u(moe.n_experts))
+            .meta(&key("expert_used_count"), u(moe.n_experts_used));
+        if arch != "llama" {
+            w.meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
+        }
+    }
+    w.meta("general.architecture", G::String(arch.into()))
         .meta(&key("block_count"), u(cfg.n_layers))
         .meta(&key("context_length"), u(cfg.max_position_embeddings))
         .meta(&key("embedding_length"), u(cfg.hidden_size))
@@ -178,10 +494,30 @@ fn to_gguf(name: &str) -> PathBuf {
             "ffn_up.weight",
             "ffn_gate_up.weight",
             "ffn_down.weight",
+            "ffn_gate_inp.weight",
         ] {
             let n = format!("blk.{l}.{p}");
             if src.contains(&n) {
                 names.push(n);
+            }
+        }
+        if let Some(moe) = &cfg.moe {
+            for part in ["ffn_gate", "ffn_up", "ffn_down"] {
+                let (mut data, mut shape) = (Vec::new(), Vec::new());
+                for e in 0..moe.n_experts {
+                    let t = src.get(&format!("blk.{l}.{part}.{e}.weight")).unwrap();
+                    shape = t.shape;
+                    data.extend(t.data);
+                }
+                shape.insert(0, moe.n_experts);
+                let dims = shape.iter().rev().map(|&d| d as u64).collect();
+                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                w.tensor(
+                    &format!("blk.{l}.{part}_exps.weight"),
+                    dims,
+                    GgmlType::F32,
+                    bytes,
+                );
             }
         }
     }
@@ -193,7 +529,7 @@ fn to_gguf(name: &str) -> PathBuf {
         } else {
             cfg.n_kv_heads
         };
-        if name == "llama" && (n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight")) {
+        if arch == "llama" && (n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight")) {
             // convert_hf_to_gguf.py's permute: each head's halves interleaved.
             let (cols, hd) = (t.shape[1], cfg.head_dim);
             for h in 0..heads {
@@ -223,7 +559,15 @@ fn to_gguf(name: &str) -> PathBuf {
 fn gguf_bases_take_the_same_adapters() {
     // llama's GGUF q/k rows are permuted (interleaved rotary), so the
     // adapter's q/k B rows must be permuted the same way to line up.
-    for (name, a) in [("llama", "lora_b"), ("qwen3", "lora"), ("phi3", "lora")] {
+    // Mixtral's q/k rows are permuted like llama's; the experts' and the
+    // router's deltas line up with the stacked expert tensors unchanged.
+    for (name, a) in [
+        ("llama", "lora_b"),
+        ("qwen3", "lora"),
+        ("phi3", "lora"),
+        ("mixtral", "lora"),
+        ("qwen3moe", "lora"),
+    ] {
         let path = to_gguf(name);
         let m = load(&CpuBackend::new(), &path, &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{name}: {e}"));

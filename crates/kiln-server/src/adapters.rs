@@ -6,9 +6,13 @@
 //! adapter's name as the OpenAI `model`).
 //!
 //! DJL's routes (`/models/{model}/adapters…`):
-//! - `POST ?name=&src=` registers (200 `{"status": "Adapter a1 registered"}`);
-//! - `POST /{adapter}/update[?src=]` reads it again (or from `src`);
-//! - `GET /{adapter}` describes it (`[{"name", "src", …}]`), `GET` lists
+//! - `POST ?name=&src=[&preload=&pin=]` registers (200 `{"status": "Adapter
+//!   a1 registered"}`); DJL's `preload` (default true) reads the weights
+//!   now rather than at the first request, `pin` (default false; implies
+//!   preload) keeps them in memory, never evicted by `max_cpu_loras`;
+//! - `POST /{adapter}/update[?src=&preload=&pin=]` reads it again (or from
+//!   `src`); with only `pin`/`preload`, changes just those;
+//! - `GET /{adapter}` describes it (`[{"name", "src", "pin", …}]`), `GET` lists
 //!   them (`{"adapters": [...]}`, `limit` and `next_page_token` pages);
 //! - `DELETE /{adapter}` unregisters it.
 //!
@@ -27,7 +31,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use kiln_engine::{AdapterError, AdapterInfo, Engine};
+use kiln_engine::{AdapterError, AdapterInfo, AdapterOptions, Engine};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -56,7 +60,8 @@ fn status_of(e: &AdapterError) -> StatusCode {
         AdapterError::Disabled
         | AdapterError::InvalidName(_)
         | AdapterError::Load(_)
-        | AdapterError::Device(_) => StatusCode::BAD_REQUEST,
+        | AdapterError::Device(_)
+        | AdapterError::AllPinned { .. } => StatusCode::BAD_REQUEST,
     }
 }
 
@@ -69,7 +74,13 @@ fn api_error(model: &str, e: AdapterError) -> ApiError {
 }
 
 fn describe(a: &AdapterInfo) -> Value {
-    json!({"name": a.name, "src": a.src.display().to_string(), "rank": a.rank, "loaded": a.loaded})
+    json!({
+        "name": a.name,
+        "src": a.src.display().to_string(),
+        "rank": a.rank,
+        "loaded": a.loaded,
+        "pin": a.pin,
+    })
 }
 
 /// A model's ready engine.
@@ -94,6 +105,18 @@ fn source(st: &AppState, src: &str) -> Result<PathBuf, ApiError> {
     crate::registry::local_path(src)
 }
 
+/// An optional boolean query parameter (`true`/`false`, any case).
+fn flag(q: &HashMap<String, String>, key: &str) -> Result<Option<bool>, ApiError> {
+    match q.get(key).map(|v| v.to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(v) if v == "true" => Ok(Some(true)),
+        Some(v) if v == "false" => Ok(Some(false)),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "'{key}' must be true or false, got '{v}'"
+        ))),
+    }
+}
+
 fn query<'a>(q: &'a HashMap<String, String>, key: &str) -> Result<&'a str, ApiError> {
     q.get(key)
         .map(String::as_str)
@@ -101,7 +124,7 @@ fn query<'a>(q: &'a HashMap<String, String>, key: &str) -> Result<&'a str, ApiEr
         .ok_or_else(|| ApiError::bad_request(format!("'{key}' is required")))
 }
 
-/// `POST /models/{model}/adapters?name=&src=`.
+/// `POST /models/{model}/adapters?name=&src=[&preload=&pin=]`.
 pub async fn register(
     State(st): State<Arc<AppState>>,
     UrlPath(model): UrlPath<String>,
@@ -109,13 +132,20 @@ pub async fn register(
 ) -> Result<Response, ApiError> {
     let name = query(&q, "name")?.to_string();
     let src = source(&st, query(&q, "src")?)?;
+    let defaults = AdapterOptions::default();
+    let opts = AdapterOptions {
+        preload: flag(&q, "preload")?.unwrap_or(defaults.preload),
+        pin: flag(&q, "pin")?.unwrap_or(defaults.pin),
+    };
     let e = engine(&st, &model)?;
     let n = name.clone();
-    blocking(move || e.register_adapter(&n, &src), model).await?;
+    blocking(move || e.register_adapter_with(&n, &src, opts), model).await?;
     Ok(Json(json!({"status": format!("Adapter {name} registered")})).into_response())
 }
 
-/// `POST /models/{model}/adapters/{adapter}/update[?src=]`.
+/// `POST /models/{model}/adapters/{adapter}/update[?src=&preload=&pin=]`:
+/// read again (from `src` if given), or with only `pin`/`preload`, just
+/// those changed.
 pub async fn update(
     State(st): State<Arc<AppState>>,
     UrlPath((model, name)): UrlPath<(String, String)>,
@@ -125,12 +155,18 @@ pub async fn update(
     let current = e
         .adapter(&name)
         .ok_or_else(|| api_error(&model, AdapterError::NotFound(name.clone())))?;
+    let (pin, preload) = (flag(&q, "pin")?, flag(&q, "preload")?);
     let src = match q.get("src").filter(|s| !s.is_empty()) {
-        Some(s) => source(&st, s)?,
-        None => current.src,
+        Some(s) => Some(source(&st, s)?),
+        None if pin.is_some() || preload.is_some() => None,
+        None => Some(current.src),
     };
     let n = name.clone();
-    blocking(move || e.update_adapter(&n, &src), model).await?;
+    blocking(
+        move || e.update_adapter_with(&n, src.as_deref(), pin, preload),
+        model,
+    )
+    .await?;
     Ok(Json(json!({"status": format!("Adapter {name} updated")})).into_response())
 }
 

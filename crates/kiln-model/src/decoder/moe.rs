@@ -15,11 +15,21 @@
 //! step: with the backend's row-independent `linear`, a token's result is
 //! bit-identical alone or batched. A shared expert (Qwen2-MoE) then adds its output,
 //! scaled by its sigmoid gate.
+//!
+//! LoRA adapters: a row's adapter may move the router's logits (its delta
+//! is added to that row's logits before routing) and its chosen experts'
+//! gate, up and down projections. Rows whose adapter adapts this layer's
+//! experts leave the backend's expert call; per adapter, each expert runs
+//! once over that adapter's rows routed to it, each projection followed by
+//! its delta, and the outputs are added to those rows in expert order. A
+//! row's result thus depends on its own adapter (or none) only, never on
+//! what else is in the step.
 
 use kiln_backend::{Activation, Backend, MoeExpert, WeightData};
 
 use super::Loader;
 use crate::config::DecoderConfig;
+use crate::lora::{ExpertPart, LoraExperts, LoraStep, Proj};
 use crate::moe::{route, MoeConfig};
 use crate::{ModelError, Result};
 
@@ -39,6 +49,27 @@ impl<B: Backend> Expert<B> {
         let u = be.linear(x, &self.up, b(1))?;
         let a = be.gated_activation(&g, &u, act)?;
         Ok(be.linear(&a, &self.down, b(2))?)
+    }
+
+    /// [`Expert::forward`] for rows of one adapter, each projection followed
+    /// by the adapter's delta for this expert (`index`).
+    fn forward_lora(
+        &self,
+        be: &B,
+        act: Activation,
+        x: &B::Tensor,
+        lora: &LoraExperts<B>,
+        index: usize,
+    ) -> Result<B::Tensor> {
+        let b = |i: usize| self.biases.as_ref().map(|b| &b[i]);
+        let mut g = be.linear(x, &self.gate, b(0))?;
+        lora.apply(be, index, ExpertPart::Gate, x, &mut g)?;
+        let mut u = be.linear(x, &self.up, b(1))?;
+        lora.apply(be, index, ExpertPart::Up, x, &mut u)?;
+        let a = be.gated_activation(&g, &u, act)?;
+        let mut y = be.linear(&a, &self.down, b(2))?;
+        lora.apply(be, index, ExpertPart::Down, &a, &mut y)?;
+        Ok(y)
     }
 }
 
@@ -208,8 +239,16 @@ impl<B: Backend> MoeFfn<B> {
         }))
     }
 
-    /// The block's output for the normalised hidden states `x: [tokens, hidden]`.
-    pub(super) fn forward(&self, be: &B, cfg: &DecoderConfig, x: &B::Tensor) -> Result<B::Tensor> {
+    /// The block's output for the normalised hidden states `x: [tokens, hidden]`
+    /// of layer `layer`, each of `lora`'s rows with its own adapter.
+    pub(super) fn forward(
+        &self,
+        be: &B,
+        cfg: &DecoderConfig,
+        x: &B::Tensor,
+        layer: usize,
+        lora: &LoraStep<'_, B>,
+    ) -> Result<B::Tensor> {
         let m: &MoeConfig = cfg
             .moe
             .as_ref()
@@ -219,27 +258,42 @@ impl<B: Backend> MoeFfn<B> {
             ref s => return Err(invalid(format!("input of shape {s:?}"))),
         };
         let n = self.experts.len();
-        let logits = be.to_host(&be.linear(x, &self.router, self.router_bias.as_ref())?)?;
+        let mut logits = be.linear(x, &self.router, self.router_bias.as_ref())?;
+        lora.apply(be, layer, Proj::Router, x, &mut logits)?;
+        let logits = be.to_host(&logits)?;
         if logits.len() != tokens * n {
             return Err(invalid(format!(
                 "{} router logits for {tokens} tokens and {n} experts",
                 logits.len()
             )));
         }
-        // Each expert's tokens (ascending) and their weights.
-        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut scales: Vec<Vec<f32>> = vec![Vec::new(); n];
+        // Which adapter group (of those adapting these experts) owns each token.
+        let adapted = lora.experts(layer);
+        let mut owner: Vec<Option<usize>> = vec![None; tokens];
+        for (g, (_, group_rows)) in adapted.iter().enumerate() {
+            for &r in group_rows.iter() {
+                if let Some(o) = owner.get_mut(r as usize) {
+                    *o = Some(g);
+                }
+            }
+        }
+        // Each expert's tokens (ascending) and their weights: the base
+        // model's tokens, then each adapter group's.
+        let groups = adapted.len() + 1;
+        let mut rows: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); n]; groups];
+        let mut scales: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); n]; groups];
         for (t, l) in logits.chunks_exact(n.max(1)).enumerate() {
+            let g = owner[t].map_or(0, |g| g + 1);
             for (e, w) in route(l, m.n_experts_used, m.routing) {
-                rows[e as usize].push(t as u32);
-                scales[e as usize].push(w);
+                rows[g][e as usize].push(t as u32);
+                scales[g][e as usize].push(w);
             }
         }
         let routed: Vec<MoeExpert<'_, B::Weight, B::Tensor>> = self
             .experts
             .iter()
-            .zip(&rows)
-            .zip(&scales)
+            .zip(&rows[0])
+            .zip(&scales[0])
             .filter(|((_, rows), _)| !rows.is_empty())
             .map(|((e, rows), scales)| MoeExpert {
                 gate: &e.gate,
@@ -251,6 +305,17 @@ impl<B: Backend> MoeFfn<B> {
             })
             .collect();
         let mut out = be.moe_experts(x, &routed, cfg.activation)?;
+        for (g, (deltas, _)) in adapted.iter().enumerate() {
+            for (e, expert) in self.experts.iter().enumerate() {
+                let (rows, scales) = (&rows[g + 1][e], &scales[g + 1][e]);
+                if rows.is_empty() {
+                    continue;
+                }
+                let xs = be.gather_rows(x, rows)?;
+                let y = expert.forward_lora(be, cfg.activation, &xs, deltas, e)?;
+                be.add_rows_scaled(&mut out, &y, rows, scales)?;
+            }
+        }
         if let Some(s) = &self.shared {
             let y = s.expert.forward(be, cfg.activation, x)?;
             let weights = match &s.gate {

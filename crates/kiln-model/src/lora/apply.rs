@@ -8,10 +8,15 @@
 //! A row is in at most one adapter's group and the backend's `linear` is
 //! row-independent, so a row gets the same bits alone or batched with rows
 //! of other adapters (or none).
+//!
+//! An adapter's expert matrices ([`LoraExperts`]) are not applied here:
+//! the mixture-of-experts layer asks [`LoraStep::experts`] which groups
+//! adapt its experts and runs those rows' experts itself, adding each
+//! expert's deltas with [`LoraExperts::apply`].
 
 use kiln_backend::{Backend, BackendError, WeightData};
 
-use super::{HostLora, LoraError, LoraResult, Proj};
+use super::{ExpertPart, HostLora, LoraError, LoraMatrix, LoraResult, Proj, N_PROJ};
 
 /// One projection's matrices on the backend.
 struct Pair<B: Backend> {
@@ -20,9 +25,60 @@ struct Pair<B: Backend> {
     scale: f32,
 }
 
+impl<B: Backend> Pair<B> {
+    fn upload(be: &B, m: &LoraMatrix) -> LoraResult<Self> {
+        Ok(Pair {
+            a: be.upload_weight(m.rank, m.in_dim, WeightData::F32(m.a.clone()))?,
+            b: be.upload_weight(m.out_dim, m.rank, WeightData::F32(m.b.clone()))?,
+            scale: m.scale,
+        })
+    }
+
+    /// Adds `scale * B·(A·x)` to every row of `out`.
+    fn add_to(&self, be: &B, x: &B::Tensor, out: &mut B::Tensor) -> Result<(), BackendError> {
+        let t = be.linear(x, &self.a, None)?;
+        let y = be.linear(&t, &self.b, None)?;
+        let rows = be.shape(x).first().copied().unwrap_or(0) as u32;
+        let all: Vec<u32> = (0..rows).collect();
+        be.add_rows_scaled(out, &y, &all, &vec![self.scale; all.len()])
+    }
+}
+
+/// One layer's expert matrices of an adapter on a backend: per expert, its
+/// gate, up and down pairs (in [`ExpertPart`] order).
+pub struct LoraExperts<B: Backend> {
+    experts: Vec<[Option<Pair<B>>; 3]>,
+}
+
+impl<B: Backend> LoraExperts<B> {
+    /// Adds expert `expert`'s delta for `part` to every row of `out`, `x`
+    /// being that matrix's input for the same rows; nothing when the adapter
+    /// leaves that matrix alone.
+    pub fn apply(
+        &self,
+        be: &B,
+        expert: usize,
+        part: ExpertPart,
+        x: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<(), BackendError> {
+        match self
+            .experts
+            .get(expert)
+            .and_then(|e| e[part.index()].as_ref())
+        {
+            Some(p) => p.add_to(be, x, out),
+            None => Ok(()),
+        }
+    }
+}
+
 /// An adapter uploaded to a backend, ready for [`LoraStep`].
 pub struct LoraAdapter<B: Backend> {
-    layers: Vec<[Option<Pair<B>>; 7]>,
+    layers: Vec<[Option<Pair<B>>; N_PROJ]>,
+    /// Per layer, the experts' matrices, or `None` where the adapter leaves
+    /// the layer's experts alone.
+    experts: Vec<Option<LoraExperts<B>>>,
     rank: usize,
 }
 
@@ -41,20 +97,38 @@ impl<B: Backend> LoraAdapter<B> {
         }
         let mut layers = Vec::with_capacity(host.layers.len());
         for l in &host.layers {
-            let mut row: [Option<Pair<B>>; 7] = Default::default();
+            let mut row: [Option<Pair<B>>; N_PROJ] = Default::default();
             for (slot, m) in row.iter_mut().zip(l) {
                 if let Some(m) = m {
-                    *slot = Some(Pair {
-                        a: be.upload_weight(m.rank, m.in_dim, WeightData::F32(m.a.clone()))?,
-                        b: be.upload_weight(m.out_dim, m.rank, WeightData::F32(m.b.clone()))?,
-                        scale: m.scale,
-                    });
+                    *slot = Some(Pair::upload(be, m)?);
                 }
             }
             layers.push(row);
         }
+        let mut experts = Vec::with_capacity(host.layers.len());
+        for i in 0..host.layers.len() {
+            let layer = host.experts.get(i).map_or(&[][..], Vec::as_slice);
+            if layer.iter().flatten().all(Option::is_none) {
+                experts.push(None);
+                continue;
+            }
+            let mut per_expert = Vec::with_capacity(layer.len());
+            for e in layer {
+                let mut parts: [Option<Pair<B>>; 3] = Default::default();
+                for (slot, m) in parts.iter_mut().zip(e) {
+                    if let Some(m) = m {
+                        *slot = Some(Pair::upload(be, m)?);
+                    }
+                }
+                per_expert.push(parts);
+            }
+            experts.push(Some(LoraExperts {
+                experts: per_expert,
+            }));
+        }
         Ok(Self {
             layers,
+            experts,
             rank: host.rank,
         })
     }
@@ -113,6 +187,18 @@ impl<'a, B: Backend> LoraStep<'a, B> {
             })
             .collect();
         Self::new(groups)
+    }
+
+    /// The groups whose adapter adapts `layer`'s experts, each with its rows:
+    /// the mixture-of-experts layer runs those rows' experts with the deltas.
+    pub fn experts(&self, layer: usize) -> Vec<(&'a LoraExperts<B>, &[u32])> {
+        self.groups
+            .iter()
+            .filter_map(|(a, rows)| {
+                let e = a.experts.get(layer)?.as_ref()?;
+                Some((e, rows.as_slice()))
+            })
+            .collect()
     }
 
     /// Whether no row uses an adapter.

@@ -11,14 +11,24 @@
 //! which adapter ([`LoraStep`]); the decoder adds each adapter's delta to
 //! exactly its rows ([`apply`]), so a row's result does not depend on what
 //! else shares the step.
+//!
+//! On mixture-of-experts models (Mixtral, Qwen3-MoE) an adapter may also
+//! target the router (`gate`) and the experts: each expert's gate, up and
+//! down projections get their own `B·A` ([`HostLora::experts`]), read from
+//! PEFT's fused `target_parameters` form or from per-expert modules, and
+//! the expert layer runs an adapted row's chosen experts with that row's
+//! own deltas (`decoder/moe.rs`).
 
 pub mod apply;
 pub mod peft;
 
-pub use apply::{LoraAdapter, LoraStep};
-pub use peft::{read_peft, HostLora, LoraMatrix};
+pub use apply::{LoraAdapter, LoraExperts, LoraStep};
+pub use peft::{read_peft, ExpertLora, HostLora, LoraMatrix};
 
 use std::path::PathBuf;
+
+/// How many [`Proj`]s there are: the length of an adapter's per-layer table.
+pub const N_PROJ: usize = 8;
 
 /// One of the projections of a decoder layer an adapter can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,11 +40,13 @@ pub enum Proj {
     Gate,
     Up,
     Down,
+    /// A mixture-of-experts layer's router (`[n_experts, hidden]`).
+    Router,
 }
 
 impl Proj {
     /// Every projection, in the order an adapter's per-layer table holds them.
-    pub const ALL: [Proj; 7] = [
+    pub const ALL: [Proj; N_PROJ] = [
         Proj::Q,
         Proj::K,
         Proj::V,
@@ -42,6 +54,7 @@ impl Proj {
         Proj::Gate,
         Proj::Up,
         Proj::Down,
+        Proj::Router,
     ];
 
     /// The slot of this projection in a per-layer table.
@@ -59,7 +72,24 @@ impl Proj {
             Proj::Gate => "gate_proj",
             Proj::Up => "up_proj",
             Proj::Down => "down_proj",
+            Proj::Router => "gate (router)",
         }
+    }
+}
+
+/// One of the three matrices of a mixture-of-experts expert, in the order
+/// an [`ExpertLora`] holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpertPart {
+    Gate,
+    Up,
+    Down,
+}
+
+impl ExpertPart {
+    /// The slot of this part in an [`ExpertLora`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 

@@ -13,6 +13,25 @@
 //! `rank_pattern` and `alpha_pattern` overriding per module. The base
 //! model's name (`base_model_name_or_path`) is ignored: an adapter trained
 //! for another model is caught by its module names and shapes.
+//!
+//! Mixture-of-experts models (Mixtral, Qwen3-MoE) hold their experts in
+//! transformers 5 as two 3-D parameters per layer, `experts.gate_up_proj`
+//! (`[n, 2 * ff, hidden]`, each expert's gate rows then its up rows) and
+//! `experts.down_proj` (`[n, hidden, ff]`), and PEFT adapts them through
+//! `target_parameters`: one `lora_A` of `[n * r, in]` whose rows
+//! `e*r..(e+1)*r` are expert `e`'s `A`, and one `lora_B` of `[out, n * r]`
+//! whose columns `k*n + e` (k < r) are expert `e`'s `B`. Two wrapped
+//! parameters nest, so their tensors are named `….experts.lora_A.weight`
+//! and `….experts.base_layer.lora_A.weight`; which is which is told by
+//! their shapes (`in`/`out` are `hidden`/`2 * ff` for gate_up and
+//! `ff`/`hidden` for down, which never coincide). PEFT's fusion of an
+//! adapter written for transformers 4 doubles the rank and alpha of
+//! `gate_up_proj` through `rank_pattern`/`alpha_pattern` keys such as
+//! `.*\.gate_up_proj`. Adapters written for transformers 4 name each
+//! expert's module (`block_sparse_moe.experts.3.w1`,
+//! `mlp.experts.3.gate_proj`) and are read into the same per-expert form.
+//! The router (`mlp.gate`, `block_sparse_moe.gate`) is an ordinary
+//! `[n_experts, hidden]` projection.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,7 +43,7 @@ use serde_json::Value;
 
 use kiln_backend::RopeLayout;
 
-use super::{LoraError, LoraLimits, LoraResult, Proj};
+use super::{ExpertPart, LoraError, LoraLimits, LoraResult, Proj, N_PROJ};
 use crate::config::DecoderConfig;
 
 /// The PEFT adapter's configuration file.
@@ -48,6 +67,10 @@ pub struct LoraMatrix {
     pub out_dim: usize,
 }
 
+/// One mixture-of-experts expert's matrices in one layer, indexed by
+/// [`ExpertPart`] (gate, up, down).
+pub type ExpertLora = [Option<LoraMatrix>; 3];
+
 /// A whole adapter on the host: per layer, one optional [`LoraMatrix`] per
 /// [`Proj`] (in [`Proj::ALL`]'s order).
 #[derive(Debug, Clone)]
@@ -56,7 +79,10 @@ pub struct HostLora {
     pub path: PathBuf,
     /// Largest rank of any of its matrices.
     pub rank: usize,
-    pub layers: Vec<[Option<LoraMatrix>; 7]>,
+    pub layers: Vec<[Option<LoraMatrix>; N_PROJ]>,
+    /// Per layer, the experts' matrices, one [`ExpertLora`] per expert; empty
+    /// for a layer whose experts the adapter leaves alone.
+    pub experts: Vec<Vec<ExpertLora>>,
 }
 
 impl HostLora {
@@ -65,11 +91,18 @@ impl HostLora {
         self.layers.get(layer)?[proj.index()].as_ref()
     }
 
+    /// Expert `expert`'s matrix `part` in `layer`, if the adapter targets it.
+    pub fn expert(&self, layer: usize, expert: usize, part: ExpertPart) -> Option<&LoraMatrix> {
+        self.experts.get(layer)?.get(expert)?[part.index()].as_ref()
+    }
+
     /// Host bytes the adapter's matrices take (for memory accounting).
     pub fn bytes(&self) -> usize {
+        let experts = self.experts.iter().flatten().flatten();
         self.layers
             .iter()
             .flatten()
+            .chain(experts)
             .flatten()
             .map(|m| 4 * (m.a.len() + m.b.len()))
             .sum()
@@ -85,10 +118,28 @@ struct PeftConfig {
     alpha_pattern: BTreeMap<String, f64>,
 }
 
-/// Whether a `rank_pattern`/`alpha_pattern` key names `module` (the full
-/// module name, or a dotted suffix of it, as PEFT matches them).
+/// Whether a `rank_pattern`/`alpha_pattern` key names `module`. PEFT tries
+/// the key as the regular expression `(.*\.)?(key)$` from the start of the
+/// module's name: a name matches itself or a dotted suffix, and a key
+/// starting with `.*` (PEFT's own `.*\.gate_up_proj`) matches any name
+/// ending with the rest. Keys are checked by [`plain_pattern`] at load.
 fn pattern_matches(key: &str, module: &str) -> bool {
-    module == key || module.ends_with(&format!(".{key}"))
+    let key = key.replace("\\.", ".");
+    match key.strip_prefix(".*") {
+        Some(rest) => module.ends_with(rest),
+        None => module == key || module.ends_with(&format!(".{key}")),
+    }
+}
+
+/// Whether a pattern key is a name kiln can match without a regular
+/// expression engine: dotted name parts, `\.` for a dot, optionally after
+/// a leading `.*`.
+fn plain_pattern(key: &str) -> bool {
+    let rest = key.strip_prefix(".*").unwrap_or(key).replace("\\.", ".");
+    !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
 impl PeftConfig {
@@ -148,12 +199,17 @@ fn module_table(cfg: &DecoderConfig) -> Vec<(&'static str, Vec<Proj>)> {
                 ("v_proj", vec![V]),
                 ("o_proj", vec![O]),
             ];
-            if cfg.moe.is_none() {
-                if cfg.gated_ffn {
-                    t.push(("gate_proj", vec![Gate]));
-                }
-                t.push(("up_proj", vec![Up]));
-                t.push(("down_proj", vec![Down]));
+            if cfg.gated_ffn {
+                t.push(("gate_proj", vec![Gate]));
+            }
+            t.push(("up_proj", vec![Up]));
+            t.push(("down_proj", vec![Down]));
+            if cfg.moe.is_some() && !is_gpt_oss(cfg) {
+                // The router and Mixtral's per-expert names (transformers 4).
+                t.push(("gate", vec![Router]));
+                t.push(("w1", vec![]));
+                t.push(("w2", vec![]));
+                t.push(("w3", vec![]));
             }
             t
         }
@@ -182,6 +238,7 @@ fn dims(cfg: &DecoderConfig, p: Proj) -> (usize, usize) {
         Proj::O => (h, q),
         Proj::Gate | Proj::Up => (ff, h),
         Proj::Down => (h, ff),
+        Proj::Router => (cfg.moe.as_ref().map_or(0, |m| m.n_experts), h),
     }
 }
 
@@ -198,30 +255,92 @@ fn split_module(module: &str) -> Option<(usize, Vec<&str>)> {
     Some((layer, parts[at + 2..].to_vec()))
 }
 
-/// The projections a module of a layer stands for, or why it has none.
-fn projections_of(
+/// What one adapted module of a layer stands for.
+enum Target {
+    /// Projections of the layer (a fused module's `B` split by rows, in
+    /// this order).
+    Dense(Vec<Proj>),
+    /// One expert's projection (transformers 4's per-expert modules).
+    Expert(usize, ExpertPart),
+    /// PEFT's `target_parameters` on the experts' 3-D `gate_up_proj` or
+    /// `down_proj`: which of the two is told by the tensors' shapes.
+    FusedExperts,
+}
+
+/// gpt-oss (`gpt_oss` in Hugging Face configs, `gpt-oss` in GGUF), whose
+/// experts (biased, clamped SwiGLU) and router kiln does not adapt.
+fn is_gpt_oss(cfg: &DecoderConfig) -> bool {
+    matches!(cfg.arch.as_str(), "gpt_oss" | "gpt-oss")
+}
+
+/// The expert part a transformers 4 per-expert module name stands for.
+fn expert_part(leaf: &str) -> Option<ExpertPart> {
+    match leaf {
+        "w1" | "gate_proj" => Some(ExpertPart::Gate),
+        "w3" | "up_proj" => Some(ExpertPart::Up),
+        "w2" | "down_proj" => Some(ExpertPart::Down),
+        _ => None,
+    }
+}
+
+/// What a module of a layer's mixture-of-experts block (`inner` after
+/// `mlp` or `block_sparse_moe`) stands for, or why kiln cannot adapt it.
+fn moe_target(
     cfg: &DecoderConfig,
     path: &Path,
     layer: usize,
     inner: &[&str],
-) -> LoraResult<Vec<Proj>> {
+) -> LoraResult<Target> {
+    let unsupported = |what: &str| LoraError::Unsupported {
+        path: path.to_path_buf(),
+        what: format!(
+            "an adapter on {what} ('{}' in layer {layer})",
+            inner.join(".")
+        ),
+    };
+    if is_gpt_oss(cfg) {
+        return Err(unsupported("gpt-oss's experts and router"));
+    }
+    let n_experts = cfg.moe.as_ref().map_or(0, |m| m.n_experts);
+    match inner.get(1..).unwrap_or_default() {
+        ["gate"] => Ok(Target::Dense(vec![Proj::Router])),
+        ["experts"] | ["experts", "base_layer"] => Ok(Target::FusedExperts),
+        ["experts", e, leaf] => match (e.parse::<usize>(), expert_part(leaf)) {
+            (Ok(e), Some(part)) if e < n_experts => Ok(Target::Expert(e, part)),
+            _ => Err(LoraError::UnknownTarget {
+                path: path.to_path_buf(),
+                module: inner.join("."),
+                arch: format!("{n_experts}-expert {}", cfg.arch),
+            }),
+        },
+        rest if rest.first().is_some_and(|p| p.starts_with("shared_expert")) => {
+            Err(unsupported("the shared expert"))
+        }
+        _ => Err(LoraError::UnknownTarget {
+            path: path.to_path_buf(),
+            module: inner.join("."),
+            arch: cfg.arch.clone(),
+        }),
+    }
+}
+
+/// What a module of a layer stands for, or why it has none.
+fn target_of(cfg: &DecoderConfig, path: &Path, layer: usize, inner: &[&str]) -> LoraResult<Target> {
+    let sparse = cfg.moe.as_ref().is_some_and(|m| m.is_sparse(layer));
+    if sparse && matches!(inner.first(), Some(&"mlp") | Some(&"block_sparse_moe")) {
+        return moe_target(cfg, path, layer, inner);
+    }
+    projections_of(cfg, path, inner).map(Target::Dense)
+}
+
+/// The projections a module of a dense layer stands for, or why it has none.
+fn projections_of(cfg: &DecoderConfig, path: &Path, inner: &[&str]) -> LoraResult<Vec<Proj>> {
     let leaf = inner.last().copied().unwrap_or_default();
     let unknown = || LoraError::UnknownTarget {
         path: path.to_path_buf(),
         module: inner.join("."),
         arch: cfg.arch.clone(),
     };
-    if inner.iter().any(|p| p.contains("expert"))
-        || (cfg.moe.is_some() && inner.first() == Some(&"mlp"))
-    {
-        return Err(LoraError::Unsupported {
-            path: path.to_path_buf(),
-            what: format!(
-                "an adapter on the feed-forward block of a mixture-of-experts model ('{}' in layer {layer})",
-                inner.join(".")
-            ),
-        });
-    }
     // Only a module directly in the layer or in its attention or MLP block.
     let parent_ok = match inner {
         [_] => true,
@@ -240,7 +359,7 @@ fn projections_of(
     }
     module_table(cfg)
         .into_iter()
-        .find(|(n, _)| *n == leaf)
+        .find(|(n, p)| *n == leaf && !p.is_empty() && !p.contains(&Proj::Router))
         .map(|(_, p)| p)
         .ok_or_else(unknown)
 }
@@ -248,6 +367,7 @@ fn projections_of(
 /// Checks `target_modules` (a list of names, `"all-linear"`, or a regular
 /// expression, which the tensors' names are then checked against instead).
 fn check_targets(cfg: &DecoderConfig, path: &Path, json: &Value) -> LoraResult<()> {
+    check_target_parameters(cfg, path, json)?;
     let Some(list) = json.get("target_modules").and_then(Value::as_array) else {
         return Ok(());
     };
@@ -274,6 +394,43 @@ fn check_targets(cfg: &DecoderConfig, path: &Path, json: &Value) -> LoraResult<(
             module: name.to_string(),
             arch: cfg.arch.clone(),
         });
+    }
+    Ok(())
+}
+
+/// Checks `target_parameters`: on Mixtral and Qwen3-MoE, the experts'
+/// `gate_up_proj` and `down_proj` and the router's `gate.weight`; nothing
+/// elsewhere.
+fn check_target_parameters(cfg: &DecoderConfig, path: &Path, json: &Value) -> LoraResult<()> {
+    let list = match json.get("target_parameters") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::Array(list)) => list,
+        Some(v) => {
+            return Err(malformed(
+                path,
+                format!("target_parameters is {v}, not a list"),
+            ))
+        }
+    };
+    for t in list {
+        let Some(name) = t.as_str() else {
+            return Err(malformed(
+                path,
+                format!("target_parameters holds {t}, not a name"),
+            ));
+        };
+        let experts = name == "gate_up_proj"
+            || name == "down_proj"
+            || name.ends_with("experts.gate_up_proj")
+            || name.ends_with("experts.down_proj");
+        let router = name == "gate.weight" || name.ends_with(".gate.weight");
+        let moe = cfg.moe.is_some() && !is_gpt_oss(cfg);
+        if !(moe && (experts || router)) {
+            return Err(LoraError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!("target parameter '{name}' on this {} model", cfg.arch),
+            });
+        }
     }
     Ok(())
 }
@@ -324,11 +481,7 @@ fn read_config(dir: &Path) -> LoraResult<(PeftConfig, Value, PathBuf)> {
             "modules_to_save (whole trained modules)".into(),
         ));
     }
-    for key in [
-        "target_parameters",
-        "trainable_token_indices",
-        "layer_replication",
-    ] {
+    for key in ["trainable_token_indices", "layer_replication"] {
         if json
             .get(key)
             .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
@@ -365,6 +518,13 @@ fn read_config(dir: &Path) -> LoraResult<(PeftConfig, Value, PathBuf)> {
             Some(v) => Err(malformed(&path, format!("'{key}' is {v}, not an object"))),
         }
     };
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if let Some((k, _)) = map(key)?.into_iter().find(|(k, _)| !plain_pattern(k)) {
+            return Err(unsupported(format!(
+                "{key} key '{k}' (kiln reads module names, optionally after '.*', not other regular expressions)"
+            )));
+        }
+    }
     let mut rank_pattern = BTreeMap::new();
     for (k, v) in map("rank_pattern")? {
         let r = v
@@ -478,8 +638,9 @@ pub fn read_peft(dir: &Path, cfg: &DecoderConfig, limits: LoraLimits) -> LoraRes
         return Err(malformed(&wpath, "holds no LoRA matrices".into()));
     }
 
-    let mut layers: Vec<[Option<LoraMatrix>; 7]> =
+    let mut layers: Vec<[Option<LoraMatrix>; N_PROJ]> =
         (0..cfg.n_layers).map(|_| Default::default()).collect();
+    let mut experts: Vec<Vec<ExpertLora>> = vec![Vec::new(); cfg.n_layers];
     let mut max_rank = 0;
     let permute = cfg
         .rope
@@ -507,29 +668,6 @@ pub fn read_peft(dir: &Path, cfg: &DecoderConfig, limits: LoraLimits) -> LoraRes
                 }
             });
         };
-        let projs = projections_of(cfg, &wpath, layer, &inner)?;
-        let get = |n: &str| {
-            st.tensor(n)
-                .map_err(|e| malformed(&wpath, format!("tensor '{n}': {e}")))
-        };
-        let (a, b) = (get(a_name)?, get(b_name)?);
-        let in_dim = dims(cfg, projs[0]).1;
-        let outs: Vec<usize> = projs.iter().map(|&p| dims(cfg, p).0).collect();
-        let out_total: usize = outs.iter().sum();
-        let rank = a.shape().first().copied().unwrap_or(0);
-        if rank > limits.max_rank {
-            return Err(LoraError::RankTooLarge {
-                path: wpath.clone(),
-                rank,
-                max: limits.max_rank,
-            });
-        }
-        let shape_err = |tensor: &str, got: &[usize], want: Vec<usize>| LoraError::Shape {
-            path: wpath.clone(),
-            tensor: tensor.to_string(),
-            got: got.to_vec(),
-            want,
-        };
         if layer >= cfg.n_layers {
             return Err(LoraError::UnknownTarget {
                 path: wpath.clone(),
@@ -537,58 +675,217 @@ pub fn read_peft(dir: &Path, cfg: &DecoderConfig, limits: LoraLimits) -> LoraRes
                 arch: format!("{}-layer {}", cfg.n_layers, cfg.arch),
             });
         }
-        if rank == 0 || a.shape() != [rank, in_dim] {
-            return Err(shape_err(a_name, a.shape(), vec![rank.max(1), in_dim]));
-        }
-        if b.shape() != [out_total, rank] {
-            return Err(shape_err(b_name, b.shape(), vec![out_total, rank]));
-        }
-        let want_rank = peft.rank_of(module);
-        if rank != want_rank {
-            return Err(malformed(
-                &wpath,
-                format!(
-                    "module '{module}' has rank {rank}, but adapter_config.json gives {want_rank}"
-                ),
-            ));
-        }
-        let a_data = to_f32(&wpath, a_name, &a)?;
-        let b_data = to_f32(&wpath, b_name, &b)?;
-        let scale = peft.scale(module, rank);
-        let mut row = 0;
-        for (&p, &out) in projs.iter().zip(&outs) {
-            let mut b_part = b_data[row * rank..(row + out) * rank].to_vec();
-            row += out;
-            if permute {
-                match p {
-                    Proj::Q => b_part = interleave_heads(&b_part, cfg.n_heads, cfg.head_dim, rank),
-                    Proj::K => {
-                        b_part = interleave_heads(&b_part, cfg.n_kv_heads, cfg.head_dim, rank)
+        let target = target_of(cfg, &wpath, layer, &inner)?;
+        let get = |n: &str| {
+            st.tensor(n)
+                .map_err(|e| malformed(&wpath, format!("tensor '{n}': {e}")))
+        };
+        let (a, b) = (get(a_name)?, get(b_name)?);
+        let tensors = Pair {
+            path: &wpath,
+            a: (a_name, &a),
+            b: (b_name, &b),
+            limits,
+            peft: &peft,
+        };
+        match target {
+            Target::Dense(projs) => {
+                let in_dim = dims(cfg, projs[0]).1;
+                let outs: Vec<usize> = projs.iter().map(|&p| dims(cfg, p).0).collect();
+                let read = tensors.read(module, in_dim, outs.iter().sum(), 1)?;
+                let rank = read.rank;
+                let mut row = 0;
+                for (&p, &out) in projs.iter().zip(&outs) {
+                    let mut b_part = read.b[row * rank..(row + out) * rank].to_vec();
+                    row += out;
+                    if permute {
+                        match p {
+                            Proj::Q => {
+                                b_part = interleave_heads(&b_part, cfg.n_heads, cfg.head_dim, rank)
+                            }
+                            Proj::K => {
+                                b_part =
+                                    interleave_heads(&b_part, cfg.n_kv_heads, cfg.head_dim, rank)
+                            }
+                            _ => {}
+                        }
                     }
-                    _ => {}
+                    let slot = &mut layers[layer][p.index()];
+                    if slot.is_some() {
+                        return Err(malformed(
+                            &wpath,
+                            format!("layer {layer}'s {} is adapted twice", p.hf_name()),
+                        ));
+                    }
+                    *slot = Some(read.matrix(read.a.clone(), b_part, in_dim, out));
+                }
+                max_rank = max_rank.max(rank);
+            }
+            Target::Expert(e, part) => {
+                let (out, in_dim) = expert_dims(cfg, part);
+                let read = tensors.read(module, in_dim, out, 1)?;
+                max_rank = max_rank.max(read.rank);
+                let m = read.matrix(read.a.clone(), read.b.clone(), in_dim, out);
+                put_expert(cfg, &wpath, &mut experts[layer], layer, e, part, m)?;
+            }
+            Target::FusedExperts => {
+                let n = cfg.moe.as_ref().map_or(0, |m| m.n_experts);
+                let (h, ff) = (cfg.hidden_size, expert_dims(cfg, ExpertPart::Down).1);
+                let in_dim = a.shape().get(1).copied().unwrap_or(0);
+                let out = b.shape().first().copied().unwrap_or(0);
+                let (param, parts) = if (in_dim, out) == (h, 2 * ff) {
+                    ("gate_up_proj", &[ExpertPart::Gate, ExpertPart::Up][..])
+                } else if (in_dim, out) == (ff, h) {
+                    ("down_proj", &[ExpertPart::Down][..])
+                } else {
+                    // Neither parameter's (in, out): name lora_A against gate_up's.
+                    return Err(LoraError::Shape {
+                        path: wpath.clone(),
+                        tensor: a_name.clone(),
+                        got: a.shape().to_vec(),
+                        want: vec![a.shape().first().copied().unwrap_or(0), h],
+                    });
+                };
+                let key = format!("{}.{param}", module.trim_end_matches(".base_layer"));
+                let read = tensors.read(&key, in_dim, out, n)?;
+                let (r, cols) = (read.rank, n * read.rank);
+                max_rank = max_rank.max(r);
+                for e in 0..n {
+                    let a_e = read.a[e * r * in_dim..(e + 1) * r * in_dim].to_vec();
+                    // Expert e's B: columns k*n + e of lora_B, k < r.
+                    let b_e: Vec<f32> = (0..out)
+                        .flat_map(|o| (0..r).map(move |k| (o, k)))
+                        .map(|(o, k)| read.b[o * cols + k * n + e])
+                        .collect();
+                    let mut row = 0;
+                    for &part in parts {
+                        let part_out = expert_dims(cfg, part).0;
+                        let b_part = b_e[row * r..(row + part_out) * r].to_vec();
+                        row += part_out;
+                        let m = read.matrix(a_e.clone(), b_part, in_dim, part_out);
+                        put_expert(cfg, &wpath, &mut experts[layer], layer, e, part, m)?;
+                    }
                 }
             }
-            let slot = &mut layers[layer][p.index()];
-            if slot.is_some() {
-                return Err(malformed(
-                    &wpath,
-                    format!("layer {layer}'s {} is adapted twice", p.hf_name()),
-                ));
-            }
-            *slot = Some(LoraMatrix {
-                rank,
-                a: a_data.clone(),
-                b: b_part,
-                scale,
-                in_dim,
-                out_dim: out,
-            });
         }
-        max_rank = max_rank.max(rank);
     }
     Ok(HostLora {
         path: dir.to_path_buf(),
         rank: max_rank,
         layers,
+        experts,
     })
+}
+
+/// `(out, in)` of one matrix of an expert of `cfg`.
+fn expert_dims(cfg: &DecoderConfig, part: ExpertPart) -> (usize, usize) {
+    let ff = cfg.moe.as_ref().map_or(0, |m| m.expert_ff);
+    match part {
+        ExpertPart::Gate | ExpertPart::Up => (ff, cfg.hidden_size),
+        ExpertPart::Down => (cfg.hidden_size, ff),
+    }
+}
+
+/// Stores expert `e`'s matrix `part` of a layer, refusing it twice.
+fn put_expert(
+    cfg: &DecoderConfig,
+    path: &Path,
+    layer_experts: &mut Vec<ExpertLora>,
+    layer: usize,
+    e: usize,
+    part: ExpertPart,
+    m: LoraMatrix,
+) -> LoraResult<()> {
+    if layer_experts.is_empty() {
+        let n = cfg.moe.as_ref().map_or(0, |m| m.n_experts);
+        *layer_experts = vec![Default::default(); n];
+    }
+    let slot = layer_experts
+        .get_mut(e)
+        .map(|x| &mut x[part.index()])
+        .ok_or_else(|| malformed(path, format!("layer {layer} has no expert {e}")))?;
+    if slot.is_some() {
+        return Err(malformed(
+            path,
+            format!("layer {layer}'s expert {e} {part:?} is adapted twice"),
+        ));
+    }
+    *slot = Some(m);
+    Ok(())
+}
+
+/// One module's `lora_A` and `lora_B` tensors, before they are checked.
+struct Pair<'a> {
+    path: &'a Path,
+    a: (&'a String, &'a safetensors::tensor::TensorView<'a>),
+    b: (&'a String, &'a safetensors::tensor::TensorView<'a>),
+    limits: LoraLimits,
+    peft: &'a PeftConfig,
+}
+
+/// A checked pair as f32, with its rank (per expert) and scale.
+struct ReadPair {
+    rank: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    scale: f32,
+}
+
+impl ReadPair {
+    fn matrix(&self, a: Vec<f32>, b: Vec<f32>, in_dim: usize, out_dim: usize) -> LoraMatrix {
+        LoraMatrix {
+            rank: self.rank,
+            a,
+            b,
+            scale: self.scale,
+            in_dim,
+            out_dim,
+        }
+    }
+}
+
+impl Pair<'_> {
+    /// Checks the pair against `in_dim`, `out` and `n` stacked experts
+    /// (`A: [n * r, in]`, `B: [out, n * r]`; `n` is 1 for one projection)
+    /// and the configured rank of `module`, and reads it as f32.
+    fn read(&self, module: &str, in_dim: usize, out: usize, n: usize) -> LoraResult<ReadPair> {
+        let ((a_name, a), (b_name, b)) = (self.a, self.b);
+        let path = self.path;
+        let rows = a.shape().first().copied().unwrap_or(0);
+        let rank = rows / n.max(1);
+        if rank > self.limits.max_rank {
+            return Err(LoraError::RankTooLarge {
+                path: path.to_path_buf(),
+                rank,
+                max: self.limits.max_rank,
+            });
+        }
+        let shape_err = |tensor: &str, got: &[usize], want: Vec<usize>| LoraError::Shape {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            got: got.to_vec(),
+            want,
+        };
+        if rank == 0 || a.shape() != [n * rank, in_dim] {
+            return Err(shape_err(a_name, a.shape(), vec![n * rank.max(1), in_dim]));
+        }
+        if b.shape() != [out, n * rank] {
+            return Err(shape_err(b_name, b.shape(), vec![out, n * rank]));
+        }
+        let want_rank = self.peft.rank_of(module);
+        if rank != want_rank {
+            return Err(malformed(
+                path,
+                format!(
+                    "module '{module}' has rank {rank}, but adapter_config.json gives {want_rank}"
+                ),
+            ));
+        }
+        Ok(ReadPair {
+            rank,
+            a: to_f32(path, a_name, a)?,
+            b: to_f32(path, b_name, b)?,
+            scale: self.peft.scale(module, rank),
+        })
+    }
 }

@@ -268,3 +268,126 @@ fn an_adapter_outside_the_url_policy_is_forbidden() {
     );
     assert_openai_error(&r, 403, "not inside the model store");
 }
+
+#[test]
+fn preload_and_pin_are_djls_over_http() {
+    let s = shared();
+    let _g = models_lock();
+    let dir = tempdir("lora-pin-").join("tinypin");
+    write(
+        &dir.join("serving.properties"),
+        &format!(
+            "option.model_id={}\noption.enable_lora=true\noption.max_loras=1\noption.max_cpu_loras=2\n",
+            tiny("llama").display()
+        ),
+    );
+    let r = register(s, &format!("url={}&model_name=tinypin", url_escape(&dir)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let base = "/models/tinypin/adapters";
+    let reg = |q: &str| s.req("POST", &format!("{base}?{q}"), &[], b"");
+    let src = |a: &str| url_escape(&tiny(&format!("llama/{a}")));
+    let describe = |name: &str| s.get(&format!("{base}/{name}")).json()[0].clone();
+
+    // pin=true: read now and pinned.
+    let r = reg(&format!("name=p&src={}&pin=true", src("lora_a")));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = describe("p");
+    assert_eq!(
+        (d["pin"].clone(), d["loaded"].clone()),
+        (json!(true), json!(true))
+    );
+    // preload=false: registered, read at its first request.
+    let r = reg(&format!("name=lazy&src={}&preload=false", src("lora_b")));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = describe("lazy");
+    assert_eq!(
+        (d["loaded"].clone(), d["rank"].clone()),
+        (json!(false), json!(0))
+    );
+    let r = completion(s, "lazy");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = describe("lazy");
+    assert_eq!(
+        (d["loaded"].clone(), d["rank"].clone()),
+        (json!(true), json!(8))
+    );
+    assert_djl_error(
+        &reg(&format!("name=x&src={}&pin=maybe", src("lora_c"))),
+        400,
+        "'pin' must be true or false, got 'maybe'",
+    );
+
+    // update?pin=true pins without reading again; now both slots are pinned.
+    let r = s.req("POST", &format!("{base}/lazy/update?pin=true"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "Adapter lazy updated");
+    assert_eq!(describe("lazy")["pin"], true);
+    let full = "all 2 of option.max_cpu_loras's slots hold pinned adapters (lazy, p)";
+    assert_djl_error(
+        &reg(&format!("name=c&src={}&pin=true", src("lora_c"))),
+        400,
+        full,
+    );
+    assert_djl_error(&reg(&format!("name=c&src={}", src("lora_c"))), 400, full);
+    // Registered without preload, it cannot be loaded for a request either.
+    let r = reg(&format!("name=c&src={}&preload=false", src("lora_c")));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = completion(s, "c");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains(full), "{}", r.text());
+    // The pinned adapters and the base keep serving; unpinning frees a slot.
+    assert_eq!(completion(s, "p").status, 200);
+    assert_eq!(completion(s, "tinypin").status, 200);
+    let r = s.req("POST", &format!("{base}/p/update?pin=false"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = completion(s, "c");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let listed: Vec<(String, bool)> = s.get(base).json()["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap().to_string(), a["pin"] == true))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("c".into(), false),
+            ("lazy".into(), true),
+            ("p".into(), false)
+        ]
+    );
+    let r = s.req("DELETE", "/models/tinypin", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[test]
+fn a_mixture_of_experts_model_serves_its_adapters() {
+    let s = shared();
+    let _g = models_lock();
+    let dir = tempdir("lora-moe-").join("tinymoe");
+    write(
+        &dir.join("serving.properties"),
+        &format!(
+            "option.model_id={}\noption.enable_lora=true\n",
+            tiny("mixtral").display()
+        ),
+    );
+    copy_dir(&tiny("mixtral/lora"), &dir.join("adapters/moe"));
+    let r = register(s, &format!("url={}&model_name=tinymoe", url_escape(&dir)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = |m: &str| {
+        let r = completion(s, m);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    // The router and expert deltas change the text; picked by the DJL
+    // field too.
+    let (on_base, on_moe) = (text("tinymoe"), text("moe"));
+    assert_ne!(on_moe, on_base);
+    assert_eq!(
+        generated(&lmi(s, "tinymoe", json!({"adapters": "moe"}), &[])),
+        on_moe
+    );
+    let r = s.req("DELETE", "/models/tinymoe", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
