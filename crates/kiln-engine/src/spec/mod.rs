@@ -28,6 +28,7 @@ pub mod config;
 pub mod draft;
 pub mod metrics;
 pub mod ngram;
+pub mod profile;
 pub mod verify;
 
 pub use config::{SpecConfig, SpecMethod};
