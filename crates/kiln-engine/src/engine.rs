@@ -841,7 +841,7 @@ impl<B: Backend> Worker<B> {
         });
         self.sched.remove(id);
         if let Some(s) = self.spec.as_mut() {
-            s.proposer.release(id);
+            s.release(id);
         }
         if !a.started {
             self.queued.fetch_sub(1, Ordering::SeqCst);
@@ -977,7 +977,7 @@ impl<B: Backend> Worker<B> {
                 continue;
             };
             let k = spec.k.min(a.max_len.saturating_sub(s.tokens.len() + 1));
-            if k > 0 {
+            if k > 0 && spec.backoff.allow(id) {
                 batch.push(ProposalRequest {
                     id,
                     tokens: &s.tokens,
@@ -1024,6 +1024,9 @@ impl<B: Backend> Worker<B> {
         }
         self.sched.accept_draft(id, accepted);
         self.metrics.spec.record(draft.len(), accepted);
+        if let Some(s) = self.spec.as_mut() {
+            s.backoff.record(id, draft.len(), accepted);
+        }
     }
 
     /// Records the log-probability of prompt token `pos` of sequence `id`.
