@@ -558,3 +558,27 @@ fn another_draft_changes_speed_not_output() {
         .to_string();
     assert!(err.contains("must be loaded with the target"), "{err}");
 }
+
+/// Adaptive speculation: a draft that keeps missing (another model's
+/// weights) stops being asked after a few drafts, with pauses that grow
+/// (`kiln_engine::spec::adaptive`), so most steps carry no guesses; the
+/// output is still the output without speculation, alone and batched.
+#[test]
+fn guesses_that_keep_missing_are_paused() {
+    let reqs: Vec<Request> = prompts(&[3, 30])
+        .into_iter()
+        .map(|p| greedy(p, 150))
+        .collect();
+    let want = alone(&engine(tiny_model(), EngineConfig::default()), &reqs);
+    let e = with_draft(tiny_model(), tiny_model_seeded(7), draft_cfg(4));
+    assert_same(&alone(&e, &reqs[..1]), &want[..1], "alone, paused guesses");
+    let s = e.metrics().speculative;
+    assert!(s.acceptance_rate() < 0.3, "the draft should miss: {s:?}");
+    // Without pauses every one of the ~150 steps would carry a draft; with
+    // them: two drafts, then one after each pause of 4, 8, 16, 32, 64 steps.
+    assert!(
+        (3..=12).contains(&s.num_drafts),
+        "drafts should pause: {s:?}"
+    );
+    assert_same(&together(&e, &reqs), &want, "batched, paused guesses");
+}
