@@ -977,7 +977,8 @@ impl<B: Backend> Worker<B> {
                 continue;
             };
             let k = spec.k.min(a.max_len.saturating_sub(s.tokens.len() + 1));
-            if k > 0 && spec.backoff.allow(id) {
+            let k = spec.backoff.depth(id, k);
+            if k > 0 {
                 batch.push(ProposalRequest {
                     id,
                     tokens: &s.tokens,
