@@ -71,7 +71,7 @@ if [ "$LLAMA" != 0 ]; then
 fi
 
 {
-  header "Speculative decoding: decode tokens/s on a copying task (default model, one request)"
+  header "Speculative decoding: decode tokens/s on a copying task and a free-form one (default model, one request)"
   echo "- K (tokens guessed per step) = $K, max_tokens = $MAX_TOKENS, greedy"
   echo
 } | tee "$OUT/report.md"
@@ -85,8 +85,10 @@ import json, sys, time, urllib.error, urllib.request, statistics
 rounds, max_tokens, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 targets = [a.split("=", 1) for a in sys.argv[4:]]
 targets = [(k, v.split("|")) for k, v in targets]
-STORY = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
-         "Describe the sea, the weather, the keeper's past and what the keeper decides to do.")
+# A continuation that does not copy its prompt; ignore_eos so that it runs
+# to max_tokens like the copying task.
+STORY = ("Write a short story about a lighthouse keeper who finds a message in a bottle.\n\n"
+         "Story: On the night of the storm, the old keeper")
 TEXT = ("Copy the following list of items exactly, one per line, in the same order.\n\n"
         + "\n".join(f"{i}. {w}" for i, w in enumerate(
             "apples pears plums cherries grapes lemons limes melons peaches figs dates "
@@ -108,6 +110,8 @@ def wait_ready(base):
 def run(base, model, prompt=None):
     body = {"model": model, "prompt": prompt or TEXT, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
+    if prompt is not None and prompt != TEXT:
+        body["ignore_eos"] = True
     req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     t = []
