@@ -346,6 +346,11 @@ impl Engine {
             abort: abort.clone(),
             max_model_len,
             spec: speculator,
+            profile: crate::spec::profile::PhaseTimes::new(
+                "engine",
+                &["propose", "schedule", "forward", "choose"],
+                crate::spec::profile::profile_requested(),
+            ),
         };
         let thread = std::thread::Builder::new()
             .name("kiln-engine".into())
@@ -645,6 +650,8 @@ struct Worker<B: Backend> {
     lora: Uploaded<B>,
     /// Speculative decoding's proposer, when it is on.
     spec: Option<Speculator>,
+    /// Per-phase step timings (`KILN_STEP_PROFILE=1`, `crate::spec::profile`).
+    profile: crate::spec::profile::PhaseTimes,
 }
 
 impl<B: Backend> Worker<B> {
@@ -655,6 +662,7 @@ impl<B: Backend> Worker<B> {
                 if !open {
                     break;
                 }
+                self.profile.log();
                 // Nothing to do: sleep until a request arrives or every handle is gone.
                 match self.rx.recv() {
                     Ok(cmd) => self.accept(cmd),
@@ -833,7 +841,7 @@ impl<B: Backend> Worker<B> {
         });
         self.sched.remove(id);
         if let Some(s) = self.spec.as_mut() {
-            s.proposer.release(id);
+            s.release(id);
         }
         if !a.started {
             self.queued.fetch_sub(1, Ordering::SeqCst);
@@ -848,7 +856,9 @@ impl<B: Backend> Worker<B> {
 
     fn step(&mut self) {
         self.sched.max_adapters = self.adapters.max_loras.load(Ordering::Relaxed);
+        let t = Instant::now();
         self.propose_drafts();
+        let t = self.profile.lap(0, t);
         let plan = self.sched.schedule();
         if plan.seqs.is_empty() {
             if !self.sched.is_idle() && self.sched.num_running() == 0 {
@@ -866,6 +876,7 @@ impl<B: Backend> Worker<B> {
         }
         self.note_plan(&plan);
         let (input, uses) = self.sched.step_input(&plan);
+        let t = self.profile.lap(1, t);
         // The grammar masks of the sequences sampled in this step are
         // computed on a helper thread while the model runs the step.
         let sampled: Vec<u64> = plan
@@ -904,6 +915,7 @@ impl<B: Backend> Worker<B> {
             })
         };
         drop(lora);
+        let t = self.profile.lap(2, t);
         let logits = match forward {
             Ok(l) => l,
             Err(e) => {
@@ -919,6 +931,7 @@ impl<B: Backend> Worker<B> {
             }
         };
         self.metrics.steps.fetch_add(1, Ordering::Relaxed);
+        let generated_before = self.metrics.generated_tokens.load(Ordering::Relaxed);
         self.sched.commit(&plan);
         let vocab = logits.len() / input.logit_rows.len().max(1);
         // A sequence's prompt rows come before its sampling row, and its
@@ -943,6 +956,12 @@ impl<B: Backend> Worker<B> {
             }
             i += 1;
         }
+        if self.profile.is_on() {
+            self.profile.lap(3, t);
+            let made = self.metrics.generated_tokens.load(Ordering::Relaxed);
+            self.profile
+                .step_done(made.saturating_sub(generated_before));
+        }
     }
 
     /// Guesses the next tokens of every sequence about to decode
@@ -958,6 +977,7 @@ impl<B: Backend> Worker<B> {
                 continue;
             };
             let k = spec.k.min(a.max_len.saturating_sub(s.tokens.len() + 1));
+            let k = spec.backoff.depth(id, k);
             if k > 0 {
                 batch.push(ProposalRequest {
                     id,
@@ -1005,6 +1025,9 @@ impl<B: Backend> Worker<B> {
         }
         self.sched.accept_draft(id, accepted);
         self.metrics.spec.record(draft.len(), accepted);
+        if let Some(s) = self.spec.as_mut() {
+            s.backoff.record(id, draft.len(), accepted);
+        }
     }
 
     /// Records the log-probability of prompt token `pos` of sequence `id`.

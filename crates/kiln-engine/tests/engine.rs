@@ -5,7 +5,8 @@
 //! as sensitive to a wrong KV cache as a real model's); text-level tests use
 //! the default model (SmolLM2-135M-Instruct from the cache).
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use kiln_backend::cpu::CpuBackend;
@@ -13,85 +14,8 @@ use kiln_engine::{
     Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, RequestStream, SamplingParams,
     StopConditions, SubmitError, Usage,
 };
-use kiln_model::fixtures::{self, TinySpec};
-use kiln_model::{LoadOptions, LoadedModel};
-
-fn tiny_model() -> LoadedModel<CpuBackend> {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let path = PATH.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("kiln-engine-tiny-{}.gguf", std::process::id()));
-        let spec = TinySpec {
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            ffn: 96,
-            layers: 2,
-            max_positions: 1024,
-            tied: false,
-        };
-        fixtures::write_tiny_llama_gguf(&p, &spec, 42).unwrap();
-        p
-    });
-    kiln_model::load(&CpuBackend::new(), path, &LoadOptions::default()).unwrap()
-}
-
-fn default_model() -> LoadedModel<CpuBackend> {
-    let path = kiln_model::default_model::default_model_path()
-        .unwrap_or_else(|e| panic!("{e} (the test command scripts/test.sh fetches it)"));
-    kiln_model::load(&CpuBackend::new(), &path, &LoadOptions::default()).unwrap()
-}
-
-fn engine(model: LoadedModel<CpuBackend>, cfg: EngineConfig) -> Engine {
-    Engine::start(CpuBackend::new(), model, cfg).unwrap()
-}
-
-/// Everything a finished request produced.
-#[derive(Debug, Clone, PartialEq)]
-struct Output {
-    ids: Vec<u32>,
-    text: String,
-    reason: FinishReason,
-    usage: Usage,
-    logprobs: Vec<f32>,
-    top: Vec<Vec<(u32, f32)>>,
-}
-
-fn collect(mut s: RequestStream) -> Output {
-    let mut o = Output {
-        ids: vec![],
-        text: String::new(),
-        reason: FinishReason::Error,
-        usage: Usage::default(),
-        logprobs: vec![],
-        top: vec![],
-    };
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            Event::Token(t) => {
-                o.ids.push(t.id);
-                o.text.push_str(&t.text);
-                o.logprobs.push(t.logprob);
-                o.top.push(t.top_logprobs);
-            }
-            Event::Finished {
-                reason,
-                usage,
-                error,
-            } => {
-                assert!(reason != FinishReason::Error, "request failed: {error:?}");
-                o.reason = reason;
-                o.usage = usage;
-            }
-        }
-    }
-    o
-}
-
-fn greedy(prompt: Vec<u32>, n: usize) -> Request {
-    let mut r = Request::greedy(prompt, n);
-    r.stop.ignore_eos = true;
-    r
-}
+use kiln_model::LoadedModel;
+use support::*;
 
 /// Distinct prompts of the given lengths over the byte vocabulary.
 fn prompts(lens: &[usize]) -> Vec<Vec<u32>> {
@@ -115,12 +39,6 @@ fn alone(
     reqs.iter()
         .map(|r| collect(e.submit(r.clone()).unwrap()))
         .collect()
-}
-
-/// Submits every request at once.
-fn together(e: &Engine, reqs: &[Request]) -> Vec<Output> {
-    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-    streams.into_iter().map(collect).collect()
 }
 
 fn wait_for(e: &Engine, what: &str, cond: impl Fn(&kiln_engine::MetricsSnapshot) -> bool) {
@@ -596,6 +514,7 @@ fn collect_with_prompt(mut s: RequestStream) -> (Option<Vec<f32>>, Output) {
     let mut first = None;
     let mut o = Output {
         ids: vec![],
+        pieces: vec![],
         text: String::new(),
         reason: FinishReason::Error,
         usage: Usage::default(),

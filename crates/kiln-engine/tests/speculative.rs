@@ -4,114 +4,26 @@
 //! grammar, the prefix cache; seeded sampled requests give the same tokens
 //! too (the proposals are deterministic, see `kiln_engine::spec::verify`).
 
+mod support;
+
 use std::path::PathBuf;
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{
-    Constraint, Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, RequestStream,
-    SamplingParams, SpecConfig, Usage,
+    Constraint, Engine, EngineConfig, FinishReason, KvCapacity, Request, SamplingParams, SpecConfig,
 };
-use kiln_model::fixtures::{self, TinySpec};
-use kiln_model::{LoadOptions, LoadedModel};
+use kiln_model::LoadedModel;
 use serde_json::Value;
-
-fn tiny_model() -> LoadedModel<CpuBackend> {
-    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let path = PATH.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("kiln-spec-tiny-{}.gguf", std::process::id()));
-        let spec = TinySpec {
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            ffn: 96,
-            layers: 2,
-            max_positions: 1024,
-            tied: false,
-        };
-        fixtures::write_tiny_llama_gguf(&p, &spec, 42).unwrap();
-        p
-    });
-    kiln_model::load(&CpuBackend::new(), path, &LoadOptions::default()).unwrap()
-}
-
-fn default_model() -> LoadedModel<CpuBackend> {
-    let path = kiln_model::default_model::default_model_path()
-        .unwrap_or_else(|e| panic!("{e} (the test command scripts/test.sh fetches it)"));
-    kiln_model::load(&CpuBackend::new(), &path, &LoadOptions::default()).unwrap()
-}
+use support::*;
 
 fn ngram(k: usize) -> Option<SpecConfig> {
     Some(SpecConfig::ngram(k, 1, 3))
-}
-
-fn engine(model: LoadedModel<CpuBackend>, cfg: EngineConfig) -> Engine {
-    Engine::start(CpuBackend::new(), model, cfg).unwrap()
-}
-
-/// Everything a request produced, event by event.
-#[derive(Debug, Clone, PartialEq)]
-struct Output {
-    ids: Vec<u32>,
-    /// The text of each token event, as streamed.
-    pieces: Vec<String>,
-    logprobs: Vec<f32>,
-    top: Vec<Vec<(u32, f32)>>,
-    reason: FinishReason,
-    usage: Usage,
-}
-
-impl Output {
-    fn text(&self) -> String {
-        self.pieces.concat()
-    }
-}
-
-fn collect(mut s: RequestStream) -> Output {
-    let mut o = Output {
-        ids: vec![],
-        pieces: vec![],
-        logprobs: vec![],
-        top: vec![],
-        reason: FinishReason::Error,
-        usage: Usage::default(),
-    };
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            Event::Token(t) => {
-                o.ids.push(t.id);
-                o.pieces.push(t.text);
-                o.logprobs.push(t.logprob);
-                o.top.push(t.top_logprobs);
-            }
-            Event::Finished {
-                reason,
-                usage,
-                error,
-            } => {
-                assert!(reason != FinishReason::Error, "request failed: {error:?}");
-                o.reason = reason;
-                o.usage = usage;
-            }
-        }
-    }
-    o
-}
-
-fn greedy(prompt: Vec<u32>, n: usize) -> Request {
-    let mut r = Request::greedy(prompt, n);
-    r.stop.ignore_eos = true;
-    r
 }
 
 fn alone(e: &Engine, reqs: &[Request]) -> Vec<Output> {
     reqs.iter()
         .map(|r| collect(e.submit(r.clone()).unwrap()))
         .collect()
-}
-
-fn together(e: &Engine, reqs: &[Request]) -> Vec<Output> {
-    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
-    streams.into_iter().map(collect).collect()
 }
 
 fn assert_same(got: &[Output], want: &[Output], what: &str) {
@@ -336,7 +248,7 @@ fn stops_lengths_and_streaming_are_unchanged_by_speculation() {
     );
     let prompt = smol(&plain, COPY);
     let full = collect(plain.submit(greedy(prompt.clone(), 30)).unwrap());
-    let text = full.text();
+    let text = full.text;
     assert!(
         text.contains("cherries, grapes"),
         "the model copies: {text:?}"
@@ -368,7 +280,7 @@ fn stops_lengths_and_streaming_are_unchanged_by_speculation() {
     for i in [6, 8] {
         assert_eq!(want[i].reason, FinishReason::StopSequence, "{:?}", want[i]);
     }
-    assert!(!want[8].text().contains(", "));
+    assert!(!want[8].text.contains(", "));
     let s = spec.metrics().speculative;
     assert!(
         s.acceptance_rate() > 0.5,
@@ -414,7 +326,7 @@ fn guided_requests_are_unchanged_by_speculation() {
         ),
     ];
     let want = alone(&plain, &reqs);
-    let v: Value = serde_json::from_str(&want[0].text()).unwrap();
+    let v: Value = serde_json::from_str(&want[0].text).unwrap();
     assert!(v["fruits"].is_array(), "{v}");
     assert_same(&alone(&spec, &reqs), &want, "alone with speculation");
     assert_same(&together(&spec, &reqs), &want, "together with speculation");
@@ -525,23 +437,6 @@ fn bad_speculative_settings_are_refused_at_start() {
 }
 
 // ---- A draft model as proposer ----
-
-fn tiny_model_seeded(seed: u64) -> LoadedModel<CpuBackend> {
-    let p = std::env::temp_dir().join(format!("kiln-spec-tiny-{}-{seed}.gguf", std::process::id()));
-    if !p.exists() {
-        let spec = TinySpec {
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            ffn: 96,
-            layers: 2,
-            max_positions: 1024,
-            tied: false,
-        };
-        fixtures::write_tiny_llama_gguf(&p, &spec, seed).unwrap();
-    }
-    kiln_model::load(&CpuBackend::new(), &p, &LoadOptions::default()).unwrap()
-}
 
 fn draft_cfg(k: usize) -> EngineConfig {
     EngineConfig {
@@ -662,4 +557,28 @@ fn another_draft_changes_speed_not_output() {
         .expect("refused")
         .to_string();
     assert!(err.contains("must be loaded with the target"), "{err}");
+}
+
+/// Adaptive speculation: a draft that keeps missing (another model's
+/// weights) stops being asked after a few drafts, with pauses that grow
+/// (`kiln_engine::spec::adaptive`), so most steps carry no guesses; the
+/// output is still the output without speculation, alone and batched.
+#[test]
+fn guesses_that_keep_missing_are_paused() {
+    let reqs: Vec<Request> = prompts(&[3, 30])
+        .into_iter()
+        .map(|p| greedy(p, 150))
+        .collect();
+    let want = alone(&engine(tiny_model(), EngineConfig::default()), &reqs);
+    let e = with_draft(tiny_model(), tiny_model_seeded(7), draft_cfg(4));
+    assert_same(&alone(&e, &reqs[..1]), &want[..1], "alone, paused guesses");
+    let s = e.metrics().speculative;
+    assert!(s.acceptance_rate() < 0.3, "the draft should miss: {s:?}");
+    // Without pauses every one of the ~150 steps would carry a draft; with
+    // them: two drafts, then one after each pause of 4, 8, 16, 32, 64 steps.
+    assert!(
+        (3..=12).contains(&s.num_drafts),
+        "drafts should pause: {s:?}"
+    );
+    assert_same(&together(&e, &reqs), &want, "batched, paused guesses");
 }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
 use kiln_model::decoder::Decoder;
 
+use super::profile::{profile_requested, PhaseTimes};
 use super::{ProposalRequest, Proposer};
 use crate::block_manager::BlockManager;
 
@@ -33,6 +34,8 @@ pub struct DraftProposer<B: Backend> {
     kv: B::KvCache,
     blocks: BlockManager,
     seqs: HashMap<u64, DraftSeq>,
+    /// Per-phase timings of the draft's steps (`KILN_STEP_PROFILE=1`).
+    profile: PhaseTimes,
 }
 
 /// One sequence's part in a draft step.
@@ -67,6 +70,11 @@ impl<B: Backend> DraftProposer<B> {
             kv,
             blocks: BlockManager::new(num_blocks, block_size),
             seqs: HashMap::new(),
+            profile: PhaseTimes::new(
+                "draft",
+                &["input", "forward", "argmax"],
+                profile_requested(),
+            ),
         })
     }
 
@@ -84,6 +92,7 @@ impl<B: Backend> DraftProposer<B> {
     /// Runs one step over `rows` and returns each row's greedy next token;
     /// `None` if the step failed (every sequence is then forgotten).
     fn step(&mut self, rows: &[Row]) -> Option<Vec<u32>> {
+        let t = std::time::Instant::now();
         let bs = self.blocks.block_size();
         let mut input = StepInput::default();
         for r in rows {
@@ -105,10 +114,15 @@ impl<B: Backend> DraftProposer<B> {
             });
             input.logit_rows.push((input.tokens.len() - 1) as u32);
         }
+        let t = self.profile.lap(0, t);
         match self.decoder.forward(&self.backend, &mut self.kv, &input) {
             Ok(logits) => {
+                let t = self.profile.lap(1, t);
                 let vocab = logits.len() / rows.len().max(1);
-                Some(logits.chunks_exact(vocab.max(1)).map(argmax).collect())
+                let guesses = logits.chunks_exact(vocab.max(1)).map(argmax).collect();
+                self.profile.lap(2, t);
+                self.profile.step_done(rows.len() as u64);
+                Some(guesses)
             }
             Err(e) => {
                 tracing::error!("the draft model's step failed: {e}");
@@ -219,6 +233,9 @@ impl<B: Backend> Proposer for DraftProposer<B> {
 
     fn release(&mut self, id: u64) {
         self.drop_seq(id);
+        if self.seqs.is_empty() {
+            self.profile.log();
+        }
     }
 
     fn name(&self) -> &'static str {

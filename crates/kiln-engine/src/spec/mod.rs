@@ -24,10 +24,12 @@
 //! [`verify`]. The output distribution is the model's exactly, and a seeded
 //! request draws the same random numbers as without speculation.
 
+pub mod adaptive;
 pub mod config;
 pub mod draft;
 pub mod metrics;
 pub mod ngram;
+pub mod profile;
 pub mod verify;
 
 pub use config::{SpecConfig, SpecMethod};
@@ -66,6 +68,8 @@ pub(crate) struct Speculator {
     pub proposer: Box<dyn Proposer>,
     /// Guesses per step and sequence.
     pub k: usize,
+    /// Pauses of the sequences whose guesses keep missing.
+    pub backoff: adaptive::Backoff,
 }
 
 impl Speculator {
@@ -97,12 +101,19 @@ impl Speculator {
         Ok(Some(Self {
             proposer,
             k: cfg.num_speculative_tokens,
+            backoff: adaptive::Backoff::default(),
         }))
     }
 
     /// The proposer's name.
     pub fn name(&self) -> &'static str {
         self.proposer.name()
+    }
+
+    /// Sequence `id` has finished or was preempted.
+    pub fn release(&mut self, id: u64) {
+        self.proposer.release(id);
+        self.backoff.release(id);
     }
 }
 
