@@ -230,6 +230,21 @@ mod tests {
         m
     }
 
+    /// The series of one model "opt" with `m`'s counters (16-token blocks, 200 of them).
+    fn rendered(m: &MetricsSnapshot) -> String {
+        let mut out = String::new();
+        render(
+            &mut out,
+            &[ModelFigures {
+                name: "opt",
+                metrics: m,
+                block_size: 16,
+                num_blocks: 200,
+            }],
+        );
+        out
+    }
+
     fn value(text: &str, series: &str) -> Option<f64> {
         text.lines().find_map(|l| {
             let (name, v) = l.rsplit_once(' ')?;
@@ -240,16 +255,7 @@ mod tests {
     #[test]
     fn series_carry_the_engine_figures_under_vllm_names() {
         let m = snapshot();
-        let mut out = String::new();
-        render(
-            &mut out,
-            &[ModelFigures {
-                name: "opt",
-                metrics: &m,
-                block_size: 16,
-                num_blocks: 200,
-            }],
-        );
+        let out = rendered(&m);
         let l = r#"{model_name="opt",engine="0"}"#;
         let get = |n: &str| value(&out, &format!("{n}{l}"));
         assert_eq!(get("vllm:num_requests_waiting"), Some(3.0));
@@ -286,16 +292,7 @@ mod tests {
             num_accepted_tokens: 21,
             accepted_per_pos: vec![9, 7, 5],
         };
-        let mut out = String::new();
-        render(
-            &mut out,
-            &[ModelFigures {
-                name: "opt",
-                metrics: &m,
-                block_size: 16,
-                num_blocks: 200,
-            }],
-        );
+        let out = rendered(&m);
         let l = r#"{model_name="opt",engine="0"}"#;
         let get = |n: &str| value(&out, &format!("{n}{l}"));
         assert_eq!(get("vllm:spec_decode_num_drafts_total"), Some(10.0));
