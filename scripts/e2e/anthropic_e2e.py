@@ -15,12 +15,11 @@ environment from requirements.txt.
 """
 
 import json
-import subprocess
 import sys
-import time
 
 # The same server start-up as the OpenAI test (loopback, no proxy, the key).
-from openai_e2e import API_KEY, start_server  # noqa: E402
+import openai_e2e as e2e  # noqa: E402  (the server start, stop and check helpers)
+from openai_e2e import API_KEY, check, expect, start_server  # noqa: E402
 
 import anthropic  # noqa: E402
 from anthropic import Anthropic  # noqa: E402
@@ -47,28 +46,6 @@ WEATHER = [{"role": "user", "content": "What's the weather in Paris for the next
 # (the API still takes it): it goes in the body as an extra field.
 GREEDY = {"temperature": 0}
 FORCED = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
-
-failures = []
-passes = 0
-
-
-def check(name, fn):
-    global passes
-    t0 = time.time()
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - every failure is reported
-        failures.append(name)
-        print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-    else:
-        passes += 1
-        print(f"ok   {name} ({time.time() - t0:.2f} s)", flush=True)
-
-
-def expect(cond, what):
-    if not cond:
-        raise AssertionError(what)
-
 
 def text_of(message):
     return "".join(b.text for b in message.content if b.type == "text")
@@ -271,18 +248,8 @@ def main():
         check("tools: forced tool_use, streamed, tool_result round trip; auto refused", tools)
         check("errors (404, 400 unknown field, 400 image, 401)", errors)
     finally:
-        proc.terminate()
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = None
-    if code != 0:
-        failures.append(f"server exit status {code}")
-    print(f"anthropic e2e: {passes} passed, {len(failures)} failed", flush=True)
-    if failures:
-        print("server log:\n" + "".join(log[-40:]), file=sys.stderr)
-        sys.exit(1)
+        code = e2e.stop_server(proc)
+    e2e.report("anthropic e2e", code, log)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,27 @@ def expect(cond, what):
         raise AssertionError(what)
 
 
+def stop_server(proc):
+    """Stops the server (SIGTERM, SIGKILL after 30 s); its exit status, None if it was killed."""
+    proc.terminate()
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
+
+
+def report(label, code, log):
+    """Counts a server exit status other than 0 as a failure, prints the tally, and on any failure
+    prints the server log's last 40 lines and exits 1."""
+    if code != 0:
+        failures.append(f"server exit status {code}")
+    print(f"{label}: {passes} passed, {len(failures)} failed", flush=True)
+    if failures:
+        print("server log:\n" + "".join(log[-40:]), file=sys.stderr)
+        sys.exit(1)
+
+
 def start_server(binary, args=("--kv-cache-mib", "256"), ready_s=60, key=API_KEY):
     """`kiln serve` on a free port with the e2e API key and `args`; waits
     until /ping answers 200 (at most `ready_s` seconds after it listens).
@@ -396,18 +417,8 @@ def main():
         check("chat.completions.create tools: required, named, streamed; auto refused", tools)
         check("errors (404, 400, 401)", errors)
     finally:
-        proc.terminate()
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = None
-    if code != 0:
-        failures.append(f"server exit status {code}")
-    print(f"e2e: {passes} passed, {len(failures)} failed", flush=True)
-    if failures:
-        print("server log:\n" + "".join(log[-40:]), file=sys.stderr)
-        sys.exit(1)
+        code = stop_server(proc)
+    report("e2e", code, log)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ after openai_e2e.py.
 
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -208,19 +207,8 @@ def main():
         check("responses.retrieve, input_items.list, delete; store=False", get_list_delete)
         check("refused fields (400) and keys (401)", refused)
     finally:
-        proc.terminate()
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = None
-    failures = e2e.failures
-    if code != 0:
-        failures.append(f"server exit status {code}")
-    print(f"responses e2e: {e2e.passes} passed, {len(failures)} failed", flush=True)
-    if failures:
-        print("server log:\n" + "".join(log[-40:]), file=sys.stderr)
-        sys.exit(1)
+        code = e2e.stop_server(proc)
+    e2e.report("responses e2e", code, log)
 
 
 if __name__ == "__main__":

@@ -45,14 +45,12 @@ Deterministic: a rerun with the same package versions rewrites byte-identical fi
 
 import argparse
 import copy
-import json
-import platform
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_models as tm  # noqa: E402  (sets the offline environment variables too)
+import tiny_golden as tg  # noqa: E402
 
 # Seeds after tiny_models.py's (SEED + 0..8).
 SEED = tm.SEED + 100
@@ -189,27 +187,11 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
 
-    import numpy as np
-    import safetensors
-    import tokenizers
     import torch
-    import transformers
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    torch.set_grad_enabled(False)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    versions = {
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "safetensors": safetensors.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+    versions = tg.setup_torch()
     tok_json = tm.tokenizer_json()
     failures, notes = [], []
     for idx, (name, cfg, exercises) in enumerate(build_configs()):
@@ -219,11 +201,7 @@ def main() -> int:
         model.eval()
         randomize(model, seed)
         d = out / name
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        model.save_pretrained(d)
-        (d / "tokenizer.json").write_text(tok_json)
+        tg.save_checkpoint(model, d, tok_json)
 
         recs = tm.run_prompts(model, failures, name)
         feature_checks(name, model.config, model, recs, failures, notes)
@@ -240,48 +218,34 @@ def main() -> int:
         notes.append(f"{name}: max |logit change| with query_pre_attn_scalar {scalar}: {vd:.3g}")
         if vd < 1e-2:
             failures.append(f"{name}: query_pre_attn_scalar {scalar} does not change the logits")
-        re = tm.load_back(d, model, failures)
-        for i, lg in enumerate(tm.forward_all(re)):
-            if not torch.equal(lg, recs[i]["_logits"]):
-                failures.append(f"{name}: reloaded model's logits differ for p{i}")
+        tm.check_reload(d, model, recs, failures, name)
 
         st = load_file(str(d / "model.safetensors"))
-        n_params = sum(v.numel() for v in st.values())
-        files = {f.name: tm.sha256_of(f) for f in sorted(d.iterdir()) if f.name != "golden.json"}
-        doc = {
-            "name": name,
-            "architecture": model.config.architectures[0],
-            "model_type": model.config.model_type,
-            "exercises": exercises,
-            "generator": "scripts/golden/tiny_gemma.py",
-            "versions": versions,
-            "device": "cpu",
-            "dtype": "float32",
-            "attn_implementation": "eager",
-            "torch_threads": 1,
-            "seed": seed,
-            "init": {"matrix_std": tm.WEIGHT_STD, "bias_std": tm.BIAS_STD, "norm_weight": f"N(0, {tm.NORM_STD}^2), used as 1 + w"},
-            "n_params": n_params,
-            "tensors": {k: list(v.shape) for k, v in sorted(st.items())},
-            "layer_types": list(model.config.layer_types),
-            "vocab_size": tm.VOCAB_SIZE,
-            "new_tokens": tm.NEW_TOKENS,
-            "generation": "greedy (do_sample=False), KV cache, eos_token_id=None: exactly new_tokens tokens",
-            "files_sha256": files,
-            "prompts": [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs],
-            "variants": [
-                {
-                    "config_changes": {"query_pre_attn_scalar": scalar},
-                    "why": "the same weights with an attention scale other than head_dim^-0.5",
-                    # The 40-token prompt only (the directory stays under 1 MiB).
-                    "prompts": [{k: v for k, v in vrecs[2].items() if not k.startswith("_")}],
-                }
-            ],
-        }
-        (d / "golden.json").write_text(json.dumps(doc, indent=1) + "\n")
+        init = {"matrix_std": tm.WEIGHT_STD, "bias_std": tm.BIAS_STD, "norm_weight": f"N(0, {tm.NORM_STD}^2), used as 1 + w"}
+        common = tg.common_fields(model, st, recs, versions, seed, init)
+        n_params = common["n_params"]
+        tg.write_golden(
+            d,
+            dict(
+                common,
+                name=name,
+                exercises=exercises,
+                generator="scripts/golden/tiny_gemma.py",
+                layer_types=list(model.config.layer_types),
+                vocab_size=tm.VOCAB_SIZE,
+                new_tokens=tm.NEW_TOKENS,
+                variants=[
+                    {
+                        "config_changes": {"query_pre_attn_scalar": scalar},
+                        "why": "the same weights with an attention scale other than head_dim^-0.5",
+                        # The 40-token prompt only (the directory stays under 1 MiB).
+                        "prompts": [{k: v for k, v in vrecs[2].items() if not k.startswith("_")}],
+                    }
+                ],
+            ),
+        )
         size = sum(f.stat().st_size for f in d.iterdir())
-        min_gap = min(min(r["greedy_top2_gap"] + r["argmax_top2_gap"]) for r in recs)
-        kv = max(r["_kv_vs_full_max_abs_diff"] for r in recs)
+        min_gap, kv = tg.record_stats(recs)
         print(
             f"tiny: {name:7s} {n_params:7d} params, {size / 1024:6.1f} KiB, min top-2 gap {min_gap:.4f}, "
             f"KV vs full max diff {kv:.1e}, greedy {[r['greedy'] for r in recs]}",

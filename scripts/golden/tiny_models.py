@@ -51,10 +51,8 @@ byte-identical files (README.md's date is the --date argument).
 
 import argparse
 import copy
-import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -63,6 +61,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_golden as tg  # noqa: E402
+from tiny_golden import sha256_of  # noqa: E402,F401  (tiny_gpt_oss.py and others call tm.sha256_of)
 
 SEED = 20261125
 VOCAB_SIZE = 320
@@ -338,10 +340,6 @@ def build_configs():
 # ---------------------------------------------------------------------------------------------
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def f32(x) -> float:
     """A float32 value as the Python float (double) that holds it exactly; json writes its repr."""
     import numpy as np
@@ -465,6 +463,15 @@ def load_back(path, reference, failures):
     return m
 
 
+def check_reload(d, model, recs, failures, name):
+    """The checkpoint in `d` loads back to the same tensors and the same logits, bit for bit."""
+    import torch
+
+    for i, lg in enumerate(forward_all(load_back(d, model, failures))):
+        if not torch.equal(lg, recs[i]["_logits"]):
+            failures.append(f"{name}: reloaded model's logits differ for p{i}: {float((lg - recs[i]['_logits']).abs().max())}")
+
+
 def forward_all(model):
     import torch
 
@@ -549,28 +556,11 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
 
-    import numpy as np
-    import safetensors
-    import tokenizers
     import torch
-    import transformers
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    torch.set_grad_enabled(False)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    versions = {
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "safetensors": safetensors.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+    versions = tg.setup_torch()
     tok_json = tokenizer_json()
 
     failures, notes, summary = [], [], []
@@ -585,20 +575,13 @@ def main() -> int:
             failures.append(f"{name}: non-float32 parameters")
 
         d = out / name
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        model.save_pretrained(d)
-        (d / "tokenizer.json").write_text(tok_json)
+        tg.save_checkpoint(model, d, tok_json)
 
         recs = run_prompts(model, failures, tag)
         feature_checks(name, model.config, model, recs, failures, notes)
 
         # Load back from disk and compare bit for bit.
-        re = load_back(d, model, failures)
-        for i, lg in enumerate(forward_all(re)):
-            if not torch.equal(lg, recs[i]["_logits"]):
-                failures.append(f"{name}: reloaded model's logits differ for p{i}: {float((lg - recs[i]['_logits']).abs().max())}")
+        check_reload(d, model, recs, failures, name)
 
         extra_dirs = []
         if name == "opt":
@@ -619,35 +602,24 @@ def main() -> int:
             extra_dirs.append(bd)
 
         st = load_file(str(d / "model.safetensors"))
-        n_params = sum(v.numel() for v in st.values())
+        init = {"matrix_std": WEIGHT_STD, "bias_std": BIAS_STD, "norm_weight": f"1 + N(0, {NORM_STD}^2)"}
+        common = tg.common_fields(model, st, recs, versions, SEED + idx, init)
+        n_params = common["n_params"]
         for dd in [d] + extra_dirs:
-            files = {f.name: sha256_of(f) for f in sorted(dd.iterdir()) if f.name != "golden.json"}
-            doc = {
-                "name": dd.name,
-                "architecture": model.config.architectures[0],
-                "model_type": model.config.model_type,
-                "exercises": exercises
-                + (" Same weights as ../opt, stored as a PyTorch pickle (pytorch_model.bin)." if dd.name == "opt-bin" else ""),
-                "versions": versions,
-                "device": "cpu",
-                "dtype": "float32",
-                "attn_implementation": "eager",
-                "torch_threads": 1,
-                "seed": SEED + idx,
-                "init": {"matrix_std": WEIGHT_STD, "bias_std": BIAS_STD, "norm_weight": f"1 + N(0, {NORM_STD}^2)"},
-                "n_params": n_params,
-                "tensors": {k: list(v.shape) for k, v in sorted(st.items())},
-                "legacy_config_fields": legacy_config_fields(model.config),
-                "vocab_size": VOCAB_SIZE,
-                "new_tokens": NEW_TOKENS,
-                "generation": "greedy (do_sample=False), KV cache, eos_token_id=None: exactly new_tokens tokens",
-                "files_sha256": files,
-                "prompts": [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs],
-            }
-            (dd / "golden.json").write_text(json.dumps(doc, indent=1) + "\n")
+            tg.write_golden(
+                dd,
+                dict(
+                    common,
+                    name=dd.name,
+                    exercises=exercises
+                    + (" Same weights as ../opt, stored as a PyTorch pickle (pytorch_model.bin)." if dd.name == "opt-bin" else ""),
+                    legacy_config_fields=legacy_config_fields(model.config),
+                    vocab_size=VOCAB_SIZE,
+                    new_tokens=NEW_TOKENS,
+                ),
+            )
         size = sum(f.stat().st_size for f in d.iterdir())
-        min_gap = min(min(r["greedy_top2_gap"] + r["argmax_top2_gap"]) for r in recs)
-        kv = max(r["_kv_vs_full_max_abs_diff"] for r in recs)
+        min_gap, kv = tg.record_stats(recs)
         summary.append((name, n_params, size, min_gap, kv, [r["greedy"] for r in recs]))
         print(
             f"tiny: {name:11s} {n_params:7d} params, {size / 1024:6.1f} KiB, min top-2 gap {min_gap:.4f}, "

@@ -35,14 +35,12 @@ Run (from the repository root; a few seconds on 2 cores):
 
 import argparse
 import copy
-import json
-import platform
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_models as tm  # noqa: E402
+import tiny_golden as tg  # noqa: E402
 
 SEED = tm.SEED + 100
 TOP_K = 2
@@ -256,28 +254,11 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
 
-    import numpy as np
-    import safetensors
-    import tokenizers
     import torch
-    import transformers
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    torch.set_grad_enabled(False)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    versions = {
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "safetensors": safetensors.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+    versions = tg.setup_torch()
     tok_json = tm.tokenizer_json()
     failures, notes, summary = [], [], []
     out.mkdir(parents=True, exist_ok=True)
@@ -288,53 +269,36 @@ def main() -> int:
         model.eval()
         tm.randomize(model, seed)
         d = out / name
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        model.save_pretrained(d)
-        (d / "tokenizer.json").write_text(tok_json)
+        tg.save_checkpoint(model, d, tok_json)
 
         recs = tm.run_prompts(model, failures, name)
         feature_checks(name, model.config, model, recs, failures, notes)
         margin = router_checks(name, model, recs, failures, notes)
 
-        re = tm.load_back(d, model, failures)
-        for i, lg in enumerate(tm.forward_all(re)):
-            if not torch.equal(lg, recs[i]["_logits"]):
-                failures.append(f"{name}: reloaded model's logits differ for p{i}")
+        tm.check_reload(d, model, recs, failures, name)
 
         st = load_file(str(d / "model.safetensors"))
         if any("gate_up_proj" in k for k in st):
             failures.append(f"{name}: save_pretrained wrote fused expert tensors")
         if not any(".experts.0." in k for k in st):
             failures.append(f"{name}: no per-expert tensors in the file")
-        n_params = sum(v.numel() for v in st.values())
-        files = {f.name: tm.sha256_of(f) for f in sorted(d.iterdir()) if f.name != "golden.json"}
-        doc = {
-            "name": name,
-            "architecture": model.config.architectures[0],
-            "model_type": model.config.model_type,
-            "exercises": exercises,
-            "versions": versions,
-            "device": "cpu",
-            "dtype": "float32",
-            "attn_implementation": "eager",
-            "torch_threads": 1,
-            "seed": seed,
-            "init": {"matrix_std": tm.WEIGHT_STD, "bias_std": tm.BIAS_STD, "norm_weight": f"1 + N(0, {tm.NORM_STD}^2)"},
-            "n_params": n_params,
-            "min_router_margin": tm.f32(margin),
-            "tensors": {k: list(v.shape) for k, v in sorted(st.items())},
-            "legacy_config_fields": tm.legacy_config_fields(model.config),
-            "vocab_size": tm.VOCAB_SIZE,
-            "new_tokens": tm.NEW_TOKENS,
-            "generation": "greedy (do_sample=False), KV cache, eos_token_id=None: exactly new_tokens tokens",
-            "files_sha256": files,
-            "prompts": [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs],
-        }
-        (d / "golden.json").write_text(json.dumps(doc, indent=1) + "\n")
+        init = {"matrix_std": tm.WEIGHT_STD, "bias_std": tm.BIAS_STD, "norm_weight": f"1 + N(0, {tm.NORM_STD}^2)"}
+        common = tg.common_fields(model, st, recs, versions, seed, init)
+        n_params = common["n_params"]
+        tg.write_golden(
+            d,
+            dict(
+                common,
+                name=name,
+                exercises=exercises,
+                min_router_margin=tm.f32(margin),
+                legacy_config_fields=tm.legacy_config_fields(model.config),
+                vocab_size=tm.VOCAB_SIZE,
+                new_tokens=tm.NEW_TOKENS,
+            ),
+        )
         size = sum(f.stat().st_size for f in d.iterdir())
-        min_gap = min(min(r["greedy_top2_gap"] + r["argmax_top2_gap"]) for r in recs)
+        min_gap, _ = tg.record_stats(recs)
         print(
             f"tiny_moe: {name:9s} {n_params:7d} params, {size / 1024:6.1f} KiB, min top-2 gap {min_gap:.4f}, "
             f"router margin {margin:.3g}",

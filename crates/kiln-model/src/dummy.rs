@@ -41,127 +41,252 @@ pub struct Shape {
     pub source: &'static str,
     /// The published parameter count (every expert of a mixture counted).
     pub params: u64,
-    config: fn() -> Json,
+    dims: Dims,
+}
+
+/// The `config.json` fields of a shape that differ between models; the
+/// rest follow from its family ([`Dims::config_json`]).
+#[derive(Clone, Copy)]
+struct Dims {
+    family: Family,
+    vocab: u64,
+    hidden: u64,
+    /// `intermediate_size` (OPT's `ffn_dim`).
+    ffn: u64,
+    layers: u64,
+    heads: u64,
+    /// Llama and Qwen3-MoE only (OPT has as many as query heads).
+    kv_heads: u64,
+    /// When the config states it (else hidden / heads).
+    head_dim: Option<u64>,
+    max_positions: u64,
+    rope_theta: f64,
+    /// Llama and Qwen3-MoE only (OPT always ties).
+    tied: bool,
+    /// Llama 3's rope scaling factor (its other numbers are the same in
+    /// every Llama 3 config).
+    llama3_rope: Option<f64>,
+}
+
+/// The architectures the shapes come in.
+#[derive(Clone, Copy)]
+enum Family {
+    Llama,
+    /// OPT: learned positions, layer norms, biases, ReLU.
+    Opt,
+    /// Qwen3-MoE: (experts, experts per token, expert `intermediate_size`).
+    Qwen3Moe(u64, u64, u64),
+}
+
+impl Dims {
+    /// The `config.json` of these numbers, as the model's family writes it.
+    fn config_json(&self) -> Json {
+        let d = self;
+        let mut c = match d.family {
+            Family::Opt => {
+                return json!({"model_type": "opt", "vocab_size": d.vocab,
+                    "hidden_size": d.hidden, "ffn_dim": d.ffn, "num_hidden_layers": d.layers,
+                    "num_attention_heads": d.heads, "max_position_embeddings": d.max_positions,
+                    "word_embed_proj_dim": d.hidden, "do_layer_norm_before": true,
+                    "activation_function": "relu", "enable_bias": true})
+            }
+            Family::Llama => json!({"model_type": "llama", "rms_norm_eps": 1e-5}),
+            Family::Qwen3Moe(experts, per_token, expert_ff) => {
+                json!({"model_type": "qwen3_moe", "moe_intermediate_size": expert_ff,
+                    "num_experts": experts, "num_experts_per_tok": per_token,
+                    "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                    "rms_norm_eps": 1e-6})
+            }
+        };
+        let fields = [
+            ("vocab_size", json!(d.vocab)),
+            ("hidden_size", json!(d.hidden)),
+            ("intermediate_size", json!(d.ffn)),
+            ("num_hidden_layers", json!(d.layers)),
+            ("num_attention_heads", json!(d.heads)),
+            ("num_key_value_heads", json!(d.kv_heads)),
+            ("max_position_embeddings", json!(d.max_positions)),
+            ("rope_theta", json!(d.rope_theta)),
+            ("tie_word_embeddings", json!(d.tied)),
+        ];
+        for (k, v) in fields {
+            c[k] = v;
+        }
+        if let Some(h) = d.head_dim {
+            c["head_dim"] = json!(h);
+        }
+        if let Some(factor) = d.llama3_rope {
+            c["rope_scaling"] = json!({"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192});
+        }
+        c
+    }
+}
+
+/// One row of [`SHAPES`]: `(name, source, params)` and the numbers in
+/// [`Dims`]' field order.
+#[allow(clippy::too_many_arguments)]
+const fn shape_row(
+    (name, source, params): (&'static str, &'static str, u64),
+    family: Family,
+    (vocab, hidden, ffn, layers): (u64, u64, u64, u64),
+    (heads, kv_heads, head_dim): (u64, u64, Option<u64>),
+    max_positions: u64,
+    rope_theta: f64,
+    tied: bool,
+    llama3_rope: Option<f64>,
+) -> Shape {
+    Shape {
+        name,
+        source,
+        params,
+        dims: Dims {
+            family,
+            vocab,
+            hidden,
+            ffn,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            max_positions,
+            rope_theta,
+            tied,
+            llama3_rope,
+        },
+    }
 }
 
 /// Every shape `--arch` accepts. The config numbers are those of each
 /// model's `config.json` on the Hugging Face Hub (fields kiln reads; the
 /// rest are left out); the parameter counts are the Hub's safetensors
-/// totals for the same repositories.
+/// totals for the same repositories. Columns: (name, source, params),
+/// family, (vocab, hidden, ffn, layers), (heads, kv heads, head_dim),
+/// context, rope theta, tied embeddings, Llama 3 rope factor.
 pub const SHAPES: &[Shape] = &[
-    Shape {
-        name: "tiny",
-        source: "a two-layer Llama for tests (not a published model)",
-        params: 26_346_752,
-        config: || {
-            json!({"model_type": "llama", "vocab_size": 49152, "hidden_size": 256,
-                "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "max_position_embeddings": 2048,
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false})
-        },
-    },
-    Shape {
-        name: "tiny-opt",
-        source: "a two-layer OPT for tests (not a published model)",
-        params: 14_449_152,
-        config: || {
-            json!({"model_type": "opt", "vocab_size": 50272, "hidden_size": 256,
-                "ffn_dim": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-                "max_position_embeddings": 2048, "word_embed_proj_dim": 256,
-                "do_layer_norm_before": true, "activation_function": "relu",
-                "enable_bias": true})
-        },
-    },
-    Shape {
-        name: "tiny-moe",
-        source: "a two-layer Qwen3-MoE for tests (not a published model)",
-        params: 27_137_536,
-        config: || {
-            json!({"model_type": "qwen3_moe", "vocab_size": 49152, "hidden_size": 256,
-                "intermediate_size": 512, "moe_intermediate_size": 128,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 64, "num_experts": 8, "num_experts_per_tok": 2,
-                "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-                "rope_theta": 1000000.0, "tie_word_embeddings": false})
-        },
-    },
-    Shape {
-        name: "smollm2-135m",
-        source: "HuggingFaceTB/SmolLM2-135M config.json",
-        params: 134_515_008,
-        config: || {
-            json!({"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
-                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "max_position_embeddings": 8192,
-                "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": true})
-        },
-    },
-    Shape {
-        name: "llama3-1b",
-        source: "meta-llama/Llama-3.2-1B config.json",
-        params: 1_235_814_400,
-        config: || {
-            json!({"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
-                "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true,
-                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
-        },
-    },
-    Shape {
-        name: "llama3-3b",
-        source: "meta-llama/Llama-3.2-3B config.json",
-        params: 3_212_749_824,
-        config: || {
-            json!({"model_type": "llama", "vocab_size": 128256, "hidden_size": 3072,
-                "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-                "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true,
-                "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
-        },
-    },
-    Shape {
-        name: "llama3-8b",
-        source: "meta-llama/Llama-3.1-8B config.json",
-        params: 8_030_261_248,
-        config: || {
-            json!({"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "max_position_embeddings": 131072,
-                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": false,
-                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
-        },
-    },
-    Shape {
-        name: "opt-13b",
-        source: "facebook/opt-13b config.json",
-        params: 12_853_473_280,
-        config: || {
-            json!({"model_type": "opt", "vocab_size": 50272, "hidden_size": 5120,
-                "ffn_dim": 20480, "num_hidden_layers": 40, "num_attention_heads": 40,
-                "max_position_embeddings": 2048, "word_embed_proj_dim": 5120,
-                "do_layer_norm_before": true, "activation_function": "relu",
-                "enable_bias": true})
-        },
-    },
-    Shape {
-        name: "qwen3-30b-a3b",
-        source: "Qwen/Qwen3-30B-A3B config.json",
-        params: 30_532_122_624,
-        config: || {
-            json!({"model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
-                "intermediate_size": 6144, "moe_intermediate_size": 768,
-                "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
-                "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
-                "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
-                "rope_theta": 1000000.0, "tie_word_embeddings": false})
-        },
-    },
+    shape_row(
+        (
+            "tiny",
+            "a two-layer Llama for tests (not a published model)",
+            26_346_752,
+        ),
+        Family::Llama,
+        (49152, 256, 512, 2),
+        (4, 2, None),
+        2048,
+        10000.0,
+        false,
+        None,
+    ),
+    shape_row(
+        (
+            "tiny-opt",
+            "a two-layer OPT for tests (not a published model)",
+            14_449_152,
+        ),
+        Family::Opt,
+        (50272, 256, 512, 2),
+        (4, 4, None),
+        2048,
+        0.0,
+        true,
+        None,
+    ),
+    shape_row(
+        (
+            "tiny-moe",
+            "a two-layer Qwen3-MoE for tests (not a published model)",
+            27_137_536,
+        ),
+        Family::Qwen3Moe(8, 2, 128),
+        (49152, 256, 512, 2),
+        (4, 2, Some(64)),
+        2048,
+        1000000.0,
+        false,
+        None,
+    ),
+    shape_row(
+        (
+            "smollm2-135m",
+            "HuggingFaceTB/SmolLM2-135M config.json",
+            134_515_008,
+        ),
+        Family::Llama,
+        (49152, 576, 1536, 30),
+        (9, 3, None),
+        8192,
+        100000.0,
+        true,
+        None,
+    ),
+    shape_row(
+        (
+            "llama3-1b",
+            "meta-llama/Llama-3.2-1B config.json",
+            1_235_814_400,
+        ),
+        Family::Llama,
+        (128256, 2048, 8192, 16),
+        (32, 8, Some(64)),
+        131072,
+        500000.0,
+        true,
+        Some(32.0),
+    ),
+    shape_row(
+        (
+            "llama3-3b",
+            "meta-llama/Llama-3.2-3B config.json",
+            3_212_749_824,
+        ),
+        Family::Llama,
+        (128256, 3072, 8192, 28),
+        (24, 8, Some(128)),
+        131072,
+        500000.0,
+        true,
+        Some(32.0),
+    ),
+    shape_row(
+        (
+            "llama3-8b",
+            "meta-llama/Llama-3.1-8B config.json",
+            8_030_261_248,
+        ),
+        Family::Llama,
+        (128256, 4096, 14336, 32),
+        (32, 8, None),
+        131072,
+        500000.0,
+        false,
+        Some(8.0),
+    ),
+    shape_row(
+        ("opt-13b", "facebook/opt-13b config.json", 12_853_473_280),
+        Family::Opt,
+        (50272, 5120, 20480, 40),
+        (40, 40, None),
+        2048,
+        0.0,
+        true,
+        None,
+    ),
+    shape_row(
+        (
+            "qwen3-30b-a3b",
+            "Qwen/Qwen3-30B-A3B config.json",
+            30_532_122_624,
+        ),
+        Family::Qwen3Moe(128, 8, 768),
+        (151936, 2048, 6144, 48),
+        (32, 4, Some(128)),
+        40960,
+        1000000.0,
+        false,
+        None,
+    ),
 ];
 
 /// The shape named `name`, or an error that lists the names.
@@ -179,7 +304,7 @@ impl Shape {
     /// The decoder configuration, read from the published config as a
     /// checkpoint's would be.
     pub fn config(&self) -> Result<DecoderConfig> {
-        DecoderConfig::from_hf_json(&(self.config)(), Path::new(self.name))
+        DecoderConfig::from_hf_json(&self.dims.config_json(), Path::new(self.name))
     }
 }
 

@@ -3,7 +3,8 @@
 //! last position's logits within [`LOGIT_TOL`], every position's argmax
 //! (near ties aside) and the greedy tokens equal.
 //!
-//! Also the mixed-batch runner (`run_plan`) the batch-invariance tests share.
+//! Also the mixed-batch runner (`run_plan`) and check the batch-invariance
+//! tests share, and the check that quantized weights track their f32 values.
 //!
 //! A test tool (feature `test-support`), shared so that the golden tests of
 //! each family (`tests/architectures.rs`, `gemma.rs`, `moe.rs`,
@@ -123,6 +124,105 @@ pub fn check_loaded(name: &str, m: &LoadedModel<CpuBackend>, what: &str) {
             "{name} ({what}) prompt {pi}: greedy tokens"
         );
     }
+}
+
+/// The sequences a batch-invariance test mixes: each golden prompt of
+/// `gold` followed by its first 6 greedy tokens, as (prompt length, tokens).
+pub fn golden_sequences(gold: &Value) -> Vec<(usize, Vec<u32>)> {
+    gold["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| {
+            let prompt = ids(&p["ids"]);
+            let mut t = prompt.clone();
+            t.extend(ids(&p["greedy"]).into_iter().take(6));
+            (prompt.len(), t)
+        })
+        .collect()
+}
+
+/// Each of `seqs` (prompt length, tokens) run in one mixed batch (prompts
+/// prefilled in chunks of up to 5 while others decode one token a step,
+/// sequence `i` starting at step `i`) gets the same logits, bit for bit,
+/// as when it runs alone with its prompt in one step (`what` names the
+/// model in messages).
+pub fn assert_batched_as_alone(
+    be: &CpuBackend,
+    d: &Decoder<CpuBackend>,
+    seqs: &[(usize, Vec<u32>)],
+    what: &str,
+) {
+    let tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.1.clone()).collect();
+    let alone: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|(p, t)| {
+            // Prompt in one step, then one token a step.
+            let mut plan = vec![vec![*p]];
+            plan.extend((*p..t.len()).map(|_| vec![1]));
+            run_plan(be, d, std::slice::from_ref(t), &plan).remove(0)
+        })
+        .collect();
+    let mut plan = Vec::new();
+    let mut done = vec![0usize; seqs.len()];
+    let mut step = 0;
+    while done.iter().zip(&tokens).any(|(d, t)| d < &t.len()) {
+        let take: Vec<usize> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, t))| {
+                if step < i || done[i] == t.len() {
+                    0
+                } else if done[i] < *p {
+                    (p - done[i]).min(5)
+                } else {
+                    1
+                }
+            })
+            .collect();
+        for (d, n) in done.iter_mut().zip(&take) {
+            *d += n;
+        }
+        plan.push(take);
+        step += 1;
+    }
+    assert!(
+        plan.iter()
+            .any(|t| t.iter().any(|&n| n > 1) && t.contains(&1)),
+        "{what}: no step mixes a prompt chunk with a decode"
+    );
+    let together = run_plan(be, d, &tokens, &plan);
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert!(a == b, "{what}: sequence {i} differs batched");
+    }
+}
+
+/// A model whose weights are quantized (`q`) tracks the same values decoded
+/// to f32 (`f`) on `prompt`: the logits differ (the quantized kernels ran),
+/// by under 0.05, and at least 9 in 10 positions' argmaxes agree.
+pub fn assert_tracks_f32(
+    be: &CpuBackend,
+    q: &Decoder<CpuBackend>,
+    f: &Decoder<CpuBackend>,
+    prompt: &[u32],
+    what: &str,
+) {
+    let (lq, _) = fixtures::prefill(be, q, prompt, 0).expect("prefill");
+    let (lf, _) = fixtures::prefill(be, f, prompt, 0).expect("prefill");
+    let diff = fixtures::max_abs_diff(what, &lq, &lf);
+    assert!(diff > 0.0, "{what} computed as f32");
+    assert!(diff < 0.05, "{what} differ by {diff}");
+    let vocab = q.config().vocab_size;
+    let agree = lq
+        .chunks_exact(vocab)
+        .zip(lf.chunks_exact(vocab))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count();
+    assert!(
+        agree * 10 >= prompt.len() * 9,
+        "{what}: {agree} of {} argmaxes agree",
+        prompt.len()
+    );
 }
 
 /// One sequence of a multi-sequence run: its tokens, its KV blocks, how far it is.

@@ -40,6 +40,10 @@ pub mod mxfp4;
 pub mod names;
 pub mod prepared;
 pub use kiln_backend::quant;
+// The tiny checkpoints written as GGUF files the way llama.cpp's converter
+// writes them: a test tool, only with the `test-support` feature.
+#[cfg(feature = "test-support")]
+pub mod tiny_gguf;
 pub mod tokenizer;
 pub mod torch;
 pub mod weights;

@@ -182,7 +182,6 @@ fn to_gguf(name: &str) -> PathBuf {
 /// temporary file named after `tag`.
 fn to_gguf_from(name: &str, d: &Path, tag: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
-    use kiln_model::quant::GgmlType;
     use kiln_model::weights::{hf_gemma_names, SafetensorsSource, WeightSource};
     let d = d.to_path_buf();
     let hf: Value =
@@ -237,33 +236,7 @@ fn to_gguf_from(name: &str, d: &Path, tag: &str) -> PathBuf {
                 theta(&rope["sliding_attention"]),
             );
     }
-    let tok: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
-    let vocab = n("vocab_size") as usize;
-    let mut tokens = vec![String::new(); vocab];
-    let mut types = vec![G::I32(5); vocab];
-    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
-        let i = id.as_u64().unwrap() as usize;
-        (tokens[i], types[i]) = (t.clone(), G::I32(1));
-    }
-    for a in tok["added_tokens"].as_array().unwrap() {
-        let i = a["id"].as_u64().unwrap() as usize;
-        (tokens[i], types[i]) = (a["content"].as_str().unwrap().to_string(), G::I32(3));
-    }
-    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
-        *t = format!("[PAD{i}]");
-    }
-    w.meta("tokenizer.ggml.model", G::String("gpt2".into()))
-        .meta("tokenizer.ggml.pre", G::String("gpt-2".into()))
-        .meta(
-            "tokenizer.ggml.tokens",
-            G::Array(tokens.into_iter().map(G::String).collect()),
-        )
-        .meta("tokenizer.ggml.token_type", G::Array(types))
-        .meta(
-            "tokenizer.ggml.merges",
-            G::Array(vec![G::String("a b".into())]),
-        );
+    kiln_model::tiny_gguf::write_gpt2_vocab(&mut w, &d, n("vocab_size") as usize);
     let mut names = vec![
         "token_embd.weight".to_string(),
         "output_norm.weight".to_string(),
@@ -299,17 +272,9 @@ fn to_gguf_from(name: &str, d: &Path, tag: &str) -> PathBuf {
         if t.ends_with("norm.weight") {
             h.data.iter_mut().for_each(|v| *v += 1.0);
         }
-        let bytes = h.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        w.tensor(
-            &t,
-            h.shape.iter().rev().map(|&d| d as u64).collect(),
-            GgmlType::F32,
-            bytes,
-        );
+        kiln_model::tiny_gguf::put_f32(&mut w, &t, &h.shape, &h.data);
     }
-    let out = std::env::temp_dir().join(format!("kiln-gemma-{tag}-{}.gguf", std::process::id()));
-    std::fs::write(&out, w.to_bytes()).expect("write gguf");
-    out
+    kiln_model::tiny_gguf::write_temp(&w, &format!("gemma-{tag}"))
 }
 
 #[test]

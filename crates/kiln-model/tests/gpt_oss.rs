@@ -16,8 +16,12 @@ use kiln_model::config::DecoderConfig;
 use kiln_model::decoder::Decoder;
 use kiln_model::fixtures;
 use kiln_model::gguf::{GgufWriter, Value as G};
-use kiln_model::goldens::{self, argmax, floats, golden, ids, run, run_plan, tiny_dir as dir};
+use kiln_model::goldens::{
+    self, assert_batched_as_alone, assert_tracks_f32, floats, golden, golden_sequences, ids, run,
+    tiny_dir as dir,
+};
 use kiln_model::quant::GgmlType;
+use kiln_model::tiny_gguf;
 use kiln_model::weights::{SafetensorsSource, WeightSource};
 use kiln_model::{load, LoadOptions, LoadedModel};
 use serde_json::Value;
@@ -124,19 +128,8 @@ fn to_gguf(form: Form) -> PathBuf {
     let u = |v: usize| G::U32(v as u32);
     let f = |v: &Value| G::F32(v.as_f64().expect("number") as f32);
     let key = |k: &str| format!("{arch}.{k}");
-    w.meta("general.architecture", G::String(arch.into()))
-        .meta(&key("block_count"), u(cfg.n_layers))
-        .meta(&key("context_length"), u(cfg.max_position_embeddings))
-        .meta(&key("embedding_length"), u(cfg.hidden_size))
-        .meta(&key("feed_forward_length"), u(cfg.intermediate_size))
-        .meta(&key("attention.head_count"), u(cfg.n_heads))
-        .meta(&key("attention.head_count_kv"), u(cfg.n_kv_heads))
-        .meta(&key("attention.key_length"), u(cfg.head_dim))
-        .meta(&key("attention.value_length"), u(cfg.head_dim))
-        .meta(
-            &key("attention.layer_norm_rms_epsilon"),
-            G::F32(cfg.norm_eps),
-        )
+    tiny_gguf::write_hparams(&mut w, arch, &cfg);
+    w.meta(&key("attention.value_length"), u(cfg.head_dim))
         .meta(&key("rope.freq_base"), f(&yarn["rope_theta"]))
         .meta(&key("rope.scaling.type"), G::String("yarn".into()))
         .meta(&key("rope.scaling.factor"), f(&yarn["factor"]))
@@ -151,32 +144,7 @@ fn to_gguf(form: Form) -> PathBuf {
         &key("attention.sliding_window"),
         u(hf["sliding_window"].as_u64().unwrap() as usize),
     );
-    let tok: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
-    let mut tokens = vec![String::new(); cfg.vocab_size];
-    let mut types = vec![G::I32(5); cfg.vocab_size];
-    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
-        let i = id.as_u64().unwrap() as usize;
-        (tokens[i], types[i]) = (t.clone(), G::I32(1));
-    }
-    for a in tok["added_tokens"].as_array().unwrap() {
-        let i = a["id"].as_u64().unwrap() as usize;
-        (tokens[i], types[i]) = (a["content"].as_str().unwrap().to_string(), G::I32(3));
-    }
-    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
-        *t = format!("[PAD{i}]");
-    }
-    w.meta("tokenizer.ggml.model", G::String("gpt2".into()))
-        .meta("tokenizer.ggml.pre", G::String("gpt-2".into()))
-        .meta(
-            "tokenizer.ggml.tokens",
-            G::Array(tokens.into_iter().map(G::String).collect()),
-        )
-        .meta("tokenizer.ggml.token_type", G::Array(types))
-        .meta(
-            "tokenizer.ggml.merges",
-            G::Array(vec![G::String("a b".into())]),
-        );
+    tiny_gguf::write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
     // (GGUF name, canonical name it is read from)
     let mut names: Vec<(String, String)> =
         ["token_embd.weight", "output_norm.weight", "output.weight"]
@@ -216,7 +184,6 @@ fn to_gguf(form: Form) -> PathBuf {
         let t = src.get(&canonical).expect(&canonical);
         let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
         let cols = *t.shape.last().unwrap();
-        let f32_bytes = |v: &[f32]| v.iter().flat_map(|v| v.to_le_bytes()).collect();
         match form {
             Form::Experts(ty) if gguf_name.ends_with("_exps.weight") => {
                 w.tensor(&gguf_name, dims, ty, quantize(ty, &t.data, cols));
@@ -225,22 +192,13 @@ fn to_gguf(form: Form) -> PathBuf {
                 let q = quantize(ty, &t.data, cols);
                 let back =
                     kiln_backend::quant::dequantize(ty, &q, t.data.len()).expect("dequantize");
-                w.tensor(&gguf_name, dims, GgmlType::F32, f32_bytes(&back));
+                tiny_gguf::put_f32(&mut w, &gguf_name, &t.shape, &back);
             }
-            _ => {
-                w.tensor(&gguf_name, dims, GgmlType::F32, f32_bytes(&t.data));
-            }
+            _ => tiny_gguf::put_f32(&mut w, &gguf_name, &t.shape, &t.data),
         }
     }
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = std::env::temp_dir().join(format!(
-        "kiln-gpt-oss-{}-{}-{call}.gguf",
-        format!("{form:?}").replace(['(', ')'], "-"),
-        std::process::id()
-    ));
-    std::fs::write(&out, w.to_bytes()).expect("write gguf");
-    out
+    let tag = format!("{form:?}").replace(['(', ')'], "-");
+    tiny_gguf::write_temp(&w, &format!("gpt-oss-{tag}"))
 }
 
 /// The GGUF form reads to the same configuration (experts, routing, YaRN
@@ -311,22 +269,8 @@ fn quantized_gguf_experts_stay_quantized_and_track_their_f32_values() {
         let mf = load(&be, &decoded, &LoadOptions::default()).unwrap();
         let _ = (std::fs::remove_file(&q), std::fs::remove_file(&decoded));
         let prompt = ids(&golden(NAME)["prompts"][2]["ids"]);
-        let (lq, _) = fixtures::prefill(&be, &mq.decoder, &prompt, 0).unwrap();
-        let (lf, _) = fixtures::prefill(&be, &mf.decoder, &prompt, 0).unwrap();
-        let diff = fixtures::max_abs_diff(&format!("{ty:?} experts"), &lq, &lf);
-        assert!(diff > 0.0, "{ty:?} experts computed as f32");
-        assert!(diff < 0.05, "{ty:?} experts differ by {diff}");
-        let vocab = mq.decoder.config().vocab_size;
-        let agree = lq
-            .chunks_exact(vocab)
-            .zip(lf.chunks_exact(vocab))
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count();
-        assert!(
-            agree * 10 >= prompt.len() * 9,
-            "{ty:?}: {agree} of {}",
-            prompt.len()
-        );
+        let what = format!("{ty:?} experts");
+        assert_tracks_f32(&be, &mq.decoder, &mf.decoder, &prompt, &what);
     }
 }
 
@@ -338,18 +282,7 @@ fn quantized_gguf_experts_stay_quantized_and_track_their_f32_values() {
 fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
     let be = CpuBackend::new();
     let m = load(&be, &dir(NAME), &LoadOptions::default()).unwrap();
-    let gold = golden(NAME);
-    let mut seqs: Vec<(usize, Vec<u32>)> = gold["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let prompt = ids(&p["ids"]);
-            let mut t = prompt.clone();
-            t.extend(ids(&p["greedy"]).into_iter().take(6));
-            (prompt.len(), t)
-        })
-        .collect();
+    let mut seqs = golden_sequences(&golden(NAME));
     seqs.push((
         13,
         b"Sinks, windows and experts per token"
@@ -357,45 +290,7 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
             .to_vec(),
     ));
     assert!(seqs.iter().any(|s| s.1.len() > 8));
-    let tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.1.clone()).collect();
-    let alone: Vec<Vec<f32>> = seqs
-        .iter()
-        .map(|(p, t)| {
-            let mut plan = vec![vec![*p]];
-            plan.extend((*p..t.len()).map(|_| vec![1]));
-            run_plan(&be, &m.decoder, std::slice::from_ref(t), &plan).remove(0)
-        })
-        .collect();
-    let mut plan = Vec::new();
-    let mut done = vec![0usize; seqs.len()];
-    let mut step = 0;
-    while done.iter().zip(&tokens).any(|(d, t)| d < &t.len()) {
-        let take: Vec<usize> = seqs
-            .iter()
-            .enumerate()
-            .map(|(i, (p, t))| {
-                if step < i || done[i] == t.len() {
-                    0
-                } else if done[i] < *p {
-                    (p - done[i]).min(5)
-                } else {
-                    1
-                }
-            })
-            .collect();
-        for (d, n) in done.iter_mut().zip(&take) {
-            *d += n;
-        }
-        plan.push(take);
-        step += 1;
-    }
-    assert!(plan
-        .iter()
-        .any(|t| t.iter().any(|&n| n > 1) && t.contains(&1)));
-    let together = run_plan(&be, &m.decoder, &tokens, &plan);
-    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-        assert!(a == b, "sequence {i} differs batched");
-    }
+    assert_batched_as_alone(&be, &m.decoder, &seqs, NAME);
 }
 
 /// The tiny checkpoint's fused expert tensors (`gate_up_proj`
@@ -523,22 +418,7 @@ fn mxfp4_hugging_face_experts_stay_mxfp4_and_track_their_f32_values() {
     let mq = load(&be, packed.path(), &LoadOptions::default()).unwrap();
     let mf = load(&be, decoded.path(), &LoadOptions::default()).unwrap();
     let prompt = ids(&golden(NAME)["prompts"][2]["ids"]);
-    let (lq, _) = fixtures::prefill(&be, &mq.decoder, &prompt, 0).unwrap();
-    let (lf, _) = fixtures::prefill(&be, &mf.decoder, &prompt, 0).unwrap();
-    let diff = fixtures::max_abs_diff("MXFP4 experts", &lq, &lf);
-    assert!(diff > 0.0, "MXFP4 experts computed as f32");
-    assert!(diff < 0.05, "MXFP4 experts differ by {diff}");
-    let vocab = mq.decoder.config().vocab_size;
-    let agree = lq
-        .chunks_exact(vocab)
-        .zip(lf.chunks_exact(vocab))
-        .filter(|(a, b)| argmax(a) == argmax(b))
-        .count();
-    assert!(
-        agree * 10 >= prompt.len() * 9,
-        "{agree} of {}",
-        prompt.len()
-    );
+    assert_tracks_f32(&be, &mq.decoder, &mf.decoder, &prompt, "MXFP4 experts");
 }
 
 /// A blocks/scales pair that does not fit its shape is refused, naming it.

@@ -412,7 +412,7 @@ fn moe_targets_kiln_cannot_serve_are_named() {
 /// `ffn_gate_inp`.
 fn to_gguf(name: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
-    use kiln_model::quant::GgmlType;
+    use kiln_model::tiny_gguf;
     use kiln_model::weights::{hf_llama_names, SafetensorsSource, WeightSource};
     let d = tiny_dir(name);
     let cfg = kiln_model::config::DecoderConfig::from_hf_config(&d.join("config.json")).unwrap();
@@ -423,55 +423,20 @@ fn to_gguf(name: &str) -> PathBuf {
     .unwrap();
     let arch = if name == "mixtral" { "llama" } else { name };
     let mut w = GgufWriter::default();
-    let u = |v: usize| G::U32(v as u32);
-    let key = |k: &str| format!("{arch}.{k}");
-    let rope = cfg.rope.as_ref().unwrap();
     if let Some(moe) = &cfg.moe {
-        w.meta(&key("expert_count"), u(moe.n_experts))
-            .meta(&key("expert_used_count"), u(moe.n_experts_used));
+        let u = |v: usize| G::U32(v as u32);
+        w.meta(&format!("{arch}.expert_count"), u(moe.n_experts))
+            .meta(&format!("{arch}.expert_used_count"), u(moe.n_experts_used));
         if arch != "llama" {
-            w.meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
+            w.meta(&format!("{arch}.expert_feed_forward_length"), u(moe.expert_ff));
         }
     }
-    w.meta("general.architecture", G::String(arch.into()))
-        .meta(&key("block_count"), u(cfg.n_layers))
-        .meta(&key("context_length"), u(cfg.max_position_embeddings))
-        .meta(&key("embedding_length"), u(cfg.hidden_size))
-        .meta(&key("feed_forward_length"), u(cfg.intermediate_size))
-        .meta(&key("attention.head_count"), u(cfg.n_heads))
-        .meta(&key("attention.head_count_kv"), u(cfg.n_kv_heads))
-        .meta(&key("attention.key_length"), u(cfg.head_dim))
-        .meta(
-            &key("attention.layer_norm_rms_epsilon"),
-            G::F32(cfg.norm_eps),
-        )
-        .meta(&key("rope.freq_base"), G::F32(rope.theta as f32))
-        .meta(&key("rope.dimension_count"), u(rope.rot_dim));
+    tiny_gguf::write_hparams(&mut w, arch, &cfg);
+    tiny_gguf::write_rope(&mut w, arch, &cfg);
     if name == "phi3" {
-        w.meta(&key("attention.sliding_window"), G::U32(0));
+        w.meta(&format!("{name}.attention.sliding_window"), G::U32(0));
     }
-    let tok: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
-    let mut tokens = vec![String::new(); cfg.vocab_size];
-    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
-        tokens[id.as_u64().unwrap() as usize] = t.clone();
-    }
-    for a in tok["added_tokens"].as_array().unwrap() {
-        tokens[a["id"].as_u64().unwrap() as usize] = a["content"].as_str().unwrap().to_string();
-    }
-    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
-        *t = format!("[PAD{i}]");
-    }
-    w.meta("tokenizer.ggml.model", G::String("gpt2".into()))
-        .meta("tokenizer.ggml.pre", G::String("gpt-2".into()))
-        .meta(
-            "tokenizer.ggml.tokens",
-            G::Array(tokens.into_iter().map(G::String).collect()),
-        )
-        .meta(
-            "tokenizer.ggml.merges",
-            G::Array(vec![G::String("a b".into())]),
-        );
+    tiny_gguf::write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
     let mut names = vec![
         "token_embd.weight".to_string(),
         "output_norm.weight".to_string(),
@@ -523,36 +488,21 @@ fn to_gguf(name: &str) -> PathBuf {
     }
     for n in names {
         let t = src.get(&n).unwrap();
-        let mut data = t.data.clone();
         let heads = if n.ends_with("attn_q.weight") {
             cfg.n_heads
         } else {
             cfg.n_kv_heads
         };
-        if arch == "llama" && (n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight")) {
-            // convert_hf_to_gguf.py's permute: each head's halves interleaved.
-            let (cols, hd) = (t.shape[1], cfg.head_dim);
-            for h in 0..heads {
-                for j in 0..hd / 2 {
-                    for k in 0..2 {
-                        let (src_row, dst_row) = (h * hd + k * hd / 2 + j, h * hd + 2 * j + k);
-                        data[dst_row * cols..(dst_row + 1) * cols]
-                            .copy_from_slice(&t.data[src_row * cols..(src_row + 1) * cols]);
-                    }
-                }
-            }
-        }
-        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        w.tensor(
-            &n.replace("ffn_gate_up", "ffn_up"),
-            t.shape.iter().rev().map(|&d| d as u64).collect(),
-            GgmlType::F32,
-            bytes,
-        );
+        let data =
+            if arch == "llama" && (n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight")) {
+                // convert_hf_to_gguf.py's permute: each head's halves interleaved.
+                tiny_gguf::permute_qk_rows(&t.data, heads, t.shape[1])
+            } else {
+                t.data
+            };
+        tiny_gguf::put_f32(&mut w, &n.replace("ffn_gate_up", "ffn_up"), &t.shape, &data);
     }
-    let out = std::env::temp_dir().join(format!("kiln-lora-{name}-{}.gguf", std::process::id()));
-    std::fs::write(&out, w.to_bytes()).unwrap();
-    out
+    tiny_gguf::write_temp(&w, &format!("lora-{name}"))
 }
 
 #[test]

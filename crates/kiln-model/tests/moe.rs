@@ -12,11 +12,14 @@ use kiln_backend::Backend;
 use kiln_model::config::DecoderConfig;
 use kiln_model::fixtures;
 use kiln_model::gguf::{GgufWriter, Value as G};
-use kiln_model::goldens::{argmax, check_loaded, golden, ids, run_plan, tiny_dir as dir};
+use kiln_model::goldens::{
+    assert_batched_as_alone, assert_tracks_f32, check_loaded, golden, golden_sequences, ids,
+    tiny_dir as dir,
+};
 use kiln_model::quant::GgmlType;
+use kiln_model::tiny_gguf::{self, permute_qk_rows};
 use kiln_model::weights::{SafetensorsSource, WeightSource};
 use kiln_model::{load, LoadOptions};
-use serde_json::Value;
 
 const MODELS: [&str; 3] = ["qwen3moe", "mixtral", "qwen2moe"];
 
@@ -84,25 +87,6 @@ fn parameter_counts_include_every_expert_and_active_counts_the_top_k() {
     }
 }
 
-/// Rows of a llama q or k matrix in the order llama.cpp's converter writes
-/// them (rotary pairs adjacent): row `h*hd + 2i + j` is Hugging Face's
-/// row `h*hd + j*hd/2 + i`.
-fn permute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let hd = data.len() / cols / heads;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..heads {
-        for i in 0..hd / 2 {
-            for j in 0..2 {
-                let src = h * hd + j * hd / 2 + i;
-                let dst = h * hd + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 /// How the GGUF file stores its matrices.
 #[derive(Clone, Copy, PartialEq)]
 enum Form {
@@ -140,22 +124,9 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
     let mut w = GgufWriter::default();
     let u = |v: usize| G::U32(v as u32);
     let key = |k: &str| format!("{arch}.{k}");
-    let rope = cfg.rope.as_ref().expect("rope");
-    w.meta("general.architecture", G::String(arch.into()))
-        .meta(&key("block_count"), u(cfg.n_layers))
-        .meta(&key("context_length"), u(cfg.max_position_embeddings))
-        .meta(&key("embedding_length"), u(cfg.hidden_size))
-        .meta(&key("feed_forward_length"), u(cfg.intermediate_size))
-        .meta(&key("attention.head_count"), u(cfg.n_heads))
-        .meta(&key("attention.head_count_kv"), u(cfg.n_kv_heads))
-        .meta(&key("attention.key_length"), u(cfg.head_dim))
-        .meta(
-            &key("attention.layer_norm_rms_epsilon"),
-            G::F32(cfg.norm_eps),
-        )
-        .meta(&key("rope.freq_base"), G::F32(rope.theta as f32))
-        .meta(&key("rope.dimension_count"), u(rope.rot_dim))
-        .meta(&key("expert_count"), u(moe.n_experts))
+    tiny_gguf::write_hparams(&mut w, arch, &cfg);
+    tiny_gguf::write_rope(&mut w, arch, &cfg);
+    w.meta(&key("expert_count"), u(moe.n_experts))
         .meta(&key("expert_used_count"), u(moe.n_experts_used));
     if arch != "llama" {
         w.meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
@@ -163,39 +134,14 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
     if let Some(s) = moe.shared_expert_ff {
         w.meta(&key("expert_shared_feed_forward_length"), u(s));
     }
-    let tok: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("tokenizer.json")).unwrap()).unwrap();
-    let mut tokens = vec![String::new(); cfg.vocab_size];
-    let mut types = vec![G::I32(5); cfg.vocab_size];
-    for (t, id) in tok["model"]["vocab"].as_object().unwrap() {
-        let i = id.as_u64().unwrap() as usize;
-        (tokens[i], types[i]) = (t.clone(), G::I32(1));
-    }
-    for a in tok["added_tokens"].as_array().unwrap() {
-        let i = a["id"].as_u64().unwrap() as usize;
-        (tokens[i], types[i]) = (a["content"].as_str().unwrap().to_string(), G::I32(3));
-    }
-    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
-        *t = format!("[PAD{i}]");
-    }
-    w.meta("tokenizer.ggml.model", G::String("gpt2".into()))
-        .meta("tokenizer.ggml.pre", G::String("gpt-2".into()))
-        .meta(
-            "tokenizer.ggml.tokens",
-            G::Array(tokens.into_iter().map(G::String).collect()),
-        )
-        .meta("tokenizer.ggml.token_type", G::Array(types))
-        .meta(
-            "tokenizer.ggml.merges",
-            G::Array(vec![G::String("a b".into())]),
-        );
+    tiny_gguf::write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
     // (GGUF name, row-major shape, values, quantizable expert tensor)
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>, bool)> = Vec::new();
     let plain = |n: &str, tensors: &mut Vec<(String, Vec<usize>, Vec<f32>, bool)>| {
         let t = src.get(n).expect(n);
         let data = match (arch, n.rsplit('.').nth(1)) {
-            ("llama", Some("attn_q")) => permute_rows(&t.data, cfg.n_heads, cfg.hidden_size),
-            ("llama", Some("attn_k")) => permute_rows(&t.data, cfg.n_kv_heads, cfg.hidden_size),
+            ("llama", Some("attn_q")) => permute_qk_rows(&t.data, cfg.n_heads, cfg.hidden_size),
+            ("llama", Some("attn_k")) => permute_qk_rows(&t.data, cfg.n_kv_heads, cfg.hidden_size),
             _ => t.data,
         };
         tensors.push((n.to_string(), t.shape, data, false));
@@ -264,21 +210,9 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
             Form::ExpertsQ8Decoded if expert => {
                 let back =
                     kiln_backend::quant::dequantize(GgmlType::Q8_0, &q8(), data.len()).unwrap();
-                w.tensor(
-                    &n,
-                    dims,
-                    GgmlType::F32,
-                    back.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                );
+                tiny_gguf::put_f32(&mut w, &n, &shape, &back);
             }
-            _ => {
-                w.tensor(
-                    &n,
-                    dims,
-                    GgmlType::F32,
-                    data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                );
-            }
+            _ => tiny_gguf::put_f32(&mut w, &n, &shape, &data),
         }
     }
     let tag = match form {
@@ -288,15 +222,7 @@ fn to_gguf(name: &str, form: Form) -> PathBuf {
         Form::AllQ8 => "allq8",
         Form::PerExpert => "per-expert",
     };
-    // Tests run in parallel and may write the same form: one name per call.
-    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = std::env::temp_dir().join(format!(
-        "kiln-moe-{name}-{tag}-{}-{call}.gguf",
-        std::process::id()
-    ));
-    std::fs::write(&out, w.to_bytes()).expect("write gguf");
-    out
+    tiny_gguf::write_temp(&w, &format!("moe-{name}-{tag}"))
 }
 
 #[test]
@@ -339,24 +265,9 @@ fn q8_0_experts_stay_quantized_and_track_the_f32_model() {
         let mq = load(&be, &q8, &LoadOptions::default()).unwrap();
         let mf = load(&be, &decoded, &LoadOptions::default()).unwrap();
         let _ = (std::fs::remove_file(&q8), std::fs::remove_file(&decoded));
-        let gold = golden(name);
-        let prompt = ids(&gold["prompts"][2]["ids"]);
-        let (lq, _) = fixtures::prefill(&be, &mq.decoder, &prompt, 0).unwrap();
-        let (lf, _) = fixtures::prefill(&be, &mf.decoder, &prompt, 0).unwrap();
-        let diff = fixtures::max_abs_diff(&format!("{name} Q8_0 experts"), &lq, &lf);
-        assert!(diff > 0.0, "{name}: Q8_0 experts computed as f32");
-        assert!(diff < 0.05, "{name}: Q8_0 experts differ by {diff}");
-        let vocab = mq.decoder.config().vocab_size;
-        let agree = lq
-            .chunks_exact(vocab)
-            .zip(lf.chunks_exact(vocab))
-            .filter(|(a, b)| argmax(a) == argmax(b))
-            .count();
-        assert!(
-            agree * 10 >= prompt.len() * 9,
-            "{name}: {agree} of {} argmaxes agree",
-            prompt.len()
-        );
+        let prompt = ids(&golden(name)["prompts"][2]["ids"]);
+        let what = format!("{name} Q8_0 experts");
+        assert_tracks_f32(&be, &mq.decoder, &mf.decoder, &prompt, &what);
     }
 }
 
@@ -369,68 +280,15 @@ fn mixed_batches_give_each_sequence_its_logits_alone_bit_for_bit() {
     let be = CpuBackend::new();
     for name in MODELS {
         let m = load(&be, &dir(name), &LoadOptions::default()).unwrap();
-        let gold = golden(name);
         // Each golden prompt followed by its greedy tokens, plus one more prompt.
-        let mut seqs: Vec<(usize, Vec<u32>)> = gold["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                let prompt = ids(&p["ids"]);
-                let mut t = prompt.clone();
-                t.extend(ids(&p["greedy"]).into_iter().take(6));
-                (prompt.len(), t)
-            })
-            .collect();
+        let mut seqs = golden_sequences(&golden(name));
         seqs.push((
             13,
             b"Mixture of experts, routed per token"
                 .map(u32::from)
                 .to_vec(),
         ));
-        let tokens: Vec<Vec<u32>> = seqs.iter().map(|s| s.1.clone()).collect();
-        let alone: Vec<Vec<f32>> = seqs
-            .iter()
-            .map(|(p, t)| {
-                // Prompt in one step, then one token a step.
-                let mut plan = vec![vec![*p]];
-                plan.extend((*p..t.len()).map(|_| vec![1]));
-                run_plan(&be, &m.decoder, std::slice::from_ref(t), &plan).remove(0)
-            })
-            .collect();
-        // Together: prompts in chunks of up to 5, decoding one token a step
-        // once a prompt is in; sequences start at different steps.
-        let mut plan = Vec::new();
-        let mut done = vec![0usize; seqs.len()];
-        let mut step = 0;
-        while done.iter().zip(&tokens).any(|(d, t)| d < &t.len()) {
-            let take: Vec<usize> = seqs
-                .iter()
-                .enumerate()
-                .map(|(i, (p, t))| {
-                    if step < i || done[i] == t.len() {
-                        0
-                    } else if done[i] < *p {
-                        (p - done[i]).min(5)
-                    } else {
-                        1
-                    }
-                })
-                .collect();
-            for (d, n) in done.iter_mut().zip(&take) {
-                *d += n;
-            }
-            plan.push(take);
-            step += 1;
-        }
-        assert!(plan
-            .iter()
-            .any(|t| t.iter().filter(|&&n| n > 1).count() >= 1
-                && t.iter().filter(|&&n| n == 1).count() >= 1));
-        let together = run_plan(&be, &m.decoder, &tokens, &plan);
-        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-            assert!(a == b, "{name}: sequence {i} differs batched");
-        }
+        assert_batched_as_alone(&be, &m.decoder, &seqs, name);
     }
 }
 

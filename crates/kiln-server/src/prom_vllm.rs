@@ -9,6 +9,7 @@
 
 use std::fmt::Write;
 
+use kiln_engine::spec::SpecSnapshot;
 use kiln_engine::MetricsSnapshot;
 
 /// What one ready model contributes to the vLLM-named series.
@@ -32,86 +33,144 @@ pub fn kv_usage(m: &MetricsSnapshot) -> f64 {
     (m.kv_blocks_used as f64 / m.kv_blocks_total as f64).clamp(0.0, 1.0)
 }
 
-type Getter = fn(&MetricsSnapshot) -> f64;
+/// One series: its name, Prometheus type, help text, and how to read its
+/// value from a model's `T` (its engine counters, or their speculative part).
+struct Series<T> {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    get: fn(&T) -> f64,
+}
 
-/// Gauges and counters: (name, type, help, value).
-const SERIES: [(&str, &str, &str, Getter); 9] = [
-    (
+/// A gauge: a value that goes up and down.
+const fn gauge<T>(name: &'static str, help: &'static str, get: fn(&T) -> f64) -> Series<T> {
+    Series {
+        name,
+        kind: "gauge",
+        help,
+        get,
+    }
+}
+
+/// A counter: a total since start.
+const fn counter<T>(name: &'static str, help: &'static str, get: fn(&T) -> f64) -> Series<T> {
+    Series {
+        name,
+        kind: "counter",
+        help,
+        get,
+    }
+}
+
+/// The engine's gauges and counters under vLLM's names.
+const SERIES: [Series<MetricsSnapshot>; 9] = [
+    gauge(
         "vllm:num_requests_running",
-        "gauge",
         "Requests in the running batch (kiln_running_sequences).",
         |m| m.running as f64,
     ),
-    (
+    gauge(
         "vllm:num_requests_waiting",
-        "gauge",
         "Requests waiting to run, preempted ones included (kiln_queue_length).",
         |m| m.waiting as f64,
     ),
-    (
+    gauge(
         "vllm:kv_cache_usage_perc",
-        "gauge",
         "Fraction of KV-cache blocks held by sequences; 1 means full.",
         kv_usage,
     ),
-    (
+    gauge(
         "vllm:gpu_cache_usage_perc",
-        "gauge",
         "The same as vllm:kv_cache_usage_perc, under the name older routers read.",
         kv_usage,
     ),
-    (
+    counter(
         "vllm:prefix_cache_queries_total",
-        "counter",
         "Prompt tokens looked up in the prefix cache.",
         |m| m.prefix_queried_tokens as f64,
     ),
-    (
+    counter(
         "vllm:prefix_cache_hits_total",
-        "counter",
         "Prompt tokens found in the prefix cache.",
         |m| m.prefix_hit_tokens as f64,
     ),
-    (
+    counter(
         "vllm:prompt_tokens_total",
-        "counter",
         "Prompt tokens of requests started.",
         |m| m.prompt_tokens as f64,
     ),
-    (
-        "vllm:generation_tokens_total",
-        "counter",
-        "Tokens generated.",
-        |m| m.generated_tokens as f64,
-    ),
-    (
+    counter("vllm:generation_tokens_total", "Tokens generated.", |m| {
+        m.generated_tokens as f64
+    }),
+    counter(
         "vllm:num_preemptions_total",
-        "counter",
         "Sequences preempted to free KV-cache blocks.",
         |m| m.preemptions as f64,
     ),
 ];
 
-/// Appends the vLLM-named series of every ready model to `out`.
-pub fn render(out: &mut String, models: &[ModelFigures<'_>]) {
-    for (name, kind, help, get) in SERIES {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+/// Speculative decoding's series: vLLM's counters and kiln's acceptance rate.
+const SPEC_SERIES: [Series<SpecSnapshot>; 4] = [
+    counter(
+        "vllm:spec_decode_num_drafts_total",
+        "Drafts checked: one per sequence and step that had guesses.",
+        |s| s.num_drafts as f64,
+    ),
+    counter(
+        "vllm:spec_decode_num_draft_tokens_total",
+        "Guessed tokens checked by the model.",
+        |s| s.num_draft_tokens as f64,
+    ),
+    counter(
+        "vllm:spec_decode_num_accepted_tokens_total",
+        "Guessed tokens accepted.",
+        |s| s.num_accepted_tokens as f64,
+    ),
+    gauge(
+        "kiln_spec_decode_acceptance_rate",
+        "Accepted over checked guesses since start (0 before any).",
+        |s| s.acceptance_rate(),
+    ),
+];
+
+/// A series' `# HELP` and `# TYPE` lines.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Each of `series` with one line per model (`of` picks what its getter reads).
+fn render_series<T>(
+    out: &mut String,
+    series: &[Series<T>],
+    models: &[&ModelFigures<'_>],
+    of: fn(&MetricsSnapshot) -> &T,
+) {
+    for s in series {
+        header(out, s.name, s.kind, s.help);
         for m in models {
             let _ = writeln!(
                 out,
-                "{name}{{model_name=\"{}\",engine=\"0\"}} {}",
+                "{}{{model_name=\"{}\",engine=\"0\"}} {}",
+                s.name,
                 m.name,
-                get(m.metrics)
+                (s.get)(of(m.metrics))
             );
         }
     }
+}
+
+/// Appends the vLLM-named series of every ready model to `out`.
+pub fn render(out: &mut String, models: &[ModelFigures<'_>]) {
+    let all: Vec<&ModelFigures<'_>> = models.iter().collect();
+    render_series(out, &SERIES, &all, |m| m);
     // An "info" metric: a gauge fixed at 1 whose labels carry the facts.
-    let _ = writeln!(
+    header(
         out,
-        "# HELP vllm:cache_config_info The KV cache's configuration, in labels."
+        "vllm:cache_config_info",
+        "gauge",
+        "The KV cache's configuration, in labels.",
     );
-    let _ = writeln!(out, "# TYPE vllm:cache_config_info gauge");
     for m in models {
         let _ = writeln!(
             out,
@@ -119,65 +178,29 @@ pub fn render(out: &mut String, models: &[ModelFigures<'_>]) {
             m.name, m.block_size, m.num_blocks
         );
     }
-    render_speculative(out, models);
+    render_speculative(out, &all);
 }
 
 /// Speculative decoding's series, for the models that speculate: vLLM's
 /// counters (drafts, draft tokens, accepted tokens, accepted tokens by
 /// position in the draft) and kiln's acceptance rate.
-fn render_speculative(out: &mut String, models: &[ModelFigures<'_>]) {
-    let spec: Vec<_> = models
+fn render_speculative(out: &mut String, models: &[&ModelFigures<'_>]) {
+    let spec: Vec<&ModelFigures<'_>> = models
         .iter()
+        .copied()
         .filter(|m| m.metrics.speculative.method.is_some())
         .collect();
     if spec.is_empty() {
         return;
     }
-    type SpecGetter = fn(&kiln_engine::spec::SpecSnapshot) -> f64;
-    let series: [(&str, &str, &str, SpecGetter); 4] = [
-        (
-            "vllm:spec_decode_num_drafts_total",
-            "counter",
-            "Drafts checked: one per sequence and step that had guesses.",
-            |s| s.num_drafts as f64,
-        ),
-        (
-            "vllm:spec_decode_num_draft_tokens_total",
-            "counter",
-            "Guessed tokens checked by the model.",
-            |s| s.num_draft_tokens as f64,
-        ),
-        (
-            "vllm:spec_decode_num_accepted_tokens_total",
-            "counter",
-            "Guessed tokens accepted.",
-            |s| s.num_accepted_tokens as f64,
-        ),
-        (
-            "kiln_spec_decode_acceptance_rate",
-            "gauge",
-            "Accepted over checked guesses since start (0 before any).",
-            |s| s.acceptance_rate(),
-        ),
-    ];
-    for (name, kind, help, get) in series {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for m in &spec {
-            let _ = writeln!(
-                out,
-                "{name}{{model_name=\"{}\",engine=\"0\"}} {}",
-                m.name,
-                get(&m.metrics.speculative)
-            );
-        }
-    }
+    render_series(out, &SPEC_SERIES, &spec, |m| &m.speculative);
     let name = "vllm:spec_decode_num_accepted_tokens_per_pos_total";
-    let _ = writeln!(
+    header(
         out,
-        "# HELP {name} Guessed tokens accepted, by position in the draft (0 = first)."
+        name,
+        "counter",
+        "Guessed tokens accepted, by position in the draft (0 = first).",
     );
-    let _ = writeln!(out, "# TYPE {name} counter");
     for m in &spec {
         for (pos, n) in m.metrics.speculative.accepted_per_pos.iter().enumerate() {
             let _ = writeln!(
@@ -207,6 +230,21 @@ mod tests {
         m
     }
 
+    /// The series of one model "opt" with `m`'s counters (16-token blocks, 200 of them).
+    fn rendered(m: &MetricsSnapshot) -> String {
+        let mut out = String::new();
+        render(
+            &mut out,
+            &[ModelFigures {
+                name: "opt",
+                metrics: m,
+                block_size: 16,
+                num_blocks: 200,
+            }],
+        );
+        out
+    }
+
     fn value(text: &str, series: &str) -> Option<f64> {
         text.lines().find_map(|l| {
             let (name, v) = l.rsplit_once(' ')?;
@@ -217,16 +255,7 @@ mod tests {
     #[test]
     fn series_carry_the_engine_figures_under_vllm_names() {
         let m = snapshot();
-        let mut out = String::new();
-        render(
-            &mut out,
-            &[ModelFigures {
-                name: "opt",
-                metrics: &m,
-                block_size: 16,
-                num_blocks: 200,
-            }],
-        );
+        let out = rendered(&m);
         let l = r#"{model_name="opt",engine="0"}"#;
         let get = |n: &str| value(&out, &format!("{n}{l}"));
         assert_eq!(get("vllm:num_requests_waiting"), Some(3.0));
@@ -263,16 +292,7 @@ mod tests {
             num_accepted_tokens: 21,
             accepted_per_pos: vec![9, 7, 5],
         };
-        let mut out = String::new();
-        render(
-            &mut out,
-            &[ModelFigures {
-                name: "opt",
-                metrics: &m,
-                block_size: 16,
-                num_blocks: 200,
-            }],
-        );
+        let out = rendered(&m);
         let l = r#"{model_name="opt",engine="0"}"#;
         let get = |n: &str| value(&out, &format!("{n}{l}"));
         assert_eq!(get("vllm:spec_decode_num_drafts_total"), Some(10.0));

@@ -284,6 +284,40 @@ fn model_metric(s: &Server, name: &str, model: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} for {model}"))
 }
 
+/// Reads the SSE stream `st` until 3 events starting with `event` have come
+/// (`model` is generating and holds KV blocks), leaves, and waits (10 s at
+/// most) for `model` to hold no blocks and count one more finished request
+/// than `finished_before`: a client leaving a stream cancels its generation.
+fn leave_after_three_deltas(
+    s: &Server,
+    mut st: Streaming,
+    event: &str,
+    model: &str,
+    finished_before: f64,
+) {
+    let used = |s: &Server| model_metric(s, "kiln_kv_blocks_used", model);
+    let finished = |s: &Server| model_metric(s, "kiln_requests_finished_total", model);
+    assert_eq!(st.status, 200);
+    let mut deltas = 0;
+    while deltas < 3 {
+        let ev = st.next_until(b"\n\n").expect("an event");
+        if ev.starts_with(event) {
+            deltas += 1;
+        }
+    }
+    assert!(used(s) > 0.0, "no KV blocks held while generating");
+    st.disconnect();
+    let freed = eventually(Duration::from_secs(10), || {
+        (used(s) == 0.0 && finished(s) == finished_before + 1.0).then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "blocks used {} and finished {} (was {finished_before}) after the client left",
+        used(s),
+        finished(s)
+    );
+}
+
 /// Reads a DJL JSON-lines stream to its end, after the lines already read:
 /// the streamed tokens in order and the last line (the one that carries
 /// `generated_text` and `details`). Every line before the last must carry a

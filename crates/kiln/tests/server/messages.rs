@@ -624,34 +624,16 @@ fn a_client_leaving_a_stream_cancels_its_message() {
     let file = url_escape(&model_file());
     let r = register(s, &format!("url={file}&model_name=anthropic_cancel"));
     assert_eq!(r.status, 200, "{}", r.text());
-    let used = |s: &Server| model_metric(s, "kiln_kv_blocks_used", "anthropic_cancel");
     let finished = |s: &Server| model_metric(s, "kiln_requests_finished_total", "anthropic_cancel");
     let generated = |s: &Server| model_metric(s, "kiln_generated_tokens_total", "anthropic_cancel");
     let (f0, g0) = (finished(s), generated(s));
-    let mut st = s.stream(
+    let st = s.stream(
         "/v1/messages",
         &[("Content-Type", "application/json")],
         &json!({"model": "anthropic_cancel", "max_tokens": 1000, "stream": true,
             "messages": user("Count from 1 to 1000, separated by commas.")}),
     );
-    assert_eq!(st.status, 200);
-    let mut deltas = 0;
-    while deltas < 3 {
-        let ev = st.next_until(b"\n\n").expect("an event");
-        if ev.starts_with("event: content_block_delta") {
-            deltas += 1;
-        }
-    }
-    assert!(used(s) > 0.0, "no KV blocks held while generating");
-    st.disconnect();
-    let freed = eventually(Duration::from_secs(10), || {
-        (used(s) == 0.0 && finished(s) == f0 + 1.0).then_some(())
-    });
-    assert!(
-        freed.is_some(),
-        "blocks used {} after the client left",
-        used(s)
-    );
+    leave_after_three_deltas(s, st, "event: content_block_delta", "anthropic_cancel", f0);
     let g1 = generated(s);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(generated(s), g1, "still generating");

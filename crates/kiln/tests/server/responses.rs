@@ -575,34 +575,20 @@ fn responses_client_disconnect_cancels_the_generation() {
     let file = url_escape(&model_file());
     let r = register(s, &format!("url={file}&model_name=responses_cancel"));
     assert_eq!(r.status, 200, "{}", r.text());
-    let used = |s: &Server| model_metric(s, "kiln_kv_blocks_used", "responses_cancel");
-    let finished = |s: &Server| model_metric(s, "kiln_requests_finished_total", "responses_cancel");
-    let f0 = finished(s);
+    let f0 = model_metric(s, "kiln_requests_finished_total", "responses_cancel");
     let body = json!({"model": "responses_cancel", "stream": true, "max_output_tokens": 1000,
         "input": "Tell me everything about the history of Rome, century by century."});
-    let mut st = s.stream(
+    let st = s.stream(
         "/v1/responses",
         &[("Content-Type", "application/json")],
         &body,
     );
-    assert_eq!(st.status, 200);
-    let mut deltas = 0;
-    while deltas < 3 {
-        let piece = st.next_until(b"\n\n").expect("an event");
-        if piece.starts_with("event: response.output_text.delta") {
-            deltas += 1;
-        }
-    }
-    assert!(used(s) > 0.0, "no KV blocks held while generating");
-    st.disconnect();
-    let freed = eventually(Duration::from_secs(10), || {
-        (used(s) == 0.0 && finished(s) == f0 + 1.0).then_some(())
-    });
-    assert!(
-        freed.is_some(),
-        "blocks used {} and finished {} (was {f0}) after the client left",
-        used(s),
-        finished(s)
+    leave_after_three_deltas(
+        s,
+        st,
+        "event: response.output_text.delta",
+        "responses_cancel",
+        f0,
     );
     // The request counters and the access log saw the route.
     let metrics = s.get("/metrics").text();

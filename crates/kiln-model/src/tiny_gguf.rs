@@ -1,0 +1,127 @@
+//! The pieces every family's test writes when it turns a tiny checkpoint
+//! under `testdata/tiny/` into the GGUF file llama.cpp's
+//! `convert_hf_to_gguf.py` would write for it: the common `<arch>.*`
+//! hyperparameter keys, the byte-level GPT-2 vocabulary from its
+//! `tokenizer.json`, llama's q/k row order, F32 tensors, and a temporary
+//! file of its own per call.
+//!
+//! A test tool (feature `test-support`), shared so that the GGUF writers of
+//! `tests/architectures.rs`, `gemma.rs`, `moe.rs`, `gpt_oss.rs` and
+//! `lora.rs` keep only what their family adds.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value as Json;
+
+use crate::config::DecoderConfig;
+use crate::gguf::{GgufWriter, Value};
+use crate::quant::GgmlType;
+
+/// `general.architecture` and the `<arch>.*` keys every decoder has:
+/// layers, context, widths, heads, head size and the RMS norm's epsilon.
+pub fn write_hparams(w: &mut GgufWriter, arch: &str, cfg: &DecoderConfig) {
+    let u = |v: usize| Value::U32(v as u32);
+    let key = |k: &str| format!("{arch}.{k}");
+    w.meta("general.architecture", Value::String(arch.into()))
+        .meta(&key("block_count"), u(cfg.n_layers))
+        .meta(&key("context_length"), u(cfg.max_position_embeddings))
+        .meta(&key("embedding_length"), u(cfg.hidden_size))
+        .meta(&key("feed_forward_length"), u(cfg.intermediate_size))
+        .meta(&key("attention.head_count"), u(cfg.n_heads))
+        .meta(&key("attention.head_count_kv"), u(cfg.n_kv_heads))
+        .meta(&key("attention.key_length"), u(cfg.head_dim))
+        .meta(
+            &key("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.norm_eps),
+        );
+}
+
+/// The plain rotary keys (`rope.freq_base`, `rope.dimension_count`) of a
+/// config without rope scaling.
+pub fn write_rope(w: &mut GgufWriter, arch: &str, cfg: &DecoderConfig) {
+    let rope = cfg.rope.as_ref().expect("rope");
+    w.meta(
+        &format!("{arch}.rope.freq_base"),
+        Value::F32(rope.theta as f32),
+    )
+    .meta(
+        &format!("{arch}.rope.dimension_count"),
+        Value::U32(rope.rot_dim as u32),
+    );
+}
+
+/// The checkpoint's byte-level vocabulary (`d/tokenizer.json`) as a GGUF
+/// `gpt2` tokenizer of `vocab_size` tokens: vocabulary entries normal (1),
+/// added tokens control (3), the ids no entry names `[PAD<id>]` unused (5),
+/// and one merge (llama.cpp's BPE wants at least one).
+pub fn write_gpt2_vocab(w: &mut GgufWriter, d: &Path, vocab_size: usize) {
+    let path = d.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tok: Json =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut tokens = vec![String::new(); vocab_size];
+    let mut types = vec![Value::I32(5); vocab_size];
+    for (t, id) in tok["model"]["vocab"].as_object().expect("vocab") {
+        let i = id.as_u64().expect("id") as usize;
+        (tokens[i], types[i]) = (t.clone(), Value::I32(1));
+    }
+    for a in tok["added_tokens"].as_array().expect("added_tokens") {
+        let i = a["id"].as_u64().expect("id") as usize;
+        let content = a["content"].as_str().expect("content").to_string();
+        (tokens[i], types[i]) = (content, Value::I32(3));
+    }
+    for (i, t) in tokens.iter_mut().enumerate().filter(|(_, t)| t.is_empty()) {
+        *t = format!("[PAD{i}]");
+    }
+    w.meta("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", Value::String("gpt-2".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", Value::Array(types))
+        .meta(
+            "tokenizer.ggml.merges",
+            Value::Array(vec![Value::String("a b".into())]),
+        );
+}
+
+/// Rows of a llama q or k matrix (`heads` heads, `cols` a row) in the order
+/// llama.cpp's converter writes them (rotary pairs adjacent): row
+/// `h*hd + 2i + j` is Hugging Face's row `h*hd + j*hd/2 + i`.
+pub fn permute_qk_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let hd = data.len() / cols / heads;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let src = h * hd + j * hd / 2 + i;
+                let dst = h * hd + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// An F32 tensor of row-major `shape` (GGUF lists the dimensions fastest first).
+pub fn put_f32(w: &mut GgufWriter, name: &str, shape: &[usize], data: &[f32]) {
+    w.tensor(
+        name,
+        shape.iter().rev().map(|&d| d as u64).collect(),
+        GgmlType::F32,
+        data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    );
+}
+
+/// Writes `w` to `kiln-<stem>-<pid>-<call>.gguf` in the temporary directory:
+/// tests run in parallel and may write the same form, so one name per call.
+pub fn write_temp(w: &GgufWriter, stem: &str) -> PathBuf {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let out = std::env::temp_dir().join(format!("kiln-{stem}-{}-{call}.gguf", std::process::id()));
+    std::fs::write(&out, w.to_bytes()).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+    out
+}
