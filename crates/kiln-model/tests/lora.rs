@@ -428,7 +428,10 @@ fn to_gguf(name: &str) -> PathBuf {
         w.meta(&format!("{arch}.expert_count"), u(moe.n_experts))
             .meta(&format!("{arch}.expert_used_count"), u(moe.n_experts_used));
         if arch != "llama" {
-            w.meta(&format!("{arch}.expert_feed_forward_length"), u(moe.expert_ff));
+            w.meta(
+                &format!("{arch}.expert_feed_forward_length"),
+                u(moe.expert_ff),
+            );
         }
     }
     tiny_gguf::write_hparams(&mut w, arch, &cfg);
@@ -475,13 +478,11 @@ fn to_gguf(name: &str) -> PathBuf {
                     data.extend(t.data);
                 }
                 shape.insert(0, moe.n_experts);
-                let dims = shape.iter().rev().map(|&d| d as u64).collect();
-                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                w.tensor(
+                tiny_gguf::put_f32(
+                    &mut w,
                     &format!("blk.{l}.{part}_exps.weight"),
-                    dims,
-                    GgmlType::F32,
-                    bytes,
+                    &shape,
+                    &data,
                 );
             }
         }
