@@ -263,7 +263,7 @@ impl Engine {
         let tokens = match cfg.kv_capacity {
             KvCapacity::Tokens(t) => t,
             KvCapacity::Bytes(b) => b / token_bytes.max(1),
-            KvCapacity::FreeMemory => match crate::kv_size::mem_available() {
+            KvCapacity::FreeMemory => match crate::kv_size::mem_available_after_weights() {
                 Some(avail) => crate::kv_size::tokens_from_free_memory(
                     avail,
                     token_bytes,

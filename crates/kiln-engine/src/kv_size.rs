@@ -33,6 +33,115 @@ pub fn mem_available() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// The memory left for the KV cache once the weights are resident:
+/// `mem_available` less the mapped weight files' bytes, except those
+/// already held as anonymous (private, written) memory.
+///
+/// Why: `MemAvailable` counts the page cache as available, and a model
+/// mapped from its file (a prepared entry, a GGUF) lives in the page cache:
+/// its resident pages are counted as reclaimable, and the pages not read
+/// yet (right after a start that only maps) are not counted as used at
+/// all. The model needs every one of them resident to decode at speed
+/// (reclaiming them costs a re-read from disk per token), so a budget taken
+/// from `MemAvailable` alone would promise the KV cache the weights' own
+/// memory. Anonymous pages are not in `MemAvailable`, so they are not
+/// subtracted twice.
+pub fn available_after_weights(mem_available: u64, mapped_weights: MappedWeights) -> u64 {
+    mem_available.saturating_sub(
+        mapped_weights
+            .size
+            .saturating_sub(mapped_weights.anon_resident),
+    )
+}
+
+/// The model files this process maps (see [`mapped_weights`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MappedWeights {
+    /// Bytes mapped.
+    pub size: u64,
+    /// Bytes of them held as anonymous memory (pages of a private map that
+    /// were written), which `MemAvailable` already leaves out; none for a
+    /// read-only shared map.
+    pub anon_resident: u64,
+}
+
+/// Whether a mapped file is a model's weights: a GGUF or safetensors file,
+/// a PyTorch checkpoint, or a prepared entry's layout file.
+fn is_weights_file(path: &str) -> bool {
+    [
+        ".gguf",
+        ".safetensors",
+        "weights.layout",
+        ".bin",
+        ".pt",
+        ".pth",
+    ]
+    .iter()
+    .any(|ext| path.ends_with(ext))
+}
+
+/// The model files mapped by this process, summed from `smaps` text (the
+/// format of `/proc/self/smaps`).
+pub fn mapped_weights_in(smaps: &str) -> MappedWeights {
+    let mut out = MappedWeights::default();
+    let mut counting = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else {
+            continue;
+        };
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range, perms, offset, device, inode, path.
+            let path = line.split_whitespace().nth(5).unwrap_or("");
+            counting = path.starts_with('/') && is_weights_file(path);
+            continue;
+        }
+        if !counting {
+            continue;
+        }
+        let mut kib = || {
+            fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                << 10
+        };
+        match first {
+            "Size:" => out.size += kib(),
+            "Anonymous:" => out.anon_resident += kib(),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// [`mapped_weights_in`] of this process's `/proc/self/smaps` (nothing
+/// where there is none).
+pub fn mapped_weights() -> MappedWeights {
+    std::fs::read_to_string("/proc/self/smaps")
+        .map(|s| mapped_weights_in(&s))
+        .unwrap_or_default()
+}
+
+/// The memory for the KV cache after the weights, from `/proc/meminfo` and
+/// `/proc/self/smaps` ([`available_after_weights`]); `None` without
+/// `/proc/meminfo`.
+pub fn mem_available_after_weights() -> Option<u64> {
+    let avail = mem_available()?;
+    let mapped = mapped_weights();
+    let after = available_after_weights(avail, mapped);
+    if after < avail {
+        tracing::info!(
+            "KV cache budget: {} MiB available, less {} MiB of mapped weight files the model \
+             needs resident: {} MiB",
+            avail >> 20,
+            (avail - after) >> 20,
+            after >> 20
+        );
+    }
+    Some(after)
+}
+
 /// Why a KV cache sized from free memory cannot serve the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -116,6 +225,56 @@ mod tests {
             (1u64 << 30) / KvDtype::F32.bytes_per_token(&spec) as u64,
             1310 / 2
         );
+    }
+
+    /// A mapped model's bytes are taken out of `MemAvailable`: 10 GiB
+    /// available, a 6 GiB GGUF (barely read) and a 1 GiB layout file (all
+    /// resident) mapped, a shared library and anonymous memory ignored:
+    /// 3 GiB left, whose half holds 1966 f16 tokens of 819200 bytes, 1952
+    /// in whole blocks of 16.
+    #[test]
+    fn mapped_weights_come_out_of_the_available_memory() {
+        let smaps = "\
+7f0000000000-7f0180000000 r--s 00000000 fd:00 12 /cache/prepared/k/model.gguf
+Size:            6291456 kB
+Rss:               10240 kB
+Anonymous:             0 kB
+VmFlags: rd sh mr mw me ms sd
+7f0200000000-7f0240000000 r--s 00000000 fd:00 13 /cache/prepared/k/weights.layout
+Size:            1048576 kB
+Rss:             1048576 kB
+Anonymous:             0 kB
+7f0300000000-7f0300100000 r-xp 00000000 fd:00 14 /usr/lib/libc.so.6
+Size:               1024 kB
+Rss:                1024 kB
+7f0400000000-7f0400100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Anonymous:          1024 kB
+";
+        let mapped = mapped_weights_in(smaps);
+        assert_eq!(
+            mapped,
+            MappedWeights {
+                size: 7 << 30,
+                anon_resident: 0
+            }
+        );
+        let after = available_after_weights(10 << 30, mapped);
+        assert_eq!(after, 3 << 30);
+        assert_eq!(
+            tokens_from_free_memory(after, 819_200, KvDtype::F16, 16, 1024),
+            Ok(1952)
+        );
+        // Less available than mapped: nothing left, and the error says so.
+        let e = tokens_from_free_memory(
+            available_after_weights(4 << 30, mapped),
+            819_200,
+            KvDtype::F16,
+            16,
+            2048,
+        )
+        .unwrap_err();
+        assert_eq!((e.tokens, e.available_mib), (0, 0));
     }
 
     /// Too little memory for one sequence: the error names bytes per

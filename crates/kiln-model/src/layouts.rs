@@ -109,9 +109,14 @@ impl Layouts {
             Layouts::Mapped(file) => file.upload(backend, name, rows, cols, data),
             Layouts::Record(rec) => {
                 let part = rec.parts.next(name);
+                let taken = byte_range(&data);
                 let w = backend.upload_weight(rows, cols, data)?;
                 if let Some(stream) = &rec.stream {
-                    return Ok(stream.append(backend, name, part, rows, cols, w));
+                    let (w, streamed) = stream.append(backend, name, part, rows, cols, w);
+                    if let (true, Some(packed)) = (streamed, &rec.packed) {
+                        packed.taken(name, taken);
+                    }
+                    return Ok(w);
                 }
                 if let Some((ty, bytes)) = backend.laid_out(&w) {
                     rec.push(Recorded {
@@ -139,6 +144,23 @@ impl Layouts {
     }
 }
 
+/// The address range of a matrix's bytes as the loader hands them over,
+/// which tells [`crate::prepared`] which of the tensors it read ended up in
+/// the layout file.
+fn byte_range(data: &WeightData) -> std::ops::Range<usize> {
+    let bytes: &[u8] = match data {
+        WeightData::F32(v) => bytemuck_f32(v),
+        WeightData::Ggml { bytes, .. } => bytes,
+    };
+    let start = bytes.as_ptr() as usize;
+    start..start + bytes.len()
+}
+
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: any f32 slice is a valid byte slice of four times its length.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
 /// Counts the uploads of each tensor name (the `part` of an entry).
 #[derive(Default)]
 struct Parts(Mutex<HashMap<String, u32>>);
@@ -164,6 +186,10 @@ pub struct LayoutFile {
     used: Mutex<usize>,
     /// Why the file does not match the model, once something did not.
     stale: Mutex<Option<String>>,
+    /// The matrices the model file leaves to this file (a packed prepared
+    /// model, [`crate::prepared`]): one of them it does not hold is an
+    /// error, not rearranged from the model's (placeholder) bytes.
+    required: std::collections::HashSet<String>,
 }
 
 fn ggml_type_of(data: &WeightData) -> GgmlType {
@@ -259,7 +285,38 @@ impl LayoutFile {
             parts: Parts::default(),
             used: Mutex::new(0),
             stale: Mutex::new(None),
+            required: Default::default(),
         })
+    }
+
+    /// This file as the only copy of the matrices `names`: one of them that
+    /// the file does not hold (or holds in another shape, format or layout)
+    /// fails the load instead of being rearranged from the model file, which
+    /// holds only placeholders for them.
+    pub fn required(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.required.extend(names);
+        self
+    }
+
+    /// Rearranges `data` as usual, unless the file is the only copy of
+    /// `name` ([`LayoutFile::required`]): then the load fails with `why`.
+    fn fall_back<B: Backend>(
+        &self,
+        backend: &B,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        data: WeightData,
+        why: String,
+    ) -> Result<B::Weight, BackendError> {
+        if self.required.contains(name) {
+            return Err(BackendError::Invalid {
+                op: "weight layout",
+                msg: format!("{}: {why}", self.path.display()),
+            });
+        }
+        self.mark_stale(why);
+        backend.upload_weight(rows, cols, data)
     }
 
     /// The mapped file.
@@ -294,6 +351,16 @@ impl LayoutFile {
         let part = self.parts.next(name);
         let ty = ggml_type_of(&data);
         let Some(e) = self.entries.get(&(name.to_string(), part)) else {
+            if self.required.contains(name) {
+                return self.fall_back(
+                    backend,
+                    name,
+                    rows,
+                    cols,
+                    data,
+                    format!("it does not hold {name} (part {part})"),
+                );
+            }
             let w = backend.upload_weight(rows, cols, data)?;
             if backend.laid_out(&w).is_some() {
                 self.mark_stale(format!("it does not hold {name} (part {part})"));
@@ -301,11 +368,11 @@ impl LayoutFile {
             return Ok(w);
         };
         if (e.ty, e.rows, e.cols) != (ty as u32, rows, cols) {
-            self.mark_stale(format!(
+            let why = format!(
                 "its {name} (part {part}) is {} x {} of type {}, the model's {rows} x {cols} {ty:?}",
                 e.rows, e.cols, e.ty
-            ));
-            return backend.upload_weight(rows, cols, data);
+            );
+            return self.fall_back(backend, name, rows, cols, data, why);
         }
         let owner: kiln_backend::ByteOwner = self.map.clone();
         let range = e.offset as usize..(e.offset + e.len) as usize;
@@ -313,8 +380,8 @@ impl LayoutFile {
         let bytes = unsafe { HostBytes::file_mapped(owner, range) };
         let Some(bytes) = bytes else {
             // Checked in `open`; kept as a fallback, not a panic.
-            self.mark_stale(format!("its {name} (part {part}) lies outside it"));
-            return backend.upload_weight(rows, cols, data);
+            let why = format!("its {name} (part {part}) lies outside it");
+            return self.fall_back(backend, name, rows, cols, data, why);
         };
         match backend.upload_laid_out(rows, cols, ty, bytes) {
             Ok(w) => {
@@ -324,8 +391,8 @@ impl LayoutFile {
                 Ok(w)
             }
             Err(err) => {
-                self.mark_stale(format!("its {name} (part {part}): {err}"));
-                backend.upload_weight(rows, cols, data)
+                let why = format!("its {name} (part {part}): {err}");
+                self.fall_back(backend, name, rows, cols, data, why)
             }
         }
     }
@@ -365,6 +432,9 @@ pub struct LayoutRecorder {
     parts: Parts,
     recorded: Mutex<Vec<Recorded>>,
     stream: Option<Stream>,
+    /// Told of every matrix streamed to the file (a packed prepared model
+    /// leaves those out of its GGUF file).
+    packed: Option<Arc<crate::prepared::PackedTensors>>,
 }
 
 impl LayoutRecorder {
@@ -380,6 +450,13 @@ impl LayoutRecorder {
             stream: Some(Stream::create(path)?),
             ..Default::default()
         })
+    }
+
+    /// This streaming recorder, telling `packed` which of the tensors read
+    /// it wrote (see [`crate::prepared::load_and_prepare`]).
+    pub fn telling(mut self, packed: Arc<crate::prepared::PackedTensors>) -> Self {
+        self.packed = Some(packed);
+        self
     }
 
     fn push(&self, r: Recorded) {
@@ -539,8 +616,9 @@ impl Stream {
 
     /// Writes `w`'s rearranged bytes (when the backend rearranged it) at the
     /// file's end and returns the weight made from the file's mapped copy,
-    /// dropping `w`'s own. When anything fails, `w` itself is returned (the
-    /// model serves all the same) and the file is marked incomplete.
+    /// dropping `w`'s own, and `true`. When anything fails, `w` itself is
+    /// returned (the model serves all the same) and the file is marked
+    /// incomplete; `false` also when the backend did not rearrange `w`.
     fn append<B: Backend>(
         &self,
         backend: &B,
@@ -549,21 +627,21 @@ impl Stream {
         rows: usize,
         cols: usize,
         w: B::Weight,
-    ) -> B::Weight {
+    ) -> (B::Weight, bool) {
         let Some((ty, bytes)) = backend.laid_out(&w) else {
-            return w;
+            return (w, false);
         };
         match self.write_and_map(name, part, ty, rows, cols, &bytes) {
             Ok(mapped) => match backend.upload_laid_out(rows, cols, ty, mapped) {
-                Ok(from_file) => from_file,
+                Ok(from_file) => (from_file, true),
                 Err(e) => {
                     self.fail(format!("{name} (part {part}): {e}"));
-                    w
+                    (w, false)
                 }
             },
             Err(e) => {
                 self.fail(e.to_string());
-                w
+                (w, false)
             }
         }
     }

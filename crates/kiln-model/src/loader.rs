@@ -180,7 +180,7 @@ impl Opened {
         self,
         backend: &B,
         opts: &LoadOptions,
-        spool: Option<&std::sync::Mutex<crate::gguf::GgufStreamWriter>>,
+        spool: Option<&crate::prepared::Spool>,
         layouts: &Layouts,
     ) -> Result<LoadedModel<B>> {
         finish(
@@ -195,6 +195,18 @@ impl Opened {
             spool,
             layouts,
         )
+    }
+}
+
+impl Opened {
+    /// The same model with its weight source wrapped by `f` (a packed
+    /// prepared file's placeholders, [`crate::prepared::load_packed`]).
+    pub(crate) fn wrap_source(
+        mut self,
+        f: impl FnOnce(Box<dyn WeightSource>) -> Box<dyn WeightSource>,
+    ) -> Self {
+        self.src = f(self.src);
+        self
     }
 }
 
@@ -409,7 +421,7 @@ fn finish<B: Backend>(
     extra_eos: Vec<u32>,
     opts: &LoadOptions,
     format: ModelFormat,
-    spool: Option<&std::sync::Mutex<crate::gguf::GgufStreamWriter>>,
+    spool: Option<&crate::prepared::Spool>,
     layouts: &Layouts,
 ) -> Result<LoadedModel<B>> {
     let max_positions = opts.max_positions.map_or(cfg.max_position_embeddings, |m| {
@@ -479,7 +491,10 @@ fn finish<B: Backend>(
     let recorder;
     let src: &dyn WeightSource = match spool {
         Some(out) => {
-            recorder = crate::prepared::Recorder { inner: src, out };
+            recorder = crate::prepared::Recorder {
+                inner: src,
+                spool: out,
+            };
             &recorder
         }
         None => src,

@@ -21,16 +21,43 @@
 //!
 //! The cache around these files (keys, location, locking, eviction) is
 //! `kiln_sources::prepared`; this module writes and recognises the files.
+//!
+//! # Packed prepared models: each weight once on disk
+//!
+//! A backend that rearranges its matrices (the CPU backend's interleaved
+//! groups, [`crate::layouts`]) computes from a layout file, not from the
+//! GGUF's rows. A conversion into the cache for such a backend
+//! ([`load_and_prepare_packed`]) therefore writes each matrix once, where it
+//! is used: every matrix the backend rearranged goes to the entry's layout
+//! file only (streamed as it is made), and the GGUF file holds everything
+//! else (metadata, tokenizer, norms, biases, the embedding table, any
+//! matrix the backend kept as it was) and lists the matrices it leaves out
+//! under `kiln.prepared.packed_tensors` (name, shape, type) with the layout's
+//! name under `kiln.prepared.packed_layout` ([`packed_layout`]). Which matrices those are is
+//! settled after the load: a tensor read once as a table and once as a
+//! matrix (tied embeddings) stays in the GGUF file, since the table reads
+//! its rows there.
+//!
+//! A later start ([`load_packed`]) maps both: the listed matrices are
+//! placeholders of untouched anonymous memory (no bytes read or copied) and
+//! the layout file must hold each of them, exactly, or the load fails (and
+//! the caller rebuilds the entry); nothing is ever computed from a
+//! placeholder. Such a GGUF file does not load alone ([`packed_layout`]
+//! tells it apart); `kiln prepare`, which publishes a portable file, writes a whole
+//! one with [`load_and_prepare`].
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use kiln_backend::{Backend, WeightData};
+use kiln_backend::{Backend, GgmlType, HostBytes, WeightData};
+use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatTemplate;
 use crate::config::DecoderConfig;
 use crate::gguf::{GgufFile, GgufStreamWriter, Value};
-use crate::layouts::Layouts;
+use crate::layouts::{LayoutFile, Layouts};
 use crate::loader::{LoadOptions, LoadedModel, ModelFormat, WeightDtype};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
@@ -48,6 +75,10 @@ const KEY_HF_TOKENIZER: &str = "tokenizer.huggingface.json";
 const KEY_HF_TOKENIZER_CONFIG: &str = "kiln.hf.tokenizer_config_json";
 const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 const KEY_EXTRA_EOS: &str = "kiln.eos_token_ids";
+/// A packed prepared file's layout name.
+const KEY_PACKED_LAYOUT: &str = "kiln.prepared.packed_layout";
+/// A packed prepared file's list of the matrices only its layout file holds.
+const KEY_PACKED_TENSORS: &str = "kiln.prepared.packed_tensors";
 
 /// What a prepared file was made from and how (its `kiln.prepared.*`
 /// metadata).
@@ -190,6 +221,18 @@ pub fn read_info(path: &Path) -> Result<Option<PreparedInfo>> {
     Ok(PreparedInfo::from_gguf(&GgufFile::open(file)?))
 }
 
+/// For a packed prepared file (see the module docs), the layout whose file
+/// holds the matrices it leaves out: such a file does not load alone.
+/// `None` for any other model (a directory included).
+pub fn packed_layout(path: &Path) -> Result<Option<String>> {
+    let ModelFormat::Gguf(file) = ModelFormat::detect(path)? else {
+        return Ok(None);
+    };
+    Ok(GgufFile::open(file)?
+        .get_str(KEY_PACKED_LAYOUT)
+        .map(str::to_string))
+}
+
 /// Loads the model at `path` with `opts`, converting as [`crate::load`]
 /// does, and writes the converted model to the prepared file `out` as it
 /// goes (each tensor once, as the decoder takes it). Returns the model and
@@ -206,9 +249,12 @@ pub fn load_and_prepare<B: Backend>(
     let opened = crate::loader::open(path, true)?;
     let mut metadata = opened.carry.clone();
     metadata.extend(info.metadata());
-    let spool = Mutex::new(GgufStreamWriter::create(out)?);
+    let spool = Spool {
+        out: Mutex::new(GgufStreamWriter::create(out)?),
+        packed: None,
+    };
     let model = opened.load(backend, opts, Some(&spool), layouts)?;
-    let writer = spool.into_inner().map_err(|_| ModelError::Format {
+    let writer = spool.out.into_inner().map_err(|_| ModelError::Format {
         path: out.to_path_buf(),
         msg: "a thread writing the prepared file panicked".into(),
     })?;
@@ -221,6 +267,288 @@ pub fn load_and_prepare<B: Backend>(
         let _ = std::fs::remove_file(out);
     })?;
     Ok((model, size))
+}
+
+/// [`load_and_prepare`] for a packed entry (see the module docs): `layouts`
+/// is a streaming [`crate::layouts::LayoutRecorder`] made
+/// [`telling`](crate::layouts::LayoutRecorder::telling) `packed`, writing
+/// the entry's layout file of `layout`; the GGUF file at `out` gets every
+/// tensor but those the recorder wrote. Returns the model and the GGUF
+/// file's size (the caller finishes the layout file).
+#[allow(clippy::too_many_arguments)]
+pub fn load_and_prepare_packed<B: Backend>(
+    backend: &B,
+    path: &Path,
+    opts: &LoadOptions,
+    info: &PreparedInfo,
+    out: &Path,
+    layouts: &Layouts,
+    packed: Arc<PackedTensors>,
+    layout: &str,
+) -> Result<(LoadedModel<B>, u64)> {
+    let opened = crate::loader::open(path, true)?;
+    let mut metadata = opened.carry.clone();
+    metadata.extend(info.metadata());
+    let spool = Spool {
+        out: Mutex::new(GgufStreamWriter::create(out)?),
+        packed: Some(packed.clone()),
+    };
+    let model = opened.load(backend, opts, Some(&spool), layouts)?;
+    let mut writer = spool.out.into_inner().map_err(|_| ModelError::Format {
+        path: out.to_path_buf(),
+        msg: "a thread writing the prepared file panicked".into(),
+    })?;
+    let left_out = packed.settle(&mut writer)?;
+    tracing::info!(
+        "wrote {} tensors to the prepared file {}; {} matrices only to its {layout} file",
+        writer.len(),
+        out.display(),
+        left_out.len()
+    );
+    let list = serde_json::to_string(&left_out).map_err(|e| ModelError::Format {
+        path: out.to_path_buf(),
+        msg: format!("cannot list the packed matrices: {e}"),
+    })?;
+    metadata.push((
+        KEY_PACKED_LAYOUT.to_string(),
+        Value::String(layout.to_string()),
+    ));
+    metadata.push((KEY_PACKED_TENSORS.to_string(), Value::String(list)));
+    let size = writer.finish(&metadata).inspect_err(|_| {
+        let _ = std::fs::remove_file(out);
+    })?;
+    Ok((model, size))
+}
+
+/// Loads the packed prepared file `path` (see the module docs) with its
+/// layout file `layout`, which must hold every matrix the GGUF file leaves
+/// out: an error naming the file when it does not (the entry is to be
+/// rebuilt), never a model computed from placeholders.
+pub fn load_packed<B: Backend>(
+    backend: &B,
+    path: &Path,
+    opts: &LoadOptions,
+    layout: LayoutFile,
+) -> Result<LoadedModel<B>> {
+    let g = GgufFile::open(path)?;
+    let Some(list) = g.get_str(KEY_PACKED_TENSORS) else {
+        return Err(ModelError::Format {
+            path: path.to_path_buf(),
+            msg: format!("is not a packed prepared file (no {KEY_PACKED_TENSORS})"),
+        });
+    };
+    let left_out: Vec<PackedTensor> =
+        serde_json::from_str(list).map_err(|e| ModelError::Format {
+            path: path.to_path_buf(),
+            msg: format!("its {KEY_PACKED_TENSORS} is not valid: {e}"),
+        })?;
+    drop(g);
+    let mut placeholders = HashMap::with_capacity(left_out.len());
+    for t in left_out {
+        let ty = GgmlType::from_u32(t.ty).ok_or_else(|| ModelError::Format {
+            path: path.to_path_buf(),
+            msg: format!("packed matrix {} has unknown type {}", t.name, t.ty),
+        })?;
+        let cols = t.shape.last().copied().unwrap_or(0);
+        let rows: usize = t.shape.iter().rev().skip(1).product();
+        let len = kiln_backend::quant::row_bytes(ty, cols)
+            .and_then(|r| r.checked_mul(rows))
+            .filter(|_| t.shape.len() == 2)
+            .ok_or_else(|| ModelError::Format {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "packed matrix {} is not a {ty:?} matrix: {:?}",
+                    t.name, t.shape
+                ),
+            })?;
+        placeholders.insert(t.name, (t.shape, ty, len));
+    }
+    let layouts = Layouts::Mapped(layout.required(placeholders.keys().cloned()));
+    let opened = crate::loader::open(path, false)?.wrap_source(|inner| {
+        Box::new(Placeholders {
+            inner,
+            placeholders,
+        })
+    });
+    let model = opened.load(backend, opts, None, &layouts)?;
+    layouts.finish().map_err(|why| ModelError::Format {
+        path: path.to_path_buf(),
+        msg: format!("its weight layout file does not match it: {why}"),
+    })?;
+    Ok(model)
+}
+
+/// What the loader of a prepared file writes it through: the GGUF writer,
+/// and for a packed file the tracker of the tensors left to the layout file.
+pub(crate) struct Spool {
+    pub out: Mutex<GgufStreamWriter>,
+    pub packed: Option<Arc<PackedTensors>>,
+}
+
+/// A matrix a packed prepared file leaves to its layout file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PackedTensor {
+    name: String,
+    /// Row-major.
+    shape: Vec<usize>,
+    /// ggml's type number.
+    ty: u32,
+}
+
+/// One read of a matrix during a packed conversion.
+struct Read {
+    name: String,
+    shape: Vec<usize>,
+    ty: GgmlType,
+    range: Range<usize>,
+    /// The bytes, kept until the layout file takes them (then dropped) or
+    /// the load ends (then written to the GGUF file).
+    data: Option<WeightData>,
+}
+
+/// The matrices a packed conversion read, and which of them the layout
+/// file took (see the module docs): shared by the prepared file's writer
+/// and the [`crate::layouts::LayoutRecorder`] streaming the layout file.
+#[derive(Default)]
+pub struct PackedTensors {
+    reads: Mutex<Vec<Read>>,
+}
+
+impl PackedTensors {
+    /// A tracker for one conversion.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Records a read of matrix `name`.
+    fn read(&self, name: &str, shape: &[usize], data: &WeightData) {
+        let WeightData::Ggml { ty, bytes } = data else {
+            return;
+        };
+        let start = bytes.as_ptr() as usize;
+        if let Ok(mut reads) = self.reads.lock() {
+            reads.push(Read {
+                name: name.to_string(),
+                shape: shape.to_vec(),
+                ty: *ty,
+                range: start..start + bytes.len(),
+                data: Some(data.clone()),
+            });
+        }
+    }
+
+    /// The layout file took the bytes at `range` for matrix `name`: the
+    /// read they came from (the first one of `name` not yet taken holding
+    /// them) needs no place in the GGUF file.
+    pub(crate) fn taken(&self, name: &str, range: Range<usize>) {
+        let Ok(mut reads) = self.reads.lock() else {
+            return;
+        };
+        let inside = |r: &Read| r.range.start <= range.start && range.end <= r.range.end;
+        if let Some(r) = reads
+            .iter_mut()
+            .find(|r| r.data.is_some() && r.name == name && inside(r))
+        {
+            r.data = None;
+        }
+    }
+
+    /// After the load: writes to `out` each matrix read at least once
+    /// without the layout file taking it (unless `out` has it already), and
+    /// returns the others, which only the layout file holds.
+    fn settle(&self, out: &mut GgufStreamWriter) -> Result<Vec<PackedTensor>> {
+        let reads = std::mem::take(&mut *self.reads.lock().map_err(|_| ModelError::Format {
+            path: out.path().to_path_buf(),
+            msg: "a thread loading the model panicked".into(),
+        })?);
+        let mut kept: Vec<&Read> = Vec::new();
+        let mut left_out: Vec<&Read> = Vec::new();
+        for r in &reads {
+            if r.data.is_some() {
+                kept.push(r);
+            }
+        }
+        for r in &reads {
+            let needed = kept.iter().any(|k| k.name == r.name) || out.contains(&r.name);
+            if !needed && !left_out.iter().any(|l| l.name == r.name) {
+                left_out.push(r);
+            }
+        }
+        for r in kept {
+            if out.contains(&r.name) {
+                continue;
+            }
+            if let Some(WeightData::Ggml { ty, bytes }) = &r.data {
+                out.add(&r.name, &r.shape, *ty, bytes)?;
+            }
+        }
+        Ok(left_out
+            .into_iter()
+            .map(|r| PackedTensor {
+                name: r.name.clone(),
+                shape: r.shape.clone(),
+                ty: r.ty as u32,
+            })
+            .collect())
+    }
+}
+
+/// A packed prepared file's weights: its own tensors, and for each matrix
+/// only its layout file holds, bytes of untouched anonymous memory of the
+/// right size (no page is ever read or allocated), which the required
+/// layout file replaces before anything could compute from them.
+struct Placeholders {
+    inner: Box<dyn WeightSource>,
+    placeholders: HashMap<String, (Vec<usize>, GgmlType, usize)>,
+}
+
+impl WeightSource for Placeholders {
+    fn get(&self, name: &str) -> Result<HostTensor> {
+        if self.placeholders.contains_key(name) {
+            return Err(ModelError::Tensor {
+                path: self.inner.describe().into(),
+                tensor: name.to_string(),
+                msg: "is kept only in the weight layout file; it cannot be read as f32".into(),
+            });
+        }
+        self.inner.get(name)
+    }
+
+    fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
+        let Some((shape, ty, len)) = self.placeholders.get(name) else {
+            return self.inner.get_weight(name);
+        };
+        let bytes = untouched(*len).ok_or_else(|| ModelError::Tensor {
+            path: self.inner.describe().into(),
+            tensor: name.to_string(),
+            msg: format!("cannot reserve {len} bytes of address space for it"),
+        })?;
+        Ok((shape.clone(), WeightData::Ggml { ty: *ty, bytes }))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.placeholders.contains_key(name) || self.inner.contains(name)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// `len` bytes of read-only anonymous memory, never touched: address space,
+/// no resident page.
+fn untouched(len: usize) -> Option<HostBytes> {
+    if len == 0 {
+        let empty: kiln_backend::ByteOwner = Arc::new(Vec::<u8>::new());
+        return HostBytes::shared(empty, 0..0);
+    }
+    let map = memmap2::MmapOptions::new()
+        .len(len)
+        .map_anon()
+        .and_then(|m| m.make_read_only())
+        .ok()?;
+    let owner: kiln_backend::ByteOwner = Arc::new(map);
+    HostBytes::shared(owner, 0..len)
 }
 
 /// The metadata of `g` that a prepared copy keeps: all but the layout key
@@ -321,15 +649,16 @@ impl EmbeddedHf {
 }
 
 /// A weight source that writes every tensor the decoder takes, after
-/// conversion, to a prepared file.
+/// conversion, to a prepared file (for a packed one, the matrices only
+/// once the load is over, and only those the layout file did not take).
 pub(crate) struct Recorder<'a> {
     pub inner: &'a dyn WeightSource,
-    pub out: &'a Mutex<GgufStreamWriter>,
+    pub spool: &'a Spool,
 }
 
 impl Recorder<'_> {
     fn write(&self, name: &str, f: impl FnOnce(&mut GgufStreamWriter) -> Result<()>) -> Result<()> {
-        let mut out = self.out.lock().map_err(|_| ModelError::Format {
+        let mut out = self.spool.out.lock().map_err(|_| ModelError::Format {
             path: name.into(),
             msg: "a thread writing the prepared file panicked".into(),
         })?;
@@ -349,6 +678,10 @@ impl WeightSource for Recorder<'_> {
 
     fn get_weight(&self, name: &str) -> Result<(Vec<usize>, WeightData)> {
         let (shape, data) = self.inner.get_weight(name)?;
+        if let (Some(packed), WeightData::Ggml { .. }) = (&self.spool.packed, &data) {
+            packed.read(name, &shape, &data);
+            return Ok((shape, data));
+        }
         self.write(name, |w| match &data {
             WeightData::F32(v) => w.add_f32(name, &shape, v),
             WeightData::Ggml { ty, bytes } => w.add(name, &shape, *ty, bytes),

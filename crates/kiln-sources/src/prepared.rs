@@ -10,6 +10,7 @@
 //! ```text
 //! prepared/<key>/model.gguf            the prepared model
 //! prepared/<key>/weights.layout        or: weights in a backend's layout
+//!                                      or both (a packed prepared model)
 //! prepared/<key>/.kiln-prepared.json   its record; its mtime is the last use
 //! prepared/<key>.partial/              an entry being written
 //! prepared/<key>.lock                  the entry's lock
@@ -17,6 +18,16 @@
 //!
 //! Both kinds of entry are the same to the cache (keys, locks, eviction);
 //! [`KeyParts::layout`] tells them apart.
+//!
+//! A model converted for a backend that rearranges its matrices (the CPU
+//! backend) is a *packed* entry ([`KeyParts::packed`]): `weights.layout`
+//! holds every matrix the backend rearranged, in its layout, and
+//! `model.gguf` holds the rest (metadata, tokenizer, norms, biases, the
+//! embedding table) and lists the matrices it leaves to the layout file,
+//! so the disk holds each weight once. Its record gives both files' sizes
+//! ([`Record::layout_size`]), checked at every lookup like the model's.
+//! A packed `model.gguf` does not load alone: `kiln prepare` writes a whole
+//! one instead.
 //!
 //! `<key>` hashes the [`KeyParts`]: the source's name and content identity
 //! (for a download, the manifest's file names, sizes and ETags; for a local
@@ -65,8 +76,19 @@ pub struct Record {
     pub parts: KeyParts,
     /// The size of `model.gguf`.
     pub size: u64,
+    /// The size of `weights.layout` in a packed entry ([`KeyParts::packed`]);
+    /// `None` in every other kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout_size: Option<u64>,
     /// When it was written (Unix seconds).
     pub created: u64,
+}
+
+impl Record {
+    /// Bytes the entry's files take (both files of a packed entry).
+    pub fn total_size(&self) -> u64 {
+        self.size + self.layout_size.unwrap_or(0)
+    }
 }
 
 /// A complete entry.
@@ -89,6 +111,15 @@ impl PreparedEntry {
     /// The entry's file: the prepared model, or the weights in a layout.
     pub fn file(&self) -> PathBuf {
         self.dir.join(self.record.parts.file_name())
+    }
+
+    /// A packed entry's `weights.layout` (see [`KeyParts::packed`]).
+    pub fn packed_file(&self) -> Option<PathBuf> {
+        self.record
+            .parts
+            .packed
+            .as_ref()
+            .map(|_| self.dir.join(LAYOUT_FILE))
     }
 }
 
@@ -166,12 +197,25 @@ impl Builder {
         self.partial.join(self.parts.file_name())
     }
 
+    /// Where to write a packed entry's `weights.layout` (see
+    /// [`KeyParts::packed`]).
+    pub fn packed_file(&self) -> Option<PathBuf> {
+        self.parts
+            .packed
+            .as_ref()
+            .map(|_| self.partial.join(LAYOUT_FILE))
+    }
+
     /// Records the written file, publishes the entry (it is in use by this
     /// process from now on) and evicts least recently used entries beyond
     /// `cache`'s bound.
     pub fn commit(mut self, cache: &PreparedCache) -> Result<PreparedEntry, PreparedError> {
         let file = self.file();
         let size = std::fs::metadata(&file).map_err(io_err(&file))?.len();
+        let layout_size = match self.packed_file() {
+            Some(p) => Some(std::fs::metadata(&p).map_err(io_err(&p))?.len()),
+            None => None,
+        };
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -179,6 +223,7 @@ impl Builder {
             key: self.key.clone(),
             parts: self.parts.clone(),
             size,
+            layout_size,
             created,
         };
         let path = self.partial.join(RECORD_FILE);
@@ -288,6 +333,21 @@ impl PreparedCache {
             };
             let _ = std::fs::remove_dir_all(&dir);
             return Err(PreparedError::Corrupt { file, msg });
+        }
+        if record.parts.packed.is_some() {
+            let file = dir.join(LAYOUT_FILE);
+            let size = std::fs::metadata(&file).map(|m| m.len());
+            if size.as_ref().ok() != record.layout_size.as_ref() {
+                let msg = match size {
+                    Ok(n) => format!(
+                        "is {n} bytes where its record says {:?}: truncated or overwritten",
+                        record.layout_size
+                    ),
+                    Err(e) => format!("cannot be read ({e})"),
+                };
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(PreparedError::Corrupt { file, msg });
+            }
         }
         let last_used = std::fs::metadata(&record_path)
             .and_then(|m| m.modified())
@@ -406,7 +466,7 @@ impl PreparedCache {
 
     /// Bytes of prepared files in the cache.
     pub fn total_bytes(&self) -> u64 {
-        self.list().iter().map(|e| e.record.size).sum()
+        self.list().iter().map(|e| e.record.total_size()).sum()
     }
 
     /// Removes entry `key`, unless a running kiln process uses it.
@@ -451,7 +511,7 @@ impl PreparedCache {
             return Ok(Vec::new());
         };
         let entries = self.list();
-        let mut total: u64 = entries.iter().map(|e| e.record.size).sum();
+        let mut total: u64 = entries.iter().map(|e| e.record.total_size()).sum();
         let mut evicted = Vec::new();
         for e in entries {
             if total <= max {
@@ -462,9 +522,9 @@ impl PreparedCache {
                     tracing::info!(
                         "prepared model {}: evicted ({} bytes; the cache holds {total} of at most {max})",
                         e.key(),
-                        e.record.size
+                        e.record.total_size()
                     );
-                    total -= e.record.size;
+                    total -= e.record.total_size();
                     evicted.push(e.key().to_string());
                 }
                 Err(PreparedError::InUse { .. }) => {}

@@ -46,7 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 println!(
                     "{:<32}  {:>10}  {:>9}  {:<24}  {}",
                     e.key(),
-                    size(e.record.size),
+                    size(e.record.total_size()),
                     age(now, e.last_used),
                     match &p.layout {
                         None => format!("quantize={} dtype={}", p.quantize, p.dtype),
@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     p.source
                 );
             }
-            let total: u64 = entries.iter().map(|e| e.record.size).sum();
+            let total: u64 = entries.iter().map(|e| e.record.total_size()).sum();
             let layouts = entries.iter().filter(|e| e.record.parts.layout.is_some());
             println!(
                 "{} prepared models, {} weight layouts, {} in {}",

@@ -7,8 +7,11 @@
 //!   nothing converted) with the same greedy answer as converting at load;
 //!   a larger one goes up as a multipart upload;
 //! - the second start with the same model and settings maps the cache entry
-//!   and converts nothing; `kiln prepare --output DIR` makes a directory
-//!   that serves the same way; a changed source file is a new key;
+//!   and converts nothing; on the CPU that entry is packed (the rearranged
+//!   matrices only in its weights.layout, the rest in its model.gguf: one
+//!   copy of the weights); `kiln prepare --output DIR` writes a whole GGUF
+//!   file, a directory that serves the same way; a changed source file is a
+//!   new key;
 //! - `--cache-max-gib` evicts the least recently used entry, never one a
 //!   running server maps; `kiln cache ls` and `kiln cache rm KEY|--all`;
 //! - a truncated or corrupt prepared file is an error naming the file, and
@@ -289,8 +292,24 @@ fn the_second_start_maps_the_entry_and_a_changed_source_is_a_new_key() {
     assert!(layout_mapped(&logs), "{logs}");
     assert_eq!(first, second, "the same greedy text");
     assert_eq!(ls_keys(&env).len(), 1);
+    // One packed entry: the CPU layout of the matrices beside the GGUF
+    // file holding the rest, each weight once; no layout entry of its own.
+    assert!(ls(&env, true).is_empty(), "{:?}", ls(&env, true));
+    let entry = prepared_dir(&cache).join(&ls_keys(&env)[0]);
+    let gguf = std::fs::metadata(entry.join("model.gguf"))
+        .expect("gguf")
+        .len();
+    let layout = std::fs::metadata(entry.join("weights.layout"))
+        .expect("layout")
+        .len();
+    assert!(
+        gguf < layout / 2,
+        "model.gguf {gguf}, weights.layout {layout}"
+    );
 
-    // `kiln prepare --output DIR` copies the entry; DIR serves as it is.
+    // `kiln prepare --output DIR` writes a whole, portable GGUF file (an
+    // entry of its own, one copy of the weights: the packed entry's size);
+    // DIR serves as it is.
     let dir = tempdir("prepared-out-").join("tiny-q8");
     let dir = dir.display().to_string();
     let o = kiln(
@@ -298,7 +317,16 @@ fn the_second_start_maps_the_entry_and_a_changed_source_is_a_new_key() {
         &env,
     );
     assert!(o.status.success(), "{}", err(&o));
-    assert!(mapped(&err(&o)), "the cache entry is reused: {}", err(&o));
+    assert!(converted(&err(&o)), "a whole file is written: {}", err(&o));
+    let whole = std::fs::metadata(Path::new(&dir).join("model.gguf"))
+        .expect("prepared")
+        .len();
+    let packed = (gguf + layout) as f64;
+    assert!(
+        (packed / whole as f64 - 1.0).abs() < 0.04,
+        "the packed entry ({packed} bytes) is one copy of the weights ({whole})"
+    );
+    assert_eq!(ls_keys(&env).len(), 2);
     let fresh = cache_env(&tempdir("cache-other-"));
     let (from_dir, logs) = generate(&dir, &q8, &fresh);
     assert!(logs.contains("is a prepared model"), "{logs}");
@@ -316,7 +344,7 @@ fn the_second_start_maps_the_entry_and_a_changed_source_is_a_new_key() {
     std::fs::write(&cfg, text).expect("rewrite");
     let (_, logs) = generate(&src, &q8, &env);
     assert!(converted(&logs), "{logs}");
-    assert_eq!(ls_keys(&env).len(), 2);
+    assert_eq!(ls_keys(&env).len(), 3);
 }
 
 #[test]

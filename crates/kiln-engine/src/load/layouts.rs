@@ -47,6 +47,7 @@ pub(super) fn layout_parts(file: &Path, settings: &Settings, layout: &str) -> Op
             dtype: settings.dtype.clone(),
             artifact_version: ARTIFACT_VERSION,
             layout: Some(layout.to_string()),
+            packed: None,
         }),
         Err(e) => {
             tracing::debug!("{}: {e}; no layout cache for it", file.display());

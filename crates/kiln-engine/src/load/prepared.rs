@@ -9,15 +9,28 @@
 //! `kiln prepare` uploaded) is mapped as it is. [`LoadReport`] says which of
 //! these happened, for logs and tests. Whichever way the model is read, the
 //! weight layout cache ([`super::layouts`]) comes along.
+//!
+//! For a backend that rearranges its matrices (the CPU backend), with the
+//! layout cache on, a conversion is a *packed* entry
+//! ([`kiln_sources::prepared::KeyParts::packed`],
+//! [`kiln_model::prepared`]): one directory holding `weights.layout`, the
+//! rearranged matrices streamed as they are made, and `model.gguf`, the
+//! rest, so each weight is on disk once and written once. A hit maps both;
+//! a packed entry that does not load (a truncated or rewritten file) is
+//! removed, and the error names it, as for a whole prepared file.
+//! `kiln prepare` (`always_prepare`) still writes a whole GGUF file, which
+//! is what it publishes, and its weight layout goes to a layout entry of
+//! its own as for any model file.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kiln_backend::Backend;
-use kiln_model::layouts::Layouts;
+use kiln_model::layouts::LayoutRecorder;
+use kiln_model::layouts::{LayoutFile, Layouts};
 use kiln_model::prepared::{self, PreparedInfo, Settings, ARTIFACT_VERSION};
 use kiln_model::{LoadOptions, LoadedModel, ModelError};
-use kiln_sources::prepared::{Begin, KeyParts};
+use kiln_sources::prepared::{Begin, KeyParts, LAYOUT_FILE};
 use kiln_sources::{Manifest, PreparedCache, PreparedError};
 
 use super::layouts::{cached_layout, layout_parts, store_layout, streaming, with_layouts};
@@ -122,6 +135,16 @@ fn load_model<B: Backend>(
     }
     let as_prepared = prepared::as_prepared(opts);
     if let Some(info) = prepared::read_info(path)? {
+        if let Some(layout) = prepared::packed_layout(path)? {
+            return Err(LoadError::Model(ModelError::Format {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "is the GGUF half of a packed prepared-cache entry (its matrices are in the \
+                     entry's {LAYOUT_FILE}, in {layout}) and does not load alone: serve the \
+                     original model, or write a portable file with `kiln prepare`"
+                ),
+            }));
+        }
         if info.matches(opts) {
             let model = with_layouts(
                 backend,
@@ -161,6 +184,12 @@ fn load_model<B: Backend>(
         }
     };
     let settings = Settings::of(opts);
+    // A conversion for serving, on a backend that computes from its own
+    // layout, keeps the rearranged matrices only in that layout.
+    let packed = match always_prepare {
+        true => None,
+        false => cached_layout(backend, layout_cache),
+    };
     let parts = KeyParts {
         source,
         identity,
@@ -168,8 +197,36 @@ fn load_model<B: Backend>(
         dtype: settings.dtype.clone(),
         artifact_version: ARTIFACT_VERSION,
         layout: None,
+        packed: packed.map(str::to_string),
     };
     match cache.begin(&parts)? {
+        Begin::Ready(entry) if packed.is_some() => {
+            let (file, key) = (entry.file(), entry.key().to_string());
+            let layout_path = entry.packed_file().unwrap_or_default();
+            let t0 = Instant::now();
+            let loaded = LayoutFile::open(&layout_path, packed.unwrap_or_default(), &key)
+                .and_then(|l| prepared::load_packed(backend, &file, &as_prepared, l));
+            match loaded {
+                Ok(model) => {
+                    tracing::info!(
+                        "prepared model {key}: mapped {} and {} in {:.2?}; nothing converted, \
+                         nothing rearranged",
+                        file.display(),
+                        layout_path.display(),
+                        t0.elapsed()
+                    );
+                    Ok((model, LoadReport::Mapped { key, file }))
+                }
+                Err(source) => {
+                    cache.discard(&key)?;
+                    Err(LoadError::CorruptEntry { source })
+                }
+            }
+        }
+        Begin::Build(builder) if packed.is_some() => {
+            let layout = packed.unwrap_or_default();
+            build_packed(backend, path, opts, cache, &parts, builder, layout)
+        }
         Begin::Ready(entry) => {
             let file = entry.file();
             let key = entry.key().to_string();
@@ -253,6 +310,76 @@ fn load_model<B: Backend>(
             Ok((model, LoadReport::Converted { key, file, bytes }))
         }
     }
+}
+
+/// Converts the model at `path` into the packed entry `builder` writes (see
+/// the module docs): the matrices `backend` rearranges into `layout` are
+/// streamed to the entry's layout file, the rest to its GGUF file.
+fn build_packed<B: Backend>(
+    backend: &B,
+    path: &Path,
+    opts: &LoadOptions,
+    cache: &PreparedCache,
+    parts: &KeyParts,
+    builder: kiln_sources::prepared::Builder,
+    layout: &str,
+) -> Result<(LoadedModel<B>, LoadReport), LoadError> {
+    let key = builder.key().to_string();
+    let settings = Settings::of(opts);
+    let info = PreparedInfo {
+        key: key.clone(),
+        source: parts.source.clone(),
+        identity: parts.identity_json(),
+        settings: settings.clone(),
+        artifact_version: ARTIFACT_VERSION,
+    };
+    let layout_path = builder.packed_file().unwrap_or_default();
+    tracing::info!(
+        "prepared model {key}: not in the cache; converting {} ({settings}) and writing {} \
+         with its matrices in {layout} in {}",
+        parts.source,
+        builder.file().display(),
+        layout_path.display()
+    );
+    let t0 = Instant::now();
+    let tracker = prepared::PackedTensors::new();
+    let rec = LayoutRecorder::streaming(&layout_path)?.telling(tracker.clone());
+    let layouts = Layouts::Record(rec);
+    let (model, bytes) = prepared::load_and_prepare_packed(
+        backend,
+        path,
+        opts,
+        &info,
+        &builder.file(),
+        &layouts,
+        tracker,
+        layout,
+    )?;
+    let Layouts::Record(rec) = &layouts else {
+        return Err(LoadError::Model(ModelError::Format {
+            path: layout_path,
+            msg: "the weight layout was not recorded".into(),
+        }));
+    };
+    let lbytes = rec.finish(layout, &key)?;
+    let entry = builder.commit(cache)?;
+    let file = entry.file();
+    tracing::info!(
+        "prepared model {key}: converted and wrote {} ({bytes} bytes) and {} ({lbytes} bytes, \
+         {} matrices in {layout}) in {:.2?}",
+        file.display(),
+        LAYOUT_FILE,
+        rec.len(),
+        t0.elapsed()
+    );
+    Ok((
+        model,
+        LoadReport::Converted {
+            key,
+            file,
+            bytes: bytes + lbytes,
+        },
+    ))
 }
 
 /// A model loaded through the prepared-model cache onto whichever device

@@ -29,6 +29,13 @@ pub struct KeyParts {
     /// prepared models are what they were before layouts were cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<String>,
+    /// For a prepared model whose weight matrices are kept only in a
+    /// backend's layout (see [`crate::prepared`]): that layout's name.
+    /// The entry then holds `model.gguf` without those matrices and
+    /// `weights.layout` with them. `None` (left out of the hashed JSON) for
+    /// a prepared model that is one whole GGUF file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed: Option<String>,
 }
 
 impl KeyParts {

@@ -15,6 +15,7 @@ fn parts(source: &str, quantize: &str) -> KeyParts {
         dtype: "auto".into(),
         artifact_version: 1,
         layout: None,
+        packed: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn foreign_entry(c: &PreparedCache, p: &KeyParts, size: u64, age: Duration) -> S
         key: key.clone(),
         parts: p.clone(),
         size,
+        layout_size: None,
         created: 0,
     };
     let path = dir.join(RECORD_FILE);
@@ -244,4 +246,50 @@ fn a_discarded_entry_is_rebuilt_unless_another_process_holds_it() {
     assert!(c.try_rebuild(&p).unwrap().is_none());
     drop(held);
     assert!(c.try_rebuild(&p).unwrap().is_some());
+}
+
+/// A packed entry (model.gguf and weights.layout) records both sizes, is a
+/// key of its own, counts both files towards the bound, and a cut layout
+/// file is found out at lookup like a cut model file.
+#[test]
+fn a_packed_entry_records_and_checks_both_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cache(tmp.path(), None);
+    let whole = parts("/m", "q8_0");
+    let p = KeyParts {
+        packed: Some("cpu-interleaved-16-v1".into()),
+        ..whole.clone()
+    };
+    assert_ne!(p.key(), whole.key(), "packed and whole entries differ");
+    let Begin::Build(b) = c.begin(&p).unwrap() else {
+        panic!("an empty cache has it ready")
+    };
+    let layout = b.packed_file().expect("a packed entry's layout file");
+    assert_eq!(layout.file_name().unwrap(), LAYOUT_FILE);
+    assert_eq!(b.file().file_name().unwrap(), PREPARED_FILE);
+    std::fs::write(b.file(), b"GGUF....").unwrap();
+    std::fs::write(&layout, vec![7u8; 100]).unwrap();
+    let built = b.commit(&c).unwrap();
+    assert_eq!(built.record.size, 8);
+    assert_eq!(built.record.layout_size, Some(100));
+    assert_eq!(built.record.total_size(), 108);
+    assert_eq!(c.total_bytes(), 108);
+    let file = built.packed_file().expect("layout file");
+    release(&c.lock_path(&p.key()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(50)
+        .unwrap();
+    match c.begin(&p) {
+        Err(PreparedError::Corrupt { file: f, msg }) => {
+            assert_eq!(f, file);
+            assert!(msg.contains("truncated"), "{msg}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a cut layout file was used"),
+    }
+    assert!(!built.dir.exists(), "the entry was removed");
+    assert!(matches!(c.begin(&p).unwrap(), Begin::Build(_)));
 }
