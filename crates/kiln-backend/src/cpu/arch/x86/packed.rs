@@ -221,16 +221,16 @@ unsafe fn act_sum<D: Dot, const SIGN_TRICK: bool, const N: usize, const WIDE: bo
 }
 
 /// How far ahead of the chunk being computed its weights are fetched
-/// into cache, in bytes. A group's chunks lie one after another and the
-/// groups of a band too, so a kernel streams its weights in order; the
-/// hardware prefetchers alone, which restart at each 4 KiB page, left a
-/// one-row product (decode) at 50-65% of the read bandwidth for 4-bit
-/// codes, whose decoding keeps fewer loads in flight than Q8_0's. Fetching
-/// 4 KiB ahead brought Q4_0, Q4_K, Q6_K and Q8_0 to 28-32 GB/s on two
-/// threads of a machine whose plain two-thread read is about 30 GB/s
-/// (`linear_bench` with `KILN_BENCH_SHAPES=262144x4096`; 2048 and 8192
-/// bytes were slower).
-const PREFETCH_BYTES: usize = 4096;
+/// into the core's L2 cache, in bytes. A group's chunks lie one after
+/// another and the groups of a band too, so a kernel streams its weights
+/// in order; the hardware prefetchers alone, which restart at each 4 KiB
+/// page, left a one-row product (decode) at 50-65% of the read bandwidth
+/// for 4-bit codes, whose decoding keeps fewer loads in flight than
+/// Q8_0's. Fetching 4 KiB ahead into L1 brought Q4_0, Q4_K, Q6_K and Q8_0
+/// to 28-32 GB/s on two threads of the Xeon build machine; 16 KiB ahead
+/// into L2 was as fast or up to 10% faster in alternating runs
+/// (`linear_bench` with `KILN_BENCH_SHAPES=262144x4096`), and 2 KiB slower.
+const PREFETCH_BYTES: usize = 16384;
 
 /// Prefetches, while sub-block `s` of the chunk at `p` is computed, its
 /// share of the cache lines [`PREFETCH_BYTES`] further on, so that over a
@@ -243,7 +243,7 @@ unsafe fn prefetch_ahead(fmt: crate::cpu::packed::PackedFormat, p: *const u8, s:
     for l in 0..lines {
         let at = p.wrapping_add(PREFETCH_BYTES + 64 * (s * lines + l));
         // SAFETY: prefetching reads nothing and never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(at as *const i8) };
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(at as *const i8) };
     }
 }
 
