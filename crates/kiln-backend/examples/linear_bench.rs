@@ -7,7 +7,8 @@
 //! streamed. The last column divides by the process's CPU time instead of
 //! the wall clock: on a shared machine, where other processes take turns
 //! on the cores, it still measures the kernels (with `RAYON_NUM_THREADS=1`
-//! it is one core's rate).
+//! it is one core's rate). `KILN_BENCH_COLD=1` cycles through copies of
+//! each matrix filling 1 GB, so the weights come from memory, not cache.
 
 use std::time::Instant;
 
@@ -111,7 +112,18 @@ fn main() {
                 WeightData::F32(v) => v.len() * 4,
                 WeightData::Ggml { bytes, .. } => bytes.len(),
             };
-            let w = be.upload_weight(n, k, data).expect("weight");
+            // `KILN_BENCH_COLD=1`: enough copies of the matrix to fill 1 GB,
+            // used in turn, so every product streams its weights from
+            // memory as a model's do (one copy stays in the last-level
+            // cache when it fits).
+            let copies = if std::env::var_os("KILN_BENCH_COLD").is_some() {
+                1_000_000_000usize.div_ceil(wbytes)
+            } else {
+                1
+            };
+            let ws: Vec<_> = (0..copies)
+                .map(|_| be.upload_weight(n, k, data.clone()).expect("weight"))
+                .collect();
             for &m in &batches {
                 if n > 10_000 && m > 16 {
                     continue;
@@ -121,12 +133,13 @@ fn main() {
                     (0..m * k).map(|i| ((i % 89) as f32) / 89.0).collect(),
                 )
                 .expect("x");
-                let reps = (2_000_000_000 / (m * n * k)).clamp(3, 200);
+                let reps = (2_000_000_000 / (m * n * k)).clamp(3, 200).max(copies);
                 let (mut best, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
                 for _ in 0..5 {
                     let (t, c) = (Instant::now(), cpu_seconds());
-                    for _ in 0..reps {
-                        std::hint::black_box(be.linear(&x, &w, None).expect("linear"));
+                    for r in 0..reps {
+                        let w = &ws[r % copies];
+                        std::hint::black_box(be.linear(&x, w, None).expect("linear"));
                     }
                     best = best.min(t.elapsed().as_secs_f64() / reps as f64);
                     best_cpu = best_cpu.min((cpu_seconds() - c) / reps as f64);

@@ -25,6 +25,76 @@ pub fn default_kv_bytes(available: u64) -> u64 {
     ((available as f64 * KV_MEMORY_FRACTION) as u64).min(KV_MEMORY_CAP)
 }
 
+/// A byte count in vLLM's human-readable spelling (its
+/// `--kv-cache-memory-bytes`): a whole number, or a number with one
+/// suffix, `k`, `m`, `g` or `t` for powers of 1000 (a decimal fraction
+/// allowed: `25.6k` is 25600) or `K`, `M`, `G` or `T` for powers of 1024
+/// (whole numbers only: `4G` is 4 GiB). Why an error: the text is a user's.
+pub fn parse_memory_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = || {
+        format!(
+            "'{text}' is not a byte count: a whole number, or one with a suffix \
+             k/m/g/t (powers of 1000, e.g. 25.6k) or K/M/G/T (powers of 1024, e.g. 4G)"
+        )
+    };
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], Some(c)),
+        Some(_) => (t, None),
+        None => return Err(bad()),
+    };
+    let power = |c: char| "kmgt".find(c.to_ascii_lowercase()).map(|i| i as i32 + 1);
+    let value = match unit {
+        None => digits.parse::<u64>().map_err(|_| bad())?,
+        Some(c) if c.is_ascii_uppercase() => {
+            let n = digits.parse::<u64>().map_err(|_| bad())?;
+            let p = power(c).ok_or_else(bad)?;
+            n.checked_mul(1u64 << (10 * p)).ok_or_else(bad)?
+        }
+        Some(c) => {
+            let p = power(c).ok_or_else(bad)?;
+            // Only digits and one point: no exponent, sign or "inf".
+            if digits.is_empty()
+                || !digits.chars().all(|d| d.is_ascii_digit() || d == '.')
+                || digits.matches('.').count() > 1
+            {
+                return Err(bad());
+            }
+            let x = digits.parse::<f64>().map_err(|_| bad())? * 1000f64.powi(p);
+            if !x.is_finite() || x >= u64::MAX as f64 {
+                return Err(bad());
+            }
+            x as u64
+        }
+    };
+    if value == 0 {
+        return Err(format!(
+            "'{text}' is 0 bytes: the KV cache needs some memory"
+        ));
+    }
+    Ok(value)
+}
+
+/// The environment variable vLLM's CPU backend sizes its KV cache from, in
+/// GiB; kiln reads it as the default KV size of a model on the CPU.
+pub const CPU_KVCACHE_SPACE_VAR: &str = "VLLM_CPU_KVCACHE_SPACE";
+
+/// [`CPU_KVCACHE_SPACE_VAR`]'s value `raw` (`None`: unset) in bytes:
+/// `None` when unset, empty or 0 (vLLM's "use the default"), an error
+/// naming the variable when it is not a whole number of GiB.
+pub fn cpu_kvcache_space(raw: Option<&str>) -> Result<Option<u64>, String> {
+    let Some(v) = raw.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match v.parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(gib) if gib <= 1 << 20 => Ok(Some(gib << 30)),
+        _ => Err(format!(
+            "{CPU_KVCACHE_SPACE_VAR}='{v}' is not a whole number of GiB (as vLLM reads it)"
+        )),
+    }
+}
+
 /// `MemAvailable` of `/proc/meminfo` in bytes, where there is one.
 pub fn mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -293,5 +363,48 @@ Anonymous:          1024 kB
         // The cap: 1 TiB free gives 32 GiB, not 512.
         assert_eq!(default_kv_bytes(1 << 40), 32 << 30);
         assert_eq!(default_kv_bytes(10 << 30), 5 << 30);
+    }
+
+    #[test]
+    fn memory_bytes_read_as_vllm_spells_them() {
+        for (text, want) in [
+            ("4096", 4096u64),
+            ("1k", 1000),
+            ("25.6k", 25_600),
+            ("1K", 1024),
+            ("4G", 4 << 30),
+            ("2m", 2_000_000),
+            (" 3T ", 3 << 40),
+        ] {
+            assert_eq!(parse_memory_bytes(text), Ok(want), "{text}");
+        }
+        for text in [
+            "",
+            "G",
+            "1.5G",
+            "-1k",
+            "1e3k",
+            "12x",
+            "1..5k",
+            "inf",
+            "99999999999T",
+        ] {
+            let e = parse_memory_bytes(text).unwrap_err();
+            assert!(e.contains("is not a byte count"), "{text}: {e}");
+        }
+        assert!(parse_memory_bytes("0").unwrap_err().contains("is 0 bytes"));
+    }
+
+    #[test]
+    fn the_cpu_kvcache_space_variable_is_whole_gib() {
+        assert_eq!(cpu_kvcache_space(None), Ok(None));
+        assert_eq!(cpu_kvcache_space(Some("0")), Ok(None));
+        assert_eq!(cpu_kvcache_space(Some(" ")), Ok(None));
+        assert_eq!(cpu_kvcache_space(Some("40")), Ok(Some(40 << 30)));
+        let e = cpu_kvcache_space(Some("4.5")).unwrap_err();
+        assert!(
+            e.contains("VLLM_CPU_KVCACHE_SPACE='4.5' is not a whole number of GiB"),
+            "{e}"
+        );
     }
 }

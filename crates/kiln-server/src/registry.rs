@@ -129,6 +129,68 @@ impl ModelEntry {
     }
 }
 
+/// A model's KV cache size: its `option.kv_cache_memory_bytes`, else the
+/// server's `--kv-cache-mib` / `--kv-cache-memory-bytes` (`server_bytes`,
+/// 0 when unset), else on the CPU vLLM's `VLLM_CPU_KVCACHE_SPACE` (GiB,
+/// `cpu_env`) or half the memory left once the weights are loaded. Host
+/// memory sizes a host cache only: a GPU keeps the 1 GiB default.
+fn kv_capacity(
+    model_bytes: Option<u64>,
+    server_bytes: usize,
+    device: kiln_engine::Device,
+    cpu_env: Option<&str>,
+) -> Result<KvCapacity, String> {
+    let bytes = |b: u64| KvCapacity::Bytes(usize::try_from(b).unwrap_or(usize::MAX));
+    Ok(match (model_bytes, server_bytes, device) {
+        (Some(b), _, _) => bytes(b),
+        (None, b, _) if b > 0 => KvCapacity::Bytes(b),
+        (None, _, kiln_engine::Device::Cpu) => {
+            match kiln_engine::kv_size::cpu_kvcache_space(cpu_env)? {
+                Some(b) => bytes(b),
+                None => KvCapacity::FreeMemory,
+            }
+        }
+        (None, _, _) => bytes(kiln_engine::kv_size::KV_FALLBACK_BYTES),
+    })
+}
+
+#[cfg(test)]
+mod kv_capacity_tests {
+    use super::*;
+    use kiln_engine::Device;
+
+    /// The model's key wins over the server's flag, the flag over vLLM's
+    /// CPU variable, the variable over the free-memory default; a GPU
+    /// ignores the CPU variable; a bad variable is an error naming it.
+    #[test]
+    fn each_setting_overrides_the_next() {
+        let b = |n: u64| KvCapacity::Bytes(n as usize);
+        assert_eq!(
+            kv_capacity(Some(7 << 20), 64 << 20, Device::Cpu, Some("2")),
+            Ok(b(7 << 20))
+        );
+        assert_eq!(
+            kv_capacity(None, 64 << 20, Device::Cpu, Some("2")),
+            Ok(b(64 << 20))
+        );
+        assert_eq!(kv_capacity(None, 0, Device::Cpu, Some("2")), Ok(b(2 << 30)));
+        assert_eq!(
+            kv_capacity(None, 0, Device::Cpu, Some("0")),
+            Ok(KvCapacity::FreeMemory)
+        );
+        assert_eq!(
+            kv_capacity(None, 0, Device::Cpu, None),
+            Ok(KvCapacity::FreeMemory)
+        );
+        assert_eq!(
+            kv_capacity(None, 0, Device::Cuda(0), Some("2")),
+            Ok(b(kiln_engine::kv_size::KV_FALLBACK_BYTES))
+        );
+        let e = kv_capacity(None, 0, Device::Cpu, Some("lots")).unwrap_err();
+        assert!(e.contains("VLLM_CPU_KVCACHE_SPACE='lots'"), "{e}");
+    }
+}
+
 /// Server-wide defaults for engines.
 #[derive(Debug, Clone, Default)]
 pub struct EngineDefaults {
@@ -705,12 +767,14 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
     let mut cfg = EngineConfig {
         max_running: p.max_rolling_batch_size,
         max_waiting: settings.job_queue_size,
-        // Host memory sizes a host cache only: a GPU keeps the 1 GiB default.
-        kv_capacity: match (defaults.kv_cache_bytes, model.device()) {
-            (0, kiln_engine::Device::Cpu) => KvCapacity::FreeMemory,
-            (0, _) => KvCapacity::Bytes(kiln_engine::kv_size::KV_FALLBACK_BYTES as usize),
-            (b, _) => KvCapacity::Bytes(b),
-        },
+        kv_capacity: kv_capacity(
+            p.kv_cache_memory_bytes,
+            defaults.kv_cache_bytes,
+            model.device(),
+            std::env::var(kiln_engine::kv_size::CPU_KVCACHE_SPACE_VAR)
+                .ok()
+                .as_deref(),
+        )?,
         kv_dtype: p.kv_cache_dtype.unwrap_or(defaults.kv_cache_dtype),
         ..EngineConfig::default()
     };

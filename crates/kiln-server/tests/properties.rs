@@ -1222,3 +1222,35 @@ fn kv_cache_dtype_takes_kilns_types_and_refuses_fp8_by_name() {
         "{e}"
     );
 }
+
+/// `option.kv_cache_memory_bytes` in vLLM's key and spelling sets the
+/// model's KV cache size; a value that is not a byte count is refused
+/// saying how to write one; `option.gpu_memory_utilization` is ignored
+/// with a warning that names the settings kiln sizes the cache from.
+#[test]
+fn kv_cache_memory_bytes_reads_vllms_byte_counts() {
+    for (v, b) in [("4G", 4u64 << 30), ("25.6k", 25_600), ("1048576", 1 << 20)] {
+        assert_eq!(
+            parse(&format!("option.kv_cache_memory_bytes={v}\n")).kv_cache_memory_bytes,
+            Some(b),
+            "{v}"
+        );
+    }
+    assert_eq!(parse("option.dtype=fp16\n").kv_cache_memory_bytes, None);
+    let e = parse_err("option.kv_cache_memory_bytes=4 GB\n");
+    assert!(
+        e.contains("models/opt13b/serving.properties:1: option.kv_cache_memory_bytes = '4 GB' is refused: '4 GB' is not a byte count")
+            && e.contains("K/M/G/T (powers of 1024, e.g. 4G)"),
+        "{e}"
+    );
+    let p = parse("option.gpu_memory_utilization=0.9\n");
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.contains("option.gpu_memory_utilization is ignored")
+                && w.contains("option.kv_cache_memory_bytes")
+                && w.contains("VLLM_CPU_KVCACHE_SPACE")),
+        "{:?}",
+        p.warnings
+    );
+}

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve models over HTTP (DJL Serving routes and the OpenAI API).
-    Serve(serve::Args),
+    Serve(Box<serve::Args>),
     /// Generate text for one prompt, streaming tokens to stdout.
     Generate(generate::Args),
     /// Measure prompt-processing and decode speed.

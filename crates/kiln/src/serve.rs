@@ -47,8 +47,13 @@ pub struct Args {
     pub log_dir: Option<PathBuf>,
     /// KV cache per model, in MiB (default: half the memory available once
     /// the weights are loaded, at most 32 GiB).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kv_cache_memory_bytes")]
     pub kv_cache_mib: Option<usize>,
+    /// KV cache per model in vLLM's spelling of bytes (`4G` is 4 GiB,
+    /// `25.6k` is 25600 bytes; `--kv-cache-memory-bytes` in vLLM); the same
+    /// setting as `--kv-cache-mib`.
+    #[arg(long)]
+    pub kv_cache_memory_bytes: Option<String>,
     /// How the KV cache stores keys and values: auto (f16 on the CPU),
     /// f16, f32 or q8_0 (vLLM's fp8 spellings are refused: use q8_0).
     #[arg(long, default_value = "auto")]
@@ -151,6 +156,17 @@ fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
         .with_context(|| format!("--{flag} {s}: expected a positive number of seconds"))
 }
 
+/// The KV cache per model the flags ask for, in bytes (0: none given, so
+/// each model's own setting or the memory left decides).
+fn kv_cache_bytes(args: &Args) -> anyhow::Result<usize> {
+    if let Some(text) = &args.kv_cache_memory_bytes {
+        let b = kiln_engine::kv_size::parse_memory_bytes(text)
+            .map_err(|e| anyhow::anyhow!("--kv-cache-memory-bytes {e}"))?;
+        return Ok(usize::try_from(b).unwrap_or(usize::MAX));
+    }
+    Ok(args.kv_cache_mib.map_or(0, |m| m.max(1) << 20))
+}
+
 /// The server configuration these arguments describe.
 pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
     let models = args
@@ -186,7 +202,7 @@ pub fn config(args: &Args) -> anyhow::Result<ServerConfig> {
         request_timeout: Duration::from_secs(args.request_timeout),
         grace_period: Duration::from_secs(args.grace_period),
         log_dir,
-        kv_cache_bytes: args.kv_cache_mib.map_or(0, |m| m.max(1) << 20),
+        kv_cache_bytes: kv_cache_bytes(args)?,
         kv_cache_dtype: args.kv_cache_dtype,
         header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,

@@ -205,6 +205,19 @@ impl Builder {
         }
     }
 
+    /// `option.kv_cache_memory_bytes` (vLLM's key): the KV cache's size in
+    /// vLLM's human-readable byte counts, or a problem saying how to write one.
+    pub(super) fn kv_cache_memory_bytes(&mut self) -> Option<u64> {
+        let p = self.entry("option.kv_cache_memory_bytes")?;
+        match kiln_engine::kv_size::parse_memory_bytes(&p.value) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.problem(&p, &format!("is refused: {e}"));
+                None
+            }
+        }
+    }
+
     /// `option.quantize` (or its vLLM alias `option.quantization`): a format
     /// kiln quantizes to, or a problem that says which ones it has (DJL's
     /// GPU-engine methods are named as such). `mxfp4`, the format gpt-oss's

@@ -19,6 +19,7 @@ pub(super) const TYPED_KEYS: &[&str] = &[
     "option.max_num_batched_tokens",
     "option.max_model_len",
     "option.kv_cache_dtype",
+    "option.kv_cache_memory_bytes",
     "option.n_positions",
     "option.max_input_len",
     "option.max_output_len",
@@ -60,6 +61,7 @@ const NO_QUANTIZE: &str =
 const BACKEND_TUNING: &str = "this tunes one of DJL's backend libraries; kiln's own engine (paged KV cache, continuous batching) does not use it";
 const NEURON: &str =
     "this is an AWS Neuron compilation setting; kiln does not run on Neuron devices";
+const KV_MEMORY: &str = "kiln sizes the KV cache from option.kv_cache_memory_bytes (vLLM's key, e.g. 4G), else the server's --kv-cache-mib or --kv-cache-memory-bytes, else on the CPU VLLM_CPU_KVCACHE_SPACE (GiB) or half the memory left once the weights are loaded; a fraction of device memory is not used";
 const NOT_YET: &str = "kiln does not support this yet; it is ignored";
 const EXPERT_PARALLEL: &str = "kiln runs a model on one device, so a mixture-of-experts model keeps all its experts there: there is no expert or data parallelism to set up";
 const TEXT_ONLY: &str =
@@ -103,9 +105,9 @@ pub(super) const IGNORED_KEYS: &[(&[&str], &str)] = &[
         ONE_ENGINE,
     ),
     (&["option.load_in_8bit", "option.load_in_4bit"], NO_QUANTIZE),
+    (&["option.gpu_memory_utilization"], KV_MEMORY),
     (
         &[
-            "option.gpu_memory_utilization",
             "option.enforce_eager",
             "option.device_map",
             "option.low_cpu_mem_usage",

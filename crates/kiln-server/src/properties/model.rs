@@ -54,6 +54,11 @@ pub struct ModelProperties {
     /// `q8_0`): how this model's KV cache stores keys and values (`None`:
     /// the server's `--kv-cache-dtype`).
     pub kv_cache_dtype: Option<kiln_backend::KvDtype>,
+    /// `option.kv_cache_memory_bytes` (vLLM's key and spelling: `4G`,
+    /// `25.6k`, or bytes): this model's KV cache size (`None`: the
+    /// server's `--kv-cache-mib` / `--kv-cache-memory-bytes`, else on the
+    /// CPU `VLLM_CPU_KVCACHE_SPACE` or half the memory left after the weights).
+    pub kv_cache_memory_bytes: Option<u64>,
     /// `option.max_input_len`: the most prompt tokens, if given.
     pub max_input_len: Option<usize>,
     /// `option.max_output_len`: the most generated tokens, if given.
@@ -190,6 +195,7 @@ impl Default for ModelProperties {
             max_rolling_batch_prefill_tokens: None,
             max_model_len: None,
             kv_cache_dtype: None,
+            kv_cache_memory_bytes: None,
             max_input_len: None,
             max_output_len: None,
             enable_streaming: Streaming::False,

@@ -56,6 +56,7 @@ impl Builder {
             self.rolling_batch_limits(rolling_batch);
         let max_model_len = self.max_model_len();
         let kv_cache_dtype = self.kv_cache_dtype();
+        let kv_cache_memory_bytes = self.kv_cache_memory_bytes();
         let max_input_len = self
             .count_at_least("option.max_input_len", 1)
             .map(|(n, _)| n);
@@ -97,6 +98,7 @@ impl Builder {
             max_rolling_batch_prefill_tokens,
             max_model_len,
             kv_cache_dtype,
+            kv_cache_memory_bytes,
             max_input_len,
             max_output_len,
             enable_streaming,
