@@ -535,71 +535,16 @@ fn a_batch_mixing_three_adapters_and_the_base_gives_each_row_what_it_gets_alone(
         .iter()
         .map(|a| adapter(&m, &dir.join(a)))
         .collect();
-    let be = CpuBackend::new();
-    let seqs: Vec<Vec<u32>> = [
-        &b"Kiln fires clay"[..],
-        b"The cat sat",
-        b"tiny",
-        b"models test",
-    ]
-    .iter()
-    .map(|s| s.iter().map(|&b| b as u32).collect())
-    .collect();
     // Sequence 0 on the base, 1..3 on the three adapters.
-    let per_seq: Vec<Option<&LoraAdapter<CpuBackend>>> = vec![
-        None,
-        Some(&adapters[0]),
-        Some(&adapters[1]),
-        Some(&adapters[2]),
-    ];
-    // Mixed: chunked prefills and decodes of all four in the same steps.
-    let plan: Vec<Vec<usize>> = vec![
-        vec![5, 3, 2, 4],
-        vec![5, 4, 1, 3],
-        vec![5, 2, 1, 2],
-        vec![0, 2, 0, 2],
-    ];
-    let mixed = run_plan_lora(&be, &m.decoder, &seqs, &plan, &per_seq);
-    for (i, s) in seqs.iter().enumerate() {
-        let alone_plan: Vec<Vec<usize>> = plan
-            .iter()
-            .map(|p| vec![p[i]])
-            .filter(|p| p[0] > 0)
-            .collect();
-        let alone = run_plan_lora(
-            &be,
-            &m.decoder,
-            std::slice::from_ref(s),
-            &alone_plan,
-            &[per_seq[i]],
-        );
-        assert_eq!(mixed[i].len(), alone[0].len());
-        assert!(
-            mixed[i]
-                .iter()
-                .zip(&alone[0])
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "sequence {i}: logits in the mixed batch differ from alone"
-        );
-    }
-    // And the adapters do change the rows: each differs from the base.
-    let base_runs: Vec<Vec<f32>> = seqs
-        .iter()
-        .map(|s| {
-            run_plan_lora(
-                &be,
-                &m.decoder,
-                std::slice::from_ref(s),
-                &[vec![s.len()]],
-                &[None],
-            )
-            .remove(0)
-        })
-        .collect();
-    assert_eq!(mixed[0], base_runs[0]);
-    for i in 1..4 {
-        assert_ne!(mixed[i], base_runs[i], "adapter {i} changed nothing");
-    }
+    mixed_batch_is_bit_identical(
+        &m,
+        &[
+            None,
+            Some(&adapters[0]),
+            Some(&adapters[1]),
+            Some(&adapters[2]),
+        ],
+    );
 }
 
 /// A scratch adapter directory holding `config` and `tensors` (name, shape, values).
