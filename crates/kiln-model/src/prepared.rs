@@ -246,27 +246,7 @@ pub fn load_and_prepare<B: Backend>(
     out: &Path,
     layouts: &Layouts,
 ) -> Result<(LoadedModel<B>, u64)> {
-    let opened = crate::loader::open(path, true)?;
-    let mut metadata = opened.carry.clone();
-    metadata.extend(info.metadata());
-    let spool = Spool {
-        out: Mutex::new(GgufStreamWriter::create(out)?),
-        packed: None,
-    };
-    let model = opened.load(backend, opts, Some(&spool), layouts)?;
-    let writer = spool.out.into_inner().map_err(|_| ModelError::Format {
-        path: out.to_path_buf(),
-        msg: "a thread writing the prepared file panicked".into(),
-    })?;
-    tracing::info!(
-        "wrote {} tensors to the prepared file {}",
-        writer.len(),
-        out.display()
-    );
-    let size = writer.finish(&metadata).inspect_err(|_| {
-        let _ = std::fs::remove_file(out);
-    })?;
-    Ok((model, size))
+    prepare_into(backend, path, opts, info, out, layouts, None)
 }
 
 /// [`load_and_prepare`] for a packed entry (see the module docs): `layouts`
@@ -286,34 +266,66 @@ pub fn load_and_prepare_packed<B: Backend>(
     packed: Arc<PackedTensors>,
     layout: &str,
 ) -> Result<(LoadedModel<B>, u64)> {
+    prepare_into(
+        backend,
+        path,
+        opts,
+        info,
+        out,
+        layouts,
+        Some((packed, layout)),
+    )
+}
+
+/// The body of both entry writers: loads `path` while streaming its tensors
+/// into the GGUF file at `out`; with `packed`, the matrices the layout
+/// recorder took are left out of it and listed in its metadata instead.
+fn prepare_into<B: Backend>(
+    backend: &B,
+    path: &Path,
+    opts: &LoadOptions,
+    info: &PreparedInfo,
+    out: &Path,
+    layouts: &Layouts,
+    packed: Option<(Arc<PackedTensors>, &str)>,
+) -> Result<(LoadedModel<B>, u64)> {
     let opened = crate::loader::open(path, true)?;
     let mut metadata = opened.carry.clone();
     metadata.extend(info.metadata());
     let spool = Spool {
         out: Mutex::new(GgufStreamWriter::create(out)?),
-        packed: Some(packed.clone()),
+        packed: packed.as_ref().map(|(p, _)| p.clone()),
     };
     let model = opened.load(backend, opts, Some(&spool), layouts)?;
     let mut writer = spool.out.into_inner().map_err(|_| ModelError::Format {
         path: out.to_path_buf(),
         msg: "a thread writing the prepared file panicked".into(),
     })?;
-    let left_out = packed.settle(&mut writer)?;
-    tracing::info!(
-        "wrote {} tensors to the prepared file {}; {} matrices only to its {layout} file",
-        writer.len(),
-        out.display(),
-        left_out.len()
-    );
-    let list = serde_json::to_string(&left_out).map_err(|e| ModelError::Format {
-        path: out.to_path_buf(),
-        msg: format!("cannot list the packed matrices: {e}"),
-    })?;
-    metadata.push((
-        KEY_PACKED_LAYOUT.to_string(),
-        Value::String(layout.to_string()),
-    ));
-    metadata.push((KEY_PACKED_TENSORS.to_string(), Value::String(list)));
+    match packed {
+        None => tracing::info!(
+            "wrote {} tensors to the prepared file {}",
+            writer.len(),
+            out.display()
+        ),
+        Some((packed, layout)) => {
+            let left_out = packed.settle(&mut writer)?;
+            tracing::info!(
+                "wrote {} tensors to the prepared file {}; {} matrices only to its {layout} file",
+                writer.len(),
+                out.display(),
+                left_out.len()
+            );
+            let list = serde_json::to_string(&left_out).map_err(|e| ModelError::Format {
+                path: out.to_path_buf(),
+                msg: format!("cannot list the packed matrices: {e}"),
+            })?;
+            metadata.push((
+                KEY_PACKED_LAYOUT.to_string(),
+                Value::String(layout.to_string()),
+            ));
+            metadata.push((KEY_PACKED_TENSORS.to_string(), Value::String(list)));
+        }
+    }
     let size = writer.finish(&metadata).inspect_err(|_| {
         let _ = std::fs::remove_file(out);
     })?;
