@@ -165,6 +165,19 @@ struct Registry {
 }
 
 impl Registry {
+    /// Adapter `name`'s entry, stamped as used now (the clock ticks), for
+    /// least-recently-used eviction.
+    fn touch(&mut self, name: &str) -> Result<&mut Entry, AdapterError> {
+        self.clock += 1;
+        let clock = self.clock;
+        let e = self
+            .entries
+            .get_mut(name)
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        e.last_used = clock;
+        Ok(e)
+    }
+
     /// Refuses to hold `name`'s weights (pinned or not, as `pin` says) when
     /// pinned adapters other than it already fill `max_cpu_loras`'s slots:
     /// nothing could be evicted to make room.
@@ -377,14 +390,8 @@ impl Adapters {
             e.rank = h.rank;
             e.host = Some(h);
         }
-        r.clock += 1;
-        let clock = r.clock;
-        let e = r
-            .entries
-            .get_mut(name)
-            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        let e = r.touch(name)?;
         e.pinned = pin;
-        e.last_used = clock;
         let info = e.info(name);
         r.evict(name);
         Ok(info)
@@ -412,13 +419,7 @@ impl Adapters {
     pub fn resolve(&self, name: &str) -> Result<Resolved, AdapterError> {
         let mut r = self.lock();
         let limits = r.limits.ok_or(AdapterError::Disabled)?;
-        r.clock += 1;
-        let clock = r.clock;
-        let e = r
-            .entries
-            .get_mut(name)
-            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
-        e.last_used = clock;
+        let e = r.touch(name)?;
         let host = match &e.host {
             Some(h) => h.clone(),
             None => {
