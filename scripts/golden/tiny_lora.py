@@ -38,11 +38,23 @@ Adapters (chosen to exercise what the loader must get right):
                  mlp.experts.gate_up_proj, mlp.experts.down_proj; r 4,
                  alpha 8, use_rslora
   qwen3moe/lora_down  target_parameters mlp.experts.down_proj alone; r 2, alpha 6
+  qwen2/lora     "all-linear"; r 8, alpha 16 (q/k/v carry biases: the delta adds
+                 to a biased projection)
+  mistral/lora   q/k/v/o_proj, down_proj; r 4, alpha 16, use_rslora (llama's
+                 shape with a sliding window)
+  opt/lora       q/k/v_proj, out_proj, fc1, fc2 (OPT's names, biased, pre-norm
+                 layers; the tiny model's project_in/project_out are left alone:
+                 kiln does not adapt them); r 4, alpha 8
+  opt-postln/lora  the same on OPT-350m's post-norm layers
+  gemma2/lora    "all-linear"; r 8, alpha 16 (sandwich norms, attention and
+                 final softcaps, alternating sliding layers)
+  gemma3/lora    "all-linear"; r 8, alpha 16, use_rslora (q/k norms after the
+                 delta, five sliding layers to one global, two rope bases)
 
 Run after tiny_models.py (which rewrites the model directories and so
 removes the adapters; the goldens depend on its weights). From the
-repository root, about 10 seconds (--only mixtral qwen3moe writes just
-those models' adapters):
+repository root, about 25 seconds (--only mixtral qwen3moe writes just
+those models' adapters; the directory name is the model, e.g. opt-postln):
 
     HF_HUB_OFFLINE=1 ${KILN_CACHE:-$HOME/.cache/kiln}/venv-golden/bin/python \\
         scripts/golden/tiny_lora.py [--out testdata/tiny] [--only MODEL ...]
@@ -96,6 +108,21 @@ ADAPTERS = [
         ),
     ),
     ("qwen3moe", "lora_down", dict(r=2, lora_alpha=6, target_modules=[], target_parameters=["mlp.experts.down_proj"])),
+    # Appended after the adapters above so their seeds (SEED + index) stay put.
+    ("qwen2", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    (
+        "mistral",
+        "lora",
+        dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], use_rslora=True),
+    ),
+    ("opt", "lora", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])),
+    (
+        "opt-postln",
+        "lora",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    ),
+    ("gemma2", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    ("gemma3", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
 ]
 
 
