@@ -50,6 +50,9 @@ Adapters (chosen to exercise what the loader must get right):
                  final softcaps, alternating sliding layers)
   gemma3/lora    "all-linear"; r 8, alpha 16, use_rslora (q/k norms after the
                  delta, five sliding layers to one global, two rope bases)
+  gemma3/lora_qko  q_proj and k_proj, right before the q/k norms, and o_proj
+                 (without it a one-token prompt, whose attention weights are
+                 all 1, would not move); r 4 (k_proj 2 by rank_pattern), alpha 8
 
 Run after tiny_models.py (which rewrites the model directories and so
 removes the adapters; the goldens depend on its weights). From the
@@ -123,6 +126,7 @@ ADAPTERS = [
     ),
     ("gemma2", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
     ("gemma3", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
+    ("gemma3", "lora_qko", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"], rank_pattern={"k_proj": 2})),
 ]
 
 

@@ -121,6 +121,55 @@ fn qwen2_mistral_opt_and_gemma_adapters_match_peft_and_the_merged_model() {
             &format!("{name}/lora"),
         );
     }
+    // gemma3/lora_qko: q and k (k at rank 2 by rank_pattern) straight into
+    // the q/k norms, and o.
+    check(
+        &base("gemma3"),
+        &tiny_dir("gemma3").join("lora_qko"),
+        "gemma3/lora_qko",
+    );
+}
+
+#[test]
+fn gemma3_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone() {
+    // Gemma 3's five sliding layers (window 8) to one global: the 15- and
+    // 11-token sequences outgrow the window, chunked, beside the base.
+    let m = base("gemma3");
+    let dir = tiny_dir("gemma3");
+    let (all, qko) = (
+        adapter(&m, &dir.join("lora")),
+        adapter(&m, &dir.join("lora_qko")),
+    );
+    mixed_batch_is_bit_identical(&m, &[Some(&all), None, Some(&qko), Some(&all)]);
+    mixed_batch_is_bit_identical(&m, &[Some(&qko), Some(&all), None, None]);
+}
+
+#[test]
+fn opt_projections_kiln_does_not_adapt_are_named() {
+    // The tiny OPT (like OPT-350m) maps its 32-wide embeddings to the 64-wide
+    // layers with project_in and back with project_out: real modules, which
+    // peft's "all-linear" targets, but kiln adapts only the layers'.
+    let m = base("opt");
+    let a = "base_model.model.model.decoder.project_in.lora_A.weight";
+    let b = "base_model.model.model.decoder.project_in.lora_B.weight";
+    let ok = [(a, vec![4, 32]), (b, vec![64, 4])];
+    let read = |config: &str| {
+        let d = scratch(config, &ok);
+        match read_peft(d.path(), m.decoder.config(), LoraLimits::default()) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = read(r#"{"r":4,"lora_alpha":8,"target_modules":["project_in","q_proj"]}"#);
+    assert!(
+        e.ends_with("target module 'project_in' is not supported"),
+        "{e}"
+    );
+    let e = read(r#"{"r":4,"lora_alpha":8,"target_modules":"all-linear"}"#);
+    assert!(
+        e.ends_with("an adapter on 'base_model.model.model.decoder.project_in' is not supported"),
+        "{e}"
+    );
 }
 
 #[test]
