@@ -53,6 +53,13 @@ Adapters (chosen to exercise what the loader must get right):
   gemma3/lora_qko  q_proj and k_proj, right before the q/k norms, and o_proj
                  (without it a one-token prompt, whose attention weights are
                  all 1, would not move); r 4 (k_proj 2 by rank_pattern), alpha 8
+  qwen2moe/lora  biased q/k/v/o_proj and target_parameters mlp.gate.weight,
+                 mlp.experts.gate_up_proj, mlp.experts.down_proj beside the
+                 shared expert (which kiln does not adapt); r 4, alpha 8
+
+adapter_config.json's target_modules is written sorted (peft writes it in
+set order, which differs from run to run); the weights and goldens are
+reproducible as they are.
 
 Run after tiny_models.py (which rewrites the model directories and so
 removes the adapters; the goldens depend on its weights). From the
@@ -127,6 +134,16 @@ ADAPTERS = [
     ("gemma2", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
     ("gemma3", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
     ("gemma3", "lora_qko", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"], rank_pattern={"k_proj": 2})),
+    (
+        "qwen2moe",
+        "lora",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ),
 ]
 
 
@@ -166,6 +183,13 @@ def main() -> int:
         model.peft_config["default"].base_model_name_or_path = f"testdata/tiny/{model_name}"
         model.save_pretrained(d)
         (d / "README.md").unlink(missing_ok=True)  # peft's empty model card
+        # peft writes target_modules in set order, which changes with Python's
+        # string hashing from run to run: sort it so reruns are byte-identical.
+        cfg_path = d / "adapter_config.json"
+        saved = json.loads(cfg_path.read_text())
+        if isinstance(saved.get("target_modules"), list):
+            saved["target_modules"] = sorted(saved["target_modules"])
+            cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
         merged = get_peft_model(load(), cfg)
         merged.load_state_dict(model.state_dict())
         merged = merged.merge_and_unload().eval()

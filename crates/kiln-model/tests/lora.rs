@@ -180,11 +180,14 @@ fn moe_adapters_match_peft_and_the_merged_model() {
     // '.*\.gate_up_proj') and down_proj. qwen3moe/lora: the router and both
     // expert parameters named in target_parameters, rsLoRA. qwen3moe/lora_down:
     // down_proj alone (the one wrapper, named '….experts.lora_A').
+    // qwen2moe/lora: biased q/k/v/o, the router and both expert parameters
+    // beside the shared expert (which it leaves alone) and its sigmoid gate.
     for (name, a) in [
         ("mixtral", "lora_attn"),
         ("mixtral", "lora"),
         ("qwen3moe", "lora"),
         ("qwen3moe", "lora_down"),
+        ("qwen2moe", "lora"),
     ] {
         check(&base(name), &tiny_dir(name).join(a), &format!("{name}/{a}"));
     }
@@ -269,6 +272,11 @@ fn moe_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone() {
         adapter(&m, &dir.join("lora_down")),
     );
     mixed_batch_is_bit_identical(&m, &[Some(&down), Some(&all), None, Some(&all)]);
+    // Qwen2-MoE: the shared expert runs for every row, the adapters' experts
+    // beside it.
+    let m = base("qwen2moe");
+    let all = adapter(&m, &tiny_dir("qwen2moe").join("lora"));
+    mixed_batch_is_bit_identical(&m, &[None, Some(&all), Some(&all), None]);
 }
 
 /// Rewrites the fused expert tensors of the PEFT adapter in `src` into
@@ -428,6 +436,27 @@ fn moe_targets_kiln_cannot_serve_are_named() {
         e.contains("an adapter on gpt-oss's experts and router ('mlp.experts' in layer 0) is not supported"),
         "{e}"
     );
+    // Qwen2-MoE's shared expert (which peft's "all-linear" targets).
+    let e = moe_err(
+        "qwen2moe",
+        r#"{"r":2,"lora_alpha":4}"#,
+        &[
+            (
+                "base_model.model.model.layers.1.mlp.shared_expert.up_proj.lora_A.weight",
+                vec![2, 64],
+            ),
+            (
+                "base_model.model.model.layers.1.mlp.shared_expert.up_proj.lora_B.weight",
+                vec![48, 2],
+            ),
+        ],
+    );
+    assert!(
+        e.ends_with(
+            "an adapter on the shared expert ('mlp.shared_expert.up_proj' in layer 1) is not supported"
+        ),
+        "{e}"
+    );
     // Expert parameters on a dense model.
     let e = moe_err(
         "llama",
@@ -477,7 +506,8 @@ fn moe_targets_kiln_cannot_serve_are_named() {
 /// writes it: canonical names, llama's q/k rows permuted into the
 /// interleaved rotary order, Phi-3's fused `attn_qkv` and double `ffn_up`;
 /// Mixtral as `llama` with `llama.expert_count`, Qwen3-MoE as `qwen3moe`,
-/// their experts stacked into 3-D `ffn_{gate,up,down}_exps` and the router
+/// Qwen2-MoE as `qwen2moe` with its shared expert `ffn_*_shexp` and its
+/// gate `ffn_gate_inp_shexp`, their experts stacked into 3-D `ffn_{gate,up,down}_exps` and the router
 /// `ffn_gate_inp`.
 fn to_gguf(name: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
@@ -501,6 +531,9 @@ fn to_gguf(name: &str) -> PathBuf {
                 &format!("{arch}.expert_feed_forward_length"),
                 u(moe.expert_ff),
             );
+        }
+        if let Some(s) = moe.shared_expert_ff {
+            w.meta(&format!("{arch}.expert_shared_feed_forward_length"), u(s));
         }
     }
     tiny_gguf::write_hparams(&mut w, arch, &cfg);
@@ -535,11 +568,20 @@ fn to_gguf(name: &str) -> PathBuf {
             "ffn_gate_up.weight",
             "ffn_down.weight",
             "ffn_gate_inp.weight",
+            "ffn_gate_shexp.weight",
+            "ffn_up_shexp.weight",
+            "ffn_down_shexp.weight",
         ] {
             let n = format!("blk.{l}.{p}");
             if src.contains(&n) {
                 names.push(n);
             }
+        }
+        // Qwen2-MoE's shared expert's gate, 1-D.
+        let gate = format!("blk.{l}.ffn_gate_inp_shexp.weight");
+        if src.contains(&gate) {
+            let t = src.get(&gate).unwrap();
+            tiny_gguf::put_f32(&mut w, &gate, &[cfg.hidden_size], &t.data);
         }
         if let Some(moe) = &cfg.moe {
             for part in ["ffn_gate", "ffn_up", "ffn_down"] {
@@ -662,8 +704,8 @@ fn gguf_bases_take_the_same_adapters() {
     // adapter's q/k B rows must be permuted the same way to line up.
     // Mixtral's q/k rows are permuted like llama's; the experts' and the
     // router's deltas line up with the stacked expert tensors unchanged.
-    // Qwen2 with its q/k/v biases; Gemma 2 and 3 with the norms' `1 +`
-    // folded into the file. Not here: Mistral, which llama.cpp writes as
+    // Qwen2 with its q/k/v biases, Qwen2-MoE with its shared expert; Gemma
+    // 2 and 3 with the norms' `1 +` folded into the file. Not here: Mistral, which llama.cpp writes as
     // `llama` without its sliding window (so the 40-token prompt's golden,
     // computed with a 24-token window, does not hold; its adapter on a llama
     // GGUF is llama/lora_b's case), and OPT and GPT-2, which kiln loads from
@@ -674,6 +716,7 @@ fn gguf_bases_take_the_same_adapters() {
         ("phi3", "lora"),
         ("mixtral", "lora"),
         ("qwen3moe", "lora"),
+        ("qwen2moe", "lora"),
         ("qwen2", "lora"),
         ("gemma2", "lora"),
         ("gemma3", "lora"),
