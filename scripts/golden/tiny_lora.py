@@ -61,8 +61,9 @@ adapter_config.json's target_modules is written sorted (peft writes it in
 set order, which differs from run to run); the weights and goldens are
 reproducible as they are.
 
-Run after tiny_models.py (which rewrites the model directories and so
-removes the adapters; the goldens depend on its weights). From the
+Run after tiny_models.py and tiny_gemma.py (which rewrite the model
+directories and so remove the adapters; the goldens depend on their
+weights). From the
 repository root, about 25 seconds (--only mixtral qwen3moe writes just
 those models' adapters; the directory name is the model, e.g. opt-postln):
 
