@@ -861,6 +861,20 @@ fn bad_adapters_are_refused_with_clear_errors() {
     );
     let e = err(&tiny_dir("gpt2").join("lora"), 16);
     assert!(matches!(e, LoraError::UnknownTarget { .. }), "{e}");
+    let e = err(&tiny_dir("opt").join("lora"), 16);
+    assert!(
+        e.to_string()
+            .contains("target module 'fc1' does not exist in this llama model"),
+        "{e}"
+    );
+    // The same module names, another model's shapes (Gemma 3's 64-wide MLP).
+    let e = err(&tiny_dir("gemma3").join("lora"), 16);
+    assert!(
+        e.to_string().contains(
+            "layers.0.mlp.down_proj.lora_A.weight' has shape [8, 64], but the base model implies [8, 128]"
+        ),
+        "{e}"
+    );
 
     // Shapes that do not fit: an adapter for a wider model, or more layers.
     let e = err(
