@@ -38,11 +38,34 @@ Adapters (chosen to exercise what the loader must get right):
                  mlp.experts.gate_up_proj, mlp.experts.down_proj; r 4,
                  alpha 8, use_rslora
   qwen3moe/lora_down  target_parameters mlp.experts.down_proj alone; r 2, alpha 6
+  qwen2/lora     "all-linear"; r 8, alpha 16 (q/k/v carry biases: the delta adds
+                 to a biased projection)
+  mistral/lora   q/k/v/o_proj, down_proj; r 4, alpha 16, use_rslora (llama's
+                 shape with a sliding window)
+  opt/lora       q/k/v_proj, out_proj, fc1, fc2 (OPT's names, biased, pre-norm
+                 layers; the tiny model's project_in/project_out are left alone:
+                 kiln does not adapt them); r 4, alpha 8
+  opt-postln/lora  the same on OPT-350m's post-norm layers
+  gemma2/lora    "all-linear"; r 8, alpha 16 (sandwich norms, attention and
+                 final softcaps, alternating sliding layers)
+  gemma3/lora    "all-linear"; r 8, alpha 16, use_rslora (q/k norms after the
+                 delta, five sliding layers to one global, two rope bases)
+  gemma3/lora_qko  q_proj and k_proj, right before the q/k norms, and o_proj
+                 (without it a one-token prompt, whose attention weights are
+                 all 1, would not move); r 4 (k_proj 2 by rank_pattern), alpha 8
+  qwen2moe/lora  biased q/k/v/o_proj and target_parameters mlp.gate.weight,
+                 mlp.experts.gate_up_proj, mlp.experts.down_proj beside the
+                 shared expert (which kiln does not adapt); r 4, alpha 8
 
-Run after tiny_models.py (which rewrites the model directories and so
-removes the adapters; the goldens depend on its weights). From the
-repository root, about 10 seconds (--only mixtral qwen3moe writes just
-those models' adapters):
+adapter_config.json's target_modules is written sorted (peft writes it in
+set order, which differs from run to run); the weights and goldens are
+reproducible as they are.
+
+Run after tiny_models.py and tiny_gemma.py (which rewrite the model
+directories and so remove the adapters; the goldens depend on their
+weights). From the
+repository root, about 25 seconds (--only mixtral qwen3moe writes just
+those models' adapters; the directory name is the model, e.g. opt-postln):
 
     HF_HUB_OFFLINE=1 ${KILN_CACHE:-$HOME/.cache/kiln}/venv-golden/bin/python \\
         scripts/golden/tiny_lora.py [--out testdata/tiny] [--only MODEL ...]
@@ -96,6 +119,32 @@ ADAPTERS = [
         ),
     ),
     ("qwen3moe", "lora_down", dict(r=2, lora_alpha=6, target_modules=[], target_parameters=["mlp.experts.down_proj"])),
+    # Appended after the adapters above so their seeds (SEED + index) stay put.
+    ("qwen2", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    (
+        "mistral",
+        "lora",
+        dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], use_rslora=True),
+    ),
+    ("opt", "lora", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])),
+    (
+        "opt-postln",
+        "lora",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    ),
+    ("gemma2", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    ("gemma3", "lora", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
+    ("gemma3", "lora_qko", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj"], rank_pattern={"k_proj": 2})),
+    (
+        "qwen2moe",
+        "lora",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ),
 ]
 
 
@@ -135,6 +184,13 @@ def main() -> int:
         model.peft_config["default"].base_model_name_or_path = f"testdata/tiny/{model_name}"
         model.save_pretrained(d)
         (d / "README.md").unlink(missing_ok=True)  # peft's empty model card
+        # peft writes target_modules in set order, which changes with Python's
+        # string hashing from run to run: sort it so reruns are byte-identical.
+        cfg_path = d / "adapter_config.json"
+        saved = json.loads(cfg_path.read_text())
+        if isinstance(saved.get("target_modules"), list):
+            saved["target_modules"] = sorted(saved["target_modules"])
+            cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
         merged = get_peft_model(load(), cfg)
         merged.load_state_dict(model.state_dict())
         merged = merged.merge_and_unload().eval()

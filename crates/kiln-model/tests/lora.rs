@@ -14,8 +14,12 @@ use kiln_model::lora::{read_peft, LoraAdapter, LoraError, LoraLimits, LoraStep};
 use kiln_model::{fixtures, load, LoadOptions, LoadedModel};
 use serde_json::Value;
 
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn golden(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap()
+    json(&dir.join("golden.json"))
 }
 
 fn adapter(m: &LoadedModel<CpuBackend>, dir: &Path) -> LoraAdapter<CpuBackend> {
@@ -104,6 +108,71 @@ fn qwen3_phi3_and_gpt2_adapters_match_peft_and_the_merged_model() {
 }
 
 #[test]
+fn qwen2_mistral_opt_and_gemma_adapters_match_peft_and_the_merged_model() {
+    // qwen2: deltas added to biased q/k/v; mistral: a sliding window;
+    // opt/opt-postln: OPT's module names (out_proj, fc1, fc2 directly in the
+    // layer) on pre- and post-norm layers, the tiny OPT's project_in/out
+    // between; gemma2: sandwich norms, attention and final softcaps,
+    // alternating sliding layers; gemma3: q/k norms after the delta.
+    for name in ["qwen2", "mistral", "opt", "opt-postln", "gemma2", "gemma3"] {
+        check(
+            &base(name),
+            &tiny_dir(name).join("lora"),
+            &format!("{name}/lora"),
+        );
+    }
+    // gemma3/lora_qko: q and k (k at rank 2 by rank_pattern) straight into
+    // the q/k norms, and o.
+    check(
+        &base("gemma3"),
+        &tiny_dir("gemma3").join("lora_qko"),
+        "gemma3/lora_qko",
+    );
+}
+
+#[test]
+fn gemma3_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone() {
+    // Gemma 3's five sliding layers (window 8) to one global: the 15- and
+    // 11-token sequences outgrow the window, chunked, beside the base.
+    let m = base("gemma3");
+    let dir = tiny_dir("gemma3");
+    let (all, qko) = (
+        adapter(&m, &dir.join("lora")),
+        adapter(&m, &dir.join("lora_qko")),
+    );
+    mixed_batch_is_bit_identical(&m, &[Some(&all), None, Some(&qko), Some(&all)]);
+    mixed_batch_is_bit_identical(&m, &[Some(&qko), Some(&all), None, None]);
+}
+
+#[test]
+fn opt_projections_kiln_does_not_adapt_are_named() {
+    // The tiny OPT (like OPT-350m) maps its 32-wide embeddings to the 64-wide
+    // layers with project_in and back with project_out: real modules, which
+    // peft's "all-linear" targets, but kiln adapts only the layers'.
+    let m = base("opt");
+    let a = "base_model.model.model.decoder.project_in.lora_A.weight";
+    let b = "base_model.model.model.decoder.project_in.lora_B.weight";
+    let ok = [(a, vec![4, 32]), (b, vec![64, 4])];
+    let read = |config: &str| {
+        let d = scratch(config, &ok);
+        match read_peft(d.path(), m.decoder.config(), LoraLimits::default()) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = read(r#"{"r":4,"lora_alpha":8,"target_modules":["project_in","q_proj"]}"#);
+    assert!(
+        e.ends_with("target module 'project_in' is not supported"),
+        "{e}"
+    );
+    let e = read(r#"{"r":4,"lora_alpha":8,"target_modules":"all-linear"}"#);
+    assert!(
+        e.ends_with("an adapter on 'base_model.model.model.decoder.project_in' is not supported"),
+        "{e}"
+    );
+}
+
+#[test]
 fn moe_adapters_match_peft_and_the_merged_model() {
     // mixtral/lora_attn: attention only. mixtral/lora: "all-linear", which
     // peft 0.21 turns into the attention, the router (gate.weight) and the
@@ -111,11 +180,14 @@ fn moe_adapters_match_peft_and_the_merged_model() {
     // '.*\.gate_up_proj') and down_proj. qwen3moe/lora: the router and both
     // expert parameters named in target_parameters, rsLoRA. qwen3moe/lora_down:
     // down_proj alone (the one wrapper, named '….experts.lora_A').
+    // qwen2moe/lora: biased q/k/v/o, the router and both expert parameters
+    // beside the shared expert (which it leaves alone) and its sigmoid gate.
     for (name, a) in [
         ("mixtral", "lora_attn"),
         ("mixtral", "lora"),
         ("qwen3moe", "lora"),
         ("qwen3moe", "lora_down"),
+        ("qwen2moe", "lora"),
     ] {
         check(&base(name), &tiny_dir(name).join(a), &format!("{name}/{a}"));
     }
@@ -200,6 +272,11 @@ fn moe_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone() {
         adapter(&m, &dir.join("lora_down")),
     );
     mixed_batch_is_bit_identical(&m, &[Some(&down), Some(&all), None, Some(&all)]);
+    // Qwen2-MoE: the shared expert runs for every row, the adapters' experts
+    // beside it.
+    let m = base("qwen2moe");
+    let all = adapter(&m, &tiny_dir("qwen2moe").join("lora"));
+    mixed_batch_is_bit_identical(&m, &[None, Some(&all), Some(&all), None]);
 }
 
 /// Rewrites the fused expert tensors of the PEFT adapter in `src` into
@@ -359,6 +436,27 @@ fn moe_targets_kiln_cannot_serve_are_named() {
         e.contains("an adapter on gpt-oss's experts and router ('mlp.experts' in layer 0) is not supported"),
         "{e}"
     );
+    // Qwen2-MoE's shared expert (which peft's "all-linear" targets).
+    let e = moe_err(
+        "qwen2moe",
+        r#"{"r":2,"lora_alpha":4}"#,
+        &[
+            (
+                "base_model.model.model.layers.1.mlp.shared_expert.up_proj.lora_A.weight",
+                vec![2, 64],
+            ),
+            (
+                "base_model.model.model.layers.1.mlp.shared_expert.up_proj.lora_B.weight",
+                vec![48, 2],
+            ),
+        ],
+    );
+    assert!(
+        e.ends_with(
+            "an adapter on the shared expert ('mlp.shared_expert.up_proj' in layer 1) is not supported"
+        ),
+        "{e}"
+    );
     // Expert parameters on a dense model.
     let e = moe_err(
         "llama",
@@ -408,7 +506,8 @@ fn moe_targets_kiln_cannot_serve_are_named() {
 /// writes it: canonical names, llama's q/k rows permuted into the
 /// interleaved rotary order, Phi-3's fused `attn_qkv` and double `ffn_up`;
 /// Mixtral as `llama` with `llama.expert_count`, Qwen3-MoE as `qwen3moe`,
-/// their experts stacked into 3-D `ffn_{gate,up,down}_exps` and the router
+/// Qwen2-MoE as `qwen2moe` with its shared expert `ffn_*_shexp` and its
+/// gate `ffn_gate_inp_shexp`, their experts stacked into 3-D `ffn_{gate,up,down}_exps` and the router
 /// `ffn_gate_inp`.
 fn to_gguf(name: &str) -> PathBuf {
     use kiln_model::gguf::{GgufWriter, Value as G};
@@ -433,6 +532,9 @@ fn to_gguf(name: &str) -> PathBuf {
                 u(moe.expert_ff),
             );
         }
+        if let Some(s) = moe.shared_expert_ff {
+            w.meta(&format!("{arch}.expert_shared_feed_forward_length"), u(s));
+        }
     }
     tiny_gguf::write_hparams(&mut w, arch, &cfg);
     tiny_gguf::write_rope(&mut w, arch, &cfg);
@@ -453,6 +555,9 @@ fn to_gguf(name: &str) -> PathBuf {
             "attn_q.weight",
             "attn_k.weight",
             "attn_v.weight",
+            "attn_q.bias",
+            "attn_k.bias",
+            "attn_v.bias",
             "attn_qkv.weight",
             "attn_q_norm.weight",
             "attn_k_norm.weight",
@@ -463,11 +568,20 @@ fn to_gguf(name: &str) -> PathBuf {
             "ffn_gate_up.weight",
             "ffn_down.weight",
             "ffn_gate_inp.weight",
+            "ffn_gate_shexp.weight",
+            "ffn_up_shexp.weight",
+            "ffn_down_shexp.weight",
         ] {
             let n = format!("blk.{l}.{p}");
             if src.contains(&n) {
                 names.push(n);
             }
+        }
+        // Qwen2-MoE's shared expert's gate, 1-D.
+        let gate = format!("blk.{l}.ffn_gate_inp_shexp.weight");
+        if src.contains(&gate) {
+            let t = src.get(&gate).unwrap();
+            tiny_gguf::put_f32(&mut w, &gate, &[cfg.hidden_size], &t.data);
         }
         if let Some(moe) = &cfg.moe {
             for part in ["ffn_gate", "ffn_up", "ffn_down"] {
@@ -506,20 +620,112 @@ fn to_gguf(name: &str) -> PathBuf {
     tiny_gguf::write_temp(&w, &format!("lora-{name}"))
 }
 
+/// The tiny Gemma 2 or Gemma 3 checkpoint as a GGUF file the way
+/// llama.cpp's converter writes it: the norms' `1 +` folded into their
+/// weights, the window, Gemma 2's softcaps, Gemma 3's two rotary bases and
+/// linear scaling of the global layers (as `tests/gemma.rs` writes them).
+fn gemma_to_gguf(name: &str) -> PathBuf {
+    use kiln_model::gguf::{GgufWriter, Value as G};
+    use kiln_model::tiny_gguf;
+    use kiln_model::weights::{hf_gemma_names, SafetensorsSource, WeightSource};
+    let d = tiny_dir(name);
+    let cfg = kiln_model::config::DecoderConfig::from_hf_config(&d.join("config.json")).unwrap();
+    let hf = json(&d.join("config.json"));
+    let src = SafetensorsSource::open_dir(&d, hf_gemma_names).unwrap();
+    let mut w = GgufWriter::default();
+    tiny_gguf::write_hparams(&mut w, name, &cfg);
+    let key = |k: &str| format!("{name}.{k}");
+    let f = |v: &Value| G::F32(v.as_f64().unwrap() as f32);
+    w.meta(&key("attention.value_length"), G::U32(cfg.head_dim as u32))
+        .meta(
+            &key("attention.sliding_window"),
+            G::U32(hf["sliding_window"].as_u64().unwrap() as u32),
+        );
+    if name == "gemma2" {
+        w.meta(
+            &key("attn_logit_softcapping"),
+            f(&hf["attn_logit_softcapping"]),
+        )
+        .meta(
+            &key("final_logit_softcapping"),
+            f(&hf["final_logit_softcapping"]),
+        );
+    } else {
+        let rope = &hf["rope_parameters"];
+        let full = &rope["full_attention"];
+        w.meta(&key("rope.freq_base"), f(&full["rope_theta"]))
+            .meta(&key("rope.scaling.type"), G::String("linear".into()))
+            .meta(&key("rope.scaling.factor"), f(&full["factor"]))
+            .meta(
+                &key("rope.freq_base_swa"),
+                f(&rope["sliding_attention"]["rope_theta"]),
+            );
+    }
+    tiny_gguf::write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
+    let mut names = vec![
+        "token_embd.weight".to_string(),
+        "output_norm.weight".to_string(),
+    ];
+    for l in 0..cfg.n_layers {
+        for part in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_q_norm",
+            "attn_k_norm",
+            "attn_output",
+            "post_attention_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "post_ffw_norm",
+        ] {
+            let t = format!("blk.{l}.{part}.weight");
+            if src.contains(&t) {
+                names.push(t);
+            }
+        }
+    }
+    for t in names {
+        let mut h = src.get(&t).unwrap();
+        if t.ends_with("norm.weight") {
+            h.data.iter_mut().for_each(|v| *v += 1.0);
+        }
+        tiny_gguf::put_f32(&mut w, &t, &h.shape, &h.data);
+    }
+    tiny_gguf::write_temp(&w, &format!("lora-{name}"))
+}
+
 #[test]
 fn gguf_bases_take_the_same_adapters() {
     // llama's GGUF q/k rows are permuted (interleaved rotary), so the
     // adapter's q/k B rows must be permuted the same way to line up.
     // Mixtral's q/k rows are permuted like llama's; the experts' and the
     // router's deltas line up with the stacked expert tensors unchanged.
+    // Qwen2 with its q/k/v biases, Qwen2-MoE with its shared expert; Gemma
+    // 2 and 3 with the norms' `1 +` folded into the file. Not here: Mistral, which llama.cpp writes as
+    // `llama` without its sliding window (so the 40-token prompt's golden,
+    // computed with a 24-token window, does not hold; its adapter on a llama
+    // GGUF is llama/lora_b's case), and OPT and GPT-2, which kiln loads from
+    // Hugging Face directories only.
     for (name, a) in [
         ("llama", "lora_b"),
         ("qwen3", "lora"),
         ("phi3", "lora"),
         ("mixtral", "lora"),
         ("qwen3moe", "lora"),
+        ("qwen2moe", "lora"),
+        ("qwen2", "lora"),
+        ("gemma2", "lora"),
+        ("gemma3", "lora"),
     ] {
-        let path = to_gguf(name);
+        let path = if name.starts_with("gemma") {
+            gemma_to_gguf(name)
+        } else {
+            to_gguf(name)
+        };
         let m = load(&CpuBackend::new(), &path, &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let _ = std::fs::remove_file(&path);
@@ -655,6 +861,20 @@ fn bad_adapters_are_refused_with_clear_errors() {
     );
     let e = err(&tiny_dir("gpt2").join("lora"), 16);
     assert!(matches!(e, LoraError::UnknownTarget { .. }), "{e}");
+    let e = err(&tiny_dir("opt").join("lora"), 16);
+    assert!(
+        e.to_string()
+            .contains("target module 'fc1' does not exist in this llama model"),
+        "{e}"
+    );
+    // The same module names, another model's shapes (Gemma 3's 64-wide MLP).
+    let e = err(&tiny_dir("gemma3").join("lora"), 16);
+    assert!(
+        e.to_string().contains(
+            "layers.0.mlp.down_proj.lora_A.weight' has shape [8, 64], but the base model implies [8, 128]"
+        ),
+        "{e}"
+    );
 
     // Shapes that do not fit: an adapter for a wider model, or more layers.
     let e = err(

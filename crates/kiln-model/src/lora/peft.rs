@@ -224,6 +224,9 @@ const UNSUPPORTED_MODULES: &[&str] = &[
     "wpe",
     "embed_out",
     "router",
+    // OPT's maps between narrower embeddings and the layers (OPT-350m).
+    "project_in",
+    "project_out",
 ];
 
 /// `(out, in)` of one projection of `cfg`'s layers.
