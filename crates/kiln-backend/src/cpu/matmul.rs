@@ -86,12 +86,7 @@ fn linear_with(
     let quantized;
     if let Some(p) = &w.packed {
         quantized = QuantizedRows::with_layout(&x.data, k, bits, ActLayout::Split);
-        let ops = PackedOperands {
-            w: p,
-            q: &quantized,
-            n,
-            k,
-        };
+        let ops = PackedOperands::new(p, &quantized, n, k);
         over_bands(p.groups, m, ROW_CHUNK, |i0, i1, g0, g1| {
             // SAFETY: this task writes only columns of groups g0..g1 of
             // rows i0..i1 of `out` (m x n); no other task writes those.
@@ -412,7 +407,7 @@ mod tests {
             let x = rand(m * k, 8);
             for bits in [ActBits::Int8, ActBits::Int16] {
                 let q = QuantizedRows::with_layout(&x, k, bits, ActLayout::Split);
-                let ops = PackedOperands { w: p, q: &q, n, k };
+                let ops = PackedOperands::new(p, &q, n, k);
                 let mut want = vec![0f32; m * n];
                 // SAFETY: the whole m x n buffer, one thread.
                 unsafe { portable::packed_block(&ops, 0, m, 0, p.groups, want.as_mut_ptr()) };
