@@ -187,7 +187,7 @@ impl Engine {
         model: LoadedModel<B>,
         cfg: EngineConfig,
     ) -> crate::Result<Engine> {
-        Self::start_inner(backend, model, cfg, None)
+        Self::start_inner(backend, model.into(), cfg, None)
     }
 
     /// [`Self::start`] with a draft model (on `draft_backend`, over a KV
@@ -208,40 +208,35 @@ impl Engine {
                 dc.vocab_size, tc.vocab_size
             )));
         }
-        if cfg.block_size == 0 {
-            return Err(crate::EngineError::Invalid(
-                "block size, batch size and step tokens must be at least 1".into(),
-            ));
-        }
-        let token_bytes = KvSpec {
-            n_layers: dc.n_layers,
-            num_blocks: 0,
-            block_size: cfg.block_size,
-            n_kv_heads: dc.n_kv_heads,
-            head_dim: dc.head_dim,
-        }
-        .bytes_per_token(draft_backend.kv_element_bytes());
-        let tokens = match cfg.kv_capacity {
-            KvCapacity::Tokens(t) => t,
-            KvCapacity::Bytes(b) => b / token_bytes.max(1),
-            // The target's share of free memory is measured after the
-            // draft is loaded; the draft keeps the fixed fallback size.
-            KvCapacity::FreeMemory => {
-                (crate::kv_size::KV_FALLBACK_BYTES as usize) / token_bytes.max(1)
-            }
-        };
+        let blocks = draft_kv_blocks(&cfg, dc, &draft_backend)?;
         let proposer = crate::spec::draft::DraftProposer::new(
             draft_backend,
             draft.decoder,
-            (tokens / cfg.block_size).max(1),
+            blocks,
             cfg.block_size,
         )?;
-        Self::start_inner(backend, model, cfg, Some(Box::new(proposer)))
+        Self::start_inner(backend, model.into(), cfg, Some(Box::new(proposer)))
+    }
+
+    /// [`Self::start_with_draft`] for a model drafting for itself (DJL's
+    /// `option.speculative_draft_model` naming the target, used to measure
+    /// speculation's overhead): the draft runs the target's own weights,
+    /// loaded once and shared, over a KV cache of its own, rather than a
+    /// second copy of the model. `draft_backend` must be able to run the
+    /// target's weights (the CPU backend always can).
+    pub fn start_self_draft<B: Backend + 'static>(
+        backend: B,
+        model: LoadedModel<B>,
+        cfg: EngineConfig,
+        draft_backend: B,
+    ) -> crate::Result<Engine> {
+        let (target, proposer) = self_draft(model, &cfg, draft_backend)?;
+        Self::start_inner(backend, target, cfg, Some(Box::new(proposer)))
     }
 
     fn start_inner<B: Backend + 'static>(
         backend: B,
-        model: LoadedModel<B>,
+        model: Target<B>,
         cfg: EngineConfig,
         draft: Option<Box<dyn crate::spec::Proposer>>,
     ) -> crate::Result<Engine> {
@@ -631,9 +626,79 @@ struct Active {
     adapter: u32,
 }
 
+/// What the engine keeps of a loaded model: its decoder behind an [`Arc`]
+/// (shared with the draft when the model drafts for itself), tokenizer,
+/// chat template and end-of-sequence ids.
+struct Target<B: Backend> {
+    decoder: Arc<Decoder<B>>,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    eos_ids: Vec<u32>,
+}
+
+impl<B: Backend> From<LoadedModel<B>> for Target<B> {
+    fn from(m: LoadedModel<B>) -> Self {
+        Target {
+            decoder: Arc::new(m.decoder),
+            tokenizer: m.tokenizer,
+            chat_template: m.chat_template,
+            eos_ids: m.eos_ids,
+        }
+    }
+}
+
+/// The draft's KV cache size in blocks: `cfg.kv_capacity` in the draft's
+/// own bytes per token, the fixed fallback size where the target's is taken
+/// from free memory (measured after the draft is loaded).
+fn draft_kv_blocks<B: Backend>(
+    cfg: &EngineConfig,
+    dc: &kiln_model::config::DecoderConfig,
+    draft_backend: &B,
+) -> crate::Result<usize> {
+    if cfg.block_size == 0 {
+        return Err(crate::EngineError::Invalid(
+            "block size, batch size and step tokens must be at least 1".into(),
+        ));
+    }
+    let token_bytes = KvSpec {
+        n_layers: dc.n_layers,
+        num_blocks: 0,
+        block_size: cfg.block_size,
+        n_kv_heads: dc.n_kv_heads,
+        head_dim: dc.head_dim,
+    }
+    .bytes_per_token(draft_backend.kv_element_bytes());
+    let tokens = match cfg.kv_capacity {
+        KvCapacity::Tokens(t) => t,
+        KvCapacity::Bytes(b) => b / token_bytes.max(1),
+        // The target's share of free memory is measured after the draft's
+        // cache is allocated; the draft keeps the fixed fallback size.
+        KvCapacity::FreeMemory => (crate::kv_size::KV_FALLBACK_BYTES as usize) / token_bytes.max(1),
+    };
+    Ok((tokens / cfg.block_size).max(1))
+}
+
+/// The target and a draft proposer running the same decoder: one load, two
+/// holders of its [`Arc`], two KV caches.
+fn self_draft<B: Backend>(
+    model: LoadedModel<B>,
+    cfg: &EngineConfig,
+    draft_backend: B,
+) -> crate::Result<(Target<B>, crate::spec::draft::DraftProposer<B>)> {
+    let target = Target::from(model);
+    let blocks = draft_kv_blocks(cfg, target.decoder.config(), &draft_backend)?;
+    let proposer = crate::spec::draft::DraftProposer::new(
+        draft_backend,
+        target.decoder.clone(),
+        blocks,
+        cfg.block_size,
+    )?;
+    Ok((target, proposer))
+}
+
 struct Worker<B: Backend> {
     backend: B,
-    decoder: Decoder<B>,
+    decoder: Arc<Decoder<B>>,
     kv: B::KvCache,
     sched: Scheduler,
     active: HashMap<u64, Active>,
@@ -1232,5 +1297,32 @@ impl<B: Backend> Worker<B> {
         m.prefix_queried_tokens
             .store(ps.queried_tokens, Ordering::Relaxed);
         m.prefix_hit_tokens.store(ps.hit_tokens, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod self_draft_tests {
+    use super::*;
+    use kiln_backend::cpu::CpuBackend;
+
+    /// A model drafting for itself is loaded once: the target and the draft
+    /// hold the same decoder (two holders of one `Arc`), each with its own
+    /// KV cache.
+    #[test]
+    fn a_self_draft_shares_the_targets_decoder() {
+        let dir = kiln_model::goldens::tiny_dir("llama");
+        let model = kiln_model::load(
+            &CpuBackend::new(),
+            &dir,
+            &kiln_model::LoadOptions::default(),
+        )
+        .unwrap();
+        let cfg = EngineConfig {
+            kv_capacity: KvCapacity::Tokens(64),
+            ..EngineConfig::default()
+        };
+        let (target, proposer) = self_draft(model, &cfg, CpuBackend::new()).unwrap();
+        assert!(Arc::ptr_eq(&target.decoder, proposer.decoder()));
+        assert_eq!(Arc::strong_count(&target.decoder), 2);
     }
 }

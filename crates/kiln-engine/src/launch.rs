@@ -202,6 +202,27 @@ impl DeviceModel {
         }
     }
 
+    /// Starts the engine with the model drafting for itself (speculative
+    /// decoding's `draft_model` method naming the target), its weights
+    /// loaded once and shared with the draft ([`Engine::start_self_draft`]).
+    /// On CUDA the draft would need the target's device context; the caller
+    /// loads a second copy there instead ([`Self::start_with_draft`]), so
+    /// this refuses.
+    pub fn start_self_draft(self, cfg: EngineConfig) -> Result<Engine, LaunchError> {
+        match self.inner {
+            Loaded::Cpu(m) => Ok(Engine::start_self_draft(
+                CpuBackend::new(),
+                *m,
+                cfg,
+                CpuBackend::new(),
+            )?),
+            #[cfg(feature = "cuda")]
+            Loaded::Cuda(_) => Err(LaunchError::Unsupported(
+                "a model drafting for itself shares its weights on the CPU only".into(),
+            )),
+        }
+    }
+
     /// Starts the engine with `draft` guessing for it (speculative
     /// decoding's `draft_model` method); both must be on the same device.
     pub fn start_with_draft(

@@ -496,12 +496,58 @@ fn a_model_drafting_for_itself_has_every_guess_accepted() {
     }
 }
 
-/// The default model drafting for itself on the golden prompts: 100%
-/// acceptance and transformers' tokens.
+/// The model drafting for itself on its own weights, loaded once
+/// (`Engine::start_self_draft`, what the server does when the draft names
+/// the target): the same output as without speculation, alone or batched
+/// and chunked, and every guess accepted.
+#[test]
+fn a_model_drafting_for_itself_on_shared_weights_has_every_guess_accepted() {
+    let lens = [1, 5, 17, 40, 65, 130];
+    let reqs: Vec<Request> = prompts(&lens).into_iter().map(|p| greedy(p, 30)).collect();
+    let want = alone(&engine(tiny_model(), EngineConfig::default()), &reqs);
+    for (what, cfg, batched) in [
+        ("alone", draft_cfg(4), false),
+        (
+            "batched and chunked",
+            EngineConfig {
+                max_step_tokens: 48,
+                max_running: 4,
+                ..draft_cfg(5)
+            },
+            true,
+        ),
+    ] {
+        let e = Engine::start_self_draft(CpuBackend::new(), tiny_model(), cfg, CpuBackend::new())
+            .unwrap();
+        let got = if batched {
+            together(&e, &reqs)
+        } else {
+            alone(&e, &reqs)
+        };
+        assert_same(&got, &want, what);
+        let s = e.metrics().speculative;
+        assert_eq!(s.method, Some("draft_model"));
+        assert!(s.num_draft_tokens > 0, "{what}: {s:?}");
+        assert_eq!(
+            s.num_accepted_tokens, s.num_draft_tokens,
+            "{what}: every guess accepted: {s:?}"
+        );
+    }
+}
+
+/// The default model drafting for itself on the golden prompts, its
+/// weights loaded once and shared with the draft: 100% acceptance and
+/// transformers' tokens.
 #[test]
 fn default_model_drafting_for_itself_on_the_golden_prompts() {
     let golden = golden_prompts();
-    let e = with_draft(default_model(), default_model(), draft_cfg(4));
+    let e = Engine::start_self_draft(
+        CpuBackend::new(),
+        default_model(),
+        draft_cfg(4),
+        CpuBackend::new(),
+    )
+    .unwrap();
     let reqs: Vec<Request> = golden
         .iter()
         .map(|(_, p, _)| greedy(p.clone(), 32))

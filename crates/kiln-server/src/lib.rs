@@ -53,6 +53,7 @@ pub mod registry;
 pub mod rerank;
 pub mod responses;
 pub mod responses_store;
+pub mod self_draft;
 pub mod sessions;
 pub mod state;
 pub mod store;

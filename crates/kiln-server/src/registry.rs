@@ -785,9 +785,18 @@ fn load_engine(entry: &ModelEntry, defaults: &EngineDefaults) -> Result<Engine, 
         .speculative
         .clone()
         .or_else(|| defaults.speculative.clone());
-    let engine = if let Some(kiln_engine::SpecMethod::DraftModel { model: path }) =
-        cfg.speculative.as_ref().map(|s| &s.method)
-    {
+    let draft_path = match cfg.speculative.as_ref().map(|s| &s.method) {
+        Some(kiln_engine::SpecMethod::DraftModel { model: path }) => Some(path.clone()),
+        _ => None,
+    };
+    let engine = if let Some(path) = draft_path.as_ref().filter(|d| {
+        model.device() == kiln_backend::Device::Cpu
+            && crate::self_draft::is_target(d, &entry.model_path, p.quantize.is_some())
+    }) {
+        // The model drafts for itself: one load, shared with the draft.
+        tracing::info!(model = %entry.name, "the draft model {path} is the model itself: sharing its weights");
+        model.start_self_draft(cfg).map_err(|e| e.to_string())?
+    } else if let Some(path) = draft_path.as_ref() {
         // The draft goes through the same load path, on the same device.
         let dspec = load::LoadSpec {
             cache_max_bytes: defaults.prepared_cache_max,

@@ -9,8 +9,13 @@
 //! share each of those steps. The model that drafts for itself guesses
 //! exactly what it will choose (the CPU backend computes each row as it
 //! would alone), so every guess of a greedy request is accepted.
+//!
+//! The decoder is held behind an [`Arc`]: a model drafting for itself
+//! ([`crate::Engine::start_self_draft`]) shares the target's weights, loaded
+//! once, and only the KV cache is the draft's own.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
 use kiln_model::decoder::Decoder;
@@ -30,7 +35,8 @@ struct DraftSeq {
 /// A draft model guessing greedily.
 pub struct DraftProposer<B: Backend> {
     backend: B,
-    decoder: Decoder<B>,
+    /// The draft's weights; the target's own when it drafts for itself.
+    decoder: Arc<Decoder<B>>,
     kv: B::KvCache,
     blocks: BlockManager,
     seqs: HashMap<u64, DraftSeq>,
@@ -47,14 +53,16 @@ struct Row {
 }
 
 impl<B: Backend> DraftProposer<B> {
-    /// A proposer running `decoder` on `backend` with a KV cache of
-    /// `num_blocks` blocks of `block_size` tokens.
+    /// A proposer running `decoder` (a model of its own, or an `Arc` it
+    /// shares with the target) on `backend` with a KV cache of `num_blocks`
+    /// blocks of `block_size` tokens.
     pub fn new(
         backend: B,
-        decoder: Decoder<B>,
+        decoder: impl Into<Arc<Decoder<B>>>,
         num_blocks: usize,
         block_size: usize,
     ) -> crate::Result<Self> {
+        let decoder = decoder.into();
         let c = decoder.config();
         let spec = KvSpec {
             n_layers: c.n_layers,
@@ -76,6 +84,11 @@ impl<B: Backend> DraftProposer<B> {
                 profile_requested(),
             ),
         })
+    }
+
+    /// The weights the draft runs (for checking that a self-draft shares them).
+    pub fn decoder(&self) -> &Arc<Decoder<B>> {
+        &self.decoder
     }
 
     /// The draft's vocabulary size (must be the target's).

@@ -12,7 +12,7 @@
 //! exactly its rows ([`apply`]), so a row's result does not depend on what
 //! else shares the step.
 //!
-//! On mixture-of-experts models (Mixtral, Qwen3-MoE) an adapter may also
+//! On mixture-of-experts models (Mixtral, Qwen3-MoE, gpt-oss) an adapter may also
 //! target the router (`gate`) and the experts: each expert's gate, up and
 //! down projections get their own `B·A` ([`HostLora::experts`]), read from
 //! PEFT's fused `target_parameters` form or from per-expert modules, and

@@ -32,6 +32,16 @@
 //! `mlp.experts.3.gate_proj`) and are read into the same per-expert form.
 //! The router (`mlp.gate`, `block_sparse_moe.gate`) is an ordinary
 //! `[n_experts, hidden]` projection.
+//!
+//! gpt-oss stores its experts transposed (`gate_up_proj` `[n, hidden,
+//! 2 * ff]`, `down_proj` `[n, ff, hidden]`, inputs first), which PEFT's
+//! ParamWrapper reads as (in, out) without swapping: the same `lora_A`
+//! `[n * r, in]` and `lora_B` `[out, n * r]`, the delta added to the weight
+//! and so before the experts' biases and clamped SwiGLU. Its gate and up
+//! outputs are interleaved (gate the even rows of `B`, up the odd ones, as
+//! the base weight is split at load). Its router `mlp.router` (`weight` and
+//! `bias`, not a linear module) is adapted through `target_parameters`
+//! `mlp.router.weight`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -271,7 +281,8 @@ enum Target {
 }
 
 /// gpt-oss (`gpt_oss` in Hugging Face configs, `gpt-oss` in GGUF), whose
-/// experts (biased, clamped SwiGLU) and router kiln does not adapt.
+/// fused experts are transposed with gate and up interleaved, and whose
+/// router is `mlp.router`.
 fn is_gpt_oss(cfg: &DecoderConfig) -> bool {
     matches!(cfg.arch.as_str(), "gpt_oss" | "gpt-oss")
 }
@@ -301,10 +312,19 @@ fn moe_target(
             inner.join(".")
         ),
     };
-    if is_gpt_oss(cfg) {
-        return Err(unsupported("gpt-oss's experts and router"));
-    }
     let n_experts = cfg.moe.as_ref().map_or(0, |m| m.n_experts);
+    if is_gpt_oss(cfg) {
+        // Only the fused form exists: transformers never split gpt-oss's experts.
+        return match inner.get(1..).unwrap_or_default() {
+            ["router"] => Ok(Target::Dense(vec![Proj::Router])),
+            ["experts"] | ["experts", "base_layer"] => Ok(Target::FusedExperts),
+            _ => Err(LoraError::UnknownTarget {
+                path: path.to_path_buf(),
+                module: inner.join("."),
+                arch: format!("{n_experts}-expert {}", cfg.arch),
+            }),
+        };
+    }
     match inner.get(1..).unwrap_or_default() {
         ["gate"] => Ok(Target::Dense(vec![Proj::Router])),
         ["experts"] | ["experts", "base_layer"] => Ok(Target::FusedExperts),
@@ -401,9 +421,9 @@ fn check_targets(cfg: &DecoderConfig, path: &Path, json: &Value) -> LoraResult<(
     Ok(())
 }
 
-/// Checks `target_parameters`: on Mixtral and Qwen3-MoE, the experts'
-/// `gate_up_proj` and `down_proj` and the router's `gate.weight`; nothing
-/// elsewhere.
+/// Checks `target_parameters`: on mixture-of-experts models, the experts'
+/// `gate_up_proj` and `down_proj` and the router's weight (`gate.weight`,
+/// gpt-oss's `router.weight`); nothing elsewhere.
 fn check_target_parameters(cfg: &DecoderConfig, path: &Path, json: &Value) -> LoraResult<()> {
     let list = match json.get("target_parameters") {
         None | Some(Value::Null) => return Ok(()),
@@ -426,9 +446,12 @@ fn check_target_parameters(cfg: &DecoderConfig, path: &Path, json: &Value) -> Lo
             || name == "down_proj"
             || name.ends_with("experts.gate_up_proj")
             || name.ends_with("experts.down_proj");
-        let router = name == "gate.weight" || name.ends_with(".gate.weight");
-        let moe = cfg.moe.is_some() && !is_gpt_oss(cfg);
-        if !(moe && (experts || router)) {
+        let router = if is_gpt_oss(cfg) {
+            name == "router.weight" || name.ends_with(".router.weight")
+        } else {
+            name == "gate.weight" || name.ends_with(".gate.weight")
+        };
+        if !(cfg.moe.is_some() && (experts || router)) {
             return Err(LoraError::Unsupported {
                 path: path.to_path_buf(),
                 what: format!("target parameter '{name}' on this {} model", cfg.arch),
@@ -761,9 +784,17 @@ pub fn read_peft(dir: &Path, cfg: &DecoderConfig, limits: LoraLimits) -> LoraRes
                         .map(|(o, k)| read.b[o * cols + k * n + e])
                         .collect();
                     let mut row = 0;
-                    for &part in parts {
+                    for (pi, &part) in parts.iter().enumerate() {
                         let part_out = expert_dims(cfg, part).0;
-                        let b_part = b_e[row * r..(row + part_out) * r].to_vec();
+                        let b_part = if is_gpt_oss(cfg) && parts.len() == 2 {
+                            // gpt-oss interleaves them: gate is output 2j, up 2j + 1.
+                            (0..part_out)
+                                .flat_map(|j| &b_e[(2 * j + pi) * r..(2 * j + pi + 1) * r])
+                                .copied()
+                                .collect()
+                        } else {
+                            b_e[row * r..(row + part_out) * r].to_vec()
+                        };
                         row += part_out;
                         let m = read.matrix(a_e.clone(), b_part, in_dim, part_out);
                         put_expert(cfg, &wpath, &mut experts[layer], layer, e, part, m)?;
