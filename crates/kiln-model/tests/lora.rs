@@ -415,27 +415,6 @@ fn moe_targets_kiln_cannot_serve_are_named() {
     };
     let experts_a = "base_model.model.model.layers.0.mlp.experts.lora_A.weight";
     let experts_b = "base_model.model.model.layers.0.mlp.experts.lora_B.weight";
-    // gpt-oss's experts (biases, clamped SwiGLU) and router.
-    let e = moe_err(
-        "gpt_oss",
-        r#"{"r":2,"lora_alpha":4,"target_parameters":["mlp.experts.down_proj"]}"#,
-        &[(experts_a, vec![8, 32]), (experts_b, vec![64, 8])],
-    );
-    assert!(
-        e.contains(
-            "target parameter 'mlp.experts.down_proj' on this gpt_oss model is not supported"
-        ),
-        "{e}"
-    );
-    let e = moe_err(
-        "gpt_oss",
-        r#"{"r":2,"lora_alpha":4}"#,
-        &[(experts_a, vec![8, 32]), (experts_b, vec![64, 8])],
-    );
-    assert!(
-        e.contains("an adapter on gpt-oss's experts and router ('mlp.experts' in layer 0) is not supported"),
-        "{e}"
-    );
     // Qwen2-MoE's shared expert (which peft's "all-linear" targets).
     let e = moe_err(
         "qwen2moe",
