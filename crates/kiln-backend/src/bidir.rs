@@ -4,11 +4,14 @@
 //! paged attention.
 //!
 //! Work is split by sequence and head: each task lays its head's keys out
-//! transposed (`head_dim` rows of the sequence's `n` keys), so a query's
-//! scores are `head_dim` element-wise multiply-adds over `n` lanes, and
-//! its output `n` multiply-adds over `head_dim` lanes: loops the compiler
-//! vectorises, without a horizontal sum per key. Where the CPU has AVX2
-//! and FMA they are compiled for it (fused multiply-adds), else plainly.
+//! transposed (`head_dim` rows of the sequence's `n` keys) and its values
+//! in rows, both padded to whole vectors. Queries go in tiles of eight:
+//! a tile's scores for eight keys at a time, then its outputs for eight of
+//! `head_dim`'s columns at a time, stay in registers while each key or
+//! value vector is loaded once for the whole tile (one per query took
+//! 27% of a batch of 256-token MiniLM inputs, against 26% for all the
+//! matrix products). Where the CPU has AVX2 and FMA the loops are compiled
+//! for it (fused multiply-adds), else plainly.
 //! Every query row's arithmetic is a fixed sequence of operations on its
 //! own sequence's keys and values, so a sequence's result is the same bits
 //! alone or in any batch, on any number of threads.
@@ -131,52 +134,146 @@ fn head_fma(t: &Task) -> Vec<f32> {
     head::<true>(t)
 }
 
+/// Queries per tile: their scores (and outputs) accumulate in registers
+/// while each key (value) vector is loaded once for all of them.
+const QT: usize = 8;
+
+/// Lanes per accumulator (one AVX2 register of f32).
+const L: usize = 8;
+
 /// The head's output for every query of the sequence: `n` rows of
 /// `head_dim`. For query `i`: `s_j = scale * sum_d q_i[d] k_j[d]` (the sum
 /// over `d` in order), `w_j = e^(s_j - max) / sum_j e^(s_j - max)`, and
-/// `o[d] = sum_j w_j v_j[d]` (over `j` in order).
+/// `o[d] = sum_j w_j v_j[d]` (over `j` in order). Queries go in tiles of
+/// [`QT`] (the last ones one by one); a query's operations are the same in
+/// either, so its result does not depend on the tiling.
 #[inline(always)]
 fn head<const FMA: bool>(t: &Task) -> Vec<f32> {
-    use crate::cpu::math::{exp, sum8};
     let (n, hd) = (t.n, t.p.head_dim);
-    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
-    // The head's keys transposed: row d holds k_j[d] for every key j.
-    let mut kt = vec![0f32; hd * n];
+    // The head's keys transposed (row d holds k_j[d] for every key j) and
+    // its values, each padded with zeros to whole vectors of L.
+    let (np, hp) = (n.next_multiple_of(L), hd.next_multiple_of(L));
+    let mut kt = vec![0f32; hd * np];
+    let mut vp = vec![0f32; n * hp];
     for j in 0..n {
         let row = (t.start + j) * t.width + t.off;
         for (d, &x) in t.k[row..row + hd].iter().enumerate() {
-            kt[d * n + j] = x;
+            kt[d * np + j] = x;
+        }
+        vp[j * hp..j * hp + hd].copy_from_slice(&t.v[row..row + hd]);
+    }
+    let mut out = vec![0f32; n * hp];
+    let mut w = vec![0f32; QT * np];
+    let b = Bufs {
+        kt: &kt,
+        vp: &vp,
+        np,
+        hp,
+    };
+    let mut i = 0;
+    while i < n {
+        if n - i >= QT {
+            tile::<FMA, QT>(t, &b, i, &mut w, &mut out);
+            i += QT;
+        } else {
+            tile::<FMA, 1>(t, &b, i, &mut w, &mut out);
+            i += 1;
         }
     }
-    let mut out = vec![0f32; n * hd];
-    let mut scores = vec![0f32; n];
-    for (i, o) in out.chunks_exact_mut(hd).enumerate() {
-        let qr = (t.start + i) * t.width + t.off;
-        scores.fill(0.0);
-        for (&qd, kd) in t.q[qr..qr + hd].iter().zip(kt.chunks_exact(n)) {
-            for (s, &x) in scores.iter_mut().zip(kd) {
-                *s = madd(qd, x, *s);
-            }
+    if hp != hd {
+        for r in 1..n {
+            out.copy_within(r * hp..r * hp + hd, r * hd);
         }
-        let mut max = [f32::NEG_INFINITY; 8];
-        for (l, s) in scores.iter_mut().enumerate() {
-            *s *= t.p.scale;
-            max[l % 8] = max[l % 8].max(*s);
-        }
-        let max = max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for s in scores.iter_mut() {
-            *s = exp::<FMA>(*s - max);
-        }
-        let inv = 1.0 / sum8(&scores);
-        for (j, &w) in scores.iter().enumerate() {
-            let w = w * inv;
-            let vr = (t.start + j) * t.width + t.off;
-            for (od, &vd) in o.iter_mut().zip(&t.v[vr..vr + hd]) {
-                *od = madd(w, vd, *od);
-            }
-        }
+        out.truncate(n * hd);
     }
     out
+}
+
+/// A head's keys and values laid out for [`tile`].
+struct Bufs<'a> {
+    /// Keys transposed: `head_dim` rows of `np` (`n` padded) columns.
+    kt: &'a [f32],
+    /// Values: `n` rows of `hp` (`head_dim` padded) columns.
+    vp: &'a [f32],
+    np: usize,
+    hp: usize,
+}
+
+/// Queries `i0..i0 + R` of the head: their scores into `w` (`R` rows of
+/// `np`), then their outputs into `out`'s rows (of `hp` columns).
+#[inline(always)]
+fn tile<const FMA: bool, const R: usize>(
+    t: &Task,
+    b: &Bufs,
+    i0: usize,
+    w: &mut [f32],
+    out: &mut [f32],
+) {
+    use crate::cpu::math::{exp, sum8};
+    let (n, hd, np, hp) = (t.n, t.p.head_dim, b.np, b.hp);
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { c + a * b };
+    let qs: [&[f32]; R] = std::array::from_fn(|r| {
+        let at = (t.start + i0 + r) * t.width + t.off;
+        &t.q[at..at + hd]
+    });
+    for jb in (0..np).step_by(L) {
+        let mut acc = [[0f32; L]; R];
+        for (d, krow) in b.kt.chunks_exact(np).enumerate() {
+            let kv = &krow[jb..jb + L];
+            for (a, q) in acc.iter_mut().zip(&qs) {
+                let qd = q[d];
+                for l in 0..L {
+                    a[l] = madd(qd, kv[l], a[l]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            w[r * np + jb..r * np + jb + L].copy_from_slice(a);
+        }
+    }
+    for r in 0..R {
+        let s = &mut w[r * np..r * np + n];
+        // Scale, and the maximum in eight lanes (score j in lane j % 8),
+        // a chunk of eight at a time so that the loop vectorises (`>`
+        // rather than `f32::max`, whose NaN rule keeps it scalar; the
+        // scores are finite).
+        let mut max = [f32::NEG_INFINITY; 8];
+        let mut chunks = s.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                c[l] *= t.p.scale;
+                max[l] = if c[l] > max[l] { c[l] } else { max[l] };
+            }
+        }
+        for (l, x) in chunks.into_remainder().iter_mut().enumerate() {
+            *x *= t.p.scale;
+            max[l] = if *x > max[l] { *x } else { max[l] };
+        }
+        let max = max.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for s in s.iter_mut() {
+            *s = exp::<FMA>(*s - max);
+        }
+        let inv = 1.0 / sum8(s);
+        for s in s.iter_mut() {
+            *s *= inv;
+        }
+    }
+    for db in (0..hp).step_by(L) {
+        let mut acc = [[0f32; L]; R];
+        for (j, vrow) in b.vp.chunks_exact(hp).enumerate() {
+            let vv = &vrow[db..db + L];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let wj = w[r * np + j];
+                for l in 0..L {
+                    a[l] = madd(wj, vv[l], a[l]);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let at = (i0 + r) * hp + db;
+            out[at..at + L].copy_from_slice(a);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +305,64 @@ mod tests {
         // Equal scores: the first query averages both values (causal would give 1).
         let out = attention_bidirectional(&[0.0, 0.0], &[1.0, 1.0], &[1.0, 3.0], &[2], &p).unwrap();
         assert_eq!(out, vec![2.0, 2.0]);
+    }
+
+    /// Sequences whose lengths and head size are not whole tiles or
+    /// vectors (tiles of eight queries and the one-by-one rest, padded
+    /// keys and values) match the textbook computation in f64, and a
+    /// sequence gives the same bits alone as beside another.
+    #[test]
+    fn tiles_and_their_remainders_match_the_definition() {
+        let p = BidirParams {
+            n_heads: 2,
+            head_dim: 12,
+            scale: 0.3,
+        };
+        let width = 24;
+        let lens = [19usize, 5];
+        let tokens: usize = lens.iter().sum();
+        let val = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 4.0;
+        let q: Vec<f32> = (0..tokens * width).map(val).collect();
+        let k: Vec<f32> = (0..tokens * width).map(|i| val(i + 77)).collect();
+        let v: Vec<f32> = (0..tokens * width).map(|i| val(i + 311)).collect();
+        let out = attention_bidirectional(&q, &k, &v, &lens, &p).unwrap();
+        let mut start = 0;
+        for &n in &lens {
+            for h in 0..2 {
+                for i in 0..n {
+                    let at = |t: usize, d: usize| (start + t) * width + h * 12 + d;
+                    let s: Vec<f64> = (0..n)
+                        .map(|j| {
+                            let dot: f64 = (0..12)
+                                .map(|d| q[at(i, d)] as f64 * k[at(j, d)] as f64)
+                                .sum();
+                            dot * 0.3
+                        })
+                        .collect();
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for d in 0..12 {
+                        let want: f64 = (0..n).map(|j| e[j] / sum * v[at(j, d)] as f64).sum();
+                        let got = out[at(i, d)] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "seq at {start}, head {h}, query {i}, d {d}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+            start += n;
+        }
+        let alone = attention_bidirectional(
+            &q[..19 * width],
+            &k[..19 * width],
+            &v[..19 * width],
+            &[19],
+            &p,
+        )
+        .unwrap();
+        assert_eq!(alone, out[..19 * width].to_vec());
     }
 
     #[test]
