@@ -348,7 +348,7 @@ impl Registry {
             }
         }
         if overrides.check_memory {
-            self.check_memory(name, &model_path)?;
+            self.check_memory(name, &model_path, properties.as_ref())?;
         }
         let settings = worker_settings(properties.as_ref(), &overrides, &self.defaults)?;
         let (tx, _) = watch::channel(ModelState::Loading);
@@ -411,8 +411,13 @@ impl Registry {
 
     /// Refuses a model whose weights and KV cache do not fit: in what is left
     /// of `--memory-budget-mib`, or else in the memory the system has available.
-    fn check_memory(&self, name: &str, model_path: &Path) -> Result<(), ApiError> {
-        let kv = self.defaults.kv_cache_bytes as u64;
+    fn check_memory(
+        &self,
+        name: &str,
+        model_path: &Path,
+        properties: Option<&ModelProperties>,
+    ) -> Result<(), ApiError> {
+        let kv = self.kv_bytes_to_check(properties);
         let weights = weights_bytes(model_path);
         let need = weights + kv;
         let (left, what) = match self.defaults.memory_budget {
@@ -421,7 +426,9 @@ impl Registry {
                     .all()
                     .iter()
                     .filter(|m| !matches!(m.state(), ModelState::Failed(_)))
-                    .map(|m| weights_bytes(&m.model_path) + kv)
+                    .map(|m| {
+                        weights_bytes(&m.model_path) + self.kv_bytes_to_check(m.properties.as_ref())
+                    })
                     .sum();
                 (
                     budget.saturating_sub(used),
@@ -447,6 +454,24 @@ impl Registry {
                 mib(left)
             ),
         ))
+    }
+
+    /// The KV cache a model with `properties` gets on the CPU, as
+    /// [`kv_capacity`] sizes it (its own `option.kv_cache_memory_bytes`
+    /// first); 0 where the cache is sized from the memory left once the
+    /// weights are loaded, which fits by construction. A malformed
+    /// `VLLM_CPU_KVCACHE_SPACE` counts 0 here and fails the load, naming it.
+    fn kv_bytes_to_check(&self, properties: Option<&ModelProperties>) -> u64 {
+        let env = std::env::var(kiln_engine::kv_size::CPU_KVCACHE_SPACE_VAR).ok();
+        match kv_capacity(
+            properties.and_then(|p| p.kv_cache_memory_bytes),
+            self.defaults.kv_cache_bytes,
+            kiln_engine::Device::Cpu,
+            env.as_deref(),
+        ) {
+            Ok(KvCapacity::Bytes(b)) => b as u64,
+            _ => 0,
+        }
     }
 
     /// The model that already serves the weights at `model_path`, if any.

@@ -238,3 +238,52 @@ fn registering_checks_the_memory_budget_first() {
     );
     assert_eq!(r.status, 507, "{}", r.text());
 }
+
+/// The memory check counts a model's own `option.kv_cache_memory_bytes`,
+/// not the server's `--kv-cache-mib`: the default model (93.8 MiB) with the
+/// server's 16 MiB cache fits a 150 MiB budget, the same weights asking for
+/// a 96 MiB cache in their serving.properties do not, and the message says
+/// so with the model's figure.
+#[test]
+fn the_memory_check_counts_the_models_own_kv_cache_size() {
+    let dir = tempdir("mgmt-kv-");
+    write(
+        &dir.join("big/serving.properties"),
+        &format!(
+            "option.model_id={}\noption.kv_cache_memory_bytes=96M\n",
+            model_file().display()
+        ),
+    );
+    let s = Server::ready(in_tmp(&[
+        "--model-store",
+        &empty_store(),
+        "--management-on-inference-port",
+        "--model-url-pattern",
+        ".*",
+        "--kv-cache-mib",
+        "16",
+        "--memory-budget-mib",
+        "150",
+    ]));
+    let big = url_escape(&dir.join("big").display().to_string());
+    let r = s.req(
+        "POST",
+        &format!("/models?url={big}&model_name=big"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 507, "{}", r.text());
+    let msg = message(&r);
+    assert!(
+        msg.contains("a 96 MiB KV cache") && msg.contains("--memory-budget-mib"),
+        "{msg}"
+    );
+    let file = url_escape(&model_file().display().to_string());
+    let r = s.req(
+        "POST",
+        &format!("/models?url={file}&model_name=m"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
