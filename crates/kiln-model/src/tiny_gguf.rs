@@ -125,3 +125,105 @@ pub fn write_temp(w: &GgufWriter, stem: &str) -> PathBuf {
     std::fs::write(&out, w.to_bytes()).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
     out
 }
+
+/// The GGUF file llama.cpp's converter writes for the tiny Gemma 2 or 3
+/// checkpoint in `d` (`name` is `gemma2` or `gemma3`): the family's keys
+/// (sliding window, soft-caps or the two rotary bases), the norms' `1 +`
+/// folded into their weights, F32 tensors; written to a temporary file
+/// named after `tag`.
+pub fn gemma(name: &str, d: &Path, tag: &str) -> PathBuf {
+    use crate::weights::{hf_gemma_names, SafetensorsSource, WeightSource};
+    use Value as G;
+    let d = d.to_path_buf();
+    let hf: Json =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let src = SafetensorsSource::open_dir(&d, hf_gemma_names).expect("safetensors");
+    let n = |k: &str| hf[k].as_u64().unwrap_or_else(|| panic!("{k}")) as u32;
+    let mut w = GgufWriter::default();
+    let key = |k: &str| format!("{name}.{k}");
+    w.meta("general.architecture", G::String(name.into()))
+        .meta(&key("context_length"), G::U32(n("max_position_embeddings")))
+        .meta(&key("embedding_length"), G::U32(n("hidden_size")))
+        .meta(&key("block_count"), G::U32(n("num_hidden_layers")))
+        .meta(&key("feed_forward_length"), G::U32(n("intermediate_size")))
+        .meta(
+            &key("attention.head_count"),
+            G::U32(n("num_attention_heads")),
+        )
+        .meta(
+            &key("attention.head_count_kv"),
+            G::U32(n("num_key_value_heads")),
+        )
+        .meta(
+            &key("attention.layer_norm_rms_epsilon"),
+            G::F32(hf["rms_norm_eps"].as_f64().unwrap() as f32),
+        )
+        .meta(&key("attention.key_length"), G::U32(n("head_dim")))
+        .meta(&key("attention.value_length"), G::U32(n("head_dim")))
+        .meta(
+            &key("attention.sliding_window"),
+            G::U32(n("sliding_window")),
+        );
+    let f = |k: &str| G::F32(hf[k].as_f64().unwrap() as f32);
+    if name == "gemma2" {
+        w.meta(&key("attn_logit_softcapping"), f("attn_logit_softcapping"))
+            .meta(
+                &key("final_logit_softcapping"),
+                f("final_logit_softcapping"),
+            );
+    } else {
+        let rope = &hf["rope_parameters"];
+        let full = &rope["full_attention"];
+        let theta = |p: &Json| G::F32(p["rope_theta"].as_f64().unwrap() as f32);
+        assert_eq!(full["rope_type"], "linear");
+        w.meta(&key("rope.freq_base"), theta(full))
+            .meta(&key("rope.scaling.type"), G::String("linear".into()))
+            .meta(
+                &key("rope.scaling.factor"),
+                G::F32(full["factor"].as_f64().unwrap() as f32),
+            )
+            .meta(
+                &key("rope.freq_base_swa"),
+                theta(&rope["sliding_attention"]),
+            );
+    }
+    write_gpt2_vocab(&mut w, &d, n("vocab_size") as usize);
+    let mut names = vec![
+        "token_embd.weight".to_string(),
+        "output_norm.weight".to_string(),
+    ];
+    assert!(
+        !src.contains("output.weight"),
+        "{name}: tied, no lm_head in the file"
+    );
+    for l in 0..n("num_hidden_layers") {
+        for part in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_q_norm",
+            "attn_k_norm",
+            "attn_output",
+            "post_attention_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "post_ffw_norm",
+        ] {
+            let t = format!("blk.{l}.{part}.weight");
+            if src.contains(&t) {
+                names.push(t);
+            }
+        }
+    }
+    for t in names {
+        let mut h = src.get(&t).expect("tensor");
+        if t.ends_with("norm.weight") {
+            h.data.iter_mut().for_each(|v| *v += 1.0);
+        }
+        put_f32(&mut w, &t, &h.shape, &h.data);
+    }
+    write_temp(&w, &format!("gemma-{tag}"))
+}

@@ -599,84 +599,6 @@ fn to_gguf(name: &str) -> PathBuf {
     tiny_gguf::write_temp(&w, &format!("lora-{name}"))
 }
 
-/// The tiny Gemma 2 or Gemma 3 checkpoint as a GGUF file the way
-/// llama.cpp's converter writes it: the norms' `1 +` folded into their
-/// weights, the window, Gemma 2's softcaps, Gemma 3's two rotary bases and
-/// linear scaling of the global layers (as `tests/gemma.rs` writes them).
-fn gemma_to_gguf(name: &str) -> PathBuf {
-    use kiln_model::gguf::{GgufWriter, Value as G};
-    use kiln_model::tiny_gguf;
-    use kiln_model::weights::{hf_gemma_names, SafetensorsSource, WeightSource};
-    let d = tiny_dir(name);
-    let cfg = kiln_model::config::DecoderConfig::from_hf_config(&d.join("config.json")).unwrap();
-    let hf = json(&d.join("config.json"));
-    let src = SafetensorsSource::open_dir(&d, hf_gemma_names).unwrap();
-    let mut w = GgufWriter::default();
-    tiny_gguf::write_hparams(&mut w, name, &cfg);
-    let key = |k: &str| format!("{name}.{k}");
-    let f = |v: &Value| G::F32(v.as_f64().unwrap() as f32);
-    w.meta(&key("attention.value_length"), G::U32(cfg.head_dim as u32))
-        .meta(
-            &key("attention.sliding_window"),
-            G::U32(hf["sliding_window"].as_u64().unwrap() as u32),
-        );
-    if name == "gemma2" {
-        w.meta(
-            &key("attn_logit_softcapping"),
-            f(&hf["attn_logit_softcapping"]),
-        )
-        .meta(
-            &key("final_logit_softcapping"),
-            f(&hf["final_logit_softcapping"]),
-        );
-    } else {
-        let rope = &hf["rope_parameters"];
-        let full = &rope["full_attention"];
-        w.meta(&key("rope.freq_base"), f(&full["rope_theta"]))
-            .meta(&key("rope.scaling.type"), G::String("linear".into()))
-            .meta(&key("rope.scaling.factor"), f(&full["factor"]))
-            .meta(
-                &key("rope.freq_base_swa"),
-                f(&rope["sliding_attention"]["rope_theta"]),
-            );
-    }
-    tiny_gguf::write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
-    let mut names = vec![
-        "token_embd.weight".to_string(),
-        "output_norm.weight".to_string(),
-    ];
-    for l in 0..cfg.n_layers {
-        for part in [
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_q_norm",
-            "attn_k_norm",
-            "attn_output",
-            "post_attention_norm",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-            "post_ffw_norm",
-        ] {
-            let t = format!("blk.{l}.{part}.weight");
-            if src.contains(&t) {
-                names.push(t);
-            }
-        }
-    }
-    for t in names {
-        let mut h = src.get(&t).unwrap();
-        if t.ends_with("norm.weight") {
-            h.data.iter_mut().for_each(|v| *v += 1.0);
-        }
-        tiny_gguf::put_f32(&mut w, &t, &h.shape, &h.data);
-    }
-    tiny_gguf::write_temp(&w, &format!("lora-{name}"))
-}
-
 #[test]
 fn gguf_bases_take_the_same_adapters() {
     // llama's GGUF q/k rows are permuted (interleaved rotary), so the
@@ -701,7 +623,7 @@ fn gguf_bases_take_the_same_adapters() {
         ("gemma3", "lora"),
     ] {
         let path = if name.starts_with("gemma") {
-            gemma_to_gguf(name)
+            kiln_model::tiny_gguf::gemma(name, &tiny_dir(name), &format!("lora-{name}"))
         } else {
             to_gguf(name)
         };
