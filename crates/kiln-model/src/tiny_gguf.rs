@@ -227,3 +227,94 @@ pub fn gemma(name: &str, d: &Path, tag: &str) -> PathBuf {
     }
     write_temp(&w, &format!("gemma-{tag}"))
 }
+
+/// The GGUF file llama.cpp's converter (`GptOssModel`) writes for the tiny
+/// gpt-oss checkpoint in `d`: architecture `gpt-oss`, YaRN as
+/// `rope.scaling.*`, the window, the pre-FFN norm as
+/// `blk.N.post_attention_norm`, sinks, the router with its bias, and each
+/// layer's experts as 3-D `ffn_{gate,up,down}_exps` with their biases.
+/// `put_experts` writes the three expert matrices of each layer (F32 or a
+/// quantized form); every other tensor is F32. Named after `tag`.
+pub fn gpt_oss(
+    d: &Path,
+    tag: &str,
+    mut put_experts: impl FnMut(&mut GgufWriter, &str, &[usize], &[f32]),
+) -> PathBuf {
+    use crate::weights::{SafetensorsSource, WeightSource};
+    use Value as G;
+    let cfg = DecoderConfig::from_hf_config(&d.join("config.json")).expect("config");
+    let moe = cfg.moe.clone().expect("experts");
+    let src = crate::gpt_oss::HfExperts {
+        inner: SafetensorsSource::open_dir(&d, crate::weights::hf_names(&cfg.arch))
+            .expect("safetensors"),
+    };
+    let hf: Json =
+        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+    let yarn = &hf["rope_parameters"];
+    let arch = "gpt-oss";
+    let mut w = GgufWriter::default();
+    let u = |v: usize| G::U32(v as u32);
+    let f = |v: &Json| G::F32(v.as_f64().expect("number") as f32);
+    let key = |k: &str| format!("{arch}.{k}");
+    write_hparams(&mut w, arch, &cfg);
+    w.meta(&key("attention.value_length"), u(cfg.head_dim))
+        .meta(&key("rope.freq_base"), f(&yarn["rope_theta"]))
+        .meta(&key("rope.scaling.type"), G::String("yarn".into()))
+        .meta(&key("rope.scaling.factor"), f(&yarn["factor"]))
+        .meta(
+            &key("rope.scaling.original_context_length"),
+            u(yarn["original_max_position_embeddings"].as_u64().unwrap() as usize),
+        )
+        .meta(&key("expert_count"), u(moe.n_experts))
+        .meta(&key("expert_used_count"), u(moe.n_experts_used))
+        .meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
+    w.meta(
+        &key("attention.sliding_window"),
+        u(hf["sliding_window"].as_u64().unwrap() as usize),
+    );
+    write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
+    // (GGUF name, canonical name it is read from)
+    let mut names: Vec<(String, String)> =
+        ["token_embd.weight", "output_norm.weight", "output.weight"]
+            .iter()
+            .map(|n| (n.to_string(), n.to_string()))
+            .collect();
+    for l in 0..cfg.n_layers {
+        for p in [
+            "attn_norm.weight",
+            "attn_q.weight",
+            "attn_q.bias",
+            "attn_k.weight",
+            "attn_k.bias",
+            "attn_v.weight",
+            "attn_v.bias",
+            "attn_output.weight",
+            "attn_output.bias",
+            "attn_sinks.weight",
+            "ffn_gate_inp.weight",
+            "ffn_gate_inp.bias",
+            "ffn_gate_exps.weight",
+            "ffn_gate_exps.bias",
+            "ffn_up_exps.weight",
+            "ffn_up_exps.bias",
+            "ffn_down_exps.weight",
+            "ffn_down_exps.bias",
+        ] {
+            let n = format!("blk.{l}.{p}");
+            names.push((n.clone(), n));
+        }
+        names.push((
+            format!("blk.{l}.post_attention_norm.weight"),
+            format!("blk.{l}.ffn_norm.weight"),
+        ));
+    }
+    for (gguf_name, canonical) in names {
+        let t = src.get(&canonical).expect(&canonical);
+        if gguf_name.ends_with("_exps.weight") {
+            put_experts(&mut w, &gguf_name, &t.shape, &t.data);
+        } else {
+            put_f32(&mut w, &gguf_name, &t.shape, &t.data);
+        }
+    }
+    write_temp(&w, &format!("gpt-oss-{tag}"))
+}

@@ -15,16 +15,14 @@ use kiln_backend::cpu::CpuBackend;
 use kiln_model::config::DecoderConfig;
 use kiln_model::decoder::Decoder;
 use kiln_model::fixtures;
-use kiln_model::gguf::{GgufWriter, Value as G};
 use kiln_model::goldens::{
     self, assert_batched_as_alone, assert_tracks_f32, floats, golden, golden_sequences, ids, run,
     tiny_dir as dir,
 };
 use kiln_model::quant::GgmlType;
 use kiln_model::tiny_gguf;
-use kiln_model::weights::{SafetensorsSource, WeightSource};
+use kiln_model::weights::WeightSource;
 use kiln_model::{load, LoadOptions, LoadedModel};
-use serde_json::Value;
 
 const NAME: &str = "gpt_oss";
 
@@ -113,92 +111,22 @@ fn quantize(ty: GgmlType, data: &[f32], cols: usize) -> Vec<u8> {
 /// `yarn_beta_fast`/`yarn_beta_slow` at their defaults), the same tensors
 /// bit for bit, reads to the same config and gives the same logits.
 fn to_gguf(form: Form) -> PathBuf {
-    let d = dir(NAME);
-    let cfg = DecoderConfig::from_hf_config(&d.join("config.json")).expect("config");
-    let moe = cfg.moe.clone().expect("experts");
-    let src = kiln_model::gpt_oss::HfExperts {
-        inner: SafetensorsSource::open_dir(&d, kiln_model::weights::hf_names(&cfg.arch))
-            .expect("safetensors"),
-    };
-    let hf: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
-    let yarn = &hf["rope_parameters"];
-    let arch = "gpt-oss";
-    let mut w = GgufWriter::default();
-    let u = |v: usize| G::U32(v as u32);
-    let f = |v: &Value| G::F32(v.as_f64().expect("number") as f32);
-    let key = |k: &str| format!("{arch}.{k}");
-    tiny_gguf::write_hparams(&mut w, arch, &cfg);
-    w.meta(&key("attention.value_length"), u(cfg.head_dim))
-        .meta(&key("rope.freq_base"), f(&yarn["rope_theta"]))
-        .meta(&key("rope.scaling.type"), G::String("yarn".into()))
-        .meta(&key("rope.scaling.factor"), f(&yarn["factor"]))
-        .meta(
-            &key("rope.scaling.original_context_length"),
-            u(yarn["original_max_position_embeddings"].as_u64().unwrap() as usize),
-        )
-        .meta(&key("expert_count"), u(moe.n_experts))
-        .meta(&key("expert_used_count"), u(moe.n_experts_used))
-        .meta(&key("expert_feed_forward_length"), u(moe.expert_ff));
-    w.meta(
-        &key("attention.sliding_window"),
-        u(hf["sliding_window"].as_u64().unwrap() as usize),
-    );
-    tiny_gguf::write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
-    // (GGUF name, canonical name it is read from)
-    let mut names: Vec<(String, String)> =
-        ["token_embd.weight", "output_norm.weight", "output.weight"]
-            .iter()
-            .map(|n| (n.to_string(), n.to_string()))
-            .collect();
-    for l in 0..cfg.n_layers {
-        for p in [
-            "attn_norm.weight",
-            "attn_q.weight",
-            "attn_q.bias",
-            "attn_k.weight",
-            "attn_k.bias",
-            "attn_v.weight",
-            "attn_v.bias",
-            "attn_output.weight",
-            "attn_output.bias",
-            "attn_sinks.weight",
-            "ffn_gate_inp.weight",
-            "ffn_gate_inp.bias",
-            "ffn_gate_exps.weight",
-            "ffn_gate_exps.bias",
-            "ffn_up_exps.weight",
-            "ffn_up_exps.bias",
-            "ffn_down_exps.weight",
-            "ffn_down_exps.bias",
-        ] {
-            let n = format!("blk.{l}.{p}");
-            names.push((n.clone(), n));
-        }
-        names.push((
-            format!("blk.{l}.post_attention_norm.weight"),
-            format!("blk.{l}.ffn_norm.weight"),
-        ));
-    }
-    for (gguf_name, canonical) in names {
-        let t = src.get(&canonical).expect(&canonical);
-        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
-        let cols = *t.shape.last().unwrap();
-        match form {
-            Form::Experts(ty) if gguf_name.ends_with("_exps.weight") => {
-                w.tensor(&gguf_name, dims, ty, quantize(ty, &t.data, cols));
-            }
-            Form::ExpertsDecoded(ty) if gguf_name.ends_with("_exps.weight") => {
-                let q = quantize(ty, &t.data, cols);
-                let back =
-                    kiln_backend::quant::dequantize(ty, &q, t.data.len()).expect("dequantize");
-                tiny_gguf::put_f32(&mut w, &gguf_name, &t.shape, &back);
-            }
-            _ => tiny_gguf::put_f32(&mut w, &gguf_name, &t.shape, &t.data),
-        }
-    }
     let tag = format!("{form:?}").replace(['(', ')'], "-");
-    tiny_gguf::write_temp(&w, &format!("gpt-oss-{tag}"))
+    tiny_gguf::gpt_oss(&dir(NAME), &tag, |w, name, shape, data| {
+        let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        let cols = *shape.last().unwrap();
+        match form {
+            Form::Experts(ty) => {
+                w.tensor(name, dims, ty, quantize(ty, data, cols));
+            }
+            Form::ExpertsDecoded(ty) => {
+                let q = quantize(ty, data, cols);
+                let back = kiln_backend::quant::dequantize(ty, &q, data.len()).expect("dequantize");
+                tiny_gguf::put_f32(w, name, shape, &back);
+            }
+            _ => tiny_gguf::put_f32(w, name, shape, data),
+        }
+    })
 }
 
 /// The GGUF form reads to the same configuration (experts, routing, YaRN

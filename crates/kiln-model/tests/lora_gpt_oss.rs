@@ -97,6 +97,41 @@ fn gpt_oss_adapters_match_peft_and_the_merged_model() {
     }
 }
 
+/// The same adapters on the GGUF form of the base (llama.cpp's layout:
+/// gate and up de-interleaved into separate 3-D expert tensors, q/k rows
+/// in the checkpoint's order) give peft's logits and greedy tokens too.
+/// (llama.cpp has no key for the clamped SwiGLU's limit, so a GGUF
+/// gpt-oss runs at its fixed 7; the base is loaded with the tiny config's
+/// 0.5, as `tests/gpt_oss.rs` checks the GGUF base itself.)
+#[test]
+fn gpt_oss_gguf_bases_take_the_same_adapters() {
+    let path = kiln_model::tiny_gguf::gpt_oss(&tiny_dir("gpt_oss"), "lora", |w, n, shape, data| {
+        kiln_model::tiny_gguf::put_f32(w, n, shape, data)
+    });
+    let be = CpuBackend::new();
+    let hf = base();
+    let file = kiln_model::gguf::GgufFile::open(&path).unwrap();
+    let mut cfg = kiln_model::config::DecoderConfig::from_gguf(&file).unwrap();
+    cfg.activation = hf.decoder.config().activation;
+    let src = kiln_model::gpt_oss::GgufNames { inner: file };
+    let d = kiln_model::decoder::Decoder::load(&be, cfg, &src, 256).unwrap();
+    let m = LoadedModel { decoder: d, ..hf };
+    let _ = std::fs::remove_file(&path);
+    let vocab = m.decoder.config().vocab_size;
+    for name in ADAPTERS {
+        let a = adapter(&m, name);
+        let g = golden(&tiny_dir("gpt_oss").join(name));
+        for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
+            let what = format!("gpt_oss/{name} on GGUF p{pi}");
+            let (all, greedy) = run_lora(&m, &a, &ids(&p["ids"]), 16);
+            let last = &all[all.len() - vocab..];
+            let diff = fixtures::max_abs_diff(&what, last, &floats(&p["last_logits"]));
+            assert!(diff < LOGIT_TOL, "{what}: logits differ by {diff}");
+            assert_eq!(greedy, ids(&p["greedy"]), "{what}: greedy");
+        }
+    }
+}
+
 #[test]
 fn gpt_oss_expert_deltas_are_read_with_gate_and_up_interleaved() {
     // lora_experts: r 2, rsLoRA alpha 6; 4 experts, hidden 64, ff 32.
