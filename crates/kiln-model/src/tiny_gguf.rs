@@ -245,7 +245,7 @@ pub fn gpt_oss(
     let cfg = DecoderConfig::from_hf_config(&d.join("config.json")).expect("config");
     let moe = cfg.moe.clone().expect("experts");
     let src = crate::gpt_oss::HfExperts {
-        inner: SafetensorsSource::open_dir(&d, crate::weights::hf_names(&cfg.arch))
+        inner: SafetensorsSource::open_dir(d, crate::weights::hf_names(&cfg.arch))
             .expect("safetensors"),
     };
     let hf: Json =
@@ -272,7 +272,7 @@ pub fn gpt_oss(
         &key("attention.sliding_window"),
         u(hf["sliding_window"].as_u64().unwrap() as usize),
     );
-    write_gpt2_vocab(&mut w, &d, cfg.vocab_size);
+    write_gpt2_vocab(&mut w, d, cfg.vocab_size);
     // (GGUF name, canonical name it is read from)
     let mut names: Vec<(String, String)> =
         ["token_embd.weight", "output_norm.weight", "output.weight"]
