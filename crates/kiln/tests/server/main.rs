@@ -28,6 +28,7 @@ mod management;
 mod messages;
 mod openai;
 mod responses;
+mod speculative;
 mod store;
 mod toolcalls;
 
