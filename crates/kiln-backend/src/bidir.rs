@@ -11,7 +11,8 @@
 //! value vector is loaded once for the whole tile (one per query took
 //! 27% of a batch of 256-token MiniLM inputs, against 26% for all the
 //! matrix products). Where the CPU has AVX2 and FMA the loops are compiled
-//! for it (fused multiply-adds), else plainly.
+//! for it (fused multiply-adds, eight lanes), where it has AVX-512 for that
+//! (sixteen lanes, the same bits), else plainly.
 //! Every query row's arithmetic is a fixed sequence of operations on its
 //! own sequence's keys and values, so a sequence's result is the same bits
 //! alone or in any batch, on any number of threads.
@@ -67,7 +68,7 @@ pub fn attention_bidirectional(
         tasks.extend((0..p.n_heads).map(|h| (start, n, h)));
         start += n;
     }
-    let fma = fma_kernels();
+    let kernel = kernel();
     let heads: Vec<Vec<f32>> = tasks
         .par_iter()
         .map(|&(start, n, h)| {
@@ -81,13 +82,15 @@ pub fn attention_bidirectional(
                 n,
                 off: h * p.head_dim,
             };
-            #[cfg(target_arch = "x86_64")]
-            if fma {
-                // SAFETY: `fma` is true only where AVX2 and FMA were detected.
-                return unsafe { head_fma(&t) };
+            match kernel {
+                // SAFETY: `Avx512` is chosen only where AVX-512F, AVX2 and
+                // FMA were detected, `Fma` only where AVX2 and FMA were.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => unsafe { head_avx512(&t) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Fma => unsafe { head_fma(&t) },
+                Kernel::Plain => head::<false, 8>(&t),
             }
-            let _ = fma;
-            head::<false>(&t)
         })
         .collect();
     let mut out = vec![0f32; tokens * width];
@@ -101,16 +104,37 @@ pub fn attention_bidirectional(
     Ok(out)
 }
 
-/// Whether the fused multiply-add build runs here: AVX2 and FMA detected,
-/// and the CPU kernels not capped to the portable code (`KILN_CPU_ISA`).
-fn fma_kernels() -> bool {
+/// Which build of [`head`] runs.
+#[derive(Clone, Copy)]
+enum Kernel {
+    /// Plain arithmetic, eight lanes.
+    Plain,
+    /// AVX2 with fused multiply-adds, eight lanes.
+    #[cfg(target_arch = "x86_64")]
+    Fma,
+    /// AVX-512 with fused multiply-adds, sixteen lanes: the same operations
+    /// on each score and output as [`Kernel::Fma`] (every lane sums in the
+    /// same order whatever the width), so the same bits, in half the
+    /// instructions.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+/// The build for this CPU: AVX2 and FMA where the CPU kernels may use
+/// vector code (`KILN_CPU_ISA` caps it), AVX-512 where they may use it.
+fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::cpu::isa::chosen().simd.is_some()
+        let c = crate::cpu::isa::chosen();
+        match (c.simd.is_some(), c.avx512) {
+            (true, true) => Kernel::Avx512,
+            (true, false) => Kernel::Fma,
+            _ => Kernel::Plain,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Kernel::Plain
     }
 }
 
@@ -131,15 +155,18 @@ struct Task<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn head_fma(t: &Task) -> Vec<f32> {
-    head::<true>(t)
+    head::<true, 8>(t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f")]
+fn head_avx512(t: &Task) -> Vec<f32> {
+    head::<true, 16>(t)
 }
 
 /// Queries per tile: their scores (and outputs) accumulate in registers
 /// while each key (value) vector is loaded once for all of them.
 const QT: usize = 8;
-
-/// Lanes per accumulator (one AVX2 register of f32).
-const L: usize = 8;
 
 /// The head's output for every query of the sequence: `n` rows of
 /// `head_dim`. For query `i`: `s_j = scale * sum_d q_i[d] k_j[d]` (the sum
@@ -148,7 +175,7 @@ const L: usize = 8;
 /// [`QT`] (the last ones one by one); a query's operations are the same in
 /// either, so its result does not depend on the tiling.
 #[inline(always)]
-fn head<const FMA: bool>(t: &Task) -> Vec<f32> {
+fn head<const FMA: bool, const L: usize>(t: &Task) -> Vec<f32> {
     let (n, hd) = (t.n, t.p.head_dim);
     // The head's keys transposed (row d holds k_j[d] for every key j) and
     // its values, each padded with zeros to whole vectors of L.
@@ -173,10 +200,10 @@ fn head<const FMA: bool>(t: &Task) -> Vec<f32> {
     let mut i = 0;
     while i < n {
         if n - i >= QT {
-            tile::<FMA, QT>(t, &b, i, &mut w, &mut out);
+            tile::<FMA, QT, L>(t, &b, i, &mut w, &mut out);
             i += QT;
         } else {
-            tile::<FMA, 1>(t, &b, i, &mut w, &mut out);
+            tile::<FMA, 1, L>(t, &b, i, &mut w, &mut out);
             i += 1;
         }
     }
@@ -202,7 +229,7 @@ struct Bufs<'a> {
 /// Queries `i0..i0 + R` of the head: their scores into `w` (`R` rows of
 /// `np`), then their outputs into `out`'s rows (of `hp` columns).
 #[inline(always)]
-fn tile<const FMA: bool, const R: usize>(
+fn tile<const FMA: bool, const R: usize, const L: usize>(
     t: &Task,
     b: &Bufs,
     i0: usize,
@@ -363,6 +390,42 @@ mod tests {
         )
         .unwrap();
         assert_eq!(alone, out[..19 * width].to_vec());
+    }
+
+    /// The AVX-512 build (sixteen lanes) gives the AVX2 build's bits: each
+    /// lane sums in the same order whatever the width.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_build_gives_the_avx2_builds_bits() {
+        if !(is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma"))
+        {
+            return;
+        }
+        let p = BidirParams {
+            n_heads: 1,
+            head_dim: 40,
+            scale: 0.2,
+        };
+        let n = 37;
+        let val = |i: usize| ((i * 6151 % 997) as f32 / 997.0 - 0.5) * 3.0;
+        let q: Vec<f32> = (0..n * 40).map(val).collect();
+        let k: Vec<f32> = (0..n * 40).map(|i| val(i + 5)).collect();
+        let v: Vec<f32> = (0..n * 40).map(|i| val(i + 9)).collect();
+        let t = Task {
+            q: &q,
+            k: &k,
+            v: &v,
+            p: &p,
+            width: 40,
+            start: 0,
+            n,
+            off: 0,
+        };
+        // SAFETY: the features were detected above.
+        let (a, b) = unsafe { (head_fma(&t), head_avx512(&t)) };
+        assert_eq!(a, b);
     }
 
     #[test]
