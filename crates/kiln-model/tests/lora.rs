@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_backend::StepInput;
-use kiln_model::goldens::{argmax, floats, ids, run_plan_lora, tiny_dir, LOGIT_TOL};
+use kiln_model::goldens::{argmax, assert_lora_batch_invariant, floats, ids, tiny_dir, LOGIT_TOL};
 use kiln_model::lora::{read_peft, LoraAdapter, LoraError, LoraLimits, LoraStep};
 use kiln_model::{fixtures, load, LoadOptions, LoadedModel};
 use serde_json::Value;
@@ -140,8 +140,8 @@ fn gemma3_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone(
         adapter(&m, &dir.join("lora")),
         adapter(&m, &dir.join("lora_qko")),
     );
-    mixed_batch_is_bit_identical(&m, &[Some(&all), None, Some(&qko), Some(&all)]);
-    mixed_batch_is_bit_identical(&m, &[Some(&qko), Some(&all), None, None]);
+    assert_lora_batch_invariant(&m, &[Some(&all), None, Some(&qko), Some(&all)]);
+    assert_lora_batch_invariant(&m, &[Some(&qko), Some(&all), None, None]);
 }
 
 #[test]
@@ -193,67 +193,6 @@ fn moe_adapters_match_peft_and_the_merged_model() {
     }
 }
 
-/// Four sequences in chunked prefills and decodes sharing every step, then
-/// each alone: every sequence's logits are the same bits both ways, and
-/// each adapted sequence differs from the base.
-fn mixed_batch_is_bit_identical(
-    m: &LoadedModel<CpuBackend>,
-    per_seq: &[Option<&LoraAdapter<CpuBackend>>],
-) {
-    let be = CpuBackend::new();
-    let seqs: Vec<Vec<u32>> = [
-        &b"Kiln fires clay"[..],
-        b"The cat sat",
-        b"tiny",
-        b"models test",
-    ]
-    .iter()
-    .map(|s| s.iter().map(|&b| b as u32).collect())
-    .collect();
-    let plan: Vec<Vec<usize>> = vec![
-        vec![5, 3, 2, 4],
-        vec![5, 4, 1, 3],
-        vec![5, 2, 1, 2],
-        vec![0, 2, 0, 2],
-    ];
-    let mixed = run_plan_lora(&be, &m.decoder, &seqs, &plan, per_seq);
-    for (i, s) in seqs.iter().enumerate() {
-        let alone_plan: Vec<Vec<usize>> = plan
-            .iter()
-            .map(|p| vec![p[i]])
-            .filter(|p| p[0] > 0)
-            .collect();
-        let alone = run_plan_lora(
-            &be,
-            &m.decoder,
-            std::slice::from_ref(s),
-            &alone_plan,
-            &[per_seq[i]],
-        );
-        assert_eq!(mixed[i].len(), alone[0].len());
-        assert!(
-            mixed[i]
-                .iter()
-                .zip(&alone[0])
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "sequence {i}: logits in the mixed batch differ from alone"
-        );
-        let base = run_plan_lora(
-            &be,
-            &m.decoder,
-            std::slice::from_ref(s),
-            &[vec![s.len()]],
-            &[None],
-        )
-        .remove(0);
-        if per_seq[i].is_some() {
-            assert_ne!(mixed[i], base, "sequence {i}: the adapter changed nothing");
-        } else {
-            assert_eq!(mixed[i], base, "sequence {i}: the base row moved");
-        }
-    }
-}
-
 #[test]
 fn moe_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone() {
     // Rows of one adapter routed to one expert run together; rows of other
@@ -264,19 +203,19 @@ fn moe_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone() {
         adapter(&m, &dir.join("lora_attn")),
         adapter(&m, &dir.join("lora")),
     );
-    mixed_batch_is_bit_identical(&m, &[None, Some(&all), Some(&attn), Some(&all)]);
+    assert_lora_batch_invariant(&m, &[None, Some(&all), Some(&attn), Some(&all)]);
     let m = base("qwen3moe");
     let dir = tiny_dir("qwen3moe");
     let (all, down) = (
         adapter(&m, &dir.join("lora")),
         adapter(&m, &dir.join("lora_down")),
     );
-    mixed_batch_is_bit_identical(&m, &[Some(&down), Some(&all), None, Some(&all)]);
+    assert_lora_batch_invariant(&m, &[Some(&down), Some(&all), None, Some(&all)]);
     // Qwen2-MoE: the shared expert runs for every row, the adapters' experts
     // beside it.
     let m = base("qwen2moe");
     let all = adapter(&m, &tiny_dir("qwen2moe").join("lora"));
-    mixed_batch_is_bit_identical(&m, &[None, Some(&all), Some(&all), None]);
+    assert_lora_batch_invariant(&m, &[None, Some(&all), Some(&all), None]);
 }
 
 /// Rewrites the fused expert tensors of the PEFT adapter in `src` into
@@ -643,7 +582,7 @@ fn a_batch_mixing_three_adapters_and_the_base_gives_each_row_what_it_gets_alone(
         .map(|a| adapter(&m, &dir.join(a)))
         .collect();
     // Sequence 0 on the base, 1..3 on the three adapters.
-    mixed_batch_is_bit_identical(
+    assert_lora_batch_invariant(
         &m,
         &[
             None,

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_backend::{Backend, KvSpec, StepInput};
-use kiln_model::goldens::{argmax, floats, ids, run_plan_lora, tiny_dir, LOGIT_TOL};
+use kiln_model::goldens::{argmax, assert_lora_batch_invariant, floats, ids, tiny_dir, LOGIT_TOL};
 use kiln_model::lora::{read_peft, ExpertPart, LoraAdapter, LoraLimits, LoraStep, Proj};
 use kiln_model::{fixtures, load, LoadOptions, LoadedModel};
 use serde_json::Value;
@@ -198,67 +198,12 @@ fn gpt_oss_batches_mixing_adapters_and_the_base_give_each_row_what_it_gets_alone
     // Four sequences in chunked prefills and decodes sharing every step, then
     // each alone: the same bits both ways; adapted rows differ from the base.
     let m = base();
-    let be = CpuBackend::new();
     let (attn, all, experts) = (
         adapter(&m, "lora_attn"),
         adapter(&m, "lora"),
         adapter(&m, "lora_experts"),
     );
-    let per_seq = [Some(&all), None, Some(&experts), Some(&attn)];
-    let seqs: Vec<Vec<u32>> = [
-        &b"Kiln fires clay"[..],
-        b"The cat sat",
-        b"tiny",
-        b"models test",
-    ]
-    .iter()
-    .map(|s| s.iter().map(|&b| b as u32).collect())
-    .collect();
-    let plan: Vec<Vec<usize>> = vec![
-        vec![5, 3, 2, 4],
-        vec![5, 4, 1, 3],
-        vec![5, 2, 1, 2],
-        vec![0, 2, 0, 2],
-    ];
-    let mixed = run_plan_lora(&be, &m.decoder, &seqs, &plan, &per_seq);
-    for (i, s) in seqs.iter().enumerate() {
-        let alone_plan: Vec<Vec<usize>> = plan
-            .iter()
-            .map(|p| vec![p[i]])
-            .filter(|p| p[0] > 0)
-            .collect();
-        let alone = run_plan_lora(
-            &be,
-            &m.decoder,
-            std::slice::from_ref(s),
-            &alone_plan,
-            &[per_seq[i]],
-        );
-        assert_eq!(mixed[i].len(), alone[0].len());
-        assert!(
-            mixed[i]
-                .iter()
-                .zip(&alone[0])
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "sequence {i}: logits in the mixed batch differ from alone"
-        );
-        let base_row = run_plan_lora(
-            &be,
-            &m.decoder,
-            std::slice::from_ref(s),
-            &[vec![s.len()]],
-            &[None],
-        )
-        .remove(0);
-        if per_seq[i].is_some() {
-            assert_ne!(
-                mixed[i], base_row,
-                "sequence {i}: the adapter changed nothing"
-            );
-        } else {
-            assert_eq!(mixed[i], base_row, "sequence {i}: the base row moved");
-        }
-    }
+    assert_lora_batch_invariant(&m, &[Some(&all), None, Some(&experts), Some(&attn)]);
 }
 
 #[test]
