@@ -10,7 +10,7 @@
 //! each family (`tests/architectures.rs`, `gemma.rs`, `moe.rs`,
 //! `gpt_oss.rs`) apply one rule.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_backend::{Backend, KvSpec, SeqSlice, StepInput};
@@ -38,7 +38,12 @@ pub fn tiny_dir(name: &str) -> PathBuf {
 
 /// `testdata/tiny/<name>/golden.json`.
 pub fn golden(name: &str) -> Value {
-    let path = tiny_dir(name).join("golden.json");
+    golden_at(&tiny_dir(name))
+}
+
+/// `<dir>/golden.json` (a model's, or an adapter's under it).
+pub fn golden_at(dir: &Path) -> Value {
+    let path = dir.join("golden.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -399,5 +404,68 @@ pub fn assert_lora_batch_invariant(
         } else {
             assert_eq!(mixed[i], base, "sequence {i}: the base row moved");
         }
+    }
+}
+
+/// The PEFT adapter in `dir`, read for `m` and uploaded to the CPU.
+pub fn lora_adapter(m: &LoadedModel<CpuBackend>, dir: &Path) -> LoraAdapter<CpuBackend> {
+    let host = crate::lora::read_peft(dir, m.decoder.config(), crate::lora::LoraLimits::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    LoraAdapter::upload(&CpuBackend::new(), &host).unwrap()
+}
+
+/// Prefill with every position's logits, then greedy decoding, all rows on `a`.
+pub fn run_lora(
+    m: &LoadedModel<CpuBackend>,
+    a: &LoraAdapter<CpuBackend>,
+    prompt: &[u32],
+    new_tokens: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let be = CpuBackend::new();
+    let d = &m.decoder;
+    let cfg = d.config();
+    let spec = KvSpec {
+        n_layers: cfg.n_layers,
+        num_blocks: (prompt.len() + new_tokens).div_ceil(fixtures::TEST_BLOCK_SIZE),
+        block_size: fixtures::TEST_BLOCK_SIZE,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    let mut kv = be.alloc_kv_cache(&spec).unwrap();
+    let mut step = StepInput::single_sequence(0, prompt, fixtures::TEST_BLOCK_SIZE);
+    step.logit_rows = (0..prompt.len() as u32).collect();
+    let all_rows = |n: usize| LoraStep::new(vec![(a, (0..n as u32).collect())]);
+    let all = d
+        .forward_lora(&be, &mut kv, &step, &all_rows(prompt.len()))
+        .unwrap();
+    let vocab = cfg.vocab_size;
+    let mut next = argmax(&all[all.len() - vocab..]);
+    let mut out = vec![next];
+    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
+        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
+        next = argmax(&d.forward_lora(&be, &mut kv, &step, &all_rows(1)).unwrap());
+        out.push(next);
+    }
+    (all, out)
+}
+
+/// `m` with the adapter in `adapter_dir` against its `golden.json` (from
+/// `scripts/golden/tiny_lora*.py`): the last logits against peft's unmerged
+/// and merged models', every position's argmax and 16 greedy tokens.
+pub fn check_lora(m: &LoadedModel<CpuBackend>, adapter_dir: &Path, what: &str) {
+    let a = lora_adapter(m, adapter_dir);
+    let g = golden_at(adapter_dir);
+    let vocab = m.decoder.config().vocab_size;
+    for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
+        let (all, greedy) = run_lora(m, &a, &ids(&p["ids"]), 16);
+        let last = &all[all.len() - vocab..];
+        for key in ["last_logits", "merged_last_logits"] {
+            let diff =
+                fixtures::max_abs_diff(&format!("{what} p{pi} {key}"), last, &floats(&p[key]));
+            assert!(diff < LOGIT_TOL, "{what} p{pi}: {key} differ by {diff}");
+        }
+        let per_position: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
+        assert_eq!(per_position, ids(&p["argmax"]), "{what} p{pi}: argmax");
+        assert_eq!(greedy, ids(&p["greedy"]), "{what} p{pi}: greedy");
     }
 }

@@ -8,79 +8,12 @@
 use std::path::{Path, PathBuf};
 
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::StepInput;
-use kiln_model::goldens::{argmax, assert_lora_batch_invariant, floats, ids, tiny_dir, LOGIT_TOL};
-use kiln_model::lora::{read_peft, LoraAdapter, LoraError, LoraLimits, LoraStep};
-use kiln_model::{fixtures, load, LoadOptions, LoadedModel};
+use kiln_model::goldens::{
+    assert_lora_batch_invariant, check_lora as check, lora_adapter as adapter, tiny_dir,
+};
+use kiln_model::lora::{read_peft, LoraAdapter, LoraError, LoraLimits};
+use kiln_model::{load, LoadOptions, LoadedModel};
 use serde_json::Value;
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn golden(dir: &Path) -> Value {
-    json(&dir.join("golden.json"))
-}
-
-fn adapter(m: &LoadedModel<CpuBackend>, dir: &Path) -> LoraAdapter<CpuBackend> {
-    let host = read_peft(dir, m.decoder.config(), LoraLimits::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    LoraAdapter::upload(&CpuBackend::new(), &host).unwrap()
-}
-
-/// Prefill with every position's logits, then greedy decoding, all rows on `a`.
-fn run_lora(
-    m: &LoadedModel<CpuBackend>,
-    a: &LoraAdapter<CpuBackend>,
-    prompt: &[u32],
-    new_tokens: usize,
-) -> (Vec<f32>, Vec<u32>) {
-    let be = CpuBackend::new();
-    let d = &m.decoder;
-    let cfg = d.config();
-    let spec = kiln_backend::KvSpec {
-        n_layers: cfg.n_layers,
-        num_blocks: (prompt.len() + new_tokens).div_ceil(fixtures::TEST_BLOCK_SIZE),
-        block_size: fixtures::TEST_BLOCK_SIZE,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let mut kv = kiln_backend::Backend::alloc_kv_cache(&be, &spec).unwrap();
-    let mut step = StepInput::single_sequence(0, prompt, fixtures::TEST_BLOCK_SIZE);
-    step.logit_rows = (0..prompt.len() as u32).collect();
-    let all_rows = |n: usize| LoraStep::new(vec![(a, (0..n as u32).collect())]);
-    let all = d
-        .forward_lora(&be, &mut kv, &step, &all_rows(prompt.len()))
-        .unwrap();
-    let vocab = cfg.vocab_size;
-    let mut next = argmax(&all[all.len() - vocab..]);
-    let mut out = vec![next];
-    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
-        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
-        next = argmax(&d.forward_lora(&be, &mut kv, &step, &all_rows(1)).unwrap());
-        out.push(next);
-    }
-    (all, out)
-}
-
-/// `m` with the adapter in `adapter_dir` against its golden.json.
-fn check(m: &LoadedModel<CpuBackend>, adapter_dir: &Path, what: &str) {
-    let a = adapter(m, adapter_dir);
-    let g = golden(adapter_dir);
-    let vocab = m.decoder.config().vocab_size;
-    for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
-        let (all, greedy) = run_lora(m, &a, &ids(&p["ids"]), 16);
-        let last = &all[all.len() - vocab..];
-        for key in ["last_logits", "merged_last_logits"] {
-            let diff =
-                fixtures::max_abs_diff(&format!("{what} p{pi} {key}"), last, &floats(&p[key]));
-            assert!(diff < LOGIT_TOL, "{what} p{pi}: {key} differ by {diff}");
-        }
-        let per_position: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
-        assert_eq!(per_position, ids(&p["argmax"]), "{what} p{pi}: argmax");
-        assert_eq!(greedy, ids(&p["greedy"]), "{what} p{pi}: greedy");
-    }
-}
 
 fn base(name: &str) -> LoadedModel<CpuBackend> {
     load(&CpuBackend::new(), &tiny_dir(name), &LoadOptions::default()).unwrap()

@@ -9,14 +9,10 @@
 //! gives each row the bits it gets alone; and names gpt-oss does not have
 //! are refused.
 
-use std::path::Path;
-
 use kiln_backend::cpu::CpuBackend;
-use kiln_backend::{Backend, KvSpec, StepInput};
-use kiln_model::goldens::{argmax, assert_lora_batch_invariant, floats, ids, tiny_dir, LOGIT_TOL};
-use kiln_model::lora::{read_peft, ExpertPart, LoraAdapter, LoraLimits, LoraStep, Proj};
-use kiln_model::{fixtures, load, LoadOptions, LoadedModel};
-use serde_json::Value;
+use kiln_model::goldens::{assert_lora_batch_invariant, check_lora, lora_adapter, tiny_dir};
+use kiln_model::lora::{read_peft, ExpertPart, LoraAdapter, LoraLimits, Proj};
+use kiln_model::{load, LoadOptions, LoadedModel};
 
 const ADAPTERS: [&str; 3] = ["lora_attn", "lora", "lora_experts"];
 
@@ -29,71 +25,19 @@ fn base() -> LoadedModel<CpuBackend> {
     .unwrap()
 }
 
-fn golden(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap()
-}
-
 fn adapter(m: &LoadedModel<CpuBackend>, name: &str) -> LoraAdapter<CpuBackend> {
-    let dir = tiny_dir("gpt_oss").join(name);
-    let host = read_peft(&dir, m.decoder.config(), LoraLimits::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    LoraAdapter::upload(&CpuBackend::new(), &host).unwrap()
-}
-
-/// Prefill with every position's logits, then greedy decoding, all rows on `a`.
-fn run_lora(
-    m: &LoadedModel<CpuBackend>,
-    a: &LoraAdapter<CpuBackend>,
-    prompt: &[u32],
-    new_tokens: usize,
-) -> (Vec<f32>, Vec<u32>) {
-    let be = CpuBackend::new();
-    let d = &m.decoder;
-    let cfg = d.config();
-    let spec = KvSpec {
-        n_layers: cfg.n_layers,
-        num_blocks: (prompt.len() + new_tokens).div_ceil(fixtures::TEST_BLOCK_SIZE),
-        block_size: fixtures::TEST_BLOCK_SIZE,
-        n_kv_heads: cfg.n_kv_heads,
-        head_dim: cfg.head_dim,
-    };
-    let mut kv = be.alloc_kv_cache(&spec).unwrap();
-    let mut step = StepInput::single_sequence(0, prompt, fixtures::TEST_BLOCK_SIZE);
-    step.logit_rows = (0..prompt.len() as u32).collect();
-    let rows = |n: usize| LoraStep::new(vec![(a, (0..n as u32).collect())]);
-    let all = d
-        .forward_lora(&be, &mut kv, &step, &rows(prompt.len()))
-        .unwrap();
-    let vocab = cfg.vocab_size;
-    let mut next = argmax(&all[all.len() - vocab..]);
-    let mut out = vec![next];
-    for pos in prompt.len()..prompt.len() + new_tokens - 1 {
-        let step = StepInput::single_sequence(pos, &[next], fixtures::TEST_BLOCK_SIZE);
-        next = argmax(&d.forward_lora(&be, &mut kv, &step, &rows(1)).unwrap());
-        out.push(next);
-    }
-    (all, out)
+    lora_adapter(m, &tiny_dir("gpt_oss").join(name))
 }
 
 #[test]
 fn gpt_oss_adapters_match_peft_and_the_merged_model() {
     let m = base();
-    let vocab = m.decoder.config().vocab_size;
     for name in ADAPTERS {
-        let a = adapter(&m, name);
-        let g = golden(&tiny_dir("gpt_oss").join(name));
-        for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
-            let what = format!("gpt_oss/{name} p{pi}");
-            let (all, greedy) = run_lora(&m, &a, &ids(&p["ids"]), 16);
-            let last = &all[all.len() - vocab..];
-            for key in ["last_logits", "merged_last_logits"] {
-                let diff = fixtures::max_abs_diff(&format!("{what} {key}"), last, &floats(&p[key]));
-                assert!(diff < LOGIT_TOL, "{what}: {key} differ by {diff}");
-            }
-            let per_position: Vec<u32> = all.chunks_exact(vocab).map(argmax).collect();
-            assert_eq!(per_position, ids(&p["argmax"]), "{what}: argmax");
-            assert_eq!(greedy, ids(&p["greedy"]), "{what}: greedy");
-        }
+        check_lora(
+            &m,
+            &tiny_dir("gpt_oss").join(name),
+            &format!("gpt_oss/{name}"),
+        );
     }
 }
 
@@ -117,18 +61,12 @@ fn gpt_oss_gguf_bases_take_the_same_adapters() {
     let d = kiln_model::decoder::Decoder::load(&be, cfg, &src, 256).unwrap();
     let m = LoadedModel { decoder: d, ..hf };
     let _ = std::fs::remove_file(&path);
-    let vocab = m.decoder.config().vocab_size;
     for name in ADAPTERS {
-        let a = adapter(&m, name);
-        let g = golden(&tiny_dir("gpt_oss").join(name));
-        for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
-            let what = format!("gpt_oss/{name} on GGUF p{pi}");
-            let (all, greedy) = run_lora(&m, &a, &ids(&p["ids"]), 16);
-            let last = &all[all.len() - vocab..];
-            let diff = fixtures::max_abs_diff(&what, last, &floats(&p["last_logits"]));
-            assert!(diff < LOGIT_TOL, "{what}: logits differ by {diff}");
-            assert_eq!(greedy, ids(&p["greedy"]), "{what}: greedy");
-        }
+        check_lora(
+            &m,
+            &tiny_dir("gpt_oss").join(name),
+            &format!("gpt_oss/{name} on GGUF"),
+        );
     }
 }
 
