@@ -458,11 +458,10 @@ fn with_draft(
     Engine::start_with_draft(CpuBackend::new(), model, cfg, CpuBackend::new(), draft).unwrap()
 }
 
-/// The model drafting for itself guesses exactly what it then chooses:
-/// every guess of a greedy request is accepted, alone or batched and
-/// chunked, and the output is the output without speculation.
-#[test]
-fn a_model_drafting_for_itself_has_every_guess_accepted() {
+/// Requests of several lengths on the engines `start` makes with the tiny
+/// model drafting for itself, alone and then batched and chunked: the
+/// output without speculation, and every guess accepted.
+fn self_draft_accepts_every_guess(start: impl Fn(EngineConfig) -> Engine) {
     let lens = [1, 5, 17, 40, 65, 130];
     let reqs: Vec<Request> = prompts(&lens).into_iter().map(|p| greedy(p, 30)).collect();
     let want = alone(&engine(tiny_model(), EngineConfig::default()), &reqs);
@@ -478,7 +477,7 @@ fn a_model_drafting_for_itself_has_every_guess_accepted() {
             true,
         ),
     ] {
-        let e = with_draft(tiny_model(), tiny_model(), cfg);
+        let e = start(cfg);
         let got = if batched {
             together(&e, &reqs)
         } else {
@@ -496,43 +495,21 @@ fn a_model_drafting_for_itself_has_every_guess_accepted() {
     }
 }
 
+/// The model drafting for itself, loaded a second time as the draft,
+/// guesses exactly what it then chooses.
+#[test]
+fn a_model_drafting_for_itself_has_every_guess_accepted() {
+    self_draft_accepts_every_guess(|cfg| with_draft(tiny_model(), tiny_model(), cfg));
+}
+
 /// The model drafting for itself on its own weights, loaded once
 /// (`Engine::start_self_draft`, what the server does when the draft names
-/// the target): the same output as without speculation, alone or batched
-/// and chunked, and every guess accepted.
+/// the target), does the same.
 #[test]
 fn a_model_drafting_for_itself_on_shared_weights_has_every_guess_accepted() {
-    let lens = [1, 5, 17, 40, 65, 130];
-    let reqs: Vec<Request> = prompts(&lens).into_iter().map(|p| greedy(p, 30)).collect();
-    let want = alone(&engine(tiny_model(), EngineConfig::default()), &reqs);
-    for (what, cfg, batched) in [
-        ("alone", draft_cfg(4), false),
-        (
-            "batched and chunked",
-            EngineConfig {
-                max_step_tokens: 48,
-                max_running: 4,
-                ..draft_cfg(5)
-            },
-            true,
-        ),
-    ] {
-        let e = Engine::start_self_draft(CpuBackend::new(), tiny_model(), cfg, CpuBackend::new())
-            .unwrap();
-        let got = if batched {
-            together(&e, &reqs)
-        } else {
-            alone(&e, &reqs)
-        };
-        assert_same(&got, &want, what);
-        let s = e.metrics().speculative;
-        assert_eq!(s.method, Some("draft_model"));
-        assert!(s.num_draft_tokens > 0, "{what}: {s:?}");
-        assert_eq!(
-            s.num_accepted_tokens, s.num_draft_tokens,
-            "{what}: every guess accepted: {s:?}"
-        );
-    }
+    self_draft_accepts_every_guess(|cfg| {
+        Engine::start_self_draft(CpuBackend::new(), tiny_model(), cfg, CpuBackend::new()).unwrap()
+    });
 }
 
 /// The default model drafting for itself on the golden prompts, its
