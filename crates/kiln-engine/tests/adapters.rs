@@ -15,7 +15,7 @@ use kiln_engine::{
     AdapterError, AdapterLimits, AdapterOptions, Engine, EngineConfig, Event, FinishReason,
     KvCapacity, Request, RequestStream, SpecConfig, SubmitError,
 };
-use kiln_model::goldens::{golden, ids, tiny_dir};
+use kiln_model::goldens::{golden, golden_at, ids, tiny_dir};
 use kiln_model::LoadOptions;
 use serde_json::Value;
 
@@ -55,8 +55,7 @@ fn adapter_dir(name: &str) -> PathBuf {
 }
 
 fn adapter_golden(name: &str) -> Value {
-    let path = adapter_dir(name).join("golden.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    golden_at(&adapter_dir(name))
 }
 
 fn request(prompt: Vec<u32>) -> Request {
@@ -98,25 +97,29 @@ fn speculation_keeps_each_adapters_tokens_in_a_mixed_batch() {
 }
 
 fn three_adapters_and_the_base_in_one_batch(e: &Engine) {
+    base_and_adapters_share_steps(e, "llama", &["lora_a", "lora_b", "lora_c"]);
+}
+
+/// Registers the adapters `names` of `testdata/tiny/<model>/` on `e`, then
+/// submits every golden prompt on the base and on each adapter, all before
+/// the engine runs them so that they share steps: each request gets its
+/// golden greedy tokens (the base model's, or peft's with its adapter).
+fn base_and_adapters_share_steps(e: &Engine, model: &str, names: &[&str]) {
     e.enable_adapters(AdapterLimits::default()).unwrap();
-    let names = ["lora_a", "lora_b", "lora_c"];
-    for n in names {
-        let info = e.register_adapter(n, &adapter_dir(n)).unwrap();
+    for &n in names {
+        let info = e.register_adapter(n, &tiny_dir(model).join(n)).unwrap();
         assert_eq!(info.name, n);
     }
-    // Every prompt on the base and on each adapter, all submitted before
-    // the engine runs them, so they share steps.
     let mut streams = Vec::new();
-    let base = golden("llama");
-    for p in base["prompts"].as_array().unwrap() {
+    for p in golden(model)["prompts"].as_array().unwrap() {
         let prompt = ids(&p["ids"]);
         streams.push((
             ids(&p["greedy"]),
             e.submit(request(prompt.clone())).unwrap(),
             "base",
         ));
-        for n in names {
-            let g = adapter_golden(n);
+        for &n in names {
+            let g = golden_at(&tiny_dir(model).join(n));
             let want = g["prompts"]
                 .as_array()
                 .unwrap()
@@ -300,36 +303,11 @@ fn registration_and_requests_refuse_what_they_must() {
 fn adapters_on_a_mixture_of_experts_model_share_batches_with_the_base() {
     // mixtral/lora adapts the router and the experts, lora_attn attention
     // only; every request still gets peft's greedy tokens.
-    let e = engine_of("mixtral", None);
-    e.enable_adapters(AdapterLimits::default()).unwrap();
-    let names = ["lora", "lora_attn"];
-    for n in names {
-        e.register_adapter(n, &tiny_dir("mixtral").join(n)).unwrap();
-    }
-    let base = golden("mixtral");
-    let mut streams = Vec::new();
-    for (i, p) in base["prompts"].as_array().unwrap().iter().enumerate() {
-        let prompt = ids(&p["ids"]);
-        streams.push((
-            ids(&p["greedy"]),
-            e.submit(request(prompt.clone())).unwrap(),
-            "base",
-        ));
-        for n in names {
-            let g: Value = serde_json::from_str(
-                &std::fs::read_to_string(tiny_dir("mixtral").join(n).join("golden.json")).unwrap(),
-            )
-            .unwrap();
-            let want = ids(&g["prompts"][i]["greedy"]);
-            let s = e
-                .submit_adapter(request(prompt.clone()), None, Some(n))
-                .unwrap();
-            streams.push((want, s, n));
-        }
-    }
-    for (i, (want, s, n)) in streams.into_iter().enumerate() {
-        assert_eq!(tokens(s), want, "request {i} on {n}");
-    }
+    base_and_adapters_share_steps(
+        &engine_of("mixtral", None),
+        "mixtral",
+        &["lora", "lora_attn"],
+    );
 }
 
 #[test]
