@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_engine::{
-    Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, RequestStream, SamplingParams,
-    StopConditions, SubmitError, Usage,
+    Engine, EngineConfig, Event, FinishReason, KvCapacity, Request, SamplingParams, StopConditions,
+    SubmitError, Usage,
 };
 use kiln_model::LoadedModel;
 use support::*;
@@ -507,44 +507,6 @@ fn default_model_stops_on_strings_eos_and_length() {
 }
 
 // ---- Prompt log-probabilities (DJL's decoder_input_details) ----
-
-/// Reads a request to its end: the prompt log-probabilities that came with
-/// its first token, and its output.
-fn collect_with_prompt(mut s: RequestStream) -> (Option<Vec<f32>>, Output) {
-    let mut first = None;
-    let mut o = Output {
-        ids: vec![],
-        pieces: vec![],
-        text: String::new(),
-        reason: FinishReason::Error,
-        usage: Usage::default(),
-        logprobs: vec![],
-        top: vec![],
-    };
-    let mut n = 0;
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            Event::Token(t) => {
-                if n == 0 {
-                    first = t.prompt_logprobs.clone();
-                } else {
-                    assert!(
-                        t.prompt_logprobs.is_none(),
-                        "only the first token carries them"
-                    );
-                }
-                n += 1;
-                o.ids.push(t.id);
-                o.logprobs.push(t.logprob);
-            }
-            Event::Finished { reason, usage, .. } => {
-                o.reason = reason;
-                o.usage = usage;
-            }
-        }
-    }
-    (first, o)
-}
 
 /// The log-probability the engine reports for prompt token `i` is the one
 /// the same token got when the model generated it at that position: greedy

@@ -79,7 +79,15 @@ pub struct Output {
 }
 
 /// Reads a request's stream to its end; a request that failed fails the test.
-pub fn collect(mut s: RequestStream) -> Output {
+pub fn collect(s: RequestStream) -> Output {
+    collect_with_prompt(s).1
+}
+
+/// [`collect`], with the prompt log-probabilities that came with the first
+/// token (DJL's `decoder_input_details`); a later token carrying any fails
+/// the test.
+pub fn collect_with_prompt(mut s: RequestStream) -> (Option<Vec<f32>>, Output) {
+    let mut first = None;
     let mut o = Output {
         ids: vec![],
         pieces: vec![],
@@ -92,6 +100,14 @@ pub fn collect(mut s: RequestStream) -> Output {
     while let Some(ev) = s.blocking_next() {
         match ev {
             Event::Token(t) => {
+                if o.ids.is_empty() {
+                    first = t.prompt_logprobs;
+                } else {
+                    assert!(
+                        t.prompt_logprobs.is_none(),
+                        "only the first token carries prompt log-probabilities"
+                    );
+                }
                 o.ids.push(t.id);
                 o.text.push_str(&t.text);
                 o.pieces.push(t.text);
@@ -109,7 +125,7 @@ pub fn collect(mut s: RequestStream) -> Output {
             }
         }
     }
-    o
+    (first, o)
 }
 
 /// A greedy request for `n` tokens that does not stop at end-of-sequence.
