@@ -10,7 +10,10 @@
 #                                                      kiln alone on a shape with no file
 #
 # Arguments: GGUF files (default: every llama3-*-*.gguf that scale_fixtures.sh
-# wrote, F16 sources left out), or --dummy-only to measure only DUMMY.
+# wrote, F16 sources left out), Hugging Face model directories (kiln alone:
+# llama-bench reads only GGUF; give QUANTIZE, e.g. q8_0 for the OPT-13B
+# checkpoint, with LAYOUT_CACHE=1 so the conversion is paid once), or
+# --dummy-only to measure only DUMMY.
 # Environment: PP (prompt tokens, default 512), TG (generated tokens, default
 # 128), THREADS_LIST (default "1 2"), ROUNDS (default 1: each file is large),
 # REPS (repetitions inside each tool per round, default 2), CTX (kiln's
@@ -72,7 +75,7 @@ else
   [ "${#FILES[@]}" -gt 0 ] || [ "${#DUMMIES[@]}" -gt 0 ] ||
     die "no model files in $DIR; run scripts/bench/scale_fixtures.sh first (or set DUMMY)"
 fi
-for f in "${FILES[@]}"; do [ -f "$f" ] || die "no such file: $f"; done
+for f in "${FILES[@]}"; do [ -f "$f" ] || [ -d "$f" ] || die "no such file or model directory: $f"; done
 for d in "${DUMMIES[@]}"; do [[ "$d" == *:* ]] || die "DUMMY entries are ARCH:FORMAT (llama3-8b:q8_0), not '$d'"; done
 [ "${#FILES[@]}" -eq 0 ] || [ -x "$BIN/llama-bench" ] || die "no llama-bench at $BIN; run scripts/bench/peers.sh first"
 find_kiln
@@ -88,7 +91,7 @@ kiln_args() { echo "--prompt-tokens $PP --gen-tokens $TG --repeats $REPS --concu
 kiln_cmd() {
   case "$1" in
     dummy:*) local d="${1#dummy:}"; echo "$KILN bench --threads $2 --dummy-weights --arch ${d%%:*} --quantize ${d#*:} $(kiln_args)" ;;
-    *) echo "$KILN bench --threads $2 --model $1 $(kiln_args)" ;;
+    *) echo "$KILN bench --threads $2 --model $1 ${QUANTIZE:+--quantize $QUANTIZE }$(kiln_args)" ;;
   esac
 }
 label() {
@@ -151,7 +154,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
   for m in "${MODELS[@]}"; do
     for t in "${THREADS_LIST[@]}"; do
       echo "scale: round $r/$ROUNDS, $(label "$m"), $t threads" >&2
-      if [[ "$m" == dummy:* ]]; then
+      if [[ "$m" == dummy:* ]] || [ -d "$m" ]; then
         run kiln "$m" "$t" "$r"
       elif [ $((r % 2)) = 1 ]; then
         run llama.cpp "$m" "$t" "$r"

@@ -11,11 +11,16 @@
 #   scripts/bench/peers.sh                          once: llama.cpp and its tools
 #   scripts/bench/scale_fixtures.sh                 1B: Q4_0, Q4_K_M, Q8_0 (2.9 GB; F16 2.5 GB meanwhile)
 #   scripts/bench/scale_fixtures.sh 1b 3b 8b        every Llama size (8B: 13.6 GB of files, 16 GB of F16 meanwhile)
+#   SOURCE=q8_0 scripts/bench/scale_fixtures.sh 8b  the same files with no F16 source (18 GB of disk in all)
 #   scripts/bench/scale_fixtures.sh opt13b          the OPT-13B checkpoint (25.7 GB)
 #
 # Arguments: the sizes to write, any of 1b 3b 8b opt13b (default 1b).
 # Environment: FORMATS (llama-quantize types, default "Q4_0 Q4_K_M Q8_0"),
-# KEEP_F16 (1 keeps the F16 source GGUF), OPT_LAYERS (fewer OPT layers, for
+# KEEP_F16 (1 keeps the F16 source GGUF), SOURCE (f16, the default, or q8_0:
+# the Q8_0 file is written directly and the other formats requantized from it
+# with `llama-quantize --allow-requantize`, so the 8B files need 18 GB of disk
+# rather than 16 GB more for the F16 source; the files have the same tensor
+# types and sizes either way), OPT_LAYERS (fewer OPT layers, for
 # checking the writer on a small disk: the folder is then opt-13b-<N>L), SEED,
 # JOBS (llama-quantize threads, default THREADS), KILN_CACHE. Files go to
 # $KILN_CACHE/bench-scale/: llama3-<size>-<FORMAT>.gguf (the names are
@@ -36,6 +41,8 @@ TOKENIZER="$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 read -r -a FORMATS <<<"${FORMATS:-Q4_0 Q4_K_M Q8_0}"
 KEEP_F16="${KEEP_F16:-0}"
 SEED="${SEED:-25}"
+SOURCE="${SOURCE:-f16}"
+case "$SOURCE" in f16 | q8_0) ;; *) die "SOURCE must be f16 or q8_0, not '$SOURCE'" ;; esac
 JOBS="${JOBS:-$THREADS}"
 OPT_LAYERS="${OPT_LAYERS:-40}"
 SIZES=("$@")
@@ -81,34 +88,50 @@ check_space() {
 }
 
 make_llama() {
-  local size="$1" stem="$DIR/llama3-$1" f missing=() need=0 p
+  local size="$1" stem="$DIR/llama3-$1" f missing=() need=0 p src src_fmt requant=()
   p=$(params "$size")
   for f in "${FORMATS[@]}"; do
     [ -s "$stem-$f.gguf" ] || missing+=("$f")
   done
-  if [ "${#missing[@]}" -eq 0 ] && { [ "$KEEP_F16" != 1 ] || [ -s "$stem-F16.gguf" ]; }; then
+  if [ "$SOURCE" = q8_0 ]; then
+    src_fmt=Q8_0
+    requant=(--allow-requantize)
+  else
+    src_fmt=F16
+  fi
+  src="$stem-$src_fmt.gguf"
+  if [ "${#missing[@]}" -eq 0 ] && { [ "$SOURCE" = q8_0 ] || [ "$KEEP_F16" != 1 ] || [ -s "$src" ]; }; then
     log "llama3-$size exists in ${FORMATS[*]}"
     return
   fi
   [ "${#missing[@]}" -eq 0 ] || [ -x "$BIN/llama-quantize" ] ||
     die "no llama-quantize at $BIN; run scripts/bench/peers.sh first"
-  [ -s "$stem-F16.gguf" ] || need=$(bytes F16 "$p")
-  for f in "${missing[@]}"; do need=$((need + $(bytes "$f" "$p"))); done
-  check_space "llama3-$size (F16 source + ${missing[*]})" "$need"
-  if [ ! -s "$stem-F16.gguf" ]; then
-    log "writing $stem-F16.gguf"
+  [ -s "$src" ] || need=$(bytes "$src_fmt" "$p")
+  for f in "${missing[@]}"; do
+    [ "$f" = "$src_fmt" ] || need=$((need + $(bytes "$f" "$p")))
+  done
+  check_space "llama3-$size ($src_fmt source + ${missing[*]})" "$need"
+  if [ ! -s "$src" ]; then
+    log "writing $src"
     local t0=$SECONDS
-    "$PY" "$HELPER" llama --size "$size" --tokenizer-from "$TOKENIZER" --seed "$SEED" --out "$stem-F16.gguf" >&2
-    log "F16 written in $((SECONDS - t0)) s"
+    "$PY" "$HELPER" llama --size "$size" --tokenizer-from "$TOKENIZER" --seed "$SEED" \
+      --type "${src_fmt,,}" --out "$src" >&2
+    log "$src_fmt written in $((SECONDS - t0)) s"
   fi
   for f in "${missing[@]}"; do
+    [ "$f" != "$src_fmt" ] || continue
     log "llama-quantize $f"
-    "$BIN/llama-quantize" "$stem-F16.gguf" "$stem-$f.gguf.part" "$f" "$JOBS" >"$stem-$f.quantize.log" 2>&1 ||
+    "$BIN/llama-quantize" "${requant[@]}" "$src" "$stem-$f.gguf.part" "$f" "$JOBS" >"$stem-$f.quantize.log" 2>&1 ||
       die "llama-quantize $f failed; see $stem-$f.quantize.log"
     mv "$stem-$f.gguf.part" "$stem-$f.gguf"
   done
-  if [ "$KEEP_F16" != 1 ]; then
-    rm -f "$stem-F16.gguf"
+  if [ "$SOURCE" = q8_0 ]; then
+    case " ${FORMATS[*]} " in
+      *" Q8_0 "*) ;;
+      *) rm -f "$src" && log "removed the Q8_0 source (not in FORMATS)" ;;
+    esac
+  elif [ "$KEEP_F16" != 1 ]; then
+    rm -f "$src"
     log "removed the F16 source (KEEP_F16=1 keeps it)"
   fi
   for f in "${FORMATS[@]}"; do

@@ -3,7 +3,7 @@
 
 Two writers, both streaming (a few tens of MB in memory whatever the model size):
 
-    scale_gguf.py llama --size 1b|3b|8b --tokenizer-from SMOL.gguf --out F16.gguf
+    scale_gguf.py llama --size 1b|3b|8b --tokenizer-from SMOL.gguf --out F16.gguf [--type q8_0]
     scale_gguf.py opt13b --out DIR [--layers N] [--gpt2-tokenizer DIR]
     scale_gguf.py bytes FILE.gguf     # JSON: weight bytes, and bytes one decoded token reads
 
@@ -13,7 +13,9 @@ shapes (the numbers of each model's config.json on the Hub, as in kiln's
 tokens) padded to Llama 3's 128256 ids with unused `[PAD<id>]` tokens, the way
 llama.cpp's converter pads a short vocabulary; llama-quantize makes the other formats
 from it. 1B and 3B tie the output head to the embedding (no output.weight), as the
-real models do.
+real models do. `--type q8_0` writes the matrices as random Q8_0 blocks instead
+(about half the disk of F16: the 8B source is 8.5 GB, not 16), for a disk that
+cannot hold the F16 source beside the formats made from it.
 
 `opt13b` writes facebook/opt-13b's shape as the Hub lays it out: config.json
 (the Hub's numbers), fp16 safetensors in three shards named
@@ -99,6 +101,35 @@ def random_f16(n: int, rng: np.random.Generator) -> np.ndarray:
     return ((bits & 0x83FF) | exp).view(np.float16)
 
 
+# Q8_0: a block is an f16 scale and 32 signed bytes.
+Q8_BLOCK = 34
+
+
+class RandomQ8:
+    """Writes random Q8_0 blocks from a pool, each piece from a random offset:
+    codes uniform in [-127, 127] and scales 2^-13 (|w| < 2^-6, as RandomF16)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        n = POOL // Q8_BLOCK
+        blocks = np.empty((n, Q8_BLOCK), dtype=np.uint8)
+        blocks[:, :2] = np.full(n, 2.0 ** -13, dtype=np.float16).view(np.uint8).reshape(n, 2)
+        blocks[:, 2:] = self.rng.integers(-127, 128, size=(n, 32), dtype=np.int8).view(np.uint8)
+        self.pool = blocks.reshape(-1)
+        self.blocks = n
+
+    def write(self, fout, n: int) -> int:
+        """Writes the blocks of `n` values (a multiple of 32); returns the bytes."""
+        want = n // 32
+        done = 0
+        while done < want:
+            start = int(self.rng.integers(0, self.blocks))
+            k = min(self.blocks - start, want - done)
+            self.pool[start * Q8_BLOCK:(start + k) * Q8_BLOCK].tofile(fout)
+            done += k
+        return want * Q8_BLOCK
+
+
 class RandomF16:
     """Writes random f16 values from a pool, each piece from a random offset."""
 
@@ -181,7 +212,8 @@ def write_llama(args: argparse.Namespace) -> None:
     w.add_name(f"{s['label']} random weights")
     w.add_description(f"random weights (seed {args.seed}) of {s['label']}'s shapes; written by kiln "
                       "scripts/bench/scale_gguf.py for speed runs")
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    q8 = args.type == "q8_0"
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.MOSTLY_F16)
     w.add_uint32("llama.block_count", s["layers"])
     w.add_uint32("llama.context_length", 131072)
     w.add_uint32("llama.embedding_length", s["hidden"])
@@ -199,10 +231,15 @@ def write_llama(args: argparse.Namespace) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     def ty(kind: str) -> gguf.GGMLQuantizationType:
-        return gguf.GGMLQuantizationType.F32 if kind == "ones" else gguf.GGMLQuantizationType.F16
+        if kind == "ones":
+            return gguf.GGMLQuantizationType.F32
+        return gguf.GGMLQuantizationType.Q8_0 if q8 else gguf.GGMLQuantizationType.F16
 
     def nbytes(shape: tuple[int, ...], kind: str) -> int:
-        return int(np.prod(shape)) * (4 if kind == "ones" else 2)
+        n = int(np.prod(shape))
+        if kind == "ones":
+            return n * 4
+        return n // 32 * Q8_BLOCK if q8 else n * 2
 
     for name, shape, kind in plan:
         w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, kind), raw_dtype=ty(kind))
@@ -213,7 +250,7 @@ def write_llama(args: argparse.Namespace) -> None:
     # Tensor data, streamed: each tensor starts on the file's alignment and is padded
     # to it, as GGUFWriter.write_tensor_data does, written in pieces.
     fout = w.fout[0]
-    rng = RandomF16(args.seed)
+    rng = RandomQ8(args.seed) if q8 else RandomF16(args.seed)
     total = sum(nbytes(sh, k) for _, sh, k in plan)
     done = 0
     for name, shape, kind in plan:
@@ -370,6 +407,8 @@ def main() -> None:
     pl.add_argument("--tokenizer-from", required=True, help="a GGUF whose tokenizer.* keys are copied")
     pl.add_argument("--seed", type=int, default=25)
     pl.add_argument("--out", required=True)
+    pl.add_argument("--type", choices=["f16", "q8_0"], default="f16",
+                    help="the matrices' encoding (q8_0: half the disk of f16)")
     po = sub.add_parser("opt13b", help="write the OPT-13B-shaped fp16 safetensors checkpoint")
     po.add_argument("--out", required=True)
     po.add_argument("--layers", type=int, default=40)

@@ -15,10 +15,17 @@
 #    tokens) ten times, one after another: the first pays the page faults of
 #    the mapped files, the tenth does not.
 #
-# The checkpoint goes to $DIR (default ~/.cache/kiln/bench-scale/<shape>),
-# the cache to $DIR.cache (removed at the end unless KEEP=1): the 2.7B shape
-# takes 5.3 GB and its cache 5.7 GB. KILN: the binary (default
-# $CARGO_TARGET_DIR or target, release). PYTHON: a Python with numpy and
+# 4. The reference request ({"seq_length": 2048, "text": [two prompts]} with
+#    max_new_tokens 16 on /predictions) three times, and decode time per token
+#    (the same one-prompt request at 40 and at 8 new tokens, the difference
+#    over 32).
+#
+# The checkpoint goes to $DIR (default ~/.cache/kiln/bench-scale/<shape>;
+# a sharded one there with model.safetensors.index.json, as
+# `scale_fixtures.sh opt13b` writes, is used as it is), the cache to
+# $DIR.cache (removed at the end unless KEEP=1): the 2.7B shape takes 5.3 GB
+# and its cache 5.7 GB; the 13B one 25.7 GB and 13.7 GB. KILN: the binary
+# (default $CARGO_TARGET_DIR or target, release). PYTHON: a Python with numpy and
 # tokenizers (default: the golden venv).
 set -euo pipefail
 
@@ -34,7 +41,7 @@ die() { echo "$NAME: $*" >&2; exit 1; }
 
 command -v "$KILN" >/dev/null || die "no kiln binary at '$KILN'; build it (cargo build --release) or set KILN"
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
-if [ ! -f "$DIR/model.safetensors" ]; then
+if [ ! -f "$DIR/model.safetensors" ] && [ ! -f "$DIR/model.safetensors.index.json" ]; then
   HF_HUB_OFFLINE=1 "$PYTHON" "$ROOT/scripts/bench/startup_opt.py" "$DIR" --shape "$SHAPE"
 fi
 CACHE="$DIR.cache"
@@ -96,6 +103,8 @@ def cpu_seconds(pid):
 def start():
     """Starts `kiln serve`; returns (process, port, seconds to /ping, peaks)."""
     port = free_port()
+    log.flush()
+    log_from = os.path.getsize(cache + ".log")
     t0 = time.perf_counter()
     p = subprocess.Popen([kiln, "serve", "--port", str(port), "--model-store", store], env=env,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
@@ -109,6 +118,12 @@ def start():
             p.terminate()
             sys.exit("startup_large.sh: not ready after 30 minutes")
         if now >= next_sample:
+            # A model that fails to load leaves the server up without it.
+            with open(cache + ".log", "rb") as f:
+                f.seek(log_from)
+                if b"failed to load" in f.read():
+                    p.terminate()
+                    sys.exit(f"startup_large.sh: the model failed to load (see {cache}.log)")
             s = status(p.pid)
             for k in peak:
                 peak[k] = max(peak[k], s.get(k, 0))
@@ -126,22 +141,25 @@ def stop(p):
     p.terminate()
     p.wait()
 
-def request(port):
-    body = json.dumps({"model": "default", "inputs": "The quick brown fox jumps over",
-                       "parameters": {"max_new_tokens": 8, "do_sample": False, "ignore_eos": True}}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+def post(port, route, body):
+    """Seconds one request took, and its parsed answer."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{route}", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as r:
-        r.read()
-    return time.perf_counter() - t0
+    with urllib.request.urlopen(req, timeout=1200) as r:
+        answer = json.loads(r.read())
+    return time.perf_counter() - t0, answer
+
+def request(port, new_tokens=8):
+    return post(port, "/invocations", {"model": "default", "inputs": "The quick brown fox jumps over",
+                "parameters": {"max_new_tokens": new_tokens, "do_sample": False, "ignore_eos": True}})[0]
 
 gb = lambda b: f"{b / 1e9:.2f}"
 print("| start | to /ping (s) | CPU (s, user + system) | peak RSS (GB, VmHWM) | peak anonymous (GB) | peak file-backed (GB) |")
 print("| --- | --- | --- | --- | --- | --- |")
 p, port, took, peak = start()
 stop(p)
-print(f"| first (convert, write the prepared and layout files) | {took:.1f} | {peak['cpu']:.1f} | {gb(peak['VmHWM'])} | {gb(peak['RssAnon'])} | {gb(peak['RssFile'])} |")
+print(f"| first (convert, write the prepared and layout files) | {took:.1f} | {peak['cpu']:.1f} | {gb(peak['VmHWM'])} | {gb(peak['RssAnon'])} | {gb(peak['RssFile'])} |", flush=True)
 for i in range(runs):
     p, port, took, peak = start()
     print(f"| cache hit {i + 1} | {took:.2f} | {peak['cpu']:.2f} | {gb(peak['VmHWM'])} | {gb(peak['RssAnon'])} | {gb(peak['RssFile'])} |", flush=True)
@@ -160,11 +178,25 @@ for d, _, files in os.walk(os.path.join(cache, "prepared")):
 read_s = time.perf_counter() - t0
 times = [request(port) for _ in range(10)]
 after = status(p.pid)
+short, long_ = request(port, 8), request(port, 40)
+texts = ["Hello, I am a language model,", "Welcome to Amazon Elastic Compute Cloud,"]
+reference = []
+for _ in range(3):
+    took, answer = post(port, "/predictions/default",
+                        {"seq_length": 2048, "text": texts, "parameters": {"max_new_tokens": 16}})
+    if not (isinstance(answer, list) and len(answer) == 2):
+        sys.exit(f"startup_large.sh: the reference request did not give two texts: {answer}")
+    reference.append(took)
+peak_hwm = status(p.pid).get("VmHWM", 0)
 stop(p)
 print()
 print(f"Requests after the last cache hit (8 prompt + 8 output tokens, one at a time): "
       f"first {times[0]:.2f} s, tenth {times[9]:.2f} s, median of 2-10 {sorted(times[1:])[4]:.2f} s; "
       f"RSS after them {gb(after.get('VmRSS', 0))} GB ({gb(after.get('RssFile', 0))} file-backed); "
       f"reading the cache's files once ({gb(read)} GB) took {read_s:.2f} s")
+print()
+print(f"Decode, one request: {(long_ - short) / 32:.3f} s per token (40 new tokens {long_:.2f} s, 8 new {short:.2f} s)")
+print(f"The reference request (seq_length 2048, two prompts, max_new_tokens 16): "
+      + ", ".join(f"{t:.2f}" for t in reference) + f" s; peak RSS of the serving process {gb(peak_hwm)} GB")
 EOF
 if [ "${KEEP:-0}" != 1 ]; then rm -rf "$CACHE" "$CACHE.store"; fi

@@ -6,13 +6,18 @@
 //! size tensor by tensor, as a conversion produces them, holding one tensor
 //! at a time. GGUF puts the tensor directory (names, shapes, types, offsets)
 //! before the data, and a converter learns the tensors one by one, so the
-//! stream writer spools the data to a side file as tensors arrive and, at
-//! [`GgufStreamWriter::finish`], writes the header and then appends the spool
-//! (an in-kernel copy on Linux), aligning every tensor.
+//! stream writer leaves room for the header at the start of the file, writes
+//! the data after it as tensors arrive and, at [`GgufStreamWriter::finish`],
+//! writes the header into that room, filled out to its end by a padding key
+//! ([`PADDING_KEY`]) so the data starts where it was written. The data is
+//! written once and the disk holds one copy of it: a 13.7 GB prepared file
+//! needs 13.7 GB free, not twice that. Only a header larger than the room
+//! (which [`header_room`] sizes from the tensors expected, with room to
+//! spare) costs a copy into a second file.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::gguf::{Value, DEFAULT_ALIGNMENT, MAGIC};
@@ -80,9 +85,53 @@ fn align(n: u64) -> u64 {
     n.div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
 }
 
+/// The metadata key whose string fills a streamed file's header out to the
+/// room left for it (readers ignore keys they do not know).
+pub const PADDING_KEY: &str = "kiln.header_padding";
+
+/// Header bytes a [`GgufStreamWriter`] leaves per tensor expected, for its
+/// directory entry and keys added at the end that name it: an entry takes
+/// the name and about 40 bytes, so this is more than twice what a tensor
+/// with a 60-byte name needs.
+const ROOM_PER_TENSOR: u64 = 256;
+
+/// The header room to create a [`GgufStreamWriter`] with when `metadata` is
+/// the metadata known before the tensors (a tokenizer's vocabulary is the
+/// bulk of it) and about `tensors` tensors will be added: the metadata's
+/// encoded size, [`ROOM_PER_TENSOR`] per tensor and 16 KiB, rounded up to a
+/// 4 KiB page so the data starts page-aligned. Too little room costs only
+/// a copy at [`GgufStreamWriter::finish`].
+pub fn header_room(metadata: &[(String, Value)], tensors: usize) -> u64 {
+    let known = encode_header(metadata, &[]).len() as u64;
+    (known + ROOM_PER_TENSOR * tensors as u64 + (16 << 10)).div_ceil(4096) * 4096
+}
+
 /// The header (magic, counts, metadata, tensor directory), padded so the
 /// data section starts aligned.
 fn header(metadata: &[(String, Value)], tensors: &[Entry]) -> Vec<u8> {
+    let mut out = encode_header(metadata, tensors);
+    out.resize(align(out.len() as u64) as usize, 0);
+    out
+}
+
+/// The header of exactly `room` bytes: `metadata` and a [`PADDING_KEY`]
+/// string as long as fills it (`room` is aligned, so the data starts right
+/// after it); `None` when the header does not fit.
+fn header_filling(metadata: &[(String, Value)], tensors: &[Entry], room: u64) -> Option<Vec<u8>> {
+    let mut with_pad = metadata.to_vec();
+    with_pad.push((PADDING_KEY.to_string(), Value::String(String::new())));
+    let bare = encode_header(&with_pad, tensors).len() as u64;
+    let fill = usize::try_from(room.checked_sub(bare)?).ok()?;
+    if let Some((_, Value::String(pad))) = with_pad.last_mut() {
+        *pad = " ".repeat(fill);
+    }
+    let head = encode_header(&with_pad, tensors);
+    debug_assert_eq!(head.len() as u64, room);
+    Some(head)
+}
+
+/// The header's bytes, unpadded.
+fn encode_header(metadata: &[(String, Value)], tensors: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&3u32.to_le_bytes());
@@ -102,7 +151,6 @@ fn header(metadata: &[(String, Value)], tensors: &[Entry]) -> Vec<u8> {
         out.extend_from_slice(&(t.ty as u32).to_le_bytes());
         out.extend_from_slice(&t.offset.to_le_bytes());
     }
-    out.resize(align(out.len() as u64) as usize, 0);
     out
 }
 
@@ -155,32 +203,44 @@ impl GgufWriter {
 
 /// Writes a GGUF file tensor by tensor; see the module documentation.
 ///
-/// The data spool is `<path>.data`; it is removed by [`finish`](Self::finish)
-/// and when the writer is dropped unfinished (a failed conversion leaves no
-/// stray file beside the one it was writing).
+/// A writer dropped before [`finish`](Self::finish) removes its file (a
+/// failed conversion leaves no partial model behind).
 pub struct GgufStreamWriter {
     path: PathBuf,
-    spool_path: PathBuf,
-    spool: Option<BufWriter<File>>,
+    /// The file, positioned after the last tensor's data.
+    out: Option<BufWriter<File>>,
+    /// Bytes left for the header: the data section starts here.
+    room: u64,
+    /// The data written so far (aligned), relative to `room`.
     offset: u64,
     tensors: Vec<Entry>,
     names: HashSet<String>,
+    finished: bool,
 }
 
 impl GgufStreamWriter {
-    /// Starts a file at `path` (written at [`finish`](Self::finish)).
-    pub fn create(path: &Path) -> Result<Self> {
-        let mut spool_name = path.as_os_str().to_owned();
-        spool_name.push(".data");
-        let spool_path = PathBuf::from(spool_name);
-        let file = File::create(&spool_path).map_err(|e| ModelError::io(&spool_path, e))?;
+    /// Starts the file at `path`, its data written after `room` bytes kept
+    /// for the header (a multiple of 4096: [`header_room`] says how much).
+    pub fn create(path: &Path, room: u64) -> Result<Self> {
+        let room = room.div_ceil(4096) * 4096;
+        let io = |e| ModelError::io(path, e);
+        // Readable too: a header that outgrows its room copies the data back.
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io)?;
+        file.seek(SeekFrom::Start(room)).map_err(io)?;
         Ok(Self {
             path: path.to_path_buf(),
-            spool_path,
-            spool: Some(BufWriter::with_capacity(1 << 20, file)),
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            room,
             offset: 0,
             tensors: Vec::new(),
             names: HashSet::new(),
+            finished: false,
         })
     }
 
@@ -227,16 +287,15 @@ impl GgufStreamWriter {
                 bytes.len()
             )));
         }
-        let spool = self
-            .spool
+        let out = self
+            .out
             .as_mut()
             .ok_or_else(|| bad("the writer has finished".into()))?;
         let padded = align(self.offset + bytes.len() as u64);
         let pad = (padded - self.offset - bytes.len() as u64) as usize;
-        spool
-            .write_all(bytes)
-            .and_then(|()| spool.write_all(&[0u8; DEFAULT_ALIGNMENT as usize][..pad]))
-            .map_err(|e| ModelError::io(&self.spool_path, e))?;
+        out.write_all(bytes)
+            .and_then(|()| out.write_all(&[0u8; DEFAULT_ALIGNMENT as usize][..pad]))
+            .map_err(|e| ModelError::io(&self.path, e))?;
         self.tensors.push(Entry {
             name: name.to_string(),
             dims: shape.iter().rev().map(|&d| d as u64).collect(),
@@ -257,37 +316,69 @@ impl GgufStreamWriter {
     /// Writes the header with `metadata` and the tensors added, makes the
     /// file durable and returns its size in bytes.
     pub fn finish(mut self, metadata: &[(String, Value)]) -> Result<u64> {
-        let spool = self.spool.take().ok_or_else(|| ModelError::Format {
+        let out = self.out.take().ok_or_else(|| ModelError::Format {
             path: self.path.clone(),
             msg: "the writer has finished".into(),
         })?;
-        let spool = spool
-            .into_inner()
-            .map_err(|e| ModelError::io(&self.spool_path, e.into_error()))?;
-        drop(spool);
-        let head = header(metadata, &self.tensors);
         let io = |e| ModelError::io(&self.path, e);
-        let mut out = File::create(&self.path).map_err(io)?;
-        out.write_all(&head).map_err(io)?;
-        let mut data =
-            File::open(&self.spool_path).map_err(|e| ModelError::io(&self.spool_path, e))?;
-        let copied = std::io::copy(&mut data, &mut out).map_err(io)?;
-        if copied != self.offset {
-            return Err(ModelError::Format {
-                path: self.spool_path.clone(),
-                msg: format!("holds {copied} bytes, {} were written", self.offset),
-            });
+        let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        let size = match header_filling(metadata, &self.tensors, self.room) {
+            Some(head) => {
+                file.seek(SeekFrom::Start(0)).map_err(io)?;
+                file.write_all(&head).map_err(io)?;
+                file.sync_all().map_err(io)?;
+                self.room + self.offset
+            }
+            None => self.rewrite(file, metadata)?,
+        };
+        self.finished = true;
+        Ok(size)
+    }
+
+    /// The header did not fit its room: the file again, header first and
+    /// the data copied after it, in place of the first.
+    fn rewrite(&self, mut file: File, metadata: &[(String, Value)]) -> Result<u64> {
+        let head = header(metadata, &self.tensors);
+        // Worth seeing: the disk holds two copies of the data until the end.
+        tracing::info!(
+            "{}: a header of {} bytes outgrew its {} bytes of room; copying the data",
+            self.path.display(),
+            head.len(),
+            self.room
+        );
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".rewrite");
+        let tmp = PathBuf::from(name);
+        let io = |e| ModelError::io(&tmp, e);
+        let result = (|| {
+            let mut again = File::create(&tmp).map_err(io)?;
+            again.write_all(&head).map_err(io)?;
+            file.seek(SeekFrom::Start(self.room)).map_err(io)?;
+            let copied =
+                std::io::copy(&mut (&mut file).take(self.offset), &mut again).map_err(io)?;
+            if copied != self.offset {
+                return Err(ModelError::Format {
+                    path: self.path.clone(),
+                    msg: format!("holds {copied} bytes of data, {} were written", self.offset),
+                });
+            }
+            again.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &self.path).map_err(io)?;
+            Ok(head.len() as u64 + self.offset)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        out.sync_all().map_err(io)?;
-        let _ = std::fs::remove_file(&self.spool_path);
-        Ok(head.len() as u64 + self.offset)
+        result
     }
 }
 
 impl Drop for GgufStreamWriter {
     fn drop(&mut self) {
-        self.spool.take();
-        let _ = std::fs::remove_file(&self.spool_path);
+        if !self.finished {
+            self.out.take();
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -300,7 +391,8 @@ mod tests {
     fn streamed_tensors_read_back_aligned_with_their_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        let mut w = GgufStreamWriter::create(&path).unwrap();
+        let room = header_room(&[], 2);
+        let mut w = GgufStreamWriter::create(&path, room).unwrap();
         // 3 f32 values: 12 bytes, so the next tensor starts padded at 32.
         w.add_f32("norm.weight", &[3], &[1.0, -2.0, 0.5]).unwrap();
         let q8 = vec![7u8; 2 * 34];
@@ -319,8 +411,11 @@ mod tests {
         ];
         let size = w.finish(&meta).unwrap();
         assert_eq!(size, std::fs::metadata(&path).unwrap().len());
-        assert!(!dir.path().join("m.gguf.data").exists(), "spool removed");
+        // Written in place: the data is where it was streamed, after the room.
+        assert_eq!(size, room + 32 + 2 * 34 + 28);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         let g = GgufFile::open(&path).unwrap();
+        assert!(matches!(g.get(PADDING_KEY), Some(Value::String(_))));
         assert_eq!(g.get_str("general.architecture"), Some("llama"));
         assert_eq!(
             g.get("k.ids"),
@@ -337,10 +432,34 @@ mod tests {
     }
 
     #[test]
-    fn an_unfinished_writer_leaves_no_spool() {
+    fn a_header_larger_than_its_room_is_written_before_a_copy_of_the_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        let mut w = GgufStreamWriter::create(&path).unwrap();
+        let mut w = GgufStreamWriter::create(&path, 1).unwrap();
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+        w.add_f32("a", &[1000], &values).unwrap();
+        w.add_f32("b", &[3], &[1.0, 2.0, 3.0]).unwrap();
+        // 5000 bytes of metadata cannot fit in one 4096-byte page.
+        let meta = vec![("big".to_string(), Value::String("x".repeat(5000)))];
+        let size = w.finish(&meta).unwrap();
+        assert_eq!(size, std::fs::metadata(&path).unwrap().len());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no copy left"
+        );
+        let g = GgufFile::open(&path).unwrap();
+        assert_eq!(g.get(PADDING_KEY), None);
+        assert_eq!(g.get_str("big").map(str::len), Some(5000));
+        assert_eq!(g.tensor_f32("a").unwrap().data, values);
+        assert_eq!(g.tensor_f32("b").unwrap().data, vec![1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn an_unfinished_writer_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut w = GgufStreamWriter::create(&path, 4096).unwrap();
         w.add_f32("a", &[1], &[1.0]).unwrap();
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -199,6 +199,14 @@ impl Opened {
 }
 
 impl Opened {
+    /// About how many tensors a prepared copy of this model holds, to size
+    /// its header ([`crate::gguf_write::header_room`]): a layer has at most
+    /// about 20 (attention, feed-forward or stacked experts, norms and
+    /// biases), and a few more lie outside the layers.
+    pub(crate) fn tensors_expected(&self) -> usize {
+        20 * self.cfg.n_layers + 16
+    }
+
     /// The same model with its weight source wrapped by `f` (a packed
     /// prepared file's placeholders, [`crate::prepared::load_packed`]).
     pub(crate) fn wrap_source(

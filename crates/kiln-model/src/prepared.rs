@@ -293,7 +293,10 @@ fn prepare_into<B: Backend>(
     let mut metadata = opened.carry.clone();
     metadata.extend(info.metadata());
     let spool = Spool {
-        out: Mutex::new(GgufStreamWriter::create(out)?),
+        out: Mutex::new(GgufStreamWriter::create(
+            out,
+            crate::gguf_write::header_room(&metadata, opened.tensors_expected()),
+        )?),
         packed: packed.as_ref().map(|(p, _)| p.clone()),
     };
     let model = opened.load(backend, opts, Some(&spool), layouts)?;

@@ -118,6 +118,19 @@ fn file_bytes_per_token(args: &Args, cfg: &kiln_model::config::DecoderConfig) ->
     Some(kiln_model::dummy::bytes_read_per_token(cfg, sizes))
 }
 
+/// Bytes of weights one decoded token reads from a model kiln converts at
+/// load (a Hugging Face checkpoint, or a GGUF file with `--quantize` or
+/// `--dtype`): the tensors a conversion of this config makes with these
+/// options, the same list `--dummy-weights` builds.
+fn converted_bytes_per_token(args: &Args, cfg: &kiln_model::config::DecoderConfig) -> Option<u64> {
+    args.model.model.as_deref()?;
+    let tensors = kiln_model::dummy::tensors(cfg, &args.model.options());
+    Some(kiln_model::dummy::bytes_read_per_token(
+        cfg,
+        tensors.iter().map(|t| (t.name.as_str(), t.bytes())),
+    ))
+}
+
 /// `kiln bench --bandwidth`.
 fn run_bandwidth(args: &Args) -> anyhow::Result<()> {
     let threads = kiln_backend::cpu::threads();
@@ -246,7 +259,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();
-    let per_token = per_token.or_else(|| file_bytes_per_token(&args, &cfg));
+    let per_token = per_token
+        .or_else(|| file_bytes_per_token(&args, &cfg))
+        .or_else(|| converted_bytes_per_token(&args, &cfg));
     let defaults = EngineConfig::default();
     let cfg_engine = EngineConfig {
         max_running: args.max_batch_size,

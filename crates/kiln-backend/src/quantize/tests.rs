@@ -205,3 +205,69 @@ fn bad_shapes_and_formats_are_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn rounding_half_away_from_zero_matches_round_for_every_quantizer_input() {
+    // The ties, the values just below them (0.49999997 + 0.5 rounds up in
+    // f32 arithmetic, the classic trap), zeros, and the ends of Q8_0's range.
+    let mut cases = vec![
+        0.0f32,
+        -0.0,
+        0.5,
+        -0.5,
+        1.5,
+        -2.5,
+        0.499_999_97,
+        -0.499_999_97,
+        126.5,
+        -127.0,
+        127.0,
+        f32::MIN_POSITIVE,
+        8_388_607.5,
+    ];
+    cases.extend((0..100_000).map(|i| (i as f32 - 50_000.0) / 391.0));
+    let mut rng = Rng(0x5eed);
+    cases.extend((0..100_000).map(|_| (rng.next_f32() * 2.0 - 1.0) * 127.5));
+    for x in cases {
+        // `==`: a zero's sign is lost in the cast to a code either way.
+        assert!(
+            round_half_away(x) == x.round(),
+            "{x} ({:#x}): {} against {}",
+            x.to_bits(),
+            round_half_away(x),
+            x.round()
+        );
+    }
+    assert_eq!(round_half_away(f32::NAN) as i8, f32::NAN.round() as i8);
+}
+
+#[test]
+fn the_vector_q8_0_gives_the_scalar_bytes() {
+    let mut rng = Rng(0xc0de);
+    let mut blocks: Vec<Vec<f32>> = (0..4000)
+        .map(|i| rng.rows(32, [1e-3, 0.02, 1.0, 300.0][i % 4]))
+        .collect();
+    // Exact ties: the largest |x| is 127, so d = 1 and x / d is x itself.
+    blocks.push(
+        (0..32)
+            .map(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 })
+            .collect(),
+    );
+    blocks.push(
+        (0..32)
+            .map(|i| if i == 3 { -127.0 } else { 0.5 * i as f32 - 7.5 })
+            .collect(),
+    );
+    blocks.push(vec![0.0; 32]);
+    let mut special = rng.rows(32, 1.0);
+    special[5] = f32::NAN;
+    blocks.push(special.clone());
+    special[9] = f32::INFINITY;
+    blocks.push(special);
+    for (i, x) in blocks.iter().enumerate() {
+        let (mut fast, mut slow) = ([0u8; 34], [0u8; 34]);
+        q8_0(x, &mut fast);
+        q8_0_scalar(x, &mut slow);
+        assert_eq!(fast, slow, "block {i}: {x:?}");
+    }
+}
