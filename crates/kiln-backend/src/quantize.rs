@@ -106,10 +106,20 @@ where
     Ok(())
 }
 
-/// ggml's `nearest_int`: round half to even (its float trick is exact for
-/// the magnitudes quantizers produce).
+/// ggml's `nearest_int`: round half to even, by its float trick where that
+/// is exact (|x| < 2^21: adding 1.5 * 2^23 leaves x rounded, ties to even,
+/// in the sum's low mantissa bits) and by `round_ties_even` elsewhere (NaN
+/// included). The trick is plain arithmetic; `round_ties_even` is a call
+/// into libm per value on baseline x86-64, a fifth of a Q4_K conversion's
+/// time.
+#[inline(always)]
 pub(crate) fn nearest(x: f32) -> i32 {
-    x.round_ties_even() as i32
+    if x.abs() < 2_097_152.0 {
+        let v = x + 12_582_912.0;
+        (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+    } else {
+        x.round_ties_even() as i32
+    }
 }
 
 pub(crate) fn put_f16(out: &mut [u8], at: usize, v: f32) -> f32 {

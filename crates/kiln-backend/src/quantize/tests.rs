@@ -271,3 +271,33 @@ fn the_vector_q8_0_gives_the_scalar_bytes() {
         assert_eq!(fast, slow, "block {i}: {x:?}");
     }
 }
+
+#[test]
+fn nearest_rounds_half_to_even_like_round_ties_even() {
+    let mut cases = vec![
+        0.0f32,
+        -0.0,
+        0.5,
+        -0.5,
+        1.5,
+        2.5,
+        -3.5,
+        0.499_999_97,
+        2_097_151.5,
+        -2_097_150.5,
+        2_097_152.5,
+        4_194_303.5,
+        -4_194_303.5,
+        1e9,
+        -1e9,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    cases.extend((0..200_000).map(|i| (i as f32 - 100_000.0) / 256.0));
+    let mut rng = Rng(0x7e57);
+    cases.extend((0..100_000).map(|_| (rng.next_f32() * 2.0 - 1.0) * 70.0));
+    for x in cases {
+        assert_eq!(nearest(x), x.round_ties_even() as i32, "{x}");
+    }
+}
