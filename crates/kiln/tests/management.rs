@@ -51,6 +51,28 @@ fn message(r: &Response) -> String {
     r.json()["error"].as_str().unwrap_or_default().to_string()
 }
 
+/// `POST /models?{query}` on the inference address.
+fn register(s: &Server, query: &str) -> Response {
+    s.req("POST", &format!("/models?{query}"), &[], b"")
+}
+
+/// A server with an empty store, management on its inference port, a 16
+/// MiB KV cache and `--memory-budget-mib budget`, plus `extra` arguments.
+fn budget_server(budget: &str, extra: &[&str]) -> Server {
+    let store = empty_store();
+    let mut args = vec![
+        "--model-store",
+        store.as_str(),
+        "--management-on-inference-port",
+        "--kv-cache-mib",
+        "16",
+        "--memory-budget-mib",
+        budget,
+    ];
+    args.extend_from_slice(extra);
+    Server::ready(in_tmp(&args))
+}
+
 #[test]
 fn changing_models_is_refused_by_default_and_reading_is_not() {
     let s = Server::ready(in_tmp(&["--model-store", &empty_store()]));
@@ -157,16 +179,11 @@ fn a_model_url_pattern_replaces_the_default_places() {
         r"/nowhere/.*\.gguf",
     ]));
     let file = url_escape(&model_file().display().to_string());
-    let r = s.req(
-        "POST",
-        &format!("/models?url={file}&model_name=m"),
-        &[],
-        b"",
-    );
+    let r = register(&s, &format!("url={file}&model_name=m"));
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(message(&r).contains("--model-url-pattern"), "{}", r.text());
     // Matched: what happens next is the usual registration (here: not found).
-    let r = s.req("POST", "/models?url=/nowhere/m.gguf&model_name=m", &[], b"");
+    let r = register(&s, "url=/nowhere/m.gguf&model_name=m");
     assert_eq!(r.status, 400, "{}", r.text());
 }
 
@@ -190,22 +207,9 @@ fn open_management_on_a_public_address_is_warned_about() {
 #[test]
 fn registering_checks_the_memory_budget_first() {
     // The default model is 93.8 MiB; with a 16 MiB KV cache it needs 109 MiB.
-    let s = Server::ready(in_tmp(&[
-        "--model-store",
-        &empty_store(),
-        "--management-on-inference-port",
-        "--kv-cache-mib",
-        "16",
-        "--memory-budget-mib",
-        "100",
-    ]));
+    let s = budget_server("100", &[]);
     let file = url_escape(&model_file().display().to_string());
-    let r = s.req(
-        "POST",
-        &format!("/models?url={file}&model_name=m"),
-        &[],
-        b"",
-    );
+    let r = register(&s, &format!("url={file}&model_name=m"));
     assert_eq!(r.status, 507, "{}", r.text());
     let msg = message(&r);
     assert!(
@@ -213,28 +217,13 @@ fn registering_checks_the_memory_budget_first() {
         "{msg}"
     );
     assert_eq!(s.get("/models").json()["models"], serde_json::json!([]));
-    let s = Server::ready(in_tmp(&[
-        "--model-store",
-        &empty_store(),
-        "--management-on-inference-port",
-        "--kv-cache-mib",
-        "16",
-        "--memory-budget-mib",
-        "200",
-    ]));
-    let r = s.req(
-        "POST",
-        &format!("/models?url={file}&model_name=m"),
-        &[],
-        b"",
-    );
+    let s = budget_server("200", &[]);
+    let r = register(&s, &format!("url={file}&model_name=m"));
     assert_eq!(r.status, 200, "{}", r.text());
     // A second copy would take the total to 219 MiB.
-    let r = s.req(
-        "POST",
-        &format!("/models?url={file}&model_name=m2&allow_duplicate=true"),
-        &[],
-        b"",
+    let r = register(
+        &s,
+        &format!("url={file}&model_name=m2&allow_duplicate=true"),
     );
     assert_eq!(r.status, 507, "{}", r.text());
 }
@@ -254,24 +243,9 @@ fn the_memory_check_counts_the_models_own_kv_cache_size() {
             model_file().display()
         ),
     );
-    let s = Server::ready(in_tmp(&[
-        "--model-store",
-        &empty_store(),
-        "--management-on-inference-port",
-        "--model-url-pattern",
-        ".*",
-        "--kv-cache-mib",
-        "16",
-        "--memory-budget-mib",
-        "150",
-    ]));
+    let s = budget_server("150", &["--model-url-pattern", ".*"]);
     let big = url_escape(&dir.join("big").display().to_string());
-    let r = s.req(
-        "POST",
-        &format!("/models?url={big}&model_name=big"),
-        &[],
-        b"",
-    );
+    let r = register(&s, &format!("url={big}&model_name=big"));
     assert_eq!(r.status, 507, "{}", r.text());
     let msg = message(&r);
     assert!(
@@ -279,11 +253,6 @@ fn the_memory_check_counts_the_models_own_kv_cache_size() {
         "{msg}"
     );
     let file = url_escape(&model_file().display().to_string());
-    let r = s.req(
-        "POST",
-        &format!("/models?url={file}&model_name=m"),
-        &[],
-        b"",
-    );
+    let r = register(&s, &format!("url={file}&model_name=m"));
     assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -206,11 +206,22 @@ fn bad_shapes_and_formats_are_errors() {
     );
 }
 
+/// Inputs for a rounding check: `special`, then `2 * half` values from
+/// `-half / div` upward in steps of `1 / div` (every tie a multiple of a
+/// half on the way), then 100,000 drawn uniformly from ±`spread`.
+fn rounding_inputs(special: &[f32], half: usize, div: f32, seed: u64, spread: f32) -> Vec<f32> {
+    let mut cases = special.to_vec();
+    cases.extend((0..2 * half).map(|i| (i as f32 - half as f32) / div));
+    let mut rng = Rng(seed);
+    cases.extend((0..100_000).map(|_| (rng.next_f32() * 2.0 - 1.0) * spread));
+    cases
+}
+
 #[test]
 fn rounding_half_away_from_zero_matches_round_for_every_quantizer_input() {
     // The ties, the values just below them (0.49999997 + 0.5 rounds up in
     // f32 arithmetic, the classic trap), zeros, and the ends of Q8_0's range.
-    let mut cases = vec![
+    let special = [
         0.0f32,
         -0.0,
         0.5,
@@ -225,10 +236,7 @@ fn rounding_half_away_from_zero_matches_round_for_every_quantizer_input() {
         f32::MIN_POSITIVE,
         8_388_607.5,
     ];
-    cases.extend((0..100_000).map(|i| (i as f32 - 50_000.0) / 391.0));
-    let mut rng = Rng(0x5eed);
-    cases.extend((0..100_000).map(|_| (rng.next_f32() * 2.0 - 1.0) * 127.5));
-    for x in cases {
+    for x in rounding_inputs(&special, 50_000, 391.0, 0x5eed, 127.5) {
         // `==`: a zero's sign is lost in the cast to a code either way.
         assert!(
             round_half_away(x) == x.round(),
@@ -274,7 +282,7 @@ fn the_vector_q8_0_gives_the_scalar_bytes() {
 
 #[test]
 fn nearest_rounds_half_to_even_like_round_ties_even() {
-    let mut cases = vec![
+    let special = [
         0.0f32,
         -0.0,
         0.5,
@@ -294,10 +302,7 @@ fn nearest_rounds_half_to_even_like_round_ties_even() {
         f32::INFINITY,
         f32::NEG_INFINITY,
     ];
-    cases.extend((0..200_000).map(|i| (i as f32 - 100_000.0) / 256.0));
-    let mut rng = Rng(0x7e57);
-    cases.extend((0..100_000).map(|_| (rng.next_f32() * 2.0 - 1.0) * 70.0));
-    for x in cases {
+    for x in rounding_inputs(&special, 100_000, 256.0, 0x7e57, 70.0) {
         assert_eq!(nearest(x), x.round_ties_even() as i32, "{x}");
     }
 }
