@@ -29,8 +29,9 @@
 # expert_count experts of each layer (moe_gguf.py `active` counts those bytes from
 # the file), so tg can be at most read bandwidth / active bytes. The bandwidth is
 # measured here by `kiln bench --bandwidth`: a sum of 64-bit integers over 512
-# MiB on THREADS threads, plain and with each line prefetched 4 KiB ahead (as
-# the kernels read), the best of 5 passes of each. With fewer layers than the real model the output matrix is a larger
+# MiB on THREADS threads, plain, with each line prefetched 4 KiB ahead, and
+# with each line asked for 16 KiB ahead into L2 and 4 KiB ahead into L1 (as the
+# kernels read), the best of 5 passes of each. With fewer layers than the real model the output matrix is a larger
 # share of the active bytes, and any part of them that stays in the last-level
 # cache between tokens can be read faster than the floor assumes.
 #
@@ -130,7 +131,7 @@ if [ -n "${BANDWIDTH:-}" ]; then
   echo "- read bandwidth: $BW GB/s (given in BANDWIDTH)"
 else
   BW="$(bandwidth)"
-  echo "- read bandwidth: $BW GB/s (kiln bench --bandwidth: sum of 64-bit integers over 512 MiB, $THREADS threads, plain and prefetched, best of 5 passes each)"
+  echo "- read bandwidth: $BW GB/s (kiln bench --bandwidth: sum of 64-bit integers over 512 MiB, $THREADS threads, plain and two ways prefetched, best of 5 passes each)"
 fi
 echo
 

@@ -135,19 +135,25 @@ fn converted_bytes_per_token(args: &Args, cfg: &kiln_model::config::DecoderConfi
 fn run_bandwidth(args: &Args) -> anyhow::Result<()> {
     let threads = kiln_backend::cpu::threads();
     let b = crate::bandwidth::measure(args.bandwidth_mib, threads, 5)?;
+    let ways = crate::bandwidth::AHEAD.iter().zip(b.by_way);
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"bandwidth_gb_s": b.bytes_per_s / 1e9, "bytes": b.bytes,
-                "threads": b.threads, "passes": b.passes})
-        );
+        let mut js = serde_json::json!({"bandwidth_gb_s": b.bytes_per_s / 1e9, "bytes": b.bytes,
+            "threads": b.threads, "passes": b.passes});
+        for (way, bw) in ways {
+            js[format!("{}_gb_s", way.name())] = serde_json::json!(bw / 1e9);
+        }
+        println!("{js}");
     } else {
+        let each: Vec<String> = ways
+            .map(|(way, bw)| format!("{} {:.1}", way.name(), bw / 1e9))
+            .collect();
         println!(
-            "read bandwidth: {:.1} GB/s ({} MiB, {} threads, best of {} passes)",
+            "read bandwidth: {:.1} GB/s ({} MiB, {} threads, best of {} passes each way: {})",
             b.bytes_per_s / 1e9,
             b.bytes >> 20,
             b.threads,
-            b.passes
+            b.passes,
+            each.join(", ")
         );
     }
     Ok(())
