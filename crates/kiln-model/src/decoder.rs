@@ -537,6 +537,40 @@ impl<B: Backend> Decoder<B> {
         h: &B::Tensor,
         lora: &LoraStep<'_, B>,
     ) -> Result<B::Tensor> {
+        if let Ffn::Moe(m) = &layer.ffn {
+            return m.forward(be, &self.cfg, h, i, lora);
+        }
+        let shape = be.shape(h);
+        let rows = shape.first().copied().unwrap_or(0);
+        let piece = match be.feed_forward_rows() {
+            Some(p) if p > 0 && rows > p => p,
+            _ => return self.dense_ffn(be, layer, i, h, lora),
+        };
+        // In pieces of rows (the backend's bound on intermediates): each
+        // piece's rows are added into zeros, so every row ends with its
+        // own result.
+        let cols = shape.last().copied().unwrap_or(0);
+        let mut out = be.upload(&[rows, cols], vec![0.0; rows * cols])?;
+        let ones = vec![1.0f32; piece];
+        for r0 in (0..rows).step_by(piece) {
+            let r1 = (r0 + piece).min(rows);
+            let idx: Vec<u32> = (r0 as u32..r1 as u32).collect();
+            let part = be.gather_rows(h, &idx)?;
+            let y = self.dense_ffn(be, layer, i, &part, &lora.select(&idx))?;
+            be.add_rows_scaled(&mut out, &y, &idx, &ones[..idx.len()])?;
+        }
+        Ok(out)
+    }
+
+    /// [`Decoder::ffn`] of a dense layer on all of `h`'s rows at once.
+    fn dense_ffn(
+        &self,
+        be: &B,
+        layer: &Layer<B>,
+        i: usize,
+        h: &B::Tensor,
+        lora: &LoraStep<'_, B>,
+    ) -> Result<B::Tensor> {
         let (gate, up, down) = match &layer.ffn {
             Ffn::Dense { gate, up, down } => (gate, up, down),
             Ffn::Moe(m) => return m.forward(be, &self.cfg, h, i, lora),
@@ -547,7 +581,9 @@ impl<B: Backend> Decoder<B> {
             Some(g) => {
                 let mut g = Self::linear(be, g, h)?;
                 lora.apply(be, i, Proj::Gate, h, &mut g)?;
-                be.gated_activation(&g, &up, self.cfg.activation)?
+                // Over `up`, and `g` is dropped here: the down projection
+                // runs with one tensor of the feed-forward's width alive.
+                be.gated_activation_into(&g, up, self.cfg.activation)?
             }
             None => {
                 let mut up = up;

@@ -6,6 +6,10 @@
 //! each family shape (dense pre-norm, OPT's post-norm, Gemma's extra norms
 //! and soft-capping, mixtures of experts, gpt-oss's sinks and biases), with
 //! f32 weights and quantized to Q8_0 while loading.
+//!
+//! The same steps also check the CPU backend's bound on a dense
+//! feed-forward's rows at once ([`Backend::feed_forward_rows`]): computed
+//! in pieces of any size, every logit keeps its bits.
 
 use kiln_backend::cpu::CpuBackend;
 use kiln_backend::{Backend, KvSpec, StepInput};
@@ -114,6 +118,40 @@ fn a_subset_of_logit_rows_gives_the_same_bits_as_all_rows() {
                     bits(&next),
                     bits(&all_next),
                     "{what}: decode after {rows:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_feed_forward_in_pieces_of_rows_gives_the_same_bits_as_all_at_once() {
+    let whole = CpuBackend::new().with_feed_forward_rows(0);
+    assert_eq!(whole.feed_forward_rows(), None);
+    assert!(CpuBackend::new().feed_forward_rows().is_some());
+    for name in MODELS {
+        for quantize in [None, Some(GgmlType::Q8_0)] {
+            let what = format!("{name} ({quantize:?})");
+            let opts = LoadOptions {
+                quantize,
+                ..LoadOptions::default()
+            };
+            let m = load(&whole, &tiny_dir(name), &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let d = &m.decoder;
+            let n = steps(d.config().vocab_size).0.tokens.len() as u32;
+            let rows: Vec<u32> = (0..n).collect();
+            let (all, all_next) = run(&whole, d, &rows);
+            // One row at a time, ragged pieces (18 rows in 7, 7 and 4), and
+            // one piece short of the whole step.
+            for piece in [1, 7, n as usize - 1] {
+                let be = whole.with_feed_forward_rows(piece);
+                assert_eq!(be.feed_forward_rows(), Some(piece));
+                let (got, next) = run(&be, d, &rows);
+                assert_eq!(bits(&got), bits(&all), "{what}: pieces of {piece}");
+                assert_eq!(
+                    bits(&next),
+                    bits(&all_next),
+                    "{what}: decode, pieces of {piece}"
                 );
             }
         }

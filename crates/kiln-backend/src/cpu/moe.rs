@@ -54,7 +54,7 @@ pub(super) fn moe_experts(
                 )?;
                 let g = matmul::linear(&xs, e.gate, e.bias(0))?;
                 let u = matmul::linear(&xs, e.up, e.bias(1))?;
-                let a = ops::gated_activation(&g, &u, act)?;
+                let a = ops::gated_activation(&g, u, act)?;
                 matmul::linear(&a, e.down, e.bias(2)).map(Some)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -101,7 +101,7 @@ mod tests {
             .unwrap();
             let g = matmul::linear(&xs, e.gate, e.bias(0)).unwrap();
             let u = matmul::linear(&xs, e.up, e.bias(1)).unwrap();
-            let a = ops::gated_activation(&g, &u, act).unwrap();
+            let a = ops::gated_activation(&g, u, act).unwrap();
             let y = matmul::linear(&a, e.down, e.bias(2)).unwrap();
             crate::rows::add_rows_scaled(&mut out, d, &y.data, e.rows, e.scales).unwrap();
         }

@@ -194,9 +194,12 @@ pub(super) fn rope(
     Ok(())
 }
 
+/// `act(gate) * up`, element-wise, written over `up` (which it takes):
+/// each piece of `up` is copied to the stack first, so the loops read and
+/// write separate slices and compute the same bits as into a new buffer.
 pub(super) fn gated_activation(
     gate: &CpuTensor,
-    up: &CpuTensor,
+    mut up: CpuTensor,
     act: Activation,
 ) -> Result<CpuTensor> {
     if gate.shape != up.shape {
@@ -205,10 +208,14 @@ pub(super) fn gated_activation(
             format!("{:?} vs {:?}", gate.shape, up.shape),
         ));
     }
-    let mut out = vec![0f32; gate.data.len()];
-    out.par_chunks_mut(4096)
-        .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
-        .for_each(|(o, (g, u))| {
+    const PIECE: usize = 4096;
+    up.data
+        .par_chunks_mut(PIECE)
+        .zip(gate.data.par_chunks(PIECE))
+        .for_each(|(o, g)| {
+            let mut piece = [0f32; PIECE];
+            let u = &mut piece[..o.len()];
+            u.copy_from_slice(o);
             #[cfg(target_arch = "x86_64")]
             if gate_vector() {
                 // SAFETY: AVX2 is present (the choice admits vector code).
@@ -217,7 +224,7 @@ pub(super) fn gated_activation(
             }
             gate_rows(o, g, u, act);
         });
-    CpuTensor::new(gate.shape.clone(), out)
+    Ok(up)
 }
 
 /// Whether the gated activation runs its AVX2 loop: where the one choice

@@ -51,7 +51,7 @@ fn check_linear(
 
 #[test]
 fn linear_matches_naive_for_small_and_large_batches() {
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     for &m in &[1usize, 3, 8, 9, 40] {
         let (k, n) = (70, 45);
         let x = t(&[m, k], 1);
@@ -74,7 +74,7 @@ fn linear_matches_naive_for_small_and_large_batches() {
 /// more than what quantizing can move it: `sum |w_t| * dx_t / 2`.
 #[test]
 fn every_format_matches_dequantize_then_f32() {
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     // n = 700 splits the work into more than one band.
     let n = 700;
     for ty in ALL_FORMATS {
@@ -132,7 +132,7 @@ fn every_format_matches_dequantize_then_f32() {
 
 #[test]
 fn linear_rejects_mismatched_shapes() {
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     let w = be
         .upload_weight(3, 4, WeightData::F32(rand_vec(12, 2)))
         .unwrap();
@@ -164,7 +164,7 @@ fn linear_rejects_mismatched_shapes() {
 
 #[test]
 fn norms_match_definitions() {
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     let x = t(&[3, 16], 4);
     let w = t(&[16], 5);
     let b = t(&[16], 6);
@@ -188,7 +188,7 @@ fn norms_match_definitions() {
 fn rope_layouts_are_permutations_of_each_other() {
     // Rotating interleaved pairs equals rotating half-split pairs after permuting
     // dimensions [0,2,4,..,1,3,5,..]: the identity GGUF's q/k permutation relies on.
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     let (heads, hd, max_pos) = (2, 8, 10);
     let half = hd / 2;
     let mut table = vec![0f32; max_pos * hd];
@@ -284,7 +284,7 @@ fn vectorised_gelus_match_their_definitions() {
         activation_inplace(&mut t, act);
         let ones = CpuTensor::new(vec![1, n], vec![1.0; n]).unwrap();
         let xt = CpuTensor::new(vec![1, n], x.clone()).unwrap();
-        let gated = gated_activation(&xt, &ones, act).unwrap();
+        let gated = gated_activation(&xt, ones, act).unwrap();
         for (i, &v) in x.iter().enumerate() {
             let want = activate(v, act);
             assert_eq!(t.data[i].to_bits(), want.to_bits(), "{act:?}({v})");
@@ -329,7 +329,7 @@ fn gated_silu_matches_its_definition() {
     let shape = vec![1, g.len()];
     let gt = CpuTensor::new(shape.clone(), g.clone()).unwrap();
     let ut = CpuTensor::new(shape, u.clone()).unwrap();
-    let got = gated_activation(&gt, &ut, Activation::Silu).unwrap();
+    let got = gated_activation(&gt, ut, Activation::Silu).unwrap();
     for (i, ((&y, &g), &u)) in got.data.iter().zip(&g).zip(&u).enumerate() {
         let want = activate(g, Activation::Silu) * u;
         assert_eq!(y.to_bits(), want.to_bits(), "element {i}: silu({g}) * {u}");
@@ -386,7 +386,7 @@ fn naive_attention(
 
 #[test]
 fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     let spec = KvSpec {
         n_layers: 1,
         num_blocks: 16,
@@ -525,7 +525,7 @@ fn step_validation_rejects_inconsistent_plans() {
 
 #[test]
 fn embedding_looks_up_rows_and_rejects_out_of_vocab_ids() {
-    let be = CpuBackend;
+    let be = CpuBackend::new();
     let data = rand_vec(15, 1);
     let table = be
         .upload_weight(5, 3, WeightData::F32(data.clone()))
@@ -707,7 +707,7 @@ fn portable_cap_child() {
     // And a product still runs, on the portable kernels.
     let x = t(&[3, 64], 1);
     let bytes = random_blocks(GgmlType::Q4_0, 16, 2);
-    let w = CpuBackend
+    let w = CpuBackend::new()
         .upload_weight(
             8,
             64,
@@ -717,6 +717,6 @@ fn portable_cap_child() {
             },
         )
         .unwrap();
-    let y = CpuBackend.linear(&x, &w, None).unwrap();
+    let y = CpuBackend::new().linear(&x, &w, None).unwrap();
     assert_eq!(y.shape, vec![3, 8]);
 }

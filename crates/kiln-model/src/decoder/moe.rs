@@ -47,7 +47,7 @@ impl<B: Backend> Expert<B> {
         let b = |i: usize| self.biases.as_ref().map(|b| &b[i]);
         let g = be.linear(x, &self.gate, b(0))?;
         let u = be.linear(x, &self.up, b(1))?;
-        let a = be.gated_activation(&g, &u, act)?;
+        let a = be.gated_activation_into(&g, u, act)?;
         Ok(be.linear(&a, &self.down, b(2))?)
     }
 
@@ -66,7 +66,7 @@ impl<B: Backend> Expert<B> {
         lora.apply(be, index, ExpertPart::Gate, x, &mut g)?;
         let mut u = be.linear(x, &self.up, b(1))?;
         lora.apply(be, index, ExpertPart::Up, x, &mut u)?;
-        let a = be.gated_activation(&g, &u, act)?;
+        let a = be.gated_activation_into(&g, u, act)?;
         let mut y = be.linear(&a, &self.down, b(2))?;
         lora.apply(be, index, ExpertPart::Down, &a, &mut y)?;
         Ok(y)
