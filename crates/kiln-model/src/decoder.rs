@@ -56,6 +56,9 @@ enum Ffn<B: Backend> {
     Moe(Box<moe::MoeFfn<B>>),
 }
 
+/// The projections of a [`Ffn::Dense`]: gate (if gated), up, down.
+type DenseFfn<'a, B> = (Option<&'a Linear<B>>, &'a Linear<B>, &'a Linear<B>);
+
 /// A loaded model on backend `B`.
 pub struct Decoder<B: Backend> {
     cfg: DecoderConfig,
@@ -537,14 +540,15 @@ impl<B: Backend> Decoder<B> {
         h: &B::Tensor,
         lora: &LoraStep<'_, B>,
     ) -> Result<B::Tensor> {
-        if let Ffn::Moe(m) = &layer.ffn {
-            return m.forward(be, &self.cfg, h, i, lora);
-        }
+        let dense = match &layer.ffn {
+            Ffn::Dense { gate, up, down } => (gate.as_ref(), up, down),
+            Ffn::Moe(m) => return m.forward(be, &self.cfg, h, i, lora),
+        };
         let shape = be.shape(h);
         let rows = shape.first().copied().unwrap_or(0);
         let piece = match be.feed_forward_rows() {
             Some(p) if p > 0 && rows > p => p,
-            _ => return self.dense_ffn(be, layer, i, h, lora),
+            _ => return self.dense_ffn(be, dense, i, h, lora),
         };
         // In pieces of rows (the backend's bound on intermediates): each
         // piece's rows are added into zeros, so every row ends with its
@@ -556,25 +560,22 @@ impl<B: Backend> Decoder<B> {
             let r1 = (r0 + piece).min(rows);
             let idx: Vec<u32> = (r0 as u32..r1 as u32).collect();
             let part = be.gather_rows(h, &idx)?;
-            let y = self.dense_ffn(be, layer, i, &part, &lora.select(&idx))?;
+            let y = self.dense_ffn(be, dense, i, &part, &lora.select(&idx))?;
             be.add_rows_scaled(&mut out, &y, &idx, &ones[..idx.len()])?;
         }
         Ok(out)
     }
 
-    /// [`Decoder::ffn`] of a dense layer on all of `h`'s rows at once.
+    /// [`Decoder::ffn`] of layer `i`'s dense feed-forward (its gate, up
+    /// and down projections) on all of `h`'s rows at once.
     fn dense_ffn(
         &self,
         be: &B,
-        layer: &Layer<B>,
+        (gate, up, down): DenseFfn<'_, B>,
         i: usize,
         h: &B::Tensor,
         lora: &LoraStep<'_, B>,
     ) -> Result<B::Tensor> {
-        let (gate, up, down) = match &layer.ffn {
-            Ffn::Dense { gate, up, down } => (gate, up, down),
-            Ffn::Moe(m) => return m.forward(be, &self.cfg, h, i, lora),
-        };
         let mut up = Self::linear(be, up, h)?;
         lora.apply(be, i, Proj::Up, h, &mut up)?;
         let act = match gate {

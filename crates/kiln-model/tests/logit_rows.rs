@@ -87,9 +87,9 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-#[test]
-fn a_subset_of_logit_rows_gives_the_same_bits_as_all_rows() {
-    let be = CpuBackend::new();
+/// Each family's tiny checkpoint, with f32 weights and quantized to Q8_0
+/// while loading, as `(what, its decoder)` for the tests to check.
+fn each_model(be: &CpuBackend, mut check: impl FnMut(&str, &Decoder<CpuBackend>)) {
     for name in MODELS {
         for quantize in [None, Some(GgmlType::Q8_0)] {
             let what = format!("{name} ({quantize:?})");
@@ -97,31 +97,38 @@ fn a_subset_of_logit_rows_gives_the_same_bits_as_all_rows() {
                 quantize,
                 ..LoadOptions::default()
             };
-            let m = load(&be, &tiny_dir(name), &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let d = &m.decoder;
-            let vocab = d.config().vocab_size;
-            let n = steps(vocab).0.tokens.len() as u32;
-            let (all, all_next) = run(&be, d, &(0..n).collect::<Vec<_>>());
-            assert_eq!(all.len(), n as usize * vocab, "{what}");
-            // Each prompt's last row (what a server asks for), one row out of
-            // order, a repeated row, and none at all.
-            for rows in [vec![5, 8, 17], vec![12, 0, 3], vec![4, 4], vec![]] {
-                let (some, next) = run(&be, d, &rows);
-                let want: Vec<f32> = rows
-                    .iter()
-                    .flat_map(|&r| &all[r as usize * vocab..(r as usize + 1) * vocab])
-                    .copied()
-                    .collect();
-                assert_eq!(bits(&some), bits(&want), "{what}: rows {rows:?}");
-                // The next step reads every row's keys and values of the last layer.
-                assert_eq!(
-                    bits(&next),
-                    bits(&all_next),
-                    "{what}: decode after {rows:?}"
-                );
-            }
+            let m = load(be, &tiny_dir(name), &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
+            check(&what, &m.decoder);
         }
     }
+}
+
+#[test]
+fn a_subset_of_logit_rows_gives_the_same_bits_as_all_rows() {
+    let be = CpuBackend::new();
+    each_model(&be, |what, d| {
+        let vocab = d.config().vocab_size;
+        let n = steps(vocab).0.tokens.len() as u32;
+        let (all, all_next) = run(&be, d, &(0..n).collect::<Vec<_>>());
+        assert_eq!(all.len(), n as usize * vocab, "{what}");
+        // Each prompt's last row (what a server asks for), one row out of
+        // order, a repeated row, and none at all.
+        for rows in [vec![5, 8, 17], vec![12, 0, 3], vec![4, 4], vec![]] {
+            let (some, next) = run(&be, d, &rows);
+            let want: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| &all[r as usize * vocab..(r as usize + 1) * vocab])
+                .copied()
+                .collect();
+            assert_eq!(bits(&some), bits(&want), "{what}: rows {rows:?}");
+            // The next step reads every row's keys and values of the last layer.
+            assert_eq!(
+                bits(&next),
+                bits(&all_next),
+                "{what}: decode after {rows:?}"
+            );
+        }
+    });
 }
 
 #[test]
@@ -129,31 +136,22 @@ fn a_feed_forward_in_pieces_of_rows_gives_the_same_bits_as_all_at_once() {
     let whole = CpuBackend::new().with_feed_forward_rows(0);
     assert_eq!(whole.feed_forward_rows(), None);
     assert!(CpuBackend::new().feed_forward_rows().is_some());
-    for name in MODELS {
-        for quantize in [None, Some(GgmlType::Q8_0)] {
-            let what = format!("{name} ({quantize:?})");
-            let opts = LoadOptions {
-                quantize,
-                ..LoadOptions::default()
-            };
-            let m = load(&whole, &tiny_dir(name), &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
-            let d = &m.decoder;
-            let n = steps(d.config().vocab_size).0.tokens.len() as u32;
-            let rows: Vec<u32> = (0..n).collect();
-            let (all, all_next) = run(&whole, d, &rows);
-            // One row at a time, ragged pieces (18 rows in 7, 7 and 4), and
-            // one piece short of the whole step.
-            for piece in [1, 7, n as usize - 1] {
-                let be = whole.with_feed_forward_rows(piece);
-                assert_eq!(be.feed_forward_rows(), Some(piece));
-                let (got, next) = run(&be, d, &rows);
-                assert_eq!(bits(&got), bits(&all), "{what}: pieces of {piece}");
-                assert_eq!(
-                    bits(&next),
-                    bits(&all_next),
-                    "{what}: decode, pieces of {piece}"
-                );
-            }
+    each_model(&whole, |what, d| {
+        let n = steps(d.config().vocab_size).0.tokens.len() as u32;
+        let rows: Vec<u32> = (0..n).collect();
+        let (all, all_next) = run(&whole, d, &rows);
+        // One row at a time, ragged pieces (18 rows in 7, 7 and 4), and
+        // one piece short of the whole step.
+        for piece in [1, 7, n as usize - 1] {
+            let be = whole.with_feed_forward_rows(piece);
+            assert_eq!(be.feed_forward_rows(), Some(piece));
+            let (got, next) = run(&be, d, &rows);
+            assert_eq!(bits(&got), bits(&all), "{what}: pieces of {piece}");
+            assert_eq!(
+                bits(&next),
+                bits(&all_next),
+                "{what}: decode, pieces of {piece}"
+            );
         }
-    }
+    });
 }

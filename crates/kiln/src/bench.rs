@@ -137,7 +137,7 @@ fn run_bandwidth(args: &Args) -> anyhow::Result<()> {
     let b = crate::bandwidth::measure(args.bandwidth_mib, threads, 5)?;
     let ways = crate::bandwidth::AHEAD.iter().zip(b.by_way);
     if args.json {
-        let mut js = serde_json::json!({"bandwidth_gb_s": b.bytes_per_s / 1e9, "bytes": b.bytes,
+        let mut js = serde_json::json!({"bandwidth_gb_s": b.bytes_per_s() / 1e9, "bytes": b.bytes,
             "threads": b.threads, "passes": b.passes});
         for (way, bw) in ways {
             js[format!("{}_gb_s", way.name())] = serde_json::json!(bw / 1e9);
@@ -149,7 +149,7 @@ fn run_bandwidth(args: &Args) -> anyhow::Result<()> {
             .collect();
         println!(
             "read bandwidth: {:.1} GB/s ({} MiB, {} threads, best of {} passes each way: {})",
-            b.bytes_per_s / 1e9,
+            b.bytes_per_s() / 1e9,
             b.bytes >> 20,
             b.threads,
             b.passes,
