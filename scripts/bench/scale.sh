@@ -36,7 +36,9 @@
 # integers over 512 MiB on N threads (AVX2 where the CPU has it, each thread its
 # own contiguous share), best of 5 passes each of three ways: the issue's "plain
 # AVX2 sum of 512 MiB", the same sum asking for each line 4 KiB ahead, and
-# asking 16 KiB ahead into L2 and 4 KiB ahead into L1 as the kernels do. The
+# asking 16 KiB ahead into L2 and 4 KiB ahead into L1 as the kernels do, over
+# a buffer on 2 MiB pages where the kernel grants them, as kiln's weights are
+# (on 4 KiB pages the same sums read 5-17% less on the Xeon). The
 # floor is set by the best way (on the Xeon the prefetched sums read 20-25%
 # faster than the plain one, which would set the floor too low and let a kernel
 # appear above it); the last column divides by the plain sum alone, the issue's

@@ -24,7 +24,7 @@ pub mod rows;
 mod step;
 
 pub use bidir::BidirParams;
-pub use bytes::{ByteOwner, HostBytes};
+pub use bytes::{advise_huge_pages, ByteOwner, HostBytes};
 pub use device::{Device, DeviceParseError};
 pub use kv_dtype::{KvDtype, KvDtypeError, Q8_0_BLOCK};
 pub use quant::{GgmlType, WeightData};
@@ -239,6 +239,21 @@ pub trait Backend: Send + Sync {
         w: &Self::Weight,
         bias: Option<&Self::Tensor>,
     ) -> Result<Self::Tensor>;
+
+    /// [`Backend::linear`] of one input against several weights (a layer's
+    /// query, key and value projections; its gate and up projections),
+    /// each with its own bias, giving one tensor per weight, each exactly
+    /// what `linear` gives. A backend may run them as one operation: the
+    /// CPU quantizes the input once and streams the weights in one parallel
+    /// pass, so a decode step's small matrices (a 1B model's 512-row keys
+    /// and values) are not each a pass of their own with its own start-up.
+    fn linear_many(
+        &self,
+        x: &Self::Tensor,
+        ws: &[(&Self::Weight, Option<&Self::Tensor>)],
+    ) -> Result<Vec<Self::Tensor>> {
+        ws.iter().map(|(w, b)| self.linear(x, w, *b)).collect()
+    }
 
     /// Root-mean-square normalisation of each row, scaled by `w`.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;

@@ -6,7 +6,7 @@
 //! chunks and decode tokens of many sequences, concatenated) and returns the
 //! logits of the rows it asked for.
 
-use kiln_backend::{AttentionParams, Backend, StepInput};
+use kiln_backend::{AttentionParams, Backend, BackendError, StepInput};
 
 use crate::config::{DecoderConfig, NormKind};
 use kiln_backend::WeightData;
@@ -435,6 +435,23 @@ impl<B: Backend> Decoder<B> {
         Ok(be.linear(x, &l.w, l.b.as_ref())?)
     }
 
+    /// [`Decoder::linear`] of `x` against each of `ls`, as one backend
+    /// operation ([`Backend::linear_many`]).
+    fn linears<const N: usize>(
+        be: &B,
+        ls: [&Linear<B>; N],
+        x: &B::Tensor,
+    ) -> Result<[B::Tensor; N]> {
+        let ws = ls.map(|l| (&l.w, l.b.as_ref()));
+        let out = be.linear_many(x, &ws)?;
+        out.try_into().map_err(|got: Vec<_>| {
+            ModelError::Backend(BackendError::Invalid {
+                op: "linear_many",
+                msg: format!("{} outputs for {N} weights", got.len()),
+            })
+        })
+    }
+
     /// RMSNorm of every `heads`-wide head of `x: [tokens, heads * head_dim]`.
     fn head_norm(&self, be: &B, x: B::Tensor, w: &B::Tensor, heads: usize) -> Result<B::Tensor> {
         let hd = self.cfg.head_dim;
@@ -479,9 +496,7 @@ impl<B: Backend> Decoder<B> {
         cut: Option<&LoraStep<'_, B>>,
     ) -> Result<B::Tensor> {
         let cfg = &self.cfg;
-        let mut q = Self::linear(be, &layer.q, h)?;
-        let mut k = Self::linear(be, &layer.k, h)?;
-        let mut v = Self::linear(be, &layer.v, h)?;
+        let [mut q, mut k, mut v] = Self::linears(be, [&layer.q, &layer.k, &layer.v], h)?;
         lora.apply(be, i, Proj::Q, h, &mut q)?;
         lora.apply(be, i, Proj::K, h, &mut k)?;
         lora.apply(be, i, Proj::V, h, &mut v)?;
@@ -576,18 +591,18 @@ impl<B: Backend> Decoder<B> {
         h: &B::Tensor,
         lora: &LoraStep<'_, B>,
     ) -> Result<B::Tensor> {
-        let mut up = Self::linear(be, up, h)?;
-        lora.apply(be, i, Proj::Up, h, &mut up)?;
         let act = match gate {
             Some(g) => {
-                let mut g = Self::linear(be, g, h)?;
+                let [mut g, mut up] = Self::linears(be, [g, up], h)?;
+                lora.apply(be, i, Proj::Up, h, &mut up)?;
                 lora.apply(be, i, Proj::Gate, h, &mut g)?;
                 // Over `up`, and `g` is dropped here: the down projection
                 // runs with one tensor of the feed-forward's width alive.
                 be.gated_activation_into(&g, up, self.cfg.activation)?
             }
             None => {
-                let mut up = up;
+                let mut up = Self::linear(be, up, h)?;
+                lora.apply(be, i, Proj::Up, h, &mut up)?;
                 be.activation_inplace(&mut up, self.cfg.activation)?;
                 up
             }

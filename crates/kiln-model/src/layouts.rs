@@ -214,6 +214,12 @@ impl LayoutFile {
         // process holds the entry's lock shared, so it is not removed
         // while mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+        // The kernels stream these pages at every decode step: on 2 MiB
+        // pages where the kernel and filesystem grant them, as a weight
+        // packed in memory is (`kiln_backend::advise_huge_pages`). A hint
+        // only, so a refusal changes nothing.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         let len = map.len() as u64;
         if len < DATA_START {
             return Err(bad(format!(

@@ -97,8 +97,9 @@ impl FloatPacked {
         let groups = rows.div_ceil(NR);
         let row_bytes = k * size;
         let group_bytes = k * NR * size;
-        let mut data = vec![0u8; groups * group_bytes];
-        data.par_chunks_mut(SLAB * group_bytes)
+        let mut data = crate::bytes::LayoutBuf::zeroed(groups * group_bytes);
+        data.as_mut_slice()
+            .par_chunks_mut(SLAB * group_bytes)
             .enumerate()
             .for_each(|(slab, part)| {
                 for (gs, out) in part.chunks_exact_mut(group_bytes).enumerate() {

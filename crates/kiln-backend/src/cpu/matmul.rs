@@ -38,7 +38,7 @@ use super::arch::x86;
 use super::blocks::{IntFormat, IntOperands};
 use super::float_packed::FloatOperands;
 use super::isa;
-use super::packed::{PackedOperands, NR};
+use super::packed::{PackedOperands, PackedWeight, NR};
 use super::tensor::CpuTensor;
 use super::weight::CpuWeight;
 use crate::{BackendError, Result};
@@ -52,16 +52,80 @@ pub(super) fn linear(x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>) -> 
     linear_with(x, w, bias, ActBits::configured())
 }
 
-/// [`linear`] with activations quantized to `bits` for block formats.
-fn linear_with(
+/// [`linear`] of `x` against each of `ws`, one output per weight, each
+/// the same bits `linear` gives (see `Backend::linear_many`). Where every
+/// weight is packed, the input is quantized once and the weights' bands
+/// run as one parallel pass, in order, so a thread reading the end of one
+/// weight goes on into the next with its prefetches already ahead;
+/// otherwise each weight is a `linear` of its own.
+pub(super) fn linear_many(
     x: &CpuTensor,
-    w: &CpuWeight,
-    bias: Option<&CpuTensor>,
+    ws: &[(&CpuWeight, Option<&CpuTensor>)],
+) -> Result<Vec<CpuTensor>> {
+    let packed: Option<Vec<&PackedWeight>> = ws.iter().map(|(w, _)| w.packed.as_deref()).collect();
+    match packed {
+        Some(packed) if ws.len() > 1 => packed_products(x, ws, &packed, ActBits::configured()),
+        _ => ws.iter().map(|(w, b)| linear(x, w, *b)).collect(),
+    }
+}
+
+/// The products of `x` with each of `ws`, whose interleaved layouts are
+/// `packed`, activations quantized once to `bits`: every weight's bands
+/// of groups are tasks of one parallel pass, in order.
+fn packed_products(
+    x: &CpuTensor,
+    ws: &[(&CpuWeight, Option<&CpuTensor>)],
+    packed: &[&PackedWeight],
     bits: ActBits,
-) -> Result<CpuTensor> {
-    let k = x.cols();
-    let m = x.rows();
-    if w.cols != k {
+) -> Result<Vec<CpuTensor>> {
+    for (w, b) in ws {
+        check_shapes(x, w, *b)?;
+    }
+    let (m, k) = (x.rows(), x.cols());
+    let quantized = QuantizedRows::with_layout(&x.data, k, bits, ActLayout::Split);
+    let ops: Vec<PackedOperands> = packed
+        .iter()
+        .zip(ws)
+        .map(|(p, (w, _))| PackedOperands::new(p, &quantized, w.rows, k))
+        .collect();
+    // Every kernel writes each output element once, so the buffers start
+    // unwritten: zeroing them took 4% of a prompt's time.
+    let mut outs: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|(w, _)| Vec::with_capacity(m * w.rows))
+        .collect();
+    let ptrs: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+    let band = band_groups(packed.iter().map(|p| p.groups).sum());
+    let tasks: Vec<(usize, usize, usize)> = packed
+        .iter()
+        .enumerate()
+        .flat_map(|(w, p)| {
+            (0..p.groups)
+                .step_by(band)
+                .map(move |g0| (w, g0, (g0 + band).min(p.groups)))
+        })
+        .collect();
+    tasks.par_iter().for_each(|&(w, g0, g1)| {
+        // The rows in chunks, so the band's weights stay in cache while
+        // they pass by.
+        for i0 in (0..m).step_by(ROW_CHUNK) {
+            let i1 = (i0 + ROW_CHUNK).min(m);
+            // SAFETY: this task writes only columns of groups g0..g1 of
+            // rows i0..i1 of weight w's output (m x its rows); no other
+            // task writes those.
+            unsafe { compute_packed(&ops[w], i0, i1, g0, g1, ptrs[w].get()) };
+        }
+    });
+    outs.into_iter()
+        .zip(ws)
+        .map(|(o, (w, b))| finish(x, written(o, m * w.rows), w.rows, *b))
+        .collect()
+}
+
+/// A shape error unless `x`'s columns are `w`'s and `bias` has one value
+/// per row of `w`.
+fn check_shapes(x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuTensor>) -> Result<()> {
+    if w.cols != x.cols() {
         return Err(BackendError::Shape {
             op: "linear",
             msg: format!(
@@ -70,30 +134,37 @@ fn linear_with(
             ),
         });
     }
-    let n = w.rows;
-    if let Some(b) = bias {
-        if b.data.len() != n {
-            return Err(BackendError::Shape {
-                op: "linear",
-                msg: format!("bias of {} for {n} outputs", b.data.len()),
-            });
-        }
+    match bias {
+        Some(b) if b.data.len() != w.rows => Err(BackendError::Shape {
+            op: "linear",
+            msg: format!("bias of {} for {} outputs", b.data.len(), w.rows),
+        }),
+        _ => Ok(()),
     }
+}
+
+/// [`linear`] with activations quantized to `bits` for block formats.
+fn linear_with(
+    x: &CpuTensor,
+    w: &CpuWeight,
+    bias: Option<&CpuTensor>,
+    bits: ActBits,
+) -> Result<CpuTensor> {
+    if let Some(p) = &w.packed {
+        let mut out = packed_products(x, &[(w, bias)], &[p], bits)?;
+        return out.pop().ok_or(BackendError::Invalid {
+            op: "linear",
+            msg: "no product for the weight".into(),
+        });
+    }
+    check_shapes(x, w, bias)?;
+    let k = x.cols();
+    let m = x.rows();
+    let n = w.rows;
     // Every kernel writes each of the m x n outputs once, so the buffer
     // starts unwritten: zeroing it took 4% of a prompt's time.
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let quantized;
-    if let Some(p) = &w.packed {
-        quantized = QuantizedRows::with_layout(&x.data, k, bits, ActLayout::Split);
-        let ops = PackedOperands::new(p, &quantized, n, k);
-        over_bands(p.groups, m, ROW_CHUNK, |i0, i1, g0, g1| {
-            // SAFETY: this task writes only columns of groups g0..g1 of
-            // rows i0..i1 of `out` (m x n); no other task writes those.
-            unsafe { compute_packed(&ops, i0, i1, g0, g1, out_ptr.get()) };
-        });
-        return finish(x, written(out, m * n), n, bias);
-    }
     if let Some(fw) = &w.float {
         #[cfg(target_arch = "x86_64")]
         if x86::amx_float::serves(fw.fmt) {
@@ -145,7 +216,7 @@ fn linear_with(
         });
     };
     // Block formats have whole blocks per row, so k is a multiple of 32.
-    quantized = QuantizedRows::new(&x.data, k, bits);
+    let quantized = QuantizedRows::new(&x.data, k, bits);
     let ops = IntOperands {
         f,
         w: &w.bytes,
@@ -188,7 +259,7 @@ fn over_bands(
     chunk: usize,
     f: impl Fn(usize, usize, usize, usize) + Sync,
 ) {
-    let band = (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR);
+    let band = band_groups(groups);
     (0..groups.div_ceil(band)).into_par_iter().for_each(|t| {
         let g0 = t * band;
         let g1 = (g0 + band).min(groups);
@@ -196,6 +267,13 @@ fn over_bands(
             f(i0, (i0 + chunk).min(m), g0, g1);
         }
     });
+}
+
+/// Groups per parallel task over `groups` groups of weights: about four
+/// tasks per thread, so uneven finishing times even out, and at most
+/// [`MAX_BAND`] rows.
+fn band_groups(groups: usize) -> usize {
+    (groups / (rayon::current_num_threads() * 4)).clamp(1, MAX_BAND / NR)
 }
 
 /// Adds the bias to the `m x n` product `out` of `x` and shapes it like `x`
@@ -382,6 +460,77 @@ mod tests {
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{ty:?} ({bits:?}): rows {start}..{} differ when computed as a batch of {len}",
                     start + len
+                );
+            }
+        }
+    }
+
+    /// `linear_many` gives each weight exactly what `linear` gives it, bit
+    /// for bit and shape for shape: weights of different formats and row
+    /// counts (partial last groups among them) in one pass, with and
+    /// without biases, for one row (a decode step) and several; a float
+    /// weight among them sends every weight to `linear`; and a weight of
+    /// the wrong width is refused whichever its place.
+    #[test]
+    fn linear_many_gives_each_weight_the_bits_linear_gives_it() {
+        let k = 512;
+        let shapes = [
+            (GgmlType::Q4K, 200),
+            (GgmlType::Q6K, 40),
+            (GgmlType::Q8_0, 64),
+            (GgmlType::Q4_0, 17),
+        ];
+        let ws: Vec<CpuWeight> = shapes
+            .iter()
+            .enumerate()
+            .map(|(s, &(ty, n))| weight(ty, n, k, 40 + s as u64))
+            .collect();
+        let biases: Vec<CpuTensor> = shapes
+            .iter()
+            .enumerate()
+            .map(|(s, &(_, n))| CpuTensor::new(vec![n], rand(n, 60 + s as u64)).unwrap())
+            .collect();
+        let float = weight(GgmlType::F32, 24, k, 70);
+        for m in [1, 3, 70] {
+            let x = CpuTensor::new(vec![m, k], rand(m * k, m as u64)).unwrap();
+            for with_float in [false, true] {
+                let mut pairs: Vec<(&CpuWeight, Option<&CpuTensor>)> = ws
+                    .iter()
+                    .zip(&biases)
+                    .enumerate()
+                    .map(|(s, (w, b))| (w, (s % 2 == 0).then_some(b)))
+                    .collect();
+                if with_float {
+                    pairs.insert(1, (&float, None));
+                }
+                let many = linear_many(&x, &pairs).unwrap();
+                assert_eq!(many.len(), pairs.len());
+                for (s, ((w, b), got)) in pairs.iter().zip(&many).enumerate() {
+                    let want = linear(&x, w, *b).unwrap();
+                    assert_eq!(got.shape, want.shape, "m {m}, weight {s}");
+                    assert!(
+                        got.data
+                            .iter()
+                            .zip(&want.data)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "m {m}, weight {s} ({:?}, float among them: {with_float}): \
+                         not the bits linear gives",
+                        w.ty
+                    );
+                }
+            }
+            let narrow = weight(GgmlType::Q8_0, 16, k - 32, 80);
+            for at in [0, 2] {
+                let mut pairs: Vec<(&CpuWeight, Option<&CpuTensor>)> =
+                    ws.iter().map(|w| (w, None)).collect();
+                pairs.insert(at, (&narrow, None));
+                assert!(
+                    matches!(
+                        linear_many(&x, &pairs),
+                        Err(BackendError::Shape { op: "linear", .. })
+                    ),
+                    "a weight {} wide against an input {k} wide, at {at}",
+                    k - 32
                 );
             }
         }

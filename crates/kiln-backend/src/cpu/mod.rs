@@ -256,6 +256,14 @@ impl Backend for CpuBackend {
         matmul::linear(x, w, bias)
     }
 
+    fn linear_many(
+        &self,
+        x: &CpuTensor,
+        ws: &[(&CpuWeight, Option<&CpuTensor>)],
+    ) -> Result<Vec<CpuTensor>> {
+        matmul::linear_many(x, ws)
+    }
+
     fn rms_norm(&self, x: &CpuTensor, w: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         ops::rms_norm(x, w, eps)
     }

@@ -245,9 +245,10 @@ impl PackedWeight {
         let groups = rows.div_ceil(NR);
         let f = IntFormat::of(fmt.ty()).expect("every packed format is a block format");
         let chunk = fmt.chunk();
-        let mut data = vec![0u8; groups * blocks * chunk];
+        let mut data = crate::bytes::LayoutBuf::zeroed(groups * blocks * chunk);
         let row_bytes = blocks * f.bytes;
-        data.par_chunks_mut(SLAB * blocks * chunk)
+        data.as_mut_slice()
+            .par_chunks_mut(SLAB * blocks * chunk)
             .enumerate()
             .for_each(|(slab, part)| {
                 let mut u = Unpacked::default();

@@ -25,7 +25,7 @@
 //! row's result thus depends on its own adapter (or none) only, never on
 //! what else is in the step.
 
-use kiln_backend::{Activation, Backend, MoeExpert, WeightData};
+use kiln_backend::{Activation, Backend, BackendError, MoeExpert, WeightData};
 
 use super::Loader;
 use crate::config::DecoderConfig;
@@ -44,11 +44,29 @@ struct Expert<B: Backend> {
 
 impl<B: Backend> Expert<B> {
     fn forward(&self, be: &B, act: Activation, x: &B::Tensor) -> Result<B::Tensor> {
-        let b = |i: usize| self.biases.as_ref().map(|b| &b[i]);
-        let g = be.linear(x, &self.gate, b(0))?;
-        let u = be.linear(x, &self.up, b(1))?;
+        let (g, u) = self.gate_up(be, x)?;
+        // `g` goes here, before the down projection runs.
         let a = be.gated_activation_into(&g, u, act)?;
-        Ok(be.linear(&a, &self.down, b(2))?)
+        drop(g);
+        Ok(be.linear(&a, &self.down, self.bias(2))?)
+    }
+
+    /// Bias `i` (gate, up, down) where the model has them.
+    fn bias(&self, i: usize) -> Option<&B::Tensor> {
+        self.biases.as_ref().map(|b| &b[i])
+    }
+
+    /// The gate and up projections of `x`, as one backend operation.
+    fn gate_up(&self, be: &B, x: &B::Tensor) -> Result<(B::Tensor, B::Tensor)> {
+        let ws = [(&self.gate, self.bias(0)), (&self.up, self.bias(1))];
+        let mut out = be.linear_many(x, &ws)?.into_iter();
+        match (out.next(), out.next()) {
+            (Some(g), Some(u)) => Ok((g, u)),
+            _ => Err(ModelError::Backend(BackendError::Invalid {
+                op: "linear_many",
+                msg: "fewer outputs than the gate and up weights".into(),
+            })),
+        }
     }
 
     /// [`Expert::forward`] for rows of one adapter, each projection followed
@@ -61,13 +79,12 @@ impl<B: Backend> Expert<B> {
         lora: &LoraExperts<B>,
         index: usize,
     ) -> Result<B::Tensor> {
-        let b = |i: usize| self.biases.as_ref().map(|b| &b[i]);
-        let mut g = be.linear(x, &self.gate, b(0))?;
+        let (mut g, mut u) = self.gate_up(be, x)?;
         lora.apply(be, index, ExpertPart::Gate, x, &mut g)?;
-        let mut u = be.linear(x, &self.up, b(1))?;
         lora.apply(be, index, ExpertPart::Up, x, &mut u)?;
         let a = be.gated_activation_into(&g, u, act)?;
-        let mut y = be.linear(&a, &self.down, b(2))?;
+        drop(g);
+        let mut y = be.linear(&a, &self.down, self.bias(2))?;
         lora.apply(be, index, ExpertPart::Down, &a, &mut y)?;
         Ok(y)
     }
