@@ -135,9 +135,10 @@ pub fn measure(mib: usize, threads: usize, passes: usize) -> anyhow::Result<Band
     if !(64..=16384).contains(&mib) || threads == 0 || passes == 0 {
         bail!("--bandwidth-mib must be 64 to 16384, threads and passes at least 1");
     }
-    let n = mib << 17; // 8-byte words
-                       // Zeroed (untouched) first, so that the buffer is on 2 MiB pages as
-                       // the packed weights are (`kiln_backend::advise_huge_pages`).
+    // The buffer's 8-byte words.
+    let n = mib << 17;
+    // Zeroed (untouched) first, so that the buffer is on 2 MiB pages as
+    // the packed weights are (`kiln_backend::advise_huge_pages`).
     let mut words = vec![0u64; n];
     // SAFETY: the same memory as `words`, viewed as bytes for the call.
     kiln_backend::advise_huge_pages(unsafe {
