@@ -56,6 +56,22 @@ enum Ffn<B: Backend> {
     Moe(Box<moe::MoeFfn<B>>),
 }
 
+/// [`Backend::linear_many`] of `x` against `N` weights (with their
+/// biases), as an array of `N` outputs: an error, not a panic, if the
+/// backend gave another count.
+fn linear_array<B: Backend, const N: usize>(
+    be: &B,
+    x: &B::Tensor,
+    ws: [(&B::Weight, Option<&B::Tensor>); N],
+) -> Result<[B::Tensor; N]> {
+    be.linear_many(x, &ws)?.try_into().map_err(|got: Vec<_>| {
+        ModelError::Backend(BackendError::Invalid {
+            op: "linear_many",
+            msg: format!("{} outputs for {N} weights", got.len()),
+        })
+    })
+}
+
 /// The projections of a [`Ffn::Dense`]: gate (if gated), up, down.
 type DenseFfn<'a, B> = (Option<&'a Linear<B>>, &'a Linear<B>, &'a Linear<B>);
 
@@ -442,14 +458,7 @@ impl<B: Backend> Decoder<B> {
         ls: [&Linear<B>; N],
         x: &B::Tensor,
     ) -> Result<[B::Tensor; N]> {
-        let ws = ls.map(|l| (&l.w, l.b.as_ref()));
-        let out = be.linear_many(x, &ws)?;
-        out.try_into().map_err(|got: Vec<_>| {
-            ModelError::Backend(BackendError::Invalid {
-                op: "linear_many",
-                msg: format!("{} outputs for {N} weights", got.len()),
-            })
-        })
+        linear_array(be, x, ls.map(|l| (&l.w, l.b.as_ref())))
     }
 
     /// RMSNorm of every `heads`-wide head of `x: [tokens, heads * head_dim]`.

@@ -25,7 +25,7 @@
 //! row's result thus depends on its own adapter (or none) only, never on
 //! what else is in the step.
 
-use kiln_backend::{Activation, Backend, BackendError, MoeExpert, WeightData};
+use kiln_backend::{Activation, Backend, MoeExpert, WeightData};
 
 use super::Loader;
 use crate::config::DecoderConfig;
@@ -58,15 +58,12 @@ impl<B: Backend> Expert<B> {
 
     /// The gate and up projections of `x`, as one backend operation.
     fn gate_up(&self, be: &B, x: &B::Tensor) -> Result<(B::Tensor, B::Tensor)> {
-        let ws = [(&self.gate, self.bias(0)), (&self.up, self.bias(1))];
-        let mut out = be.linear_many(x, &ws)?.into_iter();
-        match (out.next(), out.next()) {
-            (Some(g), Some(u)) => Ok((g, u)),
-            _ => Err(ModelError::Backend(BackendError::Invalid {
-                op: "linear_many",
-                msg: "fewer outputs than the gate and up weights".into(),
-            })),
-        }
+        let [g, u] = super::linear_array(
+            be,
+            x,
+            [(&self.gate, self.bias(0)), (&self.up, self.bias(1))],
+        )?;
+        Ok((g, u))
     }
 
     /// [`Expert::forward`] for rows of one adapter, each projection followed
