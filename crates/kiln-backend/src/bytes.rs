@@ -58,9 +58,7 @@ impl HostBytes {
     pub fn release_resident(&self) {
         #[cfg(unix)]
         if self.file_mapped {
-            // SAFETY: sysconf has no preconditions.
-            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-            let page = usize::try_from(page).unwrap_or(4096).max(1);
+            let page = page_size();
             let start = self.as_ptr() as usize;
             let first = start.next_multiple_of(page);
             let end = (start + self.len) / page * page;
@@ -85,6 +83,18 @@ impl HostBytes {
             file_mapped: self.file_mapped,
         })
     }
+}
+
+/// The kernel's base page size (4 KiB on x86-64; 16 or 64 KiB on some Arm
+/// kernels): what `madvise` and `munmap` ranges must be whole multiples of.
+#[cfg(unix)]
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(page)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 /// The size of a huge page on x86-64 and most 64-bit Arm kernels.
@@ -179,10 +189,11 @@ impl LayoutBuf {
         }
         let base = base as usize;
         let start = base.next_multiple_of(HUGE_PAGE);
-        // The map, and the part of it kept, end on 4 KiB pages.
+        // The map, and the part of it kept, end on whole pages.
+        let page = page_size();
         let (end, mapped_end) = (
-            (start + len).next_multiple_of(4096),
-            base + span.next_multiple_of(4096),
+            (start + len).next_multiple_of(page),
+            base + span.next_multiple_of(page),
         );
         // SAFETY: both ranges are whole pages of the map just made, outside
         // the `len` bytes kept.
@@ -239,7 +250,7 @@ impl Drop for LayoutBuf {
             // SAFETY: the pages `map_aligned` kept, mapped once, unmapped
             // once here.
             unsafe {
-                libc::munmap(ptr.as_ptr().cast(), len.next_multiple_of(4096));
+                libc::munmap(ptr.as_ptr().cast(), len.next_multiple_of(page_size()));
             }
         }
     }

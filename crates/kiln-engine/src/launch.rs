@@ -121,7 +121,11 @@ pub fn load(device: Device, path: &Path, opts: &LoadOptions) -> Result<DeviceMod
 pub fn load_from(device: Device, source: &impl ModelSource) -> Result<DeviceModel, LaunchError> {
     check_device(device)?;
     let inner = match device {
-        Device::Cpu => Loaded::Cpu(Box::new(source.load_onto(&CpuBackend::new())?)),
+        Device::Cpu => {
+            let model = source.load_onto(&CpuBackend::new())?;
+            kiln_backend::cpu::release_freed_memory();
+            Loaded::Cpu(Box::new(model))
+        }
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => {
             use kiln_backend::cuda::cache::KernelCache;

@@ -21,7 +21,8 @@
 //! 8   u32 FORMAT_VERSION, u32 0
 //! 16  u64 index offset, u64 index length, u64 file length   (little-endian)
 //! 40  zeros up to DATA_START
-//! ... each matrix's bytes, at a multiple of ALIGN
+//! ... each matrix's bytes, at a multiple of ALIGN (of HUGE_PAGE for a
+//!     matrix of at least that size, after a hole)
 //! ... the index: JSON {layout, key, entries: [{name, part, ty, rows, cols,
 //!     offset, len}]}
 //! ```
@@ -38,7 +39,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -54,8 +54,23 @@ const MAGIC: &[u8; 8] = b"KILNLAYT";
 const FORMAT_VERSION: u32 = 1;
 /// Where the first matrix starts.
 const DATA_START: u64 = 64;
-/// Matrices start at multiples of a cache line.
+/// Matrices start at multiples of a cache line (what a reader requires).
 const ALIGN: u64 = 64;
+/// A matrix of at least this many bytes starts at a multiple of it (the
+/// file has a hole before it), so that the page cache can hold it in 2 MiB
+/// folios and a map of the file can give the kernels 2 MiB pages: the
+/// page cache takes a write's folio sizes from its offset and length, and
+/// only a folio that starts on a 2 MiB boundary of the file can be mapped
+/// as one page. Written at 64-byte offsets, 559 MB of a Llama-3.2-1B-shaped
+/// Q4_0's 805 ended up on 2 MiB pages; placed so, 637-668 MB.
+const HUGE_PAGE: u64 = 2 << 20;
+
+/// Where a matrix of `len` bytes goes when the file's data so far ends at
+/// `at`: the next multiple of [`HUGE_PAGE`] for one that fills at least
+/// a page, of [`ALIGN`] for a smaller one.
+fn place(at: u64, len: u64) -> u64 {
+    at.next_multiple_of(if len >= HUGE_PAGE { HUGE_PAGE } else { ALIGN })
+}
 /// An index larger than this is not one of ours.
 const MAX_INDEX_BYTES: u64 = 64 << 20;
 
@@ -484,7 +499,12 @@ impl LayoutRecorder {
     pub fn streamed_bytes(&self) -> u64 {
         self.stream
             .as_ref()
-            .and_then(|s| s.state.lock().ok().map(|st| st.at - DATA_START))
+            .and_then(|s| {
+                s.state
+                    .lock()
+                    .ok()
+                    .map(|st| st.entries.iter().map(|e| e.len).sum())
+            })
             .unwrap_or(0)
     }
 
@@ -512,6 +532,7 @@ impl LayoutRecorder {
     /// for cache key `key`, durably (the caller renames it into place).
     /// Returns the file's size.
     pub fn write(&self, path: &Path, layout: &str, key: &str) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
         let io = |e| ModelError::io(path, e);
         if self.stream.is_some() {
             return Err(ModelError::Format {
@@ -524,26 +545,23 @@ impl LayoutRecorder {
             msg: "a thread recording weights panicked".into(),
         })?;
         let file = File::create(path).map_err(io)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&[0u8; DATA_START as usize]).map_err(io)?;
         let mut at = DATA_START;
         let mut entries = Vec::with_capacity(recorded.len());
         for r in recorded.iter() {
-            let pad = at.next_multiple_of(ALIGN) - at;
-            out.write_all(&[0u8; ALIGN as usize][..pad as usize])
-                .map_err(io)?;
-            at += pad;
-            out.write_all(&r.bytes).map_err(io)?;
+            // Positioned writes: the gaps before matrices placed on a
+            // 2 MiB boundary stay holes, as in a streamed file.
+            let offset = place(at, r.bytes.len() as u64);
+            file.write_all_at(&r.bytes, offset).map_err(io)?;
             entries.push(Entry {
                 name: r.name.clone(),
                 part: r.part,
                 ty: r.ty as u32,
                 rows: r.rows,
                 cols: r.cols,
-                offset: at,
+                offset,
                 len: r.bytes.len() as u64,
             });
-            at += r.bytes.len() as u64;
+            at = offset + r.bytes.len() as u64;
         }
         let index = Index {
             layout: layout.to_string(),
@@ -554,18 +572,10 @@ impl LayoutRecorder {
             path: path.to_path_buf(),
             msg: format!("cannot write the index: {e}"),
         })?;
-        out.write_all(&json).map_err(io)?;
         let total = at + json.len() as u64;
-        let mut file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        let mut head = Vec::with_capacity(40);
-        head.extend_from_slice(MAGIC);
-        head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        head.extend_from_slice(&0u32.to_le_bytes());
-        for v in [at, json.len() as u64, total] {
-            head.extend_from_slice(&v.to_le_bytes());
-        }
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        file.write_all(&head).map_err(io)?;
+        file.write_all_at(&json, at).map_err(io)?;
+        file.write_all_at(&header(at, json.len() as u64, total), 0)
+            .map_err(io)?;
         file.sync_all().map_err(io)?;
         Ok(total)
     }
@@ -679,7 +689,7 @@ impl Stream {
                 msg: format!("an earlier write failed: {why}"),
             });
         }
-        let offset = st.at.next_multiple_of(ALIGN);
+        let offset = place(st.at, bytes.len() as u64);
         self.file.write_all_at(bytes, offset).map_err(io)?;
         let len = bytes.len() as u64;
         // SAFETY: a read-only shared map of a range this process has just
@@ -692,6 +702,9 @@ impl Stream {
                 .map(&self.file)
         }
         .map_err(io)?;
+        // On 2 MiB pages where the page cache holds them so (see [`HUGE_PAGE`]).
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         st.at = offset + len;
         st.entries.push(Entry {
             name: name.to_string(),
@@ -740,5 +753,27 @@ impl Stream {
         self.file.set_len(total).map_err(io)?;
         self.file.sync_all().map_err(io)?;
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matrices_of_a_huge_page_or_more_start_on_one_and_the_rest_on_a_line() {
+        // A small matrix packs in after what is there.
+        assert_eq!(place(64, 1000), 64);
+        assert_eq!(place(100, 1000), 128);
+        assert_eq!(place(HUGE_PAGE + 1, HUGE_PAGE - 1), HUGE_PAGE + 64);
+        // A large one skips to the next 2 MiB boundary, or stays on one.
+        assert_eq!(place(64, HUGE_PAGE), HUGE_PAGE);
+        assert_eq!(place(HUGE_PAGE, 5 * HUGE_PAGE), HUGE_PAGE);
+        assert_eq!(place(3 * HUGE_PAGE + 64, HUGE_PAGE + 1), 4 * HUGE_PAGE);
+        // Every place is one a reader accepts.
+        for (at, len) in [(64, 1), (65, HUGE_PAGE), (7 * HUGE_PAGE - 1, 3)] {
+            assert_eq!(place(at, len) % ALIGN, 0);
+            assert!(place(at, len) >= at);
+        }
     }
 }

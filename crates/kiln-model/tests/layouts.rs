@@ -75,6 +75,39 @@ fn record(file: &Path) -> ((Vec<f32>, Vec<u32>), usize) {
     (run(&m), r.len())
 }
 
+/// Every matrix of at least 2 MiB in the layout file at `path` starts on a
+/// 2 MiB boundary of the file (so the page cache can hold it in 2 MiB
+/// folios), the smaller ones on a 64-byte one, and the file has matrices
+/// of both kinds (the default model's output head is 30 MB, its other
+/// matrices under 2 MiB).
+fn assert_huge_matrices_on_huge_page_boundaries(path: &Path) {
+    const HUGE: u64 = 2 << 20;
+    let bytes = std::fs::read(path).expect("read");
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let (index_at, index_len) = (word(16) as usize, word(24) as usize);
+    let index: serde_json::Value =
+        serde_json::from_slice(&bytes[index_at..index_at + index_len]).expect("index");
+    let entries = index["entries"].as_array().expect("entries");
+    let (mut huge, mut small) = (0, 0);
+    for e in entries {
+        let (offset, len) = (
+            e["offset"].as_u64().expect("offset"),
+            e["len"].as_u64().expect("len"),
+        );
+        if len >= HUGE {
+            assert_eq!(offset % HUGE, 0, "{e}: a matrix of {len} bytes at {offset}");
+            huge += 1;
+        } else {
+            assert_eq!(offset % 64, 0, "{e}");
+            small += 1;
+        }
+    }
+    assert!(
+        huge > 0 && small > 0,
+        "{huge} matrices of 2 MiB or more, {small} smaller"
+    );
+}
+
 /// Loads the default model with the layout file at `path` mapped; returns
 /// its answers and what [`Layouts::finish`] said.
 fn mapped(path: &Path) -> ((Vec<f32>, Vec<u32>), Result<(), String>) {
@@ -197,6 +230,7 @@ fn a_streamed_layout_file_serves_and_maps_bit_for_bit() {
         std::fs::read(&kept).expect("read"),
         "the streamed file and the kept one differ"
     );
+    assert_huge_matrices_on_huge_page_boundaries(&streamed);
     let (from_file, finished) = mapped(&streamed);
     assert_eq!(finished, Ok(()), "every matrix came from the file");
     assert_same_bits(&from_file, &want, "mapped");

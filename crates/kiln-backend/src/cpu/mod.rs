@@ -118,6 +118,21 @@ fn keep_freed_memory() {
     }
 }
 
+/// Hands the memory freed so far back to the system: `malloc_trim` on
+/// every allocator arena. [`keep_freed_memory`] keeps what a forward pass
+/// frees, so that the next pass reuses it; what a model load frees (the
+/// tokenizer's build, per-matrix conversion buffers) is not reused, yet
+/// it stayed resident for the process's life: 40-75 MB of a 3B model's
+/// heap. Call it once a model is loaded.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator's own
+    // arenas to the system; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 use crate::{
     Activation, AttentionParams, Backend, BackendError, GgmlType, HostBytes, KvDtype, KvSpec,
     Result, RopeLayout, StepInput, WeightData,
