@@ -532,8 +532,6 @@ impl LayoutRecorder {
     /// for cache key `key`, durably (the caller renames it into place).
     /// Returns the file's size.
     pub fn write(&self, path: &Path, layout: &str, key: &str) -> Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let io = |e| ModelError::io(path, e);
         if self.stream.is_some() {
             return Err(ModelError::Format {
                 path: path.to_path_buf(),
@@ -544,40 +542,12 @@ impl LayoutRecorder {
             path: path.to_path_buf(),
             msg: "a thread recording weights panicked".into(),
         })?;
-        let file = File::create(path).map_err(io)?;
-        let mut at = DATA_START;
-        let mut entries = Vec::with_capacity(recorded.len());
+        // The same file a streaming recorder writes, matrix by matrix.
+        let stream = Stream::create(path)?;
         for r in recorded.iter() {
-            // Positioned writes: the gaps before matrices placed on a
-            // 2 MiB boundary stay holes, as in a streamed file.
-            let offset = place(at, r.bytes.len() as u64);
-            file.write_all_at(&r.bytes, offset).map_err(io)?;
-            entries.push(Entry {
-                name: r.name.clone(),
-                part: r.part,
-                ty: r.ty as u32,
-                rows: r.rows,
-                cols: r.cols,
-                offset,
-                len: r.bytes.len() as u64,
-            });
-            at = offset + r.bytes.len() as u64;
+            stream.put(&r.name, r.part, r.ty, r.rows, r.cols, &r.bytes)?;
         }
-        let index = Index {
-            layout: layout.to_string(),
-            key: key.to_string(),
-            entries,
-        };
-        let json = serde_json::to_vec(&index).map_err(|e| ModelError::Format {
-            path: path.to_path_buf(),
-            msg: format!("cannot write the index: {e}"),
-        })?;
-        let total = at + json.len() as u64;
-        file.write_all_at(&json, at).map_err(io)?;
-        file.write_all_at(&header(at, json.len() as u64, total), 0)
-            .map_err(io)?;
-        file.sync_all().map_err(io)?;
-        Ok(total)
+        stream.finish(layout, key)
     }
 }
 
@@ -668,7 +638,9 @@ impl Stream {
         }
     }
 
-    fn write_and_map(
+    /// Writes `bytes` at the file's end, where [`place`] puts them, and
+    /// records their entry; returns their offset.
+    fn put(
         &self,
         name: &str,
         part: u32,
@@ -676,9 +648,8 @@ impl Stream {
         rows: usize,
         cols: usize,
         bytes: &[u8],
-    ) -> Result<HostBytes> {
+    ) -> Result<u64> {
         use std::os::unix::fs::FileExt;
-        let io = |e| ModelError::io(&self.path, e);
         let mut st = self.state.lock().map_err(|_| ModelError::Format {
             path: self.path.clone(),
             msg: "a thread writing the weight layout panicked".into(),
@@ -689,22 +660,13 @@ impl Stream {
                 msg: format!("an earlier write failed: {why}"),
             });
         }
-        let offset = place(st.at, bytes.len() as u64);
-        self.file.write_all_at(bytes, offset).map_err(io)?;
         let len = bytes.len() as u64;
-        // SAFETY: a read-only shared map of a range this process has just
-        // written and never writes again (the file only grows past it, and
-        // the header and index are written outside it).
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(offset)
-                .len(bytes.len())
-                .map(&self.file)
-        }
-        .map_err(io)?;
-        // On 2 MiB pages where the page cache holds them so (see [`HUGE_PAGE`]).
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
+        let offset = place(st.at, len);
+        // A positioned write: the gap before a matrix placed on a 2 MiB
+        // boundary stays a hole.
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| ModelError::io(&self.path, e))?;
         st.at = offset + len;
         st.entries.push(Entry {
             name: name.to_string(),
@@ -715,11 +677,37 @@ impl Stream {
             offset,
             len,
         });
+        Ok(offset)
+    }
+
+    fn write_and_map(
+        &self,
+        name: &str,
+        part: u32,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<HostBytes> {
+        let offset = self.put(name, part, ty, rows, cols, bytes)?;
+        // SAFETY: a read-only shared map of a range this process has just
+        // written and never writes again (the file only grows past it, and
+        // the header and index are written outside it).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(bytes.len())
+                .map(&self.file)
+        }
+        .map_err(|e| ModelError::io(&self.path, e))?;
+        // On 2 MiB pages where the page cache holds them so (see [`HUGE_PAGE`]).
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         let owner: kiln_backend::ByteOwner = Arc::new(map);
         // SAFETY: as above; the whole map is the range.
         unsafe { HostBytes::file_mapped(owner, 0..bytes.len()) }.ok_or_else(|| ModelError::Format {
             path: self.path.clone(),
-            msg: format!("the map of {name} is not its {len} bytes"),
+            msg: format!("the map of {name} is not its {} bytes", bytes.len()),
         })
     }
 
