@@ -617,7 +617,10 @@ impl Stream {
         let Some((ty, bytes)) = backend.laid_out(&w) else {
             return (w, false);
         };
-        match self.write_and_map(name, part, ty, rows, cols, &bytes) {
+        let mapped = self
+            .put(name, part, ty, rows, cols, &bytes)
+            .and_then(|offset| self.map(name, offset, bytes.len()));
+        match mapped {
             Ok(mapped) => match backend.upload_laid_out(rows, cols, ty, mapped) {
                 Ok(from_file) => (from_file, true),
                 Err(e) => {
@@ -629,6 +632,22 @@ impl Stream {
                 self.fail(e.to_string());
                 (w, false)
             }
+        }
+    }
+
+    /// The stream's state, locked, unless a write has failed (the error
+    /// then says `what`, and why the write failed).
+    fn unfailed(&self, what: &str) -> Result<std::sync::MutexGuard<'_, StreamState>> {
+        let st = self.state.lock().map_err(|_| ModelError::Format {
+            path: self.path.clone(),
+            msg: "a thread writing the weight layout panicked".into(),
+        })?;
+        match &st.failed {
+            Some(why) => Err(ModelError::Format {
+                path: self.path.clone(),
+                msg: format!("{what}: {why}"),
+            }),
+            None => Ok(st),
         }
     }
 
@@ -650,16 +669,7 @@ impl Stream {
         bytes: &[u8],
     ) -> Result<u64> {
         use std::os::unix::fs::FileExt;
-        let mut st = self.state.lock().map_err(|_| ModelError::Format {
-            path: self.path.clone(),
-            msg: "a thread writing the weight layout panicked".into(),
-        })?;
-        if let Some(why) = &st.failed {
-            return Err(ModelError::Format {
-                path: self.path.clone(),
-                msg: format!("an earlier write failed: {why}"),
-            });
-        }
+        let mut st = self.unfailed("an earlier write failed")?;
         let len = bytes.len() as u64;
         let offset = place(st.at, len);
         // A positioned write: the gap before a matrix placed on a 2 MiB
@@ -680,23 +690,16 @@ impl Stream {
         Ok(offset)
     }
 
-    fn write_and_map(
-        &self,
-        name: &str,
-        part: u32,
-        ty: GgmlType,
-        rows: usize,
-        cols: usize,
-        bytes: &[u8],
-    ) -> Result<HostBytes> {
-        let offset = self.put(name, part, ty, rows, cols, bytes)?;
+    /// The `len` bytes of matrix `name` that [`Stream::put`] wrote at
+    /// `offset`, mapped.
+    fn map(&self, name: &str, offset: u64, len: usize) -> Result<HostBytes> {
         // SAFETY: a read-only shared map of a range this process has just
         // written and never writes again (the file only grows past it, and
         // the header and index are written outside it).
         let map = unsafe {
             memmap2::MmapOptions::new()
                 .offset(offset)
-                .len(bytes.len())
+                .len(len)
                 .map(&self.file)
         }
         .map_err(|e| ModelError::io(&self.path, e))?;
@@ -705,25 +708,16 @@ impl Stream {
         let _ = map.advise(memmap2::Advice::HugePage);
         let owner: kiln_backend::ByteOwner = Arc::new(map);
         // SAFETY: as above; the whole map is the range.
-        unsafe { HostBytes::file_mapped(owner, 0..bytes.len()) }.ok_or_else(|| ModelError::Format {
+        unsafe { HostBytes::file_mapped(owner, 0..len) }.ok_or_else(|| ModelError::Format {
             path: self.path.clone(),
-            msg: format!("the map of {name} is not its {} bytes", bytes.len()),
+            msg: format!("the map of {name} is not its {len} bytes"),
         })
     }
 
     fn finish(&self, layout: &str, key: &str) -> Result<u64> {
         use std::os::unix::fs::FileExt;
         let io = |e| ModelError::io(&self.path, e);
-        let st = self.state.lock().map_err(|_| ModelError::Format {
-            path: self.path.clone(),
-            msg: "a thread writing the weight layout panicked".into(),
-        })?;
-        if let Some(why) = &st.failed {
-            return Err(ModelError::Format {
-                path: self.path.clone(),
-                msg: format!("incomplete: {why}"),
-            });
-        }
+        let st = self.unfailed("incomplete")?;
         let index = Index {
             layout: layout.to_string(),
             key: key.to_string(),
