@@ -6,6 +6,8 @@
 //! chunks and decode tokens of many sequences, concatenated) and returns the
 //! logits of the rows it asked for.
 
+use std::sync::Arc;
+
 use kiln_backend::{AttentionParams, Backend, BackendError, StepInput};
 
 use crate::config::{DecoderConfig, NormKind};
@@ -17,6 +19,9 @@ use crate::weights::WeightSource;
 use crate::{ModelError, Result};
 
 mod moe;
+mod rope_table;
+
+use rope_table::RopeTable;
 
 /// A weight matrix with its optional bias.
 struct Linear<B: Backend> {
@@ -88,14 +93,22 @@ pub struct Decoder<B: Backend> {
     final_norm: Option<Norm<B>>,
     /// `None` when the output projection is the (tied) embedding matrix.
     lm_head: Option<B::Weight>,
-    rope_table: Option<B::Tensor>,
+    /// The rotary table, grown as positions are reached (boxed: it holds
+    /// its own copy of the rotary's settings and a lock).
+    rope_table: Option<Box<RopeTable<B>>>,
     /// The rotary table of layers marked `local_rope` (Gemma 3).
-    local_rope_table: Option<B::Tensor>,
+    local_rope_table: Option<Box<RopeTable<B>>>,
     /// Positions the model instance can hold.
     max_positions: usize,
     /// [`Decoder::forward`] returns final hidden states, not logits
     /// (decoder embedders; see [`Decoder::output_hidden_states`]).
     hidden_out: bool,
+}
+
+/// The rotary tables one step reads, taken once for all its layers.
+struct StepRopes<B: Backend> {
+    global: Option<Arc<B::Tensor>>,
+    local: Option<Arc<B::Tensor>>,
 }
 
 /// Loads tensors, checking each against the shape the config implies, and
@@ -398,14 +411,14 @@ impl<B: Backend> Decoder<B> {
         } else {
             Some(l.weight("output.weight", cfg.vocab_size, e)?)
         };
-        let rope_table = match (&cfg.rope, cfg.rope_table(max_positions)) {
-            (Some(r), Some(t)) => Some(backend.upload(&[max_positions, r.rot_dim], t)?),
-            _ => None,
-        };
-        let local_rope_table = match &cfg.local_rope {
-            Some(r) => Some(backend.upload(&[max_positions, r.rot_dim], r.table(max_positions))?),
-            None => None,
-        };
+        let rope_table = cfg
+            .rope
+            .clone()
+            .map(|r| Box::new(RopeTable::new(r, max_positions)));
+        let local_rope_table = cfg
+            .local_rope
+            .clone()
+            .map(|r| Box::new(RopeTable::new(r, max_positions)));
         Ok(Self {
             cfg,
             embed,
@@ -501,6 +514,7 @@ impl<B: Backend> Decoder<B> {
         kv: &mut B::KvCache,
         step: &B::Step,
         attn: &AttentionParams,
+        ropes: &StepRopes<B>,
         lora: &LoraStep<'_, B>,
         cut: Option<&LoraStep<'_, B>>,
     ) -> Result<B::Tensor> {
@@ -515,11 +529,11 @@ impl<B: Backend> Decoder<B> {
         }
         let kind = cfg.layer_attention(i);
         let (rope, table) = if kind.local_rope {
-            (&cfg.local_rope, &self.local_rope_table)
+            (&cfg.local_rope, &ropes.local)
         } else {
-            (&cfg.rope, &self.rope_table)
+            (&cfg.rope, &ropes.global)
         };
-        if let (Some(r), Some(table)) = (rope, table) {
+        if let (Some(r), Some(table)) = (rope, table.as_deref()) {
             be.rope_inplace(
                 &mut q,
                 table,
@@ -643,6 +657,13 @@ impl<B: Backend> Decoder<B> {
         }
         let cfg = &self.cfg;
         let step = be.prepare_step(input)?;
+        let end = input.positions.iter().max().map_or(0, |&p| p as usize + 1);
+        let covering =
+            |t: &Option<Box<RopeTable<B>>>| t.as_ref().map(|t| t.covering(be, end)).transpose();
+        let ropes = StepRopes {
+            global: covering(&self.rope_table)?,
+            local: covering(&self.local_rope_table)?,
+        };
         let attn = AttentionParams {
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
@@ -691,6 +712,7 @@ impl<B: Backend> Decoder<B> {
                     kv,
                     &step,
                     &attn,
+                    &ropes,
                     lora,
                     cut.then_some(&cut_lora),
                 )?;
@@ -721,6 +743,7 @@ impl<B: Backend> Decoder<B> {
                     kv,
                     &step,
                     &attn,
+                    &ropes,
                     lora,
                     cut.then_some(&cut_lora),
                 )?;

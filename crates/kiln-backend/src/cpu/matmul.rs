@@ -567,25 +567,30 @@ mod tests {
                     .map(|isa| (isa, false))
                     .chain(isa::chosen().amx.then_some((isa::Isa::Avx512Vnni, true)))
                 {
-                    let mut got = vec![0f32; m * n];
-                    // SAFETY: as above; the ISA (and AMX) is supported by this CPU.
-                    unsafe {
-                        x86::packed::block(
-                            x86::packed::Kernels { isa, amx },
-                            &ops,
-                            0,
-                            m,
-                            0,
-                            p.groups,
-                            got.as_mut_ptr(),
-                        )
-                    };
-                    for (e, (a, b)) in got.iter().zip(&want).enumerate() {
-                        assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "{ty:?} on {isa:?} (AMX {amx}) with {bits:?}, element {e}: {a} vs portable {b}"
-                        );
+                    // All rows at once, then the first 1..=8 rows alone, so
+                    // that every tile height (rows left at a block's end)
+                    // runs.
+                    for rows in (1..=8).chain([m]) {
+                        let mut got = vec![0f32; rows * n];
+                        // SAFETY: as above; the ISA (and AMX) is supported by this CPU.
+                        unsafe {
+                            x86::packed::block(
+                                x86::packed::Kernels { isa, amx },
+                                &ops,
+                                0,
+                                rows,
+                                0,
+                                p.groups,
+                                got.as_mut_ptr(),
+                            )
+                        };
+                        for (e, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{ty:?} on {isa:?} (AMX {amx}) with {bits:?}, {rows} rows, element {e}: {a} vs portable {b}"
+                            );
+                        }
                     }
                     cov.ran(if amx { Path::Amx } else { Path::of(isa) });
                 }

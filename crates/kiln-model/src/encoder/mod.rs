@@ -77,6 +77,9 @@ pub fn check_ids(seqs: &[&[u32]], vocab: usize, max: usize) -> Result<(), InputE
 }
 
 /// The transformer under an embedding model's pooling.
+// One value per loaded model, never moved in a hot path: the variants'
+// difference in size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Transformer<B: Backend> {
     /// BERT / XLM-RoBERTa: bidirectional, `[CLS] ... [SEP]` inputs.
     Bert(BertEncoder<B>),
