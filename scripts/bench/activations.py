@@ -133,11 +133,13 @@ def score(kiln, setting, pieces, port, threads, model=None):
     try:
         wait_up(port, proc, "kiln serve")
         status, data = request(port, "GET", "/v1/models")
-        model = json.loads(data)["data"][0]["id"]
+        if status != 200:
+            sys.exit(f"activations.py: /v1/models answered {status}: {data[:500]!r}")
+        served = json.loads(data)["data"][0]["id"]
         rows = []
         for p in pieces:
             status, data = request(port, "POST", "/v1/completions", {
-                "model": model, "prompt": p, "max_tokens": 1, "temperature": 0,
+                "model": served, "prompt": p, "max_tokens": 1, "temperature": 0,
                 "echo": True, "logprobs": 1})
             if status != 200:
                 sys.exit(f"activations.py: /v1/completions answered {status}: {data[:500]!r}")
@@ -149,7 +151,7 @@ def score(kiln, setting, pieces, port, threads, model=None):
                 best = max(top, key=top.get) if top else None
                 piece.append((lp["tokens"][i], lp["token_logprobs"][i], best))
             rows.append(piece)
-        return rows, chat_answer(port, model)
+        return rows, chat_answer(port, served)
     finally:
         proc.terminate()
         proc.wait()

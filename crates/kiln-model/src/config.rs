@@ -580,17 +580,13 @@ impl DecoderConfig {
         }
         Ok(())
     }
-
-    /// The `[max_pos, rot_dim]` table of cosines (first half of each row) and
-    /// sines (second half) the backend's rope op reads.
-    pub fn rope_table(&self, max_pos: usize) -> Option<Vec<f32>> {
-        Some(self.rope.as_ref()?.table(max_pos))
-    }
 }
 
 impl RopeConfig {
-    /// This rotary's `[max_pos, rot_dim]` table of cosines and sines (see
-    /// [`DecoderConfig::rope_table`]).
+    /// This rotary's `[max_pos, rot_dim]` table of cosines (first half of
+    /// each row) and sines (second half), as the backend's rope op reads it.
+    /// Row `p` depends on `p` alone, so a longer table extends a shorter
+    /// one (the decoder grows its table as positions are reached).
     pub fn table(&self, max_pos: usize) -> Vec<f32> {
         let r = self;
         let half = r.rot_dim / 2;
@@ -620,7 +616,7 @@ impl RopeConfig {
 
 fn scale_frequency(f: f64, i: usize, scaling: &RopeScaling) -> f64 {
     match scaling {
-        // YaRN's blend depends on the base and dimension: `rope_table` asks
+        // YaRN's blend depends on the base and dimension: `RopeConfig::table` asks
         // `YarnScaling::inv_freq` for the whole set instead.
         RopeScaling::None | RopeScaling::Yarn(_) => f,
         RopeScaling::Linear { factor } => f / factor,

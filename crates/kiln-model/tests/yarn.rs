@@ -2,7 +2,7 @@
 //! attention factor of `_compute_yarn_parameters` and the cos/sin of the
 //! models' rotary modules (`testdata/golden/yarn.json`, written by
 //! `scripts/golden/yarn_golden.py`), read through kiln's config.json and
-//! GGUF parsing and its `rope_table`.
+//! GGUF parsing and its rotary table (`RopeConfig::table`).
 
 use std::path::{Path, PathBuf};
 
@@ -41,7 +41,7 @@ fn config_json(case: &Value) -> Value {
 
 /// Every case, parsed from its config.json: transformers' inverse
 /// frequencies (computed there in f32, so within a few f32 ulp) and
-/// attention factor, and `rope_table`'s cos and sin at each position
+/// attention factor, and `RopeConfig::table`'s cos and sin at each position
 /// within what torch's f32 angle (position times frequency, rounded to
 /// f32) carries: a few ulp of the angle, times the attention factor.
 #[test]
@@ -76,7 +76,7 @@ fn yarn_tables_match_transformers() {
             .map(|p| p.as_u64().unwrap() as usize)
             .collect();
         let max_pos = positions.iter().max().unwrap() + 1;
-        let table = cfg.rope_table(max_pos).expect("table");
+        let table = cfg.rope.as_ref().expect("rope").table(max_pos);
         let (rd, half) = (rope.rot_dim, rope.rot_dim / 2);
         for (k, &p) in positions.iter().enumerate() {
             let (cos, sin) = (floats(&case["cos"][k]), floats(&case["sin"][k]));
@@ -181,7 +181,10 @@ fn gguf_yarn_keys_give_the_config_json_table() {
         g.rope.as_ref().unwrap().scaling,
         hf.rope.as_ref().unwrap().scaling
     );
-    let (a, b) = (g.rope_table(300).unwrap(), hf.rope_table(300).unwrap());
+    let (a, b) = (
+        g.rope.as_ref().unwrap().table(300),
+        hf.rope.as_ref().unwrap().table(300),
+    );
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
 
     // A yarn file without its factor is refused with the key's name.

@@ -48,12 +48,11 @@ impl<B: Backend> RopeTable<B> {
     pub(crate) fn covering(&self, be: &B, end: usize) -> Result<Arc<B::Tensor>> {
         // A panic while growing leaves the old table in place: still valid.
         let mut slot = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let held = slot.as_ref().map_or(0, |(rows, _)| *rows);
-        if let Some((rows, t)) = slot.as_ref() {
-            if *rows >= end {
-                return Ok(Arc::clone(t));
-            }
-        }
+        let held = match slot.as_ref() {
+            Some((rows, t)) if *rows >= end => return Ok(Arc::clone(t)),
+            Some((rows, _)) => *rows,
+            None => 0,
+        };
         let rows = end
             .max(held.saturating_mul(2))
             .max(FIRST_ROWS)
