@@ -630,7 +630,7 @@ fn a_client_leaving_a_stream_cancels_its_message() {
     let st = s.stream(
         "/v1/messages",
         &[("Content-Type", "application/json")],
-        &json!({"model": "anthropic_cancel", "max_tokens": 1000, "stream": true,
+        &json!({"model": "anthropic_cancel", "max_tokens": 1000, "stream": true, "temperature": 0,
             "messages": user("Count from 1 to 1000, separated by commas.")}),
     );
     leave_after_three_deltas(s, st, "event: content_block_delta", "anthropic_cancel", f0);

@@ -577,7 +577,7 @@ fn responses_client_disconnect_cancels_the_generation() {
     assert_eq!(r.status, 200, "{}", r.text());
     let f0 = model_metric(s, "kiln_requests_finished_total", "responses_cancel");
     let body = json!({"model": "responses_cancel", "stream": true, "max_output_tokens": 1000,
-        "input": "Tell me everything about the history of Rome, century by century."});
+        "temperature": 0, "input": "Tell me everything about the history of Rome, century by century."});
     let st = s.stream(
         "/v1/responses",
         &[("Content-Type", "application/json")],
