@@ -395,7 +395,12 @@ fn grammar_compiles_are_bounded_in_size_time_and_number_and_starve_nothing() {
         );
     }
     assert!(
-        s.stderr().contains("stopped compiling a constraint after"),
+        // The compile notices its spent budget (and logs it) a moment
+        // after the client has its 400; on a busy machine, later.
+        s.stderr_soon_contains(
+            "stopped compiling a constraint after",
+            Duration::from_secs(10)
+        ),
         "{}",
         s.stderr()
     );
