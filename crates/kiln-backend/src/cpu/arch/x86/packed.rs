@@ -580,6 +580,15 @@ unsafe fn rows_sum512<const WIDE: bool, const R: usize>(
     }
 }
 
+/// `acc + float(sum) * dx * scale`, rounded as the canonical computation
+/// does ([`crate::cpu::packed`]): the product with `dx` first, then one
+/// fused multiply-add.
+#[inline(always)]
+unsafe fn scaled_add512(acc: __m512, sum: __m512i, dx: __m512, scale: __m512) -> __m512 {
+    // SAFETY: AVX-512F per the caller.
+    unsafe { _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), dx), scale, acc) }
+}
+
 /// [`tile`] for a whole group on 512-bit registers.
 ///
 /// # Safety
@@ -629,11 +638,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                     for ii in 0..R {
                         let blk = b0 + ii * nb;
                         let dx = _mm512_set1_ps(*q.dx.get_unchecked(blk));
-                        acc[ii] = _mm512_fmadd_ps(
-                            _mm512_mul_ps(_mm512_cvtepi32_ps(sums[ii]), dx),
-                            sc0,
-                            acc[ii],
-                        );
+                        acc[ii] = scaled_add512(acc[ii], sums[ii], dx, sc0);
                         if fmt.has_min() {
                             let xsum = _mm512_set1_ps(*q.sum32.get_unchecked(blk));
                             off[ii] = _mm512_fmadd_ps(min0, xsum, off[ii]);
@@ -656,16 +661,8 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                             act_sum512::<4, WIDE, R>(&c, x, 4),
                             _mm512_set1_epi32(k1),
                         );
-                        acc[ii] = _mm512_fmadd_ps(
-                            _mm512_mul_ps(_mm512_cvtepi32_ps(s0), dx),
-                            sc0,
-                            acc[ii],
-                        );
-                        acc[ii] = _mm512_fmadd_ps(
-                            _mm512_mul_ps(_mm512_cvtepi32_ps(s1), dx),
-                            sc1,
-                            acc[ii],
-                        );
+                        acc[ii] = scaled_add512(acc[ii], s0, dx, sc0);
+                        acc[ii] = scaled_add512(acc[ii], s1, dx, sc1);
                     } else {
                         let sum = act_sum512::<8, WIDE, R>(&c, x, 0);
                         let sum = if zero_point != 0 {
@@ -674,11 +671,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                         } else {
                             sum
                         };
-                        acc[ii] = _mm512_fmadd_ps(
-                            _mm512_mul_ps(_mm512_cvtepi32_ps(sum), dx),
-                            sc0,
-                            acc[ii],
-                        );
+                        acc[ii] = scaled_add512(acc[ii], sum, dx, sc0);
                     }
                     if fmt.has_min() && fmt.halves() {
                         let xsum0 = _mm512_set1_ps(*q.sum16.get_unchecked(2 * blk));
