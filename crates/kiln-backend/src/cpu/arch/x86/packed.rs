@@ -17,7 +17,7 @@ use super::int::{Avx2Dot, AvxVnniDot, Dot};
 use super::unpack::{
     by_format, codes256, codes512, format, head256, head512, scales256, scales512,
 };
-use crate::cpu::actq::ActBits;
+use crate::cpu::actq::{ActBits, QuantizedRows};
 use crate::cpu::isa::Isa;
 use crate::cpu::packed::{PackedOperands, NR};
 
@@ -467,7 +467,7 @@ unsafe fn part_sum512<const N: usize, const CH: usize>(
         let mut s = [_mm512_setzero_si512(); CH];
         for k in 0..N {
             let q = q0 + k;
-            let xb = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * q) as *const i32));
+            let xb = broadcast4_512(x.add(4 * q));
             s[k % CH] = _mm512_dpbusd_epi32(s[k % CH], c[q], xb);
         }
         let mut sum = s[0];
@@ -589,6 +589,37 @@ unsafe fn scaled_add512(acc: __m512, sum: __m512i, dx: __m512, scale: __m512) ->
     unsafe { _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), dx), scale, acc) }
 }
 
+/// `off` plus block `blk`'s offset terms where the format has minimums:
+/// each part's minimum times the activations' sum over it (two halves of
+/// 16 for Q2_K, the whole 32 otherwise); `off` itself without them.
+///
+/// # Safety
+/// `blk` is a block of the quantized rows `q`; AVX-512F per the caller.
+#[inline(always)]
+unsafe fn add_offsets512<const F: u8>(
+    off: __m512,
+    q: &QuantizedRows,
+    blk: usize,
+    min0: __m512,
+    min1: __m512,
+) -> __m512 {
+    let fmt = format::<F>();
+    // SAFETY: the caller's contract.
+    unsafe {
+        if fmt.has_min() && fmt.halves() {
+            let xsum0 = _mm512_set1_ps(*q.sum16.get_unchecked(2 * blk));
+            let xsum1 = _mm512_set1_ps(*q.sum16.get_unchecked(2 * blk + 1));
+            let off = _mm512_fmadd_ps(min0, xsum0, off);
+            _mm512_fmadd_ps(min1, xsum1, off)
+        } else if fmt.has_min() {
+            let xsum = _mm512_set1_ps(*q.sum32.get_unchecked(blk));
+            _mm512_fmadd_ps(min0, xsum, off)
+        } else {
+            off
+        }
+    }
+}
+
 /// [`tile`] for a whole group on 512-bit registers.
 ///
 /// # Safety
@@ -639,10 +670,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                         let blk = b0 + ii * nb;
                         let dx = _mm512_set1_ps(*q.dx.get_unchecked(blk));
                         acc[ii] = scaled_add512(acc[ii], sums[ii], dx, sc0);
-                        if fmt.has_min() {
-                            let xsum = _mm512_set1_ps(*q.sum32.get_unchecked(blk));
-                            off[ii] = _mm512_fmadd_ps(min0, xsum, off[ii]);
-                        }
+                        off[ii] = add_offsets512::<F>(off[ii], q, blk, min0, min1);
                     }
                     continue;
                 }
@@ -673,15 +701,7 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                         };
                         acc[ii] = scaled_add512(acc[ii], sum, dx, sc0);
                     }
-                    if fmt.has_min() && fmt.halves() {
-                        let xsum0 = _mm512_set1_ps(*q.sum16.get_unchecked(2 * blk));
-                        let xsum1 = _mm512_set1_ps(*q.sum16.get_unchecked(2 * blk + 1));
-                        off[ii] = _mm512_fmadd_ps(min0, xsum0, off[ii]);
-                        off[ii] = _mm512_fmadd_ps(min1, xsum1, off[ii]);
-                    } else if fmt.has_min() {
-                        let xsum = _mm512_set1_ps(*q.sum32.get_unchecked(blk));
-                        off[ii] = _mm512_fmadd_ps(min0, xsum, off[ii]);
-                    }
+                    off[ii] = add_offsets512::<F>(off[ii], q, blk, min0, min1);
                 }
             }
         }
