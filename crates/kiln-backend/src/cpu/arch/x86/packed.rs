@@ -448,12 +448,15 @@ unsafe fn cover512<const F: u8>(
 
 /// [`part_sum`] on a whole group (codes from [`codes512`], unsigned), its
 /// products spread over `CH` independent sums (integer additions are exact
-/// in any order): four where few rows share a tile, so consecutive products
-/// do not wait on each other's latency; two where the tile's rows give
-/// independent chains of their own (one chain per row left the products
-/// waiting on each other: 16-bit activations over 128 rows ran at 85
-/// GMAC/s on one Emerald Rapids core with one chain and four rows per tile,
-/// 110 with two and six).
+/// in any order). Two where the tile's rows give independent chains of
+/// their own (one chain per row ran 16-bit activations over 128 rows at 85
+/// GMAC/s on one Emerald Rapids core with four rows per tile, two chains
+/// at 110 with six). Four for a lone row, so that each sum waits on one
+/// cache line of codes (registers `q` and `q + 4` of a 4-bit format come
+/// from the same line): with weights streaming from memory, the two
+/// longer chains of [`rows_sum512`] read Q4_0 at 41-43 GMAC/s against
+/// 43-47 and Q6_K at 29-31 against 33-35 (one Zen 4 core, 8192 x 3072),
+/// though they were 10-20% faster with the weights in cache.
 /// (Functions, not closures: closures do not inherit the caller's target
 /// features, and their intrinsics would become calls.)
 #[inline(always)]
@@ -478,7 +481,8 @@ unsafe fn part_sum512<const N: usize, const CH: usize>(
     }
 }
 
-/// [`act_sum`] on a whole group, for a tile of `R` rows.
+/// [`act_sum`] on a whole group, for a tile of `R` rows (one, or four and
+/// more over the halves' formats; the others take [`rows_sum512`]).
 #[inline(always)]
 unsafe fn act_sum512<const N: usize, const WIDE: bool, const R: usize>(
     c: &[__m512i; 8],
@@ -529,54 +533,115 @@ unsafe fn sum_start512(zero_point: i32, k: i32) -> __m512i {
 }
 
 /// The exact sums of a sub-block's eight code registers against each of
-/// a tile's `R` activation blocks (at `xs`), every row's sum starting from
-/// `start` (its `-K * sum(qx)`, so no subtraction follows). Where
-/// [`act_sum512`] finishes one row before the next, this walks the codes
-/// once with the rows innermost, so each code register meets every row's
-/// broadcast in turn and the tile's rows give the independent chains: two
-/// per row (the `hi` and `lo` bytes when `WIDE`, even and odd registers
-/// otherwise), enough for four or more rows without the partial sums
-/// [`part_sum512`] adds up. On one Zen 4 core (AMD EPYC build machine),
-/// 128 rows with 16-bit activations went from 84 to 89 GMAC/s for Q4_K,
-/// 89-90 to 93 for Q4_0 and 92-93 to 94-95 for Q8_0, in alternating runs
-/// of `linear_bench` (3072 x 3072); for Q6_K, whose halves need twice the
-/// live sums, it measured no faster, and the halves keep [`act_sum512`].
+/// a tile's `R` activation blocks (at `xs`), per part: the whole 32 when
+/// `P` is 1, two halves of 16 (registers 0..4 and 4..8) when it is 2.
+/// Every row's part starts from `start` (its `-K * sum(qx)` over the
+/// part, so no subtraction follows). Where [`act_sum512`] finishes one
+/// row before the next, this walks the codes once with the rows
+/// innermost, so each code register meets every row's broadcast in turn,
+/// and each row and part keeps two independent chains (the `hi` and `lo`
+/// bytes when `WIDE`, even and odd registers otherwise) and none of the
+/// partial sums [`part_sum512`] adds up.
+///
+/// On one Zen 4 core (AMD EPYC build machine), alternating `linear_bench`
+/// runs, 16-bit activations: 128 rows went from 84 to 89 GMAC/s for Q4_K,
+/// 89-90 to 93 for Q4_0 and 92-93 to 94-95 for Q8_0 (3072 x 3072); two
+/// and three rows with the weights streaming from memory (8192 x 3072,
+/// best of three): Q4_K 79 to 83 and 82 to 88, Q4_0 78 to 87 and 82 to
+/// 91, Q6_K 50 to 56 and 55 to 62. A lone row keeps [`act_sum512`] (see
+/// [`part_sum512`]), and so does Q8_0 over two or three rows (43 to 40
+/// from memory: its chains span eight lines each); the halves over four
+/// or more rows do too: with both halves' chains live for every row the
+/// registers run out (Q6_K, 128 rows: 66-73 GMAC/s either way).
 #[inline(always)]
-unsafe fn rows_sum512<const WIDE: bool, const R: usize>(
+unsafe fn rows_sum512<const WIDE: bool, const R: usize, const P: usize>(
     c: &[__m512i; 8],
     xs: &[*const i8; R],
-    start: [__m512i; R],
-) -> [__m512i; R] {
+    start: [[__m512i; P]; R],
+) -> [[__m512i; P]; R] {
     // SAFETY: 32 (64 when wide) readable bytes at each xs[ii].
     unsafe {
-        let mut a = [_mm512_setzero_si512(); R];
+        let mut a = [[_mm512_setzero_si512(); P]; R];
         let mut b = start;
         for (q, &cq) in c.iter().enumerate() {
+            let h = q / (8 / P);
             for ii in 0..R {
                 let x = xs[ii].add(4 * q);
                 if WIDE {
-                    a[ii] = _mm512_dpbusd_epi32(a[ii], cq, broadcast4_512(x));
-                    b[ii] = _mm512_dpbusd_epi32(b[ii], cq, broadcast4_512(x.add(32)));
+                    a[ii][h] = _mm512_dpbusd_epi32(a[ii][h], cq, broadcast4_512(x));
+                    b[ii][h] = _mm512_dpbusd_epi32(b[ii][h], cq, broadcast4_512(x.add(32)));
                 } else if q % 2 == 0 {
-                    b[ii] = _mm512_dpbusd_epi32(b[ii], cq, broadcast4_512(x));
+                    b[ii][h] = _mm512_dpbusd_epi32(b[ii][h], cq, broadcast4_512(x));
                 } else {
-                    a[ii] = _mm512_dpbusd_epi32(a[ii], cq, broadcast4_512(x));
+                    a[ii][h] = _mm512_dpbusd_epi32(a[ii][h], cq, broadcast4_512(x));
                 }
             }
         }
         let mut out = b;
         for ii in 0..R {
-            out[ii] = if WIDE {
-                // 255 * hi + lo, with lo's sum already holding -K * sum(qx).
-                _mm512_add_epi32(
-                    _mm512_sub_epi32(_mm512_slli_epi32::<8>(a[ii]), a[ii]),
-                    b[ii],
-                )
-            } else {
-                _mm512_add_epi32(a[ii], b[ii])
-            };
+            for h in 0..P {
+                let (hi, lo) = (a[ii][h], b[ii][h]);
+                out[ii][h] = if WIDE {
+                    // 255 * hi + lo, with lo's sum already holding -K * sum(qx).
+                    _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32::<8>(hi), hi), lo)
+                } else {
+                    _mm512_add_epi32(hi, lo)
+                };
+            }
         }
         out
+    }
+}
+
+/// One sub-block of a tile of `R` rows by the rows-innermost walk
+/// ([`rows_sum512`]) over `P` parts (1, or 2 for the halves' formats):
+/// each row's exact sums scaled into `acc` and its offsets added into
+/// `off`, in the canonical order. `b0` is the sub-block's block index in
+/// the tile's first row; each next row's is `nb` further.
+///
+/// # Safety
+/// As [`tile512`]: the tile's rows are rows of `q`, whose activations
+/// (64 bytes a block when `WIDE`, else 32) start at `xs`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_add512<const F: u8, const WIDE: bool, const R: usize, const P: usize>(
+    c: &[__m512i; 8],
+    q: &QuantizedRows,
+    xs: *const i8,
+    b0: usize,
+    nb: usize,
+    (sc0, sc1, min0, min1): (__m512, __m512, __m512, __m512),
+    acc: &mut [__m512; R],
+    off: &mut [__m512; R],
+) {
+    let zero_point = format::<F>().zero_point();
+    let x_bytes = if WIDE { 64 } else { 32 };
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut xr = [std::ptr::null::<i8>(); R];
+        let mut start = [[_mm512_setzero_si512(); P]; R];
+        for ii in 0..R {
+            let blk = b0 + ii * nb;
+            xr[ii] = xs.add(x_bytes * blk);
+            for (h, st) in start[ii].iter_mut().enumerate() {
+                let k = if P == 1 {
+                    *q.isum.get_unchecked(blk)
+                } else {
+                    *q.isum16.get_unchecked(2 * blk + h)
+                };
+                *st = sum_start512(zero_point, k);
+            }
+        }
+        let sums = rows_sum512::<WIDE, R, P>(c, &xr, start);
+        for ii in 0..R {
+            let blk = b0 + ii * nb;
+            let dx = _mm512_set1_ps(*q.dx.get_unchecked(blk));
+            acc[ii] = scaled_add512(acc[ii], sums[ii][0], dx, sc0);
+            if P == 2 {
+                acc[ii] = scaled_add512(acc[ii], sums[ii][P - 1], dx, sc1);
+            }
+            off[ii] = add_offsets512::<F>(off[ii], q, blk, min0, min1);
+        }
     }
 }
 
@@ -654,28 +719,22 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                         *cq = _mm512_xor_si512(*cq, flip);
                     }
                 }
-                let (sc0, sc1, min0, min1) = scales512::<F>(head, d, second, s);
-                if R >= 4 && !fmt.halves() {
-                    // Rows innermost (see `rows_sum512`).
-                    let b0 = i * nb + fb * fmt.subs() + s;
-                    let mut xr = [std::ptr::null::<i8>(); R];
-                    let mut start = [_mm512_setzero_si512(); R];
-                    for ii in 0..R {
-                        let blk = b0 + ii * nb;
-                        xr[ii] = xs.add(x_bytes * blk);
-                        start[ii] = sum_start512(zero_point, *q.isum.get_unchecked(blk));
-                    }
-                    let sums = rows_sum512::<WIDE, R>(&c, &xr, start);
-                    for ii in 0..R {
-                        let blk = b0 + ii * nb;
-                        let dx = _mm512_set1_ps(*q.dx.get_unchecked(blk));
-                        acc[ii] = scaled_add512(acc[ii], sums[ii], dx, sc0);
-                        off[ii] = add_offsets512::<F>(off[ii], q, blk, min0, min1);
-                    }
+                let scales = scales512::<F>(head, d, second, s);
+                let b0 = i * nb + fb * fmt.subs() + s;
+                // Rows innermost where it measured faster (see
+                // `rows_sum512`): not for a lone row, nor for Q8_0 over
+                // two or three, nor for the halves over four or more.
+                if fmt.halves() && R > 1 && R < 4 {
+                    rows_add512::<F, WIDE, R, 2>(&c, q, xs, b0, nb, scales, &mut acc, &mut off);
                     continue;
                 }
+                if !fmt.halves() && (R >= 4 || (R > 1 && fmt.code_bits() < 8)) {
+                    rows_add512::<F, WIDE, R, 1>(&c, q, xs, b0, nb, scales, &mut acc, &mut off);
+                    continue;
+                }
+                let (sc0, sc1, min0, min1) = scales;
                 for ii in 0..R {
-                    let blk = (i + ii) * nb + fb * fmt.subs() + s;
+                    let blk = b0 + ii * nb;
                     let x = xs.add(x_bytes * blk);
                     let dx = _mm512_set1_ps(*q.dx.get_unchecked(blk));
                     if fmt.halves() {
