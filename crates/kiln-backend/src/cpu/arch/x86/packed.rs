@@ -593,6 +593,20 @@ unsafe fn rows_sum512<const WIDE: bool, const R: usize, const P: usize>(
     }
 }
 
+/// Whether a tile of `rows` rows over `fmt` takes the rows-innermost walk
+/// ([`rows_add512`]) rather than [`act_sum512`] row by row: wherever it
+/// measured faster (see [`rows_sum512`]), so not for a lone row, nor for
+/// Q8_0 over two or three rows, nor for the halves' formats over four or
+/// more.
+#[inline(always)]
+const fn rows_innermost(fmt: crate::cpu::packed::PackedFormat, rows: usize) -> bool {
+    if fmt.halves() {
+        rows > 1 && rows < 4
+    } else {
+        rows >= 4 || (rows > 1 && fmt.code_bits() < 8)
+    }
+}
+
 /// One sub-block of a tile of `R` rows by the rows-innermost walk
 /// ([`rows_sum512`]) over `P` parts (1, or 2 for the halves' formats):
 /// each row's exact sums scaled into `acc` and its offsets added into
@@ -721,15 +735,12 @@ unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
                 }
                 let scales = scales512::<F>(head, d, second, s);
                 let b0 = i * nb + fb * fmt.subs() + s;
-                // Rows innermost where it measured faster (see
-                // `rows_sum512`): not for a lone row, nor for Q8_0 over
-                // two or three, nor for the halves over four or more.
-                if fmt.halves() && R > 1 && R < 4 {
-                    rows_add512::<F, WIDE, R, 2>(&c, q, xs, b0, nb, scales, &mut acc, &mut off);
-                    continue;
-                }
-                if !fmt.halves() && (R >= 4 || (R > 1 && fmt.code_bits() < 8)) {
-                    rows_add512::<F, WIDE, R, 1>(&c, q, xs, b0, nb, scales, &mut acc, &mut off);
+                if rows_innermost(fmt, R) {
+                    if fmt.halves() {
+                        rows_add512::<F, WIDE, R, 2>(&c, q, xs, b0, nb, scales, &mut acc, &mut off);
+                    } else {
+                        rows_add512::<F, WIDE, R, 1>(&c, q, xs, b0, nb, scales, &mut acc, &mut off);
+                    }
                     continue;
                 }
                 let (sc0, sc1, min0, min1) = scales;
