@@ -100,7 +100,10 @@ pub(crate) unsafe fn block(
 }
 
 /// [`block`] for format `F` and activation width `WIDE`.
-#[inline(always)]
+// Outlined for the reason `packed::OutlinedTile` gives: inlined, every
+// format and width made `block` one body of 170 thousand lines of IR.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(never)]
 unsafe fn groups<const F: u8, const WIDE: bool>(
     ops: &PackedOperands,
     i0: usize,

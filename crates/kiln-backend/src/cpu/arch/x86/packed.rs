@@ -116,7 +116,7 @@ const MR: usize = 4;
 const MR512: usize = 6;
 
 #[inline(always)]
-unsafe fn dispatch<D: Dot>(
+unsafe fn dispatch<D: OutlinedTile>(
     ops: &PackedOperands,
     i0: usize,
     i1: usize,
@@ -129,7 +129,7 @@ unsafe fn dispatch<D: Dot>(
 }
 
 #[inline(always)]
-unsafe fn cover<D: Dot, const F: u8>(
+unsafe fn cover<D: OutlinedTile, const F: u8>(
     ops: &PackedOperands,
     i0: usize,
     i1: usize,
@@ -149,14 +149,14 @@ unsafe fn cover<D: Dot, const F: u8>(
                 while i < i1 {
                     let rows = (i1 - i).min(MR);
                     match (rows, wide) {
-                        (1, false) => tile::<D, F, 1, false>(ops, i, g, h, out),
-                        (2, false) => tile::<D, F, 2, false>(ops, i, g, h, out),
-                        (3, false) => tile::<D, F, 3, false>(ops, i, g, h, out),
-                        (_, false) => tile::<D, F, MR, false>(ops, i, g, h, out),
-                        (1, true) => tile::<D, F, 1, true>(ops, i, g, h, out),
-                        (2, true) => tile::<D, F, 2, true>(ops, i, g, h, out),
-                        (3, true) => tile::<D, F, 3, true>(ops, i, g, h, out),
-                        (_, true) => tile::<D, F, MR, true>(ops, i, g, h, out),
+                        (1, false) => D::tile::<F, 1, false>(ops, i, g, h, out),
+                        (2, false) => D::tile::<F, 2, false>(ops, i, g, h, out),
+                        (3, false) => D::tile::<F, 3, false>(ops, i, g, h, out),
+                        (_, false) => D::tile::<F, MR, false>(ops, i, g, h, out),
+                        (1, true) => D::tile::<F, 1, true>(ops, i, g, h, out),
+                        (2, true) => D::tile::<F, 2, true>(ops, i, g, h, out),
+                        (3, true) => D::tile::<F, 3, true>(ops, i, g, h, out),
+                        (_, true) => D::tile::<F, MR, true>(ops, i, g, h, out),
                     }
                     i += rows;
                 }
@@ -164,6 +164,48 @@ unsafe fn cover<D: Dot, const F: u8>(
         }
     }
 }
+
+/// [`tile`] for one instruction set, as a function of its own.
+///
+/// Each tile is outlined (as is [`tile512`]) so that every format, height
+/// and width is a separate function: inlined, all of them made each entry
+/// point one body of 450-880 thousand lines of LLVM IR, which took the
+/// optimiser over ten minutes on one core per build of this crate (the
+/// largest part of a CI run). A call per tile costs nothing measurable
+/// beside the tile's pass over a whole row of codes.
+trait OutlinedTile: Dot {
+    /// # Safety
+    /// As [`tile`]; the CPU has the implementation's instruction set.
+    unsafe fn tile<const F: u8, const R: usize, const WIDE: bool>(
+        ops: &PackedOperands,
+        i: usize,
+        g: usize,
+        half: usize,
+        out: *mut f32,
+    );
+}
+
+macro_rules! outlined_tile {
+    ($dot:ty, $features:literal) => {
+        impl OutlinedTile for $dot {
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            unsafe fn tile<const F: u8, const R: usize, const WIDE: bool>(
+                ops: &PackedOperands,
+                i: usize,
+                g: usize,
+                half: usize,
+                out: *mut f32,
+            ) {
+                // SAFETY: the caller's contract, with this set's features.
+                unsafe { tile::<Self, F, R, WIDE>(ops, i, g, half, out) }
+            }
+        }
+    };
+}
+
+outlined_tile!(Avx2Dot, "avx2,fma,f16c");
+outlined_tile!(AvxVnniDot, "avx2,fma,f16c,avxvnni");
 
 /// Four activation bytes at `p`, in every lane.
 #[inline(always)]
@@ -703,7 +745,9 @@ unsafe fn add_offsets512<const F: u8>(
 ///
 /// # Safety
 /// As [`tile`]; the CPU has AVX512F, BW, VL and VNNI.
-#[inline(always)]
+// Outlined, as `OutlinedTile::tile` (see there).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(never)]
 unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
     ops: &PackedOperands,
     i: usize,
