@@ -9,8 +9,8 @@
 //! accumulators on `--threads` threads, each its own contiguous share, the
 //! AVX2 build of the loop where the CPU has it, three ways: as it is,
 //! asking for each cache line 4 KiB before it is read, and asking for it
-//! 16 KiB before into L2 and again 4 KiB before into L1 (as the packed CPU
-//! kernels do: the hardware prefetchers alone restart at every 4 KiB page
+//! 16 KiB before into L2 and again 4 KiB before into L1 (the packed CPU
+//! kernels' distances, taken from them: the hardware prefetchers alone restart at every 4 KiB page
 //! and left the plain loop about 7% under what the kernels then reached).
 //! The best pass of any way is reported, as the first pass also faults the
 //! pages in, so the floor is what the best of these reads. The buffer is
@@ -68,18 +68,20 @@ impl Ahead {
     }
 }
 
-/// [`sum_words`] over 4 KiB pieces, each line of the piece 4 KiB ahead
-/// (and with `far`, 16 KiB ahead into L2 too) asked for before the piece is
-/// summed.
+/// [`sum_words`] over 4 KiB pieces, each line of the piece asked for
+/// before the piece is summed, as far ahead into L1 as the packed kernels
+/// ask (and with `far`, as far ahead into L2 as they ask too:
+/// [`PREFETCH_NEAR_BYTES`], [`PREFETCH_FAR_BYTES`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn sum_words_prefetched(words: &[u64], far: bool) -> u64 {
+    use kiln_backend::cpu::{PREFETCH_FAR_BYTES, PREFETCH_NEAR_BYTES};
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
     const PIECE: usize = 512; // words: 4 KiB
     let mut total = 0u64;
     for (i, piece) in words.chunks(PIECE).enumerate() {
-        let near = words.as_ptr().wrapping_add((i + 1) * PIECE);
-        let far_at = words.as_ptr().wrapping_add((i + 4) * PIECE);
+        let ahead = |bytes: usize| words.as_ptr().wrapping_add(i * PIECE + bytes / 8);
+        let (near, far_at) = (ahead(PREFETCH_NEAR_BYTES), ahead(PREFETCH_FAR_BYTES));
         for line in 0..PIECE / 8 {
             // A prefetch reads nothing and never faults (the addresses are
             // formed with `wrapping_add`: past the end at the last pieces).

@@ -24,6 +24,31 @@ pub use kv_cache::CpuKvCache;
 pub use tensor::CpuTensor;
 pub use weight::CpuWeight;
 
+/// How far ahead of the chunk being computed its weights are fetched
+/// into the core's L2 cache, in bytes. A group's chunks lie one after
+/// another and the groups of a band too, so a kernel streams its weights
+/// in order; the hardware prefetchers alone, which restart at each 4 KiB
+/// page, left a one-row product (decode) at 50-65% of the read bandwidth
+/// for 4-bit codes, whose decoding keeps fewer loads in flight than
+/// Q8_0's. Fetching 4 KiB ahead into L1 brought Q4_0, Q4_K, Q6_K and Q8_0
+/// to 28-32 GB/s on two threads of the Xeon build machine; 16 KiB ahead
+/// into L2 was as fast or up to 10% faster in alternating runs
+/// (`linear_bench` with `KILN_BENCH_SHAPES=262144x4096`), and 2 KiB slower.
+/// Public, as is [`PREFETCH_NEAR_BYTES`], so that `kiln bench --bandwidth`
+/// probes memory at the kernels' own distances.
+pub const PREFETCH_FAR_BYTES: usize = 16384;
+
+/// How far ahead the same lines are asked for again, into L1, once the
+/// far request has had time to bring them into L2. With the far request
+/// alone a demand load still waited for the L2-to-L1 transfer, and one
+/// core's K-quant kernels read 14-15 GB/s from memory where the probe
+/// reads 17-19; with both, `kiln bench` decoded a Llama-3.2-1B-shaped
+/// Q4_K_M 7-10% faster on 1 and 2 threads (19.4-20.5 to 20.8-22.3 and
+/// 37.6-39.5 to 39.7-42.4 tokens/s, alternating runs). 2-6 KiB and
+/// 8-32 KiB for the far one measured the same; the near one alone, with
+/// no far one, was 10% slower than the far one alone.
+pub const PREFETCH_NEAR_BYTES: usize = 4096;
+
 /// [`crate::Backend::feed_forward_rows`] on the CPU.
 pub const FEED_FORWARD_ROWS: usize = 256;
 

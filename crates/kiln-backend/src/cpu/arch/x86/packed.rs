@@ -20,6 +20,7 @@ use super::unpack::{
 use crate::cpu::actq::{ActBits, QuantizedRows};
 use crate::cpu::isa::Isa;
 use crate::cpu::packed::{PackedOperands, NR};
+use crate::cpu::{PREFETCH_FAR_BYTES, PREFETCH_NEAR_BYTES};
 
 /// Which kernels run a product over packed weights.
 #[derive(Debug, Clone, Copy)]
@@ -265,32 +266,9 @@ unsafe fn act_sum<D: Dot, const SIGN_TRICK: bool, const N: usize, const WIDE: bo
     }
 }
 
-/// How far ahead of the chunk being computed its weights are fetched
-/// into the core's L2 cache, in bytes. A group's chunks lie one after
-/// another and the groups of a band too, so a kernel streams its weights
-/// in order; the hardware prefetchers alone, which restart at each 4 KiB
-/// page, left a one-row product (decode) at 50-65% of the read bandwidth
-/// for 4-bit codes, whose decoding keeps fewer loads in flight than
-/// Q8_0's. Fetching 4 KiB ahead into L1 brought Q4_0, Q4_K, Q6_K and Q8_0
-/// to 28-32 GB/s on two threads of the Xeon build machine; 16 KiB ahead
-/// into L2 was as fast or up to 10% faster in alternating runs
-/// (`linear_bench` with `KILN_BENCH_SHAPES=262144x4096`), and 2 KiB slower.
-const PREFETCH_BYTES: usize = 16384;
-
-/// How far ahead the same lines are asked for again, into L1, once the
-/// far request has had time to bring them into L2. With the far request
-/// alone a demand load still waited for the L2-to-L1 transfer, and one
-/// core's K-quant kernels read 14-15 GB/s from memory where the probe
-/// reads 17-19; with both, `kiln bench` decoded a Llama-3.2-1B-shaped
-/// Q4_K_M 7-10% faster on 1 and 2 threads (19.4-20.5 to 20.8-22.3 and
-/// 37.6-39.5 to 39.7-42.4 tokens/s, alternating runs). 2-6 KiB and
-/// 8-32 KiB for the far one measured the same; the near one alone, with
-/// no far one, was 10% slower than the far one alone.
-const PREFETCH_L1_BYTES: usize = 4096;
-
 /// Prefetches, while sub-block `s` of the chunk at `p` is computed, its
-/// share of the cache lines [`PREFETCH_BYTES`] further on into L2 and of
-/// those [`PREFETCH_L1_BYTES`] further on into L1, so that over a chunk's
+/// share of the cache lines [`PREFETCH_FAR_BYTES`] further on into L2 and of
+/// those [`PREFETCH_NEAR_BYTES`] further on into L1, so that over a chunk's
 /// sub-blocks every line of the chunk that far ahead is asked for once at
 /// each distance. (A prefetch is a hint that never faults, so an address
 /// past the end of the weights is harmless; it is formed with
@@ -300,8 +278,8 @@ unsafe fn prefetch_ahead(fmt: crate::cpu::packed::PackedFormat, p: *const u8, s:
     let lines = fmt.chunk().div_ceil(64).div_ceil(fmt.subs());
     for l in 0..lines {
         let line = 64 * (s * lines + l);
-        let far = p.wrapping_add(PREFETCH_BYTES + line);
-        let near = p.wrapping_add(PREFETCH_L1_BYTES + line);
+        let far = p.wrapping_add(PREFETCH_FAR_BYTES + line);
+        let near = p.wrapping_add(PREFETCH_NEAR_BYTES + line);
         // SAFETY: prefetching reads nothing and never faults.
         unsafe {
             _mm_prefetch::<_MM_HINT_T1>(far as *const i8);
