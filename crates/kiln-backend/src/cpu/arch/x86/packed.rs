@@ -150,14 +150,14 @@ unsafe fn cover<D: OutlinedTile, const F: u8>(
                 while i < i1 {
                     let rows = (i1 - i).min(MR);
                     match (rows, wide) {
-                        (1, false) => D::tile::<F, 1, false>(ops, i, g, h, out),
-                        (2, false) => D::tile::<F, 2, false>(ops, i, g, h, out),
-                        (3, false) => D::tile::<F, 3, false>(ops, i, g, h, out),
-                        (_, false) => D::tile::<F, MR, false>(ops, i, g, h, out),
-                        (1, true) => D::tile::<F, 1, true>(ops, i, g, h, out),
-                        (2, true) => D::tile::<F, 2, true>(ops, i, g, h, out),
-                        (3, true) => D::tile::<F, 3, true>(ops, i, g, h, out),
-                        (_, true) => D::tile::<F, MR, true>(ops, i, g, h, out),
+                        (1, false) => outlined::<D, F, 1, false>(ops, i, g, h, out),
+                        (2, false) => outlined::<D, F, 2, false>(ops, i, g, h, out),
+                        (3, false) => outlined::<D, F, 3, false>(ops, i, g, h, out),
+                        (_, false) => outlined::<D, F, MR, false>(ops, i, g, h, out),
+                        (1, true) => outlined::<D, F, 1, true>(ops, i, g, h, out),
+                        (2, true) => outlined::<D, F, 2, true>(ops, i, g, h, out),
+                        (3, true) => outlined::<D, F, 3, true>(ops, i, g, h, out),
+                        (_, true) => outlined::<D, F, MR, true>(ops, i, g, h, out),
                     }
                     i += rows;
                 }
@@ -173,7 +173,8 @@ unsafe fn cover<D: OutlinedTile, const F: u8>(
 /// point one body of 450-880 thousand lines of LLVM IR, which took the
 /// optimiser over ten minutes on one core per build of this crate (the
 /// largest part of a CI run). A call per tile costs nothing measurable
-/// beside the tile's pass over a whole row of codes.
+/// beside the tile's pass over a whole row of codes. Called through
+/// [`outlined`], which is what keeps it outlined.
 trait OutlinedTile: Dot {
     /// # Safety
     /// As [`tile`]; the CPU has the implementation's instruction set.
@@ -190,7 +191,6 @@ macro_rules! outlined_tile {
     ($dot:ty, $features:literal) => {
         impl OutlinedTile for $dot {
             #[target_feature(enable = $features)]
-            #[inline(never)]
             unsafe fn tile<const F: u8, const R: usize, const WIDE: bool>(
                 ops: &PackedOperands,
                 i: usize,
@@ -207,6 +207,30 @@ macro_rules! outlined_tile {
 
 outlined_tile!(Avx2Dot, "avx2,fma,f16c");
 outlined_tile!(AvxVnniDot, "avx2,fma,f16c,avxvnni");
+
+/// Calls `D`'s [`OutlinedTile::tile`], and is why that stays a function of
+/// its own. `#[inline(never)]` on a `#[target_feature]` function does not
+/// reach LLVM as such: rustc (1.95) marks the calls to one `noinline` only
+/// at call sites in functions that have its features themselves, and
+/// [`cover`] has none (it takes them from the entry point it is inlined
+/// into), so the release build inlined every tile again. This wrapper has
+/// no target features, so it keeps its own `noinline`, and LLVM never
+/// inlines a function with more target features (the tile) into one with
+/// fewer. Two calls per tile, against a tile's pass over a row of codes.
+///
+/// # Safety
+/// As [`OutlinedTile::tile`].
+#[inline(never)]
+unsafe fn outlined<D: OutlinedTile, const F: u8, const R: usize, const WIDE: bool>(
+    ops: &PackedOperands,
+    i: usize,
+    g: usize,
+    half: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { D::tile::<F, R, WIDE>(ops, i, g, half, out) }
+}
 
 /// Four activation bytes at `p`, in every lane.
 #[inline(always)]
@@ -447,18 +471,18 @@ unsafe fn cover512<const F: u8>(
             while i < i1 {
                 let rows = (i1 - i).min(MR512);
                 match (rows, wide) {
-                    (1, false) => tile512::<F, 1, false>(ops, i, g, out),
-                    (2, false) => tile512::<F, 2, false>(ops, i, g, out),
-                    (3, false) => tile512::<F, 3, false>(ops, i, g, out),
-                    (4, false) => tile512::<F, 4, false>(ops, i, g, out),
-                    (5, false) => tile512::<F, 5, false>(ops, i, g, out),
-                    (_, false) => tile512::<F, MR512, false>(ops, i, g, out),
-                    (1, true) => tile512::<F, 1, true>(ops, i, g, out),
-                    (2, true) => tile512::<F, 2, true>(ops, i, g, out),
-                    (3, true) => tile512::<F, 3, true>(ops, i, g, out),
-                    (4, true) => tile512::<F, 4, true>(ops, i, g, out),
-                    (5, true) => tile512::<F, 5, true>(ops, i, g, out),
-                    (_, true) => tile512::<F, MR512, true>(ops, i, g, out),
+                    (1, false) => outlined512::<F, 1, false>(ops, i, g, out),
+                    (2, false) => outlined512::<F, 2, false>(ops, i, g, out),
+                    (3, false) => outlined512::<F, 3, false>(ops, i, g, out),
+                    (4, false) => outlined512::<F, 4, false>(ops, i, g, out),
+                    (5, false) => outlined512::<F, 5, false>(ops, i, g, out),
+                    (_, false) => outlined512::<F, MR512, false>(ops, i, g, out),
+                    (1, true) => outlined512::<F, 1, true>(ops, i, g, out),
+                    (2, true) => outlined512::<F, 2, true>(ops, i, g, out),
+                    (3, true) => outlined512::<F, 3, true>(ops, i, g, out),
+                    (4, true) => outlined512::<F, 4, true>(ops, i, g, out),
+                    (5, true) => outlined512::<F, 5, true>(ops, i, g, out),
+                    (_, true) => outlined512::<F, MR512, true>(ops, i, g, out),
                 }
                 i += rows;
             }
@@ -719,13 +743,29 @@ unsafe fn add_offsets512<const F: u8>(
     }
 }
 
+/// Calls [`tile512`], keeping it a function of its own as [`outlined`]
+/// keeps the 256-bit tiles.
+///
+/// # Safety
+/// As [`tile512`].
+#[inline(never)]
+unsafe fn outlined512<const F: u8, const R: usize, const WIDE: bool>(
+    ops: &PackedOperands,
+    i: usize,
+    g: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { tile512::<F, R, WIDE>(ops, i, g, out) }
+}
+
 /// [`tile`] for a whole group on 512-bit registers.
 ///
 /// # Safety
 /// As [`tile`]; the CPU has AVX512F, BW, VL and VNNI.
-// Outlined, as `OutlinedTile::tile` (see there).
+// A function of its own, called through `outlined512`: see `OutlinedTile`
+// and `outlined`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline(never)]
 unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
     ops: &PackedOperands,
     i: usize,
