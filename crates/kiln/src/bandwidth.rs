@@ -10,8 +10,9 @@
 //! AVX2 build of the loop where the CPU has it, three ways: as it is,
 //! asking for each cache line 4 KiB before it is read, and asking for it
 //! 16 KiB before into L2 and again 4 KiB before into L1 (the packed CPU
-//! kernels' distances, taken from them: the hardware prefetchers alone restart at every 4 KiB page
-//! and left the plain loop about 7% under what the kernels then reached).
+//! kernels' distances, taken from them: the hardware prefetchers alone
+//! restart at every 4 KiB page and left the plain loop about 7% under what
+//! the kernels then reached).
 //! The best pass of any way is reported, as the first pass also faults the
 //! pages in, so the floor is what the best of these reads. The buffer is
 //! on 2 MiB pages where the kernel grants them, as kiln's weights are: on

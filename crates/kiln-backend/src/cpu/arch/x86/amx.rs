@@ -92,34 +92,20 @@ pub(crate) unsafe fn block(
     // SAFETY: the caller's contract.
     unsafe {
         if wide {
-            by_format!(ops.w.fmt, F => outlined_groups::<F, true>(ops, i0, i1, g0, g1, out))
+            by_format!(ops.w.fmt, F => groups::<F, true>(ops, i0, i1, g0, g1, out))
         } else {
-            by_format!(ops.w.fmt, F => outlined_groups::<F, false>(ops, i0, i1, g0, g1, out))
+            by_format!(ops.w.fmt, F => groups::<F, false>(ops, i0, i1, g0, g1, out))
         }
     }
 }
 
-/// [`groups`], kept a function of its own for the reasons
-/// `packed::OutlinedTile` and `packed::outlined` give: inlined, every
-/// format and width made [`block`] one body of 170 thousand lines of IR.
-///
-/// # Safety
-/// As [`block`].
-#[inline(never)]
-unsafe fn outlined_groups<const F: u8, const WIDE: bool>(
-    ops: &PackedOperands,
-    i0: usize,
-    i1: usize,
-    g0: usize,
-    g1: usize,
-    out: *mut f32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { groups::<F, WIDE>(ops, i0, i1, g0, g1, out) }
-}
-
 /// [`block`] for format `F` and activation width `WIDE`.
+// A function of its own, as `packed::OutlinedTile::tile` is: inlined,
+// every format and width made `block` one body of 170 thousand lines of
+// IR. `#[inline(never)]` holds because `block`, which calls it, has the
+// same target features (see `packed::outlined`).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(never)]
 unsafe fn groups<const F: u8, const WIDE: bool>(
     ops: &PackedOperands,
     i0: usize,

@@ -211,9 +211,11 @@ outlined_tile!(AvxVnniDot, "avx2,fma,f16c,avxvnni");
 /// Calls `D`'s [`OutlinedTile::tile`], and is why that stays a function of
 /// its own. `#[inline(never)]` on a `#[target_feature]` function does not
 /// reach LLVM as such: rustc (1.95) marks the calls to one `noinline` only
-/// at call sites in functions that have its features themselves, and
-/// [`cover`] has none (it takes them from the entry point it is inlined
-/// into), so the release build inlined every tile again. This wrapper has
+/// at call sites in functions that have its features themselves. That is
+/// why [`cover512`] and `amx::block` have the features of their tiles; but
+/// [`cover`] is generic over the instruction set, so it can have none (it
+/// takes them from the entry point it is inlined into), and without this
+/// wrapper the release build inlined every tile again. This wrapper has
 /// no target features, so it keeps its own `noinline`, and LLVM never
 /// inlines a function with more target features (the tile) into one with
 /// fewer. Two calls per tile, against a tile's pass over a row of codes.
@@ -454,7 +456,11 @@ unsafe fn tile<D: Dot, const F: u8, const R: usize, const WIDE: bool>(
 // width-generic body would carry each difference as a parameter of the hot
 // loop without removing any code.
 
-#[inline(always)]
+// With the features of its own (not only those of the entry point it is
+// inlined into), so that its calls keep `tile512`'s `#[inline(never)]`:
+// see `outlined`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
 unsafe fn cover512<const F: u8>(
     ops: &PackedOperands,
     i0: usize,
@@ -471,18 +477,18 @@ unsafe fn cover512<const F: u8>(
             while i < i1 {
                 let rows = (i1 - i).min(MR512);
                 match (rows, wide) {
-                    (1, false) => outlined512::<F, 1, false>(ops, i, g, out),
-                    (2, false) => outlined512::<F, 2, false>(ops, i, g, out),
-                    (3, false) => outlined512::<F, 3, false>(ops, i, g, out),
-                    (4, false) => outlined512::<F, 4, false>(ops, i, g, out),
-                    (5, false) => outlined512::<F, 5, false>(ops, i, g, out),
-                    (_, false) => outlined512::<F, MR512, false>(ops, i, g, out),
-                    (1, true) => outlined512::<F, 1, true>(ops, i, g, out),
-                    (2, true) => outlined512::<F, 2, true>(ops, i, g, out),
-                    (3, true) => outlined512::<F, 3, true>(ops, i, g, out),
-                    (4, true) => outlined512::<F, 4, true>(ops, i, g, out),
-                    (5, true) => outlined512::<F, 5, true>(ops, i, g, out),
-                    (_, true) => outlined512::<F, MR512, true>(ops, i, g, out),
+                    (1, false) => tile512::<F, 1, false>(ops, i, g, out),
+                    (2, false) => tile512::<F, 2, false>(ops, i, g, out),
+                    (3, false) => tile512::<F, 3, false>(ops, i, g, out),
+                    (4, false) => tile512::<F, 4, false>(ops, i, g, out),
+                    (5, false) => tile512::<F, 5, false>(ops, i, g, out),
+                    (_, false) => tile512::<F, MR512, false>(ops, i, g, out),
+                    (1, true) => tile512::<F, 1, true>(ops, i, g, out),
+                    (2, true) => tile512::<F, 2, true>(ops, i, g, out),
+                    (3, true) => tile512::<F, 3, true>(ops, i, g, out),
+                    (4, true) => tile512::<F, 4, true>(ops, i, g, out),
+                    (5, true) => tile512::<F, 5, true>(ops, i, g, out),
+                    (_, true) => tile512::<F, MR512, true>(ops, i, g, out),
                 }
                 i += rows;
             }
@@ -743,29 +749,13 @@ unsafe fn add_offsets512<const F: u8>(
     }
 }
 
-/// Calls [`tile512`], keeping it a function of its own as [`outlined`]
-/// keeps the 256-bit tiles.
-///
-/// # Safety
-/// As [`tile512`].
-#[inline(never)]
-unsafe fn outlined512<const F: u8, const R: usize, const WIDE: bool>(
-    ops: &PackedOperands,
-    i: usize,
-    g: usize,
-    out: *mut f32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { tile512::<F, R, WIDE>(ops, i, g, out) }
-}
-
 /// [`tile`] for a whole group on 512-bit registers.
 ///
 /// # Safety
 /// As [`tile`]; the CPU has AVX512F, BW, VL and VNNI.
-// A function of its own, called through `outlined512`: see `OutlinedTile`
-// and `outlined`.
+// A function of its own, as `OutlinedTile::tile` is.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline(never)]
 unsafe fn tile512<const F: u8, const R: usize, const WIDE: bool>(
     ops: &PackedOperands,
     i: usize,
