@@ -20,10 +20,14 @@
 //! Per step the penalties cost O(distinct tokens seen), plus one copy of the
 //! logits into a buffer the sampler reuses; with no penalty set there is no
 //! copy. Sampling without top-k or top-p needs no sort of the vocabulary;
-//! top-p sorts only as far as the nucleus reaches.
+//! top-p sorts only as far as the nucleus reaches. The log-probability's
+//! denominator (a sum over the whole vocabulary at every step) and the
+//! greedy choice come from one pair of vector loops in the CPU backend
+//! ([`kiln_backend::cpu::logit_stats`]).
 
 use std::collections::{HashMap, HashSet};
 
+use kiln_backend::cpu::logit_stats;
 use llguidance::toktrie::SimpleVob;
 
 /// Most alternatives [`SamplingParams::top_logprobs`] may ask for.
@@ -243,12 +247,14 @@ impl Sampler {
                 top_logprobs: Vec::new(),
             };
         }
-        let log_z = log_sum_exp(logits);
+        let stats = logit_stats(logits);
+        let log_z = stats.log_z;
         let top_logprobs = top_n(logits, self.params.top_logprobs, log_z);
         let penalised = self.params.has_repetition_penalty()
             || self.params.has_count_penalty()
             || !self.params.logit_bias.is_empty();
-        let scores: &[f32] = if penalised || allowed.is_some() {
+        let adjusted = penalised || allowed.is_some();
+        let scores: &[f32] = if adjusted {
             self.penalised.clear();
             self.penalised.extend_from_slice(logits);
             apply_penalties(&self.params, &self.seen, &self.counts, &mut self.penalised);
@@ -275,7 +281,12 @@ impl Sampler {
         };
         let p = &self.params;
         let token = if p.temperature == 0.0 || p.top_k == 1 {
-            argmax(scores)
+            if adjusted {
+                argmax(scores)
+            } else {
+                // The raw logits' argmax, found with their maximum.
+                stats.argmax
+            }
         } else {
             draw(p, &mut self.rng, &mut self.cand, scores)
         };
@@ -303,7 +314,7 @@ impl Sampler {
 /// equals the one the same token gets when generated at that position).
 pub(crate) fn token_logprob(logits: &[f32], token: u32) -> f32 {
     match logits.get(token as usize) {
-        Some(&l) => l - log_sum_exp(logits),
+        Some(&l) => l - logit_stats(logits).log_z,
         None => f32::NAN,
     }
 }
@@ -315,25 +326,9 @@ pub(crate) fn token_logprob_and_top(
     token: u32,
     n: usize,
 ) -> (f32, Vec<(u32, f32)>) {
-    let log_z = log_sum_exp(logits);
+    let log_z = logit_stats(logits).log_z;
     let lp = logits.get(token as usize).map_or(f32::NAN, |&l| l - log_z);
     (lp, top_n(logits, n, log_z))
-}
-
-/// `ln(sum(exp(logits)))`, computed stably; NaN logits are ignored.
-fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    if !max.is_finite() {
-        return max;
-    }
-    let sum: f64 = logits
-        .iter()
-        .filter(|v| !v.is_nan())
-        .map(|&l| f64::from((l - max).exp()))
-        .sum();
-    max + sum.ln() as f32
 }
 
 /// The `n` largest logits as (id, logit - log_z), largest first, ties to the lower id.

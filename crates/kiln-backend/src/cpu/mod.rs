@@ -12,6 +12,7 @@ mod float_packed;
 pub(crate) mod isa;
 mod kv_cache;
 mod kv_elem;
+mod logits;
 pub(crate) mod math;
 mod matmul;
 mod moe;
@@ -21,6 +22,7 @@ mod tensor;
 mod weight;
 
 pub use kv_cache::CpuKvCache;
+pub use logits::{logit_stats, LogitStats};
 pub use tensor::CpuTensor;
 pub use weight::CpuWeight;
 
