@@ -106,17 +106,14 @@ mod tests {
         let max = row
             .iter()
             .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        let argmax = row
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-                if v > bv {
-                    (i, v)
-                } else {
-                    (bi, bv)
-                }
-            })
-            .0 as u32;
+        // The first index whose value is above every earlier one's.
+        let mut argmax = 0u32;
+        let mut best = f32::NEG_INFINITY;
+        for (i, &v) in row.iter().enumerate() {
+            if v > best {
+                (argmax, best) = (i as u32, v);
+            }
+        }
         if !max.is_finite() {
             return (max, argmax, max);
         }
